@@ -1,0 +1,79 @@
+"""Layout of the per-step coefficient table read by the fused sampler step.
+
+Every backend of ``diffkern::sampler_step`` computes, per element and in this order
+(math in float32 for float16/bfloat16/float32 storage, in float64 for float64):
+
+    m    = model_out                          if there is no unconditional output
+         = u + W*(model_out - u)              classifier-free guidance, diffusers convention
+    Draw = P*x + Q*m                          denoised estimate from any prediction type (affine)
+    D    = clamp(Draw, -CLIP, CLIP)           CLIP = +inf: no clipping
+    out  = A*x + B*D + G*Draw [+ C*H] [+ S*xi]
+    x0_out      = D
+    history_out = E*x + F*D                   (D itself, or eps = (x - D)/sigma)
+
+A bracketed term whose coefficient is exactly 0 is skipped: its tensor is not read, so an
+uninitialised history buffer on the first step cannot inject NaN. xi is the counter-based normal of
+``diffkern.ops.philox`` keyed by (seed, step, element), or an explicit noise tensor.
+
+The table is float64, shape (N, NCOEF), on the device of the state; row ``step`` is read inside the
+kernel, so a launch captured in a CUDA graph stays valid when the table is rewritten in place.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Mapping
+
+import torch
+
+# Slot indices (one row per step).
+A, B, G, C, S, P, Q, W, E, F, CLIP = range(11)
+NCOEF = 12  # slot 11 is reserved (kept 0) so a row is 96 bytes, a multiple of 32.
+
+SLOT_NAMES = ("a", "b", "g", "c", "s", "p", "q", "w", "e", "f", "clip")
+_DEFAULTS = {"a": 0.0, "b": 0.0, "g": 0.0, "c": 0.0, "s": 0.0, "p": 0.0, "q": 1.0, "w": 1.0,
+             "e": 0.0, "f": 0.0, "clip": math.inf}
+
+
+def row(**coefs: float) -> list[float]:
+    """One table row from named coefficients; unnamed slots take neutral defaults.
+
+    Defaults: ``q=1`` (the model output is the denoised estimate), ``w=1`` (no guidance),
+    ``clip=inf`` (no clipping), every other slot 0.
+    """
+    unknown = set(coefs) - set(SLOT_NAMES)
+    if unknown:
+        raise ValueError(f"coefs.row: unknown coefficient(s) {sorted(unknown)}; expected a subset of {SLOT_NAMES}")
+    vals = dict(_DEFAULTS, **coefs)
+    return [float(vals[n]) for n in SLOT_NAMES] + [0.0] * (NCOEF - len(SLOT_NAMES))
+
+
+def validate(table: torch.Tensor, name: str = "coef") -> None:
+    """Raise ValueError unless ``table`` is a well-formed float64 (N, NCOEF) table with finite values.
+
+    Reads the values, so call it on host tables (it is called by :func:`table`), never inside a loop.
+    """
+    if not isinstance(table, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(table).__name__}")
+    if table.dim() != 2 or table.shape[1] != NCOEF:
+        raise ValueError(f"{name}: expected shape (N, {NCOEF}), got {tuple(table.shape)}")
+    if table.dtype != torch.float64:
+        raise ValueError(f"{name}: expected dtype torch.float64, got {table.dtype}")
+    vals = table.detach().cpu()
+    body = torch.cat([vals[:, :CLIP], vals[:, CLIP + 1:]], dim=1)
+    if not torch.isfinite(body).all():
+        bad = (~torch.isfinite(body)).nonzero()[0].tolist()
+        raise ValueError(f"{name}: non-finite coefficient at row {bad[0]} (slots other than clip must be finite)")
+    clip = vals[:, CLIP]
+    if torch.isnan(clip).any() or (clip <= 0).any():
+        raise ValueError(f"{name}: clip slot must be > 0 (use inf for no clipping)")
+
+
+def table(rows: Iterable[list[float] | Mapping[str, float]], device=None) -> torch.Tensor:
+    """Stack rows (from :func:`row` or dicts of named coefficients) into a validated float64 table.
+
+    Returns a contiguous ``(N, NCOEF)`` float64 tensor on ``device`` (default CPU).
+    """
+    rows = [row(**r) if isinstance(r, Mapping) else list(r) for r in rows]
+    t = torch.tensor(rows, dtype=torch.float64).reshape(len(rows), NCOEF)
+    validate(t)
+    return t.to(device) if device is not None else t

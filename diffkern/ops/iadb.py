@@ -1,0 +1,130 @@
+"""IADB (Heitz et al. 2023) alpha-blending and deblending, ``math-samplers.md`` section 1.
+
+IADB's x0 is the NOISE and x1 the DATA: ``x_alpha = (1-alpha)*x0 + alpha*x1``.
+
+* ``iadb_blend`` (its own fused op; backends reference / cpp / triton / cuda): per-sample alpha, and
+  optionally the training target ``x1 - x0`` in the same pass.
+* The deblending steps are coefficient rows of the generic fused step (``sampler_step``), tested as
+  such: Euler ``x + (alpha_next - alpha)*D``, two-head ``(1-alpha_next)*x0_bar + alpha_next*x1_bar``
+  and the stochastic variant of section 1.6.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _checks, _lib, coefs
+from .registry import OpSpec, register, resolve
+from .sampler_step import sampler_step
+
+#----------------------------------------------------------------------------
+# Blend: reference, fake, registry, front-end.
+
+
+def iadb_blend_reference(x0, x1, alpha):
+    """``((1-alpha)*x0 + alpha*x1, x1 - x0)`` in x0's dtype; alpha (B,) broadcast over the sample dims."""
+    cdt = torch.float64 if x0.dtype == torch.float64 else torch.float32
+    a = alpha.to(cdt).reshape(-1, *([1] * (x0.dim() - 1)))
+    x0c, x1c = x0.to(cdt), x1.to(cdt)
+    return ((1 - a) * x0c + a * x1c).to(x0.dtype), (x1c - x0c).to(x0.dtype)
+
+
+def _launch_reference(x0, x1, alpha, out, target_out):
+    blended, target = iadb_blend_reference(x0, x1, alpha)
+    if target_out is not None:
+        target_out.copy_(target)
+    out.copy_(blended)
+
+
+def _fake(x0, x1, alpha, out, target_out):
+    torch._check(out.shape == x0.shape, lambda: "out: shape must match x0")
+
+
+_lib.register_fake("iadb_blend", _fake)
+
+
+def _load_triton():
+    from diffkern.kernels import iadb_blend as k
+    return _lib.triton_op("iadb_blend", k.iadb_blend_launch)
+
+
+SPEC = register(OpSpec("iadb_blend", {"reference": lambda: _launch_reference,
+                                      "cpp": lambda: torch.ops.diffkern.iadb_blend,
+                                      "cuda": lambda: torch.ops.diffkern.iadb_blend, "triton": _load_triton}))
+
+
+def iadb_blend(x0, x1, alpha, *, out=None, target_out=None, backend=None):
+    """Blend noise ``x0`` and data ``x1`` at per-sample ``alpha``; returns ``out``.
+
+    Args:
+        x0, x1: ``(B, ...)`` tensors of one float dtype, same shape and device.
+        alpha: ``(B,)`` float tensor (any float dtype) on the same device, values in [0, 1].
+        out: optional output for ``(1-alpha)*x0 + alpha*x1``; may be ``x0`` or ``x1`` (in place).
+        target_out: optional output for the training target ``x1 - x0`` (the deblending direction).
+    """
+    _checks.float_tensor(x0, "x0")
+    if x0.dim() == 0:
+        raise ValueError("x0: expected a batched tensor (B, ...), got a 0-d tensor")
+    _checks.like(x1, "x1", x0, "x0")
+    _checks.float_tensor(alpha, "alpha")
+    if alpha.device != x0.device:
+        raise ValueError(f"alpha: expected device {x0.device} (that of x0), got {alpha.device}")
+    if alpha.dim() != 1 or alpha.shape[0] != x0.shape[0]:
+        raise ValueError(f"alpha: expected shape ({x0.shape[0]},) (one per sample of x0), got {tuple(alpha.shape)}")
+    for name, t in (("out", out), ("target_out", target_out)):
+        if t is not None:
+            _checks.like(t, name, x0, "x0")
+    _checks.no_partial_overlap({"out": out, "target_out": target_out}, {"x0": x0, "x1": x1, "alpha": alpha})
+    _, launch = resolve("iadb_blend", x0.device.type, backend)
+    outs = {"out": out if out is not None else torch.empty_like(x0, memory_format=torch.contiguous_format),
+            "target_out": target_out}
+    work = {k: (v if v is None or v.is_contiguous() else torch.empty_like(v, memory_format=torch.contiguous_format))
+            for k, v in outs.items()}
+    launch(x0.contiguous(), x1.contiguous(), alpha.contiguous(), work["out"], work["target_out"])
+    for k, v in outs.items():
+        if v is not None and work[k] is not v:
+            v.copy_(work[k])
+    return outs["out"]
+
+#----------------------------------------------------------------------------
+# Deblending steps as rows of the generic fused step.
+
+
+def euler_row(alpha: float, alpha_next: float) -> list[float]:
+    """Official IADB step ``x' = x + (alpha_next - alpha)*D`` with the network's D as model_out."""
+    return coefs.row(a=1.0, b=alpha_next - alpha, p=0.0, q=1.0)
+
+
+def two_head_row(alpha_next: float, lam: float = 0.0, alpha: float | None = None) -> list[float]:
+    """Two-head step ``x' = alpha'*x1_bar + (1-alpha')*(k*x0_bar + sqrt(1-k^2)*xi)``.
+
+    model_out = x1_bar, history = x0_bar. ``lam = 0`` is the deterministic variant (a) (k = 1); lam > 0
+    is the stochastic variant of ``math-samplers.md`` 1.6 with ``k = (sigma'/sigma)**(lam**2)``,
+    ``sigma = (1-alpha)/alpha``, which needs ``alpha``.
+    """
+    k = 1.0
+    if lam > 0:
+        if alpha is None:
+            raise ValueError("alpha: required for the stochastic two-head step (lam > 0)")
+        sig = math.inf if alpha <= 0 else (1 - alpha) / alpha
+        sig_next = math.inf if alpha_next <= 0 else (1 - alpha_next) / alpha_next
+        k = 0.0 if not math.isfinite(sig) else (sig_next / sig) ** (lam ** 2) if sig > 0 else 0.0
+    return coefs.row(a=0.0, b=alpha_next, c=(1 - alpha_next) * k, s=(1 - alpha_next) * math.sqrt(max(0.0, 1 - k * k)),
+                     p=0.0, q=1.0)
+
+
+def iadb_deblend(x, d, alpha: float, alpha_next: float, *, out=None, backend=None):
+    """Deterministic IADB step ``x + (alpha_next - alpha)*d`` through the fused op; returns ``out``.
+
+    ``x``, ``d``: same shape (B, ...); host floats alpha, alpha_next. For loops, build the table once
+    with :func:`euler_row` and call :func:`sampler_step` per row instead.
+    """
+    table = coefs.table([euler_row(alpha, alpha_next)], device=x.device)
+    return sampler_step(x, d, table, 0, out=out, backend=backend)
+
+
+def iadb_deblend_two_head(x0_bar, x1_bar, alpha_next: float, *, out=None, backend=None):
+    """Deterministic two-head step ``(1-alpha_next)*x0_bar + alpha_next*x1_bar``; returns ``out``."""
+    table = coefs.table([two_head_row(alpha_next)], device=x1_bar.device)
+    return sampler_step(x1_bar, x1_bar, table, 0, history=x0_bar, out=out, backend=backend)

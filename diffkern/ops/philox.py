@@ -1,0 +1,94 @@
+"""The counter-based normal noise every backend draws (reference implementation, pure PyTorch).
+
+Generator (identical in ``csrc/common/philox.h`` and ``kernels/philox.py``):
+
+    key     = (seed_lo, seed_hi)                 the 64-bit seed read from a device tensor
+    counter = (idx_lo, idx_hi, step, 0)          idx = 64-bit element index, step = table row
+    (r0, r1, r2, r3) = Philox4x32-10(counter, key)   (Salmon et al. 2011; the same rounds as
+                                                       Triton's ``tl.philox`` and cuRAND's Philox4_32_10)
+    u_k = float(int32(r_k) < 0 ? ~int32(r_k) : int32(r_k)) * 4.6566127342e-10     in [0, 1)
+    xi  = sqrt(-2 ln max(1e-7, u_0)) * cos(2 pi u_1)                                Box-Muller
+
+The arithmetic of the last two lines runs in the compute dtype (float32, or float64 for float64
+tensors), so backends agree to float rounding. With per-sample seeds (``seed`` of shape (B,)) the
+key is ``seed[b]`` and idx is the element's index inside its sample, so a sample's noise does not
+depend on the rest of the batch.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+_MASK = 0xFFFFFFFF
+_ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
+_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
+UNIFORM_SCALE = 4.6566127342e-10
+ROUNDS = 10
+
+
+def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit halves of a*b for a 32-bit constant a and int64 tensor b holding uint32 values."""
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    p1, p0 = a * b_hi, a * b_lo  # each < 2**48: exact in int64
+    hi = (p1 + (p0 >> 16)) >> 16
+    lo = (((p1 & 0xFFFF) << 16) + p0) & _MASK
+    return hi, lo
+
+
+def philox4x32(c0, c1, c2, c3, k0, k1, rounds: int = ROUNDS):
+    """Philox4x32 on int64 tensors holding uint32 values; returns the four output words."""
+    for _ in range(rounds):
+        hi_b, lo_b = _mulhilo(_ROUND_B, c2)
+        hi_a, lo_a = _mulhilo(_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _KEY_A) & _MASK
+        k1 = (k1 + _KEY_B) & _MASK
+    return c0, c1, c2, c3
+
+
+def _to_uniform(r: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    signed = torch.where(r >= 2**31, r - 2**32, r)  # reinterpret as int32
+    signed = torch.where(signed < 0, -signed - 1, signed)  # ~x for negative x
+    return signed.to(dtype) * UNIFORM_SCALE
+
+
+def normal(seed: torch.Tensor, step: int, idx: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Standard normals for element indices ``idx`` (int64) at table row ``step``.
+
+    ``seed`` is an int64 tensor broadcastable against ``idx`` (one key per element). Returns a tensor
+    of ``idx.shape`` in ``dtype`` (float32 or float64: the compute dtype).
+    """
+    seed = seed.to(torch.int64)
+    k0 = seed & _MASK
+    k1 = (seed >> 32) & _MASK
+    idx = idx.to(torch.int64)
+    c0 = idx & _MASK
+    c1 = (idx >> 32) & _MASK
+    c2 = torch.full_like(idx, int(step) & _MASK)
+    c3 = torch.zeros_like(idx)
+    k0, k1 = torch.broadcast_tensors(k0, c0)[0], torch.broadcast_tensors(k1, c0)[0]
+    r0, r1, _, _ = philox4x32(c0, c1, c2, c3, k0, k1)
+    u0 = torch.clamp(_to_uniform(r0, dtype), min=1e-7)
+    u1 = _to_uniform(r1, dtype)
+    return torch.sqrt(-2.0 * torch.log(u0)) * torch.cos(2.0 * math.pi * u1)
+
+
+def noise_like(x: torch.Tensor, seed: torch.Tensor, step: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The noise tensor ``xi`` a fused op draws for state ``x`` at row ``step``.
+
+    ``seed``: int64 tensor of shape (1,) (one stream) or (B,) with B = x.shape[0] (per-sample streams).
+    Returns a contiguous tensor shaped like ``x`` in ``dtype`` (default: the compute dtype of x).
+    """
+    if dtype is None:
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    n = x.numel()
+    idx = torch.arange(n, device=x.device, dtype=torch.int64)
+    seed = seed.reshape(-1).to(x.device)
+    if seed.numel() > 1 and n > 0:
+        per = n // seed.numel()
+        key = seed.repeat_interleave(per)
+        idx = idx % per
+    else:
+        key = seed[:1].expand(n) if n > 0 else seed[:0]
+    return normal(key, step, idx, dtype).reshape(x.shape)

@@ -1,0 +1,149 @@
+"""Backend registry: which implementation of an op family runs, chosen explicitly.
+
+Backends: ``reference`` (pure PyTorch, any device, float64-capable: the spec), ``cpp`` (C++ CPU
+kernels in ``diffkern._C``), ``triton`` (``diffkern.kernels``; on CPU only under
+``TRITON_INTERPRET=1``), ``cuda`` (CUDA C++ in ``diffkern._C``).
+
+Resolution order: the ``backend=`` argument, then ``DIFFKERN_BACKEND``, then ``auto``. A named backend
+that is unavailable, or cannot run on the tensors' device, raises :class:`BackendUnavailable`. Only
+``auto`` falls back along the device's preference list, and it warns once per (op, device) when it
+has to skip a preferred backend.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import os
+import warnings
+from typing import Callable
+
+BACKENDS = ("reference", "cpp", "triton", "cuda")
+# auto: fastest first. Triton on CPU means the interpreter, a debugging tool, so auto never picks it.
+AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")}
+_DEVICES = {"reference": None, "cpp": {"cpu"}, "cuda": {"cuda"}}
+
+
+class BackendUnavailable(RuntimeError):
+    """A requested backend is not built, not importable, or cannot run on the given device."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OpSpec:
+    """One op family: its name and, per backend, a loader returning the launcher callable.
+
+    Loaders are called lazily (importing Triton or the extension happens on first use).
+    """
+    name: str
+    loaders: dict[str, Callable[[], Callable]]
+
+
+_OPS: dict[str, OpSpec] = {}
+_warned: set[tuple[str, str]] = set()
+
+
+def register(spec: OpSpec) -> OpSpec:
+    """Add an op family to the registry (called once by each family module)."""
+    _OPS[spec.name] = spec
+    return spec
+
+
+def ops() -> list[str]:
+    """Names of the registered op families."""
+    return sorted(_OPS)
+
+
+@functools.lru_cache(maxsize=None)
+def _extension():
+    """(module, None) if ``diffkern._C`` imports, else (None, reason)."""
+    try:
+        return importlib.import_module("diffkern._C"), None
+    except ImportError as exc:
+        return None, f"diffkern._C is not built ({exc}); run `pip install -e . --no-build-isolation`"
+
+
+def _triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_status() -> tuple[bool, str | None]:
+    try:
+        importlib.import_module("triton")
+    except ImportError as exc:
+        return False, f"triton is not installed ({exc})"
+    return True, None
+
+
+def _cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def backend_status(backend: str, device_type: str | None = None) -> tuple[bool, str | None]:
+    """(available, reason-if-not) for ``backend`` on ``device_type`` (None: on any device)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: unknown backend {backend!r}; expected one of {BACKENDS} or 'auto'")
+    if backend == "reference":
+        return True, None
+    devs = _DEVICES.get(backend)
+    if device_type is not None and devs is not None and device_type not in devs:
+        return False, f"backend {backend!r} runs on {sorted(devs)} tensors, not {device_type!r}"
+    if backend == "cpp":
+        mod, why = _extension()
+        return (mod is not None), why
+    if backend == "cuda":
+        mod, why = _extension()
+        if mod is None:
+            return False, why
+        if not mod.has_cuda():
+            return False, "diffkern._C was built without CUDA (no nvcc, or DIFFKERN_SKIP_CUDA_BUILD=1)"
+        if not _cuda_available():
+            return False, "torch reports no CUDA device"
+        return True, None
+    ok, why = _triton_status()
+    if not ok:
+        return False, why
+    if device_type == "cpu" and not _triton_interpret():
+        return False, "triton runs on CPU tensors only under TRITON_INTERPRET=1 (set before importing diffkern)"
+    if device_type == "cuda" and _triton_interpret():
+        return False, "TRITON_INTERPRET=1 is set, so triton cannot launch on CUDA tensors"
+    if device_type is None and not (_cuda_available() or _triton_interpret()):
+        return False, "no CUDA device and TRITON_INTERPRET is not set"
+    return True, None
+
+
+def available(device_type: str | None = None) -> dict[str, str | None]:
+    """Every backend mapped to None if usable here (on ``device_type`` if given), else the reason why not."""
+    return {b: backend_status(b, device_type)[1] for b in BACKENDS}
+
+
+def resolve(op: str, device_type: str, backend: str | None = None) -> tuple[str, Callable]:
+    """Pick the implementation of ``op`` for tensors on ``device_type``; returns (backend, launcher)."""
+    if op not in _OPS:
+        raise KeyError(f"op: unknown op family {op!r}; registered: {ops()}")
+    spec = _OPS[op]
+    requested = backend or os.environ.get("DIFFKERN_BACKEND") or "auto"
+    if requested != "auto":
+        if requested not in spec.loaders:
+            raise BackendUnavailable(f"op {op!r} has no {requested!r} implementation "
+                                     f"(it has {sorted(spec.loaders)})")
+        ok, why = backend_status(requested, device_type)
+        if not ok:
+            raise BackendUnavailable(f"backend {requested!r} requested for op {op!r} on {device_type} "
+                                     f"but unavailable: {why}")
+        return requested, spec.loaders[requested]()
+    order = AUTO_ORDER.get(device_type, ("reference",))
+    skipped = []
+    for name in order:
+        if name not in spec.loaders:
+            continue
+        ok, why = backend_status(name, device_type)
+        if ok:
+            if skipped and (op, device_type) not in _warned:
+                _warned.add((op, device_type))
+                warnings.warn(f"diffkern: op {op!r} on {device_type} falls back to {name!r} "
+                              f"({'; '.join(skipped)})", RuntimeWarning, stacklevel=3)
+            return name, spec.loaders[name]()
+        skipped.append(f"{name}: {why}")
+    raise BackendUnavailable(f"no backend can run op {op!r} on {device_type}: {'; '.join(skipped)}")

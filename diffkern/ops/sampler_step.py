@@ -1,0 +1,143 @@
+"""Generic fused sampler step: ``x_next = a*x + b*D + g*D_raw + c*H + s*xi`` in one pass.
+
+D is the denoised estimate converted inside the kernel from the raw model output of any prediction
+type (an affine map with per-step scalars, optionally after classifier-free guidance and clipping);
+H is a history tensor (previous D or eps) and xi counter-based normal noise. The exact per-element
+arithmetic and the coefficient slots are specified in :mod:`diffkern.ops.coefs`; the noise in
+:mod:`diffkern.ops.philox`. ``math-samplers.md`` section 7 tabulates the coefficients per sampler.
+
+Backends: reference (this file), cpp (``csrc/cpu/sampler_step.cpp``), triton
+(``kernels/sampler_step.py``), cuda (``csrc/cuda/sampler_step.cu``).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _checks, _lib, coefs, philox
+from .registry import OpSpec, register, resolve
+
+#----------------------------------------------------------------------------
+# Reference: pure PyTorch, any device; with float64 inputs it is the test oracle.
+
+
+def sampler_step_reference(x, model_out, coef, step, *, model_out_uncond=None, history=None, noise=None,
+                           seed=None):
+    """Float64-capable reference. Returns ``(out, x0, history_new)`` in x's dtype.
+
+    Math runs in float64 for float64 ``x``, otherwise in float32. Reads the table row as device
+    tensors (no host sync). ``seed``: int64 tensor (1,) or (B,); required when ``noise`` is None.
+    """
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    r = coef[step].to(cdt)
+    xv = x.to(cdt)
+    m = model_out.to(cdt)
+    if model_out_uncond is not None:
+        u = model_out_uncond.to(cdt)
+        m = u + r[coefs.W] * (m - u)
+    d_raw = r[coefs.P] * xv + r[coefs.Q] * m
+    d = torch.minimum(torch.maximum(d_raw, -r[coefs.CLIP]), r[coefs.CLIP])
+    acc = r[coefs.A] * xv + r[coefs.B] * d
+    acc = acc + r[coefs.G] * d_raw
+    if history is not None:
+        acc = acc + torch.where(r[coefs.C] != 0, r[coefs.C] * history.to(cdt), 0.0)
+    xi = noise.to(cdt) if noise is not None else philox.noise_like(x, seed, step, cdt)
+    acc = acc + torch.where(r[coefs.S] != 0, r[coefs.S] * xi, 0.0)
+    h_new = r[coefs.E] * xv + r[coefs.F] * d
+    return acc.to(x.dtype), d.to(x.dtype), h_new.to(x.dtype)
+
+
+def _launch_reference(x, model_out, model_out_uncond, history, noise, coef, step, seed, out, x0_out, history_out):
+    res, d, h = sampler_step_reference(x, model_out, coef, step, model_out_uncond=model_out_uncond,
+                                       history=history, noise=noise, seed=seed)
+    if x0_out is not None:
+        x0_out.copy_(d)
+    if history_out is not None:
+        history_out.copy_(h)
+    out.copy_(res)
+
+#----------------------------------------------------------------------------
+# Fake kernel (shape checks only) for torch.compile and opcheck.
+
+
+def _fake(x, model_out, model_out_uncond, history, noise, coef, step, seed, out, x0_out, history_out):
+    torch._check(out.shape == x.shape, lambda: "out: shape must match x")
+    torch._check(coef.dim() == 2 and coef.shape[1] == coefs.NCOEF, lambda: "coef: expected (N, NCOEF)")
+
+
+_lib.register_fake("sampler_step", _fake)
+
+#----------------------------------------------------------------------------
+# Registry entry.
+
+
+def _load_cpp():
+    return torch.ops.diffkern.sampler_step
+
+
+def _load_triton():
+    from diffkern.kernels import sampler_step as k
+    return _lib.triton_op("sampler_step", k.sampler_step_launch)
+
+
+SPEC = register(OpSpec("sampler_step", {"reference": lambda: _launch_reference, "cpp": _load_cpp,
+                                        "cuda": _load_cpp, "triton": _load_triton}))
+
+#----------------------------------------------------------------------------
+# Public front-end.
+
+
+def sampler_step(x, model_out, coef, step, *, model_out_uncond=None, history=None, noise=None, seed=None,
+                 out=None, x0_out=None, history_out=None, backend=None):
+    """One fused sampler update; returns ``out`` (a new tensor unless given).
+
+    Args:
+        x: state, any shape ``(B, ...)``, float16/bfloat16/float32/float64 (dtype S).
+        model_out: raw model output, shape of x, any float dtype M (the prediction type is encoded
+            in the table's p, q slots).
+        coef: float64 ``(N, coefs.NCOEF)`` table on x's device (see :func:`coefs.table`).
+        step: Python int, the row to read; also the Philox step counter.
+        model_out_uncond: unconditional output for guidance ``u + w*(c - u)`` (dtype M), or None.
+        history: H, shape and dtype of x, or None (then c must be 0).
+        noise: explicit standard-normal noise (shape and dtype of x) instead of the Philox stream.
+        seed: int64 tensor (1,) or (B,) on x's device, read inside the kernel; default zeros(1).
+        out, x0_out, history_out: optional outputs (shape and dtype of x); ``out`` may be ``x`` and
+            ``history_out`` may be ``history`` (in place).
+        backend: "reference" | "cpp" | "triton" | "cuda" | "auto" | None (DIFFKERN_BACKEND, then auto).
+    """
+    _checks.float_tensor(x, "x")
+    _checks.like(model_out, "model_out", x, "x", dtype=False)
+    if model_out_uncond is not None:
+        _checks.like(model_out_uncond, "model_out_uncond", model_out, "model_out")
+    for name, t in (("history", history), ("noise", noise), ("out", out), ("x0_out", x0_out),
+                    ("history_out", history_out)):
+        if t is not None:
+            _checks.like(t, name, x, "x")
+    _checks.tensor(coef, "coef")
+    if coef.dim() != 2 or coef.shape[1] != coefs.NCOEF:
+        raise ValueError(f"coef: expected shape (N, {coefs.NCOEF}), got {tuple(coef.shape)}")
+    if coef.dtype != torch.float64:
+        raise TypeError(f"coef: expected dtype torch.float64, got {coef.dtype}")
+    if coef.device != x.device:
+        raise ValueError(f"coef: expected device {x.device} (that of x), got {coef.device}")
+    _checks.step_index(step, coef)
+    if coef.device.type == "cpu":  # cheap here; device tables are validated when built (no sync in loops)
+        coefs.validate(coef[step:step + 1], f"coef[{step}]")
+    seed = _checks.seed_tensor(torch.zeros(1, dtype=torch.int64, device=x.device) if seed is None else seed, x)
+    _checks.no_partial_overlap({"out": out, "x0_out": x0_out, "history_out": history_out},
+                               {"x": x, "model_out": model_out, "model_out_uncond": model_out_uncond,
+                                "history": history, "noise": noise})
+    _, launch = resolve("sampler_step", x.device.type, backend)
+
+    def c(t):
+        return None if t is None else t.contiguous()
+
+    outs = {"out": out if out is not None else torch.empty_like(x, memory_format=torch.contiguous_format),
+            "x0_out": x0_out, "history_out": history_out}
+    work = {k: (v if v is None or v.is_contiguous() else torch.empty_like(v, memory_format=torch.contiguous_format))
+            for k, v in outs.items()}
+    launch(c(x), c(model_out), c(model_out_uncond), c(history), c(noise), coef.contiguous(), step, seed,
+           work["out"], work["x0_out"], work["history_out"])
+    for k, v in outs.items():
+        if v is not None and work[k] is not v:
+            v.copy_(work[k])
+    return outs["out"]

@@ -1,0 +1,33 @@
+"""Suite-wide set-up: Triton runs under its CPU interpreter when there is no GPU.
+
+TRITON_INTERPRET is read when a kernel is decorated, so it is set here, before any test imports
+``diffkern.kernels``.
+"""
+import os
+
+import pytest
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import diffkern.ops as dops  # noqa: E402
+
+
+def usable_backends(device_type: str = "cpu") -> list[str]:
+    """Backends that can run on ``device_type`` in this build (what 'every backend' means here)."""
+    return [b for b, why in dops.available(device_type).items() if why is None]
+
+
+@pytest.fixture(params=usable_backends("cpu"))
+def cpu_backend(request):
+    return request.param
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
