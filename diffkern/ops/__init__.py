@@ -4,6 +4,7 @@ Importing this package defines the op schemas and registers each family; it impo
 nor the compiled extension (those load on first use of their backend).
 """
 from . import coefs, philox
+from .philox import randn
 from .ddim import ddim_row, ddim_step
 from .iadb import iadb_blend, iadb_blend_reference, iadb_deblend, iadb_deblend_two_head
 from .registry import BACKENDS, BackendUnavailable, available, backend_status, ops, resolve
@@ -11,4 +12,4 @@ from .sampler_step import sampler_step, sampler_step_reference
 
 __all__ = ["BACKENDS", "BackendUnavailable", "available", "backend_status", "coefs", "ddim_row", "ddim_step",
            "iadb_blend", "iadb_blend_reference", "iadb_deblend", "iadb_deblend_two_head", "ops", "philox",
-           "resolve", "sampler_step", "sampler_step_reference"]
+           "randn", "resolve", "sampler_step", "sampler_step_reference"]

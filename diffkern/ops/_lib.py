@@ -21,6 +21,7 @@ SCHEMAS = {
         "Tensor coef, int step, Tensor seed, Tensor(a!) out, Tensor(b!)? x0_out, Tensor(c!)? history_out) -> ()"
     ),
     "iadb_blend": "(Tensor x0, Tensor x1, Tensor alpha, Tensor(a!) out, Tensor(b!)? target_out) -> ()",
+    "philox_normal": "(Tensor seed, int step, int offset, Tensor(a!) out) -> ()",
 }
 
 for _name, _sig in SCHEMAS.items():

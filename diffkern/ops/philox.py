@@ -92,3 +92,76 @@ def noise_like(x: torch.Tensor, seed: torch.Tensor, step: int, dtype: torch.dtyp
     else:
         key = seed[:1].expand(n) if n > 0 else seed[:0]
     return normal(key, step, idx, dtype).reshape(x.shape)
+
+#----------------------------------------------------------------------------
+# The stream as an op of its own: initial latents and tests of the counter (64-bit offsets) on
+# every backend. Element i of ``out`` gets the normal of index ``offset + i`` (with per-sample
+# seeds: index ``offset + i % per_sample`` under key ``seed[i // per_sample]``).
+
+from . import _checks, _lib  # noqa: E402
+from .registry import OpSpec, register, resolve  # noqa: E402
+
+
+def philox_normal_reference(seed: torch.Tensor, step: int, offset: int, shape, dtype=torch.float32, device=None):
+    """Reference stream: a tensor of ``shape`` whose flat element i is the normal at index offset + i."""
+    out = torch.empty(shape, dtype=dtype, device=device if device is not None else seed.device)
+    n = out.numel()
+    cdt = torch.float64 if dtype == torch.float64 else torch.float32
+    idx = torch.arange(n, device=out.device, dtype=torch.int64)
+    seed = seed.reshape(-1)
+    if seed.numel() > 1 and n > 0:
+        per = n // seed.numel()
+        key, idx = seed.repeat_interleave(per), idx % per
+    else:
+        key = seed[:1].expand(n)
+    return normal(key, step, idx + offset, cdt).to(dtype).reshape(shape)
+
+
+def _launch_reference(seed, step, offset, out):
+    out.copy_(philox_normal_reference(seed, step, offset, out.shape, out.dtype, out.device))
+
+
+def _fake(seed, step, offset, out):
+    torch._check(seed.dtype == torch.int64, lambda: "seed: expected int64")
+
+
+_lib.register_fake("philox_normal", _fake)
+
+
+def _load_triton():
+    from diffkern.kernels import philox_normal as k
+    return _lib.triton_op("philox_normal", k.philox_normal_launch)
+
+
+SPEC = register(OpSpec("philox_normal", {"reference": lambda: _launch_reference,
+                                         "cpp": lambda: torch.ops.diffkern.philox_normal,
+                                         "cuda": lambda: torch.ops.diffkern.philox_normal, "triton": _load_triton}))
+
+
+def randn(shape, seed, *, step: int = 0, offset: int = 0, dtype=torch.float32, out=None, backend=None):
+    """Standard normals from diffkern's counter-based stream; returns ``out`` (new unless given).
+
+    Args:
+        shape: output shape ``(B, ...)`` (ignored when ``out`` is given).
+        seed: int64 tensor (1,) or (B,) (per-sample streams, B = shape[0]); its device is the output's.
+        step, offset: counter coordinates (Python ints, offset >= 0 and < 2**63).
+        dtype: float16/bfloat16/float32/float64.
+    """
+    _checks.tensor(seed, "seed")
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=seed.device)
+    _checks.float_tensor(out, "out")
+    seed = _checks.seed_tensor(seed, out)
+    for name, v in (("step", step), ("offset", offset)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name}: expected a Python int, got {type(v).__name__}")
+    if not 0 <= offset < 2**63 - max(out.numel(), 1):
+        raise ValueError(f"offset: expected 0 <= offset < 2**63 - numel, got {offset}")
+    if not 0 <= step < 2**32:
+        raise ValueError(f"step: expected 0 <= step < 2**32, got {step}")
+    _, launch = resolve("philox_normal", out.device.type, backend)
+    work = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
+    launch(seed, step, offset, work)
+    if work is not out:
+        out.copy_(work)
+    return out
