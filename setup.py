@@ -60,7 +60,7 @@ def main():
         version="0.1.0",
         description="Fused-kernel accelerated sampling engine for diffusion models",
         python_requires=">=3.11",
-        packages=["diffkern", "diffkern.ops", "diffkern.kernels"],
+        packages=["diffkern", "diffkern.ops", "diffkern.commands", "diffkern.kernels"],
         package_dir={"diffkern": "diffkern", "diffkern.kernels": "kernels"},
         package_data={"diffkern": ["data/*"]},
         ext_modules=get_extensions(),
