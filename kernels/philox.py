@@ -1,0 +1,124 @@
+"""Philox4x32-10 and the Box-Muller normal of ``diffkern.ops.philox``, as ``@triton.jit`` helpers.
+
+The rounds are written here (uint32 math, ``tl.umulhi``) rather than taken from ``tl.philox`` /
+``tl.randn``, whose counter layout changed across Triton versions (64-bit offsets, PR #6832): the
+stream must be the same on every install and equal to the C++/CUDA one. Layout, as documented in
+``diffkern/ops/philox.py``:
+
+    key     = (seed_lo, seed_hi)
+    counter = (idx_lo, idx_hi, step, 0)
+    u_k     = float(int32(r_k) < 0 ? ~int32(r_k) : int32(r_k)) * 4.6566127342e-10
+    xi      = sqrt(-2 ln max(1e-7, u_0)) * cos(2 pi u_1)
+
+The float constants are built with ``tl.full(..., CDT)`` so a float64 stream gets them in double
+precision (a bare Python float may be materialised as float32 before the cast on older Triton).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+ROUND_A = tl.constexpr(0xD2511F53)
+ROUND_B = tl.constexpr(0xCD9E8D57)
+KEY_A = tl.constexpr(0x9E3779B9)
+KEY_B = tl.constexpr(0xBB67AE85)
+UNIFORM_SCALE = tl.constexpr(4.6566127342e-10)
+MIN_UNIFORM = tl.constexpr(1e-7)
+TWO_PI = tl.constexpr(2.0 * math.pi)
+
+
+@triton.jit
+def philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Ten Philox4x32 rounds on uint32 counters (c0..c3) and key (k0, k1); returns (r0, r1, r2, r3)."""
+    for _ in tl.static_range(10):
+        prev_c0 = c0
+        prev_c2 = c2
+        c0 = tl.umulhi(ROUND_B, prev_c2) ^ c1 ^ k0
+        c2 = tl.umulhi(ROUND_A, prev_c0) ^ c3 ^ k1
+        c1 = prev_c2 * ROUND_B  # low word: uint32 multiplication wraps modulo 2**32
+        c3 = prev_c0 * ROUND_A
+        k0 = k0 + KEY_A
+        k1 = k1 + KEY_B
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _uniform(r, CDT: tl.constexpr):
+    """uint32 word -> uniform in [0, 1) in the compute dtype, as ``philox._to_uniform``."""
+    s = r.to(tl.int32, bitcast=True)
+    s = tl.where(s < 0, ~s, s)
+    return s.to(CDT) * tl.full([], UNIFORM_SCALE, CDT)
+
+
+@triton.jit
+def philox_normal(seed, step, idx, CDT: tl.constexpr):
+    """Standard normals for int64 element indices ``idx`` (a block) under the int64 scalar ``seed``.
+
+    ``step`` is the table row (a scalar < 2**32); ``CDT`` is tl.float32 or tl.float64. Returns a block
+    shaped like ``idx`` in ``CDT``.
+    """
+    k0 = seed.to(tl.uint32)  # int64 -> uint32 truncates: the low word
+    k1 = (seed >> 32).to(tl.uint32)
+    c0 = idx.to(tl.uint32)
+    c1 = (idx >> 32).to(tl.uint32)
+    c2 = c0 * 0 + tl.cast(step, tl.int64).to(tl.uint32)
+    c3 = c0 * 0
+    r0, r1, _, _ = philox4x32_10(c0, c1, c2, c3, k0, k1)
+    u0 = tl.maximum(_uniform(r0, CDT), tl.full([], MIN_UNIFORM, CDT))
+    u1 = _uniform(r1, CDT)
+    radius = -2.0 * tl.log(u0)
+    if CDT == tl.float32:
+        radius = tl.sqrt_rn(radius)  # tl.sqrt is the approximate instruction for float32 on GPUs
+    else:
+        radius = tl.sqrt(radius)
+    return radius * tl.cos(tl.full([], TWO_PI, CDT) * u1)
+
+#----------------------------------------------------------------------------
+# Helpers shared by the elementwise kernels of this package (sampler_step, iadb_blend, philox_normal).
+
+
+@triton.jit
+def load_as(ptrs, mask, CDT: tl.constexpr):
+    """Load (a block or a scalar) and convert it to the compute dtype. bfloat16 goes through float32:
+    the interpreter has no direct bfloat16 -> float64 conversion (it would convert the raw bits)."""
+    v = tl.load(ptrs, mask=mask)
+    if v.dtype == tl.bfloat16:
+        v = v.to(tl.float32)
+    return v.to(CDT)
+
+
+# The interpreter runs programs one after another at ~1 ms each (ecosystem-and-performance.md B.4:
+# 1 M elements took ~1.1 s with BLOCK=1024, 0.16 s with 8192), so it gets large blocks.
+INTERPRET_BLOCK = 16384
+# 2048 elements over 8 warps: 8 per thread, one or two 16-byte vectors per tensor (see the PTX check in
+# tests/test_triton_backend.py). Not tuned on a GPU yet: bench/ should sweep it.
+GPU_BLOCK = 2048
+MIN_BLOCK = 16
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def block_config(per_sample: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) for rows of ``per_sample`` elements: BLOCK a power of two no larger than needed."""
+    cap = INTERPRET_BLOCK if interpreting() else GPU_BLOCK
+    block = max(MIN_BLOCK, min(cap, triton.next_power_of_2(max(per_sample, 1))))
+    return block, max(1, min(8, block // 256))
+
+
+def launch_config(per_sample: int) -> tuple[int, dict]:
+    """(BLOCK, launch keywords) for rows of ``per_sample`` elements. FMA contraction is off: each mul
+    and add rounds as in the reference (an FMA saves nothing in a memory-bound kernel), and Triton 3.9
+    warns when the option is left to its default."""
+    block, num_warps = block_config(per_sample)
+    return block, {"BLOCK": block, "num_warps": num_warps, "enable_fp_fusion": False}
+
+
+def compute_dtype(dtype: torch.dtype):
+    """The math dtype for state dtype ``dtype``: float64 stays float64, everything else runs in float32."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
