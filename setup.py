@@ -9,7 +9,7 @@ Environment switches (also in README.md):
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -35,7 +35,9 @@ def get_extensions():
     debug = _flag("DIFFKERN_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx = opt + ["-std=c++17", "-fopenmp"]
+    # -ffp-contract=off: no fused multiply-add, so every ISA clone of the CPU kernels rounds like the
+    # eager reference (csrc/common/hd.h). c++20: what torch's own headers are written for.
+    cxx = opt + ["-std=c++20", "-fopenmp", "-ffp-contract=off"]
     with_cuda = (torch.version.cuda is not None and CUDA_HOME is not None and not _flag("DIFFKERN_SKIP_CUDA_BUILD")
                  and bool(glob.glob(os.path.join("csrc", "cuda", "*.cu"))))
     include = [os.path.join(ROOT, "csrc")]
@@ -43,10 +45,12 @@ def get_extensions():
         return [CppExtension("diffkern._C", sources, include_dirs=include,
                              extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])]
     archs = os.environ.get("DIFFKERN_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
-    nvcc = opt + ["-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+    # No --use_fast_math: the kernels are memory-bound, and the Philox noise needs the accurate logf/cosf.
+    nvcc = opt + ["-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"]
     nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a]
     nvcc += ["--threads", os.environ.get("NVCC_THREADS", "2")]
-    sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    # csrc/cuda: pure kernels (*.cu, no torch headers) and their torch bindings (*.cpp, host compiler).
+    sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
     return [CUDAExtension("diffkern._C", sources, include_dirs=include, define_macros=[("DIFFKERN_WITH_CUDA", "1")],
                           extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"])]
 
@@ -60,7 +64,7 @@ def main():
         version="0.1.0",
         description="Fused-kernel accelerated sampling engine for diffusion models",
         python_requires=">=3.11",
-        packages=["diffkern", "diffkern.ops", "diffkern.commands", "diffkern.kernels"],
+        packages=find_packages(include=["diffkern", "diffkern.*"]) + ["diffkern.kernels"],
         package_dir={"diffkern": "diffkern", "diffkern.kernels": "kernels"},
         package_data={"diffkern": ["data/*"]},
         ext_modules=get_extensions(),
