@@ -1,0 +1,316 @@
+"""Noise schedules and coordinate conversions, built in float64 on the CPU.
+
+Every sigma schedule is a decreasing float64 CPU tensor of length ``n + 1`` for ``n`` steps, in VE
+coordinates (``x = x0 + sigma*eps``); samplers mirror it once to a device table. VP (DDPM) tables follow
+diffusers' definitions (``DDIMScheduler``/``EulerDiscreteScheduler``) but are computed in float64; to
+reproduce a diffusers run bit-for-bit pass that scheduler's own ``alphas_cumprod`` to :func:`vp_sigmas`.
+
+Conventions (``math-samplers.md`` section 0): ``sigma = sqrt((1 - alpha_bar)/alpha_bar)``;
+IADB ``alpha = 1/(1 + sigma)``; rectified-flow time ``t = sigma/(1 + sigma)``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Union
+
+import torch
+
+Number = Union[float, torch.Tensor]
+SPACINGS = ("leading", "trailing", "linspace")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+F64 = torch.float64
+
+
+def _check_int(value, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_positive(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _sigma_range(sigma_min, sigma_max, who: str) -> tuple[float, float]:
+    lo = _check_positive(sigma_min, f"{who}: sigma_min")
+    hi = _check_positive(sigma_max, f"{who}: sigma_max")
+    if lo > hi:
+        raise ValueError(f"{who}: sigma_min ({lo}) must be <= sigma_max ({hi})")
+    return lo, hi
+
+
+def _append_zero(s: torch.Tensor) -> torch.Tensor:
+    return torch.cat([s, s.new_zeros(1)])
+
+#----------------------------------------------------------------------------
+# VE sigma schedules (k-diffusion conventions: n sigmas then 0).
+
+
+def karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """Karras et al. (2022) polynomial schedule: ``(max^(1/rho) + i/(n-1)*(min^(1/rho) - max^(1/rho)))^rho``
+    for i = 0..n-1, then 0 (as k-diffusion's ``get_sigmas_karras``). Returns (n+1,) float64 CPU."""
+    _check_int(n, "karras: n", 1)
+    lo, hi = _sigma_range(sigma_min, sigma_max, "karras")
+    rho = _check_positive(rho, "karras: rho")
+    ramp = torch.linspace(0, 1, n, dtype=F64)
+    inv_hi, inv_lo = hi ** (1 / rho), lo ** (1 / rho)
+    return _append_zero((inv_hi + ramp * (inv_lo - inv_hi)) ** rho)
+
+
+def edm(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
+    """:func:`karras` with the EDM paper's defaults (0.002, 80, rho=7). Returns (n+1,) float64 CPU."""
+    return karras(n, sigma_min, sigma_max, rho)
+
+
+def loglinear(n: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """Geometric (log-linear) schedule from sigma_max to sigma_min in n values, then 0 (k-diffusion's
+    ``get_sigmas_exponential``). Returns (n+1,) float64 CPU."""
+    _check_int(n, "loglinear: n", 1)
+    lo, hi = _sigma_range(sigma_min, sigma_max, "loglinear")
+    return _append_zero(torch.linspace(math.log(hi), math.log(lo), n, dtype=F64).exp())
+
+
+def sample_sigmas(train_sigmas, steps: int) -> torch.Tensor:
+    """smalldiffusion's ``Schedule.sample_sigmas``: "trailing" subsampling of an increasing table of N training
+    sigmas, ``idx_k = round(N*(1 - k/steps)) - 1`` for k < steps, then index 0. The schedule ends at
+    ``train_sigmas[0]``, not 0. train_sigmas: (N,) increasing; returns (steps+1,) float64 CPU."""
+    table = torch.as_tensor(train_sigmas).detach().to("cpu", F64)
+    if table.dim() != 1 or table.numel() == 0:
+        raise ValueError(f"sample_sigmas: train_sigmas must be a non-empty 1-D table, got shape {tuple(table.shape)}")
+    _check_int(steps, "sample_sigmas: steps", 1)
+    n = table.numel()
+    if steps > n:
+        raise ValueError(f"sample_sigmas: steps ({steps}) must be <= len(train_sigmas) ({n})")
+    idx = torch.round(n * (1 - torch.arange(steps, dtype=F64) / steps)).long() - 1
+    return table[torch.cat([idx, idx.new_zeros(1)])]
+
+#----------------------------------------------------------------------------
+# VP (DDPM) tables, diffusers definitions.
+
+
+def betas(num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
+          schedule: str = "linear", max_beta: float = 0.999) -> torch.Tensor:
+    """diffusers' beta schedules in float64: "linear" (linspace), "scaled_linear" (linspace of sqrt, squared;
+    Stable Diffusion uses 0.00085..0.012), "squaredcos_cap_v2" (Nichol & Dhariwal cosine, capped at
+    ``max_beta``; ignores beta_start/beta_end). Returns (num_train_timesteps,) float64 CPU."""
+    T = _check_int(num_train_timesteps, "betas: num_train_timesteps", 1)
+    if schedule == "linear":
+        return torch.linspace(beta_start, beta_end, T, dtype=F64)
+    if schedule == "scaled_linear":
+        return torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=F64) ** 2
+    if schedule == "squaredcos_cap_v2":
+        t = torch.arange(T + 1, dtype=F64) / T
+        ab = torch.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+        return torch.clamp(1 - ab[1:] / ab[:-1], max=max_beta)
+    raise ValueError(f"betas: unknown schedule {schedule!r}; expected one of {BETA_SCHEDULES}")
+
+
+def alphas_cumprod(beta: torch.Tensor) -> torch.Tensor:
+    """``alpha_bar[t] = prod_{s<=t} (1 - beta[s])``. beta: (T,) with values in [0, 1); returns (T,) float64 CPU."""
+    b = torch.as_tensor(beta).detach().to("cpu", F64)
+    if b.dim() != 1 or b.numel() == 0:
+        raise ValueError(f"alphas_cumprod: betas must be a non-empty 1-D tensor, got shape {tuple(b.shape)}")
+    if not torch.isfinite(b).all() or (b < 0).any() or (b >= 1).any():
+        raise ValueError("alphas_cumprod: betas must be finite and in [0, 1)")
+    return torch.cumprod(1 - b, dim=0)
+
+
+def timesteps(num_inference_steps: int, num_train_timesteps: int = 1000, spacing: str = "leading",
+              steps_offset: int = 0) -> torch.Tensor:
+    """Decreasing integer timesteps as ``DDIMScheduler.set_timesteps`` makes them (Table 2 of arXiv
+    2305.08891): "leading" ``arange(N)*(T//N) + steps_offset``, reversed; "trailing" ``round(T - k*T/N) - 1`` (N values
+    even where diffusers' float ``arange`` yields N+1);
+    "linspace" ``round(linspace(0, T-1, N))``, reversed (ties round half to even, as numpy).
+    ``steps_offset`` applies to "leading" only, as in diffusers. Returns (N,) int64 CPU."""
+    N = _check_int(num_inference_steps, "timesteps: num_inference_steps", 1)
+    T = _check_int(num_train_timesteps, "timesteps: num_train_timesteps", 1)
+    _check_int(steps_offset, "timesteps: steps_offset", 0)
+    if N > T:
+        raise ValueError(f"timesteps: num_inference_steps ({N}) must be <= num_train_timesteps ({T})")
+    k = torch.arange(N, dtype=F64)
+    if spacing == "leading":
+        t = (k * (T // N)).flip(0) + steps_offset
+        if t[0] >= T:
+            raise ValueError(f"timesteps: steps_offset {steps_offset} pushes the first timestep past {T - 1}")
+    elif spacing == "trailing":
+        # numpy's arange(T, 0, -T/N) evaluates T + k*((T - T/N) - T); the same rounding picks the same ties
+        t = torch.round(T + k * ((T - T / N) - T)) - 1
+    elif spacing == "linspace":
+        t = torch.round(torch.linspace(0, T - 1, N, dtype=F64)).flip(0)
+    else:
+        raise ValueError(f"timesteps: unknown spacing {spacing!r}; expected one of {SPACINGS}")
+    return t.long()
+
+
+def vp_sigmas(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, final: str = "zero") -> torch.Tensor:
+    """VE sigmas ``sqrt((1 - ab[t])/ab[t])`` at decreasing integer ``timesteps``, plus a final sigma:
+
+    - ``final="zero"``: 0, i.e. diffusers' ``set_alpha_to_one=True`` (DDIM) / ``final_sigmas_type="zero"``
+      (Euler), the k-diffusion convention: the last step jumps to the denoised estimate.
+    - ``final="sigma_min"``: ``sigma(0)``, i.e. ``set_alpha_to_one=False`` / ``final_sigmas_type="sigma_min"``.
+
+    Matches a diffusers ``DDIMScheduler`` run step for step when consecutive timesteps differ by T//N (always for
+    "leading", for "trailing" when N divides T): DDIM steps from t to ``t - T//N`` whatever the spacing.
+    alphas_cumprod: (T,) any float dtype (float32 diffusers tables are converted exactly); timesteps: (N,) ints
+    in [0, T). Returns (N+1,) float64 CPU.
+    """
+    ab = torch.as_tensor(alphas_cumprod).detach().to("cpu", F64)
+    ts = torch.as_tensor(timesteps).detach().to("cpu")
+    if ab.dim() != 1 or ab.numel() == 0 or not ((ab > 0) & (ab <= 1)).all():
+        raise ValueError("vp_sigmas: alphas_cumprod must be a non-empty 1-D tensor with values in (0, 1]")
+    if ts.dim() != 1 or ts.numel() == 0 or ts.is_floating_point():
+        raise ValueError(f"vp_sigmas: timesteps must be a non-empty 1-D integer tensor, "
+                         f"got {ts.dtype} {tuple(ts.shape)}")
+    if (ts < 0).any() or (ts >= ab.numel()).any():
+        raise ValueError(f"vp_sigmas: timesteps must lie in [0, {ab.numel()})")
+    sig = alpha_bar_to_sigma(ab[ts])
+    if final == "zero":
+        last = sig.new_zeros(1)
+    elif final == "sigma_min":
+        last = alpha_bar_to_sigma(ab[:1])
+    else:
+        raise ValueError(f"vp_sigmas: final must be 'zero' or 'sigma_min', got {final!r}")
+    return torch.cat([sig, last])
+
+
+def ge_schedule(n: int, alphas_cumprod: torch.Tensor, start: float = 8.35, end: float = 0.02,
+                style: str = "linear", factor: float = 0.0, return_timesteps: bool = False):
+    """Permenter & Yuan's schedule as ``GEScheduler.set_timesteps`` builds it (``math-samplers.md`` 2.5).
+
+    Sigma values are snapped to DDPM timesteps with ``t = searchsorted(sigma_table, s)`` (first t with
+    sigma(t) >= s up to 1e-12 relative, clamped to T-1). Styles:
+    - "linear" (the paper's): n sigmas geometric from ``start`` to ``exp(factor*log sigma(t(end)) +
+      (1-factor)*log sigma(T//n))``, snapped, then t = 0: the last step goes to sigma(0), not 0.
+    - "ddim": ``linspace(t(start), t(end), n+1)`` truncated to integers.
+    - "edm": n+1 Karras (rho=7) sigmas from start to end, snapped.
+    With large n the snapped timesteps can repeat (zero-length steps), as in the original.
+    Returns (n+1,) float64 CPU sigmas, and the (n+1,) int64 timesteps when ``return_timesteps``.
+    """
+    _check_int(n, "ge_schedule: n", 1)
+    lo, hi = _sigma_range(end, start, "ge_schedule (end, start)")
+    if not 0 <= factor <= 1:
+        raise ValueError(f"ge_schedule: factor must lie in [0, 1], got {factor}")
+    ab = torch.as_tensor(alphas_cumprod).detach().to("cpu", F64)
+    if ab.dim() != 1 or ab.numel() < 2 or not ((ab > 0) & (ab <= 1)).all():
+        raise ValueError("ge_schedule: alphas_cumprod must be a 1-D tensor of length >= 2 with values in (0, 1]")
+    T = ab.numel()
+    if n > T:
+        raise ValueError(f"ge_schedule: n ({n}) must be <= len(alphas_cumprod) ({T})")
+    table = alpha_bar_to_sigma(ab)
+
+    def snap(s: torch.Tensor) -> torch.Tensor:
+        # 1e-12 relative slack so that exp(log(sigma(t))) snaps to t, not t+1, whatever the rounding
+        return torch.searchsorted(table, s * (1 - 1e-12)).clamp(max=T - 1)
+
+    if style == "linear":
+        end_sigma = math.exp(factor * math.log(table[snap(torch.tensor([lo], dtype=F64))].item())
+                             + (1 - factor) * math.log(table[min(T // n, T - 1)].item()))
+        geo = torch.linspace(math.log(hi), math.log(end_sigma), n, dtype=F64).exp()
+        ts = torch.cat([snap(geo), torch.zeros(1, dtype=torch.long)])
+    elif style == "ddim":
+        t_start, t_end = snap(torch.tensor([hi, lo], dtype=F64)).tolist()
+        # numpy's linspace (start + i*step, exact end point), then truncation, as the original
+        grid = t_start + torch.arange(n + 1, dtype=F64) * ((t_end - t_start) / n)
+        grid[-1] = t_end
+        ts = grid.long()
+    elif style == "edm":
+        ts = snap(karras(n + 1, lo, hi)[:-1])
+    else:
+        raise ValueError(f"ge_schedule: unknown style {style!r}; expected 'linear', 'ddim' or 'edm'")
+    sig = table[ts]
+    return (sig, ts) if return_timesteps else sig
+
+#----------------------------------------------------------------------------
+# IADB.
+
+
+def iadb_alphas(n: int) -> torch.Tensor:
+    """Uniform IADB blending parameters ``alpha_k = k/n``, k = 0..n (alpha = 0 is pure noise, 1 is data).
+    Returns (n+1,) float64 CPU, increasing."""
+    _check_int(n, "iadb_alphas: n", 1)
+    return torch.arange(n + 1, dtype=F64) / n
+
+#----------------------------------------------------------------------------
+# Conversions: a float in gives a float out; a tensor in gives a tensor (same dtype and device) out.
+
+
+def _map(fn, value: Number, name: str) -> Number:
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a float or a tensor, got {type(value).__name__}")
+    return float(fn(torch.tensor(float(value), dtype=F64)))
+
+
+def sigma_to_alpha_bar(sigma: Number) -> Number:
+    """``alpha_bar = 1/(1 + sigma^2)`` (VE -> VP)."""
+    return _map(lambda s: 1 / (1 + s * s), sigma, "sigma_to_alpha_bar")
+
+
+def alpha_bar_to_sigma(alpha_bar: Number) -> Number:
+    """``sigma = sqrt((1 - alpha_bar)/alpha_bar)`` (VP -> VE; inf at alpha_bar = 0)."""
+    return _map(lambda a: ((1 - a) / a).sqrt(), alpha_bar, "alpha_bar_to_sigma")
+
+
+def sigma_to_iadb_alpha(sigma: Number) -> Number:
+    """IADB blending parameter ``alpha = 1/(1 + sigma)`` (``x_alpha = alpha * x_VE``)."""
+    return _map(lambda s: 1 / (1 + s), sigma, "sigma_to_iadb_alpha")
+
+
+def iadb_alpha_to_sigma(alpha: Number) -> Number:
+    """``sigma = (1 - alpha)/alpha`` (inf at alpha = 0, 0 at alpha = 1)."""
+    return _map(lambda a: (1 - a) / a, alpha, "iadb_alpha_to_sigma")
+
+
+def sigma_to_flow_t(sigma: Number) -> Number:
+    """Rectified-flow time ``t = sigma/(1 + sigma)`` (``x_t = (1-t)*data + t*noise = (1-t)*x_VE``)."""
+    return _map(lambda s: s / (1 + s), sigma, "sigma_to_flow_t")
+
+
+def flow_t_to_sigma(t: Number) -> Number:
+    """``sigma = t/(1 - t)`` (inf at t = 1)."""
+    return _map(lambda u: u / (1 - u), t, "flow_t_to_sigma")
+
+#----------------------------------------------------------------------------
+# Validation.
+
+
+def check_sigmas(sigmas, name: str = "sigmas", steps: int | None = None, strict: bool = True) -> torch.Tensor:
+    """Validate a sampling schedule and return it as a float64 CPU tensor (a copy).
+
+    Requires a 1-D tensor/sequence of length >= 2 (== steps+1 when ``steps`` is given) of finite values
+    >= 0 that decrease strictly (``strict=False`` allows repeated values, i.e. zero-length steps).
+    Reads the values: call it on the host schedule before a sampling loop, never inside one.
+    """
+    if isinstance(sigmas, torch.Tensor):
+        if sigmas.is_complex() or sigmas.dtype == torch.bool:
+            raise TypeError(f"{name}: expected a real tensor, got dtype {sigmas.dtype}")
+        s = sigmas.detach().to("cpu", F64)
+    else:
+        try:
+            s = torch.as_tensor(sigmas, dtype=F64)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"{name}: expected a 1-D tensor or sequence of floats, "
+                            f"got {type(sigmas).__name__}") from exc
+    if s.dim() != 1:
+        raise ValueError(f"{name}: expected a 1-D schedule, got shape {tuple(s.shape)}")
+    if steps is not None and s.numel() != steps + 1:
+        raise ValueError(f"{name}: expected length steps+1 = {steps + 1}, got {s.numel()}")
+    if s.numel() < 2:
+        raise ValueError(f"{name}: expected length >= 2 (N+1 values for N steps), got {s.numel()}")
+    if torch.isnan(s).any():
+        raise ValueError(f"{name}: contains NaN at index {int(torch.isnan(s).nonzero()[0])}")
+    if not torch.isfinite(s).all():
+        raise ValueError(f"{name}: contains inf at index {int((~torch.isfinite(s)).nonzero()[0])}")
+    if (s < 0).any():
+        raise ValueError(f"{name}: negative value at index {int((s < 0).nonzero()[0])}")
+    step = s[1:] - s[:-1]
+    bad = (step >= 0) if strict else (step > 0)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        kind = "strictly decreasing" if strict else "non-increasing"
+        raise ValueError(f"{name}: must be {kind}, but {name}[{i + 1}] = {s[i + 1].item():g} "
+                         f">{'=' if strict else ''} {name}[{i}] = {s[i].item():g}")
+    return s.clone()
