@@ -1,0 +1,237 @@
+"""Host-side float64 coefficient tables of every sampler (``math-samplers.md`` sections 2, 3, 6, 7).
+
+Each builder resolves all of its sampler's branches (first step, last step to sigma_next = 0, churn
+window, eta = 0) on the host copy of the schedule and returns a :class:`Plan`: a table of rows for
+:func:`diffkern.ops.sampler_step` (slot semantics in :mod:`diffkern.ops.coefs`) plus the host facts the
+loop needs. The loop then only indexes rows; it never branches on a device value.
+
+Conventions: ``sigmas`` is a host list of N+1 floats, strictly decreasing; ``conv(sigma)`` gives the
+model-output conversion of a row that reads the model at ``sigma`` (``{}`` for a model returning D,
+``{"p": ..., "q": ..., "w": ...}`` for the fused conversion of a raw network output). Every row index
+is also the Philox step counter of that row, so no two noise draws of one call share counters.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Mapping
+
+import torch
+
+from .ops import coefs
+from .ops import iadb as iadb_rows
+
+Conv = Callable[[float], Mapping[str, float]]
+_NO_MODEL = {"p": 0.0, "q": 0.0}  # rows that do not read the model output (churn noise)
+
+
+def _identity(sigma: float) -> dict:
+    return {}
+
+
+@dataclasses.dataclass
+class Plan:
+    """A sampler's host-resolved schedule.
+
+    table: float64 (R, NCOEF) CPU table; row k is one fused step (Philox step counter k).
+    row_sigma: length R, the sigma at which row k reads the model (nan where it does not).
+    sigma_hat: length N, the sigma of step i's first model call (after churn).
+    churn: length N, True where step i adds churn noise (row ``churn_row + i``) before its model call.
+    corrector: length N, True where step i has a second (Heun) model call (row ``corrector_row + i``).
+    """
+    table: torch.Tensor
+    row_sigma: list
+    sigma_hat: list
+    churn: list
+    corrector: list
+    churn_row: int = 0
+    corrector_row: int = 0
+    history: bool = False
+
+    @property
+    def steps(self) -> int:
+        return len(self.sigma_hat)
+
+
+def _plan(rows, row_sigma, sigma_hat, **kw) -> Plan:
+    n = len(sigma_hat)
+    kw.setdefault("churn", [False] * n)
+    kw.setdefault("corrector", [False] * n)
+    return Plan(coefs.table(rows), list(row_sigma), list(sigma_hat), **kw)
+
+
+def _conv_row(conv: Conv, sigma: float, **c: float) -> list[float]:
+    return coefs.row(**c, **conv(sigma))
+
+
+def _ratio(sigma: float, sigma_next: float) -> tuple[float, float]:
+    """(r, 1 - r) for r = sigma_next/sigma, with 1 - r as -expm1(-h) (h = ln(sigma/sigma_next)) for accuracy."""
+    if sigma_next == 0:
+        return 0.0, 1.0
+    return sigma_next / sigma, -math.expm1(math.log(sigma_next / sigma))
+
+#----------------------------------------------------------------------------
+# Churn (Karras et al. 2022, Algorithm 2): one helper for Euler and Heun.
+
+
+def churn_sigmas(sigmas, s_churn: float, s_tmin: float, s_tmax: float) -> list[float]:
+    """sigma_hat_i = sigma_i*(1 + gamma_i), gamma_i = min(s_churn/N, sqrt(2)-1) inside [s_tmin, s_tmax], else 0."""
+    n = len(sigmas) - 1
+    gamma = min(s_churn / n, math.sqrt(2.0) - 1.0)
+    return [s * (1.0 + gamma) if gamma > 0 and s_tmin <= s <= s_tmax else s for s in sigmas[:-1]]
+
+
+def _churn_rows(sigmas, sigma_hat, s_noise: float) -> tuple[list, list[bool]]:
+    """Noise rows ``x += s_noise*sqrt(sigma_hat^2 - sigma^2)*xi`` (a=1, b=q=p=0) and where they apply."""
+    rows, on = [], []
+    for s, sh in zip(sigmas[:-1], sigma_hat):
+        std = s_noise * math.sqrt(max(sh * sh - s * s, 0.0))
+        rows.append(coefs.row(a=1.0, s=std, **_NO_MODEL))
+        on.append(sh > s and std > 0)
+    return rows, on
+
+#----------------------------------------------------------------------------
+# Samplers. Rows: step i at row i; extra rows (churn, corrector) in blocks after the N step rows.
+
+
+def euler(sigmas, *, s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0, conv: Conv = _identity) -> Plan:
+    """Euler (= deterministic DDIM in VE coordinates) with optional churn: ``x' = r*x + (1-r)*D``,
+    ``r = sigma_next/sigma_hat``; rows 0..N-1 steps, N..2N-1 churn noise."""
+    n = len(sigmas) - 1
+    sigma_hat = churn_sigmas(sigmas, s_churn, s_tmin, s_tmax)
+    steps = []
+    for i in range(n):
+        r, one_minus_r = _ratio(sigma_hat[i], sigmas[i + 1])
+        steps.append(_conv_row(conv, sigma_hat[i], a=r, b=one_minus_r))
+    churn_rows, churn = _churn_rows(sigmas, sigma_hat, s_noise)
+    return _plan(steps + churn_rows, sigma_hat + [math.nan] * n, sigma_hat, churn=churn, churn_row=n)
+
+
+def ancestral_step(sigma: float, sigma_next: float, eta: float) -> tuple[float, float]:
+    """(sigma_down, sigma_up) of k-diffusion's ``get_ancestral_step`` (DDIM(eta) in VE coordinates)."""
+    if eta == 0 or sigma_next == 0:
+        return sigma_next, 0.0
+    up = min(sigma_next, eta * math.sqrt(sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2))
+    return math.sqrt(sigma_next ** 2 - up ** 2), up
+
+
+def euler_ancestral(sigmas, *, eta=1.0, s_noise=1.0, conv: Conv = _identity) -> Plan:
+    """Euler-ancestral (= DDIM(eta)): ``x' = (sd/sigma)*x + (1 - sd/sigma)*D + s_noise*su*xi``."""
+    rows = []
+    for s, sn in zip(sigmas[:-1], sigmas[1:]):
+        down, up = ancestral_step(s, sn, eta)
+        r, one_minus_r = _ratio(s, down)
+        rows.append(_conv_row(conv, s, a=r, b=one_minus_r, s=s_noise * up))
+    return _plan(rows, sigmas[:-1], sigmas[:-1])
+
+
+def heun(sigmas, *, s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0, conv: Conv = _identity) -> Plan:
+    """EDM Algorithm 2 (Heun with churn). Predictor (row i): Euler to sigma_next, storing D in history.
+    Corrector (row N+i, model at sigma_next): with x~ the predictor and D~ its denoised value,
+    ``x' = x~ + (sigma_next - sigma_hat)/(2 sigma_next) * (D - D~)``, which equals Heun's average of
+    slopes ``x_hat + (d + d~)/2 * (sigma_next - sigma_hat)`` exactly (x_hat is eliminated through the
+    predictor). No corrector on a step to sigma_next = 0. Churn rows 2N..3N-1."""
+    n = len(sigmas) - 1
+    sigma_hat = churn_sigmas(sigmas, s_churn, s_tmin, s_tmax)
+    pred, corr, corrector = [], [], []
+    for i in range(n):
+        sh, sn = sigma_hat[i], sigmas[i + 1]
+        r, one_minus_r = _ratio(sh, sn)
+        pred.append(_conv_row(conv, sh, a=r, b=one_minus_r, f=1.0))
+        k = (sn - sh) / (2.0 * sn) if sn > 0 else 0.0
+        corr.append(_conv_row(conv, sn, a=1.0, b=-k, c=k) if sn > 0 else coefs.row(**_NO_MODEL))
+        corrector.append(sn > 0)
+    churn_rows, churn = _churn_rows(sigmas, sigma_hat, s_noise)
+    row_sigma = sigma_hat + [s if s > 0 else math.nan for s in sigmas[1:]] + [math.nan] * n
+    return _plan(pred + corr + churn_rows, row_sigma, sigma_hat, churn=churn, churn_row=2 * n,
+                 corrector=corrector, corrector_row=n, history=True)
+
+
+def dpmpp_2m(sigmas, *, conv: Conv = _identity) -> Plan:
+    """DPM-Solver++(2M) (Lu et al. 2022) as k-diffusion's ``sample_dpmpp_2m``; history = previous D.
+    First step and the step to 0: Euler/DDIM. Else ``D_bar = (1 + 1/(2 rho))*D - D_prev/(2 rho)``,
+    ``rho = h_last/h``, ``x' = r*x + (1-r)*D_bar``."""
+    rows = []
+    for i, (s, sn) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        r, one_minus_r = _ratio(s, sn)
+        if i == 0 or sn == 0:
+            rows.append(_conv_row(conv, s, a=r, b=one_minus_r, f=1.0))
+            continue
+        rho = math.log(sigmas[i - 1] / s) / math.log(s / sn)
+        rows.append(_conv_row(conv, s, a=r, b=one_minus_r * (1 + 1 / (2 * rho)), c=-one_minus_r / (2 * rho), f=1.0))
+    return _plan(rows, sigmas[:-1], sigmas[:-1], history=True)
+
+
+def ge(sigmas, *, gamma=2.0, mu=0.0, conv: Conv = _identity) -> Plan:
+    """Permenter & Yuan's family (smalldiffusion ``samples(gam, mu)``), history = previous eps:
+    ``x' = x + (sigma_p - sigma)*(gamma*eps + (1-gamma)*eps_prev) + sqrt(sigma_next^2 - sigma_p^2)*xi``,
+    ``sigma_p = (sigma_next/sigma^mu)^(1/(1-mu))``, eps = (x - D)/sigma; gamma = 1 on the first step.
+    A step to sigma_next = 0 is the jump x' = D (as ComfyUI's gradient-estimation sampler)."""
+    rows = []
+    for i, (s, sn) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        eps = {"e": 1.0 / s, "f": -1.0 / s}  # history_out = eps = (x - D)/sigma
+        if sn == 0:
+            rows.append(_conv_row(conv, s, a=0.0, b=1.0, **eps))
+            continue
+        g = 1.0 if i == 0 else gamma
+        sigma_p = (sn / s ** mu) ** (1.0 / (1.0 - mu))
+        dt = sigma_p - s
+        rows.append(_conv_row(conv, s, a=1.0 + g * dt / s, b=-g * dt / s, c=dt * (1.0 - g),
+                              s=math.sqrt(max(sn * sn - sigma_p * sigma_p, 0.0)), **eps))
+    return _plan(rows, sigmas[:-1], sigmas[:-1], history=True)
+
+
+INTEGRATORS = ("exponential", "euler_maruyama")
+
+
+def sde(sigmas, *, lam=0.0, integrator="exponential", conv: Conv = _identity) -> Plan:
+    """McAllester's reverse-SDE family with noise level lam (section 3.2); lam = 0 is the PF-ODE.
+    exponential: ``a = r^(1+lam^2)``, ``b = 1-a``, ``s = sigma_next*sqrt(1 - r^(2 lam^2))``.
+    euler_maruyama: ``a = 1 - c(1-r^2)``, ``b = c(1-r^2)``, ``s = lam*sqrt(sigma^2 - sigma_next^2)``,
+    ``c = (1+lam^2)/2``. A step to sigma_next = 0 is the jump x' = D."""
+    rows = []
+    c_lam = (1.0 + lam * lam) / 2.0
+    for s, sn in zip(sigmas[:-1], sigmas[1:]):
+        r = sn / s
+        if sn == 0:
+            rows.append(_conv_row(conv, s, a=0.0, b=1.0))
+        elif integrator == "exponential":
+            a = r ** (1.0 + lam * lam)
+            b = -math.expm1((1.0 + lam * lam) * math.log(r))
+            rows.append(_conv_row(conv, s, a=a, b=b, s=sn * math.sqrt(max(-math.expm1(2 * lam * lam * math.log(r)), 0.0))))
+        else:
+            k = c_lam * (1.0 - r * r)
+            rows.append(_conv_row(conv, s, a=1.0 - k, b=k, s=lam * math.sqrt(s * s - sn * sn)))
+    return _plan(rows, sigmas[:-1], sigmas[:-1])
+
+#----------------------------------------------------------------------------
+# IADB (Heitz et al. 2023), in its own coordinates: x_alpha = (1-alpha)*noise + alpha*data.
+
+IADB_VARIANTS = ("euler", "two_head", "stochastic")
+
+
+def iadb_stochastic_row(alpha: float, alpha_next: float, lam: float) -> list[float]:
+    """Section 1.6 step for a single-head network (model_out = D = x1_bar - x0_bar): with
+    ``x1_bar = x + (1-alpha)*D`` and ``x0_bar = x - alpha*D`` (exact for posterior means),
+    ``x' = alpha'*x1_bar + (1-alpha')*(k*x0_bar + sqrt(1-k^2)*xi)``, ``k = (sigma'/sigma)^(lam^2)``."""
+    if alpha <= 0:
+        k = 0.0 if lam > 0 else 1.0
+    else:
+        sig, sig_next = (1 - alpha) / alpha, (1 - alpha_next) / alpha_next
+        k = (sig_next / sig) ** (lam * lam) if sig > 0 else 0.0
+    return coefs.row(a=alpha_next + (1 - alpha_next) * k, b=alpha_next * (1 - alpha) - (1 - alpha_next) * k * alpha,
+                     s=(1 - alpha_next) * math.sqrt(max(1.0 - k * k, 0.0)), p=0.0, q=1.0)
+
+
+def iadb(alphas, *, variant="euler", lam=0.0) -> torch.Tensor:
+    """Table of N rows for increasing alphas (N+1 values). euler: ``x' = x + (alpha'-alpha)*D``;
+    two_head: ``x' = alpha'*x1_bar + (1-alpha')*(k*x0_bar + sqrt(1-k^2)*xi)`` (model_out = x1_bar,
+    history = x0_bar; lam = 0 is deterministic); stochastic: the same step from a single-head D."""
+    pairs = list(zip(alphas[:-1], alphas[1:]))
+    if variant == "euler":
+        rows = [iadb_rows.euler_row(a, an) for a, an in pairs]
+    elif variant == "two_head":
+        rows = [iadb_rows.two_head_row(an, lam, a) for a, an in pairs]
+    else:
+        rows = [iadb_stochastic_row(a, an, lam) for a, an in pairs]
+    return coefs.table(rows)

@@ -1,0 +1,271 @@
+"""k-diffusion-style samplers on the fused step (``math-samplers.md`` sections 2, 3, 6, 7).
+
+Every sampler has k-diffusion's signature ``sample_<name>(model, x, sigmas, extra_args=None,
+callback=None, disable=None, **knobs)`` with ``model(x, sigma_batch, **extra_args) -> denoised``,
+``x`` already scaled by ``sigmas[0]`` and ``sigmas`` decreasing (length N+1, usually ending in 0).
+
+How a call runs: the branches (first step, last step to 0, churn window, eta) are resolved on the
+host copy of the float64 schedule into a coefficient table (:mod:`diffkern.coef_tables`), moved to
+the device once; then each step is one model call and one :func:`diffkern.ops.sampler_step` that
+updates ``x`` (and a history buffer for multistep samplers) in place. Nothing in the loop reads a
+device value on the host: the model's sigma is a device scalar ``sig_dev[row].expand(B)`` and the
+noise is the counter-based Philox stream keyed by a seed tensor in device memory.
+
+Common knobs: ``seed`` (int, or int64 tensor (1,)/(B,); None draws one from torch's global CPU
+generator, so ``torch.manual_seed`` makes k-diffusion-style calls reproducible), ``backend``
+(``diffkern.ops`` backend name; None: ``DIFFKERN_BACKEND`` then auto), ``trajectory``
+(a :class:`Trajectory` to fill, see :func:`diffkern.sample`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import coef_tables, schedules
+from .ops import sampler_step
+
+#----------------------------------------------------------------------------
+# Seeds and trajectories: the only places a call creates device state besides the state itself.
+
+_U64 = 2 ** 64
+
+
+def make_seed(seed, x: torch.Tensor) -> torch.Tensor:
+    """The int64 seed tensor of one sampling call, on x's device (the one place it is created).
+
+    ``seed``: None (drawn from torch's global CPU generator), a Python int in [-2**63, 2**64) (values
+    >= 2**63 are their two's-complement int64), or an int64 tensor of shape (1,) or (B,).
+    """
+    if seed is None:
+        seed = int(torch.randint(0, 2 ** 62, (1,)).item())  # host generator: no device sync
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64:
+            raise TypeError(f"seed: expected an int or an int64 tensor, got a tensor of dtype {seed.dtype}")
+        batch = x.shape[0]
+        if seed.dim() != 1 or seed.numel() not in (1, batch):
+            raise ValueError(f"seed: expected shape (1,) or ({batch},) (one seed per sample), got {tuple(seed.shape)}")
+        return seed.to(x.device).contiguous()
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed: expected an int or an int64 tensor, got {type(seed).__name__}")
+    if not -2 ** 63 <= seed < _U64:
+        raise ValueError(f"seed: expected an int in [-2**63, 2**64), got {seed}")
+    return torch.tensor([seed - _U64 if seed >= 2 ** 63 else seed], dtype=torch.int64, device=x.device)
+
+
+class Trajectory:
+    """Preallocated device buffers for Chen et al.'s two trajectories of one call.
+
+    x: (N+1, *x.shape) sampling trajectory (initial state then the state after each step);
+    denoised: (N, *x.shape) denoising trajectory (the denoised estimate of each step's first model
+    call). Both in x's dtype on x's device, filled with ``copy_``/kernel outputs (no host work per step).
+    """
+
+    def __init__(self, x: torch.Tensor, steps: int):
+        self.x = torch.empty((steps + 1, *x.shape), dtype=x.dtype, device=x.device)
+        self.denoised = torch.empty((steps, *x.shape), dtype=x.dtype, device=x.device)
+
+    def as_dict(self) -> dict:
+        return {"x": self.x, "denoised": self.denoised}
+
+#----------------------------------------------------------------------------
+# The loop shared by every sampler.
+
+
+def _is_fused(model) -> bool:
+    """A ``diffkern.wrappers`` model: its raw output and conversion go into the fused step."""
+    return all(hasattr(model, k) for k in ("raw", "conversion", "guidance_scale"))
+
+
+def host_sigmas(sigmas) -> list[float]:
+    """Validated host float64 copy of a schedule (read once, before any loop)."""
+    return schedules.check_sigmas(sigmas, "sigmas").tolist()
+
+
+def _check_output(t, x: torch.Tensor, what: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"model: {what} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"model: {what} must have a floating dtype, got {t.dtype}")
+    if t.shape != x.shape:
+        raise ValueError(f"model: {what} must have the shape of x {tuple(x.shape)}, got {tuple(t.shape)}")
+    if t.device != x.device:
+        raise ValueError(f"model: {what} must be on x's device {x.device}, got {t.device}")
+
+
+class _Loop:
+    """State of one sampling call: working copy of x, device tables, seed, history, outputs."""
+
+    def __init__(self, model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory):
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() == 0:
+            raise TypeError("x: expected a floating tensor of shape (B, ...)")
+        self.model, self.extra = model, dict(extra_args or {})
+        self.callback, self.disable, self.backend = callback, disable, backend
+        self.sigmas = host_sigmas(sigmas)
+        self.x = x.detach().clone(memory_format=torch.contiguous_format)
+        self.seed = make_seed(seed, self.x)
+        self.fused = _is_fused(model)
+        self.trajectory = trajectory
+        if trajectory is not None and trajectory.denoised.shape[0] != len(self.sigmas) - 1:
+            raise ValueError("trajectory: its buffers do not match the number of steps")
+        self._checked = False
+        self.spare = torch.empty_like(self.x) if callback is not None else None
+        self.scratch = torch.empty_like(self.x) if callback is not None and trajectory is None else None
+
+    def conv(self, sigma: float) -> dict:
+        """Row slots converting the model output at ``sigma`` (p, q, w); {} for a plain D model."""
+        if not self.fused:
+            return {}
+        p, q = self.model.conversion(sigma)
+        w = self.model.guidance_scale
+        return {"p": float(p), "q": float(q), "w": 1.0 if w is None else float(w)}
+
+    def begin(self, plan: coef_tables.Plan) -> None:
+        self.plan = plan
+        self.table = plan.table.to(self.x.device)
+        # A plain model gets sigma in its input's precision (float32 at least) so nets see one dtype; a
+        # wrapper gets float64 so its sigma -> timestep lookup is exact at the schedule's table values.
+        sig_dtype = torch.float64 if self.fused else torch.promote_types(self.x.dtype, torch.float32)
+        self.sig_dev = torch.tensor(plan.row_sigma, dtype=torch.float64).to(self.x.device, sig_dtype)
+        self.history = torch.zeros_like(self.x) if plan.history else None
+        if self.trajectory is not None:
+            self.trajectory.x[0].copy_(self.x)
+
+    def steps(self):
+        from tqdm.auto import trange
+        return trange(self.plan.steps, disable=self.disable)
+
+    def _model(self, row: int):
+        """One model call at row's sigma: (model_out, model_out_uncond or None), checked on the first call."""
+        sigma = self.sig_dev[row].expand(self.x.shape[0])
+        if self.fused:
+            out = self.model.raw(self.x, sigma, **self.extra)
+            m, u = out if isinstance(out, tuple) else (out, None)
+        else:
+            m, u = self.model(self.x, sigma, **self.extra), None
+        if not self._checked:
+            _check_output(m, self.x, "output")
+            if u is not None:
+                _check_output(u, self.x, "unconditional output")
+                if u.dtype != m.dtype:
+                    raise TypeError(f"model: unconditional output dtype {u.dtype} != conditional {m.dtype}")
+            self._checked = True
+        return m, u
+
+    def churn(self, i: int) -> None:
+        """x += s_noise*sqrt(sigma_hat^2 - sigma^2)*xi (a noise-only row; the model output is not read)."""
+        if self.plan.churn[i]:
+            row = self.plan.churn_row + i
+            sampler_step(self.x, self.x, self.table, row, seed=self.seed, out=self.x, backend=self.backend)
+
+    def step(self, i: int, row: int, *, first: bool = True, write_history: bool = False) -> None:
+        """One model call and one fused update of x (in place; ping-pong when a callback wants the old x)."""
+        m, u = self._model(row)
+        x0 = None
+        if first and self.trajectory is not None:
+            x0 = self.trajectory.denoised[i]
+        elif first and self.callback is not None:
+            x0 = self.scratch
+        out = self.spare if first and self.callback is not None else self.x
+        sampler_step(self.x, m, self.table, row, model_out_uncond=u, history=self.history,
+                     history_out=self.history if write_history else None, seed=self.seed, out=out, x0_out=x0,
+                     backend=self.backend)
+        if out is not self.x:
+            self.callback({"x": self.x, "i": i, "sigma": self.sigmas[i], "sigma_hat": self.plan.sigma_hat[i],
+                           "denoised": x0})
+            self.x, self.spare = out, self.x
+
+    def end(self, i: int) -> None:
+        if self.trajectory is not None:
+            self.trajectory.x[i + 1].copy_(self.x)
+
+
+def _run(loop: _Loop, plan: coef_tables.Plan) -> torch.Tensor:
+    """Every sampler's loop: churn, first call and update, optional Heun corrector."""
+    loop.begin(plan)
+    for i in loop.steps():
+        loop.churn(i)
+        loop.step(i, i, write_history=plan.history)
+        if plan.corrector[i]:
+            loop.step(i, plan.corrector_row + i, first=False)
+        loop.end(i)
+    return loop.x
+
+#----------------------------------------------------------------------------
+# Public samplers.
+
+
+def _knob(value, name: str, lo: float = 0.0, hi: float = math.inf, hi_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise TypeError(f"{name}: expected a number, got {value!r}")
+    if value < lo or value > hi or (hi_open and value == hi):
+        raise ValueError(f"{name}: expected a value in [{lo}, {hi}{')' if hi_open else ']'}, got {value}")
+    return float(value)
+
+
+def _churn_knobs(s_churn, s_tmin, s_tmax, s_noise) -> dict:
+    return {"s_churn": _knob(s_churn, "s_churn"), "s_tmin": _knob(s_tmin, "s_tmin"),
+            "s_tmax": _knob(s_tmax, "s_tmax"), "s_noise": _knob(s_noise, "s_noise")}
+
+
+@torch.no_grad()
+def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, *, s_churn=0.0, s_tmin=0.0,
+                 s_tmax=math.inf, s_noise=1.0, seed=None, backend=None, trajectory=None):
+    """Euler on the PF-ODE ``dx/dsigma = (x - D)/sigma`` (= deterministic DDIM), with Karras et al.
+    (2022) Algorithm 2 churn. x: (B, ...) float; returns the final state in x's dtype."""
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory)
+    plan = coef_tables.euler(loop.sigmas, conv=loop.conv, **_churn_knobs(s_churn, s_tmin, s_tmax, s_noise))
+    return _run(loop, plan)
+
+
+@torch.no_grad()
+def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, *, eta=1.0,
+                           s_noise=1.0, seed=None, backend=None, trajectory=None):
+    """Euler-ancestral (= DDIM(eta) in VE coordinates; eta = 1 is the DDPM posterior step)."""
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory)
+    plan = coef_tables.euler_ancestral(loop.sigmas, eta=_knob(eta, "eta"), s_noise=_knob(s_noise, "s_noise"),
+                                       conv=loop.conv)
+    return _run(loop, plan)
+
+
+@torch.no_grad()
+def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, *, s_churn=0.0, s_tmin=0.0,
+                s_tmax=math.inf, s_noise=1.0, seed=None, backend=None, trajectory=None):
+    """Heun's second-order method, Karras et al. (2022) Algorithm 2 (2 model calls per step but the last)."""
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory)
+    plan = coef_tables.heun(loop.sigmas, conv=loop.conv, **_churn_knobs(s_churn, s_tmin, s_tmax, s_noise))
+    return _run(loop, plan)
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None, *, seed=None, backend=None,
+                    trajectory=None):
+    """DPM-Solver++(2M), Lu et al. (2022), multistep on the previous denoised estimate."""
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory)
+    return _run(loop, coef_tables.dpmpp_2m(loop.sigmas, conv=loop.conv))
+
+
+@torch.no_grad()
+def sample_ge(model, x, sigmas, extra_args=None, callback=None, disable=None, *, gamma=2.0, mu=0.0, seed=None,
+              backend=None, trajectory=None):
+    """Permenter & Yuan (2024) gradient-estimation family: gamma=2, mu=0 their sampler; gamma=1, mu=0 DDIM;
+    gamma=1, mu=0.5 DDPM (smalldiffusion's ``samples(gam, mu)``)."""
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory)
+    plan = coef_tables.ge(loop.sigmas, gamma=_knob(gamma, "gamma", -math.inf), mu=_knob(mu, "mu", 0.0, 1.0, True),
+                          conv=loop.conv)
+    return _run(loop, plan)
+
+
+@torch.no_grad()
+def sample_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, *, lam=1.0, integrator="exponential",
+               seed=None, backend=None, trajectory=None):
+    """McAllester's reverse-SDE family at noise level lam (lam = 0: the PF-ODE, lam = 1: Anderson's
+    reverse SDE); integrator "exponential" (exact linear part) or "euler_maruyama"."""
+    if integrator not in coef_tables.INTEGRATORS:
+        raise ValueError(f"integrator: expected one of {coef_tables.INTEGRATORS}, got {integrator!r}")
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory)
+    return _run(loop, coef_tables.sde(loop.sigmas, lam=_knob(lam, "lam"), integrator=integrator, conv=loop.conv))
+
+
+SAMPLERS = {"euler": sample_euler, "euler_ancestral": sample_euler_ancestral, "heun": sample_heun,
+            "dpmpp_2m": sample_dpmpp_2m, "ge": sample_ge, "sde": sample_sde}
