@@ -21,9 +21,10 @@ setup() {
   fi
   local req_stamp="$VENV/.diffkern-requirements"
   local req_hash
-  req_hash=$(cat requirements.txt requirements-test.txt | sha256sum | cut -d' ' -f1)
+  req_hash=$(cat requirements.txt requirements-test.txt requirements-nodeps.txt | sha256sum | cut -d' ' -f1)
   if [ "$(cat "$req_stamp" 2>/dev/null)" != "$req_hash" ]; then
     "$py" -m pip install -q -r requirements.txt -r requirements-test.txt
+    "$py" -m pip install -q --no-deps -r requirements-nodeps.txt
     echo "$req_hash" > "$req_stamp"
   fi
   local build_stamp="$VENV/.diffkern-build"
