@@ -1,0 +1,168 @@
+"""``diffkern trajectory``: the sampling and denoising trajectories of a sampler on the 2-D demo mixture
+(Chen et al., ``math-samplers.md`` 4.1-4.6), plotted to PNG.
+
+The sampling trajectory is the state ``x_n`` after each step; the denoising trajectory is the denoised
+estimate ``D(x_n, sigma_n)`` of each step (``diffkern.sample(..., record=True)``). ODE-jump (4.6) stops
+at step ``--jump`` and returns ``D(x_jump, sigma_jump)`` as the sample. The mixture's denoiser is exact,
+so the pictures show the sampler alone.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+# CLI knob flag -> sampler keyword. A flag the method does not take is an error, not silently ignored.
+KNOB_FLAGS = {"gamma": "gamma", "mu": "mu", "lam": "lam", "eta": "eta", "s_churn": "s_churn"}
+
+
+def trajectories(method: str = "euler", steps: int = 20, n: int = 16, *, seed: int = 0, jump=None,
+                 sigma_min: float = 0.002, sigma_max: float = 80.0, backend=None, **knobs) -> dict:
+    """Sample ``n`` points of the demo mixture with ``method`` over a Karras schedule, recording both
+    trajectories. Returns float64 CPU tensors ``x`` (steps+1, n, 2), ``denoised`` (steps, n, 2),
+    ``sigmas`` (steps+1,), the ODE-jump samples ``jump_samples`` (n, 2) = ``denoised[jump]``, and
+    per-step means over the points: ``dist_x`` = ||x_i - x_N||, ``dist_denoised`` = ||D_i - x_N||,
+    ``deviation`` = distance of x_i from the chord x_0 -> x_N (Chen et al.'s straightness measure);
+    plus mean log-densities of the final, ODE-jump and exact samples.
+    """
+    import torch
+
+    from .. import analytic, schedules
+    from ..sampling import sample
+
+    if jump is None:
+        jump = max(0, steps - max(1, steps // 4))  # three quarters in: sigma ~ 0.1 for 20 Karras steps
+    gmm = analytic.GaussianMixture.demo_2d()
+    sigmas = schedules.karras(steps, sigma_min, sigma_max)
+    gen = torch.Generator().manual_seed(seed)
+    x0 = (torch.randn(n, 2, generator=gen, dtype=torch.float64) * sigma_max).float()
+    _, rec = sample(gmm, x0, sigmas, method, backend=backend or "auto", seed=seed, record=True, **knobs)
+    xs, ds = rec["x"].double().cpu(), rec["denoised"].double().cpu()
+    final = xs[-1]
+    chord = final - xs[0]
+    unit = chord / chord.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+    rel = final[None] - xs                                                  # (steps+1, n, 2)
+    perp = rel - (rel * unit[None]).sum(-1, keepdim=True) * unit[None]
+    return {"method": method, "steps": steps, "n": n, "jump": jump, "sigmas": torch.as_tensor(sigmas).double().cpu(),
+            "x": xs, "denoised": ds, "jump_samples": ds[jump],
+            "dist_x": (xs - final).norm(dim=-1).mean(1), "dist_denoised": (ds - final).norm(dim=-1).mean(1),
+            "deviation": perp.norm(dim=-1).mean(1), "chord_length": chord.norm(dim=-1).mean(),
+            "log_p_final": float(gmm.log_prob(final).mean()), "log_p_jump": float(gmm.log_prob(ds[jump]).mean()),
+            "log_p_exact": float(gmm.log_prob(gmm.sample(max(n, 256), generator=gen)).mean()), "gmm": gmm}
+
+
+def plot(res: dict, out: str) -> None:
+    """Three panels: sampling trajectories, denoising trajectories (ODE-jump points marked) over the
+    density, and the distances to the end point against sigma. Written atomically to ``out``."""
+    import tempfile
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    lim = 3.0
+    grid = torch.linspace(-lim, lim, 240, dtype=torch.float64)
+    gx, gy = torch.meshgrid(grid, grid, indexing="xy")
+    dens = res["gmm"].log_prob(torch.stack([gx.reshape(-1), gy.reshape(-1)], 1)).exp().reshape(gx.shape)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5))
+    xs, ds, jump = res["x"].numpy(), res["denoised"].numpy(), res["jump"]
+    panels = ((axes[0], xs, "sampling trajectories x_n"), (axes[1], ds, "denoising trajectories D(x_n)"))
+    for ax, paths, title in panels:
+        ax.imshow(dens.numpy(), extent=(-lim, lim, -lim, lim), origin="lower", cmap="Greys", alpha=0.6)
+        for j in range(paths.shape[1]):
+            ax.plot(paths[:, j, 0], paths[:, j, 1], "-", lw=0.9, color=plt.cm.viridis(j / max(1, paths.shape[1] - 1)))
+        ax.scatter(xs[-1, :, 0], xs[-1, :, 1], s=14, color="tab:red", zorder=3, label="final samples")
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_aspect("equal")
+        ax.set_title(title)
+    axes[1].scatter(ds[jump, :, 0], ds[jump, :, 1], marker="x", s=30, color="tab:blue", zorder=4,
+                    label=f"ODE-jump at step {jump} (sigma {float(res['sigmas'][jump]):.3g})")
+    axes[1].legend(loc="lower left", fontsize=8)
+    sig = res["sigmas"].numpy()
+    # The last denoised estimate is x_N itself (the last step goes to sigma = 0) and x_0 is on its chord.
+    axes[2].loglog(sig[:-1], res["dist_x"].numpy()[:-1], "o-", label="||x_n - x_N|| (sampling)")
+    axes[2].loglog(sig[:-2], res["dist_denoised"].numpy()[:-1], "s-", label="||D(x_n) - x_N|| (denoising)")
+    axes[2].loglog(sig[1:-1], res["deviation"].numpy()[1:-1], "^-", label="distance of x_n from its chord")
+    axes[2].invert_xaxis()
+    axes[2].set_xlabel("sigma_n")
+    axes[2].set_title(f"{res['method']}, {res['steps']} steps: mean over {res['n']} points")
+    axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    folder = os.path.dirname(os.path.abspath(out))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder)  # no half-written PNG on failure
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, out)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _check_args(args) -> dict:
+    from .. import ops
+    from ..sampling import knobs
+
+    for flag in ("steps", "n"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag}: expected an integer >= 1, got {getattr(args, flag)}")
+    if args.jump is not None and not 0 <= args.jump < args.steps:
+        raise ValueError(f"--jump: expected a step in [0, {args.steps - 1}] (--steps {args.steps}), got {args.jump}")
+    for flag in ("sigma_min", "sigma_max"):
+        value = getattr(args, flag)
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"--{flag.replace('_', '-')}: expected a finite number > 0, got {value}")
+    if args.sigma_min >= args.sigma_max:
+        raise ValueError(f"--sigma-min ({args.sigma_min}) must be below --sigma-max ({args.sigma_max})")
+    if args.backend is not None and args.backend not in ops.BACKENDS + ("auto",):
+        raise ValueError(f"--backend: expected one of {', '.join(ops.BACKENDS + ('auto',))}, got {args.backend!r}")
+    if not args.out.lower().endswith(".png"):
+        raise ValueError(f"--out: expected a .png file name, got {args.out!r}")
+    if os.path.isdir(args.out):
+        raise ValueError(f"--out: {args.out!r} is a directory")
+    valid = knobs(args.method)  # raises naming the method when it is unknown
+    chosen = {kw: getattr(args, flag) for flag, kw in KNOB_FLAGS.items() if getattr(args, flag) is not None}
+    for kw in chosen:
+        if kw not in valid:
+            raise ValueError(f"--{kw.replace('_', '-')}: method {args.method!r} has no knob {kw!r} "
+                             f"(its knobs: {', '.join(sorted(valid)) or 'none'})")
+    return chosen
+
+
+def _run(args) -> int:
+    chosen = _check_args(args)
+    res = trajectories(args.method, args.steps, args.n, seed=args.seed, jump=args.jump, sigma_min=args.sigma_min,
+                       sigma_max=args.sigma_max, backend=args.backend, **chosen)
+    plot(res, args.out)
+    bend = float(res["deviation"].max() / res["chord_length"])
+    print(f"{args.method}, {args.steps} Karras steps, {args.n} trajectories on the 2-D demo mixture")
+    print(f"mean log-density: final samples {res['log_p_final']:.3f}, ODE-jump at step {res['jump']} "
+          f"(sigma {float(res['sigmas'][res['jump']]):.3g}) {res['log_p_jump']:.3f}, exact samples "
+          f"{res['log_p_exact']:.3f}")
+    print(f"sampling trajectories leave their chord by at most {100 * bend:.2f}% of its length")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("trajectory", help="plot sampling and denoising trajectories on a 2-D mixture (PNG)")
+    p.add_argument("--method", default="euler", help="euler | euler_ancestral | heun | dpmpp_2m | ge | sde "
+                                                      "(default euler, as in Chen et al.)")
+    p.add_argument("--steps", type=int, default=20, help="number of Karras steps (default 20)")
+    p.add_argument("--n", type=int, default=16, help="number of trajectories (default 16)")
+    p.add_argument("--jump", type=int, default=None, help="ODE-jump step: its denoised estimate is marked "
+                                                          "(default: three quarters of the steps)")
+    p.add_argument("--sigma-min", type=float, default=0.002, help="smallest nonzero sigma (default 0.002)")
+    p.add_argument("--sigma-max", type=float, default=80.0, help="initial sigma (default 80)")
+    p.add_argument("--gamma", type=float, help="ge: gradient-estimation weight")
+    p.add_argument("--mu", type=float, help="ge: stochasticity in [0, 1)")
+    p.add_argument("--lam", type=float, help="sde: McAllester noise level")
+    p.add_argument("--eta", type=float, help="euler_ancestral: ancestral noise scale")
+    p.add_argument("--s-churn", dest="s_churn", type=float, help="euler / heun: EDM churn")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default=None, help="reference | cpp | triton | cuda | auto")
+    p.add_argument("--out", default="out/trajectory.png", help="PNG to write (default out/trajectory.png)")
+    p.set_defaults(func=_run)
