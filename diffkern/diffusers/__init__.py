@@ -1,0 +1,34 @@
+"""diffkern as a drop-in for HuggingFace diffusers (``docs/diffusers.md``).
+
+Level 1, schedulers whose ``step()`` is one fused op::
+
+    pipe.scheduler = diffkern.diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+
+Level 2, the whole denoising loop in diffkern (:func:`diffkern.sampling.sample`)::
+
+    fast = diffkern.diffusers.accelerate(pipe)
+    images = fast(num_inference_steps=30, generator=torch.Generator().manual_seed(0)).images
+
+Importing this package imports diffusers (``import diffkern`` alone does not).
+"""
+from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401  (see below)
+
+from .accelerate import AcceleratedPipeline, accelerate
+from .schedulers import FusedScheduler, FusedSchedulerOutput
+from .schedulers_ge import GEScheduler, IADBScheduler
+from .schedulers_k import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler
+from .schedulers_vp import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+SCHEDULERS = {c.__name__: c for c in (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
+                                      EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler,
+                                      GEScheduler, IADBScheduler)}
+
+# A pipeline's save_pretrained records a third-party scheduler as (its __module__, its name), and from_pretrained
+# imports that module and looks the class and SchedulerMixin up in it. Recording this package (rather than the
+# file that defines the class) keeps saved pipelines loadable whatever the internal layout.
+for _cls in SCHEDULERS.values():
+    _cls.__module__ = __name__
+
+__all__ = ["AcceleratedPipeline", "DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler",
+           "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler", "FusedScheduler", "FusedSchedulerOutput",
+           "GEScheduler", "HeunDiscreteScheduler", "IADBScheduler", "SCHEDULERS", "accelerate"]

@@ -1,0 +1,402 @@
+"""Level 2: run the whole denoising loop of a diffusers pipeline in diffkern.
+
+:func:`accelerate` wraps an unconditional ``UNet2DModel`` pipeline (``DDPMPipeline``, ``DDIMPipeline``, ...) or a
+text-to-image ``UNet2DConditionModel`` pipeline with ``encode_prompt`` and a VAE (``StableDiffusionPipeline``).
+Its ``__call__`` keeps the pipeline's prompt encoding, initial latents and decoding, and replaces the loop
+``for t: unet -> CFG -> scheduler.step`` by one :func:`diffkern.sampling.sample` call (or
+:func:`diffkern.sampling.sample_iadb`): the pipeline's scheduler becomes a VE sigma schedule plus a sampler
+method, the UNet a :class:`diffkern.wrappers.DiffusersUNetDenoiser` fed the scheduler's own timesteps, and CFG
+happens inside the fused step (one batched UNet call on ``[uncond; cond]``, as the pipeline does).
+
+Equivalences used (``math-samplers.md`` 5-7): DDIM(eta) = Euler-ancestral(eta) in VE coordinates (eta = 0:
+Euler), DDPM ("fixed_small") = DDIM(eta = 1), DPM-Solver++(2M) = k-diffusion's ``dpmpp_2m``. Deterministic
+schedulers give the pipeline's images at float32 tolerance for the same generator (only the initial latents
+are random). Stochastic ones draw their per-step noise from diffkern's Philox stream keyed by a seed taken
+from the generator, so images are reproducible per seed but not equal to diffusers' (which draws each step's
+noise from the generator).
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from .. import schedules, wrappers
+from ..ops import backend_status
+from .schedulers import FusedScheduler
+from .schedulers_ge import IADBScheduler
+
+_MAX_MODELS = 8  # model wrappers (one per schedule) kept by an AcceleratedPipeline
+
+
+@dataclasses.dataclass
+class LoopSpec:
+    """A scheduler's loop as diffkern runs it: ``method`` on the VE schedule ``sigmas`` (IADB: alphas) with
+    ``knobs``; ``timesteps[i]`` is the network timestep at ``sigmas[i]``; ``vp``: the pipeline's state is the VP
+    ``z = x/sqrt(sigma^2 + 1)`` (DDIM/DDPM/DPM) rather than x itself."""
+
+    method: str
+    sigmas: list
+    timesteps: list
+    knobs: dict
+    vp: bool
+
+
+def _unsupported(name: str, option: str, value, why: str) -> ValueError:
+    return ValueError(f"accelerate: {name} with {option}={value!r} is not supported by the fused loop ({why}); "
+                      f"run the pipeline with diffkern.diffusers.{name} as its scheduler instead")
+
+
+def diffkern_scheduler(scheduler) -> FusedScheduler:
+    """A fresh diffkern scheduler equivalent to ``scheduler`` (a diffusers or diffkern scheduler)."""
+    from . import SCHEDULERS
+
+    cls = SCHEDULERS.get(type(scheduler).__name__)
+    if cls is None:
+        raise ValueError(f"accelerate: unsupported scheduler {type(scheduler).__name__}; supported: "
+                         f"{', '.join(sorted(SCHEDULERS))}")
+    return cls.from_config(scheduler.config)
+
+
+def loop_spec(ours: FusedScheduler, eta: float = 0.0) -> LoopSpec:
+    """Translate a diffkern scheduler after ``set_timesteps`` into a :class:`LoopSpec`."""
+    name, cfg = type(ours).__name__, ours.config
+    ts = list(ours._host_timesteps)
+    if isinstance(ours, IADBScheduler):
+        knobs = {"variant": cfg.variant, "lam": cfg.lam if cfg.variant == "stochastic" else 0.0}
+        return LoopSpec("iadb", list(ours.alphas_host), ts, knobs, vp=False)
+    if cfg.get("clip_sample", False):
+        raise _unsupported(name, "clip_sample", True, "diffkern.sampling.sample does not clip x0")
+    if name in ("DDIMScheduler", "DDPMScheduler"):
+        for i in range(len(ts) - 1):
+            if ours._prev[i] != ts[i + 1]:
+                raise _unsupported(name, "timestep_spacing", cfg.timestep_spacing,
+                                   f"with {len(ts)} steps, step {i} goes from t={ts[i]} to t={ours._prev[i]}, which is "
+                                   f"not the next timestep {ts[i + 1]}: the schedule is not continuous")
+        last = ours._prev[-1]
+        final = ours.final_alpha_cumprod if name == "DDIMScheduler" else 1.0
+        ab_final = float(ours.alphas_cumprod[last]) if last >= 0 else final
+        sigmas = ours.train_sigmas[ts].tolist() + [schedules.alpha_bar_to_sigma(ab_final)]
+        if name == "DDPMScheduler":
+            if cfg.variance_type == "fixed_large":
+                raise _unsupported(name, "variance_type", "fixed_large", "only the posterior variance = DDIM(eta=1)")
+            eta = 1.0
+        if eta == 0:
+            return LoopSpec("euler", sigmas, ts, {}, vp=True)
+        return LoopSpec("euler_ancestral", sigmas, ts, {"eta": float(eta)}, vp=True)
+    if name == "DPMSolverMultistepScheduler":
+        sig = list(ours.sigmas_host)
+        first_order_last = cfg.euler_at_final or (cfg.lower_order_final and len(ts) < 15)
+        if cfg.solver_order == 2 and first_order_last and sig[-1] > 0 and len(ts) > 1:
+            raise _unsupported(name, "final_sigmas_type", "sigma_min",
+                               "with a first-order last step (lower_order_final/euler_at_final)")
+        return LoopSpec("dpmpp_2m" if cfg.solver_order == 2 else "euler", sig, ts, {}, vp=True)
+    sig = list(ours.sigmas_host)
+    if name == "EulerDiscreteScheduler":
+        return LoopSpec("euler", sig, ts, {}, vp=False)
+    if name == "EulerAncestralDiscreteScheduler":
+        return LoopSpec("euler_ancestral", sig, ts, {"eta": 1.0}, vp=False)
+    if name == "HeunDiscreteScheduler":
+        return LoopSpec("heun", sig, ts[:1] + ts[1::2], {}, vp=False)
+    if name == "GEScheduler":
+        return LoopSpec("ge", sig, ts, {"gamma": float(cfg.gamma), "mu": float(cfg.mu)}, vp=False)
+    raise ValueError(f"accelerate: unsupported scheduler {name}")
+
+
+class ScheduleDenoiser(wrappers.DiffusersUNetDenoiser):
+    """A diffusers UNet as D(x, sigma) that feeds the network the scheduler's own timestep for each schedule
+    sigma (matched exactly on the device, no sync), and log-sigma interpolation for any other sigma."""
+
+    def __init__(self, unet, alphas_cumprod, prediction_type, sigmas, timesteps, guidance_scale=1.0):
+        super().__init__(unet, alphas_cumprod=alphas_cumprod, prediction_type=prediction_type,
+                         guidance_scale=guidance_scale)
+        self.register_buffer("schedule_sigmas", torch.tensor(sigmas, dtype=torch.float64), persistent=False)
+        self.register_buffer("schedule_t", torch.tensor(timesteps, dtype=torch.float32), persistent=False)
+
+    def model_input(self, x, sigma):
+        x_in, t_interp = super().model_input(x, sigma)
+        hit = self.schedule_sigmas[None, :] == sigma[:, None]
+        t = self.schedule_t[hit.int().argmax(1)]
+        return x_in, torch.where(hit.any(1), t, t_interp.to(torch.float32))
+
+
+class _AlphaUNet(torch.nn.Module):
+    """An IADB UNet as ``model(x_alpha, alpha)``: the network is conditioned on ``alpha*timestep_scale``."""
+
+    def __init__(self, unet, timestep_scale: float):
+        super().__init__()
+        self.unet, self.timestep_scale = unet, float(timestep_scale)
+
+    def forward(self, x, alpha):
+        return self.unet(x.to(self.unet.dtype), alpha * self.timestep_scale, return_dict=False)[0]
+
+
+def _stochastic(method: str, knobs: dict) -> bool:
+    """Whether ``method`` with ``knobs`` draws noise (so needs a seed)."""
+    from ..sampling import knobs as defaults
+
+    if method == "iadb":
+        return knobs["variant"] == "stochastic"
+    k = dict(defaults(method), **knobs)
+    return (k.get("eta", 0) > 0 or k.get("s_churn", 0) > 0 or k.get("mu", 0) > 0
+            or (method == "sde" and k.get("lam", 0) > 0))
+
+
+def _seed(generator, batch: int):
+    """Philox seed(s) for stochastic methods: from the generator(s) (one per sample for a list), else None
+    (drawn from torch's global generator by the sampler)."""
+    def draw(g):
+        return int(torch.randint(0, 2 ** 62, (1,), generator=g, device=g.device))  # once, before the loop
+    if generator is None:
+        return None
+    if isinstance(generator, list):
+        if len(generator) != batch:
+            raise ValueError(f"generator: a list of {len(generator)} generators for a batch of {batch}")
+        return torch.tensor([draw(g) for g in generator], dtype=torch.int64)
+    return draw(generator)
+
+
+def _default(pipe, name: str, fallback):
+    param = inspect.signature(type(pipe).__call__).parameters.get(name)
+    return fallback if param is None or param.default is inspect.Parameter.empty else param.default
+
+
+class AcceleratedPipeline:
+    """A pipeline whose denoising loop runs in diffkern; other attributes forward to the wrapped pipeline."""
+
+    def __init__(self, pipe, method, backend, graph, progress, knobs, kind):
+        self.__dict__.update(pipe=pipe, method=method, backend=backend, graph=graph, progress=progress,
+                             knobs=dict(knobs), kind=kind)
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["pipe"], name)
+
+    def to(self, *args, **kwargs) -> "AcceleratedPipeline":
+        """Move the wrapped pipeline (``pipe.to``); returns this accelerated pipeline."""
+        self.pipe.to(*args, **kwargs)
+        return self
+
+    def __repr__(self) -> str:
+        return (f"AcceleratedPipeline({type(self.pipe).__name__}, kind={self.kind!r}, method={self.method!r}, "
+                f"backend={self.backend!r}, graph={self.graph!r})")
+
+    def _schedule(self, num_inference_steps, eta):
+        """(diffkern scheduler after set_timesteps, its LoopSpec) for the pipeline's current scheduler."""
+        ours = diffkern_scheduler(self.pipe.scheduler)
+        ours.set_timesteps(num_inference_steps)
+        return ours, loop_spec(ours, eta)
+
+    def _graph_mode(self, device: torch.device):
+        """What ``graph`` means for this call: CUDA-graph capture only for CUDA tensors."""
+        if self.graph is True:
+            return True
+        return "auto" if self.graph == "auto" and device.type == "cuda" else False
+
+    def _model(self, key, build):
+        """One model wrapper per schedule, reused across calls: a CUDA-graph capture is keyed by model identity."""
+        models = self.__dict__.setdefault("_models", {})
+        if key not in models:
+            if len(models) >= _MAX_MODELS:
+                models.pop(next(iter(models)))
+            models[key] = build()
+        return models[key]
+
+    def _run(self, ours, spec, latents, generator, guidance_scale=1.0, extra=None):
+        """The loop: initial latents (already times init_noise_sigma) -> final latents, in latents' dtype."""
+        from ..sampling import sample, sample_iadb
+
+        if self.method is not None and spec.method == "iadb":
+            raise ValueError(f"method: {self.method!r} cannot run an IADBScheduler pipeline (IADB has its own loop); "
+                             "use accelerate(pipe) without method=")
+        method = self.method or spec.method
+        knobs = dict(spec.knobs if self.method is None else {}, **self.knobs)
+        # deterministic loops touch neither the generator nor torch's global generator
+        seed = _seed(generator, latents.shape[0]) if _stochastic(method, knobs) else 0
+        graph = self._graph_mode(latents.device)
+        if method == "iadb":
+            model = self._model(("iadb", id(self.pipe.unet), ours.config.timestep_scale),
+                                lambda: _AlphaUNet(self.pipe.unet, ours.config.timestep_scale))
+            out = sample_iadb(model, latents, spec.sigmas, knobs["variant"], lam=knobs["lam"], backend=self.backend,
+                              seed=seed, progress=self.progress, graph=graph)
+            return out.to(latents.dtype)
+        pred = "sample" if ours.config.prediction_type == "original_sample" else ours.config.prediction_type
+        key = (id(self.pipe.unet), type(ours).__name__, tuple(spec.sigmas), tuple(spec.timesteps), pred,
+               guidance_scale != 1.0, latents.device)
+        model = self._model(key, lambda: ScheduleDenoiser(self.pipe.unet, ours.alphas_cumprod, pred, spec.sigmas[:-1],
+                                                          spec.timesteps).to(latents.device))
+        model.guidance_scale = float(guidance_scale)  # a table value: a captured loop stays valid
+        x = latents if latents.dtype == torch.float64 else latents.to(torch.float32)  # the state stays >= float32
+        if spec.vp:
+            x = x * math.sqrt(spec.sigmas[0] ** 2 + 1.0)
+        out = sample(model, x, spec.sigmas, method, backend=self.backend, seed=seed, progress=self.progress,
+                     extra_args=extra, graph=graph, **knobs)
+        if spec.vp:
+            out = out / math.sqrt(spec.sigmas[-1] ** 2 + 1.0)
+        return out.to(latents.dtype)
+
+    @torch.no_grad()
+    def __call__(self, prompt=None, **kwargs):
+        """The wrapped pipeline's call with its usual arguments (``num_inference_steps``, ``generator``,
+        ``output_type``, ``return_dict``, ``eta``; text-to-image: ``prompt``, ``negative_prompt``,
+        ``guidance_scale``, ``num_images_per_prompt``, ``height``, ``width``, ``latents``, ``prompt_embeds``,
+        ``negative_prompt_embeds``, ``cross_attention_kwargs``, ``clip_skip``). Per-step hooks and schedule
+        overrides (callbacks, custom timesteps/sigmas, guidance_rescale, IP-adapters) raise."""
+        if self.kind == "unconditional":
+            if prompt is not None:
+                raise TypeError("prompt: this is an unconditional pipeline")
+            return self._call_unconditional(**kwargs)
+        return self._call_text2img(prompt, **kwargs)
+
+    def _call_unconditional(self, batch_size=1, generator=None, num_inference_steps=None, eta=None,
+                            use_clipped_model_output=None, output_type="pil", return_dict=True, **unsupported):
+        from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+
+        _reject(unsupported)
+        pipe = self.pipe
+        steps = num_inference_steps or _default(pipe, "num_inference_steps", 1000)
+        size = pipe.unet.config.sample_size
+        shape = (batch_size, pipe.unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"generator: a list of {len(generator)} generators for batch_size={batch_size}")
+        ours, spec = self._schedule(steps, eta if eta is not None else _default(pipe, "eta", 0.0))
+        image = randn_tensor(shape, generator=generator, device=pipe._execution_device, dtype=pipe.unet.dtype)
+        image = self._run(ours, spec, image * float(ours.init_noise_sigma), generator)
+        image = (image / 2 + 0.5).clamp(0, 1)
+        if output_type != "pt":
+            image = image.cpu().permute(0, 2, 3, 1).numpy()
+            if output_type == "pil":
+                image = pipe.numpy_to_pil(image)
+        return ImagePipelineOutput(images=image) if return_dict else (image,)
+
+    def _call_text2img(self, prompt, height=None, width=None, num_inference_steps=None, guidance_scale=None,
+                       negative_prompt=None, num_images_per_prompt=1, eta=None, generator=None, latents=None,
+                       prompt_embeds=None, negative_prompt_embeds=None, output_type="pil", return_dict=True,
+                       cross_attention_kwargs=None, guidance_rescale=0.0, clip_skip=None, **unsupported):
+        from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
+
+        if guidance_rescale:
+            unsupported["guidance_rescale"] = guidance_rescale
+        _reject(unsupported)
+        pipe = self.pipe
+        unet = pipe.unet
+        steps = num_inference_steps or _default(pipe, "num_inference_steps", 50)
+        w = guidance_scale if guidance_scale is not None else _default(pipe, "guidance_scale", 7.5)
+        vae_scale = getattr(pipe, "vae_scale_factor", 2 ** (len(pipe.vae.config.block_out_channels) - 1))
+        size = unet.config.sample_size
+        height = height or (size if isinstance(size, int) else size[0]) * vae_scale
+        width = width or (size if isinstance(size, int) else size[1]) * vae_scale
+        if prompt is not None:
+            batch = 1 if isinstance(prompt, str) else len(prompt)
+        elif prompt_embeds is not None:
+            batch = prompt_embeds.shape[0]
+        else:
+            raise ValueError("prompt: pass a prompt (str or list) or prompt_embeds")
+        device = pipe._execution_device
+        cfg = w > 1 and unet.config.time_cond_proj_dim is None
+        lora_scale = (cross_attention_kwargs or {}).get("scale")
+        prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(
+            prompt, device, num_images_per_prompt, cfg, negative_prompt, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, lora_scale=lora_scale, clip_skip=clip_skip)
+        n = batch * num_images_per_prompt
+        shape = (n, unet.config.in_channels, int(height) // vae_scale, int(width) // vae_scale)
+        if isinstance(generator, list) and len(generator) != n:
+            raise ValueError(f"generator: a list of {len(generator)} generators for a batch of {n}")
+        ours, spec = self._schedule(steps, eta if eta is not None else _default(pipe, "eta", 0.0))
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=prompt_embeds.dtype)
+        else:
+            latents = latents.to(device)
+        latents = latents * float(ours.init_noise_sigma)
+        extra = {"encoder_hidden_states": prompt_embeds}
+        if cfg:
+            extra["uncond_encoder_hidden_states"] = negative_prompt_embeds
+        if cross_attention_kwargs is not None:
+            extra["cross_attention_kwargs"] = cross_attention_kwargs
+        latents = self._run(ours, spec, latents, generator, guidance_scale=w if cfg else 1.0, extra=extra)
+        nsfw = None
+        if output_type == "latent":
+            image = latents
+        else:
+            image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
+            if hasattr(pipe, "run_safety_checker"):
+                image, nsfw = pipe.run_safety_checker(image, device, prompt_embeds.dtype)
+        denormalize = [True] * image.shape[0] if nsfw is None else [not flag for flag in nsfw]
+        image = pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=denormalize)
+        if hasattr(pipe, "maybe_free_model_hooks"):
+            pipe.maybe_free_model_hooks()
+        if not return_dict:
+            return (image, nsfw)
+        return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=nsfw)
+
+
+def _reject(unsupported: dict) -> None:
+    given = {k: v for k, v in unsupported.items() if v is not None}
+    if given:
+        raise TypeError(f"accelerate: argument(s) {sorted(given)} not supported by the fused loop (per-step hooks, "
+                        "schedule overrides and guidance variants need the pipeline's own loop)")
+
+
+def _pipeline_kind(pipe) -> str:
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    who = type(pipe).__name__
+    unet = getattr(pipe, "unet", None)
+    if unet is None or getattr(pipe, "scheduler", None) is None:
+        raise TypeError(f"accelerate: unsupported pipeline {who}: expected a pipeline with a `unet` and a `scheduler`")
+    if isinstance(unet, UNet2DModel):
+        return "unconditional"
+    if isinstance(unet, UNet2DConditionModel) and hasattr(pipe, "encode_prompt") and hasattr(pipe, "vae"):
+        for option in ("addition_embed_type", "class_embed_type", "encoder_hid_dim_type"):
+            if unet.config.get(option) is not None:
+                raise TypeError(f"accelerate: unsupported pipeline {who}: its UNet has {option}="
+                                f"{unet.config.get(option)!r} (added conditioning is not supported)")
+        if unet.config.get("time_cond_proj_dim") is not None:
+            raise TypeError(f"accelerate: unsupported pipeline {who}: guidance-embedding UNets (time_cond_proj_dim) "
+                            "are not supported")
+        return "text2img"
+    raise TypeError(f"accelerate: unsupported pipeline {who} with a {type(unet).__name__}: expected an unconditional "
+                    "UNet2DModel pipeline or a text-to-image UNet2DConditionModel pipeline with encode_prompt and vae")
+
+
+def accelerate(pipe, method=None, backend="auto", graph="auto", progress=False, **knobs) -> AcceleratedPipeline:
+    """Wrap ``pipe`` so that its denoising loop runs in diffkern.
+
+    Args:
+        pipe: an unconditional ``UNet2DModel`` pipeline or a text-to-image ``UNet2DConditionModel`` pipeline
+            (``encode_prompt``, ``vae``, ``image_processor``). Its scheduler (diffusers' or diffkern's DDIM, DDPM,
+            DPM-Solver++, Euler, Euler-ancestral, Heun, GE or IADB) gives the schedule; it is read at each call, so
+            a later ``pipe.scheduler = ...`` applies.
+        method: a :func:`diffkern.sampling.sample` method to use instead of the scheduler's own (on its schedule).
+        backend: fused-op backend ("auto", "reference", "cpp", "triton", "cuda").
+        graph: "auto" (the whole loop as one CUDA graph for CUDA pipelines, :mod:`diffkern.graphs`, falling back to
+            the fused eager loop with a warning when it cannot be captured; eager on other devices), True (requires
+            CUDA; raises when the loop cannot be captured), or False (fused eager loop).
+        progress: show a progress bar.
+        **knobs: sampler knobs for ``method`` (e.g. ``s_churn``).
+
+    Returns:
+        An :class:`AcceleratedPipeline` callable like the pipeline.
+    """
+    if graph not in (True, False, "auto"):
+        raise ValueError(f"graph: expected True, False or 'auto', got {graph!r}")
+    if graph is True and not torch.cuda.is_available():
+        raise RuntimeError("graph=True: CUDA-graph capture needs a CUDA device and none is available "
+                           "(use graph='auto' or False for the fused eager loop)")
+    if backend not in (None, "auto"):
+        backend_status(backend)  # raises ValueError for an unknown backend name
+    if method is not None:
+        from ..sampling import knobs as method_knobs
+        valid = method_knobs(method)
+        unknown = sorted(set(knobs) - set(valid))
+        if unknown:
+            raise TypeError(f"{method}: unknown knob(s) {unknown}; valid knobs: {sorted(valid) or 'none'}")
+    elif knobs:
+        raise TypeError(f"accelerate: knobs {sorted(knobs)} need an explicit method=")
+    kind = _pipeline_kind(pipe)
+    acc = AcceleratedPipeline(pipe, method, backend, graph, progress, knobs, kind)
+    # an unsupported scheduler or config fails now, not at the first call (schedule checks at 10 steps)
+    acc._schedule(10, _default(pipe, "eta", 0.0))
+    return acc

@@ -1,0 +1,306 @@
+"""Base of the diffusers-compatible schedulers whose ``step()`` is one fused :func:`diffkern.ops.sampler_step`.
+
+Every scheduler here is a ``SchedulerMixin + ConfigMixin`` that loads from any diffusers scheduler config
+(``X.from_config(pipe.scheduler.config)``) and survives ``save_pretrained``/``from_pretrained``. How a step runs:
+
+- ``set_timesteps`` resolves the schedule on the host in float64 (training table from
+  :mod:`diffkern.schedules`, rows from :mod:`diffkern.coef_tables` / :mod:`diffkern.ops.ddim`); the
+  coefficient table is built once per set of ``step()`` knobs (eta, churn, ...) and moved to the device once.
+- ``step()`` keeps a host-side step index (``set_begin_index`` sets where it starts) and launches one fused
+  op on row ``index``. It never reads a device value: the device timestep ``t`` is only compared with the
+  expected one when it lives on the host (a Python number or a CPU tensor), to catch out-of-order calls.
+- noise: with a torch ``generator`` it is drawn exactly as diffusers draws it (``randn_tensor``, same shape,
+  dtype and call sites, so the generator advances identically) and passed as ``noise=``; without one it is
+  diffkern's counter-based Philox stream keyed by :meth:`FusedScheduler.set_seed` (default: a seed drawn from
+  torch's global CPU generator at the first noisy step after ``set_timesteps``).
+
+Training tables are float64 (diffusers holds them in float32), so our per-step coefficients are at least as
+accurate as diffusers'; tests compare both against diffusers' own algorithm run in float64.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import ConfigMixin
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin, SchedulerOutput
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from .. import schedules, wrappers
+from ..ops import coefs, sampler_step
+from ..samplers import make_seed
+
+# Any diffusers scheduler config loads silently (keys of these classes that we do not take are dropped).
+COMPATIBLES = [e.name for e in KarrasDiffusionSchedulers]
+
+
+@dataclasses.dataclass
+class FusedSchedulerOutput(BaseOutput):
+    """``prev_sample`` (the state for the next step) and ``pred_original_sample`` (the x0 estimate), both (B, ...)."""
+
+    prev_sample: torch.Tensor
+    pred_original_sample: Optional[torch.Tensor] = None
+
+
+def unsupported(who: str, option: str, value, why: str) -> ValueError:
+    """The error every scheduler raises for an option it does not implement."""
+    return ValueError(f"{who}: {option}={value!r} is not supported by diffkern's fused scheduler ({why}); "
+                      f"use diffusers' own scheduler for it")
+
+
+def check_choice(who: str, option: str, value, allowed) -> None:
+    if value not in allowed:
+        raise unsupported(who, option, value, f"supported: {', '.join(map(repr, allowed))}")
+
+
+def training_betas(who: str, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                   rescale_betas_zero_snr=False) -> torch.Tensor:
+    """The (T,) float64 betas of a diffusers config (schedule names as in diffusers)."""
+    if rescale_betas_zero_snr:
+        raise unsupported(who, "rescale_betas_zero_snr", True, "zero terminal SNR needs sigma = inf at t = T-1")
+    if trained_betas is not None:
+        b = torch.as_tensor(np.asarray(trained_betas, dtype=np.float64))
+        if b.dim() != 1 or b.numel() != num_train_timesteps:
+            raise ValueError(f"{who}: trained_betas must be a 1-D sequence of num_train_timesteps="
+                             f"{num_train_timesteps} values, got shape {tuple(b.shape)}")
+        return b
+    check_choice(who, "beta_schedule", beta_schedule, schedules.BETA_SCHEDULES)
+    return schedules.betas(num_train_timesteps, beta_start, beta_end, beta_schedule)
+
+
+def host_value(timestep) -> Optional[float]:
+    """The timestep as a float when reading it costs no device synchronisation (a number or a CPU
+    scalar tensor), else None."""
+    if isinstance(timestep, torch.Tensor):
+        if timestep.device.type != "cpu" or timestep.numel() != 1:
+            return None
+        return timestep.item()  # a CPU tensor: a host read, no device synchronisation
+    if isinstance(timestep, (int, float, np.integer, np.floating)) and not isinstance(timestep, bool):
+        return float(timestep)
+    return None
+
+
+def sigma_to_t(alphas_cumprod: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Fractional training timestep of each sigma: log-sigma interpolation in the training table, the rule of
+    diffusers' ``_sigma_to_t`` (Karras/exponential schedules), on diffkern's float64 table."""
+    table = wrappers.VPDiscreteDenoiser(_no_model, alphas_cumprod)
+    return table.sigma_to_t(sigma.to(torch.float64), quantize=False)
+
+
+def _no_model(*args, **kwargs):
+    raise RuntimeError("a table-only wrapper has no model")
+
+
+def ve_row_to_vp(row, sigma_in: float, sigma_out: float) -> list[float]:
+    """Rewrite a VE-coordinate row (state ``x = z/alpha``) for the VP state z (``alpha = 1/sqrt(sigma^2+1)``).
+
+    With ``x = z/alpha_in`` and ``z' = alpha_out*x'``: the x coefficients a, e and the conversion slot p are
+    divided by alpha_in, every output term (a, b, g, c, s) is multiplied by alpha_out; q, w, f and clip act on
+    model outputs and x0 estimates, which are the same in both coordinates.
+    """
+    a_in = 1.0 / math.sqrt(sigma_in * sigma_in + 1.0)
+    a_out = 1.0 / math.sqrt(sigma_out * sigma_out + 1.0)
+    r = list(row)
+    r[coefs.A] *= a_out / a_in
+    for k in (coefs.B, coefs.G, coefs.C, coefs.S):
+        r[k] *= a_out
+    r[coefs.P] /= a_in
+    r[coefs.E] /= a_in
+    return r
+
+
+class FusedScheduler(SchedulerMixin, ConfigMixin):
+    """Shared machinery: training table, host step index, cached device tables, noise, fused launch.
+
+    Attributes:
+        backend: the fused-op backend for ``step()`` (None: ``DIFFKERN_BACKEND``, then auto). Not part of
+            the config, so it is not saved.
+        timesteps: the schedule (device tensor), as the diffusers scheduler of the same name makes it.
+    """
+
+    _compatibles = COMPATIBLES
+    order = 1
+    _vp_state = True  # the sample is the VP state z (DDIM/DDPM/DPM) rather than the VE state x
+
+    def _init_training(self, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                       rescale_betas_zero_snr=False) -> None:
+        who = type(self).__name__
+        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
+            raise ValueError(f"{who}: num_train_timesteps must be an int >= 2, got {num_train_timesteps!r}")
+        self.betas = training_betas(who, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                                    rescale_betas_zero_snr)
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = schedules.alphas_cumprod(self.betas)  # float64 CPU, (T,)
+        self.train_sigmas = schedules.alpha_bar_to_sigma(self.alphas_cumprod)  # VE sigma(t), increasing
+        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.int64)
+        self._init_state()
+
+    def _init_state(self) -> None:
+        self.num_inference_steps = None
+        self.backend = None
+        self._seed = None
+        self._host_timesteps = None
+        self._step_index = None
+        self._begin_index = None
+        self._reset_loop()
+
+    def _reset_loop(self) -> None:
+        self._built = {}  # key -> (host float64 table, meta)
+        self._device_tables = {}
+        self._seed_tensors = {}
+        self._history = None
+
+    # -- step index -------------------------------------------------------------------------------
+
+    @property
+    def step_index(self) -> Optional[int]:
+        """Index of the next ``step()`` call into ``timesteps`` (None before the first call)."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> Optional[int]:
+        """Index the first ``step()`` starts from (``set_begin_index``); None means 0."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start the next loop at ``timesteps[begin_index]`` (image-to-image pipelines call this)."""
+        if isinstance(begin_index, bool) or not isinstance(begin_index, int) or begin_index < 0:
+            raise ValueError(f"begin_index: expected an int >= 0, got {begin_index!r}")
+        self._begin_index = begin_index
+
+    def set_seed(self, seed) -> None:
+        """Key of the Philox noise used when ``step()`` gets no generator: an int, an int64 tensor (1,)/(B,),
+        or None (a fresh seed from torch's global CPU generator after each ``set_timesteps``)."""
+        self._seed = seed
+        self._seed_tensors = {}
+
+    def _set_schedule(self, timesteps: torch.Tensor, device, num_inference_steps: int) -> None:
+        """Install a new schedule (host timesteps list and device tensor) and forget the previous loop."""
+        self.num_inference_steps = num_inference_steps
+        self._host_timesteps = timesteps.tolist()
+        self.timesteps = timesteps.to(device) if device is not None else timesteps
+        self._step_index = None
+        self._begin_index = None
+        self._reset_loop()
+
+    def _warm(self, device, *keys) -> None:
+        """Upload the tables of ``keys`` (the knobs pipelines pass) and, if they draw noise, the Philox seed to
+        ``device`` now, so that the loop's steps copy nothing from the host (a host-to-device copy waits for the
+        device). Deterministic schedules draw no seed: torch's global generator is left alone for the pipeline."""
+        if device is None:
+            return
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        noisy = False
+        for key in keys:
+            self._device_table(key, device)
+            noisy = noisy or bool((self._plan(key)[0][:, coefs.S] != 0).any())
+        if noisy and not isinstance(self._seed, torch.Tensor):
+            self._seed_tensors[device] = make_seed(self._seed, torch.empty(1, device=device))
+
+    def _index(self, timestep) -> int:
+        """The current step index (initialised from ``begin_index``), checked against a host ``timestep``."""
+        who = type(self).__name__
+        if self._host_timesteps is None:
+            raise ValueError(f"{who}: call set_timesteps(num_inference_steps) before scale_model_input/step")
+        if self._step_index is None:
+            self._step_index = self._begin_index or 0
+        i = self._step_index
+        n = len(self._host_timesteps)
+        if i >= n:
+            raise IndexError(f"{who}: step index {i} is past the end of the schedule ({n} timesteps); "
+                             "call set_timesteps again to start a new loop")
+        got = host_value(timestep)
+        if got is not None and got != self._host_timesteps[i]:
+            raise ValueError(f"timestep: expected {self._host_timesteps[i]:g} (timesteps[{i}], the next step of the "
+                             f"schedule), got {got:g}; steps must follow scheduler.timesteps in order "
+                             "(set_begin_index(k) starts a loop at timesteps[k])")
+        return i
+
+    def _advance(self) -> None:
+        self._step_index += 1
+
+    # -- tables, noise, launch --------------------------------------------------------------------
+
+    def _build(self, key):
+        """(host float64 table, meta) for the knobs ``key``; defined by each scheduler."""
+        raise NotImplementedError
+
+    def _plan(self, key):
+        """Host table and meta for ``key`` (built once per schedule)."""
+        if key not in self._built:
+            self._built[key] = self._build(key)
+        return self._built[key]
+
+    def _device_table(self, key, device) -> torch.Tensor:
+        dev = self._device_tables.get((key, device))
+        if dev is None:
+            dev = self._device_tables[(key, device)] = self._plan(key)[0].to(device)
+        return dev
+
+    def _seed_for(self, x: torch.Tensor) -> torch.Tensor:
+        t = self._seed_tensors.get(x.device)
+        if t is None:
+            t = self._seed_tensors[x.device] = make_seed(self._seed, x)
+        return t
+
+    @staticmethod
+    def _draw(generator, model_output: torch.Tensor, x: torch.Tensor):
+        """diffusers' noise for one step (``randn_tensor`` with model_output's shape, dtype and device), or None
+        without a generator (the fused op then draws Philox noise)."""
+        if generator is None:
+            return None
+        noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                             dtype=model_output.dtype)
+        return noise if noise.dtype == x.dtype else noise.to(x.dtype)
+
+    def _history_for(self, x: torch.Tensor, first: bool) -> torch.Tensor:
+        """The history buffer of a multistep scheduler (zeros at the first step; same shape all loop)."""
+        h = self._history
+        if first or h is None:
+            self._history = torch.zeros_like(x, memory_format=torch.contiguous_format)
+        elif h.shape != x.shape or h.dtype != x.dtype or h.device != x.device:
+            raise ValueError(f"sample: shape/dtype/device changed during the loop (now {tuple(x.shape)} {x.dtype} "
+                             f"{x.device}, was {tuple(h.shape)} {h.dtype} {h.device}); call set_timesteps again")
+        return self._history
+
+    def _fused(self, key, row: int, x, model_output, *, noise=None, history=None, history_out=None, x0=True):
+        """One fused step on ``row`` of the table for ``key``; returns (out, x0_out or None)."""
+        table = self._device_table(key, x.device)
+        host = self._plan(key)[0]
+        noisy = float(host[row, coefs.S]) != 0.0  # host table: no device read
+        seed = self._seed_for(x) if noisy and noise is None else None
+        x0_out = torch.empty_like(x, memory_format=torch.contiguous_format) if x0 else None
+        out = sampler_step(x, model_output, table, row, history=history, history_out=history_out,
+                           noise=noise if noisy else None, seed=seed, x0_out=x0_out, backend=self.backend)
+        return out, x0_out
+
+    def _state_in(self, sample: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
+        """The sample in the dtype diffusers returns (promotion for VP schedulers, model_output's dtype for the
+        k-diffusion family, which computes in float32 and casts back)."""
+        dtype = torch.promote_types(sample.dtype, model_output.dtype) if self._vp_state else model_output.dtype
+        return sample if sample.dtype == dtype else sample.to(dtype)
+
+    @staticmethod
+    def _output(return_dict: bool, prev, x0):
+        if not return_dict:
+            return (prev, x0)
+        return FusedSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+    @staticmethod
+    def _output_prev_only(return_dict: bool, prev):
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+    # -- diffusers API defaults -------------------------------------------------------------------
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        """Identity (the network takes the sample as it is)."""
+        return sample
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps

@@ -1,0 +1,230 @@
+"""Fused Euler, Euler-ancestral and Heun schedulers (k-diffusion family): the sample is the VE state x.
+
+Rows come from :mod:`diffkern.coef_tables` with the prediction type's conversion fused (``D = p*x + q*m``);
+``scale_model_input`` divides by ``sqrt(sigma^2 + 1)`` as diffusers does. Timesteps (float32, fractional for
+"linspace") and sigmas follow diffusers' definitions on diffkern's float64 training table.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import register_to_config
+
+from .. import coef_tables, schedules, wrappers
+from .schedulers import FusedScheduler, check_choice, sigma_to_t, unsupported
+
+_K_PREDICTIONS = ("epsilon", "v_prediction", "sample", "original_sample")
+
+
+def _conversion(prediction_type: str, sigma: float, clip: float = math.inf) -> dict:
+    p, q = wrappers.conversion("sample" if prediction_type == "original_sample" else prediction_type, sigma)
+    return {"p": p, "q": q, "clip": clip}
+
+
+class _KScheduler(FusedScheduler):
+    """Shared set-up: VE sigmas at diffusers' timesteps, Karras/exponential options, input scaling."""
+
+    _vp_state = False
+
+    def _init_k(self, who, prediction_type, timestep_spacing, use_karras_sigmas, use_exponential_sigmas,
+                use_beta_sigmas, final_sigmas_type="zero", interpolation_type="linear", timestep_type="discrete"):
+        check_choice(who, "prediction_type", prediction_type, _K_PREDICTIONS)
+        check_choice(who, "timestep_spacing", timestep_spacing, schedules.SPACINGS)
+        check_choice(who, "final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
+        check_choice(who, "interpolation_type", interpolation_type, ("linear",))
+        check_choice(who, "timestep_type", timestep_type, ("discrete",))
+        if use_beta_sigmas:
+            raise unsupported(who, "use_beta_sigmas", True, "not implemented")
+        if use_karras_sigmas and use_exponential_sigmas:
+            raise ValueError(f"{who}: only one of use_karras_sigmas and use_exponential_sigmas can be set")
+        self.sigmas_host = self.train_sigmas.flip(0).tolist() + [0.0]
+
+    @property
+    def init_noise_sigma(self) -> float:
+        """Standard deviation of the initial latents: max sigma ("linspace"/"trailing"), else sqrt(max^2 + 1)."""
+        top = max(self.sigmas_host)
+        if self.config.timestep_spacing in ("linspace", "trailing"):
+            return top
+        return math.sqrt(top * top + 1.0)
+
+    def _k_schedule(self, num_inference_steps, sigma_min=None, sigma_max=None, final_zero=True):
+        """(timesteps float32 (N,), sigmas host list (N+1,)) as diffusers' Euler/Heun ``set_timesteps``."""
+        who = type(self).__name__
+        cfg = self.config
+        T = cfg.num_train_timesteps
+        N = num_inference_steps
+        if isinstance(N, bool) or not isinstance(N, int) or not 1 <= N <= T:
+            raise ValueError(f"{who}: num_inference_steps must be an int in [1, {T}], got {N!r}")
+        if cfg.timestep_spacing == "linspace":  # fractional: numpy's float64 linspace rounded to float32
+            ts = torch.from_numpy(np.linspace(0, T - 1, N)[::-1].astype(np.float32).copy()).double()
+        else:
+            ts = schedules.timesteps(N, T, cfg.timestep_spacing, cfg.steps_offset).double()
+        sig = torch.from_numpy(np.interp(ts.numpy(), np.arange(T), self.train_sigmas.numpy()))
+        lo = sigma_min if sigma_min is not None else float(sig[-1])
+        hi = sigma_max if sigma_max is not None else float(sig[0])
+        karras, exponential = cfg.get("use_karras_sigmas", False), cfg.get("use_exponential_sigmas", False)
+        if karras:
+            sig = schedules.karras(N, lo, hi)[:-1]
+        elif exponential:
+            sig = schedules.loglinear(N, lo, hi)[:-1]
+        if karras or exponential:
+            ts = sigma_to_t(self.alphas_cumprod, sig)
+        final = 0.0 if final_zero else float(self.train_sigmas[0])
+        return ts.to(torch.float32), sig.tolist() + [final]
+
+    def _conv(self, sigma: float) -> dict:
+        cfg = self.config
+        clip = cfg.clip_sample_range if cfg.get("clip_sample", False) else math.inf
+        return _conversion(cfg.prediction_type, sigma, clip)
+
+    def _sigma_at(self, i: int) -> float:
+        return self.sigmas_host[i]
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        """``sample / sqrt(sigma^2 + 1)`` at the current step (sigma from the host schedule)."""
+        sigma = self._sigma_at(self._index(timestep))
+        return sample / math.sqrt(sigma * sigma + 1.0)
+
+
+class EulerDiscreteScheduler(_KScheduler):
+    """Drop-in for ``diffusers.EulerDiscreteScheduler``; one fused op per step (two on churn steps, where the
+    sample is perturbed first, exactly as diffusers' ``s_churn``).
+
+    Unsupported: ``use_beta_sigmas``, ``interpolation_type="log_linear"``, ``timestep_type="continuous"``,
+    ``rescale_betas_zero_snr``.
+    """
+
+    @register_to_config
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
+                 beta_schedule: str = "linear", trained_betas=None, prediction_type: str = "epsilon",
+                 interpolation_type: str = "linear", use_karras_sigmas: bool = False,
+                 use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False, sigma_min: float = None,
+                 sigma_max: float = None, timestep_spacing: str = "linspace", timestep_type: str = "discrete",
+                 steps_offset: int = 0, rescale_betas_zero_snr: bool = False, final_sigmas_type: str = "zero"):
+        self._init_training(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                            rescale_betas_zero_snr)
+        self._init_k("EulerDiscreteScheduler", prediction_type, timestep_spacing, use_karras_sigmas,
+                     use_exponential_sigmas, use_beta_sigmas, final_sigmas_type, interpolation_type, timestep_type)
+
+    def set_timesteps(self, num_inference_steps: int = None, device=None):
+        cfg = self.config
+        ts, self.sigmas_host = self._k_schedule(num_inference_steps, cfg.sigma_min, cfg.sigma_max,
+                                                cfg.final_sigmas_type == "zero")
+        self._set_schedule(ts, device, num_inference_steps)
+        self._warm(device, ("euler", 0.0, 0.0, math.inf, 1.0))
+
+    def _build(self, key):
+        _, s_churn, s_tmin, s_tmax, s_noise = key
+        sig = self.sigmas_host
+        hat = coef_tables.churn_sigmas(sig, s_churn, s_tmin, s_tmax)
+        # diffusers converts a v-prediction with the pre-churn sigma but an eps-prediction with sigma_hat
+        pre = dict(zip(hat, sig[:-1]))
+        v_pred = self.config.prediction_type == "v_prediction"
+        plan = coef_tables.euler(sig, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise,
+                                 conv=lambda s: self._conv(pre[s] if v_pred else s))
+        return plan.table, plan
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, s_churn: float = 0.0,
+             s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0, generator=None,
+             return_dict: bool = True):
+        """One Euler step (with Karras churn when ``s_churn > 0``); returns (prev_sample, pred_original_sample)."""
+        i = self._index(timestep)
+        key = ("euler", float(s_churn), float(s_tmin), float(s_tmax), float(s_noise))
+        _, plan = self._plan(key)
+        x = self._state_in(sample, model_output)
+        if plan.sigma_hat[i] > self.sigmas_host[i]:  # diffusers draws churn noise whenever gamma > 0
+            noise = self._draw(generator, model_output, x)
+            if plan.churn[i]:
+                x, _ = self._fused(key, plan.churn_row + i, x, x, noise=noise, x0=False)
+        prev, x0 = self._fused(key, i, x, model_output)
+        self._advance()
+        return self._output(return_dict, prev, x0)
+
+
+class EulerAncestralDiscreteScheduler(_KScheduler):
+    """Drop-in for ``diffusers.EulerAncestralDiscreteScheduler`` (eta = 1); one fused op per step.
+
+    Unsupported: ``rescale_betas_zero_snr``.
+    """
+
+    @register_to_config
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
+                 beta_schedule: str = "linear", trained_betas=None, prediction_type: str = "epsilon",
+                 timestep_spacing: str = "linspace", steps_offset: int = 0, rescale_betas_zero_snr: bool = False):
+        self._init_training(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                            rescale_betas_zero_snr)
+        self._init_k("EulerAncestralDiscreteScheduler", prediction_type, timestep_spacing, False, False, False)
+
+    def set_timesteps(self, num_inference_steps: int, device=None):
+        ts, self.sigmas_host = self._k_schedule(num_inference_steps)
+        self._set_schedule(ts, device, num_inference_steps)
+        self._warm(device, ("ancestral",))
+
+    def _build(self, key):
+        plan = coef_tables.euler_ancestral(self.sigmas_host, eta=1.0, conv=self._conv)
+        return plan.table, plan
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
+             return_dict: bool = True):
+        """One ancestral step; noise from ``generator`` as diffusers draws it (every step), else Philox."""
+        i = self._index(timestep)
+        x = self._state_in(sample, model_output)
+        noise = self._draw(generator, model_output, x)
+        prev, x0 = self._fused(("ancestral",), i, x, model_output, noise=noise)
+        self._advance()
+        return self._output(return_dict, prev, x0)
+
+
+class HeunDiscreteScheduler(_KScheduler):
+    """Drop-in for ``diffusers.HeunDiscreteScheduler`` (``order = 2``: timesteps interleaved, ``step()`` called
+    for the predictor and then the corrector of each step but the last); one fused op per call.
+
+    Unsupported: ``use_beta_sigmas``, beta schedules other than linear/scaled_linear/squaredcos_cap_v2.
+    """
+
+    order = 2
+
+    @register_to_config
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
+                 beta_schedule: str = "linear", trained_betas=None, prediction_type: str = "epsilon",
+                 use_karras_sigmas: bool = False, use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False,
+                 clip_sample: bool = False, clip_sample_range: float = 1.0, timestep_spacing: str = "linspace",
+                 steps_offset: int = 0):
+        self._init_training(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
+        self._init_k("HeunDiscreteScheduler", prediction_type, timestep_spacing, use_karras_sigmas,
+                     use_exponential_sigmas, use_beta_sigmas)
+
+    def set_timesteps(self, num_inference_steps: int = None, device=None):
+        """Timesteps ``[t0, t1, t1, t2, t2, ...]`` (2N - 1 values): predictor at t_i, corrector at t_{i+1}."""
+        ts, self.sigmas_host = self._k_schedule(num_inference_steps)
+        self._set_schedule(torch.cat([ts[:1], ts[1:].repeat_interleave(2)]), device, num_inference_steps)
+        self._warm(device, ("heun",))
+
+    @property
+    def state_in_first_order(self) -> bool:
+        """True when the next ``step()`` is a predictor."""
+        return (self._step_index or self._begin_index or 0) % 2 == 0
+
+    def _sigma_at(self, k: int) -> float:
+        return self.sigmas_host[(k + 1) // 2]  # the interleaved sigmas [s0, s1, s1, s2, s2, ...]
+
+    def _build(self, key):
+        plan = coef_tables.heun(self.sigmas_host, conv=self._conv)
+        return plan.table, plan
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
+        """Predictor (even calls: Euler, stores D) or corrector (odd calls: trapezoid from the stored D);
+        returns (prev_sample, pred_original_sample)."""
+        k = self._index(timestep)
+        _, plan = self._plan(("heun",))
+        x = self._state_in(sample, model_output)
+        i, corrector = k // 2, k % 2 == 1
+        history = self._history_for(x, first=k == (self._begin_index or 0))
+        if corrector:
+            prev, x0 = self._fused(("heun",), plan.corrector_row + i, x, model_output, history=history)
+        else:
+            prev, x0 = self._fused(("heun",), i, x, model_output, history_out=history)
+        self._advance()
+        return self._output(return_dict, prev, x0)

@@ -1,0 +1,293 @@
+"""Fused DDIM, DDPM and DPM-Solver++ schedulers: the sample is the VP state ``z`` (as in diffusers).
+
+DDIM rows are :func:`diffkern.ops.ddim_row` (the diffusers-exact VP step). DDPM's posterior step is the
+DDIM(eta=1) row on the clipped x0 (``math-samplers.md`` 5: same mean and, for "fixed_small", the same
+variance), with the noise scale replaced for "fixed_large". DPM-Solver++(2M) rows are
+:func:`diffkern.coef_tables.dpmpp_2m` (VE) rewritten for the VP state.
+"""
+from __future__ import annotations
+
+import torch
+from diffusers.configuration_utils import register_to_config
+
+from .. import coef_tables, schedules, wrappers
+from ..ops import coefs, ddim_row
+from .schedulers import FusedScheduler, check_choice, sigma_to_t, unsupported, ve_row_to_vp
+
+_VP_PREDICTIONS = ("epsilon", "v_prediction", "sample")
+
+
+def _check_common(who, prediction_type, thresholding, timestep_spacing):
+    check_choice(who, "prediction_type", prediction_type, _VP_PREDICTIONS)
+    if thresholding:
+        raise unsupported(who, "thresholding", True, "dynamic thresholding needs a per-sample quantile pass")
+    check_choice(who, "timestep_spacing", timestep_spacing, schedules.SPACINGS)
+
+
+class _VPScheduler(FusedScheduler):
+    """DDIM/DDPM: integer timesteps; DDIM steps from ``t`` to ``t - T//N``, DDPM to the next timestep."""
+
+    _next_is_prev = False
+
+    def _alpha_pairs(self, final: float) -> list[tuple[float, float]]:
+        """(alpha-bar at t, alpha-bar at the step's target) per step, as diffusers' ``previous_timestep``."""
+        ab = self.alphas_cumprod
+        pairs = []
+        for i, t in enumerate(self._host_timesteps):
+            prev = self._prev[i]
+            pairs.append((float(ab[int(t)]), float(ab[prev]) if prev >= 0 else final))
+        return pairs
+
+    def _set_vp_timesteps(self, num_inference_steps, device, custom=None):
+        who = type(self).__name__
+        T = self.config.num_train_timesteps
+        if custom is not None:
+            ts = torch.as_tensor(list(custom), dtype=torch.int64)
+            if ts.dim() != 1 or ts.numel() == 0 or (ts[1:] >= ts[:-1]).any() or ts[0] >= T or ts[-1] < 0:
+                raise ValueError(f"{who}: timesteps must be a non-empty strictly decreasing list of ints in [0, {T})")
+            self._set_schedule(ts, device, None)
+            self._prev = ts.tolist()[1:] + [-1]
+            return
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) \
+                or not 1 <= num_inference_steps <= T:
+            raise ValueError(f"{who}: num_inference_steps must be an int in [1, num_train_timesteps={T}], "
+                             f"got {num_inference_steps!r}")
+        ts = schedules.timesteps(num_inference_steps, T, self.config.timestep_spacing, self.config.steps_offset)
+        self._set_schedule(ts, device, num_inference_steps)
+        if self._next_is_prev:  # diffusers' DDPM steps to the next timestep of the list (-1 after the last)
+            self._prev = ts.tolist()[1:] + [-1]
+        else:  # diffusers' DDIM steps from t to t - T//N whatever the spacing
+            self._prev = [int(t) - T // num_inference_steps for t in ts]
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """``sqrt(ab[t])*x0 + sqrt(1 - ab[t])*noise`` with per-sample timesteps (B,) (a device gather, no sync)."""
+        ab = self.alphas_cumprod.to(original_samples.device)[timesteps.to(original_samples.device).long()]
+        view = (-1,) + (1,) * (original_samples.dim() - 1)
+        dtype = original_samples.dtype
+        return (ab.sqrt().to(dtype).view(view) * original_samples
+                + (1 - ab).sqrt().to(dtype).view(view) * noise)
+
+
+class DDIMScheduler(_VPScheduler):
+    """Drop-in for ``diffusers.DDIMScheduler`` (same config, timesteps and outputs); one fused op per step.
+
+    Unsupported: ``thresholding=True``, ``rescale_betas_zero_snr=True``.
+    """
+
+    @register_to_config
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
+                 beta_schedule: str = "linear", trained_betas=None, clip_sample: bool = True,
+                 set_alpha_to_one: bool = True, steps_offset: int = 0, prediction_type: str = "epsilon",
+                 thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995, clip_sample_range: float = 1.0,
+                 sample_max_value: float = 1.0, timestep_spacing: str = "leading",
+                 rescale_betas_zero_snr: bool = False):
+        _check_common("DDIMScheduler", prediction_type, thresholding, timestep_spacing)
+        self._init_training(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                            rescale_betas_zero_snr)
+        self.final_alpha_cumprod = 1.0 if set_alpha_to_one else float(self.alphas_cumprod[0])
+        self.init_noise_sigma = 1.0
+
+    def set_timesteps(self, num_inference_steps: int, device=None):
+        """``timesteps`` as diffusers' DDIM makes them ("leading", "trailing", "linspace", ``steps_offset``)."""
+        self._set_vp_timesteps(num_inference_steps, device)
+        self._warm(device, ("ddim", 0.0, False))
+
+    def _build(self, key):
+        _, eta, clipped = key
+        cfg = self.config
+        rows = [ddim_row(ab, ab_prev, eta=eta, prediction_type=cfg.prediction_type, clip_sample=cfg.clip_sample,
+                         clip_sample_range=cfg.clip_sample_range, use_clipped_model_output=clipped)
+                for ab, ab_prev in self._alpha_pairs(self.final_alpha_cumprod)]
+        return coefs.table(rows), None
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float = 0.0,
+             use_clipped_model_output: bool = False, generator=None, variance_noise: torch.Tensor = None,
+             return_dict: bool = True):
+        """One DDIM(eta) step from ``timesteps[step_index]``; returns (prev_sample, pred_original_sample).
+
+        model_output, sample: (B, ...) float tensors of one shape. Noise (eta > 0): ``variance_noise``, else
+        drawn from ``generator`` as diffusers does, else the Philox stream (:meth:`set_seed`).
+        """
+        i = self._index(timestep)
+        if eta > 0 and variance_noise is not None and generator is not None:
+            raise ValueError("Cannot pass both generator and variance_noise. Please make sure that either "
+                             "`generator` or `variance_noise` stays `None`.")
+        x = self._state_in(sample, model_output)
+        noise = None
+        if eta > 0:
+            noise = variance_noise.to(x.dtype) if variance_noise is not None else self._draw(generator, model_output, x)
+        prev, x0 = self._fused(("ddim", float(eta), bool(use_clipped_model_output)), i, x, model_output, noise=noise)
+        self._advance()
+        return self._output(return_dict, prev, x0)
+
+
+_DDPM_VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large", None)  # None acts as fixed_small
+
+
+class DDPMScheduler(_VPScheduler):
+    """Drop-in for ``diffusers.DDPMScheduler``; one fused op per step.
+
+    Unsupported: learned variances and "fixed_large_log" (``variance_type``), ``thresholding=True``,
+    ``rescale_betas_zero_snr=True``, beta schedules other than linear/scaled_linear/squaredcos_cap_v2.
+    """
+
+    _next_is_prev = True
+
+    @register_to_config
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
+                 beta_schedule: str = "linear", trained_betas=None, variance_type: str = "fixed_small",
+                 clip_sample: bool = True, prediction_type: str = "epsilon", thresholding: bool = False,
+                 dynamic_thresholding_ratio: float = 0.995, clip_sample_range: float = 1.0,
+                 sample_max_value: float = 1.0, timestep_spacing: str = "leading", steps_offset: int = 0,
+                 rescale_betas_zero_snr: bool = False):
+        _check_common("DDPMScheduler", prediction_type, thresholding, timestep_spacing)
+        check_choice("DDPMScheduler", "variance_type", variance_type, _DDPM_VARIANCES)
+        self._init_training(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                            rescale_betas_zero_snr)
+        self.init_noise_sigma = 1.0
+        self.custom_timesteps = False
+        self.variance_type = variance_type
+
+    def set_timesteps(self, num_inference_steps: int = None, device=None, timesteps=None):
+        """diffusers' DDPM timesteps, or custom decreasing ``timesteps`` (each step then targets the next one)."""
+        if (num_inference_steps is None) == (timesteps is None):
+            raise ValueError("Can only pass one of `num_inference_steps` or `custom_timesteps`.")
+        self.custom_timesteps = timesteps is not None
+        self._set_vp_timesteps(num_inference_steps, device, custom=timesteps)
+        self._warm(device, ("ddpm",))
+
+    def _build(self, key):
+        cfg = self.config
+        rows = []
+        for ab, ab_prev in self._alpha_pairs(1.0):
+            row = ddim_row(ab, ab_prev, eta=1.0, prediction_type=cfg.prediction_type, clip_sample=cfg.clip_sample,
+                           clip_sample_range=cfg.clip_sample_range, use_clipped_model_output=True)
+            beta_t = 1.0 - ab / ab_prev
+            if cfg.variance_type == "fixed_large":
+                row[coefs.S] = beta_t ** 0.5
+            else:  # diffusers clamps the posterior variance at 1e-20 before its square root
+                row[coefs.S] = max((1 - ab_prev) / (1 - ab) * beta_t, 1e-20) ** 0.5
+            rows.append(row)
+        # diffusers adds noise only while t > 0
+        noisy = [t > 0 for t in self._host_timesteps]
+        for row, on in zip(rows, noisy):
+            if not on:
+                row[coefs.S] = 0.0
+        return coefs.table(rows), noisy
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
+             return_dict: bool = True):
+        """One DDPM posterior step; returns (prev_sample, pred_original_sample). Noise while t > 0, from
+        ``generator`` as diffusers draws it, else the Philox stream (:meth:`set_seed`)."""
+        i = self._index(timestep)
+        x = self._state_in(sample, model_output)
+        _, noisy = self._plan(("ddpm",))
+        noise = self._draw(generator, model_output, x) if noisy[i] else None
+        prev, x0 = self._fused(("ddpm",), i, x, model_output, noise=noise)
+        self._advance()
+        return self._output(return_dict, prev, x0)
+
+
+class DPMSolverMultistepScheduler(FusedScheduler):
+    """Drop-in for ``diffusers.DPMSolverMultistepScheduler`` with ``algorithm_type="dpmsolver++"`` (orders 1
+    and 2, ``solver_type="midpoint"``); the history (previous x0 estimate) stays on the device.
+
+    Unsupported: other algorithm types, ``solver_order=3``, ``solver_type="heun"``, thresholding, learned
+    variances, Lu lambdas, exponential/beta/flow sigmas, ``lambda_min_clipped``, dynamic shifting.
+    """
+
+    @register_to_config
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
+                 beta_schedule: str = "linear", trained_betas=None, solver_order: int = 2,
+                 prediction_type: str = "epsilon", thresholding: bool = False,
+                 dynamic_thresholding_ratio: float = 0.995,
+                 sample_max_value: float = 1.0, algorithm_type: str = "dpmsolver++", solver_type: str = "midpoint",
+                 lower_order_final: bool = True, euler_at_final: bool = False, use_karras_sigmas: bool = False,
+                 use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False, use_lu_lambdas: bool = False,
+                 use_flow_sigmas: bool = False, flow_shift: float = 1.0, final_sigmas_type: str = "zero",
+                 lambda_min_clipped: float = -float("inf"), variance_type=None, timestep_spacing: str = "linspace",
+                 steps_offset: int = 0, rescale_betas_zero_snr: bool = False, use_dynamic_shifting: bool = False,
+                 time_shift_type: str = "exponential"):
+        who = "DPMSolverMultistepScheduler"
+        _check_common(who, prediction_type, thresholding, timestep_spacing)
+        if algorithm_type == "deis":  # as diffusers: DEIS/UniPC configs load as DPM-Solver++ (midpoint)
+            algorithm_type = "dpmsolver++"
+            self.register_to_config(algorithm_type=algorithm_type)
+        if solver_type in ("logrho", "bh1", "bh2"):
+            solver_type = "midpoint"
+            self.register_to_config(solver_type=solver_type)
+        check_choice(who, "algorithm_type", algorithm_type, ("dpmsolver++",))
+        check_choice(who, "solver_order", solver_order, (1, 2))
+        check_choice(who, "solver_type", solver_type, ("midpoint",))
+        check_choice(who, "final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
+        check_choice(who, "variance_type", variance_type, (None,))
+        for option, value in (("use_exponential_sigmas", use_exponential_sigmas), ("use_beta_sigmas", use_beta_sigmas),
+                              ("use_lu_lambdas", use_lu_lambdas), ("use_flow_sigmas", use_flow_sigmas),
+                              ("use_dynamic_shifting", use_dynamic_shifting)):
+            if value:
+                raise unsupported(who, option, value, "not implemented")
+        if lambda_min_clipped != -float("inf"):
+            raise unsupported(who, "lambda_min_clipped", lambda_min_clipped, "only -inf (no clipping)")
+        self._init_training(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                            rescale_betas_zero_snr)
+        self.init_noise_sigma = 1.0
+
+    def set_timesteps(self, num_inference_steps: int = None, device=None):
+        """diffusers' DPM-Solver timesteps (N+1 point spacings, Karras sigmas snapped to rounded timesteps)."""
+        cfg = self.config
+        T = cfg.num_train_timesteps
+        N = num_inference_steps
+        if isinstance(N, bool) or not isinstance(N, int) or not 1 <= N < T:
+            raise ValueError(f"DPMSolverMultistepScheduler: num_inference_steps must be an int in [1, {T}), got {N!r}")
+        if cfg.timestep_spacing == "trailing":
+            ts = schedules.timesteps(N, T, "trailing")
+        else:  # N+1 points, the last (t = 0) dropped
+            ts = schedules.timesteps(N + 1, T, cfg.timestep_spacing, cfg.steps_offset)[:-1]
+        table = self.train_sigmas
+        if cfg.use_karras_sigmas:
+            sig = schedules.karras(N, float(table[0]), float(table[-1]))[:-1]
+            t_frac = sigma_to_t(self.alphas_cumprod, sig)
+            ts = t_frac if cfg.beta_schedule == "squaredcos_cap_v2" else t_frac.round()
+            ts = ts.long()
+        else:
+            sig = table[ts]
+        final = 0.0 if cfg.final_sigmas_type == "zero" else float(table[0])
+        self._set_schedule(ts.to(torch.int64), device, N)
+        self.sigmas_host = sig.tolist() + [final]
+        self._warm(device, ("dpm", 0))
+
+    def _build(self, key):
+        cfg = self.config
+        sig = self.sigmas_host
+        n = len(sig) - 1
+        begin = key[1]
+
+        def conv(s):
+            p, q = wrappers.conversion(cfg.prediction_type, s)
+            return {"p": p, "q": q}
+
+        if cfg.solver_order == 1:
+            rows = coef_tables.euler(sig, conv=conv).table[:n].tolist()
+        else:
+            rows = coef_tables.dpmpp_2m(sig, conv=conv).table.tolist()
+            last_first_order = cfg.euler_at_final or (cfg.lower_order_final and n < 15)
+            if n > 1 and last_first_order and sig[-1] > 0:
+                rows[-1] = coef_tables.euler(sig[-2:], conv=conv).table[0].tolist()
+            if begin > 0:  # a loop started with set_begin_index has no history yet: first order, as diffusers
+                rows[begin] = coef_tables.euler(sig[begin:begin + 2], conv=conv).table[0].tolist()
+        rows = [ve_row_to_vp(r, sig[i], sig[i + 1]) for i, r in enumerate(rows)]
+        for r in rows:
+            r[coefs.F], r[coefs.E] = 1.0, 0.0  # history = this step's x0 estimate, for the next step
+        return coefs.table(rows), None
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
+             variance_noise: torch.Tensor = None, return_dict: bool = True):
+        """One DPM-Solver++ step (first order on the first and, as configured, the last step); returns
+        (prev_sample,). ``generator``/``variance_noise`` are accepted and unused, as in diffusers' dpmsolver++."""
+        i = self._index(timestep)
+        x = self._state_in(sample, model_output)
+        begin = self._begin_index or 0
+        history = self._history_for(x, first=i == begin)
+        prev, _ = self._fused(("dpm", begin), i, x, model_output, history=history, history_out=history, x0=False)
+        self._advance()
+        return self._output_prev_only(return_dict, prev)

@@ -1,0 +1,405 @@
+"""Full pipelines with tiny random models (no downloads): Level 1 (diffkern schedulers inside diffusers pipelines)
+and Level 2 (``diffkern.diffusers.accelerate``) against the same pipelines with diffusers' own schedulers.
+
+Tolerance: the project rule of ``test_diffusers_schedulers.py``, on whole pipelines. The truth is the pipeline run
+in float64 (UNet/VAE in float64, diffusers' scheduler in float64 via ``diffusers_float64``, the same float32 random
+draws upcast); diffusers32 is the stock float32 run, and ours must be within twice its distance to the truth (+ the
+2e-6 relative floor). Rounding differences early in the loop propagate through the UNet in both runs alike, so the
+yardstick scales with the real conditioning of each pipeline. Deterministic schedulers compare images; stochastic
+ones compare Level 1 with the generator's noise (drawn as diffusers draws it), and Level 2 (Philox noise) with the
+same loop driven step by step through diffkern's scheduler and the same Philox stream.
+"""
+import importlib
+import inspect
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+import diffkern.diffusers as dd  # noqa: E402
+from diffkern.testing import assert_matches_reference  # noqa: E402
+from test_diffusers_schedulers import diffusers_float64, scheduler_module  # noqa: E402
+
+from diffusers import AutoencoderKL, DDIMPipeline, DDPMPipeline, DiffusionPipeline, UNet2DConditionModel  # noqa: E402
+from diffusers import UNet2DModel  # noqa: E402
+from diffusers.configuration_utils import ConfigMixin, register_to_config  # noqa: E402
+from diffusers.image_processor import VaeImageProcessor  # noqa: E402
+from diffusers.models.modeling_utils import ModelMixin  # noqa: E402
+from diffusers.models.unets.unet_2d import UNet2DOutput  # noqa: E402
+from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
+
+STEPS = 6
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+#----------------------------------------------------------------------------
+# Tiny models.
+
+
+class NoiseLikeUNet(UNet2DModel):
+    """A random UNet2DModel whose eps prediction is the input plus a random network's output: x0 estimates stay
+    O(1), so images are not all clipped to 0/1 and the image comparison means something."""
+
+    def forward(self, sample, timestep, class_labels=None, return_dict=True):
+        out = sample + 0.3 * super().forward(sample, timestep, class_labels, return_dict=False)[0]
+        return UNet2DOutput(sample=out) if return_dict else (out,)
+
+
+def tiny_unet(cls=NoiseLikeUNet):
+    torch.manual_seed(0)
+    return cls(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+               down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+               norm_num_groups=4, attention_head_dim=4).eval()
+
+
+class TinyTextEncoder(ModelMixin, ConfigMixin):
+    """A fixed random token-embedding table (a ModelMixin, so the pipeline's ``device`` works)."""
+
+    @register_to_config
+    def __init__(self, vocab: int = 64, dim: int = 12):
+        super().__init__()
+        self.table = torch.nn.Embedding(vocab, dim)
+
+    def forward(self, ids):
+        return self.table(ids)
+
+
+class TinyText2ImagePipeline(DiffusionPipeline):
+    """``StableDiffusionPipeline`` without CLIP (transformers is not installed here): prompts are embedded by a
+    fixed random table; ``encode_prompt``, latents, the denoising loop with CFG and the decode mirror SD's code."""
+
+    def __init__(self, unet, vae, scheduler, token_embedding):
+        super().__init__()
+        self.register_modules(unet=unet, vae=vae, scheduler=scheduler, token_embedding=token_embedding)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    def _embed(self, prompts, device):
+        ids = torch.tensor([[ord(c) % 64 for c in (p + " " * 6)[:6]] for p in prompts], device=device)
+        return self.token_embedding(ids)
+
+    def encode_prompt(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt=None,
+                      prompt_embeds=None, negative_prompt_embeds=None, lora_scale=None, clip_skip=None):
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if prompt_embeds is None:
+            prompt_embeds = self._embed(prompts, device)
+        prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        if do_classifier_free_guidance and negative_prompt_embeds is None:
+            negative = negative_prompt if negative_prompt is not None else [""] * len(prompts)
+            negative = [negative] if isinstance(negative, str) else negative
+            negative_prompt_embeds = self._embed(negative, device).repeat_interleave(num_images_per_prompt, dim=0)
+        return prompt_embeds, negative_prompt_embeds
+
+    @torch.no_grad()
+    def __call__(self, prompt=None, num_inference_steps=50, guidance_scale=7.5, negative_prompt=None,
+                 num_images_per_prompt=1, eta=0.0, generator=None, output_type="pil", return_dict=True):
+        device = self._execution_device
+        cfg = guidance_scale > 1
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(prompt, device, num_images_per_prompt, cfg,
+                                                                   negative_prompt)
+        if cfg:
+            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        n = prompt_embeds.shape[0] // (2 if cfg else 1)
+        size = self.unet.config.sample_size
+        # drawn in float32 (the float64 truth run upcasts the same numbers), then as SD's prepare_latents
+        latents = randn_tensor((n, self.unet.config.in_channels, size, size), generator=generator, device=device,
+                               dtype=torch.float32).to(prompt_embeds.dtype)
+        latents = latents * self.scheduler.init_noise_sigma
+        params = inspect.signature(self.scheduler.step).parameters
+        extra = {k: v for k, v in (("eta", eta), ("generator", generator)) if k in params}
+        for t in self.scheduler.timesteps:
+            model_in = torch.cat([latents] * 2) if cfg else latents
+            model_in = self.scheduler.scale_model_input(model_in, t)
+            noise_pred = self.unet(model_in, t, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+            if cfg:
+                uncond, text = noise_pred.chunk(2)
+                noise_pred = uncond + guidance_scale * (text - uncond)
+            latents = self.scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
+        if output_type == "latent":
+            image = latents
+        else:
+            image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+        image = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=[True] * n)
+        return (image, None) if not return_dict else diffusers.pipelines.stable_diffusion.StableDiffusionPipelineOutput(
+            images=image, nsfw_content_detected=None)
+
+
+def tiny_text2image(scheduler):
+    torch.manual_seed(1)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=12,
+                                norm_num_groups=4, attention_head_dim=2).eval()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), latent_channels=4,
+                        norm_num_groups=4, sample_size=16).eval()
+    pipe = TinyText2ImagePipeline(unet, vae, scheduler, TinyTextEncoder())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def float64_copy(pipe, scheduler):
+    """The same pipeline with float64 modules and ``scheduler`` (built inside ``diffusers_float64``)."""
+    import copy
+    twin = copy.deepcopy(pipe)
+    for name in ("unet", "vae", "token_embedding"):
+        if hasattr(twin, name):
+            getattr(twin, name).double()
+    twin.scheduler = scheduler
+    return twin
+
+
+def pipeline_modules(pipe):
+    """diffusers' pipeline module (its randn_tensor draws the initial latents); the test pipeline draws float32."""
+    module = importlib.import_module(type(pipe).__module__)
+    return [module] if module.__name__.startswith("diffusers.") else []
+
+#----------------------------------------------------------------------------
+# Runs.
+
+
+def three_runs(make_pipe, name, config, call, level, **call_kw):
+    """(ours, truth, diffusers32) outputs of ``call(pipe, generator)`` for a diffusers ``name`` scheduler."""
+    eager_sched = getattr(diffusers, name)(**config)
+    pipe = make_pipe(eager_sched)
+    pipe.scheduler = eager_sched  # DDIMPipeline converts its scheduler at construction: assign afterwards
+    with diffusers_float64(scheduler_module(name), *pipeline_modules(pipe)):
+        twin = float64_copy(pipe, getattr(diffusers, name)(**config))
+        truth = call(twin, torch.Generator().manual_seed(5), **call_kw)
+    eager = call(pipe, torch.Generator().manual_seed(5), **call_kw)
+    if level == 1:
+        pipe.scheduler = getattr(dd, name).from_config(eager_sched.config)
+        ours = call(pipe, torch.Generator().manual_seed(5), **call_kw)
+    else:
+        ours = call(dd.accelerate(pipe), torch.Generator().manual_seed(5), **call_kw)
+    return ours, truth, eager
+
+
+def unconditional(pipe, generator, **kw):
+    return pipe(batch_size=2, generator=generator, num_inference_steps=STEPS, output_type="pt", **kw).images
+
+
+def text2image(pipe, generator, output_type="latent", **kw):
+    out = pipe(["a cat", "a dog"], generator=generator, num_inference_steps=STEPS, guidance_scale=4.0,
+               negative_prompt=["blurry", ""], output_type=output_type, **kw).images
+    return out if isinstance(out, torch.Tensor) else torch.as_tensor(out)
+
+
+UNCONDITIONAL = [  # (pipeline, scheduler, config, call kwargs, levels)
+    (DDPMPipeline, "DDPMScheduler", {}, {}, (1,)),
+    (DDPMPipeline, "DDPMScheduler", {"prediction_type": "v_prediction", "variance_type": "fixed_large",
+                                     "timestep_spacing": "trailing"}, {}, (1,)),
+    (DDIMPipeline, "DDIMScheduler", {"clip_sample": False}, {}, (1, 2)),
+    (DDIMPipeline, "DDIMScheduler", {"prediction_type": "v_prediction", "set_alpha_to_one": False},
+     {"eta": 0.6, "use_clipped_model_output": True}, (1,)),
+    (DDPMPipeline, "DPMSolverMultistepScheduler", {"timestep_spacing": "trailing"}, {}, (1, 2)),
+]
+
+
+@pytest.mark.parametrize("pipe_cls, name, config, kw, level",
+                         [(p, n, c, k, lv) for p, n, c, k, levels in UNCONDITIONAL for lv in levels],
+                         ids=lambda v: getattr(v, "__name__", str(v))[:24])
+def test_unconditional_pipelines(pipe_cls, name, config, kw, level):
+    ours, truth, eager = three_runs(lambda s: pipe_cls(unet=tiny_unet(), scheduler=s), name, config, unconditional,
+                                    level, **kw)
+    assert 0.1 < float(((eager > 0) & (eager < 1)).float().mean()), "images saturated: the comparison would be void"
+    assert_matches_reference(ours, truth, eager, f"{pipe_cls.__name__} {name} {config} {kw} level {level}")
+
+
+TEXT2IMAGE = [
+    ("EulerDiscreteScheduler", {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+                                "timestep_spacing": "leading", "steps_offset": 1}, (1, 2)),
+    ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True, "prediction_type": "v_prediction"}, (1, 2)),
+    ("HeunDiscreteScheduler", {}, (1, 2)),
+    ("DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
+                       "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}, (1, 2)),
+    ("EulerAncestralDiscreteScheduler", {"prediction_type": "v_prediction"}, (1,)),
+]
+
+
+@pytest.mark.parametrize("name, config, level", [(n, c, lv) for n, c, levels in TEXT2IMAGE for lv in levels],
+                         ids=lambda v: str(v)[:24])
+def test_text2image_pipelines_with_cfg(name, config, level):
+    ours, truth, eager = three_runs(tiny_text2image, name, config, text2image, level)
+    assert_matches_reference(ours, truth, eager, f"text2image {name} {config} level {level}")
+
+
+def test_ge_level2_matches_level1():
+    """GE has no diffusers counterpart (its step is checked against the spec in test_diffusers_schedulers.py):
+    accelerate's loop against diffkern's own GEScheduler driving the pipeline, with a list of generators."""
+    pipe = tiny_text2image(dd.GEScheduler(clip_sample=False, beta_schedule="scaled_linear", beta_start=0.00085,
+                                          beta_end=0.012))
+
+    def run(p):
+        return text2image(p, [torch.Generator().manual_seed(k) for k in (4, 9)])
+
+    eager = run(pipe)
+    truth = run(float64_copy(pipe, dd.GEScheduler.from_config(pipe.scheduler.config)))
+    assert_matches_reference(run(dd.accelerate(pipe)), truth, eager, "GE level 2")
+
+
+def test_text2image_decoded_images():
+    ours, truth, eager = three_runs(tiny_text2image, "EulerDiscreteScheduler", {}, text2image, 2, output_type="pt")
+    assert ours.shape == (2, 3, 16, 16)
+    assert_matches_reference(ours, truth, eager, "text2image decoded images")
+
+#----------------------------------------------------------------------------
+# Stochastic loops in Level 2: Philox noise, checked against diffkern's Level-1 scheduler on the same stream.
+
+
+def _level1_philox_loop(unet, name, config, seed, generator, dtype):
+    """DDPMPipeline's loop, step by step, with diffkern's scheduler drawing Philox noise keyed by ``seed``."""
+    sched = getattr(dd, name)(**config)
+    sched.set_seed(seed)
+    sched.set_timesteps(STEPS)
+    unet = unet.to(dtype)
+    image = randn_tensor((2, 3, 8, 8), generator=generator, dtype=torch.float32).to(dtype)
+    for t in sched.timesteps:
+        image = sched.step(unet(image, t).sample, t, image).prev_sample
+    return (image / 2 + 0.5).clamp(0, 1)
+
+
+@pytest.mark.parametrize("name, config", [("DDPMScheduler", {"clip_sample": False}),
+                                          ("DDIMScheduler", {"clip_sample": False}),
+                                          ("IADBScheduler", {"variant": "stochastic", "lam": 0.7})])
+def test_stochastic_level2_matches_level1_philox(name, config):
+    pipe = DDPMPipeline(unet=tiny_unet(), scheduler=getattr(dd, name)(**config))
+    pipe.set_progress_bar_config(disable=True)
+    eta = {"eta": 0.8} if name == "DDIMScheduler" else {}
+    fast = dd.accelerate(pipe)
+    ours = fast(batch_size=2, generator=torch.Generator().manual_seed(3), num_inference_steps=STEPS,
+                output_type="pt", **eta).images
+    again = fast(batch_size=2, generator=torch.Generator().manual_seed(3), num_inference_steps=STEPS,
+                 output_type="pt", **eta).images
+    torch.testing.assert_close(again, ours, rtol=0, atol=0)
+    # the seed accelerate keys Philox with: drawn from the generator right after the initial latents
+    gen = torch.Generator().manual_seed(3)
+    randn_tensor((2, 3, 8, 8), generator=gen)
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=gen))
+
+    def level1(dtype):
+        gen = torch.Generator().manual_seed(3)
+        if name == "DDIMScheduler":  # the Level-1 DDIM step takes eta as an argument
+            return _ddim_eta_loop(tiny_unet(), seed, gen, dtype, eta["eta"])
+        return _level1_philox_loop(tiny_unet(), name, config, seed, gen, dtype)
+
+    assert_matches_reference(ours, level1(torch.float64), level1(torch.float32), f"{name} level 2 vs level 1")
+
+
+def _ddim_eta_loop(unet, seed, generator, dtype, eta):
+    sched = dd.DDIMScheduler(clip_sample=False)
+    sched.set_seed(seed)
+    sched.set_timesteps(STEPS)
+    unet = unet.to(dtype)
+    image = randn_tensor((2, 3, 8, 8), generator=generator, dtype=torch.float32).to(dtype)
+    for t in sched.timesteps:
+        image = sched.step(unet(image, t).sample, t, image, eta=eta).prev_sample
+    return (image / 2 + 0.5).clamp(0, 1)
+
+
+def test_iadb_level1_and_level2():
+    pipe = DDPMPipeline(unet=tiny_unet(), scheduler=dd.IADBScheduler())
+    pipe.set_progress_bar_config(disable=True)
+
+    def run(p, dtype=torch.float32):
+        p.unet.to(dtype)
+        with diffusers_float64(*pipeline_modules(p)) if dtype == torch.float64 else _nothing():
+            return unconditional(p, torch.Generator().manual_seed(2))
+
+    truth, eager = run(pipe, torch.float64), run(pipe)
+    assert_matches_reference(run(dd.accelerate(pipe)), truth, eager, "IADB level 2")
+
+#----------------------------------------------------------------------------
+# Contract: persistence, reuse, bad input.
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_pipeline_save_and_load_keeps_diffkern_scheduler(tmp_path):
+    pipe = DDPMPipeline(unet=tiny_unet(UNet2DModel), scheduler=dd.DDPMScheduler(timestep_spacing="trailing"))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(tmp_path)
+    loaded = DDPMPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded.scheduler) is dd.DDPMScheduler
+    assert loaded.scheduler.config.timestep_spacing == "trailing"
+    a = unconditional(pipe, torch.Generator().manual_seed(0))
+    b = unconditional(loaded, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+def test_accelerated_pipeline_forwards_and_follows_scheduler_swaps():
+    pipe = DDIMPipeline(unet=tiny_unet(), scheduler=diffusers.DDIMScheduler(clip_sample=False))
+    pipe.set_progress_bar_config(disable=True)
+    fast = dd.accelerate(pipe)
+    assert fast.unet is pipe.unet and "DDIMPipeline" in repr(fast) and fast.to("cpu") is fast
+    a = unconditional(fast, torch.Generator().manual_seed(0))
+    pipe.scheduler = dd.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    b = unconditional(fast, torch.Generator().manual_seed(0))
+    assert not torch.equal(a, b)
+    out = fast(batch_size=1, num_inference_steps=2, output_type="np", return_dict=False)
+    assert isinstance(out, tuple) and out[0].shape == (1, 8, 8, 3)
+
+
+def test_accelerate_bad_input():
+    pipe = DDIMPipeline(unet=tiny_unet(), scheduler=diffusers.DDIMScheduler(clip_sample=False))
+    with pytest.raises(TypeError, match="unsupported pipeline object"):
+        dd.accelerate(object())
+    with pytest.raises(ValueError, match="graph: expected"):
+        dd.accelerate(pipe, graph="yes")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="graph=True"):
+            dd.accelerate(pipe, graph=True)
+    with pytest.raises(ValueError, match="backend"):
+        dd.accelerate(pipe, backend="fortran")
+    with pytest.raises(TypeError, match="knobs"):
+        dd.accelerate(pipe, s_churn=1.0)
+    fast = dd.accelerate(pipe)
+    with pytest.raises(TypeError, match="callback_on_step_end"):
+        fast(callback_on_step_end=lambda *a: {})
+    pipe.scheduler = diffusers.DDIMScheduler(clip_sample=True)
+    with pytest.raises(ValueError, match="clip_sample=True"):
+        dd.accelerate(pipe)
+    pipe.scheduler = diffusers.DDIMScheduler(clip_sample=False, timestep_spacing="trailing")
+    with pytest.raises(ValueError, match="timestep_spacing='trailing'"):
+        fast(num_inference_steps=3)
+    pipe.scheduler = diffusers.PNDMScheduler()
+    with pytest.raises(ValueError, match="unsupported scheduler PNDMScheduler"):
+        dd.accelerate(pipe)
+    pipe.scheduler = diffusers.DDIMScheduler(thresholding=True)
+    with pytest.raises(ValueError, match="thresholding=True"):
+        dd.accelerate(pipe)
+
+
+def test_accelerate_explicit_method_and_every_backend(cpu_backend):
+    config = {"beta_start": 0.0002, "beta_end": 0.015}  # explicit: from_config swaps unset keys for defaults
+    pipe = tiny_text2image(diffusers.EulerDiscreteScheduler(**config))
+    fast = dd.accelerate(pipe, method="heun", backend=cpu_backend)
+    heun = dd.accelerate(tiny_text2image(diffusers.HeunDiscreteScheduler(**config)), backend=cpu_backend)
+    a = text2image(fast, torch.Generator().manual_seed(0))
+    b = text2image(heun, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_accelerate_cuda_graph_matches_eager():
+    pipe = tiny_text2image(diffusers.DPMSolverMultistepScheduler()).to("cuda")
+    eager = text2image(dd.accelerate(pipe, graph=False), torch.Generator("cuda").manual_seed(0))
+    fast = dd.accelerate(pipe, graph=True)
+    for _ in range(2):  # capture, then replay
+        graph = text2image(fast, torch.Generator("cuda").manual_seed(0))
+        torch.testing.assert_close(graph, eager, rtol=0, atol=0)
