@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 # Public names loaded on first access (module __getattr__, PEP 562) so the import above stays cheap.
 _LAZY_FUNCTIONS = {"sample": "sampling", "sample_iadb": "sampling", "log_likelihood": "likelihood"}
-_LAZY_MODULES = ("analytic", "coef_tables", "likelihood", "samplers", "sampling", "schedules", "wrappers")
+_LAZY_MODULES = ("analytic", "coef_tables", "graphs", "likelihood", "samplers", "sampling", "schedules", "wrappers")
 
 
 def __getattr__(name):

@@ -31,26 +31,33 @@ from .ops import sampler_step
 _U64 = 2 ** 64
 
 
-def make_seed(seed, x: torch.Tensor) -> torch.Tensor:
-    """The int64 seed tensor of one sampling call, on x's device (the one place it is created).
+def seed_value(seed, batch: int):
+    """A validated seed: a Python int in [-2**63, 2**63) (the int64 value) or an int64 tensor (1,)/(batch,).
 
     ``seed``: None (drawn from torch's global CPU generator), a Python int in [-2**63, 2**64) (values
-    >= 2**63 are their two's-complement int64), or an int64 tensor of shape (1,) or (B,).
+    >= 2**63 are their two's-complement int64), or an int64 tensor of shape (1,) or (batch,).
     """
     if seed is None:
         seed = int(torch.randint(0, 2 ** 62, (1,)).item())  # host generator: no device sync
     if isinstance(seed, torch.Tensor):
         if seed.dtype != torch.int64:
             raise TypeError(f"seed: expected an int or an int64 tensor, got a tensor of dtype {seed.dtype}")
-        batch = x.shape[0]
         if seed.dim() != 1 or seed.numel() not in (1, batch):
             raise ValueError(f"seed: expected shape (1,) or ({batch},) (one seed per sample), got {tuple(seed.shape)}")
-        return seed.to(x.device).contiguous()
+        return seed
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed: expected an int or an int64 tensor, got {type(seed).__name__}")
     if not -2 ** 63 <= seed < _U64:
         raise ValueError(f"seed: expected an int in [-2**63, 2**64), got {seed}")
-    return torch.tensor([seed - _U64 if seed >= 2 ** 63 else seed], dtype=torch.int64, device=x.device)
+    return seed - _U64 if seed >= 2 ** 63 else seed
+
+
+def make_seed(seed, x: torch.Tensor) -> torch.Tensor:
+    """The int64 seed tensor of one sampling call, on x's device (see :func:`seed_value` for ``seed``)."""
+    seed = seed_value(seed, x.shape[0])
+    if isinstance(seed, torch.Tensor):
+        return seed.to(x.device).contiguous()
+    return torch.tensor([seed], dtype=torch.int64, device=x.device)
 
 
 class Trajectory:
@@ -75,6 +82,23 @@ class Trajectory:
 def _is_fused(model) -> bool:
     """A ``diffkern.wrappers`` model: its raw output and conversion go into the fused step."""
     return all(hasattr(model, k) for k in ("raw", "conversion", "guidance_scale"))
+
+
+def _plain(sigma: float) -> dict:
+    return {}
+
+
+def conversion_rows(model):
+    """``conv(sigma)`` for :mod:`diffkern.coef_tables`: the row slots converting the model output at
+    ``sigma``: (p, q, w) for a fused wrapper (read from the model on every call), {} for a plain D model."""
+    if not _is_fused(model):
+        return _plain
+
+    def conv(sigma: float) -> dict:
+        p, q = model.conversion(sigma)
+        w = model.guidance_scale
+        return {"p": float(p), "q": float(q), "w": 1.0 if w is None else float(w)}
+    return conv
 
 
 def host_sigmas(sigmas) -> list[float]:
@@ -105,20 +129,13 @@ class _Loop:
         self.x = x.detach().clone(memory_format=torch.contiguous_format)
         self.seed = make_seed(seed, self.x)
         self.fused = _is_fused(model)
+        self.conv = conversion_rows(model)
         self.trajectory = trajectory
         if trajectory is not None and trajectory.denoised.shape[0] != len(self.sigmas) - 1:
             raise ValueError("trajectory: its buffers do not match the number of steps")
         self._checked = False
         self.spare = torch.empty_like(self.x) if callback is not None else None
         self.scratch = torch.empty_like(self.x) if callback is not None and trajectory is None else None
-
-    def conv(self, sigma: float) -> dict:
-        """Row slots converting the model output at ``sigma`` (p, q, w); {} for a plain D model."""
-        if not self.fused:
-            return {}
-        p, q = self.model.conversion(sigma)
-        w = self.model.guidance_scale
-        return {"p": float(p), "q": float(q), "w": 1.0 if w is None else float(w)}
 
     def begin(self, plan: coef_tables.Plan) -> None:
         self.plan = plan
@@ -128,6 +145,8 @@ class _Loop:
         sig_dtype = torch.float64 if self.fused else torch.promote_types(self.x.dtype, torch.float32)
         self.sig_dev = torch.tensor(plan.row_sigma, dtype=torch.float64).to(self.x.device, sig_dtype)
         self.history = torch.zeros_like(self.x) if plan.history else None
+
+    def start(self) -> None:
         if self.trajectory is not None:
             self.trajectory.x[0].copy_(self.x)
 
@@ -181,18 +200,25 @@ class _Loop:
 
 
 def _run(loop: _Loop, plan: coef_tables.Plan) -> torch.Tensor:
-    """Every sampler's loop: churn, first call and update, optional Heun corrector."""
+    """Every sampler's call: device tables and buffers, then the loop."""
     loop.begin(plan)
+    run_steps(loop, plan)
+    return loop.x
+
+
+def run_steps(loop: _Loop, plan: coef_tables.Plan) -> None:
+    """Every sampler's loop: churn, first call and update, optional Heun corrector. It only launches work
+    on buffers :meth:`_Loop.begin` allocated, so :mod:`diffkern.graphs` captures exactly this function."""
+    loop.start()
     for i in loop.steps():
         loop.churn(i)
         loop.step(i, i, write_history=plan.history)
         if plan.corrector[i]:
             loop.step(i, plan.corrector_row + i, first=False)
         loop.end(i)
-    return loop.x
 
 #----------------------------------------------------------------------------
-# Public samplers.
+# Plans: knobs validated, branches resolved on the host (shared by the samplers and the graph runner).
 
 
 def _knob(value, name: str, lo: float = 0.0, hi: float = math.inf, hi_open: bool = False) -> float:
@@ -208,14 +234,50 @@ def _churn_knobs(s_churn, s_tmin, s_tmax, s_noise) -> dict:
             "s_tmax": _knob(s_tmax, "s_tmax"), "s_noise": _knob(s_noise, "s_noise")}
 
 
+def _plan_euler(sigmas, conv, *, s_churn, s_tmin, s_tmax, s_noise):
+    return coef_tables.euler(sigmas, conv=conv, **_churn_knobs(s_churn, s_tmin, s_tmax, s_noise))
+
+
+def _plan_euler_ancestral(sigmas, conv, *, eta, s_noise):
+    return coef_tables.euler_ancestral(sigmas, eta=_knob(eta, "eta"), s_noise=_knob(s_noise, "s_noise"), conv=conv)
+
+
+def _plan_heun(sigmas, conv, *, s_churn, s_tmin, s_tmax, s_noise):
+    return coef_tables.heun(sigmas, conv=conv, **_churn_knobs(s_churn, s_tmin, s_tmax, s_noise))
+
+
+def _plan_dpmpp_2m(sigmas, conv):
+    return coef_tables.dpmpp_2m(sigmas, conv=conv)
+
+
+def _plan_ge(sigmas, conv, *, gamma, mu):
+    return coef_tables.ge(sigmas, gamma=_knob(gamma, "gamma", -math.inf), mu=_knob(mu, "mu", 0.0, 1.0, True),
+                          conv=conv)
+
+
+def _plan_sde(sigmas, conv, *, lam, integrator):
+    if integrator not in coef_tables.INTEGRATORS:
+        raise ValueError(f"integrator: expected one of {coef_tables.INTEGRATORS}, got {integrator!r}")
+    return coef_tables.sde(sigmas, lam=_knob(lam, "lam"), integrator=integrator, conv=conv)
+
+
+PLANS = {"euler": _plan_euler, "euler_ancestral": _plan_euler_ancestral, "heun": _plan_heun,
+         "dpmpp_2m": _plan_dpmpp_2m, "ge": _plan_ge, "sde": _plan_sde}
+"""method -> ``plan(host_sigmas, conv, **knobs)``; every knob is passed (the defaults live in the samplers'
+signatures, listed by :func:`diffkern.sampling.knobs`)."""
+
+#----------------------------------------------------------------------------
+# Public samplers.
+
+
 @torch.no_grad()
 def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, *, s_churn=0.0, s_tmin=0.0,
                  s_tmax=math.inf, s_noise=1.0, seed=None, backend=None, trajectory=None):
     """Euler on the PF-ODE ``dx/dsigma = (x - D)/sigma`` (= deterministic DDIM), with Karras et al.
     (2022) Algorithm 2 churn. x: (B, ...) float; returns the final state in x's dtype."""
     loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory)
-    plan = coef_tables.euler(loop.sigmas, conv=loop.conv, **_churn_knobs(s_churn, s_tmin, s_tmax, s_noise))
-    return _run(loop, plan)
+    return _run(loop, _plan_euler(loop.sigmas, loop.conv, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax,
+                                  s_noise=s_noise))
 
 
 @torch.no_grad()
@@ -223,9 +285,7 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
                            s_noise=1.0, seed=None, backend=None, trajectory=None):
     """Euler-ancestral (= DDIM(eta) in VE coordinates; eta = 1 is the DDPM posterior step)."""
     loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory)
-    plan = coef_tables.euler_ancestral(loop.sigmas, eta=_knob(eta, "eta"), s_noise=_knob(s_noise, "s_noise"),
-                                       conv=loop.conv)
-    return _run(loop, plan)
+    return _run(loop, _plan_euler_ancestral(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise))
 
 
 @torch.no_grad()
@@ -233,8 +293,8 @@ def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, 
                 s_tmax=math.inf, s_noise=1.0, seed=None, backend=None, trajectory=None):
     """Heun's second-order method, Karras et al. (2022) Algorithm 2 (2 model calls per step but the last)."""
     loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory)
-    plan = coef_tables.heun(loop.sigmas, conv=loop.conv, **_churn_knobs(s_churn, s_tmin, s_tmax, s_noise))
-    return _run(loop, plan)
+    return _run(loop, _plan_heun(loop.sigmas, loop.conv, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax,
+                                 s_noise=s_noise))
 
 
 @torch.no_grad()
@@ -242,7 +302,7 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
                     trajectory=None):
     """DPM-Solver++(2M), Lu et al. (2022), multistep on the previous denoised estimate."""
     loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory)
-    return _run(loop, coef_tables.dpmpp_2m(loop.sigmas, conv=loop.conv))
+    return _run(loop, _plan_dpmpp_2m(loop.sigmas, loop.conv))
 
 
 @torch.no_grad()
@@ -251,9 +311,7 @@ def sample_ge(model, x, sigmas, extra_args=None, callback=None, disable=None, *,
     """Permenter & Yuan (2024) gradient-estimation family: gamma=2, mu=0 their sampler; gamma=1, mu=0 DDIM;
     gamma=1, mu=0.5 DDPM (smalldiffusion's ``samples(gam, mu)``)."""
     loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory)
-    plan = coef_tables.ge(loop.sigmas, gamma=_knob(gamma, "gamma", -math.inf), mu=_knob(mu, "mu", 0.0, 1.0, True),
-                          conv=loop.conv)
-    return _run(loop, plan)
+    return _run(loop, _plan_ge(loop.sigmas, loop.conv, gamma=gamma, mu=mu))
 
 
 @torch.no_grad()
@@ -261,10 +319,8 @@ def sample_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, *
                seed=None, backend=None, trajectory=None):
     """McAllester's reverse-SDE family at noise level lam (lam = 0: the PF-ODE, lam = 1: Anderson's
     reverse SDE); integrator "exponential" (exact linear part) or "euler_maruyama"."""
-    if integrator not in coef_tables.INTEGRATORS:
-        raise ValueError(f"integrator: expected one of {coef_tables.INTEGRATORS}, got {integrator!r}")
     loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory)
-    return _run(loop, coef_tables.sde(loop.sigmas, lam=_knob(lam, "lam"), integrator=integrator, conv=loop.conv))
+    return _run(loop, _plan_sde(loop.sigmas, loop.conv, lam=lam, integrator=integrator))
 
 
 SAMPLERS = {"euler": sample_euler, "euler_ancestral": sample_euler_ancestral, "heun": sample_heun,

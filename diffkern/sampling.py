@@ -10,7 +10,7 @@ import inspect
 
 import torch
 
-from . import coef_tables, samplers
+from . import coef_tables, graphs, samplers
 from .ops import sampler_step
 from .samplers import SAMPLERS, Trajectory, make_seed
 
@@ -26,7 +26,7 @@ def knobs(method: str) -> dict:
 
 
 def sample(model, x, sigmas, method, *, backend="auto", seed=0, callback=None, progress=False, record=False,
-           extra_args=None, **knob_values):
+           extra_args=None, graph=False, **knob_values):
     """Sample with ``method`` from ``x`` (already scaled by ``sigmas[0]``) along ``sigmas``.
 
     Args:
@@ -44,6 +44,10 @@ def sample(model, x, sigmas, method, *, backend="auto", seed=0, callback=None, p
             overwrite (clone what you keep).
         progress: show a tqdm bar.
         record: also return ``{"x": (N+1, *x.shape), "denoised": (N, *x.shape)}`` trajectories.
+        graph: False (eager), True (capture the whole N-step loop as one CUDA graph on the first call, replay it
+            on later calls; needs x on a CUDA device, no callback, no progress bar) or "auto" (the graph when it
+            can be used, else eager, with one :class:`diffkern.graphs.GraphFallbackWarning` saying why). The
+            output is bitwise the eager output for the same seed. See :mod:`diffkern.graphs`.
         **knob_values: the method's knobs (eta, s_churn, s_tmin, s_tmax, s_noise, gamma, mu, lam, integrator).
 
     Returns:
@@ -53,11 +57,41 @@ def sample(model, x, sigmas, method, *, backend="auto", seed=0, callback=None, p
     unknown = sorted(set(knob_values) - set(valid))
     if unknown:
         raise TypeError(f"{method}: unknown knob(s) {unknown}; valid knobs: {sorted(valid) or 'none'}")
+    if graphs.wanted(graph, x, callback, progress):
+        try:
+            return _sample_graph(model, x, sigmas, method, {**valid, **knob_values}, seed, backend, record,
+                                 extra_args)
+        except graphs.GraphCaptureError as exc:
+            if graph is True:
+                raise
+            graphs.fall_back(exc)
     steps = len(samplers.host_sigmas(sigmas)) - 1
     trajectory = Trajectory(x, steps) if record else None
     out = SAMPLERS[method](model, x, sigmas, extra_args, callback, not progress, seed=seed, backend=backend,
                            trajectory=trajectory, **knob_values)
     return (out, trajectory.as_dict()) if record else out
+
+
+@torch.no_grad()
+def _sample_graph(model, x, sigmas, method, knob_values, seed, backend, record, extra_args):
+    """:func:`sample` as a CUDA graph (:mod:`diffkern.graphs`): the captured body is ``samplers.run_steps``."""
+    host = samplers.host_sigmas(sigmas)
+    plan = samplers.PLANS[method](host, samplers.conversion_rows(model), **knob_values)
+    call = graphs.Call(model, x, seed, backend, extra_args, record)
+    hosts = [plan.table, torch.tensor(plan.row_sigma, dtype=torch.float64)]
+
+    def build() -> graphs.Entry:
+        statics, extra = call.static_extra()
+        trajectory = Trajectory(x, plan.steps) if record else None
+        loop = samplers._Loop(model, x, host, extra, None, True, call.static_seed(x.device), backend, trajectory)
+        loop.begin(plan)
+        outputs = (lambda: (loop.x, trajectory.as_dict())) if record else (lambda: loop.x)
+        return graphs.Entry(loop, loop.x, loop.seed, statics, [[loop.table, hosts[0]], [loop.sig_dev, hosts[1]]],
+                            outputs, call.keep(model))
+
+    return graphs.run(call.key + ("ve", method, graphs.plan_structure(plan)), build,
+                      lambda e: graphs.feed(e, x, call.seed, call.tensors, hosts),
+                      lambda e: samplers.run_steps(e.state, plan), x.device, f"{method} sampling")
 
 #----------------------------------------------------------------------------
 # IADB in its own coordinates (Heitz et al. 2023): x_alpha = (1-alpha)*noise + alpha*data.
@@ -90,9 +124,66 @@ def _check_iadb_output(out, x, variant):
         samplers._check_output(out, x, "output")
 
 
+def alpha_dtype(x: torch.Tensor) -> torch.dtype:
+    """dtype of the alpha a model receives: x's precision, float32 at least."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+class IadbLoop:
+    """State of one IADB call: working copy of x, device tables, seed, outputs (the graph runner captures
+    :meth:`run`, which only launches work on the buffers allocated here)."""
+
+    def __init__(self, model, x0, host, variant, lam, seed, backend, extra_args, record, callback):
+        self.model, self.host, self.variant, self.backend, self.callback = model, host, variant, backend, callback
+        self.x = x0.detach().clone(memory_format=torch.contiguous_format)
+        self.table = coef_tables.iadb(host, variant=variant, lam=lam).to(self.x.device)
+        self.alpha_dev = torch.tensor(host, dtype=torch.float64).to(self.x.device, alpha_dtype(self.x))
+        self.seed = make_seed(seed, self.x)
+        self.extra = dict(extra_args or {})
+        self.trajectory = Trajectory(self.x, len(host) - 1) if record else None
+        self.x1_bar = None if record or callback is None else torch.empty_like(self.x)
+
+    def run(self, progress: bool = False) -> None:
+        x, host, trajectory, callback = self.x, self.host, self.trajectory, self.callback
+        if trajectory is not None:
+            trajectory.x[0].copy_(x)
+        from tqdm.auto import trange
+        for i in trange(len(host) - 1, disable=not progress):
+            out = self.model(x, self.alpha_dev[i].expand(x.shape[0]), **self.extra)
+            if i == 0:
+                _check_iadb_output(out, x, self.variant)
+            if self.variant == "two_head":
+                m, h = out[1], out[0].to(x.dtype)
+            else:
+                m, h = out, None
+            if trajectory is not None or callback is not None:
+                dst = trajectory.denoised[i] if trajectory is not None else self.x1_bar
+                if self.variant == "two_head":
+                    dst.copy_(m)
+                else:
+                    torch.add(x, m.to(x.dtype), alpha=1.0 - host[i], out=dst)  # x1_bar = x + (1-alpha)*D
+                if callback is not None:
+                    callback({"x": x, "i": i, "alpha": host[i], "alpha_next": host[i + 1], "denoised": dst})
+            sampler_step(x, m, self.table, i, history=h, seed=self.seed, out=x, backend=self.backend)
+            if trajectory is not None:
+                trajectory.x[i + 1].copy_(x)
+
+
+def iadb_lam(variant: str, lam) -> float:
+    """Validated noise level of an IADB variant (None: 0 for euler and two_head, 1 for stochastic)."""
+    if variant not in coef_tables.IADB_VARIANTS:
+        raise ValueError(f"variant: expected one of {coef_tables.IADB_VARIANTS}, got {variant!r}")
+    if lam is None:
+        lam = 1.0 if variant == "stochastic" else 0.0
+    lam = samplers._knob(lam, "lam")
+    if variant == "euler" and lam != 0:
+        raise ValueError("lam: the euler variant is deterministic; use variant='stochastic' for lam > 0")
+    return lam
+
+
 @torch.no_grad()
 def sample_iadb(model, x0, alphas=None, variant="euler", *, steps=128, lam=None, backend="auto", seed=0,
-                callback=None, progress=False, record=False, extra_args=None):
+                callback=None, progress=False, record=False, extra_args=None, graph=False):
     """IADB deblending from noise ``x0`` (alpha = 0) to data (alpha = 1), ``math-samplers.md`` section 1.
 
     Args:
@@ -106,52 +197,45 @@ def sample_iadb(model, x0, alphas=None, variant="euler", *, steps=128, lam=None,
             DDPM posterior step); must be 0/None for "euler".
         callback: per-step dict ``x``, ``i``, ``alpha``, ``alpha_next``, ``denoised`` (= x1_bar, the data estimate).
         record: also return ``{"x": (N+1, ...), "denoised": (N, ...)}`` with denoised = x1_bar.
+        graph: False, True or "auto", as in :func:`sample`.
 
     Returns:
         The final state x_1 (x0's shape and dtype), or ``(x, trajectories)`` when ``record``.
     """
-    if variant not in coef_tables.IADB_VARIANTS:
-        raise ValueError(f"variant: expected one of {coef_tables.IADB_VARIANTS}, got {variant!r}")
-    if lam is None:
-        lam = 1.0 if variant == "stochastic" else 0.0
-    lam = samplers._knob(lam, "lam")
-    if variant == "euler" and lam != 0:
-        raise ValueError("lam: the euler variant is deterministic; use variant='stochastic' for lam > 0")
+    lam = iadb_lam(variant, lam)
     if not isinstance(x0, torch.Tensor) or not x0.is_floating_point() or x0.dim() == 0:
         raise TypeError("x0: expected a floating tensor of shape (B, ...)")
     host = iadb_alphas(alphas, steps)
-    n = len(host) - 1
-    x = x0.detach().clone(memory_format=torch.contiguous_format)
-    table = coef_tables.iadb(host, variant=variant, lam=lam).to(x.device)
-    alpha_dev = torch.tensor(host, dtype=torch.float64).to(x.device, torch.promote_types(x.dtype, torch.float32))
-    seed_t = make_seed(seed, x)
-    extra = dict(extra_args or {})
-    trajectory = Trajectory(x, n) if record else None
-    want_x1 = record or callback is not None
-    x1_bar = None if record or callback is None else torch.empty_like(x)
-    if trajectory is not None:
-        trajectory.x[0].copy_(x)
-    from tqdm.auto import trange
-    for i in trange(n, disable=not progress):
-        out = model(x, alpha_dev[i].expand(x.shape[0]), **extra)
-        if i == 0:
-            _check_iadb_output(out, x, variant)
-        if variant == "two_head":
-            m, h = out[1], out[0].to(x.dtype)
-        else:
-            m, h = out, None
-        if want_x1:
-            dst = trajectory.denoised[i] if trajectory is not None else x1_bar
-            if variant == "two_head":
-                dst.copy_(m)
-            else:
-                torch.add(x, m.to(x.dtype), alpha=1.0 - host[i], out=dst)  # x1_bar = x + (1-alpha)*D
-            if callback is not None:
-                callback({"x": x, "i": i, "alpha": host[i], "alpha_next": host[i + 1], "denoised": dst})
-        sampler_step(x, m, table, i, history=h, seed=seed_t, out=x, backend=backend)
-        if trajectory is not None:
-            trajectory.x[i + 1].copy_(x)
-    return (x, trajectory.as_dict()) if record else x
+    if graphs.wanted(graph, x0, callback, progress):
+        try:
+            return _sample_iadb_graph(model, x0, host, variant, lam, seed, backend, record, extra_args)
+        except graphs.GraphCaptureError as exc:
+            if graph is True:
+                raise
+            graphs.fall_back(exc)
+    loop = IadbLoop(model, x0, host, variant, lam, seed, backend, extra_args, record, callback)
+    loop.run(progress)
+    return (loop.x, loop.trajectory.as_dict()) if record else loop.x
+
+
+@torch.no_grad()
+def _sample_iadb_graph(model, x0, host, variant, lam, seed, backend, record, extra_args):
+    """:func:`sample_iadb` as a CUDA graph (:mod:`diffkern.graphs`): the captured body is ``IadbLoop.run``."""
+    call = graphs.Call(model, x0, seed, backend, extra_args, record)
+    hosts = [coef_tables.iadb(host, variant=variant, lam=lam), torch.tensor(host, dtype=torch.float64)]
+    # With record, single-head variants compute x1_bar = x + (1-alpha)*D with alpha a Python float: baked.
+    baked = tuple(host) if record and variant != "two_head" else len(host)
+
+    def build() -> graphs.Entry:
+        statics, extra = call.static_extra()
+        loop = IadbLoop(model, x0, host, variant, lam, call.static_seed(x0.device), backend, extra, record, None)
+        outputs = (lambda: (loop.x, loop.trajectory.as_dict())) if record else (lambda: loop.x)
+        return graphs.Entry(loop, loop.x, loop.seed, statics,
+                            [[loop.table, hosts[0]], [loop.alpha_dev, hosts[1]]], outputs, call.keep(model))
+
+    return graphs.run(call.key + ("iadb", variant, baked), build,
+                      lambda e: graphs.feed(e, x0, call.seed, call.tensors, hosts), lambda e: e.state.run(),
+                      x0.device, f"IADB {variant}")
 
 
 __all__ = ["knobs", "sample", "sample_iadb", "iadb_alphas"]

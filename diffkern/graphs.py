@@ -1,0 +1,448 @@
+"""The whole N-step sampling loop as one CUDA graph: ``graph=True``/``"auto"`` of :func:`diffkern.sample` and
+:func:`diffkern.sample_iadb` (built in :mod:`diffkern.sampling`), and :func:`sample_hold`. Guide: ``docs/graphs.md``.
+
+A new key: the eager loop runs once on a side stream (warm-up: that stream's cuBLAS/cuDNN handles, Triton and
+torch.compile compilation), then the same loop (every model call, the guidance batch included, and every fused
+update) is captured on that stream, on buffers allocated before (state, history, trajectories, seed, coefficient
+and sigma tables, copies of the tensor extra args). Every call copies x and the extra tensors in, writes the seed
+(``fill_``/``copy_``: no host sync), rewrites the tables in place if the schedule or a knob changed (the fused ops
+read their row from the device table, so the captured launches stay valid), replays on the current stream and
+returns clones of the outputs. The key is what a replay bakes in: model identity, training flag, first parameter
+address and guidance batch; x's shape, dtype and device; method and plan launch structure (N, churn and corrector
+steps, history); seed kind (one stream or per-sample); record; backend; the extra args' structure, tensor shapes
+and other values. Memory: one graph pool and side stream per device shared by all captures (so replays
+are serialised, whatever the caller's stream), at most ``info()["max_entries"]`` captures (default 8, env
+``DIFFKERN_GRAPH_CACHE``), least recently used evicted first, :func:`clear` to drop them. A failed capture raises
+:class:`GraphCaptureError`, caches nothing and is remembered for its key; ``graph="auto"`` then runs eager and warns.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import threading
+import warnings
+import weakref
+from typing import Any, Callable
+
+import torch
+
+from . import samplers
+
+DEFAULT_MAX_ENTRIES = 8
+WARMUP_RUNS = 1  # one eager run of all N steps: every model call and launch of the capture runs once before it
+
+
+class GraphCaptureError(RuntimeError):
+    """The sampling loop could not be captured as a CUDA graph (see the message for the cause).
+
+    ``remembered``: False when this call attempted the capture, True when an earlier call did (same key).
+    """
+
+    def __init__(self, message: str, remembered: bool = False):
+        super().__init__(message)
+        self.remembered = remembered
+
+
+class GraphFallbackWarning(RuntimeWarning):
+    """``graph="auto"`` ran the eager loop; emitted once per reason."""
+
+
+_lock = threading.RLock()
+_cache: "collections.OrderedDict[tuple, Entry]" = collections.OrderedDict()
+_failed: dict[tuple, tuple] = {}  # key -> (message, a reference to the model: its id must not be reused)
+_warned: set[str] = set()
+_pools: dict[int, Any] = {}
+_streams: dict[int, Any] = {}
+_last_replay: dict[Any, Any] = {}  # device -> CUDA event recorded after its last replay
+_max_entries = int(os.environ.get("DIFFKERN_GRAPH_CACHE", DEFAULT_MAX_ENTRIES))
+_counts = collections.Counter()
+
+#----------------------------------------------------------------------------
+# Mode resolution.
+
+
+def wanted(graph, x, callback=None, progress=False) -> bool:
+    """Whether a call runs as a graph: ``graph`` False (never), True (always; raises when it cannot),
+    "auto" (when it can; else eager with one :class:`GraphFallbackWarning`)."""
+    if graph is False:
+        return False
+    if graph is not True and graph != "auto":
+        raise ValueError(f"graph: expected False, True or 'auto', got {graph!r}")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        return False  # the eager path raises its own error about x
+    for name, why in _obstacles(x, callback, progress):
+        if graph is True:
+            raise ValueError(f"{name}: {why} (graph=True); use graph=False or graph='auto'")
+        warn_once(f"graph='auto' runs eager: {why}", stacklevel=4)
+        return False
+    return True
+
+
+def _device_ok(x: torch.Tensor) -> bool:
+    return x.device.type == "cuda"
+
+
+def _obstacles(x, callback, progress):
+    if not _device_ok(x):
+        yield "x", f"CUDA graphs need x on a CUDA device, got x on {x.device}"
+    if callback is not None:
+        yield "callback", ("a per-step callback cannot run inside a CUDA graph replay; pass record=True to get "
+                           "the trajectories (kept on the device)")
+    if progress:
+        yield "progress", "a progress bar cannot advance inside a CUDA graph replay"
+    if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        yield "graph", "the caller is capturing a CUDA graph already (capture the eager loop instead)"
+
+
+def fall_back(exc: GraphCaptureError, stacklevel: int = 3) -> None:
+    """``graph="auto"`` after a failed capture: warn with the cause once per key (when it was attempted)."""
+    if not exc.remembered:
+        warnings.warn(f"diffkern: graph='auto' runs eager: {exc}", GraphFallbackWarning, stacklevel=stacklevel)
+
+
+def warn_once(message: str, stacklevel: int = 3) -> None:
+    """Emit ``message`` as a :class:`GraphFallbackWarning` unless it was emitted before (until :func:`clear`)."""
+    with _lock:
+        if message in _warned:
+            return
+        _warned.add(message)
+    warnings.warn(f"diffkern: {message}", GraphFallbackWarning, stacklevel=stacklevel)
+
+#----------------------------------------------------------------------------
+# The cache.
+
+
+@dataclasses.dataclass(eq=False)
+class Entry:
+    """One capture: the static buffers its graph reads and writes."""
+    state: Any  # the loop object owning the buffers
+    x: torch.Tensor | None  # static input state (None: drawn inside the graph)
+    seed: torch.Tensor
+    extras: list  # static copies of the tensor extra args
+    tables: list  # [device table, the host float64 table last written to it]
+    outputs: Callable[[], Any]  # the static outputs (cloned for the caller)
+    keep: tuple  # the model and its tensors: the graph reads their memory
+    graph: Any = None
+
+
+def set_max_entries(n: int) -> None:
+    """Bound the cache to ``n >= 1`` captures, evicting the least recently used ones now if needed."""
+    global _max_entries
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n: expected an int >= 1, got {n!r}")
+    with _lock:
+        _max_entries = n
+        _evict()
+
+
+def _evict() -> None:
+    while len(_cache) > _max_entries:
+        _cache.popitem(last=False)
+        _counts["evictions"] += 1
+
+
+def clear(model=None) -> None:
+    """Drop every capture (``model`` given: only that model's) and the remembered capture failures; without
+    ``model`` also the warnings already given and the :func:`info` counters. Frees the graph memory."""
+    with _lock:
+        if model is None:
+            _cache.clear()
+            _failed.clear()
+            _warned.clear()
+            _pools.clear()
+            _counts.clear()
+            _last_replay.clear()
+        else:
+            for key in [k for k in _cache if k[0][0] == id(model)]:
+                del _cache[key]
+            for key in [k for k in _failed if k[0][0] == id(model)]:
+                del _failed[key]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def info() -> dict:
+    """Cache statistics: ``entries``, ``max_entries``, and since the last ``clear()``: ``captures``, ``replays``,
+    ``table_writes`` (in-place table rewrites), ``evictions``, ``failures`` (failed captures)."""
+    with _lock:
+        return {"entries": len(_cache), "max_entries": _max_entries, **{k: _counts[k] for k in
+                ("captures", "replays", "table_writes", "evictions", "failures")}}
+
+#----------------------------------------------------------------------------
+# Keys.
+
+
+def model_key(model) -> tuple:
+    """What of the model a capture bakes in (besides its code): identity, training flag, the address of
+    its first parameter (moves and dtype casts change it) and, for a fused wrapper, whether it runs CFG."""
+    first = None
+    if isinstance(model, torch.nn.Module):
+        p = next(model.parameters(), None)
+        first = None if p is None else p.data_ptr()
+    cfg = model.guidance_scale != 1.0 if samplers._is_fused(model) else None
+    return id(model), getattr(model, "training", None), first, cfg
+
+
+def plan_structure(plan) -> tuple:
+    """The launch structure of a :class:`~diffkern.coef_tables.Plan` (its values are table data)."""
+    return (tuple(plan.table.shape), tuple(plan.churn), tuple(plan.corrector), plan.churn_row, plan.corrector_row,
+            plan.history)
+
+
+def flatten(obj, tensors: list, objects: list):
+    """Hashable structure of extra args; tensors (appended to ``tensors``) enter by shape, stride, dtype and
+    device; numbers and strings by value; other objects by identity (appended to ``objects``)."""
+    if isinstance(obj, torch.Tensor):
+        tensors.append(obj)
+        return "tensor", tuple(obj.shape), obj.stride(), obj.dtype, obj.device
+    if isinstance(obj, dict):
+        return "dict", tuple((k, flatten(v, tensors, objects)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj).__name__, tuple(flatten(v, tensors, objects) for v in obj)
+    if isinstance(obj, float):
+        return "float", obj.hex()  # exact, and NaN equals itself
+    if obj is None or isinstance(obj, (bool, int, str, torch.dtype, torch.device)):
+        return type(obj).__name__, obj
+    objects.append(obj)
+    return "object", id(obj)
+
+
+def _rebuild(obj, statics):
+    """``obj`` with every tensor replaced by the next of ``statics`` (the order of :func:`flatten`)."""
+    if isinstance(obj, torch.Tensor):
+        return next(statics)
+    if isinstance(obj, dict):
+        return {k: _rebuild(v, statics) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_rebuild(v, statics) for v in obj)
+    return obj
+
+
+def _seed_kind(seed_v) -> int:
+    return seed_v.numel() if isinstance(seed_v, torch.Tensor) else 1
+
+#----------------------------------------------------------------------------
+# Capture and replay.
+
+
+def _side_stream(device: torch.device):
+    """The device's warm-up and capture stream (shared: a pool is reused best by captures on one stream)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    with torch.cuda.device(idx):
+        if idx not in _streams:
+            _streams[idx] = torch.cuda.Stream()
+        if idx not in _pools:
+            _pools[idx] = torch.cuda.graph_pool_handle()
+    return _streams[idx], _pools[idx]
+
+
+def _warm_up(body: Callable[[], None], device: torch.device) -> None:
+    """Run the loop eagerly, on the capture stream for CUDA (its cuBLAS handle and workspace are then made)."""
+    if device.type != "cuda":
+        for _ in range(WARMUP_RUNS):
+            body()
+        return
+    stream, _ = _side_stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(WARMUP_RUNS):
+            body()
+    torch.cuda.current_stream(device).wait_stream(stream)
+
+
+def _record(body: Callable[[], None], device: torch.device):
+    """Capture ``body`` into a CUDA graph (shared pool, the warm-up stream); returns the graph."""
+    graph = torch.cuda.CUDAGraph()
+    stream, pool = _side_stream(device)
+    # thread_local: an unsafe call in this thread (a sync) fails the capture; other threads may keep working.
+    with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+        body()
+    return graph
+
+
+_HINT = ("Inside a CUDA graph the model may not synchronise with the host (.item(), .cpu(), .tolist(), printing a "
+         "tensor, Python control flow on tensor values), produce data-dependent shapes (nonzero, boolean indexing), "
+         "copy from CPU memory (move the model, and wrappers with their tables, to the device first) or be compiled "
+         "with CUDA graphs of its own (torch.compile mode='reduce-overhead'/'max-autotune': use mode='default' or "
+         "'max-autotune-no-cudagraphs'). Use graph=False for the eager loop, or graph='auto' to fall back to it.")
+
+
+def run(key, build: Callable[[], Entry], write_inputs: Callable[[Entry], None], body: Callable[[Entry], None],
+        device: torch.device, what: str):
+    """Replay the capture of ``key`` after ``write_inputs``, capturing ``body`` into a new :class:`Entry` from
+    ``build`` first if needed; returns clones of the entry's outputs."""
+    with _lock:
+        if key in _failed and _failed[key][1]() is not None:
+            raise GraphCaptureError(_failed[key][0], remembered=True)
+        entry = _cache.get(key)
+        if entry is None:
+            entry = build()
+            _warm_up(lambda: body(entry), device)  # the model's own errors propagate unchanged
+            try:
+                entry.graph = _record(lambda: body(entry), device)
+            except Exception as exc:
+                message = f"capturing the {what} loop as a CUDA graph failed: {_describe(exc)}. {_HINT}"
+                _failed[key] = message, _ref(entry.keep[0])
+                _counts["failures"] += 1
+                raise GraphCaptureError(message) from exc
+            _counts["captures"] += 1
+            _failed.pop(key, None)  # a failure of a model that no longer exists (its id is reused)
+            for stale in [k for k in _cache if k[0][0] == key[0][0] and k[0][2] != key[0][2]]:
+                del _cache[stale]  # the same model moved or cast: its old captures read dead weights
+            _cache[key] = entry
+            _evict()
+        _cache.move_to_end(key)
+        if device.type == "cuda" and device in _last_replay:  # captures share buffers and a pool: one at a time,
+            torch.cuda.current_stream(device).wait_event(_last_replay[device])  # whichever stream the caller uses
+        write_inputs(entry)
+        entry.graph.replay()
+        outputs = _clone(entry.outputs())
+        if device.type == "cuda":
+            _last_replay[device] = torch.cuda.Event()
+            _last_replay[device].record(torch.cuda.current_stream(device))
+        _counts["replays"] += 1
+        return outputs
+
+
+def _ref(model):
+    try:
+        return weakref.ref(model)
+    except TypeError:  # no weak references to it: keep it (the failure is then never forgotten by accident)
+        return lambda: model
+
+
+def _describe(exc: BaseException) -> str:
+    """The exception and what it was raised while handling (a failed capture often fails again on its end)."""
+    parts = []
+    while exc is not None and len(parts) < 3:
+        parts.append(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+        exc = exc.__context__
+    return " (raised while handling ".join(parts) + ")" * (len(parts) - 1)
+
+
+def _clone(out):
+    if isinstance(out, torch.Tensor):
+        return out.clone()
+    if isinstance(out, dict):
+        return {k: _clone(v) for k, v in out.items()}
+    return tuple(_clone(v) for v in out)
+
+
+def _write_seed(static: torch.Tensor, seed_v) -> None:
+    if isinstance(seed_v, torch.Tensor):
+        static.copy_(seed_v.reshape(-1))
+    else:
+        static.fill_(seed_v)  # a kernel argument, no host-device copy
+
+
+def _write_tables(entry: Entry, hosts: list) -> None:
+    """Rewrite a device table only when its float64 host values changed (compared bitwise, NaN included)."""
+    for pair, host in zip(entry.tables, hosts):
+        if not torch.equal(pair[1].view(torch.int64), host.view(torch.int64)):
+            # Pageable host memory is staged before cudaMemcpyAsync returns, so this copy needs no sync.
+            pair[0].copy_(host.to(pair[0].dtype), non_blocking=True)
+            pair[1] = host
+            _counts["table_writes"] += 1
+
+
+def feed(entry: Entry, x, seed_v, extras: list, hosts: list) -> None:
+    """Write one call's inputs into the capture's buffers (on the current stream, without a host sync)."""
+    if entry.x is not None and x is not None:
+        entry.x.copy_(x)
+    _write_seed(entry.seed, seed_v)
+    for static, t in zip(entry.extras, extras):
+        static.copy_(t)
+    _write_tables(entry, hosts)
+
+
+class Call:
+    """What every entry point derives from its arguments: the validated seed, the extra args (``tensors`` in
+    :func:`flatten` order, other ``objects`` held by the capture) and the common part of the key."""
+
+    def __init__(self, model, x, seed, backend, extra_args, record=False):
+        self.seed, self.extra_args = samplers.seed_value(seed, x.shape[0]), dict(extra_args or {})
+        self.tensors, self.objects = [], []
+        extra_key = flatten(self.extra_args, self.tensors, self.objects)
+        self.key = (model_key(model), tuple(x.shape), x.dtype, x.device, _seed_kind(self.seed), bool(record),
+                    backend, os.environ.get("DIFFKERN_BACKEND"), extra_key)
+
+    def static_seed(self, device) -> torch.Tensor:
+        static = torch.empty(_seed_kind(self.seed), dtype=torch.int64, device=device)
+        _write_seed(static, self.seed)
+        return static
+
+    def static_extra(self):
+        """(static copies of the tensor extra args, the extra args dict with them in place)."""
+        statics = [t.clone() for t in self.tensors]  # clone keeps the strides the key records
+        return statics, _rebuild(self.extra_args, iter(statics))
+
+    def keep(self, model) -> tuple:
+        tensors = tuple(model.parameters()) + tuple(model.buffers()) if isinstance(model, torch.nn.Module) else ()
+        return model, tensors, tuple(self.objects)
+
+#----------------------------------------------------------------------------
+# HOLD (the VE samplers and IADB: diffkern.sampling).
+
+
+@torch.no_grad()
+def sample_hold(model, proc, shape, *, sampler="sscs", num_steps=500, spacing="linear", t_min=1e-3, denoise=True,
+                seed=None, device=None, dtype=torch.float32, z=None, backend=None, return_state=False,
+                graph=True):
+    """:func:`diffkern.hold_sampling.sample` (same arguments and output) as one CUDA graph.
+
+    The forward times reach the model as Python floats, so the time grid (``num_steps``, ``spacing``,
+    ``t_min``, ``denoise``) is part of the key; the process and the sampler are table data. The prior
+    draw (when ``z`` is None) is inside the graph. ``graph``: True or "auto" (False: the eager sampler).
+    """
+    from . import hold_sampling as hs
+    from .ops.hold import hold_transition
+
+    if z is not None:
+        device, dtype = z.device, z.dtype
+    device = torch.device(device) if device is not None else torch.device("cpu")
+
+    def eager(state: bool):
+        return hs.sample(model, proc, shape, sampler=sampler, num_steps=num_steps, spacing=spacing, t_min=t_min,
+                         denoise=denoise, seed=seed, device=device, dtype=dtype, z=z, backend=backend,
+                         return_state=state)
+
+    if not wanted(graph, torch.empty(0, dtype=dtype, device=device) if z is None else z):
+        return eager(return_state)
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1 + int(denoise):
+        raise ValueError(f"num_steps: expected a Python int >= {1 + int(denoise)}, got {num_steps!r}")
+    steps = num_steps - int(denoise)
+    grid = hs.time_grid(proc, steps, t_min=t_min, spacing=spacing)
+    times = [grid.tolist()[min(i, steps)] for i in range(num_steps)]
+    state_shape = (shape[0], proc.order * shape[1], *shape[2:])
+    if z is not None and tuple(z.shape) != state_shape:
+        raise ValueError(f"z: expected shape {state_shape}, got {tuple(z.shape)}")
+    table = hs.sampler_table(proc, grid, sampler, denoise=denoise)
+    call = Call(model, torch.empty(state_shape, dtype=dtype, device="meta"), 0 if seed is None else seed, backend, {})
+
+    def build() -> Entry:
+        static_z = torch.empty(state_shape, dtype=dtype, device=device)
+        if z is not None:
+            static_z.copy_(z)  # the warm-up runs on this call's inputs
+        state = (static_z, call.static_seed(device), table.to(device))
+        return Entry(state, None if z is None else static_z, state[1], [], [[state[2], table]], lambda: static_z,
+                     call.keep(model))
+
+    def body(entry: Entry) -> None:
+        static_z, static_seed, dev_table = entry.state
+        if entry.x is None:
+            static_z.copy_(hs.prior(proc, state_shape, static_seed, dtype=dtype, backend=backend))
+        for i, t in enumerate(times):
+            hold_transition(static_z, model(static_z, t), dev_table, i, seed=static_seed, out=static_z, backend=backend)
+
+    try:
+        out = run(call.key + ("hold", device, tuple(times), tuple(table.shape), z is None), build,
+                  lambda e: feed(e, z, call.seed, [], [table]), body, device, f"HOLD {sampler}")
+    except GraphCaptureError as exc:
+        if graph is True:
+            raise
+        fall_back(exc)
+        out = eager(True)
+    if z is not None:
+        out = z.copy_(out)  # the eager sampler updates a given z in place and returns it
+    return out if return_state else out[:, : shape[1]]

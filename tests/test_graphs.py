@@ -1,0 +1,694 @@
+"""The CUDA-graph runner (``diffkern.graphs``): the graph=True/"auto" paths of ``sample``, ``sample_iadb`` and
+``graphs.sample_hold``.
+
+CPU: mode resolution and its messages, cache keys, eviction, ``clear``, and the whole runner driven by
+:class:`RecordedGraph`, a CPU stand-in for a CUDA graph that records the aten ops the loop runs (scalars by
+value, tensors by identity) and replays exactly those ops on the same tensors without running the Python
+again: so whatever a real replay would bake in (a Python float, a launch structure) is baked in here too, and
+a host read inside the loop fails the "capture". CUDA (``@pytest.mark.cuda``): real graphs, bitwise against eager.
+"""
+import traceback
+import warnings
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from diffkern import analytic, graphs, hold, hold_sampling, schedules
+from diffkern.graphs import GraphCaptureError, GraphFallbackWarning
+from diffkern.sampling import sample, sample_iadb
+
+REF = "reference"
+EVERY = [("euler", {}), ("euler", {"s_churn": 2.0}), ("euler_ancestral", {"eta": 0.7}), ("heun", {}),
+         ("heun", {"s_churn": 1.0, "s_tmin": 0.1}), ("dpmpp_2m", {}), ("ge", {}), ("sde", {"lam": 0.8}),
+         ("sde", {"integrator": "euler_maruyama"})]
+
+
+def gmm3():
+    return analytic.GaussianMixture([1.0, 2.0, 1.5], [[-1.0, 0.5], [1.0, 1.0], [0.3, -1.2]], [0.3, 0.5, 0.4])
+
+
+def start(n, sigma_max=10.0, seed=0, dim=2, dtype=torch.float64, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, dim, generator=gen, dtype=torch.float64) * sigma_max).to(dtype).to(device)
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache():
+    graphs.clear()
+    yield
+    graphs.clear()
+
+#----------------------------------------------------------------------------
+# A CPU stand-in for a CUDA graph.
+
+_SYNCS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+          torch.ops.aten.masked_select.default}
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self, ops):
+        super().__init__()
+        self.ops = ops
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _SYNCS and not _validating_cpu_table():
+            raise RuntimeError(f"operation not permitted when stream is capturing ({func} reads the device)")
+        out = func(*args, **kwargs)
+        self.ops.append((func, args, kwargs, out))
+        return out
+
+
+def _validating_cpu_table() -> bool:
+    # The op front-ends validate CPU tables on every call (they skip device tables); on a GPU that read is absent.
+    return any(f.name in ("validate", "validate_table") for f in traceback.extract_stack())
+
+
+def _into(captured, result):
+    if isinstance(captured, torch.Tensor):
+        same = (result.data_ptr() == captured.data_ptr() and result.shape == captured.shape
+                and result.stride() == captured.stride())
+        if not same:  # a later in-place metadata op (matmul's squeeze_) may have reshaped the captured tensor
+            (captured if captured.shape == result.shape else captured.view(result.shape)).copy_(result)
+    elif isinstance(captured, (tuple, list)):
+        for c, r in zip(captured, result):
+            _into(c, r)
+
+
+class RecordedGraph:
+    def __init__(self, body):
+        self.ops = []
+        with _Recorder(self.ops):
+            body()
+
+    @torch.no_grad()
+    def replay(self):
+        for func, args, kwargs, out in self.ops:
+            _into(out, func(*args, **kwargs))
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    """CPU tensors count as CUDA tensors and captures are RecordedGraphs."""
+    monkeypatch.setattr(graphs, "_device_ok", lambda x: True)
+    monkeypatch.setattr(graphs, "_record", lambda body, device: RecordedGraph(body))
+
+
+def counting(model):
+    calls = []
+
+    def f(x, sigma, **kw):
+        calls.append(1)
+        return model(x, sigma, **kw)
+    f.calls = calls
+    return f
+
+#----------------------------------------------------------------------------
+# Mode resolution (real paths, no stand-in).
+
+
+def test_graph_true_on_cpu_raises():
+    gmm, x, sig = gmm3(), start(3), schedules.karras(4, 0.05, 10.0)
+    with pytest.raises(ValueError, match=r"x: CUDA graphs need x on a CUDA device, got x on cpu \(graph=True\); "
+                                         r"use graph=False or graph='auto'"):
+        sample(gmm, x, sig, "euler", graph=True)
+    with pytest.raises(ValueError, match="x: CUDA graphs need x on a CUDA device"):
+        sample_iadb(lambda x, a: x, x, steps=3, graph=True)
+    with pytest.raises(ValueError, match="x: CUDA graphs need x on a CUDA device"):
+        graphs.sample_hold(lambda z, t: z[:, :1], hold.HOLD(order=2), (2, 1), num_steps=4)
+    assert graphs.info()["entries"] == 0
+
+
+def test_graph_auto_on_cpu_runs_eager_and_says_so_once():
+    gmm, x, sig = gmm3(), start(3), schedules.karras(4, 0.05, 10.0)
+    eager = sample(gmm, x, sig, "euler_ancestral", backend=REF, seed=3)
+    with pytest.warns(GraphFallbackWarning, match="graph='auto' runs eager: CUDA graphs need x on a CUDA device"):
+        y = sample(gmm, x, sig, "euler_ancestral", backend=REF, seed=3, graph="auto")
+    assert torch.equal(y, eager)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(sample(gmm, x, sig, "euler_ancestral", backend=REF, seed=3, graph="auto"), eager)
+        sample_iadb(lambda x, a: x, x, steps=3, graph="auto", backend=REF)
+    assert graphs.info()["entries"] == 0
+
+
+def test_graph_argument_is_checked():
+    gmm, x, sig = gmm3(), start(3), schedules.karras(4, 0.05, 10.0)
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError, match=r"graph: expected False, True or 'auto', got"):
+            sample(gmm, x, sig, "euler", graph=bad)
+
+
+def test_callback_and_progress_are_refused(fake):
+    gmm, x, sig = gmm3(), start(3), schedules.karras(4, 0.05, 10.0)
+    with pytest.raises(ValueError, match=r"callback: a per-step callback cannot run inside a CUDA graph replay; "
+                                         r"pass record=True"):
+        sample(gmm, x, sig, "euler", graph=True, callback=lambda d: None)
+    with pytest.raises(ValueError, match="progress: a progress bar cannot advance inside a CUDA graph replay"):
+        sample_iadb(lambda x, a: x, x, steps=3, graph=True, progress=True)
+    seen = []
+    with pytest.warns(GraphFallbackWarning, match="per-step callback"):
+        sample(gmm, x, sig, "euler", graph="auto", backend=REF, callback=seen.append)
+    assert len(seen) == 4 and graphs.info()["entries"] == 0
+
+#----------------------------------------------------------------------------
+# The runner on the stand-in: output, seeds, tables, keys.
+
+
+@pytest.mark.parametrize("method,kw", EVERY, ids=[f"{m}-{kw}" for m, kw in EVERY])
+def test_graph_equals_eager_for_every_sampler(fake, method, kw):
+    gmm, sig = gmm3(), schedules.karras(5, 0.05, 10.0)
+    for i, seed in enumerate((1, 2)):  # the first call captures, the second replays with a new x and seed
+        x = start(4, seed=i)
+        y, traj = sample(gmm, x, sig, method, backend=REF, seed=seed, record=True, graph=True, **kw)
+        y_eager, traj_eager = sample(gmm, x, sig, method, backend=REF, seed=seed, record=True, **kw)
+        assert torch.equal(y, y_eager) and all(torch.equal(traj[k], traj_eager[k]) for k in traj)
+    assert graphs.info()["captures"] == 1 and graphs.info()["replays"] == 2
+
+
+def test_every_backend(fake, cpu_backend):
+    gmm, x, sig = gmm3(), start(4, dtype=torch.float32), schedules.karras(5, 0.05, 10.0)
+    for seed in (5, 6):
+        y = sample(gmm, x, sig, "heun", backend=cpu_backend, seed=seed, s_churn=1.0, graph=True)
+        assert torch.equal(y, sample(gmm, x, sig, "heun", backend=cpu_backend, seed=seed, s_churn=1.0))
+
+
+def test_seeds(fake):
+    gmm, x, sig = gmm3(), start(4), schedules.karras(5, 0.05, 10.0)
+    a = sample(gmm, x, sig, "euler_ancestral", backend=REF, seed=1, graph=True)
+    assert not torch.equal(a, sample(gmm, x, sig, "euler_ancestral", backend=REF, seed=2, graph=True))
+    assert torch.equal(a, sample(gmm, x, sig, "euler_ancestral", backend=REF, seed=1, graph=True))
+    big = 2 ** 64 - 5  # two's complement int64, as in eager
+    assert torch.equal(sample(gmm, x, sig, "euler_ancestral", backend=REF, seed=big, graph=True),
+                       sample(gmm, x, sig, "euler_ancestral", backend=REF, seed=big))
+    assert not torch.equal(sample(gmm, x, sig, "euler_ancestral", backend=REF, seed=None, graph=True),
+                           sample(gmm, x, sig, "euler_ancestral", backend=REF, seed=None, graph=True))
+    torch.manual_seed(7)
+    fresh = sample(gmm, x, sig, "euler_ancestral", backend=REF, seed=None, graph=True)
+    torch.manual_seed(7)
+    assert torch.equal(fresh, sample(gmm, x, sig, "euler_ancestral", backend=REF, seed=None))
+    assert graphs.info()["captures"] == 1
+
+
+def test_per_sample_seeds(fake):
+    gmm, x, sig = gmm3(), start(4), schedules.karras(5, 0.05, 10.0)
+    seeds = torch.tensor([3, 1, 4, 1 << 40], dtype=torch.int64)
+    full = sample(gmm, x, sig, "euler_ancestral", backend=REF, seed=seeds, graph=True)
+    assert torch.equal(full, sample(gmm, x, sig, "euler_ancestral", backend=REF, seed=seeds))
+    part = sample(gmm, x[2:], sig, "euler_ancestral", backend=REF, seed=seeds[2:], graph=True)
+    torch.testing.assert_close(full[2:], part, rtol=1e-12, atol=1e-12)
+    # a (B,) seed tensor is a different capture than one stream
+    sample(gmm, x, sig, "euler_ancestral", backend=REF, seed=1, graph=True)
+    assert graphs.info()["captures"] == 3
+
+
+def test_schedule_and_knob_changes_rewrite_tables_without_recapture(fake):
+    model, x = counting(gmm3()), start(4)
+    sig_a, sig_b = schedules.karras(6, 0.05, 10.0), schedules.loglinear(6, 0.1, 8.0)
+    sample(model, x, sig_a, "euler_ancestral", backend=REF, seed=1, eta=0.5, graph=True)
+    calls = len(model.calls)
+    for sig, eta in ((sig_b, 0.5), (sig_b, 1.0), (sig_a, 0.5)):
+        y = sample(model, x, sig, "euler_ancestral", backend=REF, seed=1, eta=eta, graph=True)
+        assert torch.equal(y, sample(gmm3(), x, sig, "euler_ancestral", backend=REF, seed=1, eta=eta))
+    assert len(model.calls) == calls, "a replay must not run the model's Python"
+    info = graphs.info()
+    assert info["captures"] == 1 and info["replays"] == 4 and info["table_writes"] == 5  # 2 + 1 (eta) + 2
+
+
+def test_launch_structure_is_part_of_the_key(fake):
+    gmm, x = gmm3(), start(4)
+    sig = schedules.karras(6, 0.05, 10.0)
+    sample(gmm, x, sig, "heun", backend=REF, s_churn=3.0, s_tmin=1.0, graph=True)
+    y = sample(gmm, x, sig, "heun", backend=REF, s_churn=3.0, s_tmin=0.01, graph=True)  # more churn steps
+    assert torch.equal(y, sample(gmm, x, sig, "heun", backend=REF, s_churn=3.0, s_tmin=0.01))
+    y = sample(gmm, x, sig[:-1], "heun", backend=REF, graph=True)  # no final 0: a corrector on the last step
+    assert torch.equal(y, sample(gmm, x, sig[:-1], "heun", backend=REF))
+    assert graphs.info()["captures"] == 3
+
+
+def test_keys_separate_what_a_capture_bakes_in(fake):
+    gmm, sig = gmm3(), schedules.karras(4, 0.05, 10.0)
+    x = start(4)
+    base = dict(backend=REF, seed=1, graph=True)
+    sample(gmm, x, sig, "euler", **base)
+    sample(gmm, x, sig, "euler", **base)  # hit
+    sample(gmm, start(5), sig, "euler", **base)  # shape
+    sample(gmm, x.float(), sig, "euler", **base)  # dtype
+    sample(gmm, x, schedules.karras(5, 0.05, 10.0), "euler", **base)  # N
+    sample(gmm, x, sig, "euler", record=True, **base)  # record
+    sample(gmm, x, sig, "dpmpp_2m", **base)  # method
+    sample(gmm3(), x, sig, "euler", **base)  # model
+    assert graphs.info()["captures"] == 7 and graphs.info()["entries"] == 7
+
+
+def test_outputs_are_clones(fake):
+    gmm, sig = gmm3(), schedules.karras(4, 0.05, 10.0)
+    x = start(4)
+    y1, t1 = sample(gmm, x, sig, "euler_ancestral", backend=REF, seed=1, record=True, graph=True)
+    kept = y1.clone(), t1["x"].clone()
+    y2, t2 = sample(gmm, start(4, seed=9), sig, "euler_ancestral", backend=REF, seed=2, record=True, graph=True)
+    assert torch.equal(y1, kept[0]) and torch.equal(t1["x"], kept[1]) and not torch.equal(y1, y2)
+    entry = next(iter(graphs._cache.values()))
+    statics = {entry.x.data_ptr(), entry.state.trajectory.x.data_ptr(), entry.state.trajectory.denoised.data_ptr()}
+    assert statics.isdisjoint({y2.data_ptr(), t2["x"].data_ptr(), t2["denoised"].data_ptr()})
+    assert torch.equal(x, start(4)), "the input must not be modified"
+
+
+def test_extra_args_are_static_copies(fake):
+    gmm, x, sig = gmm3(), start(4), schedules.karras(4, 0.05, 10.0)
+
+    def model(x, sigma, shift, scale=1.0):
+        return gmm.denoise(x, sigma) * scale + shift
+
+    for shift in (torch.zeros(4, 2), torch.full((4, 2), 0.25)):
+        for scale in (1.0, 0.5):
+            extra = {"shift": shift, "scale": scale}
+            y = sample(model, x, sig, "euler", backend=REF, extra_args=extra, graph=True)
+            assert torch.equal(y, sample(model, x, sig, "euler", backend=REF, extra_args=extra))
+    assert graphs.info()["captures"] == 2  # one per value of the float; the tensor is copied in
+
+
+def test_fused_wrapper_guidance(fake):
+    class EpsCFG(torch.nn.Module):
+        guidance_scale = 1.0
+
+        def __init__(self):
+            super().__init__()
+            self.cond, self.uncond = gmm3(), analytic.GaussianMixture([1.0], [[0.5, 0.0]], [1.0])
+
+        def raw(self, x, sigma):
+            c = self.cond.eps(x, sigma)
+            return (c, None) if self.guidance_scale == 1.0 else (c, self.uncond.eps(x, sigma))
+
+        def conversion(self, sigma):
+            return 1.0, -sigma
+
+    model, x, sig = EpsCFG(), start(4), schedules.karras(5, 0.05, 10.0)
+    for w in (1.0, 3.0, 5.0):
+        model.guidance_scale = w
+        y = sample(model, x, sig, "dpmpp_2m", backend=REF, graph=True)
+        assert torch.equal(y, sample(model, x, sig, "dpmpp_2m", backend=REF))
+    assert graphs.info()["captures"] == 2  # with and without the guidance batch; 3 -> 5 is table data
+
+
+def test_diffusers_unet_with_guidance_batch(fake):
+    diffusers = pytest.importorskip("diffusers")
+    from diffkern.wrappers import DiffusersUNetDenoiser
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=2, out_channels=2, layers_per_block=1,
+                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
+                                 num_class_embeds=5).eval()
+    model = DiffusersUNetDenoiser(unet, diffusers.DDIMScheduler(num_train_timesteps=1000), guidance_scale=2.5)
+    x, sig = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(0)) * 10, schedules.karras(3, 0.1, 10.0)
+    for labels in ([1, 2], [3, 0]):
+        extra = {"class_labels": torch.tensor(labels), "uncond_class_labels": torch.tensor([4, 4])}
+        y = sample(model, x, sig, "euler_ancestral", extra_args=extra, seed=labels[0], graph=True)
+        assert torch.equal(y, sample(model, x, sig, "euler_ancestral", extra_args=extra, seed=labels[0]))
+    assert graphs.info()["captures"] == 1
+
+
+def test_model_moved_is_recaptured_and_old_capture_dropped(fake):
+    gmm = gmm3()
+    net = torch.nn.Linear(2, 2, dtype=torch.float64)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = net
+
+        def forward(self, x, sigma):
+            return gmm.denoise(x, sigma) + 1e-3 * self.lin(x)
+
+    model, x, sig = Net(), start(4), schedules.karras(4, 0.05, 10.0)
+    sample(model, x, sig, "euler", backend=REF, graph=True)
+    with torch.no_grad():
+        net.weight.mul_(2)  # in place: the capture sees it
+    for _ in range(2):
+        y = sample(model, x, sig, "euler", backend=REF, graph=True)
+        assert torch.equal(y, sample(model, x, sig, "euler", backend=REF))
+        model.to(torch.float32).to(torch.float64)  # new parameter tensors
+    assert graphs.info()["captures"] == 2 and graphs.info()["entries"] == 1
+
+#----------------------------------------------------------------------------
+# Memory policy.
+
+
+def test_lru_eviction_and_clear(fake):
+    gmm, x, sig = gmm3(), start(4), schedules.karras(4, 0.05, 10.0)
+    graphs.set_max_entries(2)
+    try:
+        for n in (3, 4, 5):
+            sample(gmm, start(n), sig, "euler", backend=REF, graph=True)
+        assert graphs.info()["entries"] == 2 and graphs.info()["evictions"] == 1
+        sample(gmm, start(4), sig, "euler", backend=REF, graph=True)  # still cached
+        assert graphs.info()["captures"] == 3
+        sample(gmm, start(3), sig, "euler", backend=REF, graph=True)  # evicted: captured again, evicts n = 5
+        sample(gmm, start(4), sig, "euler", backend=REF, graph=True)  # n = 4 was used last: kept
+        assert graphs.info()["captures"] == 4
+        graphs.set_max_entries(1)
+        assert graphs.info()["entries"] == 1
+    finally:
+        graphs.set_max_entries(graphs.DEFAULT_MAX_ENTRIES)
+    other = gmm3()
+    sample(other, x, sig, "euler", backend=REF, graph=True)
+    graphs.clear(other)
+    assert graphs.info()["entries"] == 1
+    graphs.clear()
+    assert graphs.info()["entries"] == 0
+    with pytest.raises(ValueError, match="n: expected an int >= 1"):
+        graphs.set_max_entries(0)
+
+#----------------------------------------------------------------------------
+# Capture failures.
+
+
+def test_host_sync_in_model_fails_cleanly(fake):
+    gmm, x, sig = gmm3(), start(4), schedules.karras(4, 0.05, 10.0)
+    model = counting(lambda x, s: gmm.denoise(x, s) * (1.0 if float(s[0]) > 0 else 2.0))  # .item() inside
+    with pytest.raises(GraphCaptureError, match=r"capturing the euler sampling loop as a CUDA graph failed: "
+                                                r"RuntimeError: .*may not synchronise with the host"):
+        sample(model, x, sig, "euler", backend=REF, graph=True)
+    assert graphs.info()["entries"] == 0 and graphs.info()["failures"] == 1
+    calls = len(model.calls)
+    with pytest.raises(GraphCaptureError):  # remembered: no second warm-up
+        sample(model, x, sig, "euler", backend=REF, graph=True)
+    assert len(model.calls) == calls
+    eager = sample(model, x, sig, "euler", backend=REF)
+    graphs.clear()
+    with pytest.warns(GraphFallbackWarning, match="graph='auto' runs eager: capturing the euler sampling loop"):
+        assert torch.equal(sample(model, x, sig, "euler", backend=REF, graph="auto"), eager)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(sample(model, x, sig, "euler", backend=REF, graph="auto"), eager)
+
+
+def test_dynamic_shape_in_model_fails_cleanly(fake):
+    gmm, x, sig = gmm3(), start(4), schedules.karras(4, 0.05, 10.0)
+
+    def model(x, s):
+        d = gmm.denoise(x, s)
+        far = torch.nonzero(d.abs() > 100)  # a data-dependent shape (boolean-mask indexing calls it on CUDA)
+        return d.index_put((far[:, 0], far[:, 1]), torch.zeros((), dtype=d.dtype))
+
+    with pytest.raises(GraphCaptureError, match="data-dependent shapes"):
+        sample(model, x, sig, "euler", backend=REF, graph=True)
+    assert graphs.info()["entries"] == 0
+
+
+def test_model_error_in_warm_up_propagates(fake):
+    x, sig = start(4), schedules.karras(4, 0.05, 10.0)
+    with pytest.raises(ValueError, match="model: output must have the shape of x"):
+        sample(lambda x, s: x[:, :1], x, sig, "euler", backend=REF, graph=True)
+    with pytest.raises(ValueError, match="model: output must have the shape of x"):
+        sample(lambda x, s: x[:, :1], x, sig, "euler", backend=REF, graph="auto")
+    assert graphs.info()["entries"] == 0 and graphs.info()["failures"] == 0
+
+#----------------------------------------------------------------------------
+# IADB and HOLD on the stand-in.
+
+
+def _iadb_models():
+    gmm = gmm3()
+
+    def means(x, alpha):
+        a = alpha.to(torch.float64)[:, None]
+        safe = torch.where(a > 0, a, torch.ones_like(a))
+        x1 = torch.where(a > 0, gmm.denoise(x / safe, ((1 - safe) / safe)[:, 0]), gmm.mean.expand_as(x))
+        return (x - a * x1) / (1 - a), x1
+
+    def d(x, alpha):
+        x0, x1 = means(x, alpha)
+        return x1 - x0
+
+    return {"euler": d, "stochastic": d, "two_head": means}
+
+
+@pytest.mark.parametrize("variant", ["euler", "two_head", "stochastic"])
+def test_iadb_graph_equals_eager(fake, variant):
+    model = _iadb_models()[variant]
+    x0 = start(4, sigma_max=1.0)
+    alphas = [0.0, 0.1, 0.3, 0.55, 0.8, 0.95]
+    for seed, record in ((1, False), (2, False), (3, True)):
+        g = sample_iadb(model, x0, alphas, variant, backend=REF, seed=seed, record=record, graph=True)
+        e = sample_iadb(model, x0, alphas, variant, backend=REF, seed=seed, record=record)
+        g, e = (g, e) if record else ((g, {}), (e, {}))
+        assert torch.equal(g[0], e[0]) and all(torch.equal(g[1][k], e[1][k]) for k in e[1])
+    new = [0.0, 0.2, 0.4, 0.6, 0.85, 0.97]
+    for record in (False, True):
+        g = sample_iadb(model, x0, new, variant, backend=REF, seed=4, record=record, graph=True)
+        e = sample_iadb(model, x0, new, variant, backend=REF, seed=4, record=record)
+        assert torch.equal(g[0] if record else g, e[0] if record else e)
+    # record with a single head bakes alpha into x1_bar = x + (1 - alpha)*D: a new schedule is a new capture
+    assert graphs.info()["captures"] == (2 if variant == "two_head" else 3)
+
+
+def test_hold_graph_equals_eager(fake):
+    proc = hold.HOLD(order=2)
+
+    def model(z, t):
+        return torch.tanh(z[:, :1] * (0.5 + t)) - 0.1 * z[:, 1:]
+
+    for sampler, seed in (("sscs", 1), ("em", 2), ("ode", 3)):
+        g = graphs.sample_hold(model, proc, (3, 1, 4), sampler=sampler, num_steps=6, seed=seed)
+        e = hold_sampling.sample(model, proc, (3, 1, 4), sampler=sampler, num_steps=6, seed=seed)
+        assert torch.equal(g, e)
+    z = torch.randn(3, 2, 4, dtype=torch.float32)
+    g = graphs.sample_hold(model, proc, (3, 1, 4), num_steps=6, seed=4, z=z.clone(), return_state=True)
+    assert torch.equal(g, hold_sampling.sample(model, proc, (3, 1, 4), num_steps=6, seed=4, z=z.clone(),
+                                               return_state=True))
+    assert graphs.info()["captures"] == 2  # samplers are table data; a given z is another capture
+    graphs.sample_hold(model, proc, (3, 1, 4), num_steps=6, seed=1, spacing="quadratic")  # new times: new capture
+    assert graphs.info()["captures"] == 3
+
+#----------------------------------------------------------------------------
+# CUDA: real graphs.
+
+CUDA_BACKENDS = ["cuda", "triton"]
+
+
+class TinyNet(torch.nn.Module):
+    """A small conv denoiser with a sigma embedding (random weights): cuDNN, GroupNorm and cuBLAS in the loop."""
+
+    def __init__(self, channels=3, width=32):
+        super().__init__()
+        self.inp = torch.nn.Conv2d(channels, width, 3, padding=1)
+        self.emb = torch.nn.Linear(1, width)
+        self.norm = torch.nn.GroupNorm(8, width)
+        self.out = torch.nn.Conv2d(width, channels, 3, padding=1)
+
+    def forward(self, x, sigma):
+        h = self.inp(x) + self.emb(torch.log(sigma.to(x.dtype))[:, None])[:, :, None, None]
+        return x - sigma.to(x.dtype)[:, None, None, None] * self.out(torch.nn.functional.silu(self.norm(h))) * 0.1
+
+
+def _cuda_x(n=4, dtype=torch.float32):
+    return start(n, dim=2, dtype=dtype, device="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("method,kw", EVERY, ids=[f"{m}-{kw}" for m, kw in EVERY])
+def test_cuda_graph_equals_eager_bitwise(method, kw, backend):
+    gmm, sig = gmm3(), schedules.karras(6, 0.05, 10.0)
+    for i, seed in enumerate((1, 2)):
+        x = start(64, seed=i, dtype=torch.float32, device="cuda")
+        y, traj = sample(gmm, x, sig, method, backend=backend, seed=seed, record=True, graph=True, **kw)
+        y_eager, traj_eager = sample(gmm, x, sig, method, backend=backend, seed=seed, record=True, **kw)
+        assert torch.equal(y, y_eager) and all(torch.equal(traj[k], traj_eager[k]) for k in traj)
+    assert graphs.info()["captures"] == 1
+
+
+@pytest.mark.cuda
+def test_cuda_seeds():
+    gmm, x, sig = gmm3(), _cuda_x(64), schedules.karras(6, 0.05, 10.0)
+    a = sample(gmm, x, sig, "euler_ancestral", seed=1, graph=True)
+    assert not torch.equal(a, sample(gmm, x, sig, "euler_ancestral", seed=2, graph=True))
+    assert torch.equal(a, sample(gmm, x, sig, "euler_ancestral", seed=1, graph=True))
+    assert not torch.equal(sample(gmm, x, sig, "euler_ancestral", seed=None, graph=True),
+                           sample(gmm, x, sig, "euler_ancestral", seed=None, graph=True))
+    seeds = torch.arange(64, dtype=torch.int64, device="cuda") * 7919
+    full = sample(gmm, x, sig, "euler_ancestral", seed=seeds, graph=True)
+    assert torch.equal(full, sample(gmm, x, sig, "euler_ancestral", seed=seeds))
+    part = sample(gmm, x[10:20], sig, "euler_ancestral", seed=seeds[10:20], graph=True)
+    torch.testing.assert_close(full[10:20], part, rtol=1e-5, atol=1e-5)  # other batch: other reduction sizes
+
+
+@pytest.mark.cuda
+def test_cuda_replay_and_schedule_rewrite_have_no_host_sync():
+    model, x = TinyNet().cuda(), torch.randn(8, 3, 16, 16, device="cuda")
+    sig_a, sig_b = schedules.karras(8, 0.05, 10.0), schedules.loglinear(8, 0.1, 8.0)
+    sample(model, x, sig_a, "dpmpp_2m", graph=True)  # capture
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        outs = [sample(model, x, sig, "dpmpp_2m", seed=s, graph=True) for s, sig in enumerate((sig_a, sig_b, sig_a))]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert graphs.info()["captures"] == 1 and graphs.info()["table_writes"] == 4
+    assert torch.equal(outs[1], sample(model, x, sig_b, "dpmpp_2m", seed=1))
+
+
+@pytest.mark.cuda
+def test_cuda_eager_iadb_and_hold_loops_have_no_host_sync():
+    x0 = torch.randn(16, 3, 8, 8, device="cuda")
+    proc = hold.HOLD(order=2)
+    iadb_model = lambda x, a: torch.tanh(x) * a[:, None, None, None]  # noqa: E731
+    hold_model = lambda z, t: torch.tanh(z[:, :3]) * t  # noqa: E731
+    sample_iadb(iadb_model, x0, steps=4, variant="stochastic")  # warm up: first-use loads, allocations
+    hold_sampling.sample(hold_model, proc, (16, 3, 8, 8), num_steps=5, device="cuda")
+    state = []
+
+    def syncing_from_first_call(model):
+        def f(*args):
+            if not state:
+                state.append(True)
+                torch.cuda.set_sync_debug_mode("error")  # from the first model call on: set-up is done
+            return model(*args)
+        return f
+
+    try:
+        sample_iadb(syncing_from_first_call(iadb_model), x0, steps=6, variant="stochastic")
+        torch.cuda.set_sync_debug_mode("default")
+        state.clear()
+        hold_sampling.sample(syncing_from_first_call(hold_model), proc, (16, 3, 8, 8), num_steps=5, device="cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.cuda
+def test_cuda_memory_does_not_grow():
+    model, x, sig = TinyNet().cuda(), torch.randn(8, 3, 16, 16, device="cuda"), schedules.karras(10, 0.05, 10.0)
+    for _ in range(2):
+        sample(model, x, sig, "euler_ancestral", seed=None, graph=True, record=True)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    for i in range(100):
+        y, traj = sample(model, x, sig if i % 2 else schedules.loglinear(10, 0.1, 9.0), "euler_ancestral",
+                         seed=None, graph=True, record=True)
+    del y, traj
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == before
+    assert graphs.info()["captures"] == 1
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", ["euler", "two_head", "stochastic"])
+def test_cuda_iadb_graph_equals_eager(variant):
+    model = _iadb_models()[variant]
+    x0 = start(64, sigma_max=1.0, dtype=torch.float32, device="cuda")
+    for alphas, seed in ((None, 1), ([0.0, 0.2, 0.4, 0.6, 0.85, 0.97, 1.0], 2)):
+        g = sample_iadb(model, x0, alphas, variant, steps=6, seed=seed, record=True, graph=True)
+        e = sample_iadb(model, x0, alphas, variant, steps=6, seed=seed, record=True)
+        assert torch.equal(g[0], e[0]) and all(torch.equal(g[1][k], e[1][k]) for k in e[1])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("sampler", hold_sampling.SAMPLERS)
+def test_cuda_hold_graph_equals_eager(sampler):
+    proc = hold.HOLD(order=3)
+    model = lambda z, t: torch.tanh(z[:, :3] * (0.5 + t)) - 0.1 * z[:, 3:6]  # noqa: E731
+    for seed in (1, 2):
+        g = graphs.sample_hold(model, proc, (8, 3, 8, 8), sampler=sampler, num_steps=10, seed=seed, device="cuda")
+        e = hold_sampling.sample(model, proc, (8, 3, 8, 8), sampler=sampler, num_steps=10, seed=seed, device="cuda")
+        assert torch.equal(g, e)
+    assert graphs.info()["captures"] == 1
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_low_precision_model(dtype):
+    model = TinyNet().cuda().to(dtype)
+    x, sig = torch.randn(8, 3, 16, 16, device="cuda", dtype=dtype), schedules.karras(8, 0.05, 10.0)
+    for method in ("heun", "euler_ancestral"):
+        y = sample(model, x, sig, method, seed=3, graph=True)
+        assert y.dtype == dtype and torch.equal(y, sample(model, x, sig, method, seed=3))
+
+
+@pytest.mark.cuda
+def test_cuda_torch_compiled_model():
+    model = torch.compile(TinyNet().cuda())  # default mode: Inductor kernels, no CUDA graphs of its own
+    x, sig = torch.randn(8, 3, 16, 16, device="cuda"), schedules.karras(6, 0.05, 10.0)
+    y = sample(model, x, sig, "dpmpp_2m", graph=True)
+    assert torch.equal(y, sample(model, x, sig, "dpmpp_2m"))
+    assert torch.equal(sample(model, x * 0.5, sig, "dpmpp_2m", graph=True), sample(model, x * 0.5, sig, "dpmpp_2m"))
+
+
+@pytest.mark.cuda
+def test_cuda_classifier_free_guidance_unet():
+    diffusers = pytest.importorskip("diffusers")
+    from diffkern.wrappers import DiffusersUNetDenoiser
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1,
+                                 block_out_channels=(32, 64), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
+                                 num_class_embeds=11).cuda().eval()
+    sched = diffusers.DDIMScheduler(num_train_timesteps=1000)
+    model = DiffusersUNetDenoiser(unet, sched, guidance_scale=3.0).cuda()
+    x = torch.randn(4, 3, 16, 16, device="cuda") * 10
+    labels = torch.tensor([1, 2, 3, 4], device="cuda")
+    extra = {"class_labels": labels, "uncond_class_labels": torch.full_like(labels, 10)}
+    sig = schedules.karras(8, 0.05, 10.0)
+    for lab in (labels, labels.flip(0)):
+        extra["class_labels"] = lab
+        y = sample(model, x, sig, "dpmpp_2m", extra_args=extra, graph=True)
+        assert torch.equal(y, sample(model, x, sig, "dpmpp_2m", extra_args=extra))
+    assert graphs.info()["captures"] == 1
+
+
+@pytest.mark.cuda
+def test_cuda_capture_failures_are_clean():
+    gmm, x, sig = gmm3(), _cuda_x(16), schedules.karras(4, 0.05, 10.0)
+    syncing = lambda x, s: gmm.denoise(x, s) * (1.0 if s[0].item() > 0 else 2.0)  # noqa: E731
+
+    def masking(x, s):
+        d = gmm.denoise(x, s)
+        return d[d.abs() < 1e9].reshape(d.shape)  # boolean indexing: nonzero, a data-dependent shape
+
+    for model in (syncing, masking):
+        with pytest.raises(GraphCaptureError, match="may not synchronise with the host"):
+            sample(model, x, sig, "euler", graph=True)
+        graphs.clear()  # forget the failure: graph="auto" attempts the capture again and says why it failed
+        with pytest.warns(GraphFallbackWarning, match="graph='auto' runs eager: capturing"):
+            y = sample(model, x, sig, "euler", graph="auto")
+        assert torch.equal(y, sample(model, x, sig, "euler"))
+    assert graphs.info()["entries"] == 0
+    y = sample(gmm, x, sig, "euler_ancestral", seed=5, graph=True)  # the device is fine after failed captures
+    assert torch.equal(y, sample(gmm, x, sig, "euler_ancestral", seed=5))
+
+
+@pytest.mark.cuda
+def test_cuda_outputs_are_not_aliases():
+    gmm, x, sig = gmm3(), _cuda_x(16), schedules.karras(4, 0.05, 10.0)
+    y1 = sample(gmm, x, sig, "euler_ancestral", seed=1, graph=True)
+    kept = y1.clone()
+    sample(gmm, x, sig, "euler_ancestral", seed=2, graph=True)
+    assert torch.equal(y1, kept)
+    assert y1.data_ptr() != next(iter(graphs._cache.values())).x.data_ptr()
+
+#----------------------------------------------------------------------------
+# The benchmark's CPU smoke run (its graph, compile and floor columns need CUDA).
+
+
+def test_bench_graphs_quick(monkeypatch, tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    import csv
+    import importlib
+    import os
+
+    monkeypatch.syspath_prepend(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    bench = importlib.import_module("bench.bench_graphs")
+    assert bench.main(["--quick", "--out", str(tmp_path), "--threads", "1"]) == 0
+    with open(tmp_path / "graphs.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["impl"] for r in rows} == {"diffusers", "eager"} and len(rows) == len(bench.get_configs(quick=True))
+    assert all(float(r["per_sample_us"]) > 0 and r["device_name"] and r["git_sha"] for r in rows)
+    assert (tmp_path / "graphs.png").stat().st_size > 0 and (tmp_path / "graphs_summary.csv").exists()
+    assert "| model | dtype | batch | steps |" in capsys.readouterr().out
+    full = bench.get_configs(device="cuda")
+    assert {c.impl for c in full} == set(bench.IMPLS) and {c.batch for c in full} == {1, 8, 64}
+    assert {c.steps for c in full} == {10, 50} and {c.dtype for c in full} == {"float32", "bfloat16"}
+    assert [c.impl for c in full][-1] == "compile"  # the slowest set-up last: a deadline drops it first
