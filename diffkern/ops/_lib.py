@@ -22,6 +22,16 @@ SCHEMAS = {
     ),
     "iadb_blend": "(Tensor x0, Tensor x1, Tensor alpha, Tensor(a!) out, Tensor(b!)? target_out) -> ()",
     "philox_normal": "(Tensor seed, int step, int offset, Tensor(a!) out) -> ()",
+    "likelihood_accum": (
+        "(Tensor y, Tensor denoised, Tensor? noise, Tensor sigma, Tensor weight, Tensor cv, int step, "
+        "Tensor seed, Tensor(a!) acc) -> ()"
+    ),
+    "optimal_denoiser": "(Tensor x, Tensor data, Tensor data_half_sq, Tensor sigma, Tensor(a!) out) -> ()",
+    "hold_transition": "(Tensor z, Tensor eps_hat, Tensor? noise, Tensor coef, int step, Tensor seed, Tensor(a!) out) -> ()",
+    "hold_perturb": (
+        "(Tensor z0, Tensor mean_mat, Tensor chol, Tensor? noise, int step, Tensor seed, Tensor(a!) out, "
+        "Tensor(b!)? eps_out) -> ()"
+    ),
 }
 
 for _name, _sig in SCHEMAS.items():

@@ -1,0 +1,134 @@
+"""Fused HOLD transition vs the eager PyTorch composition of the same maths (einsum + randn + adds).
+
+One fused-SSCS step of order n (``math-hold.md`` 6.2, ``diffkern.hold_sampling``):
+``z <- K z + k eps_hat + C eta`` per element, on a (64, n*3, 64, 64) float32 state, n = 2, 3, 6.
+The eager baseline is what one writes without the op:
+``einsum(K, z) + k * eps_hat + einsum(C, randn_like(z))`` (four kernels plus the normals); the fused
+op is ``hold_transition`` (front-end, ``fused``) or the raw torch op (``op``), writing a preallocated
+output with Philox normals drawn in the kernel.
+
+Bytes: every implementation is charged the minimal traffic of the step, reading z (n components) and
+eps_hat (1) and writing z' (n): (2n + 1) data tensors; the yardstick is ``dst.copy_(src)`` of the
+state (2n data tensors), measured in the same run.
+
+    python bench/bench_hold.py [--quick] [--out DIR] [--backends cpp] [--threads 1]
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+import torch
+
+try:
+    from bench import harness
+except ImportError:  # run as a script from bench/
+    import harness
+
+ORDERS = (2, 3, 6)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    impl: str  # "copy" | "eager" | "fused" (front-end) | "op" (the torch op, no front-end checks)
+    backend: str  # diffkern backend of fused/op, "" otherwise
+    n: int
+    shape: tuple  # data shape (B, C, H, W); the state is (B, n*C, H, W)
+    device: str
+
+
+def eager_transition(z: torch.Tensor, eps_hat: torch.Tensor, K: torch.Tensor, k: torch.Tensor, C: torch.Tensor):
+    """The unfused composition: z (B, n*C, H, W), eps_hat (B, C, H, W), K, C (n, n), k (n,) -> z'."""
+    B, n = z.shape[0], K.shape[0]
+    zr = z.view(B, n, -1)
+    eta = torch.randn_like(zr)
+    out = torch.einsum("ij,bjp->bip", K, zr) + k[:, None] * eps_hat.view(B, 1, -1)
+    return (out + torch.einsum("ij,bjp->bip", C, eta)).reshape(z.shape)
+
+
+def get_configs(*, quick: bool = False, backends: list[str] | None = None, device: str = "cpu") -> list[Config]:
+    """n = 2, 3, 6 on (64, n*3, 64, 64) float32 (quick: (2, n*3, 16, 16))."""
+    backends = backends if backends is not None else harness.resolve_backends(None, device)
+    shape = (2, 3, 16, 16) if quick else (64, 3, 64, 64)
+    impls = [("copy", ""), ("eager", "")] + [(kind, b) for b in backends for kind in ("fused", "op")]
+    return [Config(impl, b, n, shape, device) for n in ORDERS for impl, b in impls]
+
+
+def _step(n: int, device: str):
+    """(table (1, n, 2n+1) float64, K, k, C float32) of one mid-schedule fused SSCS step of HOLD(n)."""
+    from diffkern.hold import HOLD
+    from diffkern.hold_sampling import sampler_table, time_grid
+
+    proc = HOLD(n)
+    table = sampler_table(proc, time_grid(proc, 100), "sscs", denoise=False)[50:51].contiguous().to(device)
+    K, k, C = table[0, :, :n], table[0, :, n], table[0, :, n + 1:]
+    return table, K.float(), k.float(), C.float()
+
+
+def _callable(config: Config):
+    import diffkern.ops as dops
+
+    n, (B, Cc, H, W) = config.n, config.shape
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(B, n * Cc, H, W, generator=gen).to(config.device)
+    eps = torch.randn(B, Cc, H, W, generator=gen).to(config.device)
+    table, K, k, C = _step(n, config.device)
+    out = torch.empty_like(z)
+    if config.impl == "copy":
+        return lambda: out.copy_(z)
+    if config.impl == "eager":
+        return lambda: eager_transition(z, eps, K, k, C)
+    seed = torch.tensor([1234], dtype=torch.int64, device=config.device)
+    if config.impl == "fused":
+        return lambda: dops.hold_transition(z, eps, table, 0, seed=seed, out=out, backend=config.backend)
+    _, launch = dops.resolve("hold_transition", z.device.type, config.backend)
+    return lambda: launch(z, eps, None, table, 0, seed, out)
+
+
+def run(config: Config, *, warmup: int = 3, repeats: int = 20) -> dict:
+    """Time one case; returns a result row (ratios: :func:`add_ratios`)."""
+    timing = harness.time_fn(_callable(config), device=config.device, warmup=warmup, repeats=repeats)
+    n, (B, Cc, H, W) = config.n, config.shape
+    per_tensor = B * Cc * H * W * 4  # one data tensor (B, C, H, W) of float32
+    nbytes = (2 * n if config.impl == "copy" else 2 * n + 1) * per_tensor
+    label = f"{config.impl}:{config.backend}" if config.backend else config.impl
+    return {"op": "hold_transition", "impl": label, "n": n, "state_shape": f"{B}x{n * Cc}x{H}x{W}",
+            "bytes": nbytes, **harness.timing_columns(timing), "gbps": harness.gbps(nbytes, timing.median_s)}
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Speed-up vs eager and fraction of the copy bandwidth, per order n."""
+    for r in rows:
+        copy = next((o for o in rows if o["impl"] == "copy" and o["n"] == r["n"]), None)
+        eager = next((o for o in rows if o["impl"] == "eager" and o["n"] == r["n"]), None)
+        r["frac_copy_bw"] = r["gbps"] / copy["gbps"] if copy else float("nan")
+        r["speedup_vs_eager"] = eager["median_us"] / r["median_us"] if eager else float("nan")
+
+
+COLUMNS = ("impl", "n", "state_shape", "median_us", "p20_us", "p80_us", "gbps", "frac_copy_bw", "speedup_vs_eager",
+           "first_call_ms")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = harness.parser(__doc__.splitlines()[0]).parse_args(argv)
+    device = args.device or harness.default_device()
+    backends = harness.resolve_backends(args.backends, device)
+    configs = get_configs(quick=args.quick, backends=backends, device=device)
+    repeats = args.repeats or (3 if args.quick else 20)
+    with harness.threads(args.threads):
+        prov = harness.provenance(device)
+        rows = [dict(run(c, warmup=1 if args.quick else 3, repeats=repeats), **prov) for c in configs]
+    add_ratios(rows)
+    print(harness.to_markdown(rows, COLUMNS))
+    out = harness.out_dir(args.out, device)
+    harness.write_csv(rows, os.path.join(out, "hold.csv"))
+    fused = [r for r in rows if r["impl"] != "copy"]
+    harness.plot_bars([f"n={r['n']} {r['impl']}" for r in fused], [r["median_us"] / 1e3 for r in fused],
+                      os.path.join(out, "hold.png"), xlabel="median time per step (ms)",
+                      title=f"HOLD transition, {prov['device_name']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

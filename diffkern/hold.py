@@ -1,0 +1,333 @@
+"""Critically-damped higher-order Langevin dynamics (HOLD++), the process object.
+
+Order n >= 1 (n = 1: VP-like OU, n = 2: CLD, n = 3: TOLD++). Per data element the state is an
+n-vector z = (x, v_1, ..., v_{n-1}); the forward SDE in forward time t is
+
+    dz = beta(t) F z dt + sqrt(beta(t)) G dW,
+    F  = sum_i gamma_i (E_{i,i+1} - E_{i+1,i}) - xi E_{n,n},     G = sqrt(2 xi / L) E_{n,n}
+
+with the critically-damped choice r = sqrt(2n - 3) (r = 1 for n = 1), xi = n r and
+gamma_j^2 = r^2 j (2n - j) / ((2n - 2j - 1)(2n - 2j + 1)), so that det(lambda I - F) = (lambda + r)^n
+(``math-hold.md`` 2.2; the authors' code ``bensterl15/MIAHOLDCIFAR``). F is constant, so every
+transition depends only on the integrated time b = int_0^t beta; beta(t) = beta0 + beta1 t here.
+
+All host maths is float64. Methods take t as a Python float or a float64 tensor of any shape
+(...) and return (..., n, n) tensors on t's device, so per-sample t for training needs no host sync:
+
+    transition(t)  E(t) = exp(F b) = e^{-r b} sum_k b^k N^k / k!         (N = F + r I, nilpotent)
+    gramian(t)     Q(t) = sum_m C_m m!/(2r)^{m+1} P(m+1, 2 r b)           (cancellation-free, 3.2)
+    cov(t)         Sigma_t = E Sigma_0 E^T + Q  (+ delta I with jitter=True)
+    chol(t)        L_t = chol(Sigma_t + delta I), the factor the network's epsilon refers to
+
+Network convention (``math-hold.md`` 4): the network sees z_t and t and outputs eps_hat ~ eps_n, the
+last component's noise; the score is s_n = -eps_hat / L_t[n, n].
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+_F64 = torch.float64
+
+
+def _finite(name: str, v, *, low: float = 0.0, strict: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name}: expected a real number, got {type(v).__name__}")
+    v = float(v)
+    if not math.isfinite(v) or v < low or (strict and v == low):
+        raise ValueError(f"{name}: expected a finite value {'>' if strict else '>='} {low}, got {v}")
+    return v
+
+
+def _beta_pair(beta) -> tuple:
+    """beta as (beta0, beta1): a number is constant, a pair is beta0 + beta1 t."""
+    if isinstance(beta, (int, float)) and not isinstance(beta, bool):
+        return beta, 0.0
+    if not isinstance(beta, (tuple, list)) or len(beta) != 2:
+        raise ValueError(f"beta: expected a number or a pair (beta0, beta1), got {beta!r}")
+    return tuple(beta)
+
+
+def critical_damping(order: int, rate: float | None = None) -> tuple[float, float, list[float]]:
+    """(r, xi, [gamma_1, ..., gamma_{n-1}]) of the critically-damped order-n process.
+
+    ``rate`` defaults to the authors' normalisation r = sqrt(2n - 3) (gamma_1 = 1), r = 1 for n = 1;
+    another r is the same process with time scaled by r / sqrt(2n - 3).
+    """
+    if isinstance(order, bool) or not isinstance(order, int):
+        raise TypeError(f"order: expected a Python int >= 1, got {type(order).__name__}")
+    if order < 1:
+        raise ValueError(f"order: expected an int >= 1, got {order}")
+    n = order
+    r = _finite("rate", rate, strict=True) if rate is not None else (math.sqrt(2 * n - 3) if n > 1 else 1.0)
+    gammas = [r * math.sqrt(j * (2 * n - j) / ((2 * n - 2 * j - 1) * (2 * n - 2 * j + 1))) for j in range(1, n)]
+    return r, n * r, gammas
+
+
+def drift_matrix(gammas: list[float], xi: float) -> torch.Tensor:
+    """F (n x n float64): skew-symmetric tridiagonal couplings plus friction -xi on the last component."""
+    n = len(gammas) + 1
+    F = torch.zeros(n, n, dtype=_F64)
+    for i, g in enumerate(gammas):
+        F[i, i + 1], F[i + 1, i] = g, -g
+    F[n - 1, n - 1] = -xi
+    return F
+
+
+def chol_psd(S: torch.Tensor) -> torch.Tensor:
+    """Lower Cholesky factor of symmetric PSD ``S`` (..., n, n), batched, without a host sync.
+
+    Non-positive pivots (a rank-deficient S, e.g. Sigma_0 at t = 0 without jitter) give a zero column
+    instead of NaN; otherwise this is the textbook Cholesky-Banachiewicz recursion.
+    """
+    n = S.shape[-1]
+    Lc = torch.zeros_like(S)
+    for j in range(n):
+        piv = S[..., j, j] - (Lc[..., j, :j] ** 2).sum(-1)
+        d = torch.sqrt(piv.clamp(min=0.0))
+        Lc[..., j, j] = d
+        if j + 1 < n:
+            num = S[..., j + 1:, j] - (Lc[..., j + 1:, :j] * Lc[..., j:j + 1, :j]).sum(-1)
+            safe = torch.where(d > 0, d, torch.ones_like(d))
+            Lc[..., j + 1:, j] = torch.where(d[..., None] > 0, num / safe[..., None], 0.0)
+    return Lc
+
+
+class HOLD:
+    """Critically-damped HOLD process of order ``order`` (``math-hold.md`` 2-4).
+
+    Args:
+        order: n >= 1 (Python int).
+        L: inverse temperature; the stationary covariance is I / L (authors' default 1/L = 0.5).
+        alpha: auxiliary initial variance factor: v_k(0) ~ N(0, alpha / L).
+        T: horizon (authors: 5 with beta = 1).
+        delta: jitter added to Sigma_t's diagonal before the Cholesky (a model hyperparameter: use the
+            same value for training and sampling, ``math-hold.md`` 4.3).
+        beta: beta(t) as a constant or a pair (beta0, beta1) for beta0 + beta1 t (> 0 on (0, T]).
+        rate: r, default sqrt(2n - 3).
+        hsm: Sigma_0 = diag(0, alpha/L, ...) (hybrid score matching, default) or 0 (DSM).
+    """
+
+    def __init__(self, order: int, *, L: float = 2.0, alpha: float = 0.08, T: float = 5.0, delta: float = 1e-9,
+                 beta: float | tuple[float, float] = 1.0, rate: float | None = None, hsm: bool = True):
+        self.r, self.xi, self.gammas = critical_damping(order, rate)
+        self.order = n = order
+        self.L = _finite("L", L, strict=True)
+        self.alpha = _finite("alpha", alpha)
+        self.T = _finite("T", T, strict=True)
+        self.delta = _finite("delta", delta)
+        b0, b1 = _beta_pair(beta)
+        self.beta0 = _finite("beta (beta0)", b0)
+        if isinstance(b1, bool) or not isinstance(b1, (int, float)) or not math.isfinite(b1):
+            raise ValueError(f"beta (beta1): expected a finite real number, got {b1!r}")
+        self.beta1 = float(b1)
+        if not self.beta0 + self.beta1 * self.T > 0 or (self.beta0 == 0 and self.beta1 <= 0):
+            raise ValueError(f"beta: beta(t) = {self.beta0} + {self.beta1} t must be > 0 on (0, T={self.T}]")
+        self.hsm = bool(hsm)
+        self.F = drift_matrix(self.gammas, self.xi)  # (n, n)
+        self.G = torch.zeros(n, n, dtype=_F64)
+        self.G[n - 1, n - 1] = math.sqrt(2 * self.xi / self.L)
+        N = self.F + self.r * torch.eye(n, dtype=_F64)
+        self.N = N
+        self._npow = torch.stack([torch.linalg.matrix_power(N, k) / math.factorial(k) for k in range(n)])
+        g = self.G[:, n - 1]
+        self._cm = self._gram_coefs(self._npow, g)
+        self._cm_a = self._gram_coefs(self._npow.transpose(-1, -2), g)
+        self._cache: dict = {}
+
+    @staticmethod
+    def _gram_coefs(npow: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """C_m = sum_{j+k=m} (N^j g / j!)(N^k g / k!)^T, m = 0..2n-2; shape (2n-1, n, n)."""
+        n = npow.shape[0]
+        vecs = npow @ g  # (n, n): row j is N^j g / j!
+        cm = torch.zeros(2 * n - 1, n, n, dtype=_F64)
+        for j in range(n):
+            for k in range(n):
+                cm[j + k] += torch.outer(vecs[j], vecs[k])
+        return cm
+
+    def __repr__(self) -> str:
+        return (f"HOLD(order={self.order}, L={self.L}, alpha={self.alpha}, T={self.T}, delta={self.delta}, "
+                f"beta=({self.beta0}, {self.beta1}), rate={self.r}, hsm={self.hsm})")
+
+    @classmethod
+    def from_cld(cls, m_inv: float = 4.0, gamma: float = 0.04, beta: float | tuple[float, float] = 4.0,
+                 T: float = 1.0, delta: float = 1e-9, hsm: bool = True) -> "HOLD":
+        """Critically-damped CLD (Dockhorn et al. 2022; mass M = 1/m_inv, Gamma = 2 sqrt(M)) as HOLD n = 2.
+
+        CLD's dx = beta M^-1 v dt, dv = (-beta x - Gamma beta M^-1 v) dt + sqrt(2 Gamma beta) dW becomes,
+        with v = sqrt(M) v~, the n = 2 HOLD++ process with L = 1, alpha = gamma and beta scaled by
+        sqrt(m_inv) (CIFAR-10 config: m_inv = 4, beta = 4 -> beta 8). Convert states with
+        :func:`cld_to_hold_state` / :func:`hold_to_cld_state`; eps_hat means the same in both.
+        """
+        s = math.sqrt(_finite("m_inv", m_inv, strict=True))
+        b = _beta_pair(beta)
+        return cls(2, L=1.0, alpha=gamma, T=T, delta=delta, beta=(b[0] * s, b[1] * s), hsm=hsm)
+
+    # ---------------------------------------------------------------- time
+    def beta(self, t):
+        """beta(t) for float or tensor t."""
+        return self.beta0 + self.beta1 * t
+
+    def int_beta(self, t):
+        """b = int_0^t beta(s) ds for float or tensor t."""
+        return self.beta0 * t + 0.5 * self.beta1 * t * t
+
+    def _const(self, name: str, device) -> torch.Tensor:
+        key = (name, str(device))
+        if key not in self._cache:
+            self._cache[key] = getattr(self, name).to(device)
+        return self._cache[key]
+
+    @staticmethod
+    def _as_b(b) -> torch.Tensor:
+        return b.to(_F64) if isinstance(b, torch.Tensor) else torch.tensor(float(b), dtype=_F64)
+
+    # ---------------------------------------------------------------- closed forms in integrated time b
+    def _poly_exp(self, b: torch.Tensor, npow: str) -> torch.Tensor:
+        k = torch.arange(self.order, dtype=_F64, device=b.device)
+        pows = b[..., None] ** k  # (..., n); 0**0 = 1
+        return torch.einsum("...k,kij->...ij", pows, self._const(npow, b.device)) * torch.exp(-self.r * b)[..., None, None]
+
+    def _gram(self, b: torch.Tensor, cm: str) -> torch.Tensor:
+        m = torch.arange(2 * self.order - 1, dtype=_F64, device=b.device)
+        scale = torch.exp(torch.lgamma(m + 1) - (m + 1) * math.log(2 * self.r))  # m! / (2r)^{m+1}
+        x = (2 * self.r * b)[..., None].expand(*b.shape, m.numel())
+        cm = self._const(cm, b.device)
+        low = torch.einsum("...m,mij->...ij", scale * torch.special.gammainc(m + 1, x), cm)
+        # sum_m C_m m!/(2r)^{m+1} = Sigma_inf (Lyapunov), so Q = I/L - sum_m C_m m!/(2r)^{m+1} Q(m+1, x):
+        # no cancellation at large x, where the lower form sums O(1) terms to I/L. Switching at
+        # x = 2n keeps the normalized error vs 45-digit Van Loan <= 2.6e-12 for n <= 6 (1.3e-15 at n = 3).
+        high = torch.eye(self.order, dtype=_F64, device=b.device) / self.L - torch.einsum(
+            "...m,mij->...ij", scale * torch.special.gammaincc(m + 1, x), cm)
+        return torch.where((2 * self.r * b > 2 * self.order)[..., None, None], high, low)
+
+    def transition_b(self, b) -> torch.Tensor:
+        """E = exp(F b) at integrated time b; (..., n, n) float64."""
+        return self._poly_exp(self._as_b(b), "_npow")
+
+    def gramian_b(self, b) -> torch.Tensor:
+        """Q = int_0^b E(s) G G^T E(s)^T ds at integrated time b; (..., n, n) float64."""
+        return self._gram(self._as_b(b), "_cm")
+
+    def a_transition(self, b) -> torch.Tensor:
+        """SSCS A-part transition A(b) = exp(F^T b) = E(b)^T (``math-hold.md`` 6.2); (..., n, n)."""
+        return self.transition_b(b).transpose(-1, -2)
+
+    def a_cov(self, b) -> torch.Tensor:
+        """SSCS A-part covariance Q_A(b) = Sigma_inf - A Sigma_inf A^T, by the series with N^T; (..., n, n)."""
+        return self._gram(self._as_b(b), "_cm_a")
+
+    # ---------------------------------------------------------------- closed forms in forward time t
+    def cov0(self, device=None) -> torch.Tensor:
+        """Sigma_0: diag(0, alpha/L, ..., alpha/L) (HSM) or 0 (DSM); (n, n) float64."""
+        d = torch.full((self.order,), self.alpha / self.L if self.hsm else 0.0, dtype=_F64, device=device)
+        d[0] = 0.0
+        return torch.diag(d)
+
+    def stationary_cov(self, device=None) -> torch.Tensor:
+        """Sigma_inf = I / L; (n, n) float64."""
+        return torch.eye(self.order, dtype=_F64, device=device) / self.L
+
+    def transition(self, t) -> torch.Tensor:
+        """E(t) = exp(F int_0^t beta); (..., n, n) float64 on t's device."""
+        return self.transition_b(self.int_beta(self._as_b(t)))
+
+    def gramian(self, t) -> torch.Tensor:
+        """Q(t), the covariance of z_t given z_0 = 0; (..., n, n) float64."""
+        return self.gramian_b(self.int_beta(self._as_b(t)))
+
+    def cov(self, t, *, jitter: bool = False) -> torch.Tensor:
+        """Sigma_t = E Sigma_0 E^T + Q(t) (+ delta I if ``jitter``), cancellation-free; (..., n, n) float64."""
+        b = self.int_beta(self._as_b(t))
+        E = self.transition_b(b)
+        S = E @ self.cov0(b.device) @ E.transpose(-1, -2) + self.gramian_b(b)
+        if jitter:
+            S = S + self.delta * torch.eye(self.order, dtype=_F64, device=b.device)
+        return S
+
+    def chol(self, t) -> torch.Tensor:
+        """L_t = chol(Sigma_t + delta I), lower-triangular; (..., n, n) float64."""
+        return chol_psd(self.cov(t, jitter=True))
+
+    def score_scale(self, t) -> torch.Tensor:
+        """L_t[n, n]: the score is s_n = -eps_hat / L_t[n, n]; shape (...) float64."""
+        return self.chol(t)[..., -1, -1]
+
+    # ---------------------------------------------------------------- network conventions
+    def eps_to_score(self, eps_hat: torch.Tensor, t: float) -> torch.Tensor:
+        """s_n = -eps_hat / L_t[n, n] (``math-hold.md`` 4.2) for a scalar forward time t."""
+        return eps_hat / -float(self.score_scale(t))
+
+    def score_to_eps(self, score_n: torch.Tensor, t: float) -> torch.Tensor:
+        """eps_hat = -L_t[n, n] s_n: the network output that an exact score corresponds to."""
+        return score_n * -float(self.score_scale(t))
+
+    def x0_coefficients(self, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weights (w_z (..., n), w_eps (...)) with x0_hat = sum_k w_z[k] z_k + w_eps eps_hat (``math-hold.md`` 4.4).
+
+        With c = E(t) e_1 and u = L_<^{-T} l (l = L_t[n, <n]):
+        x0_hat = (z_n - L_nn eps_hat - u^T z_<n) / (c_n - u^T c_<n).
+        """
+        b = self._as_b(t)
+        c = self.transition(b)[..., :, 0]  # (..., n)
+        Lt = self.chol(b)
+        n = self.order
+        if n > 1:
+            l_row = Lt[..., n - 1, : n - 1]
+            u = torch.linalg.solve_triangular(Lt[..., : n - 1, : n - 1].transpose(-1, -2), l_row[..., None],
+                                              upper=True)[..., 0]  # (..., n-1)
+            den = c[..., n - 1] - (u * c[..., : n - 1]).sum(-1)
+            w_z = torch.cat([-u, torch.ones_like(den)[..., None]], -1) / den[..., None]
+        else:
+            den = c[..., 0]
+            w_z = (1.0 / den)[..., None]
+        return w_z, -Lt[..., n - 1, n - 1] / den
+
+    def predict_x0(self, z: torch.Tensor, eps_hat: torch.Tensor, t: float) -> torch.Tensor:
+        """x0_hat = E[x_0 | z_t] when eps_hat = E[eps_n | z_t]; z (B, n*C, ...), eps_hat (B, C, ...) -> (B, C, ...)."""
+        w_z, w_e = self.x0_coefficients(float(t))
+        zs = split_components(z, self.order)
+        acc = w_e.item() * eps_hat.double()
+        for k in range(self.order):
+            acc = acc + w_z[k].item() * zs[k].double()
+        return acc.to(z.dtype)
+
+    # ---------------------------------------------------------------- forward perturbation (training)
+    def perturb_matrices(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample (mean_mat (B, n, 1), chol (B, n, n)) float64 for :meth:`perturb`; t (B,) on any device."""
+        b = self._as_b(t)
+        return self.transition(b)[..., :, :1].contiguous(), self.chol(b).contiguous()
+
+    def perturb(self, x0: torch.Tensor, t: torch.Tensor, *, seed=None, step: int = 0, noise=None, backend=None):
+        """Training perturbation z_t = E(t)(x0, 0, ..., 0) + L_t eps with per-sample t, through ``hold_perturb``.
+
+        x0: (B, C, ...) data; t: (B,) forward times on x0's device. Returns (z_t (B, n*C, ...), eps_n (B, C, ...)),
+        eps_n being the regression target of the network output eps_hat.
+        """
+        from diffkern.ops.hold import hold_perturb
+
+        mean_mat, lt = self.perturb_matrices(t)
+        eps_n = torch.empty_like(x0)
+        z = hold_perturb(x0, mean_mat, lt, seed=seed, step=step, noise=noise, eps_out=eps_n, backend=backend)
+        return z, eps_n
+
+
+def split_components(z: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """The n components of a state (B, n*C, ...) as views (B, C, ...), component-major along dim 1."""
+    if z.dim() < 2 or z.shape[1] % n:
+        raise ValueError(f"z: expected a state (B, n*C, ...) with n = {n}, got shape {tuple(z.shape)}")
+    return list(torch.chunk(z, n, dim=1)) if z.shape[1] else [z] * n
+
+
+def cld_to_hold_state(z: torch.Tensor, m_inv: float) -> torch.Tensor:
+    """CLD state (x, v) (B, 2C, ...) -> HOLD n = 2 state (x, v / sqrt(M)) = (x, v sqrt(m_inv))."""
+    x, v = split_components(z, 2)
+    return torch.cat([x, v * math.sqrt(m_inv)], dim=1)
+
+
+def hold_to_cld_state(z: torch.Tensor, m_inv: float) -> torch.Tensor:
+    """Inverse of :func:`cld_to_hold_state`."""
+    x, v = split_components(z, 2)
+    return torch.cat([x, v / math.sqrt(m_inv)], dim=1)

@@ -1,0 +1,236 @@
+"""HOLD samplers (``math-hold.md`` 6): Euler-Maruyama, fused order-n SSCS, probability-flow ODE.
+
+Every sampler is a table of per-step (K_i, k_i, C_i) built on the host in float64 and one fused
+``hold_transition`` launch per network evaluation: ``z <- K_i z + k_i eps_hat + C_i eta``. The network
+(``model(z, t) -> eps_hat``, z (B, n*C, ...), t a Python float forward time, eps_hat (B, C, ...)) is
+evaluated at the start-of-step forward time s_i, as in CLD's samplers.
+
+Time grid (forward time, N loop steps): linear s_i = T - (i/N)(T - t_min), or quadratic striding
+s_i = t_min + (T - t_min)(1 - i/N)^2 (CLD's "QS"). With ``denoise`` the last NFE is one EM step of
+length t_min keeping the mean (6.4), so ``num_steps`` NFE = N + 1. b_i = int_{s_{i+1}}^{s_i} beta.
+
+* EM (6.1):    K = I - b F,  k = -b (2 xi / L) / L_nn(s_i) e_n,  C = sqrt(2 xi b / L) E_nn
+* SSCS (6.2), fused: the first A half-step acts on the exact stationary prior and is skipped; after
+  network call i:  K = A(p_i) D_i,  k = A(p_i) c_i,  C = chol(Q_A(p_i)) with
+  D_i = I + 2 xi b_i E_nn, c_i = -(2 xi b_i / L) / L_nn(s_i) e_n, p_i = b_i / 2 + b_{i+1} / 2 (last: b/2)
+* ODE (5), Euler: K = I - b F,  k = -b (xi / L) / L_nn(s_i) e_n,  C = 0
+
+The prior is z ~ N(0, I / L), drawn from the Philox stream at counter ``PRIOR_STEP``; step i of the
+loop draws at counter i.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from .hold import HOLD, chol_psd
+from .ops.hold import hold_transition, transition_table
+from .ops.philox import randn
+
+SAMPLERS = ("em", "sscs", "ode")
+SPACINGS = ("linear", "quadratic")
+PRIOR_STEP = 2**32 - 1  # Philox counter of the prior draw; table rows use counters 0..N
+
+#----------------------------------------------------------------------------
+# Time grid and per-step tables (host, float64).
+
+
+def time_grid(proc: HOLD, steps: int, *, t_min: float = 1e-3, spacing: str = "linear") -> torch.Tensor:
+    """Forward times s_0 = T > s_1 > ... > s_steps = t_min, float64 (steps + 1,) on the CPU."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps: expected a Python int >= 1, got {steps!r}")
+    if not (isinstance(t_min, (int, float)) and 0 < t_min < proc.T):
+        raise ValueError(f"t_min: expected 0 < t_min < T = {proc.T}, got {t_min!r}")
+    if spacing not in SPACINGS:
+        raise ValueError(f"spacing: expected one of {SPACINGS}, got {spacing!r}")
+    u = torch.arange(steps + 1, dtype=torch.float64) / steps
+    if spacing == "linear":
+        return proc.T - u * (proc.T - t_min)
+    return t_min + (proc.T - t_min) * (1 - u) ** 2
+
+
+def _last(n: int, N: int) -> torch.Tensor:
+    e = torch.zeros(N, n, dtype=torch.float64)
+    e[:, n - 1] = 1.0
+    return e
+
+
+def _steps(proc: HOLD, grid: torch.Tensor):
+    b = proc.int_beta(grid[:-1]) - proc.int_beta(grid[1:])  # (N,) integrated beta per step
+    lnn = proc.score_scale(grid[:-1])  # (N,) L_t[n, n] at the score times
+    return b, lnn
+
+
+def euler_rows(proc: HOLD, b: torch.Tensor, lnn: torch.Tensor, score_weight: float):
+    """K = I - b F, k = -b (score_weight xi / L) / L_nn e_n for each step: score_weight 2 (SDE) or 1 (ODE)."""
+    n, N = proc.order, b.numel()
+    K = torch.eye(n, dtype=torch.float64) - b[:, None, None] * proc.F
+    k = _last(n, N) * (-b * score_weight * proc.xi / proc.L / lnn)[:, None]
+    return K, k
+
+
+def denoise_row(proc: HOLD, t_min: float):
+    """(K, k, C) of the final denoising step: EM of length t_min, mean only (``math-hold.md`` 6.4); shapes (1, n, ...)."""
+    b = torch.tensor([proc.int_beta(float(t_min))], dtype=torch.float64)
+    K, k = euler_rows(proc, b, proc.score_scale(torch.tensor([float(t_min)], dtype=torch.float64)), 2.0)
+    return K, k, torch.zeros_like(K)
+
+
+def sampler_table(proc: HOLD, grid: torch.Tensor, sampler: str = "sscs", *, denoise: bool = True) -> torch.Tensor:
+    """The float64 (N [+1], n, 2n+1) ``hold_transition`` table of ``sampler`` on ``grid`` (CPU)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler: expected one of {SAMPLERS}, got {sampler!r}")
+    n = proc.order
+    b, lnn = _steps(proc, grid)
+    N = b.numel()
+    if sampler == "em":
+        K, k = euler_rows(proc, b, lnn, 2.0)
+        C = torch.zeros(N, n, n, dtype=torch.float64)
+        C[:, n - 1, n - 1] = torch.sqrt(2 * proc.xi * b / proc.L)
+    elif sampler == "ode":
+        K, k = euler_rows(proc, b, lnn, 1.0)
+        C = torch.zeros(N, n, n, dtype=torch.float64)
+    else:
+        post = 0.5 * b + 0.5 * torch.cat([b[1:], b.new_zeros(1)])  # merged A half-steps
+        A = proc.a_transition(post)  # (N, n, n)
+        D = torch.eye(n, dtype=torch.float64).repeat(N, 1, 1)
+        D[:, n - 1, n - 1] += 2 * proc.xi * b
+        K = A @ D
+        k = A[:, :, n - 1] * (-2 * proc.xi * b / proc.L / lnn)[:, None]
+        C = chol_psd(proc.a_cov(post))
+    if denoise:
+        Kd, kd, Cd = denoise_row(proc, float(grid[-1]))
+        K, k, C = torch.cat([K, Kd]), torch.cat([k, kd]), torch.cat([C, Cd])
+    return transition_table(K, k, C)
+
+#----------------------------------------------------------------------------
+# The sampling loop.
+
+
+def prior(proc: HOLD, state_shape, seed: torch.Tensor, *, dtype=torch.float32, backend=None) -> torch.Tensor:
+    """z_T ~ N(0, I / L), shape ``state_shape`` (B, n*C, ...), from the Philox stream at ``PRIOR_STEP``."""
+    z = randn(state_shape, seed, step=PRIOR_STEP, dtype=dtype, backend=backend)
+    return z.mul_(1.0 / math.sqrt(proc.L))
+
+
+def sample(model: Callable, proc: HOLD, shape, *, sampler: str = "sscs", num_steps: int = 500,
+           spacing: str = "linear", t_min: float = 1e-3, denoise: bool = True, seed=None, device=None,
+           dtype=torch.float32, z=None, backend=None, return_state: bool = False) -> torch.Tensor:
+    """Sample with ``num_steps`` network evaluations; returns x (B, C, ...) (the state if ``return_state``).
+
+    Args:
+        model: ``model(z, t) -> eps_hat``; z (B, n*C, ...) in ``dtype``, t a Python float, eps_hat (B, C, ...).
+        proc: the HOLD process the model was trained for.
+        shape: data shape (B, C, ...).
+        sampler: "em" | "sscs" | "ode"; spacing: "linear" | "quadratic" (time grid).
+        seed: int64 tensor (1,) or (B,) (or a Python int) keying the Philox stream; default 0.
+        z: optional initial state (B, n*C, ...) instead of the prior draw (updated in place).
+        backend: ``hold_transition`` (and prior) backend.
+    """
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1 + int(denoise):
+        raise ValueError(f"num_steps: expected a Python int >= {1 + int(denoise)}, got {num_steps!r}")
+    n = proc.order
+    steps = num_steps - int(denoise)
+    grid = time_grid(proc, steps, t_min=t_min, spacing=spacing)
+    if z is not None:
+        device, dtype = z.device, z.dtype
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if seed is None or isinstance(seed, int):
+        seed = torch.tensor([seed or 0], dtype=torch.int64, device=device)
+    table = sampler_table(proc, grid, sampler, denoise=denoise).to(device)
+    state_shape = (shape[0], n * shape[1], *shape[2:])
+    if z is None:
+        z = prior(proc, state_shape, seed, dtype=dtype, backend=backend)
+    elif tuple(z.shape) != state_shape:
+        raise ValueError(f"z: expected shape {state_shape}, got {tuple(z.shape)}")
+    ts = grid.tolist()
+    for i in range(steps + int(denoise)):
+        hold_transition(z, model(z, ts[min(i, steps)]), table, i, seed=seed, out=z, backend=backend)
+    return z if return_state else z[:, : shape[1]]
+
+#----------------------------------------------------------------------------
+# Exact-score model for Gaussian-mixture data (``math-hold.md`` 10.2): a network stand-in.
+
+
+class GaussianMixture:
+    """Isotropic mixture sum_k pi_k N(m_k, sigma_k^2 I_d); weights (K,), means (K, d), stds (K,), float64."""
+
+    def __init__(self, weights, means, stds):
+        self.weights = torch.as_tensor(weights, dtype=torch.float64)
+        self.means = torch.as_tensor(means, dtype=torch.float64)
+        self.stds = torch.as_tensor(stds, dtype=torch.float64)
+        if self.means.dim() == 1:
+            self.means = self.means[:, None]
+        K = self.weights.numel()
+        if self.means.shape[0] != K or self.stds.shape != (K,):
+            raise ValueError(f"means, stds: expected (K, d) and (K,) with K = {K}, got "
+                             f"{tuple(self.means.shape)}, {tuple(self.stds.shape)}")
+        if not (self.weights > 0).all() or abs(float(self.weights.sum()) - 1) > 1e-12 or not (self.stds > 0).all():
+            raise ValueError("weights: expected positive weights summing to 1 and stds > 0")
+
+    def sample(self, num: int, generator=None) -> torch.Tensor:
+        """(num, d) float64 draws."""
+        k = torch.multinomial(self.weights, num, replacement=True, generator=generator)
+        noise = torch.randn(num, self.means.shape[1], dtype=torch.float64, generator=generator)
+        return self.means[k] + self.stds[k, None] * noise
+
+    def cdf(self, x: torch.Tensor) -> torch.Tensor:
+        """CDF of a 1-D mixture (d = 1) at x (float64)."""
+        z = (x.double()[..., None] - self.means[:, 0]) / self.stds
+        return (self.weights * torch.special.ndtr(z)).sum(-1)
+
+
+class GaussianMixtureScore:
+    """Exact ``model(z, t) -> eps_hat`` for data ~ ``mixture`` under ``proc`` (HSM joint target, 10.2).
+
+    A sample's data is x in R^d with d = C * prod(rest) flattened from (C, *rest); the forward marginal
+    is sum_k pi_k N(a (x) m_k, V_k (x) I_d), a = E(t) e_1, V_k = sigma_k^2 a a^T + E D_alpha E^T + Q(t).
+    eps_hat = -L_t[n, n] s_n uses the same jittered L_t as the sampler tables. Math in float64.
+    ``elementwise=True`` (1-D mixtures only) treats every data element as an independent sample, so a
+    (1, C, H, W) state carries C*H*W draws.
+    """
+
+    def __init__(self, proc: HOLD, mixture: GaussianMixture, *, elementwise: bool = False):
+        if elementwise and mixture.means.shape[1] != 1:
+            raise ValueError("elementwise: needs a 1-D mixture (means of shape (K, 1))")
+        self.proc, self.mix, self.elementwise = proc, mixture, elementwise
+
+    def marginal(self, t: float):
+        """(a (n,), V (K, n, n)) of the forward marginal at forward time t."""
+        p = self.proc
+        E = p.transition(float(t))
+        d_alpha = torch.full((p.order,), p.alpha / p.L, dtype=torch.float64)
+        d_alpha[0] = 0.0
+        R = E @ torch.diag(d_alpha) @ E.T + p.gramian(float(t))
+        a = E[:, 0]
+        return a, self.mix.stds[:, None, None] ** 2 * torch.outer(a, a) + R
+
+    def __call__(self, z: torch.Tensor, t: float) -> torch.Tensor:
+        n, B = self.proc.order, z.shape[0]
+        cdt = torch.float64 if z.dtype == torch.float64 else torch.float32
+        a, V = self.marginal(t)
+        P = torch.linalg.inv(V).to(z.device, cdt)  # (K, n, n)
+        logdet = torch.linalg.slogdet(V)[1].tolist()
+        zr = z.to(cdt).reshape(B, n, -1)  # (B, n, d)
+        if self.elementwise:
+            zr = zr.transpose(1, 2).reshape(-1, n, 1)  # (B*d, n, 1): every element its own sample
+        samples, d = zr.shape[0], zr.shape[2]
+        if self.mix.means.shape[1] != d:
+            raise ValueError(f"z: data dimension {d} does not match the mixture's {self.mix.means.shape[1]}")
+        Z = zr.permute(1, 0, 2)  # (n, samples, d)
+        am = (a[None, :, None] * self.mix.means[:, None, :]).to(z.device, cdt)  # (K, n, d) means of z
+        logw, s_parts = [], []
+        for k in range(self.mix.weights.numel()):
+            diff = (Z - am[k][:, None, :]).reshape(n, samples * d)
+            y = P[k] @ diff  # one (n x n) @ (n x samples*d) product per component
+            quad = (diff * y).sum(0).reshape(samples, d).sum(1)  # (samples,)
+            logw.append(quad.mul_(-0.5).add_(math.log(float(self.mix.weights[k])) - 0.5 * d * logdet[k]))
+            s_parts.append(y[n - 1].reshape(samples, d))
+        w = torch.softmax(torch.stack(logw), dim=0)  # (K, samples) responsibilities; dim 0: 10x faster than dim 1
+        s_n = w[0, :, None] * s_parts[0]
+        for k in range(1, len(s_parts)):
+            s_n = s_n + w[k, :, None] * s_parts[k]
+        eps = s_n * float(self.proc.score_scale(float(t)))  # eps_hat = -L_nn s_n, s_n = -sum_k w_k y_k[n]
+        return eps.reshape(z.shape[0], z.shape[1] // n, *z.shape[2:]).to(z.dtype)

@@ -1,0 +1,140 @@
+"""Triton launchers of ``diffkern::hold_transition_triton`` and ``diffkern::hold_perturb_triton``.
+
+Spec and reference: ``diffkern/ops/hold.py``. A program owns BLOCK positions p of one sample b and
+keeps all n components of its elements as an [NP2, BLOCK] tile (rows = components, padded to a
+power of two), so each component is read once and written once. Per output component i the sums
+run left to right in the order of the reference (``acc = K[i,0] z_0``, ``+= K[i,j] z_j``, ``+= k_i
+eps``, ``+= C[i,j] eta_j`` for j <= i); a noise column of C that is all zero is not drawn. The
+table row and the seed are read on the device. Every load precedes every store, so out may be z.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .philox import MIN_BLOCK, compute_dtype, interpreting, launch_config, load_as, philox_normal
+
+
+def _config(per_sample: int, n: int) -> tuple[int, dict]:
+    block, options = launch_config(per_sample)
+    np2 = triton.next_power_of_2(n)
+    if not interpreting():  # a tile holds NP2 rows: keep about GPU_BLOCK values per program
+        block = max(MIN_BLOCK, block // np2)
+        options = dict(options, BLOCK=block)
+    return np2, options
+
+
+@triton.jit
+def _noise(noise_ptr, seed_ptr, b, step, idx, mask, base, HAS_NOISE: tl.constexpr, PER_SAMPLE: tl.constexpr,
+           CDT: tl.constexpr):
+    """Normals of state entries ``base + idx`` (explicit tensor or the Philox stream)."""
+    if HAS_NOISE:
+        v = load_as(noise_ptr + base + idx, mask, CDT)
+    elif PER_SAMPLE:
+        v = philox_normal(tl.load(seed_ptr + b), step, idx, CDT)
+    else:
+        v = philox_normal(tl.load(seed_ptr), step, base + idx, CDT)
+    return v
+
+
+@triton.jit
+def _hold_transition_kernel(z_ptr, eps_ptr, noise_ptr, coef_ptr, seed_ptr, out_ptr,
+                            step, P, blocks_per_sample,
+                            N: tl.constexpr, NP2: tl.constexpr, HAS_NOISE: tl.constexpr, PER_SAMPLE: tl.constexpr,
+                            CDT: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    b = pid // blocks_per_sample
+    p = (pid - b * blocks_per_sample).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,)
+    pmask = p < P
+    rows = tl.arange(0, NP2)  # output components i
+    rmask = rows < N
+    base = b.to(tl.int64) * N * P  # the sample's first state entry
+    W: tl.constexpr = 2 * N + 1
+    row_ptr = coef_ptr + tl.cast(step, tl.int64) * (N * W)
+
+    acc = tl.zeros([NP2, BLOCK], CDT)
+    for j in tl.static_range(N):
+        zj = load_as(z_ptr + base + j * P + p, pmask, CDT)
+        kij = tl.load(row_ptr + rows * W + j, mask=rmask, other=0.0).to(CDT)
+        if j == 0:
+            acc = kij[:, None] * zj[None, :]
+        else:
+            acc = acc + kij[:, None] * zj[None, :]
+    e = load_as(eps_ptr + b.to(tl.int64) * P + p, pmask, CDT)
+    ki = tl.load(row_ptr + rows * W + N, mask=rmask, other=0.0).to(CDT)
+    acc = acc + ki[:, None] * e[None, :]
+    for j in tl.static_range(N):
+        cij64 = tl.load(row_ptr + rows * W + N + 1 + j, mask=rmask & (rows >= j), other=0.0)
+        if tl.max(tl.abs(cij64), axis=0) != 0:  # column j used at all: draw eta_j
+            eta = _noise(noise_ptr, seed_ptr, b, step, j * P + p, pmask, base, HAS_NOISE, PER_SAMPLE, CDT)
+            term = cij64.to(CDT)[:, None] * eta[None, :]
+            acc = acc + tl.where((rows >= j)[:, None], term, 0.0)
+    offs = base + rows[:, None].to(tl.int64) * P + p[None, :]
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & pmask[None, :])
+
+
+def hold_transition_launch(z, eps_hat, noise, coef, step, seed, out) -> None:
+    """Schema of ``diffkern::hold_transition``: contiguous z/out (B, n*C, ...), eps_hat (B, C, ...),
+    coef float64 (N, n, 2n+1), seed int64 (1,) or (B,); writes out."""
+    if z.numel() == 0:
+        return
+    n = coef.shape[1]
+    B = z.shape[0]
+    P = z.numel() // (B * n)
+    np2, options = _config(P, n)
+    blocks = triton.cdiv(P, options["BLOCK"])
+    _hold_transition_kernel[(B * blocks,)](
+        z, eps_hat, z if noise is None else noise, coef, seed, out, step, P, blocks,
+        N=n, NP2=np2, HAS_NOISE=noise is not None, PER_SAMPLE=seed.numel() > 1, CDT=compute_dtype(z.dtype),
+        **options)
+
+
+@triton.jit
+def _hold_perturb_kernel(z0_ptr, mean_ptr, chol_ptr, noise_ptr, seed_ptr, out_ptr, eps_out_ptr,
+                         step, P, blocks_per_sample,
+                         N: tl.constexpr, M: tl.constexpr, NP2: tl.constexpr, HAS_NOISE: tl.constexpr,
+                         HAS_EPS_OUT: tl.constexpr, PER_SAMPLE: tl.constexpr, CDT: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    b = pid // blocks_per_sample
+    p = (pid - b * blocks_per_sample).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    pmask = p < P
+    rows = tl.arange(0, NP2)
+    rmask = rows < N
+    b64 = b.to(tl.int64)
+    base = b64 * N * P
+    mean_row = mean_ptr + b64 * N * M
+    chol_row = chol_ptr + b64 * N * N
+
+    acc = tl.zeros([NP2, BLOCK], CDT)
+    for j in tl.static_range(M):
+        zj = load_as(z0_ptr + b64 * M * P + j * P + p, pmask, CDT)
+        mij = tl.load(mean_row + rows * M + j, mask=rmask, other=0.0).to(CDT)
+        if j == 0:
+            acc = mij[:, None] * zj[None, :]
+        else:
+            acc = acc + mij[:, None] * zj[None, :]
+    for j in tl.static_range(N):
+        eps = _noise(noise_ptr, seed_ptr, b, step, j * P + p, pmask, base, HAS_NOISE, PER_SAMPLE, CDT)
+        lij = tl.load(chol_row + rows * N + j, mask=rmask & (rows >= j), other=0.0).to(CDT)
+        acc = acc + tl.where((rows >= j)[:, None], lij[:, None] * eps[None, :], 0.0)
+        if HAS_EPS_OUT and j == N - 1:
+            tl.store(eps_out_ptr + b64 * P + p, eps.to(eps_out_ptr.dtype.element_ty), mask=pmask)
+    offs = base + rows[:, None].to(tl.int64) * P + p[None, :]
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & pmask[None, :])
+
+
+def hold_perturb_launch(z0, mean_mat, chol, noise, step, seed, out, eps_out) -> None:
+    """Schema of ``diffkern::hold_perturb``: contiguous z0 (B, m*C, ...), float64 mean_mat (B, n, m) and
+    chol (B, n, n), out (B, n*C, ...), optional eps_out (B, C, ...); writes out [, eps_out]."""
+    if out.numel() == 0:
+        return
+    B, n, m = mean_mat.shape
+    P = out.numel() // (B * n)
+    np2, options = _config(P, n)
+    blocks = triton.cdiv(P, options["BLOCK"])
+    _hold_perturb_kernel[(B * blocks,)](
+        z0, mean_mat, chol, out if noise is None else noise, seed, out, out if eps_out is None else eps_out,
+        step, P, blocks,
+        N=n, M=m, NP2=np2, HAS_NOISE=noise is not None, HAS_EPS_OUT=eps_out is not None,
+        PER_SAMPLE=seed.numel() > 1, CDT=compute_dtype(z0.dtype), **options)
