@@ -1,0 +1,143 @@
+"""diffusers' ``DDIMScheduler.step`` (eta 0 and 1) vs the fused VP-DDIM step, with one tensor copy as the yardstick.
+
+Workload: a (16, 3, 256, 256) float32 latent (quick: (2, 3, 32, 32)), eps-prediction, 50 inference
+steps, one mid-schedule step. diffusers draws its eta = 1 noise with ``torch.randn``; the fused op draws
+Philox normals in the kernel. Fused cases:
+
+* ``fused``: ``sampler_step`` with a prebuilt ``ddim_row`` table and a preallocated ``out`` (a sampling loop);
+* ``ddim_step``: the convenience front-end, which builds the one-row table on every call;
+* ``op``: the torch op itself, without the front-end's argument checks.
+
+Every time is also given in units of one ``dst.copy_(src)`` of the latent (``x_copy``).
+
+    python bench/bench_ddim.py [--quick] [--out DIR] [--backends cpp,reference]
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+import torch
+
+try:
+    from bench import harness
+except ImportError:  # run as a script from bench/
+    import harness
+
+SHAPE, QUICK_SHAPE = (16, 3, 256, 256), (2, 3, 32, 32)
+N_STEPS, STEP_INDEX = 50, 25
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    impl: str  # "copy" | "diffusers" | "fused" | "ddim_step" | "op"
+    backend: str  # diffkern backend, "" for copy and diffusers
+    eta: float
+    shape: tuple
+    device: str
+
+
+def get_configs(*, quick: bool = False, backends: list[str] | None = None, device: str = "cpu") -> list[Config]:
+    shape = QUICK_SHAPE if quick else SHAPE
+    backends = backends if backends is not None else harness.resolve_backends(None, device)
+    configs = [Config("copy", "", 0.0, shape, device)]
+    for eta in (0.0, 1.0):
+        configs.append(Config("diffusers", "", eta, shape, device))
+        configs += [Config(impl, b, eta, shape, device) for b in backends for impl in ("fused", "ddim_step", "op")]
+    return configs
+
+
+def _scheduler():
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", clip_sample=False,
+                          prediction_type="epsilon")
+    sched.set_timesteps(N_STEPS)
+    t = int(sched.timesteps[STEP_INDEX])
+    t_prev = t - sched.config.num_train_timesteps // N_STEPS
+    return sched, t, float(sched.alphas_cumprod[t]), float(sched.alphas_cumprod[t_prev])
+
+
+def _callable(config: Config):
+    import diffkern.ops as dops
+
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(config.shape, generator=gen).to(config.device)
+    eps = torch.randn(config.shape, generator=gen).to(config.device)
+    if config.impl == "copy":
+        dst = torch.empty_like(z)
+        return lambda: dst.copy_(z)
+    sched, t, ab, ab_prev = _scheduler()
+    if config.impl == "diffusers":
+        return lambda: sched.step(eps, t, z, eta=config.eta)
+    seed = torch.tensor([1234], dtype=torch.int64, device=config.device)
+    out = torch.empty_like(z)
+    if config.impl == "ddim_step":
+        return lambda: dops.ddim_step(z, eps, ab, ab_prev, eta=config.eta, seed=seed, out=out, backend=config.backend)
+    table = dops.coefs.table([dops.ddim_row(ab, ab_prev, eta=config.eta)], device=config.device)
+    if config.impl == "fused":
+        return lambda: dops.sampler_step(z, eps, table, 0, seed=seed, out=out, backend=config.backend)
+    _, launch = dops.resolve("sampler_step", z.device.type, config.backend)
+    return lambda: launch(z, eps, None, None, None, table, 0, seed, out, None, None)
+
+
+def run(config: Config, *, warmup: int = 3, repeats: int = 20) -> dict:
+    """Time one case; returns a result row (``x_copy`` is added by :func:`add_ratios`)."""
+    timing = harness.time_fn(_callable(config), device=config.device, warmup=warmup, repeats=repeats)
+    numel = 1
+    for s in config.shape:
+        numel *= s
+    nbytes = (2 if config.impl == "copy" else 3) * numel * 4
+    label = f"{config.impl}:{config.backend}" if config.backend else config.impl
+    return {"op": "ddim_step", "impl": label, "eta": config.eta, "shape": "x".join(map(str, config.shape)),
+            "numel": numel, "bytes": nbytes, **harness.timing_columns(timing),
+            "gbps": harness.gbps(nbytes, timing.median_s)}
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """``x_copy``: time in units of the copy; ``speedup_vs_diffusers`` at the same eta."""
+    copy = next(r for r in rows if r["impl"] == "copy")
+    for r in rows:
+        r["x_copy"] = r["median_us"] / copy["median_us"]
+        ref = next((o for o in rows if o["impl"] == "diffusers" and o["eta"] == r["eta"]), None)
+        r["speedup_vs_diffusers"] = ref["median_us"] / r["median_us"] if ref and r["impl"] != "copy" else float("nan")
+
+
+COLUMNS = ("impl", "eta", "shape", "median_us", "p20_us", "p80_us", "x_copy", "speedup_vs_diffusers", "gbps",
+           "first_call_ms")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = harness.parser(__doc__.splitlines()[0]).parse_args(argv)
+    device = args.device or harness.default_device()
+    backends = harness.resolve_backends(args.backends, device)
+    configs = get_configs(quick=args.quick, backends=backends, device=device)
+    repeats = args.repeats or (3 if args.quick else 20)
+    with harness.threads(args.threads):
+        prov = harness.provenance(device)
+        rows = [run(c, warmup=1 if args.quick else 3, repeats=repeats) for c in configs]
+    add_ratios(rows)
+    try:
+        import diffusers
+        prov["diffusers"] = diffusers.__version__
+    except ImportError:
+        prov["diffusers"] = "none"
+    rows = [{**r, **prov} for r in rows]
+    out = harness.out_dir(args.out, device)
+    csv_path = harness.write_csv(rows, os.path.join(out, "ddim.csv"))
+    png_path = harness.plot_bars([f"{r['impl']} eta={r['eta']:g}" for r in rows], [r["x_copy"] for r in rows],
+                                 os.path.join(out, "ddim.png"), xlabel="time / one tensor copy",
+                                 title=f"DDIM step {rows[0]['shape']} float32 on {prov['device_name']}\n"
+                                       f"{prov['git_sha'][:12]}, {prov['threads']} threads, "
+                                       f"load {prov['loadavg_1m']}")
+    print(f"# DDIM step on {prov['device_name']} (torch {prov['torch']}, diffusers {prov['diffusers']}, "
+          f"{prov['threads']} threads, load average {prov['loadavg_1m']}, {prov['git_sha'][:12]}, "
+          f"{prov['timestamp']})\n")
+    print(harness.to_markdown(rows, COLUMNS))
+    print(f"\nwrote {csv_path} and {png_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""The one benchmark harness: timing, provenance, and the writers (markdown table, CSV, PNG).
+
+Timing reports the median and the p20/p80 band over repeats, after warm-up; the first call (lazy
+initialisation, compilation) is timed on its own. On CPU it uses ``time.perf_counter``; on CUDA
+``triton.testing.do_bench`` (CUDA events, L2 flush) when Triton is installed, else CUDA events.
+Importing this module has no side effects.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import datetime
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROVENANCE_COLUMNS = ("device_name", "cpu_model", "torch", "triton", "cuda", "git_sha", "timestamp", "threads",
+                      "loadavg_1m")
+# A CPU sample lasts at least this long (several calls when one is shorter): perf_counter and the
+# Python loop then add < 1% to the median of a 2**16-element step (~20 us on the 2-core CI CPU).
+MIN_SAMPLE_S = 2e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Seconds per call: median and the p20/p80 band over ``repeats`` samples; ``first_s``: the first call."""
+    median_s: float
+    p20_s: float
+    p80_s: float
+    first_s: float
+    repeats: int
+
+
+def _quantile(sorted_vals: Sequence[float], q: float) -> float:
+    if len(sorted_vals) == 1:
+        return sorted_vals[0]
+    return statistics.quantiles(sorted_vals, n=100, method="inclusive")[round(q * 100) - 1]
+
+
+def time_fn(fn: Callable[[], object], *, device: str = "cpu", warmup: int = 3, repeats: int = 20) -> Timing:
+    """Time ``fn()`` (which must synchronise nothing itself); see the module docstring for the method."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    first = time.perf_counter() - t0
+    if device.startswith("cuda"):
+        return _time_cuda(fn, first, warmup, repeats)
+    for _ in range(warmup):
+        fn()
+    t0 = time.perf_counter()
+    fn()
+    inner = max(1, math.ceil(MIN_SAMPLE_S / max(time.perf_counter() - t0, 1e-9)))
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        samples.append((time.perf_counter() - t0) / inner)
+    samples.sort()
+    return Timing(statistics.median(samples), _quantile(samples, 0.2), _quantile(samples, 0.8), first, repeats)
+
+
+def _time_cuda(fn, first: float, warmup: int, repeats: int) -> Timing:
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        do_bench = None
+    if do_bench is not None:
+        med, p20, p80 = do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+        return Timing(med / 1e3, p20 / 1e3, p80 / 1e3, first, -1)  # do_bench picks its own repeat count
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3)
+    samples.sort()
+    return Timing(statistics.median(samples), _quantile(samples, 0.2), _quantile(samples, 0.8), first, repeats)
+
+#----------------------------------------------------------------------------
+# Provenance: where and on what the numbers were taken.
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu ({cpu_model()}, {os.cpu_count()} cores)"
+
+
+def git_sha() -> str:
+    """HEAD of the checkout (with ``-dirty`` when tracked files differ from it), or ``unknown``."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff-index", "--quiet", "HEAD", "--"], cwd=REPO, capture_output=True)
+        return sha + ("-dirty" if dirty.returncode else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def provenance(device: str) -> dict:
+    """The provenance columns (``PROVENANCE_COLUMNS``) for a run on ``device``."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    return {"device_name": device_name(device), "cpu_model": cpu_model(), "torch": torch.__version__,
+            "triton": triton_version, "cuda": torch.version.cuda or "none", "git_sha": git_sha(),
+            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "threads": torch.get_num_threads(), "loadavg_1m": round(os.getloadavg()[0], 2)}
+
+
+def device_slug(device: str) -> str:
+    """A folder name for the device: ``cpu-amd-epyc``, ``cuda-nvidia-h100-80gb-hbm3``."""
+    name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else cpu_model()
+    return re.sub(r"[^a-z0-9]+", "-", f"{device.split(':')[0]}-{name}".lower()).strip("-")
+
+#----------------------------------------------------------------------------
+# Bandwidth yardstick and derived columns.
+
+
+def copy_timing(numel: int, dtype: torch.dtype, device: str, **timing) -> Timing:
+    """``dst.copy_(src)`` for ``numel`` elements: the machine's achievable read+write bandwidth."""
+    src = torch.randn(numel, device=device).to(dtype)
+    dst = torch.empty_like(src)
+    return time_fn(lambda: dst.copy_(src), device=device, **timing)
+
+
+def gbps(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / 1e9
+
+
+def timing_columns(t: Timing) -> dict:
+    """Units in the names: microseconds for the band, milliseconds for the first call."""
+    return {"median_us": t.median_s * 1e6, "p20_us": t.p20_s * 1e6, "p80_us": t.p80_s * 1e6,
+            "first_call_ms": t.first_s * 1e3, "repeats": t.repeats}
+
+#----------------------------------------------------------------------------
+# Writers.
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        if math.isnan(v):
+            return ""
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)
+
+
+def to_markdown(rows: Iterable[dict], columns: Sequence[str]) -> str:
+    """A GitHub markdown table of ``columns`` (floats to 3 significant digits)."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_csv(rows: Sequence[dict], path: str) -> str:
+    """One row per result, every column of every row (provenance included); returns ``path``."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def plot_lines(rows: Sequence[dict], path: str, *, x: str, y: str, series: str, panel: str, title: str,
+               xlog: bool = True, ylog: bool = False, ylabel: str | None = None) -> str:
+    """One panel per value of ``panel``, one line per value of ``series``; a PNG at ``path``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(dict.fromkeys(r[panel] for r in rows))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, p in zip(axes[0], panels):
+        sub = [r for r in rows if r[panel] == p]
+        for s in dict.fromkeys(r[series] for r in sub):
+            pts = sorted((r[x], r[y]) for r in sub if r[series] == s)
+            ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", label=str(s))
+        if xlog:
+            ax.set_xscale("log", base=2)
+        if ylog:
+            ax.set_yscale("log")
+        ax.set_title(str(p))
+        ax.set_xlabel(x)
+        ax.set_ylabel(ylabel or y)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_bars(labels: Sequence[str], values: Sequence[float], path: str, *, xlabel: str, title: str) -> str:
+    """Horizontal bars (e.g. time in units of one tensor copy); a PNG at ``path``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(labels) + 1.2))
+    ax.barh(list(labels), list(values))
+    for i, v in enumerate(values):
+        ax.annotate(f"{v:.3g}", (v, i), xytext=(3, 0), textcoords="offset points", va="center", fontsize=7)
+    if min(values) > 0 and max(values) / min(values) > 20:  # several orders of magnitude: log axis
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.invert_yaxis()
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+#----------------------------------------------------------------------------
+# Command line shared by the bench scripts.
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """``--quick``, ``--out DIR``, ``--backends a,b``, ``--device``, ``--repeats``."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="small sizes and few repeats (CI smoke run)")
+    p.add_argument("--out", default=None, help="output folder (default: bench/results/<device-slug>/)")
+    p.add_argument("--backends", default=None,
+                   help="comma-separated diffkern backends to time (default: the fast ones usable on the device: "
+                        "cpp on CPU, cuda and triton on CUDA; the Triton CPU interpreter only when named)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--repeats", type=int, default=None, help="timing samples per case (default 20, quick 3)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads for the run (default: torch's, i.e. every core); on a shared, "
+                        "loaded CPU use 1: a 2-thread copy of 2**16 floats took 12 ms there instead of 10 us, "
+                        "waiting at OpenMP barriers for a descheduled thread")
+    return p
+
+
+@contextlib.contextmanager
+def threads(n: int | None):
+    """Run with ``n`` torch intra-op threads (None: unchanged), restoring the previous count after."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def resolve_backends(arg: str | None, device: str) -> list[str]:
+    """Backends to time: the named ones (each must be usable: no silent skips), else the fast defaults."""
+    from diffkern.ops import available
+
+    status = available(device.split(":")[0])
+    if arg:
+        names = [b.strip() for b in arg.split(",") if b.strip()]
+        for b in names:
+            if b not in status:
+                raise ValueError(f"--backends: unknown backend {b!r}; expected some of {sorted(status)}")
+            if status[b] is not None:
+                raise ValueError(f"--backends: {b!r} is not usable on {device}: {status[b]}")
+        return names
+    fast = ("cuda", "triton") if device.startswith("cuda") else ("cpp",)
+    names = [b for b in fast if status.get(b) is None]
+    return names or ["reference"]
+
+
+def out_dir(arg: str | None, device: str) -> str:
+    return arg or os.path.join(REPO, "bench", "results", device_slug(device))
