@@ -36,3 +36,17 @@ def test_in_place_write_after_a_call_is_checked_again():
     table[1, coefs.A] = 1.0
     dops.sampler_step(x, x, table, 1, out=out, backend="reference")
     torch.testing.assert_close(out, 1.5 * x)
+
+
+def test_missing_history_with_nonzero_c_is_an_error():
+    x = torch.randn(2, 5)
+    table = coefs.table([coefs.row(a=1.0, c=0.5)])
+    out = torch.zeros_like(x)
+    with pytest.raises(ValueError, match=r"^history: required"):
+        dops.sampler_step(x, x, table, 0, out=out, backend="reference")
+    assert torch.count_nonzero(out) == 0
+
+
+def test_randn_seed_error_names_the_shape():
+    with pytest.raises(ValueError, match=r"B = shape\[0\] = 4"):
+        dops.randn((4, 3), torch.zeros(3, dtype=torch.int64), backend="reference")

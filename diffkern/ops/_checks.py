@@ -34,16 +34,20 @@ def like(t, name: str, ref: torch.Tensor, ref_name: str, *, dtype: bool = True, 
     return t
 
 
-def seed_tensor(seed, x: torch.Tensor) -> torch.Tensor:
-    """int64 seed of shape (1,) or () (one stream) or (B,) with B = x.shape[0] (per-sample streams)."""
+def seed_tensor(seed, x: torch.Tensor, x_name: str = "x") -> torch.Tensor:
+    """int64 seed of shape (1,) or () (one stream) or (B,) with B = x.shape[0] (per-sample streams).
+
+    ``x_name`` names the tensor whose batch the seeds follow, in the error messages."""
     tensor(seed, "seed")
     if seed.dtype != torch.int64:
         raise TypeError(f"seed: expected dtype torch.int64, got {seed.dtype}")
     if seed.device != x.device:
-        raise ValueError(f"seed: expected device {x.device} (that of x), got {seed.device}")
+        raise ValueError(f"seed: expected device {x.device} (that of {x_name}), got {seed.device}")
     batch = x.shape[0] if x.dim() > 0 else 1
     if seed.numel() != 1 and (seed.dim() != 1 or seed.numel() != batch):
-        raise ValueError(f"seed: expected shape (1,) or (B,) with B = x.shape[0] = {batch}, got {tuple(seed.shape)}")
+        where = "shape[0]" if x_name == "shape" else f"{x_name}.shape[0]"
+        raise ValueError(f"seed: expected shape (1,) or (B,) with B = {where} = {batch}, "
+                         f"got {tuple(seed.shape)}")
     return seed.reshape(-1).contiguous()
 
 

@@ -148,10 +148,11 @@ def randn(shape, seed, *, step: int = 0, offset: int = 0, dtype=torch.float32, o
         dtype: float16/bfloat16/float32/float64.
     """
     _checks.tensor(seed, "seed")
+    batch_name = "out" if out is not None else "shape"
     if out is None:
         out = torch.empty(shape, dtype=dtype, device=seed.device)
     _checks.float_tensor(out, "out")
-    seed = _checks.seed_tensor(seed, out)
+    seed = _checks.seed_tensor(seed, out, batch_name)
     for name, v in (("step", step), ("offset", offset)):
         if isinstance(v, bool) or not isinstance(v, int):
             raise TypeError(f"{name}: expected a Python int, got {type(v).__name__}")

@@ -97,7 +97,7 @@ def sampler_step(x, model_out, coef, step, *, model_out_uncond=None, history=Non
         coef: float64 ``(N, coefs.NCOEF)`` table on x's device (see :func:`coefs.table`).
         step: Python int, the row to read; also the Philox step counter.
         model_out_uncond: unconditional output for guidance ``u + w*(c - u)`` (dtype M), or None.
-        history: H, shape and dtype of x, or None (then c must be 0).
+        history: H, shape and dtype of x, or None (then c must be 0; checked for CPU tables).
         noise: explicit standard-normal noise (shape and dtype of x) instead of the Philox stream.
         seed: int64 tensor (1,) or (B,) on x's device, read inside the kernel; default zeros(1).
         out, x0_out, history_out: optional outputs (shape and dtype of x); ``out`` may be ``x`` and
@@ -122,6 +122,8 @@ def sampler_step(x, model_out, coef, step, *, model_out_uncond=None, history=Non
     _checks.step_index(step, coef)
     if coef.device.type == "cpu":  # cheap here; device tables are validated when built (no sync in loops)
         coefs.validate_once(coef)
+        if history is None and coef[step, coefs.C] != 0:
+            raise ValueError(f"history: required, since coef[{step}] has a non-zero history coefficient c")
     seed = _checks.seed_tensor(torch.zeros(1, dtype=torch.int64, device=x.device) if seed is None else seed, x)
     _checks.no_partial_overlap({"out": out, "x0_out": x0_out, "history_out": history_out},
                                {"x": x, "model_out": model_out, "model_out_uncond": model_out_uncond,

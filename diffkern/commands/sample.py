@@ -1,0 +1,172 @@
+"""``diffkern sample``: sample a grid of images with any sampler, by default from the built-in digits model."""
+from __future__ import annotations
+
+import math
+import os
+
+# CLI knob flag -> sampler keyword. A flag a method does not take is an error, not silently ignored.
+KNOB_FLAGS = {"gamma": "gamma", "mu": "mu", "lam": "lam", "eta": "eta", "s_churn": "s_churn"}
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+
+
+def _check_out(path: str, suffix: str = ".png") -> None:
+    """Fail before any work when ``path`` cannot be written (nothing is created on failure)."""
+    if not path.lower().endswith(suffix):
+        raise ValueError(f"--out: expected a {suffix} file name, got {path!r}")
+    if os.path.isdir(path):
+        raise ValueError(f"--out: {path!r} is a directory")
+    folder = os.path.dirname(os.path.abspath(path))
+    probe = folder
+    while not os.path.isdir(probe):  # the nearest existing ancestor must be writable to create the rest
+        if os.path.exists(probe):
+            raise ValueError(f"--out: {probe!r} exists and is not a directory")
+        probe = os.path.dirname(probe)
+    if not os.access(probe, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ValueError(f"--out: cannot write {path!r} (permission denied)")
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device: cuda requested but torch reports no CUDA device")
+    return torch.device(name)
+
+
+def _load_data(spec: str):
+    """--data: 'digits' (the built-in training split) or a .pt / .npy file holding an (N, C, H, W) array."""
+    import torch
+
+    from ..models import builtin
+
+    if spec == "digits":
+        return builtin.digits("train")[0]
+    if not os.path.isfile(spec):
+        raise FileNotFoundError(f"--data: no such file {spec!r} (or use 'digits')")
+    if spec.endswith(".npy"):
+        import numpy as np
+        data = torch.from_numpy(np.load(spec))
+    elif spec.endswith(".pt"):
+        data = torch.load(spec, map_location="cpu", weights_only=True)
+    else:
+        raise ValueError(f"--data: expected 'digits', a .pt or a .npy file, got {spec!r}")
+    if not isinstance(data, torch.Tensor) or data.dim() != 4 or data.shape[1] not in (1, 3) or data.shape[0] < 1:
+        raise ValueError(f"--data: expected an (N, 1 or 3, H, W) array, got "
+                         f"{tuple(data.shape) if isinstance(data, torch.Tensor) else type(data).__name__}")
+    return data.float()
+
+
+def _model(args, device, dtype):
+    """(model, image shape) for --model."""
+    from ..models import builtin
+
+    if args.model == "builtin":
+        return builtin.load_builtin(device=device, dtype=dtype), builtin.IMAGE_SHAPE
+    if args.model == "optimal":
+        from ..ops.optimal_denoiser import half_sq_norms, optimal_denoiser
+
+        data = _load_data(args.data).to(device=device, dtype=dtype)
+        half_sq = half_sq_norms(data)
+
+        def model(x, sigma, **extra):  # Chen et al. 4.4: one fused softmax-weighted mean over the data
+            return optimal_denoiser(x, data, sigma, data_half_sq=half_sq)
+
+        return model, tuple(data.shape[1:])
+    model = builtin.load_denoiser(args.model, device=device, dtype=dtype)
+    return model, (model.model.config["channels"],) + builtin.IMAGE_SHAPE[1:]
+
+
+def _run(args) -> int:
+    import time
+
+    import torch
+
+    from .. import ops
+    from ..models import builtin
+    from ..sampling import knobs
+
+    if args.steps < 1:
+        raise ValueError(f"--steps: expected an integer >= 1, got {args.steps}")
+    if args.batch < 1:
+        raise ValueError(f"--batch: expected an integer >= 1, got {args.batch}")
+    if args.nrow is not None and args.nrow < 1:
+        raise ValueError(f"--nrow: expected an integer >= 1, got {args.nrow}")
+    for flag in ("sigma_min", "sigma_max", "rho"):
+        value = getattr(args, flag)
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"--{flag.replace('_', '-')}: expected a finite number > 0, got {value}")
+    if args.sigma_min >= args.sigma_max:
+        raise ValueError(f"--sigma-min ({args.sigma_min}) must be below --sigma-max ({args.sigma_max})")
+    if args.backend is not None and args.backend not in ops.BACKENDS + ("auto",):
+        raise ValueError(f"--backend: expected one of {', '.join(ops.BACKENDS + ('auto',))}, got {args.backend!r}")
+    valid = knobs(args.method)  # raises on an unknown method
+    chosen = {kw: getattr(args, flag) for flag, kw in KNOB_FLAGS.items() if getattr(args, flag) is not None}
+    for kw in chosen:
+        if kw not in valid:
+            raise ValueError(f"--{kw.replace('_', '-')}: method {args.method!r} has no knob {kw!r} "
+                             f"(its knobs: {', '.join(sorted(valid)) or 'none'})")
+    _check_out(args.out)
+    device = _device(args.device)
+    dtype = getattr(torch, args.dtype)
+    used, _ = ops.resolve("sampler_step", device.type, args.backend)  # unavailable backend: clear error now
+    model, shape = _model(args, device, dtype)
+    if args.score and tuple(shape) != builtin.IMAGE_SHAPE:
+        raise ValueError(f"--score: the digits metric needs images of shape {builtin.IMAGE_SHAPE}, not {shape}")
+    sigmas = builtin.schedule(args.steps, args.schedule, args.sigma_min, args.sigma_max, args.rho)
+    t0 = time.perf_counter()
+    images = builtin.generate(model, args.batch, args.method, args.steps, shape=shape, seed=args.seed,
+                              backend=args.backend, device=device, dtype=dtype, sigmas=sigmas,
+                              progress=not args.no_progress, **chosen)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    if not torch.isfinite(images).all():
+        raise RuntimeError("sampling produced non-finite values; nothing written (try more --steps)")
+    builtin.save_grid(images, args.out, nrow=args.nrow)
+    knob_text = "".join(f", {k}={v:g}" for k, v in chosen.items())
+    print(f"sampled {args.batch} images of shape {tuple(shape)} from the {args.model} model with "
+          f"{args.method}{knob_text}, {args.steps} {args.schedule} steps, on {device.type} with backend {used}")
+    print(f"time: {seconds:.3f} s in all (wall, first call included), {1e3 * seconds / args.batch:.2f} ms per image")
+    if args.score:
+        from ..quality import Scorer, nearest_train_distance
+
+        s = Scorer()(images)
+        print(f"quality vs held-out digits: MMD^2 pixels {s['mmd_pixels']:.5f}, MMD^2 features "
+              f"{s['mmd_features']:.5f}, classifier confidence {s['confidence']:.3f}")
+        print(f"memorisation: RMS distance to the nearest training image {nearest_train_distance(images):.3f} "
+              f"(held-out digits: {nearest_train_distance(builtin.digits('heldout')[0]):.3f}, copies: 0)")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("sample", help="sample an image grid (default: the built-in digits model)",
+                       description="Sample a grid of images with any sampler and write it as a PNG.")
+    p.add_argument("--model", default="builtin",
+                   help="builtin (default), optimal (the exact denoiser of --data: memorises it), "
+                        "or a weights file written by `diffkern train`")
+    p.add_argument("--data", default="digits", help="for --model optimal: digits (default), or a .pt/.npy (N,C,H,W)")
+    p.add_argument("--method", default="ge", help="euler | euler_ancestral | heun | dpmpp_2m | ge | sde (default ge)")
+    p.add_argument("--steps", type=int, default=20, help="number of sampler steps (default 20)")
+    p.add_argument("--schedule", default="karras", choices=("karras", "loglinear"), help="sigma schedule")
+    p.add_argument("--sigma-min", type=float, default=0.002, help="smallest nonzero sigma (default 0.002)")
+    p.add_argument("--sigma-max", type=float, default=80.0, help="initial sigma (default 80)")
+    p.add_argument("--rho", type=float, default=7.0, help="Karras schedule exponent (default 7)")
+    p.add_argument("--gamma", type=float, help="ge: gradient-estimation weight (default 2)")
+    p.add_argument("--mu", type=float, help="ge: stochasticity in [0, 1) (default 0)")
+    p.add_argument("--lam", type=float, help="sde: McAllester noise level (default 1)")
+    p.add_argument("--eta", type=float, help="euler_ancestral: ancestral noise scale (default 1)")
+    p.add_argument("--s-churn", dest="s_churn", type=float, help="euler / heun: EDM churn (default 0)")
+    p.add_argument("--backend", default=None,
+                   help="reference | cpp | triton | cuda | auto (default: $DIFFKERN_BACKEND, else auto)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if present")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="state and network dtype (default float32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and the sampler's noise")
+    p.add_argument("--batch", type=int, default=64, help="number of images (default 64)")
+    p.add_argument("--nrow", type=int, default=None, help="images per grid row (default: square)")
+    p.add_argument("--out", default="out/digits.png", help="PNG to write (default out/digits.png)")
+    p.add_argument("--score", action="store_true", help="also print the quality metric against held-out digits")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run)
