@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for set-up and the two jobs of README.md.
-#   ./dev.sh demo   set up (idempotent), then run the main job on its built-in default
+#   ./dev.sh demo   set up (idempotent), then run the main job (`diffkern sample`: a grid of digits
+#                   from the built-in model, written to out/digits.png)
 #   ./dev.sh test   set up (idempotent), then run the whole test suite
 #   ./dev.sh setup  set up only
 # Set-up: a virtual environment .venv that sees the system's site-packages (so a preinstalled torch,
@@ -38,7 +39,7 @@ setup() {
 
 case "${1:-}" in
   setup) setup ;;
-  demo) setup; shift; exec "$VENV/bin/python" -m diffkern demo "$@" ;;
+  demo) setup; shift; exec "$VENV/bin/python" -m diffkern sample "$@" ;;
   test) setup; shift; exec "$VENV/bin/python" -m pytest -q "$@" ;;
   *) echo "usage: ./dev.sh {demo|test|setup} [args...]" >&2; exit 2 ;;
 esac
