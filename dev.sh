@@ -40,6 +40,6 @@ setup() {
 case "${1:-}" in
   setup) setup ;;
   demo) setup; shift; exec "$VENV/bin/python" -m diffkern sample "$@" ;;
-  test) setup; shift; exec "$VENV/bin/python" -m pytest -q "$@" ;;
+  test) setup; shift; exec "$VENV/bin/python" -m pytest -q -n "${DIFFKERN_TEST_WORKERS:-2}" "$@" ;;
   *) echo "usage: ./dev.sh {demo|test|setup} [args...]" >&2; exit 2 ;;
 esac

@@ -36,8 +36,9 @@ def get_extensions():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     # -ffp-contract=off: no fused multiply-add, so every ISA clone of the CPU kernels rounds like the
-    # eager reference (csrc/common/hd.h). c++20: what torch's own headers are written for.
-    cxx = opt + ["-std=c++20", "-fopenmp", "-ffp-contract=off"]
+    # eager reference (csrc/common/hd.h). -fno-math-errno: sqrt becomes one vector instruction.
+    # c++20: what torch's own headers are written for.
+    cxx = opt + ["-std=c++20", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
     with_cuda = (torch.version.cuda is not None and CUDA_HOME is not None and not _flag("DIFFKERN_SKIP_CUDA_BUILD")
                  and bool(glob.glob(os.path.join("csrc", "cuda", "*.cu"))))
     include = [os.path.join(ROOT, "csrc")]
@@ -45,12 +46,14 @@ def get_extensions():
         return [CppExtension("diffkern._C", sources, include_dirs=include,
                              extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])]
     archs = os.environ.get("DIFFKERN_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
-    # No --use_fast_math: the kernels are memory-bound, and the Philox noise needs the accurate logf/cosf.
+    # No --use_fast_math: the kernels are memory-bound, and it would swap the Philox noise's logf/cosf for
+    # approximations and flush float32 denormals to zero.
     nvcc = opt + ["-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"]
     nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a]
     nvcc += ["--threads", os.environ.get("NVCC_THREADS", "2")]
     # csrc/cuda: pure kernels (*.cu, no torch headers) and their torch bindings (*.cpp, host compiler).
-    sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
+    sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
     return [CUDAExtension("diffkern._C", sources, include_dirs=include, define_macros=[("DIFFKERN_WITH_CUDA", "1")],
                           extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"])]
 

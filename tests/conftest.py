@@ -1,4 +1,6 @@
-"""Suite-wide set-up: Triton runs under its CPU interpreter when there is no GPU.
+"""Suite-wide set-up: Triton runs under its CPU interpreter when there is no GPU, and torch uses one
+thread per test process (``./dev.sh test`` runs one pytest-xdist worker per core instead: the tensors
+here are small, and two OpenMP threads per process on a 2-core machine cost more than they give).
 
 TRITON_INTERPRET is read when a kernel is decorated, so it is set here, before any test imports
 ``diffkern.kernels``.
@@ -12,6 +14,8 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import diffkern.ops as dops  # noqa: E402
+
+torch.set_num_threads(1)
 
 
 def usable_backends(device_type: str = "cpu") -> list[str]:

@@ -20,7 +20,7 @@ def _sampler_step_cases():
     full = sampler_step_inputs((2, 3, 5), noise="explicit")
     philox = sampler_step_inputs((3, 7), torch.bfloat16, model_dtype=torch.float32, per_sample_seed=True)
     return {
-        "minimal": lambda: dops.sampler_step(make_tensor((2, 9)), make_tensor((2, 9), seed=1), random_table(2), 1),
+        "minimal": lambda: dops.sampler_step(make_tensor((2, 9)), make_tensor((2, 9), seed=1), random_table(2, c=0.0), 1),
         "all-outputs": lambda: dops.sampler_step(**full, x0_out=torch.empty(2, 3, 5), history_out=torch.empty(2, 3, 5)),
         "philox-mixed-dtypes": lambda: dops.sampler_step(**philox, x0_out=torch.empty(3, 7, dtype=torch.bfloat16)),
     }

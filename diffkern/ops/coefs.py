@@ -76,21 +76,25 @@ def validate(table: torch.Tensor, name: str = "coef") -> None:
 _seen: "collections.OrderedDict[int, tuple]" = collections.OrderedDict()
 
 
-def validate_once(table: torch.Tensor, name: str = "coef") -> None:
+def validate_once(table: torch.Tensor, name: str = "coef") -> list[bool]:
     """:func:`validate` a CPU table once per version: re-checked only after an in-place write.
 
     Remembers (weak reference, torch's version counter) per table object, so a loop calling an op 50
     times on one table pays for one check (a per-call check cost ~0.3 ms on the 2-core CI CPU) and any
-    in-place write (through any view: views share the counter) triggers a new check.
+    in-place write (through any view: views share the counter) triggers a new check. Returns, per row,
+    whether the history coefficient c is non-zero (a host list: callers check it without reading the
+    tensor, so the check is also safe inside a captured region).
     """
     entry = _seen.get(id(table))
     if entry is not None and entry[0]() is table and entry[1] == table._version:
         _seen.move_to_end(id(table))
-        return
+        return entry[2]
     validate(table, name)
-    _seen[id(table)] = (weakref.ref(table), table._version)
+    uses_history = (table[:, C] != 0).tolist()
+    _seen[id(table)] = (weakref.ref(table), table._version, uses_history)
     if len(_seen) > 256:
         _seen.popitem(last=False)
+    return uses_history
 
 
 def table(rows: Iterable[list[float] | Mapping[str, float]], device=None) -> torch.Tensor:

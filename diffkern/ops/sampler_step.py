@@ -121,8 +121,8 @@ def sampler_step(x, model_out, coef, step, *, model_out_uncond=None, history=Non
         raise ValueError(f"coef: expected device {x.device} (that of x), got {coef.device}")
     _checks.step_index(step, coef)
     if coef.device.type == "cpu":  # cheap here; device tables are validated when built (no sync in loops)
-        coefs.validate_once(coef)
-        if history is None and coef[step, coefs.C] != 0:
+        uses_history = coefs.validate_once(coef)
+        if history is None and uses_history[step]:
             raise ValueError(f"history: required, since coef[{step}] has a non-zero history coefficient c")
     seed = _checks.seed_tensor(torch.zeros(1, dtype=torch.int64, device=x.device) if seed is None else seed, x)
     _checks.no_partial_overlap({"out": out, "x0_out": x0_out, "history_out": history_out},

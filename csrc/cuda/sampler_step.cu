@@ -1,0 +1,105 @@
+// diffkern::sampler_step on CUDA: the fused sampler update (csrc/common/sampler_step.h) in one
+// memory pass. Grid-stride loop over packs of V = 16/sizeof(S) elements (one 16-byte access per
+// state tensor), a scalar tail, 64-bit indices throughout. The table row and the seed are read on
+// the device; the flags derived from them (c != 0, s != 0) are uniform, so their branches never
+// diverge within a warp.
+#include "common/philox.h"
+#include "common/sampler_step.h"
+#include "cuda/device_utils.cuh"
+
+namespace dk {
+namespace gpu {
+
+// Noise of flat elements i .. i + V - 1 under one stream or per-sample streams.
+template <class C, int V>
+__device__ __forceinline__ void philox_pack(const SamplerStepParams& p, long long i, C (&xi)[V]) {
+  long long sample = p.num_seeds == 1 ? 0 : i / p.per_sample;
+  long long idx = i - sample * p.per_sample;
+  const u32 step = static_cast<u32>(p.step);
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    if (idx == p.per_sample) {  // crossed into the next sample
+      ++sample;
+      idx = 0;
+    }
+    xi[k] = philox_normal<C>(static_cast<u64>(p.seed[sample]), step, static_cast<u64>(idx));
+    ++idx;
+  }
+}
+
+// V elements starting at flat index i: load every input, compute, store (in-place safe).
+template <class S, class M, int V, class C>
+__device__ __forceinline__ void step_pack(const SamplerStepParams& p, const StepRow<C>& r, bool use_hist,
+                                          bool use_noise, long long i) {
+  const bool has_uncond = p.model_out_uncond != nullptr;
+  C x[V], m[V], u[V] = {}, h[V] = {}, xi[V] = {}, out[V], x0[V];
+  load_pack<C, S, V>(p.x, i, x);
+  load_pack<C, M, V>(p.model_out, i, m);
+  if (has_uncond) load_pack<C, M, V>(p.model_out_uncond, i, u);
+  if (use_hist) load_pack<C, S, V>(p.history, i, h);
+  if (use_noise) {
+    if (p.noise != nullptr) {
+      load_pack<C, S, V>(p.noise, i, xi);
+    } else {
+      philox_pack<C, V>(p, i, xi);
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    sampler_step_element<C>(r, has_uncond, use_hist, use_noise, x[k], m[k], u[k], h[k], xi[k], out[k], x0[k]);
+  }
+  if (p.history_out != nullptr) {
+    C h_new[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) h_new[k] = history_element(r, x[k], x0[k]);
+    store_pack<C, S, V>(p.history_out, i, h_new);
+  }
+  if (p.x0_out != nullptr) store_pack<C, S, V>(p.x0_out, i, x0);
+  store_pack<C, S, V>(p.out, i, out);
+}
+
+// V > 1 needs every pointer aligned to V elements; V == 1 is the fallback for misaligned views.
+template <class S, class M, int V>
+__global__ void __launch_bounds__(kThreads) sampler_step_kernel(const SamplerStepParams p) {
+  using C = typename ComputeOf<S>::type;
+  const StepRow<C> r = load_step_row<C>(p.coef + p.step * kNumCoef);
+  const bool use_hist = p.history != nullptr && r.c != C(0);  // a zero coefficient: tensor not read
+  const bool use_noise = r.s != C(0);
+  const long long tid = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
+  const long long packed = p.numel / V * V;
+  for (long long i = tid * V; i < packed; i += stride * V) step_pack<S, M, V>(p, r, use_hist, use_noise, i);
+  if (V > 1 && tid < p.numel - packed) step_pack<S, M, 1>(p, r, use_hist, use_noise, packed + tid);
+}
+
+#if !defined(__CUDACC_RTC__)
+
+namespace {
+
+template <class S, class M>
+cudaError_t launch_typed(const SamplerStepParams& p, cudaStream_t stream) {
+  constexpr int V = vec_width<S>();
+  const void* ptrs_s[] = {p.x, p.history, p.noise, p.out, p.x0_out, p.history_out};
+  bool packed = aligned(p.model_out, V * sizeof(M)) && aligned(p.model_out_uncond, V * sizeof(M));
+  for (const void* q : ptrs_s) packed = packed && aligned(q, V * sizeof(S));
+  if (packed) {
+    sampler_step_kernel<S, M, V><<<grid_size(p.numel / V), kThreads, 0, stream>>>(p);
+  } else {
+    sampler_step_kernel<S, M, 1><<<grid_size(p.numel), kThreads, 0, stream>>>(p);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t sampler_step_launch(const SamplerStepParams& p, cudaStream_t stream) {
+  if (p.numel == 0) return cudaSuccess;
+  return with_storage(p.state_dtype, [&](auto s) {
+    return with_storage(p.model_dtype, [&](auto m) { return launch_typed<decltype(s), decltype(m)>(p, stream); });
+  });
+}
+
+#endif  // !__CUDACC_RTC__
+
+}  // namespace gpu
+}  // namespace dk
