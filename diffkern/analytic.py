@@ -164,16 +164,6 @@ class GaussianMixture:
         xf, s2, _, score = self._posterior(x, sigma, "GaussianMixture.denoise")
         return (xf + s2 * score).to(x.dtype).reshape(x.shape)
 
-    def _denoise_fused(self, x: torch.Tensor, sigma: SigmaLike) -> torch.Tensor:
-        from .ops.optimal_denoiser import half_sq_norms, optimal_denoiser
-
-        key = (x.device, x.dtype)
-        if key not in self._fused_data:
-            y = self._cache.on(x.device)["y"].to(x.dtype)
-            self._fused_data[key] = (y, half_sq_norms(y))
-        y, half_sq = self._fused_data[key]
-        return optimal_denoiser(x, y, sigma, data_half_sq=half_sq, backend=self.backend)
-
     def __call__(self, x: torch.Tensor, sigma: SigmaLike, **kwargs) -> torch.Tensor:
         """k-diffusion contract ``model(x, sigma_batch, **extra_args) -> denoised``; extra args are ignored."""
         return self.denoise(x, sigma)

@@ -3,3 +3,22 @@
 Every command keeps its heavy imports inside its handler, so ``diffkern --help`` stays fast.
 """
 COMMANDS = ("demo", "sample", "trajectory", "likelihood", "bench", "train")
+
+
+def check_common(args) -> None:
+    """Checks shared by the sampling commands: --sigma-min/--sigma-max (and --rho if present), --backend.
+
+    Raises ValueError naming the flag; ``__main__`` turns it into one line on stderr and exit code 2.
+    """
+    import math
+
+    from .. import ops
+
+    for flag in ("sigma_min", "sigma_max", "rho"):
+        value = getattr(args, flag, None)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"--{flag.replace('_', '-')}: expected a finite number > 0, got {value}")
+    if args.sigma_min >= args.sigma_max:
+        raise ValueError(f"--sigma-min ({args.sigma_min}) must be below --sigma-max ({args.sigma_max})")
+    if args.backend is not None and args.backend not in ops.BACKENDS + ("auto",):
+        raise ValueError(f"--backend: expected one of {', '.join(ops.BACKENDS + ('auto',))}, got {args.backend!r}")

@@ -1,8 +1,9 @@
 """``diffkern sample``: sample a grid of images with any sampler, by default from the built-in digits model."""
 from __future__ import annotations
 
-import math
 import os
+
+from . import check_common
 
 # CLI knob flag -> sampler keyword. A flag a method does not take is an error, not silently ignored.
 KNOB_FLAGS = {"gamma": "gamma", "mu": "mu", "lam": "lam", "eta": "eta", "s_churn": "s_churn"}
@@ -65,15 +66,11 @@ def _model(args, device, dtype):
     if args.model == "builtin":
         return builtin.load_builtin(device=device, dtype=dtype), builtin.IMAGE_SHAPE
     if args.model == "optimal":
-        from ..ops.optimal_denoiser import half_sq_norms, optimal_denoiser
+        from ..analytic import EmpiricalDenoiser
 
+        # Chen et al. 4.4: one fused softmax-weighted mean over the data per model call.
         data = _load_data(args.data).to(device=device, dtype=dtype)
-        half_sq = half_sq_norms(data)
-
-        def model(x, sigma, **extra):  # Chen et al. 4.4: one fused softmax-weighted mean over the data
-            return optimal_denoiser(x, data, sigma, data_half_sq=half_sq)
-
-        return model, tuple(data.shape[1:])
+        return EmpiricalDenoiser(data, backend="auto"), tuple(data.shape[1:])
     model = builtin.load_denoiser(args.model, device=device, dtype=dtype)
     return model, (model.model.config["channels"],) + builtin.IMAGE_SHAPE[1:]
 
@@ -93,14 +90,7 @@ def _run(args) -> int:
         raise ValueError(f"--batch: expected an integer >= 1, got {args.batch}")
     if args.nrow is not None and args.nrow < 1:
         raise ValueError(f"--nrow: expected an integer >= 1, got {args.nrow}")
-    for flag in ("sigma_min", "sigma_max", "rho"):
-        value = getattr(args, flag)
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"--{flag.replace('_', '-')}: expected a finite number > 0, got {value}")
-    if args.sigma_min >= args.sigma_max:
-        raise ValueError(f"--sigma-min ({args.sigma_min}) must be below --sigma-max ({args.sigma_max})")
-    if args.backend is not None and args.backend not in ops.BACKENDS + ("auto",):
-        raise ValueError(f"--backend: expected one of {', '.join(ops.BACKENDS + ('auto',))}, got {args.backend!r}")
+    check_common(args)
     valid = knobs(args.method)  # raises on an unknown method
     chosen = {kw: getattr(args, flag) for flag, kw in KNOB_FLAGS.items() if getattr(args, flag) is not None}
     for kw in chosen:

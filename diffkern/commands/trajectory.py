@@ -8,8 +8,9 @@ so the pictures show the sampler alone.
 """
 from __future__ import annotations
 
-import math
 import os
+
+from . import check_common
 
 # CLI knob flag -> sampler keyword. A flag the method does not take is an error, not silently ignored.
 KNOB_FLAGS = {"gamma": "gamma", "mu": "mu", "lam": "lam", "eta": "eta", "s_churn": "s_churn"}
@@ -111,14 +112,7 @@ def _check_args(args) -> dict:
             raise ValueError(f"--{flag}: expected an integer >= 1, got {getattr(args, flag)}")
     if args.jump is not None and not 0 <= args.jump < args.steps:
         raise ValueError(f"--jump: expected a step in [0, {args.steps - 1}] (--steps {args.steps}), got {args.jump}")
-    for flag in ("sigma_min", "sigma_max"):
-        value = getattr(args, flag)
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"--{flag.replace('_', '-')}: expected a finite number > 0, got {value}")
-    if args.sigma_min >= args.sigma_max:
-        raise ValueError(f"--sigma-min ({args.sigma_min}) must be below --sigma-max ({args.sigma_max})")
-    if args.backend is not None and args.backend not in ops.BACKENDS + ("auto",):
-        raise ValueError(f"--backend: expected one of {', '.join(ops.BACKENDS + ('auto',))}, got {args.backend!r}")
+    check_common(args)
     if not args.out.lower().endswith(".png"):
         raise ValueError(f"--out: expected a .png file name, got {args.out!r}")
     if os.path.isdir(args.out):
