@@ -32,13 +32,6 @@ from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 STEPS = 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 #----------------------------------------------------------------------------
 # Tiny models.
 

@@ -30,14 +30,6 @@ from diffkern.testing import assert_matches_reference, make_tensor  # noqa: E402
 SHAPE = (2, 3, 5, 7)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: intra-op threads only add contention on a loaded 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 #----------------------------------------------------------------------------
 # diffusers in float64.
 

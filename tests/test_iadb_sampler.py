@@ -14,14 +14,6 @@ from diffkern.testing import assert_matches_reference, usable_backends
 REF = "reference"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add overhead on the shared 2-core box
-    yield
-    torch.set_num_threads(before)
-
-
 def gmm3():
     return analytic.GaussianMixture([1.0, 2.0, 1.5], [[-1.0, 0.5], [1.0, 1.0], [0.3, -1.2]], [0.3, 0.5, 0.4])
 

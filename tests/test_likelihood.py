@@ -19,16 +19,6 @@ from diffkern.testing import DTYPES, SHAPES, assert_matches_reference, make_tens
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these tests run many small ops (a 5-point mixture evaluation took 0.5 ms with
-    one thread, 16 ms with two on the loaded 2-core CI machine, waiting at OpenMP barriers)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _id(v):
     return str(v).replace("torch.", "")
 

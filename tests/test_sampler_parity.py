@@ -27,14 +27,6 @@ STEPS = 10
 SEED = 21
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add overhead on the shared 2-core box
-    yield
-    torch.set_num_threads(before)
-
-
 def noises(x, n, dtype):
     """The standard normals diffkern's one-row-per-step samplers draw at rows 0..n-1 for ``seed=SEED``."""
     seed = torch.tensor([SEED], dtype=torch.int64)

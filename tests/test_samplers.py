@@ -22,16 +22,6 @@ from diffkern.testing import assert_matches_reference, usable_backends
 REF = "reference"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The states here are tiny (B x 2); intra-op threads only add overhead (softmax on (64, 3) float64 took
-    32 ms with 2 threads on the loaded 2-core CI box, 6 us with one)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def gmm3():
     return analytic.GaussianMixture([1.0, 2.0, 1.5], [[-1.0, 0.5], [1.0, 1.0], [0.3, -1.2]], [0.3, 0.5, 0.4])
 

@@ -8,16 +8,6 @@ from diffkern.commands.trajectory import trajectories
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these tests run many small ops (a 5-point mixture evaluation took 0.5 ms with
-    one thread, 16 ms with two on the loaded 2-core CI machine, waiting at OpenMP barriers)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def euler():
     return trajectories("euler", 12, 10, seed=3)

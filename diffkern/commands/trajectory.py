@@ -104,7 +104,6 @@ def plot(res: dict, out: str) -> None:
 
 
 def _check_args(args) -> dict:
-    from .. import ops
     from ..sampling import knobs
 
     for flag in ("steps", "n"):
