@@ -36,7 +36,9 @@ try:
 except ImportError:  # run as a script from bench/
     import harness
 
-IMPLS = ("floor", "graph", "eager", "diffusers", "compile")
+# diffusers: its DDIMScheduler loop; diffkern_sched: the same loop with diffkern.diffusers.DDIMScheduler
+# (issue 7, level 1); accelerated: diffkern.diffusers.accelerate(DDIMPipeline) (level 2, graph on CUDA).
+IMPLS = ("floor", "graph", "eager", "diffusers", "diffkern_sched", "accelerated", "compile")
 CUDA_ONLY = ("floor", "graph", "compile")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _CIFAR_BLOCKS = dict(down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
@@ -117,14 +119,25 @@ def make_loop(config: Config):
     dtype = DTYPES[config.dtype]
     size = MODELS[config.model]["sample_size"]
     x = torch.randn(config.batch, 3, size, size, generator=torch.Generator().manual_seed(1)).to(config.device, dtype)
-    if config.impl == "diffusers":
+    if config.impl in ("diffusers", "diffkern_sched"):
+        if config.impl == "diffkern_sched":
+            from diffkern.diffusers import DDIMScheduler
+            sched = DDIMScheduler.from_config(sched.config)
+
         def diffusers_loop():
-            sched.set_timesteps(config.steps)
+            sched.set_timesteps(config.steps, device=config.device)
             image = x
             for t in sched.timesteps:
                 image = sched.step(unet(image, t).sample, t, image, eta=0.0).prev_sample
             return image
         return diffusers_loop
+    if config.impl == "accelerated":
+        from diffusers import DDIMPipeline
+
+        from diffkern.diffusers import accelerate
+        fast = accelerate(DDIMPipeline(unet=unet, scheduler=sched))
+        return lambda: fast(batch_size=config.batch, num_inference_steps=config.steps, eta=0.0,
+                            generator=torch.Generator().manual_seed(1), output_type="np")
     if config.impl in ("eager", "graph"):
         sched.set_timesteps(config.steps)
         sigmas = schedules.vp_sigmas(sched.alphas_cumprod, sched.timesteps, final="zero")
