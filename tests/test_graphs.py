@@ -684,7 +684,8 @@ def test_bench_graphs_quick(monkeypatch, tmp_path, capsys):
     assert bench.main(["--quick", "--out", str(tmp_path), "--threads", "1"]) == 0
     with open(tmp_path / "graphs.csv") as f:
         rows = list(csv.DictReader(f))
-    assert {r["impl"] for r in rows} == {"diffusers", "eager"} and len(rows) == len(bench.get_configs(quick=True))
+    assert {r["impl"] for r in rows} == {"diffusers", "diffkern_sched", "accelerated", "eager"}
+    assert len(rows) == len(bench.get_configs(quick=True))
     assert all(float(r["per_sample_us"]) > 0 and r["device_name"] and r["git_sha"] for r in rows)
     assert (tmp_path / "graphs.png").stat().st_size > 0 and (tmp_path / "graphs_summary.csv").exists()
     assert "| model | dtype | batch | steps |" in capsys.readouterr().out
