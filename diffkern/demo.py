@@ -6,11 +6,11 @@ sampler alone: no training, no download.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 
 import torch
+
+from ._files import atomic_write
 
 
 def run(out: str = "out/demo.png", *, method: str = "ge", steps: int = 20, n: int = 4000, seed: int = 0,
@@ -58,14 +58,7 @@ def _plot(gmm, samples, exact, out, summary):
         ax.set_ylim(-lim, lim)
         ax.set_aspect("equal")
     fig.tight_layout()
-    # Write to a temporary file first so a failure never leaves a half-written PNG behind.
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(os.path.abspath(out)))
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, out)
+        atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)

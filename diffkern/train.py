@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from ._files import atomic_write
 from .models import builtin
 from .models.unet import TinyUNet
 from .wrappers import KarrasDenoiser
@@ -123,4 +124,4 @@ def save_classifier(clf, path: str) -> None:
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in clf.state_dict().items()}
-    builtin.atomic_write(path, lambda tmp: save_file(tensors, tmp))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+from .._files import atomic_write
 from . import check_common
 
 # CLI knob flag -> sampler keyword. A flag the method does not take is an error, not silently ignored.
@@ -54,8 +55,6 @@ def trajectories(method: str = "euler", steps: int = 20, n: int = 16, *, seed: i
 def plot(res: dict, out: str) -> None:
     """Three panels: sampling trajectories, denoising trajectories (ODE-jump points marked) over the
     density, and the distances to the end point against sigma. Written atomically to ``out``."""
-    import tempfile
-
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -90,17 +89,10 @@ def plot(res: dict, out: str) -> None:
     axes[2].set_title(f"{res['method']}, {res['steps']} steps: mean over {res['n']} points")
     axes[2].legend(fontsize=8)
     fig.tight_layout()
-    folder = os.path.dirname(os.path.abspath(out))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder)  # no half-written PNG on failure
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, out)
+        atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))  # no half-written PNG on failure
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _check_args(args) -> dict:

@@ -15,6 +15,7 @@ import os
 
 import torch
 
+from .._files import atomic_write
 from ..wrappers import KarrasDenoiser
 from .unet import TinyUNet
 
@@ -163,23 +164,3 @@ def save_grid(images: torch.Tensor, path: str, *, nrow: int | None = None, scale
         canvas[:, pad + r * hs:pad + r * hs + h * scale, pad + q * ws:pad + q * ws + w * scale] = px[k]
     arr = canvas[0].numpy() if c == 1 else canvas.permute(1, 2, 0).contiguous().numpy()
     atomic_write(path, lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))
-
-
-def atomic_write(path: str, write) -> None:
-    """Run ``write(tmp)`` on a temporary file beside ``path``, then rename it onto ``path``
-    (so a failure never leaves a half-written file)."""
-    import tempfile
-
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".tmp", prefix=".diffkern-", dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; package data must be readable by all
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
