@@ -15,7 +15,6 @@ Every time is also given in units of one ``dst.copy_(src)`` of the latent (``x_c
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 
 import torch
@@ -109,34 +108,19 @@ COLUMNS = ("impl", "eta", "shape", "median_us", "p20_us", "p80_us", "x_copy", "s
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = harness.parser(__doc__.splitlines()[0]).parse_args(argv)
-    device = args.device or harness.default_device()
-    backends = harness.resolve_backends(args.backends, device)
-    configs = get_configs(quick=args.quick, backends=backends, device=device)
-    repeats = args.repeats or (3 if args.quick else 20)
-    with harness.threads(args.threads):
-        prov = harness.provenance(device)
-        rows = [run(c, warmup=1 if args.quick else 3, repeats=repeats) for c in configs]
+    b = harness.start(harness.parser(__doc__.splitlines()[0]), argv)
+    configs = get_configs(quick=b.args.quick, backends=b.backends(), device=b.device)
+    with b.measuring("diffusers"):
+        rows = [run(c, warmup=b.warmup, repeats=b.repeats) for c in configs]
     add_ratios(rows)
-    try:
-        import diffusers
-        prov["diffusers"] = diffusers.__version__
-    except ImportError:
-        prov["diffusers"] = "none"
-    rows = [{**r, **prov} for r in rows]
-    out = harness.out_dir(args.out, device)
-    csv_path = harness.write_csv(rows, os.path.join(out, "ddim.csv"))
-    png_path = harness.plot_bars([f"{r['impl']} eta={r['eta']:g}" for r in rows], [r["x_copy"] for r in rows],
-                                 os.path.join(out, "ddim.png"), xlabel="time / one tensor copy",
-                                 title=f"DDIM step {rows[0]['shape']} float32 on {prov['device_name']}\n"
-                                       f"{prov['git_sha'][:12]}, {prov['threads']} threads, "
-                                       f"load {prov['loadavg_1m']}")
-    print(f"# DDIM step on {prov['device_name']} (torch {prov['torch']}, diffusers {prov['diffusers']}, "
-          f"{prov['threads']} threads, load average {prov['loadavg_1m']}, {prov['git_sha'][:12]}, "
-          f"{prov['timestamp']})\n")
-    print(harness.to_markdown(rows, COLUMNS))
-    print(f"\nwrote {csv_path} and {png_path}")
-    return 0
+
+    def plot(rows, path):
+        return harness.plot_bars([f"{r['impl']} eta={r['eta']:g}" for r in rows], [r["x_copy"] for r in rows], path,
+                                 xlabel="time / one tensor copy",
+                                 title=f"DDIM step {rows[0]['shape']} float32 on {b.prov['device_name']}\n"
+                                       f"{b.prov['git_sha'][:12]}, {b.prov['threads']} threads, "
+                                       f"load {b.prov['loadavg_1m']}")
+    return b.finish("ddim", rows, COLUMNS, what="DDIM step", plot=plot)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ Ratios: ``vs_floor`` (time / floor time), ``speedup_vs_diffusers``, ``vs_compile
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import time
 
@@ -249,39 +248,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtypes", default=None, help="float32,bfloat16")
     p.add_argument("--deadline-s", type=float, default=None,
                    help="start no new case after this many seconds (the rows done are written)")
-    args = p.parse_args(argv)
-    device = args.device or ("cpu" if args.quick else harness.default_device())
-    configs = get_configs(quick=args.quick, device=device, models=_list(args.models), batches=_list(args.batches, int),
+    b = harness.start(p, argv, quick_device="cpu")
+    args = b.args
+    configs = get_configs(quick=args.quick, device=b.device, models=_list(args.models), batches=_list(args.batches, int),
                           steps=_list(args.steps, int), dtypes=_list(args.dtypes), compile=not args.no_compile)
-    repeats = args.repeats or (3 if args.quick else 20)
     start, rows = time.monotonic(), []
-    with harness.threads(args.threads):
-        prov = harness.provenance(device)
+    with b.measuring("diffusers"):
         for c in configs:
             if args.deadline_s is not None and time.monotonic() - start > args.deadline_s:
                 print(f"deadline reached: {len(configs) - len(rows)} of {len(configs)} cases not run")
                 break
-            rows.append(run(c, warmup=1 if args.quick else 3, repeats=repeats))
+            rows.append(run(c, warmup=b.warmup, repeats=b.repeats))
     add_ratios(rows)
-    import diffusers
-    prov["diffusers"] = diffusers.__version__
-    rows = [{**r, **prov} for r in rows]
-    out = harness.out_dir(args.out, device)
-    csv_path = harness.write_csv(rows, os.path.join(out, "graphs.csv"))
     summ = summary(rows)
-    harness.write_csv([{**s, **prov} for s in summ], os.path.join(out, "graphs_summary.csv"))
-    png_path = harness.plot_lines([{**r, "panel": f"{r['model']} {r['dtype']} N={r['steps']}"} for r in rows],
-                                  os.path.join(out, "graphs.png"), x="batch", y="per_sample_us", series="impl",
-                                  panel="panel", ylog=True, ylabel="us per sample",
-                                  title=f"sampling loop on {prov['device_name']}, torch {prov['torch']}, "
-                                        f"diffusers {prov['diffusers']}, {prov['git_sha'][:12]}")
-    print(f"# Sampling loop on {prov['device_name']} (torch {prov['torch']}, triton {prov['triton']}, "
-          f"diffusers {prov['diffusers']}, CUDA {prov['cuda']}, {prov['git_sha'][:12]}, {prov['timestamp']})\n")
-    print(harness.to_markdown(summ, list(summ[0]) if summ else []))
-    print()
-    print(harness.to_markdown(rows, COLUMNS))
-    print(f"\nwrote {csv_path} and {png_path}")
-    return 0
+
+    def plot(rows, path):
+        return harness.plot_lines([{**r, "panel": f"{r['model']} {r['dtype']} N={r['steps']}"} for r in rows], path,
+                                  x="batch", y="per_sample_us", series="impl", panel="panel", ylog=True,
+                                  ylabel="us per sample",
+                                  title=f"sampling loop on {b.prov['device_name']}, torch {b.prov['torch']}, "
+                                        f"diffusers {b.prov['diffusers']}, {b.prov['git_sha'][:12]}")
+    return b.finish("graphs", rows, COLUMNS, what="Sampling loop", plot=plot,
+                    tables=[("graphs_summary", summ, list(summ[0]) if summ else [])])
 
 
 if __name__ == "__main__":

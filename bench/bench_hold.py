@@ -16,7 +16,6 @@ state (2n data tensors), measured in the same run.
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 
 import torch
@@ -111,23 +110,18 @@ COLUMNS = ("impl", "n", "state_shape", "median_us", "p20_us", "p80_us", "gbps", 
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = harness.parser(__doc__.splitlines()[0]).parse_args(argv)
-    device = args.device or harness.default_device()
-    backends = harness.resolve_backends(args.backends, device)
-    configs = get_configs(quick=args.quick, backends=backends, device=device)
-    repeats = args.repeats or (3 if args.quick else 20)
-    with harness.threads(args.threads):
-        prov = harness.provenance(device)
-        rows = [dict(run(c, warmup=1 if args.quick else 3, repeats=repeats), **prov) for c in configs]
+    b = harness.start(harness.parser(__doc__.splitlines()[0]), argv)
+    configs = get_configs(quick=b.args.quick, backends=b.backends(), device=b.device)
+    with b.measuring():
+        rows = [run(c, warmup=b.warmup, repeats=b.repeats) for c in configs]
     add_ratios(rows)
-    print(harness.to_markdown(rows, COLUMNS))
-    out = harness.out_dir(args.out, device)
-    harness.write_csv(rows, os.path.join(out, "hold.csv"))
-    fused = [r for r in rows if r["impl"] != "copy"]
-    harness.plot_bars([f"n={r['n']} {r['impl']}" for r in fused], [r["median_us"] / 1e3 for r in fused],
-                      os.path.join(out, "hold.png"), xlabel="median time per step (ms)",
-                      title=f"HOLD transition, {prov['device_name']}")
-    return 0
+
+    def plot(rows, path):
+        timed = [r for r in rows if r["impl"] != "copy"]
+        return harness.plot_bars([f"n={r['n']} {r['impl']}" for r in timed], [r["median_us"] / 1e3 for r in timed],
+                                 path, xlabel="median time per step (ms)",
+                                 title=f"HOLD transition, {b.prov['device_name']}")
+    return b.finish("hold", rows, COLUMNS, what="HOLD transition", plot=plot)
 
 
 if __name__ == "__main__":

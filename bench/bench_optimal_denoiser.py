@@ -17,7 +17,6 @@ on CPU (B = 8, N = 300, D = 48). ``--sweep`` adds the Triton block configuration
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 
 import torch
@@ -157,36 +156,24 @@ COLUMNS = ("impl", "dtype", "batch", "n", "dim", "median_us", "p20_us", "p80_us"
 def main(argv: list[str] | None = None) -> int:
     p = harness.parser(__doc__.splitlines()[0])
     p.add_argument("--sweep", action="store_true", help="also time the Triton block configurations (SWEEP_CONFIGS)")
-    args = p.parse_args(argv)
-    device = args.device or harness.default_device()
-    if args.backends:
-        backends = harness.resolve_backends(args.backends, device)
-        unknown = [b for b in backends if b not in ("reference", "triton")]
-        if unknown:
-            raise ValueError(f"--backends: optimal_denoiser has reference and triton backends, not {unknown}")
-    else:
-        backends = None
-    configs = get_configs(quick=args.quick, backends=backends, device=device, sweep=args.sweep)
-    repeats = args.repeats or (3 if args.quick else 20)
-    with harness.threads(args.threads):
-        prov = harness.provenance(device)
-        errors = check_outputs(configs, args.quick)
-        rows = [{**run(c, quick=args.quick, warmup=1 if args.quick else 3, repeats=repeats),
+    b = harness.start(p, argv)
+    backends = b.backends() if b.args.backends else None
+    unknown = [name for name in backends or () if name not in ("reference", "triton")]
+    if unknown:
+        raise ValueError(f"--backends: optimal_denoiser has reference and triton backends, not {unknown}")
+    configs = get_configs(quick=b.args.quick, backends=backends, device=b.device, sweep=b.args.sweep)
+    with b.measuring():
+        errors = check_outputs(configs, b.args.quick)
+        rows = [{**run(c, quick=b.args.quick, warmup=b.warmup, repeats=b.repeats),
                  "max_err_vs_f64": errors.get(c, float("nan"))} for c in configs]
     add_ratios(rows)
-    rows = [{**r, **prov} for r in rows]
-    out = harness.out_dir(args.out, device)
-    csv_path = harness.write_csv(rows, os.path.join(out, "optimal_denoiser.csv"))
-    png_path = harness.plot_bars([f"{r['impl']} {r['dtype']}" for r in rows], [r["tflops"] for r in rows],
-                                 os.path.join(out, "optimal_denoiser.png"), xlabel="TFLOP/s (4*B*N*D per call)",
-                                 title=f"optimal denoiser B={rows[0]['batch']} N={rows[0]['n']} D={rows[0]['dim']} on "
-                                       f"{prov['device_name']}, {prov['git_sha'][:12]}")
-    print(f"# optimal_denoiser on {prov['device_name']} (torch {prov['torch']}, triton {prov['triton']}, "
-          f"{prov['threads']} threads, load average {prov['loadavg_1m']}, {prov['git_sha'][:12]}, "
-          f"{prov['timestamp']})\n")
-    print(harness.to_markdown(rows, COLUMNS))
-    print(f"\nwrote {csv_path} and {png_path}")
-    return 0
+
+    def plot(rows, path):
+        return harness.plot_bars([f"{r['impl']} {r['dtype']}" for r in rows], [r["tflops"] for r in rows], path,
+                                 xlabel="TFLOP/s (4*B*N*D per call)",
+                                 title=f"optimal denoiser B={rows[0]['batch']} N={rows[0]['n']} D={rows[0]['dim']} "
+                                       f"on {b.prov['device_name']}, {b.prov['git_sha'][:12]}")
+    return b.finish("optimal_denoiser", rows, COLUMNS, what="optimal_denoiser", plot=plot)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import time
 
@@ -139,7 +138,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=_ints, default=None, help="comma-separated step counts (default 5,10,20)")
     p.add_argument("--n", type=int, default=None, help="images per row (default 300, the held-out size; quick 100)")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    b = harness.start(p, argv)
+    args = b.args
 
     from diffkern.models import builtin
     from diffkern.quality import Scorer
@@ -153,44 +153,41 @@ def main(argv=None) -> int:
     if n < 2:
         p.error(f"--n: expected an integer >= 2, got {n}")
     configs = get_configs(settings, steps)
-    device = torch.device(args.device or harness.default_device())
-    backends = harness.resolve_backends(args.backends, device.type)
+    device = torch.device(b.device)
+    backends = b.backends()
     if len(backends) != 1:
         p.error(f"--backends: this benchmark samples with one backend, got {backends}")
     backend = backends[0]
-    with harness.threads(args.threads):
-        prov = harness.provenance(device.type)
+    with b.measuring():
         model = builtin.load_builtin(device=device)
         scorer = Scorer()
         results = reference_rows(scorer, n, args.seed)
         for c in configs:
             results.append(run(c, model, scorer, n=n, seed=args.seed, backend=backend, device=device))
         spread = floor_spread(scorer, n)
-    rows = [{**dataclasses.asdict(r), "sampler": r.name, "backend": backend, "n": n, "seed": args.seed, **prov}
+    rows = [{**dataclasses.asdict(r), "sampler": r.name, "backend": backend, "n": n, "seed": args.seed}
             for r in results]
     for r in rows:
         r.pop("name")
         if not r["steps"]:  # reference rows: no sampler
             r["steps"] = r["nfe"] = ""
-    out = harness.out_dir(args.out, device.type)
-    csv_path = harness.write_csv(rows, os.path.join(out, "quality.csv"))
-    curves = [{**r, "series": r["sampler"] + ("" if r["knobs"] == "-" else f" {r['knobs']}"), "metric": metric,
-               "mmd2": r[key]}
-              for r in rows if r["steps"] for metric, key in (("pixels", "mmd2_pixels"), ("features", "mmd2_features"))]
-    png_path = harness.plot_lines(curves, os.path.join(out, "quality.png"), x="steps", y="mmd2", series="series",
-                                  panel="metric", ylabel="MMD^2 vs held-out digits (lower is better)",
-                                  title=f"built-in digits model, {n} images per point, {prov['device_name']}, "
-                                        f"backend {backend}, {prov['git_sha'][:12]}")
-    print(f"# sample quality of the built-in digits model: {n} images per row vs the 300 held-out digits "
-          f"(device {prov['device_name']}, backend {backend}, seed {args.seed}, torch {prov['torch']}, "
-          f"{prov['git_sha'][:12]}, {prov['timestamp']})\n")
-    print(harness.to_markdown(rows, COLUMNS))
-    print(f"\nMMD^2: lower is better; the [train images] row is the floor (a perfect generator), "
-          f"[blurred images] and [noise images] are failures. Noise level of the floor over 5 other draws of {n}: "
-          f"pixels {spread['mmd_pixels'][0]:.2g} +- {spread['mmd_pixels'][1]:.2g}, features "
-          f"{spread['mmd_features'][0]:.2g} +- {spread['mmd_features'][1]:.2g}; smaller differences are noise.")
-    print(f"\nwrote {csv_path} and {png_path}")
-    return 0
+
+    def plot(rows, path):
+        curves = [{**r, "series": r["sampler"] + ("" if r["knobs"] == "-" else f" {r['knobs']}"), "metric": metric,
+                   "mmd2": r[key]}
+                  for r in rows if r["steps"] for metric, key in (("pixels", "mmd2_pixels"),
+                                                                  ("features", "mmd2_features"))]
+        return harness.plot_lines(curves, path, x="steps", y="mmd2", series="series", panel="metric",
+                                  ylabel="MMD^2 vs held-out digits (lower is better)",
+                                  title=f"built-in digits model, {n} images per point, {b.prov['device_name']}, "
+                                        f"backend {backend}, {b.prov['git_sha'][:12]}")
+    note = (f"MMD^2: lower is better; the [train images] row is the floor (a perfect generator), "
+            f"[blurred images] and [noise images] are failures. Noise level of the floor over 5 other draws of {n}: "
+            f"pixels {spread['mmd_pixels'][0]:.2g} +- {spread['mmd_pixels'][1]:.2g}, features "
+            f"{spread['mmd_features'][0]:.2g} +- {spread['mmd_features'][1]:.2g}; smaller differences are noise.")
+    return b.finish("quality", rows, COLUMNS, plot=plot, note=note,
+                    what=f"sample quality of the built-in digits model ({n} images per row vs the 300 held-out "
+                         f"digits, backend {backend}, seed {args.seed})")
 
 
 if __name__ == "__main__":

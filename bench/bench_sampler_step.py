@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import sys
 
 import torch
@@ -143,29 +142,20 @@ COLUMNS = ("impl", "dtype", "numel", "noise", "median_us", "p20_us", "p80_us", "
 def main(argv: list[str] | None = None) -> int:
     p = harness.parser(__doc__.splitlines()[0])
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile (its cold compile takes minutes on CPU)")
-    args = p.parse_args(argv)
-    device = args.device or harness.default_device()
-    backends = harness.resolve_backends(args.backends, device)
-    configs = get_configs(quick=args.quick, backends=backends, device=device,
-                          compile=False if args.no_compile else None)
-    repeats = args.repeats or (3 if args.quick else 20)
-    with harness.threads(args.threads):
-        prov = harness.provenance(device)
-        rows = [run(c, warmup=1 if args.quick else 3, repeats=repeats) for c in configs]
+    b = harness.start(p, argv)
+    configs = get_configs(quick=b.args.quick, backends=b.backends(), device=b.device,
+                          compile=False if b.args.no_compile else None)
+    with b.measuring():
+        rows = [run(c, warmup=b.warmup, repeats=b.repeats) for c in configs]
     add_ratios(rows)
-    rows = [{**r, **prov} for r in rows]
-    out = harness.out_dir(args.out, device)
-    csv_path = harness.write_csv(rows, os.path.join(out, "sampler_step.csv"))
-    png_path = harness.plot_lines([{**r, "series": r["impl"] + (" +noise" if r["noise"] else "")} for r in rows],
-                                  os.path.join(out, "sampler_step.png"), x="numel", y="gbps", series="series",
-                                  panel="dtype", ylog=True, ylabel="GB/s (3 tensors of traffic; copy: 2)",
-                                  title=f"sampler_step (VP-DDIM) on {prov['device_name']}\ntorch {prov['torch']}, "
-                                        f"{prov['git_sha'][:12]}, load {prov['loadavg_1m']}")
-    print(f"# sampler_step on {prov['device_name']} (torch {prov['torch']}, {prov['threads']} threads, "
-          f"load average {prov['loadavg_1m']}, {prov['git_sha'][:12]}, {prov['timestamp']})\n")
-    print(harness.to_markdown(rows, COLUMNS))
-    print(f"\nwrote {csv_path} and {png_path}")
-    return 0
+
+    def plot(rows, path):
+        return harness.plot_lines([{**r, "series": r["impl"] + (" +noise" if r["noise"] else "")} for r in rows], path,
+                                  x="numel", y="gbps", series="series", panel="dtype", ylog=True,
+                                  ylabel="GB/s (3 tensors of traffic; copy: 2)",
+                                  title=f"sampler_step (VP-DDIM) on {b.prov['device_name']}\ntorch {b.prov['torch']}, "
+                                        f"{b.prov['git_sha'][:12]}, load {b.prov['loadavg_1m']}")
+    return b.finish("sampler_step", rows, COLUMNS, what="sampler_step", plot=plot)
 
 
 if __name__ == "__main__":

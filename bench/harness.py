@@ -12,9 +12,9 @@ import contextlib
 import csv
 import dataclasses
 import datetime
+import importlib
 import math
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -22,6 +22,8 @@ import time
 from typing import Callable, Iterable, Sequence
 
 import torch
+
+from diffkern._host import cpu_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROVENANCE_COLUMNS = ("device_name", "cpu_model", "torch", "triton", "cuda", "git_sha", "timestamp", "threads",
@@ -97,17 +99,6 @@ def _time_cuda(fn, first: float, warmup: int, repeats: int) -> Timing:
 # Provenance: where and on what the numbers were taken.
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
@@ -125,17 +116,30 @@ def git_sha() -> str:
         return "unknown"
 
 
-def provenance(device: str) -> dict:
-    """The provenance columns (``PROVENANCE_COLUMNS``) for a run on ``device``."""
+def _version(package: str) -> str:
     try:
-        import triton
-        triton_version = triton.__version__
+        return importlib.import_module(package).__version__
     except ImportError:
-        triton_version = "none"
+        return "none"
+
+
+def provenance(device: str, *packages: str) -> dict:
+    """The provenance columns (``PROVENANCE_COLUMNS``) for a run on ``device``, then the version of each of
+    ``packages`` (``none`` when it is not installed) under the package's name."""
     return {"device_name": device_name(device), "cpu_model": cpu_model(), "torch": torch.__version__,
-            "triton": triton_version, "cuda": torch.version.cuda or "none", "git_sha": git_sha(),
+            "triton": _version("triton"), "cuda": torch.version.cuda or "none", "git_sha": git_sha(),
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "threads": torch.get_num_threads(), "loadavg_1m": round(os.getloadavg()[0], 2)}
+            "threads": torch.get_num_threads(), "loadavg_1m": round(os.getloadavg()[0], 2),
+            **{p: _version(p) for p in packages}}
+
+
+def heading(what: str, prov: dict) -> str:
+    """``# <what> on <device> (versions, threads, load, commit, time)``: the line above a printed table."""
+    packages = [k for k in prov if k not in PROVENANCE_COLUMNS]  # the ones provenance() was asked for
+    versions = [f"torch {prov['torch']}"] + [f"{k} {prov[k]}" for k in ("triton", *packages, "cuda")
+                                             if prov[k] != "none"]
+    return (f"# {what} on {prov['device_name']} ({', '.join(versions)}, {prov['threads']} threads, "
+            f"load average {prov['loadavg_1m']}, {prov['git_sha'][:12]}, {prov['timestamp']})")
 
 
 def device_slug(device: str) -> str:
@@ -303,3 +307,60 @@ def resolve_backends(arg: str | None, device: str) -> list[str]:
 
 def out_dir(arg: str | None, device: str) -> str:
     return arg or os.path.join(REPO, "bench", "results", device_slug(device))
+
+#----------------------------------------------------------------------------
+# One command-line run of a bench script: its set-up (start), the timed part (measuring), the outputs (finish).
+
+
+@dataclasses.dataclass
+class Session:
+    """A bench script's run: parsed arguments, device, timing settings; ``prov`` is set by :meth:`measuring`."""
+    args: argparse.Namespace
+    device: str
+    prov: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def warmup(self) -> int:
+        return 1 if self.args.quick else 3
+
+    @property
+    def repeats(self) -> int:
+        return self.args.repeats or (3 if self.args.quick else 20)
+
+    def backends(self) -> list[str]:
+        """``--backends`` checked on the device, else the fast defaults (:func:`resolve_backends`)."""
+        return resolve_backends(self.args.backends, self.device)
+
+    @contextlib.contextmanager
+    def measuring(self, *packages: str):
+        """The timed part: ``--threads`` torch threads, and ``prov`` taken on entry (so it records that count)
+        with the versions of ``packages`` (see :func:`provenance`)."""
+        with threads(self.args.threads):
+            self.prov = provenance(self.device, *packages)
+            yield self
+
+    def finish(self, name: str, rows: list[dict], columns: Sequence[str], *, what: str,
+               plot: Callable[[list[dict], str], str], tables: Sequence[tuple] = (), note: str = "") -> int:
+        """Write ``<name>.csv`` (``rows`` with the provenance columns) and ``<name>.png`` (``plot(rows, path)``)
+        in ``--out``, and ``<stem>.csv`` for each extra ``(stem, rows, columns)`` of ``tables``; print the
+        :func:`heading` of ``what``, the extra tables, the main table, ``note`` and the paths. Returns 0."""
+        out = out_dir(self.args.out, self.device)
+        rows = [{**r, **self.prov} for r in rows]
+        csv_path = write_csv(rows, os.path.join(out, f"{name}.csv"))
+        png_path = plot(rows, os.path.join(out, f"{name}.png"))
+        print(heading(what, self.prov) + "\n")
+        for stem, extra, extra_columns in tables:
+            write_csv([{**r, **self.prov} for r in extra], os.path.join(out, f"{stem}.csv"))
+            print(to_markdown(extra, extra_columns) + "\n")
+        print(to_markdown(rows, columns))
+        if note:
+            print(f"\n{note}")
+        print(f"\nwrote {csv_path} and {png_path}")
+        return 0
+
+
+def start(p: argparse.ArgumentParser, argv: list[str] | None = None, *, quick_device: str | None = None) -> Session:
+    """Parse ``argv`` with ``p`` (:func:`parser` plus the script's own flags) and pick the device: ``--device``,
+    else ``quick_device`` under ``--quick`` when given, else :func:`default_device`."""
+    args = p.parse_args(argv)
+    return Session(args, args.device or (args.quick and quick_device) or default_device())

@@ -14,6 +14,7 @@ and other values. Memory: one graph pool and side stream per device shared by al
 are serialised, whatever the caller's stream), at most ``info()["max_entries"]`` captures (default 8, env
 ``DIFFKERN_GRAPH_CACHE``), least recently used evicted first, :func:`clear` to drop them. A failed capture raises
 :class:`GraphCaptureError`, caches nothing and is remembered for its key; ``graph="auto"`` then runs eager and warns.
+The keys and a call's static inputs are built in :mod:`diffkern.graph_keys`.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from typing import Any, Callable
 
 import torch
 
-from . import samplers
+# Call and plan_structure serve diffkern.sampling; the key functions stay reachable as diffkern.graphs.*.
+from .graph_keys import Call, flatten, model_key, plan_structure, write_seed  # noqa: F401
 
 DEFAULT_MAX_ENTRIES = 8
 WARMUP_RUNS = 1  # one eager run of all N steps: every model call and launch of the capture runs once before it
@@ -170,59 +172,6 @@ def info() -> dict:
                 ("captures", "replays", "table_writes", "evictions", "failures")}}
 
 #----------------------------------------------------------------------------
-# Keys.
-
-
-def model_key(model) -> tuple:
-    """What of the model a capture bakes in (besides its code): identity, training flag, the address of
-    its first parameter (moves and dtype casts change it) and, for a fused wrapper, whether it runs CFG."""
-    first = None
-    if isinstance(model, torch.nn.Module):
-        p = next(model.parameters(), None)
-        first = None if p is None else p.data_ptr()
-    cfg = model.guidance_scale != 1.0 if samplers._is_fused(model) else None
-    return id(model), getattr(model, "training", None), first, cfg
-
-
-def plan_structure(plan) -> tuple:
-    """The launch structure of a :class:`~diffkern.coef_tables.Plan` (its values are table data)."""
-    return (tuple(plan.table.shape), tuple(plan.churn), tuple(plan.corrector), plan.churn_row, plan.corrector_row,
-            plan.history)
-
-
-def flatten(obj, tensors: list, objects: list):
-    """Hashable structure of extra args; tensors (appended to ``tensors``) enter by shape, stride, dtype and
-    device; numbers and strings by value; other objects by identity (appended to ``objects``)."""
-    if isinstance(obj, torch.Tensor):
-        tensors.append(obj)
-        return "tensor", tuple(obj.shape), obj.stride(), obj.dtype, obj.device
-    if isinstance(obj, dict):
-        return "dict", tuple((k, flatten(v, tensors, objects)) for k, v in obj.items())
-    if isinstance(obj, (list, tuple)):
-        return type(obj).__name__, tuple(flatten(v, tensors, objects) for v in obj)
-    if isinstance(obj, float):
-        return "float", obj.hex()  # exact, and NaN equals itself
-    if obj is None or isinstance(obj, (bool, int, str, torch.dtype, torch.device)):
-        return type(obj).__name__, obj
-    objects.append(obj)
-    return "object", id(obj)
-
-
-def _rebuild(obj, statics):
-    """``obj`` with every tensor replaced by the next of ``statics`` (the order of :func:`flatten`)."""
-    if isinstance(obj, torch.Tensor):
-        return next(statics)
-    if isinstance(obj, dict):
-        return {k: _rebuild(v, statics) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_rebuild(v, statics) for v in obj)
-    return obj
-
-
-def _seed_kind(seed_v) -> int:
-    return seed_v.numel() if isinstance(seed_v, torch.Tensor) else 1
-
-#----------------------------------------------------------------------------
 # Capture and replay.
 
 
@@ -329,13 +278,6 @@ def _clone(out):
     return tuple(_clone(v) for v in out)
 
 
-def _write_seed(static: torch.Tensor, seed_v) -> None:
-    if isinstance(seed_v, torch.Tensor):
-        static.copy_(seed_v.reshape(-1))
-    else:
-        static.fill_(seed_v)  # a kernel argument, no host-device copy
-
-
 def _write_tables(entry: Entry, hosts: list) -> None:
     """Rewrite a device table only when its float64 host values changed (compared bitwise, NaN included)."""
     for pair, host in zip(entry.tables, hosts):
@@ -350,36 +292,11 @@ def feed(entry: Entry, x, seed_v, extras: list, hosts: list) -> None:
     """Write one call's inputs into the capture's buffers (on the current stream, without a host sync)."""
     if entry.x is not None and x is not None:
         entry.x.copy_(x)
-    _write_seed(entry.seed, seed_v)
+    write_seed(entry.seed, seed_v)
     for static, t in zip(entry.extras, extras):
         static.copy_(t)
     _write_tables(entry, hosts)
 
-
-class Call:
-    """What every entry point derives from its arguments: the validated seed, the extra args (``tensors`` in
-    :func:`flatten` order, other ``objects`` held by the capture) and the common part of the key."""
-
-    def __init__(self, model, x, seed, backend, extra_args, record=False):
-        self.seed, self.extra_args = samplers.seed_value(seed, x.shape[0]), dict(extra_args or {})
-        self.tensors, self.objects = [], []
-        extra_key = flatten(self.extra_args, self.tensors, self.objects)
-        self.key = (model_key(model), tuple(x.shape), x.dtype, x.device, _seed_kind(self.seed), bool(record),
-                    backend, os.environ.get("DIFFKERN_BACKEND"), extra_key)
-
-    def static_seed(self, device) -> torch.Tensor:
-        static = torch.empty(_seed_kind(self.seed), dtype=torch.int64, device=device)
-        _write_seed(static, self.seed)
-        return static
-
-    def static_extra(self):
-        """(static copies of the tensor extra args, the extra args dict with them in place)."""
-        statics = [t.clone() for t in self.tensors]  # clone keeps the strides the key records
-        return statics, _rebuild(self.extra_args, iter(statics))
-
-    def keep(self, model) -> tuple:
-        tensors = tuple(model.parameters()) + tuple(model.buffers()) if isinstance(model, torch.nn.Module) else ()
-        return model, tensors, tuple(self.objects)
 
 #----------------------------------------------------------------------------
 # HOLD (the VE samplers and IADB: diffkern.sampling).

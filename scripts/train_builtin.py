@@ -20,6 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from diffkern import train  # noqa: E402
+from diffkern._host import cpu_model  # noqa: E402
 from diffkern.models import builtin  # noqa: E402
 from diffkern.quality import CLASSIFIER, Scorer, baselines  # noqa: E402
 
@@ -40,7 +41,7 @@ def main(argv=None) -> int:
 
     card = {"data": "sklearn.datasets.load_digits, bilinear 8x8 -> 16x16, [-1, 1]; held out: index % 6 == 0 "
                     "(300 images), trained on the other 1,497",
-            "cpu": _cpu_name(), "threads": torch.get_num_threads()}
+            "cpu": cpu_model(), "threads": torch.get_num_threads()}
     if not args.skip_classifier:
         t0 = time.perf_counter()
         clf, accuracy = train.train_classifier(seed=args.seed, progress=True)
@@ -76,17 +77,6 @@ def _write_text(path: str, text: str) -> None:
 
 def _round(score: dict) -> dict:
     return {k: round(v, 5) for k, v in score.items()}
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

@@ -208,16 +208,17 @@ def test_compile_fullgraph_reference_function():
                            kw["seed"])
 
 
-@pytest.mark.xfail(strict=True, raises=(torch._dynamo.exc.Unsupported,
-                                        torch.fx.experimental.symbolic_shapes.GuardOnDataDependentSymNode),
-                   reason="the front-end validates CPU tables with data-dependent checks (coefs.validate)")
-def test_compile_fullgraph_front_end():
+@pytest.mark.parametrize("backend", ["reference", None] + [b for b in OP_BACKENDS if b in usable_backends("cpu")])
+def test_compile_fullgraph_front_end(backend):
+    """The public front-end traces: its host-only checks (table values, overlaps) are skipped while compiling."""
     kw = sampler_step_inputs((2, 3, 5), noise="explicit")
 
-    def step(x, model_out, coef, noise):
-        return dops.sampler_step(x, model_out, coef, 2, noise=noise, backend="reference")
+    def step(x, model_out, uncond, history, coef, noise):
+        return dops.sampler_step(x, model_out, coef, 2, model_out_uncond=uncond, history=history, noise=noise,
+                                 backend=backend)
 
-    _compiled_equals_eager(step, kw["x"], kw["model_out"], kw["coef"], kw["noise"])
+    _compiled_equals_eager(step, kw["x"], kw["model_out"], kw["model_out_uncond"], kw["history"], kw["coef"],
+                           kw["noise"])
 
 
 def test_fake_kernels_give_shapes_without_running():

@@ -120,7 +120,9 @@ def sampler_step(x, model_out, coef, step, *, model_out_uncond=None, history=Non
     if coef.device != x.device:
         raise ValueError(f"coef: expected device {x.device} (that of x), got {coef.device}")
     _checks.step_index(step, coef)
-    if coef.device.type == "cpu":  # cheap here; device tables are validated when built (no sync in loops)
+    # Cheap for CPU tables; device tables are validated when built (no sync in loops). Under torch.compile the
+    # check would read tensor values on the host, which a trace cannot do: compiled callers validate beforehand.
+    if coef.device.type == "cpu" and not torch.compiler.is_compiling():
         uses_history = coefs.validate_once(coef)
         if history is None and uses_history[step]:
             raise ValueError(f"history: required, since coef[{step}] has a non-zero history coefficient c")
@@ -128,7 +130,11 @@ def sampler_step(x, model_out, coef, step, *, model_out_uncond=None, history=Non
     _checks.no_partial_overlap({"out": out, "x0_out": x0_out, "history_out": history_out},
                                {"x": x, "model_out": model_out, "model_out_uncond": model_out_uncond,
                                 "history": history, "noise": noise})
-    _, launch = resolve("sampler_step", x.device.type, backend)
+    if torch.compiler.is_compiling():  # the registry's lookup is host code: done once, while tracing
+        from . import _traced
+        launch = SPEC.loaders[_traced.backend("sampler_step", x.device.type, backend)]()
+    else:
+        _, launch = resolve("sampler_step", x.device.type, backend)
 
     def c(t):
         return None if t is None else t.contiguous()

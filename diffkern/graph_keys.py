@@ -1,0 +1,99 @@
+"""What a captured sampling loop bakes in, and the static copies of a call's inputs (:mod:`diffkern.graphs`).
+
+A capture's key holds everything a replay cannot change: the model (:func:`model_key`), the plan's launch
+structure (:func:`plan_structure`), the structure of the extra args (:func:`flatten`) and the seed kind; the
+values a replay may change (x, the seed, tensor extra args, the coefficient tables) are copied into static
+buffers before each replay. :class:`Call` derives both from an entry point's arguments.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import samplers
+
+
+def model_key(model) -> tuple:
+    """What of the model a capture bakes in (besides its code): identity, training flag, the address of
+    its first parameter (moves and dtype casts change it) and, for a fused wrapper, whether it runs CFG."""
+    first = None
+    if isinstance(model, torch.nn.Module):
+        p = next(model.parameters(), None)
+        first = None if p is None else p.data_ptr()
+    cfg = model.guidance_scale != 1.0 if samplers._is_fused(model) else None
+    return id(model), getattr(model, "training", None), first, cfg
+
+
+def plan_structure(plan) -> tuple:
+    """The launch structure of a :class:`~diffkern.coef_tables.Plan` (its values are table data)."""
+    return (tuple(plan.table.shape), tuple(plan.churn), tuple(plan.corrector), plan.churn_row, plan.corrector_row,
+            plan.history)
+
+
+def flatten(obj, tensors: list, objects: list):
+    """Hashable structure of extra args; tensors (appended to ``tensors``) enter by shape, stride, dtype and
+    device; numbers and strings by value; other objects by identity (appended to ``objects``)."""
+    if isinstance(obj, torch.Tensor):
+        tensors.append(obj)
+        return "tensor", tuple(obj.shape), obj.stride(), obj.dtype, obj.device
+    if isinstance(obj, dict):
+        return "dict", tuple((k, flatten(v, tensors, objects)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj).__name__, tuple(flatten(v, tensors, objects) for v in obj)
+    if isinstance(obj, float):
+        return "float", obj.hex()  # exact, and NaN equals itself
+    if obj is None or isinstance(obj, (bool, int, str, torch.dtype, torch.device)):
+        return type(obj).__name__, obj
+    objects.append(obj)
+    return "object", id(obj)
+
+
+def rebuild(obj, statics):
+    """``obj`` with every tensor replaced by the next of ``statics`` (the order of :func:`flatten`)."""
+    if isinstance(obj, torch.Tensor):
+        return next(statics)
+    if isinstance(obj, dict):
+        return {k: rebuild(v, statics) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(rebuild(v, statics) for v in obj)
+    return obj
+
+
+def seed_kind(seed_v) -> int:
+    """What of the seed a capture bakes in: the length of its stream vector (an int seed is one stream)."""
+    return seed_v.numel() if isinstance(seed_v, torch.Tensor) else 1
+
+
+def write_seed(static: torch.Tensor, seed_v) -> None:
+    """Write a call's seed (an int or an int64 tensor) into a capture's static seed buffer, without a host sync."""
+    if isinstance(seed_v, torch.Tensor):
+        static.copy_(seed_v.reshape(-1))
+    else:
+        static.fill_(seed_v)  # a kernel argument, no host-device copy
+
+
+class Call:
+    """What every entry point derives from its arguments: the validated seed, the extra args (``tensors`` in
+    :func:`flatten` order, other ``objects`` held by the capture) and the common part of the key."""
+
+    def __init__(self, model, x, seed, backend, extra_args, record=False):
+        self.seed, self.extra_args = samplers.seed_value(seed, x.shape[0]), dict(extra_args or {})
+        self.tensors, self.objects = [], []
+        extra_key = flatten(self.extra_args, self.tensors, self.objects)
+        self.key = (model_key(model), tuple(x.shape), x.dtype, x.device, seed_kind(self.seed), bool(record),
+                    backend, os.environ.get("DIFFKERN_BACKEND"), extra_key)
+
+    def static_seed(self, device) -> torch.Tensor:
+        static = torch.empty(seed_kind(self.seed), dtype=torch.int64, device=device)
+        write_seed(static, self.seed)
+        return static
+
+    def static_extra(self):
+        """(static copies of the tensor extra args, the extra args dict with them in place)."""
+        statics = [t.clone() for t in self.tensors]  # clone keeps the strides the key records
+        return statics, rebuild(self.extra_args, iter(statics))
+
+    def keep(self, model) -> tuple:
+        tensors = tuple(model.parameters()) + tuple(model.buffers()) if isinstance(model, torch.nn.Module) else ()
+        return model, tensors, tuple(self.objects)
