@@ -10,6 +10,8 @@ import glob
 import os
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -58,6 +60,20 @@ def get_extensions():
                           extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"])]
 
 
+class BuildPyWithKernelSources(build_py):
+    """Also install the CUDA kernel sources as ``diffkern/_csrc``: the run-time loader
+    (diffkern/ops/cuda_rtc.py) compiles them with NVRTC when the extension was built without CUDA."""
+
+    def run(self):
+        super().run()
+        for pattern in ("common/*.h", "cuda/*.cu", "cuda/*.cuh", "cuda/*.h"):
+            for src in glob.glob(os.path.join(ROOT, "csrc", pattern)):
+                rel = os.path.relpath(src, os.path.join(ROOT, "csrc"))
+                dst = os.path.join(self.build_lib, "diffkern", "_csrc", rel)
+                self.mkpath(os.path.dirname(dst))
+                self.copy_file(src, dst)
+
+
 def main():
     from torch.utils.cpp_extension import BuildExtension
 
@@ -71,7 +87,7 @@ def main():
         package_dir={"diffkern": "diffkern", "diffkern.kernels": "kernels"},
         package_data={"diffkern": ["data/*"]},
         ext_modules=get_extensions(),
-        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True), "build_py": BuildPyWithKernelSources},
         install_requires=["torch>=2.6", "numpy", "tqdm", "safetensors", "matplotlib",
                           "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         entry_points={"console_scripts": ["diffkern = diffkern.__main__:main"]},

@@ -11,6 +11,8 @@
 #   2. ./dev.sh setup: venv over the preinstalled torch/Triton, extension built for this GPU's arch only
 #      (offline: pip never reaches an index; a wheelhouse in $GPU_SUITE_WHEELS is used if given) -> build.log
 #   3. every CUDA-marked test (tests/test_graphs.py first)                                  -> pytest_cuda.log
+#   3b. the CUDA op tests again with DIFFKERN_CUDA_LOADER=nvrtc: the same kernels compiled at run time by
+#       CuPy's NVRTC (diffkern/ops/cuda_rtc.py) instead of the ahead-of-time build            -> pytest_nvrtc.log
 #   4. bench/bench_graphs.py (the end-to-end table; compile column last, under a deadline)   -> graphs.*
 #   5. the other benchmarks present (sampler_step, hold, optimal_denoiser)                   -> <name>.*
 #   6. compute-sanitizer --tool memcheck on small launches of every CUDA op                -> memcheck.log
@@ -22,7 +24,7 @@ cd "$(dirname "$0")/.."
 START=$SECONDS
 BUDGET=${GPU_SUITE_BUDGET_S:-560}
 PY=.venv/bin/python
-STAGES=" ${GPU_SUITE_STAGES:-build pytest_cuda bench_graphs benches memcheck pytest_rest} "
+STAGES=" ${GPU_SUITE_STAGES:-build pytest_cuda pytest_nvrtc bench_graphs benches memcheck pytest_rest} "
 want() { [[ "$STAGES" == *" $1 "* ]]; }
 
 gpu_name=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
@@ -52,7 +54,7 @@ echo "-- $(date -u +%FT%TZ) stages:$STAGES" >> "$DEST/stages.txt"
 {
   nvidia-smi || true
   python3 -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())' || true
-  for m in triton diffusers scipy hypothesis pytest tqdm safetensors matplotlib ninja smalldiffusion; do
+  for m in triton diffusers scipy hypothesis pytest tqdm safetensors matplotlib ninja smalldiffusion cupy transformers; do
     python3 -c "import $m; print('$m', getattr($m, '__version__', '?'))" 2>/dev/null || echo "$m MISSING"
   done
   command -v nvcc && nvcc --version | tail -2
@@ -75,6 +77,9 @@ want build && stage build 300 build.log bash -c './dev.sh setup || {
 
 # 3. CUDA tests (the GPU proof of the graph runner first).
 want pytest_cuda && stage pytest_cuda 240 pytest_cuda.log "$PY" -m pytest -q -rs -m cuda tests/test_graphs.py tests
+want pytest_nvrtc && stage pytest_nvrtc 150 pytest_nvrtc.log env DIFFKERN_CUDA_LOADER=nvrtc \
+  DIFFKERN_CACHE_DIR=/tmp/diffkern-cache "$PY" -m pytest -q -rs -m cuda tests/test_cuda_rtc.py tests/test_sampler_step.py \
+  tests/test_iadb.py tests/test_philox.py tests/test_hold_ops.py tests/test_ddim.py
 # 4-5. Benchmarks.
 want bench_graphs && stage bench_graphs 200 bench_graphs.log "$PY" bench/bench_graphs.py --out "$DEST" --deadline-s 150
 for b in sampler_step hold optimal_denoiser; do

@@ -70,7 +70,7 @@ __device__ __forceinline__ void store_pack(void* base, long long i, const C (&sr
 
 // Elements per thread and iteration for state dtype S: one 16-byte access of the state tensors.
 template <class S>
-constexpr int vec_width() {
+__host__ __device__ constexpr int vec_width() {
   return 16 / static_cast<int>(sizeof(S));
 }
 

@@ -11,10 +11,10 @@ from .hold import hold_perturb, hold_transition
 from .iadb import iadb_blend, iadb_blend_reference, iadb_deblend, iadb_deblend_two_head
 from .likelihood import likelihood_accum, likelihood_accum_reference
 from .optimal_denoiser import optimal_denoiser, optimal_denoiser_reference
-from .registry import BACKENDS, BackendUnavailable, available, backend_status, ops, resolve
+from .registry import BACKENDS, BackendUnavailable, available, backend_status, cuda_loader, ops, resolve
 from .sampler_step import sampler_step, sampler_step_reference
 
-__all__ = ["BACKENDS", "BackendUnavailable", "available", "backend_status", "coefs", "ddim_row", "ddim_step",
+__all__ = ["BACKENDS", "BackendUnavailable", "available", "backend_status", "coefs", "cuda_loader", "ddim_row", "ddim_step",
            "hold", "hold_perturb", "hold_transition",
            "iadb_blend", "iadb_blend_reference", "iadb_deblend", "iadb_deblend_two_head",
            "likelihood_accum", "likelihood_accum_reference", "ops", "optimal_denoiser",

@@ -2,7 +2,9 @@
 
 Backends: ``reference`` (pure PyTorch, any device, float64-capable: the spec), ``cpp`` (C++ CPU
 kernels in ``diffkern._C``), ``triton`` (``diffkern.kernels``; on CPU only under
-``TRITON_INTERPRET=1``), ``cuda`` (CUDA C++ in ``diffkern._C``).
+``TRITON_INTERPRET=1``), ``cuda`` (the CUDA C++ kernels of ``csrc/cuda``, loaded one of two ways: built
+ahead of time into ``diffkern._C``, or compiled at run time by CuPy's NVRTC when ``_C`` was built without
+CUDA; :func:`cuda_loader` says which, ``DIFFKERN_CUDA_LOADER=aot|nvrtc`` forces one).
 
 Resolution order: the ``backend=`` argument, then ``DIFFKERN_BACKEND``, then ``auto``. A named backend
 that is unavailable, or cannot run on the tensors' device, raises :class:`BackendUnavailable`. Only
@@ -80,6 +82,45 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+CUDA_LOADERS = ("aot", "nvrtc")
+
+
+def cuda_loader() -> tuple[str | None, str | None]:
+    """Which loader provides the ``cuda`` backend's kernels: ("aot" | "nvrtc", None), or (None, why neither).
+
+    ``aot``: ``diffkern._C`` built with CUDA. ``nvrtc``: ``diffkern._C`` built without it, and CuPy with NVRTC
+    importable (:mod:`diffkern.ops.cuda_rtc`). ``DIFFKERN_CUDA_LOADER`` (``auto`` | ``aot`` | ``nvrtc``)
+    forces one; a forced loader that is unavailable gives its reason, never the other loader.
+    """
+    want = os.environ.get("DIFFKERN_CUDA_LOADER", "auto") or "auto"
+    if want not in CUDA_LOADERS + ("auto",):
+        raise ValueError(f"DIFFKERN_CUDA_LOADER: expected one of {CUDA_LOADERS + ('auto',)}, got {want!r}")
+    mod, why = _extension()
+    if mod is None:
+        return None, why
+    if want in ("auto", "aot") and mod.has_cuda():
+        return "aot", None
+    if want == "aot":
+        return None, "diffkern._C was built without CUDA (no nvcc, or DIFFKERN_SKIP_CUDA_BUILD=1)"
+    ok, why_rtc = _rtc_status()
+    if ok:
+        return "nvrtc", None
+    prefix = "" if want == "nvrtc" else "diffkern._C was built without CUDA, and the run-time loader failed: "
+    return None, prefix + why_rtc
+
+
+@functools.lru_cache(maxsize=None)
+def _rtc_status() -> tuple[bool, str | None]:
+    from . import cuda_rtc
+    try:
+        cuda_rtc.csrc_dir()
+        cuda_rtc.cuda_include_dir()
+        cuda_rtc._nvrtc()
+    except cuda_rtc.RtcUnavailable as exc:
+        return False, str(exc)
+    return True, None
+
+
 def backend_status(backend: str, device_type: str | None = None) -> tuple[bool, str | None]:
     """(available, reason-if-not) for ``backend`` on ``device_type`` (None: on any device)."""
     if backend not in BACKENDS:
@@ -93,11 +134,9 @@ def backend_status(backend: str, device_type: str | None = None) -> tuple[bool, 
         mod, why = _extension()
         return (mod is not None), why
     if backend == "cuda":
-        mod, why = _extension()
-        if mod is None:
+        loader, why = cuda_loader()
+        if loader is None:
             return False, why
-        if not mod.has_cuda():
-            return False, "diffkern._C was built without CUDA (no nvcc, or DIFFKERN_SKIP_CUDA_BUILD=1)"
         if not _cuda_available():
             return False, "torch reports no CUDA device"
         return True, None
@@ -118,6 +157,13 @@ def available(device_type: str | None = None) -> dict[str, str | None]:
     return {b: backend_status(b, device_type)[1] for b in BACKENDS}
 
 
+def _load(spec: OpSpec, backend: str) -> Callable:
+    if backend == "cuda" and cuda_loader()[0] == "nvrtc":
+        from . import cuda_rtc
+        cuda_rtc.register()  # the torch ops' CUDA implementations, before the loader hands one out
+    return spec.loaders[backend]()
+
+
 def resolve(op: str, device_type: str, backend: str | None = None) -> tuple[str, Callable]:
     """Pick the implementation of ``op`` for tensors on ``device_type``; returns (backend, launcher)."""
     if op not in _OPS:
@@ -132,7 +178,7 @@ def resolve(op: str, device_type: str, backend: str | None = None) -> tuple[str,
         if not ok:
             raise BackendUnavailable(f"backend {requested!r} requested for op {op!r} on {device_type} "
                                      f"but unavailable: {why}")
-        return requested, spec.loaders[requested]()
+        return requested, _load(spec, requested)
     order = AUTO_ORDER.get(device_type, ("reference",))
     skipped = []
     for name in order:
@@ -144,6 +190,6 @@ def resolve(op: str, device_type: str, backend: str | None = None) -> tuple[str,
                 _warned.add((op, device_type))
                 warnings.warn(f"diffkern: op {op!r} on {device_type} falls back to {name!r} "
                               f"({'; '.join(skipped)})", RuntimeWarning, stacklevel=3)
-            return name, spec.loaders[name]()
+            return name, _load(spec, name)
         skipped.append(f"{name}: {why}")
     raise BackendUnavailable(f"no backend can run op {op!r} on {device_type}: {'; '.join(skipped)}")

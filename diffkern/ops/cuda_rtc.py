@@ -1,0 +1,385 @@
+"""Run-time CUDA backend: CuPy's NVRTC compiles the kernels of ``csrc/cuda/*.cu`` when ``diffkern._C`` was
+built without CUDA (a CPU build of the package run on a GPU machine).
+
+The same sources as the ahead-of-time build: the ``.cu`` files keep their host launchers behind
+``#if !defined(__CUDACC_RTC__)``, so NVRTC sees only the templated ``__global__`` kernels, which take one
+parameter struct by value (``csrc/cuda/kernels.h``, ``csrc/common/hold.h``). This module mirrors each
+struct as a NumPy structured dtype, checks the layout inside the compiled program (``static_assert`` on
+every field's offset), picks the instantiation and the grid exactly as the C++ launchers do, and launches
+on torch's current stream (so a launch is capturable in a CUDA graph). Arguments are validated first by
+the checks of the C++ bindings, exported by ``diffkern._C`` (so both loaders reject the same inputs).
+
+Compiled programs are cached on disk, one cubin per (source, dtype combination, architecture) in
+``$DIFFKERN_CACHE_DIR`` (default ``~/.cache/diffkern/nvrtc``), keyed by a hash of the sources, the
+options and the NVRTC version. :func:`register` binds the launchers as the CUDA implementations of the
+``torch.ops.diffkern`` ops; the registry (:mod:`diffkern.ops.registry`) calls it when this loader is active.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+THREADS = 256  # kThreads of csrc/cuda/device_utils.cuh
+OPS = ("sampler_step", "iadb_blend", "philox_normal", "hold_transition", "hold_perturb")
+SOURCES = {"sampler_step": "cuda/sampler_step.cu", "iadb_blend": "cuda/iadb_blend.cu",
+           "philox_normal": "cuda/philox_normal.cu", "hold_transition": "cuda/hold.cu", "hold_perturb": "cuda/hold.cu"}
+CTYPES = {torch.float16: "__half", torch.bfloat16: "__nv_bfloat16", torch.float32: "float", torch.float64: "double"}
+DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}  # dk::gpu::DType
+
+_P, _I8, _I4 = np.uint64, np.int64, np.int32
+
+
+def _struct(name, fields):
+    return name, np.dtype(fields, align=True)  # align=True: the C layout rules (natural alignment, padding)
+
+
+# Field for field the structs of csrc/cuda/kernels.h and csrc/common/hold.h (pointers as uint64).
+STRUCTS = dict([
+    _struct("SamplerStepParams", [(f, _P) for f in ("x", "model_out", "model_out_uncond", "history", "noise", "coef",
+                                                    "seed", "out", "x0_out", "history_out")]
+            + [(f, _I8) for f in ("numel", "num_seeds", "per_sample", "step")]
+            + [("state_dtype", _I4), ("model_dtype", _I4)]),
+    _struct("IadbBlendParams", [(f, _P) for f in ("x0", "x1", "alpha", "out", "target_out")]
+            + [("numel", _I8), ("per_sample", _I8), ("state_dtype", _I4), ("alpha_dtype", _I4)]),
+    _struct("PhiloxNormalParams", [("seed", _P), ("out", _P)]
+            + [(f, _I8) for f in ("numel", "num_seeds", "per_sample", "step", "offset")] + [("out_dtype", _I4)]),
+    _struct("HoldTransitionParams", [(f, _P) for f in ("z", "eps_hat", "noise", "coef", "seed", "out")]
+            + [(f, _I8) for f in ("batch", "per_component", "num_seeds", "step")]
+            + [(f, _I4) for f in ("n", "state_dtype", "model_dtype")]),
+    _struct("HoldPerturbParams", [(f, _P) for f in ("z0", "mean_mat", "chol", "noise", "seed", "out", "eps_out")]
+            + [(f, _I8) for f in ("batch", "per_component", "num_seeds", "step")]
+            + [(f, _I4) for f in ("n", "m", "state_dtype")]),
+])
+_C_NAMES = {"SamplerStepParams": "dk::gpu::SamplerStepParams", "IadbBlendParams": "dk::gpu::IadbBlendParams",
+            "PhiloxNormalParams": "dk::gpu::PhiloxNormalParams", "HoldTransitionParams": "dk::HoldTransitionParams",
+            "HoldPerturbParams": "dk::HoldPerturbParams"}
+_STRUCT_OF_SOURCE = {"cuda/sampler_step.cu": ["SamplerStepParams"], "cuda/iadb_blend.cu": ["IadbBlendParams"],
+                     "cuda/philox_normal.cu": ["PhiloxNormalParams"],
+                     "cuda/hold.cu": ["HoldTransitionParams", "HoldPerturbParams"]}
+
+
+class RtcUnavailable(RuntimeError):
+    """CuPy, NVRTC or the kernel sources cannot be found."""
+
+
+#----------------------------------------------------------------------------
+# Sources, options, instantiations (no GPU needed: the tests compile every kernel on the CPU).
+
+
+def csrc_dir() -> Path:
+    """The kernel sources: ``csrc/`` of a source checkout, else the copy installed as ``diffkern/_csrc``."""
+    here = Path(__file__).resolve().parent.parent
+    for cand in (here.parent / "csrc", here / "_csrc"):
+        if (cand / "cuda" / "kernels.h").is_file():
+            return cand
+    raise RtcUnavailable(f"the CUDA kernel sources were not found (looked in {here.parent / 'csrc'} and "
+                         f"{here / '_csrc'}); reinstall diffkern")
+
+
+def cuda_include_dir() -> Path:
+    """A directory holding ``cuda_fp16.h`` (NVRTC does not ship it): CUDA_HOME/CUDA_PATH, /usr/local/cuda, or
+    the pip-installed CUDA headers."""
+    cands = [os.environ.get(v) for v in ("CUDA_HOME", "CUDA_PATH")] + ["/usr/local/cuda"]
+    cands = [Path(c) / "include" for c in cands if c]
+    import site
+    for sp in site.getsitepackages() + [site.getusersitepackages()]:
+        cands += [Path(sp) / "nvidia" / "cu13" / "include", Path(sp) / "nvidia" / "cuda_runtime" / "include"]
+    for c in cands:
+        if (c / "cuda_fp16.h").is_file():
+            return c
+    raise RtcUnavailable("cuda_fp16.h was not found: set CUDA_HOME to a CUDA toolkit (or pip install "
+                         "nvidia-cuda-runtime)")
+
+
+def options(arch: str) -> tuple[str, ...]:
+    """NVRTC options matching the ahead-of-time nvcc build (setup.py and torch's CUDAExtension defines)."""
+    return (f"-I{csrc_dir()}", f"-I{cuda_include_dir()}", f"--gpu-architecture=sm_{arch}", "-std=c++20",
+            "-lineinfo", "-D__CUDA_NO_HALF_OPERATORS__",
+            "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__")
+
+
+def vec_width(dtype: torch.dtype) -> int:
+    """Elements per 16-byte access of a state tensor (``vec_width<S>()``)."""
+    return 16 // torch.empty((), dtype=dtype).element_size()
+
+
+def instantiations(op: str, dtypes: tuple[torch.dtype, ...]) -> list[str]:
+    """Name expressions of ``op``'s kernels for one dtype combination (the vector and the scalar variant)."""
+    t = [CTYPES[d] for d in dtypes]
+    if op in ("sampler_step", "iadb_blend"):
+        return [f"dk::gpu::{op}_kernel<{t[0]}, {t[1]}, {v}>" for v in (vec_width(dtypes[0]), 1)]
+    if op == "philox_normal":
+        return [f"dk::gpu::philox_normal_kernel<{t[0]}, {v}>" for v in (vec_width(dtypes[0]), 1)]
+    if op == "hold_transition":
+        return [f"dk::gpu::hold_transition_kernel<{t[0]}, {t[1]}>"]
+    if op == "hold_perturb":
+        return [f"dk::gpu::hold_perturb_kernel<{t[0]}>"]
+    raise KeyError(f"op: no run-time CUDA kernel for {op!r}; expected one of {OPS}")
+
+
+def layout_asserts(source: str) -> str:
+    """Compile-time checks that the NumPy mirrors match the C structs of ``source``.
+
+    NVRTC has no ``offsetof``, so the layout is pinned by what determines it: a C++20 designated
+    initializer listing every field in the mirror's order (out of order does not compile), each field's
+    size, and the struct's size (these scalar fields are aligned to their size, as ``align=True`` assumes).
+    """
+    lines = []
+    for name in _STRUCT_OF_SOURCE[source]:
+        dt = STRUCTS[name]
+        init = ", ".join(f".{f} = {{}}" for f in dt.names)
+        lines.append(f"constexpr {_C_NAMES[name]} dk_layout_{name}{{{init}}};  // cuda_rtc.STRUCTS[{name!r}] order")
+        for f in dt.names:
+            lines.append(f"static_assert(sizeof(dk_layout_{name}.{f}) == {dt.fields[f][0].itemsize}, "
+                         f'"cuda_rtc.STRUCTS[{name!r}]: field {f} is not {dt.fields[f][0].itemsize} bytes");')
+        lines.append(f'static_assert(sizeof({_C_NAMES[name]}) == {dt.itemsize}, '
+                     f'"cuda_rtc.STRUCTS[{name!r}]: size is not {dt.itemsize}");')
+    return "\n".join(lines) + "\n"
+
+
+@functools.lru_cache(maxsize=None)
+def _sources_hash() -> str:
+    h = hashlib.sha256()
+    root = csrc_dir()
+    for p in sorted(list((root / "cuda").glob("*")) + list((root / "common").glob("*"))):
+        if p.suffix in (".cu", ".cuh", ".h"):
+            h.update(p.name.encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()
+
+
+def _nvrtc():
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+        nvrtc.getVersion()
+    except Exception as exc:  # ImportError, or the NVRTC library not found
+        raise RtcUnavailable(f"CuPy with NVRTC is needed for the run-time CUDA backend ({exc}); "
+                             "pip install cupy-cuda13x (or cupy-cuda12x)") from exc
+    return nvrtc
+
+
+def compile_cubin(source: str, names: list[str], arch: str) -> tuple[bytes, dict[str, str]]:
+    """Compile ``csrc/<source>`` with NVRTC for ``sm_<arch>``: (cubin, name expression -> lowered name).
+
+    Needs no GPU. Raises RuntimeError with NVRTC's log when the source does not compile."""
+    nvrtc = _nvrtc()
+    text = (csrc_dir() / source).read_text() + layout_asserts(source)
+    prog = nvrtc.createProgram(text, str(csrc_dir() / source), (), ())
+    try:
+        for n in names:
+            nvrtc.addNameExpression(prog, n)
+        try:
+            nvrtc.compileProgram(prog, options(arch))
+        except nvrtc.NVRTCError as exc:
+            raise RuntimeError(f"NVRTC failed to compile {source} for sm_{arch}:\n{nvrtc.getProgramLog(prog)}") from exc
+        return nvrtc.getCUBIN(prog), {n: nvrtc.getLoweredName(prog, n) for n in names}
+    finally:
+        nvrtc.destroyProgram(prog)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DIFFKERN_CACHE_DIR") or Path.home() / ".cache" / "diffkern") / "nvrtc"
+
+
+def cached_cubin(source: str, names: list[str], arch: str) -> tuple[Path, dict[str, str]]:
+    """Path of the cubin of ``names`` (compiled now unless cached) and its lowered names."""
+    from diffkern._files import atomic_write
+
+    key = hashlib.sha256(json.dumps([_sources_hash(), list(options(arch)), names,
+                                     list(_nvrtc().getVersion())]).encode()).hexdigest()[:24]
+    base = cache_dir() / f"{Path(source).stem}-sm{arch}-{key}"
+    cubin, meta = base.with_suffix(".cubin"), base.with_suffix(".json")
+    if cubin.is_file() and meta.is_file():
+        return cubin, json.loads(meta.read_text())
+    binary, lowered = compile_cubin(source, names, arch)
+    atomic_write(str(cubin), lambda tmp: Path(tmp).write_bytes(binary))
+    atomic_write(str(meta), lambda tmp: Path(tmp).write_text(json.dumps(lowered)))  # meta last: marks complete
+    return cubin, lowered
+
+
+#----------------------------------------------------------------------------
+# Launch planning, as the C++ launchers (pure functions; tested on the CPU).
+
+
+def grid_size(work: int, sm_count: int) -> int:
+    """Blocks for ``work`` thread-iterations: at most 32 per SM, the grid-stride loop takes the rest."""
+    return max(1, min(-(-work // THREADS), sm_count * 32))
+
+
+def aligned(ptrs, nbytes: int) -> bool:
+    """Every non-null pointer a multiple of ``nbytes`` (the packed kernels need it)."""
+    return all(p == 0 or p % nbytes == 0 for p in ptrs)
+
+
+def params(struct: str, **values) -> np.void:
+    """One parameter struct as a NumPy structured scalar (unset fields are 0, i.e. null pointers)."""
+    rec = np.zeros((), dtype=STRUCTS[struct])
+    for k, v in values.items():
+        if k not in rec.dtype.names:
+            raise KeyError(f"{struct} has no field {k!r}")
+        rec[k] = v
+    return rec[()]
+
+
+def ptr(t) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def plan(op: str, dtypes: tuple[torch.dtype, ...], state_ptrs, model_ptrs, numel: int, sm_count: int):
+    """(name expression, grid) of one element-wise launch: the 16-byte-vector kernel when every pointer is
+    aligned for it, else the scalar one."""
+    names = instantiations(op, dtypes)
+    if len(names) == 1:  # HOLD kernels: one element per thread-iteration
+        return names[0], grid_size(numel, sm_count)
+    v = vec_width(dtypes[0])
+    el_m = torch.empty((), dtype=dtypes[1]).element_size() if op == "sampler_step" else 0
+    if aligned(state_ptrs, v * torch.empty((), dtype=dtypes[0]).element_size()) and aligned(model_ptrs, v * el_m):
+        return names[0], grid_size(numel // v, sm_count)
+    return names[1], grid_size(numel, sm_count)
+
+
+#----------------------------------------------------------------------------
+# Loading and launching (needs a GPU and CuPy).
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+_functions: dict = {}
+
+
+def _function(op: str, dtypes: tuple[torch.dtype, ...], name: str, index: int):
+    key = (name, index)
+    if key not in _functions:
+        import cupy
+
+        major, minor = torch.cuda.get_device_capability(index)
+        arch = f"{major}{minor}"
+        if major * 10 + minor not in _nvrtc().getSupportedArchs():
+            raise RtcUnavailable(f"this NVRTC cannot compile for sm_{arch}; install a newer cupy/NVRTC")
+        path, lowered = cached_cubin(SOURCES[op], instantiations(op, dtypes), arch)
+        with cupy.cuda.Device(index):
+            module = cupy.RawModule(path=str(path))
+            for n, low in lowered.items():
+                _functions[(n, index)] = module.get_function(low)
+    return _functions[key]
+
+
+def launch(op: str, dtypes, struct: str, values: dict, state_ptrs, model_ptrs, numel: int, device) -> None:
+    """Launch ``op``'s kernel for ``dtypes`` over ``numel`` elements on torch's current stream of ``device``."""
+    import cupy
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    name, grid = plan(op, dtypes, state_ptrs, model_ptrs, numel, _sm_count(index))
+    fn = _function(op, dtypes, name, index)
+    stream = torch.cuda.current_stream(index)
+    with cupy.cuda.Device(index), cupy.cuda.ExternalStream(stream.cuda_stream, index):
+        fn((grid,), (THREADS,), (params(struct, **values),))
+
+
+#----------------------------------------------------------------------------
+# The op implementations (same arguments as the schemas in _lib.py).
+
+
+def _checks():
+    from .registry import _extension
+    mod, why = _extension()
+    if mod is None or not hasattr(mod, "check_sampler_step"):
+        raise RtcUnavailable(f"the run-time CUDA backend validates with diffkern._C's checks: {why or 'rebuild it'}")
+    return mod
+
+
+def _on_cuda(t, name):
+    if t.device.type != "cuda":
+        raise ValueError(f"{name}: expected a CUDA tensor for the CUDA kernel, got {t.device}")
+
+
+def sampler_step(x, model_out, model_out_uncond, history, noise, coef, step, seed, out, x0_out, history_out):
+    _checks().check_sampler_step(x, model_out, model_out_uncond, history, noise, coef, step, seed, out, x0_out,
+                                 history_out)
+    _on_cuda(x, "x")
+    if x.numel() == 0:
+        return
+    state = [ptr(t) for t in (x, history, noise, out, x0_out, history_out)]
+    model = [ptr(model_out), ptr(model_out_uncond)]
+    values = dict(x=ptr(x), model_out=ptr(model_out), model_out_uncond=ptr(model_out_uncond), history=ptr(history),
+                  noise=ptr(noise), coef=ptr(coef), seed=ptr(seed), out=ptr(out), x0_out=ptr(x0_out),
+                  history_out=ptr(history_out), numel=x.numel(), num_seeds=seed.numel(),
+                  per_sample=x.numel() // seed.numel(), step=step, state_dtype=DTYPE_CODES[x.dtype],
+                  model_dtype=DTYPE_CODES[model_out.dtype])
+    launch("sampler_step", (x.dtype, model_out.dtype), "SamplerStepParams", values, state, model, x.numel(),
+           x.device)
+
+
+def iadb_blend(x0, x1, alpha, out, target_out):
+    _checks().check_iadb_blend(x0, x1, alpha, out, target_out)
+    _on_cuda(x0, "x0")
+    if x0.numel() == 0:
+        return
+    values = dict(x0=ptr(x0), x1=ptr(x1), alpha=ptr(alpha), out=ptr(out), target_out=ptr(target_out),
+                  numel=x0.numel(), per_sample=x0.numel() // x0.shape[0], state_dtype=DTYPE_CODES[x0.dtype],
+                  alpha_dtype=DTYPE_CODES[alpha.dtype])
+    launch("iadb_blend", (x0.dtype, alpha.dtype), "IadbBlendParams", values,
+           [ptr(t) for t in (x0, x1, out, target_out)], [], x0.numel(), x0.device)
+
+
+def philox_normal(seed, step, offset, out):
+    _checks().check_philox_normal(seed, step, offset, out)
+    _on_cuda(out, "out")
+    if out.numel() == 0:
+        return
+    values = dict(seed=ptr(seed), out=ptr(out), numel=out.numel(), num_seeds=seed.numel(),
+                  per_sample=out.numel() // seed.numel(), step=step, offset=offset, out_dtype=DTYPE_CODES[out.dtype])
+    launch("philox_normal", (out.dtype,), "PhiloxNormalParams", values, [ptr(out)], [], out.numel(), out.device)
+
+
+def hold_transition(z, eps_hat, noise, coef, step, seed, out):
+    _checks().check_hold_transition(z, eps_hat, noise, coef, step, seed, out)
+    _on_cuda(z, "z")
+    if z.numel() == 0:
+        return
+    n, batch = coef.shape[1], z.shape[0]
+    per_component = z.numel() // (batch * n)
+    values = dict(z=ptr(z), eps_hat=ptr(eps_hat), noise=ptr(noise), coef=ptr(coef), seed=ptr(seed), out=ptr(out),
+                  batch=batch, per_component=per_component, num_seeds=seed.numel(), step=step, n=n,
+                  state_dtype=DTYPE_CODES[z.dtype], model_dtype=DTYPE_CODES[eps_hat.dtype])
+    launch("hold_transition", (z.dtype, eps_hat.dtype), "HoldTransitionParams", values, [], [],
+           batch * per_component, z.device)
+
+
+def hold_perturb(z0, mean_mat, chol, noise, step, seed, out, eps_out):
+    _checks().check_hold_perturb(z0, mean_mat, chol, noise, step, seed, out, eps_out)
+    _on_cuda(z0, "z0")
+    if out.numel() == 0:
+        return
+    n, m, batch = mean_mat.shape[1], mean_mat.shape[2], z0.shape[0]
+    per_component = out.numel() // (batch * n)
+    values = dict(z0=ptr(z0), mean_mat=ptr(mean_mat), chol=ptr(chol), noise=ptr(noise), seed=ptr(seed),
+                  out=ptr(out), eps_out=ptr(eps_out), batch=batch, per_component=per_component,
+                  num_seeds=seed.numel(), step=step, n=n, m=m, state_dtype=DTYPE_CODES[z0.dtype])
+    launch("hold_perturb", (z0.dtype,), "HoldPerturbParams", values, [], [], batch * per_component, z0.device)
+
+
+_registered = False
+
+
+def register() -> None:
+    """Bind these launchers as the CUDA implementations of the diffkern ops (once per process). Where an
+    ahead-of-time CUDA build registered its own, they replace it (only when DIFFKERN_CUDA_LOADER=nvrtc)."""
+    global _registered
+    if _registered:
+        return
+    from ._lib import LIB
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Overriding a previously registered kernel.*")
+        for op in OPS:
+            LIB.impl(op, globals()[op], "CUDA")
+    _registered = True
