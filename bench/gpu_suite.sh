@@ -8,8 +8,10 @@
 # Stages run in order of importance, each under a timeout cut from one budget (GPU_SUITE_BUDGET_S, default 560 s,
 # so the device call's 600 s limit is never hit): a late stage that runs out of time is skipped, not the proof.
 #   1. environment report (GPU, driver, torch, triton, diffusers, nvcc, compute-sanitizer)   -> env.txt
-#   2. ./dev.sh setup: venv over the preinstalled torch/Triton, extension built for this GPU's arch only
-#      (offline: pip never reaches an index; a wheelhouse in $GPU_SUITE_WHEELS is used if given) -> build.log
+#   2. the image's own python3 (it holds torch, Triton, CuPy; a venv made from it would not see them, since
+#      that python3 is itself a venv): the packages the image lacks from the wheelhouse .whl/ (made here by
+#      bench/prepare_wheels.sh, carried to the machine), then an editable build for this GPU's arch only
+#      (offline: pip never reaches an index)                                                 -> build.log
 #   3. every CUDA-marked test (tests/test_graphs.py first)                                  -> pytest_cuda.log
 #   3b. the CUDA op tests again with DIFFKERN_CUDA_LOADER=nvrtc: the same kernels compiled at run time by
 #       CuPy's NVRTC (diffkern/ops/cuda_rtc.py) instead of the ahead-of-time build            -> pytest_nvrtc.log
@@ -18,12 +20,16 @@
 #   6. compute-sanitizer --tool memcheck on small launches of every CUDA op                -> memcheck.log
 #   7. the rest of the test suite (CPU tests, also run by CI)                              -> pytest_rest.log
 # A summary of each stage's exit status goes to stages.txt (appended: a second call adds to it). On a warm
-# machine the build stage is a no-op (dev.sh rebuilds only when csrc/ or setup.py changed).
+# machine the build stage is quick (ninja rebuilds only what changed).
+#
+# The device call:  bash bench/prepare_wheels.sh   (here, once), then run with carry [".whl"] the command
+#                   bash bench/gpu_suite.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 START=$SECONDS
 BUDGET=${GPU_SUITE_BUDGET_S:-560}
-PY=.venv/bin/python
+PY=${GPU_SUITE_PYTHON:-python3}
+WHEELS=${GPU_SUITE_WHEELS:-.whl}
 STAGES=" ${GPU_SUITE_STAGES:-build pytest_cuda pytest_nvrtc bench_graphs benches memcheck pytest_rest} "
 want() { [[ "$STAGES" == *" $1 "* ]]; }
 
@@ -67,11 +73,10 @@ cat "$DEST/env.txt"
 arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d '.')
 export DIFFKERN_CUDA_ARCHS=${DIFFKERN_CUDA_ARCHS:-${arch:-90}}
 export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-[ -n "${GPU_SUITE_WHEELS:-}" ] && export PIP_FIND_LINKS=$GPU_SUITE_WHEELS
-want build && stage build 300 build.log bash -c './dev.sh setup || {
-  echo "dev.sh setup failed (a requirement missing offline?): building the extension alone over the system packages"
-  [ -x .venv/bin/python ] || python3 -m venv --system-site-packages .venv
-  .venv/bin/python -m pip install -q --no-build-isolation --no-deps -e .; }'
+want build && stage build 300 build.log bash -c "
+  if ls $WHEELS/*.whl >/dev/null 2>&1; then \"$PY\" -m pip install -q --no-deps $WHEELS/*.whl || exit 1; fi
+  \"$PY\" -m pip install -q --no-build-isolation --no-deps -e . || exit 1
+  \"$PY\" -m pip check || echo '(pip check: the image has inconsistencies; informational only)'"
 "$PY" -c 'import diffkern._C as C, torch; print("extension has CUDA:", C.has_cuda(), "| torch", torch.__version__)' \
   | tee -a "$DEST/stages.txt"
 
