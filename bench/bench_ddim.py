@@ -1,6 +1,7 @@
 """diffusers' ``DDIMScheduler.step`` (eta 0 and 1) vs the fused VP-DDIM step, with one tensor copy as the yardstick.
 
-Workload: a (16, 3, 256, 256) float32 latent (quick: (2, 3, 32, 32)), eps-prediction, 50 inference
+Workload: a (16, 3, 256, 256) float32 latent on CPU (quick: (2, 3, 32, 32)); on CUDA, (B, 4, 128, 128) latents
+of 2**20 .. 2**28 elements (B = 16 .. 4096, those that fit in memory); eps-prediction, 50 inference
 steps, one mid-schedule step. diffusers draws its eta = 1 noise with ``torch.randn``; the fused op draws
 Philox normals in the kernel. Fused cases:
 
@@ -25,6 +26,9 @@ except ImportError:  # run as a script from bench/
     import harness
 
 SHAPE, QUICK_SHAPE = (16, 3, 256, 256), (2, 3, 32, 32)
+LATENT = (4, 128, 128)  # one CUDA sample: 2**16 elements
+# Peak bytes per element of the largest case: z, eps and diffusers' float32 temporaries of the eta = 1 step.
+PEAK_BYTES = 10 * 4
 N_STEPS, STEP_INDEX = 50, 25
 
 
@@ -37,13 +41,25 @@ class Config:
     device: str
 
 
+def shapes(device: str, quick: bool = False) -> list[tuple]:
+    """The latents: QUICK_SHAPE under ``quick``, else SHAPE on CPU and the ``harness.sweep_sizes`` of CUDA as
+    batches of LATENT."""
+    if quick:
+        return [QUICK_SHAPE]
+    if not device.startswith("cuda"):
+        return [SHAPE]
+    per_sample = LATENT[0] * LATENT[1] * LATENT[2]
+    return [(n // per_sample, *LATENT) for n in harness.sweep_sizes(device, False, bytes_per_element=PEAK_BYTES)]
+
+
 def get_configs(*, quick: bool = False, backends: list[str] | None = None, device: str = "cpu") -> list[Config]:
-    shape = QUICK_SHAPE if quick else SHAPE
     backends = backends if backends is not None else harness.resolve_backends(None, device)
-    configs = [Config("copy", "", 0.0, shape, device)]
-    for eta in (0.0, 1.0):
-        configs.append(Config("diffusers", "", eta, shape, device))
-        configs += [Config(impl, b, eta, shape, device) for b in backends for impl in ("fused", "ddim_step", "op")]
+    configs = []
+    for shape in shapes(device, quick):
+        configs.append(Config("copy", "", 0.0, shape, device))
+        for eta in (0.0, 1.0):
+            configs.append(Config("diffusers", "", eta, shape, device))
+            configs += [Config(impl, b, eta, shape, device) for b in backends for impl in ("fused", "ddim_step", "op")]
     return configs
 
 
@@ -61,9 +77,9 @@ def _scheduler():
 def _callable(config: Config):
     import diffkern.ops as dops
 
-    gen = torch.Generator().manual_seed(0)
-    z = torch.randn(config.shape, generator=gen).to(config.device)
-    eps = torch.randn(config.shape, generator=gen).to(config.device)
+    gen = torch.Generator(config.device).manual_seed(0)  # on the device: a CPU draw of 2**28 takes seconds
+    z = torch.randn(config.shape, generator=gen, device=config.device)
+    eps = torch.randn(config.shape, generator=gen, device=config.device)
     if config.impl == "copy":
         dst = torch.empty_like(z)
         return lambda: dst.copy_(z)
@@ -89,17 +105,18 @@ def run(config: Config, *, warmup: int = 3, repeats: int = 20) -> dict:
         numel *= s
     nbytes = (2 if config.impl == "copy" else 3) * numel * 4
     label = f"{config.impl}:{config.backend}" if config.backend else config.impl
-    return {"op": "ddim_step", "impl": label, "eta": config.eta, "shape": "x".join(map(str, config.shape)),
-            "numel": numel, "bytes": nbytes, **harness.timing_columns(timing),
-            "gbps": harness.gbps(nbytes, timing.median_s)}
+    return {"op": "ddim_step", "impl": label, "backend": config.backend, "eta": config.eta,
+            "shape": "x".join(map(str, config.shape)), "numel": numel, "bytes": nbytes,
+            **harness.timing_columns(timing), "gbps": harness.gbps(nbytes, timing.median_s)}
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """``x_copy``: time in units of the copy; ``speedup_vs_diffusers`` at the same eta."""
-    copy = next(r for r in rows if r["impl"] == "copy")
+    """``x_copy``: time in units of the copy of the same latent; ``speedup_vs_diffusers`` at the same shape, eta."""
     for r in rows:
+        copy = next(o for o in rows if o["impl"] == "copy" and o["shape"] == r["shape"])
         r["x_copy"] = r["median_us"] / copy["median_us"]
-        ref = next((o for o in rows if o["impl"] == "diffusers" and o["eta"] == r["eta"]), None)
+        ref = next((o for o in rows if o["impl"] == "diffusers" and o["eta"] == r["eta"] and o["shape"] == r["shape"]),
+                   None)
         r["speedup_vs_diffusers"] = ref["median_us"] / r["median_us"] if ref and r["impl"] != "copy" else float("nan")
 
 
@@ -115,6 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     add_ratios(rows)
 
     def plot(rows, path):
+        if len({r["shape"] for r in rows}) > 1:  # the CUDA sweep: GB/s against size, one panel per eta
+            lines = [{**r, "panel": f"eta={eta:g}"} for eta in (0.0, 1.0) for r in rows
+                     if r["eta"] == eta or r["impl"] == "copy"]
+            return harness.plot_lines(lines, path, x="numel", y="gbps", series="impl", panel="panel", ylog=True,
+                                      ylabel="GB/s (3 tensors of traffic; copy: 2)",
+                                      title=f"DDIM step float32 on {b.prov['device_name']}\n"
+                                            f"{b.prov['git_sha'][:12]}, load {b.prov['loadavg_1m']}")
         return harness.plot_bars([f"{r['impl']} eta={r['eta']:g}" for r in rows], [r["x_copy"] for r in rows], path,
                                  xlabel="time / one tensor copy",
                                  title=f"DDIM step {rows[0]['shape']} float32 on {b.prov['device_name']}\n"

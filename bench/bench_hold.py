@@ -1,7 +1,9 @@
 """Fused HOLD transition vs the eager PyTorch composition of the same maths (einsum + randn + adds).
 
 One fused-SSCS step of order n (``math-hold.md`` 6.2, ``diffkern.hold_sampling``):
-``z <- K z + k eps_hat + C eta`` per element, on a (64, n*3, 64, 64) float32 state, n = 2, 3, 6.
+``z <- K z + k eps_hat + C eta`` per element, on a float32 state, n = 2, 3, 6: (64, n*3, 64, 64) on CPU
+(quick: (2, n*3, 16, 16)); on CUDA (B, n*4, 64, 64) states of about 2**20 .. 2**28 elements (B picked per n;
+the sizes of ``harness.sweep_sizes`` that fit in memory).
 The eager baseline is what one writes without the op:
 ``einsum(K, z) + k * eps_hat + einsum(C, randn_like(z))`` (four kernels plus the normals); the fused
 op is ``hold_transition`` (front-end, ``fused``) or the raw torch op (``op``), writing a preallocated
@@ -16,6 +18,7 @@ state (2n data tensors), measured in the same run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 
 import torch
@@ -26,6 +29,9 @@ except ImportError:  # run as a script from bench/
     import harness
 
 ORDERS = (2, 3, 6)
+CUDA_DATA = (4, 64, 64)  # (C, H, W) of one sample's data on CUDA: 2**14 elements
+# Peak bytes per state element: z, eps_hat and the eager composition's float32 temporaries (eta, two einsums, sums).
+PEAK_BYTES = 8 * 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,14 +52,27 @@ def eager_transition(z: torch.Tensor, eps_hat: torch.Tensor, K: torch.Tensor, k:
     return (out + torch.einsum("ij,bjp->bip", C, eta)).reshape(z.shape)
 
 
+def data_shapes(n: int, device: str, quick: bool = False) -> list[tuple]:
+    """Data shapes (B, C, H, W) of order n: (2, 3, 16, 16) under ``quick``, (64, 3, 64, 64) on CPU, and on CUDA
+    batches of CUDA_DATA whose state (n times the data) is closest to each of ``harness.sweep_sizes``."""
+    if quick:
+        return [(2, 3, 16, 16)]
+    if not device.startswith("cuda"):
+        return [(64, 3, 64, 64)]
+    per_sample = n * CUDA_DATA[0] * CUDA_DATA[1] * CUDA_DATA[2]
+    sizes = harness.sweep_sizes(device, False, bytes_per_element=PEAK_BYTES)
+    return [(max(1, round(size / per_sample)), *CUDA_DATA) for size in sizes]
+
+
 def get_configs(*, quick: bool = False, backends: list[str] | None = None, device: str = "cpu") -> list[Config]:
-    """n = 2, 3, 6 on (64, n*3, 64, 64) float32 (quick: (2, n*3, 16, 16))."""
+    """n = 2, 3, 6, each on its :func:`data_shapes`; float32."""
     backends = backends if backends is not None else harness.resolve_backends(None, device)
-    shape = (2, 3, 16, 16) if quick else (64, 3, 64, 64)
     impls = [("copy", ""), ("eager", "")] + [(kind, b) for b in backends for kind in ("fused", "op")]
-    return [Config(impl, b, n, shape, device) for n in ORDERS for impl, b in impls]
+    return [Config(impl, b, n, shape, device) for n in ORDERS for shape in data_shapes(n, device, quick)
+            for impl, b in impls]
 
 
+@functools.lru_cache(maxsize=None)  # one table per (n, device), shared by the cases of the sweep
 def _step(n: int, device: str):
     """(table (1, n, 2n+1) float64, K, k, C float32) of one mid-schedule fused SSCS step of HOLD(n)."""
     from diffkern.hold import HOLD
@@ -69,9 +88,9 @@ def _callable(config: Config):
     import diffkern.ops as dops
 
     n, (B, Cc, H, W) = config.n, config.shape
-    gen = torch.Generator().manual_seed(0)
-    z = torch.randn(B, n * Cc, H, W, generator=gen).to(config.device)
-    eps = torch.randn(B, Cc, H, W, generator=gen).to(config.device)
+    gen = torch.Generator(config.device).manual_seed(0)  # on the device: a CPU draw of 2**28 takes seconds
+    z = torch.randn(B, n * Cc, H, W, generator=gen, device=config.device)
+    eps = torch.randn(B, Cc, H, W, generator=gen, device=config.device)
     table, K, k, C = _step(n, config.device)
     out = torch.empty_like(z)
     if config.impl == "copy":
@@ -92,21 +111,24 @@ def run(config: Config, *, warmup: int = 3, repeats: int = 20) -> dict:
     per_tensor = B * Cc * H * W * 4  # one data tensor (B, C, H, W) of float32
     nbytes = (2 * n if config.impl == "copy" else 2 * n + 1) * per_tensor
     label = f"{config.impl}:{config.backend}" if config.backend else config.impl
-    return {"op": "hold_transition", "impl": label, "n": n, "state_shape": f"{B}x{n * Cc}x{H}x{W}",
-            "bytes": nbytes, **harness.timing_columns(timing), "gbps": harness.gbps(nbytes, timing.median_s)}
+    return {"op": "hold_transition", "impl": label, "backend": config.backend, "n": n,
+            "state_shape": f"{B}x{n * Cc}x{H}x{W}", "numel": n * B * Cc * H * W, "bytes": nbytes,
+            **harness.timing_columns(timing), "gbps": harness.gbps(nbytes, timing.median_s)}
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Speed-up vs eager and fraction of the copy bandwidth, per order n."""
+    """Speed-up vs eager and fraction of the copy bandwidth, per order n and state shape."""
+    def find(r, impl):
+        return next((o for o in rows if o["impl"] == impl and o["state_shape"] == r["state_shape"]), None)
+
     for r in rows:
-        copy = next((o for o in rows if o["impl"] == "copy" and o["n"] == r["n"]), None)
-        eager = next((o for o in rows if o["impl"] == "eager" and o["n"] == r["n"]), None)
+        copy, eager = find(r, "copy"), find(r, "eager")
         r["frac_copy_bw"] = r["gbps"] / copy["gbps"] if copy else float("nan")
         r["speedup_vs_eager"] = eager["median_us"] / r["median_us"] if eager else float("nan")
 
 
-COLUMNS = ("impl", "n", "state_shape", "median_us", "p20_us", "p80_us", "gbps", "frac_copy_bw", "speedup_vs_eager",
-           "first_call_ms")
+COLUMNS = ("impl", "n", "state_shape", "numel", "median_us", "p20_us", "p80_us", "gbps", "frac_copy_bw",
+           "speedup_vs_eager", "first_call_ms")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,6 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     add_ratios(rows)
 
     def plot(rows, path):
+        if len({r["state_shape"] for r in rows}) > len(ORDERS):  # the CUDA sweep: GB/s against size, a panel per n
+            return harness.plot_lines([{**r, "panel": f"n={r['n']}"} for r in rows], path, x="numel", y="gbps",
+                                      series="impl", panel="panel", ylog=True,
+                                      ylabel="GB/s ((2n+1) data tensors of traffic; copy: 2n)",
+                                      title=f"HOLD transition float32 on {b.prov['device_name']}\n"
+                                            f"{b.prov['git_sha'][:12]}, load {b.prov['loadavg_1m']}")
         timed = [r for r in rows if r["impl"] != "copy"]
         return harness.plot_bars([f"n={r['n']} {r['impl']}" for r in timed], [r["median_us"] / 1e3 for r in timed],
                                  path, xlabel="median time per step (ms)",

@@ -6,6 +6,9 @@ deterministic (eta = 0) or with noise (eta = 1; eager and compile draw ``torch.r
 op draws Philox normals in the kernel). The fused op is ``sampler_step`` with the ``ddim_row`` table,
 writing into a preallocated ``out`` (how a sampling loop calls it).
 
+Sizes (``harness.sweep_sizes``): 2**20 .. 2**28 elements on CUDA (those that fit: 2**28 float32 is 1 GiB a
+tensor), 2**16 .. 2**26 on CPU, 2**16 under ``--quick``; float32 and bfloat16.
+
 Bytes: every implementation is charged the minimal traffic of the step, reading z and eps and writing
 z' (3 tensors), so GB/s compares like with like; the yardstick is ``dst.copy_(src)`` (2 tensors) of the
 same size, measured in the same run.
@@ -26,6 +29,8 @@ except ImportError:  # run as a script from bench/
     import harness
 
 AB, AB_PREV = 0.5, 0.6  # one mid-schedule DDIM step; the cost does not depend on the values
+# Peak bytes per element of the largest case: z, eps and up to 6 float32 temporaries of the eager noisy step.
+PEAK_BYTES = 8 * 4
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -60,20 +65,21 @@ _compiled = {}
 
 def _compiled_step():
     if "fn" not in _compiled:
-        _compiled["fn"] = torch.compile(eager_step, fullgraph=True)
+        _compiled["fn"] = harness.compiled(eager_step)
     return _compiled["fn"]
 
 
 def get_configs(*, quick: bool = False, backends: list[str] | None = None, device: str = "cpu",
                 compile: bool | None = None) -> list[Config]:
-    """Every case of the sweep: 2**16..2**26 elements (quick: 2**16 only), float32 and bfloat16, eta 0 and 1.
+    """Every case of the sweep: ``harness.sweep_sizes`` (CUDA 2**20..2**28, CPU 2**16..2**26, quick 2**16),
+    float32 and bfloat16, eta 0 and 1.
 
     ``compile`` (default: not ``quick``) adds torch.compile of the eager sequence: one cold inductor
     compile of this graph took ~80 s on the 2-core CI CPU, too long for a smoke run.
     """
     backends = backends if backends is not None else harness.resolve_backends(None, device)
     compile = not quick if compile is None else compile
-    sizes = [2**16] if quick else [2**p for p in range(16, 27, 2)]
+    sizes = harness.sweep_sizes(device, quick, bytes_per_element=PEAK_BYTES)
     impls = [("copy", ""), ("eager", "")] + ([("compile", "")] if compile else [])
     impls += [(kind, b) for b in backends for kind in ("fused", "op")]
     return [Config(impl, b, n, dt, noise, device) for n in sizes for dt in DTYPES for noise in (False, True)
@@ -81,10 +87,11 @@ def get_configs(*, quick: bool = False, backends: list[str] | None = None, devic
 
 
 def _inputs(config: Config):
-    gen = torch.Generator().manual_seed(0)
+    # Drawn on the device: a CPU draw of 2**28 normals takes seconds, and there are dozens of cases per size.
+    gen = torch.Generator(config.device).manual_seed(0)
     dtype = DTYPES[config.dtype]
-    z = torch.randn(config.numel, generator=gen).to(dtype).to(config.device)
-    eps = torch.randn(config.numel, generator=gen).to(dtype).to(config.device)
+    z = torch.randn(config.numel, generator=gen, device=config.device).to(dtype)
+    eps = torch.randn(config.numel, generator=gen, device=config.device).to(dtype)
     return z, eps
 
 
@@ -116,8 +123,8 @@ def run(config: Config, *, warmup: int = 3, repeats: int = 20) -> dict:
     esize = torch.empty(0, dtype=DTYPES[config.dtype]).element_size()
     nbytes = (2 if config.impl == "copy" else 3) * config.numel * esize
     label = f"{config.impl}:{config.backend}" if config.backend else config.impl
-    return {"op": "sampler_step", "impl": label, "dtype": config.dtype, "numel": config.numel,
-            "noise": config.noise, "bytes": nbytes, **harness.timing_columns(timing),
+    return {"op": "sampler_step", "impl": label, "backend": config.backend, "dtype": config.dtype,
+            "numel": config.numel, "noise": config.noise, "bytes": nbytes, **harness.timing_columns(timing),
             "gbps": harness.gbps(nbytes, timing.median_s)}
 
 

@@ -1,43 +1,56 @@
 #!/usr/bin/env bash
-# Everything a GPU session runs, in ONE call of under 10 minutes: build with CUDA, the CUDA tests, the
-# benchmarks, the rest of the test suite, compute-sanitizer memcheck on the CUDA ops.
+# What a GPU session runs, in device calls of under 10 minutes each: build with CUDA, the CUDA tests (through the
+# ahead-of-time build and through NVRTC), the benchmarks, compute-sanitizer memcheck on the CUDA ops.
 #
-#   bash bench/gpu_suite.sh            # results and logs under $OUT/results/<device>/ (else bench/results/<device>/)
-#   GPU_SUITE_STAGES="build benches pytest_rest" bash bench/gpu_suite.sh   # a second call for what did not fit
+#   bash bench/prepare_wheels.sh                         # HERE, once: wheels the image lacks, into .whl/
+#   device call 1, carry [".whl"]:  bash bench/gpu_suite.sh                      # build pytest_cuda pytest_nvrtc bench_graphs
+#   device call 2, carry [".whl"]:  GPU_SUITE_STAGES=second bash bench/gpu_suite.sh   # build benches memcheck
+#   (a third, if time is left:      GPU_SUITE_STAGES=pytest_rest bash bench/gpu_suite.sh)
+#
+# Results and logs go to /tmp/gpu_suite/<device>/ and, packed, to $OUT/gpu_suite-<stages>.tar.gz with stages.txt
+# beside it (the device tool returns at most 8 files; the archive is made on exit, also after a timeout). Without
+# $OUT they stay in bench/results/<device>/. Unpack the archive into bench/results/ to commit the results.
 #
 # Stages run in order of importance, each under a timeout cut from one budget (GPU_SUITE_BUDGET_S, default 560 s,
 # so the device call's 600 s limit is never hit): a late stage that runs out of time is skipped, not the proof.
-#   1. environment report (GPU, driver, torch, triton, diffusers, nvcc, compute-sanitizer)   -> env.txt
-#   2. the image's own python3 (it holds torch, Triton, CuPy; a venv made from it would not see them, since
-#      that python3 is itself a venv): the packages the image lacks from the wheelhouse .whl/ (made here by
-#      bench/prepare_wheels.sh, carried to the machine), then an editable build for this GPU's arch only
-#      (offline: pip never reaches an index)                                                 -> build.log
-#   3. every CUDA-marked test (tests/test_graphs.py first)                                  -> pytest_cuda.log
-#   3b. the CUDA op tests again with DIFFKERN_CUDA_LOADER=nvrtc: the same kernels compiled at run time by
-#       CuPy's NVRTC (diffkern/ops/cuda_rtc.py) instead of the ahead-of-time build            -> pytest_nvrtc.log
-#   4. bench/bench_graphs.py (the end-to-end table; compile column last, under a deadline)   -> graphs.*
-#   5. the other benchmarks present (sampler_step, hold, optimal_denoiser)                   -> <name>.*
-#   6. compute-sanitizer --tool memcheck on small launches of every CUDA op                -> memcheck.log
-#   7. the rest of the test suite (CPU tests, also run by CI)                              -> pytest_rest.log
-# A summary of each stage's exit status goes to stages.txt (appended: a second call adds to it). On a warm
-# machine the build stage is quick (ninja rebuilds only what changed).
-#
-# The device call:  bash bench/prepare_wheels.sh   (here, once), then run with carry [".whl"] the command
-#                   bash bench/gpu_suite.sh
+#   env          GPU, driver, torch, triton, diffusers, cupy, nvcc, compute-sanitizer            -> env.txt
+#   build        the image's own python3 (it holds torch, Triton, CuPy; a venv made from it would not see them,
+#                since that python3 is itself a venv): the wheels of .whl/, then an editable build for this GPU's
+#                arch only (offline). Skipped when the same sources were built on this machine already -> build.log
+#   pytest_cuda  every CUDA-marked test (tests/test_graphs.py first)                            -> pytest_cuda.log
+#   pytest_nvrtc the CUDA op tests again with DIFFKERN_CUDA_LOADER=nvrtc: the same kernels compiled at run time
+#                by CuPy's NVRTC (diffkern/ops/cuda_rtc.py) instead of the ahead-of-time build  -> pytest_nvrtc.log
+#   bench_graphs bench/bench_graphs.py, the end-to-end table (compile column last, under a deadline) -> graphs.*
+#   benches      the per-op benchmarks                                                           -> <name>.*
+#   memcheck     compute-sanitizer --tool memcheck on small launches of every CUDA op            -> memcheck.log
+#   pytest_rest  the rest of the test suite (the CPU tests; CI runs them too)                    -> pytest_rest.log
+# A summary of each stage's exit status goes to stages.txt (appended: a later call adds to it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 START=$SECONDS
 BUDGET=${GPU_SUITE_BUDGET_S:-560}
 PY=${GPU_SUITE_PYTHON:-python3}
 WHEELS=${GPU_SUITE_WHEELS:-.whl}
-STAGES=" ${GPU_SUITE_STAGES:-build pytest_cuda pytest_nvrtc bench_graphs benches memcheck pytest_rest} "
+STAGES=${GPU_SUITE_STAGES:-first}
+case "$STAGES" in
+  first) STAGES="build pytest_cuda pytest_nvrtc bench_graphs" ;;
+  second) STAGES="build benches memcheck" ;;
+esac
+TAG=$(echo "$STAGES" | tr ' ' '-')
+STAGES=" $STAGES "
 want() { [[ "$STAGES" == *" $1 "* ]]; }
 
 gpu_name=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 slug=$(echo "cuda-${gpu_name:-unknown}" | tr 'A-Z' 'a-z' | sed -E 's/[^a-z0-9]+/-/g; s/^-|-$//g')
-DEST=${OUT:-bench}/results/$slug
+if [ -n "${OUT:-}" ]; then DEST=/tmp/gpu_suite/$slug; else DEST=bench/results/$slug; fi
 mkdir -p "$DEST"
 echo "results: $DEST"
+pack() {
+  [ -n "${OUT:-}" ] || return 0
+  cp "$DEST/stages.txt" "$OUT/" 2>/dev/null
+  tar -czf "$OUT/gpu_suite-$TAG.tar.gz" -C "$(dirname "$DEST")" "$slug"
+}
+trap pack EXIT
 
 left() { echo $(( BUDGET - (SECONDS - START) )); }
 # stage NAME CAP_S LOG CMD...: run CMD under min(CAP_S, time left - 10 s), log to DEST/LOG, record the status.
@@ -73,10 +86,16 @@ cat "$DEST/env.txt"
 arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d '.')
 export DIFFKERN_CUDA_ARCHS=${DIFFKERN_CUDA_ARCHS:-${arch:-90}}
 export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-want build && stage build 300 build.log bash -c "
+stamp=$( (cat setup.py; find csrc -type f | sort | xargs cat; echo "$DIFFKERN_CUDA_ARCHS") | sha256sum | cut -d' ' -f1)
+if want build && [ "$(cat /tmp/diffkern-build-stamp 2>/dev/null)" = "$stamp" ] \
+    && "$PY" -c 'import diffkern._C as C; assert C.has_cuda()' 2>/dev/null; then
+  echo "build: skipped (these sources are built on this machine already)" | tee -a "$DEST/stages.txt"
+elif want build; then stage build 300 build.log bash -c "
   if ls $WHEELS/*.whl >/dev/null 2>&1; then \"$PY\" -m pip install -q --no-deps $WHEELS/*.whl || exit 1; fi
   \"$PY\" -m pip install -q --no-build-isolation --no-deps -e . || exit 1
-  \"$PY\" -m pip check || echo '(pip check: the image has inconsistencies; informational only)'"
+  \"$PY\" -m pip check || echo '(pip check: the image has inconsistencies; informational only)'
+  echo $stamp > /tmp/diffkern-build-stamp"
+fi
 "$PY" -c 'import diffkern._C as C, torch; print("extension has CUDA:", C.has_cuda(), "| torch", torch.__version__)' \
   | tee -a "$DEST/stages.txt"
 
@@ -87,8 +106,10 @@ want pytest_nvrtc && stage pytest_nvrtc 150 pytest_nvrtc.log env DIFFKERN_CUDA_L
   tests/test_iadb.py tests/test_philox.py tests/test_hold_ops.py tests/test_ddim.py
 # 4-5. Benchmarks.
 want bench_graphs && stage bench_graphs 200 bench_graphs.log "$PY" bench/bench_graphs.py --out "$DEST" --deadline-s 150
-for b in sampler_step hold optimal_denoiser; do
-  want benches && [ -f "bench/bench_$b.py" ] && stage "bench_$b" 90 "bench_$b.log" "$PY" "bench/bench_$b.py" --out "$DEST"
+# Caps: about 0.2-0.3 s per case (sweeps of 2**20..2**28 elements, two dtypes) plus the torch.compile graphs.
+for spec in sampler_step:150 iadb_blend:150 ddim:60 hold:60 philox_normal:60 optimal_denoiser:90; do
+  b=${spec%%:*}
+  want benches && [ -f "bench/bench_$b.py" ] && stage "bench_$b" "${spec##*:}" "bench_$b.log" "$PY" "bench/bench_$b.py" --out "$DEST"
 done
 # 6. memcheck: small launches of every CUDA op, odd sizes, per-sample seeds, every state dtype.
 cat > /tmp/diffkern_memcheck.py <<'EOF'
@@ -107,6 +128,19 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         dops.iadb_blend(x, x, torch.rand(shape[0], device=dev), out=torch.empty_like(x),
                         target_out=torch.empty_like(x), backend="cuda")
         dops.randn(shape, seed, step=3, offset=7, dtype=dtype, backend="cuda")
+    for n in (1, 2, 3, 6):  # HOLD: (B, n*C, ...) states, per-sample seeds
+        B, C = 3, 2
+        z = torch.randn(B, n * C, 5, 7, device=dev).to(dtype)
+        K, k, L = torch.rand(2, n, n), torch.rand(2, n), torch.tril(torch.rand(2, n, n))
+        coef = dops.hold.transition_table(K, k, L, device=dev)
+        seed = torch.arange(B, dtype=torch.int64, device=dev)
+        dops.hold_transition(z, torch.randn(B, C, 5, 7, device=dev), coef, 1,
+                             seed=seed, out=torch.empty_like(z), backend="cuda")
+        mean = torch.rand(B, n, 1, dtype=torch.float64, device=dev)
+        chol = torch.tril(torch.rand(B, n, n, dtype=torch.float64, device=dev))
+        dops.hold_perturb(torch.randn(B, C, 5, 7, device=dev).to(dtype), mean, chol, seed=seed, step=2,
+                          out=torch.empty(B, n * C, 5, 7, device=dev, dtype=dtype),
+                          eps_out=torch.empty(B, C, 5, 7, device=dev, dtype=dtype), backend="cuda")
 torch.cuda.synchronize()
 print("memcheck launches done")
 EOF

@@ -167,6 +167,31 @@ def timing_columns(t: Timing) -> dict:
     return {"median_us": t.median_s * 1e6, "p20_us": t.p20_s * 1e6, "p80_us": t.p80_s * 1e6,
             "first_call_ms": t.first_s * 1e3, "repeats": t.repeats}
 
+
+def sweep_sizes(device: str, quick: bool, *, bytes_per_element: int = 0) -> list[int]:
+    """Element counts of a bandwidth sweep: 2**16 under ``quick``; on CUDA 2**20 .. 2**28 (step 4x; 2**28
+    float32 is 1 GiB a tensor), keeping the sizes whose peak footprint (``bytes_per_element`` times the count,
+    inputs and every eager temporary together) fits in 80% of the GPU's memory; on CPU 2**16 .. 2**26."""
+    if quick:
+        return [2**16]
+    if not device.startswith("cuda"):
+        return [2**p for p in range(16, 27, 2)]
+    sizes = [2**p for p in range(20, 29, 2)]
+    if bytes_per_element and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+        sizes = [n for n in sizes if n * bytes_per_element <= 0.8 * total] or sizes[:1]
+    return sizes
+
+
+def compiled(fn: Callable) -> Callable:
+    """``torch.compile(fn, fullgraph=True)``, with dynamo's recompile limit raised to at least 64: a sweep
+    recompiles per dtype and variant, then once more with a dynamic size, and past the limit (8 by default)
+    dynamo would run the rest of the sweep eagerly without saying so in the numbers."""
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # older torch's name
+    setattr(cfg, name, max(getattr(cfg, name), 64))
+    return torch.compile(fn, fullgraph=True)
+
 #----------------------------------------------------------------------------
 # Writers.
 

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCHES = {"bench_sampler_step": "sampler_step", "bench_ddim": "ddim"}
+BENCHES = {"bench_sampler_step": "sampler_step", "bench_ddim": "ddim", "bench_hold": "hold",
+           "bench_iadb_blend": "iadb_blend", "bench_philox_normal": "philox_normal"}
+ISSUE_SIZES = [2**20, 2**22, 2**24, 2**26, 2**28]  # issue 6: the CUDA sweep
 
 
 @pytest.fixture
@@ -44,12 +46,65 @@ def test_quick_run_writes_csv_png_and_table(bench, name, tmp_path, capsys):
 
 
 def test_sampler_step_sweep_covers_the_issue(bench):
-    """2**16 .. 2**26 elements, float32 and bfloat16, with and without noise; eager, compile and fused."""
+    """2**16 .. 2**26 elements on CPU, the issue's sizes on CUDA, float32 and bfloat16, with and without noise;
+    eager, compile and fused."""
     b = bench("bench_sampler_step")
     configs = b.get_configs(backends=["reference"])
     assert {c.numel for c in configs} >= {2**16, 2**26}
     assert {c.dtype for c in configs} == {"float32", "bfloat16"} and {c.noise for c in configs} == {False, True}
     assert {c.impl for c in configs} == {"copy", "eager", "compile", "fused", "op"}
+
+
+def test_cuda_sweeps_reach_2_28_elements(bench):
+    """On CUDA every sweep runs 2**20 .. 2**28 elements (less only where the GPU's memory is too small); nothing
+    here touches a GPU: get_configs only lists cases."""
+    from bench import harness
+
+    assert harness.sweep_sizes("cuda", False) == ISSUE_SIZES and harness.sweep_sizes("cuda", True) == [2**16]
+    for name in ("bench_sampler_step", "bench_iadb_blend", "bench_philox_normal"):
+        b = bench(name)
+        configs = b.get_configs(backends=["cuda", "triton"], device="cuda")
+        assert [n for n in ISSUE_SIZES if any(c.numel == n for c in configs)] == \
+            harness.sweep_sizes("cuda", False, bytes_per_element=b.PEAK_BYTES), name
+        assert {c.dtype for c in configs} == {"float32", "bfloat16"}, name
+        assert {c.impl for c in configs} == {"copy", "eager", "compile", "fused", "op"}, name
+        assert {c.backend for c in configs} == {"", "cuda", "triton"}, name
+    ddim = bench("bench_ddim")
+    assert [math.prod(s) for s in ddim.shapes("cuda")] == harness.sweep_sizes("cuda", False,
+                                                                               bytes_per_element=ddim.PEAK_BYTES)
+    hold = bench("bench_hold")
+    for n in hold.ORDERS:  # state sizes within 5% of the sweep's (B is rounded per order)
+        states = [n * math.prod(s) for s in hold.data_shapes(n, "cuda")]
+        want = harness.sweep_sizes("cuda", False, bytes_per_element=hold.PEAK_BYTES)
+        assert len(states) == len(want) and all(abs(s / w - 1) < 0.05 for s, w in zip(states, want)), n
+
+
+def test_iadb_eager_baselines_are_the_ops_maths(bench):
+    """The eager blend + target and deblend compute what the fused ops compute."""
+    b = bench("bench_iadb_blend")
+    import diffkern.ops as dops
+
+    x0, x1 = torch.randn(4, 257, dtype=torch.float64), torch.randn(4, 257, dtype=torch.float64)
+    alpha = torch.rand(4, dtype=torch.float64)
+    target = torch.empty_like(x0)
+    blend = dops.iadb_blend(x0, x1, alpha, target_out=target, backend="reference")
+    eager_blend, eager_target = b.eager_blend(x0, x1, alpha)
+    torch.testing.assert_close(blend, eager_blend)
+    torch.testing.assert_close(target, eager_target)
+    table = dops.coefs.table([dops.iadb.euler_row(b.ALPHA, b.ALPHA_NEXT)])
+    torch.testing.assert_close(dops.sampler_step(x0, x1, table, 0, backend="reference"),
+                               b.eager_deblend(x0, x1, b.ALPHA, b.ALPHA_NEXT))
+
+
+def test_philox_compiled_baseline_is_the_ops_stream(bench):
+    """What the compile case compiles is the op's stream (torch.randn, the eager case, is another stream)."""
+    b = bench("bench_philox_normal")
+    import diffkern.ops as dops
+
+    seed = torch.tensor([b.SEED])
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.testing.assert_close(b.reference_stream(seed, 1000, dtype),
+                                   dops.randn((1000,), seed, dtype=dtype, backend="cpp"))
 
 
 def test_eager_baseline_is_the_ddim_maths(bench):
