@@ -145,10 +145,7 @@ def add_ratios(rows: list[dict]) -> None:
 
     for r in rows:
         copy, eager, comp = find(r, "copy", "copy"), find(r, r["op"], "eager"), find(r, r["op"], "compile")
-        r["copy_gbps"] = copy["gbps"] if copy else float("nan")
-        r["frac_copy_bw"] = r["gbps"] / copy["gbps"] if copy else float("nan")
-        r["speedup_vs_eager"] = eager["median_us"] / r["median_us"] if eager else float("nan")
-        r["speedup_vs_compile"] = comp["median_us"] / r["median_us"] if comp else float("nan")
+        harness.add_ratios(r, copy, eager, comp)
 
 
 COLUMNS = ("op", "impl", "dtype", "numel", "median_us", "p20_us", "p80_us", "gbps", "frac_copy_bw",

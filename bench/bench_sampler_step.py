@@ -136,10 +136,7 @@ def add_ratios(rows: list[dict]) -> None:
 
     for r in rows:
         copy, eager, comp = find(r, "copy", False), find(r, "eager", r["noise"]), find(r, "compile", r["noise"])
-        r["copy_gbps"] = copy["gbps"] if copy else float("nan")
-        r["frac_copy_bw"] = r["gbps"] / copy["gbps"] if copy else float("nan")
-        r["speedup_vs_eager"] = eager["median_us"] / r["median_us"] if eager else float("nan")
-        r["speedup_vs_compile"] = comp["median_us"] / r["median_us"] if comp else float("nan")
+        harness.add_ratios(r, copy, eager, comp)
 
 
 COLUMNS = ("impl", "dtype", "numel", "noise", "median_us", "p20_us", "p80_us", "gbps", "frac_copy_bw",

@@ -168,6 +168,16 @@ def timing_columns(t: Timing) -> dict:
             "first_call_ms": t.first_s * 1e3, "repeats": t.repeats}
 
 
+def add_ratios(row: dict, copy: dict | None, eager: dict | None, compiled_row: dict | None) -> None:
+    """The comparison columns of ``row`` against the copy, the eager sequence and torch.compile of the same case
+    (NaN where a baseline was not run)."""
+    nan = float("nan")
+    row["copy_gbps"] = copy["gbps"] if copy else nan
+    row["frac_copy_bw"] = row["gbps"] / copy["gbps"] if copy else nan
+    row["speedup_vs_eager"] = eager["median_us"] / row["median_us"] if eager else nan
+    row["speedup_vs_compile"] = compiled_row["median_us"] / row["median_us"] if compiled_row else nan
+
+
 def sweep_sizes(device: str, quick: bool, *, bytes_per_element: int = 0) -> list[int]:
     """Element counts of a bandwidth sweep: 2**16 under ``quick``; on CUDA 2**20 .. 2**28 (step 4x; 2**28
     float32 is 1 GiB a tensor), keeping the sizes whose peak footprint (``bytes_per_element`` times the count,
