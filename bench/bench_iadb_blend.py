@@ -63,13 +63,8 @@ def eager_deblend(x: torch.Tensor, d: torch.Tensor, alpha: float, alpha_next: fl
     return x + (alpha_next - alpha) * d
 
 
-_compiled = {}
-
-
 def _compiled_fn(op: str):
-    if op not in _compiled:
-        _compiled[op] = harness.compiled(eager_blend if op == "iadb_blend" else eager_deblend)
-    return _compiled[op]
+    return harness.compiled(eager_blend if op == "iadb_blend" else eager_deblend)
 
 
 def get_configs(*, quick: bool = False, backends: list[str] | None = None, device: str = "cpu",

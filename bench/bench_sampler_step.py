@@ -60,13 +60,8 @@ def eager_step(z: torch.Tensor, eps: torch.Tensor, sa: float, sb: float, sa_prev
     return prev
 
 
-_compiled = {}
-
-
 def _compiled_step():
-    if "fn" not in _compiled:
-        _compiled["fn"] = harness.compiled(eager_step)
-    return _compiled["fn"]
+    return harness.compiled(eager_step)
 
 
 def get_configs(*, quick: bool = False, backends: list[str] | None = None, device: str = "cpu",

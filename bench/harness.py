@@ -12,6 +12,7 @@ import contextlib
 import csv
 import dataclasses
 import datetime
+import functools
 import importlib
 import math
 import os
@@ -193,8 +194,9 @@ def sweep_sizes(device: str, quick: bool, *, bytes_per_element: int = 0) -> list
     return sizes
 
 
+@functools.lru_cache(maxsize=None)
 def compiled(fn: Callable) -> Callable:
-    """``torch.compile(fn, fullgraph=True)``, with dynamo's recompile limit raised to at least 64: a sweep
+    """``torch.compile(fn, fullgraph=True)`` (made once per ``fn``), with dynamo's recompile limit raised to at least 64: a sweep
     recompiles per dtype and variant, then once more with a dynamic size, and past the limit (8 by default)
     dynamo would run the rest of the sweep eagerly without saying so in the numbers."""
     cfg = torch._dynamo.config

@@ -58,7 +58,10 @@ def diffkern_scheduler(scheduler) -> FusedScheduler:
     if cls is None:
         raise ValueError(f"accelerate: unsupported scheduler {type(scheduler).__name__}; supported: "
                          f"{', '.join(sorted(SCHEDULERS))}")
-    return cls.from_config(scheduler.config)
+    # the effective config: from_config resets keys left unset at construction (_use_default_values) to defaults,
+    # but the pipeline may have changed them since (StableDiffusionPipeline forces steps_offset=1) and runs those
+    config = {key: value for key, value in scheduler.config.items() if key != "_use_default_values"}
+    return cls.from_config(config)
 
 
 def loop_spec(ours: FusedScheduler, eta: float = 0.0) -> LoopSpec:
@@ -80,6 +83,12 @@ def loop_spec(ours: FusedScheduler, eta: float = 0.0) -> LoopSpec:
         final = ours.final_alpha_cumprod if name == "DDIMScheduler" else 1.0
         ab_final = float(ours.alphas_cumprod[last]) if last >= 0 else final
         sigmas = ours.train_sigmas[ts].tolist() + [schedules.alpha_bar_to_sigma(ab_final)]
+        if ab_final == float(ours.alphas_cumprod[ts[-1]]):
+            # set_alpha_to_one=False ending at t=0: the last step, alpha_bar[0] to itself, is the identity in
+            # diffusers (zero variance); dropped, as the sampler's sigmas must strictly decrease
+            if len(ts) == 1:
+                raise _unsupported(name, "set_alpha_to_one", False, "its single step goes from t=0 to itself")
+            sigmas, ts = sigmas[:-1], ts[:-1]
         if name == "DDPMScheduler":
             if cfg.variance_type == "fixed_large":
                 raise _unsupported(name, "variance_type", "fixed_large", "only the posterior variance = DDIM(eta=1)")
