@@ -3,9 +3,11 @@
 # ahead-of-time build and through NVRTC), the benchmarks, compute-sanitizer memcheck on the CUDA ops.
 #
 #   bash bench/prepare_wheels.sh                         # HERE, once: wheels the image lacks, into .whl/
-#   device call 1, carry [".whl"]:  bash bench/gpu_suite.sh                      # build pytest_cuda pytest_nvrtc bench_graphs
-#   device call 2, carry [".whl"]:  GPU_SUITE_STAGES=second bash bench/gpu_suite.sh   # build benches memcheck
-#   (a third, if time is left:      GPU_SUITE_STAGES=pytest_rest bash bench/gpu_suite.sh)
+#   device call 1, carry [".whl"]:  bash bench/gpu_suite.sh                          # build pytest_cuda pytest_nvrtc memcheck
+#   device call 2, carry [".whl"]:  GPU_SUITE_STAGES=second bash bench/gpu_suite.sh   # build bench_graphs
+#   device call 3, carry [".whl"]:  GPU_SUITE_STAGES=third bash bench/gpu_suite.sh    # build benches
+#   (a fourth, if time is left:     GPU_SUITE_STAGES=pytest_rest bash bench/gpu_suite.sh)
+# Make the calls back to back: a machine idle for 30 s is given back, and a new one builds again (~2-3 min).
 #
 # Results and logs go to /tmp/gpu_suite/<device>/ and, packed, to $OUT/gpu_suite-<stages>.tar.gz with stages.txt
 # beside it (the device tool returns at most 8 files; the archive is made on exit, also after a timeout). Without
@@ -33,8 +35,9 @@ PY=${GPU_SUITE_PYTHON:-python3}
 WHEELS=${GPU_SUITE_WHEELS:-.whl}
 STAGES=${GPU_SUITE_STAGES:-first}
 case "$STAGES" in
-  first) STAGES="build pytest_cuda pytest_nvrtc bench_graphs" ;;
-  second) STAGES="build benches memcheck" ;;
+  first) STAGES="build pytest_cuda pytest_nvrtc memcheck" ;;
+  second) STAGES="build bench_graphs" ;;
+  third) STAGES="build benches" ;;
 esac
 TAG=$(echo "$STAGES" | tr ' ' '-')
 STAGES=" $STAGES "
@@ -105,7 +108,8 @@ want pytest_nvrtc && stage pytest_nvrtc 150 pytest_nvrtc.log env DIFFKERN_CUDA_L
   DIFFKERN_CACHE_DIR=/tmp/diffkern-cache "$PY" -m pytest -q -rs -m cuda tests/test_cuda_rtc.py tests/test_sampler_step.py \
   tests/test_iadb.py tests/test_philox.py tests/test_hold_ops.py tests/test_ddim.py
 # 4-5. Benchmarks.
-want bench_graphs && stage bench_graphs 200 bench_graphs.log "$PY" bench/bench_graphs.py --out "$DEST" --deadline-s 150
+want bench_graphs && stage bench_graphs 540 bench_graphs.log "$PY" bench/bench_graphs.py --out "$DEST" \
+  --deadline-s $(( $(left) - 70 ))
 # Caps: about 0.2-0.3 s per case (sweeps of 2**20..2**28 elements, two dtypes) plus the torch.compile graphs.
 for spec in sampler_step:150 iadb_blend:150 ddim:60 hold:60 philox_normal:60 optimal_denoiser:90; do
   b=${spec%%:*}
