@@ -5,8 +5,9 @@
 #   bash bench/prepare_wheels.sh                         # HERE, once: wheels the image lacks, into .whl/
 #   device call 1, carry [".whl"]:  bash bench/gpu_suite.sh                          # build pytest_cuda pytest_nvrtc memcheck
 #   device call 2, carry [".whl"]:  GPU_SUITE_STAGES=second bash bench/gpu_suite.sh   # build bench_graphs
-#   device call 3, carry [".whl"]:  GPU_SUITE_STAGES=third bash bench/gpu_suite.sh    # build benches
-#   (a fourth, if time is left:     GPU_SUITE_STAGES=pytest_rest bash bench/gpu_suite.sh)
+#   device call 3, carry [".whl"]:  GPU_SUITE_STAGES=third bash bench/gpu_suite.sh    # build, benches: sampler_step iadb_blend hold
+#   device call 4, carry [".whl"]:  GPU_SUITE_STAGES=fourth bash bench/gpu_suite.sh   # build, benches: philox_normal ddim
+#                                                                                     #   optimal_denoiser, pytest_rest
 # Make the calls back to back: a machine idle for 30 s is given back, and a new one builds again (~2-3 min).
 #
 # Results and logs go to /tmp/gpu_suite/<device>/ and, packed, to $OUT/gpu_suite-<stages>.tar.gz with stages.txt
@@ -23,7 +24,7 @@
 #   pytest_nvrtc the CUDA op tests again with DIFFKERN_CUDA_LOADER=nvrtc: the same kernels compiled at run time
 #                by CuPy's NVRTC (diffkern/ops/cuda_rtc.py) instead of the ahead-of-time build  -> pytest_nvrtc.log
 #   bench_graphs bench/bench_graphs.py, the end-to-end table (compile column last, under a deadline) -> graphs.*
-#   benches      the per-op benchmarks                                                           -> <name>.*
+#   benches      the per-op benchmarks named in GPU_SUITE_BENCHES (default: all)                -> <name>.*
 #   memcheck     compute-sanitizer --tool memcheck on small launches of every CUDA op            -> memcheck.log
 #   pytest_rest  the rest of the test suite (the CPU tests; CI runs them too)                    -> pytest_rest.log
 # A summary of each stage's exit status goes to stages.txt (appended: a later call adds to it).
@@ -34,10 +35,12 @@ BUDGET=${GPU_SUITE_BUDGET_S:-560}
 PY=${GPU_SUITE_PYTHON:-python3}
 WHEELS=${GPU_SUITE_WHEELS:-.whl}
 STAGES=${GPU_SUITE_STAGES:-first}
+BENCHES=${GPU_SUITE_BENCHES:-sampler_step iadb_blend hold philox_normal ddim optimal_denoiser}
 case "$STAGES" in
   first) STAGES="build pytest_cuda pytest_nvrtc memcheck" ;;
   second) STAGES="build bench_graphs" ;;
-  third) STAGES="build benches" ;;
+  third) STAGES="build benches"; BENCHES=${GPU_SUITE_BENCHES:-sampler_step iadb_blend hold} ;;
+  fourth) STAGES="build benches pytest_rest"; BENCHES=${GPU_SUITE_BENCHES:-philox_normal ddim optimal_denoiser} ;;
 esac
 TAG=$(echo "$STAGES" | tr ' ' '-')
 STAGES=" $STAGES "
@@ -111,8 +114,9 @@ want pytest_nvrtc && stage pytest_nvrtc 150 pytest_nvrtc.log env DIFFKERN_CUDA_L
 want bench_graphs && stage bench_graphs 540 bench_graphs.log "$PY" bench/bench_graphs.py --out "$DEST" \
   --deadline-s $(( $(left) - 70 ))
 # Caps: about 0.2-0.3 s per case (sweeps of 2**20..2**28 elements, two dtypes) plus the torch.compile graphs.
-for spec in sampler_step:150 iadb_blend:150 ddim:60 hold:60 philox_normal:60 optimal_denoiser:90; do
+for spec in sampler_step:150 iadb_blend:150 hold:150 ddim:60 philox_normal:60 optimal_denoiser:90; do
   b=${spec%%:*}
+  [[ " $BENCHES " == *" $b "* ]] || continue
   want benches && [ -f "bench/bench_$b.py" ] && stage "bench_$b" "${spec##*:}" "bench_$b.log" "$PY" "bench/bench_$b.py" --out "$DEST"
 done
 # 6. memcheck: small launches of every CUDA op, odd sizes, per-sample seeds, every state dtype.

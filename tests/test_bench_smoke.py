@@ -77,6 +77,10 @@ def test_cuda_sweeps_reach_2_28_elements(bench):
         states = [n * math.prod(s) for s in hold.data_shapes(n, "cuda")]
         want = harness.sweep_sizes("cuda", False, bytes_per_element=hold.PEAK_BYTES)
         assert len(states) == len(want) and all(abs(s / w - 1) < 0.05 for s, w in zip(states, want)), n
+    configs = hold.get_configs(backends=["cuda", "triton"], device="cuda")
+    assert {c.op for c in configs} == {"copy", "hold_transition", "hold_perturb"}
+    assert {c.dtype for c in configs} == {"float32", "bfloat16"}
+    assert {c.impl for c in configs} == {"copy", "eager", "compile", "fused", "op"}
 
 
 def test_iadb_eager_baselines_are_the_ops_maths(bench):
@@ -94,6 +98,27 @@ def test_iadb_eager_baselines_are_the_ops_maths(bench):
     table = dops.coefs.table([dops.iadb.euler_row(b.ALPHA, b.ALPHA_NEXT)])
     torch.testing.assert_close(dops.sampler_step(x0, x1, table, 0, backend="reference"),
                                b.eager_deblend(x0, x1, b.ALPHA, b.ALPHA_NEXT))
+
+
+def test_hold_eager_baselines_are_the_ops_maths(bench):
+    """The eager HOLD transition and perturbation compute what the fused ops compute, given the same normals."""
+    b = bench("bench_hold")
+    import diffkern.ops as dops
+
+    gen = torch.Generator().manual_seed(3)
+    for n in (2, 3):
+        z = torch.randn(2, n * 3, 5, 7, generator=gen, dtype=torch.float64)
+        eps_hat, eta = torch.randn(2, 3, 5, 7, generator=gen, dtype=torch.float64), torch.randn_like(z)
+        table, K, k, C = b._step(n, "cpu")
+        torch.testing.assert_close(b.eager_transition(z, eps_hat, K, k, C, noise=eta),
+                                   dops.hold_transition(z, eps_hat, table, 0, noise=eta, backend="reference"))
+        x0, eps = z[:, :3], torch.randn_like(z)
+        mean_mat, chol = b._perturb_matrices(n, 2, "cpu", gen)
+        eps_n = torch.empty_like(x0)
+        z_t = dops.hold_perturb(x0, mean_mat, chol, noise=eps, eps_out=eps_n, backend="reference")
+        eager_z, eager_eps = b.eager_perturb(x0, mean_mat, chol, noise=eps)
+        torch.testing.assert_close(eager_z, z_t)
+        torch.testing.assert_close(eager_eps, eps_n)
 
 
 def test_philox_compiled_baseline_is_the_ops_stream(bench):

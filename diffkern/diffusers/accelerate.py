@@ -17,102 +17,17 @@ noise from the generator).
 """
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import math
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from .. import schedules, wrappers
+from .. import wrappers
 from ..ops import backend_status
-from .schedulers import FusedScheduler
-from .schedulers_ge import IADBScheduler
+from .loop_spec import diffkern_scheduler, loop_spec
 
 _MAX_MODELS = 8  # model wrappers (one per schedule) kept by an AcceleratedPipeline
-
-
-@dataclasses.dataclass
-class LoopSpec:
-    """A scheduler's loop as diffkern runs it: ``method`` on the VE schedule ``sigmas`` (IADB: alphas) with
-    ``knobs``; ``timesteps[i]`` is the network timestep at ``sigmas[i]``; ``vp``: the pipeline's state is the VP
-    ``z = x/sqrt(sigma^2 + 1)`` (DDIM/DDPM/DPM) rather than x itself."""
-
-    method: str
-    sigmas: list
-    timesteps: list
-    knobs: dict
-    vp: bool
-
-
-def _unsupported(name: str, option: str, value, why: str) -> ValueError:
-    return ValueError(f"accelerate: {name} with {option}={value!r} is not supported by the fused loop ({why}); "
-                      f"run the pipeline with diffkern.diffusers.{name} as its scheduler instead")
-
-
-def diffkern_scheduler(scheduler) -> FusedScheduler:
-    """A fresh diffkern scheduler equivalent to ``scheduler`` (a diffusers or diffkern scheduler)."""
-    from . import SCHEDULERS
-
-    cls = SCHEDULERS.get(type(scheduler).__name__)
-    if cls is None:
-        raise ValueError(f"accelerate: unsupported scheduler {type(scheduler).__name__}; supported: "
-                         f"{', '.join(sorted(SCHEDULERS))}")
-    # the effective config: from_config resets keys left unset at construction (_use_default_values) to defaults,
-    # but the pipeline may have changed them since (StableDiffusionPipeline forces steps_offset=1) and runs those
-    config = {key: value for key, value in scheduler.config.items() if key != "_use_default_values"}
-    return cls.from_config(config)
-
-
-def loop_spec(ours: FusedScheduler, eta: float = 0.0) -> LoopSpec:
-    """Translate a diffkern scheduler after ``set_timesteps`` into a :class:`LoopSpec`."""
-    name, cfg = type(ours).__name__, ours.config
-    ts = list(ours._host_timesteps)
-    if isinstance(ours, IADBScheduler):
-        knobs = {"variant": cfg.variant, "lam": cfg.lam if cfg.variant == "stochastic" else 0.0}
-        return LoopSpec("iadb", list(ours.alphas_host), ts, knobs, vp=False)
-    if cfg.get("clip_sample", False):
-        raise _unsupported(name, "clip_sample", True, "diffkern.sampling.sample does not clip x0")
-    if name in ("DDIMScheduler", "DDPMScheduler"):
-        for i in range(len(ts) - 1):
-            if ours._prev[i] != ts[i + 1]:
-                raise _unsupported(name, "timestep_spacing", cfg.timestep_spacing,
-                                   f"with {len(ts)} steps, step {i} goes from t={ts[i]} to t={ours._prev[i]}, which is "
-                                   f"not the next timestep {ts[i + 1]}: the schedule is not continuous")
-        last = ours._prev[-1]
-        final = ours.final_alpha_cumprod if name == "DDIMScheduler" else 1.0
-        ab_final = float(ours.alphas_cumprod[last]) if last >= 0 else final
-        sigmas = ours.train_sigmas[ts].tolist() + [schedules.alpha_bar_to_sigma(ab_final)]
-        if ab_final == float(ours.alphas_cumprod[ts[-1]]):
-            # set_alpha_to_one=False ending at t=0: the last step, alpha_bar[0] to itself, is the identity in
-            # diffusers (zero variance); dropped, as the sampler's sigmas must strictly decrease
-            if len(ts) == 1:
-                raise _unsupported(name, "set_alpha_to_one", False, "its single step goes from t=0 to itself")
-            sigmas, ts = sigmas[:-1], ts[:-1]
-        if name == "DDPMScheduler":
-            if cfg.variance_type == "fixed_large":
-                raise _unsupported(name, "variance_type", "fixed_large", "only the posterior variance = DDIM(eta=1)")
-            eta = 1.0
-        if eta == 0:
-            return LoopSpec("euler", sigmas, ts, {}, vp=True)
-        return LoopSpec("euler_ancestral", sigmas, ts, {"eta": float(eta)}, vp=True)
-    if name == "DPMSolverMultistepScheduler":
-        sig = list(ours.sigmas_host)
-        first_order_last = cfg.euler_at_final or (cfg.lower_order_final and len(ts) < 15)
-        if cfg.solver_order == 2 and first_order_last and sig[-1] > 0 and len(ts) > 1:
-            raise _unsupported(name, "final_sigmas_type", "sigma_min",
-                               "with a first-order last step (lower_order_final/euler_at_final)")
-        return LoopSpec("dpmpp_2m" if cfg.solver_order == 2 else "euler", sig, ts, {}, vp=True)
-    sig = list(ours.sigmas_host)
-    if name == "EulerDiscreteScheduler":
-        return LoopSpec("euler", sig, ts, {}, vp=False)
-    if name == "EulerAncestralDiscreteScheduler":
-        return LoopSpec("euler_ancestral", sig, ts, {"eta": 1.0}, vp=False)
-    if name == "HeunDiscreteScheduler":
-        return LoopSpec("heun", sig, ts[:1] + ts[1::2], {}, vp=False)
-    if name == "GEScheduler":
-        return LoopSpec("ge", sig, ts, {"gamma": float(cfg.gamma), "mu": float(cfg.mu)}, vp=False)
-    raise ValueError(f"accelerate: unsupported scheduler {name}")
 
 
 class ScheduleDenoiser(wrappers.DiffusersUNetDenoiser):
