@@ -74,4 +74,5 @@ def likelihood_accum_launch(y, denoised, noise, sigma, weight, cv, step, seed, a
         y, denoised, y if noise is None else noise, sigma, weight, cv, seed, acc, step, per_sample,
         HAS_NOISE=noise is not None, PER_SAMPLE_SIGMA=sigma.numel() > 1, PER_SAMPLE_WEIGHT=weight.numel() > 1,
         PER_SAMPLE_CV=cv.numel() > 1,
-        PER_SAMPLE_SEED=seed.numel() > 1, CDT=compute_dtype(y.dtype), BLOCK=block, num_warps=num_warps)
+        PER_SAMPLE_SEED=seed.numel() > 1, CDT=compute_dtype(y.dtype), BLOCK=block, num_warps=num_warps,
+        enable_fp_fusion=False)  # every product and sum rounded, as the reference and the other kernels
