@@ -125,11 +125,7 @@ COLUMNS = ("impl", "eta", "shape", "median_us", "p20_us", "p80_us", "x_copy", "s
 
 
 def main(argv: list[str] | None = None) -> int:
-    b = harness.start(harness.parser(__doc__.splitlines()[0]), argv)
-    configs = get_configs(quick=b.args.quick, backends=b.backends(), device=b.device)
-    with b.measuring("diffusers"):
-        rows = [run(c, warmup=b.warmup, repeats=b.repeats) for c in configs]
-    add_ratios(rows)
+    b, rows = harness.run_sweep(__doc__.splitlines()[0], argv, sys.modules[__name__], packages=("diffusers",))
 
     def plot(rows, path):
         if len({r["shape"] for r in rows}) > 1:  # the CUDA sweep: GB/s against size, one panel per eta

@@ -148,15 +148,8 @@ COLUMNS = ("op", "impl", "dtype", "numel", "median_us", "p20_us", "p80_us", "gbp
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = harness.parser(__doc__.splitlines()[0])
-    p.add_argument("--no-compile", action="store_true",
-                   help="skip torch.compile (its cold compiles take minutes on CPU)")
-    b = harness.start(p, argv)
-    configs = get_configs(quick=b.args.quick, backends=b.backends(), device=b.device,
-                          compile=False if b.args.no_compile else None)
-    with b.measuring():
-        rows = [run(c, warmup=b.warmup, repeats=b.repeats) for c in configs]
-    add_ratios(rows)
+    b, rows = harness.run_sweep(__doc__.splitlines()[0], argv, sys.modules[__name__],
+                                compile_help="skip torch.compile (its cold compiles take minutes on CPU)")
 
     def plot(rows, path):
         # One panel per (op, dtype), each with the copy of that dtype as the yardstick line.

@@ -129,15 +129,8 @@ COLUMNS = ("impl", "dtype", "numel", "median_us", "p20_us", "p80_us", "gbps", "f
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = harness.parser(__doc__.splitlines()[0])
-    p.add_argument("--no-compile", action="store_true",
-                   help="skip torch.compile of the reference (~20 s a cold compile on CPU)")
-    b = harness.start(p, argv)
-    configs = get_configs(quick=b.args.quick, backends=b.backends(), device=b.device,
-                          compile=False if b.args.no_compile else None)
-    with b.measuring():
-        rows = [run(c, warmup=b.warmup, repeats=b.repeats) for c in configs]
-    add_ratios(rows)
+    b, rows = harness.run_sweep(__doc__.splitlines()[0], argv, sys.modules[__name__],
+                                compile_help="skip torch.compile of the reference (~20 s a cold compile on CPU)")
     errors = sorted({f"{r['impl']}: {r['error']}" for r in rows if r.get("error")})
 
     def plot(rows, path):

@@ -401,3 +401,19 @@ def start(p: argparse.ArgumentParser, argv: list[str] | None = None, *, quick_de
     else ``quick_device`` under ``--quick`` when given, else :func:`default_device`."""
     args = p.parse_args(argv)
     return Session(args, args.device or (args.quick and quick_device) or default_device())
+
+
+def run_sweep(description: str, argv, module, *, compile_help: str | None = None, packages: tuple = ()):
+    """The shared body of a sweep script's ``main``: parse (with ``--no-compile`` when ``compile_help`` is given),
+    run every case of ``module.get_configs`` through ``module.run`` while measuring, then ``module.add_ratios``.
+    Returns the :class:`Session` and the rows."""
+    p = parser(description)
+    if compile_help is not None:
+        p.add_argument("--no-compile", action="store_true", help=compile_help)
+    b = start(p, argv)
+    kw = {"compile": False if b.args.no_compile else None} if compile_help is not None else {}
+    configs = module.get_configs(quick=b.args.quick, backends=b.backends(), device=b.device, **kw)
+    with b.measuring(*packages):
+        rows = [module.run(c, warmup=b.warmup, repeats=b.repeats) for c in configs]
+    module.add_ratios(rows)
+    return b, rows
