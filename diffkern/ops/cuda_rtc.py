@@ -4,8 +4,8 @@ built without CUDA (a CPU build of the package run on a GPU machine).
 The same sources as the ahead-of-time build: the ``.cu`` files keep their host launchers behind
 ``#if !defined(__CUDACC_RTC__)``, so NVRTC sees only the templated ``__global__`` kernels, which take one
 parameter struct by value (``csrc/cuda/kernels.h``, ``csrc/common/hold.h``). This module mirrors each
-struct as a NumPy structured dtype, checks the layout inside the compiled program (``static_assert`` on
-every field's offset), picks the instantiation and the grid exactly as the C++ launchers do, and launches
+struct as a NumPy structured dtype, checks the layout inside the compiled program (field order, field
+sizes and struct size; see :func:`layout_asserts`), picks the instantiation and the grid exactly as the C++ launchers do, and launches
 on torch's current stream (so a launch is capturable in a CUDA graph). Arguments are validated first by
 the checks of the C++ bindings, exported by ``diffkern._C`` (so both loaders reject the same inputs).
 
@@ -107,7 +107,7 @@ def options(arch: str) -> tuple[str, ...]:
 
 def vec_width(dtype: torch.dtype) -> int:
     """Elements per 16-byte access of a state tensor (``vec_width<S>()``)."""
-    return 16 // torch.empty((), dtype=dtype).element_size()
+    return 16 // dtype.itemsize
 
 
 def instantiations(op: str, dtypes: tuple[torch.dtype, ...]) -> list[str]:
@@ -238,8 +238,8 @@ def plan(op: str, dtypes: tuple[torch.dtype, ...], state_ptrs, model_ptrs, numel
     if len(names) == 1:  # HOLD kernels: one element per thread-iteration
         return names[0], grid_size(numel, sm_count)
     v = vec_width(dtypes[0])
-    el_m = torch.empty((), dtype=dtypes[1]).element_size() if op == "sampler_step" else 0
-    if aligned(state_ptrs, v * torch.empty((), dtype=dtypes[0]).element_size()) and aligned(model_ptrs, v * el_m):
+    el_m = dtypes[1].itemsize if op == "sampler_step" else 0
+    if aligned(state_ptrs, v * dtypes[0].itemsize) and aligned(model_ptrs, v * el_m):
         return names[0], grid_size(numel // v, sm_count)
     return names[1], grid_size(numel, sm_count)
 
