@@ -6,13 +6,17 @@ power of two), so each component is read once and written once. Per output compo
 run left to right in the order of the reference (``acc = K[i,0] z_0``, ``+= K[i,j] z_j``, ``+= k_i
 eps``, ``+= C[i,j] eta_j`` for j <= i); a noise column of C that is all zero is not drawn. The
 table row and the seed are read on the device. Every load precedes every store, so out may be z.
+A noise draw covers the entries ``start .. start + BLOCK - 1`` of one component (start = j*P plus a
+multiple of BLOCK, plus b*n*P with one seed): whole groups of four of the stream, one Philox call
+each, iff P % 4 == 0; the launcher then takes that path (``ALIGNED``) unless a thread holds a single
+position (see :func:`_aligned`); otherwise the elementwise path.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from .philox import MIN_BLOCK, compute_dtype, interpreting, launch_config, load_as, philox_normal
+from .philox import MIN_BLOCK, compute_dtype, interpreting, launch_config, load_as, philox_normal, philox_normal_block
 
 
 def _config(per_sample: int, n: int) -> tuple[int, dict]:
@@ -24,16 +28,34 @@ def _config(per_sample: int, n: int) -> tuple[int, dict]:
     return np2, options
 
 
+def _aligned(P: int, noise, options: dict) -> bool:
+    """Whether the kernels draw noise a group of four at a time (``ALIGNED``): every block starts at a
+    multiple of P plus a multiple of BLOCK (>= 16), so on groups of four iff P % 4 == 0. Only where a
+    thread holds at least 2 positions: with one, the threads of a group would each compute the group's
+    2 logs and 2 sin/cos for the 1 normal they keep, more than the elementwise path (measured in the
+    sm_90 PTX of the n = 6 and 8 transitions: BLOCK 64 on 64 threads). False with an explicit noise
+    tensor (no second variant)."""
+    return noise is None and P % 4 == 0 and options["BLOCK"] >= 2 * 32 * options["num_warps"]
+
+
 @triton.jit
-def _noise(noise_ptr, seed_ptr, b, step, idx, mask, base, HAS_NOISE: tl.constexpr, PER_SAMPLE: tl.constexpr,
-           CDT: tl.constexpr):
-    """Normals of state entries ``base + idx`` (explicit tensor or the Philox stream)."""
+def _noise(noise_ptr, seed_ptr, b, step, start, mask, base, HAS_NOISE: tl.constexpr, PER_SAMPLE: tl.constexpr,
+           ALIGNED: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr):
+    """Normals of state entries ``base + start + i``, i < BLOCK (explicit tensor or the Philox stream, whose
+    index is ``start + i`` with per-sample seeds, else the flat ``base + start + i``)."""
     if HAS_NOISE:
-        v = load_as(noise_ptr + base + idx, mask, CDT)
-    elif PER_SAMPLE:
-        v = philox_normal(tl.load(seed_ptr + b), step, idx, CDT)
+        v = load_as(noise_ptr + base + start + tl.arange(0, BLOCK), mask, CDT)
     else:
-        v = philox_normal(tl.load(seed_ptr), step, base + idx, CDT)
+        if PER_SAMPLE:
+            seed = tl.load(seed_ptr + b)
+            first = start
+        else:
+            seed = tl.load(seed_ptr)
+            first = base + start
+        if ALIGNED:
+            v = philox_normal_block(seed, step, first, BLOCK, CDT)
+        else:
+            v = philox_normal(seed, step, first + tl.arange(0, BLOCK), CDT)
     return v
 
 
@@ -41,10 +63,11 @@ def _noise(noise_ptr, seed_ptr, b, step, idx, mask, base, HAS_NOISE: tl.constexp
 def _hold_transition_kernel(z_ptr, eps_ptr, noise_ptr, coef_ptr, seed_ptr, out_ptr,
                             step, P, blocks_per_sample,
                             N: tl.constexpr, NP2: tl.constexpr, HAS_NOISE: tl.constexpr, PER_SAMPLE: tl.constexpr,
-                            CDT: tl.constexpr, BLOCK: tl.constexpr):
+                            ALIGNED: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // blocks_per_sample
-    p = (pid - b * blocks_per_sample).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,)
+    p0 = (pid - b * blocks_per_sample).to(tl.int64) * BLOCK  # the program's first position
+    p = p0 + tl.arange(0, BLOCK)  # (BLOCK,)
     pmask = p < P
     rows = tl.arange(0, NP2)  # output components i
     rmask = rows < N
@@ -66,7 +89,8 @@ def _hold_transition_kernel(z_ptr, eps_ptr, noise_ptr, coef_ptr, seed_ptr, out_p
     for j in tl.static_range(N):
         cij64 = tl.load(row_ptr + rows * W + N + 1 + j, mask=rmask & (rows >= j), other=0.0)
         if tl.max(tl.abs(cij64), axis=0) != 0:  # column j used at all: draw eta_j
-            eta = _noise(noise_ptr, seed_ptr, b, step, j * P + p, pmask, base, HAS_NOISE, PER_SAMPLE, CDT)
+            eta = _noise(noise_ptr, seed_ptr, b, step, j * P + p0, pmask, base, HAS_NOISE, PER_SAMPLE, ALIGNED, CDT,
+                         BLOCK)
             term = cij64.to(CDT)[:, None] * eta[None, :]
             acc = acc + tl.where((rows >= j)[:, None], term, 0.0)
     offs = base + rows[:, None].to(tl.int64) * P + p[None, :]
@@ -85,19 +109,20 @@ def hold_transition_launch(z, eps_hat, noise, coef, step, seed, out) -> None:
     blocks = triton.cdiv(P, options["BLOCK"])
     _hold_transition_kernel[(B * blocks,)](
         z, eps_hat, z if noise is None else noise, coef, seed, out, step, P, blocks,
-        N=n, NP2=np2, HAS_NOISE=noise is not None, PER_SAMPLE=seed.numel() > 1, CDT=compute_dtype(z.dtype),
-        **options)
+        N=n, NP2=np2, HAS_NOISE=noise is not None, PER_SAMPLE=seed.numel() > 1, ALIGNED=_aligned(P, noise, options),
+        CDT=compute_dtype(z.dtype), **options)
 
 
 @triton.jit
 def _hold_perturb_kernel(z0_ptr, mean_ptr, chol_ptr, noise_ptr, seed_ptr, out_ptr, eps_out_ptr,
                          step, P, blocks_per_sample,
                          N: tl.constexpr, M: tl.constexpr, NP2: tl.constexpr, HAS_NOISE: tl.constexpr,
-                         HAS_EPS_OUT: tl.constexpr, PER_SAMPLE: tl.constexpr, CDT: tl.constexpr,
-                         BLOCK: tl.constexpr):
+                         HAS_EPS_OUT: tl.constexpr, PER_SAMPLE: tl.constexpr, ALIGNED: tl.constexpr,
+                         CDT: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // blocks_per_sample
-    p = (pid - b * blocks_per_sample).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    p0 = (pid - b * blocks_per_sample).to(tl.int64) * BLOCK
+    p = p0 + tl.arange(0, BLOCK)
     pmask = p < P
     rows = tl.arange(0, NP2)
     rmask = rows < N
@@ -115,7 +140,7 @@ def _hold_perturb_kernel(z0_ptr, mean_ptr, chol_ptr, noise_ptr, seed_ptr, out_pt
         else:
             acc = acc + mij[:, None] * zj[None, :]
     for j in tl.static_range(N):
-        eps = _noise(noise_ptr, seed_ptr, b, step, j * P + p, pmask, base, HAS_NOISE, PER_SAMPLE, CDT)
+        eps = _noise(noise_ptr, seed_ptr, b, step, j * P + p0, pmask, base, HAS_NOISE, PER_SAMPLE, ALIGNED, CDT, BLOCK)
         lij = tl.load(chol_row + rows * N + j, mask=rmask & (rows >= j), other=0.0).to(CDT)
         acc = acc + tl.where((rows >= j)[:, None], lij[:, None] * eps[None, :], 0.0)
         if HAS_EPS_OUT and j == N - 1:
@@ -137,4 +162,4 @@ def hold_perturb_launch(z0, mean_mat, chol, noise, step, seed, out, eps_out) -> 
         z0, mean_mat, chol, out if noise is None else noise, seed, out, out if eps_out is None else eps_out,
         step, P, blocks,
         N=n, M=m, NP2=np2, HAS_NOISE=noise is not None, HAS_EPS_OUT=eps_out is not None,
-        PER_SAMPLE=seed.numel() > 1, CDT=compute_dtype(z0.dtype), **options)
+        PER_SAMPLE=seed.numel() > 1, ALIGNED=_aligned(P, noise, options), CDT=compute_dtype(z0.dtype), **options)

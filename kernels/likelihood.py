@@ -5,14 +5,17 @@ compute dtype and reduces it once at the end: deterministic (no atomics), and th
 sums hold ``per_sample / BLOCK`` terms each, so the float32 rounding stays below that of a flat sum.
 Per element: ``e = (y - D)/sigma + eps`` (eps_hat), term ``e*(e - 2*eps) + (1 - c)*eps^2``; then
 ``acc[b] += w[b] * sum(term)``. A likelihood evaluation is dominated by the model, so one program
-per sample (no split of a sample across programs) is enough.
+per sample (no split of a sample across programs) is enough. A block of the Philox eps starts at a
+multiple of BLOCK (>= 16) inside the sample, plus ``b * per_sample`` with one seed: it holds whole
+groups of four of the stream (one Philox call each) unless one seed meets ``per_sample % 4 != 0`` in a
+batch of several (``ALIGNED``, chosen by the launcher; the elementwise path then).
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from .philox import block_config, compute_dtype, load_as, philox_normal
+from .philox import block_config, compute_dtype, load_as, philox_normal, philox_normal_block
 
 
 @triton.jit
@@ -20,7 +23,8 @@ def _likelihood_accum_kernel(
         y_ptr, denoised_ptr, noise_ptr, sigma_ptr, weight_ptr, cv_ptr, seed_ptr, acc_ptr,
         step, per_sample,
         HAS_NOISE: tl.constexpr, PER_SAMPLE_SIGMA: tl.constexpr, PER_SAMPLE_WEIGHT: tl.constexpr,
-        PER_SAMPLE_CV: tl.constexpr, PER_SAMPLE_SEED: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr):
+        PER_SAMPLE_CV: tl.constexpr, PER_SAMPLE_SEED: tl.constexpr, ALIGNED: tl.constexpr, CDT: tl.constexpr,
+        BLOCK: tl.constexpr):
     sample = tl.program_id(0)
     base = sample.to(tl.int64) * per_sample
     if PER_SAMPLE_SIGMA:
@@ -38,8 +42,10 @@ def _likelihood_accum_kernel(
     if not HAS_NOISE:
         if PER_SAMPLE_SEED:
             seed = tl.load(seed_ptr + sample)
+            stream_base = 0  # per-sample stream: index inside the sample
         else:
             seed = tl.load(seed_ptr)
+            stream_base = base  # one stream: the flat index
     partial = tl.zeros([BLOCK], dtype=CDT)
     for start in range(0, per_sample, BLOCK):
         idx = start + tl.arange(0, BLOCK).to(tl.int64)
@@ -48,10 +54,10 @@ def _likelihood_accum_kernel(
         d = load_as(denoised_ptr + base + idx, mask, CDT)
         if HAS_NOISE:
             eps = load_as(noise_ptr + base + idx, mask, CDT)
-        elif PER_SAMPLE_SEED:
-            eps = philox_normal(seed, step, idx, CDT)  # per-sample stream: index inside the sample
+        elif ALIGNED:
+            eps = philox_normal_block(seed, step, stream_base + start, BLOCK, CDT)
         else:
-            eps = philox_normal(seed, step, base + idx, CDT)  # one stream: the flat index
+            eps = philox_normal(seed, step, stream_base + idx, CDT)
         e = (y - d) / sigma + eps
         partial += tl.where(mask, e * (e - 2.0 * eps) + one_minus_c * eps * eps, 0.0)
     total = tl.sum(partial, axis=0)
@@ -73,6 +79,7 @@ def likelihood_accum_launch(y, denoised, noise, sigma, weight, cv, step, seed, a
     _likelihood_accum_kernel[(batch,)](
         y, denoised, y if noise is None else noise, sigma, weight, cv, seed, acc, step, per_sample,
         HAS_NOISE=noise is not None, PER_SAMPLE_SIGMA=sigma.numel() > 1, PER_SAMPLE_WEIGHT=weight.numel() > 1,
-        PER_SAMPLE_CV=cv.numel() > 1,
-        PER_SAMPLE_SEED=seed.numel() > 1, CDT=compute_dtype(y.dtype), BLOCK=block, num_warps=num_warps,
+        PER_SAMPLE_CV=cv.numel() > 1, PER_SAMPLE_SEED=seed.numel() > 1,
+        ALIGNED=noise is None and (seed.numel() > 1 or batch == 1 or per_sample % 4 == 0),
+        CDT=compute_dtype(y.dtype), BLOCK=block, num_warps=num_warps,
         enable_fp_fusion=False)  # every product and sum rounded, as the reference and the other kernels

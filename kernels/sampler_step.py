@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .philox import compute_dtype, launch_config, load_as, philox_normal
+from .philox import compute_dtype, launch_config, load_as, philox_normal_block
 
 NCOEF = tl.constexpr(12)  # diffkern.ops.coefs.NCOEF
 SLOT_A, SLOT_B, SLOT_G, SLOT_C, SLOT_S, SLOT_P, SLOT_Q, SLOT_W, SLOT_E, SLOT_F, SLOT_CLIP = (
@@ -71,7 +71,8 @@ def _sampler_step_kernel(
         if HAS_NOISE:
             xi = load_as(noise_ptr + offs, mask, CDT)
         else:
-            xi = philox_normal(tl.load(seed_ptr + sample), step, idx, CDT)
+            # The block starts at a multiple of BLOCK (>= 16) inside the sample: whole groups of four.
+            xi = philox_normal_block(tl.load(seed_ptr + sample), step, block.to(tl.int64) * BLOCK, BLOCK, CDT)
         acc = acc + s * xi
 
     if HAS_X0_OUT:

@@ -75,6 +75,30 @@ def test_64bit_offsets_agree(cpu_backend, offset):
     _check_stream(cpu_backend, (3, 41), _seed(11), step=2, offset=offset, what=f"offset {offset:#x}")
 
 
+@pytest.mark.parametrize("offset", range(8))
+@pytest.mark.parametrize("shape", [(1,), (3,), (2, 5), (3, 9), (4, 4)], ids=_id)
+def test_every_group_alignment(cpu_backend, shape, offset):
+    """Four normals share one Philox call (group idx >> 2): runs that start or end inside a group, with one
+    stream or per-sample streams of any length, match the reference."""
+    _check_stream(cpu_backend, shape, _seed(31), step=6, offset=offset, what=f"offset {offset}")
+    seeds = torch.arange(shape[0], dtype=torch.int64) + 100
+    _check_stream(cpu_backend, shape, seeds, step=6, offset=offset, what=f"per-sample, offset {offset}")
+
+
+def test_group_layout():
+    """The spec of ``philox.normal``: lanes 0, 1 are (rho cos, rho sin) of the words r0, r1 of the group's
+    Philox call, lanes 2, 3 those of r2, r3."""
+    seed, step, group = 12345, 3, 2**33 + 7
+    words = philox.philox4x32(*[torch.tensor([v], dtype=torch.int64)
+                                for v in (group & 0xFFFFFFFF, group >> 32, step, 0, seed, 0)])
+    u = [philox._to_uniform(w, torch.float64) for w in words]
+    got = philox.normal(torch.tensor(seed), step, torch.arange(4 * group, 4 * group + 4), torch.float64)
+    for pair in (0, 1):
+        rho = torch.sqrt(-2 * torch.log(u[2 * pair].clamp(min=1e-7)))
+        theta = 2 * math.pi * u[2 * pair + 1]
+        torch.testing.assert_close(got[2 * pair:2 * pair + 2], torch.cat([rho * torch.cos(theta), rho * torch.sin(theta)]))
+
+
 def test_offset_shifts_the_stream(cpu_backend):
     """Element i at offset o is element i + k at offset o - k, across the 2**32 boundary."""
     base = 2**32 - 40

@@ -171,8 +171,10 @@ def _philox_cases(k):
     from diffkern.hold_sampling import PRIOR_STEP
 
     for s in DTYPES:
-        # (step, offset, per-sample seeds): a table row, and HOLD's prior draw (an i64 step) at a 64-bit offset.
-        variants = ((0, 0, True), (PRIOR_STEP, 2**40, False)) if s in (torch.float32, torch.float64) else ((3, 0, True),)
+        # (step, offset, per-sample seeds): a table row, HOLD's prior draw (an i64 step) at a 64-bit offset, and an
+        # offset that is not a multiple of 4 (blocks not on groups of four: the elementwise stream, ALIGNED=False).
+        variants = ((0, 0, True), (PRIOR_STEP, 2**40, False), (2, 2**40 + 6, True)) \
+            if s in (torch.float32, torch.float64) else ((3, 0, True),)
         for i, (step, offset, per_sample) in enumerate(variants):
             a = (_seed(BIG[0], per_sample), step, offset, _t(BIG, s))
             yield f"philox_normal {TRITON_TYPES[s]} step={step} offset={offset}", _archs(s, i == 0), \
@@ -184,17 +186,20 @@ def _hold_cases(k):
 
     C, rest = 2, (16, 16)
     # (state dtype, eps_hat dtype, n, explicit noise, per-sample seeds, sm_80 too): the orders of the
-    # published HOLD models in float32, the largest in float64, 16-bit states once each.
+    # published HOLD models in float32, the largest in float64, 16-bit states once each, and last positions
+    # per component that are not a multiple of 4 (the elementwise stream, ALIGNED=False).
     transitions = [(torch.float32, torch.float32, n, False, True, n == 6) for n in (1, 2, 3, 6)] + [
         (torch.float64, torch.float64, 6, False, True, True), (torch.float32, torch.float16, 3, True, False, False),
         (torch.bfloat16, torch.float32, 2, True, True, True), (torch.float16, torch.float16, 3, False, False, False),
-        (torch.float32, torch.float32, MAX_ORDER, False, True, False)]
+        (torch.float32, torch.float32, MAX_ORDER, False, True, False),
+        (torch.float32, torch.float32, 2, False, False, False)]
     for i, (s, e, n, noise, per_sample, sm80) in enumerate(transitions):
-        z = _t((2, n * C, *rest), s)
-        a = (z, _t((2, C, *rest), e), torch.zeros_like(z) if noise else None,
+        spatial = (3, 5) if i == len(transitions) - 1 else rest
+        z = _t((2, n * C, *spatial), s)
+        a = (z, _t((2, C, *spatial), e), torch.zeros_like(z) if noise else None,
              torch.zeros(4, n, 2 * n + 1, dtype=torch.float64), (1, 2, 0)[i % 3], _seed(2, per_sample), z)
-        yield (f"hold_transition {TRITON_TYPES[s]}/{TRITON_TYPES[e]} n={n} noise={noise}", BOTH if sm80 else SM90,
-               lambda a=a: k.hold_transition_launch(*a))
+        yield (f"hold_transition {TRITON_TYPES[s]}/{TRITON_TYPES[e]} n={n} noise={noise} {spatial}",
+               BOTH if sm80 else SM90, lambda a=a: k.hold_transition_launch(*a))
     # (state dtype, n, m, explicit noise, eps_out, per-sample seeds, sm_80 too)
     perturbs = ((torch.float32, 1, 1, False, True, True, False), (torch.float32, 6, 6, True, False, False, False),
                 (torch.float32, 3, 1, False, True, True, True), (torch.float64, 3, 1, False, True, True, True),
@@ -211,17 +216,20 @@ def _hold_cases(k):
 def _likelihood_cases(k):
     from diffkern.ops.likelihood import acc_dtype
 
-    batch = BIG[0]
     for s in DTYPES:
-        # diffkern.likelihood's call: per-sample sigma, cv and seeds, one weight, the Philox eps.
+        # diffkern.likelihood's call: per-sample sigma, cv and seeds, one weight, the Philox eps; then explicit
+        # noise, and (float32) one stream over samples of a size that is not a multiple of 4 (ALIGNED=False).
         per = (True, False, True, True, False)  # sigma, weight, cv, seed, explicit noise
         variants = (per, (False, True, False, False, True)) if s in (torch.float32, torch.float64) else (per,)
+        if s == torch.float32:
+            variants += ((True, False, True, False, False),)
         for i, (sig, w, cv, seed, noise) in enumerate(variants):
-            y = _t(BIG, s)
+            y = _t(ODD if i == 2 else BIG, s)
+            batch = y.shape[0]
             a = (y, torch.zeros_like(y), torch.zeros_like(y) if noise else None,
                  *(torch.ones(batch if p else 1, dtype=torch.float64) for p in (sig, w, cv)), 2,
                  _seed(batch, seed), torch.zeros(batch, dtype=acc_dtype(s)))
-            yield f"likelihood_accum {TRITON_TYPES[s]} noise={noise}", _archs(s, i == 0), \
+            yield f"likelihood_accum {TRITON_TYPES[s]} noise={noise} {tuple(y.shape)}", _archs(s, i == 0), \
                 lambda a=a: k.likelihood_accum_launch(*a)
 
 

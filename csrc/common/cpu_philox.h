@@ -1,5 +1,6 @@
 // The counter-based normal stream (common/philox.h) over a block of flat elements, for the CPU
-// kernels (host only): sampler_step's noise and philox_normal draw it through this one function.
+// kernels (host only): sampler_step's noise, philox_normal and the HOLD ops draw it through
+// philox_normal_block / philox_normal_run.
 #pragma once
 
 #include <algorithm>
@@ -34,11 +35,12 @@ DK_HOST_DEVICE float log_unit(float u) {
   return e * ln2_hi - ((hfsq - (s * (hfsq + r) + e * ln2_lo)) - f);
 }
 
-// cos(v) for v in [0, 2 pi + 1e-6], float, branch-free: v = k*pi/2 + r with k = round(2v/pi) in 0..4
-// (pi/2 in two parts, the high part exact times k) and |r| <= pi/4, then the Taylor polynomials of
-// sin and cos to r^9 and r^10 (truncation below 2**-25), quadrant k mod 4 picks and signs one.
-// Measured over every float in [0, 2 pi]: absolute error at most 9.4e-8 (1.6 ulp of 1).
-DK_HOST_DEVICE float cos_turn(float v) {
+// sin(v) and cos(v) for v in [0, 2 pi + 1e-6], float, branch-free: v = k*pi/2 + r with k = round(2v/pi)
+// in 0..4 (pi/2 in two parts, the high part exact times k) and |r| <= pi/4, then the Taylor polynomials
+// of sin and cos to r^9 and r^10 (truncation below 2**-25); quadrant q = k mod 4 picks and signs them:
+// cos v = (cos r, -sin r, -cos r, sin r)[q], sin v = (sin r, cos r, -sin r, -cos r)[q].
+// Measured over every float in [0, 2 pi]: absolute error at most 9.4e-8 (1.6 ulp of 1) for cos.
+DK_HOST_DEVICE void sincos_turn(float v, float& sin_v, float& cos_v) {
   const int32_t k = static_cast<int32_t>(v * 0.6366197723675814f + 0.5f);
   const float kf = static_cast<float>(k);
   const float r = (v - kf * 1.57080078125f) + kf * 4.454455103442001e-06f;  // pi/2 = 1.57080078125 - 4.45e-6
@@ -48,31 +50,46 @@ DK_HOST_DEVICE float cos_turn(float v) {
   const float cos_r = 1.0f - 0.5f * z + z * z * (0.041666666666666664f + z * (-0.001388888888888889f +
                                    z * (2.48015873015873e-05f + z * -2.755731922398589e-07f)));
   const uint32_t q = static_cast<uint32_t>(k) & 3u;
-  const uint32_t picked = select_bits((q & 1u) != 0, float_bits(sin_r), float_bits(cos_r));
-  return float_from_bits(picked ^ (((q + 1u) & 2u) << 30));  // q = 1, 2: negative
+  const bool odd = (q & 1u) != 0;
+  const uint32_t cos_picked = select_bits(odd, float_bits(sin_r), float_bits(cos_r));
+  const uint32_t sin_picked = select_bits(odd, float_bits(cos_r), float_bits(sin_r));
+  cos_v = float_from_bits(cos_picked ^ (((q + 1u) & 2u) << 30));  // q = 1, 2: negative
+  sin_v = float_from_bits(sin_picked ^ ((q & 2u) << 30));          // q = 2, 3: negative
 }
 
-// Box-Muller of philox.h in float with the vectorisable log and cos above; the operations outside
-// log and cos, and so their roundings, are those of box_muller<float>. Measured on 2e7 uniform
+// Box-Muller pairs of philox.h in float with the vectorisable log, sin and cos above; the operations
+// outside them, and so their roundings, are those of box_muller_pair<float>. Measured on 2e7 uniform
 // pairs: at most 1.3e-6 from the float64 evaluation of the same uniforms (|xi| < 5.7).
-DK_HOST_DEVICE float box_muller_cpu(float u0, float u1) {
+DK_HOST_DEVICE void box_muller_pair_cpu(float ua, float ub, float& xi_cos, float& xi_sin) {
   const float tiny = static_cast<float>(1e-7);
-  // max(tiny, u0) as a bit select: with ?: gcc duplicates log_unit into a branch per case.
-  const float u0c = float_from_bits(select_bits(u0 < tiny, float_bits(tiny), float_bits(u0)));
-  return dk_sqrt(-2.0f * log_unit(u0c)) * cos_turn(static_cast<float>(6.283185307179586) * u1);
+  // max(tiny, ua) as a bit select: with ?: gcc duplicates log_unit into a branch per case.
+  const float uac = float_from_bits(select_bits(ua < tiny, float_bits(tiny), float_bits(ua)));
+  const float rho = dk_sqrt(-2.0f * log_unit(uac));
+  float s, c;
+  sincos_turn(static_cast<float>(6.283185307179586) * ub, s, c);
+  xi_cos = rho * c;
+  xi_sin = rho * s;
 }
-DK_HOST_DEVICE double box_muller_cpu(double u0, double u1) { return box_muller<double>(u0, u1); }
+DK_HOST_DEVICE void box_muller_pair_cpu(double ua, double ub, double& xi_cos, double& xi_sin) {
+  box_muller_pair<double>(ua, ub, xi_cos, xi_sin);
+}
 
-// Uniforms u0, u1 of indices idx0 .. idx0 + n - 1 under one key, portable: gcc vectorises this
-// loop, but it widens each 32x32-bit product through shuffles (measured 8.0 ns/element of CPU time).
+// Groups of at most kBlock / 4 + 2 cover any run of kBlock indices (a run may start mid-group).
+constexpr int64_t kMaxGroups = kBlock / 4 + 2;
+
+// The uniforms of the four words of groups g0 .. g0 + m - 1 under one key, as two arrays of pairs:
+// ua[2j + k], ub[2j + k] = pair k of group g0 + j ((u0, u1) for k = 0, (u2, u3) for k = 1). Portable:
+// gcc vectorises this loop, but it widens each 32x32-bit product through shuffles.
 template <class C>
-DK_HOST_DEVICE void philox_uniforms_generic(u64 seed, u32 step, u64 idx0, int64_t n, C* __restrict u0,
-                                            C* __restrict u1) {
-  for (int64_t j = 0; j < n; ++j) {
-    u32 r0, r1;
-    philox_r01(seed, step, idx0 + static_cast<u64>(j), r0, r1);
-    u0[j] = philox_uniform<C>(r0);
-    u1[j] = philox_uniform<C>(r1);
+DK_HOST_DEVICE void philox_pairs_generic(u64 seed, u32 step, u64 g0, int64_t m, C* __restrict ua,
+                                         C* __restrict ub) {
+  for (int64_t j = 0; j < m; ++j) {
+    u32 r[4];
+    philox4(seed, step, g0 + static_cast<u64>(j), r);
+    ua[2 * j] = philox_uniform<C>(r[0]);
+    ub[2 * j] = philox_uniform<C>(r[1]);
+    ua[2 * j + 1] = philox_uniform<C>(r[2]);
+    ub[2 * j + 1] = philox_uniform<C>(r[3]);
   }
 }
 
@@ -80,8 +97,8 @@ DK_HOST_DEVICE void philox_uniforms_generic(u64 seed, u32 step, u64 idx0, int64_
 #define DK_PHILOX_AVX2 1
 
 // The same words with AVX2 intrinsics, eight counters per vector: the even and odd 32-bit lanes are
-// multiplied separately (vpmuludq) and blended back, no shuffles. Measured 4.5 ns/element of CPU time
-// against 8.0 for the compiler's vectorisation of philox_r01. float only (double: the generic loop).
+// multiplied separately (vpmuludq) and blended back, no shuffles (the generic loop, vectorised by gcc,
+// took 1.8x the time per counter). float only (double: the generic loop).
 __attribute__((target("avx2"))) inline void philox_mulhilo8(__m256i c, __m256i mult, __m256i& hi, __m256i& lo) {
   const __m256i even = _mm256_mul_epu32(c, mult);                        // lanes 0, 2, 4, 6 as 64 bits
   const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(c, 32), mult);  // lanes 1, 3, 5, 7
@@ -94,14 +111,22 @@ __attribute__((target("avx2"))) inline __m256 philox_uniform8(__m256i r) {
   return _mm256_mul_ps(_mm256_cvtepi32_ps(folded), _mm256_set1_ps(static_cast<float>(4.6566127342e-10)));
 }
 
-__attribute__((target("avx2"))) inline void philox_uniforms_avx2(u64 seed, u32 step, u64 idx0, int64_t n,
-                                                                  float* __restrict u0, float* __restrict u1) {
+// Stores pair 0 (words a0, a1) and pair 1 (words a2, a3) of 8 groups interleaved as ua/ub[2j + k].
+__attribute__((target("avx2"))) inline void store_pairs8(__m256 w0, __m256 w2, float* __restrict dst) {
+  const __m256 lo = _mm256_unpacklo_ps(w0, w2);  // groups 0 1 | 4 5, pair-interleaved
+  const __m256 hi = _mm256_unpackhi_ps(w0, w2);  // groups 2 3 | 6 7
+  _mm256_storeu_ps(dst, _mm256_permute2f128_ps(lo, hi, 0x20));       // groups 0 1 2 3
+  _mm256_storeu_ps(dst + 8, _mm256_permute2f128_ps(lo, hi, 0x31));   // groups 4 5 6 7
+}
+
+__attribute__((target("avx2"))) inline void philox_pairs_avx2(u64 seed, u32 step, u64 g0, int64_t m,
+                                                               float* __restrict ua, float* __restrict ub) {
   const __m256i mult_a = _mm256_set1_epi32(static_cast<int>(kPhiloxRoundA));
   const __m256i mult_b = _mm256_set1_epi32(static_cast<int>(kPhiloxRoundB));
   const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
-  const int64_t n8 = n - n % 8;
-  for (int64_t j = 0; j < n8; j += 8) {
-    const u64 base = idx0 + static_cast<u64>(j);
+  const int64_t m8 = m - m % 8;
+  for (int64_t j = 0; j < m8; j += 8) {
+    const u64 base = g0 + static_cast<u64>(j);
     const __m256i base_lo = _mm256_set1_epi32(static_cast<int>(static_cast<u32>(base)));
     __m256i c0 = _mm256_add_epi32(base_lo, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     // A lane whose low word wrapped past 2**32 carries into the high word (unsigned c0 < base_lo).
@@ -121,10 +146,10 @@ __attribute__((target("avx2"))) inline void philox_uniforms_avx2(u64 seed, u32 s
       k0 += kPhiloxKeyA;
       k1 += kPhiloxKeyB;
     }
-    _mm256_storeu_ps(u0 + j, philox_uniform8(c0));
-    _mm256_storeu_ps(u1 + j, philox_uniform8(c1));
+    store_pairs8(philox_uniform8(c0), philox_uniform8(c2), ua + 2 * j);
+    store_pairs8(philox_uniform8(c1), philox_uniform8(c3), ub + 2 * j);
   }
-  philox_uniforms_generic(seed, step, idx0 + static_cast<u64>(n8), n - n8, u0 + n8, u1 + n8);
+  philox_pairs_generic(seed, step, g0 + static_cast<u64>(m8), m - m8, ua + 2 * m8, ub + 2 * m8);
 }
 
 inline bool cpu_has_avx2() {
@@ -133,25 +158,31 @@ inline bool cpu_has_avx2() {
 }
 #endif
 
-DK_HOST_DEVICE void philox_uniforms(u64 seed, u32 step, u64 idx0, int64_t n, float* u0, float* u1) {
+DK_HOST_DEVICE void philox_pairs(u64 seed, u32 step, u64 g0, int64_t m, float* ua, float* ub) {
 #ifdef DK_PHILOX_AVX2
-  if (cpu_has_avx2()) return philox_uniforms_avx2(seed, step, idx0, n, u0, u1);
+  if (cpu_has_avx2()) return philox_pairs_avx2(seed, step, g0, m, ua, ub);
 #endif
-  philox_uniforms_generic(seed, step, idx0, n, u0, u1);
+  philox_pairs_generic(seed, step, g0, m, ua, ub);
 }
-DK_HOST_DEVICE void philox_uniforms(u64 seed, u32 step, u64 idx0, int64_t n, double* u0, double* u1) {
-  philox_uniforms_generic(seed, step, idx0, n, u0, u1);
+DK_HOST_DEVICE void philox_pairs(u64 seed, u32 step, u64 g0, int64_t m, double* ua, double* ub) {
+  philox_pairs_generic(seed, step, g0, m, ua, ub);
 }
 
-// Normals of indices idx0 .. idx0 + n - 1 (n <= kBlock) under one key. float: uniforms in AVX2
-// (where present), Box-Muller vectorised by the compiler (1.8 ns/element of CPU time, against ~5
-// calling libm's logf and cosf per element); double: libm's log and cos.
+// Normals of indices idx0 .. idx0 + n - 1 (n <= kBlock) under one key: the whole groups that cover them
+// (one Philox call per four normals), then the run's slice. float: words in AVX2 (where present),
+// Box-Muller vectorised by the compiler; double: libm's log, sin and cos.
 template <class C>
 DK_HOST_DEVICE void philox_normal_run(u64 seed, u32 step, u64 idx0, int64_t n, C* __restrict xi) {
-  alignas(64) C u0[kBlock];
-  alignas(64) C u1[kBlock];
-  philox_uniforms(seed, step, idx0, n, u0, u1);
-  for (int64_t j = 0; j < n; ++j) xi[j] = box_muller_cpu(u0[j], u1[j]);
+  if (n <= 0) return;
+  alignas(64) C ua[2 * kMaxGroups];
+  alignas(64) C ub[2 * kMaxGroups];
+  alignas(64) C all[4 * kMaxGroups];
+  const u64 g0 = idx0 >> 2;
+  const int64_t skip = static_cast<int64_t>(idx0 & 3u);
+  const int64_t m = (skip + n + 3) / 4;
+  philox_pairs(seed, step, g0, m, ua, ub);
+  for (int64_t p = 0; p < 2 * m; ++p) box_muller_pair_cpu(ua[p], ub[p], all[2 * p], all[2 * p + 1]);
+  for (int64_t j = 0; j < n; ++j) xi[j] = all[skip + j];
 }
 
 // Normals of flat elements [i0, i0 + n) (n <= kBlock) into xi. One stream (num_seeds == 1): element

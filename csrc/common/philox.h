@@ -2,20 +2,26 @@
 // every compiled kernel (g++ for the CPU kernels, nvcc and NVRTC for the CUDA kernels).
 //
 //   key     = (seed_lo, seed_hi)                     the 64-bit seed
-//   counter = (idx_lo, idx_hi, step, 0)              idx = 64-bit element index, step = table row
+//   g, l    = idx >> 2, idx & 3                      group and lane of the 64-bit element index
+//   counter = (g_lo, g_hi, step, 0)                  step = table row
 //   (r0, r1, r2, r3) = Philox4x32-10(counter, key)   Salmon et al., SC'11; same rounds as cuRAND's
 //                                                     Philox4_32_10 and Triton's tl.philox
 //   u_k = C(int32(r_k) < 0 ? ~int32(r_k) : int32(r_k)) * C(4.6566127342e-10)      in [0, 1)
-//   xi  = sqrt(-2 ln max(C(1e-7), u_0)) * cos(C(2 pi) * u_1)                      Box-Muller
+//   (ua, ub) = (u0, u1) for lanes 0, 1, (u2, u3) for lanes 2, 3
+//   rho = sqrt(-2 ln max(C(1e-7), ua)), theta = C(2 pi) * ub                     Box-Muller
+//   xi  = rho * cos(theta) for lanes 0, 2, rho * sin(theta) for lanes 1, 3
 //
 // C is the compute type: float for float16/bfloat16/float32 tensors, double for float64. Each
 // constant is a double literal rounded to C, as torch rounds a Python scalar, so a backend agrees
-// with the float32 reference up to the last ulp of log/cos (libm vs CUDA vs Sleef).
+// with the float32 reference up to the last ulp of log/cos/sin (libm vs CUDA vs Sleef).
 //
 // Self-contained: no torch, no standard library under NVRTC. Use:
-//   dk::philox_normal<float>(seed, step, idx)           one normal
-//   dk::philox_r01(seed, step, idx, r0, r1)             the two raw words (vectorisable on CPU)
-//   dk::philox_uniform<C>(r), dk::box_muller<C>(u0, u1) the two halves of philox_normal
+//   dk::philox_normal<float>(seed, step, idx)           one normal (any index)
+//   dk::philox_normal4<float>(seed, step, g, xi)        the four normals of group g (indices 4g .. 4g+3)
+//   dk::philox4(seed, step, g, r)                       the four raw words (vectorisable on CPU)
+//   dk::philox_uniform<C>(r), dk::box_muller_pair<C>    the two halves of philox_normal4
+// On a GPU, philox_normal and philox_normal4 give bitwise the same values (same functions, same
+// order of operations), so a kernel may take either path for any element.
 #pragma once
 
 #ifndef DK_HOST_DEVICE
@@ -53,10 +59,9 @@ DK_HOST_DEVICE u32 mulhi32(u32 a, u32 b) {
 #endif
 }
 
-// Words r0, r1 of Philox4x32-10 at counter (idx_lo, idx_hi, step, 0) and key (seed_lo, seed_hi);
-// r2 and r3 are never used by diffkern, so the compiler drops their last-round arithmetic.
-DK_HOST_DEVICE void philox_r01(u64 seed, u32 step, u64 idx, u32& r0, u32& r1) {
-  u32 c0 = static_cast<u32>(idx), c1 = static_cast<u32>(idx >> 32), c2 = step, c3 = 0u;
+// The four words of Philox4x32-10 at counter (g_lo, g_hi, step, 0) and key (seed_lo, seed_hi).
+DK_HOST_DEVICE void philox4(u64 seed, u32 step, u64 group, u32 (&r)[4]) {
+  u32 c0 = static_cast<u32>(group), c1 = static_cast<u32>(group >> 32), c2 = step, c3 = 0u;
   u32 k0 = static_cast<u32>(seed), k1 = static_cast<u32>(seed >> 32);
 #if defined(__CUDA_ARCH__)
 #pragma unroll
@@ -71,8 +76,10 @@ DK_HOST_DEVICE void philox_r01(u64 seed, u32 step, u64 idx, u32& r0, u32& r1) {
     k0 += kPhiloxKeyA;
     k1 += kPhiloxKeyB;
   }
-  r0 = c0;
-  r1 = c1;
+  r[0] = c0;
+  r[1] = c1;
+  r[2] = c2;
+  r[3] = c3;
 }
 
 // A word as a uniform in [0, 1): the int32 reading folded onto [0, 2**31) (~r for negative r), scaled.
@@ -86,25 +93,57 @@ DK_HOST_DEVICE C philox_uniform(u32 r) {
 
 DK_HOST_DEVICE float dk_log(float v) { return logf(v); }
 DK_HOST_DEVICE double dk_log(double v) { return log(v); }
-DK_HOST_DEVICE float dk_cos(float v) { return cosf(v); }
-DK_HOST_DEVICE double dk_cos(double v) { return cos(v); }
 DK_HOST_DEVICE float dk_sqrt(float v) { return sqrtf(v); }
 DK_HOST_DEVICE double dk_sqrt(double v) { return sqrt(v); }
-
-// Box-Muller, first output only, in the operation order of the reference.
-template <class C>
-DK_HOST_DEVICE C box_muller(C u0, C u1) {
-  const C tiny = static_cast<C>(1e-7);
-  const C u0c = u0 < tiny ? tiny : u0;
-  return dk_sqrt(static_cast<C>(-2.0) * dk_log(u0c)) * dk_cos(static_cast<C>(6.283185307179586) * u1);
+// sin and cos of one angle: one range reduction on a GPU (sincosf), libm's sin and cos on a host.
+DK_HOST_DEVICE void dk_sincos(float v, float& s, float& c) {
+#if defined(__CUDA_ARCH__)
+  sincosf(v, &s, &c);
+#else
+  s = sinf(v);
+  c = cosf(v);
+#endif
+}
+DK_HOST_DEVICE void dk_sincos(double v, double& s, double& c) {
+#if defined(__CUDA_ARCH__)
+  sincos(v, &s, &c);
+#else
+  s = sin(v);
+  c = cos(v);
+#endif
 }
 
-// The standard normal of element ``idx`` at table row ``step`` under ``seed``.
+// Box-Muller on one pair of uniforms, in the operation order of the reference: (rho cos, rho sin).
+template <class C>
+DK_HOST_DEVICE void box_muller_pair(C ua, C ub, C& xi_cos, C& xi_sin) {
+  const C tiny = static_cast<C>(1e-7);
+  const C uac = ua < tiny ? tiny : ua;
+  const C rho = dk_sqrt(static_cast<C>(-2.0) * dk_log(uac));
+  C s, c;
+  dk_sincos(static_cast<C>(6.283185307179586) * ub, s, c);
+  xi_cos = rho * c;
+  xi_sin = rho * s;
+}
+
+// The four normals of group ``group`` (indices 4*group .. 4*group + 3) at table row ``step``.
+template <class C>
+DK_HOST_DEVICE void philox_normal4(u64 seed, u32 step, u64 group, C (&xi)[4]) {
+  u32 r[4];
+  philox4(seed, step, group, r);
+  box_muller_pair<C>(philox_uniform<C>(r[0]), philox_uniform<C>(r[1]), xi[0], xi[1]);
+  box_muller_pair<C>(philox_uniform<C>(r[2]), philox_uniform<C>(r[3]), xi[2], xi[3]);
+}
+
+// The standard normal of element ``idx`` at table row ``step`` under ``seed``: one pair of its group.
 template <class C>
 DK_HOST_DEVICE C philox_normal(u64 seed, u32 step, u64 idx) {
-  u32 r0, r1;
-  philox_r01(seed, step, idx, r0, r1);
-  return box_muller<C>(philox_uniform<C>(r0), philox_uniform<C>(r1));
+  u32 r[4];
+  philox4(seed, step, idx >> 2, r);
+  const bool first = (idx & 2u) == 0;
+  C xi_cos, xi_sin;
+  box_muller_pair<C>(philox_uniform<C>(first ? r[0] : r[2]), philox_uniform<C>(first ? r[1] : r[3]), xi_cos,
+                     xi_sin);
+  return (idx & 1u) == 0 ? xi_cos : xi_sin;
 }
 
 }  // namespace dk

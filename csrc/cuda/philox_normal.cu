@@ -1,8 +1,8 @@
 // diffkern::philox_normal on CUDA: out[i] = the normal at index offset + i of the counter-based
 // stream (csrc/common/philox.h); per-sample seeds (B,): index offset + i % per_sample under key
 // seed[i / per_sample]. Grid-stride loop over packs of V = 16/sizeof(S) outputs, 64-bit indices.
-#include "common/philox.h"
 #include "cuda/device_utils.cuh"
+#include "cuda/philox_pack.cuh"
 
 namespace dk {
 namespace gpu {
@@ -10,19 +10,8 @@ namespace gpu {
 template <class S, int V>
 __device__ __forceinline__ void normal_pack(const PhiloxNormalParams& p, long long i) {
   using C = typename ComputeOf<S>::type;
-  const u32 step = static_cast<u32>(p.step);
-  long long sample = p.num_seeds == 1 ? 0 : i / p.per_sample;
-  long long idx = i - sample * p.per_sample;
   C xi[V];
-#pragma unroll
-  for (int k = 0; k < V; ++k) {
-    if (idx == p.per_sample) {  // crossed into the next sample
-      ++sample;
-      idx = 0;
-    }
-    xi[k] = philox_normal<C>(static_cast<u64>(p.seed[sample]), step, static_cast<u64>(p.offset + idx));
-    ++idx;
-  }
+  philox_pack<C, V>(p.seed, p.num_seeds, p.per_sample, p.offset, p.step, i, xi);
   store_pack<C, S, V>(p.out, i, xi);
 }
 

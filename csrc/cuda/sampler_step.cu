@@ -3,29 +3,12 @@
 // state tensor), a scalar tail, 64-bit indices throughout. The table row and the seed are read on
 // the device; the flags derived from them (c != 0, s != 0) are uniform, so their branches never
 // diverge within a warp.
-#include "common/philox.h"
 #include "common/sampler_step.h"
 #include "cuda/device_utils.cuh"
+#include "cuda/philox_pack.cuh"
 
 namespace dk {
 namespace gpu {
-
-// Noise of flat elements i .. i + V - 1 under one stream or per-sample streams.
-template <class C, int V>
-__device__ __forceinline__ void philox_pack(const SamplerStepParams& p, long long i, C (&xi)[V]) {
-  long long sample = p.num_seeds == 1 ? 0 : i / p.per_sample;
-  long long idx = i - sample * p.per_sample;
-  const u32 step = static_cast<u32>(p.step);
-#pragma unroll
-  for (int k = 0; k < V; ++k) {
-    if (idx == p.per_sample) {  // crossed into the next sample
-      ++sample;
-      idx = 0;
-    }
-    xi[k] = philox_normal<C>(static_cast<u64>(p.seed[sample]), step, static_cast<u64>(idx));
-    ++idx;
-  }
-}
 
 // V elements starting at flat index i: load every input, compute, store (in-place safe).
 template <class S, class M, int V, class C>
@@ -41,7 +24,7 @@ __device__ __forceinline__ void step_pack(const SamplerStepParams& p, const Step
     if (p.noise != nullptr) {
       load_pack<C, S, V>(p.noise, i, xi);
     } else {
-      philox_pack<C, V>(p, i, xi);
+      philox_pack<C, V>(p.seed, p.num_seeds, p.per_sample, 0, p.step, i, xi);
     }
   }
 #pragma unroll
