@@ -16,7 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .philox import MIN_BLOCK, compute_dtype, interpreting, launch_config, load_as, philox_normal, philox_normal_block
+from .philox import MIN_BLOCK, compute_dtype, interpreting, launch_config, load_as, philox_normal_run
 
 
 def _config(per_sample: int, n: int) -> tuple[int, dict]:
@@ -52,10 +52,7 @@ def _noise(noise_ptr, seed_ptr, b, step, start, mask, base, HAS_NOISE: tl.conste
         else:
             seed = tl.load(seed_ptr)
             first = base + start
-        if ALIGNED:
-            v = philox_normal_block(seed, step, first, BLOCK, CDT)
-        else:
-            v = philox_normal(seed, step, first + tl.arange(0, BLOCK), CDT)
+        v = philox_normal_run(seed, step, first, BLOCK, ALIGNED, CDT)
     return v
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .philox import block_config, compute_dtype, load_as, philox_normal, philox_normal_block
+from .philox import block_config, compute_dtype, load_as, philox_normal_run
 
 
 @triton.jit
@@ -54,10 +54,8 @@ def _likelihood_accum_kernel(
         d = load_as(denoised_ptr + base + idx, mask, CDT)
         if HAS_NOISE:
             eps = load_as(noise_ptr + base + idx, mask, CDT)
-        elif ALIGNED:
-            eps = philox_normal_block(seed, step, stream_base + start, BLOCK, CDT)
         else:
-            eps = philox_normal(seed, step, stream_base + idx, CDT)
+            eps = philox_normal_run(seed, step, stream_base + start, BLOCK, ALIGNED, CDT)
         e = (y - d) / sigma + eps
         partial += tl.where(mask, e * (e - 2.0 * eps) + one_minus_c * eps * eps, 0.0)
     total = tl.sum(partial, axis=0)

@@ -115,6 +115,17 @@ def philox_normal_block(seed, step, base, BLOCK: tl.constexpr, CDT: tl.constexpr
     xi_cos, xi_sin = _box_muller(tl.join(r0, r2), tl.join(r1, r3), CDT)
     return tl.reshape(tl.join(xi_cos, xi_sin), [BLOCK])
 
+@triton.jit
+def philox_normal_run(seed, step, first, BLOCK: tl.constexpr, ALIGNED: tl.constexpr, CDT: tl.constexpr):
+    """The normals of indices ``first .. first + BLOCK - 1`` (a (BLOCK,) block in ``CDT``): the group path
+    (:func:`philox_normal_block`) where the launcher's ``ALIGNED`` promises ``first % 4 == 0``, else the
+    elementwise one; bitwise the same values either way."""
+    if ALIGNED:
+        xi = philox_normal_block(seed, step, first, BLOCK, CDT)
+    else:
+        xi = philox_normal(seed, step, first + tl.arange(0, BLOCK), CDT)
+    return xi
+
 #----------------------------------------------------------------------------
 # Helpers shared by the elementwise kernels of this package (sampler_step, iadb_blend, philox_normal).
 

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .philox import compute_dtype, launch_config, philox_normal, philox_normal_block
+from .philox import compute_dtype, launch_config, philox_normal_run
 
 
 @triton.jit
@@ -26,10 +26,7 @@ def _philox_normal_kernel(seed_ptr, out_ptr, step, offset, per_sample, blocks_pe
     idx = start + tl.arange(0, BLOCK)
     mask = idx < per_sample
     seed = tl.load(seed_ptr + sample)
-    if ALIGNED:
-        xi = philox_normal_block(seed, step, start + offset, BLOCK, CDT)
-    else:
-        xi = philox_normal(seed, step, idx + offset, CDT)
+    xi = philox_normal_run(seed, step, start + offset, BLOCK, ALIGNED, CDT)
     tl.store(out_ptr + sample.to(tl.int64) * per_sample + idx, xi.to(out_ptr.dtype.element_ty), mask=mask)
 
 
