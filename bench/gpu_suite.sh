@@ -106,9 +106,14 @@ fi
   | tee -a "$DEST/stages.txt"
 
 # 3. CUDA tests (the GPU proof of the graph runner first).
-want pytest_cuda && stage pytest_cuda 240 pytest_cuda.log "$PY" -m pytest -q -rs -m cuda tests/test_graphs.py tests
+# pytest-xdist (on the image): Triton compiles each kernel specialisation a test needs on first use, single-threaded,
+# about 1 s each (tests/test_triton_gpu_compile.py, ~100 of them for the launchers alone): one worker per file
+# spreads that over the cores. A machine without xdist runs one process.
+XDIST=(); "$PY" -c 'import xdist' 2>/dev/null && XDIST=(-n "${GPU_SUITE_WORKERS:-4}" --dist loadfile)
+want pytest_cuda && stage pytest_cuda 240 pytest_cuda.log "$PY" -m pytest -q -rs "${XDIST[@]}" -m cuda \
+  tests/test_graphs.py tests
 want pytest_nvrtc && stage pytest_nvrtc 150 pytest_nvrtc.log env DIFFKERN_CUDA_LOADER=nvrtc \
-  DIFFKERN_CACHE_DIR=/tmp/diffkern-cache "$PY" -m pytest -q -rs -m cuda tests/test_cuda_rtc.py tests/test_sampler_step.py \
+  DIFFKERN_CACHE_DIR=/tmp/diffkern-cache "$PY" -m pytest -q -rs "${XDIST[@]}" -m cuda tests/test_cuda_rtc.py tests/test_sampler_step.py \
   tests/test_iadb.py tests/test_philox.py tests/test_hold_ops.py tests/test_ddim.py
 # 4-5. Benchmarks.
 want bench_graphs && stage bench_graphs 540 bench_graphs.log "$PY" bench/bench_graphs.py --out "$DEST" \
@@ -161,5 +166,7 @@ else
   echo "memcheck: skipped (no compute-sanitizer)" | tee -a "$DEST/stages.txt"
 fi
 # 7. The rest of the suite (the CPU tests; CI runs them too).
-want pytest_rest && stage pytest_rest 300 pytest_rest.log "$PY" -m pytest -q -rs -m "not cuda" tests
+# ~2400 CPU tests: 9 min on CI's two workers, so one worker per core here.
+want pytest_rest && stage pytest_rest 300 pytest_rest.log "$PY" -m pytest -q -rs \
+  $("$PY" -c 'import xdist' 2>/dev/null && echo "-n $(nproc)") -m "not cuda" tests
 echo "total $(( SECONDS - START ))s" | tee -a "$DEST/stages.txt"

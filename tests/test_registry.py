@@ -127,9 +127,20 @@ def test_available_explains_missing_backends(no_extension):
     status = dops.available()
     assert set(status) == set(registry.BACKENDS)
     assert status["reference"] is None
-    assert status["cpp"] == NOT_BUILT and status["cuda"] == NOT_BUILT
+    assert status["cpp"] == NOT_BUILT
+    assert status["cuda"] == (NOT_BUILT if torch.cuda.is_available() else "torch reports no CUDA device")
     cpu = dops.available("cpu")
     assert "runs on ['cuda'] tensors" in cpu["cuda"]
+
+
+def test_available_on_a_cpu_machine_probes_no_cuda_loader(monkeypatch):
+    def probe():
+        raise AssertionError("a CUDA loader was probed on a machine without a CUDA device")
+    monkeypatch.setattr(registry, "_cuda_available", lambda: False)
+    monkeypatch.setattr(registry, "cuda_loader", probe)
+    monkeypatch.setattr(registry, "_rtc_status", probe)
+    assert dops.available()["cuda"] == "torch reports no CUDA device"
+    assert dops.available("cuda")["cuda"] == "torch reports no CUDA device"
 
 
 def test_available_reports_cuda_without_a_gpu():

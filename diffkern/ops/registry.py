@@ -134,12 +134,11 @@ def backend_status(backend: str, device_type: str | None = None) -> tuple[bool, 
         mod, why = _extension()
         return (mod is not None), why
     if backend == "cuda":
-        loader, why = cuda_loader()
-        if loader is None:
-            return False, why
+        # The device first: probing the loaders could open libnvrtc, which a CPU-only machine has no use for.
         if not _cuda_available():
             return False, "torch reports no CUDA device"
-        return True, None
+        loader, why = cuda_loader()
+        return (loader is not None), why
     ok, why = _triton_status()
     if not ok:
         return False, why
