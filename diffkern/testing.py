@@ -157,3 +157,26 @@ def usable_backends(device_type: str = "cpu") -> list[str]:
     from diffkern.ops import available
 
     return [b for b, why in available(device_type).items() if why is None]
+
+
+def gpu_compile_report(script: str, cache_dir) -> dict:
+    """Run ``script`` (Python that compiles Triton kernels for a GPU target and prints a JSON report) in a
+    subprocess without ``TRITON_INTERPRET``, so ``@triton.jit`` gives real kernels; returns the report.
+
+    ``cache_dir`` becomes ``TRITON_CACHE_DIR``: a cold compile, and nothing left in the user's cache. Skips
+    the calling test when this Triton build has no NVIDIA backend."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+    import triton
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this triton build has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(cache_dir)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout)

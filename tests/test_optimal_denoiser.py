@@ -4,11 +4,8 @@ The Triton kernel runs under ``TRITON_INTERPRET=1`` on CPU, where every program 
 the shapes here are small but cross several key blocks, D slices and N-splits (the interpreter
 config has 16x16x16 tiles and up to 6 programs), with N and D never multiples of the tiles.
 """
-import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,7 +14,8 @@ import diffkern.ops as dops
 from diffkern import analytic
 from diffkern.ops import BackendUnavailable
 from diffkern.ops.optimal_denoiser import half_sq_norms, optimal_denoiser_reference
-from diffkern.testing import assert_matches_reference, make_tensor, noncontiguous, usable_backends
+from diffkern.testing import (assert_matches_reference, gpu_compile_report, make_tensor, noncontiguous,
+                              usable_backends)
 
 F64 = torch.float64
 TRITON_CPU = "triton" in usable_backends("cpu")
@@ -173,16 +171,7 @@ json.dump(report, sys.stdout)
 
 
 def test_gpu_path_compiles_with_tensor_core_dots(tmp_path):
-    import triton
-
-    if "nvidia" not in triton.backends.backends:
-        pytest.skip("this triton build has no NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)  # a cold compile, and nothing left in the user's cache
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    mma = json.loads(proc.stdout)["split"]
+    mma = gpu_compile_report(_COMPILE_SCRIPT, tmp_path)["split"]
     assert any(op.startswith("wgmma.mma_async") and "bf16" in op for op in mma), mma
 
 def test_bench_quick_run(tmp_path, monkeypatch, capsys):

@@ -6,11 +6,7 @@ On CPU the kernels run under Triton's interpreter (``tests/conftest.py`` sets ``
 the GPU code path is still compiled here for sm_90, without a GPU, in a subprocess. With a GPU the
 ``cuda`` tests run the compiled kernels, including under CUDA-graph capture.
 """
-import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,8 +14,8 @@ import torch
 import diffkern.ops as dops
 from diffkern.ops import philox
 from diffkern.ops.registry import backend_status, resolve
-from diffkern.testing import (DTYPES, assert_matches_reference, check_iadb_blend, check_sampler_step, make_tensor,
-                              random_table, sampler_step_inputs)
+from diffkern.testing import (DTYPES, assert_matches_reference, check_iadb_blend, check_sampler_step, gpu_compile_report,
+                              make_tensor, random_table, sampler_step_inputs)
 
 triton = pytest.importorskip("triton")
 
@@ -203,14 +199,7 @@ json.dump(report, sys.stdout)
 
 
 def test_gpu_path_compiles_with_vector_accesses(tmp_path):
-    if "nvidia" not in triton.backends.backends:
-        pytest.skip("this triton build has no NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)  # a cold compile, and nothing left in the user's cache
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads(proc.stdout)
+    report = gpu_compile_report(_COMPILE_SCRIPT, tmp_path)
     assert len(report) == 8
     for what, found in report.items():  # philox_normal loads only its scalar seed
         assert any(w.startswith("st.") for w in found), (what, found)
