@@ -92,6 +92,9 @@ cat "$DEST/env.txt"
 arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d '.')
 export DIFFKERN_CUDA_ARCHS=${DIFFKERN_CUDA_ARCHS:-${arch:-90}}
 export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# torch finds the toolkit from `which nvcc` unless CUDA_HOME is set, and an nvcc on PATH can be a wrapper script
+# outside the toolkit (the development machine has one): name the standard toolkit when there is one.
+[ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ] && export CUDA_HOME=/usr/local/cuda
 stamp=$( (cat setup.py; find csrc -type f | sort | xargs cat; echo "$DIFFKERN_CUDA_ARCHS") | sha256sum | cut -d' ' -f1)
 if want build && [ "$(cat /tmp/diffkern-build-stamp 2>/dev/null)" = "$stamp" ] \
     && "$PY" -c 'import diffkern._C as C; assert C.has_cuda()' 2>/dev/null; then

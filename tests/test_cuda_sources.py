@@ -86,10 +86,11 @@ def test_kernel_compiles_sm80_sm90(src, nvcc_results):
 
 
 def _cuda_include_dir() -> pathlib.Path | None:
-    if NVCC is None:
-        return None
-    inc = pathlib.Path(NVCC).resolve().parent.parent / "include"
-    return inc if (inc / "cuda_runtime_api.h").exists() else None
+    # nvcc's toolkit first; then CUDA_HOME and /usr/local/cuda, for an nvcc on PATH that is a wrapper script
+    # (its resolved path is not inside the toolkit).
+    cands = [pathlib.Path(NVCC).resolve().parent.parent] if NVCC else []
+    cands += [pathlib.Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")), pathlib.Path("/usr/local/cuda")]
+    return next((c / "include" for c in cands if (c / "include" / "cuda_runtime_api.h").exists()), None)
 
 
 @pytest.mark.skipif(shutil.which("g++") is None or _cuda_include_dir() is None,
