@@ -78,9 +78,9 @@ echo "-- $(date -u +%FT%TZ) stages:$STAGES" >> "$DEST/stages.txt"
 # 1. Environment.
 {
   nvidia-smi || true
-  python3 -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())' || true
+  "$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())' || true
   for m in triton diffusers scipy hypothesis pytest tqdm safetensors matplotlib ninja smalldiffusion cupy transformers; do
-    python3 -c "import $m; print('$m', getattr($m, '__version__', '?'))" 2>/dev/null || echo "$m MISSING"
+    "$PY" -c "import $m; print('$m', getattr($m, '__version__', '?'))" 2>/dev/null || echo "$m MISSING"
   done
   command -v nvcc && nvcc --version | tail -2
   command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null || echo "compute-sanitizer MISSING"
