@@ -144,19 +144,21 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         dops.iadb_blend(x, x, torch.rand(shape[0], device=dev), out=torch.empty_like(x),
                         target_out=torch.empty_like(x), backend="cuda")
         dops.randn(shape, seed, step=3, offset=7, dtype=dtype, backend="cuda")
-    for n in (1, 2, 3, 6):  # HOLD: (B, n*C, ...) states, per-sample seeds
+    for n, (H, W) in ((1, (5, 7)), (2, (5, 7)), (3, (5, 7)), (6, (5, 7)), (3, (4, 5)), (8, (4, 5))):
+        # HOLD: (B, n*C, H, W) states, per-sample seeds; P = C*H*W = 40 takes the 4-element kernel
         B, C = 3, 2
-        z = torch.randn(B, n * C, 5, 7, device=dev).to(dtype)
+        z = torch.randn(B, n * C, H, W, device=dev).to(dtype)
         K, k, L = torch.rand(2, n, n), torch.rand(2, n), torch.tril(torch.rand(2, n, n))
         coef = dops.hold.transition_table(K, k, L, device=dev)
         seed = torch.arange(B, dtype=torch.int64, device=dev)
-        dops.hold_transition(z, torch.randn(B, C, 5, 7, device=dev), coef, 1,
+        dops.hold_transition(z, torch.randn(B, C, H, W, device=dev), coef, 1,
                              seed=seed, out=torch.empty_like(z), backend="cuda")
+        dops.hold_transition(z, torch.randn(B, C, H, W, device=dev), coef, 1, seed=seed[:1], out=z, backend="cuda")
         mean = torch.rand(B, n, 1, dtype=torch.float64, device=dev)
         chol = torch.tril(torch.rand(B, n, n, dtype=torch.float64, device=dev))
-        dops.hold_perturb(torch.randn(B, C, 5, 7, device=dev).to(dtype), mean, chol, seed=seed, step=2,
-                          out=torch.empty(B, n * C, 5, 7, device=dev, dtype=dtype),
-                          eps_out=torch.empty(B, C, 5, 7, device=dev, dtype=dtype), backend="cuda")
+        dops.hold_perturb(torch.randn(B, C, H, W, device=dev).to(dtype), mean, chol, seed=seed, step=2,
+                          out=torch.empty(B, n * C, H, W, device=dev, dtype=dtype),
+                          eps_out=torch.empty(B, C, H, W, device=dev, dtype=dtype), backend="cuda")
 torch.cuda.synchronize()
 print("memcheck launches done")
 EOF

@@ -87,6 +87,14 @@ def test_plan_picks_the_vector_kernel_only_when_every_pointer_is_aligned():
     assert name.endswith(", 1>")
     assert cuda_rtc.plan("philox_normal", (torch.float16,), [16], [], 80, 132)[0].endswith("<__half, 8>")
     assert cuda_rtc.plan("hold_perturb", (torch.float64,), [], [], 300, 132) == ("dk::gpu::hold_perturb_kernel<double>", 2)
+    # hold_transition: four elements per thread when P % 4 == 0 and z, noise, out, eps_hat are 4-element aligned
+    name, grid = cuda_rtc.plan("hold_transition", (bf16, f32), [256, 0, 512], [1024], 4096, 132)
+    assert name == "dk::gpu::hold_transition_kernel<__nv_bfloat16, float, 4>" and grid == 4
+    assert cuda_rtc.plan("hold_transition", (bf16, f32), [256, 0, 516], [1024], 4096, 132)[0].endswith(", 1>")
+    assert cuda_rtc.plan("hold_transition", (bf16, f32), [256], [1032], 4096, 132)[0].endswith(", 1>")
+    assert cuda_rtc.plan("hold_transition", (bf16, f32), [256], [1024], 4096, 132, whole_packs=False)[1] == 16
+    assert cuda_rtc.plan("hold_transition", (torch.float64, f32), [256], [1024], 4096, 132) == (
+        "dk::gpu::hold_transition_kernel<double, float, 1>", 16)
     with pytest.raises(KeyError, match="no run-time CUDA kernel"):
         cuda_rtc.instantiations("likelihood_accum", (torch.float32,))
 

@@ -295,6 +295,28 @@ def test_transition_cuda(backend, dtype, n):
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("n", (2, 3, MAX_ORDER))
+def test_transition_cuda_whole_groups(backend, dtype, n):
+    """P % 4 == 0: the CUDA kernel takes four elements per thread and one Philox group per component (float
+    compute); an input one element off 16-byte alignment, or P % 4 != 0, takes the one-element kernel."""
+    for seed in (torch.tensor([5]), torch.tensor([5, 6, 7])):
+        z = make_tensor((3, n * 4, 8, 5), dtype, device="cuda")  # P = 160
+        eps = make_tensor((3, 4, 8, 5), dtype, seed=1, device="cuda")
+        table = random_hold_table(n).cuda()
+        check_transition(backend, z, eps, table, 2, seed=seed.cuda(), what=f"P % 4 == 0, n={n} {dtype}")
+        ref64 = hold_transition_reference(z.double(), eps.double(), table, 2, seed=seed.cuda())
+        eager = hold_transition_reference(z, eps, table, 2, seed=seed.cuda())
+        assert hold_transition(z, eps, table, 2, seed=seed.cuda(), out=z, backend=backend) is z
+        assert_matches_reference(z, ref64, eager, f"out=z, P % 4 == 0 [{backend}]")
+    flat = make_tensor((2 * n * 40 + 1,), dtype, device="cuda")
+    z = flat[1:].view(2, n * 4, 2, 5)  # P = 40, the pointer one element past an aligned one
+    check_transition(backend, z, make_tensor((2, 4, 2, 5), dtype, seed=1, device="cuda"), random_hold_table(n).cuda(),
+                     1, seed=torch.tensor([9], device="cuda"), what="misaligned z")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
 @pytest.mark.parametrize("n,m", [(3, 1), (4, 4), (MAX_ORDER, 1)])
 def test_perturb_cuda(backend, dtype, n, m):
     z0, mean_mat, chol = perturb_inputs(3, n, m, 2, (9, 17), dtype)

@@ -110,6 +110,11 @@ def vec_width(dtype: torch.dtype) -> int:
     return 16 // dtype.itemsize
 
 
+def hold_vec_width(dtype: torch.dtype) -> int:
+    """Elements per thread of the packed hold_transition kernel (``hold_vec_width<S>()``: 1 for float64)."""
+    return 1 if dtype == torch.float64 else 4
+
+
 def instantiations(op: str, dtypes: tuple[torch.dtype, ...]) -> list[str]:
     """Name expressions of ``op``'s kernels for one dtype combination (the vector and the scalar variant)."""
     t = [CTYPES[d] for d in dtypes]
@@ -118,7 +123,8 @@ def instantiations(op: str, dtypes: tuple[torch.dtype, ...]) -> list[str]:
     if op == "philox_normal":
         return [f"dk::gpu::philox_normal_kernel<{t[0]}, {v}>" for v in (vec_width(dtypes[0]), 1)]
     if op == "hold_transition":
-        return [f"dk::gpu::hold_transition_kernel<{t[0]}, {t[1]}>"]
+        widths = (hold_vec_width(dtypes[0]), 1) if hold_vec_width(dtypes[0]) > 1 else (1,)
+        return [f"dk::gpu::hold_transition_kernel<{t[0]}, {t[1]}, {v}>" for v in widths]
     if op == "hold_perturb":
         return [f"dk::gpu::hold_perturb_kernel<{t[0]}>"]
     raise KeyError(f"op: no run-time CUDA kernel for {op!r}; expected one of {OPS}")
@@ -231,15 +237,16 @@ def ptr(t) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def plan(op: str, dtypes: tuple[torch.dtype, ...], state_ptrs, model_ptrs, numel: int, sm_count: int):
-    """(name expression, grid) of one element-wise launch: the 16-byte-vector kernel when every pointer is
-    aligned for it, else the scalar one."""
+def plan(op: str, dtypes: tuple[torch.dtype, ...], state_ptrs, model_ptrs, numel: int, sm_count: int, *,
+         whole_packs: bool = True):
+    """(name expression, grid) of one element-wise launch: the vector kernel when every pointer is aligned
+    for it (and ``whole_packs``: hold_transition's needs P % 4 == 0), else the scalar one."""
     names = instantiations(op, dtypes)
-    if len(names) == 1:  # HOLD kernels: one element per thread-iteration
+    if len(names) == 1:  # hold_perturb, float64 hold_transition: one element per thread-iteration
         return names[0], grid_size(numel, sm_count)
-    v = vec_width(dtypes[0])
-    el_m = dtypes[1].itemsize if op == "sampler_step" else 0
-    if aligned(state_ptrs, v * dtypes[0].itemsize) and aligned(model_ptrs, v * el_m):
+    v = hold_vec_width(dtypes[0]) if op == "hold_transition" else vec_width(dtypes[0])
+    el_m = dtypes[1].itemsize if op in ("sampler_step", "hold_transition") else 0
+    if whole_packs and aligned(state_ptrs, v * dtypes[0].itemsize) and aligned(model_ptrs, v * el_m):
         return names[0], grid_size(numel // v, sm_count)
     return names[1], grid_size(numel, sm_count)
 
@@ -273,12 +280,13 @@ def _function(op: str, dtypes: tuple[torch.dtype, ...], name: str, index: int):
     return _functions[key]
 
 
-def launch(op: str, dtypes, struct: str, values: dict, state_ptrs, model_ptrs, numel: int, device) -> None:
+def launch(op: str, dtypes, struct: str, values: dict, state_ptrs, model_ptrs, numel: int, device, *,
+           whole_packs: bool = True) -> None:
     """Launch ``op``'s kernel for ``dtypes`` over ``numel`` elements on torch's current stream of ``device``."""
     import cupy
 
     index = device.index if device.index is not None else torch.cuda.current_device()
-    name, grid = plan(op, dtypes, state_ptrs, model_ptrs, numel, _sm_count(index))
+    name, grid = plan(op, dtypes, state_ptrs, model_ptrs, numel, _sm_count(index), whole_packs=whole_packs)
     fn = _function(op, dtypes, name, index)
     stream = torch.cuda.current_stream(index)
     with cupy.cuda.Device(index), cupy.cuda.ExternalStream(stream.cuda_stream, index):
@@ -351,8 +359,9 @@ def hold_transition(z, eps_hat, noise, coef, step, seed, out):
     values = dict(z=ptr(z), eps_hat=ptr(eps_hat), noise=ptr(noise), coef=ptr(coef), seed=ptr(seed), out=ptr(out),
                   batch=batch, per_component=per_component, num_seeds=seed.numel(), step=step, n=n,
                   state_dtype=DTYPE_CODES[z.dtype], model_dtype=DTYPE_CODES[eps_hat.dtype])
-    launch("hold_transition", (z.dtype, eps_hat.dtype), "HoldTransitionParams", values, [], [],
-           batch * per_component, z.device)
+    launch("hold_transition", (z.dtype, eps_hat.dtype), "HoldTransitionParams", values,
+           [ptr(t) for t in (z, noise, out)], [ptr(eps_hat)], batch * per_component, z.device,
+           whole_packs=per_component % 4 == 0)
 
 
 def hold_perturb(z0, mean_mat, chol, noise, step, seed, out, eps_out):
