@@ -19,6 +19,7 @@ The keys and a call's static inputs are built in :mod:`diffkern.graph_keys`.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import os
 import threading
@@ -95,6 +96,11 @@ def _obstacles(x, callback, progress):
         yield "progress", "a progress bar cannot advance inside a CUDA graph replay"
     if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         yield "graph", "the caller is capturing a CUDA graph already (capture the eager loop instead)"
+    if torch.is_autocast_enabled(x.device.type):
+        # A capture under autocast would read the weight casts cached by the warm-up, freed when the autocast
+        # region exits (torch.cuda.make_graphed_callables refuses it for the same reason).
+        yield "autocast", ("torch.autocast is active: cast the model to its dtype instead (model.to(torch.bfloat16)) "
+                           "or run the eager loop (graph=False)")
 
 
 def fall_back(exc: GraphCaptureError, stacklevel: int = 3) -> None:
@@ -204,10 +210,28 @@ def _record(body: Callable[[], None], device: torch.device):
     """Capture ``body`` into a CUDA graph (shared pool, the warm-up stream); returns the graph."""
     graph = torch.cuda.CUDAGraph()
     stream, pool = _side_stream(device)
-    # thread_local: an unsafe call in this thread (a sync) fails the capture; other threads may keep working.
-    with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
-        body()
+    before = torch.cuda.current_stream(device)
+    try:
+        # thread_local: an unsafe call in this thread (a sync) fails the capture; other threads keep working.
+        with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+            body()
+    except BaseException:
+        _abandon(graph, device, pool, before)
+        raise
     return graph
+
+
+def _abandon(graph, device: torch.device, pool, before) -> None:
+    """Undo what a failed capture leaves behind. When the body invalidated the capture, torch's
+    ``CUDAGraph.capture_end`` raises at ``cudaStreamEndCapture``, before it ends the pool's allocation and
+    before ``torch.cuda.graph`` restores the stream: the pool would refuse every later capture ("already
+    recording") and the thread would stay on the side stream."""
+    torch.cuda.set_stream(before)
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    with contextlib.suppress(RuntimeError):  # raises where capture_end got as far as ending it
+        torch._C._cuda_endAllocateToPool(idx, pool)
+    graph.reset()  # the generators' capture state of this capture goes with it
+    _pools.pop(idx, None)  # the next capture starts a fresh pool
 
 
 _HINT = ("Inside a CUDA graph the model may not synchronise with the host (.item(), .cpu(), .tolist(), printing a "
@@ -318,6 +342,8 @@ def sample_hold(model, proc, shape, *, sampler="sscs", num_steps=500, spacing="l
     if z is not None:
         device, dtype = z.device, z.dtype
     device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" are one capture and one replay queue
+        device = torch.device("cuda", torch.cuda.current_device())
 
     def eager(state: bool):
         return hs.sample(model, proc, shape, sampler=sampler, num_steps=num_steps, spacing=spacing, t_min=t_min,
@@ -353,7 +379,8 @@ def sample_hold(model, proc, shape, *, sampler="sscs", num_steps=500, spacing="l
             hold_transition(static_z, model(static_z, t), dev_table, i, seed=static_seed, out=static_z, backend=backend)
 
     try:
-        out = run(call.key + ("hold", device, tuple(times), tuple(table.shape), z is None), build,
+        # The prior's scale 1/sqrt(L) is a constant of the captured body, so L is part of the key.
+        out = run(call.key + ("hold", device, tuple(times), tuple(table.shape), z is None, float(proc.L)), build,
                   lambda e: feed(e, z, call.seed, [], [table]), body, device, f"HOLD {sampler}")
     except GraphCaptureError as exc:
         if graph is True:

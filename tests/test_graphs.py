@@ -152,6 +152,15 @@ def test_callback_and_progress_are_refused(fake):
         sample(gmm, x, sig, "euler", graph="auto", backend=REF, callback=seen.append)
     assert len(seen) == 4 and graphs.info()["entries"] == 0
 
+def test_autocast_is_refused(fake):
+    gmm, x, sig = gmm3(), start(3), schedules.karras(4, 0.05, 10.0)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        with pytest.raises(ValueError, match=r"autocast: torch.autocast is active: cast the model to its dtype"):
+            sample(gmm, x, sig, "euler", graph=True)
+        with pytest.warns(GraphFallbackWarning, match="autocast is active"):
+            sample(gmm, x, sig, "euler", graph="auto", backend=REF)
+    assert graphs.info()["entries"] == 0
+
 #----------------------------------------------------------------------------
 # The runner on the stand-in: output, seeds, tables, keys.
 
@@ -410,13 +419,14 @@ def test_model_error_in_warm_up_propagates(fake):
 # IADB and HOLD on the stand-in.
 
 
-def _iadb_models():
+def _iadb_models(device="cpu"):
     gmm = gmm3()
+    mean = gmm.mean.to(device)  # moved once: a host-to-device copy inside the model would break its capture
 
     def means(x, alpha):
         a = alpha.to(torch.float64)[:, None]
         safe = torch.where(a > 0, a, torch.ones_like(a))
-        x1 = torch.where(a > 0, gmm.denoise(x / safe, ((1 - safe) / safe)[:, 0]), gmm.mean.expand_as(x))
+        x1 = torch.where(a > 0, gmm.denoise(x / safe, ((1 - safe) / safe)[:, 0]), mean.expand_as(x))
         return (x - a * x1) / (1 - a), x1
 
     def d(x, alpha):
@@ -462,6 +472,10 @@ def test_hold_graph_equals_eager(fake):
     assert graphs.info()["captures"] == 2  # samplers are table data; a given z is another capture
     graphs.sample_hold(model, proc, (3, 1, 4), num_steps=6, seed=1, spacing="quadratic")  # new times: new capture
     assert graphs.info()["captures"] == 3
+    other = hold.HOLD(order=2, L=5.0)  # the prior's scale 1/sqrt(L) is captured: another L, another capture
+    g = graphs.sample_hold(model, other, (3, 1, 4), num_steps=6, seed=1)
+    assert torch.equal(g, hold_sampling.sample(model, other, (3, 1, 4), num_steps=6, seed=1))
+    assert graphs.info()["captures"] == 4
 
 #----------------------------------------------------------------------------
 # The benchmark's CPU smoke run (its graph, compile and floor columns need CUDA).

@@ -122,7 +122,7 @@ def test_cuda_memory_does_not_grow():
 @pytest.mark.cuda
 @pytest.mark.parametrize("variant", ["euler", "two_head", "stochastic"])
 def test_cuda_iadb_graph_equals_eager(variant):
-    model = _iadb_models()[variant]
+    model = _iadb_models("cuda")[variant]
     x0 = start(64, sigma_max=1.0, dtype=torch.float32, device="cuda")
     for alphas, seed in ((None, 1), ([0.0, 0.2, 0.4, 0.6, 0.85, 0.97, 1.0], 2)):
         g = sample_iadb(model, x0, alphas, variant, steps=6, seed=seed, record=True, graph=True)
@@ -201,8 +201,21 @@ def test_cuda_capture_failures_are_clean():
             y = sample(model, x, sig, "euler", graph="auto")
         assert torch.equal(y, sample(model, x, sig, "euler"))
     assert graphs.info()["entries"] == 0
+    # The thread is back on its stream, torch's generator is out of capture mode, the next capture works.
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    torch.randn(1, device="cuda")
     y = sample(gmm, x, sig, "euler_ancestral", seed=5, graph=True)  # the device is fine after failed captures
     assert torch.equal(y, sample(gmm, x, sig, "euler_ancestral", seed=5))
+
+
+@pytest.mark.cuda
+def test_cuda_a_failed_capture_leaves_the_pool_usable_without_clear():
+    """No graphs.clear() between a failed capture and the next one: the shared pool must not stay recording."""
+    gmm, x, sig = gmm3(), _cuda_x(16), schedules.karras(4, 0.05, 10.0)
+    with pytest.raises(GraphCaptureError):
+        sample(lambda x, s: gmm.denoise(x, s) * float(s[0]), x, sig, "euler", graph=True)  # float(): a sync
+    y = sample(gmm, x, sig, "heun", graph=True)
+    assert torch.equal(y, sample(gmm, x, sig, "heun"))
 
 
 @pytest.mark.cuda
