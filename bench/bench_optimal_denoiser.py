@@ -164,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     configs = get_configs(quick=b.args.quick, backends=backends, device=b.device, sweep=b.args.sweep)
     with b.measuring():
         errors = check_outputs(configs, b.args.quick)
-        rows = [{**run(c, quick=b.args.quick, warmup=b.warmup, repeats=b.repeats),
-                 "max_err_vs_f64": errors.get(c, float("nan"))} for c in configs]
+        rows = b.run_cases(configs, lambda c: {**run(c, quick=b.args.quick, warmup=b.warmup, repeats=b.repeats),
+                                               "max_err_vs_f64": errors.get(c, float("nan"))})
     add_ratios(rows)
 
     def plot(rows, path):

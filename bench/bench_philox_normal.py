@@ -55,6 +55,9 @@ def reference_stream(seed: torch.Tensor, numel: int, dtype: torch.dtype) -> torc
     return philox.philox_normal_reference(seed, 0, 0, (numel,), dtype)
 
 
+_COMPILE_ERROR: list[str] = []  # the first failed compile's message, for the later compile cases
+
+
 def _compiled_stream():
     return harness.compiled(reference_stream)
 
@@ -100,14 +103,17 @@ def run(config: Config, *, warmup: int = 3, repeats: int = 20) -> dict:
     label = f"{config.impl}:{config.backend}" if config.backend else config.impl
     row = {"op": "philox_normal", "impl": label, "backend": config.backend, "dtype": config.dtype,
            "numel": config.numel, "bytes": nbytes}
+    nan = float("nan")
+    failed = {"median_us": nan, "p20_us": nan, "p80_us": nan, "first_call_ms": nan, "repeats": 0, "gbps": nan}
+    if config.impl == "compile" and _COMPILE_ERROR:  # dynamo does not cache a failure: it would retry per case
+        return {**row, **failed, "error": _COMPILE_ERROR[0]}
     try:
         timing = harness.time_fn(_callable(config), device=config.device, warmup=warmup, repeats=repeats)
     except Exception as e:  # a failed compile is recorded and the run goes on; any other failure ends it
         if config.impl != "compile":
             raise
-        nan = float("nan")
-        return {**row, "median_us": nan, "p20_us": nan, "p80_us": nan, "first_call_ms": nan, "repeats": 0,
-                "gbps": nan, "error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
+        _COMPILE_ERROR.append(f"{type(e).__name__}: {e}".splitlines()[0][:300])
+        return {**row, **failed, "error": _COMPILE_ERROR[0]}
     return {**row, **harness.timing_columns(timing), "gbps": harness.gbps(nbytes, timing.median_s)}
 
 

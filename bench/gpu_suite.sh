@@ -9,6 +9,8 @@
 #   device call 4, carry [".whl"]:  GPU_SUITE_STAGES=fourth bash bench/gpu_suite.sh   # build, benches: philox_normal ddim
 #                                                                                     #   optimal_denoiser, pytest_rest
 # Make the calls back to back: a machine idle for 30 s is given back, and a new one builds again (~2-3 min).
+# The device gets the tree without .git: prefix each command with DIFFKERN_GIT_SHA=<the sha, written out here>
+# so the results record the commit they measured.
 #
 # Results and logs go to /tmp/gpu_suite/<device>/ and, packed, to $OUT/gpu_suite-<stages>.tar.gz with stages.txt
 # beside it (the device tool returns at most 8 files; the archive is made on exit, also after a timeout). Without
@@ -68,7 +70,9 @@ stage() {
   fi
   echo "== $name (timeout ${t}s, log $log)"
   local t0=$SECONDS
-  timeout --kill-after=10 "$t" "$@" > "$DEST/$log" 2>&1
+  # A bench starts no case after the deadline and, on timeout's SIGTERM, writes the cases it finished
+  # (bench/harness.py; exit status 2 = partial results); unbuffered, the log shows each case as it ends.
+  DIFFKERN_BENCH_DEADLINE_S=$(( t - 25 )) PYTHONUNBUFFERED=1 timeout --kill-after=10 "$t" "$@" > "$DEST/$log" 2>&1
   local rc=$?
   echo "$name: exit $rc after $(( SECONDS - t0 ))s$([ $rc -eq 124 ] && echo ' (timed out)')" | tee -a "$DEST/stages.txt"
   tail -n 5 "$DEST/$log"
@@ -122,7 +126,7 @@ want pytest_nvrtc && stage pytest_nvrtc 150 pytest_nvrtc.log env DIFFKERN_CUDA_L
 want bench_graphs && stage bench_graphs 540 bench_graphs.log "$PY" bench/bench_graphs.py --out "$DEST" \
   --deadline-s $(( $(left) - 70 ))
 # Caps: about 0.2-0.3 s per case (sweeps of 2**20..2**28 elements, two dtypes) plus the torch.compile graphs.
-for spec in sampler_step:150 iadb_blend:150 hold:150 ddim:60 philox_normal:60 optimal_denoiser:90; do
+for spec in sampler_step:150 iadb_blend:150 hold:150 ddim:60 philox_normal:90 optimal_denoiser:90; do
   b=${spec%%:*}
   [[ " $BENCHES " == *" $b "* ]] || continue
   want benches && [ -f "bench/bench_$b.py" ] && stage "bench_$b" "${spec##*:}" "bench_$b.log" "$PY" "bench/bench_$b.py" --out "$DEST"

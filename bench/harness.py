@@ -1,37 +1,67 @@
-"""The one benchmark harness: timing, provenance, and the writers (markdown table, CSV, PNG).
+"""The one benchmark harness: timing, the command line and a run's control flow; the provenance and the
+writers (markdown table, CSV, PNG) are in ``bench/report.py`` and re-exported here.
 
 Timing reports the median and the p20/p80 band over repeats, after warm-up; the first call (lazy
 initialisation, compilation) is timed on its own. On CPU it uses ``time.perf_counter``; on CUDA
-``triton.testing.do_bench`` (CUDA events, L2 flush) when Triton is installed, else CUDA events.
-Importing this module has no side effects.
+``triton.testing.do_bench`` (CUDA events, L2 flush) when Triton is installed, else CUDA events; a call
+that takes longer than ``LONG_CALL_S`` (a whole sampling run) is timed with CUDA events over a few repeats.
+
+A run can stop early and still write what it measured: ``--deadline-s`` (default: the
+``DIFFKERN_BENCH_DEADLINE_S`` environment variable) starts no case after that many seconds, and SIGTERM
+(what ``timeout`` sends) ends the case in progress and writes the finished ones.
+Importing this module has no side effects (:meth:`Session.run_cases` handles SIGTERM while it runs).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import dataclasses
-import datetime
 import functools
-import importlib
 import math
 import os
-import re
+import signal
 import statistics
-import subprocess
 import time
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import torch
 
-from diffkern._host import cpu_model
+try:
+    from bench.report import (PROVENANCE_COLUMNS, REPO, device_name, device_slug, git_sha, heading,  # noqa: F401
+                              plot_bars, plot_lines, provenance, to_markdown, write_csv)
+except ImportError:  # run as a script from bench/
+    from report import (PROVENANCE_COLUMNS, REPO, device_name, device_slug, git_sha, heading,  # noqa: F401
+                        plot_bars, plot_lines, provenance, to_markdown, write_csv)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROVENANCE_COLUMNS = ("device_name", "cpu_model", "torch", "triton", "cuda", "git_sha", "timestamp", "threads",
-                      "loadavg_1m")
 # A CPU sample lasts at least this long (several calls when one is shorter): perf_counter and the
 # Python loop then add < 1% to the median of a 2**16-element step (~20 us on the 2-core CI CPU).
 MIN_SAMPLE_S = 2e-3
+# do_bench times one call of a call this long (it sizes its repeats to ~100 ms): CUDA events over
+# LONG_REPEATS calls give a spread instead, for a fraction of the time.
+LONG_CALL_S, LONG_REPEATS = 20e-3, 5
+
+
+class Stopped(BaseException):
+    """SIGTERM arrived: the run stops and writes the cases it finished. A BaseException, so that the
+    ``except Exception`` around a case that may fail (a compile, an out-of-memory) does not swallow it."""
+
+
+def _raise_stopped(signum, frame):
+    raise Stopped(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm():
+    """SIGTERM raises :class:`Stopped` inside the block (main thread only), the previous handler after it."""
+    try:
+        before = signal.signal(signal.SIGTERM, _raise_stopped)
+    except ValueError:  # not the main thread: signals cannot be handled here
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +110,8 @@ def _time_cuda(fn, first: float, warmup: int, repeats: int) -> Timing:
         from triton.testing import do_bench
     except ImportError:
         do_bench = None
+    if first > LONG_CALL_S:
+        do_bench, warmup, repeats = None, 1, min(repeats, LONG_REPEATS)
     if do_bench is not None:
         med, p20, p80 = do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
         return Timing(med / 1e3, p20 / 1e3, p80 / 1e3, first, -1)  # do_bench picks its own repeat count
@@ -95,58 +127,6 @@ def _time_cuda(fn, first: float, warmup: int, repeats: int) -> Timing:
         samples.append(start.elapsed_time(end) / 1e3)
     samples.sort()
     return Timing(statistics.median(samples), _quantile(samples, 0.2), _quantile(samples, 0.8), first, repeats)
-
-#----------------------------------------------------------------------------
-# Provenance: where and on what the numbers were taken.
-
-
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"cpu ({cpu_model()}, {os.cpu_count()} cores)"
-
-
-def git_sha() -> str:
-    """HEAD of the checkout (with ``-dirty`` when tracked files differ from it), or ``unknown``."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "diff-index", "--quiet", "HEAD", "--"], cwd=REPO, capture_output=True)
-        return sha + ("-dirty" if dirty.returncode else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _version(package: str) -> str:
-    try:
-        return importlib.import_module(package).__version__
-    except ImportError:
-        return "none"
-
-
-def provenance(device: str, *packages: str) -> dict:
-    """The provenance columns (``PROVENANCE_COLUMNS``) for a run on ``device``, then the version of each of
-    ``packages`` (``none`` when it is not installed) under the package's name."""
-    return {"device_name": device_name(device), "cpu_model": cpu_model(), "torch": torch.__version__,
-            "triton": _version("triton"), "cuda": torch.version.cuda or "none", "git_sha": git_sha(),
-            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "threads": torch.get_num_threads(), "loadavg_1m": round(os.getloadavg()[0], 2),
-            **{p: _version(p) for p in packages}}
-
-
-def heading(what: str, prov: dict) -> str:
-    """``# <what> on <device> (versions, threads, load, commit, time)``: the line above a printed table."""
-    packages = [k for k in prov if k not in PROVENANCE_COLUMNS]  # the ones provenance() was asked for
-    versions = [f"torch {prov['torch']}"] + [f"{k} {prov[k]}" for k in ("triton", *packages, "cuda")
-                                             if prov[k] != "none"]
-    return (f"# {what} on {prov['device_name']} ({', '.join(versions)}, {prov['threads']} threads, "
-            f"load average {prov['loadavg_1m']}, {prov['git_sha'][:12]}, {prov['timestamp']})")
-
-
-def device_slug(device: str) -> str:
-    """A folder name for the device: ``cpu-amd-epyc``, ``cuda-nvidia-h100-80gb-hbm3``."""
-    name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else cpu_model()
-    return re.sub(r"[^a-z0-9]+", "-", f"{device.split(':')[0]}-{name}".lower()).strip("-")
 
 #----------------------------------------------------------------------------
 # Bandwidth yardstick and derived columns.
@@ -205,89 +185,6 @@ def compiled(fn: Callable) -> Callable:
     return torch.compile(fn, fullgraph=True)
 
 #----------------------------------------------------------------------------
-# Writers.
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        if math.isnan(v):
-            return ""
-        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
-    return str(v)
-
-
-def to_markdown(rows: Iterable[dict], columns: Sequence[str]) -> str:
-    """A GitHub markdown table of ``columns`` (floats to 3 significant digits)."""
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def write_csv(rows: Sequence[dict], path: str) -> str:
-    """One row per result, every column of every row (provenance included); returns ``path``."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
-
-
-def plot_lines(rows: Sequence[dict], path: str, *, x: str, y: str, series: str, panel: str, title: str,
-               xlog: bool = True, ylog: bool = False, ylabel: str | None = None) -> str:
-    """One panel per value of ``panel``, one line per value of ``series``; a PNG at ``path``."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = list(dict.fromkeys(r[panel] for r in rows))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, p in zip(axes[0], panels):
-        sub = [r for r in rows if r[panel] == p]
-        for s in dict.fromkeys(r[series] for r in sub):
-            pts = sorted((r[x], r[y]) for r in sub if r[series] == s)
-            ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", label=str(s))
-        if xlog:
-            ax.set_xscale("log", base=2)
-        if ylog:
-            ax.set_yscale("log")
-        ax.set_title(str(p))
-        ax.set_xlabel(x)
-        ax.set_ylabel(ylabel or y)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def plot_bars(labels: Sequence[str], values: Sequence[float], path: str, *, xlabel: str, title: str) -> str:
-    """Horizontal bars (e.g. time in units of one tensor copy); a PNG at ``path``."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 0.5 * len(labels) + 1.2))
-    ax.barh(list(labels), list(values))
-    for i, v in enumerate(values):
-        ax.annotate(f"{v:.3g}", (v, i), xytext=(3, 0), textcoords="offset points", va="center", fontsize=7)
-    if min(values) > 0 and max(values) / min(values) > 20:  # several orders of magnitude: log axis
-        ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.invert_yaxis()
-    ax.grid(True, axis="x", alpha=0.3)
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-#----------------------------------------------------------------------------
 # Command line shared by the bench scripts.
 
 
@@ -305,6 +202,10 @@ def parser(description: str) -> argparse.ArgumentParser:
                         "cpp on CPU, cuda and triton on CUDA; the Triton CPU interpreter only when named)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--repeats", type=int, default=None, help="timing samples per case (default 20, quick 3)")
+    deadline = os.environ.get("DIFFKERN_BENCH_DEADLINE_S")
+    p.add_argument("--deadline-s", type=float, default=float(deadline) if deadline else None,
+                   help="start no case after this many seconds; the finished cases are written (default: "
+                        "$DIFFKERN_BENCH_DEADLINE_S, else none)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads for the run (default: torch's, i.e. every core); on a shared, "
                         "loaded CPU use 1: a 2-thread copy of 2**16 floats took 12 ms there instead of 10 us, "
@@ -355,6 +256,35 @@ class Session:
     args: argparse.Namespace
     device: str
     prov: dict = dataclasses.field(default_factory=dict)
+    t0: float = dataclasses.field(default_factory=time.monotonic)
+    incomplete: bool = False  # the deadline or SIGTERM left cases unrun: finish() returns 2
+
+    def past_deadline(self, need_s: float = 0.0) -> bool:
+        """Whether ``--deadline-s`` leaves less than ``need_s`` seconds for the next case."""
+        d = getattr(self.args, "deadline_s", None)
+        return d is not None and time.monotonic() - self.t0 + need_s > d
+
+    def run_cases(self, configs: Sequence, run: Callable[[object], dict], *,
+                  need_s: Callable[[object], float] = lambda c: 0.0) -> list[dict]:
+        """``[run(c) for c in configs]`` with a progress line per case, skipping a case that ``--deadline-s``
+        leaves less than ``need_s(c)`` seconds for, and stopping at SIGTERM; either sets ``incomplete``."""
+        rows, skipped = [], 0
+        with _stop_on_sigterm():
+            for k, c in enumerate(configs):
+                if self.past_deadline(need_s(c)):
+                    skipped += 1
+                    continue
+                try:
+                    rows.append(run(c))
+                except Stopped as exc:
+                    skipped += len(configs) - k
+                    print(f"stopped by {exc}", flush=True)
+                    break
+                print(f"[{k + 1}/{len(configs)} {time.monotonic() - self.t0:.0f}s] {c}", flush=True)
+        if skipped:
+            self.incomplete = True
+            print(f"{skipped} of {len(configs)} cases not run (deadline or signal)", flush=True)
+        return rows
 
     @property
     def warmup(self) -> int:
@@ -380,7 +310,11 @@ class Session:
                plot: Callable[[list[dict], str], str], tables: Sequence[tuple] = (), note: str = "") -> int:
         """Write ``<name>.csv`` (``rows`` with the provenance columns) and ``<name>.png`` (``plot(rows, path)``)
         in ``--out``, and ``<stem>.csv`` for each extra ``(stem, rows, columns)`` of ``tables``; print the
-        :func:`heading` of ``what``, the extra tables, the main table, ``note`` and the paths. Returns 0."""
+        :func:`heading` of ``what``, the extra tables, the main table, ``note`` and the paths. Returns 0, or
+        2 when the run stopped early (``incomplete``), or 1 when no case finished (nothing is written)."""
+        if not rows:
+            print(f"{name}: no case finished, nothing written", flush=True)
+            return 1
         out = out_dir(self.args.out, self.device)
         rows = [{**r, **self.prov} for r in rows]
         csv_path = write_csv(rows, os.path.join(out, f"{name}.csv"))
@@ -393,7 +327,7 @@ class Session:
         if note:
             print(f"\n{note}")
         print(f"\nwrote {csv_path} and {png_path}")
-        return 0
+        return 2 if self.incomplete else 0
 
 
 def start(p: argparse.ArgumentParser, argv: list[str] | None = None, *, quick_device: str | None = None) -> Session:
@@ -414,6 +348,6 @@ def run_sweep(description: str, argv, module, *, compile_help: str | None = None
     kw = {"compile": False if b.args.no_compile else None} if compile_help is not None else {}
     configs = module.get_configs(quick=b.args.quick, backends=b.backends(), device=b.device, **kw)
     with b.measuring(*packages):
-        rows = [module.run(c, warmup=b.warmup, repeats=b.repeats) for c in configs]
+        rows = b.run_cases(configs, lambda c: module.run(c, warmup=b.warmup, repeats=b.repeats))
     module.add_ratios(rows)
     return b, rows

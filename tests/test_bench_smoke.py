@@ -149,3 +149,47 @@ def test_unusable_backend_is_refused(bench):
         b.main(["--quick", "--backends", "cuda", "--device", "cpu", "--out", os.devnull])
     with pytest.raises(ValueError, match=r"--backends: unknown backend 'bogus'"):
         b.main(["--quick", "--backends", "bogus", "--device", "cpu", "--out", os.devnull])
+
+
+def test_a_deadline_before_any_case_writes_nothing(bench, tmp_path):
+    module = bench("bench_iadb_blend")
+    assert module.main(["--quick", "--out", str(tmp_path), "--threads", "1", "--deadline-s", "0"]) == 1
+    assert not list(tmp_path.iterdir())
+
+
+def test_sigterm_writes_the_cases_already_run(bench, tmp_path, monkeypatch):
+    """What ``timeout`` in bench/gpu_suite.sh sends: the case in progress ends, the finished ones are written."""
+    import signal
+
+    module = bench("bench_iadb_blend")
+    real, calls = module.run, []
+
+    def run(config, **kw):
+        calls.append(config)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled at the next bytecode: this case does not finish
+        return real(config, **kw)
+    monkeypatch.setattr(module, "run", run)
+    before = signal.getsignal(signal.SIGTERM)
+    assert module.main(["--quick", "--out", str(tmp_path), "--threads", "1"]) == 2
+    assert signal.getsignal(signal.SIGTERM) is before, "the handler is restored after the cases"
+    with open(tmp_path / "iadb_blend.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2
+
+
+def test_cases_that_need_more_time_than_is_left_are_skipped(bench):
+    from bench import harness
+
+    s = harness.Session(harness.parser("t").parse_args(["--deadline-s", "60"]), "cpu")
+    rows = s.run_cases([1, 2, 3, 4], lambda c: {"c": c}, need_s=lambda c: 1e6 if c % 2 else 0.0)
+    assert rows == [{"c": 2}, {"c": 4}] and s.incomplete
+    s = harness.Session(harness.parser("t").parse_args([]), "cpu")
+    assert s.run_cases([1, 2], lambda c: {"c": c}, need_s=lambda c: 1e6) == [{"c": 1}, {"c": 2}]
+    assert not s.incomplete
+
+
+def test_git_sha_falls_back_to_the_environment(bench, monkeypatch):
+    from bench import harness
+
+    monkeypatch.setenv("DIFFKERN_GIT_SHA", "0123abc")
+    assert harness.git_sha() == "0123abc"
