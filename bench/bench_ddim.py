@@ -120,7 +120,7 @@ def add_ratios(rows: list[dict]) -> None:
         r["speedup_vs_diffusers"] = ref["median_us"] / r["median_us"] if ref and r["impl"] != "copy" else float("nan")
 
 
-COLUMNS = ("impl", "eta", "shape", "median_us", "p20_us", "p80_us", "x_copy", "speedup_vs_diffusers", "gbps",
+COLUMNS = ("impl", "eta", "shape", "median_us", "p20_us", "p80_us", "loop_us", "x_copy", "speedup_vs_diffusers", "gbps",
            "first_call_ms")
 
 

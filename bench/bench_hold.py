@@ -209,7 +209,7 @@ def add_ratios(rows: list[dict]) -> None:
         harness.add_ratios(r, find(r, "copy", "copy"), find(r, r["op"], "eager"), find(r, r["op"], "compile"))
 
 
-COLUMNS = ("op", "impl", "dtype", "n", "state_shape", "numel", "median_us", "p20_us", "p80_us", "gbps",
+COLUMNS = ("op", "impl", "dtype", "n", "state_shape", "numel", "median_us", "p20_us", "p80_us", "loop_us", "gbps",
            "frac_copy_bw", "speedup_vs_eager", "speedup_vs_compile", "first_call_ms")
 
 

@@ -130,7 +130,7 @@ def add_ratios(rows: list[dict]) -> None:
         harness.add_ratios(r, copy, eager, comp)
 
 
-COLUMNS = ("impl", "dtype", "numel", "median_us", "p20_us", "p80_us", "gbps", "frac_copy_bw", "speedup_vs_eager",
+COLUMNS = ("impl", "dtype", "numel", "median_us", "p20_us", "p80_us", "loop_us", "gbps", "frac_copy_bw", "speedup_vs_eager",
            "speedup_vs_compile", "first_call_ms")
 
 

@@ -5,6 +5,8 @@ Timing reports the median and the p20/p80 band over repeats, after warm-up; the 
 initialisation, compilation) is timed on its own. On CPU it uses ``time.perf_counter``; on CUDA
 ``triton.testing.do_bench`` (CUDA events, L2 flush) when Triton is installed, else CUDA events; a call
 that takes longer than ``LONG_CALL_S`` (a whole sampling run) is timed with CUDA events over a few repeats.
+``loop_us`` (CUDA) is the host-clock time per call of back-to-back calls: do_bench's GPU time hides a host
+cost (Python, the launch) shorter than its cache flush, and a sampling loop pays whichever is longer.
 
 A run can stop early and still write what it measured: ``--deadline-s`` (default: the
 ``DIFFKERN_BENCH_DEADLINE_S`` environment variable) starts no case after that many seconds, and SIGTERM
@@ -72,6 +74,7 @@ class Timing:
     p80_s: float
     first_s: float
     repeats: int
+    loop_s: float = float("nan")  # CUDA: per call of back-to-back calls timed on the host (see _host_loop)
 
 
 def _quantile(sorted_vals: Sequence[float], q: float) -> float:
@@ -105,6 +108,19 @@ def time_fn(fn: Callable[[], object], *, device: str = "cpu", warmup: int = 3, r
     return Timing(statistics.median(samples), _quantile(samples, 0.2), _quantile(samples, 0.8), first, repeats)
 
 
+def _host_loop(fn, gpu_s: float) -> float:
+    """Seconds per call of back-to-back calls, host clock, synchronised once at each end: what a loop of
+    them costs when the host (Python, the launch) is slower than the kernel. do_bench flushes the L2 cache
+    (~0.1 ms of GPU work) before each timed call, which hides a host cost shorter than that."""
+    k = max(10, min(1000, math.ceil(20e-3 / max(gpu_s, 1e-6))))
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(k):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / k
+
+
 def _time_cuda(fn, first: float, warmup: int, repeats: int) -> Timing:
     try:
         from triton.testing import do_bench
@@ -114,7 +130,7 @@ def _time_cuda(fn, first: float, warmup: int, repeats: int) -> Timing:
         do_bench, warmup, repeats = None, 1, min(repeats, LONG_REPEATS)
     if do_bench is not None:
         med, p20, p80 = do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
-        return Timing(med / 1e3, p20 / 1e3, p80 / 1e3, first, -1)  # do_bench picks its own repeat count
+        return Timing(med / 1e3, p20 / 1e3, p80 / 1e3, first, -1, _host_loop(fn, med / 1e3))  # do_bench: own count
     for _ in range(warmup):
         fn()
     samples = []
@@ -146,7 +162,7 @@ def gbps(nbytes: int, seconds: float) -> float:
 def timing_columns(t: Timing) -> dict:
     """Units in the names: microseconds for the band, milliseconds for the first call."""
     return {"median_us": t.median_s * 1e6, "p20_us": t.p20_s * 1e6, "p80_us": t.p80_s * 1e6,
-            "first_call_ms": t.first_s * 1e3, "repeats": t.repeats}
+            "first_call_ms": t.first_s * 1e3, "repeats": t.repeats, "loop_us": t.loop_s * 1e6}
 
 
 def add_ratios(row: dict, copy: dict | None, eager: dict | None, compiled_row: dict | None) -> None:
