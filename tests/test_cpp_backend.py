@@ -276,3 +276,18 @@ def test_empty_tensors_are_a_no_op():
                      torch.empty(0, 3), None, None)
     OPS.iadb_blend(x, x, torch.empty(0), torch.empty(0, 3), None)
     OPS.philox_normal(torch.zeros(1, dtype=torch.int64), 0, 0, torch.empty(0, 4))
+
+
+def test_direct_calls_refuse_outputs_over_shared_inputs():
+    """The binding's own check (the front-end has one too): no output may overlap the table or the seeds."""
+    base = torch.zeros(24, dtype=torch.float64)
+    coef, out = base.view(2, 12), base.view(torch.float32)[:24].view(3, 8)
+    coef.copy_(coefs.table([coefs.row(a=1.0)] * 2))
+    before = coef.clone()
+    with pytest.raises(RuntimeError, match="out: overlaps coef, which every element reads"):
+        OPS.sampler_step(*_step_args(coef=coef, out=out).values())
+    assert torch.equal(coef, before)
+    seed = torch.zeros(2, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="out: overlaps seed, which every element reads"):
+        OPS.philox_normal(seed, 0, 0, seed.view(torch.float32).view(2, 2))
+    assert not seed.any()

@@ -57,7 +57,8 @@ inline void check_hold_transition(const at::Tensor& z, const at::Tensor& eps_hat
               coef.size(0), " rows");
   TORCH_CHECK(step < (int64_t{1} << 32), "step: expected < 2**32 (the Philox step counter), got ", step);
   check_seed(seed, z.size(0), z, "z");
-  check_overlap({{"out", &out}}, {{"z", &z}, {"eps_hat", &eps_hat}, {"noise", get_if(noise)}});
+  check_overlap({{"out", &out}}, {{"z", &z}, {"eps_hat", &eps_hat}, {"noise", get_if(noise)}},
+                {{"coef", &coef}, {"seed", &seed}});
 }
 
 inline void check_hold_perturb(const at::Tensor& z0, const at::Tensor& mean_mat, const at::Tensor& chol,
@@ -93,8 +94,8 @@ inline void check_hold_perturb(const at::Tensor& z0, const at::Tensor& mean_mat,
   }
   TORCH_CHECK(step >= 0 && step < (int64_t{1} << 32), "step: expected 0 <= step < 2**32, got ", step);
   check_seed(seed, B, z0, "z0");
-  check_overlap({{"out", &out}, {"eps_out", get_if(eps_out)}},
-                {{"z0", &z0}, {"mean_mat", &mean_mat}, {"chol", &chol}, {"noise", get_if(noise)}});
+  check_overlap({{"out", &out}, {"eps_out", get_if(eps_out)}}, {{"z0", &z0}, {"noise", get_if(noise)}},
+                {{"mean_mat", &mean_mat}, {"chol", &chol}, {"seed", &seed}});
 }
 
 }  // namespace dk

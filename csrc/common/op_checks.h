@@ -70,12 +70,19 @@ inline bool bytes_overlap(const at::Tensor& a, const at::Tensor& b) {
 }
 
 // Outputs may be exactly an input (same memory, shape and dtype: in-place use, correct because every
-// element is read before it is written) but may not overlap an input otherwise, nor each other.
+// element is read before it is written) but may not overlap an input otherwise, nor each other, nor at
+// all a ``shared`` input: one that many elements read (a table, seeds, per-sample matrices), which a
+// parallel kernel writing the output would change under other readers.
 // All tensors are contiguous here, so each is one byte range.
-inline void check_overlap(const std::vector<Named>& outputs, const std::vector<Named>& inputs) {
+inline void check_overlap(const std::vector<Named>& outputs, const std::vector<Named>& inputs,
+                          const std::vector<Named>& shared = {}) {
   for (size_t i = 0; i < outputs.size(); ++i) {
     const auto& [oname, o] = outputs[i];
     if (o == nullptr || o->numel() == 0) continue;
+    for (const auto& [sname, t] : shared) {
+      TORCH_CHECK(t == nullptr || t->numel() == 0 || !bytes_overlap(*o, *t), oname, ": overlaps ", sname,
+                  ", which every element reads; pass an output of its own");
+    }
     for (const auto& [iname, t] : inputs) {
       if (t == nullptr || t->numel() == 0 || !bytes_overlap(*o, *t)) continue;
       const bool same = o->data_ptr() == t->data_ptr() && o->nbytes() == t->nbytes() &&
@@ -118,7 +125,8 @@ inline void check_sampler_step(const at::Tensor& x, const at::Tensor& model_out,
   check_seed(seed, batch_of(x), x, "x");
   check_overlap({{"out", &out}, {"x0_out", get_if(x0_out)}, {"history_out", get_if(history_out)}},
                 {{"x", &x}, {"model_out", &model_out}, {"model_out_uncond", get_if(model_out_uncond)},
-                 {"history", get_if(history)}, {"noise", get_if(noise)}});
+                 {"history", get_if(history)}, {"noise", get_if(noise)}},
+                {{"coef", &coef}, {"seed", &seed}});
 }
 
 // Checks of diffkern::iadb_blend shared by the CPU and CUDA bindings.
@@ -145,6 +153,7 @@ inline void check_philox_normal(const at::Tensor& seed, int64_t step, int64_t of
   TORCH_CHECK(step >= 0 && step < (int64_t{1} << 32), "step: expected 0 <= step < 2**32, got ", step);
   const int64_t last = INT64_MAX - std::max<int64_t>(out.numel(), 1);  // offset + numel - 1 < 2**63 - 1
   TORCH_CHECK(offset >= 0 && offset <= last, "offset: expected 0 <= offset < 2**63 - numel, got ", offset);
+  check_overlap({{"out", &out}}, {}, {{"seed", &seed}});
 }
 
 }  // namespace dk

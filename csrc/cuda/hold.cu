@@ -58,6 +58,32 @@ __device__ __forceinline__ void entry_noise_pack(const void* noise, const long l
   }
 }
 
+// The table row into shared memory by the whole block (load_hold_row's result): one value per thread, not
+// n*(2n+1) dependent loads by thread 0 while a whole block waits (at ~174-236 registers per thread one
+// block fits an SM, so nothing else would hide them). Ends with a barrier.
+template <class C>
+__device__ __forceinline__ void load_hold_row_block(const double* row, int n, HoldRow<C>& r) {
+  const int width = 2 * n + 1;
+  for (int t = threadIdx.x; t < n * width; t += blockDim.x) {
+    const int i = t / width, j = t - i * width;
+    if (j < n) {
+      r.K[i][j] = static_cast<C>(row[t]);
+    } else if (j == n) {
+      r.k[i] = static_cast<C>(row[t]);
+    } else {
+      r.L[i][j - n - 1] = j - n - 1 <= i ? static_cast<C>(row[t]) : C(0);
+    }
+  }
+  if (threadIdx.x < n) {  // column j draws noise when any L[i][j], i >= j, is non-zero (as load_hold_row)
+    const int j = threadIdx.x;
+    bool used = false;
+    for (int i = j; i < n; ++i) used = used || row[i * width + n + 1 + j] != 0.0;
+    r.noise_col[j] = used;
+  }
+  if (threadIdx.x == 0) r.n = n;
+  __syncthreads();
+}
+
 // Elements per thread of the packed hold_transition kernel for state dtype S.
 template <class S>
 __host__ __device__ constexpr int hold_vec_width() {
@@ -70,8 +96,7 @@ __global__ void __launch_bounds__(kThreads) hold_transition_kernel(const HoldTra
   using C = typename ComputeOf<S>::type;
   __shared__ HoldRow<C> row;
   const int n = p.n;
-  if (threadIdx.x == 0) load_hold_row(p.coef + p.step * n * (2 * n + 1), n, row);
-  __syncthreads();
+  load_hold_row_block(p.coef + p.step * n * (2 * n + 1), n, row);
   const long long P = p.per_component, total = p.batch * P;
   const u32 step = static_cast<u32>(p.step);
   const long long stride = static_cast<long long>(gridDim.x) * blockDim.x * V;

@@ -67,12 +67,21 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
     return start, start + extent * t.element_size()
 
 
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    (alo, ahi), (blo, bhi) = _span(a), _span(b)
+    return alo < bhi and blo < ahi
+
+
 def same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
 
 
-def no_partial_overlap(outputs: dict, inputs: dict) -> None:
-    """Outputs may be exactly an input (in-place) but may not partially overlap any input or each other.
+def no_partial_overlap(outputs: dict, inputs: dict, shared: dict | None = None) -> None:
+    """Outputs may be exactly an input (in-place) but may not partially overlap any input or each other, and
+    may not overlap a ``shared`` input at all (one read by many elements: a table, seeds, a per-sample
+    matrix, a dataset), which a kernel writing the output in parallel would change under other readers.
 
     Skipped while ``torch.compile`` traces: fake tensors have no addresses, and the op's fake kernel still
     checks the shapes."""
@@ -80,6 +89,10 @@ def no_partial_overlap(outputs: dict, inputs: dict) -> None:
         return
     outs = [(n, t) for n, t in outputs.items() if t is not None and t.numel() > 0]
     ins = [(n, t) for n, t in inputs.items() if t is not None and t.numel() > 0]
+    for on, o in outs:
+        for n, t in (shared or {}).items():
+            if t is not None and t.numel() > 0 and _overlap(o, t):
+                raise ValueError(f"{on}: overlaps {n}, which every element reads; pass an output of its own")
     for i, (on, o) in enumerate(outs):
         lo, hi = _span(o)
         for n, t in ins + outs[i + 1:]:

@@ -268,7 +268,7 @@ def hold_transition(z, eps_hat, coef, step, *, noise=None, seed=None, out=None, 
     if step >= 2**32:
         raise ValueError(f"step: expected < 2**32 (the Philox step counter), got {step}")
     seed = _checks.seed_tensor(torch.zeros(1, dtype=torch.int64, device=z.device) if seed is None else seed, z)
-    _checks.no_partial_overlap({"out": out}, {"z": z, "eps_hat": eps_hat, "noise": noise})
+    _checks.no_partial_overlap({"out": out}, {"z": z, "eps_hat": eps_hat, "noise": noise}, {"coef": coef, "seed": seed})
     _, launch = resolve("hold_transition", z.device.type, backend)
     out = out if out is not None else torch.empty_like(z, memory_format=torch.contiguous_format)
     c = [None if t is None else t.contiguous() for t in (z, eps_hat, noise)]
@@ -320,8 +320,8 @@ def hold_perturb(z0, mean_mat, chol, *, noise=None, seed=None, step: int = 0, ou
     if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 2**32:
         raise ValueError(f"step: expected a Python int in [0, 2**32), got {step!r}")
     seed = _checks.seed_tensor(torch.zeros(1, dtype=torch.int64, device=z0.device) if seed is None else seed, z0)
-    _checks.no_partial_overlap({"out": out, "eps_out": eps_out},
-                               {"z0": z0, "mean_mat": mean_mat, "chol": chol, "noise": noise})
+    _checks.no_partial_overlap({"out": out, "eps_out": eps_out}, {"z0": z0, "noise": noise},
+                               {"mean_mat": mean_mat, "chol": chol, "seed": seed})
     _, launch = resolve("hold_perturb", z0.device.type, backend)
     out = out if out is not None else torch.empty(state_shape, dtype=z0.dtype, device=z0.device)
     c = [None if t is None else t.contiguous() for t in (z0, mean_mat, chol, noise)]

@@ -140,8 +140,8 @@ def likelihood_accum(y, denoised, sigma, weight, acc, *, cv=None, step: int = 0,
     if not 0 <= step < 2**32:
         raise ValueError(f"step: expected 0 <= step < 2**32, got {step}")
     seed = _checks.seed_tensor(torch.zeros(1, dtype=torch.int64, device=y.device) if seed is None else seed, y)
-    _checks.no_partial_overlap({"acc": acc}, {"y": y, "denoised": denoised, "noise": noise, "sigma": sigma,
-                                              "weight": weight, "cv": cv})
+    _checks.no_partial_overlap({"acc": acc}, {"y": y, "denoised": denoised, "noise": noise},
+                               {"sigma": sigma, "weight": weight, "cv": cv, "seed": seed})
     _, launch = resolve("likelihood_accum", y.device.type, backend)
     work = acc if acc.is_contiguous() else acc.contiguous()
     launch(y.contiguous(), denoised.contiguous(), None if noise is None else noise.contiguous(), sigma, weight, cv,

@@ -139,7 +139,7 @@ def optimal_denoiser(x, data, sigma, *, data_half_sq=None, out=None, backend=Non
                              f"got {tuple(data_half_sq.shape)} {data_half_sq.dtype} on {data_half_sq.device}")
     if out is not None:
         _checks.like(out, "out", x, "x")
-        _checks.no_partial_overlap({"out": out}, {"x": x, "data": data, "data_half_sq": data_half_sq})
+        _checks.no_partial_overlap({"out": out}, {"x": x}, {"data": data, "data_half_sq": data_half_sq})
     used, launch = resolve("optimal_denoiser", x.device.type, backend)
     if used == "triton" and x.dtype not in TRITON_DTYPES:
         raise TypeError(f"x: the triton backend takes {[str(d) for d in TRITON_DTYPES]} (float32 accumulation), "

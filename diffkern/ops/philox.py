@@ -163,6 +163,7 @@ def randn(shape, seed, *, step: int = 0, offset: int = 0, dtype=torch.float32, o
         out = torch.empty(shape, dtype=dtype, device=seed.device)
     _checks.float_tensor(out, "out")
     seed = _checks.seed_tensor(seed, out, batch_name)
+    _checks.no_partial_overlap({"out": out}, {}, {"seed": seed})
     for name, v in (("step", step), ("offset", offset)):
         if isinstance(v, bool) or not isinstance(v, int):
             raise TypeError(f"{name}: expected a Python int, got {type(v).__name__}")

@@ -129,7 +129,7 @@ def sampler_step(x, model_out, coef, step, *, model_out_uncond=None, history=Non
     seed = _checks.seed_tensor(torch.zeros(1, dtype=torch.int64, device=x.device) if seed is None else seed, x)
     _checks.no_partial_overlap({"out": out, "x0_out": x0_out, "history_out": history_out},
                                {"x": x, "model_out": model_out, "model_out_uncond": model_out_uncond,
-                                "history": history, "noise": noise})
+                                "history": history, "noise": noise}, {"coef": coef, "seed": seed})
     if torch.compiler.is_compiling():  # the registry's lookup is host code: done once, while tracing
         from . import _traced
         launch = SPEC.loaders[_traced.backend("sampler_step", x.device.type, backend)]()
