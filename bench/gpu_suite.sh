@@ -27,7 +27,7 @@
 #   build        the image's own python3 (it holds torch, Triton, CuPy; a venv made from it would not see them,
 #                since that python3 is itself a venv): the wheels of .whl/, then an editable build for this GPU's
 #                arch only (offline). Skipped when the same sources were built on this machine already -> build.log
-#   pytest_cuda  every CUDA-marked test (tests/test_graphs.py first)                            -> pytest_cuda.log
+#   pytest_cuda  every CUDA-marked test (over 8 xdist workers)                                  -> pytest_cuda.log
 #   pytest_nvrtc the CUDA op tests again with DIFFKERN_CUDA_LOADER=nvrtc: the same kernels compiled at run time
 #                by CuPy's NVRTC (diffkern/ops/cuda_rtc.py) instead of the ahead-of-time build  -> pytest_nvrtc.log
 #   bench_graphs bench/bench_graphs.py, the end-to-end table (compile column last, under a deadline) -> graphs.*
@@ -128,8 +128,7 @@ if "$PY" -c 'import sys, xdist; sys.exit(tuple(map(int, xdist.__version__.split(
 elif "$PY" -c 'import xdist' 2>/dev/null; then
   XDIST=(-n "${GPU_SUITE_WORKERS:-8}" --dist load)
 fi
-want pytest_cuda && stage pytest_cuda 240 pytest_cuda.log "$PY" -m pytest -q -rs "${XDIST[@]}" -m cuda \
-  tests/test_graphs.py tests
+want pytest_cuda && stage pytest_cuda 240 pytest_cuda.log "$PY" -m pytest -q -rs "${XDIST[@]}" -m cuda tests
 want pytest_nvrtc && stage pytest_nvrtc 150 pytest_nvrtc.log env DIFFKERN_CUDA_LOADER=nvrtc \
   DIFFKERN_CACHE_DIR=/tmp/diffkern-cache "$PY" -m pytest -q -rs "${XDIST[@]}" -m cuda tests/test_cuda_rtc.py tests/test_sampler_step.py \
   tests/test_iadb.py tests/test_philox.py tests/test_hold_ops.py tests/test_ddim.py

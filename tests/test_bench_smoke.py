@@ -193,3 +193,21 @@ def test_git_sha_falls_back_to_the_environment(bench, monkeypatch):
 
     monkeypatch.setenv("DIFFKERN_GIT_SHA", "0123abc")
     assert harness.git_sha() == "0123abc"
+
+
+def test_bench_graphs_quick(bench, tmp_path, capsys):
+    """The end-to-end bench's CPU smoke run (its graph, compile and floor columns need CUDA)."""
+    pytest.importorskip("diffusers")
+    bench = bench("bench_graphs")
+    assert bench.main(["--quick", "--out", str(tmp_path), "--threads", "1"]) == 0
+    with open(tmp_path / "graphs.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["impl"] for r in rows} == {"diffusers", "diffkern_sched", "accelerated", "eager"}
+    assert len(rows) == len(bench.get_configs(quick=True))
+    assert all(float(r["per_sample_us"]) > 0 and r["device_name"] and r["git_sha"] for r in rows)
+    assert (tmp_path / "graphs.png").stat().st_size > 0 and (tmp_path / "graphs_summary.csv").exists()
+    assert "| model | dtype | batch | steps |" in capsys.readouterr().out
+    full = bench.get_configs(device="cuda")
+    assert {c.impl for c in full} == set(bench.IMPLS) and {c.batch for c in full} == {1, 8, 64}
+    assert {c.steps for c in full} == {10, 50} and {c.dtype for c in full} == {"float32", "bfloat16"}
+    assert [c.impl for c in full][-1] == "compile"  # the slowest set-up last: a deadline drops it first

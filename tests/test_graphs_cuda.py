@@ -8,7 +8,8 @@ import torch
 from diffkern import graphs, hold, hold_sampling, schedules
 from diffkern.graphs import GraphCaptureError, GraphFallbackWarning
 from diffkern.sampling import sample, sample_iadb
-from test_graphs import EVERY, _iadb_models, fresh_cache, gmm3, start  # noqa: F401  (fresh_cache: autouse fixture)
+from test_graphs import EVERY, fresh_cache, gmm3, start  # noqa: F401  (fresh_cache: autouse fixture)
+from test_graphs_iadb_hold import _iadb_models
 
 
 CUDA_BACKENDS = ["cuda", "triton"]
