@@ -130,11 +130,7 @@ def plot_lines(rows: Sequence[dict], path: str, *, x: str, y: str, series: str, 
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_bars(labels: Sequence[str], values: Sequence[float], path: str, *, xlabel: str, title: str) -> str:
@@ -153,6 +149,13 @@ def plot_bars(labels: Sequence[str], values: Sequence[float], path: str, *, xlab
     ax.invert_yaxis()
     ax.grid(True, axis="x", alpha=0.3)
     ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def _save(fig, path: str) -> str:
+    """Lay out ``fig``, write it as a PNG at ``path`` (folders made), close it; returns ``path``."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=100)
