@@ -181,9 +181,13 @@ def info() -> dict:
 # Capture and replay.
 
 
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def _side_stream(device: torch.device):
     """The device's warm-up and capture stream (shared: a pool is reused best by captures on one stream)."""
-    idx = device.index if device.index is not None else torch.cuda.current_device()
+    idx = _index(device)
     with torch.cuda.device(idx):
         if idx not in _streams:
             _streams[idx] = torch.cuda.Stream()
@@ -227,7 +231,7 @@ def _abandon(graph, device: torch.device, pool, before) -> None:
     before ``torch.cuda.graph`` restores the stream: the pool would refuse every later capture ("already
     recording") and the thread would stay on the side stream."""
     torch.cuda.set_stream(before)
-    idx = device.index if device.index is not None else torch.cuda.current_device()
+    idx = _index(device)
     with contextlib.suppress(RuntimeError):  # raises where capture_end got as far as ending it
         torch._C._cuda_endAllocateToPool(idx, pool)
     graph.reset()  # the generators' capture state of this capture goes with it
@@ -342,8 +346,8 @@ def sample_hold(model, proc, shape, *, sampler="sscs", num_steps=500, spacing="l
     if z is not None:
         device, dtype = z.device, z.dtype
     device = torch.device(device) if device is not None else torch.device("cpu")
-    if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" are one capture and one replay queue
-        device = torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cuda":  # "cuda" and "cuda:0" are one capture and one replay queue
+        device = torch.device("cuda", _index(device))
 
     def eager(state: bool):
         return hs.sample(model, proc, shape, sampler=sampler, num_steps=num_steps, spacing=spacing, t_min=t_min,

@@ -37,19 +37,32 @@ struct HoldRow {
   bool noise_col[kHoldMaxOrder];
 };
 
+// Entry t of the row (t = i*(2n+1) + j, j < 2n+1) into r's K, k or L (L above the diagonal: zero).
+// One entry at a time, so a GPU block can share the loading (csrc/cuda/hold.cu).
+template <class C>
+DK_HOST_DEVICE void load_hold_entry(const double* row, int n, int t, HoldRow<C>& r) {
+  const int width = 2 * n + 1, i = t / width, j = t - i * width;
+  if (j < n) {
+    r.K[i][j] = static_cast<C>(row[t]);
+  } else if (j == n) {
+    r.k[i] = static_cast<C>(row[t]);
+  } else {
+    r.L[i][j - n - 1] = j - n - 1 <= i ? static_cast<C>(row[t]) : C(0);
+  }
+}
+
+// Whether eta_j is used: some L[i][j], i >= j, of the row is non-zero.
+DK_HOST_DEVICE bool hold_noise_col(const double* row, int n, int j) {
+  bool used = false;
+  for (int i = j; i < n; ++i) used = used || row[i * (2 * n + 1) + n + 1 + j] != 0.0;
+  return used;
+}
+
 template <class C>
 DK_HOST_DEVICE void load_hold_row(const double* row, int n, HoldRow<C>& r) {
   r.n = n;
-  for (int j = 0; j < n; ++j) r.noise_col[j] = false;
-  for (int i = 0; i < n; ++i) {
-    const double* src = row + i * (2 * n + 1);
-    for (int j = 0; j < n; ++j) {
-      r.K[i][j] = static_cast<C>(src[j]);
-      r.L[i][j] = j <= i ? static_cast<C>(src[n + 1 + j]) : C(0);
-      if (j <= i && src[n + 1 + j] != 0.0) r.noise_col[j] = true;
-    }
-    r.k[i] = static_cast<C>(src[n]);
-  }
+  for (int t = 0; t < n * (2 * n + 1); ++t) load_hold_entry(row, n, t, r);
+  for (int j = 0; j < n; ++j) r.noise_col[j] = hold_noise_col(row, n, j);
 }
 
 // Any noise column used at all (EM uses one, ODE/denoise rows none).

@@ -63,23 +63,8 @@ __device__ __forceinline__ void entry_noise_pack(const void* noise, const long l
 // block fits an SM, so nothing else would hide them). Ends with a barrier.
 template <class C>
 __device__ __forceinline__ void load_hold_row_block(const double* row, int n, HoldRow<C>& r) {
-  const int width = 2 * n + 1;
-  for (int t = threadIdx.x; t < n * width; t += blockDim.x) {
-    const int i = t / width, j = t - i * width;
-    if (j < n) {
-      r.K[i][j] = static_cast<C>(row[t]);
-    } else if (j == n) {
-      r.k[i] = static_cast<C>(row[t]);
-    } else {
-      r.L[i][j - n - 1] = j - n - 1 <= i ? static_cast<C>(row[t]) : C(0);
-    }
-  }
-  if (threadIdx.x < n) {  // column j draws noise when any L[i][j], i >= j, is non-zero (as load_hold_row)
-    const int j = threadIdx.x;
-    bool used = false;
-    for (int i = j; i < n; ++i) used = used || row[i * width + n + 1 + j] != 0.0;
-    r.noise_col[j] = used;
-  }
+  for (int t = threadIdx.x; t < n * (2 * n + 1); t += blockDim.x) load_hold_entry(row, n, t, r);
+  if (threadIdx.x < n) r.noise_col[threadIdx.x] = hold_noise_col(row, n, threadIdx.x);
   if (threadIdx.x == 0) r.n = n;
   __syncthreads();
 }

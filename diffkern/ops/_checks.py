@@ -94,11 +94,6 @@ def no_partial_overlap(outputs: dict, inputs: dict, shared: dict | None = None) 
             if t is not None and t.numel() > 0 and _overlap(o, t):
                 raise ValueError(f"{on}: overlaps {n}, which every element reads; pass an output of its own")
     for i, (on, o) in enumerate(outs):
-        lo, hi = _span(o)
         for n, t in ins + outs[i + 1:]:
-            if t.untyped_storage().data_ptr() != o.untyped_storage().data_ptr():
-                continue
-            tlo, thi = _span(t)
-            overlap = lo < thi and tlo < hi
-            if overlap and not (same_view(o, t) and (n, t) in ins):
+            if _overlap(o, t) and not (same_view(o, t) and (n, t) in ins):
                 raise ValueError(f"{on}: overlaps {n} without being the same view; only exact in-place use is allowed")

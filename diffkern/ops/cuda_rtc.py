@@ -361,7 +361,7 @@ def hold_transition(z, eps_hat, noise, coef, step, seed, out):
                   state_dtype=DTYPE_CODES[z.dtype], model_dtype=DTYPE_CODES[eps_hat.dtype])
     launch("hold_transition", (z.dtype, eps_hat.dtype), "HoldTransitionParams", values,
            [ptr(t) for t in (z, noise, out)], [ptr(eps_hat)], batch * per_component, z.device,
-           whole_packs=per_component % 4 == 0)
+           whole_packs=per_component % hold_vec_width(z.dtype) == 0)
 
 
 def hold_perturb(z0, mean_mat, chol, noise, step, seed, out, eps_out):
