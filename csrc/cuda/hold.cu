@@ -9,9 +9,9 @@
 // elements (and the compute type is float: four float64 positions would spill registers): then the
 // Philox noise of one component of the four is one group of the stream (indices 4g .. 4g + 3), drawn
 // by one philox_normal4 call instead of four scalar draws, and each component moves as one vector.
-// sm_90 SASS, cheapest loop path drawing noise for three columns (n = 3), per element: float32 628
-// instructions with V = 1, 239 with V = 4 (bfloat16 633 -> 251; six columns 1137 -> 428). Otherwise,
-// and for hold_perturb (per-sample matrices already hold 2 * n * n registers per thread), V = 1.
+// sm_90 SASS, cheapest loop path drawing noise for three columns (n = 3), per element (bench/sass_path.py):
+// float32 629 instructions with V = 1, 239 with V = 4 (bfloat16 634 -> 251; six columns 1138 -> 428).
+// Otherwise, and for hold_perturb (per-sample matrices already hold 2 * n * n registers per thread), V = 1.
 #include "common/hold.h"
 #include "common/philox.h"
 #include "cuda/device_utils.cuh"
