@@ -8,7 +8,7 @@ Box-Muller pairs: a path through them draws noise), each issued instruction coun
 ``CALL`` (a math slow path) ends a path. The count divided by ``--per-iter`` (elements per loop iteration)
 is the figure quoted in the sources and the README, e.g.
 
-    python bench/sass_path.py csrc/cuda/hold.cu --kernel hold_transition_kernelIffLi4E --rsq 0,1,2,3,4,5 --per-iter 4
+    python bench/sass_path.py csrc/cuda/hold.cu --kernel hold_transition_kernelIffLi4ELi3E --rsq 0,1,2,3,4,5 --per-iter 4
 
 Without ``--rsq`` it lists the loop's RSQ positions, to pick them (a draw of a Box-Muller pair is one RSQ;
 alternative branches of one draw show as separate RSQs). A static count: not a timing, and not a test.

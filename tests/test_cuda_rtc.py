@@ -88,15 +88,32 @@ def test_plan_picks_the_vector_kernel_only_when_every_pointer_is_aligned():
     assert cuda_rtc.plan("philox_normal", (torch.float16,), [16], [], 80, 132)[0].endswith("<__half, 8>")
     assert cuda_rtc.plan("hold_perturb", (torch.float64,), [], [], 300, 132) == ("dk::gpu::hold_perturb_kernel<double>", 2)
     # hold_transition: four elements per thread when P % 4 == 0 and z, noise, out, eps_hat are 4-element aligned
-    name, grid = cuda_rtc.plan("hold_transition", (bf16, f32), [256, 0, 512], [1024], 4096, 132)
-    assert name == "dk::gpu::hold_transition_kernel<__nv_bfloat16, float, 4>" and grid == 4
-    assert cuda_rtc.plan("hold_transition", (bf16, f32), [256, 0, 516], [1024], 4096, 132)[0].endswith(", 1>")
-    assert cuda_rtc.plan("hold_transition", (bf16, f32), [256], [1032], 4096, 132)[0].endswith(", 1>")
-    assert cuda_rtc.plan("hold_transition", (bf16, f32), [256], [1024], 4096, 132, whole_packs=False)[1] == 16
-    assert cuda_rtc.plan("hold_transition", (torch.float64, f32), [256], [1024], 4096, 132) == (
-        "dk::gpu::hold_transition_kernel<double, float, 1>", 16)
+    name, grid = cuda_rtc.plan("hold_transition", (bf16, f32), [256, 0, 512], [1024], 4096, 132, order=5)
+    assert name == "dk::gpu::hold_transition_kernel<__nv_bfloat16, float, 4, 0>" and grid == 4
+    assert cuda_rtc.plan("hold_transition", (bf16, f32), [256, 0, 516], [1024], 4096, 132, order=5)[0].endswith(
+        ", 1, 0>")
+    assert cuda_rtc.plan("hold_transition", (bf16, f32), [256], [1032], 4096, 132, order=3)[0].endswith(", 1, 0>")
+    assert cuda_rtc.plan("hold_transition", (bf16, f32), [256], [1024], 4096, 132, whole_packs=False,
+                         order=3)[1] == 16
+    assert cuda_rtc.plan("hold_transition", (torch.float64, f32), [256], [1024], 4096, 132, order=3) == (
+        "dk::gpu::hold_transition_kernel<double, float, 1, 0>", 16)
+    with pytest.raises(ValueError, match="order"):
+        cuda_rtc.plan("hold_transition", (f32, f32), [256], [1024], 4096, 132)
     with pytest.raises(KeyError, match="no run-time CUDA kernel"):
         cuda_rtc.instantiations("likelihood_accum", (torch.float32,))
+
+
+def test_hold_transition_kernel_per_order():
+    """The packed kernel of orders 2, 3, 4 is compiled for that order (common/hold.h hold_kernel_order; the
+    NVRTC program asserts the mirror), every other order takes the any-order kernel (N = 0)."""
+    f32 = torch.float32
+    for n in range(1, 9):
+        name, _ = cuda_rtc.plan("hold_transition", (f32, f32), [256], [1024], 4096, 132, order=n)
+        assert name == f"dk::gpu::hold_transition_kernel<float, float, 4, {n if n in (2, 3, 4) else 0}>"
+        names = cuda_rtc.instantiations("hold_transition", (f32, f32), n)
+        assert names == [name, "dk::gpu::hold_transition_kernel<float, float, 1, 0>"]
+    every = cuda_rtc.instantiations("hold_transition", (f32, torch.float16))
+    assert [s.split(", ")[-2:] for s in every] == [["4", "0>"], ["4", "2>"], ["4", "3>"], ["4", "4>"], ["1", "0>"]]
 
 
 def test_sources_are_found_and_hashed():
@@ -147,6 +164,13 @@ def test_a_layout_mismatch_fails_to_compile(monkeypatch, change):
     monkeypatch.setattr(cuda_rtc, "STRUCTS", bad)
     with pytest.raises(RuntimeError, match=r"(?s)NVRTC failed.*dk_layout_PhiloxNormalParams"):
         cuda_rtc.compile_cubin("cuda/philox_normal.cu", cuda_rtc.instantiations("philox_normal", (torch.float32,)), "90")
+
+
+@needs_nvrtc
+def test_a_kernel_order_mismatch_fails_to_compile(monkeypatch):
+    monkeypatch.setattr(cuda_rtc, "hold_kernel_order", lambda n: 0)  # plan() would run order 3 on the N = 0 kernel
+    with pytest.raises(RuntimeError, match=r"(?s)NVRTC failed.*hold_kernel_order\(2\) differs"):
+        cuda_rtc.compile_cubin("cuda/hold.cu", ["dk::gpu::hold_transition_kernel<float, float, 1, 0>"], "90")
 
 
 @needs_nvrtc

@@ -295,10 +295,11 @@ def test_transition_cuda(backend, dtype, n):
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-@pytest.mark.parametrize("n", (2, 3, MAX_ORDER))
+@pytest.mark.parametrize("n", (1, 2, 3, 4, 5, MAX_ORDER))
 def test_transition_cuda_whole_groups(backend, dtype, n):
     """P % 4 == 0: the CUDA kernel takes four elements per thread and one Philox group per component (float
-    compute); an input one element off 16-byte alignment, or P % 4 != 0, takes the one-element kernel."""
+    compute), compiled for the order for n = 2, 3, 4 and for any order otherwise; an input one element off
+    16-byte alignment, or P % 4 != 0, takes the one-element kernel."""
     for seed in (torch.tensor([5]), torch.tensor([5, 6, 7])):
         z = make_tensor((3, n * 4, 8, 5), dtype, device="cuda")  # P = 160
         eps = make_tensor((3, 4, 8, 5), dtype, seed=1, device="cuda")

@@ -26,6 +26,10 @@
 namespace dk {
 
 constexpr int kHoldMaxOrder = 8;  // diffkern.ops.hold.MAX_ORDER
+// The order a CUDA hold_transition kernel is compiled for: n itself for the orders of the HOLD experiments
+// (2, 3, 4: math-hold.md), whose packed kernels then hold their arrays at the order's size; 0 (any n up to
+// kHoldMaxOrder, read at run time) otherwise. Mirrored by diffkern.ops.cuda_rtc.hold_kernel_order.
+DK_HOST_DEVICE constexpr int hold_kernel_order(int n) { return n >= 2 && n <= 4 ? n : 0; }
 
 // One hold_transition table row in the compute type; ``noise_col[j]``: eta_j is used.
 template <class C>
@@ -73,30 +77,30 @@ DK_HOST_DEVICE bool hold_row_has_noise(const HoldRow<C>& r) {
   return any;
 }
 
-// One element of hold_transition: z[n], eps, eta[n] (eta_j read only where noise_col[j]) -> out[n].
-// out must not alias z (kernels pass register copies, which is what makes in-place launches safe).
-// Loops run to the compile-time bound with j < n guards, so a GPU compiler unrolls them and keeps the
-// per-element arrays in registers.
-template <class C>
-DK_HOST_DEVICE void hold_transition_element(const HoldRow<C>& r, const C* z, C eps, const C* eta, C* out) {
-  const int n = r.n;
+// One element of hold_transition of order n <= NMAX: z[n], eps, eta[n] (eta_j read only where
+// noise_col[j]) -> out[n]. out must not alias z (kernels pass register copies, which is what makes
+// in-place launches safe). Loops run to the compile-time bound NMAX with j < n guards, so a GPU compiler
+// unrolls them and keeps the per-element arrays in registers; with n a compile-time constant equal to
+// NMAX the guards vanish too.
+template <class C, int NMAX = kHoldMaxOrder>
+DK_HOST_DEVICE void hold_transition_element(const HoldRow<C>& r, int n, const C* z, C eps, const C* eta, C* out) {
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-  for (int i = 0; i < kHoldMaxOrder; ++i) {
+  for (int i = 0; i < NMAX; ++i) {
     if (i >= n) continue;
     C acc = mul_rn(r.K[i][0], z[0]);
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-    for (int j = 1; j < kHoldMaxOrder; ++j) {
+    for (int j = 1; j < NMAX; ++j) {
       if (j < n) acc = add_rn(acc, mul_rn(r.K[i][j], z[j]));
     }
     acc = add_rn(acc, mul_rn(r.k[i], eps));
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-    for (int j = 0; j < kHoldMaxOrder; ++j) {
+    for (int j = 0; j < NMAX; ++j) {
       if (j <= i && r.noise_col[j]) acc = add_rn(acc, mul_rn(r.L[i][j], eta[j]));
     }
     out[i] = acc;

@@ -9,9 +9,16 @@
 // elements (and the compute type is float: four float64 positions would spill registers): then the
 // Philox noise of one component of the four is one group of the stream (indices 4g .. 4g + 3), drawn
 // by one philox_normal4 call instead of four scalar draws, and each component moves as one vector.
-// sm_90 SASS, cheapest loop path drawing noise for three columns (n = 3), per element (bench/sass_path.py):
-// float32 629 instructions with V = 1, 239 with V = 4 (bfloat16 634 -> 251; six columns 1138 -> 428).
-// Otherwise, and for hold_perturb (per-sample matrices already hold 2 * n * n registers per thread), V = 1.
+// sm_90 SASS of the any-order kernels, cheapest loop path drawing noise for three columns (n = 3), per
+// element (bench/sass_path.py): float32 621 instructions with V = 1, 235.8 with V = 4 (bfloat16 626 -> 247;
+// six columns 1130 -> 424). Otherwise, and for hold_perturb (per-sample matrices already hold 2 * n * n
+// registers per thread), V = 1.
+//
+// The packed kernel is also compiled for each order N = hold_kernel_order(n) of 2, 3 and 4: its arrays then
+// have N rows instead of kHoldMaxOrder and its guards fold away. ptxas -v (sm_90, float32, V = 4): 48 / 64 /
+// 102 registers for N = 2 / 3 / 4 against 238 for the any-order kernel (N = 0), so 5 / 4 / 2 blocks of 256
+// threads fit an SM instead of 1 (more loads in flight); instructions per element change little (n = 3:
+// 233.5). N = 0 serves the other orders and the V = 1 kernel.
 #include "common/hold.h"
 #include "common/philox.h"
 #include "cuda/device_utils.cuh"
@@ -59,8 +66,8 @@ __device__ __forceinline__ void entry_noise_pack(const void* noise, const long l
 }
 
 // The table row into shared memory by the whole block (load_hold_row's result): one value per thread, not
-// n*(2n+1) dependent loads by thread 0 while a whole block waits (at ~174-236 registers per thread one
-// block fits an SM, so nothing else would hide them). Ends with a barrier.
+// n*(2n+1) dependent loads by thread 0 while a whole block waits (the any-order kernels take 174-238
+// registers per thread, so one block fits an SM and nothing else would hide them). Ends with a barrier.
 template <class C>
 __device__ __forceinline__ void load_hold_row_block(const double* row, int n, HoldRow<C>& r) {
   for (int t = threadIdx.x; t < n * (2 * n + 1); t += blockDim.x) load_hold_entry(row, n, t, r);
@@ -76,11 +83,13 @@ __host__ __device__ constexpr int hold_vec_width() {
 }
 
 // V = 1, or 4 (P % 4 == 0, every pointer aligned to 4 elements, float compute: see the top of the file).
-template <class S, class M, int V>
+// N: the order, or 0 for any order up to kHoldMaxOrder (p.n).
+template <class S, class M, int V, int N>
 __global__ void __launch_bounds__(kThreads) hold_transition_kernel(const HoldTransitionParams p) {
   using C = typename ComputeOf<S>::type;
+  constexpr int kMax = N > 0 ? N : kHoldMaxOrder;
   __shared__ HoldRow<C> row;
-  const int n = p.n;
+  const int n = N > 0 ? N : p.n;
   load_hold_row_block(p.coef + p.step * n * (2 * n + 1), n, row);
   const long long P = p.per_component, total = p.batch * P;
   const u32 step = static_cast<u32>(p.step);
@@ -88,10 +97,10 @@ __global__ void __launch_bounds__(kThreads) hold_transition_kernel(const HoldTra
   for (long long e = (static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x) * V; e < total; e += stride) {
     const long long b = e / P, pos = e - b * P;  // V == 4: the four elements are in one sample
     const long long base = b * n * P + pos;
-    C z[kHoldMaxOrder][V], eta[kHoldMaxOrder][V], eps[V];
+    C z[kMax][V], eta[kMax][V], eps[V];
     load_pack<C, M, V>(p.eps_hat, b * P + pos, eps);
 #pragma unroll
-    for (int k = 0; k < kHoldMaxOrder; ++k) {
+    for (int k = 0; k < kMax; ++k) {
 #pragma unroll
       for (int q = 0; q < V; ++q) z[k][q] = eta[k][q] = C(0);
       if (k < n) load_pack<C, S, V>(p.z, base + k * P, z[k]);
@@ -101,18 +110,18 @@ __global__ void __launch_bounds__(kThreads) hold_transition_kernel(const HoldTra
     }
 #pragma unroll
     for (int q = 0; q < V; ++q) {
-      C zq[kHoldMaxOrder], etaq[kHoldMaxOrder], out[kHoldMaxOrder];
+      C zq[kMax], etaq[kMax], out[kMax];
 #pragma unroll
-      for (int k = 0; k < kHoldMaxOrder; ++k) {
+      for (int k = 0; k < kMax; ++k) {
         zq[k] = z[k][q];
         etaq[k] = eta[k][q];
       }
-      hold_transition_element<C>(row, zq, eps[q], etaq, out);
+      hold_transition_element<C, kMax>(row, n, zq, eps[q], etaq, out);
 #pragma unroll
-      for (int k = 0; k < kHoldMaxOrder; ++k) z[k][q] = out[k];  // element q's inputs are spent
+      for (int k = 0; k < kMax; ++k) z[k][q] = out[k];  // element q's inputs are spent
     }
 #pragma unroll
-    for (int k = 0; k < kHoldMaxOrder; ++k) {
+    for (int k = 0; k < kMax; ++k) {
       if (k < n) store_pack<C, S, V>(p.out, base + k * P, z[k]);
     }
   }
@@ -159,10 +168,18 @@ cudaError_t launch_transition(const HoldTransitionParams& p, cudaStream_t stream
   bool packed = V > 1 && p.per_component % V == 0 && aligned(p.eps_hat, V * sizeof(M));
   const void* state_ptrs[] = {p.z, p.noise, p.out};
   for (const void* q : state_ptrs) packed = packed && aligned(q, V * sizeof(S));
-  if (packed) {
-    hold_transition_kernel<S, M, V><<<grid_size(total / V), kThreads, 0, stream>>>(p);
-  } else {
-    hold_transition_kernel<S, M, 1><<<grid_size(total), kThreads, 0, stream>>>(p);
+  if (!packed) {
+    hold_transition_kernel<S, M, 1, 0><<<grid_size(total), kThreads, 0, stream>>>(p);
+    return cudaGetLastError();
+  }
+  if constexpr (V > 1) {
+    const int blocks = grid_size(total / V);
+    switch (hold_kernel_order(p.n)) {
+      case 2: hold_transition_kernel<S, M, V, 2><<<blocks, kThreads, 0, stream>>>(p); break;
+      case 3: hold_transition_kernel<S, M, V, 3><<<blocks, kThreads, 0, stream>>>(p); break;
+      case 4: hold_transition_kernel<S, M, V, 4><<<blocks, kThreads, 0, stream>>>(p); break;
+      default: hold_transition_kernel<S, M, V, 0><<<blocks, kThreads, 0, stream>>>(p);
+    }
   }
   return cudaGetLastError();
 }

@@ -5,7 +5,8 @@ The same sources as the ahead-of-time build: the ``.cu`` files keep their host l
 ``#if !defined(__CUDACC_RTC__)``, so NVRTC sees only the templated ``__global__`` kernels, which take one
 parameter struct by value (``csrc/cuda/kernels.h``, ``csrc/common/hold.h``). This module mirrors each
 struct as a NumPy structured dtype, checks the layout inside the compiled program (field order, field
-sizes and struct size; see :func:`layout_asserts`), picks the instantiation and the grid exactly as the C++ launchers do, and launches
+sizes and struct size; see :func:`layout_asserts`), picks the instantiation and the grid exactly as the C++
+launchers do (:func:`plan`), and launches
 on torch's current stream (so a launch is capturable in a CUDA graph). Arguments are validated first by
 the checks of the C++ bindings, exported by ``diffkern._C`` (so both loaders reject the same inputs).
 
@@ -115,16 +116,31 @@ def hold_vec_width(dtype: torch.dtype) -> int:
     return 1 if dtype == torch.float64 else 4
 
 
-def instantiations(op: str, dtypes: tuple[torch.dtype, ...]) -> list[str]:
-    """Name expressions of ``op``'s kernels for one dtype combination (the vector and the scalar variant)."""
+def hold_kernel_order(n: int) -> int:
+    """The order the packed hold_transition kernel is compiled for (``hold_kernel_order`` of common/hold.h):
+    n for 2, 3, 4, else 0 (any order, read at run time)."""
+    return n if 2 <= n <= 4 else 0
+
+
+HOLD_KERNEL_ORDERS = (0, 2, 3, 4)  # every value of hold_kernel_order
+
+
+def instantiations(op: str, dtypes: tuple[torch.dtype, ...], order: int | None = None) -> list[str]:
+    """Name expressions of ``op``'s kernels for one dtype combination (the vector and the scalar variant).
+
+    hold_transition: with ``order`` (the process order n), the packed kernel of ``hold_kernel_order(n)`` and
+    the scalar one; without, the packed kernels of every kernel order, then the scalar one."""
     t = [CTYPES[d] for d in dtypes]
     if op in ("sampler_step", "iadb_blend"):
         return [f"dk::gpu::{op}_kernel<{t[0]}, {t[1]}, {v}>" for v in (vec_width(dtypes[0]), 1)]
     if op == "philox_normal":
         return [f"dk::gpu::philox_normal_kernel<{t[0]}, {v}>" for v in (vec_width(dtypes[0]), 1)]
     if op == "hold_transition":
-        widths = (hold_vec_width(dtypes[0]), 1) if hold_vec_width(dtypes[0]) > 1 else (1,)
-        return [f"dk::gpu::hold_transition_kernel<{t[0]}, {t[1]}, {v}>" for v in widths]
+        kernel = f"dk::gpu::hold_transition_kernel<{t[0]}, {t[1]}"
+        v = hold_vec_width(dtypes[0])
+        orders = HOLD_KERNEL_ORDERS if order is None else (hold_kernel_order(order),)
+        packed = [f"{kernel}, {v}, {k}>" for k in orders] if v > 1 else []
+        return packed + [f"{kernel}, 1, 0>"]
     if op == "hold_perturb":
         return [f"dk::gpu::hold_perturb_kernel<{t[0]}>"]
     raise KeyError(f"op: no run-time CUDA kernel for {op!r}; expected one of {OPS}")
@@ -147,6 +163,10 @@ def layout_asserts(source: str) -> str:
                          f'"cuda_rtc.STRUCTS[{name!r}]: field {f} is not {dt.fields[f][0].itemsize} bytes");')
         lines.append(f'static_assert(sizeof({_C_NAMES[name]}) == {dt.itemsize}, '
                      f'"cuda_rtc.STRUCTS[{name!r}]: size is not {dt.itemsize}");')
+    if source == SOURCES["hold_transition"]:  # the kernel order the C++ launcher picks, as plan() does
+        from .hold import MAX_ORDER
+        lines += [f'static_assert(dk::hold_kernel_order({n}) == {hold_kernel_order(n)}, '
+                  f'"cuda_rtc.hold_kernel_order({n}) differs from common/hold.h");' for n in range(1, MAX_ORDER + 1)]
     return "\n".join(lines) + "\n"
 
 
@@ -238,10 +258,13 @@ def ptr(t) -> int:
 
 
 def plan(op: str, dtypes: tuple[torch.dtype, ...], state_ptrs, model_ptrs, numel: int, sm_count: int, *,
-         whole_packs: bool = True):
+         whole_packs: bool = True, order: int | None = None):
     """(name expression, grid) of one element-wise launch: the vector kernel when every pointer is aligned
-    for it (and ``whole_packs``: hold_transition's needs P % 4 == 0), else the scalar one."""
-    names = instantiations(op, dtypes)
+    for it (and ``whole_packs``: hold_transition's needs P % 4 == 0), else the scalar one. ``order``: the
+    process order n of hold_transition (picks its packed kernel)."""
+    if op == "hold_transition" and order is None:
+        raise ValueError("order: hold_transition's launch plan needs the process order n")
+    names = instantiations(op, dtypes, order)
     if len(names) == 1:  # hold_perturb, float64 hold_transition: one element per thread-iteration
         return names[0], grid_size(numel, sm_count)
     v = hold_vec_width(dtypes[0]) if op == "hold_transition" else vec_width(dtypes[0])
@@ -263,7 +286,7 @@ def _sm_count(index: int) -> int:
 _functions: dict = {}
 
 
-def _function(op: str, dtypes: tuple[torch.dtype, ...], name: str, index: int):
+def _function(op: str, dtypes: tuple[torch.dtype, ...], name: str, index: int, order: int | None):
     key = (name, index)
     if key not in _functions:
         import cupy
@@ -272,7 +295,7 @@ def _function(op: str, dtypes: tuple[torch.dtype, ...], name: str, index: int):
         arch = f"{major}{minor}"
         if major * 10 + minor not in _nvrtc().getSupportedArchs():
             raise RtcUnavailable(f"this NVRTC cannot compile for sm_{arch}; install a newer cupy/NVRTC")
-        path, lowered = cached_cubin(SOURCES[op], instantiations(op, dtypes), arch)
+        path, lowered = cached_cubin(SOURCES[op], instantiations(op, dtypes, order), arch)
         with cupy.cuda.Device(index):
             module = cupy.RawModule(path=str(path))
             for n, low in lowered.items():
@@ -281,13 +304,14 @@ def _function(op: str, dtypes: tuple[torch.dtype, ...], name: str, index: int):
 
 
 def launch(op: str, dtypes, struct: str, values: dict, state_ptrs, model_ptrs, numel: int, device, *,
-           whole_packs: bool = True) -> None:
+           whole_packs: bool = True, order: int | None = None) -> None:
     """Launch ``op``'s kernel for ``dtypes`` over ``numel`` elements on torch's current stream of ``device``."""
     import cupy
 
     index = device.index if device.index is not None else torch.cuda.current_device()
-    name, grid = plan(op, dtypes, state_ptrs, model_ptrs, numel, _sm_count(index), whole_packs=whole_packs)
-    fn = _function(op, dtypes, name, index)
+    name, grid = plan(op, dtypes, state_ptrs, model_ptrs, numel, _sm_count(index), whole_packs=whole_packs,
+                      order=order)
+    fn = _function(op, dtypes, name, index, order)
     stream = torch.cuda.current_stream(index)
     with cupy.cuda.Device(index), cupy.cuda.ExternalStream(stream.cuda_stream, index):
         fn((grid,), (THREADS,), (params(struct, **values),))
@@ -361,7 +385,7 @@ def hold_transition(z, eps_hat, noise, coef, step, seed, out):
                   state_dtype=DTYPE_CODES[z.dtype], model_dtype=DTYPE_CODES[eps_hat.dtype])
     launch("hold_transition", (z.dtype, eps_hat.dtype), "HoldTransitionParams", values,
            [ptr(t) for t in (z, noise, out)], [ptr(eps_hat)], batch * per_component, z.device,
-           whole_packs=per_component % hold_vec_width(z.dtype) == 0)
+           whole_packs=per_component % hold_vec_width(z.dtype) == 0, order=n)
 
 
 def hold_perturb(z0, mean_mat, chol, noise, step, seed, out, eps_out):
