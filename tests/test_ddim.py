@@ -187,4 +187,7 @@ def test_ddim_step_bad_input_writes_nothing(cpu_backend):
         dops.ddim_step(z, m[:1], 0.5, 0.6, out=out, x0_out=x0_out, backend=cpu_backend)
     with pytest.raises(ValueError, match=r"^eta: expected a finite value"):
         dops.ddim_step(z, m, 0.5, 0.6, eta=-1.0, out=out, x0_out=x0_out, backend=cpu_backend)
+    for step in (-1, 2.0, True):
+        with pytest.raises(ValueError, match=r"^step: expected a Python int >= 0"):
+            dops.ddim_step(z, m, 0.5, 0.6, step=step, out=out, x0_out=x0_out, backend=cpu_backend)
     assert (out == 7.0).all() and (x0_out == 7.0).all()
