@@ -102,6 +102,19 @@ def hot_path(ins, labels, picks: list[int]) -> tuple[int, list[int]]:
     return total, [k - head for k in rsq]
 
 
+def straight_path(ins, labels) -> tuple[int, int]:
+    """(instructions, RSQs passed) of the cheapest path from a loop-free kernel's entry to an EXIT that
+    passes through as many of its ``MUFU.RSQ`` as it can, in order (a Triton program: every noise draw)."""
+    exits = [k for k, s in enumerate(ins) if "EXIT" in s]
+    cur, total, used = 0, 0, 0
+    for r in (k for k, s in enumerate(ins) if "MUFU.RSQ" in s):
+        d = _distances(ins, labels, cur, len(ins)).get(r)
+        if d is not None:  # an RSQ of a branch not taken after the previous one (a slow path) is skipped
+            total, cur, used = total + d, r, used + 1
+    dist = _distances(ins, labels, cur, len(ins))
+    return total + min(dist.get(e, 10**9) for e in exits) + 1, used
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("source", help="a csrc/cuda/*.cu file")

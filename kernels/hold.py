@@ -20,22 +20,30 @@ from .philox import MIN_BLOCK, compute_dtype, interpreting, launch_config, load_
 
 
 def _config(per_sample: int, n: int) -> tuple[int, dict]:
+    """(NP2, launch options). A tile holds NP2 rows: about GPU_BLOCK values per program, and few enough warps
+    that a thread holds 8 positions (4 for NP2 = 8): whole groups of four of the noise stream per thread
+    (a thread holding part of a group computes all of the group's Philox call, logs and sin/cos), and
+    16-bit loads of 8 elements without threads holding copies of each other's elements. sm_90 SASS, all
+    noise columns drawn, per element (``bench/sass_triton.py``; not timed): n = 3 float32 268 instructions
+    against 614 with 8 warps (2 positions a thread), bfloat16 273 against 550; n = 8 float32 962 against
+    2390 (1 position a thread: the elementwise stream). 8 positions at NP2 = 8 spill registers (320 local
+    loads/stores), so there 16-bit states draw each group twice (bfloat16 n = 8: 1479)."""
     block, options = launch_config(per_sample)
     np2 = triton.next_power_of_2(n)
-    if not interpreting():  # a tile holds NP2 rows: keep about GPU_BLOCK values per program
+    if not interpreting():
         block = max(MIN_BLOCK, block // np2)
-        options = dict(options, BLOCK=block)
+        per_thread = 8 if np2 <= 4 else 4
+        options = dict(options, BLOCK=block, num_warps=max(1, min(options["num_warps"], block // (32 * per_thread))))
     return np2, options
 
 
 def _aligned(P: int, noise, options: dict) -> bool:
     """Whether the kernels draw noise a group of four at a time (``ALIGNED``): every block starts at a
-    multiple of P plus a multiple of BLOCK (>= 16), so on groups of four iff P % 4 == 0. Only where a
-    thread holds at least 2 positions: with one, the threads of a group would each compute the group's
-    2 logs and 2 sin/cos for the 1 normal they keep, more than the elementwise path (measured in the
-    sm_90 PTX of the n = 6 and 8 transitions: BLOCK 64 on 64 threads). False with an explicit noise
-    tensor (no second variant)."""
-    return noise is None and P % 4 == 0 and options["BLOCK"] >= 2 * 32 * options["num_warps"]
+    multiple of P plus a multiple of BLOCK (>= 16), so on groups of four iff P % 4 == 0. Only where each
+    thread holds whole groups (BLOCK >= 4 positions per thread; :func:`_config` sees to it but for tiny P):
+    otherwise the threads sharing a group would each compute its 2 logs and 2 sin/cos. False with an
+    explicit noise tensor (no second variant)."""
+    return noise is None and P % 4 == 0 and options["BLOCK"] >= 4 * 32 * options["num_warps"]
 
 
 @triton.jit

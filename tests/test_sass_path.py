@@ -38,3 +38,9 @@ def test_counts_the_cheapest_loop_path_and_the_path_through_a_draw(sass_path):
 def test_an_unknown_kernel_is_named(sass_path):
     with pytest.raises(SystemExit, match="--kernel: no function name contains 'nope'"):
         sass_path.parse(LISTING, "nope")
+
+
+def test_straight_path_passes_every_reachable_rsq(sass_path):
+    listing = LISTING.replace("@P1 BRA `(.L_x_0)", "NOP")  # no loop: entry to EXIT
+    name, ins, labels = sass_path.parse(listing, "probe_kernel")
+    assert sass_path.straight_path(ins, labels) == (9, 1)  # every instruction: the path through the RSQ
