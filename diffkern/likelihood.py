@@ -243,19 +243,23 @@ def ode_log_likelihood(model: Callable, x: torch.Tensor, *, sigma_min: float = 1
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
             raise ValueError(f"{name}: expected a float > 0, got {v!r}")
     _check_int(max_steps, "max_steps", 1)
-    z0 = x.detach().reshape(x.shape[0], -1).to(torch.float64)
-    dim = z0.shape[1]
+    dim = math.prod(x.shape[1:])  # not reshape(B, -1): that fails for an empty batch
     if dim > max_dim:
         raise ValueError(f"x: the exact-divergence ODE estimate handles at most {max_dim} dimensions, got "
                          f"{dim}; use log_likelihood for high-dimensional points")
+    if x.shape[0] == 0:
+        return torch.empty(0, dtype=torch.float64)
+    z0 = x.detach().reshape(x.shape[0], dim).to(torch.float64)
     shape = (x.shape[0], *x.shape[1:])
     u = torch.cat([z0, torch.zeros(x.shape[0], 1, dtype=torch.float64, device=z0.device)], dim=1)
     s, s_end = math.log(sigma_min), math.log(sigma_max)
     h = (s_end - s) / 100
     k_first = _ode_field(model, shape, u, s)
-    for _ in range(max_steps):
-        if s >= s_end:
-            break
+    attempts = 0  # accepted and rejected steps; a run that ends on the last allowed step has converged
+    while s < s_end:
+        if attempts == max_steps:
+            raise RuntimeError(f"ode_log_likelihood: no convergence in max_steps={max_steps} steps")
+        attempts += 1
         h = min(h, s_end - s)
         ks = [k_first]
         for i in range(1, 7):
@@ -267,8 +271,6 @@ def ode_log_likelihood(model: Callable, x: torch.Tensor, *, sigma_min: float = 1
         if ratio <= 1.0:
             s, u, k_first = s + h, u_new, ks[6]
         h = h * min(5.0, max(0.2, 0.9 * ratio ** -0.2)) if ratio > 0 else h * 5.0
-    else:
-        raise RuntimeError(f"ode_log_likelihood: no convergence in max_steps={max_steps} steps")
     z_t = u[:, :dim]
     if terminal is None:
         log_p_t = _gaussian_log_prob(z_t, sigma_max, data_mean, data_std)

@@ -242,6 +242,24 @@ def test_estimator_bad_points_and_model():
     with pytest.raises(ValueError, match="dimensions"):
         ode_log_likelihood(GMM, torch.zeros(2, 65))
 
+
+def test_ode_converging_on_its_last_allowed_step_and_empty_batch():
+    """Regression: a run that reached sigma_max on step max_steps raised 'no convergence', and an
+    empty batch failed in reshape (log_likelihood returns empty results for it)."""
+    calls = []
+
+    def counted(x, sigma):
+        calls.append(1)
+        return GMM(x, sigma)
+
+    loose = {"rtol": 1e3, "atol": 1e3}  # every step accepted: the step count is deterministic
+    first = ode_log_likelihood(counted, POINTS[:1], **loose)
+    steps = (len(calls) - 1) // 6  # one first-stage call, then six per step (FSAL)
+    torch.testing.assert_close(ode_log_likelihood(GMM, POINTS[:1], max_steps=steps, **loose), first)
+    with pytest.raises(RuntimeError, match="max_steps"):
+        ode_log_likelihood(GMM, POINTS[:1], max_steps=steps - 1, **loose)
+    assert ode_log_likelihood(GMM, POINTS[:0]).shape == (0,)
+
 #----------------------------------------------------------------------------
 # The command line.
 

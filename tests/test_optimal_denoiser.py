@@ -108,6 +108,14 @@ def test_reference_equals_the_chunked_empirical_denoiser():
                                rtol=1e-12, atol=1e-12)
 
 
+def test_reference_takes_an_empty_batch():
+    """Regression: the reference (the CPU default) reshaped x with -1, which fails for B = 0."""
+    data = make_tensor((5, 3, 2), F64, seed=1)
+    assert dops.optimal_denoiser(torch.zeros(0, 3, 2, dtype=F64), data, 1.0, backend="reference").shape == (0, 3, 2)
+    fused = analytic.EmpiricalDenoiser(data, backend="reference")
+    assert fused(torch.zeros(0, 6, dtype=F64), torch.zeros(0, dtype=F64)).shape == (0, 6)
+
+
 def test_auto_on_cpu_is_the_reference_and_triton_refuses_float64():
     x, data = make_tensor((2, 4), F64), make_tensor((3, 4), F64, seed=1)
     torch.testing.assert_close(dops.optimal_denoiser(x, data, 1.0, backend="auto"),

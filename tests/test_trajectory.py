@@ -36,6 +36,13 @@ def test_ode_jump_is_the_denoised_estimate():
     torch.testing.assert_close(last["jump_samples"], last["x"][-1], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("jump", [-1, 8, 2.0, True])
+def test_bad_jump_raises(jump):
+    """Regression: jump = -1 returned denoised[-1] labelled with sigmas[-1] = 0 (not its sigma)."""
+    with pytest.raises(ValueError, match="jump"):
+        trajectories("euler", 8, 2, seed=1, jump=jump)
+
+
 def test_stochastic_sampler_with_knobs():
     res = trajectories("sde", 6, 5, seed=2, lam=1.0)
     assert torch.isfinite(res["x"]).all() and torch.isfinite(res["denoised"]).all()

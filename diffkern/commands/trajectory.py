@@ -35,6 +35,9 @@ def trajectories(method: str = "euler", steps: int = 20, n: int = 16, *, seed: i
         jump = max(0, steps - max(1, steps // 4))  # three quarters in: sigma ~ 0.1 for 20 Karras steps
     gmm = analytic.GaussianMixture.demo_2d()
     sigmas = schedules.karras(steps, sigma_min, sigma_max)
+    # A negative index would pick a denoised estimate but label it with the wrong sigma (sigmas[-1] = 0).
+    if isinstance(jump, bool) or not isinstance(jump, int) or not 0 <= jump < steps:
+        raise ValueError(f"jump: expected an int step in [0, {steps - 1}] (steps = {steps}), got {jump!r}")
     gen = torch.Generator().manual_seed(seed)
     x0 = (torch.randn(n, 2, generator=gen, dtype=torch.float64) * sigma_max).float()
     _, rec = sample(gmm, x0, sigmas, method, backend=backend or "auto", seed=seed, record=True, **knobs)

@@ -47,8 +47,8 @@ def optimal_denoiser_reference(x, data, sigma, data_half_sq=None):
     """
     cdt = compute_dtype(x.dtype)
     batch = x.shape[0]
-    xf = x.reshape(batch, -1).to(cdt)
     y = data.reshape(data.shape[0], -1).to(cdt)
+    xf = x.reshape(batch, y.shape[1]).to(cdt)  # not reshape(B, -1): that fails for an empty batch
     h = half_sq_norms(data) if data_half_sq is None else data_half_sq.to(cdt)
     s = sigma.to(cdt).reshape(-1, 1).expand(batch, 1)
     inv_s2 = torch.where(s > 0, 1.0 / torch.where(s > 0, s, 1.0) ** 2, 0.0)
