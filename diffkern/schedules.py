@@ -44,6 +44,14 @@ def _sigma_range(sigma_min, sigma_max, who: str) -> tuple[float, float]:
 def _append_zero(s: torch.Tensor) -> torch.Tensor:
     return torch.cat([s, s.new_zeros(1)])
 
+
+def host_float64(value) -> torch.Tensor:
+    """float64 CPU copy of a tensor (any device and float dtype), array or sequence; a sequence of Python
+    floats is read as float64 (``torch.as_tensor`` alone would round it through the float32 default dtype)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", F64)
+    return torch.as_tensor(value, dtype=F64)
+
 #----------------------------------------------------------------------------
 # VE sigma schedules (k-diffusion conventions: n sigmas then 0).
 
@@ -76,7 +84,7 @@ def sample_sigmas(train_sigmas, steps: int) -> torch.Tensor:
     """smalldiffusion's ``Schedule.sample_sigmas``: "trailing" subsampling of an increasing table of N training
     sigmas, ``idx_k = round(N*(1 - k/steps)) - 1`` for k < steps, then index 0. The schedule ends at
     ``train_sigmas[0]``, not 0. train_sigmas: (N,) increasing; returns (steps+1,) float64 CPU."""
-    table = torch.as_tensor(train_sigmas).detach().to("cpu", F64)
+    table = host_float64(train_sigmas)
     if table.dim() != 1 or table.numel() == 0:
         raise ValueError(f"sample_sigmas: train_sigmas must be a non-empty 1-D table, got shape {tuple(table.shape)}")
     _check_int(steps, "sample_sigmas: steps", 1)
@@ -109,7 +117,7 @@ def betas(num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: f
 
 def alphas_cumprod(beta: torch.Tensor) -> torch.Tensor:
     """``alpha_bar[t] = prod_{s<=t} (1 - beta[s])``. beta: (T,) with values in [0, 1); returns (T,) float64 CPU."""
-    b = torch.as_tensor(beta).detach().to("cpu", F64)
+    b = host_float64(beta)
     if b.dim() != 1 or b.numel() == 0:
         raise ValueError(f"alphas_cumprod: betas must be a non-empty 1-D tensor, got shape {tuple(b.shape)}")
     if not torch.isfinite(b).all() or (b < 0).any() or (b >= 1).any():
@@ -138,7 +146,11 @@ def timesteps(num_inference_steps: int, num_train_timesteps: int = 1000, spacing
         # numpy's arange(T, 0, -T/N) evaluates T + k*((T - T/N) - T); the same rounding picks the same ties
         t = torch.round(T + k * ((T - T / N) - T)) - 1
     elif spacing == "linspace":
-        t = torch.round(torch.linspace(0, T - 1, N, dtype=F64)).flip(0)
+        # numpy's linspace (k*step, exact end point): torch.linspace computes its upper half from the end point,
+        # which can land on the other side of a .5 tie (499.50000000000006 for N = 27, T = 1000 -> 500, not 499)
+        t = k * ((T - 1) / max(N - 1, 1))
+        t[-1] = T - 1 if N > 1 else 0
+        t = torch.round(t).flip(0)
     else:
         raise ValueError(f"timesteps: unknown spacing {spacing!r}; expected one of {SPACINGS}")
     return t.long()
@@ -156,7 +168,7 @@ def vp_sigmas(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, final: str 
     alphas_cumprod: (T,) any float dtype (float32 diffusers tables are converted exactly); timesteps: (N,) ints
     in [0, T). Returns (N+1,) float64 CPU.
     """
-    ab = torch.as_tensor(alphas_cumprod).detach().to("cpu", F64)
+    ab = host_float64(alphas_cumprod)
     ts = torch.as_tensor(timesteps).detach().to("cpu")
     if ab.dim() != 1 or ab.numel() == 0 or not ((ab > 0) & (ab <= 1)).all():
         raise ValueError("vp_sigmas: alphas_cumprod must be a non-empty 1-D tensor with values in (0, 1]")
@@ -192,7 +204,7 @@ def ge_schedule(n: int, alphas_cumprod: torch.Tensor, start: float = 8.35, end: 
     lo, hi = _sigma_range(end, start, "ge_schedule (end, start)")
     if not 0 <= factor <= 1:
         raise ValueError(f"ge_schedule: factor must lie in [0, 1], got {factor}")
-    ab = torch.as_tensor(alphas_cumprod).detach().to("cpu", F64)
+    ab = host_float64(alphas_cumprod)
     if ab.dim() != 1 or ab.numel() < 2 or not ((ab > 0) & (ab <= 1)).all():
         raise ValueError("ge_schedule: alphas_cumprod must be a 1-D tensor of length >= 2 with values in (0, 1]")
     T = ab.numel()

@@ -143,6 +143,12 @@ def test_default_schedule_is_uniform_and_input_untouched():
     _close64(y, sample_iadb(d_model(gmm), x0, schedules.iadb_alphas(7), backend=REF))
 
 
+def test_list_alphas_are_read_in_float64():
+    # a Python list must not be rounded through torch's float32 default dtype (0.99999999 -> 1.0 broke monotonicity)
+    from diffkern.sampling import iadb_alphas
+    assert iadb_alphas([0.0, 0.1, 0.99999999, 1.0], 3) == [0.0, 0.1, 0.99999999, 1.0]
+
+
 def test_errors():
     gmm, x0 = gmm3(), noise(3)
     with pytest.raises(ValueError, match="variant: expected one of"):

@@ -118,7 +118,8 @@ def test_cosine_alphas_cumprod_closed_form():
 @pytest.mark.parametrize("spacing", S.SPACINGS)
 @pytest.mark.parametrize("T", [1000, 999, 37])
 def test_timesteps_match_ddim(spacing, T):
-    for n in sorted({1, 2, 3, 7, 10, 13, 48, 50, T // 3, T // 2, T - 1, T} & set(range(1, T + 1))):
+    # n = 27, T = 1000: a 499.5 tie that torch.linspace computes as 499.50000000000006 (regression)
+    for n in sorted({1, 2, 3, 7, 10, 13, 27, 48, 50, T // 3, T // 2, T - 1, T} & set(range(1, T + 1))):
         for offset in ((0, 1) if spacing == "leading" else (0,)):
             sch = DDIMScheduler(num_train_timesteps=T, timestep_spacing=spacing, steps_offset=offset)
             sch.set_timesteps(n)
@@ -212,6 +213,16 @@ def test_iadb_alphas_and_conversions():
     assert S.iadb_alpha_to_sigma(0.25) == 3.0 and S.flow_t_to_sigma(0.5) == 1.0
     with pytest.raises(TypeError, match="sigma_to_flow_t"):
         S.sigma_to_flow_t("1.0")
+
+def test_python_lists_are_read_in_float64():
+    # torch.as_tensor alone would round lists of Python floats through float32 (0.1 -> 0.10000000149)
+    assert S.sample_sigmas([0.1, 0.3, 1.7, 10.0], 2).tolist() == [10.0, 0.3, 0.1]
+    assert S.alphas_cumprod([0.1, 0.2]).tolist() == [0.9, 0.9 * 0.8]
+    ab = [0.9, 0.5]
+    assert S.vp_sigmas(ab, torch.tensor([1, 0])).tolist() == S.vp_sigmas(torch.tensor(ab, dtype=F64),
+                                                                        torch.tensor([1, 0])).tolist()
+    table = S.alphas_cumprod(S.betas(50))
+    torch.testing.assert_close(S.ge_schedule(4, table.tolist()), S.ge_schedule(4, table), rtol=0, atol=0)
 
 #----------------------------------------------------------------------------
 # Validation.

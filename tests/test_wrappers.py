@@ -279,6 +279,9 @@ def test_wrapper_errors(unet):
         W.VPDiscreteDenoiser(lambda z, t: z, ab.flip(0))
     with pytest.raises(ValueError, match=r"values in \(0, 1\)"):
         W.VPDiscreteDenoiser(lambda z, t: z, torch.tensor([1.0, 0.5]))
+    # a list of Python floats is read in float64 (float32 would round 1 - 1e-9 to 1, outside (0, 1))
+    listed = W.VPDiscreteDenoiser(lambda z, t: z, [1 - 1e-9, 0.5])
+    assert listed.sigmas.dtype == torch.float64 and float(listed.sigmas[0]) == pytest.approx(math.sqrt(1e-9 / (1 - 1e-9)))
     cfg = W.VPDiscreteDenoiser(lambda z, t, c=None: z, ab, guidance_scale=3.0)
     with pytest.raises(ValueError, match="needs the unconditional inputs as uncond_<name>"):
         cfg(x, 1.0, c=torch.zeros(2))
