@@ -221,17 +221,21 @@ def run_steps(loop: _Loop, plan: coef_tables.Plan) -> None:
 # Plans: knobs validated, branches resolved on the host (shared by the samplers and the graph runner).
 
 
-def _knob(value, name: str, lo: float = 0.0, hi: float = math.inf, hi_open: bool = False) -> float:
+def _knob(value, name: str, lo: float = 0.0, hi: float = math.inf, hi_open: bool = False,
+          finite: bool = True) -> float:
+    """``value`` as a float in [lo, hi] (or [lo, hi)); infinite only where ``finite`` is False (the churn
+    window and strength, whose k-diffusion defaults and limits are infinite)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         raise TypeError(f"{name}: expected a number, got {value!r}")
-    if value < lo or value > hi or (hi_open and value == hi):
-        raise ValueError(f"{name}: expected a value in [{lo}, {hi}{')' if hi_open else ']'}, got {value}")
+    if value < lo or value > hi or (hi_open and value == hi) or (finite and math.isinf(value)):
+        raise ValueError(f"{name}: expected a {'finite ' if finite else ''}value in [{lo}, {hi}"
+                         f"{')' if hi_open else ']'}, got {value}")
     return float(value)
 
 
 def _churn_knobs(s_churn, s_tmin, s_tmax, s_noise) -> dict:
-    return {"s_churn": _knob(s_churn, "s_churn"), "s_tmin": _knob(s_tmin, "s_tmin"),
-            "s_tmax": _knob(s_tmax, "s_tmax"), "s_noise": _knob(s_noise, "s_noise")}
+    return {"s_churn": _knob(s_churn, "s_churn", finite=False), "s_tmin": _knob(s_tmin, "s_tmin", finite=False),
+            "s_tmax": _knob(s_tmax, "s_tmax", finite=False), "s_noise": _knob(s_noise, "s_noise")}
 
 
 def _plan_euler(sigmas, conv, *, s_churn, s_tmin, s_tmax, s_noise):

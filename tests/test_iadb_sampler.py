@@ -165,5 +165,5 @@ def test_errors():
         sample_iadb(d_model(gmm), x0, variant="two_head", backend=REF)
     with pytest.raises(ValueError, match="model: output must have the shape of x"):
         sample_iadb(lambda x, a: x[:, :1], x0, backend=REF)
-    with pytest.raises(ValueError, match=r"lam: expected a value in \[0.0, inf\]"):
+    with pytest.raises(ValueError, match=r"lam: expected a finite value in \[0.0, inf\]"):
         sample_iadb(d_model(gmm), x0, variant="stochastic", lam=-1.0)

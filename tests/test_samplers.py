@@ -356,12 +356,15 @@ def test_errors():
         sample(lambda x, s: x.long(), x, sig, "euler", backend=REF)
     with pytest.raises(TypeError, match="model: output must be a torch.Tensor"):
         sample(lambda x, s: 0.0, x, sig, "euler", backend=REF)
-    with pytest.raises(ValueError, match=r"mu: expected a value in \[0.0, 1.0\)"):
+    with pytest.raises(ValueError, match=r"mu: expected a finite value in \[0.0, 1.0\)"):
         sample(gmm, x, sig, "ge", mu=1.0)
     with pytest.raises(ValueError, match="integrator: expected one of"):
         sample(gmm, x, sig, "sde", integrator="rk4")
-    with pytest.raises(ValueError, match="eta: expected a value in"):
+    with pytest.raises(ValueError, match="eta: expected a finite value in"):
         sample(gmm, x, sig, "euler_ancestral", eta=-1.0)
+    for method, knob in (("euler_ancestral", "eta"), ("sde", "lam"), ("ge", "gamma"), ("euler", "s_noise")):
+        with pytest.raises(ValueError, match=f"{knob}: expected a finite value in"):  # named, not a table slot
+            sample(gmm, x, sig, method, **{knob: math.inf})
     with pytest.raises(TypeError, match="seed: expected an int or an int64 tensor"):
         sample(gmm, x, sig, "euler", seed=1.5)
     with pytest.raises(ValueError, match=r"seed: expected shape \(1,\) or \(3,\)"):
