@@ -119,7 +119,10 @@ def log_likelihood(model: Callable, x: torch.Tensor, *, sigma_min: float = 1e-3,
         model: the denoiser ``model(x, sigma) -> D`` (k-diffusion contract: x ``(rows, ...)`` in x's
             dtype, sigma a ``(rows,)`` tensor in x's dtype promoted to at least float32), e.g.
             :class:`diffkern.analytic.GaussianMixture`.
-        x: ``(B, ...)`` points, float16/bfloat16/float32/float64; the model sees this dtype.
+        x: ``(B, ...)`` points, float16/bfloat16/float32/float64; the model sees this dtype, so a noised point
+            is rounded to it: keep sigma_min well above the dtype's spacing at the points (bfloat16: |x|/128),
+            else the rounding, not sigma, sets the small-sigma noise and biases the estimate (a 2-D Gaussian in
+            bfloat16 at sigma_min = 1e-3: +0.48 nats, 6 standard errors; none at 0.03).
         sigma_min, sigma_max: the integration range of sigma (the part below sigma_min is dropped).
         n_levels: strata of ln sigma (model calls per repeat).
         grid: "random" (stratified, unbiased) or "fixed" (midpoints; the standard error then covers the
