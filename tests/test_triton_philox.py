@@ -119,10 +119,11 @@ class _AlignedSpy:
 
 
 @interpreter
-@pytest.mark.parametrize("P,aligned", [(64, True), (66, False), (8, False)], ids=["P64", "P66", "P8-one-per-thread"])
+@pytest.mark.parametrize("P,aligned", [(128, True), (66, False), (64, False)], ids=["P128", "P66", "P64-two-per-thread"])
 @pytest.mark.parametrize("per_sample_seed", [False, True], ids=["seed1", "seedB"])
 def test_hold_draws_the_stream_on_both_paths(monkeypatch, P, aligned, per_sample_seed):
-    """HOLD's noise is the stream on the block path (P % 4 == 0 and >= 2 positions per thread) and off it."""
+    """HOLD's noise is the stream on the block path (P % 4 == 0 and >= 4 positions per thread: BLOCK = P on one
+    warp here) and off it."""
     from diffkern.kernels import hold as k_hold
     from diffkern.ops.hold import hold_perturb, hold_transition, transition_table
 
