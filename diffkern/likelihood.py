@@ -238,7 +238,10 @@ def ode_log_likelihood(model: Callable, x: torch.Tensor, *, sigma_min: float = 1
     ``atol + rtol*|u|``), then ``ln p(x) = ln p_{sigma_max}(z_T) + logdet``. Points between modes make
     the ODE stiff around sigma ~ their distance to the modes, hence the adaptive steps. The trace is
     exact (autograd), so ``model`` must be differentiable in float64 and the dimension at most ``max_dim``.
-    ``terminal``: ``log_p(z, sigma) -> (B,)``; None: the Gaussian ``N(data_mean, sigma_max^2 + data_std^2)``.
+    ``terminal``: ``log_p(z, sigma) -> (B,)``; None: the Gaussian ``N(data_mean, sigma_max^2 + data_std^2)``,
+    evaluated at the one end point z_T, whose bias shrinks only like 1/sigma_max for a wrong data_mean (0.067,
+    0.018, 0.0047 nats at sigma_max = 20, 80, 320), not like the 1/sigma_max^2 of :func:`log_likelihood`'s
+    closed form, which averages over the noise.
     """
     _check_points(model, x)
     sigma_min, sigma_max = _check_range(sigma_min, sigma_max)
