@@ -149,7 +149,8 @@ def timesteps(num_inference_steps: int, num_train_timesteps: int = 1000, spacing
         # numpy's linspace (k*step, exact end point): torch.linspace computes its upper half from the end point,
         # which can land on the other side of a .5 tie (499.50000000000006 for N = 27, T = 1000 -> 500, not 499)
         t = k * ((T - 1) / max(N - 1, 1))
-        t[-1] = T - 1 if N > 1 else 0
+        if N > 1:
+            t[-1] = T - 1
         t = torch.round(t).flip(0)
     else:
         raise ValueError(f"timesteps: unknown spacing {spacing!r}; expected one of {SPACINGS}")

@@ -122,9 +122,6 @@ def hold_kernel_order(n: int) -> int:
     return n if 2 <= n <= 4 else 0
 
 
-HOLD_KERNEL_ORDERS = (0, 2, 3, 4)  # every value of hold_kernel_order
-
-
 def instantiations(op: str, dtypes: tuple[torch.dtype, ...], order: int | None = None) -> list[str]:
     """Name expressions of ``op``'s kernels for one dtype combination (the vector and the scalar variant).
 
@@ -138,7 +135,11 @@ def instantiations(op: str, dtypes: tuple[torch.dtype, ...], order: int | None =
     if op == "hold_transition":
         kernel = f"dk::gpu::hold_transition_kernel<{t[0]}, {t[1]}"
         v = hold_vec_width(dtypes[0])
-        orders = HOLD_KERNEL_ORDERS if order is None else (hold_kernel_order(order),)
+        if order is None:  # every kernel order: the values hold_kernel_order takes over the valid orders
+            from .hold import MAX_ORDER
+            orders = sorted({hold_kernel_order(n) for n in range(1, MAX_ORDER + 1)})
+        else:
+            orders = [hold_kernel_order(order)]
         packed = [f"{kernel}, {v}, {k}>" for k in orders] if v > 1 else []
         return packed + [f"{kernel}, 1, 0>"]
     if op == "hold_perturb":

@@ -65,11 +65,11 @@ def ddim_step(sample, model_output, alpha_prod_t: float, alpha_prod_t_prev: floa
     noise (shape of sample), else Philox noise from ``seed`` at counter ``step``. For a loop, build a
     table of :func:`ddim_row` once and call :func:`sampler_step` with a row index instead.
     """
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step: expected a Python int >= 0 (the Philox step counter), got {step!r}")
     row = coefs.table([ddim_row(alpha_prod_t, alpha_prod_t_prev, eta=eta, prediction_type=prediction_type,
                                 clip_sample=clip_sample, clip_sample_range=clip_sample_range,
                                 use_clipped_model_output=use_clipped_model_output)], device=sample.device)
-    if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
-        raise ValueError(f"step: expected a Python int >= 0 (the Philox step counter), got {step!r}")
     # The fused op reads row ``step`` and draws at counter ``step``: one row copied to the device, repeated there.
     table = row.expand(step + 1, coefs.NCOEF)
     x0 = x0_out if x0_out is not None else torch.empty_like(sample)
