@@ -103,7 +103,7 @@ def iadb_alphas(alphas, steps: int) -> list[float]:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps: expected an int >= 1, got {steps!r}")
         return (torch.arange(steps + 1, dtype=torch.float64) / steps).tolist()
-    a = schedules.host_float64(alphas)
+    a = schedules.host_float64(alphas, "alphas")
     if a.dim() != 1 or a.numel() < 2:
         raise ValueError(f"alphas: expected a 1-D schedule of N+1 >= 2 values, got shape {tuple(a.shape)}")
     if not torch.isfinite(a).all() or (a < 0).any() or (a > 1).any():

@@ -45,12 +45,16 @@ def _append_zero(s: torch.Tensor) -> torch.Tensor:
     return torch.cat([s, s.new_zeros(1)])
 
 
-def host_float64(value) -> torch.Tensor:
-    """float64 CPU copy of a tensor (any device and float dtype), array or sequence; a sequence of Python
-    floats is read as float64 (``torch.as_tensor`` alone would round it through the float32 default dtype)."""
+def host_float64(value, name: str) -> torch.Tensor:
+    """float64 CPU copy of a tensor (any device, shape and dtype), array or (nested) sequence of numbers; a
+    sequence of Python floats is read as float64 (``torch.as_tensor`` alone would round it through the float32
+    default dtype). ``name``: the argument, for the TypeError raised on anything else."""
     if isinstance(value, torch.Tensor):
         return value.detach().to("cpu", F64)
-    return torch.as_tensor(value, dtype=F64)
+    try:
+        return torch.as_tensor(value, dtype=F64)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"{name}: expected a tensor or a sequence of numbers, got {type(value).__name__}") from exc
 
 #----------------------------------------------------------------------------
 # VE sigma schedules (k-diffusion conventions: n sigmas then 0).
@@ -84,7 +88,7 @@ def sample_sigmas(train_sigmas, steps: int) -> torch.Tensor:
     """smalldiffusion's ``Schedule.sample_sigmas``: "trailing" subsampling of an increasing table of N training
     sigmas, ``idx_k = round(N*(1 - k/steps)) - 1`` for k < steps, then index 0. The schedule ends at
     ``train_sigmas[0]``, not 0. train_sigmas: (N,) increasing; returns (steps+1,) float64 CPU."""
-    table = host_float64(train_sigmas)
+    table = host_float64(train_sigmas, "train_sigmas")
     if table.dim() != 1 or table.numel() == 0:
         raise ValueError(f"sample_sigmas: train_sigmas must be a non-empty 1-D table, got shape {tuple(table.shape)}")
     _check_int(steps, "sample_sigmas: steps", 1)
@@ -117,7 +121,7 @@ def betas(num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: f
 
 def alphas_cumprod(beta: torch.Tensor) -> torch.Tensor:
     """``alpha_bar[t] = prod_{s<=t} (1 - beta[s])``. beta: (T,) with values in [0, 1); returns (T,) float64 CPU."""
-    b = host_float64(beta)
+    b = host_float64(beta, "beta")
     if b.dim() != 1 or b.numel() == 0:
         raise ValueError(f"alphas_cumprod: betas must be a non-empty 1-D tensor, got shape {tuple(b.shape)}")
     if not torch.isfinite(b).all() or (b < 0).any() or (b >= 1).any():
@@ -169,7 +173,7 @@ def vp_sigmas(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, final: str 
     alphas_cumprod: (T,) any float dtype (float32 diffusers tables are converted exactly); timesteps: (N,) ints
     in [0, T). Returns (N+1,) float64 CPU.
     """
-    ab = host_float64(alphas_cumprod)
+    ab = host_float64(alphas_cumprod, "alphas_cumprod")
     ts = torch.as_tensor(timesteps).detach().to("cpu")
     if ab.dim() != 1 or ab.numel() == 0 or not ((ab > 0) & (ab <= 1)).all():
         raise ValueError("vp_sigmas: alphas_cumprod must be a non-empty 1-D tensor with values in (0, 1]")
@@ -205,7 +209,7 @@ def ge_schedule(n: int, alphas_cumprod: torch.Tensor, start: float = 8.35, end: 
     lo, hi = _sigma_range(end, start, "ge_schedule (end, start)")
     if not 0 <= factor <= 1:
         raise ValueError(f"ge_schedule: factor must lie in [0, 1], got {factor}")
-    ab = host_float64(alphas_cumprod)
+    ab = host_float64(alphas_cumprod, "alphas_cumprod")
     if ab.dim() != 1 or ab.numel() < 2 or not ((ab > 0) & (ab <= 1)).all():
         raise ValueError("ge_schedule: alphas_cumprod must be a 1-D tensor of length >= 2 with values in (0, 1]")
     T = ab.numel()

@@ -228,7 +228,7 @@ class VPDiscreteDenoiser(ModelWrapper):
         if kind not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"{type(self).__name__}: prediction_type must be epsilon, v_prediction or sample, "
                              f"got {prediction_type!r}")
-        ab = schedules.host_float64(alphas_cumprod)
+        ab = schedules.host_float64(alphas_cumprod, "alphas_cumprod")
         if ab.dim() != 1 or ab.numel() < 2 or not ((ab > 0) & (ab < 1)).all():
             raise ValueError(f"{type(self).__name__}: alphas_cumprod must be a 1-D tensor of length >= 2 with "
                              "values in (0, 1)")

@@ -223,6 +223,11 @@ def test_python_lists_are_read_in_float64():
                                                                         torch.tensor([1, 0])).tolist()
     table = S.alphas_cumprod(S.betas(50))
     torch.testing.assert_close(S.ge_schedule(4, table.tolist()), S.ge_schedule(4, table), rtol=0, atol=0)
+    for bad in ("abc", [0.1, "a"], None):  # not numbers: a TypeError naming the argument
+        with pytest.raises(TypeError, match="^beta: expected a tensor or a sequence of numbers"):
+            S.alphas_cumprod(bad)
+    with pytest.raises(TypeError, match="^train_sigmas: expected a tensor or a sequence of numbers, got dict"):
+        S.sample_sigmas({"a": 1}, 2)
 
 #----------------------------------------------------------------------------
 # Validation.
