@@ -82,12 +82,20 @@ def no_partial_overlap(outputs: dict, inputs: dict, shared: dict | None = None) 
     """Outputs may be exactly an input (in-place) but may not partially overlap any input or each other, and
     may not overlap a ``shared`` input at all (one read by many elements: a table, seeds, a per-sample
     matrix, a dataset), which a kernel writing the output in parallel would change under other readers.
+    Nor may an output overlap itself (an expanded view).
 
     Skipped while ``torch.compile`` traces: fake tensors have no addresses, and the op's fake kernel still
     checks the shapes."""
     if torch.compiler.is_compiling():
         return
     outs = [(n, t) for n, t in outputs.items() if t is not None and t.numel() > 0]
+    for on, o in outs:
+        # Several elements at one address (a stride-0 dimension, e.g. from expand()): torch's copy into it
+        # would fail only after the launch, with a message that names no argument.
+        if any(size > 1 and stride == 0 for size, stride in zip(o.shape, o.stride())):
+            raise ValueError(f"{on}: several of its elements share one memory location (a stride-0 dimension of "
+                             f"shape {tuple(o.shape)}, strides {o.stride()}, e.g. from expand()); "
+                             f"pass an output of its own")
     ins = [(n, t) for n, t in inputs.items() if t is not None and t.numel() > 0]
     for on, o in outs:
         for n, t in (shared or {}).items():
