@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, KeyError, RuntimeError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, KeyError, RuntimeError, OSError) as exc:  # OSError: files that cannot be written
         print(f"diffkern {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

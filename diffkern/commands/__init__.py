@@ -12,13 +12,18 @@ def check_common(args) -> None:
     """
     import math
 
-    from .. import ops
-
     for flag in ("sigma_min", "sigma_max", "rho"):
         value = getattr(args, flag, None)
         if value is not None and not (math.isfinite(value) and value > 0):
             raise ValueError(f"--{flag.replace('_', '-')}: expected a finite number > 0, got {value}")
     if args.sigma_min >= args.sigma_max:
         raise ValueError(f"--sigma-min ({args.sigma_min}) must be below --sigma-max ({args.sigma_max})")
-    if args.backend is not None and args.backend not in ops.BACKENDS + ("auto",):
-        raise ValueError(f"--backend: expected one of {', '.join(ops.BACKENDS + ('auto',))}, got {args.backend!r}")
+    check_backend(args.backend)
+
+
+def check_backend(backend) -> None:
+    """--backend: None (the default), "auto" or a backend name; raises ValueError naming the flag."""
+    from .. import ops
+
+    if backend is not None and backend not in ops.BACKENDS + ("auto",):
+        raise ValueError(f"--backend: expected one of {', '.join(ops.BACKENDS + ('auto',))}, got {backend!r}")

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 def _run(args) -> int:
     from ..demo import run
+    from . import check_backend
+    from .sample import _check_out
 
+    for flag in ("steps", "n"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag}: expected an integer >= 1, got {getattr(args, flag)}")
+    check_backend(args.backend)
+    _check_out(args.out)
     summary = run(args.out, method=args.method, steps=args.steps, n=args.n, seed=args.seed, backend=args.backend)
     print(f"sampled {summary['n']} points of a 2-D Gaussian mixture with {summary['method']} "
           f"({summary['steps']} steps) on backend {summary['backend']} in {summary['seconds']:.3f} s")

@@ -62,7 +62,9 @@ def _run(args) -> int:
 
     from .. import analytic
     from ..likelihood import log_likelihood, ode_log_likelihood
+    from . import check_backend
 
+    check_backend(args.backend)
     if args.samples < 2:
         raise ValueError(f"--samples: expected an int >= 2 (the standard error needs two repeats), got {args.samples}")
     if args.levels < 1:

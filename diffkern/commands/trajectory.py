@@ -8,10 +8,9 @@ so the pictures show the sampler alone.
 """
 from __future__ import annotations
 
-import os
-
 from .._files import atomic_write
 from . import check_common
+from .sample import _check_out
 
 # CLI knob flag -> sampler keyword. A flag the method does not take is an error, not silently ignored.
 KNOB_FLAGS = {"gamma": "gamma", "mu": "mu", "lam": "lam", "eta": "eta", "s_churn": "s_churn"}
@@ -107,10 +106,7 @@ def _check_args(args) -> dict:
     if args.jump is not None and not 0 <= args.jump < args.steps:
         raise ValueError(f"--jump: expected a step in [0, {args.steps - 1}] (--steps {args.steps}), got {args.jump}")
     check_common(args)
-    if not args.out.lower().endswith(".png"):
-        raise ValueError(f"--out: expected a .png file name, got {args.out!r}")
-    if os.path.isdir(args.out):
-        raise ValueError(f"--out: {args.out!r} is a directory")
+    _check_out(args.out)
     valid = knobs(args.method)  # raises naming the method when it is unknown
     chosen = {kw: getattr(args, flag) for flag, kw in KNOB_FLAGS.items() if getattr(args, flag) is not None}
     for kw in chosen:

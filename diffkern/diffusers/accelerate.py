@@ -258,9 +258,29 @@ class AcceleratedPipeline:
 
 def _reject(unsupported: dict) -> None:
     given = {k: v for k, v in unsupported.items() if v is not None}
+    if given.get("callback_on_step_end") is None:  # the tensors a callback would get: harmless without one
+        given.pop("callback_on_step_end_tensor_inputs", None)
     if given:
         raise TypeError(f"accelerate: argument(s) {sorted(given)} not supported by the fused loop (per-step hooks, "
                         "schedule overrides and guidance variants need the pipeline's own loop)")
+
+
+# Pipeline arguments the fused loop refuses when given (AcceleratedPipeline._call_* take the others).
+_REFUSED_IF_GIVEN = {"timesteps", "sigmas", "ip_adapter_image", "ip_adapter_image_embeds", "callback_on_step_end",
+                     "callback_on_step_end_tensor_inputs", "callback", "callback_steps"}
+
+
+def _check_call_arguments(pipe, who: str, handler) -> None:
+    """Raise unless every argument of the pipeline's ``__call__`` is one ``handler`` implements (or refuses when
+    given). A pipeline with more (img2img's ``image``, PAG's ``pag_scale``, ControlNet's ...) runs a different loop,
+    which the fused one would silently replace by plain text-to-image sampling."""
+    known = (set(inspect.signature(handler).parameters) | _REFUSED_IF_GIVEN) - {"unsupported"}
+    params = inspect.signature(type(pipe).__call__).parameters.values()
+    extra = sorted(p.name for p in params
+                   if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in known)
+    if extra:
+        raise TypeError(f"accelerate: unsupported pipeline {who}: its __call__ takes {extra}, which the fused loop "
+                        "does not implement (it runs plain unconditional or text-to-image sampling)")
 
 
 def _pipeline_kind(pipe) -> str:
@@ -271,6 +291,12 @@ def _pipeline_kind(pipe) -> str:
     if unet is None or getattr(pipe, "scheduler", None) is None:
         raise TypeError(f"accelerate: unsupported pipeline {who}: expected a pipeline with a `unet` and a `scheduler`")
     if isinstance(unet, UNet2DModel):
+        # the loop decodes nothing: a latent pipeline (LDMPipeline's vqvae) would return undecoded latents
+        others = sorted(set(getattr(pipe, "components", {})) - {"unet", "scheduler"})
+        if others:
+            raise TypeError(f"accelerate: unsupported pipeline {who}: an unconditional UNet2DModel pipeline must have "
+                            f"only a unet and a scheduler, this one also has {others}")
+        _check_call_arguments(pipe, who, AcceleratedPipeline._call_unconditional)
         return "unconditional"
     if isinstance(unet, UNet2DConditionModel) and hasattr(pipe, "encode_prompt") and hasattr(pipe, "vae"):
         for option in ("addition_embed_type", "class_embed_type", "encoder_hid_dim_type"):
@@ -280,6 +306,7 @@ def _pipeline_kind(pipe) -> str:
         if unet.config.get("time_cond_proj_dim") is not None:
             raise TypeError(f"accelerate: unsupported pipeline {who}: guidance-embedding UNets (time_cond_proj_dim) "
                             "are not supported")
+        _check_call_arguments(pipe, who, AcceleratedPipeline._call_text2img)
         return "text2img"
     raise TypeError(f"accelerate: unsupported pipeline {who} with a {type(unet).__name__}: expected an unconditional "
                     "UNet2DModel pipeline or a text-to-image UNet2DConditionModel pipeline with encode_prompt and vae")
@@ -292,7 +319,8 @@ def accelerate(pipe, method=None, backend="auto", graph="auto", progress=False, 
         pipe: an unconditional ``UNet2DModel`` pipeline or a text-to-image ``UNet2DConditionModel`` pipeline
             (``encode_prompt``, ``vae``, ``image_processor``). Its scheduler (diffusers' or diffkern's DDIM, DDPM,
             DPM-Solver++, Euler, Euler-ancestral, Heun, GE or IADB) gives the schedule; it is read at each call, so
-            a later ``pipe.scheduler = ...`` applies.
+            a later ``pipe.scheduler = ...`` applies. A pipeline whose ``__call__`` takes arguments beyond those of
+            ``StableDiffusionPipeline`` / ``DDIMPipeline`` (img2img, ControlNet, PAG, ...) raises TypeError naming them.
         method: a :func:`diffkern.sampling.sample` method to use instead of the scheduler's own (on its schedule).
         backend: fused-op backend ("auto", "reference", "cpp", "triton", "cuda").
         graph: "auto" (the whole loop as one CUDA graph for CUDA pipelines, :mod:`diffkern.graphs`, falling back to
@@ -321,6 +349,15 @@ def accelerate(pipe, method=None, backend="auto", graph="auto", progress=False, 
         raise TypeError(f"accelerate: knobs {sorted(knobs)} need an explicit method=")
     kind = _pipeline_kind(pipe)
     acc = AcceleratedPipeline(pipe, method, backend, graph, progress, knobs, kind)
-    # an unsupported scheduler or config fails now, not at the first call (schedule checks at 10 steps)
-    acc._schedule(10, _default(pipe, "eta", 0.0))
+    # An unsupported scheduler or config fails now, not at the first call. Some limits depend on the step count
+    # (DPM-Solver's first-order last step below 15 steps): a config that runs at 10 or at 16 steps is accepted,
+    # and a call with an unsupported count raises then.
+    eta = _default(pipe, "eta", 0.0)
+    try:
+        acc._schedule(10, eta)
+    except ValueError as first:
+        try:
+            acc._schedule(16, eta)
+        except ValueError:
+            raise first from None
     return acc

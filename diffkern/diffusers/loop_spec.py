@@ -8,6 +8,7 @@ configurations the fused loop cannot reproduce raise ValueError naming the optio
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from .. import schedules
 from .schedulers import FusedScheduler
@@ -32,6 +33,17 @@ def _unsupported(name: str, option: str, value, why: str) -> ValueError:
                       f"run the pipeline with diffkern.diffusers.{name} as its scheduler instead")
 
 
+def _drop_identity_end(name: str, sigmas: list, timesteps: list) -> tuple[list, list]:
+    """Drop a last step from a sigma to the same sigma (``final_sigmas_type="sigma_min"`` on a schedule that
+    already ends at the table's smallest sigma; Karras' end point can differ from it in the last bits): it is the
+    identity in diffusers, and the sampler needs strictly decreasing sigmas."""
+    if math.isclose(sigmas[-1], sigmas[-2], rel_tol=1e-9):
+        if len(sigmas) == 2:
+            raise _unsupported(name, "final_sigmas_type", "sigma_min", "its single step goes from sigma_min to itself")
+        return sigmas[:-1], timesteps[:-1]
+    return sigmas, timesteps
+
+
 def diffkern_scheduler(scheduler) -> FusedScheduler:
     """A fresh diffkern scheduler equivalent to ``scheduler`` (a diffusers or diffkern scheduler)."""
     from . import SCHEDULERS
@@ -53,7 +65,7 @@ def loop_spec(ours: FusedScheduler, eta: float = 0.0) -> LoopSpec:
     if isinstance(ours, IADBScheduler):
         knobs = {"variant": cfg.variant, "lam": cfg.lam if cfg.variant == "stochastic" else 0.0}
         return LoopSpec("iadb", list(ours.alphas_host), ts, knobs, vp=False)
-    if cfg.get("clip_sample", False):
+    if ours._option("clip_sample", False):
         raise _unsupported(name, "clip_sample", True, "diffkern.sampling.sample does not clip x0")
     if name in ("DDIMScheduler", "DDPMScheduler"):
         for i in range(len(ts) - 1):
@@ -79,19 +91,25 @@ def loop_spec(ours: FusedScheduler, eta: float = 0.0) -> LoopSpec:
             return LoopSpec("euler", sigmas, ts, {}, vp=True)
         return LoopSpec("euler_ancestral", sigmas, ts, {"eta": float(eta)}, vp=True)
     if name == "DPMSolverMultistepScheduler":
-        sig = list(ours.sigmas_host)
+        # diffusers' last step is first order with euler_at_final, or lower_order_final below 15 steps; dpmpp_2m's
+        # is second order unless it ends at 0. An identity last step (dropped) makes the question moot.
         first_order_last = cfg.euler_at_final or (cfg.lower_order_final and len(ts) < 15)
-        if cfg.solver_order == 2 and first_order_last and sig[-1] > 0 and len(ts) > 1:
+        sig, kept = _drop_identity_end(name, list(ours.sigmas_host), ts)
+        if cfg.solver_order == 2 and first_order_last and sig[-1] > 0 and len(ts) > 1 and kept == ts:
             raise _unsupported(name, "final_sigmas_type", "sigma_min",
-                               "with a first-order last step (lower_order_final/euler_at_final)")
-        return LoopSpec("dpmpp_2m" if cfg.solver_order == 2 else "euler", sig, ts, {}, vp=True)
+                               f"with a first-order last step: euler_at_final, or lower_order_final with "
+                               f"{len(ts)} < 15 steps")
+        return LoopSpec("dpmpp_2m" if cfg.solver_order == 2 else "euler", sig, kept, {}, vp=True)
     sig = list(ours.sigmas_host)
+    if name == "HeunDiscreteScheduler":
+        ts = ts[:1] + ts[1::2]
+    sig, ts = _drop_identity_end(name, sig, ts)
     if name == "EulerDiscreteScheduler":
         return LoopSpec("euler", sig, ts, {}, vp=False)
     if name == "EulerAncestralDiscreteScheduler":
         return LoopSpec("euler_ancestral", sig, ts, {"eta": 1.0}, vp=False)
     if name == "HeunDiscreteScheduler":
-        return LoopSpec("heun", sig, ts[:1] + ts[1::2], {}, vp=False)
+        return LoopSpec("heun", sig, ts, {}, vp=False)
     if name == "GEScheduler":
         return LoopSpec("ge", sig, ts, {"gamma": float(cfg.gamma), "mu": float(cfg.mu)}, vp=False)
     raise ValueError(f"accelerate: unsupported scheduler {name}")

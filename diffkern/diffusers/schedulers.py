@@ -298,6 +298,64 @@ class FusedScheduler(SchedulerMixin, ConfigMixin):
 
     # -- diffusers API defaults -------------------------------------------------------------------
 
+    def _option(self, name: str, default):
+        """Config value of ``name`` if this class takes it, else ``default``. ``from_config`` also keeps keys that
+        only a compatible class takes (Heun's ``clip_sample`` in an Euler config, Euler's ``use_karras_sigmas`` in
+        an Euler-ancestral one); diffusers' class ignores them, and so must we."""
+        return self.config.get(name, default) if name in self._get_init_keys(type(self)) else default
+
+    def _sigma_at(self, i: int) -> float:
+        """VE sigma of ``timesteps[i]``."""
+        return self.sigmas_host[i]
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        """The VE sigmas of ``timesteps`` plus the final one (float32, CPU), as diffusers' Euler/Heun/DPM-Solver
+        ``sigmas`` (Heun: interleaved like its timesteps). Schedulers without VE sigmas (DDIM, DDPM, IADB) have
+        none, like diffusers' classes."""
+        host = self.__dict__.get("sigmas_host")
+        if host is None:  # (GE before set_timesteps) AttributeError: ConfigMixin.__getattr__ words the message
+            raise AttributeError("sigmas")
+        if self._host_timesteps is None:
+            return torch.tensor(host, dtype=torch.float32)
+        n = len(self._host_timesteps)
+        return torch.tensor([self._sigma_at(k) for k in range(n)] + [host[-1]], dtype=torch.float32)
+
+    def _noise_sigma(self, original_samples: torch.Tensor, timesteps) -> torch.Tensor:
+        """Per-sample VE sigma (float64, shaped to broadcast against ``original_samples``, on its device) for
+        ``add_noise``, chosen as diffusers chooses it: after ``set_begin_index``, the sigma of the current step
+        (``step_index``, else ``begin_index``) for every sample; otherwise the sigma of each timestep's position
+        in ``timesteps`` (the second one where it occurs twice). A timestep that is not in the schedule (or any
+        timestep before ``set_timesteps``) gets the training sigma at t, linearly interpolated (diffusers raises
+        there). The matching runs on the device: no synchronisation."""
+        dev = original_samples.device
+        t = torch.as_tensor(timesteps).to(dev).reshape(-1)
+        view = (-1,) + (1,) * (original_samples.dim() - 1)
+        if self._host_timesteps is not None and self._begin_index is not None:
+            k = self._step_index if self._step_index is not None else self._begin_index
+            return torch.full(t.shape, self._sigma_at(k), dtype=torch.float64, device=dev).view(view)
+        t = t.to(torch.float64)
+        table = self.train_sigmas.to(dev)
+        tc = t.clamp(0, len(table) - 1)
+        lo = tc.floor().long().clamp(max=len(table) - 2)
+        w = tc - lo
+        sigma = table[lo] * (1 - w) + table[lo + 1] * w
+        if self._host_timesteps is not None:
+            n = len(self._host_timesteps)
+            sched = torch.tensor(self._host_timesteps, dtype=torch.float64, device=dev)
+            sig = torch.tensor([self._sigma_at(k) for k in range(n)], dtype=torch.float64, device=dev)
+            hit = sched[None, :] == t[:, None]
+            count = hit.sum(1)
+            pick = hit & (hit.cumsum(1) == count.clamp(max=2)[:, None])
+            sigma = torch.where(count > 0, sig[pick.int().argmax(1)], sigma)
+        return sigma.view(view)
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """``original_samples + sigma*noise`` (VE state; ``sigma`` as :meth:`_noise_sigma` picks it), as
+        diffusers' Euler/Heun ``add_noise``; ``timesteps`` (B,), (1,) or a number."""
+        sigma = self._noise_sigma(original_samples, timesteps).to(original_samples.dtype)
+        return original_samples + noise * sigma
+
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         """Identity (the network takes the sample as it is)."""
         return sample

@@ -146,6 +146,14 @@ class IADBScheduler(FusedScheduler):
         table[:, coefs.F] = 1.0 - torch.tensor(self.alphas_host[:-1], dtype=torch.float64)
         return table, None
 
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """``x_alpha = (1 - alpha)*noise + alpha*original_samples`` with ``alpha = timestep/timestep_scale``
+        (per sample (B,), or one timestep)."""
+        t = torch.as_tensor(timesteps).to(original_samples.device).reshape(-1).to(torch.float64)
+        alpha = (t / self.config.timestep_scale).view((-1,) + (1,) * (original_samples.dim() - 1))
+        dtype = original_samples.dtype
+        return (1 - alpha).to(dtype) * noise + alpha.to(dtype) * original_samples
+
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True):
         """One deblending step; returns (prev_sample, pred_original_sample = x1 estimate)."""

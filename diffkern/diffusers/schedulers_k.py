@@ -64,7 +64,7 @@ class _KScheduler(FusedScheduler):
         sig = torch.from_numpy(np.interp(ts.numpy(), np.arange(T), self.train_sigmas.numpy()))
         lo = sigma_min if sigma_min is not None else float(sig[-1])
         hi = sigma_max if sigma_max is not None else float(sig[0])
-        karras, exponential = cfg.get("use_karras_sigmas", False), cfg.get("use_exponential_sigmas", False)
+        karras, exponential = self._option("use_karras_sigmas", False), self._option("use_exponential_sigmas", False)
         if karras:
             sig = schedules.karras(N, lo, hi)[:-1]
         elif exponential:
@@ -76,11 +76,8 @@ class _KScheduler(FusedScheduler):
 
     def _conv(self, sigma: float) -> dict:
         cfg = self.config
-        clip = cfg.clip_sample_range if cfg.get("clip_sample", False) else math.inf
+        clip = cfg.clip_sample_range if self._option("clip_sample", False) else math.inf
         return _conversion(cfg.prediction_type, sigma, clip)
-
-    def _sigma_at(self, i: int) -> float:
-        return self.sigmas_host[i]
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         """``sample / sqrt(sigma^2 + 1)`` at the current step (sigma from the host schedule)."""

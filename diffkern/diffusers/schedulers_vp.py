@@ -59,9 +59,11 @@ class _VPScheduler(FusedScheduler):
         else:  # diffusers' DDIM steps from t to t - T//N whatever the spacing
             self._prev = [int(t) - T // num_inference_steps for t in ts]
 
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """``sqrt(ab[t])*x0 + sqrt(1 - ab[t])*noise`` with per-sample timesteps (B,) (a device gather, no sync)."""
-        ab = self.alphas_cumprod.to(original_samples.device)[timesteps.to(original_samples.device).long()]
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """``sqrt(ab[t])*x0 + sqrt(1 - ab[t])*noise`` with per-sample timesteps (B,) or one timestep (a number or a
+        (1,) tensor) (a device gather, no sync)."""
+        t = torch.as_tensor(timesteps).to(original_samples.device).reshape(-1).long()
+        ab = self.alphas_cumprod.to(original_samples.device)[t]
         view = (-1,) + (1,) * (original_samples.dim() - 1)
         dtype = original_samples.dtype
         return (ab.sqrt().to(dtype).view(view) * original_samples
@@ -279,6 +281,14 @@ class DPMSolverMultistepScheduler(FusedScheduler):
         for r in rows:
             r[coefs.F], r[coefs.E] = 1.0, 0.0  # history = this step's x0 estimate, for the next step
         return coefs.table(rows), None
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """``alpha*x0 + alpha*sigma*noise`` with ``alpha = 1/sqrt(sigma^2 + 1)`` (the VP state), the VE ``sigma``
+        picked as diffusers' DPM-Solver picks it (:meth:`FusedScheduler._noise_sigma`)."""
+        sigma = self._noise_sigma(original_samples, timesteps)
+        alpha = 1.0 / (sigma * sigma + 1.0).sqrt()
+        dtype = original_samples.dtype
+        return alpha.to(dtype) * original_samples + (alpha * sigma).to(dtype) * noise
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              variance_noise: torch.Tensor = None, return_dict: bool = True):

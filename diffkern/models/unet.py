@@ -33,7 +33,9 @@ class NoiseEmbedding(nn.Module):
 
     def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
         arg = c_noise[:, None] * self.freqs[None, :]  # (B, num_freqs)
-        return self.mlp(torch.cat([arg.cos(), arg.sin()], dim=1))  # (B, dim)
+        # c_noise arrives in float32 at least; a 16-bit network takes the features in its own dtype
+        feats = torch.cat([arg.cos(), arg.sin()], dim=1).to(self.mlp[0].weight.dtype)
+        return self.mlp(feats)  # (B, dim)
 
 
 class ResBlock(nn.Module):

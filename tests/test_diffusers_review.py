@@ -1,0 +1,241 @@
+"""Regressions found reviewing the diffusers drop-in and the CLI as a user would use them.
+
+- ``add_noise`` on the VE/DPM schedulers (img2img pipelines call it after ``set_begin_index``; training scripts
+  call it with random timesteps), and ``sigmas``, as diffusers' classes have them.
+- ``from_config`` keeps keys that only a compatible class takes (Heun's ``clip_sample`` in an Euler config, Euler's
+  ``use_karras_sigmas`` in an Euler-ancestral one): diffusers' class ignores them, so ours must too.
+- ``accelerate``: a DPM-Solver config whose limit depends on the step count is accepted, and a last step from
+  sigma_min to itself (``final_sigmas_type="sigma_min"``) is dropped as the identity it is; callback tensor inputs
+  without a callback are harmless.
+- CLI: ``demo``, ``likelihood`` and ``trajectory`` bad arguments end in one line and exit code 2.
+
+Most comparisons with diffusers' float32 schedulers use a plain tolerance: the differences are float32 roundings of
+the same formulas (float64 tables on our side), orders of magnitude below the effects the bugs had. Karras
+schedules, whose timesteps differ by diffusers' float32 table, use the project's rule (test_diffusers_pipelines.py).
+"""
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+import diffkern.diffusers as dd  # noqa: E402
+from diffkern.__main__ import main  # noqa: E402
+from diffkern.testing import assert_matches_reference  # noqa: E402
+from test_diffusers_pipelines import (TEXT_STEPS, text2image, three_runs, tiny_sd, tiny_unet,  # noqa: E402, F401
+                                      unconditional)  # (tiny_sd: a fixture)
+
+SHAPE = (3, 2, 4, 4)
+VE_DPM = ["DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+          "HeunDiscreteScheduler"]
+
+
+def _pair(name, **config):
+    theirs = getattr(diffusers, name)(**config)
+    return theirs, getattr(dd, name).from_config(theirs.config)
+
+
+def _close(a, b, what, rel=2e-6):
+    scale = max(1.0, float(b.abs().max()))
+    assert float((a - b).abs().max()) <= rel * scale, what
+
+#----------------------------------------------------------------------------
+# add_noise and sigmas.
+
+
+@pytest.mark.parametrize("name", VE_DPM)
+@pytest.mark.parametrize("karras", [False, True])
+def test_add_noise_matches_diffusers(name, karras):
+    config = {"use_karras_sigmas": True} if karras and name != "EulerAncestralDiscreteScheduler" else {}
+    # Karras sigmas come from diffusers' float32 log-sigma table: ~1e-5 relative from our float64 ones
+    rel = 1e-4 if config else 2e-6
+    theirs, ours = _pair(name, **config)
+    for s in (theirs, ours):
+        s.set_timesteps(6)
+    gen = torch.Generator().manual_seed(0)
+    x, noise = torch.randn(SHAPE, generator=gen), torch.randn(SHAPE, generator=gen)
+    # per-sample timesteps looked up in the schedule (Heun's repeated ones included), then one for the batch
+    for pick in ([0, 3, -1], [2]):
+        _close(ours.add_noise(x, noise, ours.timesteps[pick]), theirs.add_noise(x, noise, theirs.timesteps[pick]),
+               f"{name} {config} add_noise at {pick}", rel)
+    # img2img: set_begin_index, add_noise before the first step and (inpainting) after one
+    for s in (theirs, ours):
+        s.set_begin_index(2)
+    _close(ours.add_noise(x, noise, ours.timesteps[2:3].repeat(3)),
+           theirs.add_noise(x, noise, theirs.timesteps[2:3].repeat(3)), f"{name} add_noise at begin_index", rel)
+    for s in (theirs, ours):
+        t = s.timesteps[2]
+        s.step(s.scale_model_input(x, t), t, x)
+    _close(ours.add_noise(x, noise, ours.timesteps[3:4]), theirs.add_noise(x, noise, theirs.timesteps[3:4]),
+           f"{name} add_noise after a step", rel)
+    assert ours.add_noise(x.half(), noise.half(), ours.timesteps[:1]).dtype == torch.float16
+
+
+def test_add_noise_training_timesteps_and_numbers():
+    gen = torch.Generator().manual_seed(1)
+    x, noise = torch.randn(SHAPE, generator=gen), torch.randn(SHAPE, generator=gen)
+    t = torch.tensor([0, 500, 999])
+    # before set_timesteps (training): the training sigma of each integer timestep, as diffusers' Euler
+    _close(dd.EulerDiscreteScheduler().add_noise(x, noise, t),
+           diffusers.EulerDiscreteScheduler().add_noise(x, noise, t.float()), "Euler add_noise, training timesteps")
+    _close(dd.DDPMScheduler().add_noise(x, noise, 10),
+           diffusers.DDPMScheduler().add_noise(x, noise, torch.tensor(10)), "DDPM add_noise with a python int")
+    iadb = dd.IADBScheduler(timestep_scale=10.0)
+    alpha = torch.tensor([0.0, 0.25, 1.0]).view(-1, 1, 1, 1)
+    torch.testing.assert_close(iadb.add_noise(x, noise, alpha.flatten() * 10), (1 - alpha) * noise + alpha * x)
+    ge = dd.GEScheduler()
+    ge.set_timesteps(4)
+    torch.testing.assert_close(ge.add_noise(x, noise, ge.timesteps[1:2]), x + ge.sigmas_host[1] * noise)
+
+
+@pytest.mark.parametrize("name", VE_DPM)
+def test_sigmas_match_diffusers(name):
+    theirs, ours = _pair(name, use_karras_sigmas=True) if name != "EulerAncestralDiscreteScheduler" else _pair(name)
+    for s in (theirs, ours):
+        s.set_timesteps(5)
+    assert ours.sigmas.dtype == torch.float32 and ours.sigmas.shape == theirs.sigmas.shape
+    torch.testing.assert_close(ours.sigmas, theirs.sigmas, rtol=1e-4, atol=0)
+    with pytest.raises(AttributeError, match="sigmas"):
+        dd.DDIMScheduler().sigmas
+
+
+@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "HeunDiscreteScheduler"])
+def test_img2img_pipeline_level1(tiny_sd, name):
+    """StableDiffusionImg2ImgPipeline: set_begin_index, Heun's order-2 slicing and add_noise on the VE state."""
+    base = tiny_sd(getattr(diffusers, name)())
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    outs = []
+    for sched in (getattr(diffusers, name)(), getattr(dd, name)()):
+        pipe = diffusers.StableDiffusionImg2ImgPipeline(**base.components)
+        pipe.scheduler = sched
+        pipe.set_progress_bar_config(disable=True)
+        outs.append(pipe("a cat", image=image, strength=0.6, num_inference_steps=2 * TEXT_STEPS, guidance_scale=3.0,
+                         output_type="pt", generator=torch.Generator().manual_seed(0)).images)
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-5)
+
+#----------------------------------------------------------------------------
+# Keys that from_config keeps for compatible classes.
+
+
+def test_compatible_class_keys_are_ignored():
+    gen = torch.Generator().manual_seed(2)
+    x, m = torch.randn(SHAPE, generator=gen), 3 * torch.randn(SHAPE, generator=gen)
+    source = diffusers.HeunDiscreteScheduler(clip_sample=True).config  # Euler's config then has clip_sample=True
+    for name in ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler"):
+        theirs = getattr(diffusers, name).from_config(source)
+        ours = getattr(dd, name).from_config(source)
+        assert ours.config.get("clip_sample") is True
+        for s in (theirs, ours):
+            s.set_timesteps(5)
+        t = ours.timesteps[0]
+        got = ours.step(m, t, x * float(ours.init_noise_sigma), generator=torch.Generator().manual_seed(0))
+        ref = theirs.step(m, theirs.timesteps[0], x * float(theirs.init_noise_sigma),
+                          generator=torch.Generator().manual_seed(0))
+        _close(got.prev_sample, ref.prev_sample, f"{name} from a clip_sample=True config (diffusers does not clip)")
+        dd.accelerate(diffusers.DDPMPipeline(unet=tiny_unet(), scheduler=theirs))  # no clip_sample refusal
+    karras = diffusers.EulerDiscreteScheduler(use_karras_sigmas=True).config
+    theirs = diffusers.EulerAncestralDiscreteScheduler.from_config(karras)
+    ours = dd.EulerAncestralDiscreteScheduler.from_config(karras)
+    for s in (theirs, ours):
+        s.set_timesteps(10)
+    torch.testing.assert_close(ours.timesteps, theirs.timesteps)  # no Karras sigmas in Euler-ancestral
+
+#----------------------------------------------------------------------------
+# accelerate.
+
+
+def _unconditional(pipe, steps):
+    return pipe(batch_size=2, generator=torch.Generator().manual_seed(4), num_inference_steps=steps,
+                output_type="pt").images
+
+
+@pytest.mark.parametrize("config", [
+    {"final_sigmas_type": "sigma_min", "use_karras_sigmas": True},   # identity last step, dropped
+    {"final_sigmas_type": "sigma_min", "use_karras_sigmas": True, "euler_at_final": True},
+])
+def test_accelerate_dpm_sigma_min_karras(config):
+    """The project's rule against the pipeline run in float64 (Karras timesteps differ from diffusers' float32
+    ones by its table's rounding)."""
+    pipe = lambda s: diffusers.DDPMPipeline(unet=tiny_unet(), scheduler=s)  # noqa: E731
+    ours, truth, eager = three_runs(pipe, "DPMSolverMultistepScheduler", config, unconditional, 2)
+    assert_matches_reference(ours, truth, eager, f"accelerate DPM {config}")
+
+
+def test_accelerate_dpm_sigma_min_16_steps():
+    """A second-order last step to sigma_min from 15 steps on: accepted by accelerate() (10 steps cannot run)."""
+    pipe = diffusers.DDPMPipeline(unet=tiny_unet(),
+                                  scheduler=diffusers.DPMSolverMultistepScheduler(final_sigmas_type="sigma_min"))
+    pipe.set_progress_bar_config(disable=True)
+    fast = dd.accelerate(pipe)
+    torch.testing.assert_close(_unconditional(fast, 16), _unconditional(pipe, 16), rtol=0, atol=1e-5)
+
+
+def test_accelerate_dpm_sigma_min_below_15_steps_raises():
+    pipe = diffusers.DDPMPipeline(unet=tiny_unet(),
+                                  scheduler=diffusers.DPMSolverMultistepScheduler(final_sigmas_type="sigma_min"))
+    fast = dd.accelerate(pipe)
+    with pytest.raises(ValueError, match="lower_order_final with 4 < 15 steps"):
+        _unconditional(fast, 4)
+    pipe.scheduler = diffusers.DPMSolverMultistepScheduler(final_sigmas_type="sigma_min", euler_at_final=True)
+    with pytest.raises(ValueError, match="final_sigmas_type='sigma_min'"):
+        dd.accelerate(pipe)
+
+
+def test_accelerate_euler_sigma_min(tiny_sd):
+    pipe = tiny_sd(diffusers.EulerDiscreteScheduler(final_sigmas_type="sigma_min"))
+    fast = dd.accelerate(pipe)
+    # linspace ends at t = 0, whose sigma is sigma_min: the last step is the identity
+    torch.testing.assert_close(text2image(fast, torch.Generator().manual_seed(0)),
+                               text2image(pipe, torch.Generator().manual_seed(0)), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="single step goes from sigma_min to itself"):
+        fast("a cat", num_inference_steps=1)
+
+
+def test_accelerate_callback_tensor_inputs_without_callback(tiny_sd):
+    fast = dd.accelerate(tiny_sd(diffusers.EulerDiscreteScheduler()))
+    kw = {"num_inference_steps": 2, "output_type": "latent", "callback_on_step_end_tensor_inputs": ["latents"]}
+    assert fast("a cat", **kw).images.shape == (1, 4, 8, 8)
+    with pytest.raises(TypeError, match="callback_on_step_end"):
+        fast("a cat", callback_on_step_end=lambda *a: {}, **kw)
+
+def test_accelerate_refuses_pipelines_with_other_loops(tiny_sd):
+    """Pipelines whose loop does more than plain sampling (img2img, PAG) or decodes latents (LDM) are refused by
+    name at accelerate(), not silently run as plain text-to-image / unconditional sampling."""
+    base = tiny_sd(diffusers.EulerDiscreteScheduler())
+    with pytest.raises(TypeError, match=r"StableDiffusionImg2ImgPipeline: its __call__ takes \['image', 'strength'\]"):
+        dd.accelerate(diffusers.StableDiffusionImg2ImgPipeline(**base.components))
+    with pytest.raises(TypeError, match="StableDiffusionPAGPipeline.*pag_scale"):
+        dd.accelerate(diffusers.StableDiffusionPAGPipeline(**base.components, pag_applied_layers=["mid"]))
+    vqvae = diffusers.VQModel(in_channels=3, out_channels=3, latent_channels=3, block_out_channels=(8,),
+                              norm_num_groups=4)
+    ldm = diffusers.LDMPipeline(vqvae=vqvae, unet=tiny_unet(), scheduler=diffusers.DDIMScheduler(clip_sample=False))
+    with pytest.raises(TypeError, match=r"LDMPipeline: .* also has \['vqvae'\]"):
+        dd.accelerate(ldm)
+
+#----------------------------------------------------------------------------
+# CLI.
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["demo", "--n", "0"], "--n"),
+    (["demo", "--steps", "0"], "--steps"),
+    (["demo", "--out", "demo.jpg"], "--out"),
+    (["demo", "--backend", "warp"], "--backend"),
+    (["likelihood", "--points", "1,2", "--backend", "warp"], "--backend"),
+    (["trajectory", "--out", "blocker/t.png"], "not a directory"),
+])
+def test_cli_bad_arguments_one_line_exit_2(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "blocker").write_text("x")
+    rc = main(argv)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith(f"diffkern {argv[0]}: error:") and message in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker"]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_cli_sample_16_bit(tmp_path, capsys, dtype):
+    """--dtype float16/bfloat16 (the network's dtype): the noise embedding takes the float32 c_noise."""
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--dtype", dtype, "--steps", "2", "--batch", "2", "--no-progress", "--out", str(out)]) == 0
+    assert out.is_file() and "wrote" in capsys.readouterr().out
