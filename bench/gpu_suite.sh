@@ -161,7 +161,7 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
     for n, (H, W) in ((1, (5, 7)), (2, (5, 7)), (3, (5, 7)), (6, (5, 7)), (2, (4, 5)), (3, (4, 5)), (4, (4, 5)),
                       (8, (4, 5))):
         # HOLD: (B, n*C, H, W) states, per-sample seeds; P = C*H*W = 40 takes the 4-element kernel (of the
-        # order for n = 2, 3, 4)
+        # order for n = 2, 3, 4), hold_perturb too
         B, C = 3, 2
         z = torch.randn(B, n * C, H, W, device=dev).to(dtype)
         K, k, L = torch.rand(2, n, n), torch.rand(2, n), torch.tril(torch.rand(2, n, n))
@@ -175,6 +175,9 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         dops.hold_perturb(torch.randn(B, C, H, W, device=dev).to(dtype), mean, chol, seed=seed, step=2,
                           out=torch.empty(B, n * C, H, W, device=dev, dtype=dtype),
                           eps_out=torch.empty(B, C, H, W, device=dev, dtype=dtype), backend="cuda")
+        full = torch.rand(B, n, n, dtype=torch.float64, device=dev)  # m = n: a whole initial state
+        dops.hold_perturb(torch.randn(B, n * C, H, W, device=dev).to(dtype), full, chol, seed=seed[:1], step=2,
+                          backend="cuda")
 torch.cuda.synchronize()
 print("memcheck launches done")
 EOF

@@ -86,7 +86,8 @@ def test_plan_picks_the_vector_kernel_only_when_every_pointer_is_aligned():
     name, _ = cuda_rtc.plan("sampler_step", (f32, bf16), [256], [1028], 4096, 132)
     assert name.endswith(", 1>")
     assert cuda_rtc.plan("philox_normal", (torch.float16,), [16], [], 80, 132)[0].endswith("<__half, 8>")
-    assert cuda_rtc.plan("hold_perturb", (torch.float64,), [], [], 300, 132) == ("dk::gpu::hold_perturb_kernel<double>", 2)
+    assert cuda_rtc.plan("hold_perturb", (torch.float64,), [256], [], 300, 132, order=3) == (
+        "dk::gpu::hold_perturb_kernel<double, 1, 0>", 2)
     # hold_transition: four elements per thread when P % 4 == 0 and z, noise, out, eps_hat are 4-element aligned
     name, grid = cuda_rtc.plan("hold_transition", (bf16, f32), [256, 0, 512], [1024], 4096, 132, order=5)
     assert name == "dk::gpu::hold_transition_kernel<__nv_bfloat16, float, 4, 0>" and grid == 4
@@ -97,23 +98,36 @@ def test_plan_picks_the_vector_kernel_only_when_every_pointer_is_aligned():
                          order=3)[1] == 16
     assert cuda_rtc.plan("hold_transition", (torch.float64, f32), [256], [1024], 4096, 132, order=3) == (
         "dk::gpu::hold_transition_kernel<double, float, 1, 0>", 16)
-    with pytest.raises(ValueError, match="order"):
-        cuda_rtc.plan("hold_transition", (f32, f32), [256], [1024], 4096, 132)
+    for op, dtypes in (("hold_transition", (f32, f32)), ("hold_perturb", (f32,))):
+        with pytest.raises(ValueError, match=f"order: {op}"):
+            cuda_rtc.plan(op, dtypes, [256], [1024], 4096, 132)
     with pytest.raises(KeyError, match="no run-time CUDA kernel"):
         cuda_rtc.instantiations("likelihood_accum", (torch.float32,))
 
 
-def test_hold_transition_kernel_per_order():
+@pytest.mark.parametrize("op, model", [("hold_transition", "float, "), ("hold_perturb", "")])
+def test_hold_kernels_per_order(op, model):
     """The packed kernel of orders 2, 3, 4 is compiled for that order (common/hold.h hold_kernel_order; the
     NVRTC program asserts the mirror), every other order takes the any-order kernel (N = 0)."""
     f32 = torch.float32
+    dtypes = (f32, f32) if model else (f32,)
     for n in range(1, 9):
-        name, _ = cuda_rtc.plan("hold_transition", (f32, f32), [256], [1024], 4096, 132, order=n)
-        assert name == f"dk::gpu::hold_transition_kernel<float, float, 4, {n if n in (2, 3, 4) else 0}>"
-        names = cuda_rtc.instantiations("hold_transition", (f32, f32), n)
-        assert names == [name, "dk::gpu::hold_transition_kernel<float, float, 1, 0>"]
-    every = cuda_rtc.instantiations("hold_transition", (f32, torch.float16))
+        name, _ = cuda_rtc.plan(op, dtypes, [256], [1024] if model else [], 4096, 132, order=n)
+        assert name == f"dk::gpu::{op}_kernel<float, {model}4, {n if n in (2, 3, 4) else 0}>"
+        names = cuda_rtc.instantiations(op, dtypes, n)
+        assert names == [name, f"dk::gpu::{op}_kernel<float, {model}1, 0>"]
+    every = cuda_rtc.instantiations(op, dtypes[:-1] + (torch.float16,) if model else (torch.float16,))
     assert [s.split(", ")[-2:] for s in every] == [["4", "0>"], ["4", "2>"], ["4", "3>"], ["4", "4>"], ["1", "0>"]]
+
+
+def test_hold_perturb_plan_packs_only_aligned_whole_groups():
+    """hold_perturb takes four elements per thread when P % 4 == 0 and z0, noise, out, eps_out are aligned to 4."""
+    bf16 = torch.bfloat16
+    assert cuda_rtc.plan("hold_perturb", (bf16,), [256, 0, 512, 1024], [], 4096, 132, order=3) == (
+        "dk::gpu::hold_perturb_kernel<__nv_bfloat16, 4, 3>", 4)
+    assert cuda_rtc.plan("hold_perturb", (bf16,), [256, 0, 512, 1026], [], 4096, 132, order=3)[0].endswith(", 1, 0>")
+    assert cuda_rtc.plan("hold_perturb", (bf16,), [256], [], 4096, 132, whole_packs=False, order=3) == (
+        "dk::gpu::hold_perturb_kernel<__nv_bfloat16, 1, 0>", 16)
 
 
 def test_sources_are_found_and_hashed():

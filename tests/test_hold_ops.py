@@ -332,6 +332,33 @@ def test_perturb_cuda(backend, dtype, n, m):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("n", (1, 2, 3, 4, 5, MAX_ORDER))
+def test_perturb_cuda_whole_groups(backend, dtype, n):
+    """P % 4 == 0: four elements per thread, one Philox group per component, the kernel of the order for n = 2,
+    3, 4 (as hold_transition); explicit noise; a misaligned eps_out takes the one-element kernel."""
+    for m, seed in ((1, torch.tensor([5])), (n, torch.tensor([5, 6, 7]))):
+        z0, mean_mat, chol = (t.cuda() for t in perturb_inputs(3, n, m, 4, (8, 5), dtype))  # P = 160
+        seed = seed.cuda()
+        ref64, eps64 = hold_perturb_reference(z0.double(), mean_mat, chol, n * 4, seed=seed, step=2)
+        eager, eps_e = hold_perturb_reference(z0, mean_mat, chol, n * 4, seed=seed, step=2)
+        eps_out = torch.full((3, 4, 8, 5), math.nan, dtype=dtype, device="cuda")
+        out = hold_perturb(z0, mean_mat, chol, seed=seed, step=2, eps_out=eps_out, backend=backend)
+        assert_matches_reference(out, ref64, eager, f"perturb P % 4 == 0, n={n} m={m} [{backend}]")
+        assert_matches_reference(eps_out, eps64, eps_e, f"perturb eps_out n={n} m={m} [{backend}]")
+    noise = make_tensor((3, n * 4, 8, 5), dtype, seed=3, device="cuda")
+    ref64, _ = hold_perturb_reference(z0.double(), mean_mat, chol, n * 4, noise=noise.double())
+    eager, _ = hold_perturb_reference(z0, mean_mat, chol, n * 4, noise=noise)
+    out = hold_perturb(z0, mean_mat, chol, noise=noise, backend=backend)
+    assert_matches_reference(out, ref64, eager, f"perturb explicit noise n={n} [{backend}]")
+    flat = torch.full((3 * 4 * 40 + 1,), math.nan, dtype=dtype, device="cuda")
+    eps_out = flat[1:].view(3, 4, 8, 5)  # one element past an aligned pointer
+    hold_perturb(z0, mean_mat, chol, seed=seed, step=2, eps_out=eps_out, backend=backend)
+    assert_matches_reference(eps_out, eps64, eps_e, f"perturb misaligned eps_out n={n} [{backend}]")
+
+
+@pytest.mark.cuda
 def test_cuda_noise_free_step_is_bitwise_the_cpu_step():
     """No FMA on either side (csrc/common/hd.h): a row without noise rounds identically on CPU and GPU."""
     if "cpp" not in usable_backends("cpu") or "cuda" not in CUDA_BACKENDS:

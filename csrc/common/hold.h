@@ -107,27 +107,31 @@ DK_HOST_DEVICE void hold_transition_element(const HoldRow<C>& r, int n, const C*
   }
 }
 
-// One element of hold_perturb with per-sample matrices M (n x m, row stride m) and L (n x n, row
-// stride n) already in the compute type: z0[m], eps[n] -> out[n].
-template <class C>
-DK_HOST_DEVICE void hold_perturb_element(int n, int m, const C* M, const C* L, const C* z0, const C* eps, C* out) {
+// One element of hold_perturb of order n <= NMAX with per-sample matrices M (n x m, m = 1 or n) and L
+// (n x n, lower triangular) already in the compute type: z0[m], eps[n] -> out[n]. Fixed row strides NMAX
+// (not m, n) and loops to NMAX with guards: every index is a compile-time constant once a GPU compiler
+// unrolls them, so the matrices stay in registers (row strides read at run time put them in local memory:
+// 576 B per thread in float32, reloaded per element).
+template <class C, int NMAX = kHoldMaxOrder>
+DK_HOST_DEVICE void hold_perturb_element(int n, int m, const C (&M)[NMAX][NMAX], const C (&L)[NMAX][NMAX],
+                                         const C* z0, const C* eps, C* out) {
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-  for (int i = 0; i < kHoldMaxOrder; ++i) {
+  for (int i = 0; i < NMAX; ++i) {
     if (i >= n) continue;
-    C acc = mul_rn(M[i * m], z0[0]);
+    C acc = mul_rn(M[i][0], z0[0]);
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-    for (int j = 1; j < kHoldMaxOrder; ++j) {
-      if (j < m) acc = add_rn(acc, mul_rn(M[i * m + j], z0[j]));
+    for (int j = 1; j < NMAX; ++j) {
+      if (j < m) acc = add_rn(acc, mul_rn(M[i][j], z0[j]));
     }
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-    for (int j = 0; j < kHoldMaxOrder; ++j) {
-      if (j <= i) acc = add_rn(acc, mul_rn(L[i * n + j], eps[j]));
+    for (int j = 0; j < NMAX; ++j) {
+      if (j <= i) acc = add_rn(acc, mul_rn(L[i][j], eps[j]));
     }
     out[i] = acc;
   }

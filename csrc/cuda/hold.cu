@@ -11,17 +11,27 @@
 // by one philox_normal4 call instead of four scalar draws, and each component moves as one vector.
 // sm_90 SASS of the any-order kernels, cheapest loop path drawing noise for three columns (n = 3), per
 // element (bench/sass_path.py): float32 621 instructions with V = 1, 235.8 with V = 4 (bfloat16 626 -> 247;
-// six columns 1130 -> 424). Otherwise, and for hold_perturb (per-sample matrices already hold 2 * n * n
-// registers per thread), V = 1.
+// six columns 1130 -> 424). Otherwise V = 1.
 //
 // The packed kernel is also compiled for each order N = hold_kernel_order(n) of 2, 3 and 4: its arrays then
 // have N rows instead of kHoldMaxOrder and its guards fold away. ptxas -v (sm_90, float32, V = 4): 48 / 64 /
 // 102 registers for N = 2 / 3 / 4 against 238 for the any-order kernel (N = 0), so 5 / 4 / 2 blocks of 256
 // threads fit an SM instead of 1 (more loads in flight); instructions per element change little (n = 3:
 // 233.5). N = 0 serves the other orders and the V = 1 kernel.
+//
+// hold_perturb launches the same way (V = 4 and the per-order kernels under the same conditions, through
+// launch_hold), and keeps its per-sample matrices in registers, loaded once per V elements. sm_90 SASS,
+// float32, n = 3, m = 1, three noise columns drawn, per element: 266.8 instructions (bfloat16 265.8), 88.5
+// with explicit noise; the previous one-element kernel indexed the matrices at run time (576 B of local
+// memory per thread, stored and reloaded per element): 2327 with noise, 1856 without. 64 registers (was 126).
 #include "common/hold.h"
 #include "common/philox.h"
 #include "cuda/device_utils.cuh"
+
+#if !defined(__CUDACC_RTC__)
+#include <initializer_list>
+#include <type_traits>
+#endif
 
 namespace dk {
 namespace gpu {
@@ -127,33 +137,54 @@ __global__ void __launch_bounds__(kThreads) hold_transition_kernel(const HoldTra
   }
 }
 
-template <class S>
+// hold_perturb: V and N as hold_transition's (packed when P % 4 == 0 and z0, noise, out, eps_out are aligned
+// to 4 elements); m = 1 or n. The per-sample matrices are loaded once per V elements (warp-uniform reads:
+// consecutive threads share a sample), into registers (hold_perturb_element's fixed strides).
+template <class S, int V, int N>
 __global__ void __launch_bounds__(kThreads) hold_perturb_kernel(const HoldPerturbParams p) {
   using C = typename ComputeOf<S>::type;
-  const int n = p.n, m = p.m;
+  constexpr int kMax = N > 0 ? N : kHoldMaxOrder;
+  const int n = N > 0 ? N : p.n, m = p.m;
   const long long P = p.per_component, total = p.batch * P;
   const u32 step = static_cast<u32>(p.step);
-  const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
-  for (long long e = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += stride) {
-    const long long b = e / P, pos = e - b * P;
-    C Mb[kHoldMaxOrder * kHoldMaxOrder], Lb[kHoldMaxOrder * kHoldMaxOrder];  // this sample's matrices
+  const long long stride = static_cast<long long>(gridDim.x) * blockDim.x * V;
+  for (long long e = (static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x) * V; e < total; e += stride) {
+    const long long b = e / P, pos = e - b * P;  // V == 4: the four elements are in one sample
+    C Mb[kMax][kMax], Lb[kMax][kMax];             // this sample's matrices
 #pragma unroll
-    for (int q = 0; q < kHoldMaxOrder * kHoldMaxOrder; ++q) {
-      Mb[q] = q < n * m ? static_cast<C>(__ldg(p.mean_mat + b * n * m + q)) : C(0);
-      Lb[q] = q < n * n ? static_cast<C>(__ldg(p.chol + b * n * n + q)) : C(0);
-    }
-    C z0[kHoldMaxOrder], eps[kHoldMaxOrder], out[kHoldMaxOrder];
+    for (int i = 0; i < kMax; ++i) {
 #pragma unroll
-    for (int k = 0; k < kHoldMaxOrder; ++k) {
-      z0[k] = k < m ? load_one<C, S>(p.z0, b * m * P + k * P + pos) : C(0);
-      eps[k] = k < n ? entry_noise<S, C>(p.noise, p.seed, p.num_seeds, step, b, n, P, k * P + pos) : C(0);
+      for (int j = 0; j < kMax; ++j) {
+        Mb[i][j] = i < n && j < m ? static_cast<C>(__ldg(p.mean_mat + (b * n + i) * m + j)) : C(0);
+        Lb[i][j] = i < n && j <= i ? static_cast<C>(__ldg(p.chol + (b * n + i) * n + j)) : C(0);
+      }
     }
-    hold_perturb_element<C>(n, m, Mb, Lb, z0, eps, out);
+    C z0[kMax][V], eps[kMax][V];
 #pragma unroll
-    for (int k = 0; k < kHoldMaxOrder; ++k) {
-      if (k < n) store_one<C, S>(p.out, b * n * P + k * P + pos, out[k]);
+    for (int k = 0; k < kMax; ++k) {
+#pragma unroll
+      for (int q = 0; q < V; ++q) z0[k][q] = eps[k][q] = C(0);
+      if (k < m) load_pack<C, S, V>(p.z0, (b * m + k) * P + pos, z0[k]);
+      if (k < n) entry_noise_pack<S, C, V>(p.noise, p.seed, p.num_seeds, step, b, n, P, k * P + pos, eps[k]);
     }
-    if (p.eps_out != nullptr) store_one<C, S>(p.eps_out, b * P + pos, eps[n - 1]);
+    C out[kMax][V];
+#pragma unroll
+    for (int q = 0; q < V; ++q) {
+      C z0q[kMax], epsq[kMax], outq[kMax];
+#pragma unroll
+      for (int k = 0; k < kMax; ++k) {
+        z0q[k] = z0[k][q];
+        epsq[k] = eps[k][q];
+      }
+      hold_perturb_element<C, kMax>(n, m, Mb, Lb, z0q, epsq, outq);
+#pragma unroll
+      for (int k = 0; k < kMax; ++k) out[k][q] = outq[k];
+    }
+#pragma unroll
+    for (int k = 0; k < kMax; ++k) {
+      if (k < n) store_pack<C, S, V>(p.out, (b * n + k) * P + pos, out[k]);
+      if (k == n - 1 && p.eps_out != nullptr) store_pack<C, S, V>(p.eps_out, b * P + pos, eps[k]);
+    }
   }
 }
 
@@ -161,36 +192,51 @@ __global__ void __launch_bounds__(kThreads) hold_perturb_kernel(const HoldPertur
 
 namespace {
 
-template <class S, class M>
-cudaError_t launch_transition(const HoldTransitionParams& p, cudaStream_t stream) {
-  constexpr int V = hold_vec_width<S>();
-  const long long total = p.batch * p.per_component;
-  bool packed = V > 1 && p.per_component % V == 0 && aligned(p.eps_hat, V * sizeof(M));
-  const void* state_ptrs[] = {p.z, p.noise, p.out};
-  for (const void* q : state_ptrs) packed = packed && aligned(q, V * sizeof(S));
+template <int K>
+using Int = std::integral_constant<int, K>;
+
+// Both ops launch as one: V elements per thread with the kernel of order hold_kernel_order(n) when
+// ``packed``, else one element per thread and the any-order kernel. launch(Int<V>, Int<N>, blocks).
+template <int V, class Launch>
+cudaError_t launch_hold(bool packed, int n, long long total, Launch launch) {
   if (!packed) {
-    hold_transition_kernel<S, M, 1, 0><<<grid_size(total), kThreads, 0, stream>>>(p);
-    return cudaGetLastError();
-  }
-  if constexpr (V > 1) {
+    launch(Int<1>{}, Int<0>{}, grid_size(total));
+  } else if constexpr (V > 1) {
     const int blocks = grid_size(total / V);
-    switch (hold_kernel_order(p.n)) {
-      case 2: hold_transition_kernel<S, M, V, 2><<<blocks, kThreads, 0, stream>>>(p); break;
-      case 3: hold_transition_kernel<S, M, V, 3><<<blocks, kThreads, 0, stream>>>(p); break;
-      case 4: hold_transition_kernel<S, M, V, 4><<<blocks, kThreads, 0, stream>>>(p); break;
-      default: hold_transition_kernel<S, M, V, 0><<<blocks, kThreads, 0, stream>>>(p);
+    switch (hold_kernel_order(n)) {
+      case 2: launch(Int<V>{}, Int<2>{}, blocks); break;
+      case 3: launch(Int<V>{}, Int<3>{}, blocks); break;
+      case 4: launch(Int<V>{}, Int<4>{}, blocks); break;
+      default: launch(Int<V>{}, Int<0>{}, blocks);
     }
   }
   return cudaGetLastError();
 }
 
+// The packed kernels' condition: V > 1, P % V == 0, and every pointer aligned to V of its elements.
+template <class S>
+bool hold_packed(long long per_component, std::initializer_list<const void*> state_ptrs, const void* model_ptr = nullptr,
+                 size_t model_size = 0) {
+  constexpr int V = hold_vec_width<S>();
+  bool packed = V > 1 && per_component % V == 0 && aligned(model_ptr, V * model_size);
+  for (const void* q : state_ptrs) packed = packed && aligned(q, V * sizeof(S));
+  return packed;
+}
+
 }  // namespace
 
 cudaError_t hold_transition_launch(const HoldTransitionParams& p, cudaStream_t stream) {
-  if (p.batch * p.per_component == 0) return cudaSuccess;
+  const long long total = p.batch * p.per_component;
+  if (total == 0) return cudaSuccess;
   return with_storage(static_cast<DType>(p.state_dtype), [&](auto s) {
-    return with_storage(static_cast<DType>(p.model_dtype),
-                        [&](auto m) { return launch_transition<decltype(s), decltype(m)>(p, stream); });
+    return with_storage(static_cast<DType>(p.model_dtype), [&](auto m) {
+      using S = decltype(s);
+      using M = decltype(m);
+      const bool packed = hold_packed<S>(p.per_component, {p.z, p.noise, p.out}, p.eps_hat, sizeof(M));
+      return launch_hold<hold_vec_width<S>()>(packed, p.n, total, [&](auto v, auto k, int blocks) {
+        hold_transition_kernel<S, M, decltype(v)::value, decltype(k)::value><<<blocks, kThreads, 0, stream>>>(p);
+      });
+    });
   });
 }
 
@@ -198,8 +244,11 @@ cudaError_t hold_perturb_launch(const HoldPerturbParams& p, cudaStream_t stream)
   const long long total = p.batch * p.per_component;
   if (total == 0) return cudaSuccess;
   return with_storage(static_cast<DType>(p.state_dtype), [&](auto s) {
-    hold_perturb_kernel<decltype(s)><<<grid_size(total), kThreads, 0, stream>>>(p);
-    return cudaGetLastError();
+    using S = decltype(s);
+    const bool packed = hold_packed<S>(p.per_component, {p.z0, p.noise, p.out, p.eps_out});
+    return launch_hold<hold_vec_width<S>()>(packed, p.n, total, [&](auto v, auto k, int blocks) {
+      hold_perturb_kernel<S, decltype(v)::value, decltype(k)::value><<<blocks, kThreads, 0, stream>>>(p);
+    });
   });
 }
 

@@ -112,12 +112,12 @@ def vec_width(dtype: torch.dtype) -> int:
 
 
 def hold_vec_width(dtype: torch.dtype) -> int:
-    """Elements per thread of the packed hold_transition kernel (``hold_vec_width<S>()``: 1 for float64)."""
+    """Elements per thread of the packed HOLD kernels (``hold_vec_width<S>()``: 1 for float64)."""
     return 1 if dtype == torch.float64 else 4
 
 
 def hold_kernel_order(n: int) -> int:
-    """The order the packed hold_transition kernel is compiled for (``hold_kernel_order`` of common/hold.h):
+    """The order the packed HOLD kernels are compiled for (``hold_kernel_order`` of common/hold.h):
     n for 2, 3, 4, else 0 (any order, read at run time)."""
     return n if 2 <= n <= 4 else 0
 
@@ -125,15 +125,16 @@ def hold_kernel_order(n: int) -> int:
 def instantiations(op: str, dtypes: tuple[torch.dtype, ...], order: int | None = None) -> list[str]:
     """Name expressions of ``op``'s kernels for one dtype combination (the vector and the scalar variant).
 
-    hold_transition: with ``order`` (the process order n), the packed kernel of ``hold_kernel_order(n)`` and
-    the scalar one; without, the packed kernels of every kernel order, then the scalar one."""
+    hold_transition and hold_perturb: with ``order`` (the process order n), the packed kernel of
+    ``hold_kernel_order(n)`` and the scalar one; without, the packed kernels of every kernel order, then the
+    scalar one."""
     t = [CTYPES[d] for d in dtypes]
     if op in ("sampler_step", "iadb_blend"):
         return [f"dk::gpu::{op}_kernel<{t[0]}, {t[1]}, {v}>" for v in (vec_width(dtypes[0]), 1)]
     if op == "philox_normal":
         return [f"dk::gpu::philox_normal_kernel<{t[0]}, {v}>" for v in (vec_width(dtypes[0]), 1)]
-    if op == "hold_transition":
-        kernel = f"dk::gpu::hold_transition_kernel<{t[0]}, {t[1]}"
+    if op in ("hold_transition", "hold_perturb"):
+        kernel = f"dk::gpu::{op}_kernel<{', '.join(t)}"  # <S, M, V, N> and <S, V, N>
         v = hold_vec_width(dtypes[0])
         if order is None:  # every kernel order: the values hold_kernel_order takes over the valid orders
             from .hold import MAX_ORDER
@@ -142,8 +143,6 @@ def instantiations(op: str, dtypes: tuple[torch.dtype, ...], order: int | None =
             orders = [hold_kernel_order(order)]
         packed = [f"{kernel}, {v}, {k}>" for k in orders] if v > 1 else []
         return packed + [f"{kernel}, 1, 0>"]
-    if op == "hold_perturb":
-        return [f"dk::gpu::hold_perturb_kernel<{t[0]}>"]
     raise KeyError(f"op: no run-time CUDA kernel for {op!r}; expected one of {OPS}")
 
 
@@ -261,14 +260,14 @@ def ptr(t) -> int:
 def plan(op: str, dtypes: tuple[torch.dtype, ...], state_ptrs, model_ptrs, numel: int, sm_count: int, *,
          whole_packs: bool = True, order: int | None = None):
     """(name expression, grid) of one element-wise launch: the vector kernel when every pointer is aligned
-    for it (and ``whole_packs``: hold_transition's needs P % 4 == 0), else the scalar one. ``order``: the
-    process order n of hold_transition (picks its packed kernel)."""
-    if op == "hold_transition" and order is None:
-        raise ValueError("order: hold_transition's launch plan needs the process order n")
+    for it (and ``whole_packs``: the HOLD ops' need P % 4 == 0), else the scalar one. ``order``: the
+    process order n of hold_transition and hold_perturb (picks their packed kernel)."""
+    if op in ("hold_transition", "hold_perturb") and order is None:
+        raise ValueError(f"order: {op}'s launch plan needs the process order n")
     names = instantiations(op, dtypes, order)
-    if len(names) == 1:  # hold_perturb, float64 hold_transition: one element per thread-iteration
+    if len(names) == 1:  # float64 HOLD ops: one element per thread-iteration
         return names[0], grid_size(numel, sm_count)
-    v = hold_vec_width(dtypes[0]) if op == "hold_transition" else vec_width(dtypes[0])
+    v = hold_vec_width(dtypes[0]) if op.startswith("hold_") else vec_width(dtypes[0])
     el_m = dtypes[1].itemsize if op in ("sampler_step", "hold_transition") else 0
     if whole_packs and aligned(state_ptrs, v * dtypes[0].itemsize) and aligned(model_ptrs, v * el_m):
         return names[0], grid_size(numel // v, sm_count)
@@ -399,7 +398,8 @@ def hold_perturb(z0, mean_mat, chol, noise, step, seed, out, eps_out):
     values = dict(z0=ptr(z0), mean_mat=ptr(mean_mat), chol=ptr(chol), noise=ptr(noise), seed=ptr(seed),
                   out=ptr(out), eps_out=ptr(eps_out), batch=batch, per_component=per_component,
                   num_seeds=seed.numel(), step=step, n=n, m=m, state_dtype=DTYPE_CODES[z0.dtype])
-    launch("hold_perturb", (z0.dtype,), "HoldPerturbParams", values, [], [], batch * per_component, z0.device)
+    launch("hold_perturb", (z0.dtype,), "HoldPerturbParams", values, [ptr(t) for t in (z0, noise, out, eps_out)], [],
+           batch * per_component, z0.device, whole_packs=per_component % hold_vec_width(z0.dtype) == 0, order=n)
 
 
 _registered = False
