@@ -94,6 +94,31 @@ def chol_psd(S: torch.Tensor) -> torch.Tensor:
     return Lc
 
 
+def chol_rows(M: torch.Tensor) -> torch.Tensor:
+    """Lower-triangular L (..., n, n), non-negative diagonal, with L L^T = M M^T for M (..., n, k); batched, no sync.
+
+    Gram-Schmidt on the rows of M (each orthogonalised twice, so the factor is as accurate as Householder QR's):
+    L[i, j] = <m_i, q_j>, L[i, i] = |residual of m_i|. Working on the square root M instead of forming M M^T
+    squares nothing: for HSM at small t, Sigma_t = M M^T is singular to float64 precision (``math-hold.md``
+    3.3), so its Cholesky loses every digit of L_t[n, n] (n = 5, t = 1e-3: off by 5x; n >= 4: 0 at some t),
+    while this factor stays accurate to the rounding of M. A zero residual gives a zero column, never NaN.
+    """
+    n = M.shape[-2]
+    Lc = M.new_zeros(*M.shape[:-1], n)
+    qs = []
+    for i in range(n):
+        r = M[..., i, :]
+        for _ in range(2):
+            for j, q in enumerate(qs):
+                c = (r * q).sum(-1)
+                r = r - c[..., None] * q
+                Lc[..., i, j] += c
+        d = torch.linalg.vector_norm(r, dim=-1)
+        Lc[..., i, i] = d
+        qs.append(torch.where(d[..., None] > 0, r / torch.where(d > 0, d, torch.ones_like(d))[..., None], 0.0))
+    return Lc
+
+
 class HOLD:
     """Critically-damped HOLD process of order ``order`` (``math-hold.md`` 2-4).
 
@@ -181,8 +206,18 @@ class HOLD:
         return self._cache[key]
 
     @staticmethod
-    def _as_b(b) -> torch.Tensor:
-        return b.to(_F64) if isinstance(b, torch.Tensor) else torch.tensor(float(b), dtype=_F64)
+    def _as_b(b, name: str = "t") -> torch.Tensor:
+        """A time as float64; a number must be finite and >= 0 (tensors are not read: no host sync)."""
+        if isinstance(b, torch.Tensor):
+            if b.dtype == torch.bool or b.is_complex():
+                raise TypeError(f"{name}: expected a real tensor, got dtype {b.dtype}")
+            return b.to(_F64)
+        if isinstance(b, (bool, str)) or not hasattr(b, "__float__"):
+            raise TypeError(f"{name}: expected a real number or a tensor, got {type(b).__name__}")
+        v = float(b)
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"{name}: expected a finite time >= 0, got {v}")
+        return torch.tensor(v, dtype=_F64)
 
     # ---------------------------------------------------------------- closed forms in integrated time b
     def _poly_exp(self, b: torch.Tensor, npow: str) -> torch.Tensor:
@@ -205,11 +240,11 @@ class HOLD:
 
     def transition_b(self, b) -> torch.Tensor:
         """E = exp(F b) at integrated time b; (..., n, n) float64."""
-        return self._poly_exp(self._as_b(b), "_npow")
+        return self._poly_exp(self._as_b(b, "b"), "_npow")
 
     def gramian_b(self, b) -> torch.Tensor:
         """Q = int_0^b E(s) G G^T E(s)^T ds at integrated time b; (..., n, n) float64."""
-        return self._gram(self._as_b(b), "_cm")
+        return self._gram(self._as_b(b, "b"), "_cm")
 
     def a_transition(self, b) -> torch.Tensor:
         """SSCS A-part transition A(b) = exp(F^T b) = E(b)^T (``math-hold.md`` 6.2); (..., n, n)."""
@@ -217,7 +252,7 @@ class HOLD:
 
     def a_cov(self, b) -> torch.Tensor:
         """SSCS A-part covariance Q_A(b) = Sigma_inf - A Sigma_inf A^T, by the series with N^T; (..., n, n)."""
-        return self._gram(self._as_b(b), "_cm_a")
+        return self._gram(self._as_b(b, "b"), "_cm_a")
 
     # ---------------------------------------------------------------- closed forms in forward time t
     def cov0(self, device=None) -> torch.Tensor:
@@ -248,8 +283,15 @@ class HOLD:
         return S
 
     def chol(self, t) -> torch.Tensor:
-        """L_t = chol(Sigma_t + delta I), lower-triangular; (..., n, n) float64."""
-        return chol_psd(self.cov(t, jitter=True))
+        """L_t = chol(Sigma_t + delta I), lower-triangular; (..., n, n) float64.
+
+        Computed from the square root [E Sigma_0^{1/2}, chol(Q), sqrt(delta) I] by :func:`chol_rows`, never
+        from Sigma_t itself, which is too ill-conditioned at small t under HSM (``delta = 0`` stays exact).
+        """
+        b = self.int_beta(self._as_b(t))
+        E, Lq = self.transition_b(b), chol_psd(self.gramian_b(b))
+        jit = math.sqrt(self.delta) * torch.eye(self.order, dtype=_F64, device=b.device)
+        return chol_rows(torch.cat([E @ self.cov0(b.device).sqrt(), Lq, jit.expand_as(Lq)], dim=-1))
 
     def score_scale(self, t) -> torch.Tensor:
         """L_t[n, n]: the score is s_n = -eps_hat / L_t[n, n]; shape (...) float64."""
@@ -269,8 +311,12 @@ class HOLD:
 
         With c = E(t) e_1 and u = L_<^{-T} l (l = L_t[n, <n]):
         x0_hat = (z_n - L_nn eps_hat - u^T z_<n) / (c_n - u^T c_<n).
+        For n >= 2 the denominator vanishes at t = 0 (z_n does not depend on x0 yet): a number t must be > 0
+        (a tensor t = 0 gives non-finite weights).
         """
         b = self._as_b(t)
+        if self.order > 1 and not isinstance(t, torch.Tensor) and float(t) == 0:
+            raise ValueError("t: x0 prediction from eps_hat needs t > 0 for order >= 2 (z_n is independent of x0 at t = 0)")
         c = self.transition(b)[..., :, 0]  # (..., n)
         Lt = self.chol(b)
         n = self.order
@@ -308,6 +354,10 @@ class HOLD:
         """
         from diffkern.ops.hold import hold_perturb
 
+        if isinstance(x0, torch.Tensor) and (not isinstance(t, torch.Tensor) or t.shape != (x0.shape[0],)
+                                              or t.device != x0.device):
+            got = f"shape {tuple(t.shape)} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"t: expected a tensor of shape ({x0.shape[0]},) (one time per sample) on {x0.device}, got {got}")
         mean_mat, lt = self.perturb_matrices(t)
         eps_n = torch.empty_like(x0)
         z = hold_perturb(x0, mean_mat, lt, seed=seed, step=step, noise=noise, eps_out=eps_n, backend=backend)

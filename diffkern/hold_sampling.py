@@ -41,7 +41,7 @@ def time_grid(proc: HOLD, steps: int, *, t_min: float = 1e-3, spacing: str = "li
     """Forward times s_0 = T > s_1 > ... > s_steps = t_min, float64 (steps + 1,) on the CPU."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps: expected a Python int >= 1, got {steps!r}")
-    if not (isinstance(t_min, (int, float)) and 0 < t_min < proc.T):
+    if isinstance(t_min, bool) or not (isinstance(t_min, (int, float)) and 0 < t_min < proc.T):
         raise ValueError(f"t_min: expected 0 < t_min < T = {proc.T}, got {t_min!r}")
     if spacing not in SPACINGS:
         raise ValueError(f"spacing: expected one of {SPACINGS}, got {spacing!r}")
@@ -82,6 +82,12 @@ def sampler_table(proc: HOLD, grid: torch.Tensor, sampler: str = "sscs", *, deno
     """The float64 (N [+1], n, 2n+1) ``hold_transition`` table of ``sampler`` on ``grid`` (CPU)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler: expected one of {SAMPLERS}, got {sampler!r}")
+    if not isinstance(grid, torch.Tensor) or grid.dim() != 1 or grid.numel() < 2 or not grid.is_floating_point():
+        got = f"{grid.dtype} of shape {tuple(grid.shape)}" if isinstance(grid, torch.Tensor) else type(grid).__name__
+        raise ValueError(f"grid: expected a 1-D float tensor of >= 2 forward times, got {got}")
+    grid = grid.to("cpu", torch.float64)  # b = int beta over a step: differences of times, so float64 times
+    if not (torch.isfinite(grid).all() and (grid[1:] < grid[:-1]).all() and grid[-1] > 0):
+        raise ValueError(f"grid: expected finite, strictly decreasing forward times ending > 0, got {grid.tolist()}")
     n = proc.order
     b, lnn = _steps(proc, grid)
     N = b.numel()
@@ -131,6 +137,8 @@ def sample(model: Callable, proc: HOLD, shape, *, sampler: str = "sscs", num_ste
     """
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1 + int(denoise):
         raise ValueError(f"num_steps: expected a Python int >= {1 + int(denoise)}, got {num_steps!r}")
+    if len(shape) < 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+        raise ValueError(f"shape: expected the data shape (B, C, ...) of >= 2 non-negative ints, got {tuple(shape)}")
     n = proc.order
     steps = num_steps - int(denoise)
     grid = time_grid(proc, steps, t_min=t_min, spacing=spacing)
@@ -213,7 +221,7 @@ class GaussianMixtureScore:
         a, V = self.marginal(t)
         P = torch.linalg.inv(V).to(z.device, cdt)  # (K, n, n)
         logdet = torch.linalg.slogdet(V)[1].tolist()
-        zr = z.to(cdt).reshape(B, n, -1)  # (B, n, d)
+        zr = z.to(cdt).reshape(B, n, math.prod(z.shape[1:]) // n)  # (B, n, d); explicit d: B may be 0
         if self.elementwise:
             zr = zr.transpose(1, 2).reshape(-1, n, 1)  # (B*d, n, 1): every element its own sample
         samples, d = zr.shape[0], zr.shape[2]
