@@ -81,16 +81,19 @@ inline void check_hold_perturb(const at::Tensor& z0, const at::Tensor& mean_mat,
   check_float_contiguous(out, "out", z0.device(), "z0");
   std::vector<int64_t> state_shape(z0.sizes().begin(), z0.sizes().end());
   state_shape[1] = z0.size(1) / m * n;
-  TORCH_CHECK(out.sizes() == at::IntArrayRef(state_shape) && out.scalar_type() == z0.scalar_type(),
-              "out: expected shape ", at::IntArrayRef(state_shape), " and dtype ", z0.scalar_type(), ", got ",
-              out.sizes(), " and ", out.scalar_type());
+  // Shape, then dtype, worded as check_like and as the Python front-end.
+  TORCH_CHECK(out.sizes() == at::IntArrayRef(state_shape), "out: expected shape ", at::IntArrayRef(state_shape),
+              " (the state (B, n*C, ...) of z0 and mean_mat), got ", out.sizes());
+  TORCH_CHECK(out.scalar_type() == z0.scalar_type(), "out: expected dtype ", z0.scalar_type(), " (that of z0), got ",
+              out.scalar_type());
   if (auto* t = get_if(noise)) check_like(*t, "noise", out, "out");
   if (auto* t = get_if(eps_out)) {
     check_float_contiguous(*t, "eps_out", z0.device(), "z0");
     const auto data_shape = hold_data_shape(out, n);
-    TORCH_CHECK(t->sizes() == at::IntArrayRef(data_shape) && t->scalar_type() == z0.scalar_type(),
-                "eps_out: expected shape ", at::IntArrayRef(data_shape), " and dtype ", z0.scalar_type(), ", got ",
-                t->sizes(), " and ", t->scalar_type());
+    TORCH_CHECK(t->sizes() == at::IntArrayRef(data_shape), "eps_out: expected shape ", at::IntArrayRef(data_shape),
+                " (the state's (B, C, ...)), got ", t->sizes());
+    TORCH_CHECK(t->scalar_type() == z0.scalar_type(), "eps_out: expected dtype ", z0.scalar_type(),
+                " (that of the state), got ", t->scalar_type());
   }
   TORCH_CHECK(step >= 0 && step < (int64_t{1} << 32), "step: expected 0 <= step < 2**32, got ", step);
   check_seed(seed, B, z0, "z0");

@@ -309,12 +309,17 @@ def hold_perturb(z0, mean_mat, chol, *, noise=None, seed=None, step: int = 0, ou
         for name, t in (("mean_mat", mean_mat), ("chol", chol)):
             if not torch.isfinite(t).all():
                 raise ValueError(f"{name}: non-finite entry")
+    # The order and exception types of _checks.like: device and shape ValueError, dtype TypeError.
     for name, t in (("noise", noise), ("out", out)):
         if t is not None:
             _checks.float_tensor(t, name)
-            if tuple(t.shape) != state_shape or t.dtype != z0.dtype or t.device != z0.device:
-                raise ValueError(f"{name}: expected shape {state_shape}, dtype {z0.dtype} on {z0.device}, "
-                                 f"got {tuple(t.shape)}, {t.dtype} on {t.device}")
+            if t.device != z0.device:
+                raise ValueError(f"{name}: expected device {z0.device} (that of z0), got {t.device}")
+            if tuple(t.shape) != state_shape:
+                raise ValueError(f"{name}: expected shape {state_shape} (the state (B, n*C, ...) of z0 and mean_mat), "
+                                 f"got {tuple(t.shape)}")
+            if t.dtype != z0.dtype:
+                raise TypeError(f"{name}: expected dtype {z0.dtype} (that of z0), got {t.dtype}")
     if eps_out is not None:
         _data_like(eps_out, "eps_out", z0, C, dtype=True)
     if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 2**32:
