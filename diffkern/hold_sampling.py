@@ -14,6 +14,10 @@ length t_min keeping the mean (6.4), so ``num_steps`` NFE = N + 1. b_i = int_{s_
   network call i:  K = A(p_i) D_i,  k = A(p_i) c_i,  C = chol(Q_A(p_i)) with
   D_i = I + 2 xi b_i E_nn, c_i = -(2 xi b_i / L) / L_nn(s_i) e_n, p_i = b_i / 2 + b_{i+1} / 2 (last: b/2)
 * ODE (5), Euler: K = I - b F,  k = -b (xi / L) / L_nn(s_i) e_n,  C = 0
+* ODE (5), exponential Euler ("ode_exp"): with F = S_k - xi E_nn (S_k skew) the reverse-time drift is
+  -S_k z + (xi / L)(s_n + L z_n) e_n; the rotation is integrated exactly and the second term frozen at
+  the step start: K = R + xi psi e_n^T,  k = -(xi / L) / L_nn(s_i) psi,  C = 0 with R = exp(-S_k b) and
+  psi = int_0^b exp(-S_k v) dv e_n, both from one (n+1)x(n+1) matrix exponential (Van Loan)
 
 The prior is z ~ N(0, I / L), drawn from the Philox stream at counter ``PRIOR_STEP``; step i of the
 loop draws at counter i.
@@ -29,7 +33,7 @@ from .hold import HOLD, chol_psd
 from .ops.hold import hold_transition, transition_table
 from .ops.philox import randn
 
-SAMPLERS = ("em", "sscs", "ode")
+SAMPLERS = ("em", "sscs", "ode", "ode_exp")
 SPACINGS = ("linear", "quadratic")
 PRIOR_STEP = 2**32 - 1  # Philox counter of the prior draw; table rows use counters 0..N
 
@@ -71,6 +75,27 @@ def euler_rows(proc: HOLD, b: torch.Tensor, lnn: torch.Tensor, score_weight: flo
     return K, k
 
 
+def exp_ode_rows(proc: HOLD, b: torch.Tensor, lnn: torch.Tensor):
+    """K = R + xi psi e_n^T, k = -(xi / L) / L_nn psi per step: the exponential-Euler probability-flow ODE step.
+
+    exp(b [[-S_k, e_n], [0, 0]]) = [[R, psi], [0, 1]] with R = exp(-S_k b) and psi = int_0^b exp(-S_k v) dv e_n,
+    so the exact rotation and its phi-integral come from one float64 matrix exponential per step, no quadrature.
+    Euler's I - b S_k has eigenvalues 1 +- i b omega (+- i omega those of S_k), of modulus > 1: it spirals out.
+    """
+    n, N = proc.order, b.numel()
+    skew = proc.F.clone()
+    skew[n - 1, n - 1] += proc.xi  # S_k = F + xi E_nn
+    aug = torch.zeros(N, n + 1, n + 1, dtype=torch.float64)
+    aug[:, :n, :n] = -b[:, None, None] * skew
+    aug[:, n - 1, n] = b
+    X = torch.linalg.matrix_exp(aug)
+    R, psi = X[:, :n, :n], X[:, :n, n]
+    K = R.clone()
+    K[:, :, n - 1] += proc.xi * psi  # the frozen term's xi z_n
+    k = psi * (-proc.xi / proc.L / lnn)[:, None]  # and its (xi / L) s_n, s_n = -eps_hat / L_nn
+    return K, k
+
+
 def denoise_row(proc: HOLD, t_min: float):
     """(K, k, C) of the final denoising step: EM of length t_min, mean only (``math-hold.md`` 6.4); shapes (1, n, ...)."""
     b = torch.tensor([proc.int_beta(float(t_min))], dtype=torch.float64)
@@ -95,8 +120,8 @@ def sampler_table(proc: HOLD, grid: torch.Tensor, sampler: str = "sscs", *, deno
         K, k = euler_rows(proc, b, lnn, 2.0)
         C = torch.zeros(N, n, n, dtype=torch.float64)
         C[:, n - 1, n - 1] = torch.sqrt(2 * proc.xi * b / proc.L)
-    elif sampler == "ode":
-        K, k = euler_rows(proc, b, lnn, 1.0)
+    elif sampler in ("ode", "ode_exp"):
+        K, k = euler_rows(proc, b, lnn, 1.0) if sampler == "ode" else exp_ode_rows(proc, b, lnn)
         C = torch.zeros(N, n, n, dtype=torch.float64)
     else:
         post = 0.5 * b + 0.5 * torch.cat([b[1:], b.new_zeros(1)])  # merged A half-steps
@@ -130,7 +155,8 @@ def sample(model: Callable, proc: HOLD, shape, *, sampler: str = "sscs", num_ste
         model: ``model(z, t) -> eps_hat``; z (B, n*C, ...) in ``dtype``, t a Python float, eps_hat (B, C, ...).
         proc: the HOLD process the model was trained for.
         shape: data shape (B, C, ...).
-        sampler: "em" | "sscs" | "ode"; spacing: "linear" | "quadratic" (time grid).
+        sampler: "em" | "sscs" | "ode" (Euler) | "ode_exp" (exponential Euler).
+        spacing: "linear" | "quadratic" (time grid).
         seed: int64 tensor (1,) or (B,) (or a Python int) keying the Philox stream; default 0.
         z: optional initial state (B, n*C, ...) instead of the prior draw (updated in place).
         backend: ``hold_transition`` (and prior) backend.
