@@ -15,14 +15,30 @@ from . import samplers
 
 
 def model_key(model) -> tuple:
-    """What of the model a capture bakes in (besides its code): identity, training flag, the address of
-    its first parameter (moves and dtype casts change it) and, for a fused wrapper, whether it runs CFG."""
-    first = None
+    """What of the model a capture bakes in (besides its code): identity, the training flags of all its
+    submodules (``model.train()`` on a wrapper's inner network leaves the wrapper's own flag alone), the address
+    of its first parameter (moves and dtype casts change it) and, for a fused wrapper, whether it runs CFG and
+    its own settings (:func:`_settings`)."""
+    first, training = None, getattr(model, "training", None)
     if isinstance(model, torch.nn.Module):
         p = next(model.parameters(), None)
         first = None if p is None else p.data_ptr()
-    cfg = model.guidance_scale != 1.0 if samplers._is_fused(model) else None
-    return id(model), getattr(model, "training", None), first, cfg
+        training = tuple(m.training for m in model.modules())
+    fused = samplers._is_fused(model)
+    cfg = model.guidance_scale != 1.0 if fused else None
+    return id(model), training, first, cfg, _settings(model) if fused else None
+
+
+def _settings(model) -> tuple:
+    """A fused wrapper's public attributes (sigma_data, t_scale, quantize, c_noise, time, ...): its model input
+    is computed inside the capture from them. Numbers and strings by value, other objects by identity (the
+    wrapper holds them); guidance_scale is table data (whether it is 1 is keyed apart)."""
+    items = []
+    for k, v in sorted(getattr(model, "__dict__", {}).items()):
+        if k.startswith("_") or k in ("guidance_scale", "training"):
+            continue
+        items.append((k, flatten(v, [], []) if isinstance(v, (bool, int, float, str)) else id(v)))
+    return tuple(items)
 
 
 def plan_structure(plan) -> tuple:

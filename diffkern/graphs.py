@@ -3,17 +3,18 @@
 
 A new key: the eager loop runs once on a side stream (warm-up: that stream's cuBLAS/cuDNN handles, Triton and
 torch.compile compilation), then the same loop (every model call, the guidance batch included, and every fused
-update) is captured on that stream, on buffers allocated before (state, history, trajectories, seed, coefficient
-and sigma tables, copies of the tensor extra args). Every call copies x and the extra tensors in, writes the seed
+update) is captured on that stream, on buffers allocated before (state, history, trajectories, seed, coefficient and
+sigma tables, copies of the tensor extra args). Every call copies x and the extra tensors in, writes the seed
 (``fill_``/``copy_``: no host sync), rewrites the tables in place if the schedule or a knob changed (the fused ops
 read their row from the device table, so the captured launches stay valid), replays on the current stream and
-returns clones of the outputs. The key is what a replay bakes in: model identity, training flag, first parameter
-address and guidance batch; x's shape, dtype and device; method and plan launch structure (N, churn and corrector
-steps, history); seed kind (one stream or per-sample); record; backend; the extra args' structure, tensor shapes
-and other values. Memory: one graph pool and side stream per device shared by all captures (so replays
-are serialised, whatever the caller's stream), at most ``info()["max_entries"]`` captures (default 8, env
-``DIFFKERN_GRAPH_CACHE``), least recently used evicted first, :func:`clear` to drop them. A failed capture raises
-:class:`GraphCaptureError`, caches nothing and is remembered for its key; ``graph="auto"`` then runs eager and warns.
+returns clones of the outputs. The key is what a replay bakes in: model identity, its submodules' training flags,
+first parameter address, and for a wrapper its guidance batch and settings; x's shape, dtype and device; method and
+plan launch structure (N, churn and corrector steps, history); seed kind (one stream or per-sample); record;
+backend; the extra args' structure, tensor shapes and other values. Memory: one graph pool and side stream per
+device shared by all captures (so replays are serialised, whatever the caller's stream), at most
+``info()["max_entries"]`` captures (default 8, env ``DIFFKERN_GRAPH_CACHE``), least recently used evicted first,
+:func:`clear` to drop them. A failed capture raises :class:`GraphCaptureError`, caches nothing and is remembered for
+its key; ``graph="auto"`` then runs eager and warns.
 The keys and a call's static inputs are built in :mod:`diffkern.graph_keys`.
 """
 from __future__ import annotations
@@ -58,7 +59,26 @@ _warned: set[str] = set()
 _pools: dict[int, Any] = {}
 _streams: dict[int, Any] = {}
 _last_replay: dict[Any, Any] = {}  # device -> CUDA event recorded after its last replay
-_max_entries = int(os.environ.get("DIFFKERN_GRAPH_CACHE", DEFAULT_MAX_ENTRIES))
+
+
+def _env_max_entries() -> int:
+    """``DIFFKERN_GRAPH_CACHE`` (default 8): an int >= 1 (0 would evict each capture before its first replay)."""
+    raw = os.environ.get("DIFFKERN_GRAPH_CACHE", "").strip()
+    if not raw:
+        return DEFAULT_MAX_ENTRIES
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"DIFFKERN_GRAPH_CACHE: expected an int >= 1, got {raw!r}")
+    return int(raw)
+
+
+_max_entries: int | None = None  # read from the environment at first use (a bad value fails there, not at import)
+
+
+def _limit() -> int:
+    global _max_entries
+    if _max_entries is None:
+        _max_entries = _env_max_entries()
+    return _max_entries
 _counts = collections.Counter()
 
 #----------------------------------------------------------------------------
@@ -145,7 +165,7 @@ def set_max_entries(n: int) -> None:
 
 
 def _evict() -> None:
-    while len(_cache) > _max_entries:
+    while len(_cache) > _limit():
         _cache.popitem(last=False)
         _counts["evictions"] += 1
 
@@ -174,7 +194,7 @@ def info() -> dict:
     """Cache statistics: ``entries``, ``max_entries``, and since the last ``clear()``: ``captures``, ``replays``,
     ``table_writes`` (in-place table rewrites), ``evictions``, ``failures`` (failed captures)."""
     with _lock:
-        return {"entries": len(_cache), "max_entries": _max_entries, **{k: _counts[k] for k in
+        return {"entries": len(_cache), "max_entries": _limit(), **{k: _counts[k] for k in
                 ("captures", "replays", "table_writes", "evictions", "failures")}}
 
 #----------------------------------------------------------------------------
@@ -254,6 +274,7 @@ def run(key, build: Callable[[], Entry], write_inputs: Callable[[Entry], None], 
             raise GraphCaptureError(_failed[key][0], remembered=True)
         entry = _cache.get(key)
         if entry is None:
+            _limit()  # a bad DIFFKERN_GRAPH_CACHE fails before the work of a capture
             entry = build()
             _warm_up(lambda: body(entry), device)  # the model's own errors propagate unchanged
             try:

@@ -57,6 +57,9 @@ def sample(model, x, sigmas, method, *, backend="auto", seed=0, callback=None, p
     unknown = sorted(set(knob_values) - set(valid))
     if unknown:
         raise TypeError(f"{method}: unknown knob(s) {unknown}; valid knobs: {sorted(valid) or 'none'}")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() == 0:
+        raise TypeError("x: expected a floating tensor of shape (B, ...)")  # before record= allocates from it
+    _check_callback(callback)
     if graphs.wanted(graph, x, callback, progress):
         try:
             return _sample_graph(model, x, sigmas, method, {**valid, **knob_values}, seed, backend, record,
@@ -95,6 +98,12 @@ def _sample_graph(model, x, sigmas, method, knob_values, seed, backend, record, 
 
 #----------------------------------------------------------------------------
 # IADB in its own coordinates (Heitz et al. 2023): x_alpha = (1-alpha)*noise + alpha*data.
+
+
+def _check_callback(callback) -> None:
+    # Checked up front: a bad callback would otherwise fail only after the first step's work.
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback: expected a callable or None, got {type(callback).__name__}")
 
 
 def iadb_alphas(alphas, steps: int) -> list[float]:
@@ -205,6 +214,7 @@ def sample_iadb(model, x0, alphas=None, variant="euler", *, steps=128, lam=None,
     lam = iadb_lam(variant, lam)
     if not isinstance(x0, torch.Tensor) or not x0.is_floating_point() or x0.dim() == 0:
         raise TypeError("x0: expected a floating tensor of shape (B, ...)")
+    _check_callback(callback)
     host = iadb_alphas(alphas, steps)
     if graphs.wanted(graph, x0, callback, progress):
         try:

@@ -66,14 +66,33 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _pair(u, c):
-    """Stack unconditional and conditional inputs along the batch: tensors, dicts of tensors, or equal values."""
+def _same(u, c) -> bool:
+    try:
+        return u is c or bool(u == c)
+    except (RuntimeError, TypeError, ValueError):  # e.g. an ambiguous comparison involving tensors
+        return False
+
+
+def _pair(u, c, name: str):
+    """Stack unconditional and conditional inputs along the batch: tensors, dicts and sequences of them, or
+    equal values (one value reaches both halves of the batch, so an unconditional value that differs from
+    its conditional one would be dropped silently: refused)."""
     if isinstance(c, torch.Tensor):
         if not isinstance(u, torch.Tensor) or u.shape != c.shape:
-            raise ValueError(f"uncond input: expected a tensor of shape {tuple(c.shape)} like its conditional input")
+            got = tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__
+            raise ValueError(f"uncond_{name}: expected a tensor of shape {tuple(c.shape)} like {name}, got {got}")
         return torch.cat([u, c])
     if isinstance(c, dict):
-        return {k: _pair(u[k], c[k]) for k in c}
+        if not isinstance(u, dict) or set(u) != set(c):
+            raise ValueError(f"uncond_{name}: expected a dict with the keys of {name} {list(c)}")
+        return {k: _pair(u[k], c[k], f"{name}[{k!r}]") for k in c}
+    if type(c) in (list, tuple):  # plain sequences only (a namedtuple cannot be rebuilt from a generator)
+        if not isinstance(u, (list, tuple)) or len(u) != len(c):
+            raise ValueError(f"uncond_{name}: expected a sequence of {len(c)} items like {name}")
+        return type(c)(_pair(v, w, f"{name}[{i}]") for i, (v, w) in enumerate(zip(u, c)))
+    if not _same(u, c):
+        raise ValueError(f"uncond_{name}: {u!r} differs from {name} = {c!r}, but a non-tensor value reaches both "
+                         "halves of the guidance batch; pass both as tensors of one shape")
     return c
 
 
@@ -82,6 +101,8 @@ def _dup(v, batch: int):
         return torch.cat([v, v])
     if isinstance(v, dict):
         return {k: _dup(w, batch) for k, w in v.items()}
+    if type(v) in (list, tuple):
+        return type(v)(_dup(w, batch) for w in v)
     return v
 
 #----------------------------------------------------------------------------
@@ -169,7 +190,7 @@ class ModelWrapper(nn.Module):
         if missing:
             raise ValueError(f"{type(self).__name__}: uncond_{missing[0]} given without its conditional {missing[0]}")
         batch = x.shape[0]
-        both = {k: (_pair(uncond[k], v) if k in uncond else _dup(v, batch)) for k, v in cond.items()}
+        both = {k: (_pair(uncond[k], v, k) if k in uncond else _dup(v, batch)) for k, v in cond.items()}
         out = self.call_model(torch.cat([x_in, x_in]), torch.cat([t, t]), **both)
         out = self._checked(out, torch.Size([2 * batch, *x_in.shape[1:]]))
         out_uncond, out_cond = out.chunk(2)
