@@ -24,10 +24,10 @@ def _config(per_sample: int, n: int) -> tuple[int, dict]:
     that a thread holds 8 positions (4 for NP2 = 8): whole groups of four of the noise stream per thread
     (a thread holding part of a group computes all of the group's Philox call, logs and sin/cos), and
     16-bit loads of 8 elements without threads holding copies of each other's elements. sm_90 SASS, all
-    noise columns drawn, per element (``bench/sass_triton.py``; not timed): n = 3 float32 268 instructions
-    against 614 with 8 warps (2 positions a thread), bfloat16 273 against 550; n = 8 float32 962 against
+    noise columns drawn, per element (``bench/sass_triton.py``; not timed): n = 3 float32 269 instructions
+    against 614 with 8 warps (2 positions a thread), bfloat16 273 against 550; n = 8 float32 956 against
     2390 (1 position a thread: the elementwise stream). 8 positions at NP2 = 8 spill registers (320 local
-    loads/stores), so there 16-bit states draw each group twice (bfloat16 n = 8: 1479)."""
+    loads/stores), so there 16-bit states draw each group twice (bfloat16 n = 8: 1477)."""
     block, options = launch_config(per_sample)
     np2 = triton.next_power_of_2(n)
     if not interpreting():
@@ -64,7 +64,7 @@ def _noise(noise_ptr, seed_ptr, b, step, start, mask, base, HAS_NOISE: tl.conste
     return v
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])  # step changes every launch (see sampler_step.py)
 def _hold_transition_kernel(z_ptr, eps_ptr, noise_ptr, coef_ptr, seed_ptr, out_ptr,
                             step, P, blocks_per_sample,
                             N: tl.constexpr, NP2: tl.constexpr, HAS_NOISE: tl.constexpr, PER_SAMPLE: tl.constexpr,
@@ -77,12 +77,13 @@ def _hold_transition_kernel(z_ptr, eps_ptr, noise_ptr, coef_ptr, seed_ptr, out_p
     rows = tl.arange(0, NP2)  # output components i
     rmask = rows < N
     base = b.to(tl.int64) * N * P  # the sample's first state entry
+    P64 = tl.cast(P, tl.int64)  # j * P in int64: a sample may hold >= 2**31 entries with P < 2**31 (an i32 P)
     W: tl.constexpr = 2 * N + 1
     row_ptr = coef_ptr + tl.cast(step, tl.int64) * (N * W)
 
     acc = tl.zeros([NP2, BLOCK], CDT)
     for j in tl.static_range(N):
-        zj = load_as(z_ptr + base + j * P + p, pmask, CDT)
+        zj = load_as(z_ptr + base + j * P64 + p, pmask, CDT)
         kij = tl.load(row_ptr + rows * W + j, mask=rmask, other=0.0).to(CDT)
         if j == 0:
             acc = kij[:, None] * zj[None, :]
@@ -94,7 +95,7 @@ def _hold_transition_kernel(z_ptr, eps_ptr, noise_ptr, coef_ptr, seed_ptr, out_p
     for j in tl.static_range(N):
         cij64 = tl.load(row_ptr + rows * W + N + 1 + j, mask=rmask & (rows >= j), other=0.0)
         if tl.max(tl.abs(cij64), axis=0) != 0:  # column j used at all: draw eta_j
-            eta = _noise(noise_ptr, seed_ptr, b, step, j * P + p0, pmask, base, HAS_NOISE, PER_SAMPLE, ALIGNED, CDT,
+            eta = _noise(noise_ptr, seed_ptr, b, step, j * P64 + p0, pmask, base, HAS_NOISE, PER_SAMPLE, ALIGNED, CDT,
                          BLOCK)
             term = cij64.to(CDT)[:, None] * eta[None, :]
             acc = acc + tl.where((rows >= j)[:, None], term, 0.0)
@@ -118,7 +119,7 @@ def hold_transition_launch(z, eps_hat, noise, coef, step, seed, out) -> None:
         CDT=compute_dtype(z.dtype), **options)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])  # step changes every launch (see sampler_step.py)
 def _hold_perturb_kernel(z0_ptr, mean_ptr, chol_ptr, noise_ptr, seed_ptr, out_ptr, eps_out_ptr,
                          step, P, blocks_per_sample,
                          N: tl.constexpr, M: tl.constexpr, NP2: tl.constexpr, HAS_NOISE: tl.constexpr,
@@ -133,19 +134,21 @@ def _hold_perturb_kernel(z0_ptr, mean_ptr, chol_ptr, noise_ptr, seed_ptr, out_pt
     rmask = rows < N
     b64 = b.to(tl.int64)
     base = b64 * N * P
+    P64 = tl.cast(P, tl.int64)  # j * P in int64 (see _hold_transition_kernel)
     mean_row = mean_ptr + b64 * N * M
     chol_row = chol_ptr + b64 * N * N
 
     acc = tl.zeros([NP2, BLOCK], CDT)
     for j in tl.static_range(M):
-        zj = load_as(z0_ptr + b64 * M * P + j * P + p, pmask, CDT)
+        zj = load_as(z0_ptr + b64 * M * P + j * P64 + p, pmask, CDT)
         mij = tl.load(mean_row + rows * M + j, mask=rmask, other=0.0).to(CDT)
         if j == 0:
             acc = mij[:, None] * zj[None, :]
         else:
             acc = acc + mij[:, None] * zj[None, :]
     for j in tl.static_range(N):
-        eps = _noise(noise_ptr, seed_ptr, b, step, j * P + p0, pmask, base, HAS_NOISE, PER_SAMPLE, ALIGNED, CDT, BLOCK)
+        eps = _noise(noise_ptr, seed_ptr, b, step, j * P64 + p0, pmask, base, HAS_NOISE, PER_SAMPLE, ALIGNED, CDT,
+                     BLOCK)
         lij = tl.load(chol_row + rows * N + j, mask=rmask & (rows >= j), other=0.0).to(CDT)
         acc = acc + tl.where((rows >= j)[:, None], lij[:, None] * eps[None, :], 0.0)
         if HAS_EPS_OUT and j == N - 1:

@@ -18,7 +18,7 @@ import triton.language as tl
 from .philox import block_config, compute_dtype, load_as, philox_normal_run
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])  # step changes every launch (see sampler_step.py)
 def _likelihood_accum_kernel(
         y_ptr, denoised_ptr, noise_ptr, sigma_ptr, weight_ptr, cv_ptr, seed_ptr, acc_ptr,
         step, per_sample,
@@ -47,7 +47,8 @@ def _likelihood_accum_kernel(
             seed = tl.load(seed_ptr)
             stream_base = base  # one stream: the flat index
     partial = tl.zeros([BLOCK], dtype=CDT)
-    for start in range(0, per_sample, BLOCK):
+    # An int64 loop counter: with an i32 per_sample within BLOCK of 2**31, the i32 counter would wrap past it.
+    for start in range(0, tl.cast(per_sample, tl.int64), BLOCK):
         idx = start + tl.arange(0, BLOCK).to(tl.int64)
         mask = idx < per_sample
         y = load_as(y_ptr + base + idx, mask, CDT)
@@ -56,7 +57,10 @@ def _likelihood_accum_kernel(
             eps = load_as(noise_ptr + base + idx, mask, CDT)
         else:
             eps = philox_normal_run(seed, step, stream_base + start, BLOCK, ALIGNED, CDT)
-        e = (y - d) / sigma + eps
+        if CDT == tl.float32:  # float32 `/` compiles to div.full.f32 (2 ulp) on GPUs: round as the reference
+            e = tl.fdiv(y - d, sigma, ieee_rounding=True) + eps
+        else:  # float64 `/` is IEEE already (and precise_divf takes float32 only)
+            e = (y - d) / sigma + eps
         partial += tl.where(mask, e * (e - 2.0 * eps) + one_minus_c * eps * eps, 0.0)
     total = tl.sum(partial, axis=0)
     old = tl.load(acc_ptr + sample).to(CDT)

@@ -168,6 +168,21 @@ def config(dtype: torch.dtype) -> dict:
     return {**GPU_CONFIGS["float32" if dtype == torch.float32 else "16bit"], "programs": 2 * sms}
 
 
+def _check_32bit_limits(batch: int, n: int, dim: int, cfg: dict, keys_per_split: int, splits: int,
+                        dim_blocks: int) -> None:
+    """Raise where a launch would overflow the kernels' 32-bit offsets or CUDA's grid: tile offsets
+    ``row * D + d`` within BLOCK_M (BLOCK_N) rows, key indices (loop counters reach ``N + keys_per_split``),
+    the ``split * B + row`` statistics, and the combine grid's second axis (at most 65535 slices of D)."""
+    tile_rows = max(cfg["BLOCK_M"], cfg["BLOCK_N"])
+    if dim * tile_rows >= 2**31 or dim_blocks > 65535:
+        limit = min((2**31 - 1) // tile_rows, 65535 * 128)
+        raise ValueError(f"x: expected at most {limit} elements per row for the triton backend "
+                         f"(32-bit tile offsets and grid), got {dim}")
+    if n + keys_per_split >= 2**31 or splits * batch >= 2**31:
+        raise ValueError(f"data: expected fewer than {2**31 - keys_per_split} rows, and batch * splits < 2**31 "
+                         f"for the triton backend, got N = {n}, batch {batch}, {splits} splits")
+
+
 def optimal_denoiser_launch(x, data, data_half_sq, sigma, out, cfg: dict | None = None) -> None:
     """Write ``D(x, sigma)`` into ``out`` (schema of ``diffkern::optimal_denoiser``).
 
@@ -187,6 +202,8 @@ def optimal_denoiser_launch(x, data, data_half_sq, sigma, out, cfg: dict | None 
     splits = max(1, min(key_blocks, triton.cdiv(cfg["programs"], row_blocks)))
     keys_per_split = triton.cdiv(key_blocks, splits) * cfg["BLOCK_N"]
     splits = triton.cdiv(n, keys_per_split)
+    combine_m, combine_d = 16, min(128, max(16, triton.next_power_of_2(dim)))
+    _check_32bit_limits(batch, n, dim, cfg, keys_per_split, splits, triton.cdiv(dim, combine_d))
     ws = torch.empty((splits, batch, dim), dtype=torch.float32, device=x.device)
     m = torch.empty((splits, batch), dtype=torch.float32, device=x.device)
     l = torch.empty((splits, batch), dtype=torch.float32, device=x.device)
@@ -200,6 +217,5 @@ def optimal_denoiser_launch(x, data, data_half_sq, sigma, out, cfg: dict | None 
         EVEN_N=n % cfg["BLOCK_N"] == 0, EVEN_D=dim % cfg["BLOCK_D"] == 0,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    combine_m, combine_d = 16, min(128, max(16, triton.next_power_of_2(dim)))
     _optimal_denoiser_combine_kernel[(triton.cdiv(batch, combine_m), triton.cdiv(dim, combine_d))](
         x, sigma, ws, m, l, out, batch, dim, splits, BLOCK_M=combine_m, BLOCK_D=combine_d, num_warps=4)

@@ -16,7 +16,7 @@ import triton.language as tl
 from .philox import compute_dtype, launch_config, philox_normal_run
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])  # step changes every launch (see sampler_step.py)
 def _philox_normal_kernel(seed_ptr, out_ptr, step, offset, per_sample, blocks_per_sample,
                           ALIGNED: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)

@@ -29,7 +29,9 @@ def _coef(coef_row_ptr, slot, CDT: tl.constexpr):
     return tl.load(coef_row_ptr + slot).to(CDT)
 
 
-@triton.jit
+# step (a table row / noise counter) changes every launch: specialising it (== 1, a multiple of 16) would
+# compile each variant three times over a sampling run for no gain.
+@triton.jit(do_not_specialize=["step"])
 def _sampler_step_kernel(
         x_ptr, model_out_ptr, uncond_ptr, history_ptr, noise_ptr, coef_ptr, seed_ptr,
         out_ptr, x0_out_ptr, history_out_ptr,
