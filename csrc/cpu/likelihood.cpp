@@ -13,6 +13,7 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include "common/op_checks.h"
 #include "common/philox.h"
 
 namespace {
@@ -48,6 +49,13 @@ void check_inputs(const at::Tensor& y, const at::Tensor& denoised, const c10::op
   for (const auto* t : {&y, &denoised, &sigma, &weight, &cv, &seed, &acc}) {
     TORCH_CHECK(t->device().is_cpu(), "likelihood_accum: expected CPU tensors (this is the CPU kernel)");
   }
+  TORCH_CHECK(!noise.has_value() || noise->device().is_cpu(),
+              "likelihood_accum: noise: expected a CPU tensor (this is the CPU kernel), got ", noise->device());
+  // The op can be called directly, past the front-end's overlap check: each sample's task writes acc[b]
+  // while the others read y, denoised, noise and the per-sample scalars, so acc may be exactly one of
+  // the point tensors but overlap nothing else.
+  dk::check_overlap({{"acc", &acc}}, {{"y", &y}, {"denoised", &denoised}, {"noise", dk::get_if(noise)}},
+                    {{"sigma", &sigma}, {"weight", &weight}, {"cv", &cv}, {"seed", &seed}});
 }
 
 template <class S, class C>
