@@ -45,6 +45,23 @@ def check_transition(backend, z, eps_hat, coef, step, *, seed=None, noise=None, 
     assert_matches_reference(out, ref64, eager, f"{what} [{backend}]")
     return out
 
+def check_perturb(backend, z0, mean_mat, chol, n_channels, *, seed=None, noise=None, step=0, out=None, eps_out=None,
+                  what=""):
+    """Run hold_perturb on ``backend`` (``out`` and ``eps_out`` pre-filled with NaN: the given buffers, else new
+    ones; neither may be z0) and check both against the float64 reference; returns that reference's
+    (z_t, eps_n)."""
+    ref64, eps64 = hold_perturb_reference(z0.double(), mean_mat, chol, n_channels, seed=seed, step=step,
+                                          noise=None if noise is None else noise.double())
+    eager, eps_e = hold_perturb_reference(z0, mean_mat, chol, n_channels, seed=seed, step=step, noise=noise)
+    out = torch.full_like(eager, math.nan) if out is None else out.fill_(math.nan)
+    eps_out = torch.full_like(eps_e, math.nan) if eps_out is None else eps_out.fill_(math.nan)
+    res = hold_perturb(z0, mean_mat, chol, seed=seed, noise=noise, step=step, out=out, eps_out=eps_out,
+                       backend=backend)
+    assert res is out
+    assert_matches_reference(out, ref64, eager, f"{what} out [{backend}]")
+    assert_matches_reference(eps_out, eps64, eps_e, f"{what} eps_out [{backend}]")
+    return ref64, eps64
+
 #----------------------------------------------------------------------------
 # hold_transition: dtypes, awkward shapes, orders.
 
@@ -164,12 +181,8 @@ def test_perturb_matches_reference(cpu_backend, dtype, n, m, B, C, rest):
     per_sample_seed = B % 2 == 1  # B = 3 and B = 1 take per-sample streams, the others one stream
     seed = torch.arange(B, dtype=torch.int64) + 100 if per_sample_seed else torch.tensor([9], dtype=torch.int64)
     step = 3
-    ref64, eps64 = hold_perturb_reference(z0.double(), mean_mat, chol, n * C, seed=seed, step=step)
-    eager, eps_e = hold_perturb_reference(z0, mean_mat, chol, n * C, seed=seed, step=step)
-    eps_out = torch.full((B, C, *rest), math.nan, dtype=dtype)
-    out = hold_perturb(z0, mean_mat, chol, seed=seed, step=step, eps_out=eps_out, backend=cpu_backend)
-    assert_matches_reference(out, ref64, eager, f"perturb n={n} m={m} [{cpu_backend}]")
-    assert_matches_reference(eps_out, eps64, eps_e, f"perturb eps_out [{cpu_backend}]")
+    ref64, eps64 = check_perturb(cpu_backend, z0, mean_mat, chol, n * C, seed=seed, step=step,
+                                 what=f"perturb n={n} m={m}")
     full = philox.noise_like(ref64, seed, step).reshape(B, n, C * math.prod(rest))[:, n - 1].reshape(eps64.shape)
     torch.testing.assert_close(eps64, full, rtol=0, atol=0)
 
@@ -177,11 +190,8 @@ def test_perturb_matches_reference(cpu_backend, dtype, n, m, B, C, rest):
 def test_perturb_explicit_noise_and_noncontiguous(cpu_backend):
     z0, mean_mat, chol = perturb_inputs(3, 3, 1, 2, (5, 4), torch.float32)
     noise = make_tensor((3, 6, 5, 4), seed=3, contiguous=False)
-    ref64, _ = hold_perturb_reference(z0.double(), mean_mat, chol, 6, noise=noise.double())
-    eager, _ = hold_perturb_reference(z0, mean_mat, chol, 6, noise=noise)
-    out = noncontiguous(torch.empty(3, 6, 5, 4))
-    hold_perturb(noncontiguous(z0), mean_mat, chol, noise=noise, out=out, backend=cpu_backend)
-    assert_matches_reference(out, ref64, eager, "explicit noise, non-contiguous")
+    check_perturb(cpu_backend, noncontiguous(z0), mean_mat, chol, 6, noise=noise,
+                  out=noncontiguous(torch.empty(3, 6, 5, 4)), what="explicit noise, non-contiguous")
 
 
 def test_forward_perturbation_moments():
@@ -323,12 +333,7 @@ def test_perturb_cuda(backend, dtype, n, m):
     z0, mean_mat, chol = perturb_inputs(3, n, m, 2, (9, 17), dtype)
     z0, mean_mat, chol = z0.cuda(), mean_mat.cuda(), chol.cuda()
     seed = torch.tensor([1, 2, 3], device="cuda")
-    ref64, eps64 = hold_perturb_reference(z0.double(), mean_mat, chol, n * 2, seed=seed, step=7)
-    eager, eps_e = hold_perturb_reference(z0, mean_mat, chol, n * 2, seed=seed, step=7)
-    eps_out = torch.full((3, 2, 9, 17), math.nan, dtype=dtype, device="cuda")
-    out = hold_perturb(z0, mean_mat, chol, seed=seed, step=7, eps_out=eps_out, backend=backend)
-    assert_matches_reference(out, ref64, eager, f"cuda perturb [{backend}]")
-    assert_matches_reference(eps_out, eps64, eps_e, f"cuda perturb eps_out [{backend}]")
+    check_perturb(backend, z0, mean_mat, chol, n * 2, seed=seed, step=7, what="cuda perturb")
 
 
 @pytest.mark.cuda
@@ -340,22 +345,13 @@ def test_perturb_cuda_whole_groups(backend, dtype, n):
     3, 4 (as hold_transition); explicit noise; a misaligned eps_out takes the one-element kernel."""
     for m, seed in ((1, torch.tensor([5])), (n, torch.tensor([5, 6, 7]))):
         z0, mean_mat, chol = (t.cuda() for t in perturb_inputs(3, n, m, 4, (8, 5), dtype))  # P = 160
-        seed = seed.cuda()
-        ref64, eps64 = hold_perturb_reference(z0.double(), mean_mat, chol, n * 4, seed=seed, step=2)
-        eager, eps_e = hold_perturb_reference(z0, mean_mat, chol, n * 4, seed=seed, step=2)
-        eps_out = torch.full((3, 4, 8, 5), math.nan, dtype=dtype, device="cuda")
-        out = hold_perturb(z0, mean_mat, chol, seed=seed, step=2, eps_out=eps_out, backend=backend)
-        assert_matches_reference(out, ref64, eager, f"perturb P % 4 == 0, n={n} m={m} [{backend}]")
-        assert_matches_reference(eps_out, eps64, eps_e, f"perturb eps_out n={n} m={m} [{backend}]")
+        check_perturb(backend, z0, mean_mat, chol, n * 4, seed=seed.cuda(), step=2,
+                      what=f"perturb P % 4 == 0, n={n} m={m}")
     noise = make_tensor((3, n * 4, 8, 5), dtype, seed=3, device="cuda")
-    ref64, _ = hold_perturb_reference(z0.double(), mean_mat, chol, n * 4, noise=noise.double())
-    eager, _ = hold_perturb_reference(z0, mean_mat, chol, n * 4, noise=noise)
-    out = hold_perturb(z0, mean_mat, chol, noise=noise, backend=backend)
-    assert_matches_reference(out, ref64, eager, f"perturb explicit noise n={n} [{backend}]")
-    flat = torch.full((3 * 4 * 40 + 1,), math.nan, dtype=dtype, device="cuda")
-    eps_out = flat[1:].view(3, 4, 8, 5)  # one element past an aligned pointer
-    hold_perturb(z0, mean_mat, chol, seed=seed, step=2, eps_out=eps_out, backend=backend)
-    assert_matches_reference(eps_out, eps64, eps_e, f"perturb misaligned eps_out n={n} [{backend}]")
+    check_perturb(backend, z0, mean_mat, chol, n * 4, noise=noise, what=f"perturb explicit noise n={n}")
+    flat = torch.empty((3 * 4 * 40 + 1,), dtype=dtype, device="cuda")
+    check_perturb(backend, z0, mean_mat, chol, n * 4, seed=seed.cuda(), step=2, eps_out=flat[1:].view(3, 4, 8, 5),
+                  what=f"perturb misaligned eps_out (one element past an aligned pointer) n={n}")
 
 
 @pytest.mark.cuda

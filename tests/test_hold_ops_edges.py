@@ -16,7 +16,7 @@ import torch
 
 from diffkern.ops.hold import hold_perturb, hold_perturb_reference, hold_transition, hold_transition_reference
 from diffkern.testing import DTYPES, assert_matches_reference, make_tensor, noncontiguous, usable_backends
-from test_hold_ops import perturb_inputs, random_hold_table
+from test_hold_ops import check_perturb, perturb_inputs, random_hold_table
 
 F64 = torch.float64
 NAN = float("nan")
@@ -81,18 +81,11 @@ def test_perturb_noncontiguous_every_dtype(cpu_backend, dtype, case):
     state, data = (B, n * C, *rest), (B, C, *rest)
     noise = _laid_out(make_tensor(state, dtype, seed=5), "strided") if explicit else None
     seed = torch.arange(B, dtype=torch.int64) * 3 + 1 if B % 2 else torch.tensor([6], dtype=torch.int64)
-    kw = {"seed": seed, "step": 2}
-    ref64, eps64 = hold_perturb_reference(z0.double(), mean_mat, chol, n * C,
-                                          noise=None if noise is None else noise.double(), **kw)
-    eager, eps_e = hold_perturb_reference(z0, mean_mat, chol, n * C, noise=noise, **kw)
     out, eps_out = _nan_out(state, dtype, "strided"), _nan_out(data, dtype, "strided")
     z0_nc = _laid_out(z0, "strided")
     assert not any(t.is_contiguous() for t in (z0_nc, out, eps_out) if t.numel() > 1)
-    res = hold_perturb(z0_nc, mean_mat, chol, noise=noise, out=out, eps_out=eps_out, backend=cpu_backend, **kw)
-    assert res is out
-    what = f"[{cpu_backend}] {case} {dtype}"
-    assert_matches_reference(out, ref64, eager, what + " out")
-    assert_matches_reference(eps_out, eps64, eps_e, what + " eps_out")
+    check_perturb(cpu_backend, z0_nc, mean_mat, chol, n * C, seed=seed, noise=noise, step=2, out=out,
+                  eps_out=eps_out, what=f"{case} {dtype}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
