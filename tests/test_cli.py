@@ -106,21 +106,29 @@ def test_train_classifier(tmp_path, capsys):
     (["train", "--steps", "0"], "--steps"),
     (["train", "--out", "w.pt"], "--out"),
     (["bench", "no_such_part"], "unknown part"),
+    (["demo", "--n", "0"], "--n"),
+    (["demo", "--steps", "0"], "--steps"),
+    (["demo", "--out", "demo.jpg"], "--out"),
+    (["demo", "--backend", "warp"], "--backend"),
+    (["likelihood", "--points", "1,2", "--backend", "warp"], "--backend"),
 ])
 def test_bad_arguments_one_line_exit_2(tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)
-    rc, stdout, err = _run(argv + ["--no-progress"] if argv[0] != "bench" else argv, capsys)
+    rc, stdout, err = _run(argv + ["--no-progress"] if argv[0] in ("sample", "train") else argv, capsys)
     assert rc == 2
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"diffkern {argv[0]}: error:") and message in lines[0], err
     assert os.listdir(tmp_path) == []  # nothing written
 
 
-def test_unwritable_out(tmp_path, capsys):
+@pytest.mark.parametrize("argv", [["sample", "--no-progress"], ["trajectory"]])
+def test_unwritable_out(tmp_path, capsys, argv):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    rc, _, err = _run(["sample", "--out", str(blocker / "g.png"), "--no-progress"], capsys)
-    assert rc == 2 and "not a directory" in err
+    rc, _, err = _run(argv + ["--out", str(blocker / "g.png")], capsys)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith(f"diffkern {argv[0]}: error:")
+    assert "not a directory" in err
     assert sorted(os.listdir(tmp_path)) == ["file"]
 
 

@@ -215,24 +215,6 @@ def test_accelerate_refuses_pipelines_with_other_loops(tiny_sd):
 # CLI.
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["demo", "--n", "0"], "--n"),
-    (["demo", "--steps", "0"], "--steps"),
-    (["demo", "--out", "demo.jpg"], "--out"),
-    (["demo", "--backend", "warp"], "--backend"),
-    (["likelihood", "--points", "1,2", "--backend", "warp"], "--backend"),
-    (["trajectory", "--out", "blocker/t.png"], "not a directory"),
-])
-def test_cli_bad_arguments_one_line_exit_2(tmp_path, capsys, monkeypatch, argv, message):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "blocker").write_text("x")
-    rc = main(argv)
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert rc == 2 and len(lines) == 1 and lines[0].startswith(f"diffkern {argv[0]}: error:") and message in lines[0]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker"]
-
-
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_cli_sample_16_bit(tmp_path, capsys, dtype):
     """--dtype float16/bfloat16 (the network's dtype): the noise embedding takes the float32 c_noise."""
