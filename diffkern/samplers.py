@@ -106,6 +106,12 @@ def host_sigmas(sigmas) -> list[float]:
     return schedules.check_sigmas(sigmas, "sigmas").tolist()
 
 
+def check_state(x, name: str = "x") -> None:
+    """Raise TypeError naming ``name`` unless ``x`` is a floating tensor with a batch dimension."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() == 0:
+        raise TypeError(f"{name}: expected a floating tensor of shape (B, ...)")
+
+
 def _check_output(t, x: torch.Tensor, what: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"model: {what} must be a torch.Tensor, got {type(t).__name__}")
@@ -121,8 +127,7 @@ class _Loop:
     """State of one sampling call: working copy of x, device tables, seed, history, outputs."""
 
     def __init__(self, model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory):
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() == 0:
-            raise TypeError("x: expected a floating tensor of shape (B, ...)")
+        check_state(x)
         self.model, self.extra = model, dict(extra_args or {})
         self.callback, self.disable, self.backend = callback, disable, backend
         self.sigmas = host_sigmas(sigmas)

@@ -57,8 +57,7 @@ def sample(model, x, sigmas, method, *, backend="auto", seed=0, callback=None, p
     unknown = sorted(set(knob_values) - set(valid))
     if unknown:
         raise TypeError(f"{method}: unknown knob(s) {unknown}; valid knobs: {sorted(valid) or 'none'}")
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() == 0:
-        raise TypeError("x: expected a floating tensor of shape (B, ...)")  # before record= allocates from it
+    samplers.check_state(x)  # before record= allocates from it
     _check_callback(callback)
     if graphs.wanted(graph, x, callback, progress):
         try:
@@ -212,8 +211,7 @@ def sample_iadb(model, x0, alphas=None, variant="euler", *, steps=128, lam=None,
         The final state x_1 (x0's shape and dtype), or ``(x, trajectories)`` when ``record``.
     """
     lam = iadb_lam(variant, lam)
-    if not isinstance(x0, torch.Tensor) or not x0.is_floating_point() or x0.dim() == 0:
-        raise TypeError("x0: expected a floating tensor of shape (B, ...)")
+    samplers.check_state(x0, "x0")
     _check_callback(callback)
     host = iadb_alphas(alphas, steps)
     if graphs.wanted(graph, x0, callback, progress):
