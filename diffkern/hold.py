@@ -102,7 +102,11 @@ def chol_rows(M: torch.Tensor) -> torch.Tensor:
     squares nothing: for HSM at small t, Sigma_t = M M^T is singular to float64 precision (``math-hold.md``
     3.3), so its Cholesky loses every digit of L_t[n, n] (n = 5, t = 1e-3: off by 5x; n >= 4: 0 at some t),
     while this factor stays accurate to the rounding of M. A zero residual gives a zero column, never NaN.
+    M: a floating tensor (float64 for HOLD's factors); L has its dtype and device.
     """
+    if not isinstance(M, torch.Tensor) or not M.is_floating_point() or M.dim() < 2:
+        got = f"{M.dtype} of shape {tuple(M.shape)}" if isinstance(M, torch.Tensor) else type(M).__name__
+        raise ValueError(f"M: expected a floating tensor of shape (..., n, k), got {got}")
     n = M.shape[-2]
     Lc = M.new_zeros(*M.shape[:-1], n)
     qs = []

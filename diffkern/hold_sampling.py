@@ -77,6 +77,7 @@ def euler_rows(proc: HOLD, b: torch.Tensor, lnn: torch.Tensor, score_weight: flo
 
 def exp_ode_rows(proc: HOLD, b: torch.Tensor, lnn: torch.Tensor):
     """K = R + xi psi e_n^T, k = -(xi / L) / L_nn psi per step: the exponential-Euler probability-flow ODE step.
+    b, lnn: (N,) float64 integrated beta and L_t[n, n] at each step's start; returns K (N, n, n), k (N, n) float64.
 
     exp(b [[-S_k, e_n], [0, 0]]) = [[R, psi], [0, 1]] with R = exp(-S_k b) and psi = int_0^b exp(-S_k v) dv e_n,
     so the exact rotation and its phi-integral come from one float64 matrix exponential per step, no quadrature.

@@ -65,6 +65,9 @@ def test_chol_rows():
     Lc = chol_rows(R)
     assert torch.isfinite(Lc).all() and (torch.diagonal(Lc) >= 0).all()
     torch.testing.assert_close(Lc @ Lc.T, R @ R.T, rtol=0, atol=1e-14 * float((R @ R.T).abs().max()))
+    for bad in (torch.ones(3), torch.ones(2, 2, dtype=torch.int64), [[1.0]]):
+        with pytest.raises(ValueError, match=r"^M: expected a floating tensor of shape \(\.\.\., n, k\)"):
+            chol_rows(bad)
 
 #----------------------------------------------------------------------------
 # Bad arguments name themselves.
