@@ -76,6 +76,30 @@ def rebuild(obj, statics):
     return obj
 
 
+def _flag(read):
+    """A backend flag's value, or the error torch raises when its legacy and new precision APIs were mixed."""
+    try:
+        return read()
+    except RuntimeError as e:
+        return f"unreadable: {str(e)[:60]}"
+
+
+def math_mode() -> tuple:
+    """The global numerics settings that pick the kernels a captured model call runs (TF32 and reduced-precision
+    matmul/convolution, cuDNN's algorithm choice): a capture replays the kernels chosen when it was made, so a
+    change after it must capture again. Both torch's legacy flags (``allow_tf32``) and its newer
+    ``fp32_precision`` attributes (absent on older torch) are read; a read torch refuses (the two APIs mixed)
+    keys by its message."""
+    cuda, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    reads = (torch.get_float32_matmul_precision, lambda: cuda.allow_tf32, lambda: cudnn.allow_tf32,
+             lambda: getattr(torch.backends, "fp32_precision", None), lambda: getattr(cuda, "fp32_precision", None),
+             lambda: getattr(getattr(cudnn, "conv", None), "fp32_precision", None),
+             lambda: cuda.allow_fp16_reduced_precision_reduction, lambda: cuda.allow_bf16_reduced_precision_reduction,
+             lambda: cudnn.enabled, lambda: cudnn.benchmark, lambda: cudnn.deterministic,
+             torch.are_deterministic_algorithms_enabled)
+    return tuple(_flag(r) for r in reads)
+
+
 def seed_kind(seed_v) -> int:
     """What of the seed a capture bakes in: the length of its stream vector (an int seed is one stream)."""
     return seed_v.numel() if isinstance(seed_v, torch.Tensor) else 1
@@ -98,7 +122,7 @@ class Call:
         self.tensors, self.objects = [], []
         extra_key = flatten(self.extra_args, self.tensors, self.objects)
         self.key = (model_key(model), tuple(x.shape), x.dtype, x.device, seed_kind(self.seed), bool(record),
-                    backend, os.environ.get("DIFFKERN_BACKEND"), extra_key)
+                    backend, os.environ.get("DIFFKERN_BACKEND"), extra_key, math_mode())
 
     def static_seed(self, device) -> torch.Tensor:
         static = torch.empty(seed_kind(self.seed), dtype=torch.int64, device=device)

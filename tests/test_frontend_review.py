@@ -95,6 +95,23 @@ def test_wrapper_settings_are_part_of_the_key(fake):
     assert graphs.info()["captures"] == 4
 
 
+def test_math_mode_is_part_of_the_key(fake):
+    """TF32 / matmul precision and cuDNN's algorithm flags pick the kernels a capture replays: a change recaptures."""
+    gmm, x, sig = gmm3(), start(4), schedules.karras(4, 0.05, 10.0)
+    precision, benchmark = torch.get_float32_matmul_precision(), torch.backends.cudnn.benchmark
+    try:
+        sample(gmm, x, sig, "euler", backend=REF, graph=True)
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls on an Ampere+ GPU
+        sample(gmm, x, sig, "euler", backend=REF, graph=True)
+        torch.backends.cudnn.benchmark = not benchmark
+        sample(gmm, x, sig, "euler", backend=REF, graph=True)
+        sample(gmm, x, sig, "euler", backend=REF, graph=True)  # unchanged: a hit
+    finally:
+        torch.set_float32_matmul_precision(precision)
+        torch.backends.cudnn.benchmark = benchmark
+    assert graphs.info()["captures"] == 3 and graphs.info()["replays"] == 4
+
+
 def test_graph_cache_size_from_the_environment(monkeypatch):
     for raw, want in (("", graphs.DEFAULT_MAX_ENTRIES), (" 3", 3)):
         monkeypatch.setenv("DIFFKERN_GRAPH_CACHE", raw)
