@@ -13,6 +13,8 @@ Most comparisons with diffusers' float32 schedulers use a plain tolerance: the d
 the same formulas (float64 tables on our side), orders of magnitude below the effects the bugs had. Karras
 schedules, whose timesteps differ by diffusers' float32 table, use the project's rule (test_diffusers_pipelines.py).
 """
+import warnings
+
 import pytest
 import torch
 
@@ -210,6 +212,24 @@ def test_accelerate_refuses_pipelines_with_other_loops(tiny_sd):
     ldm = diffusers.LDMPipeline(vqvae=vqvae, unet=tiny_unet(), scheduler=diffusers.DDIMScheduler(clip_sample=False))
     with pytest.raises(TypeError, match=r"LDMPipeline: .* also has \['vqvae'\]"):
         dd.accelerate(ldm)
+    # same arguments and loop as StableDiffusionPipeline, but its output is (rgb, depth) from its own processor
+    with pytest.raises(TypeError, match="StableDiffusionLDM3DPipeline: its image_processor is a VaeImageProcessorLDM3D"):
+        dd.accelerate(diffusers.StableDiffusionLDM3DPipeline(**base.components))
+
+
+@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "HeunDiscreteScheduler", "GEScheduler"])
+def test_accelerate_warns_once_when_the_pipeline_loop_skips_input_scaling(name):
+    """DDPMPipeline's loop skips init_noise_sigma and scale_model_input, which VE schedulers need: the fused loop
+    does both, so its images differ from that pipeline's; it says so once per scheduler class."""
+    scheduler = dd.GEScheduler(clip_sample=False) if name == "GEScheduler" else getattr(diffusers, name)()
+    fast = dd.accelerate(diffusers.DDPMPipeline(unet=tiny_unet(), scheduler=scheduler))
+    with pytest.warns(UserWarning, match=f"DDPMPipeline's own loop does not scale .* {name} needs"):
+        fast(num_inference_steps=2, output_type="pt")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="accelerate:")
+        fast(num_inference_steps=2, output_type="pt")
+        dd.accelerate(diffusers.DDPMPipeline(unet=tiny_unet(), scheduler=dd.DDPMScheduler(clip_sample=False)))(
+            num_inference_steps=2, output_type="pt")  # init_noise_sigma = 1: nothing to say
 
 #----------------------------------------------------------------------------
 # CLI.

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
@@ -186,6 +187,7 @@ class AcceleratedPipeline:
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"generator: a list of {len(generator)} generators for batch_size={batch_size}")
         ours, spec = self._schedule(steps, eta if eta is not None else _default(pipe, "eta", 0.0))
+        self._warn_unscaled(ours)
         image = randn_tensor(shape, generator=generator, device=pipe._execution_device, dtype=pipe.unet.dtype)
         image = self._run(ours, spec, image * float(ours.init_noise_sigma), generator)
         image = (image / 2 + 0.5).clamp(0, 1)
@@ -194,6 +196,20 @@ class AcceleratedPipeline:
             if output_type == "pil":
                 image = pipe.numpy_to_pil(image)
         return ImagePipelineOutput(images=image) if return_dict else (image,)
+
+    def _warn_unscaled(self, ours) -> None:
+        """Say once per scheduler class that an unconditional pipeline's own loop cannot run a VE scheduler:
+        ``DDPMPipeline`` neither multiplies its initial noise by ``init_noise_sigma`` nor calls
+        ``scale_model_input``, so with Euler, Heun or GE it feeds the UNet unscaled inputs; the fused loop does
+        both, as the scheduler's contract asks, and its images differ from that pipeline's."""
+        name = type(self.pipe.scheduler).__name__
+        warned = self.__dict__.setdefault("_warned_unscaled", set())
+        if float(ours.init_noise_sigma) != 1.0 and name not in warned:
+            warned.add(name)
+            warnings.warn(f"accelerate: {type(self.pipe).__name__}'s own loop does not scale its initial noise by "
+                          f"init_noise_sigma nor its UNet input by scale_model_input, which {name} needs; the "
+                          "fused loop does both, so its images differ from the pipeline's own (which are not "
+                          "samples of the model)", stacklevel=3)
 
     def _call_text2img(self, prompt, height=None, width=None, num_inference_steps=None, guidance_scale=None,
                        negative_prompt=None, num_images_per_prompt=1, eta=None, generator=None, latents=None,
@@ -307,6 +323,12 @@ def _pipeline_kind(pipe) -> str:
             raise TypeError(f"accelerate: unsupported pipeline {who}: guidance-embedding UNets (time_cond_proj_dim) "
                             "are not supported")
         _check_call_arguments(pipe, who, AcceleratedPipeline._call_text2img)
+        from diffusers.image_processor import VaeImageProcessor
+
+        processor = type(getattr(pipe, "image_processor", None))
+        if processor is not VaeImageProcessor:  # LDM3D's returns (rgb, depth) and the pipeline another output class
+            raise TypeError(f"accelerate: unsupported pipeline {who}: its image_processor is a {processor.__name__}, "
+                            "not the VaeImageProcessor whose postprocessing the fused loop reproduces")
         return "text2img"
     raise TypeError(f"accelerate: unsupported pipeline {who} with a {type(unet).__name__}: expected an unconditional "
                     "UNet2DModel pipeline or a text-to-image UNet2DConditionModel pipeline with encode_prompt and vae")
