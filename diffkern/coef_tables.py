@@ -126,20 +126,23 @@ def euler_ancestral(sigmas, *, eta=1.0, s_noise=1.0, conv: Conv = _identity) -> 
 
 
 def heun(sigmas, *, s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0, conv: Conv = _identity) -> Plan:
-    """EDM Algorithm 2 (Heun with churn). Predictor (row i): Euler to sigma_next, storing D in history.
-    Corrector (row N+i, model at sigma_next): with x~ the predictor and D~ its denoised value,
-    ``x' = x~ + (sigma_next - sigma_hat)/(2 sigma_next) * (D - D~)``, which equals Heun's average of
-    slopes ``x_hat + (d + d~)/2 * (sigma_next - sigma_hat)`` exactly (x_hat is eliminated through the
-    predictor). No corrector on a step to sigma_next = 0. Churn rows 2N..3N-1."""
+    """EDM Algorithm 2 (Heun with churn). Predictor (row i): Euler to sigma_next, storing its slope
+    d = (x_hat - D)/sigma_hat in history. Corrector (row N+i, model at sigma_next): with x~ the predictor and
+    d~ = (x~ - D~)/sigma_next, ``x' = x~ + dt/2 * (d~ - d)``, dt = sigma_next - sigma_hat, which equals Heun's
+    average of slopes ``x_hat + (d + d~)/2 * dt`` exactly (x_hat is eliminated through the predictor). The
+    stored slope, not the predictor's D: its rounding in a 16-bit history enters times dt/2 (as in diffusers'
+    stored derivative), where D's would enter times dt/(2 sigma_next), large when sigma_next << sigma_hat.
+    No corrector on a step to sigma_next = 0. Churn rows 2N..3N-1."""
     n = len(sigmas) - 1
     sigma_hat = churn_sigmas(sigmas, s_churn, s_tmin, s_tmax)
     pred, corr, corrector = [], [], []
     for i in range(n):
         sh, sn = sigma_hat[i], sigmas[i + 1]
         r, one_minus_r = _ratio(sh, sn)
-        pred.append(_conv_row(conv, sh, a=r, b=one_minus_r, f=1.0))
-        k = (sn - sh) / (2.0 * sn) if sn > 0 else 0.0
-        corr.append(_conv_row(conv, sn, a=1.0, b=-k, c=k) if sn > 0 else coefs.row(**_NO_MODEL))
+        pred.append(_conv_row(conv, sh, a=r, b=one_minus_r, e=1.0 / sh, f=-1.0 / sh))
+        dt = sn - sh
+        k = dt / (2.0 * sn) if sn > 0 else 0.0
+        corr.append(_conv_row(conv, sn, a=1.0 + k, b=-k, c=-dt / 2.0) if sn > 0 else coefs.row(**_NO_MODEL))
         corrector.append(sn > 0)
     churn_rows, churn = _churn_rows(sigmas, sigma_hat, s_noise)
     row_sigma = sigma_hat + [s if s > 0 else math.nan for s in sigmas[1:]] + [math.nan] * n

@@ -72,6 +72,32 @@ def test_add_noise_matches_diffusers(name, karras):
     assert ours.add_noise(x.half(), noise.half(), ours.timesteps[:1]).dtype == torch.float16
 
 
+@pytest.mark.parametrize("name", VE_DPM + ["DDIMScheduler", "DDPMScheduler"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_steps_match_diffusers(name, dtype):
+    """A 16-bit UNet's loop (sample and model output in ``dtype``): prev_sample in diffusers' dtype, and within the
+    project's rule of diffusers' own 16-bit step (which upcasts to float32 for the Euler and DPM families but
+    rounds every operation for Heun, DDIM and DDPM) against its float64 run. Every scheduler gets the same input
+    each step, so multistep histories see the same values."""
+    config = {"clip_sample": False} if name.startswith("DD") else {}
+    theirs, ours = _pair(name, **config)
+    theirs64 = getattr(diffusers, name)(**config)
+    for s in (theirs, ours, theirs64):
+        s.set_timesteps(5)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(4)).to(dtype)
+
+    def step(s, out, t, k):  # the generator's draws in the output's dtype: equal up to that rounding
+        gen = {} if name.startswith("Heun") else {"generator": torch.Generator().manual_seed(k)}
+        return s.step(out, t, x if out.dtype == dtype else x.double(), **gen).prev_sample
+
+    for k, (t_theirs, t_ours) in enumerate(zip(theirs.timesteps, ours.timesteps)):
+        out = (0.5 * x.float() + 0.1 * k).to(dtype)
+        want, got = step(theirs, out, t_theirs, k), step(ours, out, t_ours, k)
+        assert got.dtype == want.dtype == dtype, f"{name} step {k}: {got.dtype} vs diffusers' {want.dtype}"
+        assert_matches_reference(got, step(theirs64, out.double(), t_theirs, k), want, f"{name} {dtype} step {k}")
+        x = want
+
+
 def test_add_noise_training_timesteps_and_numbers():
     gen = torch.Generator().manual_seed(1)
     x, noise = torch.randn(SHAPE, generator=gen), torch.randn(SHAPE, generator=gen)

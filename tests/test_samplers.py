@@ -165,7 +165,7 @@ def test_deterministic_ddim_family(final_zero):
 
 
 def test_heun_matches_textbook_form():
-    """The fused corrector x~ + (s'-s_hat)/(2 s')*(D - D~) equals EDM Algorithm 2's average of slopes."""
+    """The fused corrector x~ + (s' - s_hat)/2 * (d~ - d) equals EDM Algorithm 2's average of slopes."""
     gmm, x = gmm3(), start(8, 20.0)
     sig = schedules.karras(6, 0.05, 20.0).tolist()
     y = x.clone()
