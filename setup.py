@@ -30,6 +30,21 @@ def _cap_jobs():
     os.environ["MAX_JOBS"] = str(max(1, min(os.cpu_count() or 1, int(free_gb // 2))))
 
 
+def nvcc_flags(archs):
+    """Device flags of the CUDA build (tests/test_cuda_hazards.py compiles with them)."""
+    archs = [a for a in archs if a]
+    # No --use_fast_math (nor -ftz, -prec-div/-prec-sqrt=false): the kernels are memory-bound, and it would
+    # swap the Philox noise's logf/cosf for approximations and flush float32 denormals to zero.
+    flags = ["-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"]
+    flags += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    # Plus the PTX of the newest architecture: a newer GPU (sm_100, sm_120) JIT-compiles it instead of failing
+    # every launch with "no kernel image is available for execution on the device".
+    if archs:
+        newest = max(archs, key=lambda a: int("".join(c for c in a if c.isdigit())))
+        flags.append(f"-gencode=arch=compute_{newest},code=compute_{newest}")
+    return flags
+
+
 def get_extensions():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
@@ -48,11 +63,7 @@ def get_extensions():
         return [CppExtension("diffkern._C", sources, include_dirs=include,
                              extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])]
     archs = os.environ.get("DIFFKERN_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
-    # No --use_fast_math: the kernels are memory-bound, and it would swap the Philox noise's logf/cosf for
-    # approximations and flush float32 denormals to zero.
-    nvcc = opt + ["-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"]
-    nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a]
-    nvcc += ["--threads", os.environ.get("NVCC_THREADS", "2")]
+    nvcc = opt + nvcc_flags(archs) + ["--threads", os.environ.get("NVCC_THREADS", "2")]
     # csrc/cuda: pure kernels (*.cu, no torch headers) and their torch bindings (*.cpp, host compiler).
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))

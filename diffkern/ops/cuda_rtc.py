@@ -11,8 +11,8 @@ on torch's current stream (so a launch is capturable in a CUDA graph). Arguments
 the checks of the C++ bindings, exported by ``diffkern._C`` (so both loaders reject the same inputs).
 
 Compiled programs are cached on disk, one cubin per (source, dtype combination, architecture) in
-``$DIFFKERN_CACHE_DIR`` (default ``~/.cache/diffkern/nvrtc``), keyed by a hash of the sources, the
-options and the NVRTC version. :func:`register` binds the launchers as the CUDA implementations of the
+``$DIFFKERN_CACHE_DIR`` (default ``~/.cache/diffkern/nvrtc``), keyed by a hash of the sources with their
+layout checks, the CUDA headers, the options and the NVRTC version. :func:`register` binds the launchers as the CUDA implementations of the
 ``torch.ops.diffkern`` ops; the registry (:mod:`diffkern.ops.registry`) calls it when this loader is active.
 """
 from __future__ import annotations
@@ -180,6 +180,18 @@ def _sources_hash() -> str:
     return h.hexdigest()
 
 
+@functools.lru_cache(maxsize=None)
+def _headers_hash() -> str:
+    """The CUDA headers the kernels include: an upgrade of the toolkit behind the same include path (a
+    /usr/local/cuda symlink) changes the half/bfloat16 conversions without changing the options."""
+    h = hashlib.sha256()
+    inc = cuda_include_dir()
+    for name in ("cuda_fp16.h", "cuda_fp16.hpp", "cuda_bf16.h", "cuda_bf16.hpp"):
+        if (inc / name).is_file():
+            h.update(name.encode() + b"\0" + (inc / name).read_bytes())
+    return h.hexdigest()
+
+
 def _nvrtc():
     try:
         from cupy_backends.cuda.libs import nvrtc
@@ -217,8 +229,10 @@ def cached_cubin(source: str, names: list[str], arch: str) -> tuple[Path, dict[s
     """Path of the cubin of ``names`` (compiled now unless cached) and its lowered names."""
     from diffkern._files import atomic_write
 
-    key = hashlib.sha256(json.dumps([_sources_hash(), list(options(arch)), names,
-                                     list(_nvrtc().getVersion())]).encode()).hexdigest()[:24]
+    # Everything the cubin depends on: the sources, the layout checks appended to them (a mirror edited in
+    # STRUCTS must recompile, or a stale cubin would skip the check), the CUDA headers, options, NVRTC version.
+    key = hashlib.sha256(json.dumps([_sources_hash(), layout_asserts(source), _headers_hash(), list(options(arch)),
+                                     names, list(_nvrtc().getVersion())]).encode()).hexdigest()[:24]
     base = cache_dir() / f"{Path(source).stem}-sm{arch}-{key}"
     cubin, meta = base.with_suffix(".cubin"), base.with_suffix(".json")
     if cubin.is_file() and meta.is_file():
@@ -312,9 +326,28 @@ def launch(op: str, dtypes, struct: str, values: dict, state_ptrs, model_ptrs, n
     name, grid = plan(op, dtypes, state_ptrs, model_ptrs, numel, _sm_count(index), whole_packs=whole_packs,
                       order=order)
     fn = _function(op, dtypes, name, index, order)
-    stream = torch.cuda.current_stream(index)
-    with cupy.cuda.Device(index), cupy.cuda.ExternalStream(stream.cuda_stream, index):
+    with cupy.cuda.Device(index), cupy_stream(torch.cuda.current_stream(index).cuda_stream, index):
         fn((grid,), (THREADS,), (params(struct, **values),))
+
+
+class _StreamHandle:
+    """A raw cudaStream_t under the CUDA stream protocol (what ``cupy.cuda.Stream.from_external`` takes)."""
+
+    def __init__(self, handle: int):
+        self.handle = handle
+
+    def __cuda_stream__(self):
+        return 0, self.handle
+
+
+def cupy_stream(handle: int, index: int):
+    """A CuPy stream object for torch's stream ``handle`` on device ``index``: ``Stream.from_external``
+    (CuPy >= 14, where ``ExternalStream`` is deprecated and warns at every launch), else ``ExternalStream``."""
+    import cupy
+
+    if hasattr(cupy.cuda.Stream, "from_external"):
+        return cupy.cuda.Stream.from_external(_StreamHandle(handle))
+    return cupy.cuda.ExternalStream(handle, index)
 
 
 #----------------------------------------------------------------------------
