@@ -259,8 +259,12 @@ def resolve_backends(arg: str | None, device: str) -> list[str]:
     return names or ["reference"]
 
 
-def out_dir(arg: str | None, device: str) -> str:
-    return arg or os.path.join(REPO, "bench", "results", device_slug(device))
+def out_dir(arg: str | None, device: str, quick: bool = False) -> str:
+    """``--out``, else the committed results folder ``bench/results/<device>/``; a ``--quick`` smoke run without
+    ``--out`` writes to ``out/bench-quick/`` (git-ignored, as the CLI's), never over the measured results."""
+    if arg:
+        return arg
+    return os.path.join("out", "bench-quick") if quick else os.path.join(REPO, "bench", "results", device_slug(device))
 
 #----------------------------------------------------------------------------
 # One command-line run of a bench script: its set-up (start), the timed part (measuring), the outputs (finish).
@@ -331,7 +335,7 @@ class Session:
         if not rows:
             print(f"{name}: no case finished, nothing written", flush=True)
             return 1
-        out = out_dir(self.args.out, self.device)
+        out = out_dir(self.args.out, self.device, getattr(self.args, "quick", False))
         rows = [{**r, **self.prov} for r in rows]
         csv_path = write_csv(rows, os.path.join(out, f"{name}.csv"))
         png_path = plot(rows, os.path.join(out, f"{name}.png"))

@@ -244,6 +244,9 @@ def ode_log_likelihood(model: Callable, x: torch.Tensor, *, sigma_min: float = 1
     closed form, which averages over the noise.
     """
     _check_points(model, x)
+    if torch.is_inference_mode_enabled():  # enable_grad cannot undo it: autograd would fail in the first step
+        raise RuntimeError("ode_log_likelihood: the exact divergence needs autograd, which torch.inference_mode "
+                           "disables; call it outside inference_mode (torch.no_grad is fine)")
     sigma_min, sigma_max = _check_range(sigma_min, sigma_max)
     for name, v in (("rtol", rtol), ("atol", atol)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:

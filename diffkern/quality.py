@@ -125,6 +125,8 @@ class Scorer:
         if samples.dim() != 4 or tuple(samples.shape[1:]) != tuple(self.reference.shape[1:]):
             raise ValueError(f"samples: expected shape (N, {', '.join(map(str, self.reference.shape[1:]))}), "
                              f"got {tuple(samples.shape)}")
+        if samples.shape[0] < 2:  # the unbiased MMD needs two samples
+            raise ValueError(f"samples: expected N >= 2 images (the unbiased MMD needs two), got {samples.shape[0]}")
         x = samples.detach().float().cpu()
         if not torch.isfinite(x).all():
             raise ValueError("samples: values must be finite")

@@ -19,6 +19,8 @@ generator, so ``torch.manual_seed`` makes k-diffusion-style calls reproducible),
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Mapping
 
 import torch
 
@@ -34,19 +36,22 @@ _U64 = 2 ** 64
 def seed_value(seed, batch: int):
     """A validated seed: a Python int in [-2**63, 2**63) (the int64 value) or an int64 tensor (1,)/(batch,).
 
-    ``seed``: None (drawn from torch's global CPU generator), a Python int in [-2**63, 2**64) (values
-    >= 2**63 are their two's-complement int64), or an int64 tensor of shape (1,) or (batch,).
+    ``seed``: None (drawn from torch's global CPU generator), an int (Python or numpy) in [-2**63, 2**64)
+    (values >= 2**63 are their two's-complement int64), or an int64 tensor of shape (), (1,) or (batch,).
     """
     if seed is None:
         seed = int(torch.randint(0, 2 ** 62, (1,)).item())  # host generator: no device sync
     if isinstance(seed, torch.Tensor):
         if seed.dtype != torch.int64:
             raise TypeError(f"seed: expected an int or an int64 tensor, got a tensor of dtype {seed.dtype}")
+        if seed.dim() == 0:  # torch.tensor(7): one stream, as the int 7
+            seed = seed.reshape(1)
         if seed.dim() != 1 or seed.numel() not in (1, batch):
             raise ValueError(f"seed: expected shape (1,) or ({batch},) (one seed per sample), got {tuple(seed.shape)}")
         return seed
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):  # Integral: numpy ints too
         raise TypeError(f"seed: expected an int or an int64 tensor, got {type(seed).__name__}")
+    seed = int(seed)
     if not -2 ** 63 <= seed < _U64:
         raise ValueError(f"seed: expected an int in [-2**63, 2**64), got {seed}")
     return seed - _U64 if seed >= 2 ** 63 else seed
@@ -106,6 +111,21 @@ def host_sigmas(sigmas) -> list[float]:
     return schedules.check_sigmas(sigmas, "sigmas").tolist()
 
 
+def check_call(model, extra_args) -> None:
+    """Raise TypeError naming the argument unless ``model`` is callable and ``extra_args`` is None or a dict
+    of keyword arguments (checked before any work: either would otherwise fail inside the first step)."""
+    if not callable(model):
+        raise TypeError(f"model: expected a callable model(x, sigma, **extra_args), got {type(model).__name__}")
+    if extra_args is None:
+        return
+    if not isinstance(extra_args, Mapping):
+        raise TypeError(f"extra_args: expected a dict of keyword arguments for the model or None, "
+                        f"got {type(extra_args).__name__}")
+    bad = [k for k in extra_args if not isinstance(k, str)]
+    if bad:
+        raise TypeError(f"extra_args: keys must be str (the model's keyword names), got {bad[0]!r}")
+
+
 def check_state(x, name: str = "x") -> None:
     """Raise TypeError naming ``name`` unless ``x`` is a floating tensor with a batch dimension."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() == 0:
@@ -128,6 +148,7 @@ class _Loop:
 
     def __init__(self, model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory):
         check_state(x)
+        check_call(model, extra_args)
         self.model, self.extra = model, dict(extra_args or {})
         self.callback, self.disable, self.backend = callback, disable, backend
         self.sigmas = host_sigmas(sigmas)
@@ -230,8 +251,10 @@ def _knob(value, name: str, lo: float = 0.0, hi: float = math.inf, hi_open: bool
           finite: bool = True) -> float:
     """``value`` as a float in [lo, hi] (or [lo, hi)); infinite only where ``finite`` is False (the churn
     window and strength, whose k-diffusion defaults and limits are infinite)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise TypeError(f"{name}: expected a number, got {value!r}")
+    # numbers.Real: Python and numpy scalars (np.float32(0.5) is no float subclass); tensors are refused
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+        hint = " (a tensor: pass .item())" if isinstance(value, torch.Tensor) else ""
+        raise TypeError(f"{name}: expected a number{hint}, got {value!r}")
     if value < lo or value > hi or (hi_open and value == hi) or (finite and math.isinf(value)):
         raise ValueError(f"{name}: expected a {'finite ' if finite else ''}value in [{lo}, {hi}"
                          f"{')' if hi_open else ']'}, got {value}")

@@ -25,7 +25,7 @@ def knobs(method: str) -> dict:
     return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY and p.name not in _COMMON}
 
 
-def sample(model, x, sigmas, method, *, backend="auto", seed=0, callback=None, progress=False, record=False,
+def sample(model, x, sigmas, method, *, backend=None, seed=0, callback=None, progress=False, record=False,
            extra_args=None, graph=False, **knob_values):
     """Sample with ``method`` from ``x`` (already scaled by ``sigmas[0]``) along ``sigmas``.
 
@@ -37,8 +37,10 @@ def sample(model, x, sigmas, method, *, backend="auto", seed=0, callback=None, p
         sigmas: decreasing schedule of N+1 values (tensor or sequence, any device; read once on the host).
             A final 0 ends with the jump to the denoised estimate.
         method: "euler", "euler_ancestral", "heun", "dpmpp_2m", "ge" or "sde" (see :func:`knobs`).
-        backend: fused-op backend ("auto", "reference", "cpp", "triton", "cuda").
-        seed: int or int64 tensor (1,)/(B,) keying the Philox noise: same seed, same output.
+        backend: fused-op backend ("auto", "reference", "cpp", "triton", "cuda"); None (default):
+            ``DIFFKERN_BACKEND``, else "auto".
+        seed: int or int64 tensor (1,)/(B,) keying the Philox noise: same seed, same output. The default 0
+            makes repeated calls identical; ``seed=None`` draws one from torch's global CPU generator.
         callback: called once per step with a dict ``x`` (state before the update), ``i``, ``sigma``,
             ``sigma_hat`` (host floats) and ``denoised``; the tensors are working buffers that later steps
             overwrite (clone what you keep).
@@ -58,6 +60,7 @@ def sample(model, x, sigmas, method, *, backend="auto", seed=0, callback=None, p
     if unknown:
         raise TypeError(f"{method}: unknown knob(s) {unknown}; valid knobs: {sorted(valid) or 'none'}")
     samplers.check_state(x)  # before record= allocates from it
+    samplers.check_call(model, extra_args)
     _check_callback(callback)
     if graphs.wanted(graph, x, callback, progress):
         try:
@@ -107,6 +110,9 @@ def _check_callback(callback) -> None:
 
 def iadb_alphas(alphas, steps: int) -> list[float]:
     """Validated host copy of an IADB schedule: increasing, in [0, 1], N+1 values (default uniform)."""
+    if isinstance(alphas, int) and not isinstance(alphas, bool):  # sample_iadb(model, x0, 64): meant steps
+        raise TypeError(f"alphas: expected a schedule of N+1 blending values, got the int {alphas}; "
+                        f"for {alphas} uniform steps pass steps={alphas}")
     if alphas is None:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps: expected an int >= 1, got {steps!r}")
@@ -190,7 +196,7 @@ def iadb_lam(variant: str, lam) -> float:
 
 
 @torch.no_grad()
-def sample_iadb(model, x0, alphas=None, variant="euler", *, steps=128, lam=None, backend="auto", seed=0,
+def sample_iadb(model, x0, alphas=None, variant="euler", *, steps=128, lam=None, backend=None, seed=0,
                 callback=None, progress=False, record=False, extra_args=None, graph=False):
     """IADB deblending from noise ``x0`` (alpha = 0) to data (alpha = 1), ``math-samplers.md`` section 1.
 
@@ -203,6 +209,7 @@ def sample_iadb(model, x0, alphas=None, variant="euler", *, steps=128, lam=None,
             means and reblend, stochastic for lam > 0), "stochastic" (section 1.6 from a single-head D).
         lam: noise level of the stochastic steps (default 0 for two_head, 1 for stochastic; lam = 1 is the
             DDPM posterior step); must be 0/None for "euler".
+        backend, seed, progress, extra_args: as in :func:`sample`.
         callback: per-step dict ``x``, ``i``, ``alpha``, ``alpha_next``, ``denoised`` (= x1_bar, the data estimate).
         record: also return ``{"x": (N+1, ...), "denoised": (N, ...)}`` with denoised = x1_bar.
         graph: False, True or "auto", as in :func:`sample`.
@@ -212,6 +219,7 @@ def sample_iadb(model, x0, alphas=None, variant="euler", *, steps=128, lam=None,
     """
     lam = iadb_lam(variant, lam)
     samplers.check_state(x0, "x0")
+    samplers.check_call(model, extra_args)
     _check_callback(callback)
     host = iadb_alphas(alphas, steps)
     if graphs.wanted(graph, x0, callback, progress):

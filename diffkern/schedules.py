@@ -11,6 +11,7 @@ IADB ``alpha = 1/(1 + sigma)``; rectified-flow time ``t = sigma/(1 + sigma)``.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Union
 
 import torch
@@ -28,7 +29,12 @@ def _check_int(value, name: str, minimum: int) -> int:
 
 
 def _check_positive(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    # A one-element real tensor is read as its value: k-diffusion-style wrappers keep sigma_min/sigma_max as
+    # 0-d tensors (``karras(n, model.sigma_min, model.sigma_max)``); numbers.Real admits numpy scalars.
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex() \
+            and value.dtype != torch.bool:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
     return float(value)
 

@@ -21,6 +21,7 @@ args (for example ``encoder_hidden_states`` and ``uncond_encoder_hidden_states``
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Optional, Union
 
 import torch
@@ -126,7 +127,7 @@ class ModelWrapper(nn.Module):
         super().__init__()
         if not callable(model):
             raise TypeError(f"{type(self).__name__}: model must be callable, got {type(model).__name__}")
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real) \
                 or not math.isfinite(guidance_scale):
             raise ValueError(f"{type(self).__name__}: guidance_scale must be a finite float, got {guidance_scale!r}")
         self.model = model
@@ -159,7 +160,7 @@ class ModelWrapper(nn.Module):
                 raise ValueError(f"{who}: sigma must be a float, a 0-d tensor or a ({batch},) tensor, "
                                  f"got shape {tuple(sigma.shape)}")
             return sigma.detach().to(device=x.device, dtype=torch.float64).reshape(-1).expand(batch)
-        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma < 0:
+        if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not math.isfinite(sigma) or sigma < 0:
             raise ValueError(f"{who}: sigma must be a finite float >= 0 or a tensor, got {sigma!r}")
         return torch.full((batch,), float(sigma), dtype=torch.float64, device=x.device)
 
@@ -397,7 +398,7 @@ class KarrasDenoiser(ModelWrapper):
     def __init__(self, model: Callable, sigma_data: float = 0.5, c_noise: Union[str, Callable] = "edm",
                  guidance_scale: float = 1.0):
         super().__init__(model, guidance_scale)
-        if isinstance(sigma_data, bool) or not isinstance(sigma_data, (int, float)) or not sigma_data > 0 \
+        if isinstance(sigma_data, bool) or not isinstance(sigma_data, numbers.Real) or not sigma_data > 0 \
                 or not math.isfinite(sigma_data):
             raise ValueError(f"KarrasDenoiser: sigma_data must be a finite float > 0, got {sigma_data!r}")
         maps = {"edm": lambda s: 0.25 * s.log(), "sigma": lambda s: s}

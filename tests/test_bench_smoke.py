@@ -211,3 +211,11 @@ def test_bench_graphs_quick(bench, tmp_path, capsys):
     assert {c.impl for c in full} == set(bench.IMPLS) and {c.batch for c in full} == {1, 8, 64}
     assert {c.steps for c in full} == {10, 50} and {c.dtype for c in full} == {"float32", "bfloat16"}
     assert [c.impl for c in full][-1] == "compile"  # the slowest set-up last: a deadline drops it first
+
+
+def test_quick_run_never_writes_over_the_committed_results(bench):
+    """--quick without --out goes to out/bench-quick/; only a measuring run defaults to bench/results/<device>/."""
+    harness = bench("harness")
+    assert harness.out_dir(None, "cpu", quick=True) == os.path.join("out", "bench-quick")
+    assert harness.out_dir(None, "cpu").startswith(os.path.join(REPO, "bench", "results", ""))
+    assert harness.out_dir("/tmp/x", "cpu", quick=True) == "/tmp/x"

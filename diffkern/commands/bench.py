@@ -9,6 +9,11 @@ from __future__ import annotations
 import argparse
 import os
 
+# Where a --quick run writes when no --out is given (relative to the working directory, beside out/digits.png).
+# The scripts' own default is bench/results/<device>/, the committed measurements README.md quotes: a smoke run
+# there would overwrite them with smoke numbers.
+QUICK_OUT = os.path.join("out", "bench-quick")
+
 
 def bench_dir() -> str:
     """The ``bench/`` folder: $DIFFKERN_BENCH_DIR, else the one beside the ``diffkern`` package."""
@@ -45,6 +50,15 @@ def load(name: str):
     return module
 
 
+def part_argv(quick: bool, rest) -> list[str]:
+    """The argv of each part: ``--quick`` (flag before or after the name) and the rest; a quick run without
+    ``--out`` writes to :data:`QUICK_OUT`, never over the committed results."""
+    argv = (["--quick"] if quick else []) + list(rest)
+    if "--quick" in argv and not any(a == "--out" or a.startswith("--out=") for a in argv):
+        argv += ["--out", QUICK_OUT]
+    return argv
+
+
 def _run(args) -> int:
     if args.list:
         print("\n".join(available()))
@@ -53,7 +67,7 @@ def _run(args) -> int:
     if args.name is None and args.args:
         raise ValueError(f"bench: arguments {args.args} need a part name (see `diffkern bench --list`)")
     modules = [load(n) for n in names]  # every name is checked before anything runs
-    argv = (["--quick"] if args.quick else []) + list(args.args)
+    argv = part_argv(args.quick, args.args)
     status = 0
     for name, module in zip(names, modules):
         if len(names) > 1:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 def _run(args) -> int:
     from ..demo import run
+    from ..sampling import knobs
     from . import check_backend
     from .sample import _check_out
 
@@ -11,6 +12,10 @@ def _run(args) -> int:
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag}: expected an integer >= 1, got {getattr(args, flag)}")
     check_backend(args.backend)
+    try:
+        knobs(args.method)
+    except ValueError as exc:  # name the flag, not the Python argument
+        raise ValueError(f"--{exc}") from None
     _check_out(args.out)
     summary = run(args.out, method=args.method, steps=args.steps, n=args.n, seed=args.seed, backend=args.backend)
     print(f"sampled {summary['n']} points of a 2-D Gaussian mixture with {summary['method']} "
@@ -28,5 +33,6 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, default=20, help="number of steps (default: 20)")
     p.add_argument("--n", type=int, default=4000, help="number of points (default: 4000)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", default="auto", help="reference | cpp | triton | cuda | auto")
+    p.add_argument("--backend", default=None,
+                   help="reference | cpp | triton | cuda | auto (default: DIFFKERN_BACKEND, else auto)")
     p.set_defaults(func=_run)

@@ -62,9 +62,11 @@ def _run(args) -> int:
 
     from .. import analytic
     from ..likelihood import log_likelihood, ode_log_likelihood
-    from . import check_backend
+    from . import check_common
 
-    check_backend(args.backend)
+    check_common(args)  # --sigma-min/--sigma-max/--backend, named as flags
+    if not 0 <= args.seed < 2 ** 31:
+        raise ValueError(f"--seed: expected an int in [0, 2**31), got {args.seed}")
     if args.samples < 2:
         raise ValueError(f"--samples: expected an int >= 2 (the standard error needs two repeats), got {args.samples}")
     if args.levels < 1:

@@ -39,7 +39,7 @@ def trajectories(method: str = "euler", steps: int = 20, n: int = 16, *, seed: i
         raise ValueError(f"jump: expected an int step in [0, {steps - 1}] (steps = {steps}), got {jump!r}")
     gen = torch.Generator().manual_seed(seed)
     x0 = (torch.randn(n, 2, generator=gen, dtype=torch.float64) * sigma_max).float()
-    _, rec = sample(gmm, x0, sigmas, method, backend=backend or "auto", seed=seed, record=True, **knobs)
+    _, rec = sample(gmm, x0, sigmas, method, backend=backend, seed=seed, record=True, **knobs)
     xs, ds = rec["x"].double().cpu(), rec["denoised"].double().cpu()
     final = xs[-1]
     chord = final - xs[0]

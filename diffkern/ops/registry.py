@@ -171,7 +171,8 @@ def resolve(op: str, device_type: str, backend: str | None = None) -> tuple[str,
     requested = backend or os.environ.get("DIFFKERN_BACKEND") or "auto"
     if requested != "auto":
         if requested not in spec.loaders:
-            raise BackendUnavailable(f"op {op!r} has no {requested!r} implementation "
+            who = "backend" if backend else "DIFFKERN_BACKEND"  # the argument, else the variable it came from
+            raise BackendUnavailable(f"{who}: op {op!r} has no {requested!r} implementation "
                                      f"(it has {sorted(spec.loaders)})")
         ok, why = backend_status(requested, device_type)
         if not ok:
