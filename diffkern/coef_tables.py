@@ -165,6 +165,36 @@ def dpmpp_2m(sigmas, *, conv: Conv = _identity) -> Plan:
     return _plan(rows, sigmas[:-1], sigmas[:-1], history=True)
 
 
+SOLVER_TYPES = ("midpoint", "heun")
+
+
+def dpmpp_2m_sde(sigmas, *, eta=1.0, s_noise=1.0, solver_type="midpoint", conv: Conv = _identity) -> Plan:
+    """DPM-Solver++(2M) SDE (k-diffusion's ``sample_dpmpp_2m_sde``; diffusers' "sde-dpmsolver++" at eta = 1),
+    history = previous D. With h = ln(sigma/sigma_next), H = (1 + eta) h, phi = 1 - e^-H:
+    ``x' = e^-H x + phi D + k/rho (D - D_prev) + s_noise sigma_next sqrt(1 - e^(-2 eta h)) xi``, k = phi/2
+    (midpoint) or 1 - phi/H (heun), rho = h_last/h; the first step has no D_prev term, the step to 0 is the
+    jump x' = D. eta = 0 with midpoint is DPM-Solver++(2M)."""
+    rows = []
+    for i, (s, sn) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        if sn == 0:
+            rows.append(_conv_row(conv, s, a=0.0, b=1.0, f=1.0))
+            continue
+        h = math.log(s / sn)
+        if h == 0:  # a scheduler's last step from sigma_min to itself: the identity (diffusers' heun: 0/0)
+            rows.append(_conv_row(conv, s, a=1.0, f=1.0))
+            continue
+        big_h = (1.0 + eta) * h
+        phi = -math.expm1(-big_h)
+        noise = s_noise * sn * math.sqrt(max(-math.expm1(-2.0 * eta * h), 0.0))
+        row = dict(a=math.exp(-big_h), b=phi, s=noise, f=1.0)
+        if i > 0:
+            rho = math.log(sigmas[i - 1] / s) / h
+            k = 0.5 * phi if solver_type == "midpoint" else 1.0 - phi / big_h
+            row.update(b=phi + k / rho, c=-k / rho)
+        rows.append(_conv_row(conv, s, **row))
+    return _plan(rows, sigmas[:-1], sigmas[:-1], history=True)
+
+
 def ge(sigmas, *, gamma=2.0, mu=0.0, conv: Conv = _identity) -> Plan:
     """Permenter & Yuan's family (smalldiffusion ``samples(gam, mu)``), history = previous eps:
     ``x' = x + (sigma_p - sigma)*(gamma*eps + (1-gamma)*eps_prev) + sqrt(sigma_next^2 - sigma_p^2)*xi``,

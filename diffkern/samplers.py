@@ -282,6 +282,13 @@ def _plan_dpmpp_2m(sigmas, conv):
     return coef_tables.dpmpp_2m(sigmas, conv=conv)
 
 
+def _plan_dpmpp_2m_sde(sigmas, conv, *, eta, s_noise, solver_type):
+    if solver_type not in coef_tables.SOLVER_TYPES:
+        raise ValueError(f"solver_type: expected one of {coef_tables.SOLVER_TYPES}, got {solver_type!r}")
+    return coef_tables.dpmpp_2m_sde(sigmas, eta=_knob(eta, "eta"), s_noise=_knob(s_noise, "s_noise"),
+                                    solver_type=solver_type, conv=conv)
+
+
 def _plan_ge(sigmas, conv, *, gamma, mu):
     return coef_tables.ge(sigmas, gamma=_knob(gamma, "gamma", -math.inf), mu=_knob(mu, "mu", 0.0, 1.0, True),
                           conv=conv)
@@ -294,7 +301,7 @@ def _plan_sde(sigmas, conv, *, lam, integrator):
 
 
 PLANS = {"euler": _plan_euler, "euler_ancestral": _plan_euler_ancestral, "heun": _plan_heun,
-         "dpmpp_2m": _plan_dpmpp_2m, "ge": _plan_ge, "sde": _plan_sde}
+         "dpmpp_2m": _plan_dpmpp_2m, "dpmpp_2m_sde": _plan_dpmpp_2m_sde, "ge": _plan_ge, "sde": _plan_sde}
 """method -> ``plan(host_sigmas, conv, **knobs)``; every knob is passed (the defaults live in the samplers'
 signatures, listed by :func:`diffkern.sampling.knobs`)."""
 
@@ -338,6 +345,16 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
 
 
 @torch.no_grad()
+def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, *, eta=1.0, s_noise=1.0,
+                        solver_type="midpoint", seed=None, backend=None, trajectory=None):
+    """DPM-Solver++(2M) SDE (k-diffusion's ``sample_dpmpp_2m_sde``), noise from the Philox stream (k-diffusion
+    draws it from a Brownian tree): eta scales the injected noise (eta = 0: DPM-Solver++(2M)), ``solver_type``
+    "midpoint" or "heun" the second-order correction."""
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory)
+    return _run(loop, _plan_dpmpp_2m_sde(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise, solver_type=solver_type))
+
+
+@torch.no_grad()
 def sample_ge(model, x, sigmas, extra_args=None, callback=None, disable=None, *, gamma=2.0, mu=0.0, seed=None,
               backend=None, trajectory=None):
     """Permenter & Yuan (2024) gradient-estimation family: gamma=2, mu=0 their sampler; gamma=1, mu=0 DDIM;
@@ -356,4 +373,4 @@ def sample_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, *
 
 
 SAMPLERS = {"euler": sample_euler, "euler_ancestral": sample_euler_ancestral, "heun": sample_heun,
-            "dpmpp_2m": sample_dpmpp_2m, "ge": sample_ge, "sde": sample_sde}
+            "dpmpp_2m": sample_dpmpp_2m, "dpmpp_2m_sde": sample_dpmpp_2m_sde, "ge": sample_ge, "sde": sample_sde}

@@ -163,6 +163,7 @@ UNCONDITIONAL = [  # (pipeline, scheduler, config, call kwargs, levels)
     (DDIMPipeline, "DDIMScheduler", {"prediction_type": "v_prediction", "set_alpha_to_one": False},
      {"eta": 0.6, "use_clipped_model_output": True}, (1,)),
     (DDPMPipeline, "DPMSolverMultistepScheduler", {"timestep_spacing": "trailing"}, {}, (1, 2)),
+    (DDPMPipeline, "DPMSolverMultistepScheduler", {"solver_type": "heun"}, {}, (1, 2)),
     # ends at t=0 -> alpha_bar[0]: an identity last step that accelerate drops
     (DDIMPipeline, "DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": False}, {}, (2,)),
 ]
@@ -248,7 +249,10 @@ def _level1_philox_loop(unet, name, config, seed, generator, dtype):
 
 @pytest.mark.parametrize("name, config", [("DDPMScheduler", {"clip_sample": False}),
                                           ("DDIMScheduler", {"clip_sample": False}),
-                                          ("IADBScheduler", {"variant": "stochastic", "lam": 0.7})])
+                                          ("IADBScheduler", {"variant": "stochastic", "lam": 0.7}),
+                                          ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+                                          ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++",
+                                                                           "solver_type": "heun", "solver_order": 1})])
 def test_stochastic_level2_matches_level1_philox(name, config):
     pipe = DDPMPipeline(unet=tiny_unet(), scheduler=getattr(dd, name)(**config))
     pipe.set_progress_bar_config(disable=True)

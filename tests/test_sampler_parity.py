@@ -1,4 +1,5 @@
-"""Parity with independent implementations: diffusers' DDIM/DDPM schedulers and smalldiffusion's ``samples``.
+"""Parity with independent implementations: diffusers' DDIM, DDPM and "sde-dpmsolver++" schedulers, k-diffusion's
+DPM-Solver++(2M) SDE loop (written here as published) and smalldiffusion's ``samples``.
 
 Each oracle runs twice, in float64 (the reference: its scheduler tables promoted to float64) and in float32
 (its own eager error). diffkern must match the float64 oracle to 1e-12 relative in float64 and, in float32,
@@ -10,6 +11,7 @@ Models: a tiny randomly initialised ``UNet2DModel`` (sample_size 8, no download)
 Gaussian mixture for smalldiffusion.
 """
 import importlib.util
+import math
 import os
 import sys
 import types
@@ -57,9 +59,13 @@ def unets():
 
 
 def make_scheduler(kind, dtype):
-    from diffusers import DDIMScheduler, DDPMScheduler
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
-    if kind == "ddim":
+    if kind.startswith("sde-dpmsolver++"):  # "sde-dpmsolver++/<solver_type>"
+        s = DPMSolverMultistepScheduler(num_train_timesteps=1000, timestep_spacing="trailing",
+                                        algorithm_type="sde-dpmsolver++", solver_type=kind.split("/")[1],
+                                        final_sigmas_type="zero")
+    elif kind == "ddim":
         s = DDIMScheduler(num_train_timesteps=1000, timestep_spacing="trailing", clip_sample=False,
                           set_alpha_to_one=False)
     else:
@@ -84,6 +90,8 @@ def diffusers_run(kind, unet, z, dtype, noise=None, eta=0.0, monkeypatch=None):
             eps = unet(z, t).sample
             if kind == "ddim":
                 z = s.step(eps, t, z, eta=eta, variance_noise=None if eta == 0 else noise[i].to(dtype)).prev_sample
+            elif kind.startswith("sde"):
+                z = s.step(eps, t, z, variance_noise=noise[i].to(dtype)).prev_sample
             else:
                 z = s.step(eps, t, z).prev_sample
     return z
@@ -92,7 +100,7 @@ def diffusers_run(kind, unet, z, dtype, noise=None, eta=0.0, monkeypatch=None):
 def diffkern_run(kind, unet, z, dtype, method, **kw):
     """The same run in VE coordinates: x = z/sqrt(ab) = z*sqrt(1 + sigma^2), the wrapper's fused conversion."""
     s = make_scheduler(kind, torch.float32)
-    sig = schedules.vp_sigmas(s.alphas_cumprod, s.timesteps, final="sigma_min" if kind == "ddim" else "zero")
+    sig = schedules.vp_sigmas(s.alphas_cumprod, s.timesteps.long(), final="sigma_min" if kind == "ddim" else "zero")
     x = (z * (1 + sig[0] ** 2) ** 0.5).to(dtype)
     y = sample(wrappers.DiffusersUNetDenoiser(unet, s), x, sig, method, backend=REF, seed=SEED, **kw)
     return y / (1 + sig[-1] ** 2) ** 0.5
@@ -129,6 +137,60 @@ def test_ddpm_is_mu_half(unets, monkeypatch, method, kw):
     ref = {dt: diffusers_run("ddpm", unets[dt], z, dt, noise=vp_noise(z, dt), monkeypatch=monkeypatch) for dt in unets}
     ours = {dt: diffkern_run("ddpm", unets[dt], z, dt, method, **kw) for dt in unets}
     assert_parity(ours[torch.float64], ours[torch.float32], ref[torch.float64], ref[torch.float32], f"DDPM {method}")
+
+def kdiff_dpmpp_2m_sde(model, x, sigmas, noise, eta, solver_type):
+    """k-diffusion's ``sample_dpmpp_2m_sde`` loop as published (VE, D = model(x, sigma)); ``noise[i]`` replaces its
+    Brownian-tree draw of step i."""
+    old, h_last = None, None
+    for i, (s, sn) in enumerate(zip(sigmas[:-1].tolist(), sigmas[1:].tolist())):
+        denoised = model(x, torch.full((x.shape[0],), s, dtype=x.dtype))
+        if sn == 0:
+            x = denoised
+        else:
+            h = math.log(s / sn)
+            eta_h = eta * h
+            x = sn / s * math.exp(-eta_h) * x + -math.expm1(-h - eta_h) * denoised
+            if old is not None:
+                r = h_last / h
+                if solver_type == "heun":
+                    x = x + (-math.expm1(-h - eta_h) / (-h - eta_h) + 1) * (1 / r) * (denoised - old)
+                else:
+                    x = x + 0.5 * -math.expm1(-h - eta_h) * (1 / r) * (denoised - old)
+            x = x + noise[i].to(x.dtype) * sn * math.sqrt(-math.expm1(-2 * eta_h))
+            h_last = h
+        old = denoised
+    return x
+
+
+@pytest.mark.parametrize("solver_type", ["midpoint", "heun"])
+@pytest.mark.parametrize("eta", [1.0, 0.4])
+def test_dpmpp_2m_sde_is_k_diffusions(solver_type, eta):
+    gmm = analytic.GaussianMixture([1.0, 2.0], [[-1.0, 0.5], [1.0, 1.0]], [0.3, 0.5])
+    sig = schedules.karras(STEPS, 0.02, 20.0)
+    x = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 20.0
+    ref = {dt: kdiff_dpmpp_2m_sde(gmm.denoise, x.to(dt), sig, noises(x, STEPS, dt), eta, solver_type)
+           for dt in (torch.float64, torch.float32)}
+    ours = {dt: sample(gmm.denoise, x.to(dt), sig, "dpmpp_2m_sde", backend=REF, seed=SEED, eta=eta,
+                       solver_type=solver_type) for dt in (torch.float64, torch.float32)}
+    assert_parity(ours[torch.float64], ours[torch.float32], ref[torch.float64], ref[torch.float32],
+                  f"dpmpp_2m_sde eta={eta} {solver_type}")
+
+
+@pytest.mark.parametrize("solver_type", ["midpoint", "heun"])
+def test_sde_dpmsolver_pp_is_dpmpp_2m_sde(unets, solver_type):
+    """diffusers' second-order "sde-dpmsolver++" (its noise fed from ours) is DPM-Solver++(2M) SDE at eta = 1 in VP
+    coordinates. diffusers computes in float32 whatever the input dtype, so the float64 reference is k-diffusion's
+    loop through the same float64 network, and diffusers' float32 error must be of the size of ours."""
+    z, kind = start_z(), f"sde-dpmsolver++/{solver_type}"
+    theirs32 = diffusers_run(kind, unets[torch.float32], z, torch.float32, noise=vp_noise(z, torch.float32))
+    ours = {dt: diffkern_run(kind, unets[dt], z, dt, "dpmpp_2m_sde", solver_type=solver_type) for dt in unets}
+    s = make_scheduler(kind, torch.float32)
+    sig = schedules.vp_sigmas(s.alphas_cumprod, s.timesteps.long(), final="zero")
+    model = wrappers.DiffusersUNetDenoiser(unets[torch.float64], s)
+    x = z * (1 + sig[0] ** 2) ** 0.5
+    ref64 = kdiff_dpmpp_2m_sde(model, x, sig, noises(x, STEPS, torch.float64), 1.0, solver_type)
+    assert_parity(ours[torch.float64], ours[torch.float32], ref64, theirs32, f"sde-dpmsolver++ {solver_type}")
+    assert_matches_reference(theirs32, ref64, ours[torch.float32], f"diffusers sde-dpmsolver++ {solver_type}")
 
 #----------------------------------------------------------------------------
 # smalldiffusion's generalised sampler samples(gam, mu). Its package imports torchvision and accelerate at

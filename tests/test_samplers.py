@@ -98,7 +98,8 @@ def test_ge_beats_ddim_at_10_steps(mixture):
 
 STOCHASTIC = [("euler_ancestral", {}), ("euler_ancestral", {"eta": 0.5}), ("euler", {"s_churn": 20.0}),
               ("heun", {"s_churn": 20.0}), ("ge", {"gamma": 1.0, "mu": 0.5}), ("ge", {"gamma": 2.0, "mu": 0.3}),
-              ("sde", {"lam": 0.5}), ("sde", {"lam": 1.0, "integrator": "euler_maruyama"})]
+              ("sde", {"lam": 0.5}), ("sde", {"lam": 1.0, "integrator": "euler_maruyama"}), ("dpmpp_2m_sde", {}),
+              ("dpmpp_2m_sde", {"eta": 0.5, "solver_type": "heun"})]
 
 
 def _moment_se(gmm, n):
@@ -162,6 +163,7 @@ def test_deterministic_ddim_family(final_zero):
     _close64(a, sample(gmm, x, sig, "euler_ancestral", eta=0.0, backend=REF))
     _close64(a, sample(gmm, x, sig, "ge", gamma=1.0, mu=0.0, backend=REF))
     _close64(a, sample(gmm, x, sig, "sde", lam=0.0, backend=REF))
+    _close64(sample(gmm, x, sig, "dpmpp_2m", backend=REF), sample(gmm, x, sig, "dpmpp_2m_sde", eta=0.0, backend=REF))
 
 
 def test_heun_matches_textbook_form():
@@ -185,7 +187,8 @@ def test_heun_matches_textbook_form():
 
 EVERY = [("euler", {}), ("euler", {"s_churn": 2.0}), ("euler_ancestral", {"eta": 0.7}), ("heun", {}),
          ("heun", {"s_churn": 2.0, "s_tmin": 0.5, "s_tmax": 5.0}), ("dpmpp_2m", {}), ("ge", {}),
-         ("ge", {"gamma": 1.0, "mu": 0.5}), ("sde", {"lam": 0.7}), ("sde", {"lam": 1.0, "integrator": "euler_maruyama"})]
+         ("ge", {"gamma": 1.0, "mu": 0.5}), ("sde", {"lam": 0.7}), ("sde", {"lam": 1.0, "integrator": "euler_maruyama"}),
+         ("dpmpp_2m_sde", {}), ("dpmpp_2m_sde", {"eta": 0.3, "solver_type": "heun"})]
 
 
 def gmm5():
@@ -360,6 +363,8 @@ def test_errors():
         sample(gmm, x, sig, "ge", mu=1.0)
     with pytest.raises(ValueError, match="integrator: expected one of"):
         sample(gmm, x, sig, "sde", integrator="rk4")
+    with pytest.raises(ValueError, match="solver_type: expected one of"):
+        sample(gmm, x, sig, "dpmpp_2m_sde", solver_type="euler")
     with pytest.raises(ValueError, match="eta: expected a finite value in"):
         sample(gmm, x, sig, "euler_ancestral", eta=-1.0)
     for method, knob in (("euler_ancestral", "eta"), ("sde", "lam"), ("ge", "gamma"), ("euler", "s_noise")):
@@ -379,7 +384,8 @@ def test_knobs_lists_defaults():
     assert knobs("heun") == {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0}
     assert knobs("ge") == {"gamma": 2.0, "mu": 0.0}
     assert knobs("sde") == {"lam": 1.0, "integrator": "exponential"}
-    assert set(samplers.SAMPLERS) == {"euler", "euler_ancestral", "heun", "dpmpp_2m", "ge", "sde"}
+    assert knobs("dpmpp_2m_sde") == {"eta": 1.0, "s_noise": 1.0, "solver_type": "midpoint"}
+    assert set(samplers.SAMPLERS) == {"euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "ge", "sde"}
 
 #----------------------------------------------------------------------------
 # No host synchronisation inside the loop (CUDA only: torch's sync debug mode turns a sync into an error).

@@ -99,7 +99,13 @@ def loop_spec(ours: FusedScheduler, eta: float = 0.0) -> LoopSpec:
             raise _unsupported(name, "final_sigmas_type", "sigma_min",
                                f"with a first-order last step: euler_at_final, or lower_order_final with "
                                f"{len(ts)} < 15 steps")
-        return LoopSpec("dpmpp_2m" if cfg.solver_order == 2 else "euler", sig, kept, {}, vp=True)
+        sde = cfg.algorithm_type == "sde-dpmsolver++"
+        if cfg.solver_order == 1:  # first order every step: DDIM, or for the SDE the lam = 1 exponential step
+            return LoopSpec("sde", sig, kept, {"lam": 1.0}, vp=True) if sde else LoopSpec("euler", sig, kept, {}, vp=True)
+        if not sde and cfg.solver_type == "midpoint":
+            return LoopSpec("dpmpp_2m", sig, kept, {}, vp=True)
+        return LoopSpec("dpmpp_2m_sde", sig, kept, {"eta": 1.0 if sde else 0.0, "solver_type": cfg.solver_type},
+                        vp=True)
     sig = list(ours.sigmas_host)
     if name == "HeunDiscreteScheduler":
         ts = ts[:1] + ts[1::2]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from diffusers.configuration_utils import register_to_config
+from diffusers.utils.torch_utils import randn_tensor
 
 from .. import coef_tables, schedules, wrappers
 from ..ops import coefs, ddim_row
@@ -191,11 +192,13 @@ class DDPMScheduler(_VPScheduler):
 
 
 class DPMSolverMultistepScheduler(FusedScheduler):
-    """Drop-in for ``diffusers.DPMSolverMultistepScheduler`` with ``algorithm_type="dpmsolver++"`` (orders 1
-    and 2, ``solver_type="midpoint"``); the history (previous x0 estimate) stays on the device.
+    """Drop-in for ``diffusers.DPMSolverMultistepScheduler`` with ``algorithm_type="dpmsolver++"`` or
+    ``"sde-dpmsolver++"`` (orders 1 and 2, ``solver_type`` "midpoint" or "heun"): the rows of
+    :func:`~diffkern.coef_tables.dpmpp_2m_sde` at eta = 0 or 1; the history (previous x0 estimate) stays on the
+    device. The SDE's noise is diffusers' (``variance_noise``, else ``generator``) or, with neither, Philox.
 
-    Unsupported: other algorithm types, ``solver_order=3``, ``solver_type="heun"``, thresholding, learned
-    variances, Lu lambdas, exponential/beta/flow sigmas, ``lambda_min_clipped``, dynamic shifting.
+    Unsupported: the dpmsolver (non-++) algorithm types, ``solver_order=3``, thresholding, learned variances, Lu
+    lambdas, exponential/beta/flow sigmas, ``lambda_min_clipped``, dynamic shifting.
     """
 
     @register_to_config
@@ -218,9 +221,9 @@ class DPMSolverMultistepScheduler(FusedScheduler):
         if solver_type in ("logrho", "bh1", "bh2"):
             solver_type = "midpoint"
             self.register_to_config(solver_type=solver_type)
-        check_choice(who, "algorithm_type", algorithm_type, ("dpmsolver++",))
+        check_choice(who, "algorithm_type", algorithm_type, ("dpmsolver++", "sde-dpmsolver++"))
         check_choice(who, "solver_order", solver_order, (1, 2))
-        check_choice(who, "solver_type", solver_type, ("midpoint",))
+        check_choice(who, "solver_type", solver_type, coef_tables.SOLVER_TYPES)
         check_choice(who, "final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
         check_choice(who, "variance_type", variance_type, (None,))
         for option, value in (("use_exponential_sigmas", use_exponential_sigmas), ("use_beta_sigmas", use_beta_sigmas),
@@ -268,15 +271,19 @@ class DPMSolverMultistepScheduler(FusedScheduler):
             p, q = wrappers.conversion(cfg.prediction_type, s)
             return {"p": p, "q": q}
 
+        def rows_from(i, j):  # the rows of steps i..j-1 as a loop starting at step i (first order there)
+            return coef_tables.dpmpp_2m_sde(sig[i:j + 1], eta=self.eta, solver_type=cfg.solver_type,
+                                            conv=conv).table[:j - i].tolist()
+
         if cfg.solver_order == 1:
-            rows = coef_tables.euler(sig, conv=conv).table[:n].tolist()
+            rows = [rows_from(i, i + 1)[0] for i in range(n)]
         else:
-            rows = coef_tables.dpmpp_2m(sig, conv=conv).table.tolist()
+            rows = rows_from(0, n)
             last_first_order = cfg.euler_at_final or (cfg.lower_order_final and n < 15)
             if n > 1 and last_first_order and sig[-1] > 0:
-                rows[-1] = coef_tables.euler(sig[-2:], conv=conv).table[0].tolist()
+                rows[-1] = rows_from(n - 1, n)[0]
             if begin > 0:  # a loop started with set_begin_index has no history yet: first order, as diffusers
-                rows[begin] = coef_tables.euler(sig[begin:begin + 2], conv=conv).table[0].tolist()
+                rows[begin] = rows_from(begin, begin + 1)[0]
         rows = [ve_row_to_vp(r, sig[i], sig[i + 1]) for i, r in enumerate(rows)]
         for r in rows:
             r[coefs.F], r[coefs.E] = 1.0, 0.0  # history = this step's x0 estimate, for the next step
@@ -290,14 +297,26 @@ class DPMSolverMultistepScheduler(FusedScheduler):
         dtype = original_samples.dtype
         return alpha.to(dtype) * original_samples + (alpha * sigma).to(dtype) * noise
 
+    @property
+    def eta(self) -> float:
+        """The noise scale of :func:`~diffkern.coef_tables.dpmpp_2m_sde`: 1 for "sde-dpmsolver++", else 0."""
+        return 1.0 if self.config.algorithm_type == "sde-dpmsolver++" else 0.0
+
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              variance_noise: torch.Tensor = None, return_dict: bool = True):
         """One DPM-Solver++ step (first order on the first and, as configured, the last step); returns
-        (prev_sample,). ``generator``/``variance_noise`` are accepted and unused, as in diffusers' dpmsolver++."""
+        (prev_sample,). "sde-dpmsolver++" adds ``variance_noise``, else noise drawn from ``generator`` as diffusers
+        draws it (float32), else Philox noise; "dpmsolver++" ignores both, as diffusers does."""
         i = self._index(timestep)
         x = self._state_in(sample, model_output)
         begin = self._begin_index or 0
         history = self._history_for(x, first=i == begin)
-        prev, _ = self._fused(("dpm", begin), i, x, model_output, history=history, history_out=history, x0=False)
+        noise = None
+        if self.eta and (variance_noise is not None or generator is not None):
+            noise = variance_noise if variance_noise is not None else randn_tensor(
+                model_output.shape, generator=generator, device=model_output.device, dtype=torch.float32)
+            noise = noise.to(device=x.device, dtype=x.dtype)
+        prev, _ = self._fused(("dpm", begin), i, x, model_output, noise=noise, history=history, history_out=history,
+                              x0=False)
         self._advance()
         return self._output_prev_only(return_dict, prev)
