@@ -263,7 +263,12 @@ def ode_log_likelihood(model: Callable, x: torch.Tensor, *, sigma_min: float = 1
     u = torch.cat([z0, torch.zeros(x.shape[0], 1, dtype=torch.float64, device=z0.device)], dim=1)
     s, s_end = math.log(sigma_min), math.log(sigma_max)
     h = (s_end - s) / 100
-    k_first = _ode_field(model, shape, u, s)
+    try:
+        k_first = _ode_field(model, shape, u, s)
+    except Exception as exc:  # typically a float32 network's matmul refusing float64 input
+        exc.add_note("ode_log_likelihood calls the model on float64 inputs (x and sigma, for the exact divergence): "
+                     "a float32 network needs model.double()")
+        raise
     attempts = 0  # accepted and rejected steps; a run that ends on the last allowed step has converged
     while s < s_end:
         if attempts == max_steps:

@@ -119,6 +119,16 @@ def test_ode_log_likelihood_refuses_inference_mode():
         assert torch.isfinite(ode_log_likelihood(GMM, pts, rtol=1e-4, atol=1e-4)).all()
 
 
+def test_ode_log_likelihood_names_the_float64_requirement():
+    from diffkern.likelihood import ode_log_likelihood
+
+    net = torch.nn.Linear(2, 2)  # float32 weights: the float64 input fails inside the user's network
+
+    with pytest.raises(RuntimeError) as info:
+        ode_log_likelihood(lambda x, sigma: net(x), torch.zeros(1, 2))
+    assert "a float32 network needs model.double()" in "\n".join(getattr(info.value, "__notes__", []))
+
+
 @pytest.mark.parametrize("argv, message", [
     (["demo", "--method", "foo"], "diffkern demo: error: --method: unknown sampler 'foo'"),
     (["likelihood", "--points", "0,0", "--sigma-min", "1", "--sigma-max", "0.5"],
