@@ -90,6 +90,29 @@ def loglinear(n: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
     return _append_zero(torch.linspace(math.log(hi), math.log(lo), n, dtype=F64).exp())
 
 
+def polyexponential(n: int, sigma_min: float, sigma_max: float, rho: float = 1.0) -> torch.Tensor:
+    """Polynomial in log sigma: ``exp(ramp^rho * (ln max - ln min) + ln min)``, ramp from 1 to 0 over n values,
+    then 0 (k-diffusion's ``get_sigmas_polyexponential``; rho = 1 is :func:`loglinear`). (n+1,) float64 CPU."""
+    _check_int(n, "polyexponential: n", 1)
+    lo, hi = _sigma_range(sigma_min, sigma_max, "polyexponential")
+    rho = _check_positive(rho, "polyexponential: rho")
+    ramp = torch.linspace(1, 0, n, dtype=F64) ** rho
+    return _append_zero(torch.exp(ramp * (math.log(hi) - math.log(lo)) + math.log(lo)))
+
+
+def vp(n: int, beta_d: float = 19.9, beta_min: float = 0.1, eps_s: float = 1e-3) -> torch.Tensor:
+    """The continuous VP SDE's sigmas ``sqrt(exp(beta_d t^2/2 + beta_min t) - 1)`` at t from 1 to eps_s over n
+    values, then 0 (k-diffusion's ``get_sigmas_vp``, Song et al.'s defaults). (n+1,) float64 CPU."""
+    _check_int(n, "vp: n", 1)
+    beta_d, eps_s = _check_positive(beta_d, "vp: beta_d"), _check_positive(eps_s, "vp: eps_s")
+    if isinstance(beta_min, bool) or not isinstance(beta_min, numbers.Real) or not 0 <= beta_min < math.inf:
+        raise ValueError(f"vp: beta_min: expected a finite number >= 0, got {beta_min!r}")
+    if not eps_s < 1:
+        raise ValueError(f"vp: eps_s: expected 0 < eps_s < 1, got {eps_s!r}")
+    t = torch.linspace(1, eps_s, n, dtype=F64)
+    return _append_zero(torch.expm1(beta_d * t ** 2 / 2 + beta_min * t).sqrt())
+
+
 def sample_sigmas(train_sigmas, steps: int) -> torch.Tensor:
     """smalldiffusion's ``Schedule.sample_sigmas``: "trailing" subsampling of an increasing table of N training
     sigmas, ``idx_k = round(N*(1 - k/steps)) - 1`` for k < steps, then index 0. The schedule ends at

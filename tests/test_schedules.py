@@ -265,7 +265,28 @@ def test_check_sigmas_other_errors():
         S.check_sigmas(torch.tensor([True, False]))
 
 
+def test_polyexponential_and_vp_closed_forms():
+    """k-diffusion's get_sigmas_polyexponential / get_sigmas_vp, written out here in float64."""
+    for rho in (0.5, 1.0, 3.0):
+        s = S.polyexponential(7, 0.03, 14.0, rho)
+        _is_schedule(s, 7)
+        ramp = torch.linspace(1, 0, 7, dtype=F64) ** rho
+        want = torch.exp(ramp * (math.log(14.0) - math.log(0.03)) + math.log(0.03))
+        torch.testing.assert_close(s[:-1], want, rtol=1e-15, atol=0)
+    torch.testing.assert_close(S.polyexponential(9, 0.02, 10.0), S.loglinear(9, 0.02, 10.0), rtol=1e-14, atol=0)
+    s = S.vp(6)
+    _is_schedule(s, 6)
+    t = torch.linspace(1, 1e-3, 6, dtype=F64)
+    torch.testing.assert_close(s[:-1], torch.sqrt(torch.expm1(19.9 * t ** 2 / 2 + 0.1 * t)), rtol=1e-15, atol=0)
+    # k-diffusion writes exp(.) - 1, which loses ~3e-13 relative at t = eps_s
+    torch.testing.assert_close(s[:-1], torch.sqrt(torch.exp(19.9 * t ** 2 / 2 + 0.1 * t) - 1), rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("call, match", [
+    (lambda: S.polyexponential(5, 0.1, 1.0, rho=0.0), "polyexponential: rho"),
+    (lambda: S.vp(5, eps_s=1.0), "vp: eps_s"),
+    (lambda: S.vp(5, beta_min=-0.1), "vp: beta_min"),
+    (lambda: S.vp(0), "vp: n"),
     (lambda: S.karras(0, 0.1, 1.0), "karras: n"),
     (lambda: S.karras(5, 1.0, 0.1), "sigma_min .* must be <= sigma_max"),
     (lambda: S.loglinear(5, 0.0, 1.0), "loglinear: sigma_min"),
