@@ -37,7 +37,8 @@ class Plan:
     row_sigma: length R, the sigma at which row k reads the model (nan where it does not).
     sigma_hat: length N, the sigma of step i's first model call (after churn).
     churn: length N, True where step i adds churn noise (row ``churn_row + i``) before its model call.
-    corrector: length N, True where step i has a second (Heun) model call (row ``corrector_row + i``).
+    corrector: length N, True where step i has a second model call (row ``corrector_row + i``, at its row_sigma:
+        sigma_next for Heun, a midpoint for the DPM-Solver-2 family).
     """
     table: torch.Tensor
     row_sigma: list
@@ -236,6 +237,91 @@ def sde(sigmas, *, lam=0.0, integrator="exponential", conv: Conv = _identity) ->
             k = c_lam * (1.0 - r * r)
             rows.append(_conv_row(conv, s, a=1.0 - k, b=k, s=lam * math.sqrt(s * s - sn * sn)))
     return _plan(rows, sigmas[:-1], sigmas[:-1])
+
+#----------------------------------------------------------------------------
+# Two model calls per step at a midpoint sigma (k-diffusion's dpm_2, dpm_2_ancestral, dpmpp_2s_ancestral).
+# Predictor (row i, model at sigma): Euler/DDIM to the log-midpoint sigma_mid = sqrt(sigma*target), storing the
+# slope d = (x - D)/sigma in history. Corrector (row N+i, model at sigma_mid): x is eliminated through the
+# predictor output x2 = x + (sigma_mid - sigma)*d, i.e. x = x2 + (sigma - sigma_mid)*H. The stored slope (as
+# heun's): its 16-bit rounding enters times sigma - sigma_mid (dpm_2) or target*(1 - sigma_mid/sigma) (2S),
+# i.e. scaled by the noise level like the state's own rounding, where a stored D would enter times
+# sqrt(sigma/target) - 1 at any noise level.
+
+
+def _midpoint_rows(conv: Conv, sigma: float, target: float) -> tuple[list, float]:
+    """Predictor row (Euler to sigma_mid, history = slope) and sigma_mid = sqrt(sigma*target), target > 0."""
+    mid = math.exp(0.5 * (math.log(sigma) + math.log(target)))
+    r, one_minus_r = _ratio(sigma, mid)
+    return _conv_row(conv, sigma, a=r, b=one_minus_r, e=1.0 / sigma, f=-1.0 / sigma), mid
+
+
+def _euler_to_zero(conv: Conv, sigma: float, noise: float = 0.0) -> list:
+    """The step to target 0 (Euler, as k-diffusion): x' = D (+ noise), history = slope (unused)."""
+    return _conv_row(conv, sigma, a=0.0, b=1.0, s=noise, e=1.0 / sigma, f=-1.0 / sigma)
+
+
+def _two_eval_plan(pred, corr, mids, sigma_hat, churn_rows=(), churn=None) -> Plan:
+    n = len(pred)
+    corrector = [not math.isnan(m) for m in mids]
+    return _plan(pred + corr + list(churn_rows), list(sigma_hat) + mids + [math.nan] * len(churn_rows), sigma_hat,
+                 churn=churn or [False] * n, churn_row=2 * n, corrector=corrector, corrector_row=n, history=True)
+
+
+def _dpm_2_rows(conv: Conv, sigma: float, target: float, noise: float):
+    """k-diffusion's DPM-Solver-2 step from sigma to target, x' = x + d2*(target - sigma) (+ noise), with
+    d2 = (x2 - D2)/sigma_mid: ``x' = (1 + k) x2 - k D2 + (sigma - sigma_mid) H``, k = (target - sigma)/sigma_mid.
+    Returns (predictor row, corrector row, sigma_mid or nan)."""
+    if target == 0:  # k-diffusion's Euler branch: no noise there
+        return _euler_to_zero(conv, sigma), coefs.row(**_NO_MODEL), math.nan
+    pred, mid = _midpoint_rows(conv, sigma, target)
+    k = (target - sigma) / mid
+    return pred, _conv_row(conv, mid, a=1.0 + k, b=-k, c=sigma - mid, s=noise), mid
+
+
+def dpm_2(sigmas, *, s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0, conv: Conv = _identity) -> Plan:
+    """k-diffusion's ``sample_dpm_2`` (DPM-Solver-2 in sigma, midpoint in log sigma) with EDM churn: from sigma_hat,
+    Euler to sigma_mid = sqrt(sigma_hat*sigma_next), then ``x' = x_hat + d(x2, sigma_mid)*(sigma_next - sigma_hat)``.
+    The step to sigma_next = 0 is Euler (one model call). Rows: predictors 0..N-1, correctors N..2N-1, churn
+    noise 2N..3N-1."""
+    n = len(sigmas) - 1
+    sigma_hat = churn_sigmas(sigmas, s_churn, s_tmin, s_tmax)
+    pred, corr, mids = map(list, zip(*(_dpm_2_rows(conv, sigma_hat[i], sigmas[i + 1], 0.0) for i in range(n))))
+    churn_rows, churn = _churn_rows(sigmas, sigma_hat, s_noise)
+    return _two_eval_plan(pred, corr, mids, sigma_hat, churn_rows, churn)
+
+
+def _ancestral_rows(step_rows, sigmas, eta: float, s_noise: float, conv: Conv):
+    """(predictor rows, corrector rows, sigma_mids) of ``step_rows(conv, sigma, sigma_down, s_noise*sigma_up)``."""
+    rows = []
+    for s, sn in zip(sigmas[:-1], sigmas[1:]):
+        down, up = ancestral_step(s, sn, eta)
+        rows.append(step_rows(conv, s, down, s_noise * up))
+    return tuple(map(list, zip(*rows)))
+
+
+def dpm_2_ancestral(sigmas, *, eta=1.0, s_noise=1.0, conv: Conv = _identity) -> Plan:
+    """k-diffusion's ``sample_dpm_2_ancestral``: the DPM-Solver-2 step from sigma to sigma_down, then
+    ``+ s_noise*sigma_up*xi`` (on the corrector row). As k-diffusion, a step whose sigma_down is 0 (the step to 0,
+    or eta large enough) is Euler to 0 and adds no noise."""
+    return _two_eval_plan(*_ancestral_rows(_dpm_2_rows, sigmas, eta, s_noise, conv), sigmas[:-1])
+
+
+def _dpmpp_2s_rows(conv: Conv, sigma: float, down: float, noise: float):
+    """DPM-Solver++(2S) from sigma to sigma_down (> 0), or Euler to 0 plus the noise: (pred, corr, sigma_mid)."""
+    if down == 0:
+        return _euler_to_zero(conv, sigma, noise), coefs.row(**_NO_MODEL), math.nan
+    pred, mid = _midpoint_rows(conv, sigma, down)
+    r, one_minus_r = _ratio(sigma, down)
+    # H's coefficient sd*(1 - sigma_mid/sigma), as -sd*expm1(ln(sigma_mid/sigma)) for accuracy
+    return pred, _conv_row(conv, mid, a=r, b=one_minus_r, c=-down * math.expm1(math.log(mid / sigma)), s=noise), mid
+
+
+def dpmpp_2s_ancestral(sigmas, *, eta=1.0, s_noise=1.0, conv: Conv = _identity) -> Plan:
+    """k-diffusion's ``sample_dpmpp_2s_ancestral`` (DPM-Solver++(2S), r = 1/2, to sigma_down, then
+    ``+ s_noise*sigma_up*xi``): x2 = DDIM to sigma_mid = sqrt(sigma*sigma_down) (the predictor), D2 = D(x2, sigma_mid),
+    ``x' = (sd/sigma) x + (1 - sd/sigma) D2`` = ``(sd/sigma) x2 + (1 - sd/sigma) D2 + sd (1 - sigma_mid/sigma) H``.
+    sigma_down = 0: Euler to 0 plus the noise (as k-diffusion, whose noise is added whenever sigma_next > 0)."""
+    return _two_eval_plan(*_ancestral_rows(_dpmpp_2s_rows, sigmas, eta, s_noise, conv), sigmas[:-1])
 
 #----------------------------------------------------------------------------
 # IADB (Heitz et al. 2023), in its own coordinates: x_alpha = (1-alpha)*noise + alpha*data.

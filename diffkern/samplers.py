@@ -25,7 +25,12 @@ from collections.abc import Mapping
 import torch
 
 from . import coef_tables, schedules
+from . import sampler_plans as _plans
 from .ops import sampler_step
+
+# Plans (knobs validated, branches resolved on the host) live in sampler_plans; diffkern.sampling reads them here.
+PLANS = _plans.PLANS
+_knob = _plans._knob
 
 #----------------------------------------------------------------------------
 # Seeds and trajectories: the only places a call creates device state besides the state itself.
@@ -244,68 +249,6 @@ def run_steps(loop: _Loop, plan: coef_tables.Plan) -> None:
         loop.end(i)
 
 #----------------------------------------------------------------------------
-# Plans: knobs validated, branches resolved on the host (shared by the samplers and the graph runner).
-
-
-def _knob(value, name: str, lo: float = 0.0, hi: float = math.inf, hi_open: bool = False,
-          finite: bool = True) -> float:
-    """``value`` as a float in [lo, hi] (or [lo, hi)); infinite only where ``finite`` is False (the churn
-    window and strength, whose k-diffusion defaults and limits are infinite)."""
-    # numbers.Real: Python and numpy scalars (np.float32(0.5) is no float subclass); tensors are refused
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
-        hint = " (a tensor: pass .item())" if isinstance(value, torch.Tensor) else ""
-        raise TypeError(f"{name}: expected a number{hint}, got {value!r}")
-    if value < lo or value > hi or (hi_open and value == hi) or (finite and math.isinf(value)):
-        raise ValueError(f"{name}: expected a {'finite ' if finite else ''}value in [{lo}, {hi}"
-                         f"{')' if hi_open else ']'}, got {value}")
-    return float(value)
-
-
-def _churn_knobs(s_churn, s_tmin, s_tmax, s_noise) -> dict:
-    return {"s_churn": _knob(s_churn, "s_churn", finite=False), "s_tmin": _knob(s_tmin, "s_tmin", finite=False),
-            "s_tmax": _knob(s_tmax, "s_tmax", finite=False), "s_noise": _knob(s_noise, "s_noise")}
-
-
-def _plan_euler(sigmas, conv, *, s_churn, s_tmin, s_tmax, s_noise):
-    return coef_tables.euler(sigmas, conv=conv, **_churn_knobs(s_churn, s_tmin, s_tmax, s_noise))
-
-
-def _plan_euler_ancestral(sigmas, conv, *, eta, s_noise):
-    return coef_tables.euler_ancestral(sigmas, eta=_knob(eta, "eta"), s_noise=_knob(s_noise, "s_noise"), conv=conv)
-
-
-def _plan_heun(sigmas, conv, *, s_churn, s_tmin, s_tmax, s_noise):
-    return coef_tables.heun(sigmas, conv=conv, **_churn_knobs(s_churn, s_tmin, s_tmax, s_noise))
-
-
-def _plan_dpmpp_2m(sigmas, conv):
-    return coef_tables.dpmpp_2m(sigmas, conv=conv)
-
-
-def _plan_dpmpp_2m_sde(sigmas, conv, *, eta, s_noise, solver_type):
-    if solver_type not in coef_tables.SOLVER_TYPES:
-        raise ValueError(f"solver_type: expected one of {coef_tables.SOLVER_TYPES}, got {solver_type!r}")
-    return coef_tables.dpmpp_2m_sde(sigmas, eta=_knob(eta, "eta"), s_noise=_knob(s_noise, "s_noise"),
-                                    solver_type=solver_type, conv=conv)
-
-
-def _plan_ge(sigmas, conv, *, gamma, mu):
-    return coef_tables.ge(sigmas, gamma=_knob(gamma, "gamma", -math.inf), mu=_knob(mu, "mu", 0.0, 1.0, True),
-                          conv=conv)
-
-
-def _plan_sde(sigmas, conv, *, lam, integrator):
-    if integrator not in coef_tables.INTEGRATORS:
-        raise ValueError(f"integrator: expected one of {coef_tables.INTEGRATORS}, got {integrator!r}")
-    return coef_tables.sde(sigmas, lam=_knob(lam, "lam"), integrator=integrator, conv=conv)
-
-
-PLANS = {"euler": _plan_euler, "euler_ancestral": _plan_euler_ancestral, "heun": _plan_heun,
-         "dpmpp_2m": _plan_dpmpp_2m, "dpmpp_2m_sde": _plan_dpmpp_2m_sde, "ge": _plan_ge, "sde": _plan_sde}
-"""method -> ``plan(host_sigmas, conv, **knobs)``; every knob is passed (the defaults live in the samplers'
-signatures, listed by :func:`diffkern.sampling.knobs`)."""
-
-#----------------------------------------------------------------------------
 # Public samplers.
 
 
@@ -315,8 +258,9 @@ def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None,
     """Euler on the PF-ODE ``dx/dsigma = (x - D)/sigma`` (= deterministic DDIM), with Karras et al.
     (2022) Algorithm 2 churn. x: (B, ...) float; returns the final state in x's dtype."""
     loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory)
-    return _run(loop, _plan_euler(loop.sigmas, loop.conv, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax,
-                                  s_noise=s_noise))
+    plan = _plans._plan_euler(loop.sigmas, loop.conv, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax,
+                              s_noise=s_noise)
+    return _run(loop, plan)
 
 
 @torch.no_grad()
@@ -324,7 +268,7 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
                            s_noise=1.0, seed=None, backend=None, trajectory=None):
     """Euler-ancestral (= DDIM(eta) in VE coordinates; eta = 1 is the DDPM posterior step)."""
     loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory)
-    return _run(loop, _plan_euler_ancestral(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise))
+    return _run(loop, _plans._plan_euler_ancestral(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise))
 
 
 @torch.no_grad()
@@ -332,8 +276,37 @@ def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, 
                 s_tmax=math.inf, s_noise=1.0, seed=None, backend=None, trajectory=None):
     """Heun's second-order method, Karras et al. (2022) Algorithm 2 (2 model calls per step but the last)."""
     loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory)
-    return _run(loop, _plan_heun(loop.sigmas, loop.conv, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax,
-                                 s_noise=s_noise))
+    plan = _plans._plan_heun(loop.sigmas, loop.conv, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax,
+                             s_noise=s_noise)
+    return _run(loop, plan)
+
+
+@torch.no_grad()
+def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None, *, s_churn=0.0, s_tmin=0.0,
+                 s_tmax=math.inf, s_noise=1.0, seed=None, backend=None, trajectory=None):
+    """k-diffusion's DPM-Solver-2 (KDPM2): Euler to the log-midpoint sigma, then the full step with the
+    midpoint's slope, with EDM churn (2 model calls per step but the last, which is Euler to 0)."""
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory)
+    plan = _plans._plan_dpm_2(loop.sigmas, loop.conv, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax,
+                              s_noise=s_noise)
+    return _run(loop, plan)
+
+
+@torch.no_grad()
+def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, *, eta=1.0,
+                           s_noise=1.0, seed=None, backend=None, trajectory=None):
+    """k-diffusion's DPM-Solver-2 ancestral: the DPM-Solver-2 step to sigma_down, then s_noise*sigma_up noise."""
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory)
+    return _run(loop, _plans._plan_dpm_2_ancestral(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise))
+
+
+@torch.no_grad()
+def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, *, eta=1.0,
+                              s_noise=1.0, seed=None, backend=None, trajectory=None):
+    """DPM-Solver++(2S) ancestral (k-diffusion's ``sample_dpmpp_2s_ancestral``): the single-step second-order
+    DPM-Solver++ to sigma_down (intermediate call at its log-midpoint), then s_noise*sigma_up noise."""
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory)
+    return _run(loop, _plans._plan_dpmpp_2s_ancestral(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise))
 
 
 @torch.no_grad()
@@ -341,7 +314,7 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
                     trajectory=None):
     """DPM-Solver++(2M), Lu et al. (2022), multistep on the previous denoised estimate."""
     loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory)
-    return _run(loop, _plan_dpmpp_2m(loop.sigmas, loop.conv))
+    return _run(loop, _plans._plan_dpmpp_2m(loop.sigmas, loop.conv))
 
 
 @torch.no_grad()
@@ -351,7 +324,8 @@ def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
     draws it from a Brownian tree): eta scales the injected noise (eta = 0: DPM-Solver++(2M)), ``solver_type``
     "midpoint" or "heun" the second-order correction."""
     loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory)
-    return _run(loop, _plan_dpmpp_2m_sde(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise, solver_type=solver_type))
+    return _run(loop, _plans._plan_dpmpp_2m_sde(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise,
+                                                solver_type=solver_type))
 
 
 @torch.no_grad()
@@ -360,7 +334,7 @@ def sample_ge(model, x, sigmas, extra_args=None, callback=None, disable=None, *,
     """Permenter & Yuan (2024) gradient-estimation family: gamma=2, mu=0 their sampler; gamma=1, mu=0 DDIM;
     gamma=1, mu=0.5 DDPM (smalldiffusion's ``samples(gam, mu)``)."""
     loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory)
-    return _run(loop, _plan_ge(loop.sigmas, loop.conv, gamma=gamma, mu=mu))
+    return _run(loop, _plans._plan_ge(loop.sigmas, loop.conv, gamma=gamma, mu=mu))
 
 
 @torch.no_grad()
@@ -369,8 +343,10 @@ def sample_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, *
     """McAllester's reverse-SDE family at noise level lam (lam = 0: the PF-ODE, lam = 1: Anderson's
     reverse SDE); integrator "exponential" (exact linear part) or "euler_maruyama"."""
     loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory)
-    return _run(loop, _plan_sde(loop.sigmas, loop.conv, lam=lam, integrator=integrator))
+    return _run(loop, _plans._plan_sde(loop.sigmas, loop.conv, lam=lam, integrator=integrator))
 
 
 SAMPLERS = {"euler": sample_euler, "euler_ancestral": sample_euler_ancestral, "heun": sample_heun,
-            "dpmpp_2m": sample_dpmpp_2m, "dpmpp_2m_sde": sample_dpmpp_2m_sde, "ge": sample_ge, "sde": sample_sde}
+            "dpm_2": sample_dpm_2, "dpm_2_ancestral": sample_dpm_2_ancestral,
+            "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral, "dpmpp_2m": sample_dpmpp_2m,
+            "dpmpp_2m_sde": sample_dpmpp_2m_sde, "ge": sample_ge, "sde": sample_sde}

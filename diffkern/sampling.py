@@ -36,7 +36,8 @@ def sample(model, x, sigmas, method, *, backend=None, seed=0, callback=None, pro
         x: (B, ...) float16/bfloat16/float32/float64 initial state; not modified.
         sigmas: decreasing schedule of N+1 values (tensor or sequence, any device; read once on the host).
             A final 0 ends with the jump to the denoised estimate.
-        method: "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "ge" or "sde" (see :func:`knobs`).
+        method: "euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_2m",
+            "dpmpp_2m_sde", "ge" or "sde" (see :func:`knobs`).
         backend: fused-op backend ("auto", "reference", "cpp", "triton", "cuda"); None (default):
             ``DIFFKERN_BACKEND``, else "auto".
         seed: int or int64 tensor (1,)/(B,) keying the Philox noise: same seed, same output. The default 0

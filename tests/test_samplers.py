@@ -53,7 +53,7 @@ def rk4_ode(gmm, x, sigma_max, sigma_min, n=200):
 # error, 7e-9 against RK4 with 400 steps, is far below the smallest error fitted here, 3e-4).
 
 
-@pytest.mark.parametrize("method,order", [("euler", 1), ("heun", 2), ("dpmpp_2m", 2)])
+@pytest.mark.parametrize("method,order", [("euler", 1), ("heun", 2), ("dpmpp_2m", 2), ("dpm_2", 2)])
 def test_convergence_order(method, order):
     gmm, x = gmm3(), start(32, 10.0)
     ref = rk4_ode(gmm, x, 10.0, 0.1)
@@ -62,7 +62,7 @@ def test_convergence_order(method, order):
                   .norm(dim=1).max()) for n in ns]
     slope = -np.polyfit(np.log(ns), np.log(errs), 1)[0]
     # Band: the asymptotic order p, minus 0.1 for the pre-asymptotic O(h) relative remainder (measured fits:
-    # euler 1.00, heun 2.00, dpmpp_2m 2.02), plus 0.15 for an error constant still settling.
+    # euler 1.00, heun 2.00, dpmpp_2m 2.02, dpm_2 2.00), plus 0.15 for an error constant still settling.
     assert order - 0.1 <= slope <= order + 0.15, f"{method}: fitted order {slope:.3f}, errors {errs}"
 
 #----------------------------------------------------------------------------
@@ -99,7 +99,8 @@ def test_ge_beats_ddim_at_10_steps(mixture):
 STOCHASTIC = [("euler_ancestral", {}), ("euler_ancestral", {"eta": 0.5}), ("euler", {"s_churn": 20.0}),
               ("heun", {"s_churn": 20.0}), ("ge", {"gamma": 1.0, "mu": 0.5}), ("ge", {"gamma": 2.0, "mu": 0.3}),
               ("sde", {"lam": 0.5}), ("sde", {"lam": 1.0, "integrator": "euler_maruyama"}), ("dpmpp_2m_sde", {}),
-              ("dpmpp_2m_sde", {"eta": 0.5, "solver_type": "heun"})]
+              ("dpmpp_2m_sde", {"eta": 0.5, "solver_type": "heun"}), ("dpm_2", {"s_churn": 20.0}),
+              ("dpm_2_ancestral", {}), ("dpmpp_2s_ancestral", {"eta": 0.5})]
 
 
 def _moment_se(gmm, n):
@@ -188,7 +189,8 @@ def test_heun_matches_textbook_form():
 EVERY = [("euler", {}), ("euler", {"s_churn": 2.0}), ("euler_ancestral", {"eta": 0.7}), ("heun", {}),
          ("heun", {"s_churn": 2.0, "s_tmin": 0.5, "s_tmax": 5.0}), ("dpmpp_2m", {}), ("ge", {}),
          ("ge", {"gamma": 1.0, "mu": 0.5}), ("sde", {"lam": 0.7}), ("sde", {"lam": 1.0, "integrator": "euler_maruyama"}),
-         ("dpmpp_2m_sde", {}), ("dpmpp_2m_sde", {"eta": 0.3, "solver_type": "heun"})]
+         ("dpmpp_2m_sde", {}), ("dpmpp_2m_sde", {"eta": 0.3, "solver_type": "heun"}), ("dpm_2", {}),
+         ("dpm_2", {"s_churn": 2.0, "s_tmin": 0.5}), ("dpm_2_ancestral", {"eta": 0.7}), ("dpmpp_2s_ancestral", {})]
 
 
 def gmm5():
@@ -385,7 +387,8 @@ def test_knobs_lists_defaults():
     assert knobs("ge") == {"gamma": 2.0, "mu": 0.0}
     assert knobs("sde") == {"lam": 1.0, "integrator": "exponential"}
     assert knobs("dpmpp_2m_sde") == {"eta": 1.0, "s_noise": 1.0, "solver_type": "midpoint"}
-    assert set(samplers.SAMPLERS) == {"euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "ge", "sde"}
+    assert set(samplers.SAMPLERS) == {"euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral",
+                                      "dpmpp_2s_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "ge", "sde"}
 
 #----------------------------------------------------------------------------
 # No host synchronisation inside the loop (CUDA only: torch's sync debug mode turns a sync into an error).

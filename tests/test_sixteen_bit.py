@@ -12,7 +12,8 @@ import os
 import pytest
 import torch
 
-from diffkern import analytic, schedules
+from diffkern import analytic, coef_tables, schedules
+from diffkern.ops import philox
 from diffkern.sampling import sample
 from diffkern.testing import assert_matches_reference, usable_backends
 
@@ -47,9 +48,33 @@ def eager(method, model, x, sigmas):
     return x
 
 
+TWO_EVAL = ["dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral"]
+
+
+def eager_two_eval(method, model, x, sigmas):
+    """k-diffusion's dpm_2, dpm_2_ancestral and dpmpp_2s_ancestral (eta = 1, the defaults) as :func:`eager` computes,
+    fed the noise diffkern draws (seed 0, the corrector row N + i of step i)."""
+    dtype, n = x.dtype, len(sigmas) - 1
+    for i, (s, sn) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        xf, denoised = x.float(), model(x, s).float()
+        down, up = (sn, 0.0) if method == "dpm_2" else coef_tables.ancestral_step(s, sn, 1.0)
+        if down == 0:  # Euler to 0
+            x = (xf + (down - s) * (xf - denoised) / s).to(dtype)
+            continue
+        mid = math.exp(0.5 * (math.log(s) + math.log(down)))
+        if method == "dpmpp_2s_ancestral":
+            x2 = (mid / s * xf - math.expm1(0.5 * math.log(down / s)) * denoised).to(dtype)
+            xf = down / s * xf - math.expm1(math.log(down / s)) * model(x2, mid).float()
+        else:
+            x2 = (xf + (mid - s) * (xf - denoised) / s).to(dtype)
+            xf = xf + (down - s) * (x2.float() - model(x2, mid).float()) / mid
+        x = (xf + up * philox.noise_like(x, torch.zeros(1, dtype=torch.int64), n + i, torch.float32)).to(dtype)
+    return x
+
+
 @pytest.mark.parametrize("backend", usable_backends("cpu"))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("method", ["euler", "heun", "dpmpp_2m", "ge"])
+@pytest.mark.parametrize("method", ["euler", "heun", "dpmpp_2m", "ge"] + TWO_EVAL)
 @pytest.mark.parametrize("steps", [5, 12])
 def test_16_bit_state_matches_textbook_loop(backend, dtype, method, steps):
     if backend == "triton" and dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
@@ -59,5 +84,5 @@ def test_16_bit_state_matches_textbook_loop(backend, dtype, method, steps):
     x = torch.randn(257, 2, generator=torch.Generator().manual_seed(steps), dtype=torch.float64) * 80
     ref64 = sample(denoiser(torch.float64), x, sig, method, backend="reference")
     ours = sample(denoiser(dtype), x.to(dtype), sig, method, backend=backend)
-    theirs = eager(method, denoiser(dtype), x.to(dtype), sig.tolist())
+    theirs = (eager_two_eval if method in TWO_EVAL else eager)(method, denoiser(dtype), x.to(dtype), sig.tolist())
     assert_matches_reference(ours, ref64, theirs, f"{method} {steps} steps {dtype} [{backend}]")

@@ -133,8 +133,8 @@ def _run(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("trajectory", help="plot sampling and denoising trajectories on a 2-D mixture (PNG)")
-    p.add_argument("--method", default="euler", help="euler | euler_ancestral | heun | dpmpp_2m | ge | sde "
-                                                      "(default euler, as in Chen et al.)")
+    p.add_argument("--method", default="euler", help="any diffkern.sample method: euler, heun, dpmpp_2m, "
+                                                      "ge, sde, ... (default euler, as in Chen et al.)")
     p.add_argument("--steps", type=int, default=20, help="number of Karras steps (default 20)")
     p.add_argument("--n", type=int, default=16, help="number of trajectories (default 16)")
     p.add_argument("--jump", type=int, default=None, help="ODE-jump step: its denoised estimate is marked "

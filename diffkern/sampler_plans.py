@@ -1,0 +1,89 @@
+"""Plans of the k-diffusion-style samplers: knobs validated, branches resolved on the host into a
+:class:`diffkern.coef_tables.Plan` (shared by :mod:`diffkern.samplers` and the graph runner of
+:mod:`diffkern.sampling`). ``PLANS[method](host_sigmas, conv, **knobs)``; every knob is passed (the defaults
+live in the samplers' signatures, listed by :func:`diffkern.sampling.knobs`)."""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from . import coef_tables
+
+
+def _knob(value, name: str, lo: float = 0.0, hi: float = math.inf, hi_open: bool = False,
+          finite: bool = True) -> float:
+    """``value`` as a float in [lo, hi] (or [lo, hi)); infinite only where ``finite`` is False (the churn
+    window and strength, whose k-diffusion defaults and limits are infinite)."""
+    # numbers.Real: Python and numpy scalars (np.float32(0.5) is no float subclass); tensors are refused
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+        hint = " (a tensor: pass .item())" if isinstance(value, torch.Tensor) else ""
+        raise TypeError(f"{name}: expected a number{hint}, got {value!r}")
+    if value < lo or value > hi or (hi_open and value == hi) or (finite and math.isinf(value)):
+        raise ValueError(f"{name}: expected a {'finite ' if finite else ''}value in [{lo}, {hi}"
+                         f"{')' if hi_open else ']'}, got {value}")
+    return float(value)
+
+
+def _churn_knobs(s_churn, s_tmin, s_tmax, s_noise) -> dict:
+    return {"s_churn": _knob(s_churn, "s_churn", finite=False), "s_tmin": _knob(s_tmin, "s_tmin", finite=False),
+            "s_tmax": _knob(s_tmax, "s_tmax", finite=False), "s_noise": _knob(s_noise, "s_noise")}
+
+
+def _ancestral_knobs(eta, s_noise) -> dict:
+    return {"eta": _knob(eta, "eta"), "s_noise": _knob(s_noise, "s_noise")}
+
+
+def _plan_euler(sigmas, conv, *, s_churn, s_tmin, s_tmax, s_noise):
+    return coef_tables.euler(sigmas, conv=conv, **_churn_knobs(s_churn, s_tmin, s_tmax, s_noise))
+
+
+def _plan_euler_ancestral(sigmas, conv, *, eta, s_noise):
+    return coef_tables.euler_ancestral(sigmas, conv=conv, **_ancestral_knobs(eta, s_noise))
+
+
+def _plan_heun(sigmas, conv, *, s_churn, s_tmin, s_tmax, s_noise):
+    return coef_tables.heun(sigmas, conv=conv, **_churn_knobs(s_churn, s_tmin, s_tmax, s_noise))
+
+
+def _plan_dpm_2(sigmas, conv, *, s_churn, s_tmin, s_tmax, s_noise):
+    return coef_tables.dpm_2(sigmas, conv=conv, **_churn_knobs(s_churn, s_tmin, s_tmax, s_noise))
+
+
+def _plan_dpm_2_ancestral(sigmas, conv, *, eta, s_noise):
+    return coef_tables.dpm_2_ancestral(sigmas, conv=conv, **_ancestral_knobs(eta, s_noise))
+
+
+def _plan_dpmpp_2s_ancestral(sigmas, conv, *, eta, s_noise):
+    return coef_tables.dpmpp_2s_ancestral(sigmas, conv=conv, **_ancestral_knobs(eta, s_noise))
+
+
+def _plan_dpmpp_2m(sigmas, conv):
+    return coef_tables.dpmpp_2m(sigmas, conv=conv)
+
+
+def _plan_dpmpp_2m_sde(sigmas, conv, *, eta, s_noise, solver_type):
+    if solver_type not in coef_tables.SOLVER_TYPES:
+        raise ValueError(f"solver_type: expected one of {coef_tables.SOLVER_TYPES}, got {solver_type!r}")
+    return coef_tables.dpmpp_2m_sde(sigmas, eta=_knob(eta, "eta"), s_noise=_knob(s_noise, "s_noise"),
+                                    solver_type=solver_type, conv=conv)
+
+
+def _plan_ge(sigmas, conv, *, gamma, mu):
+    return coef_tables.ge(sigmas, gamma=_knob(gamma, "gamma", -math.inf), mu=_knob(mu, "mu", 0.0, 1.0, True),
+                          conv=conv)
+
+
+def _plan_sde(sigmas, conv, *, lam, integrator):
+    if integrator not in coef_tables.INTEGRATORS:
+        raise ValueError(f"integrator: expected one of {coef_tables.INTEGRATORS}, got {integrator!r}")
+    return coef_tables.sde(sigmas, lam=_knob(lam, "lam"), integrator=integrator, conv=conv)
+
+
+PLANS = {"euler": _plan_euler, "euler_ancestral": _plan_euler_ancestral, "heun": _plan_heun,
+         "dpm_2": _plan_dpm_2, "dpm_2_ancestral": _plan_dpm_2_ancestral,
+         "dpmpp_2s_ancestral": _plan_dpmpp_2s_ancestral, "dpmpp_2m": _plan_dpmpp_2m,
+         "dpmpp_2m_sde": _plan_dpmpp_2m_sde, "ge": _plan_ge, "sde": _plan_sde}
+"""method -> ``plan(host_sigmas, conv, **knobs)``; every knob is passed (the defaults live in the samplers'
+signatures, listed by :func:`diffkern.sampling.knobs`)."""
