@@ -109,12 +109,19 @@ def _check_callback(callback) -> None:
         raise TypeError(f"callback: expected a callable or None, got {type(callback).__name__}")
 
 
-def iadb_alphas(alphas, steps: int) -> list[float]:
-    """Validated host copy of an IADB schedule: increasing, in [0, 1], N+1 values (default uniform)."""
+IADB_STEPS = 128  # sample_iadb's default step count (the paper's)
+
+
+def iadb_alphas(alphas, steps) -> list[float]:
+    """Validated host copy of an IADB schedule: increasing, in [0, 1], N+1 values (default uniform, ``steps``
+    of them; None: :data:`IADB_STEPS`). Giving both ``alphas`` and ``steps`` is an error (one would be ignored)."""
     if isinstance(alphas, int) and not isinstance(alphas, bool):  # sample_iadb(model, x0, 64): meant steps
         raise TypeError(f"alphas: expected a schedule of N+1 blending values, got the int {alphas}; "
                         f"for {alphas} uniform steps pass steps={alphas}")
+    if alphas is not None and steps is not None:
+        raise ValueError(f"steps: give either alphas (a schedule) or steps (uniform), not both (steps={steps!r})")
     if alphas is None:
+        steps = IADB_STEPS if steps is None else steps
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps: expected an int >= 1, got {steps!r}")
         return (torch.arange(steps + 1, dtype=torch.float64) / steps).tolist()
@@ -197,7 +204,7 @@ def iadb_lam(variant: str, lam) -> float:
 
 
 @torch.no_grad()
-def sample_iadb(model, x0, alphas=None, variant="euler", *, steps=128, lam=None, backend=None, seed=0,
+def sample_iadb(model, x0, alphas=None, variant="euler", *, steps=None, lam=None, backend=None, seed=0,
                 callback=None, progress=False, record=False, extra_args=None, graph=False):
     """IADB deblending from noise ``x0`` (alpha = 0) to data (alpha = 1), ``math-samplers.md`` section 1.
 
@@ -206,6 +213,7 @@ def sample_iadb(model, x0, alphas=None, variant="euler", *, steps=128, lam=None,
             "euler", "stochastic") or the pair (x0_bar, x1_bar) (variant "two_head"). alpha_batch: (B,).
         x0: (B, ...) float noise (the paper's x0); not modified.
         alphas: increasing blending schedule of N+1 values in [0, 1]; default uniform ``k/steps``.
+        steps: the number of uniform steps when ``alphas`` is None (default 128); not both.
         variant: "euler" (the official step ``x + (alpha'-alpha)*D``), "two_head" (deblend to the two
             means and reblend, stochastic for lam > 0), "stochastic" (section 1.6 from a single-head D).
         lam: noise level of the stochastic steps (default 0 for two_head, 1 for stochastic; lam = 1 is the

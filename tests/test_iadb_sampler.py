@@ -146,7 +146,7 @@ def test_default_schedule_is_uniform_and_input_untouched():
 def test_list_alphas_are_read_in_float64():
     # a Python list must not be rounded through torch's float32 default dtype (0.99999999 -> 1.0 broke monotonicity)
     from diffkern.sampling import iadb_alphas
-    assert iadb_alphas([0.0, 0.1, 0.99999999, 1.0], 3) == [0.0, 0.1, 0.99999999, 1.0]
+    assert iadb_alphas([0.0, 0.1, 0.99999999, 1.0], None) == [0.0, 0.1, 0.99999999, 1.0]
 
 
 def test_errors():

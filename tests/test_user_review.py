@@ -100,6 +100,9 @@ def test_sample_iadb_with_an_int_schedule_points_to_steps():
     with pytest.raises(TypeError, match="alphas: expected a schedule of N\\+1 blending values, got the int 8; "
                                         "for 8 uniform steps pass steps=8"):
         diffkern.sample_iadb(lambda x, a: -x, _x(), 8)
+    with pytest.raises(ValueError, match="steps: give either alphas .* or steps .*, not both"):
+        diffkern.sample_iadb(lambda x, a: -x, _x(), [0.0, 0.5, 1.0], steps=2)
+    assert diffkern.sample_iadb(lambda x, a: -x, _x(), steps=3).shape == _x().shape
 
 
 def test_scorer_names_samples_when_given_one_image():
