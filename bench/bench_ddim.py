@@ -121,7 +121,7 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 COLUMNS = ("impl", "eta", "shape", "median_us", "p20_us", "p80_us", "loop_us", "x_copy", "speedup_vs_diffusers", "gbps",
-           "first_call_ms")
+           "frac_peak_bw", "first_call_ms")
 
 
 def main(argv: list[str] | None = None) -> int:

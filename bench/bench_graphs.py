@@ -5,18 +5,25 @@ Models: diffusers ``UNet2DModel`` with random weights in the CIFAR-10 DDPM confi
 deterministic DDIM steps (eta = 0, 1000 linear-beta training steps, no clipping); float32 and bfloat16 models
 (the state in the model's dtype, as DDIMPipeline keeps it). Columns, each N network evaluations:
 
-* ``diffusers``: ``DDIMPipeline.__call__``'s loop (``scheduler.set_timesteps``, ``unet(x, t).sample``,
-  ``scheduler.step``) without its final ``.cpu().numpy()`` conversion;
+* ``diffusers``: ``DDIMPipeline.__call__``'s loop (``scheduler.set_timesteps`` with CPU timesteps as the
+  pipeline does, ``unet(x, t).sample``, ``scheduler.step``) without its progress bar and final
+  ``.cpu().numpy()`` conversion; ``diffkern_sched``: the same loop with ``diffkern.diffusers.DDIMScheduler``;
+  ``accelerated``: ``diffkern.diffusers.accelerate(DDIMPipeline)`` called as the pipeline (it includes the
+  pipeline's initial noise from a CPU generator and its ``output_type="np"`` copy to the host);
 * ``eager``: ``diffkern.sample(DiffusersUNetDenoiser(unet, scheduler), x, sigmas, "euler")`` (DDIM(0) in VE
   coordinates, the eps -> D conversion fused into the step);
 * ``graph``: the same call with ``graph=True`` (first call: warm-up run and capture, reported as first_call_ms);
 * ``compile``: the same per-step maths (UNet then the DDIM update) in plain PyTorch under
-  ``torch.compile(mode="reduce-overhead")`` (CUDA graph trees), looped in Python with
+  ``torch.compile(mode="reduce-overhead", dynamic=False)`` (CUDA graph trees), looped in Python with
   ``cudagraph_mark_step_begin`` per step; first_call_ms includes compilation (once per model, dtype and batch:
-  the N = 50 row reuses the N = 10 row's compilation);
+  the N = 50 row reuses the N = 10 row's compilation, and the summary reports that set-up for both);
 * ``floor``: the N UNet calls alone, captured in one CUDA graph and replayed: the time no sampler can beat.
 
-Ratios: ``vs_floor`` (time / floor time), ``speedup_vs_diffusers``, ``vs_compile`` (time / compile time).
+Timing: host clock per sampling call between two synchronisations (``harness.time_fn(wall=True)``: no L2
+flush, host work counted, as a caller waiting for the samples sees it); the median of 20 calls after 3
+warm-up calls, or of 5 after 1 when a call takes over 20 ms. Ratios: ``vs_floor`` (time / floor time),
+``speedup_vs_diffusers``, ``vs_compile`` (time / compile time), each against the row of the same model,
+dtype, batch and N of the same run.
 ``graph``, ``compile`` and ``floor`` need CUDA; ``--quick`` runs tiny UNets on the CPU for the eager columns.
 
     python bench/bench_graphs.py [--quick] [--out DIR] [--no-compile] [--models cifar10,small]
@@ -40,8 +47,13 @@ IMPLS = ("floor", "graph", "eager", "diffusers", "diffkern_sched", "accelerated"
 CUDA_ONLY = ("floor", "graph", "compile")
 COMPILE_NEED_S = 180.0
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# google/ddpm-cifar10-32's config.json beyond the widths: one attention head over all channels
+# (attention_head_dim null; diffusers' default 8 would make 32 heads of 8 dimensions, another attention
+# kernel), its time embedding and padding, GroupNorm eps.
 _CIFAR_BLOCKS = dict(down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-                     up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
+                     up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+                     attention_head_dim=None, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1,
+                     norm_eps=1e-6, mid_block_scale_factor=1)
 MODELS = {  # google/ddpm-cifar10-32's config; "small" at a quarter of the width
     "cifar10": dict(sample_size=32, layers_per_block=2, block_out_channels=(128, 256, 256, 256), **_CIFAR_BLOCKS),
     "small": dict(sample_size=32, layers_per_block=2, block_out_channels=(32, 64, 64, 64), **_CIFAR_BLOCKS),
@@ -124,7 +136,9 @@ def make_loop(config: Config):
             sched = DDIMScheduler.from_config(sched.config)
 
         def diffusers_loop():
-            sched.set_timesteps(config.steps, device=config.device)
+            # As DDIMPipeline.__call__: timesteps on the CPU (with device= they would be CUDA scalars, and
+            # DDIMScheduler.step would index its CPU alphas_cumprod with them: host syncs the pipeline lacks).
+            sched.set_timesteps(config.steps)
             image = x
             for t in sched.timesteps:
                 image = sched.step(unet(image, t).sample, t, image, eta=0.0).prev_sample
@@ -179,7 +193,11 @@ def _compile_loop(unet, x, t_dev, coefs):
         def ddim_step(x, t, a, b):
             eps = unet(x, t, return_dict=False)[0]
             return (a * x.float() + b * eps.float()).to(x.dtype)
-        _compiled[id(unet)] = torch.compile(ddim_step, mode="reduce-overhead")
+        # dynamic=False: each batch size its own static graph (the default would recompile the second batch
+        # size with a symbolic one). Every model, dtype and batch is an entry of the one code object
+        # ddim_step: up to 12 (> dynamo's default limit of 8, past which it would silently run eagerly).
+        harness.raise_recompile_limit()
+        _compiled[id(unet)] = torch.compile(ddim_step, mode="reduce-overhead", dynamic=False)
     step = _compiled[id(unet)]
 
     @torch.no_grad()
@@ -197,8 +215,8 @@ def _compile_loop(unet, x, t_dev, coefs):
 
 def run(config: Config, *, warmup: int = 3, repeats: int = 20) -> dict:
     """Time one case; returns a result row (ratios are added by :func:`add_ratios`)."""
-    with torch.no_grad():
-        timing = harness.time_fn(make_loop(config), device=config.device, warmup=warmup, repeats=repeats)
+    with torch.no_grad():  # wall: host clock between synchronisations, no L2 flush (a whole sampling call)
+        timing = harness.time_fn(make_loop(config), device=config.device, warmup=warmup, repeats=repeats, wall=True)
     unet, _ = unet_and_scheduler(config.model, config.dtype, config.device)
     return {"op": "sampling", **dataclasses.asdict(config), "params_m": sum(p.numel() for p in unet.parameters()) / 1e6,
             **harness.timing_columns(timing), "per_sample_us": timing.median_s * 1e6 / config.batch}
@@ -216,7 +234,15 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 def summary(rows: list[dict]) -> list[dict]:
-    """One row per (model, dtype, batch, N): ms per sample of each column, the issue's ratios and set-up times."""
+    """One row per (model, dtype, batch, N): ms per sample of each column, the issue's ratios and set-up times.
+
+    ``compile_setup_s``: the first call of the first compile row of that model, dtype and batch (the
+    compilation and CUDA-graph-tree recording; a later N replays the same graphs, and its own first call
+    would report a steady-state time as the set-up). ``graph_first_s``: warm-up and capture of that N."""
+    setup = {}
+    for r in rows:
+        if r["impl"] == "compile":
+            setup.setdefault((r["model"], r["dtype"], r["batch"]), r["first_call_ms"] / 1e3)
     out = []
     for key in dict.fromkeys((r["model"], r["dtype"], r["batch"], r["steps"]) for r in rows):
         by = {r["impl"]: r for r in rows if (r["model"], r["dtype"], r["batch"], r["steps"]) == key}
@@ -226,7 +252,7 @@ def summary(rows: list[dict]) -> list[dict]:
         s.update({"graph/floor": t["graph"] / t["floor"], "diffusers/graph": t["diffusers"] / t["graph"],
                   "compile/graph": t["compile"] / t["graph"], "eager/graph": t["eager"] / t["graph"],
                   "graph_first_s": by["graph"]["first_call_ms"] / 1e3 if "graph" in by else float("nan"),
-                  "compile_first_s": by["compile"]["first_call_ms"] / 1e3 if "compile" in by else float("nan")})
+                  "compile_setup_s": setup.get(key[:3], float("nan"))})
         out.append(s)
     return out
 

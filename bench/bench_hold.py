@@ -106,9 +106,9 @@ def get_configs(*, quick: bool = False, backends: list[str] | None = None, devic
     cases = [("copy", "copy", "")] + [(op, impl, b) for op in OPS for impl, b in impls]
     # The raw op ("op:") differs from the front-end by a fixed per-call cost, visible at the smallest size only:
     # on the CUDA sweep it runs there alone (390 cases -> 294, inside gpu_suite.sh's time cap).
-    return [Config(op, impl, b, n, shape, dt, device) for n in ORDERS
-            for k, shape in enumerate(data_shapes(n, device, quick)) for dt in DTYPES for op, impl, b in cases
-            if impl != "op" or k == 0]
+    return harness.compile_last([Config(op, impl, b, n, shape, dt, device) for n in ORDERS
+                                 for k, shape in enumerate(data_shapes(n, device, quick)) for dt in DTYPES
+                                 for op, impl, b in cases if impl != "op" or k == 0])
 
 
 @functools.lru_cache(maxsize=None)  # one table per (n, device), shared by the cases of the sweep
@@ -210,7 +210,7 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 COLUMNS = ("op", "impl", "dtype", "n", "state_shape", "numel", "median_us", "p20_us", "p80_us", "loop_us", "gbps",
-           "frac_copy_bw", "speedup_vs_eager", "speedup_vs_compile", "first_call_ms")
+           "frac_copy_bw", "frac_peak_bw", "speedup_vs_eager", "speedup_vs_compile", "first_call_ms")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -78,8 +78,9 @@ def get_configs(*, quick: bool = False, backends: list[str] | None = None, devic
     impls = [("eager", "")] + ([("compile", "")] if compile else [])
     impls += [(kind, b) for b in backends for kind in ("fused", "op")]
     sizes = harness.sweep_sizes(device, quick, bytes_per_element=PEAK_BYTES)
-    return [Config(op, impl, b, n, dt, device) for n in sizes for dt in DTYPES
-            for op, impl, b in [("copy", "copy", "")] + [(op, impl, b) for op in OPS for impl, b in impls]]
+    return harness.compile_last([Config(op, impl, b, n, dt, device) for n in sizes for dt in DTYPES
+                                 for op, impl, b in [("copy", "copy", "")] + [(op, impl, b) for op in OPS
+                                                                               for impl, b in impls]])
 
 
 def _inputs(config: Config):
@@ -144,7 +145,7 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 COLUMNS = ("op", "impl", "dtype", "numel", "median_us", "p20_us", "p80_us", "loop_us", "gbps", "frac_copy_bw",
-           "speedup_vs_eager", "speedup_vs_compile", "first_call_ms")
+           "frac_peak_bw", "speedup_vs_eager", "speedup_vs_compile", "first_call_ms")
 
 
 def main(argv: list[str] | None = None) -> int:

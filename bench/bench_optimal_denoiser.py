@@ -4,8 +4,10 @@ float64 ``EmpiricalDenoiser``, in TFLOP/s against the device's matmul peak measu
 Work: ``D(x) = softmax((x Y^T - ||y||^2/2)/sigma^2) Y`` is two (B, N, D) GEMMs, 4*B*N*D flops, charged
 to every implementation. The yardstick is ``torch.matmul`` of two square matrices of the same dtype
 (float32 without TF32, since the kernel's float32 dots are IEEE), so ``frac_peak`` is the fraction of
-what the device's own GEMM reaches here. ``eager`` is the op's reference (``optimal_denoiser_reference``:
-the (B, N) logits materialised, then softmax and a GEMM), ``chunked`` the streaming float64 PyTorch
+what the device's own GEMM reaches here (the run turns TF32 off, whatever the process had set).
+``eager`` is the op's reference (``optimal_denoiser_reference``: the (B, N) logits materialised, then
+softmax and a GEMM; it computes in float32 for bfloat16 inputs, casting the dataset on every call, so its
+bfloat16 row is float32 work and no bfloat16 GEMM rival), ``chunked`` the streaming float64 PyTorch
 version in ``diffkern.analytic``.
 
 Default sizes: CIFAR-10 scale on CUDA (B = 256, N = 50,000, D = 3,072); ``--quick`` runs small sizes
@@ -162,10 +164,15 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise ValueError(f"--backends: optimal_denoiser has reference and triton backends, not {unknown}")
     configs = get_configs(quick=b.args.quick, backends=backends, device=b.device, sweep=b.args.sweep)
-    with b.measuring():
-        errors = check_outputs(configs, b.args.quick)
-        rows = b.run_cases(configs, lambda c: {**run(c, quick=b.args.quick, warmup=b.warmup, repeats=b.repeats),
-                                               "max_err_vs_f64": errors.get(c, float("nan"))})
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # the float32 yardstick and eager GEMMs in IEEE float32
+    try:
+        with b.measuring():
+            errors = check_outputs(configs, b.args.quick)
+            rows = b.run_cases(configs, lambda c: {**run(c, quick=b.args.quick, warmup=b.warmup, repeats=b.repeats),
+                                                   "max_err_vs_f64": errors.get(c, float("nan"))})
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     add_ratios(rows)
 
     def plot(rows, path):

@@ -73,7 +73,7 @@ def get_configs(*, quick: bool = False, backends: list[str] | None = None, devic
     impls = [("copy", ""), ("eager", "")] + ([("compile", "")] if compile else [])
     impls += [(kind, b) for b in backends for kind in ("fused", "op")]
     sizes = harness.sweep_sizes(device, quick, bytes_per_element=PEAK_BYTES)
-    return [Config(impl, b, n, dt, device) for n in sizes for dt in DTYPES for impl, b in impls]
+    return harness.compile_last([Config(impl, b, n, dt, device) for n in sizes for dt in DTYPES for impl, b in impls])
 
 
 def _callable(config: Config):
@@ -130,8 +130,8 @@ def add_ratios(rows: list[dict]) -> None:
         harness.add_ratios(r, copy, eager, comp)
 
 
-COLUMNS = ("impl", "dtype", "numel", "median_us", "p20_us", "p80_us", "loop_us", "gbps", "frac_copy_bw", "speedup_vs_eager",
-           "speedup_vs_compile", "first_call_ms")
+COLUMNS = ("impl", "dtype", "numel", "median_us", "p20_us", "p80_us", "loop_us", "gbps", "frac_copy_bw", "frac_peak_bw",
+           "speedup_vs_eager", "speedup_vs_compile", "first_call_ms")
 
 
 def main(argv: list[str] | None = None) -> int:

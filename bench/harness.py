@@ -1,12 +1,6 @@
-"""The one benchmark harness: timing, the command line and a run's control flow; the provenance and the
-writers (markdown table, CSV, PNG) are in ``bench/report.py`` and re-exported here.
-
-Timing reports the median and the p20/p80 band over repeats, after warm-up; the first call (lazy
-initialisation, compilation) is timed on its own. On CPU it uses ``time.perf_counter``; on CUDA
-``triton.testing.do_bench`` (CUDA events, L2 flush) when Triton is installed, else CUDA events; a call
-that takes longer than ``LONG_CALL_S`` (a whole sampling run) is timed with CUDA events over a few repeats.
-``loop_us`` (CUDA) is the host-clock time per call of back-to-back calls: do_bench's GPU time hides a host
-cost (Python, the launch) shorter than its cache flush, and a sampling loop pays whichever is longer.
+"""The one benchmark harness: the command line, a run's control flow and the derived columns; the timing
+(``bench/timing.py``), the provenance and the writers (markdown table, CSV, PNG; ``bench/report.py``) are
+re-exported here.
 
 A run can stop early and still write what it measured: ``--deadline-s`` (default: the
 ``DIFFKERN_BENCH_DEADLINE_S`` environment variable) starts no case after that many seconds, and SIGTERM
@@ -22,7 +16,6 @@ import functools
 import math
 import os
 import signal
-import statistics
 import time
 from typing import Callable, Sequence
 
@@ -31,16 +24,11 @@ import torch
 try:
     from bench.report import (PROVENANCE_COLUMNS, REPO, device_name, device_slug, git_sha, heading,  # noqa: F401
                               plot_bars, plot_lines, provenance, to_markdown, write_csv)
+    from bench.timing import LONG_CALL_S, LONG_REPEATS, Timing, cuda_plan, time_fn  # noqa: F401
 except ImportError:  # run as a script from bench/
     from report import (PROVENANCE_COLUMNS, REPO, device_name, device_slug, git_sha, heading,  # noqa: F401
                         plot_bars, plot_lines, provenance, to_markdown, write_csv)
-
-# A CPU sample lasts at least this long (several calls when one is shorter): perf_counter and the
-# Python loop then add < 1% to the median of a 2**16-element step (~20 us on the 2-core CI CPU).
-MIN_SAMPLE_S = 2e-3
-# do_bench times one call of a call this long (it sizes its repeats to ~100 ms): CUDA events over
-# LONG_REPEATS calls give a spread instead, for a fraction of the time.
-LONG_CALL_S, LONG_REPEATS = 20e-3, 5
+    from timing import LONG_CALL_S, LONG_REPEATS, Timing, cuda_plan, time_fn  # noqa: F401
 
 
 class Stopped(BaseException):
@@ -66,93 +54,8 @@ def _stop_on_sigterm():
         signal.signal(signal.SIGTERM, before)
 
 
-@dataclasses.dataclass(frozen=True)
-class Timing:
-    """Seconds per call: median and the p20/p80 band over ``repeats`` samples; ``first_s``: the first call."""
-    median_s: float
-    p20_s: float
-    p80_s: float
-    first_s: float
-    repeats: int
-    loop_s: float = float("nan")  # CUDA: per call of back-to-back calls timed on the host (see _host_loop)
-
-
-def _quantile(sorted_vals: Sequence[float], q: float) -> float:
-    if len(sorted_vals) == 1:
-        return sorted_vals[0]
-    return statistics.quantiles(sorted_vals, n=100, method="inclusive")[round(q * 100) - 1]
-
-
-def time_fn(fn: Callable[[], object], *, device: str = "cpu", warmup: int = 3, repeats: int = 20) -> Timing:
-    """Time ``fn()`` (which must synchronise nothing itself); see the module docstring for the method."""
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    fn()
-    sync()
-    first = time.perf_counter() - t0
-    if device.startswith("cuda"):
-        return _time_cuda(fn, first, warmup, repeats)
-    for _ in range(warmup):
-        fn()
-    t0 = time.perf_counter()
-    fn()
-    inner = max(1, math.ceil(MIN_SAMPLE_S / max(time.perf_counter() - t0, 1e-9)))
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        samples.append((time.perf_counter() - t0) / inner)
-    samples.sort()
-    return Timing(statistics.median(samples), _quantile(samples, 0.2), _quantile(samples, 0.8), first, repeats)
-
-
-def _host_loop(fn, gpu_s: float) -> float:
-    """Seconds per call of back-to-back calls, host clock, synchronised once at each end: what a loop of
-    them costs when the host (Python, the launch) is slower than the kernel. do_bench flushes the L2 cache
-    (~0.1 ms of GPU work) before each timed call, which hides a host cost shorter than that."""
-    k = max(10, min(1000, math.ceil(20e-3 / max(gpu_s, 1e-6))))
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(k):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / k
-
-
-def _time_cuda(fn, first: float, warmup: int, repeats: int) -> Timing:
-    try:
-        from triton.testing import do_bench
-    except ImportError:
-        do_bench = None
-    if first > LONG_CALL_S:
-        do_bench, warmup, repeats = None, 1, min(repeats, LONG_REPEATS)
-    if do_bench is not None:
-        med, p20, p80 = do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
-        return Timing(med / 1e3, p20 / 1e3, p80 / 1e3, first, -1, _host_loop(fn, med / 1e3))  # do_bench: own count
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / 1e3)
-    samples.sort()
-    return Timing(statistics.median(samples), _quantile(samples, 0.2), _quantile(samples, 0.8), first, repeats)
-
 #----------------------------------------------------------------------------
 # Bandwidth yardstick and derived columns.
-
-
-def copy_timing(numel: int, dtype: torch.dtype, device: str, **timing) -> Timing:
-    """``dst.copy_(src)`` for ``numel`` elements: the machine's achievable read+write bandwidth."""
-    src = torch.randn(numel, device=device).to(dtype)
-    dst = torch.empty_like(src)
-    return time_fn(lambda: dst.copy_(src), device=device, **timing)
 
 
 def gbps(nbytes: int, seconds: float) -> float:
@@ -167,12 +70,31 @@ def timing_columns(t: Timing) -> dict:
 
 def add_ratios(row: dict, copy: dict | None, eager: dict | None, compiled_row: dict | None) -> None:
     """The comparison columns of ``row`` against the copy, the eager sequence and torch.compile of the same case
-    (NaN where a baseline was not run)."""
+    (NaN where a baseline was not run, and for the copy itself: it is the yardstick, not a rival)."""
     nan = float("nan")
+    if row.get("impl") == "copy":
+        eager = compiled_row = None
     row["copy_gbps"] = copy["gbps"] if copy else nan
     row["frac_copy_bw"] = row["gbps"] / copy["gbps"] if copy else nan
     row["speedup_vs_eager"] = eager["median_us"] / row["median_us"] if eager else nan
     row["speedup_vs_compile"] = compiled_row["median_us"] / row["median_us"] if compiled_row else nan
+
+
+def add_peak(rows: list[dict]) -> None:
+    """``peak_copy_gbps``: the highest copy bandwidth of the run (any size and dtype: the device's measured
+    peak), and ``frac_peak_bw``: each row's share of it. ``frac_copy_bw`` compares with the copy of the same
+    size, which at small sizes is itself far from the peak (launch, ramp-up and tail of a short kernel)."""
+    peak = max((r["gbps"] for r in rows if r.get("impl") == "copy" and math.isfinite(r.get("gbps", math.nan))),
+               default=math.nan)
+    for r in rows:
+        r["peak_copy_gbps"] = peak
+        r["frac_peak_bw"] = r["gbps"] / peak if "gbps" in r else math.nan
+
+
+def compile_last(configs: list) -> list:
+    """``configs`` with the ``torch.compile`` cases moved to the end (order kept otherwise): each compiles
+    for seconds, so a deadline that cuts the sweep short drops compile baselines, not the fused and eager rows."""
+    return sorted(configs, key=lambda c: c.impl == "compile")
 
 
 def sweep_sizes(device: str, quick: bool, *, bytes_per_element: int = 0) -> list[int]:
@@ -190,15 +112,27 @@ def sweep_sizes(device: str, quick: bool, *, bytes_per_element: int = 0) -> list
     return sizes
 
 
-@functools.lru_cache(maxsize=None)
-def compiled(fn: Callable) -> Callable:
-    """``torch.compile(fn, fullgraph=True)`` (made once per ``fn``), with dynamo's recompile limit raised to at least 64: a sweep
-    recompiles per dtype and variant, then once more with a dynamic size, and past the limit (8 by default)
-    dynamo would run the rest of the sweep eagerly without saying so in the numbers."""
+RECOMPILE_LIMIT = 64
+
+
+def raise_recompile_limit(limit: int = RECOMPILE_LIMIT) -> None:
+    """Raise dynamo's per-function recompile limit (8 by default) to at least ``limit``: past it dynamo runs
+    the function eagerly, and a sweep's later ``compile`` rows would time eager code under that label."""
     cfg = torch._dynamo.config
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # older torch's name
-    setattr(cfg, name, max(getattr(cfg, name), 64))
-    return torch.compile(fn, fullgraph=True)
+    setattr(cfg, name, max(getattr(cfg, name), limit))
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(fn: Callable, **options) -> Callable:
+    """``torch.compile(fn, fullgraph=True, dynamic=False, **options)``, made once per ``fn`` and options, with
+    :func:`raise_recompile_limit`. ``dynamic=False``: every size and dtype of a sweep gets its own static
+    compile (in the first call of the case, which is excluded from its timing), as a sampling loop of one
+    shape gets; dynamo's default would recompile the second size with a symbolic one and time that kernel
+    (which may not assume sizes divisible by 16 or 32-bit indices) at every later size. A sweep of S sizes,
+    D dtypes and V variants makes S*D*V cache entries per function (at most 30 here)."""
+    raise_recompile_limit()
+    return torch.compile(fn, **{"fullgraph": True, "dynamic": False, **options})
 
 #----------------------------------------------------------------------------
 # Command line shared by the bench scripts.
@@ -338,7 +272,10 @@ class Session:
         out = out_dir(self.args.out, self.device, getattr(self.args, "quick", False))
         rows = [{**r, **self.prov} for r in rows]
         csv_path = write_csv(rows, os.path.join(out, f"{name}.csv"))
-        png_path = plot(rows, os.path.join(out, f"{name}.png"))
+        try:
+            png_path = plot(rows, os.path.join(out, f"{name}.png"))
+        except ImportError as e:  # no matplotlib on a lent GPU image: the CSV and the table are the results
+            png_path = f"no PNG ({e})"
         print(heading(what, self.prov) + "\n")
         for stem, extra, extra_columns in tables:
             write_csv([{**r, **self.prov} for r in extra], os.path.join(out, f"{stem}.csv"))
@@ -370,4 +307,5 @@ def run_sweep(description: str, argv, module, *, compile_help: str | None = None
     with b.measuring(*packages):
         rows = b.run_cases(configs, lambda c: module.run(c, warmup=b.warmup, repeats=b.repeats))
     module.add_ratios(rows)
+    add_peak(rows)
     return b, rows
