@@ -32,6 +32,7 @@ import pytest
 import torch
 
 from diffkern.ops import cuda_rtc
+from test_cuda_rtc import _nvrtc_missing, needs_nvrtc
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
@@ -41,16 +42,6 @@ COMBOS = {"sampler_step": COMBOS2, "iadb_blend": COMBOS2, "hold_transition": COM
           "philox_normal": [(d,) for d in (F16, BF16, F32, F64)], "hold_perturb": [(d,) for d in (F16, BF16, F32, F64)]}
 
 
-def _nvrtc_missing():
-    try:
-        cuda_rtc._nvrtc()
-        cuda_rtc.cuda_include_dir()
-    except cuda_rtc.RtcUnavailable as exc:
-        return str(exc)
-    return None
-
-
-needs_nvrtc = pytest.mark.skipif(_nvrtc_missing() is not None, reason=f"no NVRTC here: {_nvrtc_missing()}")
 NVCC = shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) if os.path.exists(p)), None)
 
 
