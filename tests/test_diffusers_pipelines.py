@@ -187,6 +187,9 @@ TEXT2IMAGE = [  # (scheduler, config, output type, levels)
     ("DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
                        "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}, "np", (1, 2)),
     ("EulerAncestralDiscreteScheduler", {"prediction_type": "v_prediction"}, "pt", (1,)),
+    ("KDPM2DiscreteScheduler", {"beta_schedule": "scaled_linear", "use_karras_sigmas": True}, "pt", (1, 2)),
+    ("KDPM2DiscreteScheduler", {"prediction_type": "v_prediction", "timestep_spacing": "trailing"}, "np", (1, 2)),
+    ("KDPM2AncestralDiscreteScheduler", {"timestep_spacing": "leading", "steps_offset": 1}, "pt", (1,)),
     # steps_offset left at 0: the pipeline sets it to 1, which accelerate must follow. Level 1 is left out: the
     # from_config idiom resets keys left unset at construction to the defaults (diffusers' classes alike).
     ("DDIMScheduler", {"clip_sample": False}, "pt", (2,)),
@@ -236,14 +239,16 @@ def test_ge_level2_matches_level1(tiny_sd):
 
 
 def _level1_philox_loop(unet, name, config, seed, generator, dtype):
-    """DDPMPipeline's loop, step by step, with diffkern's scheduler drawing Philox noise keyed by ``seed``."""
+    """DDPMPipeline's loop, step by step, with diffkern's scheduler drawing Philox noise keyed by ``seed``; with the
+    initial noise scaled by ``init_noise_sigma`` and the UNet input by ``scale_model_input``, as the fused loop does
+    (both the identity for the VP schedulers, which DDPMPipeline's own loop assumes)."""
     sched = getattr(dd, name)(**config)
     sched.set_seed(seed)
     sched.set_timesteps(STEPS)
     unet = unet.to(dtype)
-    image = randn_tensor((2, 3, 8, 8), generator=generator, dtype=torch.float32).to(dtype)
+    image = randn_tensor((2, 3, 8, 8), generator=generator, dtype=torch.float32).to(dtype) * sched.init_noise_sigma
     for t in sched.timesteps:
-        image = sched.step(unet(image, t).sample, t, image).prev_sample
+        image = sched.step(unet(sched.scale_model_input(image, t), t).sample, t, image).prev_sample
     return (image / 2 + 0.5).clamp(0, 1)
 
 
@@ -252,7 +257,10 @@ def _level1_philox_loop(unet, name, config, seed, generator, dtype):
                                           ("IADBScheduler", {"variant": "stochastic", "lam": 0.7}),
                                           ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
                                           ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++",
-                                                                           "solver_type": "heun", "solver_order": 1})])
+                                                                           "solver_type": "heun", "solver_order": 1}),
+                                          ("KDPM2AncestralDiscreteScheduler", {"prediction_type": "v_prediction",
+                                                                               "use_karras_sigmas": True})])
+@pytest.mark.filterwarnings("ignore:accelerate. DDPMPipeline's own loop does not scale:UserWarning")
 def test_stochastic_level2_matches_level1_philox(name, config):
     pipe = DDPMPipeline(unet=tiny_unet(), scheduler=getattr(dd, name)(**config))
     pipe.set_progress_bar_config(disable=True)
@@ -286,6 +294,38 @@ def _ddim_eta_loop(unet, seed, generator, dtype, eta):
     for t in sched.timesteps:
         image = sched.step(unet(image, t).sample, t, image, eta=eta).prev_sample
     return (image / 2 + 0.5).clamp(0, 1)
+
+
+@pytest.mark.parametrize("name, config", [("KDPM2DiscreteScheduler", {}),
+                                          ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}),
+                                          ("KDPM2AncestralDiscreteScheduler", {})])
+@pytest.mark.filterwarnings("ignore:accelerate. DDPMPipeline's own loop does not scale:UserWarning")
+def test_kdpm2_level2_feeds_the_unet_level1_timesteps(name, config):
+    """Every UNet call of the fused loop gets the timestep diffusers' scheduler feeds at that call, midpoints
+    included (KDPM2-ancestral's midpoint sigma is the next step's sigma, whose Karras timestep is rounded for the
+    next step's call only), and a second call of the same accelerated pipeline gets them again."""
+    unet = tiny_unet()
+    seen = []
+    forward = unet.forward
+
+    def spy(sample, timestep, *args, **kwargs):
+        seen.append(torch.as_tensor(timestep).reshape(-1)[0].float())
+        return forward(sample, timestep, *args, **kwargs)
+
+    unet.forward = spy
+    theirs = getattr(diffusers, name)(**config)
+    theirs.set_timesteps(STEPS)
+    ours = getattr(dd, name).from_config(theirs.config)
+    ours.set_timesteps(STEPS)
+    fast = dd.accelerate(DDPMPipeline(unet=unet, scheduler=theirs))
+    for _ in range(2):
+        seen.clear()
+        fast(batch_size=1, num_inference_steps=STEPS, output_type="pt", generator=torch.Generator().manual_seed(0))
+        assert len(seen) == 2 * STEPS - 1
+        # Level 1's timesteps exactly (as the UNet's float32 time embedding reads them); diffusers' up to its float32
+        # log-sigma table (Level 1's own difference, ~1e-3 timesteps near t = 0)
+        torch.testing.assert_close(torch.stack(seen), ours.timesteps.float(), rtol=0, atol=0)
+        torch.testing.assert_close(torch.stack(seen), theirs.timesteps.float(), rtol=0, atol=2e-3)
 
 
 def test_iadb_level1_and_level2():

@@ -28,7 +28,7 @@ from test_diffusers_pipelines import (TEXT_STEPS, text2image, three_runs, tiny_s
 
 SHAPE = (3, 2, 4, 4)
 VE_DPM = ["DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-          "HeunDiscreteScheduler"]
+          "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"]
 
 
 def _pair(name, **config):
@@ -87,7 +87,7 @@ def test_16_bit_steps_match_diffusers(name, dtype):
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(4)).to(dtype)
 
     def step(s, out, t, k):  # the generator's draws in the output's dtype: equal up to that rounding
-        gen = {} if name.startswith("Heun") else {"generator": torch.Generator().manual_seed(k)}
+        gen = {} if name.startswith(("Heun", "KDPM2Discrete")) else {"generator": torch.Generator().manual_seed(k)}
         return s.step(out, t, x if out.dtype == dtype else x.double(), **gen).prev_sample
 
     for k, (t_theirs, t_ours) in enumerate(zip(theirs.timesteps, ours.timesteps)):
@@ -126,7 +126,8 @@ def test_sigmas_match_diffusers(name):
         dd.DDIMScheduler().sigmas
 
 
-@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "HeunDiscreteScheduler"])
+@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "HeunDiscreteScheduler",
+                                  "KDPM2DiscreteScheduler"])
 def test_img2img_pipeline_level1(tiny_sd, name):
     """StableDiffusionImg2ImgPipeline: set_begin_index, Heun's order-2 slicing and add_noise on the VE state."""
     base = tiny_sd(getattr(diffusers, name)())

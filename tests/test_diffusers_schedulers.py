@@ -35,13 +35,28 @@ SHAPE = (2, 3, 5, 7)
 
 
 class _Torch64(types.ModuleType):
-    """``torch`` for a diffusers module, except that ``torch.float32`` is float64."""
+    """``torch`` for a diffusers module, except that ``torch.float32`` is float64 (and, with ``wide_numpy``,
+    ``torch.from_numpy`` makes float32 arrays float64 tensors)."""
 
-    def __init__(self):
+    def __init__(self, wide_numpy=False):
         super().__init__("torch")
+        self.wide_numpy = wide_numpy
 
     def __getattr__(self, name):
+        if name == "from_numpy" and self.wide_numpy:
+            return _from_numpy64
         return torch.float64 if name == "float32" else getattr(torch, name)
+
+
+def _from_numpy64(array):
+    t = torch.from_numpy(array)
+    return t.double() if t.dtype == torch.float32 else t
+
+
+# Modules whose float32 numpy sigmas (6e-8 relative, harmless as such) feed torch arithmetic that amplifies their
+# rounding: KDPM2-ancestral's sigma_down = sqrt(sigma_next^2 - sigma_up^2) cancels ~40x at 6 steps (5e-6 relative,
+# above the floor). Their truth does that arithmetic in float64 on the float32 sigmas (both KDPM2 modules, alike).
+_WIDE_NUMPY = ("scheduling_k_dpm_2_discrete", "scheduling_k_dpm_2_ancestral_discrete")
 
 
 def _randn32(randn):
@@ -57,7 +72,7 @@ def diffusers_float64(*modules):
     """Run diffusers ``modules`` (scheduler or pipeline modules) in float64: see the module docstring."""
     saved = [(m, m.torch, getattr(m, "randn_tensor", None)) for m in modules]
     for m, _, randn in saved:
-        m.torch = _Torch64()
+        m.torch = _Torch64(wide_numpy=m.__name__.rsplit(".", 1)[-1] in _WIDE_NUMPY)
         if randn is not None:
             m.randn_tensor = _randn32(randn)
     try:
@@ -73,7 +88,8 @@ def scheduler_module(name: str):
     import importlib
     files = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "DPMSolverMultistepScheduler": "dpmsolver_multistep",
              "EulerDiscreteScheduler": "euler_discrete", "EulerAncestralDiscreteScheduler": "euler_ancestral_discrete",
-             "HeunDiscreteScheduler": "heun_discrete"}
+             "HeunDiscreteScheduler": "heun_discrete", "KDPM2DiscreteScheduler": "k_dpm_2_discrete",
+             "KDPM2AncestralDiscreteScheduler": "k_dpm_2_ancestral_discrete"}
     return importlib.import_module(f"diffusers.schedulers.scheduling_{files[name]}")
 
 #----------------------------------------------------------------------------
@@ -116,6 +132,16 @@ CASES = [
     ("HeunDiscreteScheduler", {"prediction_type": "v_prediction", "use_karras_sigmas": True, "clip_sample": True,
                                "clip_sample_range": 2.0}, {}),
     ("HeunDiscreteScheduler", {"prediction_type": "sample", "timestep_spacing": "trailing"}, {}),
+    ("KDPM2DiscreteScheduler", {}, {}),
+    ("KDPM2DiscreteScheduler", {"prediction_type": "v_prediction", "use_karras_sigmas": True,
+                                "beta_schedule": "scaled_linear"}, {}),
+    ("KDPM2DiscreteScheduler", {"use_exponential_sigmas": True, "timestep_spacing": "trailing"}, {"steps": 5}),
+    ("KDPM2DiscreteScheduler", {"timestep_spacing": "leading", "steps_offset": 1}, {"steps": 1}),
+    ("KDPM2AncestralDiscreteScheduler", {}, {}),
+    ("KDPM2AncestralDiscreteScheduler", {"prediction_type": "v_prediction", "timestep_spacing": "trailing",
+                                         "use_karras_sigmas": True}, {}),
+    ("KDPM2AncestralDiscreteScheduler", {"timestep_spacing": "leading", "steps_offset": 1,
+                                         "beta_schedule": "squaredcos_cap_v2"}, {"steps": 2}),
 ]
 IDS = [f"{n}-{i}" for i, (n, _, _) in enumerate(CASES)]
 
@@ -182,7 +208,8 @@ def test_matches_diffusers_every_backend(cpu_backend, name):
 
 @pytest.mark.parametrize("name, config, begin", [
     ("DPMSolverMultistepScheduler", {}, 3), ("EulerDiscreteScheduler", {}, 2), ("HeunDiscreteScheduler", {}, 4),
-    ("DDIMScheduler", {"clip_sample": False}, 5)])
+    ("DDIMScheduler", {"clip_sample": False}, 5), ("KDPM2DiscreteScheduler", {}, 4),
+    ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}, 2)])
 def test_set_begin_index(name, config, begin):
     check_parity(name, config, {}, begin=begin)
 
@@ -212,6 +239,34 @@ def test_timesteps_match_diffusers():
                     assert (expected[len(ours.timesteps):] < 0).all()
                     expected = expected[:len(ours.timesteps)]
                 assert torch.equal(ours.timesteps, expected), f"{name} {config} steps={steps}"
+
+
+def test_karras_bounds_of_a_foreign_config_are_read():
+    """Heun's and KDPM2's Karras/exponential sigmas use sigma_min/sigma_max whenever the config holds them (an Euler
+    config loaded into them), as diffusers' classes do."""
+    config = diffusers.EulerDiscreteScheduler(sigma_min=0.1, sigma_max=10.0, use_karras_sigmas=True).config
+    for name in ("HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"):
+        theirs, ours = getattr(diffusers, name).from_config(config), getattr(dd, name).from_config(config)
+        for s in (theirs, ours):
+            s.set_timesteps(4)
+        torch.testing.assert_close(ours.sigmas, theirs.sigmas, rtol=1e-5, atol=0)
+        assert float(ours.sigmas[0]) == pytest.approx(10.0)
+
+
+def test_kdpm2_timesteps_match_diffusers():
+    """KDPM2's calls at the schedule's own timesteps (even positions) are bitwise diffusers' float32 ones; the midpoint
+    calls' fractional timesteps (odd positions) come from the log-sigma table (check_parity holds them to the rule)."""
+    for name in ("KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"):
+        for spacing in ("leading", "trailing", "linspace"):
+            for steps in (1, 4, 26, 27, 50, 333):
+                config = {"timestep_spacing": spacing, "steps_offset": 1 if spacing == "leading" else 0}
+                theirs = getattr(diffusers, name)(**config)
+                ours = getattr(dd, name)(**config)
+                for s in (theirs, ours):
+                    s.set_timesteps(steps)
+                assert ours.timesteps.shape == theirs.timesteps.shape == (2 * steps - 1,)
+                assert torch.equal(ours.timesteps[::2], theirs.timesteps[::2]), f"{name} {config} steps={steps}"
+                torch.testing.assert_close(ours.timesteps, theirs.timesteps, rtol=0, atol=5e-3)
 
 
 #----------------------------------------------------------------------------
@@ -319,7 +374,8 @@ def test_philox_noise_is_seeded_and_per_loop():
 
 def test_step_does_not_read_device_timesteps():
     # a timestep that cannot be read at all (meta tensor): step() must not index anything with it
-    for cls in (dd.DDIMScheduler, dd.EulerDiscreteScheduler, dd.DPMSolverMultistepScheduler, dd.HeunDiscreteScheduler):
+    for cls in (dd.DDIMScheduler, dd.EulerDiscreteScheduler, dd.DPMSolverMultistepScheduler, dd.HeunDiscreteScheduler,
+                dd.KDPM2DiscreteScheduler, dd.KDPM2AncestralDiscreteScheduler):
         sched = cls()
         sched.set_timesteps(4)
         x = make_tensor(SHAPE, seed=1)
@@ -353,7 +409,9 @@ def test_out_of_order_host_timestep_raises():
     (dd.EulerDiscreteScheduler, "interpolation_type", "log_linear"),
     (dd.EulerDiscreteScheduler, "use_beta_sigmas", True),
     (dd.EulerDiscreteScheduler, "timestep_type", "continuous"), (dd.GEScheduler, "prediction_type", "v_prediction"),
-    (dd.IADBScheduler, "variant", "two_head")])
+    (dd.IADBScheduler, "variant", "two_head"), (dd.KDPM2DiscreteScheduler, "use_beta_sigmas", True),
+    (dd.KDPM2DiscreteScheduler, "prediction_type", "sample"),
+    (dd.KDPM2AncestralDiscreteScheduler, "prediction_type", "original_sample")])
 def test_unsupported_options_raise(cls, option, value):
     with pytest.raises(ValueError, match=re.escape(f"{option}={value!r}")):
         cls(**{option: value})
@@ -402,6 +460,14 @@ def test_outputs_and_return_dict():
     assert isinstance(res, diffusers.schedulers.scheduling_utils.SchedulerOutput)
     assert len(dpm.step(x, dpm.timesteps[1], x, return_dict=False)) == 1
     assert dd.HeunDiscreteScheduler.order == 2 and dd.DDIMScheduler.order == 1
+    assert dd.KDPM2DiscreteScheduler.order == dd.KDPM2AncestralDiscreteScheduler.order == 2
+    kdpm2 = dd.KDPM2AncestralDiscreteScheduler()
+    kdpm2.set_timesteps(3)
+    firsts = []
+    for t in kdpm2.timesteps:
+        firsts.append(kdpm2.state_in_first_order)
+        x = kdpm2.step(x, t, kdpm2.scale_model_input(x, t), generator=torch.Generator().manual_seed(0)).prev_sample
+    assert firsts == [True, False, True, False, True] and torch.isfinite(x).all()
 
 
 def test_add_noise_matches_diffusers():

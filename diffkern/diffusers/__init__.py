@@ -17,11 +17,13 @@ from .accelerate import AcceleratedPipeline, accelerate
 from .schedulers import FusedScheduler, FusedSchedulerOutput
 from .schedulers_ge import GEScheduler, IADBScheduler
 from .schedulers_k import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler
+from .schedulers_kdpm2 import KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler
 from .schedulers_vp import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 SCHEDULERS = {c.__name__: c for c in (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
                                       EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler,
-                                      GEScheduler, IADBScheduler)}
+                                      KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler, GEScheduler,
+                                      IADBScheduler)}
 
 # A pipeline's save_pretrained records a third-party scheduler as (its __module__, its name), and from_pretrained
 # imports that module and looks the class and SchedulerMixin up in it. Recording this package (rather than the
@@ -31,4 +33,5 @@ for _cls in SCHEDULERS.values():
 
 __all__ = ["AcceleratedPipeline", "DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler",
            "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler", "FusedScheduler", "FusedSchedulerOutput",
-           "GEScheduler", "HeunDiscreteScheduler", "IADBScheduler", "SCHEDULERS", "accelerate"]
+           "GEScheduler", "HeunDiscreteScheduler", "IADBScheduler", "KDPM2AncestralDiscreteScheduler",
+           "KDPM2DiscreteScheduler", "SCHEDULERS", "accelerate"]

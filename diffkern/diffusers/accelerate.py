@@ -33,16 +33,30 @@ _MAX_MODELS = 8  # model wrappers (one per schedule) kept by an AcceleratedPipel
 
 class ScheduleDenoiser(wrappers.DiffusersUNetDenoiser):
     """A diffusers UNet as D(x, sigma) that feeds the network the scheduler's own timestep for each schedule
-    sigma (matched exactly on the device, no sync), and log-sigma interpolation for any other sigma."""
+    sigma (matched exactly on the device, no sync), and log-sigma interpolation for any other sigma. Given
+    ``call_timesteps`` (one per model call), call k gets ``call_timesteps[k]``, counted on the device (:meth:`restart`
+    before a loop): KDPM2-ancestral's midpoint sigma is the next step's, whose Karras timestep diffusers rounds for
+    that step's call only, so the sigma alone cannot tell the two calls apart."""
 
-    def __init__(self, unet, alphas_cumprod, prediction_type, sigmas, timesteps, guidance_scale=1.0):
+    def __init__(self, unet, alphas_cumprod, prediction_type, sigmas, timesteps, guidance_scale=1.0,
+                 call_timesteps=None):
         super().__init__(unet, alphas_cumprod=alphas_cumprod, prediction_type=prediction_type,
                          guidance_scale=guidance_scale)
         self.register_buffer("schedule_sigmas", torch.tensor(sigmas, dtype=torch.float64), persistent=False)
         self.register_buffer("schedule_t", torch.tensor(timesteps, dtype=torch.float32), persistent=False)
+        self.register_buffer("call_t", torch.tensor(call_timesteps or [], dtype=torch.float32), persistent=False)
+        self.register_buffer("call_k", torch.zeros(1, dtype=torch.int64), persistent=False)
+
+    def restart(self) -> None:
+        """The next call is the loop's first (a device write, ordered before a CUDA-graph replay)."""
+        self.call_k.zero_()
 
     def model_input(self, x, sigma):
         x_in, t_interp = super().model_input(x, sigma)
+        if self.call_t.numel():
+            t = self.call_t.index_select(0, self.call_k).expand(sigma.shape[0])
+            self.call_k.add_(1).remainder_(self.call_t.numel())
+            return x_in, t
         hit = self.schedule_sigmas[None, :] == sigma[:, None]
         t = self.schedule_t[hit.int().argmax(1)]
         return x_in, torch.where(hit.any(1), t, t_interp.to(torch.float32))
@@ -148,11 +162,13 @@ class AcceleratedPipeline:
                               seed=seed, progress=self.progress, graph=graph)
             return out.to(latents.dtype)
         pred = "sample" if ours.config.prediction_type == "original_sample" else ours.config.prediction_type
+        calls = spec.call_timesteps if method == spec.method else None  # another method calls at other sigmas
         key = (id(self.pipe.unet), type(ours).__name__, tuple(spec.sigmas), tuple(spec.timesteps), pred,
-               guidance_scale != 1.0, latents.device)
+               guidance_scale != 1.0, latents.device, calls is not None)
         model = self._model(key, lambda: ScheduleDenoiser(self.pipe.unet, ours.alphas_cumprod, pred, spec.sigmas[:-1],
-                                                          spec.timesteps).to(latents.device))
+                                                          spec.timesteps, call_timesteps=calls).to(latents.device))
         model.guidance_scale = float(guidance_scale)  # a table value: a captured loop stays valid
+        model.restart()
         x = latents if latents.dtype == torch.float64 else latents.to(torch.float32)  # the state stays >= float32
         if spec.vp:
             x = x * math.sqrt(spec.sigmas[0] ** 2 + 1.0)
@@ -340,8 +356,8 @@ def accelerate(pipe, method=None, backend="auto", graph="auto", progress=False, 
     Args:
         pipe: an unconditional ``UNet2DModel`` pipeline or a text-to-image ``UNet2DConditionModel`` pipeline
             (``encode_prompt``, ``vae``, ``image_processor``). Its scheduler (diffusers' or diffkern's DDIM, DDPM,
-            DPM-Solver++, Euler, Euler-ancestral, Heun, GE or IADB) gives the schedule; it is read at each call, so
-            a later ``pipe.scheduler = ...`` applies. A pipeline whose ``__call__`` takes arguments beyond those of
+            DPM-Solver++, Euler, Euler-ancestral, Heun, KDPM2, KDPM2-ancestral, GE or IADB) gives the schedule; it
+            is read at each call, so a later ``pipe.scheduler = ...`` applies. A pipeline whose ``__call__`` takes arguments beyond those of
             ``StableDiffusionPipeline`` / ``DDIMPipeline`` (img2img, ControlNet, PAG, ...) raises TypeError naming them.
         method: a :func:`diffkern.sampling.sample` method to use instead of the scheduler's own (on its schedule).
         backend: fused-op backend ("auto", "reference", "cpp", "triton", "cuda").

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Optional
 
 from .. import schedules
 from .schedulers import FusedScheduler
@@ -19,13 +20,15 @@ from .schedulers_ge import IADBScheduler
 class LoopSpec:
     """A scheduler's loop as diffkern runs it: ``method`` on the VE schedule ``sigmas`` (IADB: alphas) with
     ``knobs``; ``timesteps[i]`` is the network timestep at ``sigmas[i]``; ``vp``: the pipeline's state is the VP
-    ``z = x/sqrt(sigma^2 + 1)`` (DDIM/DDPM/DPM) rather than x itself."""
+    ``z = x/sqrt(sigma^2 + 1)`` (DDIM/DDPM/DPM) rather than x itself; ``call_timesteps``: the network timestep of
+    each of ``method``'s model calls in order, where they are not a function of the call's sigma (else None)."""
 
     method: str
     sigmas: list
     timesteps: list
     knobs: dict
     vp: bool
+    call_timesteps: Optional[list] = None
 
 
 def _unsupported(name: str, option: str, value, why: str) -> ValueError:
@@ -109,6 +112,8 @@ def loop_spec(ours: FusedScheduler, eta: float = 0.0) -> LoopSpec:
     sig = list(ours.sigmas_host)
     if name == "HeunDiscreteScheduler":
         ts = ts[:1] + ts[1::2]
+    elif name.startswith("KDPM2"):  # [t_0, tm_0, t_1, ...]: the midpoint calls' timesteps go in call_timesteps
+        ts = ts[::2]
     sig, ts = _drop_identity_end(name, sig, ts)
     if name == "EulerDiscreteScheduler":
         return LoopSpec("euler", sig, ts, {}, vp=False)
@@ -116,6 +121,10 @@ def loop_spec(ours: FusedScheduler, eta: float = 0.0) -> LoopSpec:
         return LoopSpec("euler_ancestral", sig, ts, {"eta": 1.0}, vp=False)
     if name == "HeunDiscreteScheduler":
         return LoopSpec("heun", sig, ts, {}, vp=False)
+    if name == "KDPM2DiscreteScheduler":
+        return LoopSpec("dpm_2", sig, ts, {}, vp=False, call_timesteps=list(ours._host_timesteps))
+    if name == "KDPM2AncestralDiscreteScheduler":
+        return LoopSpec("dpm_2_ancestral", sig, ts, {"eta": 1.0}, vp=False, call_timesteps=list(ours._host_timesteps))
     if name == "GEScheduler":
         return LoopSpec("ge", sig, ts, {"gamma": float(cfg.gamma), "mu": float(cfg.mu)}, vp=False)
     raise ValueError(f"accelerate: unsupported scheduler {name}")

@@ -195,7 +195,9 @@ class HeunDiscreteScheduler(_KScheduler):
 
     def set_timesteps(self, num_inference_steps: int = None, device=None):
         """Timesteps ``[t0, t1, t1, t2, t2, ...]`` (2N - 1 values): predictor at t_i, corrector at t_{i+1}."""
-        ts, self.sigmas_host = self._k_schedule(num_inference_steps)
+        # diffusers reads sigma_min/sigma_max whenever the config has them (a config loaded from Euler's)
+        cfg = self.config
+        ts, self.sigmas_host = self._k_schedule(num_inference_steps, cfg.get("sigma_min"), cfg.get("sigma_max"))
         self._set_schedule(torch.cat([ts[:1], ts[1:].repeat_interleave(2)]), device, num_inference_steps)
         self._warm(device, ("heun",))
 
