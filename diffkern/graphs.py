@@ -353,7 +353,7 @@ def feed(entry: Entry, x, seed_v, extras: list, hosts: list) -> None:
 
 @torch.no_grad()
 def sample_hold(model, proc, shape, *, sampler="sscs", num_steps=500, spacing="linear", t_min=1e-3, denoise=True,
-                seed=None, device=None, dtype=torch.float32, z=None, backend=None, return_state=False,
+                seed=0, device=None, dtype=torch.float32, z=None, backend=None, return_state=False,
                 graph=True):
     """:func:`diffkern.hold_sampling.sample` (same arguments and output) as one CUDA graph.
 
@@ -386,7 +386,7 @@ def sample_hold(model, proc, shape, *, sampler="sscs", num_steps=500, spacing="l
     if z is not None and tuple(z.shape) != state_shape:
         raise ValueError(f"z: expected shape {state_shape}, got {tuple(z.shape)}")
     table = hs.sampler_table(proc, grid, sampler, denoise=denoise)
-    call = Call(model, torch.empty(state_shape, dtype=dtype, device="meta"), 0 if seed is None else seed, backend, {})
+    call = Call(model, torch.empty(state_shape, dtype=dtype, device="meta"), seed, backend, {})
 
     def build() -> Entry:
         static_z = torch.empty(state_shape, dtype=dtype, device=device)

@@ -18,6 +18,9 @@ length t_min keeping the mean (6.4), so ``num_steps`` NFE = N + 1. b_i = int_{s_
   -S_k z + (xi / L)(s_n + L z_n) e_n; the rotation is integrated exactly and the second term frozen at
   the step start: K = R + xi psi e_n^T,  k = -(xi / L) / L_nn(s_i) psi,  C = 0 with R = exp(-S_k b) and
   psi = int_0^b exp(-S_k v) dv e_n, both from one (n+1)x(n+1) matrix exponential (Van Loan)
+* ODE, DDIM-like ("ode_flow", :mod:`diffkern.hold_flow`): the x0 prediction frozen over the step, z moved by
+  the exact probability-flow map of N(E(t)(x0_hat, 0, ..), Sigma_t): K = A + g w_z^T, k = w_eps g, C = 0;
+  its denoising row is that flow from t_min to t = 0 (x out = x0_hat), not the EM step
 
 The prior is z ~ N(0, I / L), drawn from the Philox stream at counter ``PRIOR_STEP``; step i of the
 loop draws at counter i.
@@ -29,11 +32,13 @@ from typing import Callable
 
 import torch
 
+from . import samplers
 from .hold import HOLD, chol_psd
+from .hold_flow import flow_rows
 from .ops.hold import hold_transition, transition_table
 from .ops.philox import randn
 
-SAMPLERS = ("em", "sscs", "ode", "ode_exp")
+SAMPLERS = ("em", "sscs", "ode", "ode_exp", "ode_flow")
 SPACINGS = ("linear", "quadratic")
 PRIOR_STEP = 2**32 - 1  # Philox counter of the prior draw; table rows use counters 0..N
 
@@ -115,6 +120,9 @@ def sampler_table(proc: HOLD, grid: torch.Tensor, sampler: str = "sscs", *, deno
     if not (torch.isfinite(grid).all() and (grid[1:] < grid[:-1]).all() and grid[-1] > 0):
         raise ValueError(f"grid: expected finite, strictly decreasing forward times ending > 0, got {grid.tolist()}")
     n = proc.order
+    if sampler == "ode_flow":  # its own denoising row: the flow to t = 0
+        K, k = flow_rows(proc, grid, denoise=denoise)
+        return transition_table(K, k, torch.zeros_like(K))
     b, lnn = _steps(proc, grid)
     N = b.numel()
     if sampler == "em":
@@ -148,7 +156,7 @@ def prior(proc: HOLD, state_shape, seed: torch.Tensor, *, dtype=torch.float32, b
 
 
 def sample(model: Callable, proc: HOLD, shape, *, sampler: str = "sscs", num_steps: int = 500,
-           spacing: str = "linear", t_min: float = 1e-3, denoise: bool = True, seed=None, device=None,
+           spacing: str = "linear", t_min: float = 1e-3, denoise: bool = True, seed=0, device=None,
            dtype=torch.float32, z=None, backend=None, return_state: bool = False) -> torch.Tensor:
     """Sample with ``num_steps`` network evaluations; returns x (B, C, ...) (the state if ``return_state``).
 
@@ -156,9 +164,10 @@ def sample(model: Callable, proc: HOLD, shape, *, sampler: str = "sscs", num_ste
         model: ``model(z, t) -> eps_hat``; z (B, n*C, ...) in ``dtype``, t a Python float, eps_hat (B, C, ...).
         proc: the HOLD process the model was trained for.
         shape: data shape (B, C, ...).
-        sampler: "em" | "sscs" | "ode" (Euler) | "ode_exp" (exponential Euler).
+        sampler: "em" | "sscs" | "ode" (Euler) | "ode_exp" (exponential Euler) | "ode_flow" (DDIM-like).
         spacing: "linear" | "quadratic" (time grid).
-        seed: int64 tensor (1,) or (B,) (or a Python int) keying the Philox stream; default 0.
+        seed: int64 tensor (1,) or (B,) (or an int) keying the Philox stream; default 0 (repeated calls are
+            identical); None draws one from torch's global CPU generator, as :func:`diffkern.sample` does.
         z: optional initial state (B, n*C, ...) instead of the prior draw (updated in place).
         backend: ``hold_transition`` (and prior) backend.
     """
@@ -172,8 +181,8 @@ def sample(model: Callable, proc: HOLD, shape, *, sampler: str = "sscs", num_ste
     if z is not None:
         device, dtype = z.device, z.dtype
     device = torch.device(device) if device is not None else torch.device("cpu")
-    if seed is None or isinstance(seed, int):
-        seed = torch.tensor([seed or 0], dtype=torch.int64, device=device)
+    seed = samplers.seed_value(seed, shape[0])  # validated; None: drawn on the host
+    seed = seed.to(device) if isinstance(seed, torch.Tensor) else torch.tensor([seed], dtype=torch.int64, device=device)
     table = sampler_table(proc, grid, sampler, denoise=denoise).to(device)
     state_shape = (shape[0], n * shape[1], *shape[2:])
     if z is None:

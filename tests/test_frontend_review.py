@@ -47,7 +47,7 @@ def test_hold_graph_replays_equal_eager_across_processes_and_samplers(fake):
     procs = (hold.HOLD(order=2), hold.HOLD(order=2, alpha=0.3), hold.HOLD(order=2, beta=(0.5, 0.3)),
              hold.HOLD(order=2, hsm=False))
     for proc in procs:  # same L and T: one capture, the tables rewritten
-        for sampler in ("sscs", "em", "ode", "ode_exp"):
+        for sampler in ("sscs", "em", "ode", "ode_exp", "ode_flow"):
             g = graphs.sample_hold(model, proc, (3, 1, 4), sampler=sampler, num_steps=6, seed=1)
             assert torch.equal(g, hold_sampling.sample(model, proc, (3, 1, 4), sampler=sampler, num_steps=6, seed=1))
     assert graphs.info()["captures"] == 1

@@ -176,3 +176,25 @@ def test_cli_bench_quick_never_writes_over_the_committed_results(monkeypatch, ar
     monkeypatch.setattr(bench, "load", lambda name: Part)
     assert main(argv) == 0
     assert seen == [[a.replace("out/bench-quick", bench.QUICK_OUT) for a in expected]]
+
+
+def test_hold_seed_none_draws_like_sample():
+    """hold_sampling.sample / graphs.sample_hold: default seed 0 (repeatable), None drawn from torch's global
+    generator (so torch.manual_seed makes it repeatable), as diffkern.sample."""
+    from diffkern import graphs, hold, hold_sampling
+
+    proc = hold.HOLD(order=2)
+
+    def net(z, t):
+        return torch.zeros(z.shape[0], 1, *z.shape[2:], dtype=z.dtype)
+
+    run = dict(sampler="em", num_steps=3)
+    base = hold_sampling.sample(net, proc, (2, 1, 3), **run)
+    assert torch.equal(base, hold_sampling.sample(net, proc, (2, 1, 3), seed=0, **run))
+    torch.manual_seed(5)
+    drawn = hold_sampling.sample(net, proc, (2, 1, 3), seed=None, **run)
+    torch.manual_seed(5)
+    assert torch.equal(drawn, graphs.sample_hold(net, proc, (2, 1, 3), seed=None, graph=False, **run))
+    assert not torch.equal(drawn, base)
+    with pytest.raises(TypeError, match="seed"):
+        hold_sampling.sample(net, proc, (2, 1, 3), seed=1.5, **run)
