@@ -29,8 +29,13 @@ class _KDPM2Scheduler(_KScheduler):
     order = 2
     _key = ("dpm_2",)
 
-    def _init_kdpm2(self, prediction_type, timestep_spacing, use_karras_sigmas, use_exponential_sigmas,
-                    use_beta_sigmas):
+    @register_to_config
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
+                 beta_schedule: str = "linear", trained_betas=None, use_karras_sigmas: bool = False,
+                 use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False,
+                 prediction_type: str = "epsilon", timestep_spacing: str = "linspace", steps_offset: int = 0):
+        """diffusers' KDPM2 config, the same for both classes."""
+        self._init_training(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
         who = type(self).__name__
         check_choice(who, "prediction_type", prediction_type, _PREDICTIONS)
         self._init_k(who, prediction_type, timestep_spacing, use_karras_sigmas, use_exponential_sigmas,
@@ -121,15 +126,6 @@ class KDPM2DiscreteScheduler(_KDPM2Scheduler):
 
     _noisy = False
 
-    @register_to_config
-    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
-                 beta_schedule: str = "linear", trained_betas=None, use_karras_sigmas: bool = False,
-                 use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False,
-                 prediction_type: str = "epsilon", timestep_spacing: str = "linspace", steps_offset: int = 0):
-        self._init_training(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
-        self._init_kdpm2(prediction_type, timestep_spacing, use_karras_sigmas, use_exponential_sigmas,
-                         use_beta_sigmas)
-
     def _table(self, sigmas):
         return coef_tables.dpm_2(sigmas, conv=self._conv)
 
@@ -148,15 +144,6 @@ class KDPM2AncestralDiscreteScheduler(_KDPM2Scheduler):
 
     _key = ("dpm_2_ancestral",)
     _noisy = True
-
-    @register_to_config
-    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
-                 beta_schedule: str = "linear", trained_betas=None, use_karras_sigmas: bool = False,
-                 use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False,
-                 prediction_type: str = "epsilon", timestep_spacing: str = "linspace", steps_offset: int = 0):
-        self._init_training(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
-        self._init_kdpm2(prediction_type, timestep_spacing, use_karras_sigmas, use_exponential_sigmas,
-                         use_beta_sigmas)
 
     def _table(self, sigmas):
         return coef_tables.dpm_2_ancestral(sigmas, eta=1.0, conv=self._conv)
