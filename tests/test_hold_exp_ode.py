@@ -108,17 +108,20 @@ def test_gaussian_data_first_order_and_stable_at_20_steps(n):
     assert x_error(proc, "ode", 20, mu_c, P_c, T, t_min) > 1000 * bound
 
 
-def test_deterministic_through_sample_and_graphs(fake):  # noqa: F811
-    """No noise is drawn: two seeds give the same output; ``sample`` applies exactly the table rows (float64,
-    reference op) to a mixture's exact score; the CUDA-graph runner (CPU stand-in) equals the eager sampler."""
+@pytest.mark.parametrize("sampler", ["ode_exp", "ode_flow"])
+def test_deterministic_through_sample_and_graphs(fake, sampler):  # noqa: F811
+    """No noise is drawn: two seeds give the same output; ``sample`` applies exactly the table rows (K | k | C = 0;
+    float64, reference op) to a mixture's exact score; the CUDA-graph runner (CPU stand-in) equals the eager
+    sampler."""
     proc = HOLD(3, L=1.0)
     model = GaussianMixtureScore(proc, GaussianMixture([0.3, 0.7], [-1.0, 0.8], [0.15, 0.25]), elementwise=True)
     z0 = torch.randn(2, 3, 5, dtype=F64, generator=torch.Generator().manual_seed(0))
-    run = dict(sampler="ode_exp", num_steps=8, spacing="quadratic", backend="reference", return_state=True)
+    run = dict(sampler=sampler, num_steps=8, spacing="quadratic", backend="reference", return_state=True)
     a = sample(model, proc, (2, 1, 5), z=z0.clone(), seed=1, **run)
     assert torch.equal(a, sample(model, proc, (2, 1, 5), z=z0.clone(), seed=2, **run))
     grid = time_grid(proc, 7, spacing="quadratic")
-    tab, ts, z = sampler_table(proc, grid, "ode_exp"), grid.tolist() + [grid[-1].item()], z0.clone()
+    tab, ts, z = sampler_table(proc, grid, sampler), grid.tolist() + [grid[-1].item()], z0.clone()
+    assert (tab[:, :, 4:] == 0).all()
     for i in range(tab.shape[0]):
         eps = model(z, ts[i])  # (2, 1, 5)
         z = torch.einsum("ij,bjp->bip", tab[i, :, :3], z) + tab[i, :, 3][None, :, None] * eps
@@ -127,6 +130,6 @@ def test_deterministic_through_sample_and_graphs(fake):  # noqa: F811
     def net(z, t):
         return torch.tanh(z[:, :1] * (0.5 + t)) - 0.1 * z[:, 1:2]
 
-    g = graphs.sample_hold(net, proc, (3, 1, 4), sampler="ode_exp", num_steps=6, seed=3)
-    assert torch.equal(g, sample(net, proc, (3, 1, 4), sampler="ode_exp", num_steps=6, seed=3))
+    g = graphs.sample_hold(net, proc, (3, 1, 4), sampler=sampler, num_steps=6, seed=3)
+    assert torch.equal(g, sample(net, proc, (3, 1, 4), sampler=sampler, num_steps=6, seed=3))
     assert graphs.info()["captures"] == 1  # the graph path ran, not the eager fallback

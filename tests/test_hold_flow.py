@@ -1,21 +1,20 @@
 """The DDIM-like sampler ``"ode_flow"`` (``diffkern.hold_flow``): the x0 prediction frozen over a step and z moved by
 the exact probability-flow map A of the conditional Gaussian N(E(t)(x0, 0, ..), Sigma_t + delta I).
 
-Checked: A against scipy's solve_ivp of the matrix ODE dA/dt = beta (F + 1/2 G~G~^T Sigma~^{-1}) A (n = 1..8,
+Checked: A against scipy's solve_ivp of the matrix ODE dA/dt = beta (F + 1/2 G~G~^T Sigma~^{-1}) A (n = 1..5,
 constant and time-varying beta); A Sigma~_cur A^T = Sigma~_next down to t = 0; n = 1 is DDIM; with data a single
 point the sampler is exact at every step count; on Gaussian data it converges at first order to the continuous
-ODE's law, with bounded velocities at 20 steps where ``"ode_exp"``'s blow up; ``sample`` and the graph runner.
+ODE's law, with bounded velocities at 20 steps where ``"ode_exp"``'s blow up. Through ``sample`` and the graph
+runner: test_hold_exp_ode.py's determinism test, which runs both samplers.
 """
 import numpy as np
 import pytest
 import torch
 from scipy.integrate import solve_ivp
 
-from diffkern import graphs
 from diffkern.hold import HOLD
 from diffkern.hold_flow import chol_b, flow_map, flow_rows
-from diffkern.hold_sampling import GaussianMixture, GaussianMixtureScore, sample, sampler_table, time_grid
-from test_graphs import fake, fresh_cache  # noqa: F401  (fixtures: fake, autouse fresh_cache)
+from diffkern.hold_sampling import sampler_table, time_grid
 from test_hold_review import ALPHA, L_INV, continuous_law, discrete_law
 
 F64 = torch.float64
@@ -158,30 +157,6 @@ def test_gaussian_data_first_order_and_bounded_velocities(n):
         return float(np.max(np.abs(np.diag(P) - np.diag(P_c)) / np.diag(P_c)))
 
     assert vel_err("ode_flow") < 0.9 and vel_err("ode_exp") > 50
-
-
-def test_deterministic_through_sample_and_graphs(fake):  # noqa: F811
-    """No noise is drawn: ``sample`` applies exactly the table rows (float64, reference op) to a mixture's exact
-    score, whatever the seed; the CUDA-graph runner (CPU stand-in) equals the eager sampler."""
-    proc = HOLD(3, L=1.0)
-    model = GaussianMixtureScore(proc, GaussianMixture([0.3, 0.7], [-1.0, 0.8], [0.15, 0.25]), elementwise=True)
-    z0 = torch.randn(2, 3, 5, dtype=F64, generator=torch.Generator().manual_seed(0))
-    run = dict(sampler="ode_flow", num_steps=8, spacing="quadratic", backend="reference", return_state=True)
-    a = sample(model, proc, (2, 1, 5), z=z0.clone(), seed=1, **run)
-    assert torch.equal(a, sample(model, proc, (2, 1, 5), z=z0.clone(), seed=2, **run))
-    grid = time_grid(proc, 7, spacing="quadratic")
-    K, k = flow_rows(proc, grid)
-    z, ts = z0.clone(), grid.tolist() + [grid[-1].item()]
-    for i in range(K.shape[0]):
-        z = torch.einsum("ij,bjp->bip", K[i], z) + k[i][None, :, None] * model(z, ts[i])
-    torch.testing.assert_close(a, z, rtol=1e-12, atol=1e-12)
-
-    def net(z, t):
-        return torch.tanh(z[:, :1] * (0.5 + t)) - 0.1 * z[:, 1:2]
-
-    g = graphs.sample_hold(net, proc, (3, 1, 4), sampler="ode_flow", num_steps=6, seed=3)
-    assert torch.equal(g, sample(net, proc, (3, 1, 4), sampler="ode_flow", num_steps=6, seed=3))
-    assert graphs.info()["captures"] == 1  # the graph path ran, not the eager fallback
 
 
 def test_dsm_without_jitter_cannot_flow_to_zero():
