@@ -136,19 +136,31 @@ def heun(sigmas, *, s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0, conv:
     No corrector on a step to sigma_next = 0. Churn rows 2N..3N-1."""
     n = len(sigmas) - 1
     sigma_hat = churn_sigmas(sigmas, s_churn, s_tmin, s_tmax)
-    pred, corr, corrector = [], [], []
+    pred, corr, seconds = [], [], []
     for i in range(n):
         sh, sn = sigma_hat[i], sigmas[i + 1]
-        r, one_minus_r = _ratio(sh, sn)
-        pred.append(_conv_row(conv, sh, a=r, b=one_minus_r, e=1.0 / sh, f=-1.0 / sh))
+        pred.append(_slope_row(conv, sh, sn))
         dt = sn - sh
         k = dt / (2.0 * sn) if sn > 0 else 0.0
         corr.append(_conv_row(conv, sn, a=1.0 + k, b=-k, c=-dt / 2.0) if sn > 0 else coefs.row(**_NO_MODEL))
-        corrector.append(sn > 0)
-    churn_rows, churn = _churn_rows(sigmas, sigma_hat, s_noise)
-    row_sigma = sigma_hat + [s if s > 0 else math.nan for s in sigmas[1:]] + [math.nan] * n
-    return _plan(pred + corr + churn_rows, row_sigma, sigma_hat, churn=churn, churn_row=2 * n,
-                 corrector=corrector, corrector_row=n, history=True)
+        seconds.append(sn if sn > 0 else math.nan)
+    return _two_eval_plan(pred, corr, seconds, sigma_hat, *_churn_rows(sigmas, sigma_hat, s_noise))
+
+
+def _slope_row(conv: Conv, sigma: float, target: float, noise: float = 0.0) -> list:
+    """Euler/DDIM from sigma to target (``r x + (1 - r) D``, + noise), storing the slope d = (x - D)/sigma in
+    history: the first call of the two-call steps (heun and the DPM-Solver-2 family below)."""
+    r, one_minus_r = _ratio(sigma, target)
+    return _conv_row(conv, sigma, a=r, b=one_minus_r, s=noise, e=1.0 / sigma, f=-1.0 / sigma)
+
+
+def _two_eval_plan(pred, corr, seconds, sigma_hat, churn_rows=(), churn=None) -> Plan:
+    """Plan of N first-call rows, N second-call rows whose model sigma is ``seconds`` (nan: no second call) and
+    optional churn rows: rows 0..N-1, N..2N-1, 2N..3N-1."""
+    n = len(pred)
+    corrector = [not math.isnan(m) for m in seconds]
+    return _plan(pred + corr + list(churn_rows), list(sigma_hat) + seconds + [math.nan] * len(churn_rows), sigma_hat,
+                 churn=churn or [False] * n, churn_row=2 * n, corrector=corrector, corrector_row=n, history=True)
 
 
 def dpmpp_2m(sigmas, *, conv: Conv = _identity) -> Plan:
@@ -251,20 +263,7 @@ def sde(sigmas, *, lam=0.0, integrator="exponential", conv: Conv = _identity) ->
 def _midpoint_rows(conv: Conv, sigma: float, target: float) -> tuple[list, float]:
     """Predictor row (Euler to sigma_mid, history = slope) and sigma_mid = sqrt(sigma*target), target > 0."""
     mid = math.exp(0.5 * (math.log(sigma) + math.log(target)))
-    r, one_minus_r = _ratio(sigma, mid)
-    return _conv_row(conv, sigma, a=r, b=one_minus_r, e=1.0 / sigma, f=-1.0 / sigma), mid
-
-
-def _euler_to_zero(conv: Conv, sigma: float, noise: float = 0.0) -> list:
-    """The step to target 0 (Euler, as k-diffusion): x' = D (+ noise), history = slope (unused)."""
-    return _conv_row(conv, sigma, a=0.0, b=1.0, s=noise, e=1.0 / sigma, f=-1.0 / sigma)
-
-
-def _two_eval_plan(pred, corr, mids, sigma_hat, churn_rows=(), churn=None) -> Plan:
-    n = len(pred)
-    corrector = [not math.isnan(m) for m in mids]
-    return _plan(pred + corr + list(churn_rows), list(sigma_hat) + mids + [math.nan] * len(churn_rows), sigma_hat,
-                 churn=churn or [False] * n, churn_row=2 * n, corrector=corrector, corrector_row=n, history=True)
+    return _slope_row(conv, sigma, mid), mid
 
 
 def _dpm_2_rows(conv: Conv, sigma: float, target: float, noise: float):
@@ -272,7 +271,7 @@ def _dpm_2_rows(conv: Conv, sigma: float, target: float, noise: float):
     d2 = (x2 - D2)/sigma_mid: ``x' = (1 + k) x2 - k D2 + (sigma - sigma_mid) H``, k = (target - sigma)/sigma_mid.
     Returns (predictor row, corrector row, sigma_mid or nan)."""
     if target == 0:  # k-diffusion's Euler branch: no noise there
-        return _euler_to_zero(conv, sigma), coefs.row(**_NO_MODEL), math.nan
+        return _slope_row(conv, sigma, 0.0), coefs.row(**_NO_MODEL), math.nan
     pred, mid = _midpoint_rows(conv, sigma, target)
     k = (target - sigma) / mid
     return pred, _conv_row(conv, mid, a=1.0 + k, b=-k, c=sigma - mid, s=noise), mid
@@ -309,7 +308,7 @@ def dpm_2_ancestral(sigmas, *, eta=1.0, s_noise=1.0, conv: Conv = _identity) -> 
 def _dpmpp_2s_rows(conv: Conv, sigma: float, down: float, noise: float):
     """DPM-Solver++(2S) from sigma to sigma_down (> 0), or Euler to 0 plus the noise: (pred, corr, sigma_mid)."""
     if down == 0:
-        return _euler_to_zero(conv, sigma, noise), coefs.row(**_NO_MODEL), math.nan
+        return _slope_row(conv, sigma, 0.0, noise), coefs.row(**_NO_MODEL), math.nan
     pred, mid = _midpoint_rows(conv, sigma, down)
     r, one_minus_r = _ratio(sigma, down)
     # H's coefficient sd*(1 - sigma_mid/sigma), as -sd*expm1(ln(sigma_mid/sigma)) for accuracy
