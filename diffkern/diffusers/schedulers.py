@@ -250,13 +250,14 @@ class FusedScheduler(SchedulerMixin, ConfigMixin):
         return t
 
     @staticmethod
-    def _draw(generator, model_output: torch.Tensor, x: torch.Tensor):
-        """diffusers' noise for one step (``randn_tensor`` with model_output's shape, dtype and device), or None
-        without a generator (the fused op then draws Philox noise)."""
+    def _draw(generator, model_output: torch.Tensor, x: torch.Tensor, dtype: torch.dtype = None):
+        """diffusers' noise for one step (``randn_tensor`` with model_output's shape and device, in ``dtype``,
+        default model_output's: DPM-Solver draws float32) in x's dtype, or None without a generator (the fused op
+        then draws Philox noise)."""
         if generator is None:
             return None
         noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
-                             dtype=model_output.dtype)
+                             dtype=dtype or model_output.dtype)
         return noise if noise.dtype == x.dtype else noise.to(x.dtype)
 
     def _history_for(self, x: torch.Tensor, first: bool) -> torch.Tensor:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 from diffusers.configuration_utils import register_to_config
-from diffusers.utils.torch_utils import randn_tensor
 
 from .. import coef_tables, schedules, wrappers
 from ..ops import coefs, ddim_row
@@ -284,9 +283,7 @@ class DPMSolverMultistepScheduler(FusedScheduler):
                 rows[-1] = rows_from(n - 1, n)[0]
             if begin > 0:  # a loop started with set_begin_index has no history yet: first order, as diffusers
                 rows[begin] = rows_from(begin, begin + 1)[0]
-        rows = [ve_row_to_vp(r, sig[i], sig[i + 1]) for i, r in enumerate(rows)]
-        for r in rows:
-            r[coefs.F], r[coefs.E] = 1.0, 0.0  # history = this step's x0 estimate, for the next step
+        rows = [ve_row_to_vp(r, sig[i], sig[i + 1]) for i, r in enumerate(rows)]  # history: each row's x0 (f = 1)
         return coefs.table(rows), None
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
@@ -312,10 +309,9 @@ class DPMSolverMultistepScheduler(FusedScheduler):
         begin = self._begin_index or 0
         history = self._history_for(x, first=i == begin)
         noise = None
-        if self.eta and (variance_noise is not None or generator is not None):
-            noise = variance_noise if variance_noise is not None else randn_tensor(
-                model_output.shape, generator=generator, device=model_output.device, dtype=torch.float32)
-            noise = noise.to(device=x.device, dtype=x.dtype)
+        if self.eta:
+            noise = variance_noise.to(device=x.device, dtype=x.dtype) if variance_noise is not None \
+                else self._draw(generator, model_output, x, torch.float32)
         prev, _ = self._fused(("dpm", begin), i, x, model_output, noise=noise, history=history, history_out=history,
                               x0=False)
         self._advance()
