@@ -28,10 +28,6 @@ from . import coef_tables, schedules
 from . import sampler_plans as _plans
 from .ops import sampler_step
 
-# Plans (knobs validated, branches resolved on the host) live in sampler_plans; diffkern.sampling reads them here.
-PLANS = _plans.PLANS
-_knob = _plans._knob
-
 #----------------------------------------------------------------------------
 # Seeds and trajectories: the only places a call creates device state besides the state itself.
 

@@ -10,7 +10,7 @@ import inspect
 
 import torch
 
-from . import coef_tables, graphs, samplers, schedules
+from . import coef_tables, graphs, sampler_plans, samplers, schedules
 from .ops import sampler_step
 from .samplers import SAMPLERS, Trajectory, make_seed
 
@@ -82,7 +82,7 @@ def sample(model, x, sigmas, method, *, backend=None, seed=0, callback=None, pro
 def _sample_graph(model, x, sigmas, method, knob_values, seed, backend, record, extra_args):
     """:func:`sample` as a CUDA graph (:mod:`diffkern.graphs`): the captured body is ``samplers.run_steps``."""
     host = samplers.host_sigmas(sigmas)
-    plan = samplers.PLANS[method](host, samplers.conversion_rows(model), **knob_values)
+    plan = sampler_plans.PLANS[method](host, samplers.conversion_rows(model), **knob_values)
     call = graphs.Call(model, x, seed, backend, extra_args, record)
     hosts = [plan.table, torch.tensor(plan.row_sigma, dtype=torch.float64)]
 
@@ -197,7 +197,7 @@ def iadb_lam(variant: str, lam) -> float:
         raise ValueError(f"variant: expected one of {coef_tables.IADB_VARIANTS}, got {variant!r}")
     if lam is None:
         lam = 1.0 if variant == "stochastic" else 0.0
-    lam = samplers._knob(lam, "lam")
+    lam = sampler_plans._knob(lam, "lam")
     if variant == "euler" and lam != 0:
         raise ValueError("lam: the euler variant is deterministic; use variant='stochastic' for lam > 0")
     return lam
