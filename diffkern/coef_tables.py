@@ -39,6 +39,8 @@ class Plan:
     churn: length N, True where step i adds churn noise (row ``churn_row + i``) before its model call.
     corrector: length N, True where step i has a second model call (row ``corrector_row + i``, at its row_sigma:
         sigma_next for Heun, a midpoint for the DPM-Solver-2 family).
+    history: how many previous values the loop keeps: 0; 1 (H, slot c, written by each step's first call);
+        2 (H = the previous value and H2 = the one before, slots c and c2; one model call per step).
     """
     table: torch.Tensor
     row_sigma: list
@@ -47,7 +49,13 @@ class Plan:
     corrector: list
     churn_row: int = 0
     corrector_row: int = 0
-    history: bool = False
+    history: int = 0
+
+    def __post_init__(self):
+        if self.history not in (0, 1, 2):
+            raise ValueError(f"history: expected a depth of 0, 1 or 2, got {self.history!r}")
+        if self.history == 2 and any(self.corrector):
+            raise ValueError("history: a depth-2 plan has one model call per step (no corrector rows)")
 
     @property
     def steps(self) -> int:
@@ -160,7 +168,7 @@ def _two_eval_plan(pred, corr, seconds, sigma_hat, churn_rows=(), churn=None) ->
     n = len(pred)
     corrector = [not math.isnan(m) for m in seconds]
     return _plan(pred + corr + list(churn_rows), list(sigma_hat) + seconds + [math.nan] * len(churn_rows), sigma_hat,
-                 churn=churn or [False] * n, churn_row=2 * n, corrector=corrector, corrector_row=n, history=True)
+                 churn=churn or [False] * n, churn_row=2 * n, corrector=corrector, corrector_row=n, history=1)
 
 
 def dpmpp_2m(sigmas, *, conv: Conv = _identity) -> Plan:
@@ -175,7 +183,7 @@ def dpmpp_2m(sigmas, *, conv: Conv = _identity) -> Plan:
             continue
         rho = math.log(sigmas[i - 1] / s) / math.log(s / sn)
         rows.append(_conv_row(conv, s, a=r, b=one_minus_r * (1 + 1 / (2 * rho)), c=-one_minus_r / (2 * rho), f=1.0))
-    return _plan(rows, sigmas[:-1], sigmas[:-1], history=True)
+    return _plan(rows, sigmas[:-1], sigmas[:-1], history=1)
 
 
 SOLVER_TYPES = ("midpoint", "heun")
@@ -205,7 +213,7 @@ def dpmpp_2m_sde(sigmas, *, eta=1.0, s_noise=1.0, solver_type="midpoint", conv: 
             k = 0.5 * phi if solver_type == "midpoint" else 1.0 - phi / big_h
             row.update(b=phi + k / rho, c=-k / rho)
         rows.append(_conv_row(conv, s, **row))
-    return _plan(rows, sigmas[:-1], sigmas[:-1], history=True)
+    return _plan(rows, sigmas[:-1], sigmas[:-1], history=1)
 
 
 def ge(sigmas, *, gamma=2.0, mu=0.0, conv: Conv = _identity) -> Plan:
@@ -224,7 +232,7 @@ def ge(sigmas, *, gamma=2.0, mu=0.0, conv: Conv = _identity) -> Plan:
         dt = sigma_p - s
         rows.append(_conv_row(conv, s, a=1.0 + g * dt / s, b=-g * dt / s, c=dt * (1.0 - g),
                               s=math.sqrt(max(sn * sn - sigma_p * sigma_p, 0.0)), **eps))
-    return _plan(rows, sigmas[:-1], sigmas[:-1], history=True)
+    return _plan(rows, sigmas[:-1], sigmas[:-1], history=1)
 
 
 INTEGRATORS = ("exponential", "euler_maruyama")

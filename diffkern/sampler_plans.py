@@ -9,7 +9,7 @@ import numbers
 
 import torch
 
-from . import coef_tables
+from . import coef_tables, coef_tables_3m, coef_tables_dpmpp_sde
 
 
 def _knob(value, name: str, lo: float = 0.0, hi: float = math.inf, hi_open: bool = False,
@@ -70,6 +70,17 @@ def _plan_dpmpp_2m_sde(sigmas, conv, *, eta, s_noise, solver_type):
                                     solver_type=solver_type, conv=conv)
 
 
+def _plan_dpmpp_3m_sde(sigmas, conv, *, eta, s_noise):
+    return coef_tables_3m.dpmpp_3m_sde(sigmas, conv=conv, **_ancestral_knobs(eta, s_noise))
+
+
+def _plan_dpmpp_sde(sigmas, conv, *, eta, s_noise, r):
+    r = _knob(r, "r", hi=1.0)
+    if r == 0:  # r = 0 puts the second call at sigma itself: fac = 1/(2r) is infinite
+        raise ValueError("r: expected a value in (0, 1], got 0.0")
+    return coef_tables_dpmpp_sde.dpmpp_sde(sigmas, conv=conv, r=r, **_ancestral_knobs(eta, s_noise))
+
+
 def _plan_ge(sigmas, conv, *, gamma, mu):
     return coef_tables.ge(sigmas, gamma=_knob(gamma, "gamma", -math.inf), mu=_knob(mu, "mu", 0.0, 1.0, True),
                           conv=conv)
@@ -84,6 +95,7 @@ def _plan_sde(sigmas, conv, *, lam, integrator):
 PLANS = {"euler": _plan_euler, "euler_ancestral": _plan_euler_ancestral, "heun": _plan_heun,
          "dpm_2": _plan_dpm_2, "dpm_2_ancestral": _plan_dpm_2_ancestral,
          "dpmpp_2s_ancestral": _plan_dpmpp_2s_ancestral, "dpmpp_2m": _plan_dpmpp_2m,
-         "dpmpp_2m_sde": _plan_dpmpp_2m_sde, "ge": _plan_ge, "sde": _plan_sde}
+         "dpmpp_2m_sde": _plan_dpmpp_2m_sde, "dpmpp_3m_sde": _plan_dpmpp_3m_sde, "dpmpp_sde": _plan_dpmpp_sde,
+         "ge": _plan_ge, "sde": _plan_sde}
 """method -> ``plan(host_sigmas, conv, **knobs)``; every knob is passed (the defaults live in the samplers'
 signatures, listed by :func:`diffkern.sampling.knobs`)."""

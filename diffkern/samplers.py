@@ -7,7 +7,7 @@ callback=None, disable=None, **knobs)`` with ``model(x, sigma_batch, **extra_arg
 How a call runs: the branches (first step, last step to 0, churn window, eta) are resolved on the
 host copy of the float64 schedule into a coefficient table (:mod:`diffkern.coef_tables`), moved to
 the device once; then each step is one model call and one :func:`diffkern.ops.sampler_step` that
-updates ``x`` (and a history buffer for multistep samplers) in place. Nothing in the loop reads a
+updates ``x`` (and one or two history buffers for multistep samplers) in place. Nothing in the loop reads a
 device value on the host: the model's sigma is a device scalar ``sig_dev[row].expand(B)`` and the
 noise is the counter-based Philox stream keyed by a seed tensor in device memory.
 
@@ -145,7 +145,7 @@ def _check_output(t, x: torch.Tensor, what: str) -> None:
 
 
 class _Loop:
-    """State of one sampling call: working copy of x, device tables, seed, history, outputs."""
+    """State of one sampling call: working copy of x, device tables, seed, histories, outputs."""
 
     def __init__(self, model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory):
         check_state(x)
@@ -171,7 +171,7 @@ class _Loop:
         # wrapper gets float64 so its sigma -> timestep lookup is exact at the schedule's table values.
         sig_dtype = torch.float64 if self.fused else torch.promote_types(self.x.dtype, torch.float32)
         self.sig_dev = torch.tensor(plan.row_sigma, dtype=torch.float64).to(self.x.device, sig_dtype)
-        self.history = torch.zeros_like(self.x) if plan.history else None
+        self.histories = [torch.zeros_like(self.x) for _ in range(plan.history)]
 
     def start(self) -> None:
         if self.trajectory is not None:
@@ -204,6 +204,16 @@ class _Loop:
             row = self.plan.churn_row + i
             sampler_step(self.x, self.x, self.table, row, seed=self.seed, out=self.x, backend=self.backend)
 
+    def histories_of(self, i: int) -> tuple:
+        """(H, H2) of step i. Depth 1: the one buffer, which the step's first call rewrites in place. Depth 2: step i
+        reads H = D_{i-1} from buffer (i+1) % 2 and H2 = D_{i-2} from buffer i % 2 and writes D_i over H2
+        (history_out is history2): the two buffers swap roles every step without a copy, and the assignment
+        depends on i alone, so a captured graph replays the one the eager loop uses."""
+        hs = self.histories
+        if len(hs) == 2:
+            return hs[(i + 1) % 2], hs[i % 2]
+        return (hs[0] if hs else None), None
+
     def step(self, i: int, row: int, *, first: bool = True, write_history: bool = False) -> None:
         """One model call and one fused update of x (in place; ping-pong when a callback wants the old x)."""
         m, u = self._model(row)
@@ -213,9 +223,10 @@ class _Loop:
         elif first and self.callback is not None:
             x0 = self.scratch
         out = self.spare if first and self.callback is not None else self.x
-        sampler_step(self.x, m, self.table, row, model_out_uncond=u, history=self.history,
-                     history_out=self.history if write_history else None, seed=self.seed, out=out, x0_out=x0,
-                     backend=self.backend)
+        h, h2 = self.histories_of(i)
+        h_out = (h2 if h2 is not None else h) if write_history else None  # the oldest value is overwritten
+        sampler_step(self.x, m, self.table, row, model_out_uncond=u, history=h, history2=h2, history_out=h_out,
+                     seed=self.seed, out=out, x0_out=x0, backend=self.backend)
         if out is not self.x:
             self.callback({"x": self.x, "i": i, "sigma": self.sigmas[i], "sigma_hat": self.plan.sigma_hat[i],
                            "denoised": x0})
@@ -239,7 +250,7 @@ def run_steps(loop: _Loop, plan: coef_tables.Plan) -> None:
     loop.start()
     for i in loop.steps():
         loop.churn(i)
-        loop.step(i, i, write_history=plan.history)
+        loop.step(i, i, write_history=plan.history > 0)
         if plan.corrector[i]:
             loop.step(i, plan.corrector_row + i, first=False)
         loop.end(i)
@@ -325,6 +336,26 @@ def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
 
 
 @torch.no_grad()
+def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, *, eta=1.0, s_noise=1.0,
+                        seed=None, backend=None, trajectory=None):
+    """DPM-Solver++(3M) SDE (k-diffusion's ``sample_dpmpp_3m_sde``), noise from the Philox stream (k-diffusion draws
+    it from a Brownian tree): third-order multistep on the two previous denoised estimates (two history buffers
+    that swap roles, no copies); eta = 0 is the deterministic DPM-Solver++(3M)."""
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory)
+    return _run(loop, _plans._plan_dpmpp_3m_sde(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise))
+
+
+@torch.no_grad()
+def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, *, eta=1.0, s_noise=1.0, r=0.5,
+                     seed=None, backend=None, trajectory=None):
+    """DPM-Solver++ stochastic (k-diffusion's ``sample_dpmpp_sde``): two calls per step, the second at
+    sigma*(sigma_next/sigma)^r, ancestral noise on both; its two noises per step have the joint law of
+    k-diffusion's Brownian-tree draws (built from two Philox draws, :mod:`diffkern.coef_tables_dpmpp_sde`)."""
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory)
+    return _run(loop, _plans._plan_dpmpp_sde(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise, r=r))
+
+
+@torch.no_grad()
 def sample_ge(model, x, sigmas, extra_args=None, callback=None, disable=None, *, gamma=2.0, mu=0.0, seed=None,
               backend=None, trajectory=None):
     """Permenter & Yuan (2024) gradient-estimation family: gamma=2, mu=0 their sampler; gamma=1, mu=0 DDIM;
@@ -345,4 +376,5 @@ def sample_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, *
 SAMPLERS = {"euler": sample_euler, "euler_ancestral": sample_euler_ancestral, "heun": sample_heun,
             "dpm_2": sample_dpm_2, "dpm_2_ancestral": sample_dpm_2_ancestral,
             "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral, "dpmpp_2m": sample_dpmpp_2m,
-            "dpmpp_2m_sde": sample_dpmpp_2m_sde, "ge": sample_ge, "sde": sample_sde}
+            "dpmpp_2m_sde": sample_dpmpp_2m_sde, "dpmpp_3m_sde": sample_dpmpp_3m_sde, "dpmpp_sde": sample_dpmpp_sde,
+            "ge": sample_ge, "sde": sample_sde}

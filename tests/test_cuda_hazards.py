@@ -227,7 +227,8 @@ PROBE = r"""
 template <class C>
 __global__ void shared_formulas(const double* row, const C* v, C* o, int flags) {
   const dk::StepRow<C> r = dk::load_step_row<C>(row);
-  dk::sampler_step_element<C>(r, flags & 1, flags & 2, flags & 4, v[0], v[1], v[2], v[3], v[4], o[0], o[1]);
+  dk::sampler_step_element<C>(r, flags & 1, flags & 2, flags & 2, flags & 4, v[0], v[1], v[2], v[3], v[39], v[4],
+                              o[0], o[1]);
   o[2] = dk::history_element(r, v[0], o[1]);
   dk::iadb_blend_element<C>(v[5], v[6], v[7], o[3], o[4]);
   dk::HoldRow<C> hr;

@@ -100,7 +100,7 @@ STOCHASTIC = [("euler_ancestral", {}), ("euler_ancestral", {"eta": 0.5}), ("eule
               ("heun", {"s_churn": 20.0}), ("ge", {"gamma": 1.0, "mu": 0.5}), ("ge", {"gamma": 2.0, "mu": 0.3}),
               ("sde", {"lam": 0.5}), ("sde", {"lam": 1.0, "integrator": "euler_maruyama"}), ("dpmpp_2m_sde", {}),
               ("dpmpp_2m_sde", {"eta": 0.5, "solver_type": "heun"}), ("dpm_2", {"s_churn": 20.0}),
-              ("dpm_2_ancestral", {}), ("dpmpp_2s_ancestral", {"eta": 0.5})]
+              ("dpm_2_ancestral", {}), ("dpmpp_2s_ancestral", {"eta": 0.5}), ("dpmpp_3m_sde", {})]
 
 
 def _moment_se(gmm, n):
@@ -190,7 +190,8 @@ EVERY = [("euler", {}), ("euler", {"s_churn": 2.0}), ("euler_ancestral", {"eta":
          ("heun", {"s_churn": 2.0, "s_tmin": 0.5, "s_tmax": 5.0}), ("dpmpp_2m", {}), ("ge", {}),
          ("ge", {"gamma": 1.0, "mu": 0.5}), ("sde", {"lam": 0.7}), ("sde", {"lam": 1.0, "integrator": "euler_maruyama"}),
          ("dpmpp_2m_sde", {}), ("dpmpp_2m_sde", {"eta": 0.3, "solver_type": "heun"}), ("dpm_2", {}),
-         ("dpm_2", {"s_churn": 2.0, "s_tmin": 0.5}), ("dpm_2_ancestral", {"eta": 0.7}), ("dpmpp_2s_ancestral", {})]
+         ("dpm_2", {"s_churn": 2.0, "s_tmin": 0.5}), ("dpm_2_ancestral", {"eta": 0.7}), ("dpmpp_2s_ancestral", {}),
+         ("dpmpp_sde", {}), ("dpmpp_sde", {"eta": 0.6, "r": 0.3}), ("dpmpp_3m_sde", {}), ("dpmpp_3m_sde", {"eta": 0.0})]
 
 
 def gmm5():
@@ -388,7 +389,8 @@ def test_knobs_lists_defaults():
     assert knobs("sde") == {"lam": 1.0, "integrator": "exponential"}
     assert knobs("dpmpp_2m_sde") == {"eta": 1.0, "s_noise": 1.0, "solver_type": "midpoint"}
     assert set(samplers.SAMPLERS) == {"euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral",
-                                      "dpmpp_2s_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "ge", "sde"}
+                                      "dpmpp_2s_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpmpp_sde",
+                                      "ge", "sde"}
 
 #----------------------------------------------------------------------------
 # No host synchronisation inside the loop (CUDA only: torch's sync debug mode turns a sync into an error).

@@ -72,9 +72,28 @@ def eager_two_eval(method, model, x, sigmas):
     return x
 
 
+def eager_dpmpp_sde(method, model, x, sigmas, r=0.5):
+    """k-diffusion's dpmpp_sde (eta = 1) as :func:`eager` computes, fed the noise diffkern draws (seed 0): xi1 from
+    row i, and the second noise rho*xi1 + sqrt(1 - rho^2)*xi' with xi' from row N + i (the Brownian-tree law)."""
+    dtype, n, seed = x.dtype, len(sigmas) - 1, torch.zeros(1, dtype=torch.int64)
+    for i, (s, sn) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        xf, denoised = x.float(), model(x, s).float()
+        if sn == 0:
+            x = (xf + (sn - s) * (xf - denoised) / s).to(dtype)
+            continue
+        mid = s * (sn / s) ** r
+        (sd1, su1), (sd2, su2) = coef_tables.ancestral_step(s, mid, 1.0), coef_tables.ancestral_step(s, sn, 1.0)
+        xi1, xi_rest = (philox.noise_like(x, seed, row, torch.float32) for row in (i, n + i))
+        x2 = (sd1 / s * xf + (1 - sd1 / s) * denoised + su1 * xi1).to(dtype)
+        d_d = (1 - 1 / (2 * r)) * denoised + model(x2, mid).float() / (2 * r)
+        xi2 = math.sqrt((s - mid) / (s - sn)) * xi1 + math.sqrt((mid - sn) / (s - sn)) * xi_rest
+        x = (sd2 / s * xf + (1 - sd2 / s) * d_d + su2 * xi2).to(dtype)
+    return x
+
+
 @pytest.mark.parametrize("backend", usable_backends("cpu"))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("method", ["euler", "heun", "dpmpp_2m", "ge"] + TWO_EVAL)
+@pytest.mark.parametrize("method", ["euler", "heun", "dpmpp_2m", "ge", "dpmpp_sde"] + TWO_EVAL)
 @pytest.mark.parametrize("steps", [5, 12])
 def test_16_bit_state_matches_textbook_loop(backend, dtype, method, steps):
     if backend == "triton" and dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
@@ -84,5 +103,6 @@ def test_16_bit_state_matches_textbook_loop(backend, dtype, method, steps):
     x = torch.randn(257, 2, generator=torch.Generator().manual_seed(steps), dtype=torch.float64) * 80
     ref64 = sample(denoiser(torch.float64), x, sig, method, backend="reference")
     ours = sample(denoiser(dtype), x.to(dtype), sig, method, backend=backend)
-    theirs = (eager_two_eval if method in TWO_EVAL else eager)(method, denoiser(dtype), x.to(dtype), sig.tolist())
+    textbook = eager_two_eval if method in TWO_EVAL else eager_dpmpp_sde if method == "dpmpp_sde" else eager
+    theirs = textbook(method, denoiser(dtype), x.to(dtype), sig.tolist())
     assert_matches_reference(ours, ref64, theirs, f"{method} {steps} steps {dtype} [{backend}]")

@@ -133,7 +133,8 @@ def _seed(batch: int, per_sample: bool):
 BIG, ODD = (2, 3, 32, 32), (3, 5, 7)
 # Flags (uncond, history, noise, x0_out, history_out) of sampler_step: every pair of flags takes all four
 # on/off combinations (a strength-2 covering array), so each front-end combination is covered pairwise;
-# the last row is k-diffusion's CFG multistep step with a callback (everything but explicit noise).
+# the last row is k-diffusion's CFG multistep step with a callback (everything but explicit noise), with the
+# second history of the third-order samplers.
 STEP_FLAGS = ((0, 0, 0, 0, 0), (1, 1, 0, 0, 1), (1, 0, 1, 0, 1), (1, 0, 0, 1, 0), (0, 1, 1, 1, 1), (0, 1, 1, 1, 0),
               (1, 1, 0, 1, 1))
 
@@ -156,7 +157,7 @@ def _sampler_step_cases(k):
             label = f"sampler_step {TRITON_TYPES[s]}/{TRITON_TYPES[m]} flags={u}{h}{n}{x0}{ho}"
             yield label, _archs(s, j == len(rows) - 1), lambda a=(
                 x, opt(1, m), opt(u, m), opt(h), opt(n), coef, step, _seed(shape[0], per_sample), x, opt(x0),
-                opt(ho)): k.sampler_step_launch(*a)
+                opt(ho), opt(h and j == len(rows) - 1)): k.sampler_step_launch(*a)
 
 
 def _iadb_cases(k):

@@ -98,17 +98,20 @@ inline void check_overlap(const std::vector<Named>& outputs, const std::vector<N
   }
 }
 
-// Checks of diffkern::sampler_step shared by the CPU and CUDA bindings.
+// Checks of diffkern::sampler_step shared by the CPU and CUDA bindings. history2 is the schema's last
+// argument (appended, so positional callers written before it keep working).
 inline void check_sampler_step(const at::Tensor& x, const at::Tensor& model_out, const OptTensor& model_out_uncond,
                                const OptTensor& history, const OptTensor& noise, const at::Tensor& coef,
                                int64_t step, const at::Tensor& seed, const at::Tensor& out,
-                               const OptTensor& x0_out, const OptTensor& history_out) {
+                               const OptTensor& x0_out, const OptTensor& history_out,
+                               const OptTensor& history2 = std::nullopt) {
   TORCH_CHECK(x.defined(), "x: expected a tensor, got an undefined tensor");
   check_float_contiguous(x, "x", x.device(), "x");
   check_like(model_out, "model_out", x, "x", /*same_dtype=*/false);
   if (auto* u = get_if(model_out_uncond)) check_like(*u, "model_out_uncond", model_out, "model_out");
   const std::pair<const char*, const OptTensor*> like_x[] = {
-      {"history", &history}, {"noise", &noise}, {"x0_out", &x0_out}, {"history_out", &history_out}};
+      {"history", &history}, {"history2", &history2}, {"noise", &noise}, {"x0_out", &x0_out},
+      {"history_out", &history_out}};
   for (const auto& [name, t] : like_x) {
     if (auto* p = get_if(*t)) check_like(*p, name, x, "x");
   }
@@ -125,7 +128,7 @@ inline void check_sampler_step(const at::Tensor& x, const at::Tensor& model_out,
   check_seed(seed, batch_of(x), x, "x");
   check_overlap({{"out", &out}, {"x0_out", get_if(x0_out)}, {"history_out", get_if(history_out)}},
                 {{"x", &x}, {"model_out", &model_out}, {"model_out_uncond", get_if(model_out_uncond)},
-                 {"history", get_if(history)}, {"noise", get_if(noise)}},
+                 {"history", get_if(history)}, {"history2", get_if(history2)}, {"noise", get_if(noise)}},
                 {{"coef", &coef}, {"seed", &seed}});
 }
 

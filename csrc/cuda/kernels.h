@@ -27,6 +27,7 @@ struct SamplerStepParams {
   const void* model_out;         // (numel,) dtype M
   const void* model_out_uncond;  // (numel,) dtype M, or null (no guidance)
   const void* history;           // (numel,) dtype S, or null
+  const void* history2;          // (numel,) dtype S, or null (the second history of third-order samplers)
   const void* noise;             // (numel,) dtype S, or null (Philox noise)
   const double* coef;            // (N, 12) float64 table
   const long long* seed;         // (num_seeds,) int64

@@ -139,7 +139,7 @@ def register(sub) -> None:
                         "or a weights file written by `diffkern train`")
     p.add_argument("--data", default="digits", help="for --model optimal: digits (default), or a .pt/.npy (N,C,H,W)")
     p.add_argument("--method", default="ge", help="euler | euler_ancestral | heun | dpm_2 | dpm_2_ancestral | "
-                   "dpmpp_2s_ancestral | dpmpp_2m | dpmpp_2m_sde | ge | sde (default ge)")
+                   "dpmpp_2s_ancestral | dpmpp_2m | dpmpp_2m_sde | dpmpp_3m_sde | dpmpp_sde | ge | sde (default ge)")
     p.add_argument("--steps", type=int, default=20, help="number of sampler steps (default 20)")
     p.add_argument("--schedule", default="karras", choices=("karras", "loglinear"), help="sigma schedule")
     p.add_argument("--sigma-min", type=float, default=0.002, help="smallest nonzero sigma (default 0.002)")
@@ -148,8 +148,7 @@ def register(sub) -> None:
     p.add_argument("--gamma", type=float, help="ge: gradient-estimation weight (default 2)")
     p.add_argument("--mu", type=float, help="ge: stochasticity in [0, 1) (default 0)")
     p.add_argument("--lam", type=float, help="sde: McAllester noise level (default 1)")
-    p.add_argument("--eta", type=float, help="euler_ancestral / dpm_2_ancestral / dpmpp_2s_ancestral / dpmpp_2m_sde: "
-                   "noise scale (default 1)")
+    p.add_argument("--eta", type=float, help="the ancestral and dpmpp_*sde samplers: noise scale (default 1)")
     p.add_argument("--s-churn", dest="s_churn", type=float, help="euler / heun / dpm_2: EDM churn (default 0)")
     p.add_argument("--backend", default=None,
                    help="reference | cpp | triton | cuda | auto (default: $DIFFKERN_BACKEND, else auto)")

@@ -7,12 +7,13 @@ Every backend of ``diffkern::sampler_step`` computes, per element and in this or
          = u + W*(model_out - u)              classifier-free guidance, diffusers convention
     Draw = P*x + Q*m                          denoised estimate from any prediction type (affine)
     D    = clamp(Draw, -CLIP, CLIP)           CLIP = +inf: no clipping
-    out  = A*x + B*D + G*Draw [+ C*H] [+ S*xi]
+    out  = ((A*x + B*D) + G*Draw) [+ C*H] [+ C2*H2] [+ S*xi]
     x0_out      = D
     history_out = E*x + F*D                   (D itself, or eps = (x - D)/sigma)
 
-A bracketed term whose coefficient is exactly 0 is skipped: its tensor is not read, so an
-uninitialised history buffer on the first step cannot inject NaN. xi is the counter-based normal of
+H and H2 are the previous one and two values of a multistep sampler's history (third-order samplers need
+both). A bracketed term whose coefficient is exactly 0 is skipped: its tensor is not read, so an
+uninitialised history buffer on the first steps cannot inject NaN. xi is the counter-based normal of
 ``diffkern.ops.philox`` keyed by (seed, step, element), or an explicit noise tensor.
 
 The table is float64, shape (N, NCOEF), on the device of the state; row ``step`` is read inside the
@@ -27,13 +28,14 @@ from typing import Iterable, Mapping
 
 import torch
 
-# Slot indices (one row per step).
-A, B, G, C, S, P, Q, W, E, F, CLIP = range(11)
-NCOEF = 12  # slot 11 is reserved (kept 0) so a row is 96 bytes, a multiple of 32.
+# Slot indices (one row per step). C2 took the slot once reserved, so tables written before it (slot 11
+# kept 0) read the same; a row stays 96 bytes, a multiple of 32.
+A, B, G, C, S, P, Q, W, E, F, CLIP, C2 = range(12)
+NCOEF = 12
 
-SLOT_NAMES = ("a", "b", "g", "c", "s", "p", "q", "w", "e", "f", "clip")
+SLOT_NAMES = ("a", "b", "g", "c", "s", "p", "q", "w", "e", "f", "clip", "c2")
 _DEFAULTS = {"a": 0.0, "b": 0.0, "g": 0.0, "c": 0.0, "s": 0.0, "p": 0.0, "q": 1.0, "w": 1.0,
-             "e": 0.0, "f": 0.0, "clip": math.inf}
+             "e": 0.0, "f": 0.0, "clip": math.inf, "c2": 0.0}
 
 
 def row(**coefs: float) -> list[float]:
@@ -76,21 +78,21 @@ def validate(table: torch.Tensor, name: str = "coef") -> None:
 _seen: "collections.OrderedDict[int, tuple]" = collections.OrderedDict()
 
 
-def validate_once(table: torch.Tensor, name: str = "coef") -> list[bool]:
+def validate_once(table: torch.Tensor, name: str = "coef") -> list[tuple[bool, bool]]:
     """:func:`validate` a CPU table once per version: re-checked only after an in-place write.
 
     Remembers (weak reference, torch's version counter) per table object, so a loop calling an op 50
     times on one table pays for one check (a per-call check cost ~0.3 ms on the 2-core CI CPU) and any
     in-place write (through any view: views share the counter) triggers a new check. Returns, per row,
-    whether the history coefficient c is non-zero (a host list: callers check it without reading the
-    tensor, so the check is also safe inside a captured region).
+    whether the history coefficients c and c2 are non-zero (a host list: callers check it without reading
+    the tensor, so the check is also safe inside a captured region).
     """
     entry = _seen.get(id(table))
     if entry is not None and entry[0]() is table and entry[1] == table._version:
         _seen.move_to_end(id(table))
         return entry[2]
     validate(table, name)
-    uses_history = (table[:, C] != 0).tolist()
+    uses_history = list(zip((table[:, C] != 0).tolist(), (table[:, C2] != 0).tolist()))
     _seen[id(table)] = (weakref.ref(table), table._version, uses_history)
     if len(_seen) > 256:
         _seen.popitem(last=False)

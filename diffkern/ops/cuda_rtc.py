@@ -14,18 +14,22 @@ Compiled programs are cached on disk, one cubin per (source, dtype combination, 
 ``$DIFFKERN_CACHE_DIR`` (default ``~/.cache/diffkern/nvrtc``), keyed by a hash of the sources with their
 layout checks, the CUDA headers, the options and the NVRTC version. :func:`register` binds the launchers as the CUDA implementations of the
 ``torch.ops.diffkern`` ops; the registry (:mod:`diffkern.ops.registry`) calls it when this loader is active.
+Finding the tools (sources, CUDA headers, options, NVRTC, the cache folder, the stream wrapper) lives in
+:mod:`diffkern.ops.cuda_toolchain`; its names are re-exported here.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
 import json
-import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .cuda_toolchain import (RtcUnavailable, _nvrtc, _sources_hash, cache_dir, csrc_dir,  # noqa: F401
+                             cuda_include_dir, cupy_stream, options)
 
 THREADS = 256  # kThreads of csrc/cuda/device_utils.cuh
 OPS = ("sampler_step", "iadb_blend", "philox_normal", "hold_transition", "hold_perturb")
@@ -43,8 +47,8 @@ def _struct(name, fields):
 
 # Field for field the structs of csrc/cuda/kernels.h and csrc/common/hold.h (pointers as uint64).
 STRUCTS = dict([
-    _struct("SamplerStepParams", [(f, _P) for f in ("x", "model_out", "model_out_uncond", "history", "noise", "coef",
-                                                    "seed", "out", "x0_out", "history_out")]
+    _struct("SamplerStepParams", [(f, _P) for f in ("x", "model_out", "model_out_uncond", "history", "history2",
+                                                    "noise", "coef", "seed", "out", "x0_out", "history_out")]
             + [(f, _I8) for f in ("numel", "num_seeds", "per_sample", "step")]
             + [("state_dtype", _I4), ("model_dtype", _I4)]),
     _struct("IadbBlendParams", [(f, _P) for f in ("x0", "x1", "alpha", "out", "target_out")]
@@ -66,44 +70,8 @@ _STRUCT_OF_SOURCE = {"cuda/sampler_step.cu": ["SamplerStepParams"], "cuda/iadb_b
                      "cuda/hold.cu": ["HoldTransitionParams", "HoldPerturbParams"]}
 
 
-class RtcUnavailable(RuntimeError):
-    """CuPy, NVRTC or the kernel sources cannot be found."""
-
-
 #----------------------------------------------------------------------------
 # Sources, options, instantiations (no GPU needed: the tests compile every kernel on the CPU).
-
-
-def csrc_dir() -> Path:
-    """The kernel sources: ``csrc/`` of a source checkout, else the copy installed as ``diffkern/_csrc``."""
-    here = Path(__file__).resolve().parent.parent
-    for cand in (here.parent / "csrc", here / "_csrc"):
-        if (cand / "cuda" / "kernels.h").is_file():
-            return cand
-    raise RtcUnavailable(f"the CUDA kernel sources were not found (looked in {here.parent / 'csrc'} and "
-                         f"{here / '_csrc'}); reinstall diffkern")
-
-
-def cuda_include_dir() -> Path:
-    """A directory holding ``cuda_fp16.h`` (NVRTC does not ship it): CUDA_HOME/CUDA_PATH, /usr/local/cuda, or
-    the pip-installed CUDA headers."""
-    cands = [os.environ.get(v) for v in ("CUDA_HOME", "CUDA_PATH")] + ["/usr/local/cuda"]
-    cands = [Path(c) / "include" for c in cands if c]
-    import site
-    for sp in site.getsitepackages() + [site.getusersitepackages()]:
-        cands += [Path(sp) / "nvidia" / "cu13" / "include", Path(sp) / "nvidia" / "cuda_runtime" / "include"]
-    for c in cands:
-        if (c / "cuda_fp16.h").is_file():
-            return c
-    raise RtcUnavailable("cuda_fp16.h was not found: set CUDA_HOME to a CUDA toolkit (or pip install "
-                         "nvidia-cuda-runtime)")
-
-
-def options(arch: str) -> tuple[str, ...]:
-    """NVRTC options matching the ahead-of-time nvcc build (setup.py and torch's CUDAExtension defines)."""
-    return (f"-I{csrc_dir()}", f"-I{cuda_include_dir()}", f"--gpu-architecture=sm_{arch}", "-std=c++20",
-            "-lineinfo", "-D__CUDA_NO_HALF_OPERATORS__",
-            "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__")
 
 
 def vec_width(dtype: torch.dtype) -> int:
@@ -171,16 +139,6 @@ def layout_asserts(source: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _sources_hash() -> str:
-    h = hashlib.sha256()
-    root = csrc_dir()
-    for p in sorted(list((root / "cuda").glob("*")) + list((root / "common").glob("*"))):
-        if p.suffix in (".cu", ".cuh", ".h"):
-            h.update(p.name.encode() + b"\0" + p.read_bytes())
-    return h.hexdigest()
-
-
-@functools.lru_cache(maxsize=None)
 def _headers_hash() -> str:
     """The CUDA headers the kernels include: an upgrade of the toolkit behind the same include path (a
     /usr/local/cuda symlink) changes the half/bfloat16 conversions without changing the options."""
@@ -190,16 +148,6 @@ def _headers_hash() -> str:
         if (inc / name).is_file():
             h.update(name.encode() + b"\0" + (inc / name).read_bytes())
     return h.hexdigest()
-
-
-def _nvrtc():
-    try:
-        from cupy_backends.cuda.libs import nvrtc
-        nvrtc.getVersion()
-    except Exception as exc:  # ImportError, or the NVRTC library not found
-        raise RtcUnavailable(f"CuPy with NVRTC is needed for the run-time CUDA backend ({exc}); "
-                             "pip install cupy-cuda13x (or cupy-cuda12x)") from exc
-    return nvrtc
 
 
 def compile_cubin(source: str, names: list[str], arch: str) -> tuple[bytes, dict[str, str]]:
@@ -219,10 +167,6 @@ def compile_cubin(source: str, names: list[str], arch: str) -> tuple[bytes, dict
         return nvrtc.getCUBIN(prog), {n: nvrtc.getLoweredName(prog, n) for n in names}
     finally:
         nvrtc.destroyProgram(prog)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("DIFFKERN_CACHE_DIR") or Path.home() / ".cache" / "diffkern") / "nvrtc"
 
 
 def cached_cubin(source: str, names: list[str], arch: str) -> tuple[Path, dict[str, str]]:
@@ -330,26 +274,6 @@ def launch(op: str, dtypes, struct: str, values: dict, state_ptrs, model_ptrs, n
         fn((grid,), (THREADS,), (params(struct, **values),))
 
 
-class _StreamHandle:
-    """A raw cudaStream_t under the CUDA stream protocol (what ``cupy.cuda.Stream.from_external`` takes)."""
-
-    def __init__(self, handle: int):
-        self.handle = handle
-
-    def __cuda_stream__(self):
-        return 0, self.handle
-
-
-def cupy_stream(handle: int, index: int):
-    """A CuPy stream object for torch's stream ``handle`` on device ``index``: ``Stream.from_external``
-    (CuPy >= 14, where ``ExternalStream`` is deprecated and warns at every launch), else ``ExternalStream``."""
-    import cupy
-
-    if hasattr(cupy.cuda.Stream, "from_external"):
-        return cupy.cuda.Stream.from_external(_StreamHandle(handle))
-    return cupy.cuda.ExternalStream(handle, index)
-
-
 #----------------------------------------------------------------------------
 # The op implementations (same arguments as the schemas in _lib.py).
 
@@ -367,17 +291,18 @@ def _on_cuda(t, name):
         raise ValueError(f"{name}: expected a CUDA tensor for the CUDA kernel, got {t.device}")
 
 
-def sampler_step(x, model_out, model_out_uncond, history, noise, coef, step, seed, out, x0_out, history_out):
+def sampler_step(x, model_out, model_out_uncond, history, noise, coef, step, seed, out, x0_out, history_out,
+                 history2=None):
     _checks().check_sampler_step(x, model_out, model_out_uncond, history, noise, coef, step, seed, out, x0_out,
-                                 history_out)
+                                 history_out, history2)
     _on_cuda(x, "x")
     if x.numel() == 0:
         return
-    state = [ptr(t) for t in (x, history, noise, out, x0_out, history_out)]
+    state = [ptr(t) for t in (x, history, history2, noise, out, x0_out, history_out)]
     model = [ptr(model_out), ptr(model_out_uncond)]
     values = dict(x=ptr(x), model_out=ptr(model_out), model_out_uncond=ptr(model_out_uncond), history=ptr(history),
-                  noise=ptr(noise), coef=ptr(coef), seed=ptr(seed), out=ptr(out), x0_out=ptr(x0_out),
-                  history_out=ptr(history_out), numel=x.numel(), num_seeds=seed.numel(),
+                  history2=ptr(history2), noise=ptr(noise), coef=ptr(coef), seed=ptr(seed), out=ptr(out),
+                  x0_out=ptr(x0_out), history_out=ptr(history_out), numel=x.numel(), num_seeds=seed.numel(),
                   per_sample=x.numel() // seed.numel(), step=step, state_dtype=DTYPE_CODES[x.dtype],
                   model_dtype=DTYPE_CODES[model_out.dtype])
     launch("sampler_step", (x.dtype, model_out.dtype), "SamplerStepParams", values, state, model, x.numel(),

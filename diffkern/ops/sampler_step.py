@@ -1,8 +1,9 @@
-"""Generic fused sampler step: ``x_next = a*x + b*D + g*D_raw + c*H + s*xi`` in one pass.
+"""Generic fused sampler step: ``x_next = a*x + b*D + g*D_raw + c*H + c2*H2 + s*xi`` in one pass.
 
 D is the denoised estimate converted inside the kernel from the raw model output of any prediction
 type (an affine map with per-step scalars, optionally after classifier-free guidance and clipping);
-H is a history tensor (previous D or eps) and xi counter-based normal noise. The exact per-element
+H and H2 are history tensors (the previous one and two D or eps; H2 for third-order multistep samplers) and
+xi counter-based normal noise. The exact per-element
 arithmetic and the coefficient slots are specified in :mod:`diffkern.ops.coefs`; the noise in
 :mod:`diffkern.ops.philox`. ``math-samplers.md`` section 7 tabulates the coefficients per sampler.
 
@@ -20,8 +21,8 @@ from .registry import OpSpec, register, resolve
 # Reference: pure PyTorch, any device; with float64 inputs it is the test oracle.
 
 
-def sampler_step_reference(x, model_out, coef, step, *, model_out_uncond=None, history=None, noise=None,
-                           seed=None):
+def sampler_step_reference(x, model_out, coef, step, *, model_out_uncond=None, history=None, history2=None,
+                           noise=None, seed=None):
     """Float64-capable reference. Returns ``(out, x0, history_new)`` in x's dtype.
 
     Math runs in float64 for float64 ``x``, otherwise in float32. Reads the table row as device
@@ -40,15 +41,18 @@ def sampler_step_reference(x, model_out, coef, step, *, model_out_uncond=None, h
     acc = acc + r[coefs.G] * d_raw
     if history is not None:
         acc = acc + torch.where(r[coefs.C] != 0, r[coefs.C] * history.to(cdt), 0.0)
+    if history2 is not None:
+        acc = acc + torch.where(r[coefs.C2] != 0, r[coefs.C2] * history2.to(cdt), 0.0)
     xi = noise.to(cdt) if noise is not None else philox.noise_like(x, seed, step, cdt)
     acc = acc + torch.where(r[coefs.S] != 0, r[coefs.S] * xi, 0.0)
     h_new = r[coefs.E] * xv + r[coefs.F] * d
     return acc.to(x.dtype), d.to(x.dtype), h_new.to(x.dtype)
 
 
-def _launch_reference(x, model_out, model_out_uncond, history, noise, coef, step, seed, out, x0_out, history_out):
+def _launch_reference(x, model_out, model_out_uncond, history, noise, coef, step, seed, out, x0_out, history_out,
+                      history2=None):
     res, d, h = sampler_step_reference(x, model_out, coef, step, model_out_uncond=model_out_uncond,
-                                       history=history, noise=noise, seed=seed)
+                                       history=history, history2=history2, noise=noise, seed=seed)
     if x0_out is not None:
         x0_out.copy_(d)
     if history_out is not None:
@@ -59,7 +63,7 @@ def _launch_reference(x, model_out, model_out_uncond, history, noise, coef, step
 # Fake kernel (shape checks only) for torch.compile and opcheck.
 
 
-def _fake(x, model_out, model_out_uncond, history, noise, coef, step, seed, out, x0_out, history_out):
+def _fake(x, model_out, model_out_uncond, history, noise, coef, step, seed, out, x0_out, history_out, history2=None):
     torch._check(out.shape == x.shape, lambda: "out: shape must match x")
     torch._check(coef.dim() == 2 and coef.shape[1] == coefs.NCOEF, lambda: "coef: expected (N, NCOEF)")
 
@@ -86,8 +90,8 @@ SPEC = register(OpSpec("sampler_step", {"reference": lambda: _launch_reference, 
 # Public front-end.
 
 
-def sampler_step(x, model_out, coef, step, *, model_out_uncond=None, history=None, noise=None, seed=None,
-                 out=None, x0_out=None, history_out=None, backend=None):
+def sampler_step(x, model_out, coef, step, *, model_out_uncond=None, history=None, history2=None, noise=None,
+                 seed=None, out=None, x0_out=None, history_out=None, backend=None):
     """One fused sampler update; returns ``out`` (a new tensor unless given).
 
     Args:
@@ -98,18 +102,20 @@ def sampler_step(x, model_out, coef, step, *, model_out_uncond=None, history=Non
         step: Python int, the row to read; also the Philox step counter.
         model_out_uncond: unconditional output for guidance ``u + w*(c - u)`` (dtype M), or None.
         history: H, shape and dtype of x, or None (then c must be 0; checked for CPU tables).
+        history2: H2, the history before H (shape and dtype of x), or None (then c2 must be 0).
         noise: explicit standard-normal noise (shape and dtype of x) instead of the Philox stream.
         seed: int64 tensor (1,) or (B,) on x's device, read inside the kernel; default zeros(1).
         out, x0_out, history_out: optional outputs (shape and dtype of x); ``out`` may be ``x`` and
-            ``history_out`` may be ``history`` (in place).
+            ``history_out`` may be ``history`` or ``history2`` (in place: a multistep loop writes the new
+            history over the oldest one).
         backend: "reference" | "cpp" | "triton" | "cuda" | "auto" | None (DIFFKERN_BACKEND, then auto).
     """
     _checks.float_tensor(x, "x")
     _checks.like(model_out, "model_out", x, "x", dtype=False)
     if model_out_uncond is not None:
         _checks.like(model_out_uncond, "model_out_uncond", model_out, "model_out")
-    for name, t in (("history", history), ("noise", noise), ("out", out), ("x0_out", x0_out),
-                    ("history_out", history_out)):
+    for name, t in (("history", history), ("history2", history2), ("noise", noise), ("out", out),
+                    ("x0_out", x0_out), ("history_out", history_out)):
         if t is not None:
             _checks.like(t, name, x, "x")
     _checks.tensor(coef, "coef")
@@ -124,12 +130,15 @@ def sampler_step(x, model_out, coef, step, *, model_out_uncond=None, history=Non
     # check would read tensor values on the host, which a trace cannot do: compiled callers validate beforehand.
     if coef.device.type == "cpu" and not torch.compiler.is_compiling():
         uses_history = coefs.validate_once(coef)
-        if history is None and uses_history[step]:
+        if history is None and uses_history[step][0]:
             raise ValueError(f"history: required, since coef[{step}] has a non-zero history coefficient c")
+        if history2 is None and uses_history[step][1]:
+            raise ValueError(f"history2: required, since coef[{step}] has a non-zero c2")
     seed = _checks.seed_tensor(torch.zeros(1, dtype=torch.int64, device=x.device) if seed is None else seed, x)
     _checks.no_partial_overlap({"out": out, "x0_out": x0_out, "history_out": history_out},
                                {"x": x, "model_out": model_out, "model_out_uncond": model_out_uncond,
-                                "history": history, "noise": noise}, {"coef": coef, "seed": seed})
+                                "history": history, "history2": history2, "noise": noise},
+                               {"coef": coef, "seed": seed})
     if torch.compiler.is_compiling():  # the registry's lookup is host code: done once, while tracing
         from . import _traced
         launch = SPEC.loaders[_traced.backend("sampler_step", x.device.type, backend)]()
@@ -144,7 +153,7 @@ def sampler_step(x, model_out, coef, step, *, model_out_uncond=None, history=Non
     work = {k: (v if v is None or v.is_contiguous() else torch.empty_like(v, memory_format=torch.contiguous_format))
             for k, v in outs.items()}
     launch(c(x), c(model_out), c(model_out_uncond), c(history), c(noise), coef.contiguous(), step, seed,
-           work["out"], work["x0_out"], work["history_out"])
+           work["out"], work["x0_out"], work["history_out"], c(history2))
     for k, v in outs.items():
         if v is not None and work[k] is not v:
             v.copy_(work[k])
