@@ -47,6 +47,10 @@ def test_sampler_step_traffic_is_a_hand_count(bench):
     explicit_noise = coefs.row(a=1.0, s=0.1)  # an explicit noise tensor is read only when s != 0
     assert b.traffic(explicit_noise, x=x, model_out=_meta(), noise=_meta(), out=_meta()) == 4 * N * 4
     assert b.traffic(coefs.row(a=1.0), x=x, model_out=_meta(), noise=_meta(), out=_meta()) == 3 * N * 4
+    # a third-order multistep row reads both histories and writes one of them back: 6 tensors, and 5 when c2 = 0
+    three = dict(x=x, model_out=_meta(), history=_meta(), history2=h, history_out=h, out=_meta())
+    assert b.traffic(coefs.row(a=1.0, c=0.2, c2=-0.1, f=1.0), **three) == 6 * N * 4
+    assert b.traffic(coefs.row(a=1.0, c=0.2, f=1.0), **three) == 5 * N * 4
     # float32 state, bfloat16 model outputs (cond and uncond), x0_out written: 4 + 2 + 2 + 4 + 4 bytes/element
     assert b.traffic(coefs.row(a=1.0, w=3.0), x=x, model_out=_meta(torch.bfloat16),
                      model_out_uncond=_meta(torch.bfloat16), out=_meta(), x0_out=_meta()) == 16 * N
