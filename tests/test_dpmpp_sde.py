@@ -13,31 +13,12 @@ import math
 import pytest
 import torch
 
-from diffkern import analytic, coef_tables_dpmpp_sde, schedules
+from diffkern import coef_tables_dpmpp_sde, schedules
 from diffkern.ops import philox
 from diffkern.sampling import knobs, sample
 from diffkern.testing import assert_matches_reference
 
-REF = "reference"
-STEPS = 10
-SEED = 21
-DTYPES = (torch.float64, torch.float32)
-
-
-def gmm2():
-    return analytic.GaussianMixture([1.0, 2.0], [[-1.0, 0.5], [1.0, 1.0]], [0.3, 0.5])
-
-
-def start(n=6, sigma_max=20.0, seed=3):
-    return torch.randn(n, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) * sigma_max
-
-
-def ancestral_step(sigma, sigma_next, eta):
-    """k-diffusion's ``get_ancestral_step``."""
-    if not eta:
-        return sigma_next, 0.0
-    up = min(sigma_next, eta * (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2) ** 0.5)
-    return (sigma_next ** 2 - up ** 2) ** 0.5, up
+from test_two_eval_samplers import DTYPES, REF, SEED, STEPS, ancestral_step, gmm2, start
 
 
 class PhiloxBrownian:
