@@ -241,24 +241,30 @@ class EmpiricalDenoiser:
         """Dataset size N."""
         return self.data.shape[0]
 
-    def _stream(self, xf: torch.Tensor, inv_s2: torch.Tensor):
-        """Online softmax over chunks. xf (B, D), inv_s2 (B, 1) -> (logsumexp of logits (B,),
-        softmax-weighted mean of the data (B, D)), float64."""
+    def _stream(self, xf: torch.Tensor, sigma: torch.Tensor):
+        """Online softmax over chunks. xf (B, D), sigma (B, 1) -> (logsumexp of the logits (B,),
+        softmax-weighted mean of the data (B, D)), float64.
+
+        The running max m is of the unscaled logits ``x.y_i - ||y_i||^2/2``; only differences (<= 0) are
+        scaled by ``1/sigma^2`` (clamped finite), so a tiny sigma cannot overflow them to inf - inf = nan."""
+        from .ops.optimal_denoiser import inv_sq
+
         p = self._cache.on(xf.device)
         batch = xf.shape[0]
+        scale = inv_sq(sigma)
         m = torch.full((batch, 1), -math.inf, dtype=torch.float64, device=xf.device)
         total = torch.zeros(batch, 1, dtype=torch.float64, device=xf.device)
         acc = torch.zeros(batch, self.dim, dtype=torch.float64, device=xf.device)
         for start in range(0, self.num_points, self.chunk_size):
             y = p["y"][start:start + self.chunk_size]
-            logits = (xf @ y.T - p["half_sq"][start:start + self.chunk_size]) * inv_s2   # (B, chunk)
+            logits = xf @ y.T - p["half_sq"][start:start + self.chunk_size]   # (B, chunk), unscaled
             m_new = torch.maximum(m, logits.amax(dim=1, keepdim=True))
-            rescale = torch.exp(m - m_new)
-            w = torch.exp(logits - m_new)
+            rescale = torch.exp((m - m_new) * scale)
+            w = torch.exp((logits - m_new) * scale)
             total = total * rescale + w.sum(dim=1, keepdim=True)
             acc = acc * rescale + w @ y
             m = m_new
-        return (m + total.log()).squeeze(1), acc / total
+        return (m * scale + total.log()).squeeze(1), acc / total
 
     def denoise(self, x: torch.Tensor, sigma: SigmaLike) -> torch.Tensor:
         """Optimal denoiser. x: (B, D) or (B, *shape), any float dtype; sigma: float >= 0, 0-d or (B,)
@@ -268,8 +274,7 @@ class EmpiricalDenoiser:
             return self._denoise_fused(x, sigma)
         xf = _flatten(x, self.dim, who)
         s = _sigma_column(sigma, xf.shape[0], xf.device, who)
-        safe = torch.where(s > 0, s, torch.ones_like(s))
-        _, mean = self._stream(xf, 1.0 / safe ** 2)
+        _, mean = self._stream(xf, s)
         return torch.where(s > 0, mean, xf).to(x.dtype).reshape(x.shape)
 
     def _denoise_fused(self, x: torch.Tensor, sigma: SigmaLike) -> torch.Tensor:
@@ -292,7 +297,7 @@ class EmpiricalDenoiser:
         who = "EmpiricalDenoiser.score"
         xf = _flatten(x, self.dim, who)
         s = _sigma_column(sigma, xf.shape[0], xf.device, who, positive=True)
-        _, mean = self._stream(xf, 1.0 / s ** 2)
+        _, mean = self._stream(xf, s)
         return ((mean - xf) / s ** 2).to(x.dtype).reshape(x.shape)
 
     def eps(self, x: torch.Tensor, sigma: SigmaLike) -> torch.Tensor:
@@ -300,7 +305,7 @@ class EmpiricalDenoiser:
         who = "EmpiricalDenoiser.eps"
         xf = _flatten(x, self.dim, who)
         s = _sigma_column(sigma, xf.shape[0], xf.device, who, positive=True)
-        _, mean = self._stream(xf, 1.0 / s ** 2)
+        _, mean = self._stream(xf, s)
         return ((xf - mean) / s).to(x.dtype).reshape(x.shape)
 
     def log_prob(self, x: torch.Tensor, sigma: SigmaLike) -> torch.Tensor:
@@ -308,7 +313,7 @@ class EmpiricalDenoiser:
         who = "EmpiricalDenoiser.log_prob"
         xf = _flatten(x, self.dim, who)
         s = _sigma_column(sigma, xf.shape[0], xf.device, who, positive=True)
-        lse, _ = self._stream(xf, 1.0 / s ** 2)
+        lse, _ = self._stream(xf, s)
         s = s.squeeze(1)
         out = (lse - 0.5 * (xf ** 2).sum(1) / s ** 2 - math.log(self.num_points)
                - 0.5 * self.dim * (_LOG_2PI + 2 * s.log()))

@@ -5,18 +5,22 @@ attention with a per-key bias, computed flash-attention style in two launches.
 
 1. Split kernel, grid (row blocks of x, splits of the N data points). Each program walks its split
    in blocks of BLOCK_N keys: the logits block ``x_blk @ Y_blk^T`` is a K-loop over D in BLOCK_D
-   slices (float32 accumulation), then the online softmax (running max m and sum l, base 2) rescales
-   the partial output ``O = sum_i exp2(s_i - m) y_i`` and adds ``P @ Y_blk``. D is far larger than an
+   slices (float32 accumulation), then the online softmax (running max m of the unscaled logits s and
+   sum l, base 2, scale c = log2(e)/sigma^2) rescales the partial output ``O = sum_i exp2((s_i - m)*c) y_i``
+   and adds ``P @ Y_blk``. Scaling the differences (<= 0), never s itself, keeps every finite c free of
+   overflow, so tiny sigma gives the nearest data point (the sigma -> 0 limit), not nan. D is far larger than an
    attention head (3072 for CIFAR-10), so the (BLOCK_M, D) partial output cannot live in registers:
    it lives in a float32 workspace (splits, B, D), read and written once per key block, instead of
    recomputing the logits once per output slice of D (D/BLOCK_D times the GEMM work).
 2. Combine kernel, grid (row blocks, D slices): merges the splits with the usual log-sum-exp
-   weights ``exp2(m_s - M)`` and writes ``O/L`` in x's dtype (x itself where sigma = 0).
+   weights ``exp2((m_s - M)*c)`` and writes ``O/L`` in x's dtype (x itself where sigma = 0).
 
 Neither launch forms the (B, N) weights. Inputs: float16/bfloat16/float32; float32 logits and
 accumulators. For bfloat16/float16 inputs P is rounded to the input dtype before ``P @ Y`` (as
-flash-attention does: tensor-core inputs); float32 inputs use IEEE float32 dots, never TF32,
-because TF32's 10-bit mantissa would put errors of ~1e-3 into the logits.
+flash-attention does: tensor-core inputs) while L sums the unrounded weights: a weight that float16
+flushes to 0 (below ~3e-8) drops its point from O only, i.e. counts it at the origin, which on
+zero-mean data is closer than dropping it from L too. float32 inputs use IEEE float32 dots, never
+TF32, because TF32's 10-bit mantissa would put errors of ~1e-3 into the logits.
 """
 from __future__ import annotations
 
@@ -56,6 +60,14 @@ def _store_tile(ptrs, value, row_ok, col_ok, EVEN_ROWS: tl.constexpr, EVEN_COLS:
 
 
 @triton.jit
+def _log2_scale(sigma):
+    """``log2(e)/sigma^2`` clamped to the finite positive float32 range (the reference's ``inv_sq``): 1/sigma^2
+    overflows below sigma ~ 1e-19 and underflows above ~1e19. sigma = 0 rows (x is returned) get log2(e)."""
+    scale = LOG2E / tl.where(sigma > 0, sigma * sigma, 1.0)
+    return tl.minimum(tl.maximum(scale, 1.1754943508222875e-38), 3.4028234663852886e38)
+
+
+@triton.jit
 def _optimal_denoiser_split_kernel(
         x_ptr, y_ptr, half_sq_ptr, sigma_ptr, ws_ptr, m_ptr, l_ptr,
         B, N, D, keys_per_split,
@@ -68,9 +80,7 @@ def _optimal_denoiser_split_kernel(
     d = tl.arange(0, BLOCK_D)
     rows = row_block * BLOCK_M + r
     row_ok = rows < B
-    sigma = tl.load(sigma_ptr + rows, mask=row_ok, other=1.0).to(tl.float32)
-    # sigma = 0 rows get scale 0 (finite logits); the combine kernel returns x for them.
-    scale = tl.where(sigma > 0, LOG2E / tl.where(sigma > 0, sigma * sigma, 1.0), 0.0)
+    scale = _log2_scale(tl.load(sigma_ptr + rows, mask=row_ok, other=1.0).to(tl.float32))
     # 64-bit scalar bases and 32-bit tile offsets (BLOCK * D < 2**31): a tile of 64-bit pointers would
     # cost two registers per element, and ptxas then spilled every configuration at 255 registers.
     x_base = x_ptr + (row_block * BLOCK_M).to(tl.int64) * D
@@ -95,11 +105,11 @@ def _optimal_denoiser_split_kernel(
                 yt = yt.to(tl.float32)
             s = tl.dot(xt, tl.trans(yt), s, input_precision=PRECISION)
         h = tl.load(half_sq_ptr + key0 + k, mask=key_ok, other=0.0).to(tl.float32)
-        s = (s - h[None, :]) * scale[:, None]
-        s = tl.where(key_ok[None, :], s, float("-inf"))
+        s = tl.where(key_ok[None, :], s - h[None, :], float("-inf"))
+        # m_i and s stay unscaled: the differences (<= 0) are scaled, so no finite scale overflows them to +inf.
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)  # 0 on the first block (m_i = -inf)
-        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2((m_i - m_new) * scale)  # 0 on the first block (m_i = -inf; scale > 0)
+        p = tl.exp2((s - m_new[:, None]) * scale[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         p_in = p.to(y_ptr.dtype.element_ty)
         if DOT_F32:
@@ -128,20 +138,21 @@ def _optimal_denoiser_combine_kernel(
     dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < B
     tile_ok = row_ok[:, None] & (dims < D)[None, :]
+    sigma = tl.load(sigma_ptr + rows, mask=row_ok, other=1.0)
+    scale = _log2_scale(sigma)
     m_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     for sp in range(0, splits):
         m_max = tl.maximum(m_max, tl.load(m_ptr + sp * B + rows, mask=row_ok, other=0.0))
     total = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for sp in range(0, splits):
-        w = tl.exp2(tl.load(m_ptr + sp * B + rows, mask=row_ok, other=0.0) - m_max)
+        w = tl.exp2((tl.load(m_ptr + sp * B + rows, mask=row_ok, other=0.0) - m_max) * scale)
         total += w * tl.load(l_ptr + sp * B + rows, mask=row_ok, other=0.0)
         o = tl.load(ws_ptr + (sp * B + rows).to(tl.int64)[:, None] * D + dims[None, :], mask=tile_ok, other=0.0)
         acc += o * w[:, None]
     res = acc / tl.where(row_ok, total, 1.0)[:, None]
     offs = rows.to(tl.int64)[:, None] * D + dims[None, :]
     x = tl.load(x_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32)
-    sigma = tl.load(sigma_ptr + rows, mask=row_ok, other=1.0)
     res = tl.where((sigma > 0)[:, None], res, x)
     tl.store(out_ptr + offs, res.to(out_ptr.dtype.element_ty), mask=tile_ok)
 

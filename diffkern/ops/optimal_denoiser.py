@@ -51,9 +51,20 @@ def optimal_denoiser_reference(x, data, sigma, data_half_sq=None):
     xf = x.reshape(batch, y.shape[1]).to(cdt)  # not reshape(B, -1): that fails for an empty batch
     h = half_sq_norms(data) if data_half_sq is None else data_half_sq.to(cdt)
     s = sigma.to(cdt).reshape(-1, 1).expand(batch, 1)
-    inv_s2 = torch.where(s > 0, 1.0 / torch.where(s > 0, s, 1.0) ** 2, 0.0)
-    w = torch.softmax((xf @ y.T - h) * inv_s2, dim=1)
+    logits = xf @ y.T - h
+    # Shifted to <= 0 before the scale: then no finite 1/sigma^2 can overflow them to +inf (inf - inf = nan).
+    logits = logits - logits.amax(dim=1, keepdim=True)
+    w = torch.softmax(logits * inv_sq(s), dim=1)
     return torch.where(s > 0, w @ y, xf).to(x.dtype).reshape(x.shape)
+
+
+def inv_sq(sigma: torch.Tensor) -> torch.Tensor:
+    """``1/sigma^2`` clamped to the finite positive range of sigma's dtype (1 where sigma = 0: those rows
+    return x). Unclamped, it overflows to inf below sigma ~ 1e-19 in float32 (1e-154 in float64) and the
+    softmax turns to nan; the clamped scale still makes the weights one-hot on the nearest data point
+    (the sigma -> 0 limit), and at huge sigma uniform (the data mean)."""
+    info = torch.finfo(sigma.dtype)
+    return (1.0 / torch.where(sigma > 0, sigma, 1.0) ** 2).clamp(info.tiny, info.max)
 
 
 def _launch_reference(x, data, data_half_sq, sigma, out):
