@@ -35,6 +35,12 @@ SETTINGS = {
     "ge": ("ge", {"gamma": 2.0}),
     "euler_ancestral": ("euler_ancestral", {}),
     "sde": ("sde", {"lam": 1.0}),
+    "dpm_2": ("dpm_2", {}),
+    "dpm_2_ancestral": ("dpm_2_ancestral", {}),
+    "dpmpp_2s_ancestral": ("dpmpp_2s_ancestral", {}),
+    "dpmpp_sde": ("dpmpp_sde", {}),
+    "dpmpp_2m_sde": ("dpmpp_2m_sde", {}),
+    "dpmpp_3m_sde": ("dpmpp_3m_sde", {}),
 }
 STEPS = (5, 10, 20)
 QUICK = {"settings": ("euler", "ge"), "steps": (5,), "n": 100}
