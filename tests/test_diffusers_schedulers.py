@@ -402,13 +402,13 @@ def test_out_of_order_host_timestep_raises():
 
 @pytest.mark.parametrize("cls, option, value", [
     (dd.DDIMScheduler, "thresholding", True), (dd.DDIMScheduler, "prediction_type", "flow"),
-    (dd.DDIMScheduler, "rescale_betas_zero_snr", True), (dd.DDIMScheduler, "beta_schedule", "sigmoid"),
+    (dd.DPMSolverMultistepScheduler, "use_dynamic_shifting", True), (dd.DDIMScheduler, "beta_schedule", "sigmoid"),
     (dd.DDPMScheduler, "variance_type", "learned_range"), (dd.DDPMScheduler, "timestep_spacing", "karras"),
     (dd.DPMSolverMultistepScheduler, "algorithm_type", "sde-dpmsolver"),
     (dd.DPMSolverMultistepScheduler, "solver_order", 3), (dd.DPMSolverMultistepScheduler, "use_lu_lambdas", True),
     (dd.EulerDiscreteScheduler, "interpolation_type", "log_linear"),
     (dd.EulerDiscreteScheduler, "use_beta_sigmas", True),
-    (dd.EulerDiscreteScheduler, "timestep_type", "continuous"), (dd.GEScheduler, "prediction_type", "v_prediction"),
+    (dd.DPMSolverMultistepScheduler, "use_flow_sigmas", True), (dd.GEScheduler, "prediction_type", "v_prediction"),
     (dd.IADBScheduler, "variant", "two_head"), (dd.KDPM2DiscreteScheduler, "use_beta_sigmas", True),
     (dd.KDPM2DiscreteScheduler, "prediction_type", "sample"),
     (dd.KDPM2AncestralDiscreteScheduler, "prediction_type", "original_sample")])

@@ -80,6 +80,9 @@ def loop_spec(ours: FusedScheduler, eta: float = 0.0) -> LoopSpec:
         final = ours.final_alpha_cumprod if name == "DDIMScheduler" else 1.0
         ab_final = float(ours.alphas_cumprod[last]) if last >= 0 else final
         sigmas = ours.train_sigmas[ts].tolist() + [schedules.alpha_bar_to_sigma(ab_final)]
+        if math.isinf(sigmas[0]):
+            raise _unsupported(name, "rescale_betas_zero_snr", True, f"its first timestep {ts[0]} has alpha-bar 0, "
+                               "an infinite VE sigma")
         if ab_final == float(ours.alphas_cumprod[ts[-1]]):
             # set_alpha_to_one=False ending at t=0: the last step, alpha_bar[0] to itself, is the identity in
             # diffusers (zero variance); dropped, as the sampler's sigmas must strictly decrease

@@ -30,7 +30,7 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .. import schedules, wrappers
+from .. import schedules
 from ..ops import coefs, sampler_step
 from ..samplers import make_seed
 
@@ -59,17 +59,27 @@ def check_choice(who: str, option: str, value, allowed) -> None:
 
 def training_betas(who: str, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                    rescale_betas_zero_snr=False) -> torch.Tensor:
-    """The (T,) float64 betas of a diffusers config (schedule names as in diffusers)."""
-    if rescale_betas_zero_snr:
-        raise unsupported(who, "rescale_betas_zero_snr", True, "zero terminal SNR needs sigma = inf at t = T-1")
+    """The (T,) float64 betas of a diffusers config (schedule names as in diffusers; with
+    ``rescale_betas_zero_snr`` rescaled to zero terminal SNR: the last beta is then 1)."""
     if trained_betas is not None:
         b = torch.as_tensor(np.asarray(trained_betas, dtype=np.float64))
         if b.dim() != 1 or b.numel() != num_train_timesteps:
             raise ValueError(f"{who}: trained_betas must be a 1-D sequence of num_train_timesteps="
                              f"{num_train_timesteps} values, got shape {tuple(b.shape)}")
-        return b
-    check_choice(who, "beta_schedule", beta_schedule, schedules.BETA_SCHEDULES)
-    return schedules.betas(num_train_timesteps, beta_start, beta_end, beta_schedule)
+    else:
+        check_choice(who, "beta_schedule", beta_schedule, schedules.BETA_SCHEDULES)
+        b = schedules.betas(num_train_timesteps, beta_start, beta_end, beta_schedule)
+    return rescale_zero_terminal_snr(b) if rescale_betas_zero_snr else b
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. (2023), Algorithm 1, in float64: shift and scale sqrt(alpha_bar) so that it ends at 0 and keeps its
+    first value, then convert back to betas."""
+    root = torch.cumprod(1.0 - betas, 0).sqrt()
+    first, last = float(root[0]), float(root[-1])
+    root = (root - last) * (first / (first - last))
+    ab = root * root
+    return 1.0 - torch.cat([ab[:1], ab[1:] / ab[:-1]])
 
 
 def host_value(timestep) -> Optional[float]:
@@ -85,14 +95,18 @@ def host_value(timestep) -> Optional[float]:
 
 
 def sigma_to_t(alphas_cumprod: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Fractional training timestep of each sigma: log-sigma interpolation in the training table, the rule of
-    diffusers' ``_sigma_to_t`` (Karras/exponential schedules), on diffkern's float64 table."""
-    table = wrappers.VPDiscreteDenoiser(_no_model, alphas_cumprod)
-    return table.sigma_to_t(sigma.to(torch.float64), quantize=False)
-
-
-def _no_model(*args, **kwargs):
-    raise RuntimeError("a table-only wrapper has no model")
+    """Fractional training timestep of each sigma (n,): diffusers' ``_sigma_to_t`` (Karras/exponential schedules) on
+    diffkern's float64 table. Its rule, kept exactly because tables need not be monotonic (zero terminal SNR floors
+    the last alpha-bar at 2**-24, above its neighbour's): the interval starts at the last table entry whose log-sigma
+    is <= log(sigma) (before T-2), and the weight is clipped to [0, 1]."""
+    ab = alphas_cumprod.to(torch.float64)
+    log_table = (((1 - ab) / ab) ** 0.5).log()  # (T,)
+    log_sigma = sigma.to(torch.float64).clamp(min=1e-10).log()  # (n,)
+    at_or_above = (log_sigma[None, :] - log_table[:, None] >= 0).long()  # (T, n)
+    low = at_or_above.cumsum(0).argmax(0).clamp(max=len(log_table) - 2)
+    lo, hi = log_table[low], log_table[low + 1]
+    w = ((lo - log_sigma) / (lo - hi)).clamp(0, 1)
+    return (1 - w) * low + w * (low + 1)
 
 
 def ve_row_to_vp(row, sigma_in: float, sigma_out: float) -> list[float]:
@@ -125,6 +139,9 @@ class FusedScheduler(SchedulerMixin, ConfigMixin):
     _compatibles = COMPATIBLES
     order = 1
     _vp_state = True  # the sample is the VP state z (DDIM/DDPM/DPM) rather than the VE state x
+    # alpha-bar at t = T-1 with rescale_betas_zero_snr: diffusers' Euler and DPM-Solver floor it at 2**-24 (a finite
+    # largest sigma, ~4096); DDIM and DDPM keep 0 (None)
+    _zero_snr_floor = 2.0 ** -24
 
     def _init_training(self, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                        rescale_betas_zero_snr=False) -> None:
@@ -134,7 +151,12 @@ class FusedScheduler(SchedulerMixin, ConfigMixin):
         self.betas = training_betas(who, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                                     rescale_betas_zero_snr)
         self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = schedules.alphas_cumprod(self.betas)  # float64 CPU, (T,)
+        if rescale_betas_zero_snr:  # the last beta is 1: alpha-bar ends at 0
+            self.alphas_cumprod = torch.cumprod(self.alphas, 0)
+            if self._zero_snr_floor is not None:
+                self.alphas_cumprod[-1] = self._zero_snr_floor
+        else:
+            self.alphas_cumprod = schedules.alphas_cumprod(self.betas)  # float64 CPU, (T,)
         self.train_sigmas = schedules.alpha_bar_to_sigma(self.alphas_cumprod)  # VE sigma(t), increasing
         self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.int64)
         self._init_state()

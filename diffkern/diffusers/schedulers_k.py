@@ -18,6 +18,16 @@ from .schedulers import FusedScheduler, check_choice, sigma_to_t, unsupported
 _K_PREDICTIONS = ("epsilon", "v_prediction", "sample", "original_sample")
 
 
+def check_even_begin(who: str, begin_index) -> None:
+    """An order-2 scheduler's loop starts at the first call of a step (pipelines pass ``t_start * order``). diffusers
+    takes an odd index and runs a predictor there with the next step's sigma, feeding the network the previous
+    step's second timestep (Heun: every step then has length 0 and the sample comes back unchanged;
+    KDPM2-ancestral: NaN at the last step)."""
+    if isinstance(begin_index, int) and not isinstance(begin_index, bool) and begin_index % 2:
+        raise ValueError(f"{who}: begin_index: expected an even index (the first call of a step; an order-2 "
+                         f"scheduler's loop starts at t_start * order), got {begin_index}")
+
+
 def _conversion(prediction_type: str, sigma: float, clip: float = math.inf) -> dict:
     p, q = wrappers.conversion("sample" if prediction_type == "original_sample" else prediction_type, sigma)
     return {"p": p, "q": q, "clip": clip}
@@ -34,7 +44,7 @@ class _KScheduler(FusedScheduler):
         check_choice(who, "timestep_spacing", timestep_spacing, schedules.SPACINGS)
         check_choice(who, "final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
         check_choice(who, "interpolation_type", interpolation_type, ("linear",))
-        check_choice(who, "timestep_type", timestep_type, ("discrete",))
+        check_choice(who, "timestep_type", timestep_type, ("discrete", "continuous"))
         if use_beta_sigmas:
             raise unsupported(who, "use_beta_sigmas", True, "not implemented")
         if use_karras_sigmas and use_exponential_sigmas:
@@ -55,20 +65,31 @@ class _KScheduler(FusedScheduler):
         cfg = self.config
         T = cfg.num_train_timesteps
         N = num_inference_steps
-        if isinstance(N, bool) or not isinstance(N, int) or not 1 <= N <= T:
-            raise ValueError(f"{who}: num_inference_steps must be an int in [1, {T}], got {N!r}")
+        if isinstance(N, bool) or not isinstance(N, int) or N < 1:
+            raise ValueError(f"{who}: num_inference_steps must be an int >= 1, got {N!r}")
+        if N > T and cfg.timestep_spacing != "linspace":  # (fractional "linspace" timesteps may outnumber T)
+            raise unsupported(who, "timestep_spacing", cfg.timestep_spacing,
+                              f"with num_inference_steps={N} > num_train_timesteps={T} it repeats timesteps "
+                              "(steps of length 0); use 'linspace'")
         if cfg.timestep_spacing == "linspace":  # fractional: numpy's float64 linspace rounded to float32
             ts = torch.from_numpy(np.linspace(0, T - 1, N)[::-1].astype(np.float32).copy()).double()
+        elif cfg.timestep_spacing == "leading":
+            # steps_offset may push the first timesteps past T - 1 (N close to T): diffusers' K-schedulers take them,
+            # at the largest training sigma (the interpolation below clamps), and so do we
+            ts = torch.arange(N - 1, -1, -1, dtype=torch.float64) * (T // N) + cfg.steps_offset
         else:
             ts = schedules.timesteps(N, T, cfg.timestep_spacing, cfg.steps_offset).double()
         sig = torch.from_numpy(np.interp(ts.numpy(), np.arange(T), self.train_sigmas.numpy()))
         lo = sigma_min if sigma_min is not None else float(sig[-1])
         hi = sigma_max if sigma_max is not None else float(sig[0])
         karras, exponential = self._option("use_karras_sigmas", False), self._option("use_exponential_sigmas", False)
-        if karras:
-            sig = schedules.karras(N, lo, hi)[:-1]
-        elif exponential:
-            sig = schedules.loglinear(N, lo, hi)[:-1]
+        if (karras or exponential) and N == 1:  # both formulas give [sigma_max] whatever sigma_min is
+            sig = torch.tensor([hi], dtype=torch.float64)
+        elif karras or exponential:
+            if not 0 < lo <= hi:
+                raise ValueError(f"{who}: sigma_min={lo!r} must be in (0, sigma_max], sigma_max={hi!r} (the config's "
+                                 "sigma_max, else the schedule's largest sigma)")
+            sig = (schedules.karras if karras else schedules.loglinear)(N, lo, hi)[:-1]
         if karras or exponential:
             ts = sigma_to_t(self.alphas_cumprod, sig)
         final = 0.0 if final_zero else float(self.train_sigmas[0])
@@ -89,8 +110,7 @@ class EulerDiscreteScheduler(_KScheduler):
     """Drop-in for ``diffusers.EulerDiscreteScheduler``; one fused op per step (two on churn steps, where the
     sample is perturbed first, exactly as diffusers' ``s_churn``).
 
-    Unsupported: ``use_beta_sigmas``, ``interpolation_type="log_linear"``, ``timestep_type="continuous"``,
-    ``rescale_betas_zero_snr``.
+    Unsupported: ``use_beta_sigmas``, ``interpolation_type="log_linear"``.
     """
 
     @register_to_config
@@ -109,6 +129,9 @@ class EulerDiscreteScheduler(_KScheduler):
         cfg = self.config
         ts, self.sigmas_host = self._k_schedule(num_inference_steps, cfg.sigma_min, cfg.sigma_max,
                                                 cfg.final_sigmas_type == "zero")
+        if cfg.timestep_type == "continuous" and cfg.prediction_type == "v_prediction":
+            # the network takes 0.25*ln(sigma) (EDM's c_noise), from diffusers' float32 sigmas
+            ts = 0.25 * torch.tensor(self.sigmas_host[:-1], dtype=torch.float32).log()
         self._set_schedule(ts, device, num_inference_steps)
         self._warm(device, ("euler", 0.0, 0.0, math.inf, 1.0))
 
@@ -141,10 +164,8 @@ class EulerDiscreteScheduler(_KScheduler):
 
 
 class EulerAncestralDiscreteScheduler(_KScheduler):
-    """Drop-in for ``diffusers.EulerAncestralDiscreteScheduler`` (eta = 1); one fused op per step.
-
-    Unsupported: ``rescale_betas_zero_snr``.
-    """
+    """Drop-in for ``diffusers.EulerAncestralDiscreteScheduler`` (eta = 1); one fused op per step. Unlike diffusers
+    it also takes ``prediction_type="sample"`` (x0 prediction), where diffusers raises NotImplementedError."""
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
@@ -205,6 +226,11 @@ class HeunDiscreteScheduler(_KScheduler):
     def state_in_first_order(self) -> bool:
         """True when the next ``step()`` is a predictor."""
         return (self._step_index or self._begin_index or 0) % 2 == 0
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start the next loop at ``timesteps[begin_index]``, the first call of a step: an even index."""
+        check_even_begin(type(self).__name__, begin_index)
+        super().set_begin_index(begin_index)
 
     def _sigma_at(self, k: int) -> float:
         return self.sigmas_host[(k + 1) // 2]  # the interleaved sigmas [s0, s1, s1, s2, s2, ...]

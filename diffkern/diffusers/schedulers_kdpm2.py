@@ -18,7 +18,7 @@ from diffusers.configuration_utils import register_to_config
 
 from .. import coef_tables
 from .schedulers import check_choice, sigma_to_t, unsupported
-from .schedulers_k import _KScheduler
+from .schedulers_k import _KScheduler, check_even_begin
 
 _PREDICTIONS = ("epsilon", "v_prediction")  # diffusers' KDPM2 classes raise for the others
 
@@ -84,6 +84,11 @@ class _KDPM2Scheduler(_KScheduler):
         """True when the next ``step()`` is a predictor (the first call of a step)."""
         return (self._step_index or self._begin_index or 0) % 2 == 0
 
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start the next loop at ``timesteps[begin_index]``, the first call of a step: an even index."""
+        check_even_begin(type(self).__name__, begin_index)
+        super().set_begin_index(begin_index)
+
     def _sigma_at(self, k: int) -> float:
         # diffusers' sigmas [s0, s1, s1, s2, s2, ...]: a midpoint call's position holds the next step's sigma
         return self.sigmas_host[(k + 1) // 2]
@@ -95,6 +100,15 @@ class _KDPM2Scheduler(_KScheduler):
         if self._host_timesteps is None:
             return out
         return torch.cat([out, out[-1:].repeat(2)])
+
+    @property
+    def sigmas_interpol(self) -> torch.Tensor:
+        """diffusers' ``sigmas_interpol``: the midpoint sigma of each call's step, laid out like :attr:`sigmas`
+        (float32, CPU; 0 where a call has no midpoint). Computed in float64 from the schedule."""
+        return _interleave(self._interpol(torch.tensor(self.sigmas_host, dtype=torch.float64)))
+
+    def _interpol(self, s: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         """``sample / sqrt(sigma^2 + 1)``, sigma the step's sigma (predictor) or its midpoint sigma (corrector)."""
@@ -117,6 +131,18 @@ class _KDPM2Scheduler(_KScheduler):
         return self._output(return_dict, prev, x0)
 
 
+def _interleave(v: torch.Tensor) -> torch.Tensor:
+    """diffusers' layout of a per-step vector (N+1,) over the 2N - 1 calls: ``[v0, v1, v1, ..., vN, vN, vN]``
+    (2N + 2 values), in float32."""
+    return torch.cat([v[:1], v[1:].repeat_interleave(2), v[-1:]]).to(torch.float32)
+
+
+def _log_mid(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The log-midpoint ``exp(lerp(ln a, ln b, 1/2))`` as diffusers evaluates it (torch's lerp), down to its edge
+    values: 0 where a > 0 = b, NaN where a = 0 < b (KDPM2's unused first entry)."""
+    return a.log().lerp(b.log(), 0.5).exp()
+
+
 class KDPM2DiscreteScheduler(_KDPM2Scheduler):
     """Drop-in for ``diffusers.KDPM2DiscreteScheduler`` (``order = 2``: ``step()`` is called at t_i, then at the
     midpoint timestep of each step but the last); one fused op per call.
@@ -128,6 +154,10 @@ class KDPM2DiscreteScheduler(_KDPM2Scheduler):
 
     def _table(self, sigmas):
         return coef_tables.dpm_2(sigmas, conv=self._conv)
+
+    def _interpol(self, s):
+        # diffusers pairs sigma i with sigma i-1 (sigmas.roll(1)): entry i + 1 is step i's midpoint, entry 0 is 0
+        return _log_mid(s, s.roll(1))
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
         """Predictor (even calls: Euler to the midpoint sigma) or corrector (odd calls: the DPM-Solver-2 step from
@@ -147,6 +177,30 @@ class KDPM2AncestralDiscreteScheduler(_KDPM2Scheduler):
 
     def _table(self, sigmas):
         return coef_tables.dpm_2_ancestral(sigmas, eta=1.0, conv=self._conv)
+
+    def _up_down(self, s):
+        """diffusers' per-step (sigma_up, sigma_down) (N+1,) float64 (sigma_up's last entry is 0/0 = NaN there too)."""
+        nxt = s.roll(-1)
+        nxt[-1] = 0.0
+        up = (nxt ** 2 * (s ** 2 - nxt ** 2) / s ** 2) ** 0.5
+        down = (nxt ** 2 - up ** 2) ** 0.5
+        down[-1] = 0.0
+        return up, down
+
+    def _interpol(self, s):
+        out = _log_mid(s, self._up_down(s)[1])
+        out[-2:] = 0.0
+        return out
+
+    @property
+    def sigmas_up(self) -> torch.Tensor:
+        """diffusers' ``sigmas_up`` (the noise added by each step's second call), laid out like :attr:`sigmas`."""
+        return _interleave(self._up_down(torch.tensor(self.sigmas_host, dtype=torch.float64))[0])
+
+    @property
+    def sigmas_down(self) -> torch.Tensor:
+        """diffusers' ``sigmas_down`` (each step's deterministic target), laid out like :attr:`sigmas`."""
+        return _interleave(self._up_down(torch.tensor(self.sigmas_host, dtype=torch.float64))[1])
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True):

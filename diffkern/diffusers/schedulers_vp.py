@@ -7,6 +7,7 @@ variance), with the noise scale replaced for "fixed_large". DPM-Solver++(2M) row
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from diffusers.configuration_utils import register_to_config
 
@@ -28,6 +29,17 @@ class _VPScheduler(FusedScheduler):
     """DDIM/DDPM: integer timesteps; DDIM steps from ``t`` to ``t - T//N``, DDPM to the next timestep."""
 
     _next_is_prev = False
+    _zero_snr_floor = None  # zero terminal SNR: alpha-bar(T-1) = 0, as diffusers' DDIM/DDPM
+
+    def _check_zero_snr(self) -> None:
+        """An epsilon prediction cannot give x0 where alpha-bar is 0 (zero terminal SNR at t = T-1): diffusers
+        divides by 0 there (inf/NaN samples); refuse the schedule instead."""
+        cfg = self.config
+        if cfg.prediction_type == "epsilon" and any(float(self.alphas_cumprod[int(t)]) == 0.0
+                                                    for t in self._host_timesteps):
+            raise unsupported(type(self).__name__, "rescale_betas_zero_snr", True,
+                              "with prediction_type='epsilon' the step at t = num_train_timesteps - 1, where alpha-bar "
+                              "is 0, divides by 0; use v_prediction, or a spacing that skips that timestep")
 
     def _alpha_pairs(self, final: float) -> list[tuple[float, float]]:
         """(alpha-bar at t, alpha-bar at the step's target) per step, as diffusers' ``previous_timestep``."""
@@ -52,7 +64,13 @@ class _VPScheduler(FusedScheduler):
                 or not 1 <= num_inference_steps <= T:
             raise ValueError(f"{who}: num_inference_steps must be an int in [1, num_train_timesteps={T}], "
                              f"got {num_inference_steps!r}")
-        ts = schedules.timesteps(num_inference_steps, T, self.config.timestep_spacing, self.config.steps_offset)
+        cfg = self.config
+        if cfg.timestep_spacing == "leading" and (num_inference_steps - 1) * (T // num_inference_steps) \
+                + cfg.steps_offset >= T:
+            raise unsupported(who, "steps_offset", cfg.steps_offset,
+                              f"with {num_inference_steps} 'leading' steps it pushes the first timestep past {T - 1} "
+                              "(diffusers fails there)")
+        ts = schedules.timesteps(num_inference_steps, T, cfg.timestep_spacing, cfg.steps_offset)
         self._set_schedule(ts, device, num_inference_steps)
         if self._next_is_prev:  # diffusers' DDPM steps to the next timestep of the list (-1 after the last)
             self._prev = ts.tolist()[1:] + [-1]
@@ -73,7 +91,8 @@ class _VPScheduler(FusedScheduler):
 class DDIMScheduler(_VPScheduler):
     """Drop-in for ``diffusers.DDIMScheduler`` (same config, timesteps and outputs); one fused op per step.
 
-    Unsupported: ``thresholding=True``, ``rescale_betas_zero_snr=True``.
+    Unsupported: ``thresholding=True``; ``rescale_betas_zero_snr=True`` with epsilon prediction on a schedule that
+    reaches t = T-1 (where diffusers divides by 0).
     """
 
     @register_to_config
@@ -92,6 +111,7 @@ class DDIMScheduler(_VPScheduler):
     def set_timesteps(self, num_inference_steps: int, device=None):
         """``timesteps`` as diffusers' DDIM makes them ("leading", "trailing", "linspace", ``steps_offset``)."""
         self._set_vp_timesteps(num_inference_steps, device)
+        self._check_zero_snr()
         self._warm(device, ("ddim", 0.0, False))
 
     def _build(self, key):
@@ -130,7 +150,8 @@ class DDPMScheduler(_VPScheduler):
     """Drop-in for ``diffusers.DDPMScheduler``; one fused op per step.
 
     Unsupported: learned variances and "fixed_large_log" (``variance_type``), ``thresholding=True``,
-    ``rescale_betas_zero_snr=True``, beta schedules other than linear/scaled_linear/squaredcos_cap_v2.
+    ``rescale_betas_zero_snr=True`` with epsilon prediction on a schedule reaching t = T-1, beta schedules other
+    than linear/scaled_linear/squaredcos_cap_v2.
     """
 
     _next_is_prev = True
@@ -156,6 +177,7 @@ class DDPMScheduler(_VPScheduler):
             raise ValueError("Can only pass one of `num_inference_steps` or `custom_timesteps`.")
         self.custom_timesteps = timesteps is not None
         self._set_vp_timesteps(num_inference_steps, device, custom=timesteps)
+        self._check_zero_snr()
         self._warm(device, ("ddpm",))
 
     def _build(self, key):
@@ -197,7 +219,7 @@ class DPMSolverMultistepScheduler(FusedScheduler):
     device. The SDE's noise is diffusers' (``variance_noise``, else ``generator``) or, with neither, Philox.
 
     Unsupported: the dpmsolver (non-++) algorithm types, ``solver_order=3``, thresholding, learned variances, Lu
-    lambdas, exponential/beta/flow sigmas, ``lambda_min_clipped``, dynamic shifting.
+    lambdas, beta/flow sigmas, ``lambda_min_clipped`` with "trailing" spacing, dynamic shifting.
     """
 
     @register_to_config
@@ -225,13 +247,16 @@ class DPMSolverMultistepScheduler(FusedScheduler):
         check_choice(who, "solver_type", solver_type, coef_tables.SOLVER_TYPES)
         check_choice(who, "final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
         check_choice(who, "variance_type", variance_type, (None,))
-        for option, value in (("use_exponential_sigmas", use_exponential_sigmas), ("use_beta_sigmas", use_beta_sigmas),
+        if use_karras_sigmas and use_exponential_sigmas:
+            raise ValueError(f"{who}: only one of use_karras_sigmas and use_exponential_sigmas can be set")
+        for option, value in (("use_beta_sigmas", use_beta_sigmas),
                               ("use_lu_lambdas", use_lu_lambdas), ("use_flow_sigmas", use_flow_sigmas),
                               ("use_dynamic_shifting", use_dynamic_shifting)):
             if value:
                 raise unsupported(who, option, value, "not implemented")
-        if lambda_min_clipped != -float("inf"):
-            raise unsupported(who, "lambda_min_clipped", lambda_min_clipped, "only -inf (no clipping)")
+        if lambda_min_clipped != -float("inf") and timestep_spacing == "trailing":
+            raise unsupported(who, "lambda_min_clipped", lambda_min_clipped,
+                              "with 'trailing' spacing (there diffusers' clipped arange can end at t = -1)")
         self._init_training(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                             rescale_betas_zero_snr)
         self.init_noise_sigma = 1.0
@@ -241,24 +266,51 @@ class DPMSolverMultistepScheduler(FusedScheduler):
         cfg = self.config
         T = cfg.num_train_timesteps
         N = num_inference_steps
-        if isinstance(N, bool) or not isinstance(N, int) or not 1 <= N < T:
-            raise ValueError(f"DPMSolverMultistepScheduler: num_inference_steps must be an int in [1, {T}), got {N!r}")
-        if cfg.timestep_spacing == "trailing":
-            ts = schedules.timesteps(N, T, "trailing")
-        else:  # N+1 points, the last (t = 0) dropped
-            ts = schedules.timesteps(N + 1, T, cfg.timestep_spacing, cfg.steps_offset)[:-1]
+        who = "DPMSolverMultistepScheduler"
+        if isinstance(N, bool) or not isinstance(N, int) or N < 1:
+            raise ValueError(f"{who}: num_inference_steps must be an int >= 1, got {N!r}")
         table = self.train_sigmas
-        if cfg.use_karras_sigmas:
-            sig = schedules.karras(N, float(table[0]), float(table[-1]))[:-1]
+        karras, exponential = cfg.use_karras_sigmas, cfg.use_exponential_sigmas
+        if karras or exponential:  # the spacing plays no part: timesteps come from the sigmas
+            # diffusers reads sigma_min/sigma_max whenever the config has them (one loaded from an Euler config)
+            lo, hi = cfg.get("sigma_min"), cfg.get("sigma_max")
+            lo, hi = float(table[0]) if lo is None else lo, float(table[-1]) if hi is None else hi
+            sig = (schedules.karras if karras else schedules.loglinear)(N, lo, hi)[:-1]
             t_frac = sigma_to_t(self.alphas_cumprod, sig)
-            ts = t_frac if cfg.beta_schedule == "squaredcos_cap_v2" else t_frac.round()
+            # Karras timesteps rounded (but for the cosine schedule), then truncated to int64 as diffusers casts
+            ts = t_frac.round() if karras and cfg.beta_schedule != "squaredcos_cap_v2" else t_frac
             ts = ts.long()
         else:
-            sig = table[ts]
+            if N > T or (N == T and cfg.timestep_spacing != "trailing"):  # N (+1) points over T timesteps
+                raise unsupported(who, "timestep_spacing", cfg.timestep_spacing,
+                                  f"with num_inference_steps={N} and num_train_timesteps={T} it repeats a timestep "
+                                  "(diffusers then returns NaN or fails); use 'trailing' (N <= T) or Karras sigmas")
+            # lambda_min_clipped: the timesteps stop below the first t whose log-SNR lambda(t) is under it
+            last = T - int((self._log_snr().flip(0) < cfg.lambda_min_clipped).sum())
+            if cfg.timestep_spacing == "trailing":
+                ts = schedules.timesteps(N, T, "trailing")
+            elif cfg.timestep_spacing == "leading":  # N+1 points, the last (t = 0) dropped, then the offset
+                # (which may push the first ones past T - 1: diffusers takes them at the largest training sigma)
+                ts = torch.arange(N, 0, -1, dtype=torch.int64) * (last // (N + 1)) + cfg.steps_offset
+            elif last == T:  # N+1 points, the last (t = 0) dropped
+                ts = schedules.timesteps(N + 1, T, cfg.timestep_spacing)[:-1]
+            else:  # numpy's linspace, rounded half to even, as diffusers
+                ts = torch.from_numpy(np.linspace(0, last - 1, N + 1).round()[::-1][:-1].astype(np.int64))
+            sig = torch.from_numpy(np.interp(ts.double().numpy(), np.arange(T), table.numpy()))
+            if (sig[1:] >= sig[:-1]).any():  # a step of length 0: a repeated timestep, or two clamped past T - 1
+                past = cfg.timestep_spacing == "leading" and int((ts >= T - 1).sum()) > 1
+                key = "steps_offset" if past else "timestep_spacing"
+                raise unsupported(who, key, cfg[key], f"with {N} steps it repeats a sigma (timesteps "
+                                  f"{ts.tolist()[:4]}...): a step of length 0, where diffusers divides by 0")
         final = 0.0 if cfg.final_sigmas_type == "zero" else float(table[0])
         self._set_schedule(ts.to(torch.int64), device, N)
         self.sigmas_host = sig.tolist() + [final]
         self._warm(device, ("dpm", 0))
+
+    def _log_snr(self) -> torch.Tensor:
+        """diffusers' ``lambda_t = ln(alpha_t) - ln(sigma_t)`` (T,), in float64."""
+        ab = self.alphas_cumprod
+        return 0.5 * (ab.log() - (1.0 - ab).log())
 
     def _build(self, key):
         cfg = self.config
