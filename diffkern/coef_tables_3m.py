@@ -1,4 +1,5 @@
-"""Third-order multistep rows: DPM-Solver++(3M) SDE, k-diffusion's ``sample_dpmpp_3m_sde``, as a depth-2 plan.
+"""Third-order multistep rows: DPM-Solver++(3M) SDE, k-diffusion's ``sample_dpmpp_3m_sde``, as a depth-2 plan; and
+diffusers' ``DPMSolverMultistepScheduler`` update with its order rules (:func:`dpmsolver_multistep`, at the end).
 
 In t = -ln(sigma), step i goes from sigma to sigma_next with h = ln(sigma/sigma_next), h_eta = (1 + eta) h and
 
@@ -86,4 +87,73 @@ def dpmpp_3m_sde(sigmas, *, eta=1.0, s_noise=1.0, conv: ct.Conv = ct._identity) 
                 row.update(extra, b=phi_1 + extra.get("b", 0.0))
                 rows.append(ct._conv_row(conv, s, **row))
         h_1, h_2 = h, h_1
+    return ct._plan(rows, sigmas[:-1], sigmas[:-1], history=2)
+
+#----------------------------------------------------------------------------
+# diffusers' DPMSolverMultistepScheduler (DPM-Solver++, orders 1-3, ODE and SDE), as a depth-2 plan.
+
+
+def dpmsolver_orders(n: int, *, solver_order: int = 3, lower_order_final: bool = True,
+                     euler_at_final: bool = False, begin: int = 0) -> list[int]:
+    """The order of each of the ``n`` steps as diffusers' ``DPMSolverMultistepScheduler.step`` picks it: first
+    order on the loop's first step (``begin``) and, with ``euler_at_final`` or ``lower_order_final`` below 15
+    steps, on the last; at most second order on the loop's second step and (``lower_order_final``, below 15
+    steps) on the last but one. Steps before ``begin`` are ordered as if the loop started at 0 (never run). A
+    step to sigma = 0 is first order too in diffusers (``final_sigmas_type="zero"``): the rows make it the jump."""
+    low = lower_order_final and n < 15
+    orders = []
+    for i in range(n):
+        k = i - begin if i >= begin else i  # steps this loop has taken before step i
+        if solver_order == 1 or k < 1 or (i == n - 1 and (euler_at_final or low)):
+            orders.append(1)
+        elif solver_order == 2 or k < 2 or (i == n - 2 and low):
+            orders.append(2)
+        else:
+            orders.append(3)
+    return orders
+
+
+def dpmsolver_multistep(sigmas, orders, *, sde: bool = False, solver_type: str = "midpoint",
+                        conv: ct.Conv = ct._identity) -> ct.Plan:
+    """diffusers' DPM-Solver++ multistep update (``algorithm_type`` "dpmsolver++", or "sde-dpmsolver++" with
+    ``sde``) in VE coordinates, step i of order ``orders[i]``; history depth 2 (H = D_1, H2 = D_2; every row writes
+    its D). With h = ln(sigma/sigma_next) (diffusers' lambda_t - lambda_s0: lambda = -ln(sigma) in VE) and
+    h_eta = h (ODE) or 2h (SDE), diffusers' VP update divided by alpha_t (the VE state x = z/alpha) reads
+
+        x' = e^-h_eta x + phi_1 D0 + k1 D1 + k2 D2 + [SDE: sigma_next sqrt(1 - e^-2h) xi]
+
+    with phi_k = :func:`phis` (h_eta) and diffusers' D0 = D, D1, D2 (its ``D1_0``, ``D1_1``, ``r0``, ``r1`` are
+    :func:`_multistep`'s d1_0, d1_1, r0, r1). Order 1: no D1, D2 (``dpm_solver_first_order_update``). Order 2
+    (``multistep_dpm_solver_second_order_update``, D1 = (D - D_1)/r0): k1 = phi_1/2 ("midpoint": diffusers'
+    ``-0.5 alpha_t (e^-h - 1)``, SDE ``0.5 alpha_t (1 - e^-2h)``) or phi_2 ("heun": ``(e^-h - 1)/h + 1``, SDE
+    ``(1 - e^-2h)/(-2h) + 1``). Order 3 (``multistep_dpm_solver_third_order_update``, any solver_type):
+    k1 = phi_2, and k2 = -phi_3 for the ODE (diffusers' ``-((e^-h - 1 + h)/h^2 - 1/2)``) but -phi_3 - 1 for the SDE
+    (diffusers' ``(1 - e^-2h - 2h)/(2h)^2 - 1/2``, where k-diffusion's 3M SDE has ``+ 1/2``): diffusers' rows,
+    kept as they are. A step to sigma_next = 0 is the jump x' = D; a step of h = 0 the identity (diffusers: the
+    same at orders 1-2, 0/0 at order 3)."""
+    if len(orders) != len(sigmas) - 1:
+        raise ValueError(f"orders: expected one per step ({len(sigmas) - 1}), got {len(orders)}")
+    rows = []
+    for i, (s, sn) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        if sn == 0:
+            rows.append(ct._conv_row(conv, s, a=0.0, b=1.0, f=1.0))
+            continue
+        h = math.log(s / sn)
+        if h == 0:
+            rows.append(ct._conv_row(conv, s, a=1.0, f=1.0))
+            continue
+        h_eta = 2.0 * h if sde else h
+        phi_1, phi_2, phi_3 = phis(h_eta)
+        row = {"a": math.exp(-h_eta), "b": phi_1, "f": 1.0}
+        if sde:
+            row["s"] = sn * math.sqrt(-math.expm1(-2.0 * h))
+        order = orders[i]
+        h_1 = math.log(sigmas[i - 1] / s) if order >= 2 else None
+        h_2 = math.log(sigmas[i - 2] / sigmas[i - 1]) if order >= 3 else None
+        if order == 2:
+            extra = _multistep(h, h_1, None, 0.5 * phi_1 if solver_type == "midpoint" else phi_2, 0.0)
+        else:  # _multistep weights d2 by -phi_3: pass diffusers' -k2
+            extra = _multistep(h, h_1, h_2, phi_2, phi_3 + 1.0 if sde else phi_3)
+        row.update(extra, b=phi_1 + extra.get("b", 0.0))
+        rows.append(ct._conv_row(conv, s, **row))
     return ct._plan(rows, sigmas[:-1], sigmas[:-1], history=2)

@@ -74,6 +74,19 @@ def _plan_dpmpp_3m_sde(sigmas, conv, *, eta, s_noise):
     return coef_tables_3m.dpmpp_3m_sde(sigmas, conv=conv, **_ancestral_knobs(eta, s_noise))
 
 
+def _plan_dpmsolver_3m(sigmas, conv, *, eta, solver_type, lower_order_final, euler_at_final):
+    if eta not in (0, 1) or isinstance(eta, bool):
+        raise ValueError(f"eta: expected 0 (diffusers' 'dpmsolver++') or 1 ('sde-dpmsolver++'), got {eta!r}")
+    if solver_type not in coef_tables.SOLVER_TYPES:
+        raise ValueError(f"solver_type: expected one of {coef_tables.SOLVER_TYPES}, got {solver_type!r}")
+    for name, value in (("lower_order_final", lower_order_final), ("euler_at_final", euler_at_final)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name}: expected a bool, got {value!r}")
+    orders = coef_tables_3m.dpmsolver_orders(len(sigmas) - 1, lower_order_final=lower_order_final,
+                                             euler_at_final=euler_at_final)
+    return coef_tables_3m.dpmsolver_multistep(sigmas, orders, sde=eta == 1, solver_type=solver_type, conv=conv)
+
+
 def _plan_dpmpp_sde(sigmas, conv, *, eta, s_noise, r):
     r = _knob(r, "r", hi=1.0)
     if r == 0:  # r = 0 puts the second call at sigma itself: fac = 1/(2r) is infinite
@@ -95,7 +108,8 @@ def _plan_sde(sigmas, conv, *, lam, integrator):
 PLANS = {"euler": _plan_euler, "euler_ancestral": _plan_euler_ancestral, "heun": _plan_heun,
          "dpm_2": _plan_dpm_2, "dpm_2_ancestral": _plan_dpm_2_ancestral,
          "dpmpp_2s_ancestral": _plan_dpmpp_2s_ancestral, "dpmpp_2m": _plan_dpmpp_2m,
-         "dpmpp_2m_sde": _plan_dpmpp_2m_sde, "dpmpp_3m_sde": _plan_dpmpp_3m_sde, "dpmpp_sde": _plan_dpmpp_sde,
+         "dpmpp_2m_sde": _plan_dpmpp_2m_sde, "dpmpp_3m_sde": _plan_dpmpp_3m_sde, "dpmsolver_3m": _plan_dpmsolver_3m,
+         "dpmpp_sde": _plan_dpmpp_sde,
          "ge": _plan_ge, "sde": _plan_sde}
 """method -> ``plan(host_sigmas, conv, **knobs)``; every knob is passed (the defaults live in the samplers'
 signatures, listed by :func:`diffkern.sampling.knobs`)."""

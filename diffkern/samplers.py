@@ -346,6 +346,17 @@ def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
 
 
 @torch.no_grad()
+def sample_dpmsolver_3m(model, x, sigmas, extra_args=None, callback=None, disable=None, *, eta=0.0,
+                        solver_type="midpoint", lower_order_final=True, euler_at_final=False, seed=None, backend=None,
+                        trajectory=None):
+    """diffusers' ``DPMSolverMultistepScheduler(solver_order=3)`` (:func:`~diffkern.coef_tables_3m.dpmsolver_multistep`,
+    its lower-order rules included): eta = 0 "dpmsolver++", 1 "sde-dpmsolver++" (Philox noise)."""
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory)
+    return _run(loop, _plans._plan_dpmsolver_3m(loop.sigmas, loop.conv, eta=eta, solver_type=solver_type,
+                                                lower_order_final=lower_order_final, euler_at_final=euler_at_final))
+
+
+@torch.no_grad()
 def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, *, eta=1.0, s_noise=1.0, r=0.5,
                      seed=None, backend=None, trajectory=None):
     """DPM-Solver++ stochastic (k-diffusion's ``sample_dpmpp_sde``): two calls per step, the second at
@@ -376,5 +387,6 @@ def sample_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, *
 SAMPLERS = {"euler": sample_euler, "euler_ancestral": sample_euler_ancestral, "heun": sample_heun,
             "dpm_2": sample_dpm_2, "dpm_2_ancestral": sample_dpm_2_ancestral,
             "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral, "dpmpp_2m": sample_dpmpp_2m,
-            "dpmpp_2m_sde": sample_dpmpp_2m_sde, "dpmpp_3m_sde": sample_dpmpp_3m_sde, "dpmpp_sde": sample_dpmpp_sde,
+            "dpmpp_2m_sde": sample_dpmpp_2m_sde, "dpmpp_3m_sde": sample_dpmpp_3m_sde,
+            "dpmsolver_3m": sample_dpmsolver_3m, "dpmpp_sde": sample_dpmpp_sde,
             "ge": sample_ge, "sde": sample_sde}

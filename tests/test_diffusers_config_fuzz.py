@@ -150,7 +150,6 @@ def refusals(name, cfg, timesteps, steps):
         no("rescale_betas_zero_snr", lambda v: v and cfg["num_train_timesteps"] - 1 in timesteps.tolist())
     if name == "DPMSolverMultistepScheduler":
         no("algorithm_type", lambda v: v in ("dpmsolver", "sde-dpmsolver"))
-        no("solver_order", lambda v: v == 3)
         for key in ("use_lu_lambdas", "use_flow_sigmas", "use_dynamic_shifting"):
             no(key, bool)
         no("lambda_min_clipped", lambda v: v != -INF and cfg["timestep_spacing"] == "trailing")

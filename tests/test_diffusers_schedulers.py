@@ -405,7 +405,7 @@ def test_out_of_order_host_timestep_raises():
     (dd.DPMSolverMultistepScheduler, "use_dynamic_shifting", True), (dd.DDIMScheduler, "beta_schedule", "sigmoid"),
     (dd.DDPMScheduler, "variance_type", "learned_range"), (dd.DDPMScheduler, "timestep_spacing", "karras"),
     (dd.DPMSolverMultistepScheduler, "algorithm_type", "sde-dpmsolver"),
-    (dd.DPMSolverMultistepScheduler, "solver_order", 3), (dd.DPMSolverMultistepScheduler, "use_lu_lambdas", True),
+    (dd.DPMSolverMultistepScheduler, "solver_order", 4), (dd.DPMSolverMultistepScheduler, "use_lu_lambdas", True),
     (dd.EulerDiscreteScheduler, "interpolation_type", "log_linear"),
     (dd.EulerDiscreteScheduler, "use_beta_sigmas", True),
     (dd.DPMSolverMultistepScheduler, "use_flow_sigmas", True), (dd.GEScheduler, "prediction_type", "v_prediction"),

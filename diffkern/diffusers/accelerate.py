@@ -9,7 +9,8 @@ method, the UNet a :class:`diffkern.wrappers.DiffusersUNetDenoiser` fed the sche
 happens inside the fused step (one batched UNet call on ``[uncond; cond]``, as the pipeline does).
 
 Equivalences used (``math-samplers.md`` 5-7): DDIM(eta) = Euler-ancestral(eta) in VE coordinates (eta = 0:
-Euler), DDPM ("fixed_small") = DDIM(eta = 1), DPM-Solver++(2M) = k-diffusion's ``dpmpp_2m``. Deterministic
+Euler), DDPM ("fixed_small") = DDIM(eta = 1), DPM-Solver++(2M) = k-diffusion's ``dpmpp_2m``, DPM-Solver++ with
+``solver_order=3`` = ``dpmsolver_3m`` (diffusers' orders per step, :mod:`diffkern.diffusers.loop_spec`). Deterministic
 schedulers give the pipeline's images at float32 tolerance for the same generator (only the initial latents
 are random). Stochastic ones draw their per-step noise from diffkern's Philox stream keyed by a seed taken
 from the generator, so images are reproducible per seed but not equal to diffusers' (which draws each step's

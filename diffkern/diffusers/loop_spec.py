@@ -2,7 +2,8 @@
 and knobs (:class:`LoopSpec`) of a scheduler after ``set_timesteps``, for :func:`diffkern.diffusers.accelerate`.
 
 Equivalences used (``math-samplers.md`` 5-7): DDIM(eta) = Euler-ancestral(eta) in VE coordinates (eta = 0:
-Euler), DDPM ("fixed_small") = DDIM(eta = 1), DPM-Solver++(2M) = k-diffusion's ``dpmpp_2m``. Scheduler
+Euler), DDPM ("fixed_small") = DDIM(eta = 1), DPM-Solver++(2M) = k-diffusion's ``dpmpp_2m``, diffusers' third-order
+DPM-Solver++ = diffkern's ``dpmsolver_3m`` (not k-diffusion's 3M: other second-order and SDE rows). Scheduler
 configurations the fused loop cannot reproduce raise ValueError naming the option.
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ import dataclasses
 import math
 from typing import Optional
 
-from .. import schedules
+from .. import coef_tables_3m, schedules
 from .schedulers import FusedScheduler
 from .schedulers_ge import IADBScheduler
 
@@ -45,6 +46,21 @@ def _drop_identity_end(name: str, sigmas: list, timesteps: list) -> tuple[list, 
             raise _unsupported(name, "final_sigmas_type", "sigma_min", "its single step goes from sigma_min to itself")
         return sigmas[:-1], timesteps[:-1]
     return sigmas, timesteps
+
+
+def _third_order_knobs(name: str, cfg, steps: int, kept: int, sde: bool) -> dict:
+    """``dpmsolver_3m``'s knobs for a DPM-Solver config of ``steps`` steps run as ``kept`` (one fewer when an
+    identity last step is dropped: then the knobs must give the kept steps diffusers' orders, which the 15-step
+    threshold of lower_order_final can shift)."""
+    knobs = {"eta": 1.0 if sde else 0.0, "solver_type": cfg.solver_type}
+    want = coef_tables_3m.dpmsolver_orders(steps, lower_order_final=cfg.lower_order_final,
+                                           euler_at_final=cfg.euler_at_final)[:kept]
+    for low, euler in ((cfg.lower_order_final, cfg.euler_at_final), (False, False), (True, False)):
+        if coef_tables_3m.dpmsolver_orders(kept, lower_order_final=low, euler_at_final=euler) == want:
+            return dict(knobs, lower_order_final=bool(low), euler_at_final=bool(euler))
+    raise _unsupported(name, "final_sigmas_type", "sigma_min",
+                       f"with solver_order=3 and {steps} steps its last step goes from sigma_min to itself and the "
+                       f"step before is of order {want[-1]}, which the fused loop without that step cannot give")
 
 
 def diffkern_scheduler(scheduler) -> FusedScheduler:
@@ -106,6 +122,8 @@ def loop_spec(ours: FusedScheduler, eta: float = 0.0) -> LoopSpec:
                                f"with a first-order last step: euler_at_final, or lower_order_final with "
                                f"{len(ts)} < 15 steps")
         sde = cfg.algorithm_type == "sde-dpmsolver++"
+        if cfg.solver_order == 3:
+            return LoopSpec("dpmsolver_3m", sig, kept, _third_order_knobs(name, cfg, len(ts), len(kept), sde), vp=True)
         if cfg.solver_order == 1:  # first order every step: DDIM, or for the SDE the lam = 1 exponential step
             return LoopSpec("sde", sig, kept, {"lam": 1.0}, vp=True) if sde else LoopSpec("euler", sig, kept, {}, vp=True)
         if not sde and cfg.solver_type == "midpoint":

@@ -113,14 +113,14 @@ def ve_row_to_vp(row, sigma_in: float, sigma_out: float) -> list[float]:
     """Rewrite a VE-coordinate row (state ``x = z/alpha``) for the VP state z (``alpha = 1/sqrt(sigma^2+1)``).
 
     With ``x = z/alpha_in`` and ``z' = alpha_out*x'``: the x coefficients a, e and the conversion slot p are
-    divided by alpha_in, every output term (a, b, g, c, s) is multiplied by alpha_out; q, w, f and clip act on
+    divided by alpha_in, every output term (a, b, g, c, c2, s) is multiplied by alpha_out; q, w, f and clip act on
     model outputs and x0 estimates, which are the same in both coordinates.
     """
     a_in = 1.0 / math.sqrt(sigma_in * sigma_in + 1.0)
     a_out = 1.0 / math.sqrt(sigma_out * sigma_out + 1.0)
     r = list(row)
     r[coefs.A] *= a_out / a_in
-    for k in (coefs.B, coefs.G, coefs.C, coefs.S):
+    for k in (coefs.B, coefs.G, coefs.C, coefs.C2, coefs.S):
         r[k] *= a_out
     r[coefs.P] /= a_in
     r[coefs.E] /= a_in
@@ -292,14 +292,15 @@ class FusedScheduler(SchedulerMixin, ConfigMixin):
                              f"{x.device}, was {tuple(h.shape)} {h.dtype} {h.device}); call set_timesteps again")
         return self._history
 
-    def _fused(self, key, row: int, x, model_output, *, noise=None, history=None, history_out=None, x0=True):
+    def _fused(self, key, row: int, x, model_output, *, noise=None, history=None, history2=None, history_out=None,
+               x0=True):
         """One fused step on ``row`` of the table for ``key``; returns (out, x0_out or None)."""
         table = self._device_table(key, x.device)
         host = self._plan(key)[0]
         noisy = float(host[row, coefs.S]) != 0.0  # host table: no device read
         seed = self._seed_for(x) if noisy and noise is None else None
         x0_out = torch.empty_like(x, memory_format=torch.contiguous_format) if x0 else None
-        out = sampler_step(x, model_output, table, row, history=history, history_out=history_out,
+        out = sampler_step(x, model_output, table, row, history=history, history2=history2, history_out=history_out,
                            noise=noise if noisy else None, seed=seed, x0_out=x0_out, backend=self.backend)
         return out, x0_out
 

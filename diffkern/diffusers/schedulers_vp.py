@@ -3,7 +3,8 @@
 DDIM rows are :func:`diffkern.ops.ddim_row` (the diffusers-exact VP step). DDPM's posterior step is the
 DDIM(eta=1) row on the clipped x0 (``math-samplers.md`` 5: same mean and, for "fixed_small", the same
 variance), with the noise scale replaced for "fixed_large". DPM-Solver++(2M) rows are
-:func:`diffkern.coef_tables.dpmpp_2m` (VE) rewritten for the VP state.
+:func:`diffkern.coef_tables.dpmpp_2m` (VE) rewritten for the VP state, third-order ones
+:func:`diffkern.coef_tables_3m.dpmsolver_multistep`.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 from diffusers.configuration_utils import register_to_config
 
-from .. import coef_tables, schedules, wrappers
+from .. import coef_tables, coef_tables_3m, schedules, wrappers
 from ..ops import coefs, ddim_row
 from .schedulers import FusedScheduler, check_choice, sigma_to_t, unsupported, ve_row_to_vp
 
@@ -214,11 +215,13 @@ class DDPMScheduler(_VPScheduler):
 
 class DPMSolverMultistepScheduler(FusedScheduler):
     """Drop-in for ``diffusers.DPMSolverMultistepScheduler`` with ``algorithm_type="dpmsolver++"`` or
-    ``"sde-dpmsolver++"`` (orders 1 and 2, ``solver_type`` "midpoint" or "heun"): the rows of
-    :func:`~diffkern.coef_tables.dpmpp_2m_sde` at eta = 0 or 1; the history (previous x0 estimate) stays on the
-    device. The SDE's noise is diffusers' (``variance_noise``, else ``generator``) or, with neither, Philox.
+    ``"sde-dpmsolver++"`` (orders 1, 2 and 3, ``solver_type`` "midpoint" or "heun"): the rows of
+    :func:`~diffkern.coef_tables.dpmpp_2m_sde` at eta = 0 or 1 (order 3:
+    :func:`~diffkern.coef_tables_3m.dpmsolver_multistep`); the history (previous x0 estimate; order 3: the two
+    previous, in two buffers that swap roles) stays on the device. The SDE's noise is diffusers' (``variance_noise``,
+    else ``generator``) or, with neither, Philox.
 
-    Unsupported: the dpmsolver (non-++) algorithm types, ``solver_order=3``, thresholding, learned variances, Lu
+    Unsupported: the dpmsolver (non-++) algorithm types, thresholding, learned variances, Lu
     lambdas, beta/flow sigmas, ``lambda_min_clipped`` with "trailing" spacing, dynamic shifting.
     """
 
@@ -243,7 +246,7 @@ class DPMSolverMultistepScheduler(FusedScheduler):
             solver_type = "midpoint"
             self.register_to_config(solver_type=solver_type)
         check_choice(who, "algorithm_type", algorithm_type, ("dpmsolver++", "sde-dpmsolver++"))
-        check_choice(who, "solver_order", solver_order, (1, 2))
+        check_choice(who, "solver_order", solver_order, (1, 2, 3))
         check_choice(who, "solver_type", solver_type, coef_tables.SOLVER_TYPES)
         check_choice(who, "final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
         check_choice(who, "variance_type", variance_type, (None,))
@@ -326,7 +329,12 @@ class DPMSolverMultistepScheduler(FusedScheduler):
             return coef_tables.dpmpp_2m_sde(sig[i:j + 1], eta=self.eta, solver_type=cfg.solver_type,
                                             conv=conv).table[:j - i].tolist()
 
-        if cfg.solver_order == 1:
+        if cfg.solver_order == 3:  # diffusers' order of each step (its lower-order rules), then its update
+            orders = coef_tables_3m.dpmsolver_orders(n, lower_order_final=cfg.lower_order_final,
+                                                     euler_at_final=cfg.euler_at_final, begin=begin)
+            rows = coef_tables_3m.dpmsolver_multistep(sig, orders, sde=bool(self.eta), solver_type=cfg.solver_type,
+                                                      conv=conv).table.tolist()
+        elif cfg.solver_order == 1:
             rows = [rows_from(i, i + 1)[0] for i in range(n)]
         else:
             rows = rows_from(0, n)
@@ -359,12 +367,21 @@ class DPMSolverMultistepScheduler(FusedScheduler):
         i = self._index(timestep)
         x = self._state_in(sample, model_output)
         begin = self._begin_index or 0
-        history = self._history_for(x, first=i == begin)
+        first = i == begin
+        history = self._history_for(x, first=first)
+        history2 = None
+        if self.config.solver_order == 3:
+            # step i reads H = D_{i-1} and H2 = D_{i-2} and writes D_i over H2: the buffers swap roles by the parity
+            # of i (as diffkern.samplers' depth-2 loop), no copies; both start at zero (0 * garbage may be NaN)
+            pair = self.__dict__.get("_history_pair")
+            if first or pair is None or pair[0] is not history:  # a new loop's buffers (set_timesteps drops H)
+                pair = self._history_pair = (history, torch.zeros_like(history))
+            history, history2 = pair if i % 2 else pair[::-1]
         noise = None
         if self.eta:
             noise = variance_noise.to(device=x.device, dtype=x.dtype) if variance_noise is not None \
                 else self._draw(generator, model_output, x, torch.float32)
-        prev, _ = self._fused(("dpm", begin), i, x, model_output, noise=noise, history=history, history_out=history,
-                              x0=False)
+        prev, _ = self._fused(("dpm", begin), i, x, model_output, noise=noise, history=history, history2=history2,
+                              history_out=history if history2 is None else history2, x0=False)
         self._advance()
         return self._output_prev_only(return_dict, prev)
