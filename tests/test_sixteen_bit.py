@@ -91,9 +91,31 @@ def eager_dpmpp_sde(method, model, x, sigmas, r=0.5):
     return x
 
 
+def eager_dpmpp_3m(method, model, x, sigmas):
+    """k-diffusion's dpmpp_3m_sde at eta = 0 (deterministic) as :func:`eager` computes: denoised estimates kept in
+    float32, the state rounded to x's dtype once per model call."""
+    dtype, d_1, d_2, h_1, h_2 = x.dtype, None, None, None, None
+    for s, sn in zip(sigmas[:-1], sigmas[1:]):
+        denoised = model(x, s).float()
+        if sn == 0:
+            x = denoised.to(dtype)
+            continue
+        h = math.log(s / sn)
+        xf = math.exp(-h) * x.float() - math.expm1(-h) * denoised
+        phi_2 = math.expm1(-h) / h + 1
+        if h_2 is not None:
+            r0, r1 = h_1 / h, h_2 / h
+            d1_0, d1_1 = (denoised - d_1) / r0, (d_1 - d_2) / r1
+            xf = xf + phi_2 * (d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)) - (phi_2 / h - 0.5) * (d1_0 - d1_1) / (r0 + r1)
+        elif h_1 is not None:
+            xf = xf + phi_2 * (denoised - d_1) / (h_1 / h)
+        x, d_1, d_2, h_1, h_2 = xf.to(dtype), denoised, d_1, h, h_1
+    return x
+
+
 @pytest.mark.parametrize("backend", usable_backends("cpu"))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("method", ["euler", "heun", "dpmpp_2m", "ge", "dpmpp_sde"] + TWO_EVAL)
+@pytest.mark.parametrize("method", ["euler", "heun", "dpmpp_2m", "ge", "dpmpp_sde", "dpmpp_3m_sde"] + TWO_EVAL)
 @pytest.mark.parametrize("steps", [5, 12])
 def test_16_bit_state_matches_textbook_loop(backend, dtype, method, steps):
     if backend == "triton" and dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
@@ -101,8 +123,10 @@ def test_16_bit_state_matches_textbook_loop(backend, dtype, method, steps):
                     "a drift this 12-step bound sees")
     sig = schedules.karras(steps, 0.002, 80.0)
     x = torch.randn(257, 2, generator=torch.Generator().manual_seed(steps), dtype=torch.float64) * 80
-    ref64 = sample(denoiser(torch.float64), x, sig, method, backend="reference")
-    ours = sample(denoiser(dtype), x.to(dtype), sig, method, backend=backend)
-    textbook = eager_two_eval if method in TWO_EVAL else eager_dpmpp_sde if method == "dpmpp_sde" else eager
+    textbook = eager_two_eval if method in TWO_EVAL else {"dpmpp_sde": eager_dpmpp_sde,
+                                                          "dpmpp_3m_sde": eager_dpmpp_3m}.get(method, eager)
+    knobs = {"eta": 0.0} if method == "dpmpp_3m_sde" else {}
+    ref64 = sample(denoiser(torch.float64), x, sig, method, backend="reference", **knobs)
+    ours = sample(denoiser(dtype), x.to(dtype), sig, method, backend=backend, **knobs)
     theirs = textbook(method, denoiser(dtype), x.to(dtype), sig.tolist())
     assert_matches_reference(ours, ref64, theirs, f"{method} {steps} steps {dtype} [{backend}]")
