@@ -56,6 +56,15 @@ class Plan:
             raise ValueError(f"history: expected a depth of 0, 1 or 2, got {self.history!r}")
         if self.history == 2 and any(self.corrector):
             raise ValueError("history: a depth-2 plan has one model call per step (no corrector rows)")
+        # The loop allocates `history` buffers only, and a device table is not checked per call (a CUDA kernel
+        # given no history2 drops a c2 term silently); rows that read a value no earlier step wrote would read
+        # zeros eagerly but the previous run's values in a CUDA-graph replay.
+        c, c2 = self.table[:, coefs.C] != 0, self.table[:, coefs.C2] != 0
+        if (c.any() and self.history < 1) or (c2.any() and self.history < 2):
+            raise ValueError(f"history: depth {self.history} is too small for the table (non-zero c needs 1, "
+                             "non-zero c2 needs 2)")
+        if len(self.table) and (c[0] or c2[0] or (self.history == 2 and len(self.table) > 1 and c2[1])):
+            raise ValueError("table: the first step must not read history (c = c2 = 0 on row 0, c2 = 0 on row 1)")
 
     @property
     def steps(self) -> int:
