@@ -363,6 +363,24 @@ class VPContinuousDenoiser(ModelWrapper):
         return _scale_input(x, 1 / torch.sqrt(sigma * sigma + 1)), t
 
 #----------------------------------------------------------------------------
+# Networks on the VE state itself (smalldiffusion, score-SDE VE models).
+
+
+class VEDenoiser(ModelWrapper):
+    """A network called on the VE state and sigma, ``model(x, sigma, **extra)`` with sigma a (B,) tensor in x's
+    compute dtype, predicting eps (smalldiffusion's ``predict_eps``; ``D = x - sigma*eps``) or the sample."""
+
+    def __init__(self, model: Callable, prediction_type: str = "epsilon", guidance_scale: float = 1.0):
+        super().__init__(model, guidance_scale)
+        kind = canonical_prediction_type(prediction_type)
+        if kind not in ("epsilon", "sample"):
+            raise ValueError(f"VEDenoiser: prediction_type must be 'epsilon' or 'sample', got {prediction_type!r}")
+        self.prediction_type = kind
+
+    def model_input(self, x, sigma):
+        return x, sigma.to(_compute_dtype(x))
+
+#----------------------------------------------------------------------------
 # Rectified flow.
 
 

@@ -123,7 +123,10 @@ def test_continuous_flow_and_edm_exact_networks():
         xx = x_in * (s * s + sd * sd).sqrt()
         return (gm.denoise(xx, s.view(-1)) - sd ** 2 / (s * s + sd ** 2) * xx) / (s * sd / (s * s + sd ** 2).sqrt())
     edm = W.KarrasDenoiser(edm_net, sigma_data=sd, c_noise="sigma")
-    for w in (vp, flow, edm):
+    # VE networks (smalldiffusion): called on x and sigma themselves, eps or the sample
+    ve_eps = W.VEDenoiser(lambda x_in, s: gm.eps(x_in, s))
+    ve_x0 = W.VEDenoiser(lambda x_in, s: gm.denoise(x_in, s), prediction_type="x0")
+    for w in (vp, flow, edm, ve_eps, ve_x0):
         torch.testing.assert_close(w(x, sig), gm.denoise(x, sig), rtol=1e-9, atol=1e-9, msg=type(w).__name__)
         out, _ = w.raw(x, sig)
         p, q = w.conversion(sig)
@@ -297,5 +300,7 @@ def test_wrapper_errors(unet):
         W.KarrasDenoiser(lambda z, t: z, sigma_data=0.0)
     with pytest.raises(TypeError, match="model must be callable"):
         W.FlowDenoiser(3)
+    with pytest.raises(ValueError, match="VEDenoiser: prediction_type must be 'epsilon' or 'sample'"):
+        W.VEDenoiser(lambda z, s: z, prediction_type="v")
     with pytest.raises(ValueError, match="time must be 'vp', 'cosine' or a callable"):
         W.VPContinuousDenoiser(lambda z, t: z, time="linear")
