@@ -44,19 +44,23 @@ def _plan_euler_ancestral(sigmas, conv, *, eta, s_noise):
 
 
 def _plan_heun(sigmas, conv, *, s_churn, s_tmin, s_tmax, s_noise):
-    return coef_tables.heun(sigmas, conv=conv, **_churn_knobs(s_churn, s_tmin, s_tmax, s_noise))
+    return coef_tables.fold_second_calls(coef_tables.heun(sigmas, conv=conv,
+                                                            **_churn_knobs(s_churn, s_tmin, s_tmax, s_noise)))
 
 
 def _plan_dpm_2(sigmas, conv, *, s_churn, s_tmin, s_tmax, s_noise):
-    return coef_tables.dpm_2(sigmas, conv=conv, **_churn_knobs(s_churn, s_tmin, s_tmax, s_noise))
+    return coef_tables.fold_second_calls(coef_tables.dpm_2(sigmas, conv=conv,
+                                                            **_churn_knobs(s_churn, s_tmin, s_tmax, s_noise)))
 
 
 def _plan_dpm_2_ancestral(sigmas, conv, *, eta, s_noise):
-    return coef_tables.dpm_2_ancestral(sigmas, conv=conv, **_ancestral_knobs(eta, s_noise))
+    plan = coef_tables.dpm_2_ancestral(sigmas, conv=conv, **_ancestral_knobs(eta, s_noise))
+    return coef_tables.fold_second_calls(plan)
 
 
 def _plan_dpmpp_2s_ancestral(sigmas, conv, *, eta, s_noise):
-    return coef_tables.dpmpp_2s_ancestral(sigmas, conv=conv, **_ancestral_knobs(eta, s_noise))
+    plan = coef_tables.dpmpp_2s_ancestral(sigmas, conv=conv, **_ancestral_knobs(eta, s_noise))
+    return coef_tables.fold_second_calls(plan)
 
 
 def _plan_dpmpp_2m(sigmas, conv):
@@ -91,7 +95,8 @@ def _plan_dpmpp_sde(sigmas, conv, *, eta, s_noise, r):
     r = _knob(r, "r", hi=1.0)
     if r == 0:  # r = 0 puts the second call at sigma itself: fac = 1/(2r) is infinite
         raise ValueError("r: expected a value in (0, 1], got 0.0")
-    return coef_tables_dpmpp_sde.dpmpp_sde(sigmas, conv=conv, r=r, **_ancestral_knobs(eta, s_noise))
+    return coef_tables.fold_second_calls(coef_tables_dpmpp_sde.dpmpp_sde(sigmas, conv=conv, r=r,
+                                                                        **_ancestral_knobs(eta, s_noise)))
 
 
 def _plan_ge(sigmas, conv, *, gamma, mu):
