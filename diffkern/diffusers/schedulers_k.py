@@ -18,16 +18,6 @@ from .schedulers import FusedScheduler, check_choice, sigma_to_t, unsupported
 _K_PREDICTIONS = ("epsilon", "v_prediction", "sample", "original_sample")
 
 
-def check_even_begin(who: str, begin_index) -> None:
-    """An order-2 scheduler's loop starts at the first call of a step (pipelines pass ``t_start * order``). diffusers
-    takes an odd index and runs a predictor there with the next step's sigma, feeding the network the previous
-    step's second timestep (Heun: every step then has length 0 and the sample comes back unchanged;
-    KDPM2-ancestral: NaN at the last step)."""
-    if isinstance(begin_index, int) and not isinstance(begin_index, bool) and begin_index % 2:
-        raise ValueError(f"{who}: begin_index: expected an even index (the first call of a step; an order-2 "
-                         f"scheduler's loop starts at t_start * order), got {begin_index}")
-
-
 def _conversion(prediction_type: str, sigma: float, clip: float = math.inf) -> dict:
     p, q = wrappers.conversion("sample" if prediction_type == "original_sample" else prediction_type, sigma)
     return {"p": p, "q": q, "clip": clip}
@@ -195,14 +185,39 @@ class EulerAncestralDiscreteScheduler(_KScheduler):
         return self._output(return_dict, prev, x0)
 
 
-class HeunDiscreteScheduler(_KScheduler):
+class _TwoCallScheduler(_KScheduler):
+    """Base of the order-2 schedulers (Heun, KDPM2): ``step()`` alternates a step's first and second call over
+    interleaved timesteps ``[t0, t1, t1, t2, t2, ...]`` and sigmas ``[s0, s1, s1, s2, s2, ...]``."""
+
+    order = 2
+
+    @property
+    def state_in_first_order(self) -> bool:
+        """True when the next ``step()`` is a predictor (the first call of a step)."""
+        return (self._step_index or self._begin_index or 0) % 2 == 0
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start the next loop at ``timesteps[begin_index]``, the first call of a step: an even index.
+
+        diffusers takes an odd index and runs a predictor there with the next step's sigma, feeding the network the
+        previous step's second timestep (Heun: every step then has length 0 and the sample comes back unchanged;
+        KDPM2-ancestral: NaN at the last step); pipelines pass ``t_start * order``, which is even."""
+        if isinstance(begin_index, int) and not isinstance(begin_index, bool) and begin_index % 2:
+            raise ValueError(f"{type(self).__name__}: begin_index: expected an even index (the first call of a step; "
+                             f"an order-2 scheduler's loop starts at t_start * order), got {begin_index}")
+        super().set_begin_index(begin_index)
+
+    def _sigma_at(self, k: int) -> float:
+        # a second call's position holds the next step's sigma
+        return self.sigmas_host[(k + 1) // 2]
+
+
+class HeunDiscreteScheduler(_TwoCallScheduler):
     """Drop-in for ``diffusers.HeunDiscreteScheduler`` (``order = 2``: timesteps interleaved, ``step()`` called
     for the predictor and then the corrector of each step but the last); one fused op per call.
 
     Unsupported: ``use_beta_sigmas``, beta schedules other than linear/scaled_linear/squaredcos_cap_v2.
     """
-
-    order = 2
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
@@ -221,19 +236,6 @@ class HeunDiscreteScheduler(_KScheduler):
         ts, self.sigmas_host = self._k_schedule(num_inference_steps, cfg.get("sigma_min"), cfg.get("sigma_max"))
         self._set_schedule(torch.cat([ts[:1], ts[1:].repeat_interleave(2)]), device, num_inference_steps)
         self._warm(device, ("heun",))
-
-    @property
-    def state_in_first_order(self) -> bool:
-        """True when the next ``step()`` is a predictor."""
-        return (self._step_index or self._begin_index or 0) % 2 == 0
-
-    def set_begin_index(self, begin_index: int = 0) -> None:
-        """Start the next loop at ``timesteps[begin_index]``, the first call of a step: an even index."""
-        check_even_begin(type(self).__name__, begin_index)
-        super().set_begin_index(begin_index)
-
-    def _sigma_at(self, k: int) -> float:
-        return self.sigmas_host[(k + 1) // 2]  # the interleaved sigmas [s0, s1, s1, s2, s2, ...]
 
     def _build(self, key):
         plan = coef_tables.heun(self.sigmas_host, conv=self._conv)

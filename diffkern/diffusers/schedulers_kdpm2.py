@@ -18,15 +18,14 @@ from diffusers.configuration_utils import register_to_config
 
 from .. import coef_tables
 from .schedulers import check_choice, sigma_to_t, unsupported
-from .schedulers_k import _KScheduler, check_even_begin
+from .schedulers_k import _TwoCallScheduler
 
 _PREDICTIONS = ("epsilon", "v_prediction")  # diffusers' KDPM2 classes raise for the others
 
 
-class _KDPM2Scheduler(_KScheduler):
+class _KDPM2Scheduler(_TwoCallScheduler):
     """Shared loop of the two classes: interleaved schedule, predictor/corrector calls, input scaling."""
 
-    order = 2
     _key = ("dpm_2",)
 
     @register_to_config
@@ -78,20 +77,6 @@ class _KDPM2Scheduler(_KScheduler):
         self._mids = list(mids)
         self._built[self._key] = built  # (_set_schedule forgets the previous loop's tables)
         self._warm(device, self._key)
-
-    @property
-    def state_in_first_order(self) -> bool:
-        """True when the next ``step()`` is a predictor (the first call of a step)."""
-        return (self._step_index or self._begin_index or 0) % 2 == 0
-
-    def set_begin_index(self, begin_index: int = 0) -> None:
-        """Start the next loop at ``timesteps[begin_index]``, the first call of a step: an even index."""
-        check_even_begin(type(self).__name__, begin_index)
-        super().set_begin_index(begin_index)
-
-    def _sigma_at(self, k: int) -> float:
-        # diffusers' sigmas [s0, s1, s1, s2, s2, ...]: a midpoint call's position holds the next step's sigma
-        return self.sigmas_host[(k + 1) // 2]
 
     @property
     def sigmas(self) -> torch.Tensor:
