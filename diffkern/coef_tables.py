@@ -71,6 +71,18 @@ class Plan:
         return len(self.sigma_hat)
 
 
+def history_slots(buffers, i: int) -> tuple:
+    """``(history, history2, history_out)`` of step i's first call over a plan's ``history`` buffers (0, 1 or 2).
+
+    Depth 1: the one buffer, read and rewritten in place. Depth 2: step i reads H = D_{i-1} from buffer (i+1) % 2
+    and H2 = D_{i-2} from buffer i % 2, and writes D_i over H2: the buffers swap roles every step without a copy,
+    and the assignment depends on i alone, so a captured graph replays the one an eager loop uses."""
+    if len(buffers) == 2:
+        return buffers[(i + 1) % 2], buffers[i % 2], buffers[i % 2]
+    h = buffers[0] if buffers else None
+    return h, None, h
+
+
 def _plan(rows, row_sigma, sigma_hat, **kw) -> Plan:
     n = len(sigma_hat)
     kw.setdefault("churn", [False] * n)

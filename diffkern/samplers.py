@@ -204,16 +204,6 @@ class _Loop:
             row = self.plan.churn_row + i
             sampler_step(self.x, self.x, self.table, row, seed=self.seed, out=self.x, backend=self.backend)
 
-    def histories_of(self, i: int) -> tuple:
-        """(H, H2) of step i. Depth 1: the one buffer, which the step's first call rewrites in place. Depth 2: step i
-        reads H = D_{i-1} from buffer (i+1) % 2 and H2 = D_{i-2} from buffer i % 2 and writes D_i over H2
-        (history_out is history2): the two buffers swap roles every step without a copy, and the assignment
-        depends on i alone, so a captured graph replays the one the eager loop uses."""
-        hs = self.histories
-        if len(hs) == 2:
-            return hs[(i + 1) % 2], hs[i % 2]
-        return (hs[0] if hs else None), None
-
     def step(self, i: int, row: int, *, first: bool = True, write_history: bool = False) -> None:
         """One model call and one fused update of x (in place; ping-pong when a callback wants the old x)."""
         m, u = self._model(row)
@@ -223,8 +213,8 @@ class _Loop:
         elif first and self.callback is not None:
             x0 = self.scratch
         out = self.spare if first and self.callback is not None else self.x
-        h, h2 = self.histories_of(i)
-        h_out = (h2 if h2 is not None else h) if write_history else None  # the oldest value is overwritten
+        h, h2, h_out = coef_tables.history_slots(self.histories, i)
+        h_out = h_out if write_history else None
         sampler_step(self.x, m, self.table, row, model_out_uncond=u, history=h, history2=h2, history_out=h_out,
                      seed=self.seed, out=out, x0_out=x0, backend=self.backend)
         if out is not self.x:

@@ -225,6 +225,8 @@ class DPMSolverMultistepScheduler(FusedScheduler):
     lambdas, beta/flow sigmas, ``lambda_min_clipped`` with "trailing" spacing, dynamic shifting.
     """
 
+    _history_pair = None  # order 3: (the loop's first history buffer, its partner)
+
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
                  beta_schedule: str = "linear", trained_betas=None, solver_order: int = 2,
@@ -368,20 +370,20 @@ class DPMSolverMultistepScheduler(FusedScheduler):
         x = self._state_in(sample, model_output)
         begin = self._begin_index or 0
         first = i == begin
-        history = self._history_for(x, first=first)
-        history2 = None
+        buffers = [self._history_for(x, first=first)]
         if self.config.solver_order == 3:
-            # step i reads H = D_{i-1} and H2 = D_{i-2} and writes D_i over H2: the buffers swap roles by the parity
-            # of i (as diffkern.samplers' depth-2 loop), no copies; both start at zero (0 * garbage may be NaN)
-            pair = self.__dict__.get("_history_pair")
-            if first or pair is None or pair[0] is not history:  # a new loop's buffers (set_timesteps drops H)
-                pair = self._history_pair = (history, torch.zeros_like(history))
-            history, history2 = pair if i % 2 else pair[::-1]
+            # two buffers swapping roles by the parity of i (coef_tables.history_slots, as the sampling loop), both
+            # starting at zero (0 * garbage may be NaN)
+            pair = self._history_pair
+            if first or pair is None or pair[0] is not buffers[0]:  # a new loop's buffers (set_timesteps drops H)
+                pair = self._history_pair = (buffers[0], torch.zeros_like(buffers[0]))
+            buffers = list(pair)
+        history, history2, history_out = coef_tables.history_slots(buffers, i)
         noise = None
         if self.eta:
             noise = variance_noise.to(device=x.device, dtype=x.dtype) if variance_noise is not None \
                 else self._draw(generator, model_output, x, torch.float32)
         prev, _ = self._fused(("dpm", begin), i, x, model_output, noise=noise, history=history, history2=history2,
-                              history_out=history if history2 is None else history2, x0=False)
+                              history_out=history_out, x0=False)
         self._advance()
         return self._output_prev_only(return_dict, prev)
