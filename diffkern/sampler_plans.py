@@ -26,6 +26,12 @@ def _knob(value, name: str, lo: float = 0.0, hi: float = math.inf, hi_open: bool
     return float(value)
 
 
+def _solver_type(value) -> str:
+    if value not in coef_tables.SOLVER_TYPES:
+        raise ValueError(f"solver_type: expected one of {coef_tables.SOLVER_TYPES}, got {value!r}")
+    return value
+
+
 def _churn_knobs(s_churn, s_tmin, s_tmax, s_noise) -> dict:
     return {"s_churn": _knob(s_churn, "s_churn", finite=False), "s_tmin": _knob(s_tmin, "s_tmin", finite=False),
             "s_tmax": _knob(s_tmax, "s_tmax", finite=False), "s_noise": _knob(s_noise, "s_noise")}
@@ -68,10 +74,8 @@ def _plan_dpmpp_2m(sigmas, conv):
 
 
 def _plan_dpmpp_2m_sde(sigmas, conv, *, eta, s_noise, solver_type):
-    if solver_type not in coef_tables.SOLVER_TYPES:
-        raise ValueError(f"solver_type: expected one of {coef_tables.SOLVER_TYPES}, got {solver_type!r}")
     return coef_tables.dpmpp_2m_sde(sigmas, eta=_knob(eta, "eta"), s_noise=_knob(s_noise, "s_noise"),
-                                    solver_type=solver_type, conv=conv)
+                                    solver_type=_solver_type(solver_type), conv=conv)
 
 
 def _plan_dpmpp_3m_sde(sigmas, conv, *, eta, s_noise):
@@ -81,14 +85,13 @@ def _plan_dpmpp_3m_sde(sigmas, conv, *, eta, s_noise):
 def _plan_dpmsolver_3m(sigmas, conv, *, eta, solver_type, lower_order_final, euler_at_final):
     if eta not in (0, 1) or isinstance(eta, bool):
         raise ValueError(f"eta: expected 0 (diffusers' 'dpmsolver++') or 1 ('sde-dpmsolver++'), got {eta!r}")
-    if solver_type not in coef_tables.SOLVER_TYPES:
-        raise ValueError(f"solver_type: expected one of {coef_tables.SOLVER_TYPES}, got {solver_type!r}")
     for name, value in (("lower_order_final", lower_order_final), ("euler_at_final", euler_at_final)):
         if not isinstance(value, bool):
             raise TypeError(f"{name}: expected a bool, got {value!r}")
     orders = coef_tables_3m.dpmsolver_orders(len(sigmas) - 1, lower_order_final=lower_order_final,
                                              euler_at_final=euler_at_final)
-    return coef_tables_3m.dpmsolver_multistep(sigmas, orders, sde=eta == 1, solver_type=solver_type, conv=conv)
+    return coef_tables_3m.dpmsolver_multistep(sigmas, orders, sde=eta == 1, solver_type=_solver_type(solver_type),
+                                              conv=conv)
 
 
 def _plan_dpmpp_sde(sigmas, conv, *, eta, s_noise, r):
