@@ -41,6 +41,7 @@ SETTINGS = {
     "dpmpp_sde": ("dpmpp_sde", {}),
     "dpmpp_2m_sde": ("dpmpp_2m_sde", {}),
     "dpmpp_3m_sde": ("dpmpp_3m_sde", {}),
+    "unipc": ("unipc", {}),
 }
 STEPS = (5, 10, 20)
 QUICK = {"settings": ("euler", "ge"), "steps": (5,), "n": 100}

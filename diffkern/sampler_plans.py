@@ -9,7 +9,7 @@ import numbers
 
 import torch
 
-from . import coef_tables, coef_tables_3m, coef_tables_dpmpp_sde
+from . import coef_tables, coef_tables_3m, coef_tables_dpmpp_sde, coef_tables_unipc
 
 
 def _knob(value, name: str, lo: float = 0.0, hi: float = math.inf, hi_open: bool = False,
@@ -113,11 +113,25 @@ def _plan_sde(sigmas, conv, *, lam, integrator):
     return coef_tables.sde(sigmas, lam=_knob(lam, "lam"), integrator=integrator, conv=conv)
 
 
+def _plan_lcm(sigmas, conv, *, s_noise):
+    """Latent consistency sampling (k-diffusion's ``sample_lcm``): ``x' = D + s_noise*sigma_next*xi``, no noise on
+    a step to 0."""
+    s_noise = _knob(s_noise, "s_noise")
+    rows = [coef_tables._conv_row(conv, s, b=1.0, s=s_noise * sn) for s, sn in zip(sigmas[:-1], sigmas[1:])]
+    return coef_tables._plan(rows, sigmas[:-1], sigmas[:-1])
+
+
+def _plan_unipc(sigmas, conv, *, order, solver_type, lower_order_final, disable_corrector, predict_x0):
+    return coef_tables_unipc.plan(sigmas, conv, order=order, solver_type=solver_type,
+                                  lower_order_final=lower_order_final, disable_corrector=disable_corrector,
+                                  predict_x0=predict_x0)
+
+
 PLANS = {"euler": _plan_euler, "euler_ancestral": _plan_euler_ancestral, "heun": _plan_heun,
          "dpm_2": _plan_dpm_2, "dpm_2_ancestral": _plan_dpm_2_ancestral,
          "dpmpp_2s_ancestral": _plan_dpmpp_2s_ancestral, "dpmpp_2m": _plan_dpmpp_2m,
          "dpmpp_2m_sde": _plan_dpmpp_2m_sde, "dpmpp_3m_sde": _plan_dpmpp_3m_sde, "dpmsolver_3m": _plan_dpmsolver_3m,
          "dpmpp_sde": _plan_dpmpp_sde,
-         "ge": _plan_ge, "sde": _plan_sde}
+         "lcm": _plan_lcm, "ge": _plan_ge, "sde": _plan_sde, "unipc": _plan_unipc}
 """method -> ``plan(host_sigmas, conv, **knobs)``; every knob is passed (the defaults live in the samplers'
 signatures, listed by :func:`diffkern.sampling.knobs`)."""

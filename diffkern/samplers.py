@@ -374,9 +374,33 @@ def sample_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, *
     return _run(loop, _plans._plan_sde(loop.sigmas, loop.conv, lam=lam, integrator=integrator))
 
 
+@torch.no_grad()
+def sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None, *, s_noise=1.0, seed=None,
+               backend=None, trajectory=None):
+    """Latent consistency multistep sampling (Luo et al. 2023; k-diffusion's ``sample_lcm``): each step jumps to
+    the model's denoised estimate and re-noises it to the next sigma, ``x' = D + s_noise*sigma_next*xi`` (the step
+    to sigma = 0 returns D). For a consistency model D is its consistency function (boundary condition included)."""
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory)
+    return _run(loop, _plans._plan_lcm(loop.sigmas, loop.conv, s_noise=s_noise))
+
+
+@torch.no_grad()
+def sample_unipc(model, x, sigmas, extra_args=None, callback=None, disable=None, *, order=2, solver_type="bh2",
+                 lower_order_final=True, disable_corrector=(), predict_x0=True, seed=None, backend=None,
+                 trajectory=None):
+    """UniPC (Zhao et al. 2023) as diffusers' ``UniPCMultistepScheduler`` runs it (:mod:`diffkern.coef_tables_unipc`):
+    UniP-``order`` (1 or 2) predictor, UniC corrector folded into the next step's row (none after the last call, nor
+    on steps i with i - 1 in ``disable_corrector``); ``solver_type`` "bh1"/"bh2"; ``predict_x0`` False: noise form.
+    A final step to 0 is the jump to the denoised estimate (its noise-form limit with ``predict_x0=False``)."""
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory)
+    return _run(loop, _plans._plan_unipc(loop.sigmas, loop.conv, order=order, solver_type=solver_type,
+                                         lower_order_final=lower_order_final, disable_corrector=disable_corrector,
+                                         predict_x0=predict_x0))
+
+
 SAMPLERS = {"euler": sample_euler, "euler_ancestral": sample_euler_ancestral, "heun": sample_heun,
             "dpm_2": sample_dpm_2, "dpm_2_ancestral": sample_dpm_2_ancestral,
             "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral, "dpmpp_2m": sample_dpmpp_2m,
             "dpmpp_2m_sde": sample_dpmpp_2m_sde, "dpmpp_3m_sde": sample_dpmpp_3m_sde,
             "dpmsolver_3m": sample_dpmsolver_3m, "dpmpp_sde": sample_dpmpp_sde,
-            "ge": sample_ge, "sde": sample_sde}
+            "lcm": sample_lcm, "ge": sample_ge, "sde": sample_sde, "unipc": sample_unipc}

@@ -89,7 +89,8 @@ def scheduler_module(name: str):
     files = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "DPMSolverMultistepScheduler": "dpmsolver_multistep",
              "EulerDiscreteScheduler": "euler_discrete", "EulerAncestralDiscreteScheduler": "euler_ancestral_discrete",
              "HeunDiscreteScheduler": "heun_discrete", "KDPM2DiscreteScheduler": "k_dpm_2_discrete",
-             "KDPM2AncestralDiscreteScheduler": "k_dpm_2_ancestral_discrete"}
+             "KDPM2AncestralDiscreteScheduler": "k_dpm_2_ancestral_discrete",
+             "UniPCMultistepScheduler": "unipc_multistep"}
     return importlib.import_module(f"diffusers.schedulers.scheduling_{files[name]}")
 
 #----------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Level 2: run the whole denoising loop of a diffusers pipeline in diffkern.
 
 :func:`accelerate` wraps an unconditional ``UNet2DModel`` pipeline (``DDPMPipeline``, ``DDIMPipeline``, ...) or a
-text-to-image ``UNet2DConditionModel`` pipeline with ``encode_prompt`` and a VAE (``StableDiffusionPipeline``).
+text-to-image ``UNet2DConditionModel`` pipeline with ``encode_prompt`` and a VAE (``StableDiffusionPipeline``, and
+``StableDiffusionXLPipeline`` with its pooled text embeddings and ``add_time_ids``: :mod:`.accelerate_text2img`).
 Its ``__call__`` keeps the pipeline's prompt encoding, initial latents and decoding, and replaces the loop
 ``for t: unet -> CFG -> scheduler.step`` by one :func:`diffkern.sampling.sample` call (or
 :func:`diffkern.sampling.sample_iadb`): the pipeline's scheduler becomes a VE sigma schedule plus a sampler
@@ -10,7 +11,9 @@ happens inside the fused step (one batched UNet call on ``[uncond; cond]``, as t
 
 Equivalences used (``math-samplers.md`` 5-7): DDIM(eta) = Euler-ancestral(eta) in VE coordinates (eta = 0:
 Euler), DDPM ("fixed_small") = DDIM(eta = 1), DPM-Solver++(2M) = k-diffusion's ``dpmpp_2m``, DPM-Solver++ with
-``solver_order=3`` = ``dpmsolver_3m`` (diffusers' orders per step, :mod:`diffkern.diffusers.loop_spec`). Deterministic
+``solver_order=3`` = ``dpmsolver_3m`` (diffusers' orders per step, :mod:`diffkern.diffusers.loop_spec`), LCM = ``lcm``
+(``x' = D + sigma'*xi``) on the denoiser with LCM's boundary condition at each step's timestep as its conversion
+(:meth:`ScheduleDenoiser.conversion`: table data, no host sync). Deterministic
 schedulers give the pipeline's images at float32 tolerance for the same generator (only the initial latents
 are random). Stochastic ones draw their per-step noise from diffkern's Philox stream keyed by a seed taken
 from the generator, so images are reproducible per seed but not equal to diffusers' (which draws each step's
@@ -22,12 +25,14 @@ import inspect
 import math
 import warnings
 
+import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from .. import wrappers
 from ..ops import backend_status
 from .loop_spec import diffkern_scheduler, loop_spec
+from .schedulers_lcm import SIGMA_DATA
 
 _MAX_MODELS = 8  # model wrappers (one per schedule) kept by an AcceleratedPipeline
 
@@ -37,20 +42,29 @@ class ScheduleDenoiser(wrappers.DiffusersUNetDenoiser):
     sigma (matched exactly on the device, no sync), and log-sigma interpolation for any other sigma. Given
     ``call_timesteps`` (one per model call), call k gets ``call_timesteps[k]``, counted on the device (:meth:`restart`
     before a loop): KDPM2-ancestral's midpoint sigma is the next step's, whose Karras timestep diffusers rounds for
-    that step's call only, so the sigma alone cannot tell the two calls apart."""
+    that step's call only, so the sigma alone cannot tell the two calls apart. Given ``timestep_scaling`` (LCM), D is
+    the consistency function ``c_skip(t)*z + c_out(t)*x0`` at the call's timestep t (:meth:`conversion`)."""
 
     def __init__(self, unet, alphas_cumprod, prediction_type, sigmas, timesteps, guidance_scale=1.0,
-                 call_timesteps=None):
+                 call_timesteps=None, timestep_scaling=None):
         super().__init__(unet, alphas_cumprod=alphas_cumprod, prediction_type=prediction_type,
                          guidance_scale=guidance_scale)
         self.register_buffer("schedule_sigmas", torch.tensor(sigmas, dtype=torch.float64), persistent=False)
         self.register_buffer("schedule_t", torch.tensor(timesteps, dtype=torch.float32), persistent=False)
         self.register_buffer("call_t", torch.tensor(call_timesteps or [], dtype=torch.float32), persistent=False)
         self.register_buffer("call_k", torch.zeros(1, dtype=torch.int64), persistent=False)
+        self.timestep_scaling = None if timestep_scaling is None else float(timestep_scaling)
+        # host copies: the samplers build their coefficient tables from conversion(float sigma) on the host
+        self._host_t, self._host_log_sigmas = dict(zip(sigmas, timesteps)), self.log_sigmas.clone().numpy()
 
     def restart(self) -> None:
         """The next call is the loop's first (a device write, ordered before a CUDA-graph replay)."""
         self.call_k.zero_()
+
+    def _timestep(self, sigma, t_interp):
+        """The schedule's timestep where a (B,) float64 sigma is a schedule sigma, else ``t_interp`` (float32)."""
+        hit = self.schedule_sigmas[None, :] == sigma[:, None]
+        return torch.where(hit.any(1), self.schedule_t[hit.int().argmax(1)], t_interp.to(torch.float32))
 
     def model_input(self, x, sigma):
         x_in, t_interp = super().model_input(x, sigma)
@@ -58,9 +72,27 @@ class ScheduleDenoiser(wrappers.DiffusersUNetDenoiser):
             t = self.call_t.index_select(0, self.call_k).expand(sigma.shape[0])
             self.call_k.add_(1).remainder_(self.call_t.numel())
             return x_in, t
-        hit = self.schedule_sigmas[None, :] == sigma[:, None]
-        t = self.schedule_t[hit.int().argmax(1)]
-        return x_in, torch.where(hit.any(1), t, t_interp.to(torch.float32))
+        return x_in, self._timestep(sigma, t_interp)
+
+    def conversion(self, sigma):
+        """``(p, q)`` of ``D = p*x + q*m``; with LCM's boundary condition, in VE coordinates (z = x/sqrt(s^2 + 1)):
+        ``p = c_skip/sqrt(s^2 + 1) + c_out*p_x0``, ``q = c_out*q_x0`` at the timestep the UNet gets at sigma s. A float
+        sigma (table building) looks the timestep up on the host, a tensor on the device."""
+        p, q = super().conversion(sigma)
+        if self.timestep_scaling is None:
+            return p, q
+        if isinstance(sigma, torch.Tensor):
+            s = sigma.to(torch.float64)
+            t = self._timestep(s, self.sigma_to_t(s)).to(torch.float64)
+        else:
+            s = float(sigma)
+            t = self._host_t.get(s)
+            if t is None:  # off the schedule (another method's midpoints, churn): sigma_to_t on the host table
+                log_s, ls = math.log(s) if s > 0 else -math.inf, self._host_log_sigmas
+                t = float(np.interp(log_s, ls, np.arange(len(ls))))
+        u, d2 = t * self.timestep_scaling, SIGMA_DATA * SIGMA_DATA
+        c_skip, c_out = d2 / (u * u + d2), u / (u * u + d2) ** 0.5
+        return c_skip / (s * s + 1) ** 0.5 + c_out * p, c_out * q
 
 
 class _AlphaUNet(torch.nn.Module):
@@ -82,7 +114,7 @@ def _stochastic(method: str, knobs: dict) -> bool:
         return knobs["variant"] == "stochastic"
     k = dict(defaults(method), **knobs)
     return (k.get("eta", 0) > 0 or k.get("s_churn", 0) > 0 or k.get("mu", 0) > 0
-            or (method == "sde" and k.get("lam", 0) > 0))
+            or (method == "sde" and k.get("lam", 0) > 0) or (method == "lcm" and k["s_noise"] > 0))
 
 
 def _seed(generator, batch: int):
@@ -127,7 +159,10 @@ class AcceleratedPipeline:
         """(diffkern scheduler after set_timesteps, its LoopSpec) for the pipeline's current scheduler."""
         ours = diffkern_scheduler(self.pipe.scheduler)
         ours.set_timesteps(num_inference_steps)
-        return ours, loop_spec(ours, eta)
+        spec = loop_spec(ours, eta)
+        if spec.flow:  # a velocity network and no init_noise_sigma: the UNet pipelines cannot run it either
+            raise ValueError(f"accelerate: {type(ours).__name__} runs in flow-matching transformer pipelines only")
+        return ours, spec
 
     def _graph_mode(self, device: torch.device):
         """What ``graph`` means for this call: CUDA-graph capture only for CUDA tensors."""
@@ -144,8 +179,9 @@ class AcceleratedPipeline:
             models[key] = build()
         return models[key]
 
-    def _run(self, ours, spec, latents, generator, guidance_scale=1.0, extra=None):
-        """The loop: initial latents (already times init_noise_sigma) -> final latents, in latents' dtype."""
+    def _run(self, ours, spec, latents, generator, guidance_scale=1.0, extra=None, guidance_rescale=0.0):
+        """The loop: initial latents (already times init_noise_sigma) -> final latents, in latents' dtype.
+        ``guidance_rescale`` (with CFG): :class:`~.accelerate_text2img.RescaledCFGDenoiser`."""
         from ..sampling import sample, sample_iadb
 
         if self.method is not None and spec.method == "iadb":
@@ -157,6 +193,10 @@ class AcceleratedPipeline:
         seed = _seed(generator, latents.shape[0]) if _stochastic(method, knobs) else 0
         graph = self._graph_mode(latents.device)
         if method == "iadb":
+            if extra:  # sample_iadb's model(x_alpha, alpha) takes no conditioning, hence no CFG either
+                raise ValueError(f"accelerate: IADBScheduler in the text-to-image {type(self.pipe).__name__} is not "
+                                 "supported by the fused loop (the IADB loop runs unconditional pipelines only); "
+                                 "run the pipeline with diffkern.diffusers.IADBScheduler as its scheduler instead")
             model = self._model(("iadb", id(self.pipe.unet), ours.config.timestep_scale),
                                 lambda: _AlphaUNet(self.pipe.unet, ours.config.timestep_scale))
             out = sample_iadb(model, latents, spec.sigmas, knobs["variant"], lam=knobs["lam"], backend=self.backend,
@@ -164,11 +204,20 @@ class AcceleratedPipeline:
             return out.to(latents.dtype)
         pred = "sample" if ours.config.prediction_type == "original_sample" else ours.config.prediction_type
         calls = spec.call_timesteps if method == spec.method else None  # another method calls at other sigmas
+        rescale = float(guidance_rescale) if guidance_scale != 1.0 else 0.0  # the pipelines' rule: with CFG only
         key = (id(self.pipe.unet), type(ours).__name__, tuple(spec.sigmas), tuple(spec.timesteps), pred,
-               guidance_scale != 1.0, latents.device, calls is not None)
-        model = self._model(key, lambda: ScheduleDenoiser(self.pipe.unet, ours.alphas_cumprod, pred, spec.sigmas[:-1],
-                                                          spec.timesteps, call_timesteps=calls).to(latents.device))
-        model.guidance_scale = float(guidance_scale)  # a table value: a captured loop stays valid
+               guidance_scale != 1.0, latents.device, calls is not None, rescale != 0, spec.boundary)
+        cls = ScheduleDenoiser
+        if rescale:
+            from .accelerate_text2img import RescaledCFGDenoiser as cls
+        # LCM: every method runs on the boundary-conditioned denoiser (the consistency function), as the model is one
+        model = self._model(key, lambda: cls(self.pipe.unet, ours.alphas_cumprod, pred, spec.sigmas[:-1],
+                                             spec.timesteps, call_timesteps=calls,
+                                             timestep_scaling=spec.boundary).to(latents.device))
+        if rescale:
+            model.set_guidance(guidance_scale, rescale)  # device data: a captured loop stays valid
+        else:
+            model.guidance_scale = float(guidance_scale)  # a table value: a captured loop stays valid
         model.restart()
         x = latents if latents.dtype == torch.float64 else latents.to(torch.float32)  # the state stays >= float32
         if spec.vp:
@@ -184,13 +233,18 @@ class AcceleratedPipeline:
         """The wrapped pipeline's call with its usual arguments (``num_inference_steps``, ``generator``,
         ``output_type``, ``return_dict``, ``eta``; text-to-image: ``prompt``, ``negative_prompt``,
         ``guidance_scale``, ``num_images_per_prompt``, ``height``, ``width``, ``latents``, ``prompt_embeds``,
-        ``negative_prompt_embeds``, ``cross_attention_kwargs``, ``clip_skip``). Per-step hooks and schedule
-        overrides (callbacks, custom timesteps/sigmas, guidance_rescale, IP-adapters) raise."""
+        ``negative_prompt_embeds``, ``cross_attention_kwargs``, ``guidance_rescale``, ``clip_skip``; SDXL also
+        ``prompt_2``, ``negative_prompt_2``, the pooled embeddings and the ``add_time_ids`` sizes). Per-step hooks
+        and schedule overrides (callbacks, custom timesteps/sigmas but for the LCM pipeline's timesteps, SDXL's
+        denoising_end, IP-adapters) raise."""
         if self.kind == "unconditional":
             if prompt is not None:
                 raise TypeError("prompt: this is an unconditional pipeline")
             return self._call_unconditional(**kwargs)
-        return self._call_text2img(prompt, **kwargs)
+        from . import accelerate_text2img as text2img
+
+        call = {"sdxl": text2img.call_sdxl, "lcm": text2img.call_lcm}.get(self.kind, text2img.call_sd)
+        return call(self, prompt, **kwargs)
 
     def _call_unconditional(self, batch_size=1, generator=None, num_inference_steps=None, eta=None,
                             use_clipped_model_output=None, output_type="pil", return_dict=True, **unsupported):
@@ -228,66 +282,6 @@ class AcceleratedPipeline:
                           "fused loop does both, so its images differ from the pipeline's own (which are not "
                           "samples of the model)", stacklevel=3)
 
-    def _call_text2img(self, prompt, height=None, width=None, num_inference_steps=None, guidance_scale=None,
-                       negative_prompt=None, num_images_per_prompt=1, eta=None, generator=None, latents=None,
-                       prompt_embeds=None, negative_prompt_embeds=None, output_type="pil", return_dict=True,
-                       cross_attention_kwargs=None, guidance_rescale=0.0, clip_skip=None, **unsupported):
-        from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
-
-        if guidance_rescale:
-            unsupported["guidance_rescale"] = guidance_rescale
-        _reject(unsupported)
-        pipe = self.pipe
-        unet = pipe.unet
-        steps = num_inference_steps or _default(pipe, "num_inference_steps", 50)
-        w = guidance_scale if guidance_scale is not None else _default(pipe, "guidance_scale", 7.5)
-        vae_scale = getattr(pipe, "vae_scale_factor", 2 ** (len(pipe.vae.config.block_out_channels) - 1))
-        size = unet.config.sample_size
-        height = height or (size if isinstance(size, int) else size[0]) * vae_scale
-        width = width or (size if isinstance(size, int) else size[1]) * vae_scale
-        if prompt is not None:
-            batch = 1 if isinstance(prompt, str) else len(prompt)
-        elif prompt_embeds is not None:
-            batch = prompt_embeds.shape[0]
-        else:
-            raise ValueError("prompt: pass a prompt (str or list) or prompt_embeds")
-        device = pipe._execution_device
-        cfg = w > 1 and unet.config.time_cond_proj_dim is None
-        lora_scale = (cross_attention_kwargs or {}).get("scale")
-        prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(
-            prompt, device, num_images_per_prompt, cfg, negative_prompt, prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds, lora_scale=lora_scale, clip_skip=clip_skip)
-        n = batch * num_images_per_prompt
-        shape = (n, unet.config.in_channels, int(height) // vae_scale, int(width) // vae_scale)
-        if isinstance(generator, list) and len(generator) != n:
-            raise ValueError(f"generator: a list of {len(generator)} generators for a batch of {n}")
-        ours, spec = self._schedule(steps, eta if eta is not None else _default(pipe, "eta", 0.0))
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=prompt_embeds.dtype)
-        else:
-            latents = latents.to(device)
-        latents = latents * float(ours.init_noise_sigma)
-        extra = {"encoder_hidden_states": prompt_embeds}
-        if cfg:
-            extra["uncond_encoder_hidden_states"] = negative_prompt_embeds
-        if cross_attention_kwargs is not None:
-            extra["cross_attention_kwargs"] = cross_attention_kwargs
-        latents = self._run(ours, spec, latents, generator, guidance_scale=w if cfg else 1.0, extra=extra)
-        nsfw = None
-        if output_type == "latent":
-            image = latents
-        else:
-            image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
-            if hasattr(pipe, "run_safety_checker"):
-                image, nsfw = pipe.run_safety_checker(image, device, prompt_embeds.dtype)
-        denormalize = [True] * image.shape[0] if nsfw is None else [not flag for flag in nsfw]
-        image = pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=denormalize)
-        if hasattr(pipe, "maybe_free_model_hooks"):
-            pipe.maybe_free_model_hooks()
-        if not return_dict:
-            return (image, nsfw)
-        return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=nsfw)
-
 
 def _reject(unsupported: dict) -> None:
     given = {k: v for k, v in unsupported.items() if v is not None}
@@ -307,7 +301,7 @@ def _check_call_arguments(pipe, who: str, handler) -> None:
     """Raise unless every argument of the pipeline's ``__call__`` is one ``handler`` implements (or refuses when
     given). A pipeline with more (img2img's ``image``, PAG's ``pag_scale``, ControlNet's ...) runs a different loop,
     which the fused one would silently replace by plain text-to-image sampling."""
-    known = (set(inspect.signature(handler).parameters) | _REFUSED_IF_GIVEN) - {"unsupported"}
+    known = (set(inspect.signature(handler).parameters) | _REFUSED_IF_GIVEN | {"self"}) - {"unsupported"}
     params = inspect.signature(type(pipe).__call__).parameters.values()
     extra = sorted(p.name for p in params
                    if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in known)
@@ -320,6 +314,9 @@ def _pipeline_kind(pipe) -> str:
     from diffusers import UNet2DConditionModel, UNet2DModel
 
     who = type(pipe).__name__
+    if getattr(pipe, "transformer", None) is not None:  # flow-matching transformer pipelines (SD3)
+        from .accelerate_sd3 import transformer_kind
+        return transformer_kind(pipe, who)
     unet = getattr(pipe, "unet", None)
     if unet is None or getattr(pipe, "scheduler", None) is None:
         raise TypeError(f"accelerate: unsupported pipeline {who}: expected a pipeline with a `unet` and a `scheduler`")
@@ -332,21 +329,9 @@ def _pipeline_kind(pipe) -> str:
         _check_call_arguments(pipe, who, AcceleratedPipeline._call_unconditional)
         return "unconditional"
     if isinstance(unet, UNet2DConditionModel) and hasattr(pipe, "encode_prompt") and hasattr(pipe, "vae"):
-        for option in ("addition_embed_type", "class_embed_type", "encoder_hid_dim_type"):
-            if unet.config.get(option) is not None:
-                raise TypeError(f"accelerate: unsupported pipeline {who}: its UNet has {option}="
-                                f"{unet.config.get(option)!r} (added conditioning is not supported)")
-        if unet.config.get("time_cond_proj_dim") is not None:
-            raise TypeError(f"accelerate: unsupported pipeline {who}: guidance-embedding UNets (time_cond_proj_dim) "
-                            "are not supported")
-        _check_call_arguments(pipe, who, AcceleratedPipeline._call_text2img)
-        from diffusers.image_processor import VaeImageProcessor
+        from .accelerate_text2img import text2img_kind
 
-        processor = type(getattr(pipe, "image_processor", None))
-        if processor is not VaeImageProcessor:  # LDM3D's returns (rgb, depth) and the pipeline another output class
-            raise TypeError(f"accelerate: unsupported pipeline {who}: its image_processor is a {processor.__name__}, "
-                            "not the VaeImageProcessor whose postprocessing the fused loop reproduces")
-        return "text2img"
+        return text2img_kind(pipe, who, unet)
     raise TypeError(f"accelerate: unsupported pipeline {who} with a {type(unet).__name__}: expected an unconditional "
                     "UNet2DModel pipeline or a text-to-image UNet2DConditionModel pipeline with encode_prompt and vae")
 
@@ -356,11 +341,19 @@ def accelerate(pipe, method=None, backend="auto", graph="auto", progress=False, 
 
     Args:
         pipe: an unconditional ``UNet2DModel`` pipeline or a text-to-image ``UNet2DConditionModel`` pipeline
-            (``encode_prompt``, ``vae``, ``image_processor``). Its scheduler (diffusers' or diffkern's DDIM, DDPM,
-            DPM-Solver++, Euler, Euler-ancestral, Heun, KDPM2, KDPM2-ancestral, GE or IADB) gives the schedule; it
-            is read at each call, so a later ``pipe.scheduler = ...`` applies. A pipeline whose ``__call__`` takes arguments beyond those of
-            ``StableDiffusionPipeline`` / ``DDIMPipeline`` (img2img, ControlNet, PAG, ...) raises TypeError naming them.
+            (``encode_prompt``, ``vae``, ``image_processor``): ``StableDiffusionPipeline``, or
+            ``StableDiffusionXLPipeline`` (two text encoders, pooled embeddings and ``add_time_ids`` as the UNet's
+            ``added_cond_kwargs``; ``denoising_end`` raises), or ``LatentConsistencyModelPipeline`` (its guidance
+            embedding as the UNet's ``timestep_cond``, no CFG batch). ``guidance_rescale`` is applied in PyTorch between
+            the batched UNet call and the fused step. Its scheduler (diffusers' or diffkern's DDIM, DDPM,
+            DPM-Solver++, Euler, Euler-ancestral, Heun, KDPM2, KDPM2-ancestral, GE, LCM, or IADB in unconditional
+            pipelines) gives the schedule; it is read at each call, so a later ``pipe.scheduler = ...`` applies. A
+            pipeline whose ``__call__`` takes arguments beyond those of ``StableDiffusionPipeline`` /
+            ``StableDiffusionXLPipeline`` / ``DDIMPipeline`` (img2img, ControlNet, PAG, ...), or a UNet with other
+            added conditioning, raises TypeError naming them.
         method: a :func:`diffkern.sampling.sample` method to use instead of the scheduler's own (on its schedule).
+            With an LCMScheduler every method runs on the consistency function (the boundary-conditioned denoiser
+            ``c_skip(t)*z + c_out(t)*x0``, interpolated t between schedule sigmas), the model's own denoiser.
         backend: fused-op backend ("auto", "reference", "cpp", "triton", "cuda").
         graph: "auto" (the whole loop as one CUDA graph for CUDA pipelines, :mod:`diffkern.graphs`, falling back to
             the fused eager loop with a warning when it cannot be captured; eager on other devices), True (requires
@@ -387,7 +380,9 @@ def accelerate(pipe, method=None, backend="auto", graph="auto", progress=False, 
     elif knobs:
         raise TypeError(f"accelerate: knobs {sorted(knobs)} need an explicit method=")
     kind = _pipeline_kind(pipe)
-    acc = AcceleratedPipeline(pipe, method, backend, graph, progress, knobs, kind)
+    from .accelerate_sd3 import FlowAcceleratedPipeline
+    cls = FlowAcceleratedPipeline if kind == "sd3" else AcceleratedPipeline
+    acc = cls(pipe, method, backend, graph, progress, knobs, kind)
     # An unsupported scheduler or config fails now, not at the first call. Some limits depend on the step count
     # (DPM-Solver's first-order last step below 15 steps): a config that runs at 10 or at 16 steps is accepted,
     # and a call with an unsupported count raises then.

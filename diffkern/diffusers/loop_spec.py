@@ -3,8 +3,9 @@ and knobs (:class:`LoopSpec`) of a scheduler after ``set_timesteps``, for :func:
 
 Equivalences used (``math-samplers.md`` 5-7): DDIM(eta) = Euler-ancestral(eta) in VE coordinates (eta = 0:
 Euler), DDPM ("fixed_small") = DDIM(eta = 1), DPM-Solver++(2M) = k-diffusion's ``dpmpp_2m``, diffusers' third-order
-DPM-Solver++ = diffkern's ``dpmsolver_3m`` (not k-diffusion's 3M: other second-order and SDE rows). Scheduler
-configurations the fused loop cannot reproduce raise ValueError naming the option.
+DPM-Solver++ = diffkern's ``dpmsolver_3m`` (not k-diffusion's 3M: other second-order and SDE rows), UniPC =
+diffkern's ``unipc`` (its corrector folded into the next row), LCM = ``lcm`` on the boundary-conditioned denoiser.
+Scheduler configurations the fused loop cannot reproduce raise ValueError naming the option.
 """
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ class LoopSpec:
     """A scheduler's loop as diffkern runs it: ``method`` on the VE schedule ``sigmas`` (IADB: alphas) with
     ``knobs``; ``timesteps[i]`` is the network timestep at ``sigmas[i]``; ``vp``: the pipeline's state is the VP
     ``z = x/sqrt(sigma^2 + 1)`` (DDIM/DDPM/DPM) rather than x itself; ``call_timesteps``: the network timestep of
-    each of ``method``'s model calls in order, where they are not a function of the call's sigma (else None)."""
+    each of ``method``'s model calls in order, where they are not a function of the call's sigma (else None);
+    ``boundary``: LCM's ``timestep_scaling``, whose boundary condition the denoiser applies (else None); ``flow``: a
+    flow-matching scheduler, whose state is ``x_t = x/(1 + sigma)`` and network a velocity (:func:`flow_spec`)."""
 
     method: str
     sigmas: list
@@ -30,6 +33,8 @@ class LoopSpec:
     knobs: dict
     vp: bool
     call_timesteps: Optional[list] = None
+    boundary: Optional[float] = None
+    flow: bool = False
 
 
 def _unsupported(name: str, option: str, value, why: str) -> ValueError:
@@ -61,6 +66,32 @@ def _third_order_knobs(name: str, cfg, steps: int, kept: int, sde: bool) -> dict
     raise _unsupported(name, "final_sigmas_type", "sigma_min",
                        f"with solver_order=3 and {steps} steps its last step goes from sigma_min to itself and the "
                        f"step before is of order {want[-1]}, which the fused loop without that step cannot give")
+
+
+# The VE sigma of flow time t = 1 (pure noise; t/(1 - t) is infinite). In float64 1 + 2^70 == 2^70, so the state
+# x = 2^70*x_t and the network input x/(1 + sigma) = x_t are exact, and the flow conversion (1/(1+s), -s/(1+s)) is
+# exactly (2^-70, -1): D = x_t - v, the limit t -> 1. Euler from there to sigma' gives x' = D + sigma'*x_t, i.e.
+# x_t' = (1 - t')*(x_t - v) + t'*x_t = x_t + (t' - 1)*v: the flow Euler step from t = 1, to float64 rounding.
+FLOW_TOP = 2.0 ** 70
+
+
+def flow_spec(ours) -> LoopSpec:
+    """A ``FlowMatchEulerDiscreteScheduler`` as a VE loop. Its state ``x_t = (1 - t)*x0 + t*n`` is the VE state
+    ``x = x_t/(1 - t)`` at ``sigma = t/(1 - t)``, its velocity ``v = n - x0`` gives ``D = x_t - t*v`` (the "flow"
+    conversion); then the flow Euler step ``x_t + (t' - t)*v`` is ``euler`` on those sigmas, and
+    ``stochastic_sampling``'s ``(1 - t')*x0 + t'*xi`` is ``lcm`` (``x' = D + sigma'*xi``). t = 1 maps to
+    :data:`FLOW_TOP`."""
+    name, cfg = type(ours).__name__, ours.config
+    if cfg.invert_sigmas:
+        raise _unsupported(name, "invert_sigmas", True, "its sigmas rise to 1 (Mochi's reversed time)")
+    ts = list(ours.sigmas_host)
+    bad = [t for t in ts if not 0.0 <= t <= 1.0]
+    if bad or any(b >= a for a, b in zip(ts[:-1], ts[1:])):
+        raise _unsupported(name, "sigmas", ts, "the fused loop needs flow sigmas in [0, 1] that decrease strictly"
+                           + (f"; {bad[0]} is outside" if bad else ""))
+    sigmas = [FLOW_TOP if t == 1.0 else t / (1.0 - t) for t in ts]
+    method = "lcm" if cfg.stochastic_sampling else "euler"
+    return LoopSpec(method, sigmas, list(ours._host_timesteps), {}, vp=False, flow=True)
 
 
 def diffkern_scheduler(scheduler) -> FusedScheduler:
@@ -130,6 +161,23 @@ def loop_spec(ours: FusedScheduler, eta: float = 0.0) -> LoopSpec:
             return LoopSpec("dpmpp_2m", sig, kept, {}, vp=True)
         return LoopSpec("dpmpp_2m_sde", sig, kept, {"eta": 1.0 if sde else 0.0, "solver_type": cfg.solver_type},
                         vp=True)
+    if name == "UniPCMultistepScheduler":
+        sig = list(ours.sigmas_host)
+        if math.isclose(sig[-1], sig[-2], rel_tol=1e-9):  # its output is the last correction: the step is not idle
+            raise _unsupported(name, "final_sigmas_type", "sigma_min", "its last step goes from sigma_min to itself, "
+                               "returning the last corrected sample; the fused loop needs strictly decreasing sigmas")
+        return LoopSpec("unipc", sig, ts, ours.loop_knobs(), vp=True)
+    if name == "LCMScheduler":
+        # z' = sqrt(ab')*D + sqrt(1-ab')*xi with D = c_skip(t)*z + c_out(t)*x0 is, in VE coordinates (x = z/sqrt(ab)),
+        # x' = D + sigma'*xi: sample_lcm on the denoiser with the boundary condition folded into its per-timestep
+        # conversion (ScheduleDenoiser's timestep_scaling). Step num_inference_steps - 1 (the last) returns D: sigma 0.
+        sig = ours.train_sigmas[ts].tolist() + [0.0]
+        if math.isinf(sig[0]):
+            raise _unsupported(name, "rescale_betas_zero_snr", True, f"its first timestep {ts[0]} has alpha-bar 0, "
+                               "an infinite VE sigma")
+        return LoopSpec("lcm", sig, ts, {}, vp=True, boundary=float(cfg.timestep_scaling))
+    if name == "FlowMatchEulerDiscreteScheduler":
+        return flow_spec(ours)
     sig = list(ours.sigmas_host)
     if name == "HeunDiscreteScheduler":
         ts = ts[:1] + ts[1::2]

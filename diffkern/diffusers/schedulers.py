@@ -30,7 +30,7 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .. import schedules
+from .. import coef_tables, schedules
 from ..ops import coefs, sampler_step
 from ..samplers import make_seed
 
@@ -291,6 +291,18 @@ class FusedScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"sample: shape/dtype/device changed during the loop (now {tuple(x.shape)} {x.dtype} "
                              f"{x.device}, was {tuple(h.shape)} {h.dtype} {h.device}); call set_timesteps again")
         return self._history
+
+    def _history_slots(self, x: torch.Tensor, i: int, first: bool, depth: int):
+        """(history, history2, history_out) of step ``i`` for a multistep scheduler of history ``depth`` (1 or 2).
+        Depth 2: two buffers swap roles by the parity of i (:func:`~diffkern.coef_tables.history_slots`, as the
+        sampling loop does), both starting at zero (0 * garbage may be NaN)."""
+        buffers = [self._history_for(x, first=first)]
+        if depth == 2:
+            pair = self.__dict__.get("_history_pair")
+            if first or pair is None or pair[0] is not buffers[0]:  # a new loop's buffers (set_timesteps drops H)
+                pair = self._history_pair = (buffers[0], torch.zeros_like(buffers[0]))
+            buffers = list(pair)
+        return coef_tables.history_slots(buffers, i)
 
     def _fused(self, key, row: int, x, model_output, *, noise=None, history=None, history2=None, history_out=None,
                x0=True):

@@ -225,7 +225,6 @@ class DPMSolverMultistepScheduler(FusedScheduler):
     lambdas, beta/flow sigmas, ``lambda_min_clipped`` with "trailing" spacing, dynamic shifting.
     """
 
-    _history_pair = None  # order 3: (the loop's first history buffer, its partner)
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
@@ -370,15 +369,7 @@ class DPMSolverMultistepScheduler(FusedScheduler):
         x = self._state_in(sample, model_output)
         begin = self._begin_index or 0
         first = i == begin
-        buffers = [self._history_for(x, first=first)]
-        if self.config.solver_order == 3:
-            # two buffers swapping roles by the parity of i (coef_tables.history_slots, as the sampling loop), both
-            # starting at zero (0 * garbage may be NaN)
-            pair = self._history_pair
-            if first or pair is None or pair[0] is not buffers[0]:  # a new loop's buffers (set_timesteps drops H)
-                pair = self._history_pair = (buffers[0], torch.zeros_like(buffers[0]))
-            buffers = list(pair)
-        history, history2, history_out = coef_tables.history_slots(buffers, i)
+        history, history2, history_out = self._history_slots(x, i, first, 2 if self.config.solver_order == 3 else 1)
         noise = None
         if self.eta:
             noise = variance_noise.to(device=x.device, dtype=x.dtype) if variance_noise is not None \
