@@ -202,14 +202,3 @@ def test_flow_scheduler_in_a_unet_pipeline_is_refused():
     with pytest.raises(ValueError, match="flow-matching transformer pipelines only"):
         dd.accelerate(pipe)
 
-
-def test_flux_is_refused():
-    torch.manual_seed(0)
-    transformer = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1,
-                                                   num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
-                                                   joint_attention_dim=32, pooled_projection_dim=16,
-                                                   axes_dims_rope=(2, 2, 4))
-    pipe = diffusers.FluxPipeline(scheduler=THEIRS(), vae=tiny_sd3(THEIRS()).vae, text_encoder=None, tokenizer=None,
-                                  text_encoder_2=None, tokenizer_2=None, transformer=transformer)
-    with pytest.raises(TypeError, match="FluxPipeline"):
-        dd.accelerate(pipe)

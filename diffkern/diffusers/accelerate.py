@@ -31,7 +31,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .. import wrappers
 from ..ops import backend_status
-from .loop_spec import diffkern_scheduler, loop_spec
+from .loop_spec import decreasing_prefix, diffkern_scheduler, loop_spec
 from .schedulers_lcm import SIGMA_DATA
 
 _MAX_MODELS = 8  # model wrappers (one per schedule) kept by an AcceleratedPipeline
@@ -211,8 +211,9 @@ class AcceleratedPipeline:
         if rescale:
             from .accelerate_text2img import RescaledCFGDenoiser as cls
         # LCM: every method runs on the boundary-conditioned denoiser (the consistency function), as the model is one
-        model = self._model(key, lambda: cls(self.pipe.unet, ours.alphas_cumprod, pred, spec.sigmas[:-1],
-                                             spec.timesteps, call_timesteps=calls,
+        table = decreasing_prefix(ours.alphas_cumprod)
+        model = self._model(key, lambda: cls(self.pipe.unet, table, pred, spec.sigmas[:-1], spec.timesteps,
+                                             call_timesteps=calls,
                                              timestep_scaling=spec.boundary).to(latents.device))
         if rescale:
             model.set_guidance(guidance_scale, rescale)  # device data: a captured loop stays valid
@@ -314,7 +315,7 @@ def _pipeline_kind(pipe) -> str:
     from diffusers import UNet2DConditionModel, UNet2DModel
 
     who = type(pipe).__name__
-    if getattr(pipe, "transformer", None) is not None:  # flow-matching transformer pipelines (SD3)
+    if getattr(pipe, "transformer", None) is not None:  # flow-matching transformer pipelines (SD3, Flux)
         from .accelerate_sd3 import transformer_kind
         return transformer_kind(pipe, who)
     unet = getattr(pipe, "unet", None)
@@ -380,8 +381,9 @@ def accelerate(pipe, method=None, backend="auto", graph="auto", progress=False, 
     elif knobs:
         raise TypeError(f"accelerate: knobs {sorted(knobs)} need an explicit method=")
     kind = _pipeline_kind(pipe)
+    from .accelerate_flux import FluxAcceleratedPipeline
     from .accelerate_sd3 import FlowAcceleratedPipeline
-    cls = FlowAcceleratedPipeline if kind == "sd3" else AcceleratedPipeline
+    cls = {"sd3": FlowAcceleratedPipeline, "flux": FluxAcceleratedPipeline}.get(kind, AcceleratedPipeline)
     acc = cls(pipe, method, backend, graph, progress, knobs, kind)
     # An unsupported scheduler or config fails now, not at the first call. Some limits depend on the step count
     # (DPM-Solver's first-order last step below 15 steps): a config that runs at 10 or at 16 steps is accepted,

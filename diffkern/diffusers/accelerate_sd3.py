@@ -86,18 +86,21 @@ class FlowAcceleratedPipeline(AcceleratedPipeline):
                              "unipc")
         knobs = dict(spec.knobs if self.method is None else {}, **self.knobs)
         seed = _seed(generator, latents.shape[0]) if _stochastic(method, knobs) else 0
-        transformer = self.pipe.transformer
-        T = self.pipe.scheduler.config.num_train_timesteps
-        key = ("flow", id(transformer), tuple(spec.sigmas), tuple(spec.timesteps), guidance_scale != 1.0,
-               latents.device)
-        model = self._model(key, lambda: FlowTransformerDenoiser(transformer, spec.sigmas[:-1], spec.timesteps,
-                                                                 T).to(latents.device))
+        model = self._flow_model(spec, latents, guidance_scale != 1.0)
         model.guidance_scale = float(guidance_scale)  # a table value: a captured loop stays valid
         x = latents if latents.dtype == torch.float64 else latents.to(torch.float32)  # the state stays >= float32
         x = x * (1.0 + spec.sigmas[0])  # VE state; at FLOW_TOP a power of two: exact
         out = sample(model, x, spec.sigmas, method, backend=self.backend, seed=seed, progress=self.progress,
                      extra_args=extra, graph=self._graph_mode(latents.device), **knobs)
         return (out / (1.0 + spec.sigmas[-1])).to(latents.dtype)
+
+    def _flow_model(self, spec, latents, cfg: bool):
+        """The transformer as a :class:`FlowTransformerDenoiser` on ``spec``'s schedule (one per schedule, reused)."""
+        transformer = self.pipe.transformer
+        T = self.pipe.scheduler.config.num_train_timesteps
+        key = ("flow", id(transformer), tuple(spec.sigmas), tuple(spec.timesteps), cfg, latents.device)
+        return self._model(key, lambda: FlowTransformerDenoiser(transformer, spec.sigmas[:-1], spec.timesteps,
+                                                                T).to(latents.device))
 
     @torch.no_grad()
     def __call__(self, prompt=None, **kwargs):
@@ -167,35 +170,47 @@ def call_sd3(acc, prompt=None, prompt_2=None, prompt_3=None, height=None, width=
         extra.update(uncond_encoder_hidden_states=negative_embeds, uncond_pooled_projections=negative_pooled)
     if joint_attention_kwargs is not None:
         extra["joint_attention_kwargs"] = joint_attention_kwargs
-    latents = acc._run_flow(spec, latents, generator, w if cfg else 1.0, extra)
-    if output_type == "latent":
-        image = latents
-    else:
-        latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-        image = pipe.vae.decode(latents, return_dict=False)[0]
-        image = pipe.image_processor.postprocess(image, output_type=output_type)
+    image = flow_images(pipe, acc._run_flow(spec, latents, generator, w if cfg else 1.0, extra), output_type)
     pipe.maybe_free_model_hooks()
     return StableDiffusion3PipelineOutput(images=image) if return_dict else (image,)
 
 
-def transformer_kind(pipe, who: str) -> str:
-    """"sd3" for a ``StableDiffusion3Pipeline`` (an ``SD3Transformer2DModel``, ``encode_prompt``, a VAE and
-    ``StableDiffusion3Pipeline``'s call arguments); raises TypeError naming what the fused loop cannot run."""
-    from diffusers import SD3Transformer2DModel
+def flow_images(pipe, latents, output_type: str, unpack=None):
+    """The pipeline's output from the loop's final latents: as they are ("latent"), else (after ``unpack``, Flux's
+    ``_unpack_latents``) ``latents/scaling_factor + shift_factor`` decoded by the VAE and postprocessed."""
+    if output_type == "latent":
+        return latents
+    if unpack is not None:
+        latents = unpack(latents)
+    latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+    image = pipe.vae.decode(latents, return_dict=False)[0]
+    return pipe.image_processor.postprocess(image, output_type=output_type)
+
+
+def check_image_processor(pipe, who: str) -> None:
+    """Raise unless the pipeline postprocesses with the VaeImageProcessor that :func:`flow_images` calls."""
     from diffusers.image_processor import VaeImageProcessor
 
+    processor = type(getattr(pipe, "image_processor", None))
+    if processor is not VaeImageProcessor:
+        raise TypeError(f"accelerate: unsupported pipeline {who}: its image_processor is a {processor.__name__}, "
+                        "not the VaeImageProcessor whose postprocessing the fused loop reproduces")
+
+
+def transformer_kind(pipe, who: str) -> str:
+    """"sd3" for a ``StableDiffusion3Pipeline`` (an ``SD3Transformer2DModel``, ``encode_prompt``, a VAE and
+    ``StableDiffusion3Pipeline``'s call arguments), "flux" for a ``FluxPipeline`` (:func:`.accelerate_flux.flux_kind`);
+    raises TypeError naming what the fused loop cannot run."""
+    from diffusers import SD3Transformer2DModel
+
     transformer = pipe.transformer
-    if type(pipe).__name__.startswith("Flux"):
-        raise TypeError(f"accelerate: unsupported pipeline {who}: Flux pipelines (packed latents, guidance embedding) "
-                        "are not supported by the fused loop yet; run the pipeline with "
-                        "diffkern.diffusers.FlowMatchEulerDiscreteScheduler as its scheduler instead")
+    if type(pipe).__name__.startswith("Flux") or type(transformer).__name__.startswith("Flux"):
+        from .accelerate_flux import flux_kind
+        return flux_kind(pipe, who)
     if not (isinstance(transformer, SD3Transformer2DModel) and hasattr(pipe, "encode_prompt")
             and getattr(pipe, "vae", None) is not None and getattr(pipe, "scheduler", None) is not None):
         raise TypeError(f"accelerate: unsupported pipeline {who} with a {type(transformer).__name__}: expected a "
                         "StableDiffusion3Pipeline (an SD3Transformer2DModel, encode_prompt, a vae and a scheduler)")
     _check_call_arguments(pipe, who, call_sd3)
-    processor = type(getattr(pipe, "image_processor", None))
-    if processor is not VaeImageProcessor:
-        raise TypeError(f"accelerate: unsupported pipeline {who}: its image_processor is a {processor.__name__}, "
-                        "not the VaeImageProcessor whose postprocessing the fused loop reproduces")
+    check_image_processor(pipe, who)
     return "sd3"

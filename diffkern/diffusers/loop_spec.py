@@ -13,6 +13,8 @@ import dataclasses
 import math
 from typing import Optional
 
+import torch
+
 from .. import coef_tables_3m, schedules
 from .schedulers import FusedScheduler
 from .schedulers_ge import IADBScheduler
@@ -51,6 +53,23 @@ def _drop_identity_end(name: str, sigmas: list, timesteps: list) -> tuple[list, 
             raise _unsupported(name, "final_sigmas_type", "sigma_min", "its single step goes from sigma_min to itself")
         return sigmas[:-1], timesteps[:-1]
     return sigmas, timesteps
+
+
+def _check_unipc_decreasing(name: str, cfg, sig: list, n: int) -> None:
+    """Raise unless the sigmas strictly decrease. Level 1 UniPC runs schedules whose sigma repeats (solver_order=1 with
+    N >= T steps, "leading" timesteps clamped to T - 1 by steps_offset) or rises over the first step (zero terminal
+    SNR floors alpha-bar(T-1) at 2^-24, above alpha-bar(T-2) on steep tables); the fused sampler cannot."""
+    for i, (a, b) in enumerate(zip(sig[:-1], sig[1:])):
+        if b >= a:
+            if b > a and cfg.rescale_betas_zero_snr:
+                key = "rescale_betas_zero_snr"
+            elif cfg.timestep_spacing == "leading" and n < cfg.num_train_timesteps:
+                key = "steps_offset"
+            else:
+                key = "timestep_spacing"
+            raise _unsupported(name, key, cfg[key], f"with {n} steps over num_train_timesteps="
+                               f"{cfg.num_train_timesteps} step {i} goes from sigma {a:.6g} to {b:.6g}; the fused loop "
+                               "needs strictly decreasing sigmas")
 
 
 def _third_order_knobs(name: str, cfg, steps: int, kept: int, sde: bool) -> dict:
@@ -166,6 +185,7 @@ def loop_spec(ours: FusedScheduler, eta: float = 0.0) -> LoopSpec:
         if math.isclose(sig[-1], sig[-2], rel_tol=1e-9):  # its output is the last correction: the step is not idle
             raise _unsupported(name, "final_sigmas_type", "sigma_min", "its last step goes from sigma_min to itself, "
                                "returning the last corrected sample; the fused loop needs strictly decreasing sigmas")
+        _check_unipc_decreasing(name, cfg, sig, len(ts))
         return LoopSpec("unipc", sig, ts, ours.loop_knobs(), vp=True)
     if name == "LCMScheduler":
         # z' = sqrt(ab')*D + sqrt(1-ab')*xi with D = c_skip(t)*z + c_out(t)*x0 is, in VE coordinates (x = z/sqrt(ab)),
@@ -197,3 +217,13 @@ def loop_spec(ours: FusedScheduler, eta: float = 0.0) -> LoopSpec:
     if name == "GEScheduler":
         return LoopSpec("ge", sig, ts, {"gamma": float(cfg.gamma), "mu": float(cfg.mu)}, vp=False)
     raise ValueError(f"accelerate: unsupported scheduler {name}")
+
+
+def decreasing_prefix(alphas_cumprod) -> torch.Tensor:
+    """The longest prefix of an alpha-bar table that strictly decreases (float64). Zero terminal SNR floors
+    alpha-bar(T-1) at 2^-24 (diffusers' UniPC, DPM-Solver, Euler), above alpha-bar(T-2): the wrapper would refuse the
+    whole table. It matches the schedule's own sigmas exactly (the floored one too) and interpolates other sigmas
+    (another method's midpoints) in this prefix."""
+    ab = torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float64)
+    rises = (ab[1:] >= ab[:-1]).nonzero()
+    return ab if rises.numel() == 0 else ab[: int(rises[0, 0]) + 1]

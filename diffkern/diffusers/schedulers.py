@@ -142,6 +142,7 @@ class FusedScheduler(SchedulerMixin, ConfigMixin):
     # alpha-bar at t = T-1 with rescale_betas_zero_snr: diffusers' Euler and DPM-Solver floor it at 2**-24 (a finite
     # largest sigma, ~4096); DDIM and DDPM keep 0 (None)
     _zero_snr_floor = 2.0 ** -24
+    _locate_start = False  # see _locate
 
     def _init_training(self, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                        rescale_betas_zero_snr=False) -> None:
@@ -231,7 +232,8 @@ class FusedScheduler(SchedulerMixin, ConfigMixin):
         if self._host_timesteps is None:
             raise ValueError(f"{who}: call set_timesteps(num_inference_steps) before scale_model_input/step")
         if self._step_index is None:
-            self._step_index = self._begin_index or 0
+            self._step_index = self._loop_start = self._begin_index if self._begin_index is not None \
+                else self._locate(timestep)
         i = self._step_index
         n = len(self._host_timesteps)
         if i >= n:
@@ -243,6 +245,25 @@ class FusedScheduler(SchedulerMixin, ConfigMixin):
                              f"schedule), got {got:g}; steps must follow scheduler.timesteps in order "
                              "(set_begin_index(k) starts a loop at timesteps[k])")
         return i
+
+    def _locate(self, timestep) -> int:
+        """Index of a loop's first step when no begin index is set: 0, or (``_locate_start``: the classes whose
+        diffusers counterpart runs ``index_for_timestep``, so that pipelines that never call ``set_begin_index`` can
+        start mid-schedule) the position of ``timestep`` in the schedule, the second of two equal ones, as diffusers.
+        Found on the host: from the value of a host timestep, or from the storage offset of a device timestep that is
+        a view into ``self.timesteps`` (a pipeline iterating a slice of it). Any other device timestep gives 0, as
+        before: reading its value would synchronise. A value not in the schedule gives 0 (the check then raises)."""
+        host = self._host_timesteps
+        value = host_value(timestep) if self._locate_start else None
+        ts = self.timesteps
+        if self._locate_start and value is None and isinstance(timestep, torch.Tensor) and timestep.numel() == 1 \
+                and timestep.device == ts.device and timestep.dtype == ts.dtype and ts.dim() == 1 \
+                and timestep.device.type != "meta" \
+                and timestep.untyped_storage().data_ptr() == ts.untyped_storage().data_ptr():
+            pos, rem = divmod(timestep.storage_offset() - ts.storage_offset(), ts.stride(0) or 1)
+            value = host[pos] if rem == 0 and 0 <= pos < len(host) else None
+        hits = [k for k, v in enumerate(host) if v == value] if value is not None else []
+        return hits[1] if len(hits) > 1 else hits[0] if hits else 0
 
     def _advance(self) -> None:
         self._step_index += 1

@@ -97,6 +97,7 @@ class FlowMatchEulerDiscreteScheduler(FusedScheduler):
     _compatibles = []  # as diffusers: this class shares no config family with the Karras schedulers
     order = 1
     _vp_state = False
+    _locate_start = True  # no set_begin_index: the first step's timestep gives its index, as diffusers
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, use_dynamic_shifting: bool = False,

@@ -27,6 +27,7 @@ class _KScheduler(FusedScheduler):
     """Shared set-up: VE sigmas at diffusers' timesteps, Karras/exponential options, input scaling."""
 
     _vp_state = False
+    _locate_start = True  # no set_begin_index: the first step's timestep gives its index, as diffusers
 
     def _init_k(self, who, prediction_type, timestep_spacing, use_karras_sigmas, use_exponential_sigmas,
                 use_beta_sigmas, final_sigmas_type="zero", interpolation_type="linear", timestep_type="discrete"):
@@ -248,7 +249,7 @@ class HeunDiscreteScheduler(_TwoCallScheduler):
         _, plan = self._plan(("heun",))
         x = self._state_in(sample, model_output)
         i, corrector = k // 2, k % 2 == 1
-        history = self._history_for(x, first=k == (self._begin_index or 0))
+        history = self._history_for(x, first=k == self._loop_start)
         if corrector:
             prev, x0 = self._fused(("heun",), plan.corrector_row + i, x, model_output, history=history)
         else:

@@ -106,7 +106,7 @@ class _KDPM2Scheduler(_TwoCallScheduler):
         _, plan = self._plan(self._key)
         x = self._state_in(sample, model_output)
         i = k // 2
-        history = self._history_for(x, first=k == (self._begin_index or 0))
+        history = self._history_for(x, first=k == self._loop_start)
         if k % 2:
             noise = self._draw(generator, model_output, x) if self._noisy else None
             prev, x0 = self._fused(self._key, plan.corrector_row + i, x, model_output, history=history, noise=noise)

@@ -72,6 +72,7 @@ class LCMScheduler(FusedScheduler):
     """
 
     _zero_snr_floor = None  # zero terminal SNR: alpha-bar(T-1) = 0, as diffusers' LCM
+    _locate_start = True  # no set_begin_index: the first step's timestep gives its index, as diffusers
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,

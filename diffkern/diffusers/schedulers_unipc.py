@@ -60,6 +60,7 @@ class UniPCMultistepScheduler(FusedScheduler):
     can give N + 1 of them, the last t = -1).
     """
 
+    _locate_start = True  # no set_begin_index: the first step's timestep gives its index, as diffusers
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
@@ -175,7 +176,7 @@ class UniPCMultistepScheduler(FusedScheduler):
         ``disable_corrector`` says) and the next prediction, as one fused op; returns (prev_sample,)."""
         i = self._index(timestep)
         x = self._state_in(sample, model_output)
-        begin = self._begin_index or 0
+        begin = self._loop_start  # set_begin_index's, or where a loop without it started
         first = i == begin
         history, history2, history_out = self._history_slots(x, i, first, 2 if self.config.solver_order == 2 else 1)
         prev, _ = self._fused(self._key(begin), i, x, model_output, history=history, history2=history2,

@@ -28,6 +28,7 @@ def _check_common(who, prediction_type, thresholding, timestep_spacing):
 
 class _VPScheduler(FusedScheduler):
     """DDIM/DDPM: integer timesteps; DDIM steps from ``t`` to ``t - T//N``, DDPM to the next timestep."""
+    _locate_start = True  # no set_begin_index: the first step's timestep gives its index, as diffusers
 
     _next_is_prev = False
     _zero_snr_floor = None  # zero terminal SNR: alpha-bar(T-1) = 0, as diffusers' DDIM/DDPM
@@ -224,6 +225,7 @@ class DPMSolverMultistepScheduler(FusedScheduler):
     Unsupported: the dpmsolver (non-++) algorithm types, thresholding, learned variances, Lu
     lambdas, beta/flow sigmas, ``lambda_min_clipped`` with "trailing" spacing, dynamic shifting.
     """
+    _locate_start = True  # no set_begin_index: the first step's timestep gives its index, as diffusers
 
 
     @register_to_config
@@ -367,7 +369,7 @@ class DPMSolverMultistepScheduler(FusedScheduler):
         draws it (float32), else Philox noise; "dpmsolver++" ignores both, as diffusers does."""
         i = self._index(timestep)
         x = self._state_in(sample, model_output)
-        begin = self._begin_index or 0
+        begin = self._loop_start  # set_begin_index's, or where a loop without it started
         first = i == begin
         history, history2, history_out = self._history_slots(x, i, first, 2 if self.config.solver_order == 3 else 1)
         noise = None
