@@ -117,9 +117,11 @@ def plot_lines(rows: Sequence[dict], path: str, *, x: str, y: str, series: str, 
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, p in zip(axes[0], panels):
         sub = [r for r in rows if r[panel] == p]
-        for s in dict.fromkeys(r[series] for r in sub):
+        for k, s in enumerate(dict.fromkeys(r[series] for r in sub)):
             pts = sorted((r[x], r[y]) for r in sub if r[series] == s)
-            ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", label=str(s))
+            # matplotlib cycles 10 colours: past them, another line style and marker keeps every series distinct
+            ax.plot([a for a, _ in pts], [b for _, b in pts], color=f"C{k % 10}", marker="os^"[k // 10 % 3],
+                    linestyle=("-", "--", ":")[k // 10 % 3], label=str(s))
         if xlog:
             ax.set_xscale("log", base=2)
         if ylog:
