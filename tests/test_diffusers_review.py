@@ -227,11 +227,11 @@ def test_accelerate_callback_tensor_inputs_without_callback(tiny_sd):
         fast("a cat", callback_on_step_end=lambda *a: {}, **kw)
 
 def test_accelerate_refuses_pipelines_with_other_loops(tiny_sd):
-    """Pipelines whose loop does more than plain sampling (img2img, PAG) or decodes latents (LDM) are refused by
+    """Pipelines whose loop does more than plain sampling (inpainting, PAG) or decodes latents (LDM) are refused by
     name at accelerate(), not silently run as plain text-to-image / unconditional sampling."""
     base = tiny_sd(diffusers.EulerDiscreteScheduler())
-    with pytest.raises(TypeError, match=r"StableDiffusionImg2ImgPipeline: its __call__ takes \['image', 'strength'\]"):
-        dd.accelerate(diffusers.StableDiffusionImg2ImgPipeline(**base.components))
+    with pytest.raises(TypeError, match=r"StableDiffusionInpaintPipeline: its __call__ takes .*'mask_image'"):
+        dd.accelerate(diffusers.StableDiffusionInpaintPipeline(**base.components))
     with pytest.raises(TypeError, match="StableDiffusionPAGPipeline.*pag_scale"):
         dd.accelerate(diffusers.StableDiffusionPAGPipeline(**base.components, pag_applied_layers=["mid"]))
     vqvae = diffusers.VQModel(in_channels=3, out_channels=3, latent_channels=3, block_out_channels=(8,),

@@ -242,9 +242,9 @@ class AcceleratedPipeline:
             if prompt is not None:
                 raise TypeError("prompt: this is an unconditional pipeline")
             return self._call_unconditional(**kwargs)
-        from . import accelerate_text2img as text2img
+        from . import accelerate_img2img as img2img, accelerate_text2img as text2img
 
-        call = {"sdxl": text2img.call_sdxl, "lcm": text2img.call_lcm}.get(self.kind, text2img.call_sd)
+        call = {"sdxl": text2img.call_sdxl, "lcm": text2img.call_lcm, **img2img.CALLS}.get(self.kind, text2img.call_sd)
         return call(self, prompt, **kwargs)
 
     def _call_unconditional(self, batch_size=1, generator=None, num_inference_steps=None, eta=None,
@@ -300,8 +300,8 @@ _REFUSED_IF_GIVEN = {"timesteps", "sigmas", "ip_adapter_image", "ip_adapter_imag
 
 def _check_call_arguments(pipe, who: str, handler) -> None:
     """Raise unless every argument of the pipeline's ``__call__`` is one ``handler`` implements (or refuses when
-    given). A pipeline with more (img2img's ``image``, PAG's ``pag_scale``, ControlNet's ...) runs a different loop,
-    which the fused one would silently replace by plain text-to-image sampling."""
+    given). A pipeline with more (inpainting's ``mask_image``, PAG's ``pag_scale``, ControlNet's ...) runs a
+    different loop, which the fused one would silently replace by plain text-to-image sampling."""
     known = (set(inspect.signature(handler).parameters) | _REFUSED_IF_GIVEN | {"self"}) - {"unsupported"}
     params = inspect.signature(type(pipe).__call__).parameters.values()
     extra = sorted(p.name for p in params
@@ -330,9 +330,10 @@ def _pipeline_kind(pipe) -> str:
         _check_call_arguments(pipe, who, AcceleratedPipeline._call_unconditional)
         return "unconditional"
     if isinstance(unet, UNet2DConditionModel) and hasattr(pipe, "encode_prompt") and hasattr(pipe, "vae"):
+        from .accelerate_img2img import img2img_kind
         from .accelerate_text2img import text2img_kind
 
-        return text2img_kind(pipe, who, unet)
+        return img2img_kind(pipe, who, unet) or text2img_kind(pipe, who, unet)
     raise TypeError(f"accelerate: unsupported pipeline {who} with a {type(unet).__name__}: expected an unconditional "
                     "UNet2DModel pipeline or a text-to-image UNet2DConditionModel pipeline with encode_prompt and vae")
 
@@ -341,17 +342,16 @@ def accelerate(pipe, method=None, backend="auto", graph="auto", progress=False, 
     """Wrap ``pipe`` so that its denoising loop runs in diffkern.
 
     Args:
-        pipe: an unconditional ``UNet2DModel`` pipeline or a text-to-image ``UNet2DConditionModel`` pipeline
-            (``encode_prompt``, ``vae``, ``image_processor``): ``StableDiffusionPipeline``, or
-            ``StableDiffusionXLPipeline`` (two text encoders, pooled embeddings and ``add_time_ids`` as the UNet's
-            ``added_cond_kwargs``; ``denoising_end`` raises), or ``LatentConsistencyModelPipeline`` (its guidance
-            embedding as the UNet's ``timestep_cond``, no CFG batch). ``guidance_rescale`` is applied in PyTorch between
-            the batched UNet call and the fused step. Its scheduler (diffusers' or diffkern's DDIM, DDPM,
-            DPM-Solver++, Euler, Euler-ancestral, Heun, KDPM2, KDPM2-ancestral, GE, LCM, or IADB in unconditional
-            pipelines) gives the schedule; it is read at each call, so a later ``pipe.scheduler = ...`` applies. A
-            pipeline whose ``__call__`` takes arguments beyond those of ``StableDiffusionPipeline`` /
-            ``StableDiffusionXLPipeline`` / ``DDIMPipeline`` (img2img, ControlNet, PAG, ...), or a UNet with other
-            added conditioning, raises TypeError naming them.
+        pipe: an unconditional ``UNet2DModel`` pipeline; ``StableDiffusionPipeline``, its img2img pipeline, or
+            ``StableDiffusionXLPipeline`` (pooled embeddings and ``add_time_ids`` as ``added_cond_kwargs``;
+            ``denoising_end`` raises); ``LatentConsistencyModelPipeline`` (guidance embedding as ``timestep_cond``);
+            or the flow-matching ``StableDiffusion3Pipeline`` / ``FluxPipeline``. ``guidance_rescale`` is applied in
+            PyTorch between the batched UNet call and the fused step. Its scheduler (diffusers' or diffkern's DDIM,
+            DDPM, DPM-Solver++, UniPC, Euler, Euler-ancestral, Heun, KDPM2, KDPM2-ancestral, GE, LCM, FlowMatch, or
+            IADB in unconditional pipelines) gives the schedule; it is read at each call, so a later
+            ``pipe.scheduler = ...`` applies. A pipeline whose ``__call__`` takes arguments beyond those of these
+            pipelines (inpainting, ControlNet, PAG, ...), or a UNet with other added conditioning, raises TypeError
+            naming them. Unsupported schedulers and scheduler options raise ValueError naming them.
         method: a :func:`diffkern.sampling.sample` method to use instead of the scheduler's own (on its schedule).
             With an LCMScheduler every method runs on the consistency function (the boundary-conditioned denoiser
             ``c_skip(t)*z + c_out(t)*x0``, interpolated t between schedule sigmas), the model's own denoiser.

@@ -134,6 +134,15 @@ def loop_spec(ours: FusedScheduler, eta: float = 0.0) -> LoopSpec:
     if isinstance(ours, IADBScheduler):
         knobs = {"variant": cfg.variant, "lam": cfg.lam if cfg.variant == "stochastic" else 0.0}
         return LoopSpec("iadb", list(ours.alphas_host), ts, knobs, vp=False)
+    if name == "TCDScheduler":  # in VE coordinates an ancestral step whose sigma_down is sigma(floor((1-eta)*t'))
+        raise ValueError("accelerate: TCDScheduler is not supported by the fused loop (its step is ancestral Euler "
+                         "down to the sigma of s = floor((1 - eta)*t_prev), a per-step sigma_down that no diffkern "
+                         "sampler's knobs give); run the pipeline with diffkern.diffusers.TCDScheduler as its "
+                         "scheduler instead")
+    if name.startswith("EDM"):  # its UNet input and timestep are not the training-table ones ScheduleDenoiser feeds
+        raise ValueError(f"accelerate: {name} is not supported by the fused loop (EDM preconditioning feeds the UNet "
+                         "c_in*x and the timestep c_noise = log(sigma)/4, not x/sqrt(sigma^2 + 1) and a training-table "
+                         f"timestep); run the pipeline with diffkern.diffusers.{name} as its scheduler instead")
     if ours._option("clip_sample", False):
         raise _unsupported(name, "clip_sample", True, "diffkern.sampling.sample does not clip x0")
     if name in ("DDIMScheduler", "DDPMScheduler"):
@@ -218,6 +227,36 @@ def loop_spec(ours: FusedScheduler, eta: float = 0.0) -> LoopSpec:
         return LoopSpec("ge", sig, ts, {"gamma": float(cfg.gamma), "mu": float(cfg.mu)}, vp=False)
     raise ValueError(f"accelerate: unsupported scheduler {name}")
 
+
+def tail_spec(ours: FusedScheduler, spec: LoopSpec, begin: int) -> LoopSpec:
+    """``spec`` from step ``begin`` on: the loop an img2img pipeline runs after ``set_begin_index`` (strength < 1).
+    Multistep methods start over (first order first, as diffusers' history starts empty); what depends on absolute
+    step indices follows diffusers: UniPC's ``disable_corrector`` shifts by ``begin``, third-order DPM-Solver's
+    final orders count the whole schedule's steps."""
+    if begin == 0:
+        return spec
+    name, n = type(ours).__name__, len(spec.timesteps)
+    if not 0 < begin < n:
+        raise ValueError(f"strength: the partial schedule starts at step {begin} of {n}; expected 0 <= begin < {n}")
+    knobs = dict(spec.knobs)
+    if spec.method == "unipc":
+        knobs["disable_corrector"] = tuple(k - begin for k in knobs["disable_corrector"] if k >= begin)
+    elif spec.method == "dpmsolver_3m":
+        cfg = ours.config
+        want = coef_tables_3m.dpmsolver_orders(len(ours._host_timesteps), lower_order_final=cfg.lower_order_final,
+                                               euler_at_final=cfg.euler_at_final, begin=begin)[begin:n]
+        options = ((low, euler) for low in (False, True) for euler in (False, True)
+                   if coef_tables_3m.dpmsolver_orders(n - begin, lower_order_final=low, euler_at_final=euler) == want)
+        low_euler = next(options, None)
+        if low_euler is None:
+            raise _unsupported(name, "solver_order", 3, f"from step {begin} of {n} (img2img strength) diffusers' "
+                               f"orders {want} are not those of a {n - begin}-step dpmsolver_3m loop")
+        knobs.update(lower_order_final=low_euler[0], euler_at_final=low_euler[1])
+    calls = spec.call_timesteps
+    if calls is not None:  # two model calls per step (KDPM2): the midpoint calls follow their step's
+        calls = calls[2 * begin:]
+    return dataclasses.replace(spec, sigmas=spec.sigmas[begin:], timesteps=spec.timesteps[begin:], knobs=knobs,
+                               call_timesteps=calls)
 
 def decreasing_prefix(alphas_cumprod) -> torch.Tensor:
     """The longest prefix of an alpha-bar table that strictly decreases (float64). Zero terminal SNR floors

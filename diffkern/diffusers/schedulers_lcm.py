@@ -38,9 +38,9 @@ _PREDICTIONS = ("epsilon", "sample", "v_prediction")
 _WHO = "LCMScheduler"
 
 
-def _int_at_least(name: str, value, lo: int) -> int:
+def _int_at_least(name: str, value, lo: int, who: str = _WHO) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo:
-        raise ValueError(f"{_WHO}: {name} must be an int >= {lo}, got {value!r}")
+        raise ValueError(f"{who}: {name} must be an int >= {lo}, got {value!r}")
     return int(value)
 
 
@@ -123,51 +123,56 @@ class LCMScheduler(FusedScheduler):
         if timesteps is not None:
             ts, total = self._custom(timesteps, origin, original, strength)
         else:
-            n = _int_at_least("num_inference_steps", num_inference_steps, 1)
-            if n > T:
-                raise ValueError(f"{_WHO}: num_inference_steps={n} cannot exceed num_train_timesteps={T}")
-            if len(origin) // n < 1:
-                raise ValueError(f"{_WHO}: num_inference_steps={n} exceeds int(original_inference_steps x strength) "
-                                 f"= int({original} x {strength}) = {len(origin)}: lower num_inference_steps or raise "
-                                 "strength")
-            if n > original:
-                raise ValueError(f"{_WHO}: num_inference_steps={n} cannot exceed original_inference_steps={original}")
-            if int(origin[-1]) >= T:
-                raise ValueError(f"{_WHO}: strength={strength} puts timesteps past num_train_timesteps - 1 = {T - 1}")
-            # numpy's float linspace, floored, defines the schedule (exact integer division differs from it)
-            idx = np.floor(np.linspace(0, len(origin), num=n, endpoint=False)).astype(np.int64)
-            ts, total = origin[::-1][idx], n
-            self.custom_timesteps = False
+            ts, total = self._standard(num_inference_steps, origin, original, strength), num_inference_steps
         self._set_schedule(torch.from_numpy(np.ascontiguousarray(ts)).to(torch.long), device, total)
         self._check_zero_snr()
         self._warm(device, ("lcm",))
 
+    def _standard(self, num_inference_steps, origin, original: int, strength: float) -> np.ndarray:
+        """``num_inference_steps`` of the candidate timesteps ``origin``, evenly spaced by index (validated)."""
+        T, who = self.config.num_train_timesteps, type(self).__name__  # TCDScheduler reuses it
+        n = _int_at_least("num_inference_steps", num_inference_steps, 1, who)
+        if n > T:
+            raise ValueError(f"{who}: num_inference_steps={n} cannot exceed num_train_timesteps={T}")
+        if len(origin) // n < 1:
+            raise ValueError(f"{who}: num_inference_steps={n} exceeds the {len(origin)} candidate timesteps "
+                             f"(original_inference_steps={original}, strength={strength}): lower num_inference_steps "
+                             "or raise strength")
+        if n > original:
+            raise ValueError(f"{who}: num_inference_steps={n} cannot exceed original_inference_steps={original}")
+        if int(origin[-1]) >= T:
+            raise ValueError(f"{who}: strength={strength} puts timesteps past num_train_timesteps - 1 = {T - 1}")
+        # numpy's float linspace, floored, defines the schedule (exact integer division differs from it)
+        idx = np.floor(np.linspace(0, len(origin), num=n, endpoint=False)).astype(np.int64)
+        self.custom_timesteps = False
+        return origin[::-1][idx]
+
     def _custom(self, timesteps, origin, original: int, strength: float):
         """Validated custom timesteps (cut by ``strength``) and diffusers' ``num_inference_steps`` for them."""
-        T = self.config.num_train_timesteps
+        T, who = self.config.num_train_timesteps, type(self).__name__  # TCDScheduler reuses it
         values = timesteps.tolist() if isinstance(timesteps, (torch.Tensor, np.ndarray)) else list(timesteps)
         if not values or any(isinstance(v, bool) or not isinstance(v, numbers.Real) or v != int(v) for v in values):
-            raise ValueError(f"{_WHO}: timesteps must be a non-empty sequence of integers, got {timesteps!r}")
+            raise ValueError(f"{who}: timesteps must be a non-empty sequence of integers, got {timesteps!r}")
         values = [int(v) for v in values]
         if any(b >= a for a, b in zip(values, values[1:])):
-            raise ValueError(f"{_WHO}: timesteps must be in descending order, got {values}")
+            raise ValueError(f"{who}: timesteps must be in descending order, got {values}")
         if values[0] >= T or values[-1] < 0:
-            raise ValueError(f"{_WHO}: timesteps must lie in [0, num_train_timesteps={T}), got {values}")
+            raise ValueError(f"{who}: timesteps must lie in [0, num_train_timesteps={T}), got {values}")
         train = set(origin.tolist())
         if strength == 1.0 and values[0] != T - 1:
-            warnings.warn(f"{_WHO}: the custom schedule starts at {values[0]}, not num_train_timesteps - 1 = {T - 1}; "
+            warnings.warn(f"{who}: the custom schedule starts at {values[0]}, not num_train_timesteps - 1 = {T - 1}; "
                           "results may be unexpected", stacklevel=3)
         off = [v for v in values[1:] if v not in train]
         if off:
-            warnings.warn(f"{_WHO}: custom timesteps {off} are not on the original (distillation) schedule; results "
+            warnings.warn(f"{who}: custom timesteps {off} are not on the original (distillation) schedule; results "
                           "may be unexpected", stacklevel=3)
         if len(values) > original:
-            warnings.warn(f"{_WHO}: {len(values)} custom timesteps exceed original_inference_steps={original}; "
+            warnings.warn(f"{who}: {len(values)} custom timesteps exceed original_inference_steps={original}; "
                           "results may be unexpected", stacklevel=3)
         n = len(values)
         start = max(n - min(int(n * strength), n), 0)
         if start >= n:
-            raise ValueError(f"{_WHO}: strength={strength} leaves none of the {n} custom timesteps")
+            raise ValueError(f"{who}: strength={strength} leaves none of the {n} custom timesteps")
         self.custom_timesteps = True
         return np.asarray(values[start:], dtype=np.int64), n
 
@@ -176,7 +181,7 @@ class LCMScheduler(FusedScheduler):
         by 0 there (inf/NaN samples); refuse the schedule instead."""
         if self.config.prediction_type == "epsilon" and any(float(self.alphas_cumprod[t]) == 0.0
                                                             for t in self._host_timesteps):
-            raise unsupported(_WHO, "rescale_betas_zero_snr", True,
+            raise unsupported(type(self).__name__, "rescale_betas_zero_snr", True,
                               "with prediction_type='epsilon' a step at t = num_train_timesteps - 1, where alpha-bar "
                               "is 0, divides by 0; use v_prediction, or timesteps that skip that one")
 

@@ -1,0 +1,95 @@
+"""Level 2 for image-to-image pipelines: ``StableDiffusionImg2ImgPipeline`` calls whose denoising loop runs in
+diffkern (:class:`diffkern.diffusers.accelerate.AcceleratedPipeline` dispatches here).
+
+img2img is a partial schedule. The pipeline sets the scheduler's timesteps, keeps the last ``strength`` fraction of
+them (``get_timesteps``, which calls ``set_begin_index``), encodes the image with the VAE and noises its latents to
+the first kept timestep (``prepare_latents``: ``scheduler.add_noise`` with noise drawn from the pipeline's
+generator), then runs the usual loop from there. Everything but the loop is the pipeline's own code, called on the
+pipeline's own scheduler as the pipeline calls it, so the starting latents (and the generator's state after them)
+are the pipeline's. They are the scheduler's state at the first kept sigma: VP ``z = sqrt(ab)*x0 + sqrt(1-ab)*n``
+for DDIM/DPM-Solver/UniPC, VE ``x0 + sigma*n`` for the Euler family; :meth:`AcceleratedPipeline._run` maps either
+to the VE state as it does a text-to-image start. The loop is the scheduler's :class:`~.loop_spec.LoopSpec` from
+the begin index on (:func:`~.loop_spec.tail_spec`).
+"""
+from __future__ import annotations
+
+from .accelerate import _check_call_arguments, _default, _reject
+from .accelerate_text2img import _prompt_batch, _sd_images
+from .loop_spec import tail_spec
+
+
+def call_sd_img2img(acc, prompt=None, image=None, strength=0.8, num_inference_steps=None, guidance_scale=None,
+                    negative_prompt=None, num_images_per_prompt=1, eta=None, generator=None, prompt_embeds=None,
+                    negative_prompt_embeds=None, output_type="pil", return_dict=True, cross_attention_kwargs=None,
+                    clip_skip=None, **unsupported):
+    """``StableDiffusionImg2ImgPipeline.__call__`` through the fused loop of ``acc``: ``image`` (pixels in [0, 1]
+    or 4-channel latents, as the pipeline takes it) noised to the first of the last ``strength`` fraction of the
+    ``num_inference_steps`` timesteps, then denoised over those."""
+    from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
+
+    _reject(unsupported)
+    pipe = acc.pipe
+    if image is None:
+        raise ValueError("image: expected the image (or image latents) to start from, got None")
+    steps = num_inference_steps or _default(pipe, "num_inference_steps", 50)
+    w = guidance_scale if guidance_scale is not None else _default(pipe, "guidance_scale", 7.5)
+    pipe.check_inputs(prompt, strength, None, negative_prompt, prompt_embeds, negative_prompt_embeds)
+    batch = _prompt_batch(prompt, prompt_embeds)
+    device = pipe._execution_device
+    cfg = w > 1
+    prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(
+        prompt, device, num_images_per_prompt, cfg, negative_prompt, prompt_embeds=prompt_embeds,
+        negative_prompt_embeds=negative_prompt_embeds, lora_scale=(cross_attention_kwargs or {}).get("scale"),
+        clip_skip=clip_skip)
+    image = pipe.image_processor.preprocess(image)
+    ours, spec = acc._schedule(steps, eta if eta is not None else _default(pipe, "eta", 0.0))
+    begin = _begin(pipe, steps, strength, device)
+    spec = tail_spec(ours, spec, begin)
+    first = pipe.scheduler.timesteps[begin * pipe.scheduler.order:][:1].repeat(batch * num_images_per_prompt)
+    latents = pipe.prepare_latents(image, first, batch, num_images_per_prompt, prompt_embeds.dtype, device,
+                                   generator)
+    extra = {"encoder_hidden_states": prompt_embeds}
+    if cfg:
+        extra["uncond_encoder_hidden_states"] = negative_prompt_embeds
+    if cross_attention_kwargs is not None:
+        extra["cross_attention_kwargs"] = cross_attention_kwargs
+    latents = acc._run(ours, spec, latents, generator, guidance_scale=w if cfg else 1.0, extra=extra)
+    image, nsfw = _sd_images(pipe, latents, output_type, device, prompt_embeds.dtype, generator)
+    pipe.maybe_free_model_hooks()
+    if not return_dict:
+        return (image, nsfw)
+    return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=nsfw)
+
+
+def _begin(pipe, steps: int, strength: float, device) -> int:
+    """The first step the pipeline runs: its own ``set_timesteps`` and ``get_timesteps`` on its own scheduler
+    (which sets the scheduler's begin index, read by its ``add_noise``). Raises when no step is left."""
+    pipe.scheduler.set_timesteps(steps, device=device)
+    _, left = pipe.get_timesteps(steps, strength, device)
+    if left < 1:
+        raise ValueError(f"strength: {strength} with num_inference_steps={steps} leaves no denoising step (expected "
+                         "strength * num_inference_steps >= 1)")
+    return steps - left
+
+
+CALLS = {"img2img": call_sd_img2img}  # AcceleratedPipeline.__call__'s handlers of the kinds below
+
+
+def img2img_kind(pipe, who: str, unet):
+    """"img2img" for a ``StableDiffusionImg2ImgPipeline`` the fused loop runs, None for other pipelines; raises
+    TypeError naming what it cannot run (added conditioning, guidance-embedding UNets, other ``__call__``
+    arguments, another image processor)."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from diffusers.image_processor import VaeImageProcessor
+
+    if not isinstance(pipe, StableDiffusionImg2ImgPipeline):
+        return None
+    for option in ("addition_embed_type", "class_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim"):
+        if unet.config.get(option) is not None:
+            raise TypeError(f"accelerate: unsupported pipeline {who}: its UNet has {option}="
+                            f"{unet.config.get(option)!r} (the fused img2img loop runs a plain text-conditioned UNet)")
+    _check_call_arguments(pipe, who, call_sd_img2img)
+    if type(getattr(pipe, "image_processor", None)) is not VaeImageProcessor:
+        raise TypeError(f"accelerate: unsupported pipeline {who}: its image_processor is not the VaeImageProcessor "
+                        "whose postprocessing the fused loop reproduces")
+    return "img2img"
