@@ -44,6 +44,13 @@ def _int_at_least(name: str, value, lo: int, who: str = _WHO) -> int:
     return int(value)
 
 
+def _strength(strength, who: str = _WHO) -> float:
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not strength > 0 \
+            or not math.isfinite(strength):
+        raise ValueError(f"{who}: strength must be a finite number > 0, got {strength!r}")
+    return float(strength)
+
+
 def boundary_scalings(timestep: float, timestep_scaling: float) -> tuple[float, float]:
     """``(c_skip, c_out)`` of the LCM boundary condition at a (discrete) timestep, in float64."""
     s = float(timestep) * float(timestep_scaling)
@@ -93,9 +100,15 @@ class LCMScheduler(FusedScheduler):
         if isinstance(timestep_scaling, bool) or not isinstance(timestep_scaling, numbers.Real) \
                 or not math.isfinite(timestep_scaling):
             raise ValueError(f"{_WHO}: timestep_scaling must be a finite number, got {timestep_scaling!r}")
+        self._init_consistency(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                               rescale_betas_zero_snr, set_alpha_to_one)
+
+    def _init_consistency(self, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                          rescale_betas_zero_snr, set_alpha_to_one) -> None:
+        """Training table and the attributes diffusers' consistency schedulers (LCM, TCD) expose."""
         self._init_training(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                             rescale_betas_zero_snr)
-        # diffusers keeps it, but a step never targets a negative timestep (the last one targets itself)
+        # diffusers keeps it, but a step never targets a negative timestep (LCM's last one targets itself, TCD's t = 0)
         self.final_alpha_cumprod = 1.0 if set_alpha_to_one else float(self.alphas_cumprod[0])
         self.init_noise_sigma = 1.0
         self.custom_timesteps = False
@@ -115,9 +128,7 @@ class LCMScheduler(FusedScheduler):
         original = _int_at_least("original_inference_steps", original, 1)
         if original > T:
             raise ValueError(f"{_WHO}: original_inference_steps={original} cannot exceed num_train_timesteps={T}")
-        if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not strength > 0 \
-                or not math.isfinite(strength):
-            raise ValueError(f"{_WHO}: strength must be a finite number > 0, got {strength!r}")
+        _strength(strength)
         k = T // original
         origin = np.arange(1, int(original * strength) + 1, dtype=np.int64) * k - 1  # the skipping-step timesteps
         if timesteps is not None:

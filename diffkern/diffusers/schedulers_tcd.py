@@ -37,7 +37,7 @@ from diffusers.schedulers.scheduling_tcd import TCDSchedulerOutput
 
 from ..ops import coefs
 from .schedulers import FusedScheduler, check_choice
-from .schedulers_lcm import LCMScheduler, _int_at_least, x0_conversion
+from .schedulers_lcm import LCMScheduler, _int_at_least, _strength, x0_conversion
 from .schedulers_vp import _VPScheduler
 
 _PREDICTIONS = ("epsilon", "sample", "v_prediction")
@@ -83,6 +83,7 @@ class TCDScheduler(FusedScheduler):
     _custom = LCMScheduler._custom  # same custom-timestep rules (validation, warnings, strength cut)
     _standard = LCMScheduler._standard  # same evenly-spaced pick among the candidates
     _check_zero_snr = LCMScheduler._check_zero_snr
+    _init_consistency = LCMScheduler._init_consistency
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
@@ -94,12 +95,8 @@ class TCDScheduler(FusedScheduler):
                  rescale_betas_zero_snr: bool = False):
         check_choice(_WHO, "prediction_type", prediction_type, _PREDICTIONS)
         _int_at_least("original_inference_steps", original_inference_steps, 1, _WHO)
-        self._init_training(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
-                            rescale_betas_zero_snr)
-        # diffusers keeps it, but a step never targets a negative timestep (the last one targets t = 0)
-        self.final_alpha_cumprod = 1.0 if set_alpha_to_one else float(self.alphas_cumprod[0])
-        self.init_noise_sigma = 1.0
-        self.custom_timesteps = False
+        self._init_consistency(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                               rescale_betas_zero_snr, set_alpha_to_one)
 
     # -- schedule -----------------------------------------------------------------------------------
 
@@ -116,9 +113,7 @@ class TCDScheduler(FusedScheduler):
         passed = original_inference_steps is not None
         original = _int_at_least("original_inference_steps", original_inference_steps if passed
                                  else self.config.original_inference_steps, 1, _WHO)
-        if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not strength > 0 \
-                or not math.isfinite(strength):
-            raise ValueError(f"{_WHO}: strength must be a finite number > 0, got {strength!r}")
+        _strength(strength, _WHO)
         if passed:
             origin = np.arange(0, int(T * strength), dtype=np.int64)
         else:
