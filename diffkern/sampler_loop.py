@@ -1,0 +1,228 @@
+"""The loop every k-diffusion-style sampler of :mod:`diffkern.samplers` runs: seeds, trajectories, the model call
+and the fused update over a :class:`diffkern.coef_tables.Plan` (also captured whole by :mod:`diffkern.graphs`)."""
+from __future__ import annotations
+
+import numbers
+from collections.abc import Mapping
+
+import torch
+
+from . import coef_tables, schedules
+from .ops import sampler_step
+
+#----------------------------------------------------------------------------
+# Seeds and trajectories: the only places a call creates device state besides the state itself.
+
+_U64 = 2 ** 64
+
+
+def seed_value(seed, batch: int):
+    """A validated seed: a Python int in [-2**63, 2**63) (the int64 value) or an int64 tensor (1,)/(batch,).
+
+    ``seed``: None (drawn from torch's global CPU generator), an int (Python or numpy) in [-2**63, 2**64)
+    (values >= 2**63 are their two's-complement int64), or an int64 tensor of shape (), (1,) or (batch,).
+    """
+    if seed is None:
+        seed = int(torch.randint(0, 2 ** 62, (1,)).item())  # host generator: no device sync
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64:
+            raise TypeError(f"seed: expected an int or an int64 tensor, got a tensor of dtype {seed.dtype}")
+        if seed.dim() == 0:  # torch.tensor(7): one stream, as the int 7
+            seed = seed.reshape(1)
+        if seed.dim() != 1 or seed.numel() not in (1, batch):
+            raise ValueError(f"seed: expected shape (1,) or ({batch},) (one seed per sample), got {tuple(seed.shape)}")
+        return seed
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):  # Integral: numpy ints too
+        raise TypeError(f"seed: expected an int or an int64 tensor, got {type(seed).__name__}")
+    seed = int(seed)
+    if not -2 ** 63 <= seed < _U64:
+        raise ValueError(f"seed: expected an int in [-2**63, 2**64), got {seed}")
+    return seed - _U64 if seed >= 2 ** 63 else seed
+
+
+def make_seed(seed, x: torch.Tensor) -> torch.Tensor:
+    """The int64 seed tensor of one sampling call, on x's device (see :func:`seed_value` for ``seed``)."""
+    seed = seed_value(seed, x.shape[0])
+    if isinstance(seed, torch.Tensor):
+        return seed.to(x.device).contiguous()
+    return torch.tensor([seed], dtype=torch.int64, device=x.device)
+
+
+class Trajectory:
+    """Preallocated device buffers for Chen et al.'s two trajectories of one call.
+
+    x: (N+1, *x.shape) sampling trajectory (initial state then the state after each step);
+    denoised: (N, *x.shape) denoising trajectory (the denoised estimate of each step's first model
+    call). Both in x's dtype on x's device, filled with ``copy_``/kernel outputs (no host work per step).
+    """
+
+    def __init__(self, x: torch.Tensor, steps: int):
+        self.x = torch.empty((steps + 1, *x.shape), dtype=x.dtype, device=x.device)
+        self.denoised = torch.empty((steps, *x.shape), dtype=x.dtype, device=x.device)
+
+    def as_dict(self) -> dict:
+        return {"x": self.x, "denoised": self.denoised}
+
+#----------------------------------------------------------------------------
+# The loop shared by every sampler.
+
+
+def _is_fused(model) -> bool:
+    """A ``diffkern.wrappers`` model: its raw output and conversion go into the fused step."""
+    return all(hasattr(model, k) for k in ("raw", "conversion", "guidance_scale"))
+
+
+def _plain(sigma: float) -> dict:
+    return {}
+
+
+def conversion_rows(model):
+    """``conv(sigma)`` for :mod:`diffkern.coef_tables`: the row slots converting the model output at
+    ``sigma``: (p, q, w) for a fused wrapper (read from the model on every call), {} for a plain D model."""
+    if not _is_fused(model):
+        return _plain
+
+    def conv(sigma: float) -> dict:
+        p, q = model.conversion(sigma)
+        w = model.guidance_scale
+        return {"p": float(p), "q": float(q), "w": 1.0 if w is None else float(w)}
+    return conv
+
+
+def host_sigmas(sigmas) -> list[float]:
+    """Validated host float64 copy of a schedule (read once, before any loop)."""
+    return schedules.check_sigmas(sigmas, "sigmas").tolist()
+
+
+def check_call(model, extra_args) -> None:
+    """Raise TypeError naming the argument unless ``model`` is callable and ``extra_args`` is None or a dict
+    of keyword arguments (checked before any work: either would otherwise fail inside the first step)."""
+    if not callable(model):
+        raise TypeError(f"model: expected a callable model(x, sigma, **extra_args), got {type(model).__name__}")
+    if extra_args is None:
+        return
+    if not isinstance(extra_args, Mapping):
+        raise TypeError(f"extra_args: expected a dict of keyword arguments for the model or None, "
+                        f"got {type(extra_args).__name__}")
+    bad = [k for k in extra_args if not isinstance(k, str)]
+    if bad:
+        raise TypeError(f"extra_args: keys must be str (the model's keyword names), got {bad[0]!r}")
+
+
+def check_state(x, name: str = "x") -> None:
+    """Raise TypeError naming ``name`` unless ``x`` is a floating tensor with a batch dimension."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() == 0:
+        raise TypeError(f"{name}: expected a floating tensor of shape (B, ...)")
+
+
+def _check_output(t, x: torch.Tensor, what: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"model: {what} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"model: {what} must have a floating dtype, got {t.dtype}")
+    if t.shape != x.shape:
+        raise ValueError(f"model: {what} must have the shape of x {tuple(x.shape)}, got {tuple(t.shape)}")
+    if t.device != x.device:
+        raise ValueError(f"model: {what} must be on x's device {x.device}, got {t.device}")
+
+
+class _Loop:
+    """State of one sampling call: working copy of x, device tables, seed, histories, outputs."""
+
+    def __init__(self, model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory):
+        check_state(x)
+        check_call(model, extra_args)
+        self.model, self.extra = model, dict(extra_args or {})
+        self.callback, self.disable, self.backend = callback, disable, backend
+        self.sigmas = host_sigmas(sigmas)
+        self.x = x.detach().clone(memory_format=torch.contiguous_format)
+        self.seed = make_seed(seed, self.x)
+        self.fused = _is_fused(model)
+        self.conv = conversion_rows(model)
+        self.trajectory = trajectory
+        if trajectory is not None and trajectory.denoised.shape[0] != len(self.sigmas) - 1:
+            raise ValueError("trajectory: its buffers do not match the number of steps")
+        self._checked = False
+        self.spare = torch.empty_like(self.x) if callback is not None else None
+        self.scratch = torch.empty_like(self.x) if callback is not None and trajectory is None else None
+
+    def begin(self, plan: coef_tables.Plan) -> None:
+        self.plan = plan
+        self.table = plan.table.to(self.x.device)
+        # A plain model gets sigma in its input's precision (float32 at least) so nets see one dtype; a
+        # wrapper gets float64 so its sigma -> timestep lookup is exact at the schedule's table values.
+        sig_dtype = torch.float64 if self.fused else torch.promote_types(self.x.dtype, torch.float32)
+        self.sig_dev = torch.tensor(plan.row_sigma, dtype=torch.float64).to(self.x.device, sig_dtype)
+        self.histories = [torch.zeros_like(self.x) for _ in range(plan.history)]
+
+    def start(self) -> None:
+        if self.trajectory is not None:
+            self.trajectory.x[0].copy_(self.x)
+
+    def steps(self):
+        from tqdm.auto import trange
+        return trange(self.plan.steps, disable=self.disable)
+
+    def _model(self, row: int):
+        """One model call at row's sigma: (model_out, model_out_uncond or None), checked on the first call."""
+        sigma = self.sig_dev[row].expand(self.x.shape[0])
+        if self.fused:
+            out = self.model.raw(self.x, sigma, **self.extra)
+            m, u = out if isinstance(out, tuple) else (out, None)
+        else:
+            m, u = self.model(self.x, sigma, **self.extra), None
+        if not self._checked:
+            _check_output(m, self.x, "output")
+            if u is not None:
+                _check_output(u, self.x, "unconditional output")
+                if u.dtype != m.dtype:
+                    raise TypeError(f"model: unconditional output dtype {u.dtype} != conditional {m.dtype}")
+            self._checked = True
+        return m, u
+
+    def churn(self, i: int) -> None:
+        """x += s_noise*sqrt(sigma_hat^2 - sigma^2)*xi (a noise-only row; the model output is not read)."""
+        if self.plan.churn[i]:
+            row = self.plan.churn_row + i
+            sampler_step(self.x, self.x, self.table, row, seed=self.seed, out=self.x, backend=self.backend)
+
+    def step(self, i: int, row: int, *, first: bool = True, write_history: bool = False) -> None:
+        """One model call and one fused update of x (in place; ping-pong when a callback wants the old x)."""
+        m, u = self._model(row)
+        x0 = None
+        if first and self.trajectory is not None:
+            x0 = self.trajectory.denoised[i]
+        elif first and self.callback is not None:
+            x0 = self.scratch
+        out = self.spare if first and self.callback is not None else self.x
+        h, h2, h_out = coef_tables.history_slots(self.histories, i)
+        h_out = h_out if write_history else None
+        sampler_step(self.x, m, self.table, row, model_out_uncond=u, history=h, history2=h2, history_out=h_out,
+                     seed=self.seed, out=out, x0_out=x0, backend=self.backend)
+        if out is not self.x:
+            self.callback({"x": self.x, "i": i, "sigma": self.sigmas[i], "sigma_hat": self.plan.sigma_hat[i],
+                           "denoised": x0})
+            self.x, self.spare = out, self.x
+
+    def end(self, i: int) -> None:
+        if self.trajectory is not None:
+            self.trajectory.x[i + 1].copy_(self.x)
+
+
+def _run(loop: _Loop, plan: coef_tables.Plan) -> torch.Tensor:
+    """Every sampler's call: device tables and buffers, then the loop."""
+    loop.begin(plan)
+    run_steps(loop, plan)
+    return loop.x
+
+
+def run_steps(loop: _Loop, plan: coef_tables.Plan) -> None:
+    """Every sampler's loop: churn, first call and update, optional Heun corrector. It only launches work
+    on buffers :meth:`_Loop.begin` allocated, so :mod:`diffkern.graphs` captures exactly this function."""
+    loop.start()
+    for i in loop.steps():
+        loop.churn(i)
+        loop.step(i, i, write_history=plan.history > 0)
+        if plan.corrector[i]:
+            loop.step(i, plan.corrector_row + i, first=False)
+        loop.end(i)
