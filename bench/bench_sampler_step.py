@@ -106,11 +106,11 @@ def table_row(variant: str, noise: bool) -> list[float]:
     return r
 
 
-def traffic(row: list[float], *, x, model_out, model_out_uncond=None, history=None, history2=None, noise=None,
-            out, x0_out=None, history_out=None, **_) -> int:
+def traffic(row: list[float], *, x, model_out, model_out_uncond=None, history=None, history2=None, history3=None,
+            noise=None, out, x0_out=None, history_out=None, **_) -> int:
     """Bytes read and written by the fused kernel for these arguments (``csrc/cuda/sampler_step.cu``,
-    ``kernels/sampler_step.py``): x, model_out and model_out_uncond are always read; history (history2) only
-    when the row's c (c2) is non-zero and noise only when its s is non-zero (otherwise the kernel skips the load); Philox
+    ``kernels/sampler_step.py``): x, model_out and model_out_uncond are always read; history (history2, history3)
+    only when the row's c (c2, c3) is non-zero and noise only when its s is non-zero (otherwise the kernel skips the load); Philox
     noise (``noise=None``) is computed in registers; every output given is written. Each tensor counts with
     its own element size (mixed state and model dtypes); the table row and the seed (< 100 bytes) do not."""
     from diffkern.ops import coefs
@@ -121,6 +121,7 @@ def traffic(row: list[float], *, x, model_out, model_out_uncond=None, history=No
     read = nbytes(x) + nbytes(model_out) + nbytes(model_out_uncond)
     read += nbytes(history) if row[coefs.C] != 0 else 0
     read += nbytes(history2) if row[coefs.C2] != 0 else 0
+    read += nbytes(history3) if row[coefs.C3] != 0 else 0
     read += nbytes(noise) if row[coefs.S] != 0 else 0
     return read + nbytes(out) + nbytes(x0_out) + nbytes(history_out)
 

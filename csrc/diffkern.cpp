@@ -27,7 +27,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("check_sampler_step", &dk::check_sampler_step, "Validate diffkern::sampler_step arguments (raises)",
         py::arg("x"), py::arg("model_out"), py::arg("model_out_uncond"), py::arg("history"), py::arg("noise"),
         py::arg("coef"), py::arg("step"), py::arg("seed"), py::arg("out"), py::arg("x0_out"), py::arg("history_out"),
-        py::arg("history2") = py::none());
+        py::arg("history2") = py::none(), py::arg("history3") = py::none());
   m.def("check_iadb_blend", &dk::check_iadb_blend, "Validate diffkern::iadb_blend arguments (raises)");
   m.def("check_philox_normal", &dk::check_philox_normal, "Validate diffkern::philox_normal arguments (raises)");
   m.def("check_hold_transition", &dk::check_hold_transition, "Validate diffkern::hold_transition arguments");

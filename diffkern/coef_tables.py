@@ -39,8 +39,9 @@ class Plan:
     churn: length N, True where step i adds churn noise (row ``churn_row + i``) before its model call.
     corrector: length N, True where step i has a second model call (row ``corrector_row + i``, at its row_sigma:
         sigma_next for Heun, a midpoint for the DPM-Solver-2 family).
-    history: how many previous values the loop keeps: 0; 1 (H, slot c, written by each step's first call);
-        2 (H = the previous value and H2 = the one before, slots c and c2; one model call per step).
+    history: how many previous values the loop keeps (0 to 3): H, H2, H3 = the values written by the first calls
+        of the previous one, two, three steps (slots c, c2, c3). A corrector call reads H = the value its own
+        step's first call wrote, H2 the previous step's, H3 the one before, and writes none.
     """
     table: torch.Tensor
     row_sigma: list
@@ -52,19 +53,23 @@ class Plan:
     history: int = 0
 
     def __post_init__(self):
-        if self.history not in (0, 1, 2):
-            raise ValueError(f"history: expected a depth of 0, 1 or 2, got {self.history!r}")
-        if self.history == 2 and any(self.corrector):
-            raise ValueError("history: a depth-2 plan has one model call per step (no corrector rows)")
+        if self.history not in (0, 1, 2, 3) or isinstance(self.history, bool):
+            raise ValueError(f"history: expected a depth of 0, 1, 2 or 3, got {self.history!r}")
         # The loop allocates `history` buffers only, and a device table is not checked per call (a CUDA kernel
         # given no history2 drops a c2 term silently); rows that read a value no earlier step wrote would read
         # zeros eagerly but the previous run's values in a CUDA-graph replay.
-        c, c2 = self.table[:, coefs.C] != 0, self.table[:, coefs.C2] != 0
-        if (c.any() and self.history < 1) or (c2.any() and self.history < 2):
-            raise ValueError(f"history: depth {self.history} is too small for the table (non-zero c needs 1, "
-                             "non-zero c2 needs 2)")
-        if len(self.table) and (c[0] or c2[0] or (self.history == 2 and len(self.table) > 1 and c2[1])):
-            raise ValueError("table: the first step must not read history (c = c2 = 0 on row 0, c2 = 0 on row 1)")
+        for depth, slot in enumerate((coefs.C, coefs.C2, coefs.C3), start=1):
+            used = (self.table[:, slot] != 0).tolist()
+            if any(used) and self.history < depth:
+                raise ValueError(f"history: depth {self.history} is too small for the table (non-zero "
+                                 f"{coefs.SLOT_NAMES[slot]} needs {depth})")
+            # H_depth of step i is written by step i - depth (a corrector's by step i - depth + 1)
+            for i in range(self.steps):
+                reads = i < depth and i < len(used) and used[i]
+                reads_c = i + 1 < depth and self.corrector[i] and used[self.corrector_row + i]
+                if reads or reads_c:
+                    raise ValueError(f"table: step {i} reads history {depth} ({coefs.SLOT_NAMES[slot]} != 0 on its "
+                                     f"{'corrector ' if reads_c else ''}row), which no earlier call has written")
 
     @property
     def steps(self) -> int:
@@ -72,15 +77,18 @@ class Plan:
 
 
 def history_slots(buffers, i: int) -> tuple:
-    """``(history, history2, history_out)`` of step i's first call over a plan's ``history`` buffers (0, 1 or 2).
+    """``(history, history2, history3, history_out)`` of step i's first call over a plan's ``history`` buffers
+    (0 to 3 of them; absent ones are None).
 
-    Depth 1: the one buffer, read and rewritten in place. Depth 2: step i reads H = D_{i-1} from buffer (i+1) % 2
-    and H2 = D_{i-2} from buffer i % 2, and writes D_i over H2: the buffers swap roles every step without a copy,
-    and the assignment depends on i alone, so a captured graph replays the one an eager loop uses."""
-    if len(buffers) == 2:
-        return buffers[(i + 1) % 2], buffers[i % 2], buffers[i % 2]
-    h = buffers[0] if buffers else None
-    return h, None, h
+    With depth n, step i reads H_j = D_{i-j} from buffer (i - j) % n (j = 1..n) and writes D_i over the oldest,
+    buffer i % n (read as H_n in the same pass: the op allows exact in-place use). The buffers rotate without a
+    copy, and the assignment depends on i alone, so a captured graph replays the one an eager loop uses. A
+    corrector call of step i reads ``history_slots(buffers, i + 1)[:3]``: H = D_i, just written."""
+    n = len(buffers)
+    if n == 0:
+        return None, None, None, None
+    hs = [buffers[(i - j) % n] for j in range(1, n + 1)] + [None] * (3 - n)
+    return hs[0], hs[1], hs[2], buffers[i % n]
 
 
 def _plan(rows, row_sigma, sigma_hat, **kw) -> Plan:

@@ -195,10 +195,11 @@ class _Loop:
         elif first and self.callback is not None:
             x0 = self.scratch
         out = self.spare if first and self.callback is not None else self.x
-        h, h2, h_out = coef_tables.history_slots(self.histories, i)
+        # a corrector reads the value its step's first call just wrote as H (coef_tables.history_slots)
+        h, h2, h3, h_out = coef_tables.history_slots(self.histories, i if first else i + 1)
         h_out = h_out if write_history else None
-        sampler_step(self.x, m, self.table, row, model_out_uncond=u, history=h, history2=h2, history_out=h_out,
-                     seed=self.seed, out=out, x0_out=x0, backend=self.backend)
+        sampler_step(self.x, m, self.table, row, model_out_uncond=u, history=h, history2=h2, history3=h3,
+                     history_out=h_out, seed=self.seed, out=out, x0_out=x0, backend=self.backend)
         if out is not self.x:
             self.callback({"x": self.x, "i": i, "sigma": self.sigmas[i], "sigma_hat": self.plan.sigma_hat[i],
                            "denoised": x0})

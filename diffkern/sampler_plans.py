@@ -9,7 +9,8 @@ import numbers
 
 import torch
 
-from . import coef_tables, coef_tables_3m, coef_tables_dpmpp_sde, coef_tables_unipc
+from . import (coef_tables, coef_tables_3m, coef_tables_deis, coef_tables_dpmpp_sde, coef_tables_lms,
+               coef_tables_plms, coef_tables_unipc)
 
 
 def _knob(value, name: str, lo: float = 0.0, hi: float = math.inf, hi_open: bool = False,
@@ -127,11 +128,24 @@ def _plan_unipc(sigmas, conv, *, order, solver_type, lower_order_final, disable_
                                   predict_x0=predict_x0)
 
 
+def _plan_deis(sigmas, conv, *, order, lower_order_final):
+    return coef_tables_deis.plan(sigmas, conv, order=order, lower_order_final=lower_order_final)
+
+
+def _plan_plms(sigmas, conv):
+    return coef_tables.fold_second_calls(coef_tables_plms.plms(sigmas, conv=conv))
+
+
+def _plan_lms(sigmas, conv, *, order):
+    return coef_tables_lms.lms(sigmas, order=order, conv=conv)
+
+
 PLANS = {"euler": _plan_euler, "euler_ancestral": _plan_euler_ancestral, "heun": _plan_heun,
          "dpm_2": _plan_dpm_2, "dpm_2_ancestral": _plan_dpm_2_ancestral,
          "dpmpp_2s_ancestral": _plan_dpmpp_2s_ancestral, "dpmpp_2m": _plan_dpmpp_2m,
          "dpmpp_2m_sde": _plan_dpmpp_2m_sde, "dpmpp_3m_sde": _plan_dpmpp_3m_sde, "dpmsolver_3m": _plan_dpmsolver_3m,
          "dpmpp_sde": _plan_dpmpp_sde,
-         "lcm": _plan_lcm, "ge": _plan_ge, "sde": _plan_sde, "unipc": _plan_unipc}
+         "lcm": _plan_lcm, "ge": _plan_ge, "sde": _plan_sde, "unipc": _plan_unipc,
+         "deis": _plan_deis, "plms": _plan_plms, "lms": _plan_lms}
 """method -> ``plan(host_sigmas, conv, **knobs)``; every knob is passed (the defaults live in the samplers'
 signatures, listed by :func:`diffkern.sampling.knobs`)."""

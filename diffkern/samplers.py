@@ -170,7 +170,7 @@ def sample_unipc(model, x, sigmas, extra_args=None, callback=None, disable=None,
                  lower_order_final=True, disable_corrector=(), predict_x0=True, seed=None, backend=None,
                  trajectory=None):
     """UniPC (Zhao et al. 2023) as diffusers' ``UniPCMultistepScheduler`` runs it (:mod:`diffkern.coef_tables_unipc`):
-    UniP-``order`` (1 or 2) predictor, UniC corrector folded into the next step's row (none after the last call, nor
+    UniP-``order`` (1 to 3) predictor, UniC corrector folded into the next step's row (none after the last call, nor
     on steps i with i - 1 in ``disable_corrector``); ``solver_type`` "bh1"/"bh2"; ``predict_x0`` False: noise form.
     A final step to 0 is the jump to the denoised estimate (its noise-form limit with ``predict_x0=False``)."""
     loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory)
@@ -179,9 +179,47 @@ def sample_unipc(model, x, sigmas, extra_args=None, callback=None, disable=None,
                                          predict_x0=predict_x0))
 
 
+@torch.no_grad()
+def sample_deis(model, x, sigmas, extra_args=None, callback=None, disable=None, *, order=3, lower_order_final=True,
+                seed=None, backend=None, trajectory=None):
+    """DEIS (Zhang & Chen 2023, "logrho" multistep) as diffusers' ``DEISMultistepScheduler`` runs it
+    (:mod:`diffkern.coef_tables_deis`): each step integrates the PF-ODE exactly over the polynomial in log sigma
+    through this and the ``order - 1`` previous noise estimates (two history buffers at order 3). ``order`` 1, 2 or 3;
+    diffusers' lowering: first order on the first step, at most second on the second, and with
+    ``lower_order_final`` below 15 steps first and second order on the last two. x: (B, ...) float; returns the
+    final state in x's dtype. A final step to 0 is the jump to the denoised estimate."""
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory)
+    return _run(loop, _plans._plan_deis(loop.sigmas, loop.conv, order=order, lower_order_final=lower_order_final))
+
+
+@torch.no_grad()
+def sample_plms(model, x, sigmas, extra_args=None, callback=None, disable=None, *, seed=None, backend=None,
+                trajectory=None):
+    """PLMS, PNDM's pseudo linear multistep method (Liu et al. 2022), as diffusers' ``PNDMScheduler`` with
+    ``skip_prk_steps=True`` runs it (:mod:`diffkern.coef_tables_plms`): Euler in eps = (x - D)/sigma with eps
+    extrapolated by Adams-Bashforth (equal-step weights, order up to 4) over the three previous steps' eps (three
+    history buffers); the first step is Heun's (2 model calls). x: (B, ...) float; returns the final state in x's
+    dtype."""
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory)
+    return _run(loop, _plans._plan_plms(loop.sigmas, loop.conv))
+
+
+@torch.no_grad()
+def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, *, order=4, seed=None, backend=None,
+               trajectory=None):
+    """Linear multistep, k-diffusion's ``sample_lms`` and diffusers' ``LMSDiscreteScheduler``
+    (:mod:`diffkern.coef_tables_lms`): each step integrates dx/dsigma = (x - D)/sigma exactly over the polynomial in
+    sigma through this and the ``order - 1`` previous slopes (``order`` 1 to 4; the first steps have fewer; up to three
+    history buffers). x: (B, ...) float; returns the final state in x's dtype. A final step to 0 is the same formula
+    (no jump)."""
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory)
+    return _run(loop, _plans._plan_lms(loop.sigmas, loop.conv, order=order))
+
+
 SAMPLERS = {"euler": sample_euler, "euler_ancestral": sample_euler_ancestral, "heun": sample_heun,
             "dpm_2": sample_dpm_2, "dpm_2_ancestral": sample_dpm_2_ancestral,
             "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral, "dpmpp_2m": sample_dpmpp_2m,
             "dpmpp_2m_sde": sample_dpmpp_2m_sde, "dpmpp_3m_sde": sample_dpmpp_3m_sde,
             "dpmsolver_3m": sample_dpmsolver_3m, "dpmpp_sde": sample_dpmpp_sde,
-            "lcm": sample_lcm, "ge": sample_ge, "sde": sample_sde, "unipc": sample_unipc}
+            "lcm": sample_lcm, "ge": sample_ge, "sde": sample_sde, "unipc": sample_unipc,
+            "deis": sample_deis, "plms": sample_plms, "lms": sample_lms}

@@ -57,17 +57,18 @@ def make_tensor(shape, dtype=torch.float32, *, seed: int = 0, scale: float = 1.0
 
 
 def random_table(rows: int = 3, *, seed: int = 0, clip: float = float("inf"), scale: float = 1.5,
-                 history2: bool = False, **fixed: float) -> torch.Tensor:
+                 history2: bool = False, history3: bool = False, **fixed: float) -> torch.Tensor:
     """A valid float64 ``(rows, NCOEF)`` coefficient table with every slot random and non-zero.
 
-    Slots a, b, g, c, s, p, q, e, f (and c2 when ``history2``; else 0, so no second history is needed) are
+    Slots a, b, g, c, s, p, q, e, f (and c2, c3 when ``history2``, ``history3``; else 0, so no second or third
+    history is needed) are
     uniform in ``[-scale, scale]``, w in ``[0, 8]`` (CFG scales in use), clip is ``clip`` (inf: none);
     ``fixed`` pins slots (by name) to one value in every row.
     """
     from diffkern.ops import coefs
 
     gen = torch.Generator().manual_seed(seed)
-    names = [n for n in coefs.SLOT_NAMES if n != "c2" or history2]
+    names = [n for n in coefs.SLOT_NAMES if (n != "c2" or history2) and (n != "c3" or history3)]
     out = []
     for _ in range(rows):
         vals = ((torch.rand(len(names), generator=gen, dtype=torch.float64) * 2 - 1) * scale).tolist()
@@ -80,12 +81,12 @@ def random_table(rows: int = 3, *, seed: int = 0, clip: float = float("inf"), sc
 
 
 def sampler_step_inputs(shape, dtype=torch.float32, *, model_dtype=None, seed: int = 0, cfg: bool = True,
-                        history: bool = True, history2: bool = False, noise: str = "philox",
+                        history: bool = True, history2: bool = False, history3: bool = False, noise: str = "philox",
                         per_sample_seed: bool = False, contiguous: bool = True, clip: float = 1.0, rows: int = 3,
                         **fixed: float) -> dict:
     """Keyword arguments of :func:`diffkern.ops.sampler_step` (without outputs or backend).
 
-    ``history2``: also a second history tensor, with a random non-zero c2 in the table.
+    ``history2``, ``history3``: also a second (third) history tensor, with a random non-zero c2 (c3) in the table.
 
     ``noise``: "philox" (seed tensor, (B,) if ``per_sample_seed`` else (1,)) or "explicit" (a noise
     tensor). The step is the last row of a ``rows``-row table so a backend must index the table.
@@ -97,13 +98,15 @@ def sampler_step_inputs(shape, dtype=torch.float32, *, model_dtype=None, seed: i
         return make_tensor(shape, dt, seed=seed * 10 + k, scale=scale, contiguous=contiguous)
 
     kw = {"x": t(0, dtype), "model_out": t(1, model_dtype),
-          "coef": random_table(rows, seed=seed, clip=clip, history2=history2, **fixed), "step": rows - 1}
+          "coef": random_table(rows, seed=seed, clip=clip, history2=history2, history3=history3, **fixed), "step": rows - 1}
     if cfg:
         kw["model_out_uncond"] = t(2, model_dtype)
     if history:
         kw["history"] = t(3, dtype)
     if history2:
         kw["history2"] = t(5, dtype)
+    if history3:
+        kw["history3"] = t(6, dtype)
     if noise == "explicit":
         kw["noise"] = t(4, dtype)
     else:

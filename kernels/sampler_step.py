@@ -3,14 +3,14 @@
 Per element, in the order fixed by :mod:`diffkern.ops.coefs` (math in float32, float64 for float64 state):
 
     m = u + W*(model_out - u) | model_out;   Draw = P*x + Q*m;   D = clamp(Draw, -CLIP, CLIP)
-    out = ((A*x + B*D) + G*Draw) [+ C*H] [+ C2*H2] [+ S*xi];   x0_out = D;   history_out = E*x + F*D
+    out = ((A*x + B*D) + G*Draw) [+ C*H] [+ C2*H2] [+ C3*H3] [+ S*xi];   x0_out = D;   history_out = E*x + F*D
 
 Which optional tensors exist is a compile-time flag (``HAS_*``), so absent terms compile away; the
-``C*H``, ``C2*H2`` and ``S*xi`` terms are skipped at run time when their coefficient is exactly 0 (the
+``C*H``, ``C2*H2``, ``C3*H3`` and ``S*xi`` terms are skipped at run time when their coefficient is exactly 0 (the
 history is then not read, so an uninitialised buffer cannot inject NaN). The coefficient row ``step`` is
 read from the float64 table inside the kernel, and the seed from device memory, so a captured launch
 stays valid when either is rewritten in place. Every load precedes every store of a block, which
-makes exact in-place use (``out`` is ``x``, ``history_out`` is ``history`` or ``history2``) safe.
+makes exact in-place use (``out`` is ``x``, ``history_out`` is any history input) safe.
 """
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ import triton.language as tl
 
 from .philox import compute_dtype, launch_config, load_as, philox_normal_block
 
-NCOEF = tl.constexpr(12)  # diffkern.ops.coefs.NCOEF
-SLOT_A, SLOT_B, SLOT_G, SLOT_C, SLOT_S, SLOT_P, SLOT_Q, SLOT_W, SLOT_E, SLOT_F, SLOT_CLIP, SLOT_C2 = (
-    tl.constexpr(i) for i in range(12))  # diffkern.ops.coefs slot order
+NCOEF = tl.constexpr(16)  # diffkern.ops.coefs.NCOEF
+SLOT_A, SLOT_B, SLOT_G, SLOT_C, SLOT_S, SLOT_P, SLOT_Q, SLOT_W, SLOT_E, SLOT_F, SLOT_CLIP, SLOT_C2, SLOT_C3 = (
+    tl.constexpr(i) for i in range(13))  # diffkern.ops.coefs slot order
 
 
 @triton.jit
@@ -33,10 +33,11 @@ def _coef(coef_row_ptr, slot, CDT: tl.constexpr):
 # compile each variant three times over a sampling run for no gain.
 @triton.jit(do_not_specialize=["step"])
 def _sampler_step_kernel(
-        x_ptr, model_out_ptr, uncond_ptr, history_ptr, history2_ptr, noise_ptr, coef_ptr, seed_ptr,
+        x_ptr, model_out_ptr, uncond_ptr, history_ptr, history2_ptr, history3_ptr, noise_ptr, coef_ptr, seed_ptr,
         out_ptr, x0_out_ptr, history_out_ptr,
         step, per_sample, blocks_per_sample,
-        HAS_UNCOND: tl.constexpr, HAS_HISTORY: tl.constexpr, HAS_HISTORY2: tl.constexpr, HAS_NOISE: tl.constexpr,
+        HAS_UNCOND: tl.constexpr, HAS_HISTORY: tl.constexpr, HAS_HISTORY2: tl.constexpr, HAS_HISTORY3: tl.constexpr,
+        HAS_NOISE: tl.constexpr,
         HAS_X0_OUT: tl.constexpr, HAS_HISTORY_OUT: tl.constexpr,
         CDT: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
@@ -73,6 +74,10 @@ def _sampler_step_kernel(
         c2 = _coef(row, SLOT_C2, CDT)
         if c2 != 0:
             acc = acc + c2 * load_as(history2_ptr + offs, mask, CDT)
+    if HAS_HISTORY3:
+        c3 = _coef(row, SLOT_C3, CDT)
+        if c3 != 0:
+            acc = acc + c3 * load_as(history3_ptr + offs, mask, CDT)
     if s != 0:
         if HAS_NOISE:
             xi = load_as(noise_ptr + offs, mask, CDT)
@@ -90,12 +95,12 @@ def _sampler_step_kernel(
 
 
 def sampler_step_launch(x, model_out, model_out_uncond, history, noise, coef, step, seed, out, x0_out,
-                        history_out, history2=None) -> None:
+                        history_out, history2=None, history3=None) -> None:
     """Run one fused step (schema of ``diffkern::sampler_step``); writes ``out`` [, x0_out, history_out].
 
-    All tensors contiguous on one device. ``x``, ``history``, ``history2``, ``noise`` and the outputs share the
+    All tensors contiguous on one device. ``x``, the histories, ``noise`` and the outputs share the
     state dtype S; ``model_out`` / ``model_out_uncond`` the model dtype M (each float16, bfloat16,
-    float32 or float64). ``coef``: float64 (N, 12); ``step``: its row; ``seed``: int64 (1,) or (B,).
+    float32 or float64). ``coef``: float64 (N, 16); ``step``: its row; ``seed``: int64 (1,) or (B,).
     """
     n = x.numel()
     if n == 0:
@@ -109,10 +114,10 @@ def sampler_step_launch(x, model_out, model_out_uncond, history, noise, coef, st
         return x if t is None else t  # any valid pointer: its HAS_* flag is False, so it is never read
 
     _sampler_step_kernel[(samples * blocks_per_sample,)](
-        x, model_out, ptr(model_out_uncond), ptr(history), ptr(history2), ptr(noise), coef, seed,
+        x, model_out, ptr(model_out_uncond), ptr(history), ptr(history2), ptr(history3), ptr(noise), coef, seed,
         out, ptr(x0_out), ptr(history_out),
         step, per_sample, blocks_per_sample,
         HAS_UNCOND=model_out_uncond is not None, HAS_HISTORY=history is not None,
-        HAS_HISTORY2=history2 is not None, HAS_NOISE=noise is not None,
+        HAS_HISTORY2=history2 is not None, HAS_HISTORY3=history3 is not None, HAS_NOISE=noise is not None,
         HAS_X0_OUT=x0_out is not None, HAS_HISTORY_OUT=history_out is not None,
         CDT=compute_dtype(x.dtype), **options)

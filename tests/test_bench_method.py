@@ -51,6 +51,10 @@ def test_sampler_step_traffic_is_a_hand_count(bench):
     three = dict(x=x, model_out=_meta(), history=_meta(), history2=h, history_out=h, out=_meta())
     assert b.traffic(coefs.row(a=1.0, c=0.2, c2=-0.1, f=1.0), **three) == 6 * N * 4
     assert b.traffic(coefs.row(a=1.0, c=0.2, f=1.0), **three) == 5 * N * 4
+    # a fourth-order row (LMS, PLMS) reads three histories: 7 tensors, and 6 when c3 = 0
+    four = dict(three, history2=_meta(), history3=h)
+    assert b.traffic(coefs.row(a=1.0, c=0.2, c2=-0.1, c3=0.05, f=1.0), **four) == 7 * N * 4
+    assert b.traffic(coefs.row(a=1.0, c=0.2, c2=-0.1, f=1.0), **four) == 6 * N * 4
     # float32 state, bfloat16 model outputs (cond and uncond), x0_out written: 4 + 2 + 2 + 4 + 4 bytes/element
     assert b.traffic(coefs.row(a=1.0, w=3.0), x=x, model_out=_meta(torch.bfloat16),
                      model_out_uncond=_meta(torch.bfloat16), out=_meta(), x0_out=_meta()) == 16 * N

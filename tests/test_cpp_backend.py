@@ -216,7 +216,7 @@ STEP_ERRORS = {
     "out dtype": (dict(out=torch.zeros(3, 8).half()), "out: expected dtype Float"),
     "x0_out shape": (dict(x0_out=torch.zeros(3, 7)), "x0_out: expected shape"),
     "coef dtype": (dict(coef=torch.zeros(2, 12)), "coef: expected dtype float64"),
-    "coef shape": (dict(coef=torch.zeros(2, 11, dtype=torch.float64)), "coef: expected shape (N, 12)"),
+    "coef shape": (dict(coef=torch.zeros(2, 11, dtype=torch.float64)), "coef: expected shape (N, 16)"),
     "step past end": (dict(step=2), "step: 2 is out of range for a coefficient table of 2 rows"),
     "step negative": (dict(step=-1), "step: -1 is out of range"),
     "seed dtype": (dict(seed=torch.zeros(1, dtype=torch.int32)), "seed: expected dtype int64"),
@@ -280,8 +280,8 @@ def test_empty_tensors_are_a_no_op():
 
 def test_direct_calls_refuse_outputs_over_shared_inputs():
     """The binding's own check (the front-end has one too): no output may overlap the table or the seeds."""
-    base = torch.zeros(24, dtype=torch.float64)
-    coef, out = base.view(2, 12), base.view(torch.float32)[:24].view(3, 8)
+    base = torch.zeros(2 * coefs.NCOEF, dtype=torch.float64)
+    coef, out = base.view(2, coefs.NCOEF), base.view(torch.float32)[:24].view(3, 8)
     coef.copy_(coefs.table([coefs.row(a=1.0)] * 2))
     before = coef.clone()
     with pytest.raises(RuntimeError, match="out: overlaps coef, which every element reads"):

@@ -31,7 +31,7 @@ import warnings
 import pytest
 import torch
 
-from diffkern.ops import cuda_rtc
+from diffkern.ops import coefs, cuda_rtc
 from test_cuda_rtc import _nvrtc_missing, needs_nvrtc
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -175,7 +175,7 @@ def test_zero_size_calls_launch_nothing(monkeypatch):
     monkeypatch.setattr(cuda_rtc, "_on_cuda", lambda t, name: None)
     monkeypatch.setattr(cuda_rtc, "launch", lambda *a, **k: launched.append(a[0]))
     x, seed = torch.zeros(0, 3), torch.zeros(1, dtype=torch.int64)
-    table = torch.zeros(1, 12, dtype=F64)
+    table = torch.zeros(1, coefs.NCOEF, dtype=F64)
     cuda_rtc.sampler_step(x, x, None, None, None, table, 0, seed, x, None, None)
     cuda_rtc.iadb_blend(x, x, torch.zeros(0), x, None)
     cuda_rtc.philox_normal(seed, 0, 0, torch.zeros(0))
@@ -227,8 +227,8 @@ PROBE = r"""
 template <class C>
 __global__ void shared_formulas(const double* row, const C* v, C* o, int flags) {
   const dk::StepRow<C> r = dk::load_step_row<C>(row);
-  dk::sampler_step_element<C>(r, flags & 1, flags & 2, flags & 2, flags & 4, v[0], v[1], v[2], v[3], v[39], v[4],
-                              o[0], o[1]);
+  dk::sampler_step_element<C>(r, flags & 1, flags & 2, flags & 2, flags & 2, flags & 4, v[0], v[1], v[2], v[3], v[39],
+                              v[40], v[4], o[0], o[1]);
   o[2] = dk::history_element(r, v[0], o[1]);
   dk::iadb_blend_element<C>(v[5], v[6], v[7], o[3], o[4]);
   dk::HoldRow<C> hr;

@@ -44,7 +44,7 @@ def _combos(op):
 def test_struct_sizes_match_the_c_layout():
     # 8-byte pointers and long longs, 4-byte enums, the struct padded to 8 bytes.
     assert {k: v.itemsize for k, v in cuda_rtc.STRUCTS.items()} == {
-        "SamplerStepParams": 128, "IadbBlendParams": 64, "PhiloxNormalParams": 64, "HoldTransitionParams": 96,
+        "SamplerStepParams": 136, "IadbBlendParams": 64, "PhiloxNormalParams": 64, "HoldTransitionParams": 96,
         "HoldPerturbParams": 104}
 
 

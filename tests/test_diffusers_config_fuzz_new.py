@@ -148,19 +148,19 @@ def refusals(name, cfg, kw, timesteps, alphas_cumprod):
         no("strength", lambda v: len(timesteps) == 0, kw)  # a custom schedule cut to nothing
         return out
     n, T, zero = len(timesteps), cfg["num_train_timesteps"], cfg["final_sigmas_type"] == "zero"
-    no("solver_order", lambda v: v not in (1, 2))
+    no("solver_order", lambda v: v not in (1, 2, 3))
     no("prediction_type", lambda v: v == "flow_prediction")
     for key in ("solver_p", "use_beta_sigmas", "use_flow_sigmas", "use_dynamic_shifting", "shift_terminal"):
         no(key, bool)
     # with a last step to sigma = 0, diffusers' samples are NaN / inf there
     no("predict_x0", lambda v: not v and zero)
     no("solver_type", lambda v: v == "bh1" and zero)
-    no("lower_order_final", lambda v: not v and zero and cfg["solver_order"] == 2 and n >= 2)
-    # a repeated sigma (N >= T, or "leading" offsets clamped to T - 1): diffusers' second-order step after that step
+    no("lower_order_final", lambda v: not v and zero and cfg["solver_order"] >= 2 and n >= 2)
+    # a repeated sigma (N >= T, or "leading" offsets clamped to T - 1): diffusers' multistep step after that step
     # of length 0 divides by 0
     ts = timesteps.tolist()
     repeats = len(set(ts)) < n or sum(t >= T - 1 for t in ts) > 1
-    if not cfg["use_karras_sigmas"] and not cfg["use_exponential_sigmas"] and cfg["solver_order"] == 2 and repeats:
+    if not cfg["use_karras_sigmas"] and not cfg["use_exponential_sigmas"] and cfg["solver_order"] >= 2 and repeats:
         leading = cfg["timestep_spacing"] == "leading" and kw["num_inference_steps"] < T
         out.append(("steps_offset", cfg["steps_offset"]) if leading else ("timestep_spacing", cfg["timestep_spacing"]))
     return out

@@ -403,8 +403,11 @@ def test_accelerate_bad_input():
     pipe.scheduler = diffusers.DDIMScheduler(clip_sample=False, set_alpha_to_one=False)
     with pytest.raises(ValueError, match="set_alpha_to_one=False"):
         fast(num_inference_steps=1)
-    pipe.scheduler = diffusers.PNDMScheduler()
-    with pytest.raises(ValueError, match="unsupported scheduler PNDMScheduler"):
+    pipe.scheduler = diffusers.PNDMScheduler()  # the class default runs Runge-Kutta steps first: Level 1 only
+    with pytest.raises(ValueError, match="skip_prk_steps"):
+        dd.accelerate(pipe)
+    pipe.scheduler = diffusers.DPMSolverSinglestepScheduler()
+    with pytest.raises(ValueError, match="unsupported scheduler DPMSolverSinglestepScheduler"):
         dd.accelerate(pipe)
     pipe.scheduler = diffusers.DDIMScheduler(thresholding=True)
     with pytest.raises(ValueError, match="thresholding=True"):

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import diffkern.ops as dops
-from diffkern import analytic, coef_tables, coef_tables_3m, graphs, samplers, schedules
+from diffkern import analytic, coef_tables, coef_tables_3m, graphs, sampler_loop, samplers, schedules
 from diffkern.ops import coefs, cuda_rtc
 from diffkern.ops.sampler_step import sampler_step, sampler_step_reference
 from diffkern.sampling import sample
@@ -52,7 +52,7 @@ def test_mixed_dtypes_and_non_contiguous_inputs(cpu_backend, state, model):
 
 
 def test_table_slot_11_is_c2_and_older_tables_are_unchanged():
-    assert coefs.SLOT_NAMES[coefs.C2] == "c2" and coefs.C2 == 11 and coefs.NCOEF == 12
+    assert coefs.SLOT_NAMES[coefs.C2] == "c2" and coefs.C2 == 11
     assert coefs.row(a=0.5, c=0.25)[coefs.C2] == 0.0  # rows written before c2 existed keep slot 11 at 0
     assert coefs.row(c2=-0.75)[11] == -0.75
 
@@ -279,8 +279,6 @@ def test_plan_rows_and_orders():
     # each row reproduces a constant D exactly: sum of x, D, H, H2 weights = 1 on a constant trajectory
     weights = t[:, coefs.A] + t[:, coefs.B] + t[:, coefs.C] + t[:, coefs.C2]
     torch.testing.assert_close(weights, torch.ones(6, dtype=F64), rtol=0, atol=1e-15)
-    with pytest.raises(ValueError, match="history: a depth-2 plan has one model call per step"):
-        coef_tables.Plan(t, plan.row_sigma, plan.sigma_hat, plan.churn, [True] * 6, history=2)
 
 
 def test_bracket_is_exact_for_linear_D_and_halves_the_quadratic_term():
@@ -321,13 +319,14 @@ def test_convergence_on_an_analytic_mixture():
 def test_loop_rotates_two_buffers_without_copies(monkeypatch):
     """Step i reads H = D_{i-1} and H2 = D_{i-2} and writes D_i over H2: two buffers that swap roles, no copy."""
     calls = []
-    real = samplers.sampler_step
+    real = sampler_loop.sampler_step
 
     def spy(x, m, table, row, **kw):
         calls.append((kw["history"], kw["history2"], kw["history_out"]))
+        assert kw["history3"] is None
         return real(x, m, table, row, **kw)
 
-    monkeypatch.setattr(samplers, "sampler_step", spy)
+    monkeypatch.setattr(sampler_loop, "sampler_step", spy)
     sample(gmm2(), torch.randn(3, 2, dtype=F64) * 10, schedules.karras(5, 0.1, 10.0), "dpmpp_3m_sde", backend=REF)
     assert len(calls) == 5 and len({id(t) for c in calls for t in c}) == 2
     for i, (h, h2, out) in enumerate(calls):

@@ -17,7 +17,7 @@ SEED = torch.tensor([1234], dtype=torch.int64)
 
 
 def _sampler_step_cases():
-    full = sampler_step_inputs((2, 3, 5), noise="explicit", history2=True)
+    full = sampler_step_inputs((2, 3, 5), noise="explicit", history2=True, history3=True)
     philox = sampler_step_inputs((3, 7), torch.bfloat16, model_dtype=torch.float32, per_sample_seed=True)
     return {
         "minimal": lambda: dops.sampler_step(make_tensor((2, 9)), make_tensor((2, 9), seed=1), random_table(2, c=0.0), 1),

@@ -228,7 +228,7 @@ def test_diffusers_level1_scheduler(tiny_sd):
 
 
 def test_diffusers_level2_accelerate(tiny_sd):
-    # in the README's order: the pipeline already runs level 1's scheduler (accelerate refuses PNDM)
+    # in the README's order: the pipeline already runs level 1's scheduler
     ns = block("dkd.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)").run(
         {"torch": torch, "pipe": _sd_pipe(tiny_sd)})
     pipe = ns["pipe"]

@@ -40,7 +40,7 @@ def test_plan_depth_must_cover_the_table():
                                          ([coefs.row(a=1.0, f=1.0), coefs.row(a=1.0, c=0.2, c2=0.1, f=1.0)], 2)])
 def test_plan_first_step_reads_no_history(rows, depth):
     """Eagerly the buffers start at zero, but a graph replay keeps the previous run's values in them."""
-    with pytest.raises(ValueError, match="table: the first step must not read history"):
+    with pytest.raises(ValueError, match=r"table: step \d reads history \d \(c2? != 0 on its row\), which no earlier"):
         _plan(rows, depth)
 
 
@@ -52,12 +52,12 @@ def test_every_builtin_plan_passes_the_depth_checks():
         params = inspect.signature(samplers.SAMPLERS[name]).parameters
         knobs = {k: p.default for k, p in params.items()
                  if p.kind == p.KEYWORD_ONLY and k not in ("seed", "backend", "trajectory")}
-        assert build(sig, coef_tables._identity, **knobs).history in (0, 1, 2), name
+        assert build(sig, coef_tables._identity, **knobs).history in (0, 1, 2, 3), name
 
 
-def test_depth2_plan_with_corrector_rows_is_refused():
-    rows = [coefs.row(a=1.0, f=1.0)] * 2
-    with pytest.raises(ValueError, match="depth-2 plan has one model call per step"):
+def test_depth2_corrector_reading_unwritten_history_is_refused():
+    rows = [coefs.row(a=1.0, f=1.0), coefs.row(a=1.0, c2=0.5)]
+    with pytest.raises(ValueError, match=r"step 0 reads history 2 \(c2 != 0 on its corrector row\)"):
         coef_tables.Plan(coefs.table(rows), [1.0] * 2, [1.0], [False], [True], corrector_row=1, history=2)
 
 #----------------------------------------------------------------------------

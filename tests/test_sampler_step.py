@@ -235,7 +235,7 @@ def _bad_cases():
         "history_out-device": (lambda k: k.update(history_out=torch.empty(2, 3, 5, device=meta)), ValueError,
                                r"^history_out: expected device"),
         "coef-not-tensor": (lambda k: k.update(coef=k["coef"].tolist()), TypeError, r"^coef: expected a torch.Tensor"),
-        "coef-shape": (lambda k: k.update(coef=k["coef"][:, :11]), ValueError, r"^coef: expected shape \(N, 12\)"),
+        "coef-shape": (lambda k: k.update(coef=k["coef"][:, :11]), ValueError, r"^coef: expected shape \(N, 16\)"),
         "coef-1d": (lambda k: k.update(coef=k["coef"][0]), ValueError, r"^coef: expected shape"),
         "coef-dtype": (lambda k: k.update(coef=k["coef"].float()), TypeError, r"^coef: expected dtype torch.float64"),
         "coef-device": (lambda k: k.update(coef=k["coef"].to(meta)), ValueError, r"^coef: expected device"),

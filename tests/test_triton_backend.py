@@ -182,11 +182,11 @@ report = {}
 for s, m, noise, ints in (("fp32", "fp32", False, {"step": 1}), ("fp32", "fp32", True, {}),
                           ("fp16", "bf16", False, {}), ("fp64", "fp16", True, {})):
     cdt = tl.float64 if s == "fp64" else tl.float32
-    state = dict.fromkeys(["x_ptr", "history_ptr", "history2_ptr", "noise_ptr", "out_ptr", "x0_out_ptr",
-                           "history_out_ptr"], s)
+    state = dict.fromkeys(["x_ptr", "history_ptr", "history2_ptr", "history3_ptr", "noise_ptr", "out_ptr",
+                           "x0_out_ptr", "history_out_ptr"], s)
     types = dict(state, model_out_ptr=m, uncond_ptr=m, coef_ptr="fp64", seed_ptr="i64")
-    flags = dict(HAS_UNCOND=True, HAS_HISTORY=True, HAS_HISTORY2=True, HAS_NOISE=noise, HAS_X0_OUT=True,
-                 HAS_HISTORY_OUT=True)
+    flags = dict(HAS_UNCOND=True, HAS_HISTORY=True, HAS_HISTORY2=True, HAS_HISTORY3=True, HAS_NOISE=noise,
+                 HAS_X0_OUT=True, HAS_HISTORY_OUT=True)
     ptx = compile_ptx(sampler_step._sampler_step_kernel, types, dict(flags, CDT=cdt, BLOCK=2048, **ints))
     report[f"sampler_step {s}/{m} noise={noise} {ints}"] = widths(ptx)
 for s, cdt in (("bf16", tl.float32), ("fp64", tl.float64)):

@@ -14,6 +14,8 @@
 #include <utility>
 #include <vector>
 
+#include "sampler_step.h"
+
 namespace dk {
 
 using OptTensor = std::optional<at::Tensor>;
@@ -98,27 +100,29 @@ inline void check_overlap(const std::vector<Named>& outputs, const std::vector<N
   }
 }
 
-// Checks of diffkern::sampler_step shared by the CPU and CUDA bindings. history2 is the schema's last
-// argument (appended, so positional callers written before it keep working).
+// Checks of diffkern::sampler_step shared by the CPU and CUDA bindings. history2 and history3 are the schema's
+// last arguments (appended, so positional callers written before them keep working).
 inline void check_sampler_step(const at::Tensor& x, const at::Tensor& model_out, const OptTensor& model_out_uncond,
                                const OptTensor& history, const OptTensor& noise, const at::Tensor& coef,
                                int64_t step, const at::Tensor& seed, const at::Tensor& out,
                                const OptTensor& x0_out, const OptTensor& history_out,
-                               const OptTensor& history2 = std::nullopt) {
+                               const OptTensor& history2 = std::nullopt,
+                               const OptTensor& history3 = std::nullopt) {
   TORCH_CHECK(x.defined(), "x: expected a tensor, got an undefined tensor");
   check_float_contiguous(x, "x", x.device(), "x");
   check_like(model_out, "model_out", x, "x", /*same_dtype=*/false);
   if (auto* u = get_if(model_out_uncond)) check_like(*u, "model_out_uncond", model_out, "model_out");
   const std::pair<const char*, const OptTensor*> like_x[] = {
-      {"history", &history}, {"history2", &history2}, {"noise", &noise}, {"x0_out", &x0_out},
-      {"history_out", &history_out}};
+      {"history", &history}, {"history2", &history2}, {"history3", &history3}, {"noise", &noise},
+      {"x0_out", &x0_out}, {"history_out", &history_out}};
   for (const auto& [name, t] : like_x) {
     if (auto* p = get_if(*t)) check_like(*p, name, x, "x");
   }
   check_like(out, "out", x, "x");
   TORCH_CHECK(coef.defined() && coef.scalar_type() == at::kDouble, "coef: expected dtype float64, got ",
               coef.defined() ? c10::toString(coef.scalar_type()) : "an undefined tensor");
-  TORCH_CHECK(coef.dim() == 2 && coef.size(1) == 12, "coef: expected shape (N, 12), got ", coef.sizes());
+  TORCH_CHECK(coef.dim() == 2 && coef.size(1) == kNumCoef, "coef: expected shape (N, ", kNumCoef, "), got ",
+              coef.sizes());
   TORCH_CHECK(coef.device() == x.device(), "coef: expected device ", x.device(), " (that of x), got ",
               coef.device());
   TORCH_CHECK(coef.is_contiguous(), "coef: expected a contiguous tensor");
@@ -128,7 +132,8 @@ inline void check_sampler_step(const at::Tensor& x, const at::Tensor& model_out,
   check_seed(seed, batch_of(x), x, "x");
   check_overlap({{"out", &out}, {"x0_out", get_if(x0_out)}, {"history_out", get_if(history_out)}},
                 {{"x", &x}, {"model_out", &model_out}, {"model_out_uncond", get_if(model_out_uncond)},
-                 {"history", get_if(history)}, {"history2", get_if(history2)}, {"noise", get_if(noise)}},
+                 {"history", get_if(history)}, {"history2", get_if(history2)}, {"history3", get_if(history3)},
+                 {"noise", get_if(noise)}},
                 {{"coef", &coef}, {"seed", &seed}});
 }
 

@@ -6,29 +6,30 @@
 //   m     = u + w*(m - u)                   only with an unconditional output (guidance)
 //   d_raw = p*x + q*m                       denoised estimate of any prediction type
 //   d     = clamp(d_raw, -clip, clip)       NaN stays NaN, as torch.maximum/minimum
-//   out   = ((a*x + b*d) + g*d_raw) [+ c*h] [+ c2*h2] [+ s*xi]
+//   out   = ((a*x + b*d) + g*d_raw) [+ c*h] [+ c2*h2] [+ c3*h3] [+ s*xi]
 //   x0    = d,   h_new = e*x + f*d
 //
 // Every product and sum is rounded separately (common/hd.h), so the CPU kernels, the CUDA kernels
-// and torch's eager float32 reference round identically, on every ISA clone and thread count. h and h2
-// are the previous one and two history values (h2: third-order multistep samplers).
+// and torch's eager float32 reference round identically, on every ISA clone and thread count. h, h2 and h3
+// are the previous one, two and three history values (h2: third-order multistep samplers, h3: fourth-order
+// ones such as LMS and PLMS).
 #pragma once
 
 #include "hd.h"
 
 namespace dk {
 
-// Slots of a coefficient-table row (diffkern/ops/coefs.py); a row is kNumCoef float64 values.
-// kSlotC2 took the slot once reserved (kept 0), so older tables read the same.
+// Slots of a coefficient-table row (diffkern/ops/coefs.py); a row is kNumCoef float64 values (128 bytes;
+// slots 13-15 are reserved and must be 0).
 enum CoefSlot {
-  kSlotA = 0, kSlotB, kSlotG, kSlotC, kSlotS, kSlotP, kSlotQ, kSlotW, kSlotE, kSlotF, kSlotClip, kSlotC2
+  kSlotA = 0, kSlotB, kSlotG, kSlotC, kSlotS, kSlotP, kSlotQ, kSlotW, kSlotE, kSlotF, kSlotClip, kSlotC2, kSlotC3
 };
-constexpr int kNumCoef = 12;
+constexpr int kNumCoef = 16;
 
 // One table row rounded to the compute type (the reference's coef[step].to(cdt)).
 template <class C>
 struct StepRow {
-  C a, b, g, c, s, p, q, w, e, f, clip, c2;
+  C a, b, g, c, s, p, q, w, e, f, clip, c2, c3;
 };
 
 template <class C>
@@ -46,6 +47,7 @@ DK_HOST_DEVICE StepRow<C> load_step_row(const double* row) {
   r.f = static_cast<C>(row[kSlotF]);
   r.clip = static_cast<C>(row[kSlotClip]);
   r.c2 = static_cast<C>(row[kSlotC2]);
+  r.c3 = static_cast<C>(row[kSlotC3]);
   return r;
 }
 
@@ -58,11 +60,12 @@ DK_HOST_DEVICE C clamp_sym(C v, C clip) {
 
 // One element of the fused step: out and x0 (= d). The flags are uniform over a launch: compile-time
 // constants in the CPU kernels (so each loop is branch-free), a warp-uniform branch in the CUDA
-// kernels. use_hist, use_hist2 and use_noise must be false when c, c2 or s is exactly 0 (the term is
-// skipped, its input is not read).
+// kernels. use_hist, use_hist2, use_hist3 and use_noise must be false when c, c2, c3 or s is exactly 0 (the
+// term is skipped, its input is not read).
 template <class C>
 DK_HOST_DEVICE void sampler_step_element(const StepRow<C>& r, bool has_uncond, bool use_hist, bool use_hist2,
-                                         bool use_noise, C x, C m, C u, C h, C h2, C xi, C& out, C& x0) {
+                                         bool use_hist3, bool use_noise, C x, C m, C u, C h, C h2, C h3, C xi,
+                                         C& out, C& x0) {
   if (has_uncond) m = add_rn(u, mul_rn(r.w, sub_rn(m, u)));
   const C d_raw = add_rn(mul_rn(r.p, x), mul_rn(r.q, m));
   const C d = clamp_sym(d_raw, r.clip);
@@ -70,6 +73,7 @@ DK_HOST_DEVICE void sampler_step_element(const StepRow<C>& r, bool has_uncond, b
   acc = add_rn(acc, mul_rn(r.g, d_raw));
   if (use_hist) acc = add_rn(acc, mul_rn(r.c, h));
   if (use_hist2) acc = add_rn(acc, mul_rn(r.c2, h2));
+  if (use_hist3) acc = add_rn(acc, mul_rn(r.c3, h3));
   if (use_noise) acc = add_rn(acc, mul_rn(r.s, xi));
   out = acc;
   x0 = d;

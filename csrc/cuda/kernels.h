@@ -28,8 +28,9 @@ struct SamplerStepParams {
   const void* model_out_uncond;  // (numel,) dtype M, or null (no guidance)
   const void* history;           // (numel,) dtype S, or null
   const void* history2;          // (numel,) dtype S, or null (the second history of third-order samplers)
+  const void* history3;          // (numel,) dtype S, or null (the third history of fourth-order samplers)
   const void* noise;             // (numel,) dtype S, or null (Philox noise)
-  const double* coef;            // (N, 12) float64 table
+  const double* coef;            // (N, kNumCoef) float64 table
   const long long* seed;         // (num_seeds,) int64
   void* out;                     // (numel,) dtype S
   void* x0_out;                  // (numel,) dtype S, or null

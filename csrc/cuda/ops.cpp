@@ -39,9 +39,9 @@ void check_launch(cudaError_t err, const char* op) {
 void sampler_step_cuda(const at::Tensor& x, const at::Tensor& model_out, const OptTensor& model_out_uncond,
                        const OptTensor& history, const OptTensor& noise, const at::Tensor& coef, int64_t step,
                        const at::Tensor& seed, const at::Tensor& out, const OptTensor& x0_out,
-                       const OptTensor& history_out, const OptTensor& history2) {
+                       const OptTensor& history_out, const OptTensor& history2, const OptTensor& history3) {
   check_sampler_step(x, model_out, model_out_uncond, history, noise, coef, step, seed, out, x0_out, history_out,
-                     history2);
+                     history2, history3);
   TORCH_CHECK(x.is_cuda(), "x: expected a CUDA tensor for the CUDA kernel, got ", x.device());
   if (x.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
@@ -51,6 +51,7 @@ void sampler_step_cuda(const at::Tensor& x, const at::Tensor& model_out, const O
   p.model_out_uncond = ptr_or_null(model_out_uncond);
   p.history = ptr_or_null(history);
   p.history2 = ptr_or_null(history2);
+  p.history3 = ptr_or_null(history3);
   p.noise = ptr_or_null(noise);
   p.coef = coef.data_ptr<double>();
   p.seed = reinterpret_cast<const long long*>(seed.data_ptr<int64_t>());

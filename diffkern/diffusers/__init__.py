@@ -15,12 +15,15 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401  
 
 from .accelerate import AcceleratedPipeline, accelerate
 from .schedulers import FusedScheduler, FusedSchedulerOutput
+from .schedulers_deis import DEISMultistepScheduler
 from .schedulers_edm import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
 from .schedulers_flow import FlowMatchEulerDiscreteScheduler
 from .schedulers_ge import GEScheduler, IADBScheduler
 from .schedulers_k import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler
 from .schedulers_kdpm2 import KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler
 from .schedulers_lcm import LCMScheduler
+from .schedulers_lms import LMSDiscreteScheduler
+from .schedulers_pndm import PNDMScheduler
 from .schedulers_tcd import TCDScheduler
 from .schedulers_unipc import UniPCMultistepScheduler
 from .schedulers_vp import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
@@ -30,7 +33,8 @@ SCHEDULERS = {c.__name__: c for c in (DDIMScheduler, DDPMScheduler, DPMSolverMul
                                       KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler, GEScheduler,
                                       IADBScheduler, LCMScheduler, FlowMatchEulerDiscreteScheduler,
                                       UniPCMultistepScheduler, TCDScheduler, EDMEulerScheduler,
-                                      EDMDPMSolverMultistepScheduler)}
+                                      EDMDPMSolverMultistepScheduler, DEISMultistepScheduler,
+                                      PNDMScheduler, LMSDiscreteScheduler)}
 
 # A pipeline's save_pretrained records a third-party scheduler as (its __module__, its name), and from_pretrained
 # imports that module and looks the class and SchedulerMixin up in it. Recording this package (rather than the
@@ -41,7 +45,9 @@ for _cls in SCHEDULERS.values():
 __all__ = ["AcceleratedPipeline", "DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler",
            "EDMDPMSolverMultistepScheduler", "EDMEulerScheduler", "EulerAncestralDiscreteScheduler",
            "EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler",
-           "FusedScheduler", "FusedSchedulerOutput",
+           "DEISMultistepScheduler", "FusedScheduler", "FusedSchedulerOutput",
            "GEScheduler", "HeunDiscreteScheduler", "IADBScheduler", "KDPM2AncestralDiscreteScheduler",
-           "KDPM2DiscreteScheduler", "LCMScheduler", "SCHEDULERS", "TCDScheduler", "UniPCMultistepScheduler",
+           "KDPM2DiscreteScheduler", "LCMScheduler", "LMSDiscreteScheduler", "PNDMScheduler", "SCHEDULERS",
+           "TCDScheduler",
+           "UniPCMultistepScheduler",
            "accelerate"]

@@ -4,8 +4,9 @@ and knobs (:class:`LoopSpec`) of a scheduler after ``set_timesteps``, for :func:
 Equivalences used (``math-samplers.md`` 5-7): DDIM(eta) = Euler-ancestral(eta) in VE coordinates (eta = 0:
 Euler), DDPM ("fixed_small") = DDIM(eta = 1), DPM-Solver++(2M) = k-diffusion's ``dpmpp_2m``, diffusers' third-order
 DPM-Solver++ = diffkern's ``dpmsolver_3m`` (not k-diffusion's 3M: other second-order and SDE rows), UniPC =
-diffkern's ``unipc`` (its corrector folded into the next row), LCM = ``lcm`` on the boundary-conditioned denoiser.
-Scheduler configurations the fused loop cannot reproduce raise ValueError naming the option.
+diffkern's ``unipc`` (its corrector folded into the next row), DEIS = ``deis``, LMS = ``lms``, LCM = ``lcm`` on
+the boundary-conditioned denoiser. Scheduler configurations the fused loop cannot reproduce raise ValueError naming
+the option.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from .. import coef_tables_3m, schedules
+from .. import coef_tables_3m, coef_tables_deis, schedules
 from .schedulers import FusedScheduler
 from .schedulers_ge import IADBScheduler
 
@@ -61,7 +62,7 @@ def _check_unipc_decreasing(name: str, cfg, sig: list, n: int) -> None:
     SNR floors alpha-bar(T-1) at 2^-24, above alpha-bar(T-2) on steep tables); the fused sampler cannot."""
     for i, (a, b) in enumerate(zip(sig[:-1], sig[1:])):
         if b >= a:
-            if b > a and cfg.rescale_betas_zero_snr:
+            if b > a and cfg.get("rescale_betas_zero_snr"):
                 key = "rescale_betas_zero_snr"
             elif cfg.timestep_spacing == "leading" and n < cfg.num_train_timesteps:
                 key = "steps_offset"
@@ -85,6 +86,72 @@ def _third_order_knobs(name: str, cfg, steps: int, kept: int, sde: bool) -> dict
     raise _unsupported(name, "final_sigmas_type", "sigma_min",
                        f"with solver_order=3 and {steps} steps its last step goes from sigma_min to itself and the "
                        f"step before is of order {want[-1]}, which the fused loop without that step cannot give")
+
+
+def _deis_spec(ours) -> LoopSpec:
+    """DEIS as the ``deis`` sampler on its VP sigmas. A last step from sigma_min to itself (Karras/exponential/beta
+    sigmas, or timesteps ending at t = 0) is the identity in diffusers at any order, and is dropped; the kept steps
+    must then keep diffusers' orders, which its lower_order_final (a step count below 15) can shift."""
+    name, cfg = type(ours).__name__, ours.config
+    if cfg.use_flow_sigmas:
+        raise _unsupported(name, "use_flow_sigmas", True, "the UNet pipelines' loop runs VP schedules; the flow "
+                           "pipelines' loop runs a FlowMatchEulerDiscreteScheduler")
+    ts, sig = list(ours._host_timesteps), list(ours.sigmas_host)
+    key = next((k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas") if cfg[k]),
+               "timestep_spacing")
+    if len(ts) == 1 and math.isclose(sig[0], sig[1], rel_tol=1e-9):
+        raise _unsupported(name, key, cfg[key], "its single step goes from sigma_min to itself")
+    sig, kept = _drop_identity_end(name, sig, ts)
+    _check_unipc_decreasing(name, cfg, sig, len(ts))
+    order = int(cfg.solver_order)
+    want = coef_tables_deis.deis_orders(len(ts), order=order, lower_order_final=cfg.lower_order_final)[:len(kept)]
+    for low in (bool(cfg.lower_order_final), not cfg.lower_order_final):
+        if coef_tables_deis.deis_orders(len(kept), order=order, lower_order_final=low) == want:
+            return LoopSpec("deis", sig, kept, {"order": order, "lower_order_final": low}, vp=True)
+    raise _unsupported(name, key, cfg[key], f"with solver_order={order} and {len(ts)} steps its last step goes from "
+                       f"sigma_min to itself and diffusers' orders of the others, {want}, are not those of a "
+                       f"{len(kept)}-step deis loop; use lower_order_final=False, or 15 steps or more")
+
+
+def _pndm_spec(ours) -> LoopSpec:
+    """diffusers' PNDM with ``skip_prk_steps=True`` as ``plms`` on the VE sigmas of its N distinct timesteps (calls
+    [t0, t1, t1, t2, ...]: the second is step 0's corrector, at sigma_1, so no call_timesteps are needed), N = 1 as
+    ``euler`` (its single call). Each step goes from t to t - T//N, which must be the next timestep; a last step
+    from alpha-bar(0) to itself (``set_alpha_to_one=False`` ending at t = 0) is the identity and is dropped."""
+    name, cfg = type(ours).__name__, ours.config
+    if not cfg.skip_prk_steps:
+        raise _unsupported(name, "skip_prk_steps", False, "its Runge-Kutta steps (four calls at half steps, restarted "
+                           "from the step's first sample) are no diffkern sampler")
+    if cfg.prediction_type != "epsilon":
+        raise _unsupported(name, "prediction_type", cfg.prediction_type, "diffusers' PLMS extrapolates the raw model "
+                           "outputs (v), where the plms sampler extrapolates eps")
+    ts = ours.plms_timesteps.tolist()
+    ts = ts[:1] + ts[2:]  # the N distinct timesteps
+    ratio = ours._ratio
+    for i in range(len(ts) - 1):
+        if ts[i] - ratio != ts[i + 1]:
+            raise _unsupported(name, "timestep_spacing", cfg.timestep_spacing, f"with {len(ts)} steps, step {i} goes "
+                               f"from t={ts[i]} to t={ts[i] - ratio}, which is not the next timestep {ts[i + 1]}: the "
+                               "schedule is not continuous")
+    ab_final = ours._alpha_bar(ts[-1] - ratio)
+    sigmas = ours.train_sigmas[ts].tolist() + [schedules.alpha_bar_to_sigma(ab_final)]
+    if len(ts) == 1:
+        if ab_final == float(ours.alphas_cumprod[ts[0]]):
+            raise _unsupported(name, "set_alpha_to_one", False, "its single step goes from t=0 to itself")
+        return LoopSpec("euler", sigmas, ts, {}, vp=True)
+    if ab_final == float(ours.alphas_cumprod[ts[-1]]):
+        sigmas, ts = sigmas[:-1], ts[:-1]
+    return LoopSpec("plms", sigmas, ts, {}, vp=True)
+
+
+def _pndm_refuse_tail(ours, begin: int):
+    """An img2img pipeline's PNDM loop over ``timesteps[begin:]`` (begin > 0) is no plms loop: diffusers restarts its
+    counter there, and the call list [t0, t1, t1, t2, ...] sliced past its repeated t1 feeds the third call a sample at
+    t_{k+1} with the timestep t_{k+2} (from begin = 1: the second call restarts from t0 with a sample at t1)."""
+    raise ValueError(f"accelerate: PNDMScheduler with strength < 1 (the loop starting at timesteps[{begin}]) is not "
+                     "supported by the fused loop (diffusers' PNDM restarts its counter there and steps a sample from "
+                     "one timestep as if it were at the next); run the pipeline with diffkern.diffusers.PNDMScheduler "
+                     "as its scheduler instead")
 
 
 # The VE sigma of flow time t = 1 (pure noise; t/(1 - t) is infinite). In float64 1 + 2^70 == 2^70, so the state
@@ -196,6 +263,10 @@ def loop_spec(ours: FusedScheduler, eta: float = 0.0) -> LoopSpec:
                                "returning the last corrected sample; the fused loop needs strictly decreasing sigmas")
         _check_unipc_decreasing(name, cfg, sig, len(ts))
         return LoopSpec("unipc", sig, ts, ours.loop_knobs(), vp=True)
+    if name == "DEISMultistepScheduler":
+        return _deis_spec(ours)
+    if name == "PNDMScheduler":
+        return _pndm_spec(ours)
     if name == "LCMScheduler":
         # z' = sqrt(ab')*D + sqrt(1-ab')*xi with D = c_skip(t)*z + c_out(t)*x0 is, in VE coordinates (x = z/sqrt(ab)),
         # x' = D + sigma'*xi: sample_lcm on the denoiser with the boundary condition folded into its per-timestep
@@ -225,6 +296,9 @@ def loop_spec(ours: FusedScheduler, eta: float = 0.0) -> LoopSpec:
         return LoopSpec("dpm_2_ancestral", sig, ts, {"eta": 1.0}, vp=False, call_timesteps=list(ours._host_timesteps))
     if name == "GEScheduler":
         return LoopSpec("ge", sig, ts, {"gamma": float(cfg.gamma), "mu": float(cfg.mu)}, vp=False)
+    if name == "LMSDiscreteScheduler":  # pipelines call its step() with the default order=4
+        _check_unipc_decreasing(name, cfg, sig, len(ts))
+        return LoopSpec("lms", sig, ts, {"order": 4}, vp=False)
     raise ValueError(f"accelerate: unsupported scheduler {name}")
 
 
@@ -236,6 +310,14 @@ def tail_spec(ours: FusedScheduler, spec: LoopSpec, begin: int) -> LoopSpec:
     if begin == 0:
         return spec
     name, n = type(ours).__name__, len(spec.timesteps)
+    if name == "PNDMScheduler":
+        _pndm_refuse_tail(ours, begin)
+    if name == "LMSDiscreteScheduler":
+        raise ValueError(f"accelerate: LMSDiscreteScheduler with strength < 1 (the loop starting at "
+                         f"timesteps[{begin}]) is not supported by the fused loop (diffusers weights the first three "
+                         "derivatives of a partial loop with the Lagrange weights of nodes before its start, which no "
+                         "lms loop on the partial schedule gives); run the pipeline with "
+                         "diffkern.diffusers.LMSDiscreteScheduler as its scheduler instead")
     if not 0 < begin < n:
         raise ValueError(f"strength: the partial schedule starts at step {begin} of {n}; expected 0 <= begin < {n}")
     knobs = dict(spec.knobs)
@@ -252,6 +334,16 @@ def tail_spec(ours: FusedScheduler, spec: LoopSpec, begin: int) -> LoopSpec:
             raise _unsupported(name, "solver_order", 3, f"from step {begin} of {n} (img2img strength) diffusers' "
                                f"orders {want} are not those of a {n - begin}-step dpmsolver_3m loop")
         knobs.update(lower_order_final=low_euler[0], euler_at_final=low_euler[1])
+    elif spec.method == "deis":
+        cfg = ours.config
+        want = coef_tables_deis.deis_orders(len(ours._host_timesteps), order=int(cfg.solver_order),
+                                            lower_order_final=cfg.lower_order_final, begin=begin)[begin:n]
+        low = next((low for low in (False, True) if coef_tables_deis.deis_orders(
+            n - begin, order=int(cfg.solver_order), lower_order_final=low) == want), None)
+        if low is None:
+            raise _unsupported(name, "solver_order", cfg.solver_order, f"from step {begin} of {n} (img2img strength) "
+                               f"diffusers' orders {want} are not those of a {n - begin}-step deis loop")
+        knobs["lower_order_final"] = low
     calls = spec.call_timesteps
     if calls is not None:  # two model calls per step (KDPM2): the midpoint calls follow their step's
         calls = calls[2 * begin:]

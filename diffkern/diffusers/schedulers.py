@@ -109,18 +109,19 @@ def sigma_to_t(alphas_cumprod: torch.Tensor, sigma: torch.Tensor) -> torch.Tenso
     return (1 - w) * low + w * (low + 1)
 
 
-def ve_row_to_vp(row, sigma_in: float, sigma_out: float) -> list[float]:
-    """Rewrite a VE-coordinate row (state ``x = z/alpha``) for the VP state z (``alpha = 1/sqrt(sigma^2+1)``).
+def ve_row_to_vp(row, sigma_in: float, sigma_out: float, alphas=None) -> list[float]:
+    """Rewrite a VE-coordinate row (state ``x = z/alpha``) for the VP state z (``alpha = 1/sqrt(sigma^2+1)``), or
+    for another scaled state given its ``alphas = (alpha_in, alpha_out)`` (flow matching: ``1/(1 + sigma)``).
 
     With ``x = z/alpha_in`` and ``z' = alpha_out*x'``: the x coefficients a, e and the conversion slot p are
-    divided by alpha_in, every output term (a, b, g, c, c2, s) is multiplied by alpha_out; q, w, f and clip act on
+    divided by alpha_in, every output term (a, b, g, c, c2, c3, s) is multiplied by alpha_out; q, w, f and clip act on
     model outputs and x0 estimates, which are the same in both coordinates.
     """
-    a_in = 1.0 / math.sqrt(sigma_in * sigma_in + 1.0)
-    a_out = 1.0 / math.sqrt(sigma_out * sigma_out + 1.0)
+    a_in, a_out = alphas if alphas is not None else (1.0 / math.sqrt(sigma_in * sigma_in + 1.0),
+                                                     1.0 / math.sqrt(sigma_out * sigma_out + 1.0))
     r = list(row)
     r[coefs.A] *= a_out / a_in
-    for k in (coefs.B, coefs.G, coefs.C, coefs.C2, coefs.S):
+    for k in (coefs.B, coefs.G, coefs.C, coefs.C2, coefs.C3, coefs.S):
         r[k] *= a_out
     r[coefs.P] /= a_in
     r[coefs.E] /= a_in
@@ -314,27 +315,30 @@ class FusedScheduler(SchedulerMixin, ConfigMixin):
         return self._history
 
     def _history_slots(self, x: torch.Tensor, i: int, first: bool, depth: int):
-        """(history, history2, history_out) of step ``i`` for a multistep scheduler of history ``depth`` (1 or 2).
-        Depth 2: two buffers swap roles by the parity of i (:func:`~diffkern.coef_tables.history_slots`, as the
-        sampling loop does), both starting at zero (0 * garbage may be NaN)."""
+        """(history, history2, history3, history_out) of step ``i`` for a multistep scheduler of history ``depth``
+        (1 to 3): the buffers rotate with i (:func:`~diffkern.coef_tables.history_slots`, as the sampling loop
+        does), all starting at zero (0 * garbage may be NaN)."""
         buffers = [self._history_for(x, first=first)]
-        if depth == 2:
-            pair = self.__dict__.get("_history_pair")
-            if first or pair is None or pair[0] is not buffers[0]:  # a new loop's buffers (set_timesteps drops H)
-                pair = self._history_pair = (buffers[0], torch.zeros_like(buffers[0]))
-            buffers = list(pair)
+        if depth > 1:
+            group = self.__dict__.get("_history_group")
+            # a new loop's buffers (set_timesteps drops H), or another depth
+            if first or group is None or group[0] is not buffers[0] or len(group) != depth:
+                group = self._history_group = (buffers[0],) + tuple(torch.zeros_like(buffers[0])
+                                                                    for _ in range(depth - 1))
+            buffers = list(group)
         return coef_tables.history_slots(buffers, i)
 
-    def _fused(self, key, row: int, x, model_output, *, noise=None, history=None, history2=None, history_out=None,
-               x0=True):
+    def _fused(self, key, row: int, x, model_output, *, noise=None, history=None, history2=None, history3=None,
+               history_out=None, x0=True):
         """One fused step on ``row`` of the table for ``key``; returns (out, x0_out or None)."""
         table = self._device_table(key, x.device)
         host = self._plan(key)[0]
         noisy = float(host[row, coefs.S]) != 0.0  # host table: no device read
         seed = self._seed_for(x) if noisy and noise is None else None
         x0_out = torch.empty_like(x, memory_format=torch.contiguous_format) if x0 else None
-        out = sampler_step(x, model_output, table, row, history=history, history2=history2, history_out=history_out,
-                           noise=noise if noisy else None, seed=seed, x0_out=x0_out, backend=self.backend)
+        out = sampler_step(x, model_output, table, row, history=history, history2=history2, history3=history3,
+                           history_out=history_out, noise=noise if noisy else None, seed=seed, x0_out=x0_out,
+                           backend=self.backend)
         return out, x0_out
 
     def _state_in(self, sample: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:

@@ -269,7 +269,7 @@ class EDMDPMSolverMultistepScheduler(_EDMScheduler):
         i = self._index(timestep)
         x = self._state_in(sample, model_output)
         begin = self._loop_start  # set_begin_index's, or where a loop without it started
-        history, history2, history_out = self._history_slots(x, i, i == begin, 2 if self.config.solver_order == 3
+        history, history2, _, history_out = self._history_slots(x, i, i == begin, 2 if self.config.solver_order == 3
                                                              else 1)
         noise = self._draw(generator, model_output, x) if self.eta else None
         prev, _ = self._fused(("dpm", begin), i, x, model_output, noise=noise, history=history, history2=history2,

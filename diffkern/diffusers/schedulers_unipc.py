@@ -1,6 +1,6 @@
-"""Fused ``UniPCMultistepScheduler``: diffusers' UniPC (B(h) predictor and corrector, orders 1-2) with one fused op per
+"""Fused ``UniPCMultistepScheduler``: diffusers' UniPC (B(h) predictor and corrector, orders 1-3) with one fused op per
 step. The corrector of step k and the predictor that follows are one row of :func:`diffkern.coef_tables_unipc.unipc`
-(VE) rewritten for the VP state; the two previous model values stay on the device in two buffers that swap roles.
+(VE) rewritten for the VP state; the previous ``solver_order`` model values stay on the device in rotating buffers.
 """
 from __future__ import annotations
 
@@ -46,15 +46,14 @@ def _native(row: list) -> list:
 
 
 class UniPCMultistepScheduler(FusedScheduler):
-    """Drop-in for ``diffusers.UniPCMultistepScheduler`` (every config key; ``solver_order`` 1 or 2, ``solver_type``
+    """Drop-in for ``diffusers.UniPCMultistepScheduler`` (every config key; ``solver_order`` 1 to 3, ``solver_type``
     "bh1"/"bh2", ``predict_x0``, ``lower_order_final``, ``disable_corrector``, Karras/exponential sigmas,
     ``final_sigmas_type``, zero-terminal-SNR betas, ``set_begin_index``); ``step()`` is one fused op.
 
-    Unsupported (ValueError naming the key): ``solver_order=3`` (its corrector needs the model value of three steps
-    back, beyond the fused op's two history inputs), thresholding, ``solver_p``, beta/flow sigmas and flow
+    Unsupported (ValueError naming the key): thresholding, ``solver_p``, beta/flow sigmas and flow
     prediction, dynamic shifting; and where diffusers' own samples are not finite: with ``final_sigmas_type="zero"``,
-    ``predict_x0=False`` or ``solver_type="bh1"`` (NaN), ``solver_order=2`` with ``lower_order_final=False`` over two
-    steps or more (inf); ``solver_order=2`` on a schedule that repeats a sigma (``timestep_spacing``: N >= T with
+    ``predict_x0=False`` or ``solver_type="bh1"`` (NaN), ``solver_order`` >= 2 with ``lower_order_final=False`` over
+    two steps or more (inf); ``solver_order`` >= 2 on a schedule that repeats a sigma (``timestep_spacing``: N >= T with
     "linspace"/"leading", N > T with "trailing"; ``steps_offset``: "leading" timesteps clamped to T - 1), where the
     second-order step after that step of length 0 divides by 0. Timesteps are diffusers' to the last quirk ("trailing"
     can give N + 1 of them, the last t = -1).
@@ -83,10 +82,7 @@ class UniPCMultistepScheduler(FusedScheduler):
             solver_type = "bh2"
             self.register_to_config(solver_type=solver_type)
         check_choice(_WHO, "solver_type", solver_type, coef_tables_unipc.SOLVER_TYPES)
-        if solver_order == 3:
-            raise unsupported(_WHO, "solver_order", 3, "its corrector needs the model output of three steps back, "
-                              "and the fused step holds two; use solver_order=2")
-        check_choice(_WHO, "solver_order", solver_order, (1, 2))
+        check_choice(_WHO, "solver_order", solver_order, (1, 2, 3))
         check_choice(_WHO, "final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
         if use_karras_sigmas + use_exponential_sigmas + use_beta_sigmas > 1:
             raise ValueError(f"{_WHO}: only one of use_karras_sigmas, use_exponential_sigmas and use_beta_sigmas can "
@@ -130,18 +126,18 @@ class UniPCMultistepScheduler(FusedScheduler):
         else:
             ts = torch.from_numpy(_spaced_timesteps(cfg.timestep_spacing, N, T, cfg.steps_offset))
             sig = torch.from_numpy(np.interp(ts.double().numpy(), np.arange(T), table.numpy()))
-            if cfg.solver_order == 2 and (sig[1:] == sig[:-1]).any():
+            if cfg.solver_order >= 2 and (sig[1:] == sig[:-1]).any():
                 # N >= T repeats timesteps; "leading" offsets clamp the first ones to T - 1 (tables may be
                 # non-monotonic, zero terminal SNR: only equal sigmas are steps of length 0)
                 key = "steps_offset" if cfg.timestep_spacing == "leading" and N < T else "timestep_spacing"
                 raise unsupported(_WHO, key, cfg[key], f"with {N} {cfg.timestep_spacing!r} steps over "
-                                  f"num_train_timesteps={T} a sigma repeats, and diffusers' second-order step after "
+                                  f"num_train_timesteps={T} a sigma repeats, and diffusers' multistep step after "
                                   "that step of length 0 divides by 0 (inf/NaN samples); use solver_order=1, fewer "
                                   "steps, 'trailing' spacing or Karras sigmas")
             final = float(table[0])
         n = len(ts)  # diffusers' float arange can make N + 1 "trailing" timesteps
-        if not cfg.lower_order_final and cfg.final_sigmas_type == "zero" and cfg.solver_order == 2 and n >= 2:
-            raise unsupported(_WHO, "lower_order_final", False, "with final_sigmas_type='zero' diffusers' second-order "
+        if not cfg.lower_order_final and cfg.final_sigmas_type == "zero" and cfg.solver_order >= 2 and n >= 2:
+            raise unsupported(_WHO, "lower_order_final", False, "with final_sigmas_type='zero' diffusers' multistep "
                               "step to sigma = 0 divides by 0 (inf samples); use final_sigmas_type='sigma_min'")
         self._set_schedule(ts.to(torch.int64), device, n)
         self.sigmas_host = sig.tolist() + [0.0 if cfg.final_sigmas_type == "zero" else final]
@@ -178,9 +174,10 @@ class UniPCMultistepScheduler(FusedScheduler):
         x = self._state_in(sample, model_output)
         begin = self._loop_start  # set_begin_index's, or where a loop without it started
         first = i == begin
-        history, history2, history_out = self._history_slots(x, i, first, 2 if self.config.solver_order == 2 else 1)
+        # order p's corrector reads M_{i-p}: p history buffers
+        history, history2, history3, history_out = self._history_slots(x, i, first, self.config.solver_order)
         prev, _ = self._fused(self._key(begin), i, x, model_output, history=history, history2=history2,
-                              history_out=history_out, x0=False)
+                              history3=history3, history_out=history_out, x0=False)
         self._advance()
         return self._output_prev_only(return_dict, prev)
 

@@ -371,7 +371,7 @@ class DPMSolverMultistepScheduler(FusedScheduler):
         x = self._state_in(sample, model_output)
         begin = self._loop_start  # set_begin_index's, or where a loop without it started
         first = i == begin
-        history, history2, history_out = self._history_slots(x, i, first, 2 if self.config.solver_order == 3 else 1)
+        history, history2, _, history_out = self._history_slots(x, i, first, 2 if self.config.solver_order == 3 else 1)
         noise = None
         if self.eta:
             noise = variance_noise.to(device=x.device, dtype=x.dtype) if variance_noise is not None \

@@ -16,11 +16,12 @@ import torch
 LIB = torch.library.Library("diffkern", "FRAGMENT")
 
 SCHEMAS = {
-    # history2 (the second history of third-order samplers) came last, so calls written before it still bind.
+    # history2 and history3 (the earlier histories of third- and fourth-order samplers) came last, so calls written
+    # before them still bind.
     "sampler_step": (
         "(Tensor x, Tensor model_out, Tensor? model_out_uncond, Tensor? history, Tensor? noise, "
         "Tensor coef, int step, Tensor seed, Tensor(a!) out, Tensor(b!)? x0_out, Tensor(c!)? history_out, "
-        "Tensor? history2=None) -> ()"
+        "Tensor? history2=None, Tensor? history3=None) -> ()"
     ),
     "iadb_blend": "(Tensor x0, Tensor x1, Tensor alpha, Tensor(a!) out, Tensor(b!)? target_out) -> ()",
     "philox_normal": "(Tensor seed, int step, int offset, Tensor(a!) out) -> ()",

@@ -7,12 +7,12 @@ Every backend of ``diffkern::sampler_step`` computes, per element and in this or
          = u + W*(model_out - u)              classifier-free guidance, diffusers convention
     Draw = P*x + Q*m                          denoised estimate from any prediction type (affine)
     D    = clamp(Draw, -CLIP, CLIP)           CLIP = +inf: no clipping
-    out  = ((A*x + B*D) + G*Draw) [+ C*H] [+ C2*H2] [+ S*xi]
+    out  = ((A*x + B*D) + G*Draw) [+ C*H] [+ C2*H2] [+ C3*H3] [+ S*xi]
     x0_out      = D
     history_out = E*x + F*D                   (D itself, or eps = (x - D)/sigma)
 
-H and H2 are the previous one and two values of a multistep sampler's history (third-order samplers need
-both). A bracketed term whose coefficient is exactly 0 is skipped: its tensor is not read, so an
+H, H2 and H3 are the previous one, two and three values of a multistep sampler's history (third-order samplers
+need H2, fourth-order ones such as LMS and PLMS H3). A bracketed term whose coefficient is exactly 0 is skipped: its tensor is not read, so an
 uninitialised history buffer on the first steps cannot inject NaN. xi is the counter-based normal of
 ``diffkern.ops.philox`` keyed by (seed, step, element), or an explicit noise tensor.
 
@@ -28,14 +28,14 @@ from typing import Iterable, Mapping
 
 import torch
 
-# Slot indices (one row per step). C2 took the slot once reserved, so tables written before it (slot 11
-# kept 0) read the same; a row stays 96 bytes, a multiple of 32.
-A, B, G, C, S, P, Q, W, E, F, CLIP, C2 = range(12)
-NCOEF = 12
+# Slot indices (one row per step). A row is 16 float64 (128 bytes, a multiple of the 32-byte sector); slots 13-15
+# are reserved and must be 0, so a later slot reads 0 from every table written before it.
+A, B, G, C, S, P, Q, W, E, F, CLIP, C2, C3 = range(13)
+NCOEF = 16
 
-SLOT_NAMES = ("a", "b", "g", "c", "s", "p", "q", "w", "e", "f", "clip", "c2")
+SLOT_NAMES = ("a", "b", "g", "c", "s", "p", "q", "w", "e", "f", "clip", "c2", "c3")
 _DEFAULTS = {"a": 0.0, "b": 0.0, "g": 0.0, "c": 0.0, "s": 0.0, "p": 0.0, "q": 1.0, "w": 1.0,
-             "e": 0.0, "f": 0.0, "clip": math.inf, "c2": 0.0}
+             "e": 0.0, "f": 0.0, "clip": math.inf, "c2": 0.0, "c3": 0.0}
 
 
 def row(**coefs: float) -> list[float]:
@@ -73,18 +73,22 @@ def validate(table: torch.Tensor, name: str = "coef") -> None:
     bad_clip = (torch.isnan(vals[:, CLIP]) | (vals[:, CLIP] <= 0)).nonzero()
     if bad_clip.numel():
         raise ValueError(f"{name}[{bad_clip[0, 0].item()}]: clip slot must be > 0 (use inf for no clipping)")
+    reserved = (vals[:, len(SLOT_NAMES):] != 0).nonzero()
+    if reserved.numel():
+        r, slot = reserved[0].tolist()
+        raise ValueError(f"{name}[{r}]: reserved slot {slot + len(SLOT_NAMES)} must be 0")
 
 
 _seen: "collections.OrderedDict[int, tuple]" = collections.OrderedDict()
 
 
-def validate_once(table: torch.Tensor, name: str = "coef") -> list[tuple[bool, bool]]:
+def validate_once(table: torch.Tensor, name: str = "coef") -> list[tuple[bool, bool, bool]]:
     """:func:`validate` a CPU table once per version: re-checked only after an in-place write.
 
     Remembers (weak reference, torch's version counter) per table object, so a loop calling an op 50
     times on one table pays for one check (a per-call check cost ~0.3 ms on the 2-core CI CPU) and any
     in-place write (through any view: views share the counter) triggers a new check. Returns, per row,
-    whether the history coefficients c and c2 are non-zero (a host list: callers check it without reading
+    whether the history coefficients c, c2 and c3 are non-zero (a host list: callers check it without reading
     the tensor, so the check is also safe inside a captured region).
     """
     entry = _seen.get(id(table))
@@ -92,7 +96,7 @@ def validate_once(table: torch.Tensor, name: str = "coef") -> list[tuple[bool, b
         _seen.move_to_end(id(table))
         return entry[2]
     validate(table, name)
-    uses_history = list(zip((table[:, C] != 0).tolist(), (table[:, C2] != 0).tolist()))
+    uses_history = list(zip(*((table[:, k] != 0).tolist() for k in (C, C2, C3))))
     _seen[id(table)] = (weakref.ref(table), table._version, uses_history)
     if len(_seen) > 256:
         _seen.popitem(last=False)

@@ -48,7 +48,7 @@ def _struct(name, fields):
 # Field for field the structs of csrc/cuda/kernels.h and csrc/common/hold.h (pointers as uint64).
 STRUCTS = dict([
     _struct("SamplerStepParams", [(f, _P) for f in ("x", "model_out", "model_out_uncond", "history", "history2",
-                                                    "noise", "coef", "seed", "out", "x0_out", "history_out")]
+                                                    "history3", "noise", "coef", "seed", "out", "x0_out", "history_out")]
             + [(f, _I8) for f in ("numel", "num_seeds", "per_sample", "step")]
             + [("state_dtype", _I4), ("model_dtype", _I4)]),
     _struct("IadbBlendParams", [(f, _P) for f in ("x0", "x1", "alpha", "out", "target_out")]
@@ -292,16 +292,16 @@ def _on_cuda(t, name):
 
 
 def sampler_step(x, model_out, model_out_uncond, history, noise, coef, step, seed, out, x0_out, history_out,
-                 history2=None):
+                 history2=None, history3=None):
     _checks().check_sampler_step(x, model_out, model_out_uncond, history, noise, coef, step, seed, out, x0_out,
-                                 history_out, history2)
+                                 history_out, history2, history3)
     _on_cuda(x, "x")
     if x.numel() == 0:
         return
-    state = [ptr(t) for t in (x, history, history2, noise, out, x0_out, history_out)]
+    state = [ptr(t) for t in (x, history, history2, history3, noise, out, x0_out, history_out)]
     model = [ptr(model_out), ptr(model_out_uncond)]
     values = dict(x=ptr(x), model_out=ptr(model_out), model_out_uncond=ptr(model_out_uncond), history=ptr(history),
-                  history2=ptr(history2), noise=ptr(noise), coef=ptr(coef), seed=ptr(seed), out=ptr(out),
+                  history2=ptr(history2), history3=ptr(history3), noise=ptr(noise), coef=ptr(coef), seed=ptr(seed), out=ptr(out),
                   x0_out=ptr(x0_out), history_out=ptr(history_out), numel=x.numel(), num_seeds=seed.numel(),
                   per_sample=x.numel() // seed.numel(), step=step, state_dtype=DTYPE_CODES[x.dtype],
                   model_dtype=DTYPE_CODES[model_out.dtype])

@@ -1,8 +1,9 @@
-"""Generic fused sampler step: ``x_next = a*x + b*D + g*D_raw + c*H + c2*H2 + s*xi`` in one pass.
+"""Generic fused sampler step: ``x_next = a*x + b*D + g*D_raw + c*H + c2*H2 + c3*H3 + s*xi`` in one pass.
 
 D is the denoised estimate converted inside the kernel from the raw model output of any prediction
 type (an affine map with per-step scalars, optionally after classifier-free guidance and clipping);
-H and H2 are history tensors (the previous one and two D or eps; H2 for third-order multistep samplers) and
+H, H2 and H3 are history tensors (the previous one, two and three D, eps or slopes; H2 for third-order multistep
+samplers, H3 for fourth-order ones) and
 xi counter-based normal noise. The exact per-element
 arithmetic and the coefficient slots are specified in :mod:`diffkern.ops.coefs`; the noise in
 :mod:`diffkern.ops.philox`. ``math-samplers.md`` section 7 tabulates the coefficients per sampler.
@@ -22,7 +23,7 @@ from .registry import OpSpec, register, resolve
 
 
 def sampler_step_reference(x, model_out, coef, step, *, model_out_uncond=None, history=None, history2=None,
-                           noise=None, seed=None):
+                           history3=None, noise=None, seed=None):
     """Float64-capable reference. Returns ``(out, x0, history_new)`` in x's dtype.
 
     Math runs in float64 for float64 ``x``, otherwise in float32. Reads the table row as device
@@ -43,6 +44,8 @@ def sampler_step_reference(x, model_out, coef, step, *, model_out_uncond=None, h
         acc = acc + torch.where(r[coefs.C] != 0, r[coefs.C] * history.to(cdt), 0.0)
     if history2 is not None:
         acc = acc + torch.where(r[coefs.C2] != 0, r[coefs.C2] * history2.to(cdt), 0.0)
+    if history3 is not None:
+        acc = acc + torch.where(r[coefs.C3] != 0, r[coefs.C3] * history3.to(cdt), 0.0)
     xi = noise.to(cdt) if noise is not None else philox.noise_like(x, seed, step, cdt)
     acc = acc + torch.where(r[coefs.S] != 0, r[coefs.S] * xi, 0.0)
     h_new = r[coefs.E] * xv + r[coefs.F] * d
@@ -50,9 +53,9 @@ def sampler_step_reference(x, model_out, coef, step, *, model_out_uncond=None, h
 
 
 def _launch_reference(x, model_out, model_out_uncond, history, noise, coef, step, seed, out, x0_out, history_out,
-                      history2=None):
+                      history2=None, history3=None):
     res, d, h = sampler_step_reference(x, model_out, coef, step, model_out_uncond=model_out_uncond,
-                                       history=history, history2=history2, noise=noise, seed=seed)
+                                       history=history, history2=history2, history3=history3, noise=noise, seed=seed)
     if x0_out is not None:
         x0_out.copy_(d)
     if history_out is not None:
@@ -63,7 +66,8 @@ def _launch_reference(x, model_out, model_out_uncond, history, noise, coef, step
 # Fake kernel (shape checks only) for torch.compile and opcheck.
 
 
-def _fake(x, model_out, model_out_uncond, history, noise, coef, step, seed, out, x0_out, history_out, history2=None):
+def _fake(x, model_out, model_out_uncond, history, noise, coef, step, seed, out, x0_out, history_out, history2=None,
+          history3=None):
     torch._check(out.shape == x.shape, lambda: "out: shape must match x")
     torch._check(coef.dim() == 2 and coef.shape[1] == coefs.NCOEF, lambda: "coef: expected (N, NCOEF)")
 
@@ -90,8 +94,8 @@ SPEC = register(OpSpec("sampler_step", {"reference": lambda: _launch_reference, 
 # Public front-end.
 
 
-def sampler_step(x, model_out, coef, step, *, model_out_uncond=None, history=None, history2=None, noise=None,
-                 seed=None, out=None, x0_out=None, history_out=None, backend=None):
+def sampler_step(x, model_out, coef, step, *, model_out_uncond=None, history=None, history2=None, history3=None,
+                 noise=None, seed=None, out=None, x0_out=None, history_out=None, backend=None):
     """One fused sampler update; returns ``out`` (a new tensor unless given).
 
     Args:
@@ -103,19 +107,20 @@ def sampler_step(x, model_out, coef, step, *, model_out_uncond=None, history=Non
         model_out_uncond: unconditional output for guidance ``u + w*(c - u)`` (dtype M), or None.
         history: H, shape and dtype of x, or None (then c must be 0; checked for CPU tables).
         history2: H2, the history before H (shape and dtype of x), or None (then c2 must be 0).
+        history3: H3, the history before H2 (shape and dtype of x), or None (then c3 must be 0).
         noise: explicit standard-normal noise (shape and dtype of x) instead of the Philox stream.
         seed: int64 tensor (1,) or (B,) on x's device, read inside the kernel; default zeros(1).
         out, x0_out, history_out: optional outputs (shape and dtype of x); ``out`` may be ``x`` and
-            ``history_out`` may be ``history`` or ``history2`` (in place: a multistep loop writes the new
-            history over the oldest one).
+            ``history_out`` may be any history input (in place: a multistep loop writes the new history over
+            the oldest one).
         backend: "reference" | "cpp" | "triton" | "cuda" | "auto" | None (DIFFKERN_BACKEND, then auto).
     """
     _checks.float_tensor(x, "x")
     _checks.like(model_out, "model_out", x, "x", dtype=False)
     if model_out_uncond is not None:
         _checks.like(model_out_uncond, "model_out_uncond", model_out, "model_out")
-    for name, t in (("history", history), ("history2", history2), ("noise", noise), ("out", out),
-                    ("x0_out", x0_out), ("history_out", history_out)):
+    for name, t in (("history", history), ("history2", history2), ("history3", history3), ("noise", noise),
+                    ("out", out), ("x0_out", x0_out), ("history_out", history_out)):
         if t is not None:
             _checks.like(t, name, x, "x")
     _checks.tensor(coef, "coef")
@@ -134,10 +139,12 @@ def sampler_step(x, model_out, coef, step, *, model_out_uncond=None, history=Non
             raise ValueError(f"history: required, since coef[{step}] has a non-zero history coefficient c")
         if history2 is None and uses_history[step][1]:
             raise ValueError(f"history2: required, since coef[{step}] has a non-zero c2")
+        if history3 is None and uses_history[step][2]:
+            raise ValueError(f"history3: required, since coef[{step}] has a non-zero c3")
     seed = _checks.seed_tensor(torch.zeros(1, dtype=torch.int64, device=x.device) if seed is None else seed, x)
     _checks.no_partial_overlap({"out": out, "x0_out": x0_out, "history_out": history_out},
                                {"x": x, "model_out": model_out, "model_out_uncond": model_out_uncond,
-                                "history": history, "history2": history2, "noise": noise},
+                                "history": history, "history2": history2, "history3": history3, "noise": noise},
                                {"coef": coef, "seed": seed})
     if torch.compiler.is_compiling():  # the registry's lookup is host code: done once, while tracing
         from . import _traced
@@ -153,7 +160,7 @@ def sampler_step(x, model_out, coef, step, *, model_out_uncond=None, history=Non
     work = {k: (v if v is None or v.is_contiguous() else torch.empty_like(v, memory_format=torch.contiguous_format))
             for k, v in outs.items()}
     launch(c(x), c(model_out), c(model_out_uncond), c(history), c(noise), coef.contiguous(), step, seed,
-           work["out"], work["x0_out"], work["history_out"], c(history2))
+           work["out"], work["x0_out"], work["history_out"], c(history2), c(history3))
     for k, v in outs.items():
         if v is not None and work[k] is not v:
             v.copy_(work[k])

@@ -1,0 +1,61 @@
+"""PLMS, the pseudo linear multistep method of PNDM (Liu et al. 2022), as a plan on a VE schedule.
+
+diffusers' ``PNDMScheduler`` with ``skip_prk_steps=True`` (the Stable Diffusion 1.x default; crowsonkb's PLMS) moves
+the sample with ``_get_prev_sample``: DDIM's deterministic update in eps form, which in VE coordinates
+(``x = z/sqrt(abar)``, ``sigma = sqrt((1 - abar)/abar)``) is Euler in sigma on ``eps = (x - D)/sigma``:
+``x' = x + (sigma' - sigma)*eps``. Its model calls run at [t0, t1, t1, t2, ..., t_{N-1}]:
+
+- step 0, two calls: Euler to sigma_1 with e0, then again from the start with the mean (e0 + e1)/2, which is
+  Heun's method in eps (the corrector row eliminates the start state through the stored e0, as
+  :func:`diffkern.coef_tables.heun`);
+- step i >= 1, one call: ``x' = x + (sigma_{i+1} - sigma_i)*AB_k``, Adams-Bashforth of order k = min(i + 1, 4)
+  with the equal-step weights of :data:`AB_WEIGHTS`, over the eps of steps i, i-1, i-2, i-3, each step's first
+  call's (diffusers' ``ets`` never holds the corrector's).
+
+The weights assume equal steps in the timestep, not in sigma; on a schedule that is not linear in sigma the method
+is of order 2 (``tests/test_pndm.py`` measures it).
+"""
+from __future__ import annotations
+
+import math
+
+from . import coef_tables
+from .coef_tables import _NO_MODEL, Conv, Plan, _identity
+from .ops import coefs
+
+# Adams-Bashforth weights of order k (index 0: the newest value), for equal steps.
+AB_WEIGHTS = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12),
+              4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+
+
+def plms(sigmas, *, conv: Conv = _identity) -> Plan:
+    """PLMS on the N+1 decreasing VE ``sigmas`` (history = eps, ``history_out = (x - D)/sigma``, depth 3).
+
+    Row i (step i, model at sigma_i): step 0 ``x' = x + dt*e0`` (dt = sigma_1 - sigma_0); step i >= 1
+    ``x' = x + dt*(w0*e_i + w1*H + w2*H2 + w3*H3)`` with AB weights of order min(i + 1, 4): a = 1 - w0*(1 - r),
+    b = w0*(1 - r) (r = sigma_{i+1}/sigma_i), c, c2, c3 = dt*w1, dt*w2, dt*w3. Row N (step 0's corrector, model at
+    sigma_1 > 0): ``x'' = x' + dt/2*(e1 - H)``, H = e0 just written. A step to sigma = 0 is the same formula (no
+    jump: diffusers' PLMS with ``set_alpha_to_one=True`` ends so); with N = 1 and sigma_1 = 0 there is no corrector.
+    """
+    n = len(sigmas) - 1
+    rows = []
+    for i, (s, sn) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        r, one_minus_r = coef_tables._ratio(s, sn)
+        w = AB_WEIGHTS[min(i + 1, 4)]
+        dt = sn - s
+        hist = dict(zip(("c", "c2", "c3"), (dt * wj for wj in w[1:])))
+        eps = {"e": 1.0 / s, "f": -1.0 / s}
+        rows.append(coef_tables._conv_row(conv, s, a=1.0 - w[0] * one_minus_r, b=w[0] * one_minus_r, **hist, **eps))
+    s0, s1 = sigmas[0], sigmas[1]
+    if s1 > 0:
+        dt = s1 - s0
+        k = dt / (2.0 * s1)
+        corr, second = coef_tables._conv_row(conv, s1, a=1.0 + k, b=-k, c=-dt / 2.0), s1
+    else:
+        corr, second = coefs.row(**_NO_MODEL), math.nan
+    # corrector rows N..2N-1 as in every two-call plan (coef_tables.fold_second_calls reads them all); only step 0
+    # has a second call
+    filler = [coefs.row(**_NO_MODEL)] * (n - 1)
+    return coef_tables._plan(rows + [corr] + filler, list(sigmas[:-1]) + [second] + [math.nan] * (n - 1),
+                             sigmas[:-1], corrector=[not math.isnan(second)] + [False] * (n - 1), corrector_row=n,
+                             history=3)
