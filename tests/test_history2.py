@@ -1,10 +1,5 @@
-"""The second history input of the fused step (``history2``, slot c2) and DPM-Solver++(3M) SDE, built on it.
-
-Op level, on every backend available here against the float64 reference (the tolerance rule of
-``diffkern.testing``): the term ``c2*H2`` after ``c*H``, awkward shapes and every dtype; H2 not read when
-c2 == 0; exact in-place use ``history_out is history2``; the argument checks of both the Python front-end
-and the C++ bindings; the C++ kernels bitwise the eager float32 reference; the run-time CUDA loader passes
-history2 and includes it in the 16-byte alignment test (device-free: its launch is intercepted).
+"""DPM-Solver++(3M) SDE, the first sampler on the fused step's second history input (the op's history2 and history3
+are tested in test_history3.py).
 
 Sampler level: float64 equality with k-diffusion's ``sample_dpmpp_3m_sde`` loop written below as published
 (noise: diffkern's Philox draw of each step, as test_sampler_parity.py feeds the 2M SDE); the loop's two
@@ -13,189 +8,19 @@ history buffers; convergence on an analytic mixture; the graph runner on its CPU
 from __future__ import annotations
 
 import math
-import re
 
 import pytest
 import torch
 
-import diffkern.ops as dops
-from diffkern import analytic, coef_tables, coef_tables_3m, graphs, sampler_loop, samplers, schedules
-from diffkern.ops import coefs, cuda_rtc
-from diffkern.ops.sampler_step import sampler_step, sampler_step_reference
+from diffkern import analytic, coef_tables_3m, graphs, sampler_loop, schedules
+from diffkern.ops import coefs
 from diffkern.sampling import sample
-from diffkern.testing import (DTYPES, MIXED_DTYPES, SHAPES, assert_matches_reference, check_sampler_step,
-                              sampler_step_inputs)
+from diffkern.testing import assert_matches_reference
 from test_graphs import fake, fresh_cache  # noqa: F401  (fixtures: the CPU stand-in of a CUDA graph)
 from test_sampler_parity import SEED, STEPS, assert_parity, noises
 
 REF = "reference"
 F32, F64 = torch.float32, torch.float64
-has_cpp = dops.backend_status("cpp", "cpu")[1] is None
-needs_cpp = pytest.mark.skipif(not has_cpp, reason="C++ backend unavailable")
-
-#----------------------------------------------------------------------------
-# The op: every backend against the float64 reference.
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_matches_reference(cpu_backend, shape, dtype):
-    kw = sampler_step_inputs(shape, dtype, history2=True)
-    check_sampler_step(cpu_backend, what=f"{shape} {dtype}", **kw)
-
-
-@pytest.mark.parametrize("state,model", MIXED_DTYPES, ids=str)
-def test_mixed_dtypes_and_non_contiguous_inputs(cpu_backend, state, model):
-    kw = sampler_step_inputs((3, 5, 7), state, model_dtype=model, history2=True, contiguous=False,
-                             noise="explicit")
-    check_sampler_step(cpu_backend, what=f"state {state} model {model}", **kw)
-
-
-def test_table_slot_11_is_c2_and_older_tables_are_unchanged():
-    assert coefs.SLOT_NAMES[coefs.C2] == "c2" and coefs.C2 == 11
-    assert coefs.row(a=0.5, c=0.25)[coefs.C2] == 0.0  # rows written before c2 existed keep slot 11 at 0
-    assert coefs.row(c2=-0.75)[11] == -0.75
-
-
-@pytest.mark.parametrize("dtype", [F32, torch.bfloat16, F64], ids=str)
-def test_zero_c2_does_not_read_history2(cpu_backend, dtype):
-    """c2 == 0: a NaN-filled history2 must not reach the output (the tensor is not read), as for c and H."""
-    kw = sampler_step_inputs((3, 37), dtype, history2=True, c2=0.0)
-    without = dict(kw)
-    del without["history2"]
-    kw["history2"] = torch.full_like(kw["history2"], math.nan)
-    got = sampler_step(**kw, backend=cpu_backend)
-    assert not torch.isnan(got).any()
-    assert torch.equal(got, sampler_step(**without, backend=cpu_backend))
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_in_place_history_out_is_history2(cpu_backend, dtype):
-    """The loop writes the new history over the oldest one (history_out is history2) and x in place: every
-    element is read before it is written, so the result is the out-of-place one, bit for bit."""
-    kw = sampler_step_inputs((2, 3, 41), dtype, history2=True)
-    outs = [torch.empty_like(kw["x"]) for _ in range(3)]
-    sampler_step(**kw, out=outs[0], x0_out=outs[1], history_out=outs[2], backend=cpu_backend)
-    x, h2 = kw.pop("x").clone(), kw.pop("history2").clone()
-    x0 = torch.empty_like(x)
-    sampler_step(x, **kw, history2=h2, out=x, x0_out=x0, history_out=h2, backend=cpu_backend)
-    for got, want, what in zip((x, x0, h2), outs, ("out is x", "x0_out", "history_out is history2")):
-        assert torch.equal(got, want), what
-
-
-def test_missing_history2_with_nonzero_c2_raises_naming_it(cpu_backend):
-    kw = sampler_step_inputs((2, 9), F32, history2=True)
-    del kw["history2"]
-    out = torch.zeros_like(kw["x"])
-    with pytest.raises(ValueError, match=r"^history2: required, since coef\[2\] has a non-zero c2"):
-        sampler_step(**kw, out=out, backend=cpu_backend)
-    assert torch.count_nonzero(out) == 0
-
-
-def test_front_end_checks_name_history2():
-    kw = sampler_step_inputs((2, 9), F32, history2=True)
-    with pytest.raises(ValueError, match=r"^history2: expected shape"):
-        sampler_step(**dict(kw, history2=torch.zeros(2, 8)), backend=REF)
-    with pytest.raises(TypeError, match=r"^history2: expected dtype torch.float32"):
-        sampler_step(**dict(kw, history2=kw["history2"].double()), backend=REF)
-    base = torch.zeros(40)
-    with pytest.raises(ValueError, match=r"history_out: overlaps history2 without being the same view"):
-        sampler_step(**dict(kw, history2=base[:18].view(2, 9)), history_out=base[1:19].view(2, 9), backend=REF)
-
-#----------------------------------------------------------------------------
-# The C++ kernels: rounding, direct-call checks.
-
-
-@needs_cpp
-@pytest.mark.parametrize("state", DTYPES, ids=str)
-def test_cpp_is_bitwise_the_eager_reference(state):
-    """Noise-free or explicit-noise rows round in the C++ kernels exactly as in torch's eager reference, with
-    the c2*H2 term after c*H (in float32 for 16-bit and float32 states)."""
-    gen = torch.Generator().manual_seed(5)
-    x, h, h2, noise = (torch.randn(3, 1037, generator=gen, dtype=F64).to(state) for _ in range(4))
-    m = torch.randn(3, 1037, generator=gen, dtype=F64).to(F32)
-    table = coefs.table([coefs.row(a=0.7, b=0.2, g=0.05, c=0.3, c2=-0.45, s=0.2, p=0.5, q=0.8, e=1.0, f=-0.25,
-                                   clip=1.5),
-                         coefs.row(a=0.9, b=0.1, c=0.0, c2=0.6, f=1.0)])
-    for step in range(2):
-        kw = dict(history=h, history2=h2, noise=noise)
-        outs = [torch.empty_like(x) for _ in range(3)]
-        sampler_step(x, m, table, step, out=outs[0], x0_out=outs[1], history_out=outs[2], backend="cpp", **kw)
-        for got, want in zip(outs, sampler_step_reference(x, m, table, step, **kw)):
-            torch.testing.assert_close(got, want, rtol=0, atol=0)
-
-
-@needs_cpp
-def test_cpp_direct_calls_check_history2():
-    """torch.ops.diffkern.sampler_step (history2 is its last argument) validates it before writing anything."""
-    x, out = torch.randn(3, 8), torch.full((3, 8), 7.0)
-    table, seed = coefs.table([coefs.row(a=1.0, c2=0.5)]), torch.zeros(1, dtype=torch.int64)
-    base = torch.zeros(64)
-    cases = [(dict(history2=torch.randn(3, 9)), "history2: expected shape [3, 8] (that of x)"),
-             (dict(history2=torch.randn(3, 8).double()), "history2: expected dtype Float (that of x)"),
-             (dict(history2=torch.randn(8, 3).t()), "history2: expected a contiguous tensor"),
-             (dict(history2=base[1:25].view(3, 8), out=base[:24].view(3, 8)),
-              "out: overlaps history2 without being the same tensor")]
-    for override, message in cases:
-        args = dict(x=x, model_out=x, model_out_uncond=None, history=None, noise=None, coef=table, step=0,
-                    seed=seed, out=out, x0_out=None, history_out=None, history2=None)
-        args.update(override)
-        before = args["out"].clone()
-        with pytest.raises(RuntimeError, match=re.escape(message)):
-            torch.ops.diffkern.sampler_step(*args.values())
-        assert torch.equal(args["out"], before), message
-    h2 = torch.randn(3, 8)
-    torch.ops.diffkern.sampler_step(x, x, None, None, None, table, 0, seed, out, None, None, h2)
-    torch.testing.assert_close(out, x + 0.5 * h2, rtol=0, atol=0)
-    torch.ops.diffkern.sampler_step(x, x, None, None, None, table, 0, seed, out, None, None)  # appended: optional
-
-
-@needs_cpp
-def test_opcheck_with_history2():
-    kw = sampler_step_inputs((2, 3, 5), F32, history2=True, per_sample_seed=True)
-    e = [torch.empty_like(kw["x"]) for _ in range(3)]
-    args = (kw["x"], kw["model_out"], kw["model_out_uncond"], kw["history"], None, kw["coef"], kw["step"],
-            kw["seed"], e[0], e[1], e[2], kw["history2"])
-    result = torch.library.opcheck(torch.ops.diffkern.sampler_step, args)
-    assert all(v == "SUCCESS" for v in result.values()), result
-
-#----------------------------------------------------------------------------
-# The CUDA kernels, without a GPU: the NVRTC loader's arguments and the packed path's alignment test.
-
-
-def test_nvrtc_loader_passes_history2_and_aligns_on_it(monkeypatch):
-    from diffkern.ops import registry
-    if registry._extension()[0] is None:
-        pytest.skip("the NVRTC ops validate with diffkern._C's checks")
-    launched = []
-    monkeypatch.setattr(cuda_rtc, "_on_cuda", lambda t, name: None)
-    monkeypatch.setattr(cuda_rtc, "launch", lambda *a, **k: launched.append(a))
-    kw = sampler_step_inputs((2, 64), F32, history2=True)
-    base = torch.zeros(129)
-    h2 = base[1:].view(2, 64)  # 4 bytes off a 16-byte boundary: the scalar kernel must be picked
-    out = torch.empty_like(kw["x"])
-    cuda_rtc.sampler_step(kw["x"], kw["model_out"], kw["model_out_uncond"], kw["history"], None, kw["coef"],
-                          kw["step"], kw["seed"], out, None, None, h2)
-    (op, dtypes, struct, values, state_ptrs, model_ptrs, numel, _), = launched
-    assert values["history2"] == h2.data_ptr() and h2.data_ptr() in state_ptrs
-    assert set(values) == set(cuda_rtc.STRUCTS[struct].names)
-    name, _ = cuda_rtc.plan(op, dtypes, state_ptrs, model_ptrs, numel, 132)
-    assert name.endswith(", 1>"), name
-
-
-def test_cuda_launcher_aligns_on_history2():
-    """The ahead-of-time launcher picks the 16-byte packed kernel only when every state pointer is aligned."""
-    text = (cuda_rtc.csrc_dir() / "cuda" / "sampler_step.cu").read_text()
-    ptrs = re.search(r"const void\* ptrs_s\[\] = \{([^}]*)\};", text).group(1)
-    assert "p.history2" in ptrs and "p.history" in ptrs
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cuda_matches_reference(dtype):
-    kw = sampler_step_inputs((3, 1025), dtype, history2=True)
-    check_sampler_step("cuda", what=f"cuda {dtype}",
-                       **{k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kw.items()})
 
 #----------------------------------------------------------------------------
 # DPM-Solver++(3M) SDE: k-diffusion's loop, as published, with explicit noise.

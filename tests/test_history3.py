@@ -1,8 +1,8 @@
-"""The third history input of the fused step (``history3``, slot c3) and depth-3 plans built on it.
+"""The deeper history inputs of the fused step (``history2``, slot c2; ``history3``, slot c3) and depth-3 plans.
 
 Op level, on every backend available here against the float64 reference (the tolerance rule of
-``diffkern.testing``): the term ``c3*H3`` after ``c2*H2``, awkward shapes and every dtype; H3 not read when
-c3 == 0; exact in-place use ``history_out is history3``; the argument checks of the Python front-end and of the
+``diffkern.testing``): the terms ``c2*H2`` and ``c3*H3`` after ``c*H``, awkward shapes and every dtype; each history
+not read when its coefficient is 0; exact in-place use ``history_out is history2`` (``history3``); the argument checks of the Python front-end and of the
 C++ bindings; the C++ kernels bitwise the eager float32 reference; the reserved slots 13-15; the run-time CUDA
 loader passes history3 and includes it in the 16-byte alignment test (device-free: its launch is intercepted).
 
@@ -30,75 +30,89 @@ has_cpp = dops.backend_status("cpp", "cpu")[1] is None
 needs_cpp = pytest.mark.skipif(not has_cpp, reason="C++ backend unavailable")
 
 #----------------------------------------------------------------------------
-# The op: every backend against the float64 reference.
+# The op: every backend against the float64 reference, for each of the deeper histories (H2, slot c2; H3, slot c3).
+
+DEEP = [("history2", "c2"), ("history3", "c3")]
 
 
+def _inputs(shape, dtype, name, **kw):
+    """sampler_step_inputs with every history up to ``name`` (H3 rows also read H2, as LMS and PLMS rows do)."""
+    return sampler_step_inputs(shape, dtype, history2=True, history3=name == "history3", **kw)
+
+
+@pytest.mark.parametrize("name,slot", DEEP)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_matches_reference(cpu_backend, shape, dtype):
-    kw = sampler_step_inputs(shape, dtype, history2=True, history3=True)
-    check_sampler_step(cpu_backend, what=f"{shape} {dtype}", **kw)
+def test_matches_reference(cpu_backend, shape, dtype, name, slot):
+    check_sampler_step(cpu_backend, what=f"{shape} {dtype}", **_inputs(shape, dtype, name))
 
 
+@pytest.mark.parametrize("name,slot", DEEP)
 @pytest.mark.parametrize("state,model", MIXED_DTYPES, ids=str)
-def test_mixed_dtypes_and_non_contiguous_inputs(cpu_backend, state, model):
-    kw = sampler_step_inputs((3, 5, 7), state, model_dtype=model, history3=True, contiguous=False, noise="explicit")
+def test_mixed_dtypes_and_non_contiguous_inputs(cpu_backend, state, model, name, slot):
+    kw = _inputs((3, 5, 7), state, name, model_dtype=model, contiguous=False, noise="explicit")
     check_sampler_step(cpu_backend, what=f"state {state} model {model}", **kw)
 
 
-def test_table_layout_slot_12_is_c3_and_reserved_slots_must_be_zero():
-    assert coefs.SLOT_NAMES[coefs.C3] == "c3" and coefs.C3 == 12 and coefs.NCOEF == 16
-    assert coefs.row(a=0.5, c2=0.25)[coefs.C3] == 0.0 and coefs.row(c3=-0.75)[12] == -0.75
-    assert coefs.row(c3=1.0)[13:] == [0.0, 0.0, 0.0]
+def test_table_layout_and_reserved_slots():
+    """c2 took slot 11 and c3 slot 12, each once reserved (kept 0): rows written before them read the same."""
+    assert (coefs.C2, coefs.C3, coefs.NCOEF) == (11, 12, 16)
+    assert coefs.SLOT_NAMES[coefs.C2] == "c2" and coefs.SLOT_NAMES[coefs.C3] == "c3"
+    assert coefs.row(a=0.5, c=0.25)[11:] == [0.0] * 5 and coefs.row(c2=-0.75, c3=0.5)[11:13] == [-0.75, 0.5]
     bad = coefs.table([coefs.row(a=1.0)] * 2)
     bad[1, 14] = 0.5
     with pytest.raises(ValueError, match=r"^coef\[1\]: reserved slot 14 must be 0"):
         coefs.validate(bad)
 
 
+@pytest.mark.parametrize("name,slot", DEEP)
 @pytest.mark.parametrize("dtype", [F32, torch.bfloat16, F64], ids=str)
-def test_zero_c3_does_not_read_history3(cpu_backend, dtype):
-    """c3 == 0: a NaN-filled history3 must not reach the output (the tensor is not read)."""
-    kw = sampler_step_inputs((3, 37), dtype, history3=True, c3=0.0)
+def test_zero_coefficient_does_not_read_its_history(cpu_backend, dtype, name, slot):
+    """c2 (c3) == 0: a NaN-filled history2 (history3) must not reach the output (the tensor is not read)."""
+    kw = _inputs((3, 37), dtype, name, **{slot: 0.0})
     without = dict(kw)
-    del without["history3"]
-    kw["history3"] = torch.full_like(kw["history3"], math.nan)
+    del without[name]
+    kw[name] = torch.full_like(kw[name], math.nan)
     got = sampler_step(**kw, backend=cpu_backend)
     assert not torch.isnan(got).any()
     assert torch.equal(got, sampler_step(**without, backend=cpu_backend))
 
 
+@pytest.mark.parametrize("name,slot", DEEP)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_in_place_history_out_is_history3(cpu_backend, dtype):
-    """A depth-3 loop writes the new history over the oldest one (history_out is history3) and x in place."""
-    kw = sampler_step_inputs((2, 3, 41), dtype, history2=True, history3=True)
+def test_in_place_history_out_is_the_oldest_history(cpu_backend, dtype, name, slot):
+    """A loop writes the new history over the oldest one (history_out is history2 or history3) and x in place:
+    every element is read before it is written, so the result is the out-of-place one, bit for bit."""
+    kw = _inputs((2, 3, 41), dtype, name)
     outs = [torch.empty_like(kw["x"]) for _ in range(3)]
     sampler_step(**kw, out=outs[0], x0_out=outs[1], history_out=outs[2], backend=cpu_backend)
-    x, h3 = kw.pop("x").clone(), kw.pop("history3").clone()
+    x, oldest = kw.pop("x").clone(), kw.pop(name).clone()
     x0 = torch.empty_like(x)
-    sampler_step(x, **kw, history3=h3, out=x, x0_out=x0, history_out=h3, backend=cpu_backend)
-    for got, want, what in zip((x, x0, h3), outs, ("out is x", "x0_out", "history_out is history3")):
+    sampler_step(x, **kw, **{name: oldest}, out=x, x0_out=x0, history_out=oldest, backend=cpu_backend)
+    for got, want, what in zip((x, x0, oldest), outs, ("out is x", "x0_out", f"history_out is {name}")):
         assert torch.equal(got, want), what
 
 
-def test_missing_history3_with_nonzero_c3_raises_naming_it(cpu_backend):
-    kw = sampler_step_inputs((2, 9), F32, history3=True)
-    del kw["history3"]
+@pytest.mark.parametrize("name,slot", DEEP)
+def test_missing_history_with_nonzero_coefficient_raises_naming_it(cpu_backend, name, slot):
+    kw = _inputs((2, 9), F32, name)
+    del kw[name]
     out = torch.zeros_like(kw["x"])
-    with pytest.raises(ValueError, match=r"^history3: required, since coef\[2\] has a non-zero c3"):
+    with pytest.raises(ValueError, match=rf"^{name}: required, since coef\[2\] has a non-zero {slot}"):
         sampler_step(**kw, out=out, backend=cpu_backend)
     assert torch.count_nonzero(out) == 0
 
 
-def test_front_end_checks_name_history3():
-    kw = sampler_step_inputs((2, 9), F32, history3=True)
-    with pytest.raises(ValueError, match=r"^history3: expected shape"):
-        sampler_step(**dict(kw, history3=torch.zeros(2, 8)), backend=REF)
-    with pytest.raises(TypeError, match=r"^history3: expected dtype torch.float32"):
-        sampler_step(**dict(kw, history3=kw["history3"].double()), backend=REF)
+@pytest.mark.parametrize("name,slot", DEEP)
+def test_front_end_checks_name_the_history(name, slot):
+    kw = _inputs((2, 9), F32, name)
+    with pytest.raises(ValueError, match=rf"^{name}: expected shape"):
+        sampler_step(**dict(kw, **{name: torch.zeros(2, 8)}), backend=REF)
+    with pytest.raises(TypeError, match=rf"^{name}: expected dtype torch.float32"):
+        sampler_step(**dict(kw, **{name: kw[name].double()}), backend=REF)
     base = torch.zeros(40)
-    with pytest.raises(ValueError, match=r"history_out: overlaps history3 without being the same view"):
-        sampler_step(**dict(kw, history3=base[:18].view(2, 9)), history_out=base[1:19].view(2, 9), backend=REF)
+    with pytest.raises(ValueError, match=rf"history_out: overlaps {name} without being the same view"):
+        sampler_step(**dict(kw, **{name: base[:18].view(2, 9)}), history_out=base[1:19].view(2, 9), backend=REF)
 
 #----------------------------------------------------------------------------
 # The C++ kernels: rounding, direct-call checks.
@@ -107,14 +121,16 @@ def test_front_end_checks_name_history3():
 @needs_cpp
 @pytest.mark.parametrize("state", DTYPES, ids=str)
 def test_cpp_is_bitwise_the_eager_reference(state):
-    """Explicit-noise rows round in the C++ kernels exactly as in torch's eager reference, c3*H3 after c2*H2."""
+    """Explicit-noise rows round in the C++ kernels exactly as in torch's eager reference, the terms in the order
+    c*H, c2*H2, c3*H3 (in float32 for 16-bit and float32 states)."""
     gen = torch.Generator().manual_seed(6)
     x, h, h2, h3, noise = (torch.randn(3, 1037, generator=gen, dtype=F64).to(state) for _ in range(5))
     m = torch.randn(3, 1037, generator=gen, dtype=F64).to(F32)
     table = coefs.table([coefs.row(a=0.7, b=0.2, g=0.05, c=0.3, c2=-0.45, c3=0.125, s=0.2, p=0.5, q=0.8, e=1.0,
                                    f=-0.25, clip=1.5),
+                         coefs.row(a=0.9, b=0.1, c=0.0, c2=0.6, f=1.0),
                          coefs.row(a=0.9, b=0.1, c=0.0, c2=0.0, c3=-0.6, f=1.0)])
-    for step in range(2):
+    for step in range(3):
         kw = dict(history=h, history2=h2, history3=h3, noise=noise)
         outs = [torch.empty_like(x) for _ in range(3)]
         sampler_step(x, m, table, step, out=outs[0], x0_out=outs[1], history_out=outs[2], backend="cpp", **kw)
@@ -123,16 +139,18 @@ def test_cpp_is_bitwise_the_eager_reference(state):
 
 
 @needs_cpp
-def test_cpp_direct_calls_check_history3():
-    """torch.ops.diffkern.sampler_step (history3 is its last argument) validates it before writing anything."""
+@pytest.mark.parametrize("name,slot", DEEP)
+def test_cpp_direct_calls_check_the_history(name, slot):
+    """torch.ops.diffkern.sampler_step (history2 and history3 are its last arguments, appended: calls written before
+    them still bind) validates them before writing anything."""
     x, out = torch.randn(3, 8), torch.full((3, 8), 7.0)
-    table, seed = coefs.table([coefs.row(a=1.0, c3=0.5)]), torch.zeros(1, dtype=torch.int64)
+    table, seed = coefs.table([coefs.row(a=1.0, **{slot: 0.5})]), torch.zeros(1, dtype=torch.int64)
     base = torch.zeros(64)
-    cases = [(dict(history3=torch.randn(3, 9)), "history3: expected shape [3, 8] (that of x)"),
-             (dict(history3=torch.randn(3, 8).double()), "history3: expected dtype Float (that of x)"),
-             (dict(history3=torch.randn(8, 3).t()), "history3: expected a contiguous tensor"),
-             (dict(history3=base[1:25].view(3, 8), out=base[:24].view(3, 8)),
-              "out: overlaps history3 without being the same tensor"),
+    cases = [({name: torch.randn(3, 9)}, f"{name}: expected shape [3, 8] (that of x)"),
+             ({name: torch.randn(3, 8).double()}, f"{name}: expected dtype Float (that of x)"),
+             ({name: torch.randn(8, 3).t()}, f"{name}: expected a contiguous tensor"),
+             ({name: base[1:25].view(3, 8), "out": base[:24].view(3, 8)},
+              f"out: overlaps {name} without being the same tensor"),
              (dict(coef=torch.zeros(1, 12, dtype=F64)), "coef: expected shape (N, 16)")]
     for override, message in cases:
         args = dict(x=x, model_out=x, model_out_uncond=None, history=None, noise=None, coef=table, step=0,
@@ -142,14 +160,16 @@ def test_cpp_direct_calls_check_history3():
         with pytest.raises(RuntimeError, match=re.escape(message)):
             torch.ops.diffkern.sampler_step(*args.values())
         assert torch.equal(args["out"], before), message
-    h3 = torch.randn(3, 8)
-    torch.ops.diffkern.sampler_step(x, x, None, None, None, table, 0, seed, out, None, None, None, h3)
-    torch.testing.assert_close(out, x + 0.5 * h3, rtol=0, atol=0)
+    deep = torch.randn(3, 8)
+    args = [x, x, None, None, None, table, 0, seed, out, None, None] + ([deep] if name == "history2" else [None, deep])
+    torch.ops.diffkern.sampler_step(*args)
+    torch.testing.assert_close(out, x + 0.5 * deep, rtol=0, atol=0)
+    torch.ops.diffkern.sampler_step(x, x, None, None, None, coefs.table([coefs.row(a=1.0)]), 0, seed, out, None, None)
 
 
 @needs_cpp
-def test_opcheck_with_history3():
-    kw = sampler_step_inputs((2, 3, 5), F32, history2=True, history3=True, per_sample_seed=True)
+def test_opcheck_with_every_history():
+    kw = _inputs((2, 3, 5), F32, "history3", per_sample_seed=True)
     e = [torch.empty_like(kw["x"]) for _ in range(3)]
     args = (kw["x"], kw["model_out"], kw["model_out_uncond"], kw["history"], None, kw["coef"], kw["step"],
             kw["seed"], e[0], e[1], e[2], kw["history2"], kw["history3"])
@@ -160,36 +180,39 @@ def test_opcheck_with_history3():
 # The CUDA kernels, without a GPU: the NVRTC loader's arguments and the packed path's alignment test.
 
 
-def test_nvrtc_loader_passes_history3_and_aligns_on_it(monkeypatch):
+@pytest.mark.parametrize("name,slot", DEEP)
+def test_nvrtc_loader_passes_the_history_and_aligns_on_it(monkeypatch, name, slot):
     from diffkern.ops import registry
     if registry._extension()[0] is None:
         pytest.skip("the NVRTC ops validate with diffkern._C's checks")
     launched = []
     monkeypatch.setattr(cuda_rtc, "_on_cuda", lambda t, name: None)
     monkeypatch.setattr(cuda_rtc, "launch", lambda *a, **k: launched.append(a))
-    kw = sampler_step_inputs((2, 64), F32, history3=True)
+    kw = _inputs((2, 64), F32, name)
     base = torch.zeros(129)
-    h3 = base[1:].view(2, 64)  # 4 bytes off a 16-byte boundary: the scalar kernel must be picked
+    kw[name] = base[1:].view(2, 64)  # 4 bytes off a 16-byte boundary: the scalar kernel must be picked
     out = torch.empty_like(kw["x"])
     cuda_rtc.sampler_step(kw["x"], kw["model_out"], kw["model_out_uncond"], kw["history"], None, kw["coef"],
-                          kw["step"], kw["seed"], out, None, None, None, h3)
+                          kw["step"], kw["seed"], out, None, None, kw["history2"], kw.get("history3"))
     (op, dtypes, struct, values, state_ptrs, model_ptrs, numel, _), = launched
-    assert values["history3"] == h3.data_ptr() and h3.data_ptr() in state_ptrs
+    assert values[name] == kw[name].data_ptr() and kw[name].data_ptr() in state_ptrs
     assert set(values) == set(cuda_rtc.STRUCTS[struct].names)
     name, _ = cuda_rtc.plan(op, dtypes, state_ptrs, model_ptrs, numel, 132)
     assert name.endswith(", 1>"), name
 
 
-def test_cuda_launcher_aligns_on_history3():
+def test_cuda_launcher_aligns_on_every_history():
+    """The ahead-of-time launcher picks the 16-byte packed kernel only when every state pointer is aligned."""
     text = (cuda_rtc.csrc_dir() / "cuda" / "sampler_step.cu").read_text()
     ptrs = re.search(r"const void\* ptrs_s\[\] = \{([^}]*)\};", text).group(1)
-    assert "p.history3" in ptrs
+    assert all(f"p.{h}" in ptrs for h in ("history", "history2", "history3"))
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("name,slot", DEEP)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cuda_matches_reference(dtype):
-    kw = sampler_step_inputs((3, 1025), dtype, history2=True, history3=True)
+def test_cuda_matches_reference(dtype, name, slot):
+    kw = _inputs((3, 1025), dtype, name)
     check_sampler_step("cuda", what=f"cuda {dtype}",
                        **{k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kw.items()})
 
