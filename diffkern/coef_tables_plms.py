@@ -13,7 +13,7 @@ the sample with ``_get_prev_sample``: DDIM's deterministic update in eps form, w
   call's (diffusers' ``ets`` never holds the corrector's).
 
 The weights assume equal steps in the timestep, not in sigma; on a schedule that is not linear in sigma the method
-is of order 2 (``tests/test_pndm.py`` measures it).
+is of order 2 (``tests/test_pndm.py`` measures it). :func:`ipndm` is the same multistep without the Heun start.
 """
 from __future__ import annotations
 
@@ -28,6 +28,31 @@ AB_WEIGHTS = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12),
               4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
 
 
+def _ab_rows(sigmas, max_order: int, conv: Conv) -> list:
+    """Row i: ``x' = x + dt*(w0*e_i + w1*H + w2*H2 + w3*H3)``, AB weights of order min(i + 1, max_order), history
+    ``e_i = (x - D)/sigma_i``: a = 1 - w0*(1 - r), b = w0*(1 - r) (r = sigma_{i+1}/sigma_i), c, c2, c3 = dt*w1..3."""
+    rows = []
+    for i, (s, sn) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        r, one_minus_r = coef_tables._ratio(s, sn)
+        w = AB_WEIGHTS[min(i + 1, max_order)]
+        dt = sn - s
+        hist = dict(zip(("c", "c2", "c3"), (dt * wj for wj in w[1:])))
+        eps = {"e": 1.0 / s, "f": -1.0 / s}
+        rows.append(coef_tables._conv_row(conv, s, a=1.0 - w[0] * one_minus_r, b=w[0] * one_minus_r, **hist, **eps))
+    return rows
+
+
+def ipndm(sigmas, *, max_order: int = 4, conv: Conv = _identity) -> Plan:
+    """iPNDM (Zhang & Chen 2023, the improved PNDM of the DEIS paper): PLMS without the Heun start, its first steps
+    Adams-Bashforth of the orders the history allows (Euler, AB2, AB3, then AB ``max_order``), one model call per
+    step; history = eps, depth ``max_order - 1`` (at most the steps taken)."""
+    if isinstance(max_order, bool) or not isinstance(max_order, int) or max_order not in AB_WEIGHTS:
+        raise ValueError(f"max_order: expected 1, 2, 3 or 4, got {max_order!r}")
+    n = len(sigmas) - 1
+    return coef_tables._plan(_ab_rows(sigmas, max_order, conv), sigmas[:-1], sigmas[:-1],
+                             history=min(max_order, n) - 1)
+
+
 def plms(sigmas, *, conv: Conv = _identity) -> Plan:
     """PLMS on the N+1 decreasing VE ``sigmas`` (history = eps, ``history_out = (x - D)/sigma``, depth 3).
 
@@ -38,14 +63,7 @@ def plms(sigmas, *, conv: Conv = _identity) -> Plan:
     jump: diffusers' PLMS with ``set_alpha_to_one=True`` ends so); with N = 1 and sigma_1 = 0 there is no corrector.
     """
     n = len(sigmas) - 1
-    rows = []
-    for i, (s, sn) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        r, one_minus_r = coef_tables._ratio(s, sn)
-        w = AB_WEIGHTS[min(i + 1, 4)]
-        dt = sn - s
-        hist = dict(zip(("c", "c2", "c3"), (dt * wj for wj in w[1:])))
-        eps = {"e": 1.0 / s, "f": -1.0 / s}
-        rows.append(coef_tables._conv_row(conv, s, a=1.0 - w[0] * one_minus_r, b=w[0] * one_minus_r, **hist, **eps))
+    rows = _ab_rows(sigmas, 4, conv)
     s0, s1 = sigmas[0], sigmas[1]
     if s1 > 0:
         dt = s1 - s0

@@ -10,7 +10,7 @@ import numbers
 import torch
 
 from . import (coef_tables, coef_tables_3m, coef_tables_deis, coef_tables_dpmpp_sde, coef_tables_lms,
-               coef_tables_plms, coef_tables_unipc)
+               coef_tables_plms, coef_tables_singlestep, coef_tables_unipc)
 
 
 def _knob(value, name: str, lo: float = 0.0, hi: float = math.inf, hi_open: bool = False,
@@ -136,8 +136,17 @@ def _plan_plms(sigmas, conv):
     return coef_tables.fold_second_calls(coef_tables_plms.plms(sigmas, conv=conv))
 
 
+def _plan_ipndm(sigmas, conv, *, max_order):
+    return coef_tables_plms.ipndm(sigmas, max_order=max_order, conv=conv)
+
+
 def _plan_lms(sigmas, conv, *, order):
     return coef_tables_lms.lms(sigmas, order=order, conv=conv)
+
+
+def _plan_dpmsolver_single(sigmas, conv, *, order, solver_type, lower_order_final, predict_x0, orders):
+    return coef_tables_singlestep.plan(sigmas, conv, order=order, solver_type=solver_type,
+                                       lower_order_final=lower_order_final, predict_x0=predict_x0, orders=orders)
 
 
 PLANS = {"euler": _plan_euler, "euler_ancestral": _plan_euler_ancestral, "heun": _plan_heun,
@@ -146,6 +155,7 @@ PLANS = {"euler": _plan_euler, "euler_ancestral": _plan_euler_ancestral, "heun":
          "dpmpp_2m_sde": _plan_dpmpp_2m_sde, "dpmpp_3m_sde": _plan_dpmpp_3m_sde, "dpmsolver_3m": _plan_dpmsolver_3m,
          "dpmpp_sde": _plan_dpmpp_sde,
          "lcm": _plan_lcm, "ge": _plan_ge, "sde": _plan_sde, "unipc": _plan_unipc,
-         "deis": _plan_deis, "plms": _plan_plms, "lms": _plan_lms}
+         "deis": _plan_deis, "plms": _plan_plms, "ipndm": _plan_ipndm, "lms": _plan_lms,
+         "dpmsolver_single": _plan_dpmsolver_single}
 """method -> ``plan(host_sigmas, conv, **knobs)``; every knob is passed (the defaults live in the samplers'
 signatures, listed by :func:`diffkern.sampling.knobs`)."""

@@ -205,6 +205,17 @@ def sample_plms(model, x, sigmas, extra_args=None, callback=None, disable=None, 
 
 
 @torch.no_grad()
+def sample_ipndm(model, x, sigmas, extra_args=None, callback=None, disable=None, *, max_order=4, seed=None,
+                 backend=None, trajectory=None):
+    """iPNDM (Zhang & Chen 2023; ComfyUI's ``ipndm``): Euler in eps = (x - D)/sigma with eps extrapolated by
+    Adams-Bashforth of equal-step weights, of order min(i + 1, ``max_order``) at step i (1 to 4): PLMS without its
+    Heun start, one model call per step, up to three history buffers. x: (B, ...) float; returns the final state in
+    x's dtype. A final step to 0 is the same formula (no jump)."""
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory)
+    return _run(loop, _plans._plan_ipndm(loop.sigmas, loop.conv, max_order=max_order))
+
+
+@torch.no_grad()
 def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, *, order=4, seed=None, backend=None,
                trajectory=None):
     """Linear multistep, k-diffusion's ``sample_lms`` and diffusers' ``LMSDiscreteScheduler``
@@ -216,10 +227,26 @@ def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, *
     return _run(loop, _plans._plan_lms(loop.sigmas, loop.conv, order=order))
 
 
+@torch.no_grad()
+def sample_dpmsolver_single(model, x, sigmas, extra_args=None, callback=None, disable=None, *, order=2,
+                            solver_type="midpoint", lower_order_final=True, predict_x0=True, orders=None, seed=None,
+                            backend=None, trajectory=None):
+    """Singlestep DPM-Solver++ (``predict_x0``) or DPM-Solver as diffusers' ``DPMSolverSinglestepScheduler`` runs it
+    (:mod:`diffkern.coef_tables_singlestep`): groups of 1 to ``order`` model calls, each call of a group updating from
+    the group's first state ("midpoint"/"heun" at orders 2-3), one fused op per call (two history buffers at order 3).
+    Groups as diffusers' ``get_order_list`` (``lower_order_final``: a shorter last group; a step to 0 first order), or
+    the explicit per-step ``orders``. x: (B, ...) float; returns the final state in x's dtype."""
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory)
+    return _run(loop, _plans._plan_dpmsolver_single(loop.sigmas, loop.conv, order=order, solver_type=solver_type,
+                                                    lower_order_final=lower_order_final, predict_x0=predict_x0,
+                                                    orders=orders))
+
+
 SAMPLERS = {"euler": sample_euler, "euler_ancestral": sample_euler_ancestral, "heun": sample_heun,
             "dpm_2": sample_dpm_2, "dpm_2_ancestral": sample_dpm_2_ancestral,
             "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral, "dpmpp_2m": sample_dpmpp_2m,
             "dpmpp_2m_sde": sample_dpmpp_2m_sde, "dpmpp_3m_sde": sample_dpmpp_3m_sde,
             "dpmsolver_3m": sample_dpmsolver_3m, "dpmpp_sde": sample_dpmpp_sde,
             "lcm": sample_lcm, "ge": sample_ge, "sde": sample_sde, "unipc": sample_unipc,
-            "deis": sample_deis, "plms": sample_plms, "lms": sample_lms}
+            "deis": sample_deis, "plms": sample_plms, "ipndm": sample_ipndm, "lms": sample_lms,
+            "dpmsolver_single": sample_dpmsolver_single}

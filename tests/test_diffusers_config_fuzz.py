@@ -75,7 +75,7 @@ CHOICES = {
 }
 VARIANCE_TYPES = {"DDPMScheduler": ["fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log",
                                     "learned_range", None],
-                  "DPMSolverMultistepScheduler": [None, "learned_range"]}
+                  "DPMSolverMultistepScheduler": [None, "learned_range", "fixed_small", "fixed_large"]}
 # Keys whose non-default value is rare on the hub: drawn less often, so most draws reach the step comparison.
 RARE = {"thresholding": [True], "rescale_betas_zero_snr": [True], "use_beta_sigmas": [True], "use_lu_lambdas": [True],
         "use_flow_sigmas": [True], "use_dynamic_shifting": [True]}
@@ -161,7 +161,6 @@ def refusals(name, cfg, timesteps, steps):
         # "leading" + steps_offset past T - 1 to repeated (clamped) sigmas: diffusers divides by 0
         no("steps_offset", lambda v: cfg["timestep_spacing"] == "leading" and not cfg["use_karras_sigmas"]
            and not cfg["use_exponential_sigmas"] and int((timesteps >= cfg["num_train_timesteps"] - 1).sum()) > 1)
-        no("variance_type", lambda v: v is not None)
     if name.startswith(("Euler", "Heun", "KDPM2")):  # N > T: "leading"/"trailing" repeat timesteps
         no("timestep_spacing", lambda v: v != "linspace" and steps > cfg["num_train_timesteps"])
     if name.startswith("KDPM2"):  # diffusers raises NotImplementedError for them at the first step

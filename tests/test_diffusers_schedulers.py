@@ -92,7 +92,8 @@ def scheduler_module(name: str):
              "HeunDiscreteScheduler": "heun_discrete", "KDPM2DiscreteScheduler": "k_dpm_2_discrete",
              "KDPM2AncestralDiscreteScheduler": "k_dpm_2_ancestral_discrete",
              "UniPCMultistepScheduler": "unipc_multistep", "DEISMultistepScheduler": "deis_multistep",
-             "PNDMScheduler": "pndm", "LMSDiscreteScheduler": "lms_discrete"}
+             "PNDMScheduler": "pndm", "LMSDiscreteScheduler": "lms_discrete",
+             "DPMSolverSinglestepScheduler": "dpmsolver_singlestep"}
     return importlib.import_module(f"diffusers.schedulers.scheduling_{files[name]}")
 
 #----------------------------------------------------------------------------

@@ -25,7 +25,8 @@ EVERY = [("euler", {}), ("euler", {"s_churn": 2.0}), ("euler_ancestral", {"eta":
          ("dpm_2", {"s_churn": 1.0}), ("dpm_2_ancestral", {"eta": 0.8}), ("dpmpp_2s_ancestral", {}),
          ("dpmpp_sde", {"r": 0.4}), ("dpmpp_3m_sde", {"eta": 0.6}), ("dpmsolver_3m", {"eta": 1.0}),
          ("lcm", {}), ("unipc", {}), ("unipc", {"order": 1, "solver_type": "bh1", "predict_x0": False}),
-         ("deis", {}), ("plms", {}), ("lms", {}), ("unipc", {"order": 3})]
+         ("deis", {}), ("plms", {}), ("ipndm", {}), ("lms", {}), ("unipc", {"order": 3}),
+         ("dpmsolver_single", {"order": 3})]
 
 
 def gmm3():

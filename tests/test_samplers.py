@@ -194,8 +194,9 @@ EVERY = [("euler", {}), ("euler", {"s_churn": 2.0}), ("euler_ancestral", {"eta":
          ("dpmpp_sde", {}), ("dpmpp_sde", {"eta": 0.6, "r": 0.3}), ("dpmpp_3m_sde", {}), ("dpmpp_3m_sde", {"eta": 0.0}),
          ("dpmsolver_3m", {}), ("dpmsolver_3m", {"eta": 1.0, "solver_type": "heun", "lower_order_final": False}),
          ("lcm", {}), ("unipc", {}), ("unipc", {"order": 1, "solver_type": "bh1", "predict_x0": False}),
-         ("deis", {}), ("deis", {"order": 2, "lower_order_final": False}), ("plms", {}), ("lms", {}),
-         ("lms", {"order": 2}), ("unipc", {"order": 3, "lower_order_final": False})]
+         ("deis", {}), ("deis", {"order": 2, "lower_order_final": False}), ("plms", {}), ("ipndm", {}), ("ipndm", {"max_order": 2}), ("lms", {}),
+         ("lms", {"order": 2}), ("unipc", {"order": 3, "lower_order_final": False}),
+         ("dpmsolver_single", {}), ("dpmsolver_single", {"order": 3, "solver_type": "heun", "predict_x0": False})]
 
 
 def gmm5():
@@ -394,7 +395,8 @@ def test_knobs_lists_defaults():
     assert knobs("dpmpp_2m_sde") == {"eta": 1.0, "s_noise": 1.0, "solver_type": "midpoint"}
     assert set(samplers.SAMPLERS) == {"euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral",
                                       "dpmpp_2s_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpmpp_sde",
-                                      "dpmsolver_3m", "ge", "lcm", "sde", "unipc", "deis", "plms", "lms"}
+                                      "dpmsolver_3m", "ge", "lcm", "sde", "unipc", "deis", "plms", "ipndm", "lms",
+                                      "dpmsolver_single"}
 
 #----------------------------------------------------------------------------
 # No host synchronisation inside the loop (CUDA only: torch's sync debug mode turns a sync into an error).

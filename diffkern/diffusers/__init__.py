@@ -24,6 +24,7 @@ from .schedulers_kdpm2 import KDPM2AncestralDiscreteScheduler, KDPM2DiscreteSche
 from .schedulers_lcm import LCMScheduler
 from .schedulers_lms import LMSDiscreteScheduler
 from .schedulers_pndm import PNDMScheduler
+from .schedulers_singlestep import DPMSolverSinglestepScheduler
 from .schedulers_tcd import TCDScheduler
 from .schedulers_unipc import UniPCMultistepScheduler
 from .schedulers_vp import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
@@ -34,7 +35,7 @@ SCHEDULERS = {c.__name__: c for c in (DDIMScheduler, DDPMScheduler, DPMSolverMul
                                       IADBScheduler, LCMScheduler, FlowMatchEulerDiscreteScheduler,
                                       UniPCMultistepScheduler, TCDScheduler, EDMEulerScheduler,
                                       EDMDPMSolverMultistepScheduler, DEISMultistepScheduler,
-                                      PNDMScheduler, LMSDiscreteScheduler)}
+                                      PNDMScheduler, LMSDiscreteScheduler, DPMSolverSinglestepScheduler)}
 
 # A pipeline's save_pretrained records a third-party scheduler as (its __module__, its name), and from_pretrained
 # imports that module and looks the class and SchedulerMixin up in it. Recording this package (rather than the
@@ -43,6 +44,7 @@ for _cls in SCHEDULERS.values():
     _cls.__module__ = __name__
 
 __all__ = ["AcceleratedPipeline", "DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler",
+           "DPMSolverSinglestepScheduler",
            "EDMDPMSolverMultistepScheduler", "EDMEulerScheduler", "EulerAncestralDiscreteScheduler",
            "EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler",
            "DEISMultistepScheduler", "FusedScheduler", "FusedSchedulerOutput",

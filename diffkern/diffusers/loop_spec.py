@@ -239,6 +239,9 @@ def loop_spec(ours: FusedScheduler, eta: float = 0.0) -> LoopSpec:
             return LoopSpec("euler", sigmas, ts, {}, vp=True)
         return LoopSpec("euler_ancestral", sigmas, ts, {"eta": float(eta)}, vp=True)
     if name == "DPMSolverMultistepScheduler":
+        if cfg.variance_type in ("learned", "learned_range"):
+            raise _unsupported(name, "variance_type", cfg.variance_type, "the fused loop takes the model output as "
+                               "the prediction, with no channels to drop")
         # diffusers' last step is first order with euler_at_final, or lower_order_final below 15 steps; dpmpp_2m's
         # is second order unless it ends at 0. An identity last step (dropped) makes the question moot.
         first_order_last = cfg.euler_at_final or (cfg.lower_order_final and len(ts) < 15)
@@ -265,6 +268,8 @@ def loop_spec(ours: FusedScheduler, eta: float = 0.0) -> LoopSpec:
         return LoopSpec("unipc", sig, ts, ours.loop_knobs(), vp=True)
     if name == "DEISMultistepScheduler":
         return _deis_spec(ours)
+    if name == "DPMSolverSinglestepScheduler":
+        return ours.loop_spec()
     if name == "PNDMScheduler":
         return _pndm_spec(ours)
     if name == "LCMScheduler":
@@ -320,6 +325,8 @@ def tail_spec(ours: FusedScheduler, spec: LoopSpec, begin: int) -> LoopSpec:
                          "diffkern.diffusers.LMSDiscreteScheduler as its scheduler instead")
     if not 0 < begin < n:
         raise ValueError(f"strength: the partial schedule starts at step {begin} of {n}; expected 0 <= begin < {n}")
+    if name == "DPMSolverSinglestepScheduler":  # diffusers' orders from the begin step (a group restarts there)
+        return ours.loop_spec(begin)
     knobs = dict(spec.knobs)
     if spec.method == "unipc":
         knobs["disable_corrector"] = tuple(k - begin for k in knobs["disable_corrector"] if k >= begin)

@@ -71,7 +71,7 @@ class _KScheduler(FusedScheduler):
         else:
             ts = schedules.timesteps(N, T, cfg.timestep_spacing, cfg.steps_offset).double()
         sig = torch.from_numpy(np.interp(ts.numpy(), np.arange(T), self.train_sigmas.numpy()))
-        lo = sigma_min if sigma_min is not None else float(sig[-1])
+        lo = sigma_min if sigma_min is not None else self._k_lowest(N, float(sig[-1]))
         hi = sigma_max if sigma_max is not None else float(sig[0])
         karras, exponential = self._option("use_karras_sigmas", False), self._option("use_exponential_sigmas", False)
         if (karras or exponential) and N == 1:  # both formulas give [sigma_max] whatever sigma_min is
@@ -85,6 +85,16 @@ class _KScheduler(FusedScheduler):
             ts = sigma_to_t(self.alphas_cumprod, sig)
         final = 0.0 if final_zero else float(self.train_sigmas[0])
         return ts.to(torch.float32), sig.tolist() + [final]
+
+    def _k_lowest(self, num_inference_steps: int, last: float) -> float:
+        """The smallest sigma diffusers' Karras/exponential/beta conversion starts from (its ``in_sigmas[-1]``):
+        ``last``, the sigma of the schedule's last timestep, except where its float "trailing" ``arange`` overshoots to
+        N + 1 timesteps (T = 1000: N = 61, 103, 121, 122), whose last, t = -1, ours drops: its sigma is the
+        interpolation clamped at t = 0, the table's first (the conversion still makes N sigmas)."""
+        T, N = self.config.num_train_timesteps, num_inference_steps
+        if self.config.timestep_spacing == "trailing" and len(np.arange(T, 0, -T / N)) > N:
+            return float(self.train_sigmas[0])
+        return last
 
     def _conv(self, sigma: float) -> dict:
         cfg = self.config

@@ -67,7 +67,7 @@ class LMSDiscreteScheduler(_KScheduler):
         if cfg.use_beta_sigmas:
             import scipy.stats  # only this option needs scipy (diffusers requires it there too)
             lo, hi = cfg.get("sigma_min"), cfg.get("sigma_max")
-            lo = sig[-2] if lo is None else float(lo)
+            lo = self._k_lowest(num_inference_steps, sig[-2]) if lo is None else float(lo)
             hi = sig[0] if hi is None else float(hi)
             ramp = 1.0 - np.linspace(0.0, 1.0, num_inference_steps)
             beta = lo + scipy.stats.beta.ppf(ramp, 0.6, 0.6) * (hi - lo)

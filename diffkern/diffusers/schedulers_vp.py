@@ -252,7 +252,7 @@ class DPMSolverMultistepScheduler(FusedScheduler):
         check_choice(who, "solver_order", solver_order, (1, 2, 3))
         check_choice(who, "solver_type", solver_type, coef_tables.SOLVER_TYPES)
         check_choice(who, "final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
-        check_choice(who, "variance_type", variance_type, (None,))
+        # any variance_type loads, as in diffusers (a DDPM config's "fixed_small"); learned ones are sliced in step()
         if use_karras_sigmas and use_exponential_sigmas:
             raise ValueError(f"{who}: only one of use_karras_sigmas and use_exponential_sigmas can be set")
         for option, value in (("use_beta_sigmas", use_beta_sigmas),
@@ -368,6 +368,8 @@ class DPMSolverMultistepScheduler(FusedScheduler):
         (prev_sample,). "sde-dpmsolver++" adds ``variance_noise``, else noise drawn from ``generator`` as diffusers
         draws it (float32), else Philox noise; "dpmsolver++" ignores both, as diffusers does."""
         i = self._index(timestep)
+        if self.config.variance_type in ("learned", "learned_range") and self.config.prediction_type == "epsilon":
+            model_output = model_output[:, :3]  # the predicted mean's channels, as diffusers (which assumes 3)
         x = self._state_in(sample, model_output)
         begin = self._loop_start  # set_begin_index's, or where a loop without it started
         first = i == begin
