@@ -51,7 +51,7 @@ def _drop_identity_end(name: str, sigmas: list, timesteps: list) -> tuple[list, 
     identity in diffusers, and the sampler needs strictly decreasing sigmas."""
     if math.isclose(sigmas[-1], sigmas[-2], rel_tol=1e-9):
         if len(sigmas) == 2:
-            raise _unsupported(name, "final_sigmas_type", "sigma_min", "its single step goes from sigma_min to itself")
+            raise _unsupported(name, "final_sigmas_type", "sigma_min", "its single step goes from its one sigma to itself")
         return sigmas[:-1], timesteps[:-1]
     return sigmas, timesteps
 
@@ -100,7 +100,7 @@ def _deis_spec(ours) -> LoopSpec:
     key = next((k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas") if cfg[k]),
                "timestep_spacing")
     if len(ts) == 1 and math.isclose(sig[0], sig[1], rel_tol=1e-9):
-        raise _unsupported(name, key, cfg[key], "its single step goes from sigma_min to itself")
+        raise _unsupported(name, key, cfg[key], "its single step goes from its one sigma to itself")
     sig, kept = _drop_identity_end(name, sig, ts)
     _check_unipc_decreasing(name, cfg, sig, len(ts))
     order = int(cfg.solver_order)
