@@ -29,6 +29,7 @@ diffusers' DEIS never steps to 0 (its schedules end at the training table's sigm
 from __future__ import annotations
 
 import math
+import numbers
 
 from . import coef_tables as ct
 from . import coef_tables_3m
@@ -126,7 +127,7 @@ def deis(sigmas, orders, *, conv: ct.Conv = ct._identity) -> ct.Plan:
 def plan(sigmas, conv: ct.Conv = ct._identity, *, order=3, lower_order_final=True) -> ct.Plan:
     """The ``deis`` sampler's plan on a VE schedule (knobs validated): diffusers' orders for a loop over all of
     ``sigmas`` (:func:`deis_orders`), then :func:`deis`."""
-    if isinstance(order, bool) or order not in ORDERS:
+    if isinstance(order, bool) or not isinstance(order, numbers.Integral) or order not in ORDERS:
         raise ValueError(f"order: expected 1, 2 or 3, got {order!r}")
     if not isinstance(lower_order_final, bool):
         raise TypeError(f"lower_order_final: expected a bool, got {lower_order_final!r}")

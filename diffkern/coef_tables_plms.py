@@ -18,6 +18,7 @@ is of order 2 (``tests/test_pndm.py`` measures it). :func:`ipndm` is the same mu
 from __future__ import annotations
 
 import math
+import numbers
 
 from . import coef_tables
 from .coef_tables import _NO_MODEL, Conv, Plan, _identity
@@ -46,7 +47,7 @@ def ipndm(sigmas, *, max_order: int = 4, conv: Conv = _identity) -> Plan:
     """iPNDM (Zhang & Chen 2023, the improved PNDM of the DEIS paper): PLMS without the Heun start, its first steps
     Adams-Bashforth of the orders the history allows (Euler, AB2, AB3, then AB ``max_order``), one model call per
     step; history = eps, depth ``max_order - 1`` (at most the steps taken)."""
-    if isinstance(max_order, bool) or not isinstance(max_order, int) or max_order not in AB_WEIGHTS:
+    if isinstance(max_order, bool) or not isinstance(max_order, numbers.Integral) or max_order not in AB_WEIGHTS:
         raise ValueError(f"max_order: expected 1, 2, 3 or 4, got {max_order!r}")
     n = len(sigmas) - 1
     return coef_tables._plan(_ab_rows(sigmas, max_order, conv), sigmas[:-1], sigmas[:-1],

@@ -44,7 +44,7 @@ def order_list(n: int, order: int, lower_order_final: bool, final_zero: bool) ->
     forces the flag otherwise)."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n: expected an int >= 1, got {n!r}")
-    if isinstance(order, bool) or order not in (1, 2, 3):
+    if isinstance(order, bool) or not isinstance(order, numbers.Integral) or order not in (1, 2, 3):
         raise ValueError(f"order: expected 1, 2 or 3, got {order!r}")
     group = list(range(1, order + 1))
     if not lower_order_final:
@@ -232,6 +232,6 @@ def plan(sigmas, conv: ct.Conv = ct._identity, *, order=2, solver_type="midpoint
     n = len(sigmas) - 1
     if orders is None:
         orders = order_list(n, order, lower_order_final, sigmas[-1] == 0)
-    elif isinstance(order, bool) or order not in (1, 2, 3):
+    elif isinstance(order, bool) or not isinstance(order, numbers.Integral) or order not in (1, 2, 3):
         raise ValueError(f"order: expected 1, 2 or 3, got {order!r}")
     return singlestep(sigmas, orders, predict_x0=predict_x0, solver_type=solver_type, conv=conv)

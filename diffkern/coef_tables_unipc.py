@@ -197,7 +197,7 @@ def plan(sigmas, conv: ct.Conv = ct._identity, *, order=2, solver_type="bh2", lo
     """The ``unipc`` sampler's plan on a VE schedule (knobs validated): diffusers' orders and correctors for a loop
     over all of ``sigmas`` (:func:`unipc_orders`, :func:`unipc_correctors`), then :func:`unipc`. ``order``: 1, 2
     or 3."""
-    if isinstance(order, bool) or order not in (1, 2, 3):
+    if isinstance(order, bool) or not isinstance(order, numbers.Integral) or order not in (1, 2, 3):
         raise ValueError(f"order: expected 1, 2 or 3, got {order!r}")
     if solver_type not in SOLVER_TYPES:
         raise ValueError(f"solver_type: expected one of {SOLVER_TYPES}, got {solver_type!r}")

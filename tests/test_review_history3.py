@@ -60,3 +60,16 @@ def test_kdpm2_sigmas_after_trailing_overshoot_match_diffusers(name):
     assert_matches_reference(ours.timesteps.double(), truth.timesteps.double(), eager.timesteps.double(),
                              f"{name} timesteps")
     torch.testing.assert_close(ours.sigmas[-2], eager.sigmas[-2], rtol=1e-4, atol=0)  # the table's first sigma
+
+
+@pytest.mark.parametrize("method,knob", [("deis", "order"), ("unipc", "order"), ("dpmsolver_single", "order"),
+                                         ("lms", "order"), ("ipndm", "max_order")])
+def test_order_knobs_take_integers_only(method, knob):
+    """A float order (2.0) is refused by every multistep sampler, as lms always did; numpy ints are integers."""
+    from diffkern import analytic, schedules
+    from diffkern.sampling import sample
+    gmm = analytic.GaussianMixture([1.0], [[0.5, -0.5]], [0.7])
+    x, sig = torch.randn(2, 2, dtype=torch.float64), schedules.karras(4, 0.1, 10.0)
+    with pytest.raises(ValueError, match=rf"{knob}: expected"):
+        sample(gmm, x, sig, method, backend="reference", **{knob: 2.0})
+    sample(gmm, x, sig, method, backend="reference", **{knob: np.int64(2)})
