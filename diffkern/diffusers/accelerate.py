@@ -179,9 +179,11 @@ class AcceleratedPipeline:
             models[key] = build()
         return models[key]
 
-    def _run(self, ours, spec, latents, generator, guidance_scale=1.0, extra=None, guidance_rescale=0.0):
+    def _run(self, ours, spec, latents, generator, guidance_scale=1.0, extra=None, guidance_rescale=0.0,
+             denoiser=None):
         """The loop: initial latents (already times init_noise_sigma) -> final latents, in latents' dtype.
-        ``guidance_rescale`` (with CFG): :class:`~.accelerate_text2img.RescaledCFGDenoiser`."""
+        ``guidance_rescale`` (with CFG): :class:`~.accelerate_text2img.RescaledCFGDenoiser`. ``denoiser``: a
+        :class:`ScheduleDenoiser` subclass to wrap the UNet with instead (inpainting's input channels; no rescale)."""
         from ..sampling import sample, sample_iadb
 
         if self.method is not None and spec.method == "iadb":
@@ -206,8 +208,8 @@ class AcceleratedPipeline:
         calls = spec.call_timesteps if method == spec.method else None  # another method calls at other sigmas
         rescale = float(guidance_rescale) if guidance_scale != 1.0 else 0.0  # the pipelines' rule: with CFG only
         key = (id(self.pipe.unet), type(ours).__name__, tuple(spec.sigmas), tuple(spec.timesteps), pred,
-               guidance_scale != 1.0, latents.device, calls is not None, rescale != 0, spec.boundary)
-        cls = ScheduleDenoiser
+               guidance_scale != 1.0, latents.device, calls is not None, rescale != 0, spec.boundary, denoiser)
+        cls = denoiser or ScheduleDenoiser
         if rescale:
             from .accelerate_text2img import RescaledCFGDenoiser as cls
         # LCM: every method runs on the boundary-conditioned denoiser (the consistency function), as the model is one
@@ -236,15 +238,18 @@ class AcceleratedPipeline:
         ``guidance_scale``, ``num_images_per_prompt``, ``height``, ``width``, ``latents``, ``prompt_embeds``,
         ``negative_prompt_embeds``, ``cross_attention_kwargs``, ``guidance_rescale``, ``clip_skip``; SDXL also
         ``prompt_2``, ``negative_prompt_2``, the pooled embeddings and the ``add_time_ids`` sizes). Per-step hooks
-        and schedule overrides (callbacks, custom timesteps/sigmas but for the LCM pipeline's timesteps, SDXL's
-        denoising_end, IP-adapters) raise."""
+        and schedule overrides (callbacks, custom timesteps/sigmas but for the LCM pipeline's timesteps,
+        IP-adapters) raise. img2img and inpainting: :mod:`.accelerate_img2img`, :mod:`.accelerate_sdxl_img2img`,
+        :mod:`.accelerate_inpaint`."""
         if self.kind == "unconditional":
             if prompt is not None:
                 raise TypeError("prompt: this is an unconditional pipeline")
             return self._call_unconditional(**kwargs)
-        from . import accelerate_img2img as img2img, accelerate_text2img as text2img
+        from . import accelerate_img2img as img2img, accelerate_inpaint as inpaint, accelerate_text2img as text2img
+        from . import accelerate_sdxl_img2img as sdxl_img2img
 
-        call = {"sdxl": text2img.call_sdxl, "lcm": text2img.call_lcm, **img2img.CALLS}.get(self.kind, text2img.call_sd)
+        call = {"sdxl": text2img.call_sdxl, "lcm": text2img.call_lcm, **img2img.CALLS, **sdxl_img2img.CALLS,
+                **inpaint.CALLS}.get(self.kind, text2img.call_sd)
         return call(self, prompt, **kwargs)
 
     def _call_unconditional(self, batch_size=1, generator=None, num_inference_steps=None, eta=None,
@@ -331,9 +336,12 @@ def _pipeline_kind(pipe) -> str:
         return "unconditional"
     if isinstance(unet, UNet2DConditionModel) and hasattr(pipe, "encode_prompt") and hasattr(pipe, "vae"):
         from .accelerate_img2img import img2img_kind
+        from .accelerate_inpaint import inpaint_kind
+        from .accelerate_sdxl_img2img import sdxl_img2img_kind
         from .accelerate_text2img import text2img_kind
 
-        return img2img_kind(pipe, who, unet) or text2img_kind(pipe, who, unet)
+        return (img2img_kind(pipe, who, unet) or sdxl_img2img_kind(pipe, who, unet) or inpaint_kind(pipe, who, unet)
+                or text2img_kind(pipe, who, unet))
     raise TypeError(f"accelerate: unsupported pipeline {who} with a {type(unet).__name__}: expected an unconditional "
                     "UNet2DModel pipeline or a text-to-image UNet2DConditionModel pipeline with encode_prompt and vae")
 
@@ -342,16 +350,18 @@ def accelerate(pipe, method=None, backend="auto", graph="auto", progress=False, 
     """Wrap ``pipe`` so that its denoising loop runs in diffkern.
 
     Args:
-        pipe: an unconditional ``UNet2DModel`` pipeline; ``StableDiffusionPipeline``, its img2img pipeline, or
-            ``StableDiffusionXLPipeline`` (pooled embeddings and ``add_time_ids`` as ``added_cond_kwargs``;
-            ``denoising_end`` raises); ``LatentConsistencyModelPipeline`` (guidance embedding as ``timestep_cond``);
+        pipe: an unconditional ``UNet2DModel`` pipeline; ``StableDiffusionPipeline``, its img2img pipeline, its
+            inpainting pipeline with a 9-channel UNet, ``StableDiffusionXLPipeline`` or its img2img pipeline (pooled
+            embeddings and ``add_time_ids`` as ``added_cond_kwargs``; ``denoising_start``/``denoising_end`` run a
+            window of the schedule); ``LatentConsistencyModelPipeline`` (guidance embedding as ``timestep_cond``);
             or the flow-matching ``StableDiffusion3Pipeline`` / ``FluxPipeline``. ``guidance_rescale`` is applied in
             PyTorch between the batched UNet call and the fused step. Its scheduler (diffusers' or diffkern's DDIM,
             DDPM, DPM-Solver++, UniPC, Euler, Euler-ancestral, Heun, KDPM2, KDPM2-ancestral, GE, LCM, FlowMatch, or
             IADB in unconditional pipelines) gives the schedule; it is read at each call, so a later
             ``pipe.scheduler = ...`` applies. A pipeline whose ``__call__`` takes arguments beyond those of these
-            pipelines (inpainting, ControlNet, PAG, ...), or a UNet with other added conditioning, raises TypeError
-            naming them. Unsupported schedulers and scheduler options raise ValueError naming them.
+            pipelines (SDXL inpainting, ControlNet, PAG, ...), legacy 4-channel inpainting, or a UNet with other
+            added conditioning, raises TypeError naming them. Unsupported schedulers and scheduler options raise
+            ValueError naming them.
         method: a :func:`diffkern.sampling.sample` method to use instead of the scheduler's own (on its schedule).
             With an LCMScheduler every method runs on the consistency function (the boundary-conditioned denoiser
             ``c_skip(t)*z + c_out(t)*x0``, interpolated t between schedule sigmas), the model's own denoiser.

@@ -234,10 +234,10 @@ def call_sdxl(acc, prompt=None, prompt_2=None, height=None, width=None, num_infe
               original_size=None, crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
               negative_crops_coords_top_left=(0, 0), negative_target_size=None, clip_skip=None, **unsupported):
     """``StableDiffusionXLPipeline.__call__`` through the fused loop of ``acc``. ``denoising_end`` (the hand-off of
-    an ensemble of expert denoisers to a refiner) raises: the fused loop runs the whole schedule."""
+    an ensemble of expert denoisers to a refiner) runs the schedule's head and returns its noisy latents
+    (:func:`~.accelerate_sdxl_img2img.head_spec`)."""
     from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
 
-    unsupported["denoising_end"] = denoising_end
     _reject(unsupported)
     pipe = acc.pipe
     unet = pipe.unet
@@ -261,6 +261,8 @@ def call_sdxl(acc, prompt=None, prompt_2=None, height=None, width=None, num_infe
         pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
         lora_scale=(cross_attention_kwargs or {}).get("scale"), clip_skip=clip_skip)
     ours, spec = acc._schedule(steps, eta if eta is not None else _default(pipe, "eta", 0.0))
+    from .accelerate_sdxl_img2img import text2img_head  # (imports this module)
+    spec = text2img_head(pipe, ours, spec, steps, denoising_end, device)
     shape = (n, unet.config.in_channels, int(height) // pipe.vae_scale_factor, int(width) // pipe.vae_scale_factor)
     latents = _initial_latents(ours, shape, generator, device, embeds.dtype, latents)
     projection_dim = (int(pooled.shape[-1]) if pipe.text_encoder_2 is None
