@@ -83,14 +83,16 @@ def _plan_dpmpp_3m_sde(sigmas, conv, *, eta, s_noise):
     return coef_tables_3m.dpmpp_3m_sde(sigmas, conv=conv, **_ancestral_knobs(eta, s_noise))
 
 
-def _plan_dpmsolver_3m(sigmas, conv, *, eta, solver_type, lower_order_final, euler_at_final):
+def _plan_dpmsolver_3m(sigmas, conv, *, eta, solver_order, solver_type, lower_order_final, euler_at_final):
     if eta not in (0, 1) or isinstance(eta, bool):
         raise ValueError(f"eta: expected 0 (diffusers' 'dpmsolver++') or 1 ('sde-dpmsolver++'), got {eta!r}")
+    if isinstance(solver_order, bool) or not isinstance(solver_order, numbers.Integral) or solver_order not in (1, 2, 3):
+        raise ValueError(f"solver_order: expected 1, 2 or 3, got {solver_order!r}")
     for name, value in (("lower_order_final", lower_order_final), ("euler_at_final", euler_at_final)):
         if not isinstance(value, bool):
             raise TypeError(f"{name}: expected a bool, got {value!r}")
-    orders = coef_tables_3m.dpmsolver_orders(len(sigmas) - 1, lower_order_final=lower_order_final,
-                                             euler_at_final=euler_at_final)
+    orders = coef_tables_3m.dpmsolver_orders(len(sigmas) - 1, solver_order=int(solver_order),
+                                             lower_order_final=lower_order_final, euler_at_final=euler_at_final)
     return coef_tables_3m.dpmsolver_multistep(sigmas, orders, sde=eta == 1, solver_type=_solver_type(solver_type),
                                               conv=conv)
 

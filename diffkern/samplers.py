@@ -117,14 +117,16 @@ def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
 
 
 @torch.no_grad()
-def sample_dpmsolver_3m(model, x, sigmas, extra_args=None, callback=None, disable=None, *, eta=0.0,
+def sample_dpmsolver_3m(model, x, sigmas, extra_args=None, callback=None, disable=None, *, eta=0.0, solver_order=3,
                         solver_type="midpoint", lower_order_final=True, euler_at_final=False, seed=None, backend=None,
                         trajectory=None):
-    """diffusers' ``DPMSolverMultistepScheduler(solver_order=3)`` (:func:`~diffkern.coef_tables_3m.dpmsolver_multistep`,
-    its lower-order rules included): eta = 0 "dpmsolver++", 1 "sde-dpmsolver++" (Philox noise)."""
+    """diffusers' ``DPMSolverMultistepScheduler`` (:func:`~diffkern.coef_tables_3m.dpmsolver_multistep`, its
+    lower-order rules included; ``solver_order`` 1-3, default 3): eta = 0 "dpmsolver++", 1 "sde-dpmsolver++"
+    (Philox noise)."""
     loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory)
-    return _run(loop, _plans._plan_dpmsolver_3m(loop.sigmas, loop.conv, eta=eta, solver_type=solver_type,
-                                                lower_order_final=lower_order_final, euler_at_final=euler_at_final))
+    return _run(loop, _plans._plan_dpmsolver_3m(loop.sigmas, loop.conv, eta=eta, solver_order=solver_order,
+                                                solver_type=solver_type, lower_order_final=lower_order_final,
+                                                euler_at_final=euler_at_final))
 
 
 @torch.no_grad()

@@ -112,6 +112,30 @@ def test_sde_third_order_is_not_k_diffusions():
     torch.testing.assert_close(sde[:, coefs.A], kd1[:, coefs.A], rtol=1e-13, atol=0)
 
 
+def test_solver_order_knob():
+    """``dpmsolver_3m(solver_order=2)`` is diffusers' second-order loop: without the lowering its rows are
+    ``dpmpp_2m``'s (the midpoint form), with ``euler_at_final`` the last row is first order (a DDIM step); a bad
+    order is refused by name."""
+    from diffkern import coef_tables, sampler_plans
+
+    sig = [14.6, 6.1, 2.9, 1.3, 0.55, 0.2]
+    plan = lambda **kw: sampler_plans._plan_dpmsolver_3m(  # noqa: E731
+        sig, coef_tables._identity, eta=0, solver_type="midpoint", **kw).table
+    full = plan(solver_order=2, lower_order_final=False, euler_at_final=False)
+    torch.testing.assert_close(full, coef_tables.dpmpp_2m(sig).table, rtol=1e-13, atol=1e-13)
+    last = plan(solver_order=2, lower_order_final=False, euler_at_final=True)
+    torch.testing.assert_close(last[:-1], full[:-1], rtol=0, atol=0)
+    step = [coefs.A, coefs.B, coefs.C, coefs.C2]
+    ddim = torch.tensor([[s_next / s, 1 - s_next / s, 0.0, 0.0] for s, s_next in zip(sig, sig[1:])],
+                        dtype=torch.float64)  # Euler on the PF-ODE: x' = (s'/s) x + (1 - s'/s) D
+    torch.testing.assert_close(last[-1:, step], ddim[-1:], rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(plan(solver_order=1, lower_order_final=True, euler_at_final=False)[:, step], ddim,
+                               rtol=1e-13, atol=1e-13)
+    for bad in (0, 4, 2.0, True, "2"):
+        with pytest.raises(ValueError, match="solver_order: expected 1, 2 or 3"):
+            plan(solver_order=bad, lower_order_final=True, euler_at_final=False)
+
+
 @pytest.mark.parametrize("k", range(6))
 def test_fuzzed_order3_configs(k):
     """The config fuzz's draws forced to solver_order=3 (a refused draw must name the option it refuses)."""
@@ -151,7 +175,8 @@ def test_level2_spec():
 
     s = spec(10, algorithm_type="sde-dpmsolver++", solver_type="heun")
     assert s.method == "dpmsolver_3m" and s.vp and s.sigmas[-1] == 0
-    assert s.knobs == {"eta": 1.0, "solver_type": "heun", "lower_order_final": True, "euler_at_final": False}
+    assert s.knobs == {"eta": 1.0, "solver_order": 3, "solver_type": "heun", "lower_order_final": True,
+                       "euler_at_final": False}
     karras_min = {"use_karras_sigmas": True, "final_sigmas_type": "sigma_min"}
     s = spec(15, **karras_min)  # 15 steps: no lowering; 14 kept steps must not be lowered either
     assert len(s.sigmas) == 15 and not s.knobs["lower_order_final"]

@@ -62,6 +62,10 @@ PARITY = [  # (scheduler, config, call kwargs)
     ("DPMSolverMultistepScheduler", {"solver_order": 3}, {"strength": 0.7, "steps": 7}),
     # 16 steps: no lower_order_final in diffusers, which the 8-step tail must not get either
     ("DPMSolverMultistepScheduler", {"solver_order": 3}, {"strength": 0.5, "steps": 16, "w": 1.0}),
+    # a first-order last step to sigma_min: dpmsolver_3m(solver_order=2), orders restarting at the begin step
+    ("DPMSolverMultistepScheduler", {"final_sigmas_type": "sigma_min"}, {"strength": 0.6}),
+    ("DPMSolverMultistepScheduler", {"final_sigmas_type": "sigma_min", "euler_at_final": True},
+     {"strength": 0.5, "steps": 16, "w": 1.0}),
     ("UniPCMultistepScheduler", dict(SD), {"strength": 0.6, "w": 1.0}),
     ("UniPCMultistepScheduler", {"disable_corrector": [3]}, {"strength": 0.5, "steps": 6}),
     ("UniPCMultistepScheduler", {}, {"strength": 1.0, "output_type": "latent"}),

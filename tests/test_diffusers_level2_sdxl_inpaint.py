@@ -113,6 +113,9 @@ SDXL_PARITY = [  # (scheduler, config, call kwargs)
     # third order below 15 steps: the whole schedule's last two steps are lower order, a 4-step head's are not
     ("DPMSolverMultistepScheduler", dict(SDXL_SCHEDULER, solver_order=3), {"strength": 1.0, "steps": 8,
                                                                            "denoising_end": 0.6}),
+    # second order with a first-order last step to sigma_min (dpmsolver_3m): a head that stops before it
+    ("DPMSolverMultistepScheduler", dict(SDXL_SCHEDULER, final_sigmas_type="sigma_min"),
+     {"strength": 1.0, "steps": 8, "denoising_end": 0.6}),
     ("DDIMScheduler", SDXL_SCHEDULER, {"strength": 0.5, "negative_original_size": (12, 20),
                                        "negative_crops_coords_top_left": (2, 3), "negative_target_size": (16, 8),
                                        "original_size": (32, 24), "crops_coords_top_left": (4, 0)}),

@@ -198,15 +198,27 @@ def test_accelerate_dpm_sigma_min_16_steps():
     torch.testing.assert_close(_unconditional(fast, 16), _unconditional(pipe, 16), rtol=0, atol=1e-5)
 
 
-def test_accelerate_dpm_sigma_min_below_15_steps_raises():
-    pipe = diffusers.DDPMPipeline(unet=tiny_unet(),
-                                  scheduler=diffusers.DPMSolverMultistepScheduler(final_sigmas_type="sigma_min"))
-    fast = dd.accelerate(pipe)
-    with pytest.raises(ValueError, match="lower_order_final with 4 < 15 steps"):
-        _unconditional(fast, 4)
-    pipe.scheduler = diffusers.DPMSolverMultistepScheduler(final_sigmas_type="sigma_min", euler_at_final=True)
-    with pytest.raises(ValueError, match="final_sigmas_type='sigma_min'"):
-        dd.accelerate(pipe)
+@pytest.mark.parametrize("config, steps", [
+    ({"final_sigmas_type": "sigma_min"}, 4),   # lower_order_final below 15 steps: a first-order last step
+    ({"final_sigmas_type": "sigma_min", "euler_at_final": True}, 2),
+    ({"final_sigmas_type": "sigma_min", "euler_at_final": True, "solver_type": "heun"}, 16),
+    ({"final_sigmas_type": "sigma_min", "timestep_spacing": "trailing", "prediction_type": "v_prediction"}, 7),
+])
+def test_accelerate_dpm_sigma_min_first_order_last(config, steps, monkeypatch):
+    """DPM-Solver++(2M) whose last step, to sigma_min, is first order in diffusers runs as ``dpmsolver_3m`` with
+    ``solver_order=2`` (once refused): the pipeline's images, against the project's rule with the pipeline run in
+    float64 as the truth."""
+    import test_diffusers_pipelines as tdp
+    from diffkern.diffusers.loop_spec import loop_spec
+
+    ours = dd.DPMSolverMultistepScheduler(**config)
+    ours.set_timesteps(steps)
+    spec = loop_spec(ours)
+    assert spec.method == "dpmsolver_3m" and spec.knobs["solver_order"] == 2 and spec.sigmas[-1] > 0
+    monkeypatch.setattr(tdp, "STEPS", steps)
+    pipe = lambda s: diffusers.DDPMPipeline(unet=tiny_unet(), scheduler=s)  # noqa: E731
+    ours, truth, eager = three_runs(pipe, "DPMSolverMultistepScheduler", config, unconditional, 2)
+    assert_matches_reference(ours, truth, eager, f"accelerate DPM {config} {steps} steps")
 
 
 def test_accelerate_euler_sigma_min(tiny_sd):

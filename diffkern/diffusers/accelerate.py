@@ -11,10 +11,10 @@ happens inside the fused step (one batched UNet call on ``[uncond; cond]``, as t
 
 Equivalences used (``math-samplers.md`` 5-7): DDIM(eta) = Euler-ancestral(eta) in VE coordinates (eta = 0:
 Euler), DDPM ("fixed_small") = DDIM(eta = 1), DPM-Solver++(2M) = k-diffusion's ``dpmpp_2m``, DPM-Solver++ with
-``solver_order=3`` = ``dpmsolver_3m`` (diffusers' orders per step, :mod:`diffkern.diffusers.loop_spec`), LCM = ``lcm``
-(``x' = D + sigma'*xi``) on the denoiser with LCM's boundary condition at each step's timestep as its conversion
-(:meth:`ScheduleDenoiser.conversion`: table data, no host sync). Deterministic
-schedulers give the pipeline's images at float32 tolerance for the same generator (only the initial latents
+``solver_order=3`` (or a first-order last step) = ``dpmsolver_3m`` (diffusers' orders per step,
+:mod:`diffkern.diffusers.loop_spec`), LCM = ``lcm`` (``x' = D + sigma'*xi``) on the denoiser with LCM's boundary
+condition at each step's timestep as its conversion (:meth:`ScheduleDenoiser.conversion`: table data, no host sync).
+Deterministic schedulers give the pipeline's images at float32 tolerance for the same generator (only the initial latents
 are random). Stochastic ones draw their per-step noise from diffkern's Philox stream keyed by a seed taken
 from the generator, so images are reproducible per seed but not equal to diffusers' (which draws each step's
 noise from the generator).

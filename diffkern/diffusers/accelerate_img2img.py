@@ -14,7 +14,7 @@ the begin index on (:func:`~.loop_spec.tail_spec`).
 from __future__ import annotations
 
 from .accelerate import _check_call_arguments, _default, _reject
-from .accelerate_text2img import _prompt_batch, _sd_images
+from .accelerate_text2img import _prompt_batch, _sd_images, sd_encode, unet_extra
 from .loop_spec import tail_spec
 
 
@@ -37,10 +37,9 @@ def call_sd_img2img(acc, prompt=None, image=None, strength=0.8, num_inference_st
     batch = _prompt_batch(prompt, prompt_embeds)
     device = pipe._execution_device
     cfg = w > 1
-    prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(
-        prompt, device, num_images_per_prompt, cfg, negative_prompt, prompt_embeds=prompt_embeds,
-        negative_prompt_embeds=negative_prompt_embeds, lora_scale=(cross_attention_kwargs or {}).get("scale"),
-        clip_skip=clip_skip)
+    prompt_embeds, negative_prompt_embeds = sd_encode(pipe, prompt, device, num_images_per_prompt, cfg, negative_prompt,
+                                                      prompt_embeds, negative_prompt_embeds, cross_attention_kwargs,
+                                                      clip_skip)
     image = pipe.image_processor.preprocess(image)
     ours, spec = acc._schedule(steps, eta if eta is not None else _default(pipe, "eta", 0.0))
     begin = _begin(pipe, steps, strength, device)
@@ -48,11 +47,8 @@ def call_sd_img2img(acc, prompt=None, image=None, strength=0.8, num_inference_st
     first = pipe.scheduler.timesteps[begin * pipe.scheduler.order:][:1].repeat(batch * num_images_per_prompt)
     latents = pipe.prepare_latents(image, first, batch, num_images_per_prompt, prompt_embeds.dtype, device,
                                    generator)
-    extra = {"encoder_hidden_states": prompt_embeds}
-    if cfg:
-        extra["uncond_encoder_hidden_states"] = negative_prompt_embeds
-    if cross_attention_kwargs is not None:
-        extra["cross_attention_kwargs"] = cross_attention_kwargs
+    extra = unet_extra({"encoder_hidden_states": prompt_embeds},
+                       {"encoder_hidden_states": negative_prompt_embeds} if cfg else None, cross_attention_kwargs)
     latents = acc._run(ours, spec, latents, generator, guidance_scale=w if cfg else 1.0, extra=extra)
     image, nsfw = _sd_images(pipe, latents, output_type, device, prompt_embeds.dtype, generator)
     pipe.maybe_free_model_hooks()

@@ -19,7 +19,7 @@ import torch
 
 from .accelerate import ScheduleDenoiser, _check_call_arguments, _default, _reject
 from .accelerate_img2img import _begin
-from .accelerate_text2img import _prompt_batch, _sd_images
+from .accelerate_text2img import _prompt_batch, _sd_images, sd_encode, unet_extra
 from .loop_spec import tail_spec
 
 
@@ -71,10 +71,9 @@ def call_sd_inpaint(acc, prompt=None, image=None, mask_image=None, masked_image_
     n = _prompt_batch(prompt, prompt_embeds) * num_images_per_prompt
     device = pipe._execution_device
     cfg = w > 1
-    prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(
-        prompt, device, num_images_per_prompt, cfg, negative_prompt, prompt_embeds=prompt_embeds,
-        negative_prompt_embeds=negative_prompt_embeds, lora_scale=(cross_attention_kwargs or {}).get("scale"),
-        clip_skip=clip_skip)
+    prompt_embeds, negative_prompt_embeds = sd_encode(pipe, prompt, device, num_images_per_prompt, cfg, negative_prompt,
+                                                      prompt_embeds, negative_prompt_embeds, cross_attention_kwargs,
+                                                      clip_skip)
     dtype = prompt_embeds.dtype
     ours, spec = acc._schedule(steps, eta if eta is not None else _default(pipe, "eta", 0.0))
     begin = _begin(pipe, steps, strength, device)
@@ -99,11 +98,8 @@ def call_sd_inpaint(acc, prompt=None, image=None, mask_image=None, masked_image_
         raise ValueError(f"vae: the UNet takes {unet.config.in_channels} input channels, and the latents (the VAE's "
                          f"latent_channels), mask and masked-image latents have {latents.shape[1]} + {mask.shape[1]} + "
                          f"{masked.shape[1]} = {channels}")
-    extra = {"encoder_hidden_states": prompt_embeds, "mask": mask, "masked_image_latents": masked}
-    if cfg:
-        extra["uncond_encoder_hidden_states"] = negative_prompt_embeds
-    if cross_attention_kwargs is not None:
-        extra["cross_attention_kwargs"] = cross_attention_kwargs
+    extra = unet_extra({"encoder_hidden_states": prompt_embeds, "mask": mask, "masked_image_latents": masked},
+                       {"encoder_hidden_states": negative_prompt_embeds} if cfg else None, cross_attention_kwargs)
     latents = acc._run(ours, spec, latents, generator, guidance_scale=w if cfg else 1.0, extra=extra,
                        denoiser=InpaintDenoiser)
     images, nsfw = _sd_images(pipe, latents, output_type, device, dtype, generator)

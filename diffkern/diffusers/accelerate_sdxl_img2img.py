@@ -23,7 +23,7 @@ import dataclasses
 
 from .. import coef_tables_3m, coef_tables_deis, coef_tables_unipc
 from .accelerate import _check_call_arguments, _default, _reject
-from .accelerate_text2img import _prompt_batch, _sdxl_decode
+from .accelerate_text2img import _prompt_batch, _sdxl_decode, unet_extra
 from .loop_spec import LoopSpec, tail_spec
 
 
@@ -60,10 +60,12 @@ def head_spec(ours, spec: LoopSpec, steps: int, denoising_end: float) -> LoopSpe
             (False, True), "denoising_end", denoising_end, why)
         knobs["disable_corrector"] = tuple(i for i in k["disable_corrector"] if i < steps)
     elif spec.method == "dpmsolver_3m":
-        want = coef_tables_3m.dpmsolver_orders(n, lower_order_final=knobs["lower_order_final"],
+        order = knobs["solver_order"]
+        want = coef_tables_3m.dpmsolver_orders(n, solver_order=order, lower_order_final=knobs["lower_order_final"],
                                                euler_at_final=knobs["euler_at_final"])[:steps]
         knobs["lower_order_final"], knobs["euler_at_final"] = _matching(
-            lambda o: coef_tables_3m.dpmsolver_orders(steps, lower_order_final=o[0], euler_at_final=o[1]), want,
+            lambda o: coef_tables_3m.dpmsolver_orders(steps, solver_order=order, lower_order_final=o[0],
+                                                      euler_at_final=o[1]), want,
             ((False, False), (True, False), (False, True), (True, True)), "denoising_end", denoising_end, why)
     elif spec.method == "deis":
         want = coef_tables_deis.deis_orders(n, order=knobs["order"], lower_order_final=knobs["lower_order_final"])
@@ -191,14 +193,13 @@ def call_sdxl_img2img(acc, prompt=None, prompt_2=None, image=None, strength=None
         else _default(pipe, "negative_aesthetic_score", 2.5),
         negative_original_size or original_size, negative_crops_coords_top_left, negative_target_size or target_size,
         dtype=embeds.dtype, text_encoder_projection_dim=projection_dim)
-    extra = {"encoder_hidden_states": embeds.to(device),
-             "added_cond_kwargs": {"text_embeds": pooled.to(device), "time_ids": time_ids.repeat(n, 1).to(device)}}
-    if cfg:
-        extra["uncond_encoder_hidden_states"] = negative_embeds.to(device)
-        extra["uncond_added_cond_kwargs"] = {"text_embeds": negative_pooled.to(device),
-                                             "time_ids": negative_time_ids.repeat(n, 1).to(device)}
-    if cross_attention_kwargs is not None:
-        extra["cross_attention_kwargs"] = cross_attention_kwargs
+    extra = unet_extra(
+        {"encoder_hidden_states": embeds.to(device),
+         "added_cond_kwargs": {"text_embeds": pooled.to(device), "time_ids": time_ids.repeat(n, 1).to(device)}},
+        {"encoder_hidden_states": negative_embeds.to(device),
+         "added_cond_kwargs": {"text_embeds": negative_pooled.to(device),
+                               "time_ids": negative_time_ids.repeat(n, 1).to(device)}} if cfg else None,
+        cross_attention_kwargs)
     latents = acc._run(ours, spec, latents, generator, guidance_scale=w if cfg else 1.0, extra=extra,
                        guidance_rescale=guidance_rescale)
     image = latents if output_type == "latent" else _sdxl_decode(pipe, latents)

@@ -57,6 +57,26 @@ class RescaledCFGDenoiser(ScheduleDenoiser):
         return phi * rescaled + (1 - phi) * guided, None
 
 
+def unet_extra(cond: dict, uncond, cross_attention_kwargs) -> dict:
+    """The UNet's extra args of the fused loop: the conditional keyword arguments, the unconditional ones (``uncond``,
+    None without CFG) under "uncond_" names, which the CFG denoiser pairs with them, and ``cross_attention_kwargs``."""
+    extra = dict(cond)
+    if uncond is not None:
+        extra.update({"uncond_" + key: value for key, value in uncond.items()})
+    if cross_attention_kwargs is not None:
+        extra["cross_attention_kwargs"] = cross_attention_kwargs
+    return extra
+
+
+def sd_encode(pipe, prompt, device, num_images_per_prompt, cfg, negative_prompt, prompt_embeds, negative_prompt_embeds,
+              cross_attention_kwargs, clip_skip):
+    """Stable Diffusion's ``encode_prompt`` as its pipelines call it (the LoRA scale from ``cross_attention_kwargs``):
+    (prompt_embeds, negative_prompt_embeds), the second None without ``cfg``."""
+    return pipe.encode_prompt(prompt, device, num_images_per_prompt, cfg, negative_prompt, prompt_embeds=prompt_embeds,
+                              negative_prompt_embeds=negative_prompt_embeds,
+                              lora_scale=(cross_attention_kwargs or {}).get("scale"), clip_skip=clip_skip)
+
+
 def _prompt_batch(prompt, prompt_embeds) -> int:
     if prompt is not None:
         return 1 if isinstance(prompt, str) else len(prompt)
@@ -110,18 +130,14 @@ def call_sd(acc, prompt=None, height=None, width=None, num_inference_steps=None,
     batch = _prompt_batch(prompt, prompt_embeds)
     device = pipe._execution_device
     cfg = w > 1 and unet.config.time_cond_proj_dim is None
-    lora_scale = (cross_attention_kwargs or {}).get("scale")
-    prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(
-        prompt, device, num_images_per_prompt, cfg, negative_prompt, prompt_embeds=prompt_embeds,
-        negative_prompt_embeds=negative_prompt_embeds, lora_scale=lora_scale, clip_skip=clip_skip)
+    prompt_embeds, negative_prompt_embeds = sd_encode(pipe, prompt, device, num_images_per_prompt, cfg, negative_prompt,
+                                                      prompt_embeds, negative_prompt_embeds, cross_attention_kwargs,
+                                                      clip_skip)
     shape = (batch * num_images_per_prompt, unet.config.in_channels, int(height) // vae_scale, int(width) // vae_scale)
     ours, spec = acc._schedule(steps, eta if eta is not None else _default(pipe, "eta", 0.0))
     latents = _initial_latents(ours, shape, generator, device, prompt_embeds.dtype, latents)
-    extra = {"encoder_hidden_states": prompt_embeds}
-    if cfg:
-        extra["uncond_encoder_hidden_states"] = negative_prompt_embeds
-    if cross_attention_kwargs is not None:
-        extra["cross_attention_kwargs"] = cross_attention_kwargs
+    extra = unet_extra({"encoder_hidden_states": prompt_embeds},
+                       {"encoder_hidden_states": negative_prompt_embeds} if cfg else None, cross_attention_kwargs)
     latents = acc._run(ours, spec, latents, generator, guidance_scale=w if cfg else 1.0, extra=extra,
                        guidance_rescale=guidance_rescale)
     image, nsfw = _sd_images(pipe, latents, output_type, device, prompt_embeds.dtype, generator)
@@ -176,10 +192,8 @@ def call_lcm(acc, prompt=None, height=None, width=None, num_inference_steps=None
     latents = _initial_latents(ours, shape, generator, device, prompt_embeds.dtype, latents)
     embedding = pipe.get_guidance_scale_embedding(torch.tensor(w - 1).repeat(n),
                                                   embedding_dim=unet.config.time_cond_proj_dim)
-    extra = {"encoder_hidden_states": prompt_embeds,
-             "timestep_cond": embedding.to(device=device, dtype=latents.dtype)}
-    if cross_attention_kwargs is not None:
-        extra["cross_attention_kwargs"] = cross_attention_kwargs
+    extra = unet_extra({"encoder_hidden_states": prompt_embeds,
+                        "timestep_cond": embedding.to(device=device, dtype=latents.dtype)}, None, cross_attention_kwargs)
     denoised = acc._run(ours, spec, latents, generator, extra=extra).to(prompt_embeds.dtype)
     image, nsfw = _sd_images(pipe, denoised, output_type, device, prompt_embeds.dtype)
     pipe.maybe_free_model_hooks()
@@ -270,13 +284,12 @@ def call_sdxl(acc, prompt=None, prompt_2=None, height=None, width=None, num_infe
     time_ids, negative_time_ids = _sdxl_time_ids(
         pipe, n, cfg, device, embeds.dtype, projection_dim, (original_size, crops_coords_top_left, target_size),
         (negative_original_size, negative_crops_coords_top_left, negative_target_size))
-    extra = {"encoder_hidden_states": embeds.to(device),
-             "added_cond_kwargs": {"text_embeds": pooled.to(device), "time_ids": time_ids}}
-    if cfg:
-        extra["uncond_encoder_hidden_states"] = negative_embeds.to(device)
-        extra["uncond_added_cond_kwargs"] = {"text_embeds": negative_pooled.to(device), "time_ids": negative_time_ids}
-    if cross_attention_kwargs is not None:
-        extra["cross_attention_kwargs"] = cross_attention_kwargs
+    extra = unet_extra(
+        {"encoder_hidden_states": embeds.to(device),
+         "added_cond_kwargs": {"text_embeds": pooled.to(device), "time_ids": time_ids}},
+        {"encoder_hidden_states": negative_embeds.to(device),
+         "added_cond_kwargs": {"text_embeds": negative_pooled.to(device), "time_ids": negative_time_ids}} if cfg else None,
+        cross_attention_kwargs)
     latents = acc._run(ours, spec, latents, generator, guidance_scale=w if cfg else 1.0, extra=extra,
                        guidance_rescale=guidance_rescale)
     if output_type == "latent":

@@ -73,19 +73,21 @@ def _check_unipc_decreasing(name: str, cfg, sig: list, n: int) -> None:
                                "needs strictly decreasing sigmas")
 
 
-def _third_order_knobs(name: str, cfg, steps: int, kept: int, sde: bool) -> dict:
+def _multistep_knobs(name: str, cfg, steps: int, kept: int, sde: bool) -> dict:
     """``dpmsolver_3m``'s knobs for a DPM-Solver config of ``steps`` steps run as ``kept`` (one fewer when an
     identity last step is dropped: then the knobs must give the kept steps diffusers' orders, which the 15-step
     threshold of lower_order_final can shift)."""
-    knobs = {"eta": 1.0 if sde else 0.0, "solver_type": cfg.solver_type}
-    want = coef_tables_3m.dpmsolver_orders(steps, lower_order_final=cfg.lower_order_final,
+    order = int(cfg.solver_order)
+    knobs = {"eta": 1.0 if sde else 0.0, "solver_order": order, "solver_type": cfg.solver_type}
+    want = coef_tables_3m.dpmsolver_orders(steps, solver_order=order, lower_order_final=cfg.lower_order_final,
                                            euler_at_final=cfg.euler_at_final)[:kept]
     for low, euler in ((cfg.lower_order_final, cfg.euler_at_final), (False, False), (True, False)):
-        if coef_tables_3m.dpmsolver_orders(kept, lower_order_final=low, euler_at_final=euler) == want:
+        if coef_tables_3m.dpmsolver_orders(kept, solver_order=order, lower_order_final=low,
+                                           euler_at_final=euler) == want:
             return dict(knobs, lower_order_final=bool(low), euler_at_final=bool(euler))
     raise _unsupported(name, "final_sigmas_type", "sigma_min",
-                       f"with solver_order=3 and {steps} steps its last step goes from sigma_min to itself and the "
-                       f"step before is of order {want[-1]}, which the fused loop without that step cannot give")
+                       f"with solver_order={order} and {steps} steps its last step goes from sigma_min to itself and "
+                       f"the step before is of order {want[-1]}, which the fused loop without that step cannot give")
 
 
 def _deis_spec(ours) -> LoopSpec:
@@ -243,16 +245,13 @@ def loop_spec(ours: FusedScheduler, eta: float = 0.0) -> LoopSpec:
             raise _unsupported(name, "variance_type", cfg.variance_type, "the fused loop takes the model output as "
                                "the prediction, with no channels to drop")
         # diffusers' last step is first order with euler_at_final, or lower_order_final below 15 steps; dpmpp_2m's
-        # is second order unless it ends at 0. An identity last step (dropped) makes the question moot.
+        # is second order unless it ends at 0, so such a second-order loop runs as dpmsolver_3m, which takes
+        # diffusers' order rules. An identity last step (dropped) makes the question moot.
         first_order_last = cfg.euler_at_final or (cfg.lower_order_final and len(ts) < 15)
         sig, kept = _drop_identity_end(name, list(ours.sigmas_host), ts)
-        if cfg.solver_order == 2 and first_order_last and sig[-1] > 0 and len(ts) > 1 and kept == ts:
-            raise _unsupported(name, "final_sigmas_type", "sigma_min",
-                               f"with a first-order last step: euler_at_final, or lower_order_final with "
-                               f"{len(ts)} < 15 steps")
         sde = cfg.algorithm_type == "sde-dpmsolver++"
-        if cfg.solver_order == 3:
-            return LoopSpec("dpmsolver_3m", sig, kept, _third_order_knobs(name, cfg, len(ts), len(kept), sde), vp=True)
+        if cfg.solver_order == 3 or (cfg.solver_order == 2 and first_order_last and sig[-1] > 0 and kept == ts):
+            return LoopSpec("dpmsolver_3m", sig, kept, _multistep_knobs(name, cfg, len(ts), len(kept), sde), vp=True)
         if cfg.solver_order == 1:  # first order every step: DDIM, or for the SDE the lam = 1 exponential step
             return LoopSpec("sde", sig, kept, {"lam": 1.0}, vp=True) if sde else LoopSpec("euler", sig, kept, {}, vp=True)
         if not sde and cfg.solver_type == "midpoint":
@@ -331,14 +330,16 @@ def tail_spec(ours: FusedScheduler, spec: LoopSpec, begin: int) -> LoopSpec:
     if spec.method == "unipc":
         knobs["disable_corrector"] = tuple(k - begin for k in knobs["disable_corrector"] if k >= begin)
     elif spec.method == "dpmsolver_3m":
-        cfg = ours.config
-        want = coef_tables_3m.dpmsolver_orders(len(ours._host_timesteps), lower_order_final=cfg.lower_order_final,
+        cfg, order = ours.config, knobs["solver_order"]
+        want = coef_tables_3m.dpmsolver_orders(len(ours._host_timesteps), solver_order=order,
+                                               lower_order_final=cfg.lower_order_final,
                                                euler_at_final=cfg.euler_at_final, begin=begin)[begin:n]
         options = ((low, euler) for low in (False, True) for euler in (False, True)
-                   if coef_tables_3m.dpmsolver_orders(n - begin, lower_order_final=low, euler_at_final=euler) == want)
+                   if coef_tables_3m.dpmsolver_orders(n - begin, solver_order=order, lower_order_final=low,
+                                                      euler_at_final=euler) == want)
         low_euler = next(options, None)
         if low_euler is None:
-            raise _unsupported(name, "solver_order", 3, f"from step {begin} of {n} (img2img strength) diffusers' "
+            raise _unsupported(name, "solver_order", order, f"from step {begin} of {n} (img2img strength) diffusers' "
                                f"orders {want} are not those of a {n - begin}-step dpmsolver_3m loop")
         knobs.update(lower_order_final=low_euler[0], euler_at_final=low_euler[1])
     elif spec.method == "deis":

@@ -33,6 +33,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from .. import coef_tables, schedules
 from ..ops import coefs, sampler_step
 from ..samplers import make_seed
+from .config_checks import training_betas
 
 # Any diffusers scheduler config loads silently (keys of these classes that we do not take are dropped).
 COMPATIBLES = [e.name for e in KarrasDiffusionSchedulers]
@@ -44,42 +45,6 @@ class FusedSchedulerOutput(BaseOutput):
 
     prev_sample: torch.Tensor
     pred_original_sample: Optional[torch.Tensor] = None
-
-
-def unsupported(who: str, option: str, value, why: str) -> ValueError:
-    """The error every scheduler raises for an option it does not implement."""
-    return ValueError(f"{who}: {option}={value!r} is not supported by diffkern's fused scheduler ({why}); "
-                      f"use diffusers' own scheduler for it")
-
-
-def check_choice(who: str, option: str, value, allowed) -> None:
-    if value not in allowed:
-        raise unsupported(who, option, value, f"supported: {', '.join(map(repr, allowed))}")
-
-
-def training_betas(who: str, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
-                   rescale_betas_zero_snr=False) -> torch.Tensor:
-    """The (T,) float64 betas of a diffusers config (schedule names as in diffusers; with
-    ``rescale_betas_zero_snr`` rescaled to zero terminal SNR: the last beta is then 1)."""
-    if trained_betas is not None:
-        b = torch.as_tensor(np.asarray(trained_betas, dtype=np.float64))
-        if b.dim() != 1 or b.numel() != num_train_timesteps:
-            raise ValueError(f"{who}: trained_betas must be a 1-D sequence of num_train_timesteps="
-                             f"{num_train_timesteps} values, got shape {tuple(b.shape)}")
-    else:
-        check_choice(who, "beta_schedule", beta_schedule, schedules.BETA_SCHEDULES)
-        b = schedules.betas(num_train_timesteps, beta_start, beta_end, beta_schedule)
-    return rescale_zero_terminal_snr(b) if rescale_betas_zero_snr else b
-
-
-def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
-    """Lin et al. (2023), Algorithm 1, in float64: shift and scale sqrt(alpha_bar) so that it ends at 0 and keeps its
-    first value, then convert back to betas."""
-    root = torch.cumprod(1.0 - betas, 0).sqrt()
-    first, last = float(root[0]), float(root[-1])
-    root = (root - last) * (first / (first - last))
-    ab = root * root
-    return 1.0 - torch.cat([ab[:1], ab[1:] / ab[:-1]])
 
 
 def host_value(timestep) -> Optional[float]:

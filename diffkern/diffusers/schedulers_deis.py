@@ -10,9 +10,10 @@ import numpy as np
 import torch
 from diffusers.configuration_utils import register_to_config
 
-from .. import coef_tables_deis, schedules
+from .. import coef_tables_deis
 from ..ops import coefs
-from .schedulers import FusedScheduler, check_choice, sigma_to_t, unsupported, ve_row_to_vp
+from .config_checks import check_choice, check_common, check_one_conversion, dynamic_shift, load_as, unsupported
+from .schedulers import FusedScheduler, sigma_to_t, ve_row_to_vp
 from .schedulers_flow import convert_sigmas
 from .schedulers_unipc import _native, _spaced_timesteps
 
@@ -61,24 +62,17 @@ class DEISMultistepScheduler(FusedScheduler):
                  use_karras_sigmas: bool = False, use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False,
                  use_flow_sigmas: bool = False, flow_shift: float = 1.0, timestep_spacing: str = "linspace",
                  steps_offset: int = 0, use_dynamic_shifting: bool = False, time_shift_type: str = "exponential"):
-        check_choice(_WHO, "prediction_type", prediction_type, PREDICTIONS)
-        if thresholding:
-            raise unsupported(_WHO, "thresholding", True, "dynamic thresholding needs a per-sample quantile pass")
-        check_choice(_WHO, "timestep_spacing", timestep_spacing, schedules.SPACINGS)
-        if algorithm_type in ("dpmsolver", "dpmsolver++"):  # as diffusers: DPM-Solver configs load as DEIS
-            algorithm_type = "deis"
-            self.register_to_config(algorithm_type=algorithm_type)
-        if solver_type in ("midpoint", "heun", "bh1", "bh2"):
-            solver_type = "logrho"
-            self.register_to_config(solver_type=solver_type)
+        check_common(_WHO, prediction_type, PREDICTIONS, thresholding, timestep_spacing)
+        # as diffusers: DPM-Solver configs load as DEIS
+        algorithm_type = load_as(self, "algorithm_type", algorithm_type, ("dpmsolver", "dpmsolver++"), "deis")
+        solver_type = load_as(self, "solver_type", solver_type, ("midpoint", "heun", "bh1", "bh2"), "logrho")
         check_choice(_WHO, "algorithm_type", algorithm_type, ("deis",))
         check_choice(_WHO, "solver_type", solver_type, ("logrho",))
         if solver_order not in coef_tables_deis.ORDERS or isinstance(solver_order, bool):
             raise unsupported(_WHO, "solver_order", solver_order, "supported: 1, 2, 3 (diffusers runs higher orders as "
                               "3)")
-        if sum(map(bool, (use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas))) > 1:
-            raise ValueError(f"{_WHO}: only one of use_karras_sigmas, use_exponential_sigmas and use_beta_sigmas can "
-                             "be set")
+        check_one_conversion(_WHO, use_karras_sigmas=use_karras_sigmas, use_exponential_sigmas=use_exponential_sigmas,
+                             use_beta_sigmas=use_beta_sigmas)
         if use_flow_sigmas and (use_karras_sigmas or use_exponential_sigmas or use_beta_sigmas):
             raise unsupported(_WHO, "use_flow_sigmas", True, "with a Karras/exponential/beta conversion diffusers "
                               "takes VE sigmas but flow-matching coefficients")
@@ -99,12 +93,7 @@ class DEISMultistepScheduler(FusedScheduler):
         if isinstance(N, bool) or not isinstance(N, int) or N < 1:
             raise ValueError(f"{_WHO}: num_inference_steps must be an int >= 1, got {N!r}")
         if mu is not None:
-            if not (cfg.use_dynamic_shifting and cfg.time_shift_type == "exponential"):
-                raise ValueError(f"{_WHO}: mu: needs use_dynamic_shifting=True and time_shift_type='exponential', got "
-                                 f"{cfg.use_dynamic_shifting!r} and {cfg.time_shift_type!r}")
-            if isinstance(mu, bool) or not isinstance(mu, (int, float, np.number)) or not math.isfinite(mu):
-                raise ValueError(f"{_WHO}: mu must be a finite number, got {mu!r}")
-            self._mu_shift = math.exp(mu)
+            self._mu_shift = dynamic_shift(_WHO, cfg, mu)
         table = self.train_sigmas
         conversion = next((key for key in _CONVERSIONS if cfg[key]), None)
         if conversion:

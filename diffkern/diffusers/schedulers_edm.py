@@ -19,7 +19,8 @@ import torch
 from diffusers.configuration_utils import register_to_config
 
 from .. import coef_tables, coef_tables_3m, wrappers
-from .schedulers import FusedScheduler, check_choice, unsupported
+from .config_checks import check_choice, check_common, load_as, unsupported
+from .schedulers import FusedScheduler
 
 
 class _EDMScheduler(FusedScheduler):
@@ -212,16 +213,14 @@ class EDMDPMSolverMultistepScheduler(_EDMScheduler):
                  algorithm_type: str = "dpmsolver++", solver_type: str = "midpoint", lower_order_final: bool = True,
                  euler_at_final: bool = False, final_sigmas_type: str = "zero"):
         who = "EDMDPMSolverMultistepScheduler"
-        if algorithm_type == "deis":  # as diffusers: DEIS/UniPC configs load as DPM-Solver++ (midpoint)
-            self.register_to_config(algorithm_type="dpmsolver++")
-        if solver_type in ("logrho", "bh1", "bh2"):
-            self.register_to_config(solver_type="midpoint")
+        # as diffusers: DEIS/UniPC configs load as DPM-Solver++ (midpoint)
+        load_as(self, "algorithm_type", algorithm_type, ("deis",), "dpmsolver++")
+        load_as(self, "solver_type", solver_type, ("logrho", "bh1", "bh2"), "midpoint")
         cfg = self.config
         check_choice(who, "algorithm_type", cfg.algorithm_type, ("dpmsolver++", "sde-dpmsolver++"))
         check_choice(who, "solver_type", cfg.solver_type, coef_tables.SOLVER_TYPES)
         check_choice(who, "solver_order", solver_order, (1, 2, 3))
-        if thresholding:
-            raise unsupported(who, "thresholding", True, "dynamic thresholding needs a per-sample quantile pass")
+        check_common(who, cfg.prediction_type, self._predictions, thresholding)
         self._init_edm(torch.linspace(0, 1, num_train_timesteps), True)
 
     def set_timesteps(self, num_inference_steps: int = None, device=None):

@@ -26,6 +26,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
 
 from ..ops import coefs
+from .config_checks import check_one_conversion, finite_mu
 from .schedulers import FusedScheduler
 
 _WHO = "FlowMatchEulerDiscreteScheduler"
@@ -106,9 +107,8 @@ class FlowMatchEulerDiscreteScheduler(FusedScheduler):
                  use_karras_sigmas: bool = False, use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False,
                  time_shift_type: str = "exponential", stochastic_sampling: bool = False):
         T = _positive_int("num_train_timesteps", num_train_timesteps)
-        if sum(map(bool, (use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas))) > 1:
-            raise ValueError(f"{_WHO}: only one of use_karras_sigmas, use_exponential_sigmas and use_beta_sigmas can "
-                             "be set")
+        check_one_conversion(_WHO, use_karras_sigmas=use_karras_sigmas, use_exponential_sigmas=use_exponential_sigmas,
+                             use_beta_sigmas=use_beta_sigmas)
         if time_shift_type not in ("exponential", "linear"):
             raise ValueError(f"{_WHO}: time_shift_type must be 'exponential' or 'linear', got {time_shift_type!r}")
         self._check_shift("shift", shift)
@@ -169,9 +169,7 @@ class FlowMatchEulerDiscreteScheduler(FusedScheduler):
             base = ts.astype(np.float64) if ts is not None else np.linspace(self.sigma_max * T, self.sigma_min * T, n)
             sig = base / T
         if cfg.use_dynamic_shifting:
-            if isinstance(mu, bool) or not isinstance(mu, (int, float, np.number)) or not math.isfinite(mu):
-                raise ValueError(f"{_WHO}: mu must be a finite number, got {mu!r}")
-            sig = time_shift(cfg.time_shift_type, float(mu), sig)
+            sig = time_shift(cfg.time_shift_type, finite_mu(_WHO, mu), sig)
         else:
             sig = self._shift * sig / (1.0 + (self._shift - 1.0) * sig)
         if cfg.shift_terminal:  # stretch 1 - sigma so that the last sigma becomes shift_terminal

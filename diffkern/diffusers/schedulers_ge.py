@@ -10,7 +10,8 @@ from diffusers.configuration_utils import register_to_config
 
 from .. import coef_tables, schedules
 from ..ops import coefs
-from .schedulers import FusedScheduler, check_choice
+from .config_checks import check_choice
+from .schedulers import FusedScheduler
 
 _GE_STYLES = {"linear": "linear", "ddim": "ddim", "edm": "edm"}
 

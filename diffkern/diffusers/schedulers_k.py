@@ -13,7 +13,8 @@ import torch
 from diffusers.configuration_utils import register_to_config
 
 from .. import coef_tables, schedules, wrappers
-from .schedulers import FusedScheduler, check_choice, sigma_to_t, unsupported
+from .config_checks import check_choice, check_one_conversion, unsupported
+from .schedulers import FusedScheduler, sigma_to_t
 
 _K_PREDICTIONS = ("epsilon", "v_prediction", "sample", "original_sample")
 
@@ -38,8 +39,7 @@ class _KScheduler(FusedScheduler):
         check_choice(who, "timestep_type", timestep_type, ("discrete", "continuous"))
         if use_beta_sigmas:
             raise unsupported(who, "use_beta_sigmas", True, "not implemented")
-        if use_karras_sigmas and use_exponential_sigmas:
-            raise ValueError(f"{who}: only one of use_karras_sigmas and use_exponential_sigmas can be set")
+        check_one_conversion(who, use_karras_sigmas=use_karras_sigmas, use_exponential_sigmas=use_exponential_sigmas)
         self.sigmas_host = self.train_sigmas.flip(0).tolist() + [0.0]
 
     @property

@@ -17,7 +17,8 @@ import torch
 from diffusers.configuration_utils import register_to_config
 
 from .. import coef_tables
-from .schedulers import check_choice, sigma_to_t, unsupported
+from .config_checks import check_choice, unsupported
+from .schedulers import sigma_to_t
 from .schedulers_k import _TwoCallScheduler
 
 _PREDICTIONS = ("epsilon", "v_prediction")  # diffusers' KDPM2 classes raise for the others

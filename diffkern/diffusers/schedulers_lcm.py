@@ -30,7 +30,8 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_lcm import LCMSchedulerOutput
 
 from ..ops import coefs
-from .schedulers import FusedScheduler, check_choice, unsupported
+from .config_checks import check_common, unsupported
+from .schedulers import FusedScheduler
 from .schedulers_vp import _VPScheduler
 
 SIGMA_DATA = 0.5  # diffusers' (and the LCM checkpoints') sigma_data of the boundary condition
@@ -89,9 +90,7 @@ class LCMScheduler(FusedScheduler):
                  dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
                  timestep_spacing: str = "leading", timestep_scaling: float = 10.0,
                  rescale_betas_zero_snr: bool = False):
-        check_choice(_WHO, "prediction_type", prediction_type, _PREDICTIONS)
-        if thresholding:
-            raise unsupported(_WHO, "thresholding", True, "dynamic thresholding needs a per-sample quantile pass")
+        check_common(_WHO, prediction_type, _PREDICTIONS, thresholding)
         if clip_sample:
             raise unsupported(_WHO, "clip_sample", True, "diffusers clamps x0 before the boundary condition "
                               "c_skip*sample + c_out*x0, and the fused step can clamp only the denoised estimate it "

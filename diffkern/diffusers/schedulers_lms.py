@@ -20,7 +20,8 @@ from diffusers.configuration_utils import register_to_config
 
 from .. import coef_tables_lms
 from ..ops import coefs
-from .schedulers import check_choice, sigma_to_t, unsupported
+from .config_checks import check_choice, check_one_conversion, unsupported
+from .schedulers import sigma_to_t
 from .schedulers_k import _KScheduler
 
 _WHO = "LMSDiscreteScheduler"
@@ -46,9 +47,8 @@ class LMSDiscreteScheduler(_KScheduler):
                  beta_schedule: str = "linear", trained_betas=None, use_karras_sigmas: bool = False,
                  use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False,
                  prediction_type: str = "epsilon", timestep_spacing: str = "linspace", steps_offset: int = 0):
-        if sum(map(bool, (use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas))) > 1:
-            raise ValueError(f"{_WHO}: only one of use_karras_sigmas, use_exponential_sigmas and use_beta_sigmas can "
-                             "be set")
+        check_one_conversion(_WHO, use_karras_sigmas=use_karras_sigmas, use_exponential_sigmas=use_exponential_sigmas,
+                             use_beta_sigmas=use_beta_sigmas)
         check_choice(_WHO, "prediction_type", prediction_type, PREDICTIONS)
         self._init_training(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
         # beta sigmas are converted here (set_timesteps), not by the shared K-schedule

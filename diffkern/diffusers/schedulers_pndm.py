@@ -25,7 +25,8 @@ from diffusers.configuration_utils import register_to_config
 from .. import schedules
 from ..coef_tables_plms import AB_WEIGHTS
 from ..ops import coefs
-from .schedulers import FusedScheduler, check_choice, unsupported
+from .config_checks import check_choice, unsupported
+from .schedulers import FusedScheduler
 from .schedulers_vp import _VPScheduler
 
 _WHO = "PNDMScheduler"

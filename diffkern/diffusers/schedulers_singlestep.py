@@ -13,7 +13,8 @@ from diffusers.configuration_utils import register_to_config
 
 from .. import coef_tables_singlestep as css
 from ..ops import coefs, sampler_step
-from .schedulers import FusedScheduler, check_choice, sigma_to_t, unsupported
+from .config_checks import check_choice, check_common, check_one_conversion, dynamic_shift, load_as, unsupported
+from .schedulers import FusedScheduler, sigma_to_t
 from .schedulers_deis import DEISMultistepScheduler
 from .schedulers_flow import convert_sigmas
 
@@ -60,15 +61,10 @@ class DPMSolverSinglestepScheduler(FusedScheduler):
                  use_flow_sigmas: bool = False, flow_shift: float = 1.0, final_sigmas_type: str = "zero",
                  lambda_min_clipped: float = -float("inf"), variance_type: str = None,
                  use_dynamic_shifting: bool = False, time_shift_type: str = "exponential"):
-        check_choice(_WHO, "prediction_type", prediction_type, PREDICTIONS)
-        if thresholding:
-            raise unsupported(_WHO, "thresholding", True, "dynamic thresholding needs a per-sample quantile pass")
-        if algorithm_type == "deis":  # as diffusers: DEIS configs load as DPM-Solver++ (midpoint)
-            algorithm_type = "dpmsolver++"
-            self.register_to_config(algorithm_type=algorithm_type)
-        if solver_type in ("logrho", "bh1", "bh2"):
-            solver_type = "midpoint"
-            self.register_to_config(solver_type=solver_type)
+        check_common(_WHO, prediction_type, PREDICTIONS, thresholding)
+        # as diffusers: DEIS configs load as DPM-Solver++ (midpoint)
+        algorithm_type = load_as(self, "algorithm_type", algorithm_type, ("deis",), "dpmsolver++")
+        solver_type = load_as(self, "solver_type", solver_type, ("logrho", "bh1", "bh2"), "midpoint")
         check_choice(_WHO, "algorithm_type", algorithm_type, css.ALGORITHMS)
         check_choice(_WHO, "solver_type", solver_type, css.SOLVER_TYPES)
         check_choice(_WHO, "final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
@@ -80,9 +76,8 @@ class DPMSolverSinglestepScheduler(FusedScheduler):
         if algorithm_type == "dpmsolver" and prediction_type == "flow_prediction":
             raise unsupported(_WHO, "prediction_type", prediction_type,
                               "diffusers' 'dpmsolver' conversion raises for it")
-        if sum(map(bool, (use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas))) > 1:
-            raise ValueError(f"{_WHO}: only one of use_karras_sigmas, use_exponential_sigmas and use_beta_sigmas can "
-                             "be set")
+        check_one_conversion(_WHO, use_karras_sigmas=use_karras_sigmas, use_exponential_sigmas=use_exponential_sigmas,
+                             use_beta_sigmas=use_beta_sigmas)
         if use_flow_sigmas and (use_karras_sigmas or use_exponential_sigmas or use_beta_sigmas):
             raise unsupported(_WHO, "use_flow_sigmas", True, "with a Karras/exponential/beta conversion diffusers "
                               "takes VE sigmas above 1 as flow times (alpha = 1 - sigma < 0: NaN samples)")
@@ -99,12 +94,7 @@ class DPMSolverSinglestepScheduler(FusedScheduler):
         T = cfg.num_train_timesteps
         shift = cfg.flow_shift
         if mu is not None:
-            if not (cfg.use_dynamic_shifting and cfg.time_shift_type == "exponential"):
-                raise ValueError(f"{_WHO}: mu: needs use_dynamic_shifting=True and time_shift_type='exponential', got "
-                                 f"{cfg.use_dynamic_shifting!r} and {cfg.time_shift_type!r}")
-            if isinstance(mu, bool) or not isinstance(mu, (int, float, np.number)) or not math.isfinite(mu):
-                raise ValueError(f"{_WHO}: mu must be a finite number, got {mu!r}")
-            shift = math.exp(mu)
+            shift = dynamic_shift(_WHO, cfg, mu)
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError(f"{_WHO}: pass exactly one of num_inference_steps and timesteps")
         conversion = next((key for key in _CONVERSIONS if cfg[key]), None)

@@ -36,7 +36,8 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_tcd import TCDSchedulerOutput
 
 from ..ops import coefs
-from .schedulers import FusedScheduler, check_choice
+from .config_checks import check_choice
+from .schedulers import FusedScheduler
 from .schedulers_lcm import LCMScheduler, _int_at_least, _strength, x0_conversion
 from .schedulers_vp import _VPScheduler
 

@@ -10,7 +10,8 @@ from diffusers.configuration_utils import register_to_config
 
 from .. import coef_tables_unipc, schedules, wrappers
 from ..ops import coefs
-from .schedulers import FusedScheduler, check_choice, sigma_to_t, unsupported, ve_row_to_vp
+from .config_checks import check_choice, check_one_conversion, load_as, unsupported
+from .schedulers import FusedScheduler, sigma_to_t, ve_row_to_vp
 from .schedulers_vp import DPMSolverMultistepScheduler, _check_common
 
 _WHO = "UniPCMultistepScheduler"
@@ -78,15 +79,13 @@ class UniPCMultistepScheduler(FusedScheduler):
             raise unsupported(_WHO, "prediction_type", prediction_type, "flow matching (use_flow_sigmas) is not "
                               "implemented")
         _check_common(_WHO, prediction_type, thresholding, timestep_spacing)
-        if solver_type in ("midpoint", "heun", "logrho"):  # as diffusers: DPM-Solver/DEIS configs load as bh2
-            solver_type = "bh2"
-            self.register_to_config(solver_type=solver_type)
+        # as diffusers: DPM-Solver/DEIS configs load as bh2
+        solver_type = load_as(self, "solver_type", solver_type, ("midpoint", "heun", "logrho"), "bh2")
         check_choice(_WHO, "solver_type", solver_type, coef_tables_unipc.SOLVER_TYPES)
         check_choice(_WHO, "solver_order", solver_order, (1, 2, 3))
         check_choice(_WHO, "final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
-        if use_karras_sigmas + use_exponential_sigmas + use_beta_sigmas > 1:
-            raise ValueError(f"{_WHO}: only one of use_karras_sigmas, use_exponential_sigmas and use_beta_sigmas can "
-                             "be set")
+        check_one_conversion(_WHO, use_karras_sigmas=use_karras_sigmas, use_exponential_sigmas=use_exponential_sigmas,
+                             use_beta_sigmas=use_beta_sigmas)
         for option, value in (("solver_p", solver_p), ("use_beta_sigmas", use_beta_sigmas),
                               ("use_flow_sigmas", use_flow_sigmas), ("use_dynamic_shifting", use_dynamic_shifting),
                               ("shift_terminal", shift_terminal)):

@@ -14,16 +14,14 @@ from diffusers.configuration_utils import register_to_config
 
 from .. import coef_tables, coef_tables_3m, schedules, wrappers
 from ..ops import coefs, ddim_row
-from .schedulers import FusedScheduler, check_choice, sigma_to_t, unsupported, ve_row_to_vp
+from .config_checks import check_choice, check_common, check_one_conversion, load_as, unsupported
+from .schedulers import FusedScheduler, sigma_to_t, ve_row_to_vp
 
 _VP_PREDICTIONS = ("epsilon", "v_prediction", "sample")
 
 
 def _check_common(who, prediction_type, thresholding, timestep_spacing):
-    check_choice(who, "prediction_type", prediction_type, _VP_PREDICTIONS)
-    if thresholding:
-        raise unsupported(who, "thresholding", True, "dynamic thresholding needs a per-sample quantile pass")
-    check_choice(who, "timestep_spacing", timestep_spacing, schedules.SPACINGS)
+    check_common(who, prediction_type, _VP_PREDICTIONS, thresholding, timestep_spacing)
 
 
 class _VPScheduler(FusedScheduler):
@@ -242,19 +240,15 @@ class DPMSolverMultistepScheduler(FusedScheduler):
                  time_shift_type: str = "exponential"):
         who = "DPMSolverMultistepScheduler"
         _check_common(who, prediction_type, thresholding, timestep_spacing)
-        if algorithm_type == "deis":  # as diffusers: DEIS/UniPC configs load as DPM-Solver++ (midpoint)
-            algorithm_type = "dpmsolver++"
-            self.register_to_config(algorithm_type=algorithm_type)
-        if solver_type in ("logrho", "bh1", "bh2"):
-            solver_type = "midpoint"
-            self.register_to_config(solver_type=solver_type)
+        # as diffusers: DEIS/UniPC configs load as DPM-Solver++ (midpoint)
+        algorithm_type = load_as(self, "algorithm_type", algorithm_type, ("deis",), "dpmsolver++")
+        solver_type = load_as(self, "solver_type", solver_type, ("logrho", "bh1", "bh2"), "midpoint")
         check_choice(who, "algorithm_type", algorithm_type, ("dpmsolver++", "sde-dpmsolver++"))
         check_choice(who, "solver_order", solver_order, (1, 2, 3))
         check_choice(who, "solver_type", solver_type, coef_tables.SOLVER_TYPES)
         check_choice(who, "final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
         # any variance_type loads, as in diffusers (a DDPM config's "fixed_small"); learned ones are sliced in step()
-        if use_karras_sigmas and use_exponential_sigmas:
-            raise ValueError(f"{who}: only one of use_karras_sigmas and use_exponential_sigmas can be set")
+        check_one_conversion(who, use_karras_sigmas=use_karras_sigmas, use_exponential_sigmas=use_exponential_sigmas)
         for option, value in (("use_beta_sigmas", use_beta_sigmas),
                               ("use_lu_lambdas", use_lu_lambdas), ("use_flow_sigmas", use_flow_sigmas),
                               ("use_dynamic_shifting", use_dynamic_shifting)):
