@@ -346,6 +346,31 @@ def test_model_moved_is_recaptured_and_old_capture_dropped(fake):
         model.to(torch.float32).to(torch.float64)  # new parameter tensors
     assert graphs.info()["captures"] == 2 and graphs.info()["entries"] == 1
 
+def test_plain_module_attributes_are_part_of_the_key(fake):
+    """A forward reading a plain attribute (here a submodule's float and bool) bakes its value into the capture: a
+    new value re-captures, and the graph's output stays the eager one."""
+    gmm = gmm3()
+
+    class Shift(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.amount, self.on = 0.0, True
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shift = Shift()
+
+        def forward(self, x, sigma):
+            return gmm.denoise(x, sigma) + (self.shift.amount if self.shift.on else -1.0)
+
+    model, x, sig = Net(), start(4), schedules.karras(4, 0.05, 10.0)
+    for amount, on in ((0.0, True), (0.25, True), (0.25, False), (0.0, True)):
+        model.shift.amount, model.shift.on = amount, on
+        y = sample(model, x, sig, "euler", backend=REF, graph=True)
+        assert torch.equal(y, sample(model, x, sig, "euler", backend=REF)), (amount, on)
+    assert graphs.info()["captures"] == 3
+
 #----------------------------------------------------------------------------
 # Memory policy.
 
