@@ -13,7 +13,8 @@ the sample with ``_get_prev_sample``: DDIM's deterministic update in eps form, w
   call's (diffusers' ``ets`` never holds the corrector's).
 
 The weights assume equal steps in the timestep, not in sigma; on a schedule that is not linear in sigma the method
-is of order 2 (``tests/test_pndm.py`` measures it). :func:`ipndm` is the same multistep without the Heun start.
+is of order 2 (``tests/test_pndm.py`` measures it). :func:`ipndm` is the same multistep without the Heun start,
+:func:`ipndm_v` ComfyUI's variant with weights from the actual steps.
 """
 from __future__ import annotations
 
@@ -43,15 +44,22 @@ def _ab_rows(sigmas, max_order: int, conv: Conv) -> list:
     return rows
 
 
+def _jump_row(conv: Conv, sigma: float) -> list:
+    """ComfyUI's iPNDM "denoising step", a step to sigma 0: x' = D (the eps it writes is read by no later step)."""
+    return coef_tables._conv_row(conv, sigma, a=0.0, b=1.0, e=1.0 / sigma, f=-1.0 / sigma)
+
+
 def ipndm(sigmas, *, max_order: int = 4, conv: Conv = _identity) -> Plan:
-    """iPNDM (Zhang & Chen 2023, the improved PNDM of the DEIS paper): PLMS without the Heun start, its first steps
-    Adams-Bashforth of the orders the history allows (Euler, AB2, AB3, then AB ``max_order``), one model call per
-    step; history = eps, depth ``max_order - 1`` (at most the steps taken)."""
+    """iPNDM (Zhang & Chen 2023, the improved PNDM of the DEIS paper) as ComfyUI's ``ipndm`` runs it: PLMS without
+    the Heun start, its first steps Adams-Bashforth of the orders the history allows (Euler, AB2, AB3, then AB
+    ``max_order``), one model call per step, and a step to sigma 0 the jump x' = D; history = eps, depth
+    ``max_order - 1`` (at most the steps taken)."""
     if isinstance(max_order, bool) or not isinstance(max_order, numbers.Integral) or max_order not in AB_WEIGHTS:
         raise ValueError(f"max_order: expected 1, 2, 3 or 4, got {max_order!r}")
     n = len(sigmas) - 1
-    return coef_tables._plan(_ab_rows(sigmas, max_order, conv), sigmas[:-1], sigmas[:-1],
-                             history=min(max_order, n) - 1)
+    rows = [_jump_row(conv, s) if sn == 0 else row
+            for s, sn, row in zip(sigmas[:-1], sigmas[1:], _ab_rows(sigmas, max_order, conv))]
+    return coef_tables._plan(rows, sigmas[:-1], sigmas[:-1], history=min(max_order, n) - 1)
 
 
 def plms(sigmas, *, conv: Conv = _identity) -> Plan:
@@ -78,3 +86,50 @@ def plms(sigmas, *, conv: Conv = _identity) -> Plan:
     return coef_tables._plan(rows + [corr] + filler, list(sigmas[:-1]) + [second] + [math.nan] * (n - 1),
                              sigmas[:-1], corrector=[not math.isnan(second)] + [False] * (n - 1), corrector_row=n,
                              history=3)
+
+
+def ipndm_v_weights(sigmas, i: int, order: int) -> tuple:
+    """ComfyUI's ``ipndm_v`` weights (zju-pi's diff-sampler) of step i at ``order`` (1 to 4, at most i + 1) on the
+    actual steps h = sigma_{i+1} - sigma_i, h1 = sigma_i - sigma_{i-1}, h2, h3 (index 0: the newest eps). Order 2 is
+    the exact variable-step Adams-Bashforth rule; orders 3 and 4 are ComfyUI's formula as published, which reduces to
+    AB3 on equal steps but is not the variable-step AB3/AB4 (its order-4 weights sum to 1 only where the last step
+    ratios are equal, and give (57, -65, 43, -11)/24 on equal steps): ``tests/test_ipndm_v.py`` measures the order."""
+    if order == 1:
+        return (1.0,)
+    hs = [sigmas[i + 1] - sigmas[i]] + [sigmas[i - j] - sigmas[i - j - 1] for j in range(order - 1)]
+    h, h1 = hs[0], hs[1]
+    q = h / h1
+    if order == 2:
+        return (1.0 + q / 2.0, -q / 2.0)
+    h2 = hs[2]
+    a = h1 / h2
+    t1 = (1.0 - h * h / (3.0 * h1 * (h1 + h2))) / 2.0
+    if order == 3:
+        return (1.0 + q / 2.0 + t1, -q / 2.0 - (1.0 + a) * t1, a * t1)
+    h3 = hs[3]
+    b = h1 * (h1 + h2) / (h2 * (h2 + h3))
+    s1, s2 = h + h1, h + h1 + h2
+    t2 = (((1.0 - h / (3.0 * s1)) / 2.0 + (1.0 - h / (2.0 * s1)) * h / (6.0 * s2))
+          * h * s1 * s2 / (h1 * (h1 + h2) * (h1 + h2 + h3)))
+    return (1.0 + q / 2.0 + t1 + t2, -q / 2.0 - (1.0 + a) * t1 - (1.0 + a + b) * t2,
+            a * t1 + (a + b * (1.0 + h2 / h3)) * t2, -a * b * t2)
+
+
+def ipndm_v(sigmas, *, max_order: int = 4, conv: Conv = _identity) -> Plan:
+    """ComfyUI's ``ipndm_v`` on VE ``sigmas``: step i ``x' = x + dt*(w0*e_i + w1*H + w2*H2 + w3*H3)`` with
+    :func:`ipndm_v_weights` of order min(i + 1, ``max_order``) (1 to 4), history = eps (depth ``max_order - 1``, at
+    most the steps taken); a step to sigma 0 is the jump x' = D (ComfyUI's "denoising step")."""
+    if isinstance(max_order, bool) or not isinstance(max_order, numbers.Integral) or max_order not in AB_WEIGHTS:
+        raise ValueError(f"max_order: expected 1, 2, 3 or 4, got {max_order!r}")
+    rows = []
+    for i, (s, sn) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        if sn == 0:
+            rows.append(_jump_row(conv, s))
+            continue
+        eps = {"e": 1.0 / s, "f": -1.0 / s}
+        r, one_minus_r = coef_tables._ratio(s, sn)
+        w = ipndm_v_weights(sigmas, i, min(i + 1, int(max_order)))
+        hist = dict(zip(("c", "c2", "c3"), ((sn - s) * wj for wj in w[1:])))
+        rows.append(coef_tables._conv_row(conv, s, a=1.0 - w[0] * one_minus_r, b=w[0] * one_minus_r, **hist, **eps))
+    n = len(sigmas) - 1
+    return coef_tables._plan(rows, sigmas[:-1], sigmas[:-1], history=min(int(max_order), n) - 1)

@@ -9,8 +9,8 @@ import numbers
 
 import torch
 
-from . import (coef_tables, coef_tables_3m, coef_tables_deis, coef_tables_dpmpp_sde, coef_tables_lms,
-               coef_tables_plms, coef_tables_singlestep, coef_tables_unipc)
+from . import (coef_tables, coef_tables_3m, coef_tables_deis, coef_tables_dpm_fast, coef_tables_dpmpp_sde,
+               coef_tables_lms, coef_tables_plms, coef_tables_singlestep, coef_tables_unipc)
 
 
 def _knob(value, name: str, lo: float = 0.0, hi: float = math.inf, hi_open: bool = False,
@@ -86,7 +86,8 @@ def _plan_dpmpp_3m_sde(sigmas, conv, *, eta, s_noise):
 def _plan_dpmsolver_3m(sigmas, conv, *, eta, solver_order, solver_type, lower_order_final, euler_at_final):
     if eta not in (0, 1) or isinstance(eta, bool):
         raise ValueError(f"eta: expected 0 (diffusers' 'dpmsolver++') or 1 ('sde-dpmsolver++'), got {eta!r}")
-    if isinstance(solver_order, bool) or not isinstance(solver_order, numbers.Integral) or solver_order not in (1, 2, 3):
+    if isinstance(solver_order, bool) or not isinstance(solver_order, numbers.Integral) \
+            or solver_order not in (1, 2, 3):
         raise ValueError(f"solver_order: expected 1, 2 or 3, got {solver_order!r}")
     for name, value in (("lower_order_final", lower_order_final), ("euler_at_final", euler_at_final)):
         if not isinstance(value, bool):
@@ -142,6 +143,16 @@ def _plan_ipndm(sigmas, conv, *, max_order):
     return coef_tables_plms.ipndm(sigmas, max_order=max_order, conv=conv)
 
 
+def _plan_ipndm_v(sigmas, conv, *, max_order):
+    return coef_tables_plms.ipndm_v(sigmas, max_order=max_order, conv=conv)
+
+
+def _plan_dpm_fast(sigmas, conv, *, eta, s_noise):
+    """dpm_fast on a schedule as ComfyUI runs it: N model calls from sigmas[0] to the last non-zero sigma."""
+    knobs = _ancestral_knobs(eta, s_noise)
+    return coef_tables_dpm_fast.dpm_fast(*coef_tables_dpm_fast.from_sigmas(sigmas), conv=conv, **knobs)
+
+
 def _plan_lms(sigmas, conv, *, order):
     return coef_tables_lms.lms(sigmas, order=order, conv=conv)
 
@@ -158,6 +169,6 @@ PLANS = {"euler": _plan_euler, "euler_ancestral": _plan_euler_ancestral, "heun":
          "dpmpp_sde": _plan_dpmpp_sde,
          "lcm": _plan_lcm, "ge": _plan_ge, "sde": _plan_sde, "unipc": _plan_unipc,
          "deis": _plan_deis, "plms": _plan_plms, "ipndm": _plan_ipndm, "lms": _plan_lms,
-         "dpmsolver_single": _plan_dpmsolver_single}
+         "dpmsolver_single": _plan_dpmsolver_single, "ipndm_v": _plan_ipndm_v, "dpm_fast": _plan_dpm_fast}
 """method -> ``plan(host_sigmas, conv, **knobs)``; every knob is passed (the defaults live in the samplers'
 signatures, listed by :func:`diffkern.sampling.knobs`)."""

@@ -22,6 +22,7 @@ import math
 
 import torch
 
+from . import coef_tables_dpm_fast as _dpm_fast
 from . import sampler_plans as _plans
 from .sampler_loop import (Trajectory, _check_output, _is_fused, _Loop, _run, check_call, check_state,  # noqa: F401
                            conversion_rows, host_sigmas, make_seed, run_steps, seed_value)
@@ -212,7 +213,7 @@ def sample_ipndm(model, x, sigmas, extra_args=None, callback=None, disable=None,
     """iPNDM (Zhang & Chen 2023; ComfyUI's ``ipndm``): Euler in eps = (x - D)/sigma with eps extrapolated by
     Adams-Bashforth of equal-step weights, of order min(i + 1, ``max_order``) at step i (1 to 4): PLMS without its
     Heun start, one model call per step, up to three history buffers. x: (B, ...) float; returns the final state in
-    x's dtype. A final step to 0 is the same formula (no jump)."""
+    x's dtype. A final step to 0 is the jump to the denoised estimate, as ComfyUI."""
     loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory)
     return _run(loop, _plans._plan_ipndm(loop.sigmas, loop.conv, max_order=max_order))
 
@@ -244,6 +245,44 @@ def sample_dpmsolver_single(model, x, sigmas, extra_args=None, callback=None, di
                                                     orders=orders))
 
 
+@torch.no_grad()
+def sample_ipndm_v(model, x, sigmas, extra_args=None, callback=None, disable=None, *, max_order=4, seed=None,
+                   backend=None, trajectory=None):
+    """iPNDM-v (ComfyUI's ``ipndm_v``, from zju-pi's diff-sampler): :func:`sample_ipndm` with its Adams-Bashforth
+    weights recomputed from the schedule's own steps (:func:`~diffkern.coef_tables_plms.ipndm_v_weights`: exact
+    variable-step AB2; at orders 3 and 4 ComfyUI's formula, exact on equal steps only). A final step to 0 is the jump
+    to the denoised estimate, as ComfyUI. x: (B, ...) float; returns the final state in x's dtype."""
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory)
+    return _run(loop, _plans._plan_ipndm_v(loop.sigmas, loop.conv, max_order=max_order))
+
+
+@torch.no_grad()
+def sample_dpm_fast_sigmas(model, x, sigmas, extra_args=None, callback=None, disable=None, *, eta=0.0, s_noise=1.0,
+                           seed=None, backend=None, trajectory=None):
+    """DPM-Solver-fast on a schedule, as ComfyUI's ``dpm_fast`` calls k-diffusion's (``diffkern.sample``'s
+    "dpm_fast"): N = len(sigmas) - 1 model calls from sigmas[0] to the last non-zero sigma, on k-diffusion's own grid
+    (:mod:`diffkern.coef_tables_dpm_fast`; the other sigmas are not used). It ends at that sigma, with no jump to 0.
+    ``eta`` > 0: k-diffusion's ancestral variant (Philox noise). The callback runs once per model call, ``sigma`` and
+    ``sigma_hat`` the call's. x: (B, ...) float; returns the final state in x's dtype."""
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory)
+    plan = _plans._plan_dpm_fast(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise)
+    # the loop reports sigmas[i] to the callback: make that the sigma call i ran at (the schedule's are unused)
+    loop.sigmas = list(plan.row_sigma) + [loop.sigmas[-1] or loop.sigmas[-2]]
+    return _run(loop, plan)
+
+
+@torch.no_grad()
+def sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback=None, disable=None, eta=0.0,
+                    s_noise=1.0, *, seed=None, backend=None, trajectory=None):
+    """k-diffusion's ``sample_dpm_fast`` signature (no ``noise_sampler``: Philox noise): ``n`` model calls (an int
+    >= 1) from sigma_max down to sigma_min (numbers or one-element tensors, 0 < sigma_min < sigma_max), as
+    :func:`sample_dpm_fast_sigmas` on the log-linear schedule of n + 1 sigmas between them. ``trajectory``: n steps."""
+    _dpm_fast.orders(n)  # checks n
+    sigmas = _dpm_fast.grid(*_dpm_fast.check_range(sigma_min, sigma_max), int(n))
+    return sample_dpm_fast_sigmas(model, x, sigmas, extra_args, callback, disable, eta=eta, s_noise=s_noise,
+                                  seed=seed, backend=backend, trajectory=trajectory)
+
+
 SAMPLERS = {"euler": sample_euler, "euler_ancestral": sample_euler_ancestral, "heun": sample_heun,
             "dpm_2": sample_dpm_2, "dpm_2_ancestral": sample_dpm_2_ancestral,
             "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral, "dpmpp_2m": sample_dpmpp_2m,
@@ -251,4 +290,4 @@ SAMPLERS = {"euler": sample_euler, "euler_ancestral": sample_euler_ancestral, "h
             "dpmsolver_3m": sample_dpmsolver_3m, "dpmpp_sde": sample_dpmpp_sde,
             "lcm": sample_lcm, "ge": sample_ge, "sde": sample_sde, "unipc": sample_unipc,
             "deis": sample_deis, "plms": sample_plms, "ipndm": sample_ipndm, "lms": sample_lms,
-            "dpmsolver_single": sample_dpmsolver_single}
+            "dpmsolver_single": sample_dpmsolver_single, "ipndm_v": sample_ipndm_v, "dpm_fast": sample_dpm_fast_sigmas}

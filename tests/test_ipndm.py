@@ -17,12 +17,15 @@ AB = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24
 
 
 def textbook_ipndm(model, x, sigmas, max_order=4):
-    """iPNDM as the DEIS paper states it: eps-Euler with eps extrapolated by Adams-Bashforth (equal-step weights)."""
+    """iPNDM as the DEIS paper states it: eps-Euler with eps extrapolated by Adams-Bashforth (equal-step weights);
+    a step to sigma 0 returns the denoised estimate (ComfyUI's "denoising step")."""
     slopes = []
     for i in range(len(sigmas) - 1):
         s, sn = float(sigmas[i]), float(sigmas[i + 1])
-        d = (x - model(x, torch.full((x.shape[0],), s, dtype=x.dtype))) / s
-        slopes.append(d)
+        denoised = model(x, torch.full((x.shape[0],), s, dtype=x.dtype))
+        if sn == 0:
+            return denoised
+        slopes.append((x - denoised) / s)
         w = AB[min(i + 1, max_order)]
         x = x + (sn - s) * sum(wj * dj for wj, dj in zip(w, reversed(slopes[-len(w):])))
     return x

@@ -14,10 +14,10 @@ Euler), DDPM ("fixed_small") = DDIM(eta = 1), DPM-Solver++(2M) = k-diffusion's `
 ``solver_order=3`` (or a first-order last step) = ``dpmsolver_3m`` (diffusers' orders per step,
 :mod:`diffkern.diffusers.loop_spec`), LCM = ``lcm`` (``x' = D + sigma'*xi``) on the denoiser with LCM's boundary
 condition at each step's timestep as its conversion (:meth:`ScheduleDenoiser.conversion`: table data, no host sync).
-Deterministic schedulers give the pipeline's images at float32 tolerance for the same generator (only the initial latents
-are random). Stochastic ones draw their per-step noise from diffkern's Philox stream keyed by a seed taken
-from the generator, so images are reproducible per seed but not equal to diffusers' (which draws each step's
-noise from the generator).
+Deterministic schedulers give the pipeline's images at float32 tolerance for the same generator (only the initial
+latents are random). Stochastic ones draw their per-step noise from diffkern's Philox stream keyed by a seed taken
+from the generator, so images are reproducible per seed but not equal to diffusers' (which draws each step's noise
+from the generator).
 """
 from __future__ import annotations
 
@@ -356,8 +356,9 @@ def accelerate(pipe, method=None, backend="auto", graph="auto", progress=False, 
             window of the schedule); ``LatentConsistencyModelPipeline`` (guidance embedding as ``timestep_cond``);
             or the flow-matching ``StableDiffusion3Pipeline`` / ``FluxPipeline``. ``guidance_rescale`` is applied in
             PyTorch between the batched UNet call and the fused step. Its scheduler (diffusers' or diffkern's DDIM,
-            DDPM, DPM-Solver++, UniPC, Euler, Euler-ancestral, Heun, KDPM2, KDPM2-ancestral, GE, LCM, FlowMatch, or
-            IADB in unconditional pipelines) gives the schedule; it is read at each call, so a later
+            DDPM, DPM-Solver++ multistep and singlestep, UniPC, DEIS, PNDM, LMS, Euler, Euler-ancestral, Heun,
+            KDPM2, KDPM2-ancestral, LCM, FlowMatch; diffkern's GE, or IADB in unconditional pipelines) gives the
+            schedule; it is read at each call, so a later
             ``pipe.scheduler = ...`` applies. A pipeline whose ``__call__`` takes arguments beyond those of these
             pipelines (SDXL inpainting, ControlNet, PAG, ...), legacy 4-channel inpainting, or a UNet with other
             added conditioning, raises TypeError naming them. Unsupported schedulers and scheduler options raise
@@ -396,8 +397,8 @@ def accelerate(pipe, method=None, backend="auto", graph="auto", progress=False, 
     cls = {"sd3": FlowAcceleratedPipeline, "flux": FluxAcceleratedPipeline}.get(kind, AcceleratedPipeline)
     acc = cls(pipe, method, backend, graph, progress, knobs, kind)
     # An unsupported scheduler or config fails now, not at the first call. Some limits depend on the step count
-    # (DPM-Solver's first-order last step below 15 steps): a config that runs at 10 or at 16 steps is accepted,
-    # and a call with an unsupported count raises then.
+    # (diffusers' lower_order_final below 15 steps with an identity last step, DEIS or third-order DPM-Solver): a
+    # config that runs at 10 or at 16 steps is accepted, and a call with an unsupported count raises then.
     eta = _default(pipe, "eta", 0.0)
     try:
         acc._schedule(10, eta)

@@ -192,8 +192,8 @@ def call_lcm(acc, prompt=None, height=None, width=None, num_inference_steps=None
     latents = _initial_latents(ours, shape, generator, device, prompt_embeds.dtype, latents)
     embedding = pipe.get_guidance_scale_embedding(torch.tensor(w - 1).repeat(n),
                                                   embedding_dim=unet.config.time_cond_proj_dim)
-    extra = unet_extra({"encoder_hidden_states": prompt_embeds,
-                        "timestep_cond": embedding.to(device=device, dtype=latents.dtype)}, None, cross_attention_kwargs)
+    cond = {"encoder_hidden_states": prompt_embeds, "timestep_cond": embedding.to(device=device, dtype=latents.dtype)}
+    extra = unet_extra(cond, None, cross_attention_kwargs)
     denoised = acc._run(ours, spec, latents, generator, extra=extra).to(prompt_embeds.dtype)
     image, nsfw = _sd_images(pipe, denoised, output_type, device, prompt_embeds.dtype)
     pipe.maybe_free_model_hooks()
@@ -284,12 +284,12 @@ def call_sdxl(acc, prompt=None, prompt_2=None, height=None, width=None, num_infe
     time_ids, negative_time_ids = _sdxl_time_ids(
         pipe, n, cfg, device, embeds.dtype, projection_dim, (original_size, crops_coords_top_left, target_size),
         (negative_original_size, negative_crops_coords_top_left, negative_target_size))
-    extra = unet_extra(
-        {"encoder_hidden_states": embeds.to(device),
-         "added_cond_kwargs": {"text_embeds": pooled.to(device), "time_ids": time_ids}},
-        {"encoder_hidden_states": negative_embeds.to(device),
-         "added_cond_kwargs": {"text_embeds": negative_pooled.to(device), "time_ids": negative_time_ids}} if cfg else None,
-        cross_attention_kwargs)
+    uncond = {"encoder_hidden_states": negative_embeds.to(device),
+              "added_cond_kwargs": {"text_embeds": negative_pooled.to(device), "time_ids": negative_time_ids}} \
+        if cfg else None
+    extra = unet_extra({"encoder_hidden_states": embeds.to(device),
+                        "added_cond_kwargs": {"text_embeds": pooled.to(device), "time_ids": time_ids}},
+                       uncond, cross_attention_kwargs)
     latents = acc._run(ours, spec, latents, generator, guidance_scale=w if cfg else 1.0, extra=extra,
                        guidance_rescale=guidance_rescale)
     if output_type == "latent":
