@@ -283,6 +283,24 @@ def sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback
                                   seed=seed, backend=backend, trajectory=trajectory)
 
 
+@torch.no_grad()
+def sample_res_multistep(model, x, sigmas, extra_args=None, callback=None, disable=None, *, eta=0.0, s_noise=1.0,
+                         seed=None, backend=None, trajectory=None):
+    """RES multistep (ComfyUI's ``res_multistep``; :mod:`diffkern.coef_tables_res`): the second-order multistep
+    exponential integrator in D, one model call per step, history = the previous D; ``eta`` > 0 takes k-diffusion's
+    ancestral split (Philox noise). x: (B, ...) float; returns the final state in x's dtype."""
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory)
+    return _run(loop, _plans._plan_res_multistep(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise))
+
+
+@torch.no_grad()
+def sample_res_multistep_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, *, eta=1.0,
+                                   s_noise=1.0, seed=None, backend=None, trajectory=None):
+    """ComfyUI's ``res_multistep_ancestral``: :func:`sample_res_multistep` with ``eta=1`` by default."""
+    return sample_res_multistep(model, x, sigmas, extra_args, callback, disable, eta=eta, s_noise=s_noise, seed=seed,
+                                backend=backend, trajectory=trajectory)
+
+
 SAMPLERS = {"euler": sample_euler, "euler_ancestral": sample_euler_ancestral, "heun": sample_heun,
             "dpm_2": sample_dpm_2, "dpm_2_ancestral": sample_dpm_2_ancestral,
             "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral, "dpmpp_2m": sample_dpmpp_2m,
@@ -290,4 +308,5 @@ SAMPLERS = {"euler": sample_euler, "euler_ancestral": sample_euler_ancestral, "h
             "dpmsolver_3m": sample_dpmsolver_3m, "dpmpp_sde": sample_dpmpp_sde,
             "lcm": sample_lcm, "ge": sample_ge, "sde": sample_sde, "unipc": sample_unipc,
             "deis": sample_deis, "plms": sample_plms, "ipndm": sample_ipndm, "lms": sample_lms,
-            "dpmsolver_single": sample_dpmsolver_single, "ipndm_v": sample_ipndm_v, "dpm_fast": sample_dpm_fast_sigmas}
+            "dpmsolver_single": sample_dpmsolver_single, "ipndm_v": sample_ipndm_v, "dpm_fast": sample_dpm_fast_sigmas,
+            "res_multistep": sample_res_multistep, "res_multistep_ancestral": sample_res_multistep_ancestral}

@@ -26,7 +26,8 @@ EVERY = [("euler", {}), ("euler", {"s_churn": 2.0}), ("euler_ancestral", {"eta":
          ("dpmpp_sde", {"r": 0.4}), ("dpmpp_3m_sde", {"eta": 0.6}), ("dpmsolver_3m", {"eta": 1.0}),
          ("lcm", {}), ("unipc", {}), ("unipc", {"order": 1, "solver_type": "bh1", "predict_x0": False}),
          ("deis", {}), ("plms", {}), ("ipndm", {}), ("lms", {}), ("unipc", {"order": 3}),
-         ("dpmsolver_single", {"order": 3}), ("ipndm_v", {}), ("dpm_fast", {}), ("dpm_fast", {"eta": 1.0})]
+         ("dpmsolver_single", {"order": 3}), ("ipndm_v", {}), ("dpm_fast", {}), ("dpm_fast", {"eta": 1.0}),
+         ("res_multistep", {}), ("res_multistep_ancestral", {})]
 
 
 def gmm3():
