@@ -10,7 +10,8 @@ import numbers
 import torch
 
 from . import (coef_tables, coef_tables_3m, coef_tables_deis, coef_tables_dpm_fast, coef_tables_dpmpp_sde,
-               coef_tables_lms, coef_tables_plms, coef_tables_res, coef_tables_singlestep, coef_tables_unipc)
+               coef_tables_er_sde, coef_tables_lms, coef_tables_plms, coef_tables_res, coef_tables_singlestep,
+               coef_tables_unipc)
 
 
 def _knob(value, name: str, lo: float = 0.0, hi: float = math.inf, hi_open: bool = False,
@@ -157,6 +158,10 @@ def _plan_res_multistep(sigmas, conv, *, eta, s_noise):
     return coef_tables_res.res_multistep(sigmas, conv=conv, **_ancestral_knobs(eta, s_noise))
 
 
+def _plan_er_sde(sigmas, conv, *, s_noise, max_stage):
+    return coef_tables_er_sde.er_sde(sigmas, s_noise=_knob(s_noise, "s_noise"), max_stage=max_stage, conv=conv)
+
+
 def _plan_lms(sigmas, conv, *, order):
     return coef_tables_lms.lms(sigmas, order=order, conv=conv)
 
@@ -174,6 +179,7 @@ PLANS = {"euler": _plan_euler, "euler_ancestral": _plan_euler_ancestral, "heun":
          "lcm": _plan_lcm, "ge": _plan_ge, "sde": _plan_sde, "unipc": _plan_unipc,
          "deis": _plan_deis, "plms": _plan_plms, "ipndm": _plan_ipndm, "lms": _plan_lms,
          "dpmsolver_single": _plan_dpmsolver_single, "ipndm_v": _plan_ipndm_v, "dpm_fast": _plan_dpm_fast,
-         "res_multistep": _plan_res_multistep, "res_multistep_ancestral": _plan_res_multistep}
+         "res_multistep": _plan_res_multistep, "res_multistep_ancestral": _plan_res_multistep,
+         "er_sde": _plan_er_sde}
 """method -> ``plan(host_sigmas, conv, **knobs)``; every knob is passed (the defaults live in the samplers'
 signatures, listed by :func:`diffkern.sampling.knobs`)."""

@@ -301,6 +301,16 @@ def sample_res_multistep_ancestral(model, x, sigmas, extra_args=None, callback=N
                                 backend=backend, trajectory=trajectory)
 
 
+@torch.no_grad()
+def sample_er_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, *, s_noise=1.0, max_stage=3,
+                  seed=None, backend=None, trajectory=None):
+    """ER-SDE-Solver-3 (Cui et al. 2023; ComfyUI's ``er_sde``, its default noise scaler;
+    :mod:`diffkern.coef_tables_er_sde`): one model call per step, stages (orders) up to ``max_stage`` (1-3) from the previous two D, Philox noise scaled
+    by ``s_noise``. x: (B, ...) float; returns the final state in x's dtype."""
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory)
+    return _run(loop, _plans._plan_er_sde(loop.sigmas, loop.conv, s_noise=s_noise, max_stage=max_stage))
+
+
 SAMPLERS = {"euler": sample_euler, "euler_ancestral": sample_euler_ancestral, "heun": sample_heun,
             "dpm_2": sample_dpm_2, "dpm_2_ancestral": sample_dpm_2_ancestral,
             "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral, "dpmpp_2m": sample_dpmpp_2m,
@@ -309,4 +319,5 @@ SAMPLERS = {"euler": sample_euler, "euler_ancestral": sample_euler_ancestral, "h
             "lcm": sample_lcm, "ge": sample_ge, "sde": sample_sde, "unipc": sample_unipc,
             "deis": sample_deis, "plms": sample_plms, "ipndm": sample_ipndm, "lms": sample_lms,
             "dpmsolver_single": sample_dpmsolver_single, "ipndm_v": sample_ipndm_v, "dpm_fast": sample_dpm_fast_sigmas,
-            "res_multistep": sample_res_multistep, "res_multistep_ancestral": sample_res_multistep_ancestral}
+            "res_multistep": sample_res_multistep, "res_multistep_ancestral": sample_res_multistep_ancestral,
+            "er_sde": sample_er_sde}
