@@ -56,8 +56,10 @@ def _from_numpy64(array):
 # Modules whose float32 numpy sigmas (6e-8 relative, harmless as such) feed torch arithmetic that amplifies their
 # rounding: KDPM2-ancestral's sigma_down = sqrt(sigma_next^2 - sigma_up^2) cancels ~40x at 6 steps (5e-6 relative,
 # above the floor). Their truth does that arithmetic in float64 on the float32 sigmas (both KDPM2 modules, alike). LMS
-# evaluates its Lagrange weights on its sigmas tensor, in float32 arithmetic unless upcast (1e-7 relative).
-_WIDE_NUMPY = ("scheduling_k_dpm_2_discrete", "scheduling_k_dpm_2_ancestral_discrete", "scheduling_lms_discrete")
+# evaluates its Lagrange weights on its sigmas tensor, in float32 arithmetic unless upcast (1e-7 relative); SA-Solver
+# likewise its log-SNRs and Adams weights.
+_WIDE_NUMPY = ("scheduling_k_dpm_2_discrete", "scheduling_k_dpm_2_ancestral_discrete", "scheduling_lms_discrete",
+               "scheduling_sasolver")
 
 
 def _randn32(randn):
@@ -93,7 +95,7 @@ def scheduler_module(name: str):
              "KDPM2AncestralDiscreteScheduler": "k_dpm_2_ancestral_discrete",
              "UniPCMultistepScheduler": "unipc_multistep", "DEISMultistepScheduler": "deis_multistep",
              "PNDMScheduler": "pndm", "LMSDiscreteScheduler": "lms_discrete",
-             "DPMSolverSinglestepScheduler": "dpmsolver_singlestep"}
+             "DPMSolverSinglestepScheduler": "dpmsolver_singlestep", "SASolverScheduler": "sasolver"}
     return importlib.import_module(f"diffusers.schedulers.scheduling_{files[name]}")
 
 #----------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from .schedulers_kdpm2 import KDPM2AncestralDiscreteScheduler, KDPM2DiscreteSche
 from .schedulers_lcm import LCMScheduler
 from .schedulers_lms import LMSDiscreteScheduler
 from .schedulers_pndm import PNDMScheduler
+from .schedulers_sasolver import SASolverScheduler
 from .schedulers_singlestep import DPMSolverSinglestepScheduler
 from .schedulers_tcd import TCDScheduler
 from .schedulers_unipc import UniPCMultistepScheduler
@@ -35,7 +36,8 @@ SCHEDULERS = {c.__name__: c for c in (DDIMScheduler, DDPMScheduler, DPMSolverMul
                                       IADBScheduler, LCMScheduler, FlowMatchEulerDiscreteScheduler,
                                       UniPCMultistepScheduler, TCDScheduler, EDMEulerScheduler,
                                       EDMDPMSolverMultistepScheduler, DEISMultistepScheduler,
-                                      PNDMScheduler, LMSDiscreteScheduler, DPMSolverSinglestepScheduler)}
+                                      PNDMScheduler, LMSDiscreteScheduler, DPMSolverSinglestepScheduler,
+                                      SASolverScheduler)}
 
 # A pipeline's save_pretrained records a third-party scheduler as (its __module__, its name), and from_pretrained
 # imports that module and looks the class and SchedulerMixin up in it. Recording this package (rather than the
@@ -49,7 +51,8 @@ __all__ = ["AcceleratedPipeline", "DDIMScheduler", "DDPMScheduler", "DPMSolverMu
            "EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler",
            "DEISMultistepScheduler", "FusedScheduler", "FusedSchedulerOutput",
            "GEScheduler", "HeunDiscreteScheduler", "IADBScheduler", "KDPM2AncestralDiscreteScheduler",
-           "KDPM2DiscreteScheduler", "LCMScheduler", "LMSDiscreteScheduler", "PNDMScheduler", "SCHEDULERS",
+           "KDPM2DiscreteScheduler", "LCMScheduler", "LMSDiscreteScheduler", "PNDMScheduler", "SASolverScheduler",
+           "SCHEDULERS",
            "TCDScheduler",
            "UniPCMultistepScheduler",
            "accelerate"]

@@ -208,6 +208,9 @@ def loop_spec(ours: FusedScheduler, eta: float = 0.0) -> LoopSpec:
                          "down to the sigma of s = floor((1 - eta)*t_prev), a per-step sigma_down that no diffkern "
                          "sampler's knobs give); run the pipeline with diffkern.diffusers.TCDScheduler as its "
                          "scheduler instead")
+    if name == "SASolverScheduler":  # Level 1 only: no diffkern sampler runs SA-Solver's folded rows
+        raise ValueError("accelerate: unsupported scheduler SASolverScheduler (no fused-loop SA-Solver sampler); run "
+                         "the pipeline with diffkern.diffusers.SASolverScheduler as its scheduler instead")
     if name.startswith("EDM"):  # its UNet input and timestep are not the training-table ones ScheduleDenoiser feeds
         raise ValueError(f"accelerate: {name} is not supported by the fused loop (EDM preconditioning feeds the UNet "
                          "c_in*x and the timestep c_noise = log(sigma)/4, not x/sqrt(sigma^2 + 1) and a training-table "
