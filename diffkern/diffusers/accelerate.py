@@ -180,10 +180,12 @@ class AcceleratedPipeline:
         return models[key]
 
     def _run(self, ours, spec, latents, generator, guidance_scale=1.0, extra=None, guidance_rescale=0.0,
-             denoiser=None):
+             denoiser=None, prepare=None):
         """The loop: initial latents (already times init_noise_sigma) -> final latents, in latents' dtype.
         ``guidance_rescale`` (with CFG): :class:`~.accelerate_text2img.RescaledCFGDenoiser`. ``denoiser``: a
-        :class:`ScheduleDenoiser` subclass to wrap the UNet with instead (inpainting's input channels; no rescale)."""
+        :class:`ScheduleDenoiser` subclass (or a hashable factory of one: it is part of the model's key) to wrap the
+        UNet with instead (inpainting's input channels, ControlNet; no rescale). ``prepare(model)``: called before
+        the loop, for a denoiser's per-call device data (ControlNet's conditioning scales)."""
         from ..sampling import sample, sample_iadb
 
         if self.method is not None and spec.method == "iadb":
@@ -221,6 +223,8 @@ class AcceleratedPipeline:
             model.set_guidance(guidance_scale, rescale)  # device data: a captured loop stays valid
         else:
             model.guidance_scale = float(guidance_scale)  # a table value: a captured loop stays valid
+        if prepare is not None:
+            prepare(model)
         model.restart()
         x = latents if latents.dtype == torch.float64 else latents.to(torch.float32)  # the state stays >= float32
         if spec.vp:
@@ -240,16 +244,16 @@ class AcceleratedPipeline:
         ``prompt_2``, ``negative_prompt_2``, the pooled embeddings and the ``add_time_ids`` sizes). Per-step hooks
         and schedule overrides (callbacks, custom timesteps/sigmas but for the LCM pipeline's timesteps,
         IP-adapters) raise. img2img and inpainting: :mod:`.accelerate_img2img`, :mod:`.accelerate_sdxl_img2img`,
-        :mod:`.accelerate_inpaint`."""
+        :mod:`.accelerate_inpaint`, :mod:`.accelerate_controlnet`."""
         if self.kind == "unconditional":
             if prompt is not None:
                 raise TypeError("prompt: this is an unconditional pipeline")
             return self._call_unconditional(**kwargs)
         from . import accelerate_img2img as img2img, accelerate_inpaint as inpaint, accelerate_text2img as text2img
-        from . import accelerate_sdxl_img2img as sdxl_img2img
+        from . import accelerate_controlnet as controlnet, accelerate_sdxl_img2img as sdxl_img2img
 
         call = {"sdxl": text2img.call_sdxl, "lcm": text2img.call_lcm, **img2img.CALLS, **sdxl_img2img.CALLS,
-                **inpaint.CALLS}.get(self.kind, text2img.call_sd)
+                **inpaint.CALLS, **controlnet.CALLS}.get(self.kind, text2img.call_sd)
         return call(self, prompt, **kwargs)
 
     def _call_unconditional(self, batch_size=1, generator=None, num_inference_steps=None, eta=None,
@@ -335,13 +339,14 @@ def _pipeline_kind(pipe) -> str:
         _check_call_arguments(pipe, who, AcceleratedPipeline._call_unconditional)
         return "unconditional"
     if isinstance(unet, UNet2DConditionModel) and hasattr(pipe, "encode_prompt") and hasattr(pipe, "vae"):
+        from .accelerate_controlnet import controlnet_kind
         from .accelerate_img2img import img2img_kind
         from .accelerate_inpaint import inpaint_kind
         from .accelerate_sdxl_img2img import sdxl_img2img_kind
         from .accelerate_text2img import text2img_kind
 
-        return (img2img_kind(pipe, who, unet) or sdxl_img2img_kind(pipe, who, unet) or inpaint_kind(pipe, who, unet)
-                or text2img_kind(pipe, who, unet))
+        return (controlnet_kind(pipe, who, unet) or img2img_kind(pipe, who, unet) or sdxl_img2img_kind(pipe, who, unet)
+                or inpaint_kind(pipe, who, unet) or text2img_kind(pipe, who, unet))
     raise TypeError(f"accelerate: unsupported pipeline {who} with a {type(unet).__name__}: expected an unconditional "
                     "UNet2DModel pipeline or a text-to-image UNet2DConditionModel pipeline with encode_prompt and vae")
 
@@ -351,18 +356,19 @@ def accelerate(pipe, method=None, backend="auto", graph="auto", progress=False, 
 
     Args:
         pipe: an unconditional ``UNet2DModel`` pipeline; ``StableDiffusionPipeline``, its img2img pipeline, its
-            inpainting pipeline with a 9-channel UNet, ``StableDiffusionXLPipeline`` or its img2img pipeline (pooled
-            embeddings and ``add_time_ids`` as ``added_cond_kwargs``; ``denoising_start``/``denoising_end`` run a
-            window of the schedule); ``LatentConsistencyModelPipeline`` (guidance embedding as ``timestep_cond``);
-            or the flow-matching ``StableDiffusion3Pipeline`` / ``FluxPipeline``. ``guidance_rescale`` is applied in
-            PyTorch between the batched UNet call and the fused step. Its scheduler (diffusers' or diffkern's DDIM,
-            DDPM, DPM-Solver++ multistep and singlestep, UniPC, DEIS, PNDM, LMS, Euler, Euler-ancestral, Heun,
-            KDPM2, KDPM2-ancestral, LCM, FlowMatch; diffkern's GE, or IADB in unconditional pipelines) gives the
-            schedule; it is read at each call, so a later
+            inpainting pipeline with a 9-channel UNet, ``StableDiffusionControlNetPipeline`` (one ControlNetModel
+            or a MultiControlNetModel: :mod:`.accelerate_controlnet`), ``StableDiffusionXLPipeline`` or its img2img
+            pipeline (pooled embeddings and ``add_time_ids`` as ``added_cond_kwargs``; ``denoising_start``/
+            ``denoising_end`` run a window of the schedule); ``LatentConsistencyModelPipeline`` (guidance
+            embedding as ``timestep_cond``); or the flow-matching ``StableDiffusion3Pipeline`` / ``FluxPipeline``.
+            ``guidance_rescale`` is applied in PyTorch between the batched UNet call and the fused step. Its
+            scheduler (diffusers' or diffkern's DDIM, DDPM, DPM-Solver++ multistep and singlestep, UniPC, DEIS,
+            PNDM, LMS, Euler, Euler-ancestral, Heun, KDPM2, KDPM2-ancestral, LCM, FlowMatch; diffkern's GE, or IADB
+            in unconditional pipelines) gives the schedule; it is read at each call, so a later
             ``pipe.scheduler = ...`` applies. A pipeline whose ``__call__`` takes arguments beyond those of these
-            pipelines (SDXL inpainting, ControlNet, PAG, ...), legacy 4-channel inpainting, or a UNet with other
-            added conditioning, raises TypeError naming them. Unsupported schedulers and scheduler options raise
-            ValueError naming them.
+            pipelines (SDXL inpainting, other ControlNet pipelines, PAG, ...), legacy 4-channel inpainting, or a UNet
+            with other added conditioning, raises TypeError naming them. Unsupported schedulers and scheduler
+            options raise ValueError naming them.
         method: a :func:`diffkern.sampling.sample` method to use instead of the scheduler's own (on its schedule).
             With an LCMScheduler every method runs on the consistency function (the boundary-conditioned denoiser
             ``c_skip(t)*z + c_out(t)*x0``, interpolated t between schedule sigmas), the model's own denoiser.

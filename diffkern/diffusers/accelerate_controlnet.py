@@ -1,0 +1,236 @@
+"""Level 2 for ``StableDiffusionControlNetPipeline`` (one ``ControlNetModel`` or a ``MultiControlNetModel`` of
+them): its denoising loop runs in diffkern (:class:`diffkern.diffusers.accelerate.AcceleratedPipeline` dispatches
+here).
+
+Each model call of the fused loop is the pipeline's: the ControlNet(s) on the UNet's scaled latents, timestep and
+text embeddings with the control image(s), then the UNet with the residuals added (:class:`ControlNetDenoiser`).
+With CFG the denoiser's batch is ``[uncond; cond]`` and the control image is stacked twice, as the pipeline stacks
+it; in guess mode (``guess_mode=True`` or a ControlNet with ``global_pool_conditions``) the ControlNet sees the
+conditional half only and the unconditional half gets zero residuals, as in the pipeline.
+
+The conditioning scale of each call is table data: the pipeline multiplies ``controlnet_conditioning_scale`` by a
+keep factor per loop iteration, 1 while ``control_guidance_start <= i/n`` and ``(i+1)/n <= control_guidance_end``
+(n: the length of the pipeline's timesteps, one per model call), else 0. The denoiser holds these products in a
+device buffer (one row per model call, one column per ControlNet) and counts its calls on the device, so a
+CUDA-graph replay takes new scales, windows and control images without a host sync. A window other than [0, 1]
+needs the fused loop to make the pipeline's model calls in its order (the scheduler's own method, as many calls as
+timesteps); otherwise it is refused by name. Everything outside the loop is the pipeline's own code:
+``check_inputs``, ``encode_prompt``, ``prepare_image``, the initial latents, the VAE decode and safety checker.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .accelerate import ScheduleDenoiser, _check_call_arguments, _default, _reject
+from .accelerate_text2img import _initial_latents, _prompt_batch, _sd_images, sd_encode, unet_extra
+
+
+class ControlNetDenoiser(ScheduleDenoiser):
+    """:class:`~.accelerate.ScheduleDenoiser` of a UNet with a ``controlnet`` (a ``ControlNetModel`` or a
+    ``MultiControlNetModel``). Extra arg ``controlnet_cond``: the control image(s), (B, 3, H, W) in the ControlNet's
+    dtype (a list of them, one per net, for a MultiControlNetModel); ``cross_attention_kwargs`` reach the UNet only
+    (as in the pipeline). ``control_scale`` (calls, nets) float64 holds the conditioning scale of each model call
+    (:meth:`set_control`), ``control_k`` counts the calls (zeroed by :meth:`restart`)."""
+
+    def __init__(self, *args, controlnet, calls: int, nets: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.controlnet = controlnet
+        self.multi = type(controlnet).__name__ == "MultiControlNetModel"
+        self.guess_mode = False  # a plain attribute: part of a capture's key (it changes the batch of the call)
+        self.register_buffer("control_scale", torch.ones(calls, nets, dtype=torch.float64), persistent=False)
+        self.register_buffer("control_k", torch.zeros(1, dtype=torch.int64), persistent=False)
+
+    def set_control(self, scales: torch.Tensor, guess_mode: bool) -> None:
+        """The next loop's (calls, nets) float64 conditioning scales (a copy ordered before a replay) and mode."""
+        if tuple(scales.shape) != tuple(self.control_scale.shape):
+            raise ValueError(f"scales: expected shape {tuple(self.control_scale.shape)}, got {tuple(scales.shape)}")
+        self.control_scale.copy_(scales)
+        self.guess_mode = bool(guess_mode)
+
+    def restart(self) -> None:
+        super().restart()
+        self.control_k.zero_()
+
+    def call_model(self, x_in, t, controlnet_cond=None, cross_attention_kwargs=None, **extra):
+        if controlnet_cond is None or "encoder_hidden_states" not in extra:
+            raise ValueError("ControlNetDenoiser: expected the extra args controlnet_cond and encoder_hidden_states")
+        dtype = self.controlnet.dtype
+        row = self.control_scale.index_select(0, self.control_k)[0]
+        self.control_k.add_(1).remainder_(self.control_scale.shape[0])
+        # 0-d tensors: a python float scale in the pipeline multiplies in the residuals' dtype, and so do they
+        scales = list(row.to(torch.promote_types(dtype, torch.float32)).unbind())
+        x_c, t_c, text, image = x_in, t, extra["encoder_hidden_states"], controlnet_cond
+        half = self.guess_mode and self.guidance_scale != 1.0  # the CFG batch: ControlNet on the cond half only
+        if half:
+            b = x_in.shape[0] // 2
+            x_c, t_c, text = x_c[b:], t_c[b:], text[b:]
+            image = [i[b:] for i in image] if self.multi else image[b:]
+        down, mid = self.controlnet(x_c.to(dtype), t_c, encoder_hidden_states=text, controlnet_cond=image,
+                                    conditioning_scale=scales if self.multi else scales[0],
+                                    guess_mode=self.guess_mode, return_dict=False)
+        if half:
+            down = [torch.cat([torch.zeros_like(d), d]) for d in down]
+            mid = torch.cat([torch.zeros_like(mid), mid])
+        if cross_attention_kwargs is not None:
+            extra["cross_attention_kwargs"] = cross_attention_kwargs
+        return super().call_model(x_in, t, down_block_additional_residuals=down, mid_block_additional_residual=mid,
+                                  **extra)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Factory:
+    """Builds a :class:`ControlNetDenoiser` as :meth:`AcceleratedPipeline._run` builds its denoiser; hashable by the
+    ControlNet's identity and the table shape, so it keys the model wrapper (and a capture) like a class does."""
+
+    controlnet: torch.nn.Module
+    calls: int
+    nets: int
+
+    def __call__(self, *args, **kwargs) -> ControlNetDenoiser:
+        return ControlNetDenoiser(*args, controlnet=self.controlnet, calls=self.calls, nets=self.nets, **kwargs)
+
+
+def _nets(pipe, who: str) -> list:
+    """The pipeline's ControlNetModels (one, or a MultiControlNetModel's); raises TypeError naming another kind."""
+    from diffusers import ControlNetModel
+    from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+
+    controlnet = pipe.controlnet
+    nets = controlnet.nets if isinstance(controlnet, MultiControlNetModel) else [controlnet]
+    for net in nets:
+        if type(net) is not ControlNetModel:  # ControlNetUnionModel, a compiled module, ...
+            raise TypeError(f"accelerate: unsupported pipeline {who} with a {type(net).__name__}: the fused loop "
+                            "runs ControlNetModel (one, or a MultiControlNetModel of them)")
+    return list(nets)
+
+
+def _window(start, end, nets: int) -> tuple[list, list]:
+    """``control_guidance_start``/``_end`` as the pipeline aligns them: a float beside a list is repeated to its
+    length, two floats to one per net."""
+    if not isinstance(start, list) and isinstance(end, list):
+        start = len(end) * [start]
+    elif not isinstance(end, list) and isinstance(start, list):
+        end = len(start) * [end]
+    elif not isinstance(start, list) and not isinstance(end, list):
+        start, end = nets * [start], nets * [end]
+    return start, end
+
+
+def _fused_calls(acc, spec):
+    """The number of model calls of the fused loop, or None when it runs another method than the scheduler's
+    (whose calls are not the pipeline's iterations)."""
+    from .. import sampler_plans, samplers
+    from ..sampling import knobs
+
+    if acc.method is not None or spec.method not in sampler_plans.PLANS:
+        return None
+    plan = sampler_plans.PLANS[spec.method](list(spec.sigmas), samplers.conversion_rows(None),
+                                            **dict(knobs(spec.method), **spec.knobs))
+    return plan.steps + sum(plan.corrector)
+
+
+def _scale_table(scales, starts, ends, calls: int) -> torch.Tensor:
+    """(calls, nets) float64: the pipeline's ``conditioning_scale * keep`` of each loop iteration."""
+    keep = [[1.0 - float(i / calls < s or (i + 1) / calls > e) for s, e in zip(starts, ends)] for i in range(calls)]
+    return torch.tensor([[c * k for c, k in zip(scales, row)] for row in keep], dtype=torch.float64)
+
+
+def call_sd_controlnet(acc, prompt=None, image=None, height=None, width=None, num_inference_steps=None,
+                       guidance_scale=None, negative_prompt=None, num_images_per_prompt=1, eta=None, generator=None,
+                       latents=None, prompt_embeds=None, negative_prompt_embeds=None, output_type="pil",
+                       return_dict=True, cross_attention_kwargs=None, controlnet_conditioning_scale=1.0,
+                       guess_mode=False, control_guidance_start=0.0, control_guidance_end=1.0, clip_skip=None,
+                       **unsupported):
+    """``StableDiffusionControlNetPipeline.__call__`` through the fused loop of ``acc``: ``image`` the control
+    image (a list of them, one per net, for a MultiControlNetModel), ``controlnet_conditioning_scale`` a float (or
+    a list per net), ``control_guidance_start``/``_end`` the fractions of the loop the ControlNet acts on."""
+    from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+    from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
+
+    _reject(unsupported)
+    pipe, who = acc.pipe, type(acc.pipe).__name__
+    unet, controlnet = pipe.unet, pipe.controlnet
+    nets = _nets(pipe, who)  # the ControlNet may have been swapped since accelerate()
+    multi = isinstance(controlnet, MultiControlNetModel)
+    steps = num_inference_steps or _default(pipe, "num_inference_steps", 50)
+    w = guidance_scale if guidance_scale is not None else _default(pipe, "guidance_scale", 7.5)
+    starts, ends = _window(control_guidance_start, control_guidance_end, len(nets))
+    pipe.check_inputs(prompt, image, None, negative_prompt, prompt_embeds, negative_prompt_embeds, None, None,
+                      controlnet_conditioning_scale, starts, ends, None)
+    scales = controlnet_conditioning_scale
+    scales = [float(s) for s in scales] if isinstance(scales, (list, tuple)) else [float(scales)] * len(nets)
+    if len(scales) != len(nets) or len(starts) != len(nets):
+        raise ValueError(f"controlnet_conditioning_scale, control_guidance_start: expected one value per ControlNet "
+                         f"({len(nets)}), got {controlnet_conditioning_scale!r} and {starts!r}")
+    guess = bool(guess_mode or nets[0].config.global_pool_conditions)
+    batch = _prompt_batch(prompt, prompt_embeds)
+    n = batch * num_images_per_prompt
+    device = pipe._execution_device
+    cfg = w > 1
+    prompt_embeds, negative_prompt_embeds = sd_encode(pipe, prompt, device, num_images_per_prompt, cfg, negative_prompt,
+                                                      prompt_embeds, negative_prompt_embeds, cross_attention_kwargs,
+                                                      clip_skip)
+    if multi and isinstance(image[0], list):  # [[canny_1, pose_1], [canny_2, pose_2]]: one list per net
+        image = [list(images) for images in zip(*image)]
+    # without CFG duplication: the fused wrapper stacks the batch halves itself
+    images = [pipe.prepare_image(image=i, width=width, height=height, batch_size=n,
+                                 num_images_per_prompt=num_images_per_prompt, device=device, dtype=controlnet.dtype,
+                                 do_classifier_free_guidance=False, guess_mode=guess)
+              for i in (image if multi else [image])]
+    height, width = images[0].shape[-2:]
+    ours, spec = acc._schedule(steps, eta if eta is not None else _default(pipe, "eta", 0.0))
+    pipe.scheduler.set_timesteps(steps, device=device)  # the pipeline's keep factors count its timesteps
+    calls = len(pipe.scheduler.timesteps)
+    table = _scale_table(scales, starts, ends, calls)
+    if (table != table[:1]).any():
+        fused = _fused_calls(acc, spec)
+        if fused != calls:
+            why = (f"method={acc.method!r} replaces the scheduler's loop" if acc.method is not None else
+                   f"the fused loop makes {fused} model calls where the pipeline makes {calls}")
+            raise ValueError(f"control_guidance_start/control_guidance_end: a window other than [0, 1] ({starts}, "
+                             f"{ends}) switches the ControlNet per pipeline iteration, and {why}")
+    shape = (n, unet.config.in_channels, int(height) // pipe.vae_scale_factor, int(width) // pipe.vae_scale_factor)
+    latents = _initial_latents(ours, shape, generator, device, prompt_embeds.dtype, latents)
+    cond = {"encoder_hidden_states": prompt_embeds, "controlnet_cond": images if multi else images[0]}
+    extra = unet_extra(cond, {"encoder_hidden_states": negative_prompt_embeds} if cfg else None, cross_attention_kwargs)
+    latents = acc._run(ours, spec, latents, generator, guidance_scale=w if cfg else 1.0, extra=extra,
+                       denoiser=_Factory(controlnet, calls, len(nets)),
+                       prepare=lambda model: model.set_control(table, guess))
+    image, nsfw = _sd_images(pipe, latents, output_type, device, prompt_embeds.dtype, generator)
+    pipe.maybe_free_model_hooks()
+    if not return_dict:
+        return (image, nsfw)
+    return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=nsfw)
+
+
+CALLS = {"controlnet": call_sd_controlnet}  # AcceleratedPipeline.__call__'s handler of the kind below
+
+
+def controlnet_kind(pipe, who: str, unet):
+    """"controlnet" for a ``StableDiffusionControlNetPipeline`` the fused loop runs, None for pipelines without a
+    ControlNet; raises TypeError naming what it cannot run (other ControlNet pipelines: SDXL, img2img, inpainting,
+    ...; ControlNet kinds other than ``ControlNetModel``; added conditioning or guidance-embedding UNets; other
+    ``__call__`` arguments or image processors)."""
+    from diffusers import StableDiffusionControlNetPipeline
+    from diffusers.image_processor import VaeImageProcessor
+
+    if getattr(pipe, "controlnet", None) is None:
+        return None
+    if type(pipe) is not StableDiffusionControlNetPipeline:
+        raise TypeError(f"accelerate: unsupported pipeline {who}: the fused ControlNet loop runs "
+                        "StableDiffusionControlNetPipeline only (text-to-image with an SD UNet); run this pipeline "
+                        "with a diffkern.diffusers scheduler (Level 1) instead")
+    _nets(pipe, who)
+    for option in ("addition_embed_type", "class_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim"):
+        if unet.config.get(option) is not None:
+            raise TypeError(f"accelerate: unsupported pipeline {who}: its UNet has {option}="
+                            f"{unet.config.get(option)!r} (the fused ControlNet loop runs a plain text-conditioned "
+                            "UNet)")
+    _check_call_arguments(pipe, who, call_sd_controlnet)
+    for name in ("image_processor", "control_image_processor"):
+        if type(getattr(pipe, name, None)) is not VaeImageProcessor:
+            raise TypeError(f"accelerate: unsupported pipeline {who}: its {name} is not the VaeImageProcessor "
+                            "whose processing the fused loop reproduces")
+    return "controlnet"
