@@ -116,7 +116,9 @@ def vp(n: int, beta_d: float = 19.9, beta_min: float = 0.1, eps_s: float = 1e-3)
 def sample_sigmas(train_sigmas, steps: int) -> torch.Tensor:
     """smalldiffusion's ``Schedule.sample_sigmas``: "trailing" subsampling of an increasing table of N training
     sigmas, ``idx_k = round(N*(1 - k/steps)) - 1`` for k < steps, then index 0. The schedule ends at
-    ``train_sigmas[0]``, not 0. train_sigmas: (N,) increasing; returns (steps+1,) float64 CPU."""
+    ``train_sigmas[0]``, not 0. train_sigmas: (N,) increasing; returns (steps+1,) float64 CPU.
+    For steps above about 2N/3 the last index is already 0, so the last two values repeat (as smalldiffusion's,
+    whose loop then takes a zero-length step); :func:`diffkern.sample` refuses a repeated sigma."""
     table = host_float64(train_sigmas, "train_sigmas")
     if table.dim() != 1 or table.numel() == 0:
         raise ValueError(f"sample_sigmas: train_sigmas must be a non-empty 1-D table, got shape {tuple(table.shape)}")

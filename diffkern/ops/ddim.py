@@ -37,6 +37,8 @@ def ddim_row(alpha_prod_t: float, alpha_prod_t_prev: float, *, eta: float = 0.0,
         raise ValueError(f"clip_sample_range: expected > 0, got {clip_sample_range}")
     ab, ab_p = float(alpha_prod_t), float(alpha_prod_t_prev)
     sa, sb = math.sqrt(ab), math.sqrt(1.0 - ab)
+    if sb == 0:  # the row eliminates eps_hat = (z - sqrt(ab)*x0)/sqrt(1-ab): no noise left to eliminate
+        raise ValueError("alpha_prod_t: 1 (a noise-free sample) cannot be stepped from; expected a value < 1")
     if prediction_type == "epsilon":
         if sa == 0:
             raise ValueError("alpha_prod_t: 0 (zero terminal SNR) cannot be used with epsilon prediction")
