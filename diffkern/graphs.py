@@ -377,8 +377,7 @@ def sample_hold(model, proc, shape, *, sampler="sscs", num_steps=500, spacing="l
 
     if not wanted(graph, torch.empty(0, dtype=dtype, device=device) if z is None else z):
         return eager(return_state)
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1 + int(denoise):
-        raise ValueError(f"num_steps: expected a Python int >= {1 + int(denoise)}, got {num_steps!r}")
+    hs.check_call(shape, num_steps, denoise)
     steps = num_steps - int(denoise)
     grid = hs.time_grid(proc, steps, t_min=t_min, spacing=spacing)
     times = [grid.tolist()[min(i, steps)] for i in range(num_steps)]

@@ -155,6 +155,15 @@ def prior(proc: HOLD, state_shape, seed: torch.Tensor, *, dtype=torch.float32, b
     return z.mul_(1.0 / math.sqrt(proc.L))
 
 
+def check_call(shape, num_steps, denoise) -> None:
+    """Raise unless ``shape`` is a data shape (B, C, ...) of >= 2 non-negative ints and ``num_steps`` an int that
+    leaves at least one step before the final denoising call."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1 + int(denoise):
+        raise ValueError(f"num_steps: expected a Python int >= {1 + int(denoise)}, got {num_steps!r}")
+    if len(shape) < 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+        raise ValueError(f"shape: expected the data shape (B, C, ...) of >= 2 non-negative ints, got {tuple(shape)}")
+
+
 def sample(model: Callable, proc: HOLD, shape, *, sampler: str = "sscs", num_steps: int = 500,
            spacing: str = "linear", t_min: float = 1e-3, denoise: bool = True, seed=0, device=None,
            dtype=torch.float32, z=None, backend=None, return_state: bool = False) -> torch.Tensor:
@@ -171,10 +180,7 @@ def sample(model: Callable, proc: HOLD, shape, *, sampler: str = "sscs", num_ste
         z: optional initial state (B, n*C, ...) instead of the prior draw (updated in place).
         backend: ``hold_transition`` (and prior) backend.
     """
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1 + int(denoise):
-        raise ValueError(f"num_steps: expected a Python int >= {1 + int(denoise)}, got {num_steps!r}")
-    if len(shape) < 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
-        raise ValueError(f"shape: expected the data shape (B, C, ...) of >= 2 non-negative ints, got {tuple(shape)}")
+    check_call(shape, num_steps, denoise)
     n = proc.order
     steps = num_steps - int(denoise)
     grid = time_grid(proc, steps, t_min=t_min, spacing=spacing)

@@ -69,3 +69,13 @@ def test_hold_graph_equals_eager(fake):
     assert torch.equal(g, hold_sampling.sample(model, other, (3, 1, 4), num_steps=6, seed=1))
     assert graphs.info()["captures"] == 4
 
+
+
+@pytest.mark.parametrize("shape", [(3,), (3, 1.0, 4), (3, -1, 4), (True, 1)])
+def test_hold_graph_checks_shape_as_eager(fake, shape):
+    """The graph path refuses a bad data shape with the eager sampler's message (it built the state shape from it)."""
+    proc = hold.HOLD(order=2)
+    with pytest.raises(ValueError, match="shape: expected the data shape"):
+        graphs.sample_hold(lambda z, t: z[:, :1], proc, shape, num_steps=4)
+    with pytest.raises(ValueError, match="shape: expected the data shape"):
+        hold_sampling.sample(lambda z, t: z[:, :1], proc, shape, num_steps=4)
