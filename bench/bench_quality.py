@@ -42,6 +42,16 @@ SETTINGS = {
     "dpmpp_2m_sde": ("dpmpp_2m_sde", {}),
     "dpmpp_3m_sde": ("dpmpp_3m_sde", {}),
     "unipc": ("unipc", {}),
+    "dpmsolver_3m": ("dpmsolver_3m", {}),
+    "deis": ("deis", {}),
+    "lms": ("lms", {}),
+    "plms": ("plms", {}),
+    "ipndm": ("ipndm", {}),
+    "ipndm_v": ("ipndm_v", {}),
+    "res_multistep": ("res_multistep", {}),
+    "dpmsolver_single": ("dpmsolver_single", {}),
+    "dpm_fast": ("dpm_fast", {}),
+    "er_sde": ("er_sde", {}),
 }
 STEPS = (5, 10, 20)
 QUICK = {"settings": ("euler", "ge"), "steps": (5,), "n": 100}

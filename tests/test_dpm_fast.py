@@ -14,7 +14,8 @@ import torch
 from diffkern import analytic, coef_tables_dpm_fast as cdf, samplers, schedules
 from diffkern.ops import philox
 from diffkern.sampling import knobs, sample
-from diffkern.testing import assert_matches_reference, noncontiguous
+from diffkern.testing import assert_matches_reference
+from sampler_checks import AWKWARD, AWKWARD_IDS, ancestral_step, check_awkward_shape, check_backend
 
 F64 = torch.float64
 REF = "reference"
@@ -28,14 +29,6 @@ def gmm(dim=2, seed=4):
 
 def start(shape=(6, 2), sigma=10.0, seed=3):
     return torch.randn(shape, dtype=F64, generator=torch.Generator().manual_seed(seed)) * sigma
-
-
-def ancestral_step(sigma, sigma_next, eta):
-    """k-diffusion's ``get_ancestral_step``."""
-    if not eta:
-        return sigma_next, 0.0
-    up = min(sigma_next, eta * (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2) ** 0.5)
-    return (sigma_next ** 2 - up ** 2) ** 0.5, up
 
 
 def kdiff_dpm_fast(model, x, sigma_min, sigma_max, n, eta=0.0, s_noise=1.0, seed=SEED):
@@ -139,27 +132,13 @@ def test_knobs_and_seeds():
 
 @pytest.mark.parametrize("kw", [{}, {"eta": 0.7}], ids=["ode", "eta"])
 def test_every_backend_matches_reference(cpu_backend, kw):
-    x, sig = start((5, 2)), schedules.karras(8, 0.05, 10.0)
-    ref64 = sample(gmm(), x, sig, "dpm_fast", backend=REF, seed=SEED, **kw)
-    eager = sample(gmm(), x.float(), sig, "dpm_fast", backend=REF, seed=SEED, **kw)
-    got = sample(gmm(), x.float(), sig, "dpm_fast", backend=cpu_backend, seed=SEED, **kw)
-    assert_matches_reference(got, ref64, eager, f"dpm_fast {kw} [{cpu_backend}]")
-    got64 = sample(gmm(), x, sig, "dpm_fast", backend=cpu_backend, seed=SEED, **kw)
-    assert_matches_reference(got64, ref64, ref64, f"dpm_fast {kw} [{cpu_backend}] float64")
+    check_backend(gmm(), start((5, 2)), schedules.karras(8, 0.05, 10.0), "dpm_fast", cpu_backend, seed=SEED, **kw)
 
 
-@pytest.mark.parametrize("shape, contiguous", [((1, 13), True), ((3, 1, 7, 5), True), ((5, 3), False)],
-                         ids=["batch1-odd", "odd-4d", "noncontiguous"])
+@pytest.mark.parametrize("shape, contiguous", AWKWARD, ids=AWKWARD_IDS)
 def test_awkward_shapes(cpu_backend, shape, contiguous):
-    model = gmm(math.prod(shape[1:]), seed=9)
-    x64 = start(shape, seed=2)
-    x32 = x64.float() if contiguous else noncontiguous(x64.float())
-    sig = schedules.karras(5, 0.05, 10.0)
-    ref64 = sample(model, x64, sig, "dpm_fast", backend=REF, seed=SEED, eta=0.6)
-    eager = sample(model, x64.float(), sig, "dpm_fast", backend=REF, seed=SEED, eta=0.6)
-    got = sample(model, x32, sig, "dpm_fast", backend=cpu_backend, seed=SEED, eta=0.6)
-    assert got.shape == x64.shape and got.is_contiguous()
-    assert_matches_reference(got, ref64, eager, f"dpm_fast {shape} [{cpu_backend}]")
+    check_awkward_shape(lambda dim: gmm(dim, seed=9), shape, contiguous, schedules.karras(5, 0.05, 10.0), "dpm_fast",
+                        cpu_backend, seed=SEED, eta=0.6)
 
 
 def test_callback_and_trajectory_report_each_call():

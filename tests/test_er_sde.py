@@ -11,7 +11,8 @@ import torch
 from diffkern import analytic, schedules
 from diffkern.ops import philox
 from diffkern.sampling import knobs, sample
-from diffkern.testing import assert_matches_reference, noncontiguous
+from diffkern.testing import assert_matches_reference
+from sampler_checks import AWKWARD, AWKWARD_IDS, check_awkward_shape, check_backend
 
 F64 = torch.float64
 REF = "reference"
@@ -85,27 +86,13 @@ def test_knobs_and_history_depth():
 
 @pytest.mark.parametrize("kw", [{}, {"max_stage": 2, "s_noise": 0.5}], ids=["default", "stage2"])
 def test_every_backend_matches_reference(cpu_backend, kw):
-    x, sig = start((5, 2)), schedules.karras(8, 0.05, 10.0)
-    ref64 = sample(gmm(), x, sig, "er_sde", backend=REF, seed=SEED, **kw)
-    eager = sample(gmm(), x.float(), sig, "er_sde", backend=REF, seed=SEED, **kw)
-    got = sample(gmm(), x.float(), sig, "er_sde", backend=cpu_backend, seed=SEED, **kw)
-    assert_matches_reference(got, ref64, eager, f"er_sde {kw} [{cpu_backend}]")
-    got64 = sample(gmm(), x, sig, "er_sde", backend=cpu_backend, seed=SEED, **kw)
-    assert_matches_reference(got64, ref64, ref64, f"er_sde {kw} [{cpu_backend}] float64")
+    check_backend(gmm(), start((5, 2)), schedules.karras(8, 0.05, 10.0), "er_sde", cpu_backend, seed=SEED, **kw)
 
 
-@pytest.mark.parametrize("shape, contiguous", [((1, 13), True), ((3, 1, 7, 5), True), ((5, 3), False)],
-                         ids=["batch1-odd", "odd-4d", "noncontiguous"])
+@pytest.mark.parametrize("shape, contiguous", AWKWARD, ids=AWKWARD_IDS)
 def test_awkward_shapes(cpu_backend, shape, contiguous):
-    model = gmm(math.prod(shape[1:]), seed=9)
-    x64 = start(shape, seed=4)
-    x32 = x64.float() if contiguous else noncontiguous(x64.float())
-    sig = schedules.karras(6, 0.05, 10.0)
-    ref64 = sample(model, x64, sig, "er_sde", backend=REF, seed=SEED)
-    eager = sample(model, x64.float(), sig, "er_sde", backend=REF, seed=SEED)
-    got = sample(model, x32, sig, "er_sde", backend=cpu_backend, seed=SEED)
-    assert got.shape == x64.shape and got.is_contiguous()
-    assert_matches_reference(got, ref64, eager, f"er_sde {shape} [{cpu_backend}]")
+    check_awkward_shape(lambda dim: gmm(dim, seed=9), shape, contiguous, schedules.karras(6, 0.05, 10.0), "er_sde",
+                        cpu_backend, seed=SEED)
 
 
 def test_samples_a_gaussian():

@@ -11,7 +11,8 @@ import torch
 
 from diffkern import analytic, coef_tables_plms, schedules
 from diffkern.sampling import knobs, sample
-from diffkern.testing import assert_matches_reference, noncontiguous
+from diffkern.testing import assert_matches_reference
+from sampler_checks import AWKWARD, AWKWARD_IDS, check_awkward_shape, check_backend
 
 F64 = torch.float64
 REF = "reference"
@@ -79,25 +80,13 @@ def test_is_comfyui_loop_in_float64(max_order, steps):
 
 
 def test_every_backend_matches_reference(cpu_backend):
-    x, sig = start((3, 5), 5.0, seed=4), schedules.karras(8, 0.05, 5.0)
-    ref64 = sample(gmm(), x, sig, "ipndm_v", backend=REF)
-    eager = sample(gmm(), x.float(), sig, "ipndm_v", backend=REF)
-    assert_matches_reference(sample(gmm(), x.float(), sig, "ipndm_v", backend=cpu_backend), ref64, eager, cpu_backend)
-    assert_matches_reference(sample(gmm(), x, sig, "ipndm_v", backend=cpu_backend), ref64, ref64, "float64")
+    check_backend(gmm(), start((3, 5), 5.0, seed=4), schedules.karras(8, 0.05, 5.0), "ipndm_v", cpu_backend)
 
 
-@pytest.mark.parametrize("shape, contiguous", [((1, 13), True), ((3, 1, 7, 5), True), ((5, 3), False)],
-                         ids=["batch1-odd", "odd-4d", "noncontiguous"])
+@pytest.mark.parametrize("shape, contiguous", AWKWARD, ids=AWKWARD_IDS)
 def test_awkward_shapes(cpu_backend, shape, contiguous):
-    model = gmm(math.prod(shape[1:]), seed=9)
-    x64 = start(shape, seed=2)
-    x32 = x64.float() if contiguous else noncontiguous(x64.float())
-    sig = schedules.karras(7, 0.05, 10.0)
-    ref64 = sample(model, x64, sig, "ipndm_v", backend=REF)
-    eager = sample(model, x64.float(), sig, "ipndm_v", backend=REF)
-    got = sample(model, x32, sig, "ipndm_v", backend=cpu_backend)
-    assert got.shape == x64.shape
-    assert_matches_reference(got, ref64, eager, f"ipndm_v {shape} [{cpu_backend}]")
+    check_awkward_shape(lambda dim: gmm(dim, seed=9), shape, contiguous, schedules.karras(7, 0.05, 10.0), "ipndm_v",
+                        cpu_backend)
 
 
 def _residuals(w, hs):
