@@ -24,7 +24,7 @@ import dataclasses
 import torch
 
 from .accelerate import ScheduleDenoiser, _check_call_arguments, _default, _reject
-from .accelerate_text2img import _initial_latents, _prompt_batch, _sd_images, sd_encode, unet_extra
+from .accelerate_text2img import _initial_latents, _prompt_batch, _sd_images, sd_encode, sd_output, unet_extra
 
 
 class ControlNetDenoiser(ScheduleDenoiser):
@@ -147,8 +147,6 @@ def call_sd_controlnet(acc, prompt=None, image=None, height=None, width=None, nu
     image (a list of them, one per net, for a MultiControlNetModel), ``controlnet_conditioning_scale`` a float (or
     a list per net), ``control_guidance_start``/``_end`` the fractions of the loop the ControlNet acts on."""
     from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
-    from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
-
     _reject(unsupported)
     pipe, who = acc.pipe, type(acc.pipe).__name__
     unet, controlnet = pipe.unet, pipe.controlnet
@@ -199,10 +197,7 @@ def call_sd_controlnet(acc, prompt=None, image=None, height=None, width=None, nu
                        denoiser=_Factory(controlnet, calls, len(nets)),
                        prepare=lambda model: model.set_control(table, guess))
     image, nsfw = _sd_images(pipe, latents, output_type, device, prompt_embeds.dtype, generator)
-    pipe.maybe_free_model_hooks()
-    if not return_dict:
-        return (image, nsfw)
-    return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=nsfw)
+    return sd_output(pipe, image, nsfw, return_dict)
 
 
 CALLS = {"controlnet": call_sd_controlnet}  # AcceleratedPipeline.__call__'s handler of the kind below

@@ -14,7 +14,7 @@ the begin index on (:func:`~.loop_spec.tail_spec`).
 from __future__ import annotations
 
 from .accelerate import _check_call_arguments, _default, _reject
-from .accelerate_text2img import _prompt_batch, _sd_images, sd_encode, unet_extra
+from .accelerate_text2img import _prompt_batch, _sd_images, sd_encode, sd_output, unet_extra
 from .loop_spec import tail_spec
 
 
@@ -25,8 +25,6 @@ def call_sd_img2img(acc, prompt=None, image=None, strength=0.8, num_inference_st
     """``StableDiffusionImg2ImgPipeline.__call__`` through the fused loop of ``acc``: ``image`` (pixels in [0, 1]
     or 4-channel latents, as the pipeline takes it) noised to the first of the last ``strength`` fraction of the
     ``num_inference_steps`` timesteps, then denoised over those."""
-    from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
-
     _reject(unsupported)
     pipe = acc.pipe
     if image is None:
@@ -51,10 +49,7 @@ def call_sd_img2img(acc, prompt=None, image=None, strength=0.8, num_inference_st
                        {"encoder_hidden_states": negative_prompt_embeds} if cfg else None, cross_attention_kwargs)
     latents = acc._run(ours, spec, latents, generator, guidance_scale=w if cfg else 1.0, extra=extra)
     image, nsfw = _sd_images(pipe, latents, output_type, device, prompt_embeds.dtype, generator)
-    pipe.maybe_free_model_hooks()
-    if not return_dict:
-        return (image, nsfw)
-    return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=nsfw)
+    return sd_output(pipe, image, nsfw, return_dict)
 
 
 def _begin(pipe, steps: int, strength: float, device) -> int:

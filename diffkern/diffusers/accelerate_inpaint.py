@@ -19,7 +19,7 @@ import torch
 
 from .accelerate import ScheduleDenoiser, _check_call_arguments, _default, _reject
 from .accelerate_img2img import _begin
-from .accelerate_text2img import _prompt_batch, _sd_images, sd_encode, unet_extra
+from .accelerate_text2img import _prompt_batch, _sd_images, sd_encode, sd_output, unet_extra
 from .loop_spec import tail_spec
 
 
@@ -54,8 +54,6 @@ def call_sd_inpaint(acc, prompt=None, image=None, mask_image=None, masked_image_
     """``StableDiffusionInpaintPipeline.__call__`` through the fused loop of ``acc``: ``image`` repainted where
     ``mask_image`` is white (>= 0.5), from pure noise (``strength=1``) or from the image noised to the first of the
     last ``strength`` fraction of the timesteps."""
-    from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
-
     _reject(unsupported)
     pipe = acc.pipe
     unet = pipe.unet
@@ -105,10 +103,7 @@ def call_sd_inpaint(acc, prompt=None, image=None, mask_image=None, masked_image_
     images, nsfw = _sd_images(pipe, latents, output_type, device, dtype, generator)
     if padding_mask_crop is not None:
         images = [pipe.image_processor.apply_overlay(mask_image, image, i, crops) for i in images]
-    pipe.maybe_free_model_hooks()
-    if not return_dict:
-        return (images, nsfw)
-    return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=nsfw)
+    return sd_output(pipe, images, nsfw, return_dict)
 
 
 CALLS = {"inpaint": call_sd_inpaint}  # AcceleratedPipeline.__call__'s handler of the kind below

@@ -77,6 +77,18 @@ def sd_encode(pipe, prompt, device, num_images_per_prompt, cfg, negative_prompt,
                               lora_scale=(cross_attention_kwargs or {}).get("scale"), clip_skip=clip_skip)
 
 
+def sd_output(pipe, images, nsfw, return_dict: bool):
+    """A Stable Diffusion pipeline's return value after its loop: the model hooks freed, then ``(images, nsfw)`` or
+    a ``StableDiffusionPipelineOutput``."""
+    from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
+
+    if hasattr(pipe, "maybe_free_model_hooks"):
+        pipe.maybe_free_model_hooks()
+    if not return_dict:
+        return (images, nsfw)
+    return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=nsfw)
+
+
 def _prompt_batch(prompt, prompt_embeds) -> int:
     if prompt is not None:
         return 1 if isinstance(prompt, str) else len(prompt)
@@ -116,8 +128,6 @@ def call_sd(acc, prompt=None, height=None, width=None, num_inference_steps=None,
             negative_prompt_embeds=None, output_type="pil", return_dict=True, cross_attention_kwargs=None,
             guidance_rescale=0.0, clip_skip=None, **unsupported):
     """``StableDiffusionPipeline.__call__`` (and pipelines with its arguments) through the fused loop of ``acc``."""
-    from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
-
     _reject(unsupported)
     pipe = acc.pipe
     unet = pipe.unet
@@ -141,11 +151,7 @@ def call_sd(acc, prompt=None, height=None, width=None, num_inference_steps=None,
     latents = acc._run(ours, spec, latents, generator, guidance_scale=w if cfg else 1.0, extra=extra,
                        guidance_rescale=guidance_rescale)
     image, nsfw = _sd_images(pipe, latents, output_type, device, prompt_embeds.dtype, generator)
-    if hasattr(pipe, "maybe_free_model_hooks"):
-        pipe.maybe_free_model_hooks()
-    if not return_dict:
-        return (image, nsfw)
-    return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=nsfw)
+    return sd_output(pipe, image, nsfw, return_dict)
 
 
 def _check_lcm_scheduler(pipe, who: str) -> None:
@@ -164,8 +170,6 @@ def call_lcm(acc, prompt=None, height=None, width=None, num_inference_steps=None
     scale w reaches the UNet as ``timestep_cond``, the pipeline's ``get_guidance_scale_embedding(w - 1)``, a tensor
     extra arg (a new w replays a captured loop). The pipeline returns the last step's denoised estimate, which is
     the loop's final state (LCM's last step is noise-free: sigma 0). ``timesteps``: a custom LCM schedule."""
-    from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
-
     from .loop_spec import diffkern_scheduler, loop_spec
 
     _reject(unsupported)
@@ -196,10 +200,7 @@ def call_lcm(acc, prompt=None, height=None, width=None, num_inference_steps=None
     extra = unet_extra(cond, None, cross_attention_kwargs)
     denoised = acc._run(ours, spec, latents, generator, extra=extra).to(prompt_embeds.dtype)
     image, nsfw = _sd_images(pipe, denoised, output_type, device, prompt_embeds.dtype)
-    pipe.maybe_free_model_hooks()
-    if not return_dict:
-        return (image, nsfw)
-    return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=nsfw)
+    return sd_output(pipe, image, nsfw, return_dict)
 
 
 def _sdxl_time_ids(pipe, n, cfg, device, dtype, projection_dim, sizes, negative_sizes):
