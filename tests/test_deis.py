@@ -22,13 +22,16 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 import diffkern.diffusers as dd  # noqa: E402
-from diffkern import analytic, coef_tables_deis, schedules  # noqa: E402
+from diffkern import coef_tables_deis, schedules  # noqa: E402
 from diffkern.diffusers.loop_spec import loop_spec, tail_spec  # noqa: E402
 from diffkern.sampling import sample  # noqa: E402
 from diffkern.testing import assert_matches_reference, make_tensor  # noqa: E402
-from test_diffusers_pipelines import text2image, three_runs, tiny_sd, tiny_unet, unconditional  # noqa: E402, F401
-from test_diffusers_schedulers import SHAPE, diffusers_float64  # noqa: E402
-from test_unipc import UniPCPipeline, gmm3  # noqa: E402
+from dropin_conformance import (UniPCPipeline, check_add_noise_and_scale_model_input, check_pipeline,  # noqa: E402
+                                check_sampler_every_backend, check_sampler_knob_errors, check_saved_pipeline,
+                                check_saved_scheduler, diffusers_vp_loop, float64_parity, float64_schedulers, gmm3,
+                                step_parity, three_schedulers)
+from test_diffusers_pipelines import text2image, tiny_sd, tiny_unet, unconditional  # noqa: E402, F401
+from test_diffusers_schedulers import SHAPE  # noqa: E402
 
 NAME = "DEISMultistepScheduler"
 MODULE = importlib.import_module("diffusers.schedulers.scheduling_deis_multistep")
@@ -47,44 +50,18 @@ def _ve_sigmas(sched) -> list:
 # Level 1: step by step against diffusers.
 
 
-def _diffusers_sigmas(ours) -> torch.Tensor:
-    """Our float64 schedule as diffusers' ``sigmas`` (flow sigmas: t = sigma/(1 + sigma))."""
-    s = torch.tensor(ours.sigmas_host, dtype=F64)
-    return s / (1 + s) if ours.config.use_flow_sigmas else s
-
-
 def check_steps(config, steps, begin=0, shape=SHAPE, backend=None):
     """diffusers float64 (truth), diffusers float32 and ours on the same inputs at every step (the truth's state,
     fresh model outputs); the project rule on prev_sample. The schedule: timesteps by the rule (diffusers truncates
     fractional exponential/beta timesteps from its float32 table: one off at times), sigmas to float32 rounding of
     the truth's; then the truth steps on our float64 sigmas (diffusers rounds its own to float32, which flow sigmas
     near t = 1 amplify ~1/(1 - t)-fold in sigma_t/alpha_t: its rounding, not the step's)."""
-    with diffusers_float64(MODULE):
-        truth = diffusers.DEISMultistepScheduler(**config)
-        truth.set_timesteps(steps)
-    eager = diffusers.DEISMultistepScheduler(**config)
-    eager.set_timesteps(steps)
-    ours = dd.DEISMultistepScheduler.from_config(eager.config)
+    truth, eager, ours = three_schedulers(NAME, MODULE, config, {"num_inference_steps": steps})
     ours.backend = backend
-    ours.set_timesteps(steps)
-    assert ours.timesteps.dtype == torch.int64 and ours.num_inference_steps == eager.num_inference_steps
-    assert_matches_reference(ours.timesteps.double(), truth.timesteps.double(), eager.timesteps.double(),
-                             f"{config} timesteps")
-    torch.testing.assert_close(ours.sigmas, truth.sigmas, rtol=3e-7, atol=0)
-    truth.sigmas = _diffusers_sigmas(ours)
     if begin:
         for sched in (truth, eager, ours):
             sched.set_begin_index(begin)
-    x = make_tensor(shape, F64, seed=11)
-    for k in range(begin, len(eager.timesteps)):
-        m = make_tensor(shape, F64, seed=100 + k)
-        with diffusers_float64(MODULE):
-            ref = truth.step(m, truth.timesteps[k], x).prev_sample
-        out = eager.step(m.float(), eager.timesteps[k], x.float()).prev_sample
-        got = ours.step(m.float(), ours.timesteps[k], x.float()).prev_sample
-        assert_matches_reference(got, ref, out, f"{config} [{backend}] step {k}")
-        x = ref
-    assert ours.step_index == len(ours.timesteps)
+    step_parity(truth, eager, ours, MODULE, f"{config} [{backend}]", begin=begin, shape=shape)
 
 
 CASES = [  # (config, steps)
@@ -127,22 +104,9 @@ FLOAT64_CASES = [({}, 16), (O3, 20), ({"solver_order": 1, "prediction_type": "sa
 def test_float64_steps_match_diffusers(config, steps):
     """Ours in float64 on diffusers' sigmas (its float32-rounded schedule) is diffusers in float64 to rounding: the
     float64 floor (1e-12 relative) at every step, on diffusers' state and fresh model outputs."""
-    with diffusers_float64(MODULE):
-        truth = diffusers.DEISMultistepScheduler(**config)
-        truth.set_timesteps(steps)
-        truth.sigmas = truth.sigmas.double()
-    ours = dd.DEISMultistepScheduler(**config)
-    ours.set_timesteps(steps)
+    truth, ours = float64_schedulers(NAME, MODULE, config, steps)
     ours.sigmas_host = _ve_sigmas(truth)  # the same sigmas: no table is built before the first step
-    x = make_tensor(SHAPE, F64, seed=1)
-    for k, t in enumerate(truth.timesteps):
-        m = make_tensor(SHAPE, F64, seed=50 + k)
-        with diffusers_float64(MODULE):
-            ref = truth.step(m, t, x).prev_sample
-        got = ours.step(m, t, x).prev_sample
-        assert got.dtype == F64
-        assert_matches_reference(got, ref, ref, f"{config} step {k}")
-        x = ref
+    float64_parity(truth, ours, MODULE, f"{config}")
 
 
 @pytest.mark.parametrize("steps", [1, 2, 3, 4, 8, 14, 15, 16])
@@ -218,26 +182,12 @@ def test_first_rows_read_no_history():
 # The sampler.
 
 
-def _diffusers_loop(gmm, x, sigmas, config):
-    """diffusers' DEIS loop in float64 on the VE schedule ``sigmas`` (its sigmas replaced), the exact denoiser as a
-    "sample"-prediction model on the VP state; returns the VE state."""
-    with diffusers_float64(MODULE):
-        sched = diffusers.DEISMultistepScheduler(prediction_type="sample", **config)
-        sched.set_timesteps(len(sigmas) - 1)
-        sched.sigmas = torch.tensor(sigmas, dtype=F64)
-        z = x / math.sqrt(sigmas[0] ** 2 + 1)
-        for k, t in enumerate(sched.timesteps):
-            s = sigmas[k]
-            z = sched.step(gmm.denoise(z * math.sqrt(s * s + 1), s), t, z).prev_sample
-    return z * math.sqrt(sigmas[-1] ** 2 + 1)
-
-
 @pytest.mark.parametrize("order", [1, 2, 3])
 @pytest.mark.parametrize("low", [True, False])
 def test_sampler_is_diffusers_loop_in_float64(order, low):
     gmm, x = gmm3(), make_tensor((6, 2), F64, seed=2) * 10.0
     sig = schedules.karras(8, 0.1, 10.0)[:-1].tolist()
-    want = _diffusers_loop(gmm, x, sig, {"solver_order": order, "lower_order_final": low})
+    want = diffusers_vp_loop(NAME, MODULE, gmm, x, sig, {"solver_order": order, "lower_order_final": low})
     got = sample(gmm, x, sig, "deis", backend=REF, order=order, lower_order_final=low)
     assert_matches_reference(got, want, want, f"order {order} lower_order_final {low}")
 
@@ -271,27 +221,14 @@ def test_convergence_order():
 
 
 def test_every_backend_matches_reference(cpu_backend):
-    gen = torch.Generator().manual_seed(4)
-    gmm = analytic.GaussianMixture([1.0, 2.0], torch.randn(2, 5, generator=gen, dtype=F64), [0.6, 0.8])
-    x = make_tensor((3, 5), F64, seed=7) * 5.0
-    for knobs in ({}, {"order": 2, "lower_order_final": False}, {"order": 1}):
-        sig = schedules.karras(6, 0.05, 5.0)
-        ref64 = sample(gmm, x, sig, "deis", backend=REF, **knobs)
-        eager = sample(gmm, x.float(), sig, "deis", backend=REF, **knobs)
-        got = sample(gmm, x.float(), sig, "deis", backend=cpu_backend, **knobs)
-        assert_matches_reference(got, ref64, eager, f"{knobs} [{cpu_backend}]")
-        assert_matches_reference(sample(gmm, x, sig, "deis", backend=cpu_backend, **knobs), ref64, ref64,
-                                 f"{knobs} [{cpu_backend}] float64")
+    check_sampler_every_backend("deis", ({}, {"order": 2, "lower_order_final": False}, {"order": 1}), cpu_backend)
 
 
 def test_sampler_knobs_are_checked():
-    gmm, x, sig = gmm3(), torch.randn(2, 2, dtype=F64), schedules.karras(4, 0.1, 10.0)
-    for knobs, error, match in (({"order": 4}, ValueError, "order: expected 1, 2 or 3"),
-                                ({"order": True}, ValueError, "order"), ({"order": 2.5}, ValueError, "order"),
-                                ({"lower_order_final": 1}, TypeError, "lower_order_final"),
-                                ({"solver_type": "logrho"}, TypeError, "solver_type")):
-        with pytest.raises(error, match=match):
-            sample(gmm, x, sig, "deis", backend=REF, **knobs)
+    check_sampler_knob_errors("deis", (({"order": 4}, ValueError, "order: expected 1, 2 or 3"),
+                                       ({"order": True}, ValueError, "order"), ({"order": 2.5}, ValueError, "order"),
+                                       ({"lower_order_final": 1}, TypeError, "lower_order_final"),
+                                       ({"solver_type": "logrho"}, TypeError, "solver_type")))
     with pytest.raises(ValueError, match="sigmas"):
         coef_tables_deis.deis([2.0, 1.0, 1.0, 0.5], [1, 2, 2])
 
@@ -306,18 +243,14 @@ PIPELINE_CASES = [({}, 1), ({}, 2), (O3, 1), (O3, 2),
 
 @pytest.mark.parametrize("config, level", PIPELINE_CASES, ids=[str(i) for i in range(len(PIPELINE_CASES))])
 def test_ddpm_pipeline(config, level):
-    ours, truth, eager = three_runs(lambda s: UniPCPipeline(unet=tiny_unet(), scheduler=s), NAME, config, unconditional,
-                                    level)
-    assert 0.1 < float(((eager > 0) & (eager < 1)).float().mean()), "images saturated: the comparison would be void"
-    assert_matches_reference(ours, truth, eager, f"{config} level {level}")
+    check_pipeline(lambda s: UniPCPipeline(unet=tiny_unet(), scheduler=s), NAME, config, unconditional, level,
+                   f"{config} level {level}")
 
 
 @pytest.mark.parametrize("config, level", [(O3, 1), (O3, 2), ({"prediction_type": "v_prediction"}, 2)])
 def test_text2image_pipeline_with_cfg(tiny_sd, config, level):
     config = dict(config, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    ours, truth, eager = three_runs(tiny_sd, NAME, config, text2image, level)
-    assert 0.1 < float(((eager > 0) & (eager < 1)).float().mean()), "images saturated: the comparison would be void"
-    assert_matches_reference(ours, truth, eager, f"text2image {config} level {level}")
+    check_pipeline(tiny_sd, NAME, config, text2image, level, f"text2image {config} level {level}")
 
 
 @pytest.mark.parametrize("config, kw", [(O3, {"strength": 0.7, "steps": 7}), ({}, {"strength": 0.6}),
@@ -355,11 +288,7 @@ def test_level2_spec():
 def test_save_load_and_foreign_configs(tmp_path):
     config = dict(O3, use_karras_sigmas=True, prediction_type="v_prediction", lower_order_final=False)
     sched = dd.DEISMultistepScheduler(**config)
-    sched.save_pretrained(tmp_path / "s")
-    loaded = dd.DEISMultistepScheduler.from_pretrained(tmp_path / "s")
-    theirs = diffusers.DEISMultistepScheduler.from_pretrained(tmp_path / "s")  # the config is diffusers' too
-    for other in (loaded, dd.DEISMultistepScheduler.from_config(theirs.config)):
-        assert {k: other.config[k] for k in config} == config
+    check_saved_scheduler(sched, tmp_path / "s", config)
     for cls in (diffusers.DPMSolverMultistepScheduler, diffusers.UniPCMultistepScheduler,
                 diffusers.EulerDiscreteScheduler):  # DPM-Solver/UniPC types load as deis/logrho, as diffusers
         foreign = cls(solver_order=3) if cls is not diffusers.EulerDiscreteScheduler else cls(use_karras_sigmas=True)
@@ -369,28 +298,13 @@ def test_save_load_and_foreign_configs(tmp_path):
         for s in (ours, want):
             s.set_timesteps(6)
         assert ours.timesteps.tolist() == want.timesteps.tolist()
-    pipe = UniPCPipeline(unet=tiny_unet(diffusers.UNet2DModel), scheduler=sched)
-    pipe.save_pretrained(tmp_path / "p")
-    again = UniPCPipeline.from_pretrained(tmp_path / "p")
-    assert type(again.scheduler) is dd.DEISMultistepScheduler
-    a, b = (unconditional(p, torch.Generator().manual_seed(0)) for p in (pipe, again))
-    torch.testing.assert_close(b, a, rtol=0, atol=0)
+    check_saved_pipeline(UniPCPipeline, sched, tmp_path / "p")
 
 
 @pytest.mark.parametrize("config", [{}, FLOW])
 def test_add_noise_and_scale_model_input_match_diffusers(config):
-    theirs, ours = diffusers.DEISMultistepScheduler(**config), dd.DEISMultistepScheduler(**config)
-    for s in (theirs, ours):
-        s.set_timesteps(10)
-    x0, noise = make_tensor(SHAPE, seed=3), make_tensor(SHAPE, seed=4)
-    t = theirs.timesteps[[0, 3]]
-    torch.testing.assert_close(ours.add_noise(x0[:2], noise[:2], t), theirs.add_noise(x0[:2], noise[:2], t),
-                               rtol=1e-5, atol=1e-5)
-    for s in (theirs, ours):
-        s.set_begin_index(4)
-    torch.testing.assert_close(ours.add_noise(x0, noise, t[:1]), theirs.add_noise(x0, noise, t[:1]), rtol=1e-5,
-                               atol=1e-5)
-    assert torch.equal(ours.scale_model_input(x0, t[0]), x0)
+    check_add_noise_and_scale_model_input(diffusers.DEISMultistepScheduler(**config),
+                                          dd.DEISMultistepScheduler(**config), begin_index=True)
 
 
 def test_dynamic_shift_mu_matches_diffusers():

@@ -25,7 +25,6 @@ import inspect
 import math
 import random
 
-import numpy as np
 import pytest
 import torch
 
@@ -33,7 +32,9 @@ diffusers = pytest.importorskip("diffusers")
 
 import diffkern.diffusers as dd  # noqa: E402
 from diffkern.ops import coefs  # noqa: E402
-from diffkern.testing import assert_matches_reference, make_tensor  # noqa: E402
+from diffkern.testing import make_tensor  # noqa: E402
+from dropin_fuzz import (BETA_RANGES, SCHEDULE_CHOICES, check, draw_keys, init_keys, refusal_outcome,  # noqa: E402
+                         refuses, round_trip, trained_betas, undrawn_keys)
 from test_diffusers_schedulers import diffusers_float64, scheduler_module  # noqa: E402
 
 NAMES = ("DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
@@ -48,11 +49,7 @@ X0_PREDICTIONS = ("sample", "original_sample")
 # The config space.
 
 CHOICES = {
-    "num_train_timesteps": [1000, 1000, 999, 37, 100],
-    "beta_schedule": ["linear", "scaled_linear", "squaredcos_cap_v2"],
-    "prediction_type": ["epsilon", "v_prediction", "sample"],
-    "timestep_spacing": ["leading", "trailing", "linspace"],
-    "steps_offset": [0, 1, 2],
+    **SCHEDULE_CHOICES,
     "clip_sample": [True, False],
     "clip_sample_range": [0.5, 1.0, 3.0],
     "set_alpha_to_one": [True, False],
@@ -79,28 +76,16 @@ VARIANCE_TYPES = {"DDPMScheduler": ["fixed_small", "fixed_small_log", "fixed_lar
 # Keys whose non-default value is rare on the hub: drawn less often, so most draws reach the step comparison.
 RARE = {"thresholding": [True], "rescale_betas_zero_snr": [True], "use_beta_sigmas": [True], "use_lu_lambdas": [True],
         "use_flow_sigmas": [True], "use_dynamic_shifting": [True]}
-BETA_RANGES = [(0.0001, 0.02), (0.00085, 0.012), (0.0015, 0.0195)]
 FOREIGN = {"sigma_min": [0.03, 0.3], "sigma_max": [5.0, 80.0], "clip_sample": [True], "use_karras_sigmas": [True],
            "final_sigmas_type": ["sigma_min"], "set_alpha_to_one": [False], "timestep_type": ["continuous"]}
-
-
-def _init_keys(name):
-    return {k: p.default for k, p in inspect.signature(getattr(diffusers, name).__init__).parameters.items()
-            if k != "self"}
 
 
 def draw_case(name, k):
     """Draw (config, steps, begin, step_kw) number ``k`` of class ``name`` (deterministic)."""
     rng = random.Random(f"{name}/{k}")
-    keys = _init_keys(name)
-    config = {}
-    for key in keys:
-        if key in RARE and rng.random() < 0.1:
-            config[key] = rng.choice(RARE[key])
-        elif key == "variance_type" and rng.random() < 0.35:
-            config[key] = rng.choice(VARIANCE_TYPES[name])
-        elif key in CHOICES and rng.random() < 0.35:
-            config[key] = rng.choice(CHOICES[key])
+    keys = init_keys(name)
+    choices = dict(CHOICES, variance_type=VARIANCE_TYPES[name]) if "variance_type" in keys else CHOICES
+    config = draw_keys(rng, keys, choices, RARE, 0.1)
     if rng.random() < 0.4:
         config["beta_start"], config["beta_end"] = rng.choice(BETA_RANGES)
     if rng.random() < 0.05:  # schedules only some diffusers classes define
@@ -108,7 +93,7 @@ def draw_case(name, k):
     T = config.get("num_train_timesteps", keys["num_train_timesteps"])
     if rng.random() < 0.1:  # a trained table (increasing, as the real ones)
         lo, hi = rng.choice(BETA_RANGES)
-        config["trained_betas"] = np.linspace(lo ** 0.5, hi ** 0.5, T).__pow__(2).astype(np.float32).tolist()
+        config["trained_betas"] = trained_betas(lo, hi, T)
     if rng.random() < 0.15:  # a key only a compatible class takes: from_config keeps it
         key = rng.choice(sorted(set(FOREIGN) - set(keys)) or ["sigma_min"])
         config[key] = rng.choice(FOREIGN[key])
@@ -173,14 +158,6 @@ def refusals(name, cfg, timesteps, steps):
 # Running one draw.
 
 
-def _refuses(make):
-    """The exception ``make()`` raises, or None (and its result)."""
-    try:
-        return None, make()
-    except Exception as exc:  # noqa: BLE001  (diffusers raises many kinds; we compare kinds below)
-        return exc, None
-
-
 @contextlib.contextmanager
 def _no_schedule_at_init(cls):
     """diffusers' Heun/KDPM2 constructors run ``set_timesteps(num_train_timesteps)`` (KDPM2: ~2 s of Python loops
@@ -211,13 +188,6 @@ def _step(sched, m, t, x, kw, generator):
     if "generator" in inspect.signature(sched.step).parameters:
         kw["generator"] = generator
     return sched.step(m, t, x, **kw)
-
-
-def check(actual, truth, eager, what):
-    """The project's rule; where diffusers' float32 run is not finite but its float64 run is (its float32
-    arithmetic broke down), only the floor bounds ours there."""
-    eager = torch.where(torch.isfinite(eager) | ~torch.isfinite(truth), eager, truth.to(eager.dtype))
-    assert_matches_reference(actual, truth, eager, what)
 
 
 def _check_schedule(name, ours, truth, eager, what):
@@ -255,24 +225,15 @@ def run_case(name, config, steps, begin, step_kw, tmp_path=None):
         # diffusers' Euler-ancestral raises for x0 predictions at the first step, ours takes them: the oracle is its
         # epsilon mode fed eps = (x - x0)/sigma, the same step
         config = dict(config, prediction_type="epsilon")
-    their_error, eager = _refuses(lambda: _scheduler(cls, config, steps))
+    their_error, eager = refuses(lambda: _scheduler(cls, config, steps))
     source = eager.config if eager is not None else config
     if ours_config is not config:
         source = dict(source, **{k: ours_config[k] for k in ("algorithm_type", "prediction_type") if k in ours_config})
-    our_error, ours = _refuses(lambda: _scheduler(ours_cls, source, steps))
-    if our_error is not None and not isinstance(our_error, ValueError):
-        raise AssertionError(f"{what}: ours raised {our_error!r}, expected a ValueError") from our_error
-    if their_error is not None:
-        assert our_error is not None, f"{what}: diffusers refuses it ({their_error!r}) but ours accepts it"
-        return
-    refused = refusals(name, dict(_init_keys(name), **dict(eager.config)), eager.timesteps, steps)
-    if refused:
-        assert our_error is not None, f"{what}: ours accepts unsupported {refused}"
-        named = [f"{k}={v!r}" for k, v in refused]
-        assert any(n in str(our_error) for n in named), f"{what}: {our_error} names none of {named}"
-        return
-    if our_error is not None:
-        raise AssertionError(f"{what}: ours refuses a supported config: {our_error}") from our_error
+    our_error, ours = refuses(lambda: _scheduler(ours_cls, source, steps))
+    outcome = refusal_outcome(what, their_error, our_error, lambda: refusals(
+        name, dict(init_keys(name), **dict(eager.config)), eager.timesteps, steps))
+    if outcome is not None:
+        return outcome
     truth = _scheduler(cls, config, steps, module)
     n = _check_schedule(name, ours, truth, eager, what)
     for s in (truth, eager, ours):
@@ -299,12 +260,8 @@ def run_case(name, config, steps, begin, step_kw, tmp_path=None):
                   f"{at} pred_original_sample")
         x = ref.prev_sample
     if tmp_path is not None:
-        ours.save_pretrained(tmp_path)
-        with _no_schedule_at_init(cls):
-            loaded, theirs = ours_cls.from_pretrained(tmp_path), cls.from_pretrained(tmp_path)
-        public = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
-        assert public(loaded.config) == public(ours.config), f"{what}: save/load round trip"
-        assert public(ours_cls.from_config(theirs.config).config) == public(ours.config), f"{what}: via diffusers"
+        round_trip(what, ours_cls, cls, ours, tmp_path, loading=_no_schedule_at_init(cls))
+    return "compared"
 
 #----------------------------------------------------------------------------
 # Known numerical limitations: a draw in one of these classes may fail the rule (it is then an expected failure
@@ -369,11 +326,5 @@ def test_fuzzed_config_matches_diffusers(name, k, tmp_path):
 def test_draws_cover_every_key():
     """Every key of every diffusers class is drawn with a non-default value somewhere (keys not drawn are listed)."""
     for name in NAMES:
-        keys = _init_keys(name)
-        seen = set()
-        for k in range(DRAWS):
-            config = draw_case(name, k)[0]
-            seen |= {key for key, v in config.items() if key in keys and v != keys[key]}
-        missing = set(keys) - seen - {"beta_start", "beta_end", "trained_betas", "num_train_timesteps",
-                                      "time_shift_type"}
-        assert not missing, f"{name}: keys never drawn: {sorted(missing)}"
+        missing = undrawn_keys(name, (draw_case(name, k)[0] for k in range(DRAWS)), exempt=("time_shift_type",))
+        assert not missing, f"{name}: keys never drawn: {missing}"

@@ -1,5 +1,5 @@
 """Differential fuzzing of the DEIS drop-in against diffusers' ``DEISMultistepScheduler`` (the harness of
-test_diffusers_config_fuzz.py and test_diffusers_config_fuzz_new.py, whose helpers this file imports).
+dropin_fuzz.py, test_diffusers_config_fuzz.py and test_diffusers_config_fuzz_new.py, whose helpers this file imports).
 
 Every key of diffusers 0.42.1's class is drawn (seeded, deterministic): beta schedules and trained betas, odd
 ``num_train_timesteps``, spacings and offsets, prediction types, solver orders, DPM-Solver/UniPC algorithm and solver
@@ -20,7 +20,6 @@ failure of the float64 comparison only.
 import math
 import random
 
-import numpy as np
 import pytest
 import torch
 
@@ -28,8 +27,10 @@ diffusers = pytest.importorskip("diffusers")
 
 import diffkern.diffusers as dd  # noqa: E402
 from diffkern import coef_tables_deis  # noqa: E402
-from test_diffusers_config_fuzz import BETA_RANGES, _check_schedule, _init_keys, _refuses  # noqa: E402
-from test_diffusers_config_fuzz_new import _round_trip, _run_steps, _truth_context  # noqa: E402
+from dropin_fuzz import (BETA_RANGES, SCHEDULE_CHOICES, both_accept, draw_keys, init_keys,  # noqa: E402
+                         refusal_outcome, refuses, round_trip, trained_betas, undrawn_keys)
+from test_diffusers_config_fuzz import _check_schedule  # noqa: E402
+from test_diffusers_config_fuzz_new import _run_steps, _truth_context  # noqa: E402
 
 NAME = "DEISMultistepScheduler"
 DRAWS = 60
@@ -38,11 +39,7 @@ TRUTH_FLOOR = 1e-12  # the float64 floor of diffkern.testing
 CONVERSIONS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
 
 CHOICES = {
-    "num_train_timesteps": [1000, 1000, 999, 37, 100],
-    "beta_schedule": ["linear", "scaled_linear", "squaredcos_cap_v2"],
-    "prediction_type": ["epsilon", "v_prediction", "sample"],
-    "timestep_spacing": ["leading", "trailing", "linspace"],
-    "steps_offset": [0, 1, 2],
+    **SCHEDULE_CHOICES,
     "solver_order": [1, 2, 3, 3],
     "algorithm_type": ["deis", "dpmsolver++", "dpmsolver"],
     "solver_type": ["logrho", "midpoint", "bh2"],
@@ -62,13 +59,8 @@ FOREIGN = {"sigma_min": [0.03, 0.3], "sigma_max": [5.0, 80.0], "final_sigmas_typ
 def draw_case(k):
     """Draw (config, set_timesteps kwargs, begin) number ``k`` (deterministic)."""
     rng = random.Random(f"deis/{k}")
-    keys = _init_keys(NAME)
-    config = {}
-    for key in keys:
-        if key in RARE and rng.random() < 0.04:
-            config[key] = rng.choice(RARE[key])
-        elif key in CHOICES and rng.random() < 0.35:
-            config[key] = rng.choice(CHOICES[key])
+    keys = init_keys(NAME)
+    config = draw_keys(rng, keys, CHOICES, RARE, 0.04)
     if rng.random() < 0.12:  # flow matching: its own prediction type, mostly
         config.update(use_flow_sigmas=True, use_karras_sigmas=False, use_exponential_sigmas=False)
         config.pop("use_beta_sigmas", None)
@@ -81,7 +73,7 @@ def draw_case(k):
     T = config.get("num_train_timesteps", keys["num_train_timesteps"])
     if rng.random() < 0.1:  # a trained table (increasing, as the real ones)
         lo, hi = rng.choice(BETA_RANGES)
-        config["trained_betas"] = np.linspace(lo ** 0.5, hi ** 0.5, T).__pow__(2).astype(np.float32).tolist()
+        config["trained_betas"] = trained_betas(lo, hi, T)
     if rng.random() < 0.15:  # a key only a compatible class takes: from_config keeps it
         key = rng.choice(sorted(FOREIGN))
         config[key] = rng.choice(FOREIGN[key])
@@ -136,22 +128,13 @@ def run_case(config, kw, begin, tmp_path=None):
     """Check one draw (module docstring); returns "diffusers refuses", "refused KEY" or "compared"."""
     cls, ours_cls = diffusers.DEISMultistepScheduler, dd.DEISMultistepScheduler
     what = f"{NAME} {config} {kw} begin={begin}"
-    their_error, eager = _refuses(lambda: _make(cls, config, kw))
+    their_error, eager = refuses(lambda: _make(cls, config, kw))
     source = eager.config if eager is not None else config
-    our_error, ours = _refuses(lambda: _make(ours_cls, source, kw))
-    if our_error is not None and not isinstance(our_error, ValueError):
-        raise AssertionError(f"{what}: ours raised {our_error!r}, expected a ValueError") from our_error
-    if their_error is not None:
-        assert our_error is not None, f"{what}: diffusers refuses it ({their_error!r}) but ours accepts it"
-        return "diffusers refuses"
-    refused = refusals(dict(_init_keys(NAME), **dict(eager.config)), eager.timesteps, eager.sigmas)
-    if refused:
-        assert our_error is not None, f"{what}: ours accepts unsupported {refused}"
-        named = [f"{k}={v!r}" for k, v in refused]
-        assert any(n in str(our_error) for n in named), f"{what}: {our_error} names none of {named}"
-        return "refused " + refused[0][0]
-    if our_error is not None:
-        raise AssertionError(f"{what}: ours refuses a supported config: {our_error}") from our_error
+    our_error, ours = refuses(lambda: _make(ours_cls, source, kw))
+    outcome = refusal_outcome(what, their_error, our_error, lambda: refusals(
+        dict(init_keys(NAME), **dict(eager.config)), eager.timesteps, eager.sigmas))
+    if outcome is not None:
+        return outcome
     truth = _make(cls, config, kw, truth=True)
     assert ours.num_inference_steps == eager.num_inference_steps, f"{what}: num_inference_steps"
     n = _check_schedule(NAME, ours, truth, eager, what)
@@ -159,7 +142,7 @@ def run_case(config, kw, begin, tmp_path=None):
     truth.sigmas = s / (1 + s) if ours.config.use_flow_sigmas else s  # module docstring
     _run_steps(NAME, what, truth, eager, ours, n, begin, torch.float32)
     if tmp_path is not None:
-        _round_trip(what, ours_cls, cls, ours, tmp_path)
+        round_trip(what, ours_cls, cls, ours, tmp_path)
     return "compared"
 
 
@@ -167,12 +150,10 @@ def run_float64(config, kw, begin):
     """Ours in float64 on diffusers' sigmas against diffusers in float64, at the float64 floor (nothing when the
     config is refused: :func:`run_case` checks that)."""
     cls, ours_cls = diffusers.DEISMultistepScheduler, dd.DEISMultistepScheduler
-    error, truth = _refuses(lambda: _make(cls, config, kw, truth=True))
-    if error is not None:
+    pair = both_accept(lambda: _make(cls, config, kw, truth=True), lambda truth: _make(ours_cls, truth.config, kw))
+    if pair is None:
         return
-    error, ours = _refuses(lambda: _make(ours_cls, truth.config, kw))
-    if error is not None:
-        return
+    truth, ours = pair
     ours.sigmas_host = _ve(truth.sigmas, truth.config.use_flow_sigmas)  # no table is built before the first step
     _run_steps(NAME, f"{NAME} {config} {kw} begin={begin}", truth, None, ours, len(ours.timesteps), begin, F64)
 
@@ -259,13 +240,8 @@ def test_regression(config, kw, begin, outcome):
 
 
 def test_draws_cover_every_key():
-    keys = _init_keys(NAME)
-    seen, counts = set(), set()
-    for k in range(DRAWS):
-        config, kw, begin = draw_case(k)
-        seen |= {key for key, v in config.items() if key in keys and v != keys[key]}
-        counts.add(kw["num_inference_steps"])
-        seen |= {"begin"} if begin else set()
-    missing = set(keys) - seen - {"beta_start", "beta_end", "trained_betas", "num_train_timesteps", "time_shift_type"}
-    assert not missing, f"keys never drawn: {sorted(missing)}"
-    assert "begin" in seen and 1 in counts and counts & {37, 100, 999, 1000}
+    draws = [draw_case(k) for k in range(DRAWS)]
+    missing = undrawn_keys(NAME, (config for config, _, _ in draws), exempt=("time_shift_type",))
+    assert not missing, f"keys never drawn: {missing}"
+    counts = {kw["num_inference_steps"] for _, kw, _ in draws}
+    assert any(begin for _, _, begin in draws) and 1 in counts and counts & {37, 100, 999, 1000}

@@ -1,6 +1,6 @@
 """Differential fuzzing of the TCD and EDM drop-ins (``TCDScheduler``, ``EDMEulerScheduler``,
-``EDMDPMSolverMultistepScheduler``) against diffusers, with the harness of test_diffusers_config_fuzz.py and
-test_diffusers_config_fuzz_new.py (imported, not edited).
+``EDMDPMSolverMultistepScheduler``) against diffusers, with the harness of dropin_fuzz.py,
+test_diffusers_config_fuzz.py and test_diffusers_config_fuzz_new.py (imported, not edited).
 
 Every key of the diffusers class is drawn (seeded, deterministic), plus step counts, ``set_begin_index``, TCD's
 ``eta``/``strength``/custom timesteps and EDM Euler's churn knobs. For each draw, one of:
@@ -16,7 +16,6 @@ Every key of the diffusers class is drawn (seeded, deterministic), plus step cou
 import importlib
 import random
 
-import numpy as np
 import pytest
 import torch
 
@@ -24,7 +23,9 @@ diffusers = pytest.importorskip("diffusers")
 
 import diffkern.diffusers as dd  # noqa: E402
 from diffkern.testing import make_tensor  # noqa: E402
-from test_diffusers_config_fuzz import BETA_RANGES, SHAPE, _init_keys, _refuses, check  # noqa: E402
+from dropin_fuzz import (BETA_RANGES, SCHEDULE_CHOICES, both_accept, check, init_keys, refusal_outcome,  # noqa: E402
+                         refuses, trained_betas, undrawn_keys)
+from test_diffusers_config_fuzz import SHAPE  # noqa: E402
 from test_diffusers_config_fuzz_new import _draw_lcm_schedule  # noqa: E402
 from test_diffusers_schedulers import diffusers_float64  # noqa: E402
 from test_tcd import float64_tcd  # noqa: E402
@@ -37,10 +38,7 @@ MODULES = {EULER: importlib.import_module("diffusers.schedulers.scheduling_edm_e
            DPM: importlib.import_module("diffusers.schedulers.scheduling_edm_dpmsolver_multistep")}
 
 CHOICES = {
-    "num_train_timesteps": [1000, 1000, 999, 37, 100],
-    "beta_schedule": ["linear", "scaled_linear", "squaredcos_cap_v2"],
-    "prediction_type": ["epsilon", "v_prediction", "sample"],
-    "timestep_spacing": ["leading", "trailing", "linspace"],
+    **SCHEDULE_CHOICES,
     "steps_offset": [0, 1],
     "clip_sample": [True, False],
     "clip_sample_range": [0.5, 3.0],
@@ -67,7 +65,7 @@ RARE = {"thresholding": [True], "rescale_betas_zero_snr": [True]}
 def draw_case(name, k):
     """Draw (config, set_timesteps kwargs, begin, step kwargs) number ``k`` of class ``name`` (deterministic)."""
     rng = random.Random(f"edm-tcd/{name}/{k}")
-    keys = _init_keys(name)
+    keys = init_keys(name)
     config = {key: rng.choice(RARE[key]) for key in keys if key in RARE and rng.random() < 0.08}
     for key in keys:
         if key in CHOICES and key not in config and rng.random() < 0.35:
@@ -85,7 +83,7 @@ def draw_case(name, k):
         T = config.get("num_train_timesteps", keys["num_train_timesteps"])
         if rng.random() < 0.1:
             lo, hi = rng.choice(BETA_RANGES)
-            config["trained_betas"] = np.linspace(lo ** 0.5, hi ** 0.5, T).__pow__(2).astype(np.float32).tolist()
+            config["trained_betas"] = trained_betas(lo, hi, T)
         kw = _draw_lcm_schedule(rng, config, T)
         step_kw["eta"] = rng.choice([0.0, 0.3, 0.3, 0.5, 1.0])
         n = len(kw.get("timesteps") or ()) or kw["num_inference_steps"]
@@ -178,22 +176,13 @@ def run_case(name, config, kw, begin, step_kw):
     """Check one draw (module docstring); returns "diffusers refuses", "refused KEY" or "compared"."""
     cls, ours_cls = getattr(diffusers, name), getattr(dd, name)
     what = f"{name} {config} {kw} begin={begin} {step_kw}"
-    their_error, eager = _refuses(lambda: _make(cls, config, kw))
+    their_error, eager = refuses(lambda: _make(cls, config, kw))
     source = eager.config if eager is not None else config
-    our_error, ours = _refuses(lambda: _make(ours_cls, source, kw))
-    if our_error is not None and not isinstance(our_error, ValueError):
-        raise AssertionError(f"{what}: ours raised {our_error!r}, expected a ValueError") from our_error
-    if their_error is not None:
-        assert our_error is not None, f"{what}: diffusers refuses it ({their_error!r}) but ours accepts it"
-        return "diffusers refuses"
-    refused = refusals(name, dict(_init_keys(name), **dict(eager.config)), kw, eager)
-    if refused:
-        assert our_error is not None, f"{what}: ours accepts unsupported {refused}"
-        named = [f"{k}={v!r}" for k, v in refused]
-        assert any(n in str(our_error) for n in named), f"{what}: {our_error} names none of {named}"
-        return "refused " + refused[0][0]
-    if our_error is not None:
-        raise AssertionError(f"{what}: ours refuses a supported config: {our_error}") from our_error
+    our_error, ours = refuses(lambda: _make(ours_cls, source, kw))
+    outcome = refusal_outcome(what, their_error, our_error, lambda: refusals(
+        name, dict(init_keys(name), **dict(eager.config)), kw, eager))
+    if outcome is not None:
+        return outcome
     truth = _make(cls, config, kw, truth=True)
     assert torch.equal(ours.timesteps.double(), eager.timesteps.double()) or name != TCD, f"{what}: timesteps"
     assert ours.timesteps.dtype == eager.timesteps.dtype and len(ours.timesteps) == len(eager.timesteps), what
@@ -207,12 +196,12 @@ def run_case(name, config, kw, begin, step_kw):
 def run_float64(name, config, kw, begin, step_kw):
     """Ours in float64 against diffusers in float64 at the float64 floor (module docstring)."""
     noisy = step_kw.get("s_churn", 0) > 0 or config.get("algorithm_type") == "sde-dpmsolver++"
-    error, truth = _refuses(lambda: _make(getattr(diffusers, name), config, kw, truth=True, float32_draws=False))
-    if error is not None or noisy:
+    pair = None if noisy else both_accept(
+        lambda: _make(getattr(diffusers, name), config, kw, truth=True, float32_draws=False),
+        lambda truth: _make(getattr(dd, name), truth.config, kw))
+    if pair is None:
         return
-    error, ours = _refuses(lambda: _make(getattr(dd, name), truth.config, kw))
-    if error is not None:
-        return
+    truth, ours = pair
     if name != TCD:
         ours.sigmas_host = truth.sigmas.double().tolist()  # no table is built before the first step
     _run_steps(name, f"{name} {config} {kw} begin={begin} {step_kw}", truth, None, ours, begin, step_kw, F64)
@@ -259,10 +248,5 @@ def test_pinned(name, config, kw, begin, step_kw, outcome):
 def test_draws_cover_every_key():
     """Every key of each diffusers class is drawn with a non-default value somewhere."""
     for name in NAMES:
-        keys = _init_keys(name)
-        seen = set()
-        for k in range(DRAWS):
-            config = draw_case(name, k)[0]
-            seen |= {key for key, v in config.items() if key in keys and v != keys[key]}
-        missing = set(keys) - seen - {"beta_start", "beta_end", "trained_betas", "num_train_timesteps"}
-        assert not missing, f"{name}: keys never drawn: {sorted(missing)}"
+        missing = undrawn_keys(name, (draw_case(name, k)[0] for k in range(DRAWS)))
+        assert not missing, f"{name}: keys never drawn: {missing}"

@@ -1,5 +1,5 @@
 """Differential fuzzing of the UniPC and LCM drop-ins against diffusers, over the configs users load (the harness of
-test_diffusers_config_fuzz.py, whose helpers this file imports).
+dropin_fuzz.py and test_diffusers_config_fuzz.py, whose helpers this file imports).
 
 Every key of diffusers 0.42.1's ``UniPCMultistepScheduler`` / ``LCMScheduler`` is drawn (seeded, deterministic):
 beta schedules and trained betas, odd ``num_train_timesteps``, spacings and offsets, prediction types, Karras /
@@ -26,7 +26,6 @@ import importlib
 import math
 import random
 
-import numpy as np
 import pytest
 import torch
 
@@ -34,8 +33,9 @@ diffusers = pytest.importorskip("diffusers")
 
 import diffkern.diffusers as dd  # noqa: E402
 from diffkern.testing import make_tensor  # noqa: E402
-from test_diffusers_config_fuzz import (BETA_RANGES, CHOICES, SHAPE, _check_schedule, _init_keys,  # noqa: E402
-                                        _refuses, _step, check)
+from dropin_fuzz import (BETA_RANGES, both_accept, check, draw_keys, init_keys, refusal_outcome, refuses,  # noqa: E402
+                         round_trip, trained_betas, undrawn_keys)
+from test_diffusers_config_fuzz import CHOICES, SHAPE, _check_schedule, _step  # noqa: E402
 from test_diffusers_schedulers import diffusers_float64, scheduler_module  # noqa: E402
 from test_lcm import float64_lcm  # noqa: E402
 
@@ -72,13 +72,8 @@ FOREIGN = {"use_karras_sigmas": [True], "final_sigmas_type": ["sigma_min"], "cli
 def draw_case(name, k):
     """Draw (config, set_timesteps kwargs, begin) number ``k`` of class ``name`` (deterministic)."""
     rng = random.Random(f"new/{name}/{k}")
-    keys = _init_keys(name)
-    config = {}
-    for key in keys:
-        if key in RARE and rng.random() < 0.04:
-            config[key] = rng.choice(RARE[key])
-        elif key in NEW_CHOICES and rng.random() < 0.35:
-            config[key] = rng.choice(NEW_CHOICES[key])
+    keys = init_keys(name)
+    config = draw_keys(rng, keys, NEW_CHOICES, RARE, 0.04)
     if (config.get("predict_x0") is False or config.get("solver_type") == "bh1"
             or config.get("lower_order_final") is False) and rng.random() < 0.75:
         config["final_sigmas_type"] = "sigma_min"  # where diffusers' samples are finite (refusals)
@@ -91,7 +86,7 @@ def draw_case(name, k):
     T = config.get("num_train_timesteps", keys["num_train_timesteps"])
     if rng.random() < 0.1:  # a trained table (increasing, as the real ones)
         lo, hi = rng.choice(BETA_RANGES)
-        config["trained_betas"] = np.linspace(lo ** 0.5, hi ** 0.5, T).__pow__(2).astype(np.float32).tolist()
+        config["trained_betas"] = trained_betas(lo, hi, T)
     if rng.random() < 0.1:  # a key only a compatible class takes: from_config keeps it
         key = rng.choice(sorted(set(FOREIGN) - set(keys)))
         config[key] = rng.choice(FOREIGN[key])
@@ -201,31 +196,25 @@ def run_case(name, config, kw, begin, tmp_path=None):
     "compared"."""
     cls, ours_cls = getattr(diffusers, name), getattr(dd, name)
     what = f"{name} {config} {kw} begin={begin}"
-    their_error, eager = _refuses(lambda: _make(cls, config, kw))
+    their_error, eager = refuses(lambda: _make(cls, config, kw))
     source = eager.config if eager is not None else config
-    our_error, ours = _refuses(lambda: _make(ours_cls, source, kw))
-    if our_error is not None and not isinstance(our_error, ValueError):
-        raise AssertionError(f"{what}: ours raised {our_error!r}, expected a ValueError") from our_error
-    if their_error is not None:
-        assert our_error is not None, f"{what}: diffusers refuses it ({their_error!r}) but ours accepts it"
-        return "diffusers refuses"
-    full = dict(_init_keys(name), **dict(eager.config))
-    refused = refusals(name, full, kw, eager.timesteps, eager.alphas_cumprod)
-    if refused:
-        assert our_error is not None, f"{what}: ours accepts unsupported {refused}"
-        named = [f"{k}={v!r}" for k, v in refused]
-        assert any(n in str(our_error) for n in named), f"{what}: {our_error} names none of {named}"
+    our_error, ours = refuses(lambda: _make(ours_cls, source, kw))
+
+    def nonfinite_in_diffusers(refused):
         if {k for k, _ in refused} <= NONFINITE and len(eager.timesteps) <= 100:
             assert not _finite_loop(eager), f"{what}: refused {refused}, but diffusers' samples are finite"
-        return "refused " + refused[0][0]
-    if our_error is not None:
-        raise AssertionError(f"{what}: ours refuses a supported config: {our_error}") from our_error
+
+    outcome = refusal_outcome(what, their_error, our_error, lambda: refusals(
+        name, dict(init_keys(name), **dict(eager.config)), kw, eager.timesteps, eager.alphas_cumprod),
+        on_refused=nonfinite_in_diffusers)
+    if outcome is not None:
+        return outcome
     truth = _make(cls, config, kw, truth=True)
     assert ours.num_inference_steps == eager.num_inference_steps, f"{what}: num_inference_steps"
     n = _check_schedule(name, ours, truth, eager, what)
     _run_steps(name, what, truth, eager, ours, n, begin, torch.float32)
     if tmp_path is not None:
-        _round_trip(what, ours_cls, cls, ours, tmp_path)
+        round_trip(what, ours_cls, cls, ours, tmp_path)
     return "compared"
 
 
@@ -268,27 +257,15 @@ def _run_steps(name, what, truth, eager, ours, n, begin, dtype):
         x = ref.prev_sample
 
 
-def _round_trip(what, ours_cls, cls, ours, path):
-    ours.save_pretrained(path)
-    loaded, theirs = ours_cls.from_pretrained(path), cls.from_pretrained(path)
-    public = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
-    assert public(loaded.config) == public(ours.config), f"{what}: save/load round trip"
-    assert public(ours_cls.from_config(theirs.config).config) == public(ours.config), f"{what}: via diffusers"
-
-
 def run_float64(name, config, kw, begin):
     """Ours in float64 against diffusers in float64 (its own sigmas for ours too, see the module docstring), at the
     float64 floor; nothing when the config is refused (:func:`run_case` checks that)."""
     cls, ours_cls = getattr(diffusers, name), getattr(dd, name)
-    if name == "LCMScheduler":
-        error, truth = _refuses(lambda: _make_lcm64(cls, config, kw))
-    else:
-        error, truth = _refuses(lambda: _make(cls, config, kw, truth=True))
-    if error is not None:
+    make_truth = _make_lcm64 if name == "LCMScheduler" else lambda *a: _make(*a, truth=True)
+    pair = both_accept(lambda: make_truth(cls, config, kw), lambda truth: _make(ours_cls, truth.config, kw))
+    if pair is None:
         return
-    error, ours = _refuses(lambda: _make(ours_cls, truth.config, kw))
-    if error is not None:
-        return
+    truth, ours = pair
     if name != "LCMScheduler":
         ours.sigmas_host = truth.sigmas.tolist()  # no table is built before the first step
     _run_steps(name, f"{name} {config} {kw} begin={begin}", truth, None, ours, len(ours.timesteps), begin, F64)
@@ -318,7 +295,7 @@ def truth_limit(name, config, kw):
     """
     if name != UNIPC:
         return None
-    error, ours = _refuses(lambda: _make(dd.UniPCMultistepScheduler, config, kw))
+    error, ours = refuses(lambda: _make(dd.UniPCMultistepScheduler, config, kw))
     if error is not None or ours.config.predict_x0:
         return None
     s = ours.sigmas_host
@@ -416,18 +393,12 @@ def test_draws_cover_every_key():
     """Every key of both diffusers classes is drawn with a non-default value somewhere, and the step counts reach 1
     and N = T, LCM's custom timesteps and strength, and begin indices."""
     for name in NAMES:
-        keys = _init_keys(name)
-        seen, counts = set(), set()
-        for k in range(DRAWS):
-            config, kw, begin = draw_case(name, k)
-            seen |= {key for key, v in config.items() if key in keys and v != keys[key]}
-            seen |= {f"kw:{key}" for key, v in kw.items() if key != "strength" or v != 1.0}
-            counts.add(kw.get("num_inference_steps"))
-            seen |= {"begin"} if begin else set()
-        missing = set(keys) - seen - {"beta_start", "beta_end", "trained_betas", "num_train_timesteps",
-                                      "time_shift_type"}
-        assert not missing, f"{name}: keys never drawn: {sorted(missing)}"
-        assert "begin" in seen and 1 in counts, name
+        draws = [draw_case(name, k) for k in range(DRAWS)]
+        missing = undrawn_keys(name, (config for config, _, _ in draws), exempt=("time_shift_type",))
+        assert not missing, f"{name}: keys never drawn: {missing}"
+        seen = {f"kw:{key}" for _, kw, _ in draws for key, v in kw.items() if key != "strength" or v != 1.0}
+        counts = {kw.get("num_inference_steps") for _, kw, _ in draws}
+        assert any(begin for _, _, begin in draws) and 1 in counts, name
         if name == "LCMScheduler":
             assert {"kw:timesteps", "kw:strength", "kw:original_inference_steps"} <= seen
         else:

@@ -10,7 +10,6 @@ FlowMatchEulerDiscreteScheduler) run in float64 (modules in float64, scheduler a
 ``diffusers_float64``), the yardstick its float32 run; Level 2 must be at most twice as far from the truth, plus the
 float32 floor.
 """
-import copy
 import importlib
 
 import pytest
@@ -22,9 +21,9 @@ transformers = pytest.importorskip("transformers")
 import diffkern.diffusers as dd  # noqa: E402
 from diffkern.diffusers.loop_spec import FLOW_TOP  # noqa: E402
 from diffkern.testing import assert_matches_reference  # noqa: E402
+from dropin_conformance import check_level2_images, check_one_step_from_t_one_is_exact, flow_runs  # noqa: E402
 from test_diffusers_flow import tiny_sd3  # noqa: E402
 from test_diffusers_pipelines import MAX_TOKENS, write_clip_vocab  # noqa: E402
-from test_diffusers_schedulers import diffusers_float64  # noqa: E402
 
 THEIRS = diffusers.FlowMatchEulerDiscreteScheduler
 MODULES = (importlib.import_module(THEIRS.__module__),
@@ -80,18 +79,7 @@ def embeds_call(pipe, generator, output_type="pt", **kw):
 def runs(make, config, call=text2image, ours_cls=THEIRS, **kw):
     """(Level 2, truth, stock float32) of ``call``; Level 2's pipeline holds ``ours_cls`` (diffusers' or
     diffkern's FlowMatchEulerDiscreteScheduler)."""
-    pipe = make(THEIRS(**config))
-    with diffusers_float64(*MODULES):
-        twin = copy.deepcopy(pipe)
-        for name in ("transformer", "vae") + TEXT:
-            if getattr(twin, name) is not None:
-                getattr(twin, name).double()
-        twin.scheduler = THEIRS(**config)
-        truth = call(twin, torch.Generator().manual_seed(5), **kw)
-    eager = call(pipe, torch.Generator().manual_seed(5), **kw)
-    pipe.scheduler = ours_cls(**config)
-    ours = call(dd.accelerate(pipe), torch.Generator().manual_seed(5), **kw)
-    return ours, truth, eager
+    return flow_runs(make(THEIRS(**config)), config, MODULES, call, ours_cls, **kw)
 
 
 LEVEL2 = [  # (scheduler config, output type, call kwargs)
@@ -111,12 +99,7 @@ LEVEL2 = [  # (scheduler config, output type, call kwargs)
 @pytest.mark.parametrize("config, output_type, kw", LEVEL2, ids=lambda v: str(v)[:30])
 def test_level2_matches_the_pipeline(tiny_sd3_text, config, output_type, kw):
     ours, truth, eager = runs(tiny_sd3_text, config, output_type=output_type, **kw)
-    n = 2 * kw.get("num_images_per_prompt", 1)
-    shape = {"pt": (n, 3, 16, 16), "np": (n, 16, 16, 3), "latent": (n, 4, 8, 8)}[output_type]
-    assert ours.shape == shape and ours.dtype == eager.dtype
-    if output_type != "latent":
-        assert 0.1 < float(((eager > 0) & (eager < 1)).float().mean()), "images saturated"
-    assert_matches_reference(ours, truth, eager, f"SD3 level 2 {config} {output_type} {kw}")
+    check_level2_images(ours, truth, eager, output_type, kw, (4, 8, 8), f"SD3 level 2 {config} {output_type} {kw}")
 
 
 @pytest.mark.parametrize("config", [SD3, DYNAMIC])
@@ -135,14 +118,7 @@ def test_first_sigma_is_the_finite_stand_in_for_t_equal_one(tiny_sd3_text):
 
 def test_first_step_from_t_equal_one_is_exact_in_float64():
     """One step from t = 1 to 0 in float64 (D = x_t - v, from the state 2^70*x_t) is the pipeline's, bitwise."""
-    out = []
-    for level in (1, 2):
-        with diffusers_float64(*MODULES):
-            pipe = tiny_sd3(THEIRS(**SD3)).to(torch.float64)
-            pipe = dd.accelerate(pipe) if level == 2 else pipe
-            out.append(embeds_call(pipe, torch.Generator().manual_seed(5), "latent", num_inference_steps=1))
-    assert out[0].dtype == torch.float64
-    torch.testing.assert_close(out[1], out[0], rtol=0, atol=0)
+    check_one_step_from_t_one_is_exact(lambda: tiny_sd3(THEIRS(**SD3)), MODULES, embeds_call)
 
 
 def test_stochastic_sampling_is_reproducible_per_seed(tiny_sd3_text):

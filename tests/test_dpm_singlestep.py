@@ -21,12 +21,14 @@ diffusers = pytest.importorskip("diffusers")
 
 import diffkern.diffusers as dd  # noqa: E402
 from diffkern.testing import assert_matches_reference, make_tensor  # noqa: E402
-from test_diffusers_pipelines import text2image, three_runs, tiny_sd, tiny_unet, unconditional  # noqa: E402, F401
-from test_diffusers_schedulers import SHAPE, diffusers_float64  # noqa: E402
+from dropin_conformance import (check_add_noise_and_scale_model_input, check_pipeline,  # noqa: E402
+                                check_saved_pipeline, check_saved_scheduler, float64_parity, step_parity,
+                                three_schedulers)
+from test_diffusers_pipelines import text2image, tiny_sd, tiny_unet, unconditional  # noqa: E402, F401
+from test_diffusers_schedulers import SHAPE  # noqa: E402
 
 NAME = "DPMSolverSinglestepScheduler"
 MODULE = importlib.import_module("diffusers.schedulers.scheduling_dpmsolver_singlestep")
-F64 = torch.float64
 O3 = {"solver_order": 3}
 FLOW = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
 NOISE = {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}
@@ -40,20 +42,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # diffusers de
 def _schedulers(config, steps, timesteps=None):
     """(truth, eager, ours) after set_timesteps; the truth on our float64 sigmas (checked first)."""
     kw = {"timesteps": timesteps} if timesteps is not None else {"num_inference_steps": steps}
-    with diffusers_float64(MODULE):
-        truth = diffusers.DPMSolverSinglestepScheduler(**config)
-        truth.set_timesteps(**kw)
-    eager = diffusers.DPMSolverSinglestepScheduler(**config)
-    eager.set_timesteps(**kw)
-    ours = dd.DPMSolverSinglestepScheduler.from_config(eager.config)
-    ours.set_timesteps(**kw)
-    assert ours.timesteps.dtype == torch.int64 and ours.num_inference_steps == eager.num_inference_steps
-    assert_matches_reference(ours.timesteps.double(), truth.timesteps.double(), eager.timesteps.double(),
-                             f"{config} timesteps")
+    truth, eager, ours = three_schedulers(NAME, MODULE, config, kw)
     assert ours.order_list == eager.order_list and ours.config.lower_order_final == eager.config.lower_order_final
-    torch.testing.assert_close(ours.sigmas, truth.sigmas.float(), rtol=3e-7, atol=0)
-    s = torch.tensor(ours.sigmas_host, dtype=F64)
-    truth.sigmas = s / (1 + s) if ours.config.use_flow_sigmas else s
     return truth, eager, ours
 
 
@@ -64,19 +54,9 @@ def check_steps(config, steps, begin=0, shape=SHAPE, backend=None, model_dtype=t
     ours.backend = backend
     for sched in (truth, eager, ours):  # as pipelines do (a repeated first timestep would start at the second)
         sched.set_begin_index(begin)
-    gens = [torch.Generator().manual_seed(7) for _ in range(3)]
-    x = make_tensor(shape, F64, seed=11)
     channels = 6 if config.get("variance_type") else shape[1]  # learned variances: 3 more channels, ignored
-    for k in range(begin, len(eager.timesteps)):
-        m = make_tensor((shape[0], channels) + tuple(shape[2:]), F64, seed=100 + k)
-        with diffusers_float64(MODULE):
-            ref = truth.step(m, truth.timesteps[k], x, generator=gens[0]).prev_sample
-        m32 = m.to(model_dtype)
-        out = eager.step(m32, eager.timesteps[k], x.float(), generator=gens[1]).prev_sample
-        got = ours.step(m32, ours.timesteps[k], x.float(), generator=gens[2]).prev_sample
-        assert_matches_reference(got, ref, out, f"{config} [{backend}] step {k}")
-        x = ref
-    assert ours.step_index == len(ours.timesteps)
+    step_parity(truth, eager, ours, MODULE, f"{config} [{backend}]", begin=begin, shape=shape,
+                model_shape=(shape[0], channels) + tuple(shape[2:]), model_dtype=model_dtype, generators=True)
 
 
 CASES = [  # (config, steps)
@@ -134,15 +114,7 @@ FLOAT64_CASES = [({}, 16), (O3, 20), ({"solver_order": 1, "prediction_type": "sa
 def test_float64_steps_match_diffusers(config, steps):
     """Ours in float64 on diffusers' sigmas is diffusers in float64 to rounding: the float64 floor at every step."""
     truth, _, ours = _schedulers(config, steps)
-    x = make_tensor(SHAPE, F64, seed=1)
-    for k, t in enumerate(truth.timesteps):
-        m = make_tensor(SHAPE, F64, seed=50 + k)
-        with diffusers_float64(MODULE):
-            ref = truth.step(m, t, x).prev_sample
-        got = ours.step(m, t, x).prev_sample
-        assert got.dtype == F64
-        assert_matches_reference(got, ref, ref, f"{config} step {k}")
-        x = ref
+    float64_parity(truth, ours, MODULE, f"{config}")
 
 
 def test_sde_philox_noise():
@@ -188,18 +160,14 @@ PIPELINE_CASES = [({}, 1), ({}, 2), (O3, 1), (O3, 2), (dict(O3, solver_type="heu
 
 @pytest.mark.parametrize("config, level", PIPELINE_CASES, ids=[str(i) for i in range(len(PIPELINE_CASES))])
 def test_ddpm_pipeline(config, level):
-    ours, truth, eager = three_runs(lambda s: diffusers.DDPMPipeline(unet=tiny_unet(), scheduler=s), NAME, config,
-                                    unconditional, level)
-    assert 0.1 < float(((eager > 0) & (eager < 1)).float().mean()), "images saturated: the comparison would be void"
-    assert_matches_reference(ours, truth, eager, f"{config} level {level}")
+    check_pipeline(lambda s: diffusers.DDPMPipeline(unet=tiny_unet(), scheduler=s), NAME, config, unconditional,
+                   level, f"{config} level {level}")
 
 
 @pytest.mark.parametrize("config, level", [(O3, 1), (O3, 2), ({"prediction_type": "v_prediction"}, 2)])
 def test_text2image_pipeline_with_cfg(tiny_sd, config, level):
     config = dict(config, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    ours, truth, eager = three_runs(tiny_sd, NAME, config, text2image, level)
-    assert 0.1 < float(((eager > 0) & (eager < 1)).float().mean()), "images saturated: the comparison would be void"
-    assert_matches_reference(ours, truth, eager, f"text2image {config} level {level}")
+    check_pipeline(tiny_sd, NAME, config, text2image, level, f"text2image {config} level {level}")
 
 
 @pytest.mark.parametrize("config, kw", [(O3, {"strength": 0.7, "steps": 7}), ({}, {"strength": 0.6})])
@@ -218,11 +186,7 @@ def test_img2img_level2_matches_stock_pipeline(tiny_sd, monkeypatch, config, kw)
 def test_save_load_and_foreign_configs(tmp_path):
     config = dict(O3, use_karras_sigmas=True, prediction_type="v_prediction", solver_type="heun")
     sched = dd.DPMSolverSinglestepScheduler(**config)
-    sched.save_pretrained(tmp_path / "s")
-    loaded = dd.DPMSolverSinglestepScheduler.from_pretrained(tmp_path / "s")
-    theirs = diffusers.DPMSolverSinglestepScheduler.from_pretrained(tmp_path / "s")  # the config is diffusers' too
-    for other in (loaded, dd.DPMSolverSinglestepScheduler.from_config(theirs.config)):
-        assert {k: other.config[k] for k in config} == config
+    check_saved_scheduler(sched, tmp_path / "s", config)
     for foreign in (diffusers.DPMSolverMultistepScheduler(solver_order=3, final_sigmas_type="sigma_min"),
                     diffusers.UniPCMultistepScheduler(), diffusers.EulerDiscreteScheduler(use_karras_sigmas=True),
                     diffusers.DEISMultistepScheduler(solver_order=3)):  # deis/logrho load as dpmsolver++/midpoint
@@ -233,28 +197,13 @@ def test_save_load_and_foreign_configs(tmp_path):
         for s in (ours, want):
             s.set_timesteps(6)
         assert ours.timesteps.tolist() == want.timesteps.tolist() and ours.order_list == want.order_list
-    pipe = diffusers.DDPMPipeline(unet=tiny_unet(diffusers.UNet2DModel), scheduler=sched)
-    pipe.save_pretrained(tmp_path / "p")
-    again = diffusers.DDPMPipeline.from_pretrained(tmp_path / "p")
-    assert type(again.scheduler) is dd.DPMSolverSinglestepScheduler
-    a, b = (unconditional(p, torch.Generator().manual_seed(0)) for p in (pipe, again))
-    torch.testing.assert_close(b, a, rtol=0, atol=0)
+    check_saved_pipeline(diffusers.DDPMPipeline, sched, tmp_path / "p")
 
 
 @pytest.mark.parametrize("config", [{}, FLOW])
 def test_add_noise_and_scale_model_input_match_diffusers(config):
-    theirs, ours = diffusers.DPMSolverSinglestepScheduler(**config), dd.DPMSolverSinglestepScheduler(**config)
-    for s in (theirs, ours):
-        s.set_timesteps(10)
-    x0, noise = make_tensor(SHAPE, seed=3), make_tensor(SHAPE, seed=4)
-    t = theirs.timesteps[[0, 3]]
-    torch.testing.assert_close(ours.add_noise(x0[:2], noise[:2], t), theirs.add_noise(x0[:2], noise[:2], t),
-                               rtol=1e-5, atol=1e-5)
-    for s in (theirs, ours):
-        s.set_begin_index(4)
-    torch.testing.assert_close(ours.add_noise(x0, noise, t[:1]), theirs.add_noise(x0, noise, t[:1]), rtol=1e-5,
-                               atol=1e-5)
-    assert torch.equal(ours.scale_model_input(x0, t[0]), x0)
+    check_add_noise_and_scale_model_input(diffusers.DPMSolverSinglestepScheduler(**config),
+                                          dd.DPMSolverSinglestepScheduler(**config), begin_index=True)
 
 
 def test_dynamic_shift_mu_matches_diffusers():

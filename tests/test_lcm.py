@@ -9,7 +9,6 @@ Oracles and tolerances (the project rule, ``diffkern.testing.assert_matches_refe
 - float32: the truth above with float32 generator draws upcast, diffusers' float32 run as the yardstick: ours must be
   within twice diffusers' own float32 error (+ the 2e-6 relative floor).
 """
-import contextlib
 import importlib
 import re
 
@@ -22,71 +21,27 @@ import diffkern.diffusers as dd  # noqa: E402
 from diffkern import analytic, samplers, schedules  # noqa: E402
 from diffkern.ops import philox  # noqa: E402
 from diffkern.sampling import knobs, sample  # noqa: E402
-from diffkern.testing import assert_matches_reference, make_tensor, usable_backends  # noqa: E402
-from test_diffusers_schedulers import _Torch64, diffusers_float64  # noqa: E402
+from diffkern.testing import assert_matches_reference, make_tensor  # noqa: E402
+from dropin_conformance import check_saved_scheduler  # noqa: E402
+from dropin_consistency import (check_output_dtypes_and_add_noise, check_philox_loop,  # noqa: E402
+                                check_zero_snr_epsilon_refused, consistency_parity, consistency_pipeline_runs,
+                                float64_consistency)
 
 LCM = importlib.import_module("diffusers.schedulers.scheduling_lcm")
 SHAPE = (2, 4, 5, 3)
 REF = "reference"
 
 
-@contextlib.contextmanager
 def float64_lcm(float32_draws: bool):
     """diffusers' LCM module in float64 (see the module docstring); ``float32_draws``: its generator noise is the
     float32 normals of the same generator, upcast (as the float32 runs draw them)."""
-    saved = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        if float32_draws:
-            with diffusers_float64(LCM):
-                yield
-        else:
-            module_torch, LCM.torch = LCM.torch, _Torch64()
-            try:
-                yield
-            finally:
-                LCM.torch = module_torch
-    finally:
-        torch.set_default_dtype(saved)
-
-
-def _set(sched, kw, begin):
-    sched.set_timesteps(**kw)
-    if begin:
-        sched.set_begin_index(begin)
+    return float64_consistency(LCM, float32_draws, default_dtype=torch.float64)
 
 
 def lcm_parity(config, kw, dtype, begin=0, backend=REF):
     """Run ours (``dtype``) and diffusers' LCM step by step on the truth's states and fresh model outputs."""
-    with float64_lcm(dtype == torch.float32):
-        truth = diffusers.LCMScheduler(**config)
-        _set(truth, kw, begin)
-    eager = diffusers.LCMScheduler(**config)
-    _set(eager, kw, begin)
-    ours = dd.LCMScheduler.from_config(eager.config)
-    ours.backend = backend
-    _set(ours, kw, begin)
-    assert torch.equal(ours.timesteps, eager.timesteps) and ours.timesteps.dtype == eager.timesteps.dtype
-    assert ours.num_inference_steps == eager.num_inference_steps
-    gens = [torch.Generator().manual_seed(7) for _ in range(3)]
-    x = make_tensor(SHAPE, torch.float64, seed=11)
-    for k in range(begin, len(eager.timesteps)):
-        t = eager.timesteps[k]
-        m = make_tensor(SHAPE, torch.float64, seed=100 + k)
-        assert torch.equal(ours.scale_model_input(x.to(dtype), t), x.to(dtype))
-        with float64_lcm(dtype == torch.float32):
-            ref = truth.step(m, t, x, generator=gens[0])
-        what = f"{config} {kw} begin={begin} [{backend}] step {k} (t={int(t)})"
-        got = ours.step(m.to(dtype), t, x.to(dtype), generator=gens[2])
-        if dtype == torch.float64:
-            for a, b, name in ((got.prev_sample, ref.prev_sample, "prev"), (got.denoised, ref.denoised, "denoised")):
-                assert_matches_reference(a, b, b, f"{what} {name}")
-        else:
-            out = eager.step(m.float(), t, x.float(), generator=gens[1])
-            assert_matches_reference(got.prev_sample, ref.prev_sample, out.prev_sample, what + " prev")
-            assert_matches_reference(got.denoised, ref.denoised, out.denoised, what + " denoised")
-        x = ref.prev_sample
-    assert ours.step_index == len(ours.timesteps)
+    consistency_parity("LCMScheduler", float64_lcm, config, kw, dtype, second="denoised", begin=begin,
+                       backend=backend, shape=SHAPE)
 
 
 CASES = [
@@ -122,22 +77,7 @@ def test_every_backend(cpu_backend):
 
 
 def test_philox_without_generator_is_seeded_and_equal_on_every_backend():
-    def loop(backend, dtype, seed):
-        sched = dd.LCMScheduler()
-        sched.backend = backend
-        sched.set_seed(seed)
-        sched.set_timesteps(4)
-        x = make_tensor(SHAPE, dtype, seed=1)
-        for k, t in enumerate(sched.timesteps):
-            x = sched.step(make_tensor(SHAPE, dtype, seed=20 + k), t, x).prev_sample
-        return x
-
-    ref64, eager = loop(REF, torch.float64, 5), loop(REF, torch.float32, 5)
-    assert torch.equal(eager, loop(REF, torch.float32, 5))
-    assert not torch.allclose(eager, loop(REF, torch.float32, 6))
-    for backend in usable_backends("cpu"):
-        assert_matches_reference(loop(backend, torch.float32, 5), ref64, eager, f"philox [{backend}]")
-        assert_matches_reference(loop(backend, torch.float64, 5), ref64, ref64, f"philox [{backend}] float64")
+    check_philox_loop(dd.LCMScheduler, SHAPE)
 
 
 def test_timesteps_match_diffusers_over_many_settings():
@@ -186,67 +126,24 @@ def test_refused_options_name_the_key(option, value):
 
 
 def test_zero_snr_with_epsilon_is_refused_where_diffusers_divides_by_zero():
-    sched = dd.LCMScheduler(rescale_betas_zero_snr=True)
-    with pytest.raises(ValueError, match="rescale_betas_zero_snr=True"):
-        sched.set_timesteps(4)  # starts at t = 999, alpha-bar 0
-    sched.set_timesteps(timesteps=[979, 499])  # skips it: fine
-    assert torch.isfinite(sched.step(make_tensor(SHAPE), 979, make_tensor(SHAPE, seed=1)).prev_sample).all()
+    check_zero_snr_epsilon_refused(dd.LCMScheduler, "rescale_betas_zero_snr=True", SHAPE)
 
 
 def test_outputs_dtypes_and_add_noise():
-    for s_dtype, m_dtype in ((torch.float32, torch.float16), (torch.float16, torch.float16),
-                             (torch.bfloat16, torch.float32)):
-        theirs, ours = diffusers.LCMScheduler(), dd.LCMScheduler()
-        theirs.set_timesteps(2)
-        ours.set_timesteps(2)
-        x, m = make_tensor(SHAPE, s_dtype, seed=1), make_tensor(SHAPE, m_dtype, seed=2)
-        a = theirs.step(m, theirs.timesteps[0], x, generator=torch.Generator().manual_seed(0))
-        b = ours.step(m, ours.timesteps[0], x, generator=torch.Generator().manual_seed(0))
-        assert type(b) is type(a) and b.prev_sample.dtype == a.prev_sample.dtype
-        assert b.denoised.dtype == a.denoised.dtype
-    prev, denoised = ours.step(m, ours.timesteps[1], x, return_dict=False)
-    assert torch.equal(prev, denoised)  # the last step returns the denoised estimate
-    x0, noise, t = make_tensor(SHAPE, seed=3), make_tensor(SHAPE, seed=4), torch.tensor([999, 19])
-    torch.testing.assert_close(ours.add_noise(x0, noise, t), theirs.add_noise(x0, noise, t))
+    check_output_dtypes_and_add_noise("LCMScheduler", "denoised", SHAPE)
 
 
 def test_save_and_load_round_trip(tmp_path):
     sched = dd.LCMScheduler(prediction_type="v_prediction", original_inference_steps=30, timestep_scaling=5.0)
-    sched.save_pretrained(tmp_path)
-    loaded = dd.LCMScheduler.from_pretrained(tmp_path)
-    public = {k: v for k, v in sched.config.items() if not k.startswith("_")}
-    assert type(loaded) is dd.LCMScheduler and {k: loaded.config[k] for k in public} == public
-    theirs = diffusers.LCMScheduler.from_pretrained(tmp_path)
-    assert {k: theirs.config[k] for k in public} == public
-    assert dd.SCHEDULERS["LCMScheduler"] is dd.LCMScheduler and "LCMScheduler" in dd.__all__
+    check_saved_scheduler(sched, tmp_path, {k: v for k, v in sched.config.items() if not k.startswith("_")})
 
 #----------------------------------------------------------------------------
 # A pipeline with tiny random components.
 
 
-def _ddpm_pipeline_runs():
-    from test_diffusers_pipelines import STEPS, pipeline_modules, tiny_unet
-
-    config = {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02, "original_inference_steps": 20}
-
-    def call(pipe):
-        return pipe(batch_size=2, generator=torch.Generator().manual_seed(5), num_inference_steps=STEPS,
-                    output_type="pt").images
-
-    pipe = diffusers.DDPMPipeline(unet=tiny_unet(), scheduler=diffusers.LCMScheduler(**config))
-    pipe.set_progress_bar_config(disable=True)
-    with float64_lcm(True), diffusers_float64(*pipeline_modules(pipe)):
-        twin = diffusers.DDPMPipeline(unet=tiny_unet().double(), scheduler=diffusers.LCMScheduler(**config))
-        twin.set_progress_bar_config(disable=True)
-        truth = call(twin)
-    eager = call(pipe)
-    pipe.scheduler = dd.LCMScheduler.from_config(pipe.scheduler.config)
-    return call(pipe), truth, eager, pipe
-
-
 def test_pipeline_level1_matches_diffusers():
     """(Level 2, ``accelerate``: tests/test_lcm_accelerate.py.)"""
-    ours, truth, eager, pipe = _ddpm_pipeline_runs()
+    ours, truth, eager, pipe = consistency_pipeline_runs("LCMScheduler", float64_lcm)
     assert_matches_reference(ours, truth, eager, "DDPMPipeline + LCMScheduler")
 
 #----------------------------------------------------------------------------

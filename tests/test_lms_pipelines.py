@@ -16,48 +16,25 @@ diffusers = pytest.importorskip("diffusers")
 import diffkern.diffusers as dd  # noqa: E402
 from diffkern.diffusers.loop_spec import loop_spec, tail_spec  # noqa: E402
 from diffkern.testing import assert_matches_reference  # noqa: E402
-from diffusers import DDPMPipeline  # noqa: E402
-from diffusers.pipelines.pipeline_utils import ImagePipelineOutput  # noqa: E402
-from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
-from test_diffusers_pipelines import text2image, three_runs, tiny_sd, tiny_unet, unconditional  # noqa: E402, F401
+from dropin_conformance import KPipeline, check_pipeline, check_saved_pipeline, check_saved_scheduler  # noqa: E402
+from test_diffusers_pipelines import text2image, tiny_sd, tiny_unet, unconditional  # noqa: E402, F401
 from test_diffusers_schedulers import diffusers_float64  # noqa: E402
 
 NAME = "LMSDiscreteScheduler"
 MODULE = importlib.import_module("diffusers.schedulers.scheduling_lms_discrete")
 SD = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 1}
 
-class KPipeline(DDPMPipeline):
-    """``DDPMPipeline``'s loop as a K-scheduler needs it: the initial noise times ``init_noise_sigma``, the UNet input
-    through ``scale_model_input``, no ``generator`` in ``step()``. The noise is drawn in float32 and cast, so the
-    float64 truth starts from the same numbers (and ``accelerate``'s loop too)."""
-
-    @torch.no_grad()
-    def __call__(self, batch_size=1, generator=None, num_inference_steps=1000, output_type="pt", return_dict=True):
-        size = self.unet.config.sample_size
-        image = randn_tensor((batch_size, self.unet.config.in_channels, size, size), generator=generator,
-                             dtype=torch.float32).to(self.unet.dtype)
-        self.scheduler.set_timesteps(num_inference_steps)
-        image = image * self.scheduler.init_noise_sigma
-        for t in self.scheduler.timesteps:
-            out = self.unet(self.scheduler.scale_model_input(image, t), t).sample
-            image = self.scheduler.step(out, t, image).prev_sample
-        return ImagePipelineOutput(images=(image / 2 + 0.5).clamp(0, 1))
-
 
 @pytest.mark.filterwarnings("ignore:accelerate")  # its note that DDPMPipeline's own loop scales nothing
 @pytest.mark.parametrize("config, level", [({}, 1), ({}, 2), ({"use_karras_sigmas": True}, 2)])
 def test_unconditional_pipeline(config, level):
-    ours, truth, eager = three_runs(lambda s: KPipeline(unet=tiny_unet(), scheduler=s), NAME, config, unconditional,
-                                    level)
-    assert 0.1 < float(((eager > 0) & (eager < 1)).float().mean()), "images saturated: the comparison would be void"
-    assert_matches_reference(ours, truth, eager, f"{config} level {level}")
+    check_pipeline(lambda s: KPipeline(unet=tiny_unet(), scheduler=s), NAME, config, unconditional, level,
+                   f"{config} level {level}")
 
 
 @pytest.mark.parametrize("level", [1, 2])
 def test_text2image_pipeline_with_cfg(tiny_sd, level):
-    ours, truth, eager = three_runs(tiny_sd, NAME, SD, text2image, level)
-    assert 0.1 < float(((eager > 0) & (eager < 1)).float().mean()), "images saturated: the comparison would be void"
-    assert_matches_reference(ours, truth, eager, f"text2image level {level}")
+    check_pipeline(tiny_sd, NAME, SD, text2image, level, f"text2image level {level}")
 
 
 def test_level2_spec():
@@ -102,15 +79,5 @@ def test_img2img(tiny_sd, monkeypatch):
 def test_save_and_load(tmp_path):
     config = dict(SD, use_beta_sigmas=True, prediction_type="v_prediction", timestep_spacing="trailing")
     sched = dd.LMSDiscreteScheduler(**config)
-    sched.save_pretrained(tmp_path / "s")
-    theirs = diffusers.LMSDiscreteScheduler.from_pretrained(tmp_path / "s")  # the config is diffusers' too
-    for other in (dd.LMSDiscreteScheduler.from_pretrained(tmp_path / "s"),
-                  dd.LMSDiscreteScheduler.from_config(theirs.config)):
-        assert {k: other.config[k] for k in config} == config
-    pipe = KPipeline(unet=tiny_unet(diffusers.UNet2DModel), scheduler=sched)
-    pipe.save_pretrained(tmp_path / "p")
-    again = KPipeline.from_pretrained(tmp_path / "p")
-    assert type(again.scheduler) is dd.LMSDiscreteScheduler
-    a, b = (unconditional(p, torch.Generator().manual_seed(0)) for p in (pipe, again))
-    torch.testing.assert_close(b, a, rtol=0, atol=0)
-    assert dd.SCHEDULERS[NAME] is dd.LMSDiscreteScheduler and NAME in dd.__all__
+    check_saved_scheduler(sched, tmp_path / "s", config)
+    check_saved_pipeline(KPipeline, sched, tmp_path / "p")

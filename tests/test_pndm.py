@@ -26,9 +26,10 @@ from diffkern.diffusers.schedulers_pndm import pndm_calls  # noqa: E402
 from diffkern.ops import coefs  # noqa: E402
 from diffkern.sampling import sample  # noqa: E402
 from diffkern.testing import assert_matches_reference, make_tensor  # noqa: E402
-from test_diffusers_pipelines import text2image, three_runs, tiny_sd, tiny_unet, unconditional  # noqa: E402, F401
-from test_diffusers_schedulers import SHAPE, check_parity, diffusers_float64  # noqa: E402
-from test_unipc import UniPCPipeline, gmm3  # noqa: E402
+from dropin_conformance import (UniPCPipeline, check_add_noise_and_scale_model_input, check_pipeline,  # noqa: E402
+                                check_saved_pipeline, check_saved_scheduler, float64_parity, gmm3)
+from test_diffusers_pipelines import text2image, tiny_sd, tiny_unet, unconditional  # noqa: E402, F401
+from test_diffusers_schedulers import check_parity, diffusers_float64  # noqa: E402
 
 NAME = "PNDMScheduler"
 MODULE = importlib.import_module("diffusers.schedulers.scheduling_pndm")
@@ -74,15 +75,7 @@ def test_float64_steps_match_diffusers(config, steps, begin):
     ours = dd.PNDMScheduler(**config)
     ours.set_timesteps(steps)
     ours.set_begin_index(begin)
-    x = make_tensor((3, 1, 5), F64, seed=1)
-    for k, t in enumerate(truth.timesteps[begin:]):
-        m = make_tensor((3, 1, 5), F64, seed=50 + k)
-        with diffusers_float64(MODULE):
-            ref = truth.step(m, t, x).prev_sample
-        got = ours.step(m, t, x).prev_sample
-        assert got.dtype == F64
-        assert_matches_reference(got, ref, ref, f"{config} call {k}")
-        x = ref
+    float64_parity(truth, ours, MODULE, f"{config}", shape=(3, 1, 5), begin=begin, label="call")
     assert ours.counter == len(truth.timesteps) - begin == truth.counter
 
 
@@ -214,18 +207,14 @@ def test_sampler_refuses_knobs_and_bad_sigmas():
 @pytest.mark.parametrize("config, level", [(PLMS, 1), (PLMS, 2), (dict(PLMS, set_alpha_to_one=True), 2),
                                            ({}, 1), ({"prediction_type": "v_prediction"}, 1)])
 def test_unconditional_pipeline(config, level):
-    ours, truth, eager = three_runs(lambda s: UniPCPipeline(unet=tiny_unet(), scheduler=s), NAME, config, unconditional,
-                                    level)
-    assert 0.1 < float(((eager > 0) & (eager < 1)).float().mean()), "images saturated: the comparison would be void"
-    assert_matches_reference(ours, truth, eager, f"{config} level {level}")
+    check_pipeline(lambda s: UniPCPipeline(unet=tiny_unet(), scheduler=s), NAME, config, unconditional, level,
+                   f"{config} level {level}")
 
 
 @pytest.mark.parametrize("config, level", [(SD, 1), (SD, 2), (dict(SD, skip_prk_steps=False), 1)])
 def test_text2image_pipeline_with_cfg(tiny_sd, config, level):
     """Stable Diffusion 1.x's scheduler in its pipeline (which forces steps_offset=1), CFG in the fused step."""
-    ours, truth, eager = three_runs(tiny_sd, NAME, config, text2image, level)
-    assert 0.1 < float(((eager > 0) & (eager < 1)).float().mean()), "images saturated: the comparison would be void"
-    assert_matches_reference(ours, truth, eager, f"text2image {config} level {level}")
+    check_pipeline(tiny_sd, NAME, config, text2image, level, f"text2image {config} level {level}")
 
 
 def test_level2_spec():
@@ -264,28 +253,12 @@ def test_level2_refusals_name_the_key(config, key):
 
 def test_save_and_load(tmp_path):
     sched = dd.PNDMScheduler(**SD)
-    sched.save_pretrained(tmp_path / "s")
-    loaded = dd.PNDMScheduler.from_pretrained(tmp_path / "s")
-    theirs = diffusers.PNDMScheduler.from_pretrained(tmp_path / "s")  # the config is diffusers' too
-    for other in (loaded, dd.PNDMScheduler.from_config(theirs.config)):
-        assert {k: other.config[k] for k in SD} == SD
-    pipe = UniPCPipeline(unet=tiny_unet(diffusers.UNet2DModel), scheduler=sched)
-    pipe.save_pretrained(tmp_path / "p")
-    again = UniPCPipeline.from_pretrained(tmp_path / "p")
-    assert type(again.scheduler) is dd.PNDMScheduler
-    a, b = (unconditional(p, torch.Generator().manual_seed(0)) for p in (pipe, again))
-    torch.testing.assert_close(b, a, rtol=0, atol=0)
+    check_saved_scheduler(sched, tmp_path / "s", SD)
+    check_saved_pipeline(UniPCPipeline, sched, tmp_path / "p")
 
 
 def test_add_noise_and_scale_model_input_match_diffusers():
-    theirs, ours = diffusers.PNDMScheduler(**SD), dd.PNDMScheduler(**SD)
-    for s in (theirs, ours):
-        s.set_timesteps(10)
-    x0, noise = make_tensor(SHAPE, seed=3), make_tensor(SHAPE, seed=4)
-    t = theirs.timesteps[[0, 3]]
-    torch.testing.assert_close(ours.add_noise(x0[:2], noise[:2], t), theirs.add_noise(x0[:2], noise[:2], t),
-                               rtol=1e-5, atol=1e-5)
-    assert torch.equal(ours.scale_model_input(x0, t[0]), x0)
+    check_add_noise_and_scale_model_input(diffusers.PNDMScheduler(**SD), dd.PNDMScheduler(**SD))
 
 
 @pytest.mark.parametrize("config, key", [({"prediction_type": "sample"}, "prediction_type='sample'"),

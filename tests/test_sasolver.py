@@ -24,6 +24,7 @@ from diffkern.ops import coefs  # noqa: E402
 from diffkern.testing import FLOORS, make_tensor, max_err  # noqa: E402
 from test_diffusers_pipelines import DDPMPipeline, three_runs, tiny_unet, unconditional  # noqa: E402
 from test_diffusers_schedulers import SHAPE, _Torch64, check_parity, scheduler_module  # noqa: E402
+from dropin_conformance import check_add_noise_and_scale_model_input  # noqa: E402
 
 NAME = "SASolverScheduler"
 MODULE = scheduler_module(NAME)
@@ -233,14 +234,7 @@ def test_foreign_configs_load_as_diffusers_does(other):
 
 
 def test_add_noise_and_scale_model_input_match_diffusers():
-    theirs, ours = diffusers.SASolverScheduler(), dd.SASolverScheduler()
-    for s in (theirs, ours):
-        s.set_timesteps(10)
-    x0, noise = make_tensor(SHAPE, seed=3), make_tensor(SHAPE, seed=4)
-    t = theirs.timesteps[[0, 3]]
-    torch.testing.assert_close(ours.add_noise(x0[:2], noise[:2], t), theirs.add_noise(x0[:2], noise[:2], t),
-                               rtol=1e-5, atol=1e-5)
-    assert torch.equal(ours.scale_model_input(x0, t[0]), x0)
+    check_add_noise_and_scale_model_input(diffusers.SASolverScheduler(), dd.SASolverScheduler(), begin_index=True)
 
 
 @pytest.mark.parametrize("config, key", [

@@ -10,7 +10,6 @@ Oracles and tolerances (the project rule, ``diffkern.testing.assert_matches_refe
   within twice diffusers' own float32 error (+ the 2e-6 relative floor).
 Level 2: ``accelerate`` refuses TCD by name (no diffkern sampler gives its per-step sigma_down).
 """
-import contextlib
 import importlib
 import math
 import re
@@ -23,7 +22,10 @@ diffusers = pytest.importorskip("diffusers")
 import diffkern.diffusers as dd  # noqa: E402
 from diffkern.diffusers.schedulers_tcd import intermediate_timestep  # noqa: E402
 from diffkern.testing import assert_matches_reference, make_tensor, usable_backends  # noqa: E402
-from test_diffusers_schedulers import _Torch64, diffusers_float64  # noqa: E402
+from dropin_conformance import check_saved_scheduler  # noqa: E402
+from dropin_consistency import (check_output_dtypes_and_add_noise, check_philox_loop,  # noqa: E402
+                                check_zero_snr_epsilon_refused, consistency_parity, consistency_pipeline_runs,
+                                float64_consistency)
 
 TCD = importlib.import_module("diffusers.schedulers.scheduling_tcd")
 SHAPE = (2, 4, 5, 3)
@@ -31,62 +33,16 @@ REF = "reference"
 ETAS = (0.0, 0.3, 1.0)
 
 
-@contextlib.contextmanager
 def float64_tcd(float32_draws: bool):
     """diffusers' TCD module in float64 (see the module docstring); ``float32_draws``: its generator noise is the
     float32 normals of the same generator, upcast (as the float32 runs draw them)."""
-    if float32_draws:
-        with diffusers_float64(TCD):
-            yield
-        return
-    module_torch, TCD.torch = TCD.torch, _Torch64()
-    try:
-        yield
-    finally:
-        TCD.torch = module_torch
-
-
-def _set(sched, kw, begin):
-    sched.set_timesteps(**kw)
-    if begin:
-        sched.set_begin_index(begin)
+    return float64_consistency(TCD, float32_draws)
 
 
 def tcd_parity(config, kw, dtype, eta, begin=0, backend=REF):
     """Run ours (``dtype``) and diffusers' TCD step by step on the truth's states and fresh model outputs."""
-    with float64_tcd(dtype == torch.float32):
-        truth = diffusers.TCDScheduler(**config)
-        _set(truth, kw, begin)
-    eager = diffusers.TCDScheduler(**config)
-    _set(eager, kw, begin)
-    ours = dd.TCDScheduler.from_config(eager.config)
-    ours.backend = backend
-    _set(ours, kw, begin)
-    assert torch.equal(ours.timesteps, eager.timesteps) and ours.timesteps.dtype == eager.timesteps.dtype
-    assert ours.num_inference_steps == eager.num_inference_steps
-    gens = [torch.Generator().manual_seed(7) for _ in range(3)]
-    x = make_tensor(SHAPE, torch.float64, seed=11)
-    for k in range(begin, len(eager.timesteps)):
-        t = eager.timesteps[k]
-        m = make_tensor(SHAPE, torch.float64, seed=100 + k)
-        assert torch.equal(ours.scale_model_input(x.to(dtype), t), x.to(dtype))
-        with float64_tcd(dtype == torch.float32):
-            ref = truth.step(m, t, x, eta=eta, generator=gens[0])
-        what = f"{config} {kw} eta={eta} begin={begin} [{backend}] step {k} (t={int(t)})"
-        got = ours.step(m.to(dtype), t, x.to(dtype), eta=eta, generator=gens[2])
-        if dtype == torch.float64:
-            for a, b, name in ((got.prev_sample, ref.prev_sample, "prev"),
-                               (got.pred_noised_sample, ref.pred_noised_sample, "noised")):
-                assert_matches_reference(a, b, b, f"{what} {name}")
-        else:
-            out = eager.step(m.float(), t, x.float(), eta=eta, generator=gens[1])
-            assert_matches_reference(got.prev_sample, ref.prev_sample, out.prev_sample, what + " prev")
-            assert_matches_reference(got.pred_noised_sample, ref.pred_noised_sample, out.pred_noised_sample,
-                                     what + " noised")
-        x = ref.prev_sample
-    assert ours.step_index == len(ours.timesteps)
-    # the generators advanced identically (noise drawn on the same steps, a zero-weight draw included)
-    assert torch.equal(torch.randn(3, generator=gens[0]), torch.randn(3, generator=gens[2]))
+    consistency_parity("TCDScheduler", float64_tcd, config, kw, dtype, second="pred_noised_sample", begin=begin,
+                       backend=backend, step_kw={"eta": eta}, shape=SHAPE)
 
 
 CASES = [
@@ -150,22 +106,8 @@ def test_eta_zero_draws_no_noise():
 
 
 def test_philox_without_generator_is_seeded_and_equal_on_every_backend():
-    def loop(backend, dtype, seed, eta=0.3):
-        sched = dd.TCDScheduler()
-        sched.backend = backend
-        sched.set_seed(seed)
-        sched.set_timesteps(4)
-        x = make_tensor(SHAPE, dtype, seed=1)
-        for k, t in enumerate(sched.timesteps):
-            x = sched.step(make_tensor(SHAPE, dtype, seed=20 + k), t, x, eta=eta).prev_sample
-        return x
-
-    ref64, eager = loop(REF, torch.float64, 5), loop(REF, torch.float32, 5)
-    assert torch.equal(eager, loop(REF, torch.float32, 5))
-    assert not torch.allclose(eager, loop(REF, torch.float32, 6))
+    loop = check_philox_loop(dd.TCDScheduler, SHAPE, eta=0.3)
     for backend in usable_backends("cpu"):
-        assert_matches_reference(loop(backend, torch.float32, 5), ref64, eager, f"philox [{backend}]")
-        assert_matches_reference(loop(backend, torch.float64, 5), ref64, ref64, f"philox [{backend}] float64")
         assert torch.equal(loop(backend, torch.float32, 5, eta=1.0), loop(backend, torch.float32, 5, eta=1.0))
 
 
@@ -231,67 +173,23 @@ def test_eta_outside_zero_one_is_refused(eta):
 
 
 def test_zero_snr_with_epsilon_is_refused_where_diffusers_divides_by_zero():
-    sched = dd.TCDScheduler(rescale_betas_zero_snr=True)
-    with pytest.raises(ValueError, match="TCDScheduler: rescale_betas_zero_snr=True"):
-        sched.set_timesteps(4)  # starts at t = 999, alpha-bar 0
-    sched.set_timesteps(timesteps=[979, 499])  # skips it: fine
-    assert torch.isfinite(sched.step(make_tensor(SHAPE), 979, make_tensor(SHAPE, seed=1)).prev_sample).all()
+    check_zero_snr_epsilon_refused(dd.TCDScheduler, "TCDScheduler: rescale_betas_zero_snr=True", SHAPE)
 
 
 def test_outputs_dtypes_and_add_noise():
-    for s_dtype, m_dtype in ((torch.float32, torch.float16), (torch.float16, torch.float16),
-                             (torch.bfloat16, torch.float32)):
-        theirs, ours = diffusers.TCDScheduler(), dd.TCDScheduler()
-        theirs.set_timesteps(2)
-        ours.set_timesteps(2)
-        x, m = make_tensor(SHAPE, s_dtype, seed=1), make_tensor(SHAPE, m_dtype, seed=2)
-        a = theirs.step(m, theirs.timesteps[0], x, generator=torch.Generator().manual_seed(0))
-        b = ours.step(m, ours.timesteps[0], x, generator=torch.Generator().manual_seed(0))
-        assert type(b) is type(a) and b.prev_sample.dtype == a.prev_sample.dtype
-        assert b.pred_noised_sample.dtype == a.pred_noised_sample.dtype
-    prev, noised = ours.step(m, ours.timesteps[1], x, return_dict=False)
-    assert torch.equal(prev, noised)  # the last step returns the noised sample at s = 0
-    x0, noise, t = make_tensor(SHAPE, seed=3), make_tensor(SHAPE, seed=4), torch.tensor([999, 19])
-    torch.testing.assert_close(ours.add_noise(x0, noise, t), theirs.add_noise(x0, noise, t))
+    check_output_dtypes_and_add_noise("TCDScheduler", "pred_noised_sample", SHAPE)
 
 
 def test_save_and_load_round_trip(tmp_path):
     sched = dd.TCDScheduler(prediction_type="v_prediction", original_inference_steps=30, beta_schedule="linear")
-    sched.save_pretrained(tmp_path)
-    loaded = dd.TCDScheduler.from_pretrained(tmp_path)
-    public = {k: v for k, v in sched.config.items() if not k.startswith("_")}
-    assert type(loaded) is dd.TCDScheduler and {k: loaded.config[k] for k in public} == public
-    theirs = diffusers.TCDScheduler.from_pretrained(tmp_path)
-    assert {k: theirs.config[k] for k in public} == public
-    assert {k: dd.TCDScheduler.from_config(theirs.config).config[k] for k in public} == public
-    assert dd.SCHEDULERS["TCDScheduler"] is dd.TCDScheduler and "TCDScheduler" in dd.__all__
+    check_saved_scheduler(sched, tmp_path, {k: v for k, v in sched.config.items() if not k.startswith("_")})
 
 #----------------------------------------------------------------------------
 # A pipeline with tiny random components (its loop calls step(..., generator=...) with the default eta = 0.3).
 
 
-def _ddpm_pipeline_runs():
-    from test_diffusers_pipelines import STEPS, pipeline_modules, tiny_unet
-
-    config = {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02, "original_inference_steps": 20}
-
-    def call(pipe):
-        return pipe(batch_size=2, generator=torch.Generator().manual_seed(5), num_inference_steps=STEPS,
-                    output_type="pt").images
-
-    pipe = diffusers.DDPMPipeline(unet=tiny_unet(), scheduler=diffusers.TCDScheduler(**config))
-    pipe.set_progress_bar_config(disable=True)
-    with diffusers_float64(TCD, *pipeline_modules(pipe)):
-        twin = diffusers.DDPMPipeline(unet=tiny_unet().double(), scheduler=diffusers.TCDScheduler(**config))
-        twin.set_progress_bar_config(disable=True)
-        truth = call(twin)
-    eager = call(pipe)
-    pipe.scheduler = dd.TCDScheduler.from_config(pipe.scheduler.config)
-    return call(pipe), truth, eager, pipe
-
-
 def test_pipeline_level1_matches_diffusers_and_level2_refuses():
-    ours, truth, eager, pipe = _ddpm_pipeline_runs()
+    ours, truth, eager, pipe = consistency_pipeline_runs("TCDScheduler", float64_tcd)
     assert_matches_reference(ours, truth, eager, "DDPMPipeline + TCDScheduler")
     for scheduler in (pipe.scheduler, diffusers.TCDScheduler.from_config(pipe.scheduler.config)):
         pipe.scheduler = scheduler

@@ -19,15 +19,16 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 import diffkern.diffusers as dd  # noqa: E402
-from diffkern import analytic, coef_tables_unipc, schedules  # noqa: E402
+from diffkern import coef_tables_unipc, schedules  # noqa: E402
 from diffkern.diffusers.loop_spec import loop_spec  # noqa: E402
 from diffkern.ops import coefs  # noqa: E402
 from diffkern.sampling import sample  # noqa: E402
 from diffkern.testing import assert_matches_reference, make_tensor  # noqa: E402
-from diffusers.pipelines.pipeline_utils import ImagePipelineOutput  # noqa: E402
-from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
-from test_diffusers_pipelines import DDPMPipeline, three_runs, tiny_unet, unconditional  # noqa: E402
-from test_diffusers_schedulers import SHAPE, check_parity, diffusers_float64, scheduler_module  # noqa: E402
+from dropin_conformance import (UniPCPipeline, check_add_noise_and_scale_model_input, check_pipeline,  # noqa: E402
+                                check_sampler_every_backend, check_sampler_knob_errors, check_saved_pipeline,
+                                check_saved_scheduler, diffusers_vp_loop, float64_parity, float64_schedulers, gmm3)
+from test_diffusers_pipelines import tiny_unet, unconditional  # noqa: E402
+from test_diffusers_schedulers import check_parity, scheduler_module  # noqa: E402
 
 NAME = "UniPCMultistepScheduler"
 MODULE = scheduler_module(NAME)
@@ -92,23 +93,10 @@ FLOAT64_CASES = [({}, 16), (dict(SIGMA_MIN, solver_type="bh1", lower_order_final
 def test_float64_steps_match_diffusers(config, steps):
     """Ours in float64 on diffusers' sigmas (its float32-rounded schedule) is diffusers in float64 to rounding: the
     float64 floor (1e-12 relative) at every step, the inputs being diffusers' state and fresh model outputs."""
-    with diffusers_float64(MODULE):
-        truth = diffusers.UniPCMultistepScheduler(**config)
-        truth.set_timesteps(steps)
-        truth.sigmas = truth.sigmas.double()
-    ours = dd.UniPCMultistepScheduler(**config)
-    ours.set_timesteps(steps)
+    truth, ours = float64_schedulers(NAME, MODULE, config, steps)
     assert ours.timesteps.tolist() == truth.timesteps.tolist()
     ours.sigmas_host = truth.sigmas.tolist()  # the same sigmas: no table is built before the first step
-    x = make_tensor(SHAPE, F64, seed=1)
-    for k, t in enumerate(truth.timesteps):
-        m = make_tensor(SHAPE, F64, seed=50 + k)
-        with diffusers_float64(MODULE):
-            ref = truth.step(m, t, x).prev_sample
-        got = ours.step(m, t, x).prev_sample
-        assert got.dtype == F64
-        assert_matches_reference(got, ref, ref, f"{config} step {k}")
-        x = ref
+    float64_parity(truth, ours, MODULE, f"{config}")
 
 
 def test_orders_and_correctors_are_diffusers():
@@ -133,24 +121,6 @@ def test_loop_first_rows_read_no_history(begin):
 # The sampler.
 
 
-def gmm3():
-    return analytic.GaussianMixture([1.0, 2.0, 1.5], [[-1.0, 0.5], [1.0, 1.0], [0.3, -1.2]], [0.3, 0.5, 0.4])
-
-
-def _diffusers_loop(gmm, x, sigmas, config):
-    """diffusers' UniPC loop in float64 on the VE schedule ``sigmas`` (its own sigmas replaced), the exact denoiser as
-    a "sample"-prediction model on the VP state; returns the VE state."""
-    with diffusers_float64(MODULE):
-        sched = diffusers.UniPCMultistepScheduler(prediction_type="sample", **config)
-        sched.set_timesteps(len(sigmas) - 1)
-        sched.sigmas = torch.tensor(sigmas, dtype=F64)
-        z = x / math.sqrt(sigmas[0] ** 2 + 1)
-        for k, t in enumerate(sched.timesteps):
-            s = sigmas[k]
-            z = sched.step(gmm.denoise(z * math.sqrt(s * s + 1), s), t, z).prev_sample
-    return z * math.sqrt(sigmas[-1] ** 2 + 1)
-
-
 SAMPLER_CASES = [({}, {}), ({"solver_order": 1}, {"order": 1}),
                  ({"disable_corrector": [1, 4]}, {"disable_corrector": (1, 4)}),
                  ({"solver_type": "bh1"}, {"solver_type": "bh1"}),
@@ -167,12 +137,12 @@ def test_sampler_is_diffusers_loop_in_float64(config, knobs):
     ending at 0 (bh2, data prediction: diffusers' only finite ending there) too."""
     gmm, x = gmm3(), make_tensor((6, 2), F64, seed=2) * 10.0
     sig = schedules.karras(7, 0.1, 10.0)[:-1].tolist()
-    want = _diffusers_loop(gmm, x, sig, config)
+    want = diffusers_vp_loop(NAME, MODULE, gmm, x, sig, config)
     got = sample(gmm, x, sig, "unipc", backend=REF, **knobs)
     assert_matches_reference(got, want, want, f"{config}")
     if config.get("solver_type") != "bh1" and config.get("predict_x0", True) and config.get("lower_order_final", 1):
         sig0 = schedules.karras(7, 0.1, 10.0).tolist()
-        want = _diffusers_loop(gmm, x, sig0, config)
+        want = diffusers_vp_loop(NAME, MODULE, gmm, x, sig0, config)
         assert_matches_reference(sample(gmm, x, sig0, "unipc", backend=REF, **knobs), want, want, f"{config} to 0")
 
 
@@ -215,30 +185,17 @@ def test_convergence_order_three():
 
 def test_every_backend_matches_reference(cpu_backend):
     """float32 on each CPU backend within the project rule of the float64 reference run; float64 at its floor."""
-    gen = torch.Generator().manual_seed(4)
-    gmm = analytic.GaussianMixture([1.0, 2.0], torch.randn(2, 5, generator=gen, dtype=F64), [0.6, 0.8])
-    x = make_tensor((3, 5), F64, seed=7) * 5.0
-    for knobs in ({}, {"order": 1, "solver_type": "bh1"}, {"predict_x0": False, "disable_corrector": (2,)},
-                  {"order": 3}):
-        sig = schedules.karras(6, 0.05, 5.0)
-        ref64 = sample(gmm, x, sig, "unipc", backend=REF, **knobs)
-        eager = sample(gmm, x.float(), sig, "unipc", backend=REF, **knobs)
-        got = sample(gmm, x.float(), sig, "unipc", backend=cpu_backend, **knobs)
-        assert_matches_reference(got, ref64, eager, f"{knobs} [{cpu_backend}]")
-        assert_matches_reference(sample(gmm, x, sig, "unipc", backend=cpu_backend, **knobs), ref64, ref64,
-                                 f"{knobs} [{cpu_backend}] float64")
+    check_sampler_every_backend("unipc", ({}, {"order": 1, "solver_type": "bh1"},
+                                          {"predict_x0": False, "disable_corrector": (2,)}, {"order": 3}), cpu_backend)
 
 
 def test_sampler_knobs_are_checked():
-    gmm, x, sig = gmm3(), torch.randn(2, 2, dtype=F64), schedules.karras(4, 0.1, 10.0)
-    for knobs, error, match in (({"order": 4}, ValueError, "order: expected 1, 2 or 3"),
-                                ({"solver_type": "midpoint"}, ValueError, "solver_type"),
-                                ({"lower_order_final": 1}, TypeError, "lower_order_final"),
-                                ({"predict_x0": "yes"}, TypeError, "predict_x0"),
-                                ({"disable_corrector": 3}, TypeError, "disable_corrector"),
-                                ({"disable_corrector": [-1]}, ValueError, "disable_corrector")):
-        with pytest.raises(error, match=match):
-            sample(gmm, x, sig, "unipc", backend=REF, **knobs)
+    check_sampler_knob_errors("unipc", (({"order": 4}, ValueError, "order: expected 1, 2 or 3"),
+                                        ({"solver_type": "midpoint"}, ValueError, "solver_type"),
+                                        ({"lower_order_final": 1}, TypeError, "lower_order_final"),
+                                        ({"predict_x0": "yes"}, TypeError, "predict_x0"),
+                                        ({"disable_corrector": 3}, TypeError, "disable_corrector"),
+                                        ({"disable_corrector": [-1]}, ValueError, "disable_corrector")))
 
 #----------------------------------------------------------------------------
 # Level 2, pipelines, persistence, refusals.
@@ -257,22 +214,6 @@ def test_level2_spec():
         loop_spec(karras)
 
 
-class UniPCPipeline(DDPMPipeline):
-    """``DDPMPipeline``'s loop without the ``generator`` argument of ``step()``, which diffusers' UniPC does not take
-    (the stock pipeline cannot run it; ``accelerate`` replaces the loop and runs either). The initial noise is drawn
-    in float32 and cast, so the float64 truth starts from the same numbers."""
-
-    @torch.no_grad()
-    def __call__(self, batch_size=1, generator=None, num_inference_steps=1000, output_type="pt", return_dict=True):
-        size = self.unet.config.sample_size
-        image = randn_tensor((batch_size, self.unet.config.in_channels, size, size), generator=generator,
-                             dtype=torch.float32).to(self.unet.dtype)
-        self.scheduler.set_timesteps(num_inference_steps)
-        for t in self.scheduler.timesteps:
-            image = self.scheduler.step(self.unet(image, t).sample, t, image).prev_sample
-        return ImagePipelineOutput(images=(image / 2 + 0.5).clamp(0, 1))
-
-
 PIPELINE_CASES = [({}, 1), ({}, 2), ({"prediction_type": "v_prediction", "use_karras_sigmas": True}, 2),
                   (dict(SIGMA_MIN, solver_type="bh1", lower_order_final=False, timestep_spacing="trailing"), 1),
                   (dict(SIGMA_MIN, solver_type="bh1", lower_order_final=False, timestep_spacing="trailing"), 2),
@@ -282,37 +223,19 @@ PIPELINE_CASES = [({}, 1), ({}, 2), ({"prediction_type": "v_prediction", "use_ka
 
 @pytest.mark.parametrize("config, level", PIPELINE_CASES, ids=[str(i) for i in range(len(PIPELINE_CASES))])
 def test_ddpm_pipeline(config, level):
-    ours, truth, eager = three_runs(lambda s: UniPCPipeline(unet=tiny_unet(), scheduler=s), NAME, config, unconditional,
-                                    level)
-    assert 0.1 < float(((eager > 0) & (eager < 1)).float().mean()), "images saturated: the comparison would be void"
-    assert_matches_reference(ours, truth, eager, f"{config} level {level}")
+    check_pipeline(lambda s: UniPCPipeline(unet=tiny_unet(), scheduler=s), NAME, config, unconditional, level,
+                   f"{config} level {level}")
 
 
 def test_save_and_load(tmp_path):
     config = dict(SIGMA_MIN, solver_type="bh1", disable_corrector=[2], use_karras_sigmas=True, sigma_min=0.05)
     sched = dd.UniPCMultistepScheduler(**config)
-    sched.save_pretrained(tmp_path / "s")
-    loaded = dd.UniPCMultistepScheduler.from_pretrained(tmp_path / "s")
-    theirs = diffusers.UniPCMultistepScheduler.from_pretrained(tmp_path / "s")  # the config is diffusers' too
-    for other in (loaded, dd.UniPCMultistepScheduler.from_config(theirs.config)):
-        assert {k: other.config[k] for k in config} == {k: sched.config[k] for k in config}
-    pipe = UniPCPipeline(unet=tiny_unet(diffusers.UNet2DModel), scheduler=sched)
-    pipe.save_pretrained(tmp_path / "p")
-    again = UniPCPipeline.from_pretrained(tmp_path / "p")
-    assert type(again.scheduler) is dd.UniPCMultistepScheduler
-    a, b = (unconditional(p, torch.Generator().manual_seed(0)) for p in (pipe, again))
-    torch.testing.assert_close(b, a, rtol=0, atol=0)
+    check_saved_scheduler(sched, tmp_path / "s", {k: sched.config[k] for k in config})
+    check_saved_pipeline(UniPCPipeline, sched, tmp_path / "p")
 
 
 def test_add_noise_and_scale_model_input_match_diffusers():
-    theirs, ours = diffusers.UniPCMultistepScheduler(), dd.UniPCMultistepScheduler()
-    for s in (theirs, ours):
-        s.set_timesteps(10)
-    x0, noise = make_tensor(SHAPE, seed=3), make_tensor(SHAPE, seed=4)
-    t = theirs.timesteps[[0, 3]]
-    torch.testing.assert_close(ours.add_noise(x0[:2], noise[:2], t), theirs.add_noise(x0[:2], noise[:2], t),
-                               rtol=1e-5, atol=1e-5)
-    assert torch.equal(ours.scale_model_input(x0, t[0]), x0)
+    check_add_noise_and_scale_model_input(diffusers.UniPCMultistepScheduler(), dd.UniPCMultistepScheduler())
 
 
 @pytest.mark.parametrize("config, key", [
