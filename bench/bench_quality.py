@@ -52,6 +52,7 @@ SETTINGS = {
     "dpmsolver_single": ("dpmsolver_single", {}),
     "dpm_fast": ("dpm_fast", {}),
     "er_sde": ("er_sde", {}),
+    "sa_solver": ("sa_solver", {}),
 }
 STEPS = (5, 10, 20)
 QUICK = {"settings": ("euler", "ge"), "steps": (5,), "n": 100}

@@ -27,17 +27,25 @@ POINTS = 200  # ComfyUI's num_integration_points
 STAGES = (1, 2, 3)
 
 
+def log_noise_scaler(lam: float) -> float:
+    """ln of ComfyUI's default ER-SDE noise scaler ``ns(l) = l (e^(l^0.3) + 10)``, finite for any finite l > 0 (ns
+    itself overflows from l ~ 4e8: the VE sigma 2^70 of a flow schedule's t = 1 is 2^70)."""
+    u = lam ** 0.3
+    return math.log(lam) + u + math.log1p(10.0 * math.exp(-u))
+
+
 def noise_scaler(lam: float) -> float:
-    """ComfyUI's default ER-SDE noise scaler ``l (e^(l^0.3) + 10)``."""
-    return lam * (math.exp(lam ** 0.3) + 10.0)
+    """ComfyUI's default ER-SDE noise scaler ``l (e^(l^0.3) + 10)`` (inf where it overflows)."""
+    log_ns = log_noise_scaler(lam)
+    return math.exp(log_ns) if log_ns < 709.0 else math.inf
 
 
 def _sums(sigma: float, sigma_next: float) -> tuple[float, float]:
     """(S1, S2): ComfyUI's Riemann sums of 1/ns and (l - sigma)/ns over [sigma', sigma)."""
     dl = (sigma - sigma_next) / POINTS
     pos = [sigma_next + k * dl for k in range(POINTS)]
-    return (sum(1.0 / noise_scaler(p) for p in pos) * dl,
-            sum((p - sigma) / noise_scaler(p) for p in pos) * dl)
+    inv = [math.exp(-log_noise_scaler(p)) for p in pos]
+    return sum(inv) * dl, sum((p - sigma) * w for p, w in zip(pos, inv)) * dl
 
 
 def er_sde(sigmas, *, s_noise: float = 1.0, max_stage: int = 3, conv: Conv = _identity) -> Plan:
@@ -51,7 +59,8 @@ def er_sde(sigmas, *, s_noise: float = 1.0, max_stage: int = 3, conv: Conv = _id
             rows.append(_conv_row(conv, s, a=0.0, b=1.0, f=1.0))
             continue
         stage = min(int(max_stage), i + 1)
-        r = noise_scaler(sn) / noise_scaler(s)
+        log_r = log_noise_scaler(sn) - log_noise_scaler(s)
+        r = math.exp(log_r)
         coef = {"a": r, "b": 1.0 - r, "c": 0.0, "c2": 0.0}  # on x, D, D_1, D_2
         if stage >= 2:
             dt = sn - s
@@ -65,7 +74,8 @@ def er_sde(sigmas, *, s_noise: float = 1.0, max_stage: int = 3, conv: Conv = _id
                 coef["b"] += k3 / (s - sigmas[i - 1])
                 coef["c"] -= k3 / (s - sigmas[i - 1]) + k3 * d_prev
                 coef["c2"] += k3 * d_prev
-        std = s_noise * math.sqrt(max(sn * sn - s * s * r * r, 0.0))
+        sigma_r = math.exp(math.log(s) + log_r)  # sigma*r without overflow
+        std = s_noise * math.sqrt(max(sn * sn - sigma_r * sigma_r, 0.0))
         rows.append(_conv_row(conv, s, s=std, f=1.0, **coef))
     n = len(sigmas) - 1
     return _plan(rows, sigmas[:-1], sigmas[:-1], history=min(int(max_stage), n) - 1)

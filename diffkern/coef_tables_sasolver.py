@@ -19,8 +19,12 @@ L_j(u) du`` (u = lambda - lambda_t; the shift keeps the moments well conditioned
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
+
+from . import coef_tables as ct
+from .ops import coefs
 
 MAX_DEPTH = 3  # history inputs of the fused op
 
@@ -140,3 +144,41 @@ def rows(alpha: list[float], sigma: list[float], taus: list[float], step_orders,
         out.append((a, m[:MAX_DEPTH + 1], noise))
         prev_w = pw
     return out
+
+
+def plan(sigmas, conv=None, *, predictor_order: int = 3, corrector_order: int = 4, tau=1.0,
+         predict_x0: bool = True, lower_order_final: bool = True):
+    """SA-Solver on N+1 decreasing VE ``sigmas`` as a :class:`~diffkern.coef_tables.Plan` (one fused row per step,
+    the corrector folded into the next step's row; history = D, or eps = (x - D)/sigma with ``predict_x0=False``).
+
+    The VP rows of :func:`rows` on the points alpha = 1/sqrt(1 + sigma^2), alpha*sigma are rewritten for the VE state
+    x = z/alpha (the weights are integrals in lambda = -ln sigma, so the rows are those of any parametrisation with
+    these log-SNRs: flow matching's too). ``tau``: a number, or one per step (diffusers' ``tau_func`` at each
+    timestep). A step to sigma 0 is the jump x' = D (the correction it would fold in moves a state it discards)."""
+    conv = conv or ct._identity
+    n = len(sigmas) - 1
+    values = [tau] * n if isinstance(tau, numbers.Real) else list(tau)
+    if len(values) != n or any(isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t) or t < 0
+                               for t in values):
+        raise ValueError(f"tau: expected a finite number >= 0 or one per step ({n}), got {tau!r}")
+    taus = [float(t) for t in values]
+    steps = n - 1 if sigmas[-1] == 0 else n  # the jump to 0 is no SA step
+    alpha = [1.0 / math.sqrt(s * s + 1.0) for s in sigmas[:steps + 1]]
+    sigma_vp = [s * a for s, a in zip(sigmas, alpha)]
+    step_orders = orders(steps, predictor_order, corrector_order, lower_order_final)
+    out = []
+    for i, (a, m, noise) in enumerate(rows(alpha, sigma_vp, taus, step_orders, predict_x0)):
+        s, scale = sigmas[i], 1.0 / alpha[i + 1]  # z' = alpha' x'
+        hist = {"c": m[1] * scale, "c2": m[2] * scale, "c3": m[3] * scale, "s": noise * scale}
+        a_ve = a * alpha[i] * scale
+        if predict_x0:
+            out.append(ct._conv_row(conv, s, a=a_ve, b=m[0] * scale, f=1.0, **hist))
+        else:  # M = eps = (x - D)/sigma
+            k = m[0] * scale / s
+            out.append(ct._conv_row(conv, s, a=a_ve + k, b=-k, e=1.0 / s, f=-1.0 / s, **hist))
+    if steps < n:
+        jump = {"f": 1.0} if predict_x0 else {"e": 1.0 / sigmas[-2], "f": -1.0 / sigmas[-2]}
+        out.append(ct._conv_row(conv, sigmas[-2], a=0.0, b=1.0, **jump))
+    depth = max((k for k, slot in enumerate((coefs.C, coefs.C2, coefs.C3), start=1) if any(r[slot] for r in out)),
+                default=0)
+    return ct._plan(out, sigmas[:-1], sigmas[:-1], history=depth)

@@ -10,8 +10,8 @@ import numbers
 import torch
 
 from . import (coef_tables, coef_tables_3m, coef_tables_deis, coef_tables_dpm_fast, coef_tables_dpmpp_sde,
-               coef_tables_er_sde, coef_tables_lms, coef_tables_plms, coef_tables_res, coef_tables_singlestep,
-               coef_tables_unipc)
+               coef_tables_er_sde, coef_tables_lms, coef_tables_plms, coef_tables_res, coef_tables_sasolver,
+               coef_tables_singlestep, coef_tables_unipc)
 
 
 def _knob(value, name: str, lo: float = 0.0, hi: float = math.inf, hi_open: bool = False,
@@ -162,6 +162,20 @@ def _plan_er_sde(sigmas, conv, *, s_noise, max_stage):
     return coef_tables_er_sde.er_sde(sigmas, s_noise=_knob(s_noise, "s_noise"), max_stage=max_stage, conv=conv)
 
 
+def _plan_sa_solver(sigmas, conv, *, predictor_order, corrector_order, tau, predict_x0, lower_order_final):
+    for name, value, top in (("predictor_order", predictor_order, 3), ("corrector_order", corrector_order, 4)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= top:
+            raise ValueError(f"{name}: expected an int in 1..{top}, got {value!r}")
+    for name, value in (("predict_x0", predict_x0), ("lower_order_final", lower_order_final)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name}: expected a bool, got {value!r}")
+    if isinstance(tau, torch.Tensor):
+        raise TypeError(f"tau: expected a number or a sequence of numbers (a tensor: pass .tolist()), got {tau!r}")
+    return coef_tables_sasolver.plan(sigmas, conv, predictor_order=int(predictor_order),
+                                     corrector_order=int(corrector_order), tau=tau, predict_x0=predict_x0,
+                                     lower_order_final=lower_order_final)
+
+
 def _plan_lms(sigmas, conv, *, order):
     return coef_tables_lms.lms(sigmas, order=order, conv=conv)
 
@@ -180,6 +194,6 @@ PLANS = {"euler": _plan_euler, "euler_ancestral": _plan_euler_ancestral, "heun":
          "deis": _plan_deis, "plms": _plan_plms, "ipndm": _plan_ipndm, "lms": _plan_lms,
          "dpmsolver_single": _plan_dpmsolver_single, "ipndm_v": _plan_ipndm_v, "dpm_fast": _plan_dpm_fast,
          "res_multistep": _plan_res_multistep, "res_multistep_ancestral": _plan_res_multistep,
-         "er_sde": _plan_er_sde}
+         "er_sde": _plan_er_sde, "sa_solver": _plan_sa_solver}
 """method -> ``plan(host_sigmas, conv, **knobs)``; every knob is passed (the defaults live in the samplers'
 signatures, listed by :func:`diffkern.sampling.knobs`)."""

@@ -311,6 +311,21 @@ def sample_er_sde(model, x, sigmas, extra_args=None, callback=None, disable=None
     return _run(loop, _plans._plan_er_sde(loop.sigmas, loop.conv, s_noise=s_noise, max_stage=max_stage))
 
 
+@torch.no_grad()
+def sample_sa_solver(model, x, sigmas, extra_args=None, callback=None, disable=None, *, predictor_order=2,
+                     corrector_order=2, tau=1.0, predict_x0=True, lower_order_final=True, seed=None, backend=None,
+                     trajectory=None):
+    """SA-Solver (Xue et al. 2023) as diffusers' ``SASolverScheduler`` runs it (:mod:`diffkern.coef_tables_sasolver`):
+    stochastic Adams predictor (orders 1-3) and corrector (orders 1-4) with diffusers' warm-up and
+    ``lower_order_final``, the corrector folded into the next step's row (one model call per step); ``tau`` the
+    stochasticity, a number or one per step (0: the ODE); data (``predict_x0``) or noise prediction; Philox noise.
+    x: (B, ...) float; returns the final state in x's dtype."""
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory)
+    return _run(loop, _plans._plan_sa_solver(loop.sigmas, loop.conv, predictor_order=predictor_order,
+                                             corrector_order=corrector_order, tau=tau, predict_x0=predict_x0,
+                                             lower_order_final=lower_order_final))
+
+
 SAMPLERS = {"euler": sample_euler, "euler_ancestral": sample_euler_ancestral, "heun": sample_heun,
             "dpm_2": sample_dpm_2, "dpm_2_ancestral": sample_dpm_2_ancestral,
             "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral, "dpmpp_2m": sample_dpmpp_2m,
@@ -320,4 +335,4 @@ SAMPLERS = {"euler": sample_euler, "euler_ancestral": sample_euler_ancestral, "h
             "deis": sample_deis, "plms": sample_plms, "ipndm": sample_ipndm, "lms": sample_lms,
             "dpmsolver_single": sample_dpmsolver_single, "ipndm_v": sample_ipndm_v, "dpm_fast": sample_dpm_fast_sigmas,
             "res_multistep": sample_res_multistep, "res_multistep_ancestral": sample_res_multistep_ancestral,
-            "er_sde": sample_er_sde}
+            "er_sde": sample_er_sde, "sa_solver": sample_sa_solver}

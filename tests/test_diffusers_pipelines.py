@@ -406,8 +406,8 @@ def test_accelerate_bad_input():
     pipe.scheduler = diffusers.PNDMScheduler()  # the class default runs Runge-Kutta steps first: Level 1 only
     with pytest.raises(ValueError, match="skip_prk_steps"):
         dd.accelerate(pipe)
-    pipe.scheduler = diffusers.SASolverScheduler()
-    with pytest.raises(ValueError, match="unsupported scheduler SASolverScheduler"):
+    pipe.scheduler = diffusers.IPNDMScheduler()  # no diffkern drop-in
+    with pytest.raises(ValueError, match="unsupported scheduler IPNDMScheduler; supported: DDIMScheduler"):
         dd.accelerate(pipe)
     pipe.scheduler = diffusers.DDIMScheduler(thresholding=True)
     with pytest.raises(ValueError, match="thresholding=True"):

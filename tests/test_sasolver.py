@@ -261,9 +261,10 @@ def test_refused_at_set_timesteps():
         sched.set_timesteps(0)
 
 
-def test_accelerate_refuses_it_by_name():
-    pipe = DDPMPipeline(unet=tiny_unet(), scheduler=dd.SASolverScheduler())
-    with pytest.raises(ValueError, match="unsupported scheduler SASolverScheduler .*diffkern.diffusers.SASolver"):
+def test_accelerate_refuses_karras_by_name():
+    """Level 2 (tests/test_sasolver_level2.py) refuses the schedules whose last step goes from sigma_min to itself."""
+    pipe = DDPMPipeline(unet=tiny_unet(), scheduler=dd.SASolverScheduler(use_karras_sigmas=True))
+    with pytest.raises(ValueError, match="SASolverScheduler with use_karras_sigmas=True .*diffkern.diffusers.SASolver"):
         dd.accelerate(pipe)
 
 

@@ -106,15 +106,18 @@ class _AlphaUNet(torch.nn.Module):
         return self.unet(x.to(self.unet.dtype), alpha * self.timestep_scale, return_dict=False)[0]
 
 
-def _stochastic(method: str, knobs: dict) -> bool:
-    """Whether ``method`` with ``knobs`` draws noise (so needs a seed)."""
+def _stochastic(method: str, knobs: dict, sigmas) -> bool:
+    """Whether ``method`` with ``knobs`` on ``sigmas`` draws noise (a row of its plan has a noise coefficient: so
+    it needs a seed), read from the plan itself, so every sampler's knobs (eta, s_churn, s_noise, tau, ...) count."""
+    from .. import coef_tables, sampler_plans
+    from ..ops import coefs
     from ..sampling import knobs as defaults
 
     if method == "iadb":
         return knobs["variant"] == "stochastic"
-    k = dict(defaults(method), **knobs)
-    return (k.get("eta", 0) > 0 or k.get("s_churn", 0) > 0 or k.get("mu", 0) > 0
-            or (method == "sde" and k.get("lam", 0) > 0) or (method == "lcm" and k["s_noise"] > 0))
+    plan = sampler_plans.PLANS[method]([float(s) for s in sigmas], coef_tables._identity,
+                                       **dict(defaults(method), **knobs))
+    return bool((plan.table[:, coefs.S] != 0).any())
 
 
 def _seed(generator, batch: int):
@@ -194,7 +197,7 @@ class AcceleratedPipeline:
         method = self.method or spec.method
         knobs = dict(spec.knobs if self.method is None else {}, **self.knobs)
         # deterministic loops touch neither the generator nor torch's global generator
-        seed = _seed(generator, latents.shape[0]) if _stochastic(method, knobs) else 0
+        seed = _seed(generator, latents.shape[0]) if _stochastic(method, knobs, spec.sigmas) else 0
         graph = self._graph_mode(latents.device)
         if method == "iadb":
             if extra:  # sample_iadb's model(x_alpha, alpha) takes no conditioning, hence no CFG either
@@ -363,8 +366,8 @@ def accelerate(pipe, method=None, backend="auto", graph="auto", progress=False, 
             embedding as ``timestep_cond``); or the flow-matching ``StableDiffusion3Pipeline`` / ``FluxPipeline``.
             ``guidance_rescale`` is applied in PyTorch between the batched UNet call and the fused step. Its
             scheduler (diffusers' or diffkern's DDIM, DDPM, DPM-Solver++ multistep and singlestep, UniPC, DEIS,
-            PNDM, LMS, Euler, Euler-ancestral, Heun, KDPM2, KDPM2-ancestral, LCM, FlowMatch; diffkern's GE, or IADB
-            in unconditional pipelines) gives the schedule; it is read at each call, so a later
+            PNDM, LMS, SA-Solver, Euler, Euler-ancestral, Heun, KDPM2, KDPM2-ancestral, LCM, FlowMatch; diffkern's
+            GE, or IADB in unconditional pipelines) gives the schedule; it is read at each call, so a later
             ``pipe.scheduler = ...`` applies. A pipeline whose ``__call__`` takes arguments beyond those of these
             pipelines (SDXL inpainting, other ControlNet pipelines, PAG, ...), legacy 4-channel inpainting, or a UNet
             with other added conditioning, raises TypeError naming them. Unsupported schedulers and scheduler

@@ -85,7 +85,7 @@ class FlowAcceleratedPipeline(AcceleratedPipeline):
                              "dpmpp_2m_sde, dpmpp_3m_sde, dpmsolver_3m, dpmpp_2s_ancestral, dpmpp_sde, sde, ge or "
                              "unipc")
         knobs = dict(spec.knobs if self.method is None else {}, **self.knobs)
-        seed = _seed(generator, latents.shape[0]) if _stochastic(method, knobs) else 0
+        seed = _seed(generator, latents.shape[0]) if _stochastic(method, knobs, spec.sigmas) else 0
         model = self._flow_model(spec, latents, guidance_scale != 1.0)
         model.guidance_scale = float(guidance_scale)  # a table value: a captured loop stays valid
         x = latents if latents.dtype == torch.float64 else latents.to(torch.float32)  # the state stays >= float32

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .. import coef_tables_3m, coef_tables_deis, coef_tables_unipc
+from .. import coef_tables_3m, coef_tables_deis, coef_tables_sasolver, coef_tables_unipc
 from .accelerate import _check_call_arguments, _default, _reject
 from .accelerate_text2img import _prompt_batch, _sdxl_decode, unet_extra
 from .loop_spec import LoopSpec, tail_spec
@@ -74,6 +74,12 @@ def head_spec(ours, spec: LoopSpec, steps: int, denoising_end: float) -> LoopSpe
             want[:steps], (False, True), "denoising_end", denoising_end, why)
     elif spec.method == "dpmsolver_single":
         knobs["orders"] = tuple(knobs["orders"])[:steps]
+    elif spec.method == "sa_solver":
+        p, c = knobs["predictor_order"], knobs["corrector_order"]
+        want = coef_tables_sasolver.orders(n, p, c, knobs["lower_order_final"])[:steps]
+        knobs["lower_order_final"] = _matching(lambda low: coef_tables_sasolver.orders(steps, p, c, low), want,
+                                               (False, True), "denoising_end", denoising_end, why)
+        knobs["tau"] = tuple(knobs["tau"])[:steps]
     calls = spec.call_timesteps
     if calls is not None:  # KDPM2: two model calls per kept step
         calls = calls[:2 * steps]

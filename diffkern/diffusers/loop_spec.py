@@ -115,6 +115,25 @@ def _deis_spec(ours) -> LoopSpec:
                        f"{len(kept)}-step deis loop; use lower_order_final=False, or 15 steps or more")
 
 
+def _sasolver_spec(ours) -> LoopSpec:
+    """SA-Solver as ``sa_solver`` on its VE sigmas (ending at the table's smallest, no jump to 0) with the taus of its
+    ``tau_func`` at each timestep. A Karras/exponential/beta schedule's last step goes from sigma_min to itself and
+    still carries the corrector of the step before, which a loop of strictly decreasing sigmas cannot express."""
+    name, cfg = type(ours).__name__, ours.config
+    if cfg.use_flow_sigmas:
+        raise _unsupported(name, "use_flow_sigmas", True, "the UNet pipelines' loop runs VP schedules")
+    key = next((k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas") if cfg[k]), None)
+    if key:
+        raise _unsupported(name, key, True, "its last step goes from sigma_min to itself, where diffusers still "
+                           "applies the previous step's corrector; the fused loop needs strictly decreasing sigmas")
+    sig, ts = list(ours.sigmas_host), list(ours._host_timesteps)
+    _check_unipc_decreasing(name, cfg, sig, len(ts))
+    knobs = {"predictor_order": int(cfg.predictor_order), "corrector_order": int(cfg.corrector_order),
+             "tau": tuple(ours._taus), "predict_x0": bool(ours.predict_x0),
+             "lower_order_final": bool(cfg.lower_order_final)}
+    return LoopSpec("sa_solver", sig, ts, knobs, vp=True)
+
+
 def _pndm_spec(ours) -> LoopSpec:
     """diffusers' PNDM with ``skip_prk_steps=True`` as ``plms`` on the VE sigmas of its N distinct timesteps (calls
     [t0, t1, t1, t2, ...]: the second is step 0's corrector, at sigma_1, so no call_timesteps are needed), N = 1 as
@@ -208,9 +227,8 @@ def loop_spec(ours: FusedScheduler, eta: float = 0.0) -> LoopSpec:
                          "down to the sigma of s = floor((1 - eta)*t_prev), a per-step sigma_down that no diffkern "
                          "sampler's knobs give); run the pipeline with diffkern.diffusers.TCDScheduler as its "
                          "scheduler instead")
-    if name == "SASolverScheduler":  # Level 1 only: no diffkern sampler runs SA-Solver's folded rows
-        raise ValueError("accelerate: unsupported scheduler SASolverScheduler (no fused-loop SA-Solver sampler); run "
-                         "the pipeline with diffkern.diffusers.SASolverScheduler as its scheduler instead")
+    if name == "SASolverScheduler":
+        return _sasolver_spec(ours)
     if name.startswith("EDM"):  # its UNet input and timestep are not the training-table ones ScheduleDenoiser feeds
         raise ValueError(f"accelerate: {name} is not supported by the fused loop (EDM preconditioning feeds the UNet "
                          "c_in*x and the timestep c_noise = log(sigma)/4, not x/sqrt(sigma^2 + 1) and a training-table "
@@ -345,6 +363,8 @@ def tail_spec(ours: FusedScheduler, spec: LoopSpec, begin: int) -> LoopSpec:
             raise _unsupported(name, "solver_order", order, f"from step {begin} of {n} (img2img strength) diffusers' "
                                f"orders {want} are not those of a {n - begin}-step dpmsolver_3m loop")
         knobs.update(lower_order_final=low_euler[0], euler_at_final=low_euler[1])
+    elif spec.method == "sa_solver":  # diffusers' orders restart at the begin step, as the sampler's
+        knobs["tau"] = tuple(knobs["tau"])[begin:]
     elif spec.method == "deis":
         cfg = ours.config
         want = coef_tables_deis.deis_orders(len(ours._host_timesteps), order=int(cfg.solver_order),
