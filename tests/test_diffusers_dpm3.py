@@ -19,8 +19,8 @@ from diffkern import coef_tables_3m  # noqa: E402
 from diffkern.diffusers.schedulers import ve_row_to_vp  # noqa: E402
 from diffkern.ops import coefs  # noqa: E402
 from test_diffusers_config_fuzz import draw_case, run_case  # noqa: E402
-from test_diffusers_pipelines import (DDPMPipeline, test_stochastic_level2_matches_level1_philox,  # noqa: E402
-                                      three_runs, tiny_unet, unconditional)
+from test_diffusers_pipelines import test_stochastic_level2_matches_level1_philox as level2_is_level1  # noqa: E402
+from test_diffusers_pipelines import DDPMPipeline, three_runs, tiny_unet, unconditional  # noqa: E402
 from test_diffusers_schedulers import check_parity, diffusers_float64, scheduler_module  # noqa: E402
 from diffkern.testing import assert_matches_reference  # noqa: E402
 
@@ -160,7 +160,7 @@ def test_ddpm_pipeline(config, level):
 
 
 def test_sde_level2_matches_level1_philox():
-    test_stochastic_level2_matches_level1_philox(NAME, dict(SDE, solver_order=3))
+    level2_is_level1(NAME, dict(SDE, solver_order=3))
 
 
 def test_level2_spec():

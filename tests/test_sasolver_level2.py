@@ -14,8 +14,8 @@ from diffkern import schedules  # noqa: E402
 from diffkern.diffusers.loop_spec import loop_spec  # noqa: E402
 from diffkern.sampling import knobs, sample  # noqa: E402
 from diffkern.testing import assert_matches_reference  # noqa: E402
-from test_diffusers_pipelines import (DDPMPipeline, test_stochastic_level2_matches_level1_philox,  # noqa: E402
-                                      three_runs, tiny_unet, unconditional)
+from test_diffusers_pipelines import test_stochastic_level2_matches_level1_philox as level2_is_level1  # noqa: E402
+from test_diffusers_pipelines import DDPMPipeline, three_runs, tiny_unet, unconditional  # noqa: E402
 from test_graphs import gmm3, start  # noqa: E402
 
 NAME = "SASolverScheduler"
@@ -42,7 +42,7 @@ def test_deterministic_level2_is_the_stock_pipeline(config):
 @pytest.mark.parametrize("config", [{}, {"algorithm_type": "noise_prediction", "predictor_order": 3}],
                          ids=["data", "noise"])
 def test_stochastic_level2_is_level1_with_philox(config):
-    test_stochastic_level2_matches_level1_philox(NAME, config)
+    level2_is_level1(NAME, config)
 
 
 @pytest.mark.parametrize("config", [{}, {"algorithm_type": "noise_prediction", "predictor_order": 3,
