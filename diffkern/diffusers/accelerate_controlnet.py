@@ -23,7 +23,8 @@ import dataclasses
 
 import torch
 
-from .accelerate import ScheduleDenoiser, _check_call_arguments, _default, _reject
+from .accelerate import ScheduleDenoiser, _default, _reject
+from .accelerate_img2img import check_plain_sd
 from .accelerate_text2img import _initial_latents, _prompt_batch, _sd_images, sd_encode, sd_output, unet_extra
 
 
@@ -209,7 +210,6 @@ def controlnet_kind(pipe, who: str, unet):
     ...; ControlNet kinds other than ``ControlNetModel``; added conditioning or guidance-embedding UNets; other
     ``__call__`` arguments or image processors)."""
     from diffusers import StableDiffusionControlNetPipeline
-    from diffusers.image_processor import VaeImageProcessor
 
     if getattr(pipe, "controlnet", None) is None:
         return None
@@ -218,14 +218,6 @@ def controlnet_kind(pipe, who: str, unet):
                         "StableDiffusionControlNetPipeline only (text-to-image with an SD UNet); run this pipeline "
                         "with a diffkern.diffusers scheduler (Level 1) instead")
     _nets(pipe, who)
-    for option in ("addition_embed_type", "class_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim"):
-        if unet.config.get(option) is not None:
-            raise TypeError(f"accelerate: unsupported pipeline {who}: its UNet has {option}="
-                            f"{unet.config.get(option)!r} (the fused ControlNet loop runs a plain text-conditioned "
-                            "UNet)")
-    _check_call_arguments(pipe, who, call_sd_controlnet)
-    for name in ("image_processor", "control_image_processor"):
-        if type(getattr(pipe, name, None)) is not VaeImageProcessor:
-            raise TypeError(f"accelerate: unsupported pipeline {who}: its {name} is not the VaeImageProcessor "
-                            "whose processing the fused loop reproduces")
+    check_plain_sd(pipe, who, unet, "ControlNet loop runs a plain text-conditioned UNet", call_sd_controlnet,
+                   ("image_processor", "control_image_processor"))
     return "controlnet"

@@ -66,21 +66,30 @@ def _begin(pipe, steps: int, strength: float, device) -> int:
 CALLS = {"img2img": call_sd_img2img}  # AcceleratedPipeline.__call__'s handlers of the kinds below
 
 
+def check_plain_sd(pipe, who: str, unet, loop: str, handler, processors=("image_processor",)) -> None:
+    """Raise TypeError naming what the fused ``loop`` (a phrase: "img2img loop runs a plain text-conditioned UNet")
+    cannot run: a UNet with added conditioning or a guidance embedding, ``__call__`` arguments beyond ``handler``'s,
+    or ``processors`` other than the VaeImageProcessor whose processing the loop reproduces."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    for option in ("addition_embed_type", "class_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim"):
+        if unet.config.get(option) is not None:
+            raise TypeError(f"accelerate: unsupported pipeline {who}: its UNet has {option}="
+                            f"{unet.config.get(option)!r} (the fused {loop})")
+    _check_call_arguments(pipe, who, handler)
+    for name in processors:
+        if type(getattr(pipe, name, None)) is not VaeImageProcessor:
+            raise TypeError(f"accelerate: unsupported pipeline {who}: its {name} is not the VaeImageProcessor "
+                            "whose processing the fused loop reproduces")
+
+
 def img2img_kind(pipe, who: str, unet):
     """"img2img" for a ``StableDiffusionImg2ImgPipeline`` the fused loop runs, None for other pipelines; raises
     TypeError naming what it cannot run (added conditioning, guidance-embedding UNets, other ``__call__``
     arguments, another image processor)."""
     from diffusers import StableDiffusionImg2ImgPipeline
-    from diffusers.image_processor import VaeImageProcessor
 
     if not isinstance(pipe, StableDiffusionImg2ImgPipeline):
         return None
-    for option in ("addition_embed_type", "class_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim"):
-        if unet.config.get(option) is not None:
-            raise TypeError(f"accelerate: unsupported pipeline {who}: its UNet has {option}="
-                            f"{unet.config.get(option)!r} (the fused img2img loop runs a plain text-conditioned UNet)")
-    _check_call_arguments(pipe, who, call_sd_img2img)
-    if type(getattr(pipe, "image_processor", None)) is not VaeImageProcessor:
-        raise TypeError(f"accelerate: unsupported pipeline {who}: its image_processor is not the VaeImageProcessor "
-                        "whose postprocessing the fused loop reproduces")
+    check_plain_sd(pipe, who, unet, "img2img loop runs a plain text-conditioned UNet", call_sd_img2img)
     return "img2img"

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from .accelerate import ScheduleDenoiser, _check_call_arguments, _default, _reject
-from .accelerate_img2img import _begin
+from .accelerate import ScheduleDenoiser, _default, _reject
+from .accelerate_img2img import _begin, check_plain_sd
 from .accelerate_text2img import _prompt_batch, _sd_images, sd_encode, sd_output, unet_extra
 from .loop_spec import tail_spec
 
@@ -114,23 +114,14 @@ def inpaint_kind(pipe, who: str, unet):
     TypeError naming what the fused loop cannot run (a 4-channel UNet or another non-9-channel one, added
     conditioning, guidance-embedding UNets, an asymmetric VAE, other ``__call__`` arguments or image processors)."""
     from diffusers import AsymmetricAutoencoderKL, StableDiffusionInpaintPipeline
-    from diffusers.image_processor import VaeImageProcessor
 
     if not isinstance(pipe, StableDiffusionInpaintPipeline):
         return None
     if unet.config.in_channels != 9:
         raise _channels_refusal(who, unet.config.in_channels)
-    for option in ("addition_embed_type", "class_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim"):
-        if unet.config.get(option) is not None:
-            raise TypeError(f"accelerate: unsupported pipeline {who}: its UNet has {option}="
-                            f"{unet.config.get(option)!r} (the fused inpainting loop runs a plain text-conditioned "
-                            "9-channel UNet)")
     if isinstance(pipe.vae, AsymmetricAutoencoderKL):
         raise TypeError(f"accelerate: unsupported pipeline {who} with an AsymmetricAutoencoderKL: its decode takes "
                         "the image and mask as conditions, which the fused loop's decode does not pass")
-    _check_call_arguments(pipe, who, call_sd_inpaint)
-    for name in ("image_processor", "mask_processor"):
-        if type(getattr(pipe, name, None)) is not VaeImageProcessor:
-            raise TypeError(f"accelerate: unsupported pipeline {who}: its {name} is not the VaeImageProcessor "
-                            "whose processing the fused loop reproduces")
+    check_plain_sd(pipe, who, unet, "inpainting loop runs a plain text-conditioned 9-channel UNet", call_sd_inpaint,
+                   ("image_processor", "mask_processor"))
     return "inpaint"
