@@ -428,3 +428,24 @@ def test_no_host_sync_in_loop_cuda(method, kw):
     ref64 = sample(gmm, x.cpu().double(), sig, method, backend=REF, seed=1, **kw)
     eager = sample(gmm, x.cpu(), sig, method, backend=REF, seed=1, **kw)
     assert_matches_reference(y.cpu(), ref64, eager, f"{method} {kw} [cuda auto]")
+
+
+def test_host_plan_is_the_sampler_plan_cached():
+    """``sampling.host_plan``: the plan the method builds (defaults filled in, no model conversion), built once per
+    (method, knobs, sigmas); a list-valued knob is built afresh; bad input raises as ``sample`` does."""
+    from diffkern import coef_tables, sampler_plans
+    from diffkern.sampling import host_plan
+
+    sig = schedules.karras(6, 0.05, 10.0).tolist()
+    plan = host_plan("euler_ancestral", {"eta": 0.5}, sig)
+    want = sampler_plans.PLANS["euler_ancestral"](sig, coef_tables._identity, **dict(knobs("euler_ancestral"),
+                                                                                       eta=0.5))
+    assert torch.equal(plan.table, want.table) and plan.row_sigma == want.row_sigma
+    assert host_plan("euler_ancestral", {"eta": 0.5}, torch.tensor(sig, dtype=torch.float64)) is plan
+    assert host_plan("euler_ancestral", {"eta": 0.6}, sig) is not plan
+    per_step = host_plan("sa_solver", {"tau": [0.5] * 6}, sig)
+    assert torch.equal(per_step.table, host_plan("sa_solver", {"tau": 0.5}, sig).table)
+    with pytest.raises(ValueError, match="method: unknown sampler 'nope'"):
+        host_plan("nope", {}, sig)
+    with pytest.raises(ValueError, match="eta: expected"):
+        host_plan("euler_ancestral", {"eta": -1.0}, sig)

@@ -109,15 +109,12 @@ class _AlphaUNet(torch.nn.Module):
 def _stochastic(method: str, knobs: dict, sigmas) -> bool:
     """Whether ``method`` with ``knobs`` on ``sigmas`` draws noise (a row of its plan has a noise coefficient: so
     it needs a seed), read from the plan itself, so every sampler's knobs (eta, s_churn, s_noise, tau, ...) count."""
-    from .. import coef_tables, sampler_plans
     from ..ops import coefs
-    from ..sampling import knobs as defaults
+    from ..sampling import host_plan
 
     if method == "iadb":
         return knobs["variant"] == "stochastic"
-    plan = sampler_plans.PLANS[method]([float(s) for s in sigmas], coef_tables._identity,
-                                       **dict(defaults(method), **knobs))
-    return bool((plan.table[:, coefs.S] != 0).any())
+    return bool((host_plan(method, knobs, sigmas).table[:, coefs.S] != 0).any())
 
 
 def _seed(generator, batch: int):
@@ -158,11 +155,12 @@ class AcceleratedPipeline:
         return (f"AcceleratedPipeline({type(self.pipe).__name__}, kind={self.kind!r}, method={self.method!r}, "
                 f"backend={self.backend!r}, graph={self.graph!r})")
 
-    def _schedule(self, num_inference_steps, eta):
-        """(diffkern scheduler after set_timesteps, its LoopSpec) for the pipeline's current scheduler."""
+    def _schedule(self, num_inference_steps, eta=None):
+        """(diffkern scheduler after set_timesteps, its LoopSpec) for the pipeline's current scheduler; ``eta``
+        None: the pipeline's default (0 where its ``__call__`` takes none)."""
         ours = diffkern_scheduler(self.pipe.scheduler)
         ours.set_timesteps(num_inference_steps)
-        spec = loop_spec(ours, eta)
+        spec = loop_spec(ours, eta if eta is not None else _default(self.pipe, "eta", 0.0))
         if spec.flow:  # a velocity network and no init_noise_sigma: the UNet pipelines cannot run it either
             raise ValueError(f"accelerate: {type(ours).__name__} runs in flow-matching transformer pipelines only")
         return ours, spec
@@ -270,7 +268,7 @@ class AcceleratedPipeline:
         shape = (batch_size, pipe.unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"generator: a list of {len(generator)} generators for batch_size={batch_size}")
-        ours, spec = self._schedule(steps, eta if eta is not None else _default(pipe, "eta", 0.0))
+        ours, spec = self._schedule(steps, eta)
         self._warn_unscaled(ours)
         image = randn_tensor(shape, generator=generator, device=pipe._execution_device, dtype=pipe.unet.dtype)
         image = self._run(ours, spec, image * float(ours.init_noise_sigma), generator)

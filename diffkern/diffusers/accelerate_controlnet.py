@@ -122,13 +122,12 @@ def _window(start, end, nets: int) -> tuple[list, list]:
 def _fused_calls(acc, spec):
     """The number of model calls of the fused loop, or None when it runs another method than the scheduler's
     (whose calls are not the pipeline's iterations)."""
-    from .. import sampler_plans, samplers
-    from ..sampling import knobs
+    from .. import sampler_plans
+    from ..sampling import host_plan
 
     if acc.method is not None or spec.method not in sampler_plans.PLANS:
         return None
-    plan = sampler_plans.PLANS[spec.method](list(spec.sigmas), samplers.conversion_rows(None),
-                                            **dict(knobs(spec.method), **spec.knobs))
+    plan = host_plan(spec.method, spec.knobs, spec.sigmas)
     return plan.steps + sum(plan.corrector)
 
 
@@ -179,7 +178,7 @@ def call_sd_controlnet(acc, prompt=None, image=None, height=None, width=None, nu
                                  do_classifier_free_guidance=False, guess_mode=guess)
               for i in (image if multi else [image])]
     height, width = images[0].shape[-2:]
-    ours, spec = acc._schedule(steps, eta if eta is not None else _default(pipe, "eta", 0.0))
+    ours, spec = acc._schedule(steps, eta)
     pipe.scheduler.set_timesteps(steps, device=device)  # the pipeline's keep factors count its timesteps
     calls = len(pipe.scheduler.timesteps)
     table = _scale_table(scales, starts, ends, calls)

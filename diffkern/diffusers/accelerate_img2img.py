@@ -39,7 +39,7 @@ def call_sd_img2img(acc, prompt=None, image=None, strength=0.8, num_inference_st
                                                       prompt_embeds, negative_prompt_embeds, cross_attention_kwargs,
                                                       clip_skip)
     image = pipe.image_processor.preprocess(image)
-    ours, spec = acc._schedule(steps, eta if eta is not None else _default(pipe, "eta", 0.0))
+    ours, spec = acc._schedule(steps, eta)
     begin = _begin(pipe, steps, strength, device)
     spec = tail_spec(ours, spec, begin)
     first = pipe.scheduler.timesteps[begin * pipe.scheduler.order:][:1].repeat(batch * num_images_per_prompt)

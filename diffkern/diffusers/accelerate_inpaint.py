@@ -73,7 +73,7 @@ def call_sd_inpaint(acc, prompt=None, image=None, mask_image=None, masked_image_
                                                       prompt_embeds, negative_prompt_embeds, cross_attention_kwargs,
                                                       clip_skip)
     dtype = prompt_embeds.dtype
-    ours, spec = acc._schedule(steps, eta if eta is not None else _default(pipe, "eta", 0.0))
+    ours, spec = acc._schedule(steps, eta)
     begin = _begin(pipe, steps, strength, device)
     spec = tail_spec(ours, spec, begin)
     first = pipe.scheduler.timesteps[begin * pipe.scheduler.order:][:1].repeat(n)

@@ -23,7 +23,7 @@ import dataclasses
 
 from .. import coef_tables_3m, coef_tables_deis, coef_tables_sasolver, coef_tables_unipc
 from .accelerate import _check_call_arguments, _default, _reject
-from .accelerate_text2img import _prompt_batch, _sdxl_decode, unet_extra
+from .accelerate_text2img import _prompt_batch, _sdxl_decode, sdxl_encode, unet_extra
 from .loop_spec import LoopSpec, tail_spec
 
 
@@ -175,14 +175,13 @@ def call_sdxl_img2img(acc, prompt=None, prompt_2=None, image=None, strength=None
     n = batch * num_images_per_prompt
     device = pipe._execution_device
     cfg = w > 1
-    embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
-        prompt=prompt, prompt_2=prompt_2, device=device, num_images_per_prompt=num_images_per_prompt,
-        do_classifier_free_guidance=cfg, negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
-        prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-        pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-        lora_scale=(cross_attention_kwargs or {}).get("scale"), clip_skip=clip_skip)
+    embeds, negative_embeds, pooled, negative_pooled = sdxl_encode(
+        pipe, device, num_images_per_prompt, cfg, cross_attention_kwargs, prompt=prompt, prompt_2=prompt_2,
+        negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2, prompt_embeds=prompt_embeds,
+        negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+        negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, clip_skip=clip_skip)
     image = pipe.image_processor.preprocess(image)
-    ours, spec = acc._schedule(steps, eta if eta is not None else _default(pipe, "eta", 0.0))
+    ours, spec = acc._schedule(steps, eta)
     spec, timesteps = _window(pipe, ours, spec, steps, strength, denoising_start, denoising_end, device)
     if latents is None:  # the pipeline's rule: no noise whenever denoising_start is given (valid or not)
         latents = pipe.prepare_latents(image, timesteps[:1].repeat(n), batch, num_images_per_prompt, embeds.dtype,

@@ -77,6 +77,16 @@ def sd_encode(pipe, prompt, device, num_images_per_prompt, cfg, negative_prompt,
                               lora_scale=(cross_attention_kwargs or {}).get("scale"), clip_skip=clip_skip)
 
 
+def sdxl_encode(pipe, device, num_images_per_prompt, cfg, cross_attention_kwargs, **prompts):
+    """Stable Diffusion XL's ``encode_prompt`` as its pipelines call it (the LoRA scale from
+    ``cross_attention_kwargs``; ``prompts``: its prompt, embedding and ``clip_skip`` keywords): (prompt_embeds,
+    negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds), the negatives None without
+    ``cfg``."""
+    return pipe.encode_prompt(device=device, num_images_per_prompt=num_images_per_prompt,
+                              do_classifier_free_guidance=cfg,
+                              lora_scale=(cross_attention_kwargs or {}).get("scale"), **prompts)
+
+
 def sd_output(pipe, images, nsfw, return_dict: bool):
     """A Stable Diffusion pipeline's return value after its loop: the model hooks freed, then ``(images, nsfw)`` or
     a ``StableDiffusionPipelineOutput``."""
@@ -144,7 +154,7 @@ def call_sd(acc, prompt=None, height=None, width=None, num_inference_steps=None,
                                                       prompt_embeds, negative_prompt_embeds, cross_attention_kwargs,
                                                       clip_skip)
     shape = (batch * num_images_per_prompt, unet.config.in_channels, int(height) // vae_scale, int(width) // vae_scale)
-    ours, spec = acc._schedule(steps, eta if eta is not None else _default(pipe, "eta", 0.0))
+    ours, spec = acc._schedule(steps, eta)
     latents = _initial_latents(ours, shape, generator, device, prompt_embeds.dtype, latents)
     extra = unet_extra({"encoder_hidden_states": prompt_embeds},
                        {"encoder_hidden_states": negative_prompt_embeds} if cfg else None, cross_attention_kwargs)
@@ -269,13 +279,12 @@ def call_sdxl(acc, prompt=None, prompt_2=None, height=None, width=None, num_infe
     n = _prompt_batch(prompt, prompt_embeds) * num_images_per_prompt
     device = pipe._execution_device
     cfg = w > 1 and unet.config.time_cond_proj_dim is None
-    embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
-        prompt=prompt, prompt_2=prompt_2, device=device, num_images_per_prompt=num_images_per_prompt,
-        do_classifier_free_guidance=cfg, negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
-        prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-        pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-        lora_scale=(cross_attention_kwargs or {}).get("scale"), clip_skip=clip_skip)
-    ours, spec = acc._schedule(steps, eta if eta is not None else _default(pipe, "eta", 0.0))
+    embeds, negative_embeds, pooled, negative_pooled = sdxl_encode(
+        pipe, device, num_images_per_prompt, cfg, cross_attention_kwargs, prompt=prompt, prompt_2=prompt_2,
+        negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2, prompt_embeds=prompt_embeds,
+        negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+        negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, clip_skip=clip_skip)
+    ours, spec = acc._schedule(steps, eta)
     from .accelerate_sdxl_img2img import text2img_head  # (imports this module)
     spec = text2img_head(pipe, ours, spec, steps, denoising_end, device)
     shape = (n, unet.config.in_channels, int(height) // pipe.vae_scale_factor, int(width) // pipe.vae_scale_factor)
