@@ -38,8 +38,8 @@ def _module_state(model: torch.nn.Module, fused: bool) -> tuple:
     """Per submodule, its training flag and, but for torch.nn's own layers (whose sizes and eps nobody changes after
     construction) and a fused wrapper itself (:func:`_settings`; its guidance_scale is table data), its public
     attributes of exact type bool, int, float or str, by value: what a forward reads as constants (a capture replays
-    them as they were). 0.32 ms per call for diffusers' 36M-parameter CIFAR-10 UNet (288 modules, 46 of them
-    diffusers') on this project's 2-core CI machine, against 0.18 ms for the training flags alone."""
+    them as they were). 0.32 to 0.38 ms per call for diffusers' 36M-parameter CIFAR-10 UNet (288 modules, 46 of them
+    diffusers') on this project's 2-core CI machine, against 0.18 to 0.20 ms for the training flags alone."""
     state = []
     for m in model.modules():
         cls = type(m)
