@@ -296,7 +296,8 @@ def sample_res_multistep(model, x, sigmas, extra_args=None, callback=None, disab
 @torch.no_grad()
 def sample_res_multistep_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, *, eta=1.0,
                                    s_noise=1.0, seed=None, backend=None, trajectory=None):
-    """ComfyUI's ``res_multistep_ancestral``: :func:`sample_res_multistep` with ``eta=1`` by default."""
+    """ComfyUI's ``res_multistep_ancestral``: :func:`sample_res_multistep` with ``eta=1`` by default. x: (B, ...)
+    float; returns the final state in x's dtype."""
     return sample_res_multistep(model, x, sigmas, extra_args, callback, disable, eta=eta, s_noise=s_noise, seed=seed,
                                 backend=backend, trajectory=trajectory)
 
