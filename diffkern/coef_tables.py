@@ -19,7 +19,6 @@ from typing import Callable, Mapping
 import torch
 
 from .ops import coefs
-from .ops import iadb as iadb_rows
 
 Conv = Callable[[float], Mapping[str, float]]
 _NO_MODEL = {"p": 0.0, "q": 0.0}  # rows that do not read the model output (churn noise)
@@ -375,35 +374,3 @@ def dpmpp_2s_ancestral(sigmas, *, eta=1.0, s_noise=1.0, conv: Conv = _identity) 
     ``x' = (sd/sigma) x + (1 - sd/sigma) D2`` = ``(sd/sigma) x2 + (1 - sd/sigma) D2 + sd (1 - sigma_mid/sigma) H``.
     sigma_down = 0: Euler to 0 plus the noise (as k-diffusion, whose noise is added whenever sigma_next > 0)."""
     return _two_eval_plan(*_ancestral_rows(_dpmpp_2s_rows, sigmas, eta, s_noise, conv), sigmas[:-1])
-
-#----------------------------------------------------------------------------
-# IADB (Heitz et al. 2023), in its own coordinates: x_alpha = (1-alpha)*noise + alpha*data.
-
-IADB_VARIANTS = ("euler", "two_head", "stochastic")
-
-
-def iadb_stochastic_row(alpha: float, alpha_next: float, lam: float) -> list[float]:
-    """Section 1.6 step for a single-head network (model_out = D = x1_bar - x0_bar): with
-    ``x1_bar = x + (1-alpha)*D`` and ``x0_bar = x - alpha*D`` (exact for posterior means),
-    ``x' = alpha'*x1_bar + (1-alpha')*(k*x0_bar + sqrt(1-k^2)*xi)``, ``k = (sigma'/sigma)^(lam^2)``."""
-    if alpha <= 0:
-        k = 0.0 if lam > 0 else 1.0
-    else:
-        sig, sig_next = (1 - alpha) / alpha, (1 - alpha_next) / alpha_next
-        k = (sig_next / sig) ** (lam * lam) if sig > 0 else 0.0
-    return coefs.row(a=alpha_next + (1 - alpha_next) * k, b=alpha_next * (1 - alpha) - (1 - alpha_next) * k * alpha,
-                     s=(1 - alpha_next) * math.sqrt(max(1.0 - k * k, 0.0)), p=0.0, q=1.0)
-
-
-def iadb(alphas, *, variant="euler", lam=0.0) -> torch.Tensor:
-    """Table of N rows for increasing alphas (N+1 values). euler: ``x' = x + (alpha'-alpha)*D``;
-    two_head: ``x' = alpha'*x1_bar + (1-alpha')*(k*x0_bar + sqrt(1-k^2)*xi)`` (model_out = x1_bar,
-    history = x0_bar; lam = 0 is deterministic); stochastic: the same step from a single-head D."""
-    pairs = list(zip(alphas[:-1], alphas[1:]))
-    if variant == "euler":
-        rows = [iadb_rows.euler_row(a, an) for a, an in pairs]
-    elif variant == "two_head":
-        rows = [iadb_rows.two_head_row(an, lam, a) for a, an in pairs]
-    else:
-        rows = [iadb_stochastic_row(a, an, lam) for a, an in pairs]
-    return coefs.table(rows)

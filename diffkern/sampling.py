@@ -12,6 +12,7 @@ import inspect
 import torch
 
 from . import coef_tables, graphs, sampler_plans, samplers, schedules
+from .ops import iadb as iadb_ops
 from .ops import sampler_step
 from .samplers import SAMPLERS, Trajectory, make_seed
 
@@ -181,7 +182,7 @@ class IadbLoop:
     def __init__(self, model, x0, host, variant, lam, seed, backend, extra_args, record, callback):
         self.model, self.host, self.variant, self.backend, self.callback = model, host, variant, backend, callback
         self.x = x0.detach().clone(memory_format=torch.contiguous_format)
-        self.table = coef_tables.iadb(host, variant=variant, lam=lam).to(self.x.device)
+        self.table = iadb_ops.sampler_table(host, variant=variant, lam=lam).to(self.x.device)
         self.alpha_dev = torch.tensor(host, dtype=torch.float64).to(self.x.device, alpha_dtype(self.x))
         self.seed = make_seed(seed, self.x)
         self.extra = dict(extra_args or {})
@@ -216,8 +217,8 @@ class IadbLoop:
 
 def iadb_lam(variant: str, lam) -> float:
     """Validated noise level of an IADB variant (None: 0 for euler and two_head, 1 for stochastic)."""
-    if variant not in coef_tables.IADB_VARIANTS:
-        raise ValueError(f"variant: expected one of {coef_tables.IADB_VARIANTS}, got {variant!r}")
+    if variant not in iadb_ops.VARIANTS:
+        raise ValueError(f"variant: expected one of {iadb_ops.VARIANTS}, got {variant!r}")
     if lam is None:
         lam = 1.0 if variant == "stochastic" else 0.0
     lam = sampler_plans._knob(lam, "lam")
@@ -270,7 +271,7 @@ def sample_iadb(model, x0, alphas=None, variant="euler", *, steps=None, lam=None
 def _sample_iadb_graph(model, x0, host, variant, lam, seed, backend, record, extra_args):
     """:func:`sample_iadb` as a CUDA graph (:mod:`diffkern.graphs`): the captured body is ``IadbLoop.run``."""
     call = graphs.Call(model, x0, seed, backend, extra_args, record)
-    hosts = [coef_tables.iadb(host, variant=variant, lam=lam), torch.tensor(host, dtype=torch.float64)]
+    hosts = [iadb_ops.sampler_table(host, variant=variant, lam=lam), torch.tensor(host, dtype=torch.float64)]
     # With record, single-head variants compute x1_bar = x + (1-alpha)*D with alpha a Python float: baked.
     baked = tuple(host) if record and variant != "two_head" else len(host)
 

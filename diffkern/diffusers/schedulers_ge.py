@@ -10,6 +10,7 @@ from diffusers.configuration_utils import register_to_config
 
 from .. import coef_tables, schedules
 from ..ops import coefs
+from ..ops import iadb as iadb_ops
 from .config_checks import check_choice
 from .schedulers import FusedScheduler
 
@@ -142,7 +143,7 @@ class IADBScheduler(FusedScheduler):
     def _build(self, key):
         cfg = self.config
         lam = cfg.lam if cfg.variant == "stochastic" else 0.0
-        table = coef_tables.iadb(self.alphas_host, variant=cfg.variant, lam=lam)
+        table = iadb_ops.sampler_table(self.alphas_host, variant=cfg.variant, lam=lam)
         table[:, coefs.E] = 1.0  # history_out = x + (1 - alpha)*D, the data estimate (history is never read)
         table[:, coefs.F] = 1.0 - torch.tensor(self.alphas_host[:-1], dtype=torch.float64)
         return table, None

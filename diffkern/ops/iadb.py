@@ -128,3 +128,37 @@ def iadb_deblend_two_head(x0_bar, x1_bar, alpha_next: float, *, out=None, backen
     """Deterministic two-head step ``(1-alpha_next)*x0_bar + alpha_next*x1_bar``; returns ``out``."""
     table = coefs.table([two_head_row(alpha_next)], device=x1_bar.device)
     return sampler_step(x1_bar, x1_bar, table, 0, history=x0_bar, out=out, backend=backend)
+
+
+#----------------------------------------------------------------------------
+# Sampler tables (diffkern.sampling.sample_iadb, the IADBScheduler drop-in), in IADB's own coordinates:
+# x_alpha = (1-alpha)*noise + alpha*data.
+
+VARIANTS = ("euler", "two_head", "stochastic")
+
+
+def stochastic_row(alpha: float, alpha_next: float, lam: float) -> list[float]:
+    """Section 1.6 step for a single-head network (model_out = D = x1_bar - x0_bar): with
+    ``x1_bar = x + (1-alpha)*D`` and ``x0_bar = x - alpha*D`` (exact for posterior means),
+    ``x' = alpha'*x1_bar + (1-alpha')*(k*x0_bar + sqrt(1-k^2)*xi)``, ``k = (sigma'/sigma)^(lam^2)``."""
+    if alpha <= 0:
+        k = 0.0 if lam > 0 else 1.0
+    else:
+        sig, sig_next = (1 - alpha) / alpha, (1 - alpha_next) / alpha_next
+        k = (sig_next / sig) ** (lam * lam) if sig > 0 else 0.0
+    return coefs.row(a=alpha_next + (1 - alpha_next) * k, b=alpha_next * (1 - alpha) - (1 - alpha_next) * k * alpha,
+                     s=(1 - alpha_next) * math.sqrt(max(1.0 - k * k, 0.0)), p=0.0, q=1.0)
+
+
+def sampler_table(alphas, *, variant="euler", lam=0.0) -> torch.Tensor:
+    """Table of N rows for increasing alphas (N+1 values). euler: ``x' = x + (alpha'-alpha)*D``;
+    two_head: ``x' = alpha'*x1_bar + (1-alpha')*(k*x0_bar + sqrt(1-k^2)*xi)`` (model_out = x1_bar,
+    history = x0_bar; lam = 0 is deterministic); stochastic: the same step from a single-head D."""
+    pairs = list(zip(alphas[:-1], alphas[1:]))
+    if variant == "euler":
+        rows = [euler_row(a, an) for a, an in pairs]
+    elif variant == "two_head":
+        rows = [two_head_row(an, lam, a) for a, an in pairs]
+    else:
+        rows = [stochastic_row(a, an, lam) for a, an in pairs]
+    return coefs.table(rows)
