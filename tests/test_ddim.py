@@ -183,8 +183,12 @@ def test_row_bad_input(kwargs, match):
 def test_ddim_step_bad_input_writes_nothing(cpu_backend):
     z, m = make_tensor(SHAPE, seed=8), make_tensor(SHAPE, seed=9)
     out, x0_out = torch.full(SHAPE, 7.0), torch.full(SHAPE, 7.0)
-    with pytest.raises(ValueError, match=r"^model_out: expected shape"):
+    with pytest.raises(ValueError, match=r"^model_output: expected shape .* \(that of sample\)"):
         dops.ddim_step(z, m[:1], 0.5, 0.6, out=out, x0_out=x0_out, backend=cpu_backend)
+    with pytest.raises(ValueError, match=r"^noise: expected shape .* \(that of sample\)"):
+        dops.ddim_step(z, m, 0.5, 0.6, eta=1.0, noise=m[:1], out=out, x0_out=x0_out, backend=cpu_backend)
+    with pytest.raises(TypeError, match=r"^sample: expected a tensor"):
+        dops.ddim_step(z.tolist(), m, 0.5, 0.6, out=out, x0_out=x0_out, backend=cpu_backend)
     with pytest.raises(ValueError, match=r"^eta: expected a finite value"):
         dops.ddim_step(z, m, 0.5, 0.6, eta=-1.0, out=out, x0_out=x0_out, backend=cpu_backend)
     for step in (-1, 2.0, True):

@@ -69,6 +69,12 @@ def ddim_step(sample, model_output, alpha_prod_t: float, alpha_prod_t_prev: floa
     """
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step: expected a Python int >= 0 (the Philox step counter), got {step!r}")
+    if not isinstance(sample, torch.Tensor):
+        raise TypeError(f"sample: expected a tensor, got {type(sample).__name__}")
+    # checked here too so that the message names this function's arguments (the fused op's are x and model_out)
+    for name, t in (("model_output", model_output), ("noise", noise)):
+        if isinstance(t, torch.Tensor) and t.shape != sample.shape:
+            raise ValueError(f"{name}: expected shape {tuple(sample.shape)} (that of sample), got {tuple(t.shape)}")
     row = coefs.table([ddim_row(alpha_prod_t, alpha_prod_t_prev, eta=eta, prediction_type=prediction_type,
                                 clip_sample=clip_sample, clip_sample_range=clip_sample_range,
                                 use_clipped_model_output=use_clipped_model_output)], device=sample.device)
