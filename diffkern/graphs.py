@@ -190,6 +190,20 @@ def clear(model=None) -> None:
         torch.cuda.empty_cache()
 
 
+def order_after_last_replay(device) -> None:
+    """Make the current stream of ``device`` wait for the last replay there (an event wait: no host sync). For
+    callers that write a captured loop's device state before calling it (a wrapper's call counter, per-call scale
+    tables): :func:`run` orders its own input writes after that replay, whatever the caller's stream, but not writes
+    made before it. A no-op off CUDA and before any replay."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    with _lock:
+        event = _last_replay.get(torch.device("cuda", _index(device)))
+    if event is not None:
+        torch.cuda.current_stream(device).wait_event(event)
+
+
 def info() -> dict:
     """Cache statistics: ``entries``, ``max_entries``, and since the last ``clear()``: ``captures``, ``replays``,
     ``table_writes`` (in-place table rewrites), ``evictions``, ``failures`` (failed captures)."""

@@ -432,3 +432,23 @@ def test_accelerate_cuda_graph_matches_eager(tiny_sd):
     for _ in range(2):  # capture, then replay
         graph = text2image(fast, torch.Generator("cuda").manual_seed(0))
         torch.testing.assert_close(graph, eager, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+def test_accelerate_cuda_graph_calls_from_two_streams(tiny_sd):
+    """Calls alternating between two streams, with guidance_rescale (a per-call device write before the replay,
+    ordered after the previous replay by graphs.order_after_last_replay): each equals its eager run."""
+    pipe = tiny_sd(diffusers.KDPM2DiscreteScheduler()).to("cuda")
+    calls = [{"guidance_rescale": 0.3}, {"guidance_rescale": 0.7}]
+    eager = [text2image(dd.accelerate(pipe, graph=False), torch.Generator("cuda").manual_seed(0), **kw)
+             for kw in calls]
+    fast = dd.accelerate(pipe, graph=True)
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for _ in range(3):
+        got = []
+        for stream, kw in zip(streams, calls):
+            with torch.cuda.stream(stream):
+                got.append(text2image(fast, torch.Generator("cuda").manual_seed(0), **kw))
+        torch.cuda.synchronize()
+        for g, e in zip(got, eager):
+            torch.testing.assert_close(g, e, rtol=0, atol=0)

@@ -446,3 +446,10 @@ def test_model_error_in_warm_up_propagates(fake):
     with pytest.raises(ValueError, match="model: output must have the shape of x"):
         sample(lambda x, s: x[:, :1], x, sig, "euler", backend=REF, graph="auto")
     assert graphs.info()["entries"] == 0 and graphs.info()["failures"] == 0
+
+
+def test_order_after_last_replay_is_a_no_op_off_cuda():
+    """accelerate orders its per-call device writes after the last replay with it; off CUDA there is nothing to
+    wait for (CUDA: test_diffusers_pipelines.py::test_accelerate_cuda_graph_calls_from_two_streams)."""
+    for device in ("cpu", torch.device("cpu"), "meta"):
+        graphs.order_after_last_replay(device)

@@ -28,6 +28,7 @@ import warnings
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from .. import graphs
 from ..ops import backend_status
 from .loop_spec import decreasing_prefix, diffkern_scheduler, loop_spec
 from .schedule_denoiser import AlphaUNet, ScheduleDenoiser
@@ -149,6 +150,9 @@ class AcceleratedPipeline:
         model = self._model(key, lambda: cls(self.pipe.unet, table, pred, spec.sigmas[:-1], spec.timesteps,
                                              call_timesteps=calls,
                                              timestep_scaling=spec.boundary).to(latents.device))
+        # the device writes below (guidance, ControlNet scales, the call counter) wait for the previous replay,
+        # which may still be running on another stream
+        graphs.order_after_last_replay(latents.device)
         if rescale:
             model.set_guidance(guidance_scale, rescale)  # device data: a captured loop stays valid
         else:

@@ -60,17 +60,19 @@ class ControlNetDenoiser(ScheduleDenoiser):
         dtype = self.controlnet.dtype
         row = self.control_scale.index_select(0, self.control_k)[0]
         self.control_k.add_(1).remainder_(self.control_scale.shape[0])
-        # 0-d tensors: a python float scale in the pipeline multiplies in the residuals' dtype, and so do they
-        scales = list(row.to(torch.promote_types(dtype, torch.float32)).unbind())
+        scales = list(row.to(torch.promote_types(dtype, torch.float32)).unbind())  # 0-d device tensors
         x_c, t_c, text, image = x_in, t, extra["encoder_hidden_states"], controlnet_cond
         half = self.guess_mode and self.guidance_scale != 1.0  # the CFG batch: ControlNet on the cond half only
         if half:
             b = x_in.shape[0] // 2
             x_c, t_c, text = x_c[b:], t_c[b:], text[b:]
             image = [i[b:] for i in image] if self.multi else image[b:]
-        down, mid = self.controlnet(x_c.to(dtype), t_c, encoder_hidden_states=text, controlnet_cond=image,
-                                    conditioning_scale=scales if self.multi else scales[0],
-                                    guess_mode=self.guess_mode, return_dict=False)
+        x_c, down, mid = x_c.to(dtype), None, None
+        for net, img, scale in zip(self.controlnet.nets if self.multi else [self.controlnet],
+                                   image if self.multi else [image], scales):
+            d, m = self._residuals(net, x_c, t_c, text, img, scale)
+            # MultiControlNetModel's sum, in its order
+            down, mid = (d, m) if down is None else ([p + c for p, c in zip(down, d)], mid + m)
         if half:
             down = [torch.cat([torch.zeros_like(d), d]) for d in down]
             mid = torch.cat([torch.zeros_like(mid), mid])
@@ -78,6 +80,22 @@ class ControlNetDenoiser(ScheduleDenoiser):
             extra["cross_attention_kwargs"] = cross_attention_kwargs
         return super().call_model(x_in, t, down_block_additional_residuals=down, mid_block_additional_residual=mid,
                                   **extra)
+
+    def _residuals(self, net, x, t, text, image, scale):
+        """One ControlNetModel's residuals times ``scale`` (a 0-d device tensor), rounded as the pipeline's Python
+        float scale rounds them: the product in float32 (the opmath of a 16-bit multiply by a Python scalar), then
+        once to the residuals' dtype. A 16-bit net given the tensor as its ``conditioning_scale`` would, on a GPU,
+        load it as an ordinary 16-bit operand and round it first (0.7 -> 0.69921875 in bfloat16: every residual
+        biased by -1.1e-3), so it gets 1.0 and the product is made here. A float32 or float64 net multiplies by the
+        tensor exactly as by the float. In guess mode the net multiplies by its own device tensor of scales (logspace
+        times the scale, in the pipeline too), and a pooled net averages after scaling: the net scales there."""
+        own = not self.guess_mode and net.dtype in (torch.float16, torch.bfloat16)
+        down, mid = net(x, t, encoder_hidden_states=text, controlnet_cond=image,
+                        conditioning_scale=1.0 if own else scale, guess_mode=self.guess_mode, return_dict=False)
+        if own:
+            down = [(d.float() * scale).to(d.dtype) for d in down]
+            mid = (mid.float() * scale).to(mid.dtype)
+        return down, mid
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,13 +33,15 @@ class RescaledCFGDenoiser(ScheduleDenoiser):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.register_buffer("cfg_rescale", torch.tensor([1.0, 0.0], dtype=torch.float64), persistent=False)
+        # w, phi and 1 - phi (taken in float64, as the pipeline's Python floats)
+        self.register_buffer("cfg_rescale", torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64), persistent=False)
 
     def set_guidance(self, guidance_scale: float, guidance_rescale: float) -> None:
         """The CFG weight and the rescale factor of the next loop (a device write, ordered before a replay)."""
         self.guidance_scale = 1.0
         self.cfg_rescale[0].fill_(float(guidance_scale))  # kernel arguments: no host-device copy
         self.cfg_rescale[1].fill_(float(guidance_rescale))
+        self.cfg_rescale[2].fill_(1.0 - float(guidance_rescale))
 
     def raw(self, x, sigma, **extra):
         s = self._sigma(x, sigma)
@@ -50,11 +52,18 @@ class RescaledCFGDenoiser(ScheduleDenoiser):
                 for k, v in cond.items()}
         out = self.call_model(torch.cat([x_in, x_in]), torch.cat([t, t]), **both)
         uncond, text = self._checked(out, torch.Size([2 * batch, *x_in.shape[1:]])).chunk(2)
-        w, phi = self.cfg_rescale.to(out.dtype).unbind()
-        guided = uncond + w * (text - uncond)  # in the UNet's dtype, as the pipeline computes it
+        # In the UNet's dtype, as the pipeline computes it; its Python float weights multiply in float32 (a 16-bit
+        # multiply's math type) and round once, so the products are made so here: weights cast to 16 bits, or used
+        # as 16-bit operands (a 0-d device tensor on a GPU), would bias every output (0.6 -> 0.6015625 in bfloat16).
+        wide = torch.promote_types(out.dtype, torch.float32)
+        w, phi, rest = self.cfg_rescale.to(wide).unbind()
+
+        def times(v, k):
+            return (v.to(wide) * k).to(v.dtype)
+        guided = uncond + times(text - uncond, w)
         dims = list(range(1, guided.dim()))
         rescaled = guided * (text.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
-        return phi * rescaled + (1 - phi) * guided, None
+        return times(rescaled, phi) + times(guided, rest), None
 
 
 def unet_extra(cond: dict, uncond, cross_attention_kwargs) -> dict:
