@@ -10,7 +10,7 @@ import numbers
 import torch
 
 from . import (coef_tables, coef_tables_3m, coef_tables_deis, coef_tables_dpm_fast, coef_tables_dpmpp_sde,
-               coef_tables_er_sde, coef_tables_lms, coef_tables_plms, coef_tables_res, coef_tables_sasolver,
+               coef_tables_er_sde, coef_tables_flow, coef_tables_lms, coef_tables_plms, coef_tables_res, coef_tables_sasolver,
                coef_tables_singlestep, coef_tables_unipc)
 
 
@@ -54,6 +54,10 @@ def _plan_euler_ancestral(sigmas, conv, *, eta, s_noise):
 def _plan_heun(sigmas, conv, *, s_churn, s_tmin, s_tmax, s_noise):
     return coef_tables.fold_second_calls(coef_tables.heun(sigmas, conv=conv,
                                                             **_churn_knobs(s_churn, s_tmin, s_tmax, s_noise)))
+
+
+def _plan_heun_flow(sigmas, conv):
+    return coef_tables.fold_second_calls(coef_tables_flow.heun_flow(sigmas, conv=conv))
 
 
 def _plan_dpm_2(sigmas, conv, *, s_churn, s_tmin, s_tmax, s_noise):
@@ -194,6 +198,6 @@ PLANS = {"euler": _plan_euler, "euler_ancestral": _plan_euler_ancestral, "heun":
          "deis": _plan_deis, "plms": _plan_plms, "ipndm": _plan_ipndm, "lms": _plan_lms,
          "dpmsolver_single": _plan_dpmsolver_single, "ipndm_v": _plan_ipndm_v, "dpm_fast": _plan_dpm_fast,
          "res_multistep": _plan_res_multistep, "res_multistep_ancestral": _plan_res_multistep,
-         "er_sde": _plan_er_sde, "sa_solver": _plan_sa_solver}
+         "er_sde": _plan_er_sde, "sa_solver": _plan_sa_solver, "heun_flow": _plan_heun_flow}
 """method -> ``plan(host_sigmas, conv, **knobs)``; every knob is passed (the defaults live in the samplers'
 signatures, listed by :func:`diffkern.sampling.knobs`)."""

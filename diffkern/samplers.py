@@ -61,6 +61,18 @@ def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, 
 
 
 @torch.no_grad()
+def sample_heun_flow(model, x, sigmas, extra_args=None, callback=None, disable=None, *, seed=None, backend=None,
+                     trajectory=None):
+    """Heun's method in flow time t = sigma/(1 + sigma) (diffusers' ``FlowMatchHeunDiscreteScheduler`` without
+    churn; :mod:`diffkern.coef_tables_flow`): Euler to sigma_next, then the average of the flow velocities
+    ``v = (x/(1 + sigma) - D)/t`` at both ends (2 model calls per step but the last, which is Euler to 0). Unlike
+    ``heun`` (EDM, the average of VE slopes) it is the flow-matching integrator. x: (B, ...) float, the VE state;
+    sigmas: (N+1,) decreasing; returns the final state in x's dtype."""
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory)
+    return _run(loop, _plans._plan_heun_flow(loop.sigmas, loop.conv))
+
+
+@torch.no_grad()
 def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None, *, s_churn=0.0, s_tmin=0.0,
                  s_tmax=math.inf, s_noise=1.0, seed=None, backend=None, trajectory=None):
     """k-diffusion's DPM-Solver-2 (KDPM2): Euler to the log-midpoint sigma, then the full step with the
@@ -336,4 +348,4 @@ SAMPLERS = {"euler": sample_euler, "euler_ancestral": sample_euler_ancestral, "h
             "deis": sample_deis, "plms": sample_plms, "ipndm": sample_ipndm, "lms": sample_lms,
             "dpmsolver_single": sample_dpmsolver_single, "ipndm_v": sample_ipndm_v, "dpm_fast": sample_dpm_fast_sigmas,
             "res_multistep": sample_res_multistep, "res_multistep_ancestral": sample_res_multistep_ancestral,
-            "er_sde": sample_er_sde, "sa_solver": sample_sa_solver}
+            "er_sde": sample_er_sde, "sa_solver": sample_sa_solver, "heun_flow": sample_heun_flow}

@@ -61,7 +61,7 @@ def sample(model, x, sigmas, method, *, backend=None, seed=0, callback=None, pro
         method: "euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_2m",
             "dpmpp_2m_sde", "dpmpp_3m_sde", "dpmsolver_3m", "dpmpp_sde", "lcm", "ge", "sde", "unipc", "deis", "plms",
             "ipndm", "lms", "dpmsolver_single", "ipndm_v", "dpm_fast", "res_multistep", "res_multistep_ancestral",
-            "er_sde" or "sa_solver" (see :func:`knobs`).
+            "er_sde", "sa_solver" or "heun_flow" (see :func:`knobs`).
         backend: fused-op backend ("auto", "reference", "cpp", "triton", "cuda"); None (default):
             ``DIFFKERN_BACKEND``, else "auto".
         seed: int or int64 tensor (1,)/(B,) keying the Philox noise: same seed, same output. The default 0

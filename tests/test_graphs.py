@@ -28,7 +28,8 @@ EVERY = [("euler", {}), ("euler", {"s_churn": 2.0}), ("euler_ancestral", {"eta":
          ("deis", {}), ("plms", {}), ("ipndm", {}), ("lms", {}), ("unipc", {"order": 3}),
          ("dpmsolver_single", {"order": 3}), ("ipndm_v", {}), ("dpm_fast", {}), ("dpm_fast", {"eta": 1.0}),
          ("res_multistep", {}), ("res_multistep_ancestral", {}), ("er_sde", {}),
-         ("sa_solver", {}), ("sa_solver", {"predictor_order": 3, "corrector_order": 4, "tau": 0.5})]
+         ("sa_solver", {}), ("sa_solver", {"predictor_order": 3, "corrector_order": 4, "tau": 0.5}),
+         ("heun_flow", {})]
 
 
 def gmm3():

@@ -200,7 +200,8 @@ EVERY = [("euler", {}), ("euler", {"s_churn": 2.0}), ("euler_ancestral", {"eta":
          ("ipndm_v", {}), ("ipndm_v", {"max_order": 3}), ("dpm_fast", {}), ("dpm_fast", {"eta": 0.8, "s_noise": 0.9}),
          ("res_multistep", {}), ("res_multistep_ancestral", {"eta": 0.6, "s_noise": 0.9}), ("er_sde", {}),
          ("er_sde", {"max_stage": 2, "s_noise": 0.5}), ("sa_solver", {}),
-         ("sa_solver", {"predictor_order": 3, "corrector_order": 4, "predict_x0": False, "tau": 0.0})]
+         ("sa_solver", {"predictor_order": 3, "corrector_order": 4, "predict_x0": False, "tau": 0.0}),
+         ("heun_flow", {})]
 
 
 def gmm5():
@@ -401,7 +402,7 @@ def test_knobs_lists_defaults():
                                       "dpmpp_2s_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpmpp_sde",
                                       "dpmsolver_3m", "ge", "lcm", "sde", "unipc", "deis", "plms", "ipndm", "lms",
                                       "dpmsolver_single", "ipndm_v", "dpm_fast", "res_multistep",
-                                      "res_multistep_ancestral", "er_sde", "sa_solver"}
+                                      "res_multistep_ancestral", "er_sde", "sa_solver", "heun_flow"}
 
 #----------------------------------------------------------------------------
 # No host synchronisation inside the loop (CUDA only: torch's sync debug mode turns a sync into an error).

@@ -15,9 +15,12 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401  
 
 from .accelerate import AcceleratedPipeline, accelerate
 from .schedulers import FusedScheduler, FusedSchedulerOutput
+from .schedulers_ddim_inverse import DDIMInverseScheduler
 from .schedulers_deis import DEISMultistepScheduler
+from .schedulers_dpmsolver_sde import DPMSolverSDEScheduler
 from .schedulers_edm import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
 from .schedulers_flow import FlowMatchEulerDiscreteScheduler
+from .schedulers_flow_heun import FlowMatchHeunDiscreteScheduler
 from .schedulers_ge import GEScheduler, IADBScheduler
 from .schedulers_k import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler
 from .schedulers_kdpm2 import KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler
@@ -37,7 +40,8 @@ SCHEDULERS = {c.__name__: c for c in (DDIMScheduler, DDPMScheduler, DPMSolverMul
                                       UniPCMultistepScheduler, TCDScheduler, EDMEulerScheduler,
                                       EDMDPMSolverMultistepScheduler, DEISMultistepScheduler,
                                       PNDMScheduler, LMSDiscreteScheduler, DPMSolverSinglestepScheduler,
-                                      SASolverScheduler)}
+                                      SASolverScheduler, DDIMInverseScheduler, DPMSolverSDEScheduler,
+                                      FlowMatchHeunDiscreteScheduler)}
 
 # A pipeline's save_pretrained records a third-party scheduler as (its __module__, its name), and from_pretrained
 # imports that module and looks the class and SchedulerMixin up in it. Recording this package (rather than the
@@ -45,10 +49,11 @@ SCHEDULERS = {c.__name__: c for c in (DDIMScheduler, DDPMScheduler, DPMSolverMul
 for _cls in SCHEDULERS.values():
     _cls.__module__ = __name__
 
-__all__ = ["AcceleratedPipeline", "DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler",
+__all__ = ["AcceleratedPipeline", "DDIMInverseScheduler", "DDIMScheduler", "DDPMScheduler",
+           "DPMSolverMultistepScheduler", "DPMSolverSDEScheduler",
            "DPMSolverSinglestepScheduler",
            "EDMDPMSolverMultistepScheduler", "EDMEulerScheduler", "EulerAncestralDiscreteScheduler",
-           "EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler",
+           "EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler",
            "DEISMultistepScheduler", "FusedScheduler", "FusedSchedulerOutput",
            "GEScheduler", "HeunDiscreteScheduler", "IADBScheduler", "KDPM2AncestralDiscreteScheduler",
            "KDPM2DiscreteScheduler", "LCMScheduler", "LMSDiscreteScheduler", "PNDMScheduler", "SASolverScheduler",

@@ -124,8 +124,12 @@ class AcceleratedPipeline:
                              "use accelerate(pipe) without method=")
         method = self.method or spec.method
         knobs = dict(spec.knobs if self.method is None else {}, **self.knobs)
-        # deterministic loops touch neither the generator nor torch's global generator
-        seed = _seed(generator, latents.shape[0]) if _stochastic(method, knobs, spec.sigmas) else 0
+        # deterministic loops touch neither the generator nor torch's global generator; DPMSolverSDE's noise is
+        # keyed by its noise_sampler_seed when set (diffusers' Brownian tree is), else by the generator
+        fixed = ours.config.get("noise_sampler_seed") if method == spec.method else None
+        seed = 0
+        if _stochastic(method, knobs, spec.sigmas):
+            seed = int(fixed) if fixed is not None else _seed(generator, latents.shape[0])
         graph = self._graph_mode(latents.device)
         if method == "iadb":
             if extra:  # sample_iadb's model(x_alpha, alpha) takes no conditioning, hence no CFG either
@@ -297,9 +301,9 @@ def accelerate(pipe, method=None, backend="auto", graph="auto", progress=False, 
             embedding as ``timestep_cond``); or the flow-matching ``StableDiffusion3Pipeline`` / ``FluxPipeline``.
             ``guidance_rescale`` is applied in PyTorch between the batched UNet call and the fused step. Its
             scheduler (diffusers' or diffkern's DDIM, DDPM, DPM-Solver++ multistep and singlestep, UniPC, DEIS,
-            PNDM, LMS, SA-Solver, Euler, Euler-ancestral, Heun, KDPM2, KDPM2-ancestral, LCM, FlowMatch; diffkern's
-            GE, or IADB in unconditional pipelines) gives the schedule; it is read at each call, so a later
-            ``pipe.scheduler = ...`` applies. A pipeline whose ``__call__`` takes arguments beyond those of these
+            PNDM, LMS, SA-Solver, Euler, Euler-ancestral, Heun, KDPM2, KDPM2-ancestral, DPM-Solver SDE, LCM,
+            FlowMatch Euler and Heun; diffkern's GE, or IADB in unconditional pipelines) gives the schedule; it
+            is read at each call, so a later ``pipe.scheduler = ...`` applies. A pipeline whose ``__call__`` takes arguments beyond those of these
             pipelines (SDXL inpainting, other ControlNet pipelines, PAG, ...), legacy 4-channel inpainting, or a UNet
             with other added conditioning, raises TypeError naming them. Unsupported schedulers and scheduler
             options raise ValueError naming them.

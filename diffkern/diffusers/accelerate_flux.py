@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from .accelerate import _check_call_arguments, _default, _reject
-from .accelerate_sd3 import FlowAcceleratedPipeline, FlowTransformerDenoiser, check_image_processor, flow_images
+from .accelerate_sd3 import (FlowAcceleratedPipeline, FlowTransformerDenoiser, check_flow_scheduler,
+                             check_image_processor, flow_images)
 from .accelerate_text2img import _prompt_batch
 from .loop_spec import diffkern_scheduler, loop_spec
 
@@ -72,12 +73,16 @@ class FluxAcceleratedPipeline(FlowAcceleratedPipeline):
     def _schedule(self, num_inference_steps, eta=0.0, mu=None, sigmas=None):
         """(diffkern FlowMatchEulerDiscreteScheduler after set_timesteps, its flow LoopSpec) with the pipeline's
         sigmas (``linspace(1, 1/N, N)`` unless given, none with ``use_flow_sigmas``) and ``mu`` (without it: the
-        default image size's)."""
+        default image size's). A FlowMatchHeunDiscreteScheduler, whose ``set_timesteps`` takes neither, is refused."""
         pipe = self.pipe
         ours = diffkern_scheduler(pipe.scheduler)
-        if type(ours).__name__ != "FlowMatchEulerDiscreteScheduler":
-            raise ValueError(f"accelerate: {type(pipe).__name__} with a {type(pipe.scheduler).__name__}: the fused "
-                             "loop runs this flow-matching pipeline with a FlowMatchEulerDiscreteScheduler only")
+        check_flow_scheduler(pipe, ours)
+        if type(ours).__name__ == "FlowMatchHeunDiscreteScheduler":
+            # running its own (shift-only) schedule would silently drop the resolution-dependent mu Flux asks for
+            raise ValueError(f"accelerate: {type(pipe).__name__} with a FlowMatchHeunDiscreteScheduler is not "
+                             "supported: the pipeline passes sigmas and mu to set_timesteps, which this scheduler "
+                             "does not take (diffusers' own pipeline raises there too); use a "
+                             "FlowMatchEulerDiscreteScheduler")
         if sigmas is None:
             sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
         if pipe.scheduler.config.get("use_flow_sigmas", False):

@@ -26,6 +26,9 @@ from .loop_spec import FLOW_TOP, diffkern_scheduler, loop_spec
 # FLOW_TOP (t = 1) that is 2^70 times a difference of slopes, the discretisation of an infinite step.
 _NO_INFINITE_FIRST_STEP = ("heun", "dpm_2", "dpm_2_ancestral")
 
+# The flow-matching schedulers the fused loop runs: Euler (``euler``/``lcm``) and Heun in flow time (``heun_flow``).
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
+
 # SD3's skip-layer guidance (an extra transformer call on some steps) has no fused counterpart.
 _SKIP_LAYER_GUIDANCE = ("skip_guidance_layers", "skip_layer_guidance_scale", "skip_layer_guidance_stop",
                         "skip_layer_guidance_start")
@@ -61,13 +64,18 @@ class FlowAcceleratedPipeline(AcceleratedPipeline):
     """:class:`~diffkern.diffusers.accelerate.AcceleratedPipeline` of a flow-matching transformer pipeline (SD3)."""
 
     def _schedule(self, num_inference_steps, eta=0.0, mu=None):
-        """(diffkern FlowMatchEulerDiscreteScheduler after set_timesteps, its flow LoopSpec). Without ``mu`` a
+        """(diffkern FlowMatchEuler/HeunDiscreteScheduler after set_timesteps, its flow LoopSpec). Without ``mu`` a
         dynamically shifted schedule takes the pipeline's default image size's (the check at ``accelerate``)."""
         pipe = self.pipe
         ours = diffkern_scheduler(pipe.scheduler)
-        if type(ours).__name__ != "FlowMatchEulerDiscreteScheduler":
-            raise ValueError(f"accelerate: {type(pipe).__name__} with a {type(pipe.scheduler).__name__}: the fused "
-                             "loop runs this flow-matching pipeline with a FlowMatchEulerDiscreteScheduler only")
+        check_flow_scheduler(pipe, ours)
+        if type(ours).__name__ == "FlowMatchHeunDiscreteScheduler":
+            if mu is not None:  # the pipeline would pass it to set_timesteps, which takes none (diffusers raises)
+                raise ValueError(f"mu: FlowMatchHeunDiscreteScheduler takes no dynamic shift (its set_timesteps has "
+                                 f"no mu; the pipeline computes one when the config has use_dynamic_shifting), got "
+                                 f"mu={mu!r}")
+            ours.set_timesteps(num_inference_steps)
+            return ours, loop_spec(ours, eta)
         if ours.config.get("use_dynamic_shifting") and mu is None:
             size = pipe.default_sample_size
             mu = sd3_mu(pipe, size, size)
@@ -81,7 +89,7 @@ class FlowAcceleratedPipeline(AcceleratedPipeline):
         method = self.method or spec.method
         if self.method is not None and spec.sigmas[0] == FLOW_TOP and method in _NO_INFINITE_FIRST_STEP:
             raise ValueError(f"method: {method!r} cannot start at flow time t = 1 (an infinite VE sigma; its first "
-                             "step would weigh a slope difference by it); use euler, euler_ancestral, lcm, dpmpp_2m, "
+                             "step would weigh a slope difference by it); use heun_flow, euler, euler_ancestral, lcm, dpmpp_2m, "
                              "dpmpp_2m_sde, dpmpp_3m_sde, dpmsolver_3m, dpmpp_2s_ancestral, dpmpp_sde, sde, ge or "
                              "unipc")
         knobs = dict(spec.knobs if self.method is None else {}, **self.knobs)
@@ -110,6 +118,14 @@ class FlowAcceleratedPipeline(AcceleratedPipeline):
         ``max_sequence_length``, ``mu``, ``joint_attention_kwargs`` with a LoRA ``scale`` only). Skip-layer
         guidance, callbacks, custom sigmas and IP-adapters raise."""
         return call_sd3(self, prompt, **kwargs)
+
+
+def check_flow_scheduler(pipe, ours) -> None:
+    """Raise unless ``ours`` (the pipeline scheduler's diffkern twin) is one of :data:`FLOW_SCHEDULERS`."""
+    if type(ours).__name__ not in FLOW_SCHEDULERS:
+        raise ValueError(f"accelerate: {type(pipe).__name__} with a {type(pipe.scheduler).__name__}: the fused loop "
+                         f"runs this flow-matching pipeline with a {' or a '.join(sorted(FLOW_SCHEDULERS, reverse=True))} "
+                         "only")
 
 
 def sd3_mu(pipe, latent_height: int, latent_width: int) -> float:

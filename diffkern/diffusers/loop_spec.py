@@ -208,7 +208,12 @@ def diffkern_scheduler(scheduler) -> FusedScheduler:
     cls = SCHEDULERS.get(type(scheduler).__name__)
     if cls is None:
         raise ValueError(f"accelerate: unsupported scheduler {type(scheduler).__name__}; supported: "
-                         f"{', '.join(sorted(SCHEDULERS))}")
+                         f"{', '.join(sorted(n for n in SCHEDULERS if n != 'DDIMInverseScheduler'))}")
+    if cls.__name__ == "DDIMInverseScheduler":  # refused before set_timesteps, whose own refusals would mislead
+        raise ValueError("accelerate: DDIMInverseScheduler is not supported: an inverse scheduler maps data to noise "
+                         "(DDIM inversion), it is not a sampling loop; run the inversion loop with "
+                         "diffkern.diffusers.DDIMInverseScheduler as a Level 1 scheduler and accelerate the pipeline "
+                         "with a sampling scheduler")
     # the effective config: from_config resets keys left unset at construction (_use_default_values) to defaults,
     # but the pipeline may have changed them since (StableDiffusionPipeline forces steps_offset=1) and runs those
     config = {key: value for key, value in scheduler.config.items() if key != "_use_default_values"}
@@ -303,11 +308,13 @@ def loop_spec(ours: FusedScheduler, eta: float = 0.0) -> LoopSpec:
         return LoopSpec("lcm", sig, ts, {}, vp=True, boundary=float(cfg.timestep_scaling))
     if name == "FlowMatchEulerDiscreteScheduler":
         return flow_spec(ours)
+    if name == "FlowMatchHeunDiscreteScheduler":  # Heun in flow time: heun_flow (churn is no pipeline knob)
+        return ours.loop_spec()
     sig = list(ours.sigmas_host)
     if name == "HeunDiscreteScheduler":
         ts = ts[:1] + ts[1::2]
-    elif name.startswith("KDPM2"):  # [t_0, tm_0, t_1, ...]: the midpoint calls' timesteps go in call_timesteps
-        ts = ts[::2]
+    elif name.startswith("KDPM2") or name == "DPMSolverSDEScheduler":
+        ts = ts[::2]  # of [t_0, tm_0, t_1, ...]: the midpoint calls' timesteps go in call_timesteps
     sig, ts = _drop_identity_end(name, sig, ts)
     if name == "EulerDiscreteScheduler":
         return LoopSpec("euler", sig, ts, {}, vp=False)
@@ -319,6 +326,9 @@ def loop_spec(ours: FusedScheduler, eta: float = 0.0) -> LoopSpec:
         return LoopSpec("dpm_2", sig, ts, {}, vp=False, call_timesteps=list(ours._host_timesteps))
     if name == "KDPM2AncestralDiscreteScheduler":
         return LoopSpec("dpm_2_ancestral", sig, ts, {"eta": 1.0}, vp=False, call_timesteps=list(ours._host_timesteps))
+    if name == "DPMSolverSDEScheduler":  # its noise seed: AcceleratedPipeline._run (noise_sampler_seed)
+        return LoopSpec("dpmpp_sde", sig, ts, {"eta": 1.0, "s_noise": 1.0, "r": 0.5}, vp=False,
+                        call_timesteps=list(ours._host_timesteps))
     if name == "GEScheduler":
         return LoopSpec("ge", sig, ts, {"gamma": float(cfg.gamma), "mu": float(cfg.mu)}, vp=False)
     if name == "LMSDiscreteScheduler":  # pipelines call its step() with the default order=4

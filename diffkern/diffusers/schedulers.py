@@ -74,6 +74,18 @@ def sigma_to_t(alphas_cumprod: torch.Tensor, sigma: torch.Tensor) -> torch.Tenso
     return (1 - w) * low + w * (low + 1)
 
 
+def match_schedule(t: torch.Tensor, schedule: list, sigmas: list, fallback: torch.Tensor) -> torch.Tensor:
+    """For float64 timesteps ``t`` (B,): ``sigmas[k]`` where ``t`` is ``schedule[k]`` (the host timesteps; the second
+    of two equal ones, as diffusers' ``index_for_timestep``), else ``fallback`` (B,). On ``t``'s device, no sync."""
+    dev = t.device
+    sched = torch.tensor(schedule, dtype=torch.float64, device=dev)
+    sig = torch.tensor(sigmas[:len(schedule)], dtype=torch.float64, device=dev)
+    hit = sched[None, :] == t[:, None]
+    count = hit.sum(1)
+    pick = hit & (hit.cumsum(1) == count.clamp(max=2)[:, None])
+    return torch.where(count > 0, sig[pick.int().argmax(1)], fallback)
+
+
 def ve_row_to_vp(row, sigma_in: float, sigma_out: float, alphas=None) -> list[float]:
     """Rewrite a VE-coordinate row (state ``x = z/alpha``) for the VP state z (``alpha = 1/sqrt(sigma^2+1)``), or
     for another scaled state given its ``alphas = (alpha_in, alpha_out)`` (flow matching: ``1/(1 + sigma)``).
@@ -368,12 +380,7 @@ class FusedScheduler(SchedulerMixin, ConfigMixin):
         sigma = table[lo] * (1 - w) + table[lo + 1] * w
         if self._host_timesteps is not None:
             n = len(self._host_timesteps)
-            sched = torch.tensor(self._host_timesteps, dtype=torch.float64, device=dev)
-            sig = torch.tensor([self._sigma_at(k) for k in range(n)], dtype=torch.float64, device=dev)
-            hit = sched[None, :] == t[:, None]
-            count = hit.sum(1)
-            pick = hit & (hit.cumsum(1) == count.clamp(max=2)[:, None])
-            sigma = torch.where(count > 0, sig[pick.int().argmax(1)], sigma)
+            sigma = match_schedule(t, self._host_timesteps, [self._sigma_at(k) for k in range(n)], sigma)
         return sigma.view(view)
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:

@@ -27,7 +27,7 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchE
 
 from ..ops import coefs
 from .config_checks import check_one_conversion, finite_mu
-from .schedulers import FusedScheduler
+from .schedulers import FusedScheduler, match_schedule
 
 _WHO = "FlowMatchEulerDiscreteScheduler"
 
@@ -86,7 +86,43 @@ def convert_sigmas(config, sig: np.ndarray) -> np.ndarray:
     return sig
 
 
-class FlowMatchEulerDiscreteScheduler(FusedScheduler):
+class FlowForwardProcess:
+    """``scale_noise``/``add_noise`` of the flow-matching drop-ins, on the sigma of each timestep of their schedule
+    (``_timestep_sigmas()``, one per entry of ``timesteps``)."""
+
+    def _timestep_sigmas(self) -> list:
+        raise NotImplementedError
+
+    def _noise_sigma(self, sample: torch.Tensor, timestep) -> torch.Tensor:
+        """Per-sample sigma (float64, shaped to broadcast against ``sample``, on its device), chosen as diffusers
+        chooses it: after ``set_begin_index`` the current call's; otherwise each timestep's position in the schedule
+        (the second one where it occurs twice). A timestep outside the schedule, where diffusers raises, gets
+        ``t / num_train_timesteps``. The matching runs on the device: no synchronisation."""
+        dev = sample.device
+        t = torch.as_tensor(timestep).to(dev).reshape(-1)
+        view = (-1,) + (1,) * (sample.dim() - 1)
+        if self._begin_index is not None:
+            k = self._step_index if self._step_index is not None else self._begin_index
+            return torch.full(t.shape, self._timestep_sigmas()[k], dtype=torch.float64, device=dev).view(view)
+        t = t.to(torch.float64)
+        schedule = self._host_timesteps if self._host_timesteps is not None else self.timesteps.tolist()
+        return match_schedule(t, schedule, self._timestep_sigmas(), t / self.config.num_train_timesteps).view(view)
+
+    def scale_noise(self, sample: torch.Tensor, timestep, noise: torch.Tensor = None) -> torch.Tensor:
+        """Forward process ``sigma*noise + (1 - sigma)*sample`` at ``timestep`` ((B,), (1,) or a number; sigma
+        picked as diffusers picks it, see :meth:`_noise_sigma`), in ``sample``'s dtype."""
+        if noise is None:
+            raise ValueError(f"{type(self).__name__}: scale_noise: noise: required (a tensor shaped like sample)")
+        sigma = self._noise_sigma(sample, timestep).to(sample.dtype)
+        return sigma * noise + (1.0 - sigma) * sample
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """:meth:`scale_noise` under the name and argument order of the other schedulers' ``add_noise`` (diffusers'
+        flow-matching classes have only ``scale_noise``)."""
+        return self.scale_noise(original_samples, timesteps, noise)
+
+
+class FlowMatchEulerDiscreteScheduler(FlowForwardProcess, FusedScheduler):
     """Drop-in for ``diffusers.FlowMatchEulerDiscreteScheduler``: same config keys, ``set_timesteps`` (``sigmas``,
     ``timesteps``, ``mu``), ``scale_noise``, ``set_shift``; ``step()`` is one fused op (no host sync).
 
@@ -245,39 +281,5 @@ class FlowMatchEulerDiscreteScheduler(FusedScheduler):
         prev = prev.to(model_output.dtype)
         return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
-    # -- forward process ------------------------------------------------------------------------------
-
-    def _noise_sigma(self, sample: torch.Tensor, timestep) -> torch.Tensor:
-        """Per-sample sigma (float64, shaped to broadcast against ``sample``, on its device), chosen as diffusers
-        chooses it: after ``set_begin_index`` the current step's; otherwise each timestep's position in the schedule
-        (the second one where it occurs twice). A timestep outside the schedule, where diffusers raises, gets
-        ``t / num_train_timesteps``. The matching runs on the device: no synchronisation."""
-        dev = sample.device
-        t = torch.as_tensor(timestep).to(dev).reshape(-1)
-        view = (-1,) + (1,) * (sample.dim() - 1)
-        n = len(self._host_timesteps) if self._host_timesteps is not None else len(self.timesteps)
-        if self._begin_index is not None:
-            k = self._step_index if self._step_index is not None else self._begin_index
-            return torch.full(t.shape, self.sigmas_host[k], dtype=torch.float64, device=dev).view(view)
-        t = t.to(torch.float64)
-        sched_list = self._host_timesteps if self._host_timesteps is not None else self.timesteps.tolist()
-        sched = torch.tensor(sched_list, dtype=torch.float64, device=dev)
-        sig = torch.tensor(self.sigmas_host[:n], dtype=torch.float64, device=dev)
-        hit = sched[None, :] == t[:, None]
-        count = hit.sum(1)
-        pick = hit & (hit.cumsum(1) == count.clamp(max=2)[:, None])
-        sigma = torch.where(count > 0, sig[pick.int().argmax(1)], t / self.config.num_train_timesteps)
-        return sigma.view(view)
-
-    def scale_noise(self, sample: torch.Tensor, timestep, noise: torch.Tensor = None) -> torch.Tensor:
-        """Forward process ``sigma*noise + (1 - sigma)*sample`` at ``timestep`` ((B,), (1,) or a number; sigma
-        picked as diffusers picks it, see :meth:`_noise_sigma`), in ``sample``'s dtype."""
-        if noise is None:
-            raise ValueError(f"{_WHO}: scale_noise: noise: required (a tensor shaped like sample)")
-        sigma = self._noise_sigma(sample, timestep).to(sample.dtype)
-        return sigma * noise + (1.0 - sigma) * sample
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
-        """:meth:`scale_noise` under the name and argument order of the other schedulers' ``add_noise`` (diffusers'
-        flow-matching class has only ``scale_noise``)."""
-        return self.scale_noise(original_samples, timesteps, noise)
+    def _timestep_sigmas(self) -> list:
+        return self.sigmas_host

@@ -50,8 +50,9 @@ class _KScheduler(FusedScheduler):
             return top
         return math.sqrt(top * top + 1.0)
 
-    def _k_schedule(self, num_inference_steps, sigma_min=None, sigma_max=None, final_zero=True):
-        """(timesteps float32 (N,), sigmas host list (N+1,)) as diffusers' Euler/Heun ``set_timesteps``."""
+    def _k_schedule(self, num_inference_steps, sigma_min=None, sigma_max=None, final_zero=True, float64=False):
+        """(timesteps float32 (N,), sigmas host list (N+1,)) as diffusers' Euler/Heun ``set_timesteps``; ``float64``:
+        timesteps kept float64 throughout, the "linspace" ones unrounded (diffusers' DPMSolverSDE)."""
         who = type(self).__name__
         cfg = self.config
         T = cfg.num_train_timesteps
@@ -63,7 +64,8 @@ class _KScheduler(FusedScheduler):
                               f"with num_inference_steps={N} > num_train_timesteps={T} it repeats timesteps "
                               "(steps of length 0); use 'linspace'")
         if cfg.timestep_spacing == "linspace":  # fractional: numpy's float64 linspace rounded to float32
-            ts = torch.from_numpy(np.linspace(0, T - 1, N)[::-1].astype(np.float32).copy()).double()
+            ts = np.linspace(0, T - 1, N)[::-1]
+            ts = torch.from_numpy((ts if float64 else ts.astype(np.float32)).copy()).double()
         elif cfg.timestep_spacing == "leading":
             # steps_offset may push the first timesteps past T - 1 (N close to T): diffusers' K-schedulers take them,
             # at the largest training sigma (the interpolation below clamps), and so do we
@@ -84,7 +86,7 @@ class _KScheduler(FusedScheduler):
         if karras or exponential:
             ts = sigma_to_t(self.alphas_cumprod, sig)
         final = 0.0 if final_zero else float(self.train_sigmas[0])
-        return ts.to(torch.float32), sig.tolist() + [final]
+        return ts.to(torch.float64 if float64 else torch.float32), sig.tolist() + [final]
 
     def _k_lowest(self, num_inference_steps: int, last: float) -> float:
         """The smallest sigma diffusers' Karras/exponential/beta conversion starts from (its ``in_sigmas[-1]``):
