@@ -218,10 +218,13 @@ def test_refusals_at_set_timesteps_and_level2():
     euler.set_timesteps(4)
     with pytest.raises(ValueError, match="integer"):
         euler.step(make_tensor(SHAPE), 1, make_tensor(SHAPE))
-    for sched in (euler, dd.EDMDPMSolverMultistepScheduler()):
+    for sched in (euler, dd.EDMDPMSolverMultistepScheduler()):  # Level 2: test_diffusers_edm_level2.py
         sched.set_timesteps(4)
-        with pytest.raises(ValueError, match="EDM preconditioning"):
-            loop_spec(sched)
+        assert loop_spec(sched).edm == sched.config.sigma_data
+    sched = dd.EDMDPMSolverMultistepScheduler(final_sigmas_type="sigma_min")
+    sched.set_timesteps(4)
+    with pytest.raises(ValueError, match="final_sigmas_type='sigma_min'"):  # rises from the float32 end: Level 2
+        loop_spec(sched)
 
 
 @pytest.mark.parametrize("name, config", [

@@ -406,8 +406,8 @@ def test_accelerate_bad_input():
     pipe.scheduler = diffusers.PNDMScheduler()  # the class default runs Runge-Kutta steps first: Level 1 only
     with pytest.raises(ValueError, match="skip_prk_steps"):
         dd.accelerate(pipe)
-    pipe.scheduler = diffusers.IPNDMScheduler()  # no diffkern drop-in
-    with pytest.raises(ValueError, match="unsupported scheduler IPNDMScheduler; supported: DDIMScheduler"):
+    pipe.scheduler = diffusers.UnCLIPScheduler()  # no diffkern drop-in
+    with pytest.raises(ValueError, match="unsupported scheduler UnCLIPScheduler; supported: DDIMScheduler"):
         dd.accelerate(pipe)
     pipe.scheduler = diffusers.DDIMScheduler(thresholding=True)
     with pytest.raises(ValueError, match="thresholding=True"):

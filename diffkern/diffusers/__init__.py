@@ -22,6 +22,7 @@ from .schedulers_edm import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
 from .schedulers_flow import FlowMatchEulerDiscreteScheduler
 from .schedulers_flow_heun import FlowMatchHeunDiscreteScheduler
 from .schedulers_ge import GEScheduler, IADBScheduler
+from .schedulers_ipndm import IPNDMScheduler
 from .schedulers_k import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler
 from .schedulers_kdpm2 import KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler
 from .schedulers_lcm import LCMScheduler
@@ -41,7 +42,7 @@ SCHEDULERS = {c.__name__: c for c in (DDIMScheduler, DDPMScheduler, DPMSolverMul
                                       EDMDPMSolverMultistepScheduler, DEISMultistepScheduler,
                                       PNDMScheduler, LMSDiscreteScheduler, DPMSolverSinglestepScheduler,
                                       SASolverScheduler, DDIMInverseScheduler, DPMSolverSDEScheduler,
-                                      FlowMatchHeunDiscreteScheduler)}
+                                      FlowMatchHeunDiscreteScheduler, IPNDMScheduler)}
 
 # A pipeline's save_pretrained records a third-party scheduler as (its __module__, its name), and from_pretrained
 # imports that module and looks the class and SchedulerMixin up in it. Recording this package (rather than the
@@ -55,7 +56,7 @@ __all__ = ["AcceleratedPipeline", "DDIMInverseScheduler", "DDIMScheduler", "DDPM
            "EDMDPMSolverMultistepScheduler", "EDMEulerScheduler", "EulerAncestralDiscreteScheduler",
            "EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler",
            "DEISMultistepScheduler", "FusedScheduler", "FusedSchedulerOutput",
-           "GEScheduler", "HeunDiscreteScheduler", "IADBScheduler", "KDPM2AncestralDiscreteScheduler",
+           "GEScheduler", "HeunDiscreteScheduler", "IADBScheduler", "IPNDMScheduler", "KDPM2AncestralDiscreteScheduler",
            "KDPM2DiscreteScheduler", "LCMScheduler", "LMSDiscreteScheduler", "PNDMScheduler", "SASolverScheduler",
            "SCHEDULERS",
            "TCDScheduler",

@@ -145,12 +145,20 @@ class AcceleratedPipeline:
         calls = spec.call_timesteps if method == spec.method else None  # another method calls at other sigmas
         rescale = float(guidance_rescale) if guidance_scale != 1.0 else 0.0  # the pipelines' rule: with CFG only
         key = (id(self.pipe.unet), type(ours).__name__, tuple(spec.sigmas), tuple(spec.timesteps), pred,
-               guidance_scale != 1.0, latents.device, calls is not None, rescale != 0, spec.boundary, denoiser)
-        cls = denoiser or ScheduleDenoiser
-        if rescale:
-            from .accelerate_text2img import RescaledCFGDenoiser as cls
+               guidance_scale != 1.0, latents.device, calls is not None, rescale != 0, spec.boundary, denoiser,
+               spec.edm)
+        if spec.edm is not None:  # EDM preconditioning: no training table; sigma_data takes the table's place
+            from .edm_denoiser import edm_denoiser
+            cls = edm_denoiser(type(self.pipe).__name__, type(ours).__name__, denoiser, rescale)
+        elif rescale:
+            if denoiser is not None:  # a handler's own UNet wrapper (inpainting, ControlNet) has no rescale
+                raise ValueError(f"guidance_rescale: not supported by the fused loop of {type(self.pipe).__name__}")
+            from .accelerate_text2img import RescaledCFGDenoiser
+            cls = RescaledCFGDenoiser
+        else:
+            cls = denoiser or ScheduleDenoiser
         # LCM: every method runs on the boundary-conditioned denoiser (the consistency function), as the model is one
-        table = decreasing_prefix(ours.alphas_cumprod)
+        table = decreasing_prefix(ours.alphas_cumprod) if spec.edm is None else spec.edm
         model = self._model(key, lambda: cls(self.pipe.unet, table, pred, spec.sigmas[:-1], spec.timesteps,
                                              call_timesteps=calls,
                                              timestep_scaling=spec.boundary).to(latents.device))
@@ -182,16 +190,17 @@ class AcceleratedPipeline:
         ``prompt_2``, ``negative_prompt_2``, the pooled embeddings and the ``add_time_ids`` sizes). Per-step hooks
         and schedule overrides (callbacks, custom timesteps/sigmas but for the LCM pipeline's timesteps,
         IP-adapters) raise. img2img and inpainting: :mod:`.accelerate_img2img`, :mod:`.accelerate_sdxl_img2img`,
-        :mod:`.accelerate_inpaint`, :mod:`.accelerate_controlnet`."""
+        :mod:`.accelerate_inpaint`, :mod:`.accelerate_controlnet`, :mod:`.accelerate_sdxl_controlnet`."""
         if self.kind == "unconditional":
             if prompt is not None:
                 raise TypeError("prompt: this is an unconditional pipeline")
             return self._call_unconditional(**kwargs)
         from . import accelerate_img2img as img2img, accelerate_inpaint as inpaint, accelerate_text2img as text2img
         from . import accelerate_controlnet as controlnet, accelerate_sdxl_img2img as sdxl_img2img
+        from . import accelerate_sdxl_controlnet as sdxl_controlnet
 
         call = {"sdxl": text2img.call_sdxl, "lcm": text2img.call_lcm, **img2img.CALLS, **sdxl_img2img.CALLS,
-                **inpaint.CALLS, **controlnet.CALLS}.get(self.kind, text2img.call_sd)
+                **inpaint.CALLS, **controlnet.CALLS, **sdxl_controlnet.CALLS}.get(self.kind, text2img.call_sd)
         return call(self, prompt, **kwargs)
 
     def _call_unconditional(self, batch_size=1, generator=None, num_inference_steps=None, eta=None,
@@ -295,15 +304,17 @@ def accelerate(pipe, method=None, backend="auto", graph="auto", progress=False, 
     Args:
         pipe: an unconditional ``UNet2DModel`` pipeline; ``StableDiffusionPipeline``, its img2img pipeline, its
             inpainting pipeline with a 9-channel UNet, ``StableDiffusionControlNetPipeline`` (one ControlNetModel
-            or a MultiControlNetModel: :mod:`.accelerate_controlnet`), ``StableDiffusionXLPipeline`` or its img2img
-            pipeline (pooled embeddings and ``add_time_ids`` as ``added_cond_kwargs``; ``denoising_start``/
-            ``denoising_end`` run a window of the schedule); ``LatentConsistencyModelPipeline`` (guidance
+            or a MultiControlNetModel: :mod:`.accelerate_controlnet`; SDXL's ``StableDiffusionXLControlNetPipeline``:
+            :mod:`.accelerate_sdxl_controlnet`), ``StableDiffusionXLPipeline`` or its img2img pipeline (pooled
+            embeddings and ``add_time_ids`` as ``added_cond_kwargs``; ``denoising_start``/``denoising_end`` run a
+            window of the schedule); ``LatentConsistencyModelPipeline`` (guidance
             embedding as ``timestep_cond``); or the flow-matching ``StableDiffusion3Pipeline`` / ``FluxPipeline``.
             ``guidance_rescale`` is applied in PyTorch between the batched UNet call and the fused step. Its
             scheduler (diffusers' or diffkern's DDIM, DDPM, DPM-Solver++ multistep and singlestep, UniPC, DEIS,
             PNDM, LMS, SA-Solver, Euler, Euler-ancestral, Heun, KDPM2, KDPM2-ancestral, DPM-Solver SDE, LCM,
-            FlowMatch Euler and Heun; diffkern's GE, or IADB in unconditional pipelines) gives the schedule; it
-            is read at each call, so a later ``pipe.scheduler = ...`` applies. A pipeline whose ``__call__`` takes arguments beyond those of these
+            FlowMatch Euler and Heun, EDM Euler and DPM-Solver++ (:mod:`.edm_denoiser`); diffkern's GE, or IADB in
+            unconditional pipelines) gives the schedule; it is read at each call, so a later
+            ``pipe.scheduler = ...`` applies. A pipeline whose ``__call__`` takes arguments beyond those of these
             pipelines (SDXL inpainting, other ControlNet pipelines, PAG, ...), legacy 4-channel inpainting, or a UNet
             with other added conditioning, raises TypeError naming them. Unsupported schedulers and scheduler
             options raise ValueError naming them.

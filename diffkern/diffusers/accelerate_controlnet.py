@@ -16,6 +16,8 @@ CUDA-graph replay takes new scales, windows and control images without a host sy
 needs the fused loop to make the pipeline's model calls in its order (the scheduler's own method, as many calls as
 timesteps); otherwise it is refused by name. Everything outside the loop is the pipeline's own code:
 ``check_inputs``, ``encode_prompt``, ``prepare_image``, the initial latents, the VAE decode and safety checker.
+``StableDiffusionXLControlNetPipeline`` (:mod:`.accelerate_sdxl_controlnet`) shares the denoiser and the helpers
+(:func:`conditioning_scales`, :func:`control_images`, :func:`control_table`, :func:`control_run`).
 """
 from __future__ import annotations
 
@@ -32,8 +34,9 @@ class ControlNetDenoiser(ScheduleDenoiser):
     """:class:`~.accelerate.ScheduleDenoiser` of a UNet with a ``controlnet`` (a ``ControlNetModel`` or a
     ``MultiControlNetModel``). Extra arg ``controlnet_cond``: the control image(s), (B, 3, H, W) in the ControlNet's
     dtype (a list of them, one per net, for a MultiControlNetModel); ``cross_attention_kwargs`` reach the UNet only
-    (as in the pipeline). ``control_scale`` (calls, nets) float64 holds the conditioning scale of each model call
-    (:meth:`set_control`), ``control_k`` counts the calls (zeroed by :meth:`restart`)."""
+    (as in the pipeline), SDXL's ``added_cond_kwargs`` both (the nets get the conditional half in guess mode, as in
+    ``StableDiffusionXLControlNetPipeline``). ``control_scale`` (calls, nets) float64 holds the conditioning scale of
+    each model call (:meth:`set_control`), ``control_k`` counts the calls (zeroed by :meth:`restart`)."""
 
     def __init__(self, *args, controlnet, calls: int, nets: int, **kwargs):
         super().__init__(*args, **kwargs)
@@ -62,15 +65,17 @@ class ControlNetDenoiser(ScheduleDenoiser):
         self.control_k.add_(1).remainder_(self.control_scale.shape[0])
         scales = list(row.to(torch.promote_types(dtype, torch.float32)).unbind())  # 0-d device tensors
         x_c, t_c, text, image = x_in, t, extra["encoder_hidden_states"], controlnet_cond
+        added = extra.get("added_cond_kwargs")  # SDXL's pooled embeddings and time ids (None in SD)
         half = self.guess_mode and self.guidance_scale != 1.0  # the CFG batch: ControlNet on the cond half only
         if half:
             b = x_in.shape[0] // 2
             x_c, t_c, text = x_c[b:], t_c[b:], text[b:]
             image = [i[b:] for i in image] if self.multi else image[b:]
+            added = None if added is None else {k: v[b:] for k, v in added.items()}
         x_c, down, mid = x_c.to(dtype), None, None
         for net, img, scale in zip(self.controlnet.nets if self.multi else [self.controlnet],
                                    image if self.multi else [image], scales):
-            d, m = self._residuals(net, x_c, t_c, text, img, scale)
+            d, m = self._residuals(net, x_c, t_c, text, img, scale, added)
             # MultiControlNetModel's sum, in its order
             down, mid = (d, m) if down is None else ([p + c for p, c in zip(down, d)], mid + m)
         if half:
@@ -81,7 +86,7 @@ class ControlNetDenoiser(ScheduleDenoiser):
         return super().call_model(x_in, t, down_block_additional_residuals=down, mid_block_additional_residual=mid,
                                   **extra)
 
-    def _residuals(self, net, x, t, text, image, scale):
+    def _residuals(self, net, x, t, text, image, scale, added=None):
         """One ControlNetModel's residuals times ``scale`` (a 0-d device tensor), rounded as the pipeline's Python
         float scale rounds them: the product in float32 (the opmath of a 16-bit multiply by a Python scalar), then
         once to the residuals' dtype. A 16-bit net given the tensor as its ``conditioning_scale`` would, on a GPU,
@@ -91,7 +96,8 @@ class ControlNetDenoiser(ScheduleDenoiser):
         times the scale, in the pipeline too), and a pooled net averages after scaling: the net scales there."""
         own = not self.guess_mode and net.dtype in (torch.float16, torch.bfloat16)
         down, mid = net(x, t, encoder_hidden_states=text, controlnet_cond=image,
-                        conditioning_scale=1.0 if own else scale, guess_mode=self.guess_mode, return_dict=False)
+                        conditioning_scale=1.0 if own else scale, guess_mode=self.guess_mode,
+                        added_cond_kwargs=added, return_dict=False)
         if own:
             down = [(d.float() * scale).to(d.dtype) for d in down]
             mid = (mid.float() * scale).to(mid.dtype)
@@ -155,6 +161,51 @@ def _scale_table(scales, starts, ends, calls: int) -> torch.Tensor:
     return torch.tensor([[c * k for c, k in zip(scales, row)] for row in keep], dtype=torch.float64)
 
 
+def conditioning_scales(value, starts, nets: int) -> list[float]:
+    """``controlnet_conditioning_scale`` as one float per net (a float repeated, as the pipeline repeats it for a
+    MultiControlNetModel); raises naming the arguments unless it and the aligned ``starts`` have one per net."""
+    scales = [float(s) for s in value] if isinstance(value, (list, tuple)) else [float(value)] * nets
+    if len(scales) != nets or len(starts) != nets:
+        raise ValueError(f"controlnet_conditioning_scale, control_guidance_start: expected one value per ControlNet "
+                         f"({nets}), got {value!r} and {starts!r}")
+    return scales
+
+
+def control_images(pipe, image, multi: bool, n: int, num_images_per_prompt: int, width, height, device,
+                   guess: bool) -> list:
+    """The pipeline's ``prepare_image`` of each net's control image (a list of one for a single ControlNet), without
+    the CFG duplication: the fused wrapper stacks the batch halves itself."""
+    return [pipe.prepare_image(image=i, width=width, height=height, batch_size=n,
+                               num_images_per_prompt=num_images_per_prompt, device=device,
+                               dtype=pipe.controlnet.dtype, do_classifier_free_guidance=False, guess_mode=guess)
+            for i in (image if multi else [image])]
+
+
+def control_table(acc, spec, scales, starts, ends, calls: int, ran: int | None = None) -> torch.Tensor:
+    """(calls, nets) float64 conditioning scale of each model call (:func:`_scale_table`): ``calls`` the length of the
+    pipeline's timesteps (its keep factors count them), ``ran`` the iterations its loop runs (fewer with SDXL's
+    ``denoising_end``; default ``calls``). Raises naming the window when it switches a net within the loop and the
+    fused loop's model calls are not the pipeline's iterations."""
+    table = _scale_table(scales, starts, ends, calls)
+    ran = calls if ran is None else ran
+    if (table[:ran] != table[:1]).any():
+        fused = _fused_calls(acc, spec)
+        if fused != ran:
+            why = (f"method={acc.method!r} replaces the scheduler's loop" if acc.method is not None else
+                   f"the fused loop makes {fused} model calls where the pipeline makes {ran}")
+            raise ValueError(f"control_guidance_start/control_guidance_end: a window other than [0, 1] ({starts}, "
+                             f"{ends}) switches the ControlNet per pipeline iteration, and {why}")
+    return table
+
+
+def control_run(acc, ours, spec, latents, generator, guidance_scale: float, extra: dict, table, guess: bool):
+    """:meth:`AcceleratedPipeline._run` with a :class:`ControlNetDenoiser` of the pipeline's ControlNet, its
+    per-call scales ``table`` and guess mode written before the loop."""
+    return acc._run(ours, spec, latents, generator, guidance_scale=guidance_scale, extra=extra,
+                    denoiser=_Factory(acc.pipe.controlnet, *table.shape),
+                    prepare=lambda model: model.set_control(table, guess))
+
+
 def call_sd_controlnet(acc, prompt=None, image=None, height=None, width=None, num_inference_steps=None,
                        guidance_scale=None, negative_prompt=None, num_images_per_prompt=1, eta=None, generator=None,
                        latents=None, prompt_embeds=None, negative_prompt_embeds=None, output_type="pil",
@@ -175,11 +226,7 @@ def call_sd_controlnet(acc, prompt=None, image=None, height=None, width=None, nu
     starts, ends = _window(control_guidance_start, control_guidance_end, len(nets))
     pipe.check_inputs(prompt, image, None, negative_prompt, prompt_embeds, negative_prompt_embeds, None, None,
                       controlnet_conditioning_scale, starts, ends, None)
-    scales = controlnet_conditioning_scale
-    scales = [float(s) for s in scales] if isinstance(scales, (list, tuple)) else [float(scales)] * len(nets)
-    if len(scales) != len(nets) or len(starts) != len(nets):
-        raise ValueError(f"controlnet_conditioning_scale, control_guidance_start: expected one value per ControlNet "
-                         f"({len(nets)}), got {controlnet_conditioning_scale!r} and {starts!r}")
+    scales = conditioning_scales(controlnet_conditioning_scale, starts, len(nets))
     guess = bool(guess_mode or nets[0].config.global_pool_conditions)
     batch = _prompt_batch(prompt, prompt_embeds)
     n = batch * num_images_per_prompt
@@ -190,30 +237,16 @@ def call_sd_controlnet(acc, prompt=None, image=None, height=None, width=None, nu
                                                       clip_skip)
     if multi and isinstance(image[0], list):  # [[canny_1, pose_1], [canny_2, pose_2]]: one list per net
         image = [list(images) for images in zip(*image)]
-    # without CFG duplication: the fused wrapper stacks the batch halves itself
-    images = [pipe.prepare_image(image=i, width=width, height=height, batch_size=n,
-                                 num_images_per_prompt=num_images_per_prompt, device=device, dtype=controlnet.dtype,
-                                 do_classifier_free_guidance=False, guess_mode=guess)
-              for i in (image if multi else [image])]
+    images = control_images(pipe, image, multi, n, num_images_per_prompt, width, height, device, guess)
     height, width = images[0].shape[-2:]
     ours, spec = acc._schedule(steps, eta)
     pipe.scheduler.set_timesteps(steps, device=device)  # the pipeline's keep factors count its timesteps
-    calls = len(pipe.scheduler.timesteps)
-    table = _scale_table(scales, starts, ends, calls)
-    if (table != table[:1]).any():
-        fused = _fused_calls(acc, spec)
-        if fused != calls:
-            why = (f"method={acc.method!r} replaces the scheduler's loop" if acc.method is not None else
-                   f"the fused loop makes {fused} model calls where the pipeline makes {calls}")
-            raise ValueError(f"control_guidance_start/control_guidance_end: a window other than [0, 1] ({starts}, "
-                             f"{ends}) switches the ControlNet per pipeline iteration, and {why}")
+    table = control_table(acc, spec, scales, starts, ends, len(pipe.scheduler.timesteps))
     shape = (n, unet.config.in_channels, int(height) // pipe.vae_scale_factor, int(width) // pipe.vae_scale_factor)
     latents = _initial_latents(ours, shape, generator, device, prompt_embeds.dtype, latents)
     cond = {"encoder_hidden_states": prompt_embeds, "controlnet_cond": images if multi else images[0]}
     extra = unet_extra(cond, {"encoder_hidden_states": negative_prompt_embeds} if cfg else None, cross_attention_kwargs)
-    latents = acc._run(ours, spec, latents, generator, guidance_scale=w if cfg else 1.0, extra=extra,
-                       denoiser=_Factory(controlnet, calls, len(nets)),
-                       prepare=lambda model: model.set_control(table, guess))
+    latents = control_run(acc, ours, spec, latents, generator, w if cfg else 1.0, extra, table, guess)
     image, nsfw = _sd_images(pipe, latents, output_type, device, prompt_embeds.dtype, generator)
     return sd_output(pipe, image, nsfw, return_dict)
 
@@ -222,18 +255,23 @@ CALLS = {"controlnet": call_sd_controlnet}  # AcceleratedPipeline.__call__'s han
 
 
 def controlnet_kind(pipe, who: str, unet):
-    """"controlnet" for a ``StableDiffusionControlNetPipeline`` the fused loop runs, None for pipelines without a
-    ControlNet; raises TypeError naming what it cannot run (other ControlNet pipelines: SDXL, img2img, inpainting,
-    ...; ControlNet kinds other than ``ControlNetModel``; added conditioning or guidance-embedding UNets; other
+    """"controlnet" for a ``StableDiffusionControlNetPipeline`` the fused loop runs ("sdxl_controlnet" for a
+    ``StableDiffusionXLControlNetPipeline``: :mod:`.accelerate_sdxl_controlnet`), None for pipelines without a
+    ControlNet; raises TypeError naming what it cannot run (other ControlNet pipelines: img2img, inpainting, ...;
+    ControlNet kinds other than ``ControlNetModel``; added conditioning or guidance-embedding UNets; other
     ``__call__`` arguments or image processors)."""
-    from diffusers import StableDiffusionControlNetPipeline
+    from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
 
     if getattr(pipe, "controlnet", None) is None:
         return None
+    if type(pipe) is StableDiffusionXLControlNetPipeline:
+        from .accelerate_sdxl_controlnet import sdxl_controlnet_kind  # (imports this module)
+        return sdxl_controlnet_kind(pipe, who, unet)
     if type(pipe) is not StableDiffusionControlNetPipeline:
         raise TypeError(f"accelerate: unsupported pipeline {who}: the fused ControlNet loop runs "
-                        "StableDiffusionControlNetPipeline only (text-to-image with an SD UNet); run this pipeline "
-                        "with a diffkern.diffusers scheduler (Level 1) instead")
+                        "StableDiffusionControlNetPipeline only (text-to-image with an SD UNet; SDXL: "
+                        "StableDiffusionXLControlNetPipeline); run this pipeline with a diffkern.diffusers scheduler "
+                        "(Level 1) instead")
     _nets(pipe, who)
     check_plain_sd(pipe, who, unet, "ControlNet loop runs a plain text-conditioned UNet", call_sd_controlnet,
                    ("image_processor", "control_image_processor"))

@@ -89,9 +89,9 @@ class FlowAcceleratedPipeline(AcceleratedPipeline):
         method = self.method or spec.method
         if self.method is not None and spec.sigmas[0] == FLOW_TOP and method in _NO_INFINITE_FIRST_STEP:
             raise ValueError(f"method: {method!r} cannot start at flow time t = 1 (an infinite VE sigma; its first "
-                             "step would weigh a slope difference by it); use heun_flow, euler, euler_ancestral, lcm, dpmpp_2m, "
-                             "dpmpp_2m_sde, dpmpp_3m_sde, dpmsolver_3m, dpmpp_2s_ancestral, dpmpp_sde, sde, ge or "
-                             "unipc")
+                             "step would weigh a slope difference by it); use heun_flow, euler, euler_ancestral, "
+                             "lcm, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m_sde, dpmsolver_3m, dpmpp_2s_ancestral, dpmpp_sde, "
+                             "sde, ge or unipc")
         knobs = dict(spec.knobs if self.method is None else {}, **self.knobs)
         seed = _seed(generator, latents.shape[0]) if _stochastic(method, knobs, spec.sigmas) else 0
         model = self._flow_model(spec, latents, guidance_scale != 1.0)
@@ -123,9 +123,9 @@ class FlowAcceleratedPipeline(AcceleratedPipeline):
 def check_flow_scheduler(pipe, ours) -> None:
     """Raise unless ``ours`` (the pipeline scheduler's diffkern twin) is one of :data:`FLOW_SCHEDULERS`."""
     if type(ours).__name__ not in FLOW_SCHEDULERS:
+        names = " or a ".join(sorted(FLOW_SCHEDULERS, reverse=True))
         raise ValueError(f"accelerate: {type(pipe).__name__} with a {type(pipe.scheduler).__name__}: the fused loop "
-                         f"runs this flow-matching pipeline with a {' or a '.join(sorted(FLOW_SCHEDULERS, reverse=True))} "
-                         "only")
+                         f"runs this flow-matching pipeline with a {names} only")
 
 
 def sd3_mu(pipe, latent_height: int, latent_width: int) -> float:

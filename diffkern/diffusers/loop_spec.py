@@ -28,7 +28,9 @@ class LoopSpec:
     ``z = x/sqrt(sigma^2 + 1)`` (DDIM/DDPM/DPM) rather than x itself; ``call_timesteps``: the network timestep of
     each of ``method``'s model calls in order, where they are not a function of the call's sigma (else None);
     ``boundary``: LCM's ``timestep_scaling``, whose boundary condition the denoiser applies (else None); ``flow``: a
-    flow-matching scheduler, whose state is ``x_t = x/(1 + sigma)`` and network a velocity (:func:`flow_spec`)."""
+    flow-matching scheduler, whose state is ``x_t = x/(1 + sigma)`` and network a velocity (:func:`flow_spec`);
+    ``edm``: an EDM scheduler's ``sigma_data``, whose preconditioning the denoiser applies (:mod:`.edm_denoiser`;
+    else None)."""
 
     method: str
     sigmas: list
@@ -38,6 +40,7 @@ class LoopSpec:
     call_timesteps: Optional[list] = None
     boundary: Optional[float] = None
     flow: bool = False
+    edm: Optional[float] = None
 
 
 def _unsupported(name: str, option: str, value, why: str) -> ValueError:
@@ -51,7 +54,8 @@ def _drop_identity_end(name: str, sigmas: list, timesteps: list) -> tuple[list, 
     identity in diffusers, and the sampler needs strictly decreasing sigmas."""
     if math.isclose(sigmas[-1], sigmas[-2], rel_tol=1e-9):
         if len(sigmas) == 2:
-            raise _unsupported(name, "final_sigmas_type", "sigma_min", "its single step goes from its one sigma to itself")
+            raise _unsupported(name, "final_sigmas_type", "sigma_min",
+                               "its single step goes from its one sigma to itself")
         return sigmas[:-1], timesteps[:-1]
     return sigmas, timesteps
 
@@ -88,6 +92,26 @@ def _multistep_knobs(name: str, cfg, steps: int, kept: int, sde: bool) -> dict:
     raise _unsupported(name, "final_sigmas_type", "sigma_min",
                        f"with solver_order={order} and {steps} steps its last step goes from sigma_min to itself and "
                        f"the step before is of order {want[-1]}, which the fused loop without that step cannot give")
+
+
+def _dpm_multistep_spec(ours, vp: bool) -> LoopSpec:
+    """DPM-Solver++ multistep (ODE or SDE, orders 1-3) on the scheduler's VE sigmas: DPMSolverMultistepScheduler
+    (``vp``: its state is the VP sample) or EDMDPMSolverMultistepScheduler (the VE sample itself), whose updates
+    in log-sigma are the same."""
+    name, cfg, ts = type(ours).__name__, ours.config, list(ours._host_timesteps)
+    # diffusers' last step is first order with euler_at_final, or lower_order_final below 15 steps; dpmpp_2m's
+    # is second order unless it ends at 0, so such a second-order loop runs as dpmsolver_3m, which takes
+    # diffusers' order rules. An identity last step (dropped) makes the question moot.
+    first_order_last = cfg.euler_at_final or (cfg.lower_order_final and len(ts) < 15)
+    sig, kept = _drop_identity_end(name, list(ours.sigmas_host), ts)
+    sde = cfg.algorithm_type == "sde-dpmsolver++"
+    if cfg.solver_order == 3 or (cfg.solver_order == 2 and first_order_last and sig[-1] > 0 and kept == ts):
+        return LoopSpec("dpmsolver_3m", sig, kept, _multistep_knobs(name, cfg, len(ts), len(kept), sde), vp=vp)
+    if cfg.solver_order == 1:  # first order every step: DDIM, or for the SDE the lam = 1 exponential step
+        return LoopSpec("sde", sig, kept, {"lam": 1.0}, vp=vp) if sde else LoopSpec("euler", sig, kept, {}, vp=vp)
+    if not sde and cfg.solver_type == "midpoint":
+        return LoopSpec("dpmpp_2m", sig, kept, {}, vp=vp)
+    return LoopSpec("dpmpp_2m_sde", sig, kept, {"eta": 1.0 if sde else 0.0, "solver_type": cfg.solver_type}, vp=vp)
 
 
 def _deis_spec(ours) -> LoopSpec:
@@ -227,6 +251,10 @@ def loop_spec(ours: FusedScheduler, eta: float = 0.0) -> LoopSpec:
     if isinstance(ours, IADBScheduler):
         knobs = {"variant": cfg.variant, "lam": cfg.lam if cfg.variant == "stochastic" else 0.0}
         return LoopSpec("iadb", list(ours.alphas_host), ts, knobs, vp=False)
+    if name == "IPNDMScheduler":  # diffusers' Dance Diffusion scheduler: timesteps in [0, 1], no VE sigmas
+        raise ValueError("accelerate: IPNDMScheduler is not supported by the fused loop (its pipeline is Dance "
+                         "Diffusion's 1-D audio UNet); run the pipeline with diffkern.diffusers.IPNDMScheduler as its "
+                         "scheduler instead")
     if name == "TCDScheduler":  # in VE coordinates an ancestral step whose sigma_down is sigma(floor((1-eta)*t'))
         raise ValueError("accelerate: TCDScheduler is not supported by the fused loop (its step is ancestral Euler "
                          "down to the sigma of s = floor((1 - eta)*t_prev), a per-step sigma_down that no diffkern "
@@ -234,10 +262,9 @@ def loop_spec(ours: FusedScheduler, eta: float = 0.0) -> LoopSpec:
                          "scheduler instead")
     if name == "SASolverScheduler":
         return _sasolver_spec(ours)
-    if name.startswith("EDM"):  # its UNet input and timestep are not the training-table ones ScheduleDenoiser feeds
-        raise ValueError(f"accelerate: {name} is not supported by the fused loop (EDM preconditioning feeds the UNet "
-                         "c_in*x and the timestep c_noise = log(sigma)/4, not x/sqrt(sigma^2 + 1) and a training-table "
-                         f"timestep); run the pipeline with diffkern.diffusers.{name} as its scheduler instead")
+    if name.startswith("EDM"):
+        from .edm_denoiser import edm_spec
+        return edm_spec(ours)
     if ours._option("clip_sample", False):
         raise _unsupported(name, "clip_sample", True, "diffkern.sampling.sample does not clip x0")
     if name in ("DDIMScheduler", "DDPMScheduler"):
@@ -270,20 +297,7 @@ def loop_spec(ours: FusedScheduler, eta: float = 0.0) -> LoopSpec:
         if cfg.variance_type in ("learned", "learned_range"):
             raise _unsupported(name, "variance_type", cfg.variance_type, "the fused loop takes the model output as "
                                "the prediction, with no channels to drop")
-        # diffusers' last step is first order with euler_at_final, or lower_order_final below 15 steps; dpmpp_2m's
-        # is second order unless it ends at 0, so such a second-order loop runs as dpmsolver_3m, which takes
-        # diffusers' order rules. An identity last step (dropped) makes the question moot.
-        first_order_last = cfg.euler_at_final or (cfg.lower_order_final and len(ts) < 15)
-        sig, kept = _drop_identity_end(name, list(ours.sigmas_host), ts)
-        sde = cfg.algorithm_type == "sde-dpmsolver++"
-        if cfg.solver_order == 3 or (cfg.solver_order == 2 and first_order_last and sig[-1] > 0 and kept == ts):
-            return LoopSpec("dpmsolver_3m", sig, kept, _multistep_knobs(name, cfg, len(ts), len(kept), sde), vp=True)
-        if cfg.solver_order == 1:  # first order every step: DDIM, or for the SDE the lam = 1 exponential step
-            return LoopSpec("sde", sig, kept, {"lam": 1.0}, vp=True) if sde else LoopSpec("euler", sig, kept, {}, vp=True)
-        if not sde and cfg.solver_type == "midpoint":
-            return LoopSpec("dpmpp_2m", sig, kept, {}, vp=True)
-        return LoopSpec("dpmpp_2m_sde", sig, kept, {"eta": 1.0 if sde else 0.0, "solver_type": cfg.solver_type},
-                        vp=True)
+        return _dpm_multistep_spec(ours, vp=True)
     if name == "UniPCMultistepScheduler":
         sig = list(ours.sigmas_host)
         if math.isclose(sig[-1], sig[-2], rel_tol=1e-9):  # its output is the last correction: the step is not idle

@@ -50,7 +50,8 @@ def _knob(name: str, value) -> float:
 
 class FlowMatchHeunDiscreteScheduler(FlowForwardProcess, FusedScheduler):
     """Drop-in for ``diffusers.FlowMatchHeunDiscreteScheduler`` (config ``num_train_timesteps``, ``shift``; ``order =
-    2``; ``set_timesteps(num_inference_steps, device)``, ``set_begin_index``, ``scale_noise``, ``state_in_first_order``);
+    2``; ``set_timesteps(num_inference_steps, device)``, ``set_begin_index``, ``scale_noise``,
+    ``state_in_first_order``);
     ``step()`` is one fused op per call (two on a churned predictor), with no host synchronisation."""
 
     _compatibles = []  # as diffusers
