@@ -185,12 +185,15 @@ def control_table(acc, spec, scales, starts, ends, calls: int, ran: int | None =
     """(calls, nets) float64 conditioning scale of each model call (:func:`_scale_table`): ``calls`` the length of the
     pipeline's timesteps (its keep factors count them), ``ran`` the iterations its loop runs (fewer with SDXL's
     ``denoising_end``; default ``calls``). Raises naming the window when it switches a net within the loop and the
-    fused loop's model calls are not the pipeline's iterations."""
+    fused loop's model calls are not the pipeline's first iterations."""
     table = _scale_table(scales, starts, ends, calls)
     ran = calls if ran is None else ran
     if (table[:ran] != table[:1]).any():
         fused = _fused_calls(acc, spec)
-        if fused != ran:
+        # Fewer fused calls: the loop spec dropped identity steps at the end (a last step from a sigma to itself, as
+        # DDIM's to alpha-bar(0) without set_alpha_to_one), where the output does not depend on the model; call k is
+        # still iteration k before them.
+        if fused is None or fused > ran:
             why = (f"method={acc.method!r} replaces the scheduler's loop" if acc.method is not None else
                    f"the fused loop makes {fused} model calls where the pipeline makes {ran}")
             raise ValueError(f"control_guidance_start/control_guidance_end: a window other than [0, 1] ({starts}, "
