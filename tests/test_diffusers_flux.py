@@ -198,9 +198,9 @@ def test_true_cfg_needs_one_shape_for_both_halves():
 
 def test_other_flux_pipelines_and_schedulers_are_refused():
     pipe = tiny_flux(THEIRS(**DEV))
-    img2img = diffusers.FluxImg2ImgPipeline(**pipe.components)
-    with pytest.raises(TypeError, match="FluxImg2ImgPipeline.*'image'"):
-        dd.accelerate(img2img)
+    inpaint = diffusers.FluxInpaintPipeline(**pipe.components)  # img2img runs: test_diffusers_flow_img2img.py
+    with pytest.raises(TypeError, match="FluxInpaintPipeline.*'mask_image'"):
+        dd.accelerate(inpaint)
     pipe.scheduler = diffusers.EulerDiscreteScheduler()
     with pytest.raises(ValueError, match="FlowMatchEulerDiscreteScheduler only"):
         dd.accelerate(pipe)

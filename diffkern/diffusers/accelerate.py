@@ -308,7 +308,8 @@ def accelerate(pipe, method=None, backend="auto", graph="auto", progress=False, 
             :mod:`.accelerate_sdxl_controlnet`), ``StableDiffusionXLPipeline`` or its img2img pipeline (pooled
             embeddings and ``add_time_ids`` as ``added_cond_kwargs``; ``denoising_start``/``denoising_end`` run a
             window of the schedule); ``LatentConsistencyModelPipeline`` (guidance
-            embedding as ``timestep_cond``); or the flow-matching ``StableDiffusion3Pipeline`` / ``FluxPipeline``.
+            embedding as ``timestep_cond``); or the flow-matching ``StableDiffusion3Pipeline`` / ``FluxPipeline`` or
+            their img2img pipelines (:mod:`.accelerate_flow_img2img`).
             ``guidance_rescale`` is applied in PyTorch between the batched UNet call and the fused step. Its
             scheduler (diffusers' or diffkern's DDIM, DDPM, DPM-Solver++ multistep and singlestep, UniPC, DEIS,
             PNDM, LMS, SA-Solver, Euler, Euler-ancestral, Heun, KDPM2, KDPM2-ancestral, DPM-Solver SDE, LCM,
@@ -347,9 +348,11 @@ def accelerate(pipe, method=None, backend="auto", graph="auto", progress=False, 
     elif knobs:
         raise TypeError(f"accelerate: knobs {sorted(knobs)} need an explicit method=")
     kind = _pipeline_kind(pipe)
+    from .accelerate_flow_img2img import CLASSES as FLOW_IMG2IMG
     from .accelerate_flux import FluxAcceleratedPipeline
     from .accelerate_sd3 import FlowAcceleratedPipeline
-    cls = {"sd3": FlowAcceleratedPipeline, "flux": FluxAcceleratedPipeline}.get(kind, AcceleratedPipeline)
+    cls = {"sd3": FlowAcceleratedPipeline, "flux": FluxAcceleratedPipeline, **FLOW_IMG2IMG}.get(kind,
+                                                                                                AcceleratedPipeline)
     acc = cls(pipe, method, backend, graph, progress, knobs, kind)
     # An unsupported scheduler or config fails now, not at the first call. Some limits depend on the step count
     # (diffusers' lower_order_final below 15 steps with an identity last step, DEIS or third-order DPM-Solver): a

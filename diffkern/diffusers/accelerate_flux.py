@@ -21,9 +21,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .accelerate import _check_call_arguments, _default, _reject
+from .accelerate import _check_call_arguments, _default
 from .accelerate_sd3 import (FlowAcceleratedPipeline, FlowTransformerDenoiser, check_flow_scheduler,
-                             check_image_processor, flow_images)
+                             check_image_processor, flow_images, reject_flow_call)
 from .accelerate_text2img import _prompt_batch
 from .loop_spec import diffkern_scheduler, loop_spec
 
@@ -131,15 +131,11 @@ def call_flux(acc, prompt=None, prompt_2=None, negative_prompt=None, negative_pr
               negative_pooled_prompt_embeds=None, output_type="pil", return_dict=True, joint_attention_kwargs=None,
               max_sequence_length=None, **unsupported):
     """``FluxPipeline.__call__`` through the fused loop of ``acc``."""
-    from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
-
     pipe = acc.pipe
     unsupported.update(ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds,
                        negative_ip_adapter_image=negative_ip_adapter_image,
                        negative_ip_adapter_image_embeds=negative_ip_adapter_image_embeds)
-    if set(joint_attention_kwargs or {}) - {"scale"}:  # attention-processor options: unknown effects on the loop
-        unsupported["joint_attention_kwargs"] = joint_attention_kwargs
-    _reject(unsupported)
+    reject_flow_call(unsupported, joint_attention_kwargs)
     steps = num_inference_steps or _default(pipe, "num_inference_steps", 28)
     w = guidance_scale if guidance_scale is not None else _default(pipe, "guidance_scale", 3.5)
     max_len = max_sequence_length or _default(pipe, "max_sequence_length", 512)
@@ -152,31 +148,56 @@ def call_flux(acc, prompt=None, prompt_2=None, negative_prompt=None, negative_pr
                       negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, max_sequence_length=max_len)
     batch = _prompt_batch(prompt, prompt_embeds)
     device = pipe._execution_device
-    lora_scale = (joint_attention_kwargs or {}).get("scale")
+    cfg, extra = flux_prompts(pipe, true_cfg_scale, num_images_per_prompt, max_len, joint_attention_kwargs,
+                              prompt=prompt, prompt_2=prompt_2, prompt_embeds=prompt_embeds,
+                              pooled_prompt_embeds=pooled_prompt_embeds, negative_prompt=negative_prompt,
+                              negative_prompt_2=negative_prompt_2, negative_prompt_embeds=negative_prompt_embeds,
+                              negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
+    latents, image_ids = pipe.prepare_latents(batch * num_images_per_prompt, pipe.transformer.config.in_channels // 4,
+                                              height, width, extra["encoder_hidden_states"].dtype, device, generator,
+                                              latents)
+    _, spec = acc._schedule(steps, mu=flux_mu(pipe, latents.shape[1]), sigmas=sigmas)
+    return flux_loop(acc, spec, latents, image_ids, generator, w, float(true_cfg_scale) if cfg else 1.0, extra,
+                     height, width, output_type, return_dict)
+
+
+def flux_prompts(pipe, true_cfg_scale, num_images_per_prompt, max_len, joint_attention_kwargs, negative_prompt=None,
+                 negative_prompt_2=None, negative_prompt_embeds=None, negative_pooled_prompt_embeds=None, **prompts):
+    """(the pipeline's ``do_true_cfg``, the transformer's text extra args) from its ``encode_prompt`` of ``prompts``
+    (prompt, prompt_2 and their embeddings) and, with true CFG, of the negatives (the guidance batch's
+    unconditional half, whose text ids equal the prompt's: zeros of the same length, checked here)."""
     has_negative = negative_prompt is not None or (negative_prompt_embeds is not None
                                                    and negative_pooled_prompt_embeds is not None)
-    cfg = true_cfg_scale > 1 and has_negative  # the pipeline's do_true_cfg
-    encode = dict(device=device, num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_len,
-                  lora_scale=lora_scale)
-    embeds, pooled, text_ids = pipe.encode_prompt(prompt=prompt, prompt_2=prompt_2, prompt_embeds=prompt_embeds,
-                                                  pooled_prompt_embeds=pooled_prompt_embeds, **encode)
+    cfg = true_cfg_scale > 1 and has_negative
+    encode = dict(device=pipe._execution_device, num_images_per_prompt=num_images_per_prompt,
+                  max_sequence_length=max_len, lora_scale=(joint_attention_kwargs or {}).get("scale"))
+    embeds, pooled, text_ids = pipe.encode_prompt(**prompts, **encode)
+    extra = {"encoder_hidden_states": embeds, "pooled_projections": pooled, "txt_ids": text_ids}
     if cfg:
         negative_embeds, negative_pooled, _ = pipe.encode_prompt(
             prompt=negative_prompt, prompt_2=negative_prompt_2, prompt_embeds=negative_prompt_embeds,
             pooled_prompt_embeds=negative_pooled_prompt_embeds, **encode)
         _negative_like("prompt embeddings", negative_embeds, embeds)
         _negative_like("pooled prompt embeddings", negative_pooled, pooled)
-    latents, image_ids = pipe.prepare_latents(batch * num_images_per_prompt, pipe.transformer.config.in_channels // 4,
-                                              height, width, embeds.dtype, device, generator, latents)
-    _, spec = acc._schedule(steps, mu=flux_mu(pipe, latents.shape[1]), sigmas=sigmas)
-    extra = {"encoder_hidden_states": embeds, "pooled_projections": pooled, "txt_ids": text_ids, "img_ids": image_ids}
-    if pipe.transformer.config.guidance_embeds:  # a tensor: table-free, so a captured loop takes a new scale
-        extra["guidance"] = torch.full((latents.shape[0],), w, device=device, dtype=torch.float32)
-    if cfg:  # the negative text ids equal the prompt's (zeros of the same length, checked above)
         extra.update(uncond_encoder_hidden_states=negative_embeds, uncond_pooled_projections=negative_pooled)
     if joint_attention_kwargs is not None:
         extra["joint_attention_kwargs"] = joint_attention_kwargs
-    latents = acc._run_flow(spec, latents, generator, float(true_cfg_scale) if cfg else 1.0, extra)
+    return cfg, extra
+
+
+def flux_loop(acc, spec, latents, image_ids, generator, guidance_scale, cfg_scale, extra, height, width, output_type,
+              return_dict):
+    """The fused loop on ``spec`` from the packed ``latents`` (distilled ``guidance_scale`` as the transformer's
+    ``guidance`` tensor: table-free, so a captured loop takes a new scale; true CFG at ``cfg_scale``), then the
+    pipeline's decode and output."""
+    from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
+
+    pipe = acc.pipe
+    extra = dict(extra, img_ids=image_ids)
+    if pipe.transformer.config.guidance_embeds:
+        extra["guidance"] = torch.full((latents.shape[0],), guidance_scale, device=latents.device,
+                                       dtype=torch.float32)
+    latents = acc._run_flow(spec, latents, generator, cfg_scale, extra)
     image = flow_images(pipe, latents, output_type,
                         unpack=lambda z: pipe._unpack_latents(z, height, width, pipe.vae_scale_factor))
     pipe.maybe_free_model_hooks()
@@ -185,7 +206,8 @@ def call_flux(acc, prompt=None, prompt_2=None, negative_prompt=None, negative_pr
 
 def flux_kind(pipe, who: str) -> str:
     """"flux" for a ``FluxPipeline`` (a ``FluxTransformer2DModel``, ``encode_prompt``, a VAE, a scheduler and
-    ``FluxPipeline``'s call arguments); raises TypeError naming what the fused loop cannot run (img2img, inpainting,
+    ``FluxPipeline``'s call arguments), "flux_img2img" for a ``FluxImg2ImgPipeline``
+    (:mod:`.accelerate_flow_img2img`); raises TypeError naming what the fused loop cannot run (inpainting,
     ControlNet, Kontext, Fill: their calls take more arguments)."""
     from diffusers import FluxTransformer2DModel
 
@@ -196,6 +218,9 @@ def flux_kind(pipe, who: str) -> str:
         raise TypeError(f"accelerate: unsupported pipeline {who} with a {type(transformer).__name__}: expected a "
                         "FluxPipeline (a FluxTransformer2DModel, encode_prompt, prepare_latents, a vae and a "
                         "scheduler)")
-    _check_call_arguments(pipe, who, call_flux)
+    from .accelerate_flow_img2img import img2img_handler
+
+    kind, handler = img2img_handler(pipe) or ("flux", call_flux)  # FluxImg2ImgPipeline: "flux_img2img"
+    _check_call_arguments(pipe, who, handler)
     check_image_processor(pipe, who)
-    return "flux"
+    return kind

@@ -63,9 +63,10 @@ class FlowTransformerDenoiser(wrappers.ModelWrapper):
 class FlowAcceleratedPipeline(AcceleratedPipeline):
     """:class:`~diffkern.diffusers.accelerate.AcceleratedPipeline` of a flow-matching transformer pipeline (SD3)."""
 
-    def _schedule(self, num_inference_steps, eta=0.0, mu=None):
+    def _schedule(self, num_inference_steps, eta=0.0, mu=None, sigmas=None):
         """(diffkern FlowMatchEuler/HeunDiscreteScheduler after set_timesteps, its flow LoopSpec). Without ``mu`` a
-        dynamically shifted schedule takes the pipeline's default image size's (the check at ``accelerate``)."""
+        dynamically shifted schedule takes the pipeline's default image size's (the check at ``accelerate``).
+        ``sigmas`` (the img2img pipeline's custom flow sigmas) give the step count, as ``retrieve_timesteps``."""
         pipe = self.pipe
         ours = diffkern_scheduler(pipe.scheduler)
         check_flow_scheduler(pipe, ours)
@@ -74,12 +75,15 @@ class FlowAcceleratedPipeline(AcceleratedPipeline):
                 raise ValueError(f"mu: FlowMatchHeunDiscreteScheduler takes no dynamic shift (its set_timesteps has "
                                  f"no mu; the pipeline computes one when the config has use_dynamic_shifting), got "
                                  f"mu={mu!r}")
+            if sigmas is not None:  # as mu: diffusers' retrieve_timesteps raises
+                raise ValueError(f"sigmas: FlowMatchHeunDiscreteScheduler takes no custom sigmas (its set_timesteps "
+                                 f"has none), got sigmas={sigmas!r}")
             ours.set_timesteps(num_inference_steps)
             return ours, loop_spec(ours, eta)
         if ours.config.get("use_dynamic_shifting") and mu is None:
             size = pipe.default_sample_size
             mu = sd3_mu(pipe, size, size)
-        ours.set_timesteps(num_inference_steps, mu=mu)
+        ours.set_timesteps(num_inference_steps if sigmas is None else None, sigmas=sigmas, mu=mu)
         return ours, loop_spec(ours, eta)
 
     def _run_flow(self, spec, latents, generator, guidance_scale, extra):
@@ -148,14 +152,13 @@ def call_sd3(acc, prompt=None, prompt_2=None, prompt_3=None, height=None, width=
     """``StableDiffusion3Pipeline.__call__`` through the fused loop of ``acc``."""
     from diffusers.pipelines.stable_diffusion_3.pipeline_output import StableDiffusion3PipelineOutput
 
+    arguments = dict(locals())  # the prompt arguments, passed on by name (sd3_prompts)
     pipe = acc.pipe
     given = dict(zip(_SKIP_LAYER_GUIDANCE, (skip_guidance_layers, skip_layer_guidance_scale,
                                             skip_layer_guidance_stop, skip_layer_guidance_start)))
     # the skip-layer knobs at the pipeline's defaults do nothing without skip_guidance_layers: accepted
     unsupported.update({k: v for k, v in given.items() if v is not None and v != _default(pipe, k, None)})
-    if set(joint_attention_kwargs or {}) - {"scale"}:  # attention-processor options: unknown effects on the loop
-        unsupported["joint_attention_kwargs"] = joint_attention_kwargs
-    _reject(unsupported)
+    reject_flow_call(unsupported, joint_attention_kwargs)
     steps = num_inference_steps or _default(pipe, "num_inference_steps", 28)
     w = guidance_scale if guidance_scale is not None else _default(pipe, "guidance_scale", 7.0)
     max_len = max_sequence_length or _default(pipe, "max_sequence_length", 256)
@@ -169,26 +172,45 @@ def call_sd3(acc, prompt=None, prompt_2=None, prompt_3=None, height=None, width=
     batch = _prompt_batch(prompt, prompt_embeds)
     device = pipe._execution_device
     cfg = w > 1  # the pipeline's do_classifier_free_guidance
-    embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
-        prompt=prompt, prompt_2=prompt_2, prompt_3=prompt_3, negative_prompt=negative_prompt,
-        negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3, do_classifier_free_guidance=cfg,
-        prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-        pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-        device=device, clip_skip=clip_skip, num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_len,
-        lora_scale=(joint_attention_kwargs or {}).get("scale"))
+    extra = sd3_prompts(pipe, cfg, num_images_per_prompt, max_len, clip_skip, joint_attention_kwargs, arguments)
     latents = pipe.prepare_latents(batch * num_images_per_prompt, pipe.transformer.config.in_channels, height, width,
-                                   embeds.dtype, device, generator, latents)
+                                   extra["encoder_hidden_states"].dtype, device, generator, latents)
     if pipe.scheduler.config.get("use_dynamic_shifting", None) and mu is None:
         mu = sd3_mu(pipe, latents.shape[2], latents.shape[3])
     _, spec = acc._schedule(steps, mu=mu)
+    image = flow_images(pipe, acc._run_flow(spec, latents, generator, w if cfg else 1.0, extra), output_type)
+    pipe.maybe_free_model_hooks()
+    return StableDiffusion3PipelineOutput(images=image) if return_dict else (image,)
+
+
+def reject_flow_call(unsupported: dict, joint_attention_kwargs) -> None:
+    """Raise for the given arguments of ``unsupported`` and for attention-processor options other than a LoRA
+    ``scale`` in ``joint_attention_kwargs`` (unknown effects on the loop)."""
+    if set(joint_attention_kwargs or {}) - {"scale"}:
+        unsupported["joint_attention_kwargs"] = joint_attention_kwargs
+    _reject(unsupported)
+
+
+# encode_prompt's prompt arguments, which the SD3 handlers take under the same names
+SD3_PROMPTS = ("prompt", "prompt_2", "prompt_3", "negative_prompt", "negative_prompt_2", "negative_prompt_3",
+               "prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+
+
+def sd3_prompts(pipe, cfg: bool, num_images_per_prompt, max_len, clip_skip, joint_attention_kwargs, arguments: dict):
+    """The transformer's extra args from the pipeline's ``encode_prompt`` of the :data:`SD3_PROMPTS` in
+    ``arguments`` (a handler's call arguments): the (pooled) embeddings, with ``cfg`` the negatives as the guidance
+    batch's unconditional half, and ``joint_attention_kwargs`` (its LoRA scale also goes to the text encoders)."""
+    embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
+        **{name: arguments[name] for name in SD3_PROMPTS}, do_classifier_free_guidance=cfg,
+        device=pipe._execution_device, clip_skip=clip_skip, num_images_per_prompt=num_images_per_prompt,
+        max_sequence_length=max_len,
+        lora_scale=(joint_attention_kwargs or {}).get("scale"))
     extra = {"encoder_hidden_states": embeds, "pooled_projections": pooled}
     if cfg:
         extra.update(uncond_encoder_hidden_states=negative_embeds, uncond_pooled_projections=negative_pooled)
     if joint_attention_kwargs is not None:
         extra["joint_attention_kwargs"] = joint_attention_kwargs
-    image = flow_images(pipe, acc._run_flow(spec, latents, generator, w if cfg else 1.0, extra), output_type)
-    pipe.maybe_free_model_hooks()
-    return StableDiffusion3PipelineOutput(images=image) if return_dict else (image,)
+    return extra
 
 
 def flow_images(pipe, latents, output_type: str, unpack=None):
@@ -215,9 +237,12 @@ def check_image_processor(pipe, who: str) -> None:
 
 def transformer_kind(pipe, who: str) -> str:
     """"sd3" for a ``StableDiffusion3Pipeline`` (an ``SD3Transformer2DModel``, ``encode_prompt``, a VAE and
-    ``StableDiffusion3Pipeline``'s call arguments), "flux" for a ``FluxPipeline`` (:func:`.accelerate_flux.flux_kind`);
+    ``StableDiffusion3Pipeline``'s call arguments), "sd3_img2img" for its img2img pipeline
+    (:mod:`.accelerate_flow_img2img`), "flux"/"flux_img2img" for Flux's (:func:`.accelerate_flux.flux_kind`);
     raises TypeError naming what the fused loop cannot run."""
     from diffusers import SD3Transformer2DModel
+
+    from .accelerate_flow_img2img import img2img_handler
 
     transformer = pipe.transformer
     if type(pipe).__name__.startswith("Flux") or type(transformer).__name__.startswith("Flux"):
@@ -227,6 +252,7 @@ def transformer_kind(pipe, who: str) -> str:
             and getattr(pipe, "vae", None) is not None and getattr(pipe, "scheduler", None) is not None):
         raise TypeError(f"accelerate: unsupported pipeline {who} with a {type(transformer).__name__}: expected a "
                         "StableDiffusion3Pipeline (an SD3Transformer2DModel, encode_prompt, a vae and a scheduler)")
-    _check_call_arguments(pipe, who, call_sd3)
+    kind, handler = img2img_handler(pipe) or ("sd3", call_sd3)  # StableDiffusion3Img2ImgPipeline: "sd3_img2img"
+    _check_call_arguments(pipe, who, handler)
     check_image_processor(pipe, who)
-    return "sd3"
+    return kind
