@@ -22,7 +22,12 @@ def _vp_sde_t(sigma: torch.Tensor, beta_d: float = 19.9, beta_min: float = 0.1) 
     return (torch.sqrt(beta_min ** 2 + 2 * beta_d * torch.log1p(sigma * sigma)) - beta_min) / beta_d
 
 
-_TIME_MAPS = {"vp": _vp_sde_t, "cosine": lambda s: torch.atan(s) * (2 / math.pi)}
+def _cosine_t(sigma: torch.Tensor) -> torch.Tensor:
+    # alpha_bar = cos^2(pi*t/2) (module level, not a lambda: wrappers holding it must pickle)
+    return torch.atan(sigma) * (2 / math.pi)
+
+
+_TIME_MAPS = {"vp": _vp_sde_t, "cosine": _cosine_t}
 
 
 class VPContinuousDenoiser(ModelWrapper):
@@ -92,6 +97,17 @@ class FlowDenoiser(ModelWrapper):
 # EDM / Karras preconditioning.
 
 
+def _edm_c_noise(sigma: torch.Tensor) -> torch.Tensor:
+    return 0.25 * sigma.log()
+
+
+def _sigma_c_noise(sigma: torch.Tensor) -> torch.Tensor:
+    return sigma
+
+
+_C_NOISE_MAPS = {"edm": _edm_c_noise, "sigma": _sigma_c_noise}  # module level: wrappers holding them must pickle
+
+
 class KarrasDenoiser(ModelWrapper):
     """EDM preconditioning (Karras et al. 2022, ``EDMPrecond``): ``D = c_skip*x + c_out*F(c_in*x, c_noise)`` with
     ``c_skip = sd^2/(sigma^2+sd^2)``, ``c_out = sigma*sd/sqrt(sigma^2+sd^2)``, ``c_in = 1/sqrt(sigma^2+sd^2)``.
@@ -108,7 +124,7 @@ class KarrasDenoiser(ModelWrapper):
         if isinstance(sigma_data, bool) or not isinstance(sigma_data, numbers.Real) or not sigma_data > 0 \
                 or not math.isfinite(sigma_data):
             raise ValueError(f"KarrasDenoiser: sigma_data must be a finite float > 0, got {sigma_data!r}")
-        maps = {"edm": lambda s: 0.25 * s.log(), "sigma": lambda s: s}
+        maps = _C_NOISE_MAPS
         if not callable(c_noise) and c_noise not in maps:
             raise ValueError(f"KarrasDenoiser: c_noise must be 'edm', 'sigma' or a callable, got {c_noise!r}")
         self.sigma_data = float(sigma_data)

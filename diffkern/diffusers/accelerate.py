@@ -126,7 +126,7 @@ class AcceleratedPipeline:
         knobs = dict(spec.knobs if self.method is None else {}, **self.knobs)
         # deterministic loops touch neither the generator nor torch's global generator; DPMSolverSDE's noise is
         # keyed by its noise_sampler_seed when set (diffusers' Brownian tree is), else by the generator
-        fixed = ours.config.get("noise_sampler_seed") if method == spec.method else None
+        fixed = ours._option("noise_sampler_seed", None) if method == spec.method else None  # its own key only
         seed = 0
         if _stochastic(method, knobs, spec.sigmas):
             seed = int(fixed) if fixed is not None else _seed(generator, latents.shape[0])

@@ -72,9 +72,11 @@ class DPMSolverSDEScheduler(_TwoCallScheduler):
         if num_train_timesteps not in (None, cfg.num_train_timesteps):
             raise unsupported(who, "num_train_timesteps", num_train_timesteps,
                               f"set_timesteps uses the config's {cfg.num_train_timesteps}")
-        # diffusers reads sigma_min/sigma_max whenever the config has them (a config loaded from Euler's)
-        ts, self.sigmas_host = self._k_schedule(num_inference_steps, cfg.get("sigma_min"), cfg.get("sigma_max"),
-                                                float64=True)
+        # diffusers reads the config's sigma_min/sigma_max (a config loaded from Euler's) for exponential sigmas only:
+        # its Karras conversion (copied from LMS) spans the schedule's own ends
+        exponential = cfg.use_exponential_sigmas
+        ts, self.sigmas_host = self._k_schedule(num_inference_steps, cfg.get("sigma_min") if exponential else None,
+                                                cfg.get("sigma_max") if exponential else None, float64=True)
         n = num_inference_steps
         plan = self._build(("dpmpp_sde", 1.0))[1]
         mids = plan.row_sigma[plan.corrector_row:plan.corrector_row + n - 1]

@@ -220,6 +220,12 @@ class _TwoCallScheduler(_KScheduler):
                              f"an order-2 scheduler's loop starts at t_start * order), got {begin_index}")
         super().set_begin_index(begin_index)
 
+    def _state_in(self, sample: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
+        # diffusers' two-call steps (Heun, KDPM2, DPMSolverSDE) compute in their inputs' promoted dtype and do not
+        # cast back (Euler does): a float32 sample with a float16 model output stays float32
+        dtype = torch.promote_types(sample.dtype, model_output.dtype)
+        return sample if sample.dtype == dtype else sample.to(dtype)
+
     def _sigma_at(self, k: int) -> float:
         # a second call's position holds the next step's sigma
         return self.sigmas_host[(k + 1) // 2]
