@@ -145,3 +145,16 @@ def test_noise_sampler_seed_of_another_class_is_not_read(monkeypatch):
                     generator=torch.Generator().manual_seed(seed)).images for seed in (1, 1, 2)]
     assert torch.equal(latents[0], latents[1]) and not torch.equal(latents[0], latents[2])
     assert len(drawn) == 3  # (before the fix: none, every call keyed by seed 5)
+
+
+@pytest.mark.parametrize("name", ["KDPM2DiscreteScheduler", "DPMSolverSDEScheduler"])
+def test_a_loop_cannot_start_at_a_midpoint_call(name):
+    """Without set_begin_index the first timestep locates the loop's start; a midpoint timestep (odd index) would run
+    a second call with no predictor before it (diffusers: a zero-length step): refused by name."""
+    sched = getattr(dd, name)()
+    sched.set_timesteps(4)
+    x = torch.zeros(1, 4)
+    with pytest.raises(ValueError, match=r"timestep: a loop of .* cannot start at timesteps\[1\]"):
+        sched.scale_model_input(x, sched.timesteps[1])
+    sched.set_timesteps(4)
+    assert sched.step(x, sched.timesteps[2], x).prev_sample.shape == x.shape  # a first call: fine

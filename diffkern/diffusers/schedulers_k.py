@@ -220,6 +220,13 @@ class _TwoCallScheduler(_KScheduler):
                              f"an order-2 scheduler's loop starts at t_start * order), got {begin_index}")
         super().set_begin_index(begin_index)
 
+    def _index(self, timestep) -> int:
+        k = super()._index(timestep)
+        if k % 2 and k == self._loop_start:  # found from a midpoint timestep (KDPM2, DPMSolverSDE): no predictor ran
+            raise ValueError(f"timestep: a loop of {type(self).__name__} cannot start at timesteps[{k}], the second "
+                             "call of a step; start at a step's first call (an even index)")
+        return k
+
     def _state_in(self, sample: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
         # diffusers' two-call steps (Heun, KDPM2, DPMSolverSDE) compute in their inputs' promoted dtype and do not
         # cast back (Euler does): a float32 sample with a float16 model output stays float32
