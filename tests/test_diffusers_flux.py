@@ -46,6 +46,15 @@ def tiny_flux(scheduler, guidance_embeds=True, text_encoders=None):
     return pipe
 
 
+def t5_tokenizer():
+    """A T5 (Unigram) tokenizer built offline from the words of ``test_diffusers_pipelines.WORDS``, their letters
+    and the word-start mark."""
+    letters = sorted(set("".join(WORDS)))
+    return transformers.T5Tokenizer(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+                                    + [("\u2581" + w, -1.0) for w in WORDS] + [(c, -5.0) for c in letters],
+                                    extra_ids=0)
+
+
 @pytest.fixture
 def flux_text(tmp_path, monkeypatch):
     """A factory ``(scheduler, guidance_embeds) -> FluxPipeline`` with a tiny CLIP (hidden 16 = the pooled
@@ -54,10 +63,7 @@ def flux_text(tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # everything here is local
     clip_tok = transformers.CLIPTokenizer.from_pretrained(write_clip_vocab(tmp_path), model_max_length=MAX_TOKENS)
-    letters = sorted(set("".join(WORDS)))
-    t5_tok = transformers.T5Tokenizer(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-                                      + [("\u2581" + w, -1.0) for w in WORDS] + [(c, -5.0) for c in letters],
-                                      extra_ids=0)
+    t5_tok = t5_tokenizer()
 
     def make(scheduler, guidance_embeds=True):
         torch.manual_seed(3)

@@ -222,7 +222,7 @@ def test_sdxl_img2img_refusals(tiny_sdxl):
         fast("a cat", denoising_end=0.5, strength=1.0, **kw)
     with pytest.raises(TypeError, match="StableDiffusionXLImg2ImgPipeline: its UNet has time_cond_proj_dim=8"):
         dd.accelerate(sdxl_img2img(lambda s: tiny_sdxl(s, time_cond_proj_dim=8), diffusers.EulerDiscreteScheduler()))
-    with pytest.raises(TypeError, match=r"StableDiffusionXLInpaintPipeline: its __call__ takes .*'mask_image'"):
+    with pytest.raises(TypeError, match=r"StableDiffusionXLInpaintPipeline with a 4-channel UNet .legacy"):
         dd.accelerate(diffusers.StableDiffusionXLInpaintPipeline(**pipe.components))
 
 
@@ -276,7 +276,12 @@ def test_inpaint_matches_the_stock_pipeline(tiny_sd, monkeypatch, name, config, 
 
 
 def test_inpaint_padding_mask_crop_pil(tiny_sd, monkeypatch):
-    """``padding_mask_crop``: the crop region, "fill" resizing and the final overlay on PIL images."""
+    check_padding_mask_crop(inpaint_pipe(tiny_sd, diffusers.EulerDiscreteScheduler(**SD)), monkeypatch, inpaint_call)
+
+
+def check_padding_mask_crop(pipe, monkeypatch, call):
+    """``padding_mask_crop`` of an inpainting ``call``: the crop region, "fill" resizing and the final overlay on PIL
+    images."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -284,8 +289,7 @@ def test_inpaint_padding_mask_crop_pil(tiny_sd, monkeypatch):
     mask = np.zeros((24, 20), dtype=np.uint8)
     mask[6:14, 5:12] = 255
     kw = {"image": image, "mask_image": Image.fromarray(mask), "padding_mask_crop": 2, "output_type": "pil"}
-    ours, truth, eager = three_runs(inpaint_pipe(tiny_sd, diffusers.EulerDiscreteScheduler(**SD)), monkeypatch,
-                                    inpaint_call, **kw)
+    ours, truth, eager = three_runs(pipe, monkeypatch, call, **kw)
     assert ours.shape == (2, 24, 20, 3)
     # uint8 pixels: a rounding boundary may flip a value by 1 in either pipeline
     assert float((ours.double() - eager.double()).abs().max()) <= 1

@@ -108,7 +108,7 @@ def tiny_sd(tmp_path, monkeypatch):
 def float64_copy(pipe, scheduler):
     """The same pipeline with float64 modules and ``scheduler`` (built inside ``diffusers_float64``)."""
     twin = copy.deepcopy(pipe)
-    for name in ("unet", "vae", "text_encoder"):
+    for name in ("unet", "transformer", "vae", "text_encoder"):
         if hasattr(twin, name):
             getattr(twin, name).double()
     twin.scheduler = scheduler

@@ -111,12 +111,14 @@ class AcceleratedPipeline:
         return models[key]
 
     def _run(self, ours, spec, latents, generator, guidance_scale=1.0, extra=None, guidance_rescale=0.0,
-             denoiser=None, prepare=None):
+             denoiser=None, prepare=None, network=None):
         """The loop: initial latents (already times init_noise_sigma) -> final latents, in latents' dtype.
         ``guidance_rescale`` (with CFG): :class:`~.accelerate_text2img.RescaledCFGDenoiser`. ``denoiser``: a
         :class:`ScheduleDenoiser` subclass (or a hashable factory of one: it is part of the model's key) to wrap the
-        UNet with instead (inpainting's input channels, ControlNet; no rescale). ``prepare(model)``: called before
-        the loop, for a denoiser's per-call device data (ControlNet's conditioning scales)."""
+        UNet with instead (inpainting's input channels, ControlNet; with rescale only one that has ``set_guidance``,
+        as :class:`~.accelerate_text2img.RescaledCFGDenoiser`). ``prepare(model)``: called before
+        the loop, for a denoiser's per-call device data (ControlNet's conditioning scales). ``network``: the
+        denoising network to wrap (default the pipeline's UNet; PixArt's transformer)."""
         from ..sampling import sample, sample_iadb
 
         if self.method is not None and spec.method == "iadb":
@@ -144,22 +146,23 @@ class AcceleratedPipeline:
         pred = "sample" if ours.config.prediction_type == "original_sample" else ours.config.prediction_type
         calls = spec.call_timesteps if method == spec.method else None  # another method calls at other sigmas
         rescale = float(guidance_rescale) if guidance_scale != 1.0 else 0.0  # the pipelines' rule: with CFG only
-        key = (id(self.pipe.unet), type(ours).__name__, tuple(spec.sigmas), tuple(spec.timesteps), pred,
+        net = self.pipe.unet if network is None else network
+        key = (id(net), type(ours).__name__, tuple(spec.sigmas), tuple(spec.timesteps), pred,
                guidance_scale != 1.0, latents.device, calls is not None, rescale != 0, spec.boundary, denoiser,
                spec.edm)
         if spec.edm is not None:  # EDM preconditioning: no training table; sigma_data takes the table's place
             from .edm_denoiser import edm_denoiser
             cls = edm_denoiser(type(self.pipe).__name__, type(ours).__name__, denoiser, rescale)
         elif rescale:
-            if denoiser is not None:  # a handler's own UNet wrapper (inpainting, ControlNet) has no rescale
+            if denoiser is not None and not hasattr(denoiser, "set_guidance"):  # a handler's wrapper without rescale
                 raise ValueError(f"guidance_rescale: not supported by the fused loop of {type(self.pipe).__name__}")
             from .accelerate_text2img import RescaledCFGDenoiser
-            cls = RescaledCFGDenoiser
+            cls = denoiser or RescaledCFGDenoiser
         else:
             cls = denoiser or ScheduleDenoiser
         # LCM: every method runs on the boundary-conditioned denoiser (the consistency function), as the model is one
         table = decreasing_prefix(ours.alphas_cumprod) if spec.edm is None else spec.edm
-        model = self._model(key, lambda: cls(self.pipe.unet, table, pred, spec.sigmas[:-1], spec.timesteps,
+        model = self._model(key, lambda: cls(net, table, pred, spec.sigmas[:-1], spec.timesteps,
                                              call_timesteps=calls,
                                              timestep_scaling=spec.boundary).to(latents.device))
         # the device writes below (guidance, ControlNet scales, the call counter) wait for the previous replay,
@@ -190,17 +193,19 @@ class AcceleratedPipeline:
         ``prompt_2``, ``negative_prompt_2``, the pooled embeddings and the ``add_time_ids`` sizes). Per-step hooks
         and schedule overrides (callbacks, custom timesteps/sigmas but for the LCM pipeline's timesteps,
         IP-adapters) raise. img2img and inpainting: :mod:`.accelerate_img2img`, :mod:`.accelerate_sdxl_img2img`,
-        :mod:`.accelerate_inpaint`, :mod:`.accelerate_controlnet`, :mod:`.accelerate_sdxl_controlnet`."""
+        :mod:`.accelerate_inpaint`, :mod:`.accelerate_sdxl_inpaint`, :mod:`.accelerate_controlnet`,
+        :mod:`.accelerate_sdxl_controlnet`."""
         if self.kind == "unconditional":
             if prompt is not None:
                 raise TypeError("prompt: this is an unconditional pipeline")
             return self._call_unconditional(**kwargs)
         from . import accelerate_img2img as img2img, accelerate_inpaint as inpaint, accelerate_text2img as text2img
         from . import accelerate_controlnet as controlnet, accelerate_sdxl_img2img as sdxl_img2img
-        from . import accelerate_sdxl_controlnet as sdxl_controlnet
+        from . import accelerate_sdxl_controlnet as sdxl_controlnet, accelerate_sdxl_inpaint as sdxl_inpaint
 
         call = {"sdxl": text2img.call_sdxl, "lcm": text2img.call_lcm, **img2img.CALLS, **sdxl_img2img.CALLS,
-                **inpaint.CALLS, **controlnet.CALLS, **sdxl_controlnet.CALLS}.get(self.kind, text2img.call_sd)
+                **inpaint.CALLS, **controlnet.CALLS, **sdxl_controlnet.CALLS,
+                **sdxl_inpaint.CALLS}.get(self.kind, text2img.call_sd)
         return call(self, prompt, **kwargs)
 
     def _call_unconditional(self, batch_size=1, generator=None, num_inference_steps=None, eta=None,
@@ -271,9 +276,10 @@ def _pipeline_kind(pipe) -> str:
     from diffusers import UNet2DConditionModel, UNet2DModel
 
     who = type(pipe).__name__
-    if getattr(pipe, "transformer", None) is not None:  # flow-matching transformer pipelines (SD3, Flux)
+    if getattr(pipe, "transformer", None) is not None:  # flow-matching transformer pipelines (SD3, Flux); PixArt
+        from .accelerate_pixart import pixart_kind
         from .accelerate_sd3 import transformer_kind
-        return transformer_kind(pipe, who)
+        return pixart_kind(pipe, who) or transformer_kind(pipe, who)
     unet = getattr(pipe, "unet", None)
     if unet is None or getattr(pipe, "scheduler", None) is None:
         raise TypeError(f"accelerate: unsupported pipeline {who}: expected a pipeline with a `unet` and a `scheduler`")
@@ -290,10 +296,12 @@ def _pipeline_kind(pipe) -> str:
         from .accelerate_img2img import img2img_kind
         from .accelerate_inpaint import inpaint_kind
         from .accelerate_sdxl_img2img import sdxl_img2img_kind
+        from .accelerate_sdxl_inpaint import sdxl_inpaint_kind
         from .accelerate_text2img import text2img_kind
 
         return (controlnet_kind(pipe, who, unet) or img2img_kind(pipe, who, unet) or sdxl_img2img_kind(pipe, who, unet)
-                or inpaint_kind(pipe, who, unet) or text2img_kind(pipe, who, unet))
+                or inpaint_kind(pipe, who, unet) or sdxl_inpaint_kind(pipe, who, unet)
+                or text2img_kind(pipe, who, unet))
     raise TypeError(f"accelerate: unsupported pipeline {who} with a {type(unet).__name__}: expected an unconditional "
                     "UNet2DModel pipeline or a text-to-image UNet2DConditionModel pipeline with encode_prompt and vae")
 
@@ -307,16 +315,18 @@ def accelerate(pipe, method=None, backend="auto", graph="auto", progress=False, 
             or a MultiControlNetModel: :mod:`.accelerate_controlnet`; SDXL's ``StableDiffusionXLControlNetPipeline``:
             :mod:`.accelerate_sdxl_controlnet`), ``StableDiffusionXLPipeline`` or its img2img pipeline (pooled
             embeddings and ``add_time_ids`` as ``added_cond_kwargs``; ``denoising_start``/``denoising_end`` run a
-            window of the schedule); ``LatentConsistencyModelPipeline`` (guidance
-            embedding as ``timestep_cond``); or the flow-matching ``StableDiffusion3Pipeline`` / ``FluxPipeline`` or
-            their img2img pipelines (:mod:`.accelerate_flow_img2img`).
+            window of the schedule) or its inpainting pipeline with a 9-channel UNet
+            (:mod:`.accelerate_sdxl_inpaint`); ``LatentConsistencyModelPipeline`` (guidance
+            embedding as ``timestep_cond``); the flow-matching ``StableDiffusion3Pipeline`` / ``FluxPipeline`` or
+            their img2img pipelines (:mod:`.accelerate_flow_img2img`); or the DiT ``PixArtAlphaPipeline`` /
+            ``PixArtSigmaPipeline`` (:mod:`.accelerate_pixart`).
             ``guidance_rescale`` is applied in PyTorch between the batched UNet call and the fused step. Its
             scheduler (diffusers' or diffkern's DDIM, DDPM, DPM-Solver++ multistep and singlestep, UniPC, DEIS,
             PNDM, LMS, SA-Solver, Euler, Euler-ancestral, Heun, KDPM2, KDPM2-ancestral, DPM-Solver SDE, LCM,
             FlowMatch Euler and Heun, EDM Euler and DPM-Solver++ (:mod:`.edm_denoiser`); diffkern's GE, or IADB in
             unconditional pipelines) gives the schedule; it is read at each call, so a later
             ``pipe.scheduler = ...`` applies. A pipeline whose ``__call__`` takes arguments beyond those of these
-            pipelines (SDXL inpainting, other ControlNet pipelines, PAG, ...), legacy 4-channel inpainting, or a UNet
+            pipelines (other ControlNet pipelines, PAG, ...), legacy 4-channel inpainting (SD or SDXL), or a UNet
             with other added conditioning, raises TypeError naming them. Unsupported schedulers and scheduler
             options raise ValueError naming them.
         method: a :func:`diffkern.sampling.sample` method to use instead of the scheduler's own (on its schedule).
@@ -350,9 +360,10 @@ def accelerate(pipe, method=None, backend="auto", graph="auto", progress=False, 
     kind = _pipeline_kind(pipe)
     from .accelerate_flow_img2img import CLASSES as FLOW_IMG2IMG
     from .accelerate_flux import FluxAcceleratedPipeline
+    from .accelerate_pixart import CLASSES as PIXART
     from .accelerate_sd3 import FlowAcceleratedPipeline
-    cls = {"sd3": FlowAcceleratedPipeline, "flux": FluxAcceleratedPipeline, **FLOW_IMG2IMG}.get(kind,
-                                                                                                AcceleratedPipeline)
+    cls = {"sd3": FlowAcceleratedPipeline, "flux": FluxAcceleratedPipeline, **FLOW_IMG2IMG, **PIXART}.get(
+        kind, AcceleratedPipeline)
     acc = cls(pipe, method, backend, graph, progress, knobs, kind)
     # An unsupported scheduler or config fails now, not at the first call. Some limits depend on the step count
     # (diffusers' lower_order_final below 15 steps with an identity last step, DEIS or third-order DPM-Solver): a

@@ -46,6 +46,49 @@ def _channels_refusal(who: str, channels: int) -> TypeError:
                      "(latents, mask, masked-image latents)")
 
 
+def inpaint_settings(pipe, steps, strength, guidance_scale, height, width):
+    """(steps, strength, guidance scale, height, width) of an inpainting call (SD and SDXL alike), the pipeline's
+    defaults where None; raises unless the UNet, which may have been swapped since accelerate(), has 9 channels."""
+    unet = pipe.unet
+    if unet.config.in_channels != 9:
+        raise _channels_refusal(type(pipe).__name__, unet.config.in_channels)
+    return (steps or _default(pipe, "num_inference_steps", 50),
+            strength if strength is not None else _default(pipe, "strength", 1.0),
+            guidance_scale if guidance_scale is not None else _default(pipe, "guidance_scale", 7.5),
+            height or unet.config.sample_size * pipe.vae_scale_factor,
+            width or unet.config.sample_size * pipe.vae_scale_factor)
+
+
+def inpaint_images(pipe, image, mask_image, height, width, padding_mask_crop):
+    """(image, mask, crop region or None) as the inpainting pipelines preprocess them (SD and SDXL alike): with
+    ``padding_mask_crop`` the mask's padded bounding box, resized to (height, width) in "fill" mode; the image in
+    float32."""
+    crops, resize_mode = None, "default"
+    if padding_mask_crop is not None:
+        crops = pipe.mask_processor.get_crop_region(mask_image, width, height, pad=padding_mask_crop)
+        resize_mode = "fill"
+    init_image = pipe.image_processor.preprocess(image, height=height, width=width, crops_coords=crops,
+                                                 resize_mode=resize_mode).to(dtype=torch.float32)
+    mask = pipe.mask_processor.preprocess(mask_image, height=height, width=width, resize_mode=resize_mode,
+                                          crops_coords=crops)
+    return init_image, mask, crops
+
+
+def mask_latents(pipe, mask, masked, latents, n, height, width, dtype, generator):
+    """The pipeline's ``prepare_mask_latents`` (the masked image encoded with ``generator``, or ``masked`` given as
+    latents) for ``n`` images, without CFG duplication (the fused wrapper stacks the batch halves itself); raises
+    unless latents, mask and masked-image latents make the UNet's input channels."""
+    unet = pipe.unet
+    mask, masked = pipe.prepare_mask_latents(mask, masked, n, height, width, dtype, pipe._execution_device, generator,
+                                             False)
+    channels = latents.shape[1] + mask.shape[1] + masked.shape[1]
+    if channels != unet.config.in_channels:
+        raise ValueError(f"vae: the UNet takes {unet.config.in_channels} input channels, and the latents (the VAE's "
+                         f"latent_channels), mask and masked-image latents have {latents.shape[1]} + {mask.shape[1]} + "
+                         f"{masked.shape[1]} = {channels}")
+    return mask, masked
+
+
 def call_sd_inpaint(acc, prompt=None, image=None, mask_image=None, masked_image_latents=None, height=None, width=None,
                     padding_mask_crop=None, strength=None, num_inference_steps=None, guidance_scale=None,
                     negative_prompt=None, num_images_per_prompt=1, eta=None, generator=None, latents=None,
@@ -56,14 +99,8 @@ def call_sd_inpaint(acc, prompt=None, image=None, mask_image=None, masked_image_
     last ``strength`` fraction of the timesteps."""
     _reject(unsupported)
     pipe = acc.pipe
-    unet = pipe.unet
-    if unet.config.in_channels != 9:  # the UNet may have been swapped since accelerate()
-        raise _channels_refusal(type(pipe).__name__, unet.config.in_channels)
-    steps = num_inference_steps or _default(pipe, "num_inference_steps", 50)
-    strength = strength if strength is not None else _default(pipe, "strength", 1.0)
-    w = guidance_scale if guidance_scale is not None else _default(pipe, "guidance_scale", 7.5)
-    height = height or unet.config.sample_size * pipe.vae_scale_factor
-    width = width or unet.config.sample_size * pipe.vae_scale_factor
+    steps, strength, w, height, width = inpaint_settings(pipe, num_inference_steps, strength, guidance_scale, height,
+                                                         width)
     pipe.check_inputs(prompt, image, mask_image, height, width, strength, None, output_type, negative_prompt,
                       prompt_embeds, negative_prompt_embeds, padding_mask_crop=padding_mask_crop)
     n = _prompt_batch(prompt, prompt_embeds) * num_images_per_prompt
@@ -77,25 +114,12 @@ def call_sd_inpaint(acc, prompt=None, image=None, mask_image=None, masked_image_
     begin = _begin(pipe, steps, strength, device)
     spec = tail_spec(ours, spec, begin)
     first = pipe.scheduler.timesteps[begin * pipe.scheduler.order:][:1].repeat(n)
-    crops, resize_mode = None, "default"
-    if padding_mask_crop is not None:
-        crops = pipe.mask_processor.get_crop_region(mask_image, width, height, pad=padding_mask_crop)
-        resize_mode = "fill"
-    init_image = pipe.image_processor.preprocess(image, height=height, width=width, crops_coords=crops,
-                                                 resize_mode=resize_mode).to(dtype=torch.float32)
+    init_image, mask_condition, crops = inpaint_images(pipe, image, mask_image, height, width, padding_mask_crop)
     latents, _ = pipe.prepare_latents(n, pipe.vae.config.latent_channels, height, width, dtype, device, generator,
                                       latents, image=init_image, timestep=first, is_strength_max=strength == 1.0,
                                       return_noise=True)
-    mask_condition = pipe.mask_processor.preprocess(mask_image, height=height, width=width, resize_mode=resize_mode,
-                                                    crops_coords=crops)
     masked = init_image * (mask_condition < 0.5) if masked_image_latents is None else masked_image_latents
-    # without CFG duplication: the fused wrapper stacks the batch halves itself
-    mask, masked = pipe.prepare_mask_latents(mask_condition, masked, n, height, width, dtype, device, generator, False)
-    channels = latents.shape[1] + mask.shape[1] + masked.shape[1]
-    if channels != unet.config.in_channels:
-        raise ValueError(f"vae: the UNet takes {unet.config.in_channels} input channels, and the latents (the VAE's "
-                         f"latent_channels), mask and masked-image latents have {latents.shape[1]} + {mask.shape[1]} + "
-                         f"{masked.shape[1]} = {channels}")
+    mask, masked = mask_latents(pipe, mask_condition, masked, latents, n, height, width, dtype, generator)
     extra = unet_extra({"encoder_hidden_states": prompt_embeds, "mask": mask, "masked_image_latents": masked},
                        {"encoder_hidden_states": negative_prompt_embeds} if cfg else None, cross_attention_kwargs)
     latents = acc._run(ours, spec, latents, generator, guidance_scale=w if cfg else 1.0, extra=extra,

@@ -148,6 +148,37 @@ def _window(pipe, ours, spec, steps, strength, denoising_start, denoising_end, d
     return spec, timesteps
 
 
+def img2img_extra(pipe, latents, n: int, cfg: bool, encoded, cross_attention_kwargs, original_size=None,
+                  crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
+                  negative_crops_coords_top_left=(0, 0), negative_target_size=None, aesthetic_score=None,
+                  negative_aesthetic_score=None) -> dict:
+    """The UNet extra args of SDXL img2img's and inpainting's fused loop (their pipelines build them alike):
+    ``encoded`` is :func:`~.accelerate_text2img.sdxl_encode`'s tuple, the sizes default to the start latents' pixel
+    size, the time ids are ``_get_add_time_ids``'s (aesthetic scores with ``requires_aesthetics_score``; None: the
+    pipeline's defaults), the negative and positive ids each repeated per image (``n`` of them)."""
+    embeds, negative_embeds, pooled, negative_pooled = encoded
+    device = pipe._execution_device
+    height, width = (size * pipe.vae_scale_factor for size in latents.shape[-2:])
+    original_size = original_size or (height, width)
+    target_size = target_size or (height, width)
+    projection_dim = (int(pooled.shape[-1]) if pipe.text_encoder_2 is None
+                      else pipe.text_encoder_2.config.projection_dim)
+    time_ids, negative_time_ids = pipe._get_add_time_ids(
+        original_size, crops_coords_top_left, target_size,
+        aesthetic_score if aesthetic_score is not None else _default(pipe, "aesthetic_score", 6.0),
+        negative_aesthetic_score if negative_aesthetic_score is not None
+        else _default(pipe, "negative_aesthetic_score", 2.5),
+        negative_original_size or original_size, negative_crops_coords_top_left, negative_target_size or target_size,
+        dtype=embeds.dtype, text_encoder_projection_dim=projection_dim)
+    return unet_extra(
+        {"encoder_hidden_states": embeds.to(device),
+         "added_cond_kwargs": {"text_embeds": pooled.to(device), "time_ids": time_ids.repeat(n, 1).to(device)}},
+        {"encoder_hidden_states": negative_embeds.to(device),
+         "added_cond_kwargs": {"text_embeds": negative_pooled.to(device),
+                               "time_ids": negative_time_ids.repeat(n, 1).to(device)}} if cfg else None,
+        cross_attention_kwargs)
+
+
 def call_sdxl_img2img(acc, prompt=None, prompt_2=None, image=None, strength=None, num_inference_steps=None,
                       denoising_start=None, denoising_end=None, guidance_scale=None, negative_prompt=None,
                       negative_prompt_2=None, num_images_per_prompt=1, eta=None, generator=None, latents=None,
@@ -186,25 +217,13 @@ def call_sdxl_img2img(acc, prompt=None, prompt_2=None, image=None, strength=None
     if latents is None:  # the pipeline's rule: no noise whenever denoising_start is given (valid or not)
         latents = pipe.prepare_latents(image, timesteps[:1].repeat(n), batch, num_images_per_prompt, embeds.dtype,
                                        device, generator, denoising_start is None)
-    height, width = (size * pipe.vae_scale_factor for size in latents.shape[-2:])
-    original_size = original_size or (height, width)
-    target_size = target_size or (height, width)
-    projection_dim = (int(pooled.shape[-1]) if pipe.text_encoder_2 is None
-                      else pipe.text_encoder_2.config.projection_dim)
-    time_ids, negative_time_ids = pipe._get_add_time_ids(
-        original_size, crops_coords_top_left, target_size,
-        aesthetic_score if aesthetic_score is not None else _default(pipe, "aesthetic_score", 6.0),
-        negative_aesthetic_score if negative_aesthetic_score is not None
-        else _default(pipe, "negative_aesthetic_score", 2.5),
-        negative_original_size or original_size, negative_crops_coords_top_left, negative_target_size or target_size,
-        dtype=embeds.dtype, text_encoder_projection_dim=projection_dim)
-    extra = unet_extra(
-        {"encoder_hidden_states": embeds.to(device),
-         "added_cond_kwargs": {"text_embeds": pooled.to(device), "time_ids": time_ids.repeat(n, 1).to(device)}},
-        {"encoder_hidden_states": negative_embeds.to(device),
-         "added_cond_kwargs": {"text_embeds": negative_pooled.to(device),
-                               "time_ids": negative_time_ids.repeat(n, 1).to(device)}} if cfg else None,
-        cross_attention_kwargs)
+    extra = img2img_extra(pipe, latents, n, cfg, (embeds, negative_embeds, pooled, negative_pooled),
+                          cross_attention_kwargs, original_size=original_size,
+                          crops_coords_top_left=crops_coords_top_left, target_size=target_size,
+                          negative_original_size=negative_original_size,
+                          negative_crops_coords_top_left=negative_crops_coords_top_left,
+                          negative_target_size=negative_target_size, aesthetic_score=aesthetic_score,
+                          negative_aesthetic_score=negative_aesthetic_score)
     latents = acc._run(ours, spec, latents, generator, guidance_scale=w if cfg else 1.0, extra=extra,
                        guidance_rescale=guidance_rescale)
     image = latents if output_type == "latent" else _sdxl_decode(pipe, latents)
@@ -220,23 +239,31 @@ CALLS = {"sdxl_img2img": call_sdxl_img2img}  # AcceleratedPipeline.__call__'s ha
 
 def sdxl_img2img_kind(pipe, who: str, unet):
     """"sdxl_img2img" for a ``StableDiffusionXLImg2ImgPipeline`` the fused loop runs, None for other pipelines;
-    raises TypeError naming what it cannot run (other added conditioning, guidance-embedding UNets, other
-    ``__call__`` arguments, another image processor)."""
+    raises TypeError naming what it cannot run (:func:`check_sdxl`)."""
     from diffusers import StableDiffusionXLImg2ImgPipeline
-    from diffusers.image_processor import VaeImageProcessor
 
     if not isinstance(pipe, StableDiffusionXLImg2ImgPipeline):
         return None
+    check_sdxl(pipe, who, unet, call_sdxl_img2img)
+    return "sdxl_img2img"
+
+
+def check_sdxl(pipe, who: str, unet, handler, processors=("image_processor",)) -> None:
+    """Raise TypeError naming what the fused SDXL loop of ``handler`` (img2img, inpainting) cannot run: added
+    conditioning other than SDXL's text_time, guidance-embedding UNets, ``__call__`` arguments beyond ``handler``'s,
+    ``processors`` other than the VaeImageProcessor."""
+    from diffusers.image_processor import VaeImageProcessor
+
     if unet.config.get("addition_embed_type") != "text_time":
         raise TypeError(f"accelerate: unsupported pipeline {who}: its UNet has addition_embed_type="
                         f"{unet.config.get('addition_embed_type')!r}, expected SDXL's 'text_time'")
     for option in ("class_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim"):
         if unet.config.get(option) is not None:
             raise TypeError(f"accelerate: unsupported pipeline {who}: its UNet has {option}="
-                            f"{unet.config.get(option)!r} (the fused SDXL img2img loop runs SDXL's text_time "
+                            f"{unet.config.get(option)!r} (the fused SDXL loop runs SDXL's text_time "
                             "conditioning only)")
-    _check_call_arguments(pipe, who, call_sdxl_img2img)
-    if type(getattr(pipe, "image_processor", None)) is not VaeImageProcessor:
-        raise TypeError(f"accelerate: unsupported pipeline {who}: its image_processor is not the VaeImageProcessor "
-                        "whose postprocessing the fused loop reproduces")
-    return "sdxl_img2img"
+    _check_call_arguments(pipe, who, handler)
+    for name in processors:
+        if type(getattr(pipe, name, None)) is not VaeImageProcessor:
+            raise TypeError(f"accelerate: unsupported pipeline {who}: its {name} is not the VaeImageProcessor "
+                            "whose processing the fused loop reproduces")
