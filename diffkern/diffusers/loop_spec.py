@@ -367,6 +367,10 @@ def tail_spec(ours: FusedScheduler, spec: LoopSpec, begin: int) -> LoopSpec:
                          "derivatives of a partial loop with the Lagrange weights of nodes before its start, which no "
                          "lms loop on the partial schedule gives); run the pipeline with "
                          "diffkern.diffusers.LMSDiscreteScheduler as its scheduler instead")
+    if n <= begin < len(ours._host_timesteps) // ours.order:  # only the identity steps the spec dropped are left
+        raise ValueError(f"strength: the partial schedule starts at step {begin}, where only identity steps are left "
+                         f"(a last step from a sigma to itself, which the fused loop drops); use a larger strength, "
+                         f"or the pipeline with diffkern.diffusers.{name} as its scheduler")
     if not 0 < begin < n:
         raise ValueError(f"strength: the partial schedule starts at step {begin} of {n}; expected 0 <= begin < {n}")
     if name == "DPMSolverSinglestepScheduler":  # diffusers' orders from the begin step (a group restarts there)

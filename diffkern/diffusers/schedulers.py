@@ -59,6 +59,13 @@ def host_value(timestep) -> Optional[float]:
     return None
 
 
+def _rounded(timestep, want: float, got: float) -> bool:
+    """Whether ``timestep`` is a 16-bit float tensor holding ``want`` rounded to its dtype (DanceDiffusionPipeline
+    casts the scheduler's timesteps to its UNet's dtype before its loop)."""
+    return isinstance(timestep, torch.Tensor) and timestep.dtype in (torch.float16, torch.bfloat16) \
+        and torch.tensor(want, dtype=timestep.dtype).item() == got
+
+
 def sigma_to_t(alphas_cumprod: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Fractional training timestep of each sigma (n,): diffusers' ``_sigma_to_t`` (Karras/exponential schedules) on
     diffkern's float64 table. Its rule, kept exactly because tables need not be monotonic (zero terminal SNR floors
@@ -218,7 +225,7 @@ class FusedScheduler(SchedulerMixin, ConfigMixin):
             raise IndexError(f"{who}: step index {i} is past the end of the schedule ({n} timesteps); "
                              "call set_timesteps again to start a new loop")
         got = host_value(timestep)
-        if got is not None and got != self._host_timesteps[i]:
+        if got is not None and got != self._host_timesteps[i] and not _rounded(timestep, self._host_timesteps[i], got):
             raise ValueError(f"timestep: expected {self._host_timesteps[i]:g} (timesteps[{i}], the next step of the "
                              f"schedule), got {got:g}; steps must follow scheduler.timesteps in order "
                              "(set_begin_index(k) starts a loop at timesteps[k])")
