@@ -8,7 +8,6 @@ its step counter and runs, diffkern's drop-in refused the second step ("timestep
 float64 UNet and diffusers' IPNDM under float64 default dtype, yardstick the stock 16-bit run, all from one initial
 noise.
 """
-import contextlib
 import warnings
 
 import pytest
@@ -18,16 +17,8 @@ diffusers = pytest.importorskip("diffusers")
 
 import diffkern.diffusers as dd  # noqa: E402
 from diffkern.testing import assert_matches_reference  # noqa: E402
+from test_ipndm_scheduler import float64_default  # noqa: E402
 
-
-@contextlib.contextmanager
-def _float64_default():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
 
 
 def _tiny_unet():
@@ -57,7 +48,7 @@ def _dance(unet, scheduler, dtype, noise, monkeypatch, steps):
 def test_ipndm_in_dance_diffusion_with_a_16_bit_unet(monkeypatch, dtype, steps):
     unet = _tiny_unet()
     noise = torch.randn(1, 2, 512, generator=torch.Generator().manual_seed(1))
-    with _float64_default():
+    with float64_default():
         truth = _dance(unet, diffusers.IPNDMScheduler(), torch.float64, noise, monkeypatch, steps)
     eager = _dance(unet, diffusers.IPNDMScheduler(), dtype, noise, monkeypatch, steps)
     ours = _dance(unet, dd.IPNDMScheduler(), dtype, noise, monkeypatch, steps)

@@ -21,7 +21,7 @@ from .accelerate import _check_call_arguments, _default, _reject
 from .accelerate_controlnet import (_nets, _window, conditioning_scales, control_images, control_run,
                                     control_table)
 from .accelerate_sdxl_img2img import end_steps, head_spec
-from .accelerate_text2img import _initial_latents, _prompt_batch, _sdxl_decode, _sdxl_time_ids, sdxl_encode, unet_extra
+from .accelerate_text2img import _initial_latents, _prompt_batch, _sdxl_time_ids, sdxl_encode, sdxl_output, unet_extra
 
 
 def call_sdxl_controlnet(acc, prompt=None, prompt_2=None, image=None, height=None, width=None,
@@ -39,7 +39,6 @@ def call_sdxl_controlnet(acc, prompt=None, prompt_2=None, image=None, height=Non
     list per net), ``control_guidance_start``/``_end`` the fractions of the loop the ControlNet acts on, and
     SDXL's prompts, pooled embeddings and size conditioning."""
     from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
-    from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
 
     _reject(unsupported)
     pipe, who = acc.pipe, type(acc.pipe).__name__
@@ -88,15 +87,7 @@ def call_sdxl_controlnet(acc, prompt=None, prompt_2=None, image=None, height=Non
             "added_cond_kwargs": {"text_embeds": pooled.to(device), "time_ids": time_ids}}
     extra = unet_extra(cond, uncond, cross_attention_kwargs)
     latents = control_run(acc, ours, spec, latents, generator, w if cfg else 1.0, extra, table, guess)
-    if output_type == "latent":
-        image = latents  # the pipeline returns them as they are, without the image processor
-    else:
-        image = _sdxl_decode(pipe, latents)
-        if getattr(pipe, "watermark", None) is not None:
-            image = pipe.watermark.apply_watermark(image)
-        image = pipe.image_processor.postprocess(image, output_type=output_type)
-    pipe.maybe_free_model_hooks()
-    return StableDiffusionXLPipelineOutput(images=image) if return_dict else (image,)
+    return sdxl_output(pipe, latents, output_type, return_dict)
 
 
 CALLS = {"sdxl_controlnet": call_sdxl_controlnet}  # AcceleratedPipeline.__call__'s handler of the kind below

@@ -237,6 +237,21 @@ def _sdxl_time_ids(pipe, n, cfg, device, dtype, projection_dim, sizes, negative_
     return ids, negative
 
 
+def sdxl_output(pipe, latents, output_type: str, return_dict: bool):
+    """SDXL text-to-image's output: the latents as they are ("latent"), else decoded, watermarked and postprocessed."""
+    from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
+
+    if output_type == "latent":
+        image = latents  # the pipeline returns them as they are, without the image processor
+    else:
+        image = _sdxl_decode(pipe, latents)
+        if getattr(pipe, "watermark", None) is not None:
+            image = pipe.watermark.apply_watermark(image)
+        image = pipe.image_processor.postprocess(image, output_type=output_type)
+    pipe.maybe_free_model_hooks()
+    return StableDiffusionXLPipelineOutput(images=image) if return_dict else (image,)
+
+
 def _sdxl_decode(pipe, latents):
     """The pipeline's decode: a float16 VAE with ``force_upcast`` runs in float32 (and goes back to float16), the
     latents are denormalised with ``latents_mean``/``latents_std`` when the VAE config has both."""
@@ -270,8 +285,6 @@ def call_sdxl(acc, prompt=None, prompt_2=None, height=None, width=None, num_infe
     """``StableDiffusionXLPipeline.__call__`` through the fused loop of ``acc``. ``denoising_end`` (the hand-off of
     an ensemble of expert denoisers to a refiner) runs the schedule's head and returns its noisy latents
     (:func:`~.accelerate_sdxl_img2img.head_spec`)."""
-    from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
-
     _reject(unsupported)
     pipe = acc.pipe
     unet = pipe.unet
@@ -311,15 +324,7 @@ def call_sdxl(acc, prompt=None, prompt_2=None, height=None, width=None, num_infe
                        uncond, cross_attention_kwargs)
     latents = acc._run(ours, spec, latents, generator, guidance_scale=w if cfg else 1.0, extra=extra,
                        guidance_rescale=guidance_rescale)
-    if output_type == "latent":
-        image = latents  # the pipeline returns them as they are, without the image processor
-    else:
-        image = _sdxl_decode(pipe, latents)
-        if getattr(pipe, "watermark", None) is not None:
-            image = pipe.watermark.apply_watermark(image)
-        image = pipe.image_processor.postprocess(image, output_type=output_type)
-    pipe.maybe_free_model_hooks()
-    return StableDiffusionXLPipelineOutput(images=image) if return_dict else (image,)
+    return sdxl_output(pipe, latents, output_type, return_dict)
 
 
 def text2img_kind(pipe, who: str, unet) -> str:
