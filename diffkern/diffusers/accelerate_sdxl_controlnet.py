@@ -21,7 +21,7 @@ from .accelerate import _check_call_arguments, _default, _reject
 from .accelerate_controlnet import (_nets, _window, conditioning_scales, control_images, control_run,
                                     control_table)
 from .accelerate_sdxl_img2img import end_steps, head_spec
-from .accelerate_text2img import _initial_latents, _prompt_batch, _sdxl_time_ids, sdxl_encode, sdxl_output, unet_extra
+from .accelerate_text2img import _initial_latents, _prompt_batch, sdxl_encode, sdxl_output, sdxl_unet_extra
 
 
 def call_sdxl_controlnet(acc, prompt=None, prompt_2=None, image=None, height=None, width=None,
@@ -75,17 +75,10 @@ def call_sdxl_controlnet(acc, prompt=None, prompt_2=None, image=None, height=Non
     latents = _initial_latents(ours, shape, generator, device, embeds.dtype, latents)
     original_size = original_size or images[0].shape[-2:]
     target_size = target_size or (height, width)
-    projection_dim = (int(pooled.shape[-1]) if pipe.text_encoder_2 is None
-                      else pipe.text_encoder_2.config.projection_dim)
-    time_ids, negative_time_ids = _sdxl_time_ids(
-        pipe, n, cfg, device, embeds.dtype, projection_dim, (original_size, crops_coords_top_left, target_size),
-        (negative_original_size, negative_crops_coords_top_left, negative_target_size))
-    uncond = {"encoder_hidden_states": negative_embeds.to(device),
-              "added_cond_kwargs": {"text_embeds": negative_pooled.to(device), "time_ids": negative_time_ids}} \
-        if cfg else None
-    cond = {"encoder_hidden_states": embeds.to(device), "controlnet_cond": images if multi else images[0],
-            "added_cond_kwargs": {"text_embeds": pooled.to(device), "time_ids": time_ids}}
-    extra = unet_extra(cond, uncond, cross_attention_kwargs)
+    extra = sdxl_unet_extra(pipe, (embeds, negative_embeds, pooled, negative_pooled), n, cfg, device,
+                            (original_size, crops_coords_top_left, target_size),
+                            (negative_original_size, negative_crops_coords_top_left, negative_target_size),
+                            cross_attention_kwargs, controlnet_cond=images if multi else images[0])
     latents = control_run(acc, ours, spec, latents, generator, w if cfg else 1.0, extra, table, guess)
     return sdxl_output(pipe, latents, output_type, return_dict)
 

@@ -237,6 +237,24 @@ def _sdxl_time_ids(pipe, n, cfg, device, dtype, projection_dim, sizes, negative_
     return ids, negative
 
 
+def sdxl_unet_extra(pipe, encoded, n: int, cfg: bool, device, sizes, negative_sizes, cross_attention_kwargs,
+                    **cond_more) -> dict:
+    """SDXL's UNet extra args: ``encoded`` = (embeds, negative_embeds, pooled, negative_pooled) of the pipeline's
+    ``encode_prompt``, the size time ids of ``sizes``/``negative_sizes`` ((original, crops, target) each), the
+    negative half for CFG; ``cond_more`` joins the conditional half (ControlNet's ``controlnet_cond``)."""
+    embeds, negative_embeds, pooled, negative_pooled = encoded
+    projection_dim = (int(pooled.shape[-1]) if pipe.text_encoder_2 is None
+                      else pipe.text_encoder_2.config.projection_dim)
+    time_ids, negative_time_ids = _sdxl_time_ids(pipe, n, cfg, device, embeds.dtype, projection_dim, sizes,
+                                                 negative_sizes)
+    uncond = {"encoder_hidden_states": negative_embeds.to(device),
+              "added_cond_kwargs": {"text_embeds": negative_pooled.to(device), "time_ids": negative_time_ids}} \
+        if cfg else None
+    cond = {"encoder_hidden_states": embeds.to(device), **cond_more,
+            "added_cond_kwargs": {"text_embeds": pooled.to(device), "time_ids": time_ids}}
+    return unet_extra(cond, uncond, cross_attention_kwargs)
+
+
 def sdxl_output(pipe, latents, output_type: str, return_dict: bool):
     """SDXL text-to-image's output: the latents as they are ("latent"), else decoded, watermarked and postprocessed."""
     from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
@@ -311,17 +329,10 @@ def call_sdxl(acc, prompt=None, prompt_2=None, height=None, width=None, num_infe
     spec = text2img_head(pipe, ours, spec, steps, denoising_end, device)
     shape = (n, unet.config.in_channels, int(height) // pipe.vae_scale_factor, int(width) // pipe.vae_scale_factor)
     latents = _initial_latents(ours, shape, generator, device, embeds.dtype, latents)
-    projection_dim = (int(pooled.shape[-1]) if pipe.text_encoder_2 is None
-                      else pipe.text_encoder_2.config.projection_dim)
-    time_ids, negative_time_ids = _sdxl_time_ids(
-        pipe, n, cfg, device, embeds.dtype, projection_dim, (original_size, crops_coords_top_left, target_size),
-        (negative_original_size, negative_crops_coords_top_left, negative_target_size))
-    uncond = {"encoder_hidden_states": negative_embeds.to(device),
-              "added_cond_kwargs": {"text_embeds": negative_pooled.to(device), "time_ids": negative_time_ids}} \
-        if cfg else None
-    extra = unet_extra({"encoder_hidden_states": embeds.to(device),
-                        "added_cond_kwargs": {"text_embeds": pooled.to(device), "time_ids": time_ids}},
-                       uncond, cross_attention_kwargs)
+    extra = sdxl_unet_extra(pipe, (embeds, negative_embeds, pooled, negative_pooled), n, cfg, device,
+                            (original_size, crops_coords_top_left, target_size),
+                            (negative_original_size, negative_crops_coords_top_left, negative_target_size),
+                            cross_attention_kwargs)
     latents = acc._run(ours, spec, latents, generator, guidance_scale=w if cfg else 1.0, extra=extra,
                        guidance_rescale=guidance_rescale)
     return sdxl_output(pipe, latents, output_type, return_dict)
