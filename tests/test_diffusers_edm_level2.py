@@ -7,7 +7,6 @@ random draws), the yardstick the stock float32 run; the fused loop runs with dif
 diffkern's EDM drop-in as the pipeline's scheduler. The SDE ("sde-dpmsolver++") draws Philox noise at Level 2, so
 it is checked against diffkern's Level-1 scheduler on the same Philox seed, in float64 and float32.
 """
-import copy
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ from diffkern.testing import assert_matches_reference  # noqa: E402
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 from test_diffusers_edm import MODULES  # noqa: E402
 from test_diffusers_pipelines import pipeline_modules, tiny_sd  # noqa: E402, F401  (tiny_sd: a fixture)
+from test_lcm_accelerate import float64_copy  # noqa: E402  (every module in float64)
 from test_diffusers_schedulers import _randn32, diffusers_float64  # noqa: E402
 from test_diffusers_sdxl import tiny_sdxl  # noqa: E402, F401  (a fixture)
 
@@ -28,16 +28,6 @@ V = {"prediction_type": "v_prediction"}
 EXP = {"sigma_schedule": "exponential"}
 # exponential sigmas whose float32 end is sigma_min itself: a last step from sigma_min to itself (dropped)
 EXP_END = dict(EXP, sigma_min=0.25, final_sigmas_type="sigma_min")
-
-
-def _twin(pipe, scheduler):
-    """The pipeline in float64 (every module) with ``scheduler``."""
-    twin = copy.deepcopy(pipe)
-    for module in twin.components.values():
-        if isinstance(module, torch.nn.Module):
-            module.double()
-    twin.scheduler = scheduler
-    return twin
 
 
 def edm_runs(pipe, monkeypatch, name, config, call):
@@ -50,7 +40,7 @@ def edm_runs(pipe, monkeypatch, name, config, call):
     pipe.scheduler = theirs.from_config(config)
     with diffusers_float64(MODULES[name], *pipeline_modules(pipe)), monkeypatch.context() as m:
         m.setattr(vae_module, "randn_tensor", _randn32(vae_module.randn_tensor))  # img2img: the posterior's draw
-        truth = call(_twin(pipe, theirs.from_config(config)), torch.Generator().manual_seed(5))
+        truth = call(float64_copy(pipe, theirs.from_config(config)), torch.Generator().manual_seed(5))
     out = {"truth": truth, "eager": call(pipe, torch.Generator().manual_seed(5))}
     out["diffusers"] = call(dd.accelerate(pipe), torch.Generator().manual_seed(5))
     pipe.scheduler = getattr(dd, name).from_config(config)
@@ -144,7 +134,7 @@ def test_sd_img2img_level2(tiny_sd, monkeypatch):
 def _level1_sd_loop(pipe, config, steps, dtype):
     """StableDiffusionPipeline's loop (CFG 4.0, two prompts), written out, with diffkern's EDM DPM scheduler drawing
     Philox noise keyed by the seed accelerate draws from the generator right after the initial latents."""
-    pipe = _twin(pipe, None) if dtype == torch.float64 else pipe
+    pipe = float64_copy(pipe, None) if dtype == torch.float64 else pipe
     sched = dd.EDMDPMSolverMultistepScheduler(**config)
     gen = torch.Generator().manual_seed(5)
     embeds, negative = pipe.encode_prompt(["a cat", "a dog"], "cpu", 1, True, ["blurry", ""])

@@ -19,13 +19,12 @@ transformers = pytest.importorskip("transformers")
 
 import diffkern.diffusers as dd  # noqa: E402
 from diffkern.testing import assert_matches_reference  # noqa: E402
-from test_diffusers_level2_controlnet import _image, _tensor, three_runs, tiny_controlnet  # noqa: E402
+from test_diffusers_level2_controlnet import _image, control_call, three_runs, tiny_controlnet  # noqa: E402
 from test_diffusers_sdxl import SDXL_SCHEDULER, tiny_sdxl  # noqa: E402, F401  (tiny_sdxl: a fixture)
 from test_graphs import fresh_cache  # noqa: E402, F401  (autouse)
 from test_level2_gpu_readiness import _second_calls, strict  # noqa: E402, F401  (strict: a fixture)
 from test_level2_sixteen_bit import GpuScalarRule  # noqa: E402
 
-PROMPTS = ["a cat", "a dog"]
 EULER, DPM, UNIPC, HEUN = ("EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
                            "HeunDiscreteScheduler")
 
@@ -45,12 +44,6 @@ def sdxl_controlnet(tiny_sdxl):
     return make
 
 
-def xl_call(pipe, generator, steps=4, output_type="pt", **kw):
-    kw = {"image": _image(), "guidance_scale": 4.0, "negative_prompt": ["blurry", ""], **kw}
-    if "latents" in kw:
-        kw["latents"] = kw["latents"].to(pipe.unet.dtype)  # the pipeline does not cast given latents
-    return _tensor(pipe(PROMPTS, generator=generator, num_inference_steps=steps, output_type=output_type, **kw))
-
 #----------------------------------------------------------------------------
 # Parity with the stock pipeline.
 
@@ -60,14 +53,14 @@ def test_the_controlnet_and_its_conditioning_contribute(sdxl_controlnet):
     size conditioning change the fused loop's result (so the parity below tests them)."""
     fast = dd.accelerate(sdxl_controlnet(EULER))
     assert fast.kind == "sdxl_controlnet"
-    base = xl_call(fast, torch.Generator().manual_seed(0), output_type="latent")
+    base = control_call(fast, torch.Generator().manual_seed(0), output_type="latent")
     for kw in ({"image": _image(seed=9)}, {"controlnet_conditioning_scale": 0.5}, {"control_guidance_end": 0.5},
                {"guess_mode": True}, {"controlnet_conditioning_scale": 0.0}, {"original_size": (8, 8)},
                {"crops_coords_top_left": (1, 0)}, {"negative_original_size": (8, 8), "negative_target_size": (16, 16)},
                {"prompt_2": ["blurry", "cat"]}):
-        other = xl_call(fast, torch.Generator().manual_seed(0), output_type="latent", **kw)
+        other = control_call(fast, torch.Generator().manual_seed(0), output_type="latent", **kw)
         assert not torch.allclose(other, base, rtol=1e-4, atol=1e-5), kw
-    again = xl_call(fast, torch.Generator().manual_seed(0), output_type="latent")
+    again = control_call(fast, torch.Generator().manual_seed(0), output_type="latent")
     torch.testing.assert_close(again, base, rtol=0, atol=0)
 
 
@@ -95,7 +88,7 @@ PARITY = [  # (scheduler, steps, call kwargs): each scheduler at N = 1, 2, 4
 
 @pytest.mark.parametrize("name, steps, kw", PARITY, ids=lambda v: str(v)[:40])
 def test_sdxl_controlnet_matches_the_stock_pipeline(sdxl_controlnet, name, steps, kw):
-    ours, truth, eager = three_runs(sdxl_controlnet(name), xl_call, steps=steps, **kw)
+    ours, truth, eager = three_runs(sdxl_controlnet(name), control_call, steps=steps, **kw)
     assert ours.shape[0] == 2 * kw.get("num_images_per_prompt", 1)
     if kw.get("output_type") != "latent":
         assert 0.1 < float(((eager > 0) & (eager < 1)).float().mean()), "images saturated"
@@ -112,13 +105,13 @@ MULTI = [  # (scheduler, steps, call kwargs) with two ControlNets
 
 @pytest.mark.parametrize("name, steps, kw", MULTI, ids=lambda v: str(v)[:40])
 def test_sdxl_multi_controlnet_matches_the_stock_pipeline(sdxl_controlnet, name, steps, kw):
-    ours, truth, eager = three_runs(sdxl_controlnet(name, nets=2), xl_call, steps=steps,
+    ours, truth, eager = three_runs(sdxl_controlnet(name, nets=2), control_call, steps=steps,
                                     image=[_image(2, seed=3), _image(1, seed=4)], **kw)
     assert_matches_reference(ours, truth, eager, f"SDXL MultiControlNet {name} N={steps} {kw}")
 
 
 def test_global_pool_conditions_runs_guess_mode(sdxl_controlnet):
-    ours, truth, eager = three_runs(sdxl_controlnet(EULER, global_pool_conditions=True), xl_call)
+    ours, truth, eager = three_runs(sdxl_controlnet(EULER, global_pool_conditions=True), control_call)
     assert_matches_reference(ours, truth, eager, "SDXL global_pool_conditions")
 
 
@@ -149,7 +142,7 @@ def test_controlnet_calls_are_the_pipelines(sdxl_controlnet, monkeypatch, kw):
     for target, log in ((pipe, stock), (dd.accelerate(pipe, graph=False), ours)):
         with monkeypatch.context() as m:
             _log_calls(m, pipe.controlnet, log)
-            xl_call(target, torch.Generator().manual_seed(0), steps=5, output_type="latent", **kw)
+            control_call(target, torch.Generator().manual_seed(0), steps=5, output_type="latent", **kw)
     assert len(stock) == len(pipe.scheduler.timesteps) == len(ours)
     assert {c[1] for c in stock} == {0.0, kw.get("controlnet_conditioning_scale", 1.0)}  # the window acts
     for k, (want, got) in enumerate(zip(stock, ours)):
@@ -175,7 +168,7 @@ def test_graph_second_calls(sdxl_controlnet, strict, monkeypatch):
                   "control_guidance_end": 0.75}),
              (5, {"guidance_scale": 1.0, "negative_prompt": None, "image": _image(seed=25),
                   "controlnet_conditioning_scale": 1.4})]
-    _second_calls(pipe, xl_call, cases, monkeypatch, captures=3)
+    _second_calls(pipe, control_call, cases, monkeypatch, captures=3)
 
 
 def test_graph_multi_controlnet_second_calls(sdxl_controlnet, strict, monkeypatch):
@@ -183,7 +176,7 @@ def test_graph_multi_controlnet_second_calls(sdxl_controlnet, strict, monkeypatc
     cases = [(0, {"image": [_image(seed=3), _image(seed=4)]}),
              (1, {"image": [_image(seed=5), _image(seed=6)], "controlnet_conditioning_scale": [0.3, 1.2],
                   "control_guidance_start": [0.0, 0.5], "control_guidance_end": [0.5, 1.0]})]
-    _second_calls(pipe, xl_call, cases, monkeypatch, captures=1)
+    _second_calls(pipe, control_call, cases, monkeypatch, captures=1)
 
 
 @pytest.mark.cuda
@@ -196,8 +189,8 @@ def test_cuda_graph_replays_match_eager(sdxl_controlnet):
     graphs.clear()
     for kw in ({}, {"image": _image(seed=12)}, {"controlnet_conditioning_scale": 0.4, "original_size": (24, 8)},
                {"control_guidance_start": 0.25, "control_guidance_end": 0.75}):
-        want = xl_call(eager, torch.Generator("cuda").manual_seed(0), **kw)
-        got = xl_call(fast, torch.Generator("cuda").manual_seed(0), **kw)
+        want = control_call(eager, torch.Generator("cuda").manual_seed(0), **kw)
+        got = control_call(fast, torch.Generator("cuda").manual_seed(0), **kw)
         torch.testing.assert_close(got, want, rtol=0, atol=0, msg=str(kw))
     assert graphs.info()["captures"] == 1
 
@@ -234,7 +227,7 @@ def test_sixteen_bit_residuals_round_as_the_pipeline(sdxl_controlnet, dtype, net
     handles += [net.register_forward_pre_hook(net_hook, with_kwargs=True) for net in all_nets]
     try:
         with GpuScalarRule():
-            xl_call(dd.accelerate(pipe), torch.Generator().manual_seed(0), steps=steps, output_type="latent",
+            control_call(dd.accelerate(pipe), torch.Generator().manual_seed(0), steps=steps, output_type="latent",
                     image=[_image(2, seed=3), _image(1, seed=4)] if nets == 2 else _image(), **kw)
     finally:
         for h in handles:
