@@ -31,7 +31,7 @@ _KEY = ("ipndm",)
 _AB = {1: (1.0,), 2: (1.5, -0.5), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
 
 
-def ipndm_row(beta: float, alpha: float, beta_next: float, alpha_next: float, order: int) -> list[float]:
+def _ipndm_row(beta: float, alpha: float, beta_next: float, alpha_next: float, order: int) -> list[float]:
     """The fused row of one iPNDM step of ``order`` (1-4) from (beta, alpha) to (beta_next, alpha_next)."""
     w = _AB[order]
     alpha_safe = max(alpha, 1e-8)  # diffusers' guard at alpha = 0 (the first step)
@@ -85,7 +85,7 @@ class IPNDMScheduler(FusedScheduler):
 
     def _build(self, key):
         b, a = self._betas, self._alphas
-        rows = [ipndm_row(b[i], a[i], b[i + 1], a[i + 1], q) for i in range(len(b) - 1) for q in (1, 2, 3, 4)]
+        rows = [_ipndm_row(b[i], a[i], b[i + 1], a[i + 1], q) for i in range(len(b) - 1) for q in (1, 2, 3, 4)]
         return coefs.table(rows), None
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
