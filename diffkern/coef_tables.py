@@ -41,6 +41,8 @@ class Plan:
     history: how many previous values the loop keeps (0 to 3): H, H2, H3 = the values written by the first calls
         of the previous one, two, three steps (slots c, c2, c3). A corrector call reads H = the value its own
         step's first call wrote, H2 the previous step's, H3 the one before, and writes none.
+    step_row: the row of step 0's first call (step i's is ``step_row + i``); 0 but in a window of a longer loop
+        (:func:`diffkern.sampler_loop.windowed`).
     """
     table: torch.Tensor
     row_sigma: list
@@ -50,6 +52,7 @@ class Plan:
     churn_row: int = 0
     corrector_row: int = 0
     history: int = 0
+    step_row: int = 0
 
     def __post_init__(self):
         if self.history not in (0, 1, 2, 3) or isinstance(self.history, bool):
@@ -64,7 +67,7 @@ class Plan:
                                  f"{coefs.SLOT_NAMES[slot]} needs {depth})")
             # H_depth of step i is written by step i - depth (a corrector's by step i - depth + 1)
             for i in range(self.steps):
-                reads = i < depth and i < len(used) and used[i]
+                reads = i < depth and self.step_row + i < len(used) and used[self.step_row + i]
                 reads_c = i + 1 < depth and self.corrector[i] and used[self.corrector_row + i]
                 if reads or reads_c:
                     raise ValueError(f"table: step {i} reads history {depth} ({coefs.SLOT_NAMES[slot]} != 0 on its "

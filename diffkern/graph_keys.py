@@ -7,7 +7,10 @@ buffers before each replay. :class:`Call` derives both from an entry point's arg
 """
 from __future__ import annotations
 
+import copy
+import functools
 import os
+import types
 
 import torch
 
@@ -35,23 +38,62 @@ _TORCH_LAYER = {}  # class -> whether it is one of torch.nn's own layers
 
 
 def _module_state(model: torch.nn.Module, fused: bool) -> tuple:
-    """Per submodule, its training flag and, but for torch.nn's own layers (whose sizes and eps nobody changes after
-    construction) and a fused wrapper itself (:func:`_settings`; its guidance_scale is table data), its public
-    attributes of exact type bool, int, float or str, by value: what a forward reads as constants (a capture replays
-    them as they were). 0.32 to 0.38 ms per call for diffusers' 36M-parameter CIFAR-10 UNet (288 modules, 46 of them
-    diffusers') on this project's 2-core CI machine, against 0.18 to 0.20 ms for the training flags alone."""
-    state = []
+    """Per submodule, its training flag, its hooks and, but for torch.nn's own layers (whose sizes and eps nobody
+    changes after construction) and a fused wrapper itself (:func:`_settings`; its guidance_scale is table data), its
+    public attributes (:func:`_attr`: numbers and strings by value, an attention processor by type): what a forward
+    reads as constants (a capture replays them as they were); then the address of every parameter and buffer, and
+    torch's global module hooks. Not keyed (document, don't rely on): private attributes, values inside other objects
+    than those :func:`_attr` reads, global Python state a forward reads. About 0.9 ms per call for diffusers'
+    36M-parameter CIFAR-10 UNet (288 modules) on this project's 2-core CI machine (0.6 ms without the addresses and
+    the non-scalar attributes, 0.2 ms for the training flags alone)."""
+    state, memory = [], []
     for m in model.modules():
         cls = type(m)
         layer = _TORCH_LAYER.get(cls)
         if layer is None:
             layer = _TORCH_LAYER[cls] = cls.__module__.startswith("torch.nn.modules.")
+        # Its tensors' memory (a parameter or buffer reassigned, not written in place, leaves the capture reading the
+        # old one) and its hooks (handle ids are never reused): what the captured launches read, and Python a
+        # replay would not run.
+        memory += [t.data_ptr() for t in m._parameters.values() if t is not None]
+        memory += [t.data_ptr() for t in m._buffers.values() if t is not None]
+        if m._forward_pre_hooks or m._forward_hooks:
+            state.append((tuple(m._forward_pre_hooks), tuple(m._forward_hooks)))
         if layer or (fused and m is model):
-            state.append((m.training, ()))
+            state.append(m.training)
         else:
-            state.append((m.training, tuple([(k, v.hex() if type(v) is float else v) for k, v in m.__dict__.items()
-                                             if type(v) in _SCALARS and k[:1] != "_"])))  # hex: NaN equals itself
-    return tuple(state)
+            state.append((m.training, tuple([(k, v.hex() if type(v) is float else v) if type(v) in _SCALARS
+                                             or v is None else (k, _attr(v)) for k, v in m.__dict__.items()
+                                             if k[:1] != "_"])))
+    module = torch.nn.modules.module
+    hooks = tuple(module._global_forward_pre_hooks), tuple(module._global_forward_hooks)
+    return tuple(state), tuple(memory), hooks
+
+
+_FUNCTIONS = (types.FunctionType, types.BuiltinFunctionType, types.MethodType, functools.partial)
+
+
+def _attr(v):
+    """What a captured forward bakes in of a submodule's public attribute: numbers, strings and None by value,
+    lists, tuples and dicts of them item by item, a plain tensor by its memory, a function by identity (the key holds
+    it), any other object (diffusers' attention processors) by its type and its own public numbers and strings."""
+    t = type(v)
+    if t is float:
+        return v.hex()  # exact, and NaN equals itself
+    if t in _SCALARS or v is None:
+        return v
+    if isinstance(v, torch.Tensor):
+        return "tensor", v.data_ptr(), tuple(v.shape), v.dtype
+    if t is list or t is tuple:
+        return t.__name__, tuple([_attr(u) for u in v])
+    if t is dict:
+        return "dict", tuple([(k, _attr(u)) for k, u in v.items()])
+    if isinstance(v, _FUNCTIONS):
+        return v
+    if isinstance(v, (int, float)) or (hasattr(v, "item") and getattr(v, "ndim", None) == 0):
+        return t, _attr(v.item() if hasattr(v, "item") else float(v) if isinstance(v, float) else int(v))  # numpy
+    own = getattr(v, "__dict__", None)
+    return t, tuple([(k, _attr(u)) for k, u in own.items() if type(u) in _SCALARS and k[:1] != "_"]) if own else ()
 
 
 def _settings(model) -> tuple:
@@ -69,19 +111,24 @@ def _settings(model) -> tuple:
 def plan_structure(plan) -> tuple:
     """The launch structure of a :class:`~diffkern.coef_tables.Plan` (its values are table data)."""
     return (tuple(plan.table.shape), tuple(plan.churn), tuple(plan.corrector), plan.churn_row, plan.corrector_row,
-            plan.history)
+            plan.step_row, plan.history)
 
 
-def flatten(obj, tensors: list, objects: list):
+def flatten(obj, tensors: list, objects: list, device=None):
     """Hashable structure of extra args; tensors (appended to ``tensors``) enter by shape, stride, dtype and
-    device; numbers and strings by value; other objects by identity (appended to ``objects``)."""
+    device, and by value too when not on ``device`` (x's: a CPU tensor beside a CUDA x is read on the host by
+    the ops that take it, a 0-dim one as a kernel argument, so a capture bakes its values in); numbers and
+    strings by value; other objects by identity (appended to ``objects``)."""
     if isinstance(obj, torch.Tensor):
         tensors.append(obj)
-        return "tensor", tuple(obj.shape), obj.stride(), obj.dtype, obj.device
+        key = "tensor", tuple(obj.shape), obj.stride(), obj.dtype, obj.device
+        if device is not None and obj.device != device:
+            key += (_contents(obj),)
+        return key
     if isinstance(obj, dict):
-        return "dict", tuple((k, flatten(v, tensors, objects)) for k, v in obj.items())
+        return "dict", tuple((k, flatten(v, tensors, objects, device)) for k, v in obj.items())
     if isinstance(obj, (list, tuple)):
-        return type(obj).__name__, tuple(flatten(v, tensors, objects) for v in obj)
+        return type(obj).__name__, tuple(flatten(v, tensors, objects, device) for v in obj)
     if isinstance(obj, float):
         return "float", obj.hex()  # exact, and NaN equals itself
     if obj is None or isinstance(obj, (bool, int, str, torch.dtype, torch.device)):
@@ -90,14 +137,28 @@ def flatten(obj, tensors: list, objects: list):
     return "object", id(obj)
 
 
+def _contents(t: torch.Tensor) -> tuple:
+    """A host tensor's values, exactly (bitwise: NaN equals itself)."""
+    flat = t.detach().reshape(-1).contiguous()
+    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+
+
 def rebuild(obj, statics):
-    """``obj`` with every tensor replaced by the next of ``statics`` (the order of :func:`flatten`)."""
+    """``obj`` with every tensor replaced by the next of ``statics`` (the order of :func:`flatten`); containers
+    keep their type (a named tuple, an ``OrderedDict`` or diffusers' ``BaseOutput``)."""
     if isinstance(obj, torch.Tensor):
         return next(statics)
     if isinstance(obj, dict):
-        return {k: rebuild(v, statics) for k, v in obj.items()}
+        items = [(k, rebuild(v, statics)) for k, v in obj.items()]
+        if type(obj) is dict:
+            return dict(items)
+        out = copy.copy(obj)
+        for k, v in items:
+            out[k] = v
+        return out
     if isinstance(obj, (list, tuple)):
-        return type(obj)(rebuild(v, statics) for v in obj)
+        items = [rebuild(v, statics) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
     return obj
 
 
@@ -109,10 +170,17 @@ def _flag(read):
         return f"unreadable: {str(e)[:60]}"
 
 
+# scaled_dot_product_attention's backend choice (torch.nn.attention.sdpa_kernel toggles these) and cuBLAS/cuBLASLt
+_SDPA_READS = tuple((lambda name=name: getattr(torch.backends.cuda, name, lambda: None)()) for name in
+                    ("flash_sdp_enabled", "mem_efficient_sdp_enabled", "math_sdp_enabled", "cudnn_sdp_enabled",
+                     "preferred_blas_library"))
+
+
 def math_mode() -> tuple:
     """The global numerics settings that pick the kernels a captured model call runs (TF32 and reduced-precision
     matmul/convolution, cuDNN's algorithm choice): a capture replays the kernels chosen when it was made, so a
-    change after it must capture again. Both torch's legacy flags (``allow_tf32``) and its newer
+    change after it must capture again. So do the enabled scaled-dot-product-attention backends and the preferred
+    BLAS library. Both torch's legacy flags (``allow_tf32``) and its newer
     ``fp32_precision`` attributes (absent on older torch) are read; a read torch refuses (the two APIs mixed)
     keys by its message."""
     cuda, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
@@ -121,7 +189,7 @@ def math_mode() -> tuple:
              lambda: getattr(getattr(cudnn, "conv", None), "fp32_precision", None),
              lambda: cuda.allow_fp16_reduced_precision_reduction, lambda: cuda.allow_bf16_reduced_precision_reduction,
              lambda: cudnn.enabled, lambda: cudnn.benchmark, lambda: cudnn.deterministic,
-             torch.are_deterministic_algorithms_enabled)
+             torch.are_deterministic_algorithms_enabled, *_SDPA_READS)
     return tuple(_flag(r) for r in reads)
 
 
@@ -145,7 +213,7 @@ class Call:
     def __init__(self, model, x, seed, backend, extra_args, record=False):
         self.seed, self.extra_args = samplers.seed_value(seed, x.shape[0]), dict(extra_args or {})
         self.tensors, self.objects = [], []
-        extra_key = flatten(self.extra_args, self.tensors, self.objects)
+        extra_key = flatten(self.extra_args, self.tensors, self.objects, x.device)
         self.key = (model_key(model), tuple(x.shape), x.dtype, x.device, seed_kind(self.seed), bool(record),
                     backend, os.environ.get("DIFFKERN_BACKEND"), extra_key, math_mode())
 

@@ -1,5 +1,6 @@
 """The whole N-step sampling loop as one CUDA graph: ``graph=True``/``"auto"`` of :func:`diffkern.sample` and
-:func:`diffkern.sample_iadb` (built in :mod:`diffkern.sampling`), and :func:`sample_hold`. Guide: ``docs/graphs.md``.
+:func:`diffkern.sample_iadb` (built in :mod:`diffkern.sampling`), and :func:`sample_hold`. Guide: the README's
+section "The whole sampling loop as one CUDA graph".
 
 A new key: the eager loop runs once on a side stream (warm-up: that stream's cuBLAS/cuDNN handles, Triton and
 torch.compile compilation), then the same loop (every model call, the guidance batch included, and every fused
@@ -8,13 +9,16 @@ sigma tables, copies of the tensor extra args). Every call copies x and the extr
 (``fill_``/``copy_``: no host sync), rewrites the tables in place if the schedule or a knob changed (the fused ops
 read their row from the device table, so the captured launches stay valid), replays on the current stream and
 returns clones of the outputs. The key is what a replay bakes in: model identity, its submodules' training flags,
-first parameter address, and for a wrapper its guidance batch and settings; x's shape, dtype and device; method and
-plan launch structure (N, churn and corrector steps, history); seed kind (one stream or per-sample); record;
-backend; the extra args' structure, tensor shapes and other values. Memory: one graph pool and side stream per
-device shared by all captures (so replays are serialised, whatever the caller's stream), at most
-``info()["max_entries"]`` captures (default 8, env ``DIFFKERN_GRAPH_CACHE``), least recently used evicted first,
-:func:`clear` to drop them. A failed capture raises :class:`GraphCaptureError`, caches nothing and is remembered for
-its key; ``graph="auto"`` then runs eager and warns.
+hooks, parameter and buffer addresses and public attributes, and for a wrapper its guidance batch and settings;
+x's shape, dtype and device; method and plan launch structure (N, churn and corrector steps, history); seed kind
+(one stream or per-sample); record; backend; the extra args' structure, tensor shapes and other values (host
+tensors beside a CUDA x by value); the numerics flags. Static buffers are made outside ``torch.inference_mode`` (a
+later call outside it writes into them). Memory: one graph pool and side stream per device shared by all captures
+(so replays are serialised, whatever the caller's stream; an evicted capture's pool memory is reused by later
+captures and returned to the device by :func:`clear` only), at most ``info()["max_entries"]`` captures (default 8,
+env ``DIFFKERN_GRAPH_CACHE``), least recently used evicted first, :func:`clear` to drop them. A failed capture
+raises :class:`GraphCaptureError`, caches nothing (stream, device, pool and generators as before it) and is
+remembered for its key; ``graph="auto"`` then runs eager and warns once.
 The keys and a call's static inputs are built in :mod:`diffkern.graph_keys`.
 """
 from __future__ import annotations
@@ -161,7 +165,17 @@ def set_max_entries(n: int) -> None:
         raise ValueError(f"n: expected an int >= 1, got {n!r}")
     with _lock:
         _max_entries = n
+        _drain()
         _evict()
+
+
+def _drain() -> None:
+    """Wait for every replay before captures are dropped outside a capture (which synchronises already): their
+    static buffers go back to the allocator on the stream they were made on, while a replay may still be using them
+    on another stream."""
+    if _last_replay and torch.cuda.is_available() and torch.cuda.is_initialized():
+        for event in _last_replay.values():
+            event.synchronize()
 
 
 def _evict() -> None:
@@ -172,15 +186,17 @@ def _evict() -> None:
 
 def clear(model=None) -> None:
     """Drop every capture (``model`` given: only that model's) and the remembered capture failures; without
-    ``model`` also the warnings already given and the :func:`info` counters. Frees the graph memory."""
+    ``model`` also the warnings already given and the :func:`info` counters. Frees the graph memory (without
+    ``model``; the captures of one model share the pool of the others, which reuse its memory). Waits for the
+    replays in flight (a host sync: not for sampling loops)."""
     with _lock:
+        _drain()  # the events of the last replays are kept: order_after_last_replay still orders after them
         if model is None:
             _cache.clear()
             _failed.clear()
             _warned.clear()
             _pools.clear()
             _counts.clear()
-            _last_replay.clear()
         else:
             for key in [k for k in _cache if k[0][0] == id(model)]:
                 del _cache[key]
@@ -237,18 +253,23 @@ def _warm_up(body: Callable[[], None], device: torch.device) -> None:
             body()
         return
     stream, _ = _side_stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        for _ in range(WARMUP_RUNS):
-            body()
-    torch.cuda.current_stream(device).wait_stream(stream)
+    caller = torch.cuda.current_stream(device)
+    stream.wait_stream(caller)
+    try:
+        with torch.cuda.stream(stream):
+            for _ in range(WARMUP_RUNS):
+                body()
+    finally:
+        # Also when the model raised: the buffers of the dropped entry were allocated on the caller's stream, so the
+        # allocator may hand them out there again while the side stream's launches still use them.
+        caller.wait_stream(stream)
 
 
 def _record(body: Callable[[], None], device: torch.device):
     """Capture ``body`` into a CUDA graph (shared pool, the warm-up stream); returns the graph."""
     graph = torch.cuda.CUDAGraph()
     stream, pool = _side_stream(device)
-    before = torch.cuda.current_stream(device)
+    before = torch.cuda.current_stream(device), torch.cuda.current_device()
     try:
         # thread_local: an unsafe call in this thread (a sync) fails the capture; other threads keep working.
         with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
@@ -263,8 +284,10 @@ def _abandon(graph, device: torch.device, pool, before) -> None:
     """Undo what a failed capture leaves behind. When the body invalidated the capture, torch's
     ``CUDAGraph.capture_end`` raises at ``cudaStreamEndCapture``, before it ends the pool's allocation and
     before ``torch.cuda.graph`` restores the stream: the pool would refuse every later capture ("already
-    recording") and the thread would stay on the side stream."""
-    torch.cuda.set_stream(before)
+    recording") and the thread would stay on the side stream (and on x's device: ``set_stream`` switches to the
+    stream's device, so the caller's current device is restored after it). ``before``: (stream, device index)."""
+    torch.cuda.set_stream(before[0])
+    torch.cuda.set_device(before[1])
     idx = _index(device)
     with contextlib.suppress(RuntimeError):  # raises where capture_end got as far as ending it
         torch._C._cuda_endAllocateToPool(idx, pool)
@@ -289,7 +312,8 @@ def run(key, build: Callable[[], Entry], write_inputs: Callable[[Entry], None], 
         entry = _cache.get(key)
         if entry is None:
             _limit()  # a bad DIFFKERN_GRAPH_CACHE fails before the work of a capture
-            entry = build()
+            with torch.inference_mode(False):  # static buffers that later calls outside inference_mode can write
+                entry = build()
             _warm_up(lambda: body(entry), device)  # the model's own errors propagate unchanged
             try:
                 entry.graph = _record(lambda: body(entry), device)

@@ -11,7 +11,7 @@ import inspect
 
 import torch
 
-from . import coef_tables, graphs, sampler_plans, samplers, schedules
+from . import coef_tables, graphs, sampler_loop, sampler_plans, samplers, schedules
 from .ops import iadb as iadb_ops
 from .ops import sampler_step
 from .samplers import SAMPLERS, Trajectory, make_seed
@@ -48,7 +48,7 @@ def host_plan(method: str, knobs_: dict, sigmas) -> coef_tables.Plan:
 
 
 def sample(model, x, sigmas, method, *, backend=None, seed=0, callback=None, progress=False, record=False,
-           extra_args=None, graph=False, **knob_values):
+           extra_args=None, graph=False, window=None, **knob_values):
     """Sample with ``method`` from ``x`` (already scaled by ``sigmas[0]``) along ``sigmas``.
 
     Args:
@@ -75,6 +75,11 @@ def sample(model, x, sigmas, method, *, backend=None, seed=0, callback=None, pro
             on later calls; needs x on a CUDA device, no callback, no progress bar) or "auto" (the graph when it
             can be used, else eager, with one :class:`diffkern.graphs.GraphFallbackWarning` saying why). The
             output is bitwise the eager output for the same seed. See :mod:`diffkern.graphs`.
+        window: None, or ``(begin, total)``: ``sigmas`` are steps ``begin .. begin + N - 1`` of a ``total``-step
+            schedule (an img2img tail from ``begin``, diffusers' ``set_begin_index``; a ``denoising_end`` head), and
+            each step draws the Philox noise it draws in the whole loop (as diffkern's Level-1 schedulers do): the
+            counters move, not the coefficients (:func:`diffkern.sampler_loop.windowed`). No effect on a method
+            that draws no noise; None and ``(0, N)`` are the loop on its own.
         **knob_values: the method's knobs (eta, s_churn, s_tmin, s_tmax, s_noise, gamma, mu, lam, integrator).
 
     Returns:
@@ -87,26 +92,34 @@ def sample(model, x, sigmas, method, *, backend=None, seed=0, callback=None, pro
     samplers.check_state(x)  # before record= allocates from it
     samplers.check_call(model, extra_args)
     _check_callback(callback)
+    steps = len(samplers.host_sigmas(sigmas)) - 1
+    window = sampler_loop.check_window(window, steps)
     if graphs.wanted(graph, x, callback, progress):
         try:
             return _sample_graph(model, x, sigmas, method, {**valid, **knob_values}, seed, backend, record,
-                                 extra_args)
+                                 extra_args, window)
         except graphs.GraphCaptureError as exc:
             if graph is True:
                 raise
             graphs.fall_back(exc)
-    steps = len(samplers.host_sigmas(sigmas)) - 1
     trajectory = Trajectory(x, steps) if record else None
-    out = SAMPLERS[method](model, x, sigmas, extra_args, callback, not progress, seed=seed, backend=backend,
-                           trajectory=trajectory, **knob_values)
+    if window is not None and window != (0, steps):  # the sampler's plan, on the rows of the window
+        loop = samplers._Loop(model, x, sigmas, extra_args, callback, not progress, seed, backend, trajectory)
+        plan = sampler_plans.PLANS[method](loop.sigmas, loop.conv, **{**valid, **knob_values})
+        with torch.no_grad():  # as the samplers run
+            out = sampler_loop._run(loop, sampler_loop.windowed(plan, window))
+    else:
+        out = SAMPLERS[method](model, x, sigmas, extra_args, callback, not progress, seed=seed, backend=backend,
+                               trajectory=trajectory, **knob_values)
     return (out, trajectory.as_dict()) if record else out
 
 
 @torch.no_grad()
-def _sample_graph(model, x, sigmas, method, knob_values, seed, backend, record, extra_args):
+def _sample_graph(model, x, sigmas, method, knob_values, seed, backend, record, extra_args, window=None):
     """:func:`sample` as a CUDA graph (:mod:`diffkern.graphs`): the captured body is ``samplers.run_steps``."""
     host = samplers.host_sigmas(sigmas)
     plan = sampler_plans.PLANS[method](host, samplers.conversion_rows(model), **knob_values)
+    plan = sampler_loop.windowed(plan, window)  # its rows' layout (step_row) is part of plan_structure
     call = graphs.Call(model, x, seed, backend, extra_args, record)
     hosts = [plan.table, torch.tensor(plan.row_sigma, dtype=torch.float64)]
 

@@ -130,22 +130,22 @@ def test_begin_step_is_the_pipelines():
     assert fast.pipe.scheduler.begin_index == 3
 
 
-def _level1_on_tail(pipe, call, config, seed, latents, sigmas, dtype):
+def _level1_on_tail(pipe, call, config, seed, latents, sigmas, dtype, strength=1.0):
     """diffkern's Level-1 stochastic scheduler in the stock pipeline from ``latents``, keyed by ``seed``, on the
-    flow ``sigmas`` of a tail (shift 1: they run as given; strength 1: from the first)."""
+    flow ``sigmas`` of the whole schedule (shift 1: they run as given) from ``strength``'s begin step."""
     ours = dd.FlowMatchEulerDiscreteScheduler(**dict(config, shift=1.0, use_dynamic_shifting=False))
     ours.set_seed(seed)
     pipe = pipe.to(dtype)
     pipe.scheduler = ours
-    return call(pipe, None, latents=latents.to(dtype), strength=1.0, sigmas=sigmas)
+    return call(pipe, None, latents=latents.to(dtype), strength=strength, sigmas=sigmas)
 
 
 @pytest.mark.parametrize("which, strength, n", [("sd3", 1.0, 3), ("sd3", 0.6, 5), ("flux", 0.6, 5),
                                                 ("flux", 0.3, 2)])
 def test_stochastic_level2_matches_level1_philox(which, strength, n):
     """stochastic_sampling is lcm on the tail's VE sigmas with Philox noise keyed by a seed drawn from the generator
-    after the starting latents (here given, so the first draw): diffkern's Level-1 scheduler running the tail as a
-    loop of its own, on that seed."""
+    after the starting latents (here given, so the first draw): diffkern's Level-1 scheduler on that seed, from the
+    begin step of the whole schedule (set_begin_index: the tail draws the whole loop's noise rows there)."""
     make, call, config = ((sd3_img2img, sd3_call, SD3), (flux_img2img, flux_call, flux.DEV))[which == "flux"]
     config = dict(config, stochastic_sampling=True)
     fast = dd.accelerate(make(EULER(**config)))
@@ -159,10 +159,10 @@ def test_stochastic_level2_matches_level1_philox(which, strength, n):
     from diffkern.diffusers.accelerate_flux import flux_mu
 
     kw = {"sigmas": np.linspace(1.0, 1 / n, n), "mu": flux_mu(fast.pipe, 16)} if which == "flux" else {}
-    spec, _ = flow_tail(fast, n, strength, 2, **kw)
+    spec, _ = flow_tail(fast, n, 1.0, 2, **kw)  # the whole schedule
     assert spec.method == "lcm"
     ts = [s / (1.0 + s) if s != FLOW_TOP else 1.0 for s in spec.sigmas[:-1]]
-    runs = [_level1_on_tail(make(EULER(**config)), call, config, seed, latents, ts, dtype)
+    runs = [_level1_on_tail(make(EULER(**config)), call, config, seed, latents, ts, dtype, strength)
             for dtype in (torch.float64, torch.float32)]
     assert_matches_reference(ours, *runs, f"{which} stochastic img2img {strength} {n}: level 2 vs level 1")
 

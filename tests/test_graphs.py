@@ -90,7 +90,7 @@ class RecordedGraph:
         with _Recorder(self.ops):
             body()
 
-    @torch.no_grad()
+    @torch.inference_mode()  # no autograd, as a CUDA replay; writes into temporaries the capture made under either mode
     def replay(self):
         for func, args, kwargs, out in self.ops:
             _into(out, func(*args, **kwargs))

@@ -179,7 +179,7 @@ class AcceleratedPipeline:
         if spec.vp:
             x = x * math.sqrt(spec.sigmas[0] ** 2 + 1.0)
         out = sample(model, x, spec.sigmas, method, backend=self.backend, seed=seed, progress=self.progress,
-                     extra_args=extra, graph=graph, **knobs)
+                     extra_args=extra, graph=graph, window=spec.window, **knobs)
         if spec.vp:
             out = out / math.sqrt(spec.sigmas[-1] ** 2 + 1.0)
         return out.to(latents.dtype)

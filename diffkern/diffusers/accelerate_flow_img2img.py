@@ -14,8 +14,9 @@ t = 1 (``FLOW_TOP``), where ``scale_noise`` returns the noise itself: text-to-im
 
 FlowMatchHeunDiscreteScheduler's begin index is ``t_start*2`` of its 2N - 1 calls: the predictor call of step
 ``t_start``. A strength leaving no step (0, or so small that ``N - N*strength`` rounds to N; the stock pipelines
-then noise an empty batch or raise) is refused. A ``stochastic_sampling`` tail draws its Philox noise as a loop on
-the kept steps (rows from 0), keyed by a seed drawn from the generator after the starting latents.
+then noise an empty batch or raise) is refused. A ``stochastic_sampling`` tail draws the Philox noise the whole
+loop draws at its steps (``LoopSpec.window``: the Level-1 scheduler's after ``set_begin_index``), keyed by a seed
+drawn from the generator after the starting latents.
 """
 from __future__ import annotations
 

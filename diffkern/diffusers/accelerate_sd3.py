@@ -103,7 +103,7 @@ class FlowAcceleratedPipeline(AcceleratedPipeline):
         x = latents if latents.dtype == torch.float64 else latents.to(torch.float32)  # the state stays >= float32
         x = x * (1.0 + spec.sigmas[0])  # VE state; at FLOW_TOP a power of two: exact
         out = sample(model, x, spec.sigmas, method, backend=self.backend, seed=seed, progress=self.progress,
-                     extra_args=extra, graph=self._graph_mode(latents.device), **knobs)
+                     extra_args=extra, graph=self._graph_mode(latents.device), window=spec.window, **knobs)
         return (out / (1.0 + spec.sigmas[-1])).to(latents.dtype)
 
     def _flow_model(self, spec, latents, cfg: bool):

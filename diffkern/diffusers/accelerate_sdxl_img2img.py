@@ -83,8 +83,9 @@ def head_spec(ours, spec: LoopSpec, steps: int, denoising_end: float) -> LoopSpe
     calls = spec.call_timesteps
     if calls is not None:  # KDPM2: two model calls per kept step
         calls = calls[:2 * steps]
+    # the noise stays the whole loop's: a two-call method's second-call rows follow all n steps' first-call rows
     return dataclasses.replace(spec, sigmas=spec.sigmas[:steps + 1], timesteps=spec.timesteps[:steps], knobs=knobs,
-                               call_timesteps=calls)
+                               call_timesteps=calls, window=spec.window or (0, n))
 
 
 def end_steps(scheduler, timesteps, denoising_end):

@@ -30,7 +30,9 @@ class LoopSpec:
     ``boundary``: LCM's ``timestep_scaling``, whose boundary condition the denoiser applies (else None); ``flow``: a
     flow-matching scheduler, whose state is ``x_t = x/(1 + sigma)`` and network a velocity (:func:`flow_spec`);
     ``edm``: an EDM scheduler's ``sigma_data``, whose preconditioning the denoiser applies (:mod:`.edm_denoiser`;
-    else None)."""
+    else None); ``window``: ``(begin, total)`` where the loop is steps ``begin ..`` of the whole ``total``-step
+    loop (img2img, ``denoising_end``), whose Philox noise it draws there (:func:`diffkern.sampling.sample`'s
+    ``window``), as the Level-1 scheduler does; None: the whole loop."""
 
     method: str
     sigmas: list
@@ -41,6 +43,7 @@ class LoopSpec:
     boundary: Optional[float] = None
     flow: bool = False
     edm: Optional[float] = None
+    window: Optional[tuple] = None
 
 
 def _unsupported(name: str, option: str, value, why: str) -> ValueError:
@@ -158,47 +161,6 @@ def _sasolver_spec(ours) -> LoopSpec:
     return LoopSpec("sa_solver", sig, ts, knobs, vp=True)
 
 
-def _pndm_spec(ours) -> LoopSpec:
-    """diffusers' PNDM with ``skip_prk_steps=True`` as ``plms`` on the VE sigmas of its N distinct timesteps (calls
-    [t0, t1, t1, t2, ...]: the second is step 0's corrector, at sigma_1, so no call_timesteps are needed), N = 1 as
-    ``euler`` (its single call). Each step goes from t to t - T//N, which must be the next timestep; a last step
-    from alpha-bar(0) to itself (``set_alpha_to_one=False`` ending at t = 0) is the identity and is dropped."""
-    name, cfg = type(ours).__name__, ours.config
-    if not cfg.skip_prk_steps:
-        raise _unsupported(name, "skip_prk_steps", False, "its Runge-Kutta steps (four calls at half steps, restarted "
-                           "from the step's first sample) are no diffkern sampler")
-    if cfg.prediction_type != "epsilon":
-        raise _unsupported(name, "prediction_type", cfg.prediction_type, "diffusers' PLMS extrapolates the raw model "
-                           "outputs (v), where the plms sampler extrapolates eps")
-    ts = ours.plms_timesteps.tolist()
-    ts = ts[:1] + ts[2:]  # the N distinct timesteps
-    ratio = ours._ratio
-    for i in range(len(ts) - 1):
-        if ts[i] - ratio != ts[i + 1]:
-            raise _unsupported(name, "timestep_spacing", cfg.timestep_spacing, f"with {len(ts)} steps, step {i} goes "
-                               f"from t={ts[i]} to t={ts[i] - ratio}, which is not the next timestep {ts[i + 1]}: the "
-                               "schedule is not continuous")
-    ab_final = ours._alpha_bar(ts[-1] - ratio)
-    sigmas = ours.train_sigmas[ts].tolist() + [schedules.alpha_bar_to_sigma(ab_final)]
-    if len(ts) == 1:
-        if ab_final == float(ours.alphas_cumprod[ts[0]]):
-            raise _unsupported(name, "set_alpha_to_one", False, "its single step goes from t=0 to itself")
-        return LoopSpec("euler", sigmas, ts, {}, vp=True)
-    if ab_final == float(ours.alphas_cumprod[ts[-1]]):
-        sigmas, ts = sigmas[:-1], ts[:-1]
-    return LoopSpec("plms", sigmas, ts, {}, vp=True)
-
-
-def _pndm_refuse_tail(ours, begin: int):
-    """An img2img pipeline's PNDM loop over ``timesteps[begin:]`` (begin > 0) is no plms loop: diffusers restarts its
-    counter there, and the call list [t0, t1, t1, t2, ...] sliced past its repeated t1 feeds the third call a sample at
-    t_{k+1} with the timestep t_{k+2} (from begin = 1: the second call restarts from t0 with a sample at t1)."""
-    raise ValueError(f"accelerate: PNDMScheduler with strength < 1 (the loop starting at timesteps[{begin}]) is not "
-                     "supported by the fused loop (diffusers' PNDM restarts its counter there and steps a sample from "
-                     "one timestep as if it were at the next); run the pipeline with diffkern.diffusers.PNDMScheduler "
-                     "as its scheduler instead")
-
-
 # The VE sigma of flow time t = 1 (pure noise; t/(1 - t) is infinite). In float64 1 + 2^70 == 2^70, so the state
 # x = 2^70*x_t and the network input x/(1 + sigma) = x_t are exact, and the flow conversion (1/(1+s), -s/(1+s)) is
 # exactly (2^-70, -1): D = x_t - v, the limit t -> 1. Euler from there to sigma' gives x' = D + sigma'*x_t, i.e.
@@ -310,7 +272,8 @@ def loop_spec(ours: FusedScheduler, eta: float = 0.0) -> LoopSpec:
     if name == "DPMSolverSinglestepScheduler":
         return ours.loop_spec()
     if name == "PNDMScheduler":
-        return _pndm_spec(ours)
+        from .loop_spec_pndm import pndm_spec
+        return pndm_spec(ours)
     if name == "LCMScheduler":
         # z' = sqrt(ab')*D + sqrt(1-ab')*xi with D = c_skip(t)*z + c_out(t)*x0 is, in VE coordinates (x = z/sqrt(ab)),
         # x' = D + sigma'*xi: sample_lcm on the denoiser with the boundary condition folded into its per-timestep
@@ -355,12 +318,13 @@ def tail_spec(ours: FusedScheduler, spec: LoopSpec, begin: int) -> LoopSpec:
     """``spec`` from step ``begin`` on: the loop an img2img pipeline runs after ``set_begin_index`` (strength < 1).
     Multistep methods start over (first order first, as diffusers' history starts empty); what depends on absolute
     step indices follows diffusers: UniPC's ``disable_corrector`` shifts by ``begin``, third-order DPM-Solver's
-    final orders count the whole schedule's steps."""
+    final orders count the whole schedule's steps, and the noise is the whole loop's (``window``)."""
     if begin == 0:
         return spec
     name, n = type(ours).__name__, len(spec.timesteps)
     if name == "PNDMScheduler":
-        _pndm_refuse_tail(ours, begin)
+        from .loop_spec_pndm import refuse_tail
+        refuse_tail(ours, begin)
     if name == "LMSDiscreteScheduler":
         raise ValueError(f"accelerate: LMSDiscreteScheduler with strength < 1 (the loop starting at "
                          f"timesteps[{begin}]) is not supported by the fused loop (diffusers weights the first three "
@@ -374,7 +338,7 @@ def tail_spec(ours: FusedScheduler, spec: LoopSpec, begin: int) -> LoopSpec:
     if not 0 < begin < n:
         raise ValueError(f"strength: the partial schedule starts at step {begin} of {n}; expected 0 <= begin < {n}")
     if name == "DPMSolverSinglestepScheduler":  # diffusers' orders from the begin step (a group restarts there)
-        return ours.loop_spec(begin)
+        return dataclasses.replace(ours.loop_spec(begin), window=(begin, n))
     knobs = dict(spec.knobs)
     if spec.method == "unipc":
         knobs["disable_corrector"] = tuple(k - begin for k in knobs["disable_corrector"] if k >= begin)
@@ -407,7 +371,7 @@ def tail_spec(ours: FusedScheduler, spec: LoopSpec, begin: int) -> LoopSpec:
     if calls is not None:  # two model calls per step (KDPM2): the midpoint calls follow their step's
         calls = calls[2 * begin:]
     return dataclasses.replace(spec, sigmas=spec.sigmas[begin:], timesteps=spec.timesteps[begin:], knobs=knobs,
-                               call_timesteps=calls)
+                               call_timesteps=calls, window=(begin, n))
 
 def decreasing_prefix(alphas_cumprod) -> torch.Tensor:
     """The longest prefix of an alpha-bar table that strictly decreases (float64). Zero terminal SNR floors

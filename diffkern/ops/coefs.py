@@ -91,6 +91,9 @@ def validate_once(table: torch.Tensor, name: str = "coef") -> list[tuple[bool, b
     whether the history coefficients c, c2 and c3 are non-zero (a host list: callers check it without reading
     the tensor, so the check is also safe inside a captured region).
     """
+    if table.is_inference():  # no version counter (torch.inference_mode): nothing to key a cached check on
+        validate(table, name)
+        return list(zip(*((table[:, k] != 0).tolist() for k in (C, C2, C3))))
     entry = _seen.get(id(table))
     if entry is not None and entry[0]() is table and entry[1] == table._version:
         _seen.move_to_end(id(table))
