@@ -89,7 +89,11 @@ inline unsigned int grid_size(long long work) {
   int device = 0;
   cudaGetDevice(&device);
   int& sms = sm_count[device & 63];
-  if (sms == 0 && cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) sms = 132;
+  if (sms == 0 && cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    // Clear the error: the launcher's cudaGetLastError() would report it as a failed launch.
+    (void)cudaGetLastError();
+    sms = 132;
+  }
   const long long wanted = (work + kThreads - 1) / kThreads;
   const long long cap = static_cast<long long>(sms) * 32;  // 32 blocks of 256 threads per SM
   return static_cast<unsigned int>(wanted < cap ? (wanted > 0 ? wanted : 1) : cap);

@@ -80,9 +80,10 @@ __device__ __forceinline__ void entry_noise_pack(const void* noise, const long l
 // registers per thread, so one block fits an SM and nothing else would hide them). Ends with a barrier.
 template <class C>
 __device__ __forceinline__ void load_hold_row_block(const double* row, int n, HoldRow<C>& r) {
-  for (int t = threadIdx.x; t < n * (2 * n + 1); t += blockDim.x) load_hold_entry(row, n, t, r);
-  if (threadIdx.x < n) r.noise_col[threadIdx.x] = hold_noise_col(row, n, threadIdx.x);
-  if (threadIdx.x == 0) r.n = n;
+  const int tid = static_cast<int>(threadIdx.x), threads = static_cast<int>(blockDim.x);
+  for (int t = tid; t < n * (2 * n + 1); t += threads) load_hold_entry(row, n, t, r);
+  if (tid < n) r.noise_col[tid] = hold_noise_col(row, n, tid);
+  if (tid == 0) r.n = n;
   __syncthreads();
 }
 
