@@ -10,7 +10,7 @@ from .ops import BackendUnavailable, available
 __version__ = "0.1.0"
 
 # Public names loaded on first access (module __getattr__, PEP 562) so the import above stays cheap.
-_LAZY_FUNCTIONS = {"sample": "sampling", "sample_iadb": "sampling", "log_likelihood": "likelihood"}
+_LAZY_FUNCTIONS = {"sample": "sampling", "sample_iadb": "sampling", "knobs": "sampling", "log_likelihood": "likelihood"}
 _LAZY_MODULES = ("analytic", "coef_tables", "graphs", "likelihood", "samplers", "sampling", "schedules", "wrappers")
 
 

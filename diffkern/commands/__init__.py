@@ -21,6 +21,16 @@ def check_common(args) -> None:
     check_backend(args.backend)
 
 
+def check_method(method: str) -> dict:
+    """--method: the knobs of a :func:`diffkern.sample` method; raises ValueError naming the flag when unknown."""
+    from ..sampling import knobs
+
+    try:
+        return knobs(method)
+    except ValueError as exc:  # name the flag, not the Python argument
+        raise ValueError(f"--{exc}") from None
+
+
 def check_backend(backend) -> None:
     """--backend: None (the default), "auto" or a backend name; raises ValueError naming the flag."""
     from .. import ops

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 def _run(args) -> int:
     from ..demo import run
-    from ..sampling import knobs
-    from . import check_backend
+    from . import check_backend, check_method
     from .sample import _check_out
 
     for flag in ("steps", "n"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag}: expected an integer >= 1, got {getattr(args, flag)}")
     check_backend(args.backend)
-    try:
-        knobs(args.method)
-    except ValueError as exc:  # name the flag, not the Python argument
-        raise ValueError(f"--{exc}") from None
+    check_method(args.method)
     _check_out(args.out)
     summary = run(args.out, method=args.method, steps=args.steps, n=args.n, seed=args.seed, backend=args.backend)
     print(f"sampled {summary['n']} points of a 2-D Gaussian mixture with {summary['method']} "
@@ -27,7 +23,9 @@ def _run(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="sample a built-in 2-D Gaussian mixture and plot it")
+    p = sub.add_parser("demo", help="sample a built-in 2-D Gaussian mixture and plot it",
+                       description="Sample the built-in 2-D Gaussian mixture with its exact denoiser and plot the "
+                                   "samples beside the true density (PNG).")
     p.add_argument("--out", default="out/demo.png", help="PNG to write (default: out/demo.png)")
     p.add_argument("--method", default="ge", help="sampler (default: ge)")
     p.add_argument("--steps", type=int, default=20, help="number of steps (default: 20)")

@@ -101,7 +101,9 @@ def _run(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("likelihood", help="log-likelihood of points (McAllester's estimator, with standard errors)")
+    p = sub.add_parser("likelihood", help="log-likelihood of points (McAllester's estimator, with standard errors)",
+                       description="Log-likelihood of 2-D points under the demo mixture: McAllester's estimator "
+                                   "with standard errors, beside the exact log-density.")
     p.add_argument("--points", help="points as 'x,y; x,y'")
     p.add_argument("--file", help="points in a .npy, .csv or .pt file holding an (N, 2) array")
     p.add_argument("--levels", type=int, default=64, help="noise levels per sample (default: 64)")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from . import check_common
+from . import check_common, check_method
 
 # CLI knob flag -> sampler keyword. A flag a method does not take is an error, not silently ignored.
 KNOB_FLAGS = {"gamma": "gamma", "mu": "mu", "lam": "lam", "eta": "eta", "s_churn": "s_churn"}
@@ -82,7 +82,6 @@ def _run(args) -> int:
 
     from .. import ops
     from ..models import builtin
-    from ..sampling import knobs
 
     if args.steps < 1:
         raise ValueError(f"--steps: expected an integer >= 1, got {args.steps}")
@@ -91,7 +90,7 @@ def _run(args) -> int:
     if args.nrow is not None and args.nrow < 1:
         raise ValueError(f"--nrow: expected an integer >= 1, got {args.nrow}")
     check_common(args)
-    valid = knobs(args.method)  # raises on an unknown method
+    valid = check_method(args.method)
     chosen = {kw: getattr(args, flag) for flag, kw in KNOB_FLAGS.items() if getattr(args, flag) is not None}
     for kw in chosen:
         if kw not in valid:
@@ -141,7 +140,7 @@ def register(sub) -> None:
     p.add_argument("--method", default="ge", help="euler | euler_ancestral | heun | dpm_2 | dpm_2_ancestral | "
                    "dpmpp_2s_ancestral | dpmpp_2m | dpmpp_2m_sde | dpmpp_3m_sde | dpmpp_sde | dpmsolver_3m | lcm | ge | "
                    "sde | unipc | deis | plms | ipndm | lms | dpmsolver_single | ipndm_v | dpm_fast | res_multistep | "
-                   "res_multistep_ancestral | er_sde | sa_solver (default ge)")
+                   "res_multistep_ancestral | er_sde | sa_solver | heun_flow (default ge)")
     p.add_argument("--steps", type=int, default=20, help="number of sampler steps (default 20)")
     p.add_argument("--schedule", default="karras", choices=("karras", "loglinear"), help="sigma schedule")
     p.add_argument("--sigma-min", type=float, default=0.002, help="smallest nonzero sigma (default 0.002)")

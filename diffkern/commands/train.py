@@ -30,7 +30,8 @@ def _run(args) -> int:
     builtin.save_denoiser(model, args.out, model.info)
     info = model.info
     print(f"trained {info['params']:,} parameters for {info['steps']} steps of {info['batch']} images in "
-          f"{info['seconds']:.1f} s ({info['cpu_seconds']:.1f} s of CPU time, {info['threads']} threads); "
+          f"{info['seconds']:.1f} s ({info['cpu_seconds']:.1f} s of CPU time, {info['threads']} "
+          f"thread{'' if info['threads'] == 1 else 's'}); "
           f"final loss {info['final_loss']:.4f}")
     print(f"wrote {args.out}; sample it with: diffkern sample --model {args.out}")
     return 0

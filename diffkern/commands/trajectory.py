@@ -9,7 +9,7 @@ so the pictures show the sampler alone.
 from __future__ import annotations
 
 from .._files import atomic_write
-from . import check_common
+from . import check_common, check_method
 from .sample import _check_out
 
 # CLI knob flag -> sampler keyword. A flag the method does not take is an error, not silently ignored.
@@ -98,8 +98,6 @@ def plot(res: dict, out: str) -> None:
 
 
 def _check_args(args) -> dict:
-    from ..sampling import knobs
-
     for flag in ("steps", "n"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag}: expected an integer >= 1, got {getattr(args, flag)}")
@@ -107,7 +105,7 @@ def _check_args(args) -> dict:
         raise ValueError(f"--jump: expected a step in [0, {args.steps - 1}] (--steps {args.steps}), got {args.jump}")
     check_common(args)
     _check_out(args.out)
-    valid = knobs(args.method)  # raises naming the method when it is unknown
+    valid = check_method(args.method)
     chosen = {kw: getattr(args, flag) for flag, kw in KNOB_FLAGS.items() if getattr(args, flag) is not None}
     for kw in chosen:
         if kw not in valid:
@@ -132,7 +130,9 @@ def _run(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("trajectory", help="plot sampling and denoising trajectories on a 2-D mixture (PNG)")
+    p = sub.add_parser("trajectory", help="plot sampling and denoising trajectories on a 2-D mixture (PNG)",
+                       description="Sample points of the 2-D demo mixture with its exact denoiser and plot the "
+                                   "sampling and denoising trajectories (Chen et al.) as a PNG.")
     p.add_argument("--method", default="euler", help="any diffkern.sample method: euler, heun, dpmpp_2m, "
                                                       "ge, sde, ... (default euler, as in Chen et al.)")
     p.add_argument("--steps", type=int, default=20, help="number of Karras steps (default 20)")
@@ -144,8 +144,8 @@ def register(sub) -> None:
     p.add_argument("--gamma", type=float, help="ge: gradient-estimation weight")
     p.add_argument("--mu", type=float, help="ge: stochasticity in [0, 1)")
     p.add_argument("--lam", type=float, help="sde: McAllester noise level")
-    p.add_argument("--eta", type=float, help="euler_ancestral: ancestral noise scale")
-    p.add_argument("--s-churn", dest="s_churn", type=float, help="euler / heun: EDM churn")
+    p.add_argument("--eta", type=float, help="the ancestral and SDE samplers: noise scale")
+    p.add_argument("--s-churn", dest="s_churn", type=float, help="euler / heun / dpm_2: EDM churn")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default=None, help="reference | cpp | triton | cuda | auto")
     p.add_argument("--out", default="out/trajectory.png", help="PNG to write (default out/trajectory.png)")
