@@ -29,6 +29,8 @@ def seed_value(seed, batch: int):
     if isinstance(seed, torch.Tensor):
         if seed.dtype != torch.int64:
             raise TypeError(f"seed: expected an int or an int64 tensor, got a tensor of dtype {seed.dtype}")
+        if seed.is_meta:  # a meta tensor has no values, so no noise stream to key
+            raise ValueError("seed: expected an int or an int64 tensor with values, got a tensor on the meta device")
         if seed.dim() == 0:  # torch.tensor(7): one stream, as the int 7
             seed = seed.reshape(1)
         if seed.dim() != 1 or seed.numel() not in (1, batch):
@@ -168,9 +170,12 @@ def check_call(model, extra_args) -> None:
 
 
 def check_state(x, name: str = "x") -> None:
-    """Raise TypeError naming ``name`` unless ``x`` is a floating tensor with a batch dimension."""
+    """Raise TypeError naming ``name`` unless ``x`` is a floating tensor with a batch dimension (ValueError for
+    one on the meta device: it has no values to sample from)."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() == 0:
         raise TypeError(f"{name}: expected a floating tensor of shape (B, ...)")
+    if x.is_meta:
+        raise ValueError(f"{name}: expected a tensor with values, got a tensor on the meta device")
 
 
 def _check_output(t, x: torch.Tensor, what: str) -> None:

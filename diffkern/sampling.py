@@ -80,7 +80,15 @@ def sample(model, x, sigmas, method, *, backend=None, seed=0, callback=None, pro
             each step draws the Philox noise it draws in the whole loop (as diffkern's Level-1 schedulers do): the
             counters move, not the coefficients (:func:`diffkern.sampler_loop.windowed`). No effect on a method
             that draws no noise; None and ``(0, N)`` are the loop on its own.
-        **knob_values: the method's knobs (eta, s_churn, s_tmin, s_tmax, s_noise, gamma, mu, lam, integrator).
+        **knob_values: the method's knobs; :func:`knobs` lists each method's with its defaults, and an unknown one
+            raises TypeError. Churn: s_churn, s_tmin, s_tmax (euler, heun, dpm_2). Noise: s_noise (those and the
+            stochastic methods), eta (the ancestral, SDE and res_multistep methods, dpm_fast, dpmsolver_3m), r
+            (dpmpp_sde), tau (sa_solver), lam and integrator (sde), gamma and mu (ge). Order: order (deis, lms,
+            unipc, dpmsolver_single), orders (dpmsolver_single), solver_order (dpmsolver_3m), max_order (ipndm,
+            ipndm_v), predictor_order and corrector_order (sa_solver), max_stage (er_sde). Variants: solver_type
+            (dpmpp_2m_sde, dpmsolver_3m, dpmsolver_single, unipc), predict_x0 (dpmsolver_single, sa_solver, unipc),
+            lower_order_final (deis, dpmsolver_3m, dpmsolver_single, sa_solver, unipc), euler_at_final
+            (dpmsolver_3m), disable_corrector (unipc).
 
     Returns:
         The final state (x's shape and dtype), or ``(x, trajectories)`` when ``record``.

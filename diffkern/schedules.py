@@ -335,6 +335,8 @@ def check_sigmas(sigmas, name: str = "sigmas", steps: int | None = None, strict:
     if isinstance(sigmas, torch.Tensor):
         if sigmas.is_complex() or sigmas.dtype == torch.bool:
             raise TypeError(f"{name}: expected a real tensor, got dtype {sigmas.dtype}")
+        if sigmas.is_meta:  # a meta tensor has a shape but no values to read
+            raise ValueError(f"{name}: expected a schedule with values, got a tensor on the meta device")
         s = sigmas.detach().to("cpu", F64)
     else:
         try:
@@ -342,6 +344,10 @@ def check_sigmas(sigmas, name: str = "sigmas", steps: int | None = None, strict:
         except (TypeError, ValueError, RuntimeError) as exc:
             raise TypeError(f"{name}: expected a 1-D tensor or sequence of floats, "
                             f"got {type(sigmas).__name__}") from exc
+    if s.dim() == 0:  # a step count or a single sigma, where the N+1 values of a schedule belong
+        raise ValueError(f"{name}: expected a 1-D schedule of N+1 values, got a scalar ({s.item():g}); build one "
+                         f"with diffkern.schedules.karras(n, sigma_min, sigma_max) (or edm, loglinear, "
+                         f"polyexponential, vp)")
     if s.dim() != 1:
         raise ValueError(f"{name}: expected a 1-D schedule, got shape {tuple(s.shape)}")
     if steps is not None and s.numel() != steps + 1:

@@ -146,14 +146,38 @@ def backend_status(backend: str, device_type: str | None = None) -> tuple[bool, 
         return False, "triton runs on CPU tensors only under TRITON_INTERPRET=1 (set before importing diffkern)"
     if device_type == "cuda" and _triton_interpret():
         return False, "TRITON_INTERPRET=1 is set, so triton cannot launch on CUDA tensors"
+    if device_type == "cuda" and not _cuda_available():
+        return False, "torch reports no CUDA device"
+    if device_type not in (None, "cpu", "cuda"):
+        return False, f"triton runs on CUDA tensors (CPU ones under TRITON_INTERPRET=1), not {device_type!r}"
     if device_type is None and not (_cuda_available() or _triton_interpret()):
         return False, "no CUDA device and TRITON_INTERPRET is not set"
     return True, None
 
 
-def available(device_type: str | None = None) -> dict[str, str | None]:
-    """Every backend mapped to None if usable here (on ``device_type`` if given), else the reason why not."""
+def available(device_type=None) -> dict[str, str | None]:
+    """Every backend mapped to None if usable here (on ``device_type`` if given), else the reason why not.
+
+    ``device_type``: None (any device), a torch device string ("cpu", "cuda", "cuda:1": its type counts) or a
+    :class:`torch.device`; a string torch does not accept as a device (e.g. "gpu") raises ValueError.
+    """
+    if device_type is not None:
+        device_type = _device_type(device_type)
     return {b: backend_status(b, device_type)[1] for b in BACKENDS}
+
+
+def _device_type(device) -> str:
+    """The type of ``device`` (a torch device string or torch.device), validated by torch itself."""
+    import torch
+    if isinstance(device, torch.device):
+        return device.type
+    if not isinstance(device, str):
+        raise TypeError(f"device_type: expected a torch device string such as 'cpu' or 'cuda', or a torch.device, "
+                        f"got {type(device).__name__}")
+    try:
+        return torch.device(device).type
+    except RuntimeError as exc:  # torch's message lists the device types it knows
+        raise ValueError(f"device_type: {device!r} is not a torch device ({exc})") from None
 
 
 def _load(spec: OpSpec, backend: str) -> Callable:
