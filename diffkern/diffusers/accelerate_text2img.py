@@ -142,6 +142,10 @@ def _sd_images(pipe, latents, output_type, device, dtype, generator=None):
     return pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=denormalize), nsfw
 
 
+# deprecated pipelines that default each missing size on its own (StableDiffusionPipeline drops a lone one)
+_EACH_SIZE_ALONE = frozenset({"AltDiffusionPipeline", "StableDiffusionModelEditingPipeline"})
+
+
 def call_sd(acc, prompt=None, height=None, width=None, num_inference_steps=None, guidance_scale=None,
             negative_prompt=None, num_images_per_prompt=1, eta=None, generator=None, latents=None, prompt_embeds=None,
             negative_prompt_embeds=None, output_type="pil", return_dict=True, cross_attention_kwargs=None,
@@ -154,8 +158,13 @@ def call_sd(acc, prompt=None, height=None, width=None, num_inference_steps=None,
     w = guidance_scale if guidance_scale is not None else _default(pipe, "guidance_scale", 7.5)
     vae_scale = getattr(pipe, "vae_scale_factor", 2 ** (len(pipe.vae.config.block_out_channels) - 1))
     size = unet.config.sample_size
-    height = height or (size if isinstance(size, int) else size[0]) * vae_scale
-    width = width or (size if isinstance(size, int) else size[1]) * vae_scale
+    default_h, default_w = ((size, size) if isinstance(size, int) else size[:2])
+    if type(pipe).__name__ in _EACH_SIZE_ALONE:
+        height, width = height or default_h * vae_scale, width or default_w * vae_scale
+    elif not height or not width:  # StableDiffusionPipeline's rule: one size alone is dropped, both default
+        height, width = default_h * vae_scale, default_w * vae_scale
+    # sizes divisible by 8, prompt xor prompt_embeds, matching embeddings: raise as the pipeline raises
+    pipe.check_inputs(prompt, height, width, None, negative_prompt, prompt_embeds, negative_prompt_embeds)
     batch = _prompt_batch(prompt, prompt_embeds)
     device = pipe._execution_device
     cfg = w > 1 and unet.config.time_cond_proj_dim is None
