@@ -21,7 +21,6 @@ import fcntl
 import hashlib
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ import torch
 
 import diffkern.ops as dops
 from diffkern.ops import coefs, cuda_rtc, philox
-from diffkern.ops.cuda_toolchain import RtcUnavailable
+from test_cuda_launcher_host import host_toolchain
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,13 +45,7 @@ FLAGS = ["-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-ffp-contract=off
 
 def _build() -> str:
     """The emulation library, built once per source version (a file lock serialises pytest workers)."""
-    cxx = shutil.which("g++")
-    if cxx is None:
-        pytest.skip("g++ not found")
-    try:
-        inc = cuda_rtc.cuda_include_dir()
-    except RtcUnavailable as exc:
-        pytest.skip(str(exc))
+    cxx, inc = host_toolchain()
     src = os.path.join(ROOT, "tests", "cuda_emulation.cpp")
     h = hashlib.sha256(open(src, "rb").read() + cuda_rtc._sources_hash().encode() + " ".join(FLAGS).encode())
     lib = os.path.join(tempfile.gettempdir(), f"diffkern-cuda-emulation-{h.hexdigest()[:16]}.so")

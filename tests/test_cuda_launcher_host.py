@@ -13,6 +13,17 @@ from diffkern.ops.cuda_toolchain import RtcUnavailable
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def host_toolchain():
+    """(g++, the CUDA include directory) for compiling CUDA sources on the host; skips the test without either."""
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("g++ not found")
+    try:
+        return cxx, cuda_rtc.cuda_include_dir()
+    except RtcUnavailable as exc:
+        pytest.skip(str(exc))
+
+
 _GRID_SIZE = r"""
 #include <cuda_runtime_api.h>
 static cudaError_t last = cudaSuccess;
@@ -32,13 +43,7 @@ int main() {
 def test_failed_sm_count_query_is_not_reported_as_a_failed_launch(tmp_path):
     """grid_size falls back to 132 SMs when the attribute query fails, and clears that error: the launchers'
     cudaGetLastError() after the launch would otherwise fail a good launch (stubbed CUDA runtime, g++)."""
-    cxx = shutil.which("g++")
-    if cxx is None:
-        pytest.skip("g++ not found")
-    try:
-        inc = cuda_rtc.cuda_include_dir()
-    except RtcUnavailable as exc:
-        pytest.skip(str(exc))
+    cxx, inc = host_toolchain()
     if not (inc / "cuda_runtime_api.h").is_file():
         pytest.skip(f"no cuda_runtime_api.h in {inc}")
     (tmp_path / "grid.cpp").write_text(_GRID_SIZE)
