@@ -93,6 +93,8 @@ LEVEL2 = [  # (scheduler config, output type, call kwargs)
     (DYNAMIC, "pt", {"num_inference_steps": 2, "mu": 0.3}),
     (dict(SD3, use_karras_sigmas=True, shift_terminal=0.05), "pt", {"num_inference_steps": 3}),
     (dict(SD3, use_exponential_sigmas=True), "latent", {"num_inference_steps": 3}),  # starts below t = 1
+    (SD3, "pt", {"sigmas": [1.0, 0.7, 0.3]}),  # custom sigmas (shifted by the scheduler) give the step count
+    (DYNAMIC, "pt", {"sigmas": [1.0, 0.5], "num_inference_steps": 9}),
 ]
 
 
@@ -149,13 +151,21 @@ def test_other_methods_run_from_t_equal_one(tiny_sd3_text, method):
     ({"skip_guidance_layers": [0]}, "skip_guidance_layers"),
     ({"skip_layer_guidance_scale": 3.5}, "skip_layer_guidance_scale"),
     ({"joint_attention_kwargs": {"ip_adapter_image_embeds": None}}, "joint_attention_kwargs"),
-    ({"sigmas": [1.0, 0.5]}, "sigmas"),
     ({"callback_on_step_end": lambda *a: {}}, "callback_on_step_end"),
 ])
 def test_refused_arguments_name_themselves(tiny_sd3_text, kw, match):
     fast = dd.accelerate(tiny_sd3_text(THEIRS(**SD3)))
     with pytest.raises(TypeError, match=match):
         text2image(fast, torch.Generator().manual_seed(0), **kw)
+
+
+def test_heun_refuses_custom_sigmas_as_the_pipeline(tiny_sd3_text):
+    """FlowMatchHeun's set_timesteps takes no sigmas: the stock pipeline raises, and so does the fused loop."""
+    pipe = tiny_sd3_text(diffusers.FlowMatchHeunDiscreteScheduler(**SD3))
+    with pytest.raises(ValueError):
+        text2image(pipe, torch.Generator().manual_seed(0), sigmas=[1.0, 0.5])
+    with pytest.raises(ValueError, match="sigmas"):
+        text2image(dd.accelerate(pipe), torch.Generator().manual_seed(0), sigmas=[1.0, 0.5])
 
 
 def test_refused_method_and_schedulers(tiny_sd3_text):

@@ -148,8 +148,9 @@ def call_sd3(acc, prompt=None, prompt_2=None, prompt_3=None, height=None, width=
              pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, output_type="pil", return_dict=True,
              joint_attention_kwargs=None, clip_skip=None, max_sequence_length=None, skip_guidance_layers=None,
              skip_layer_guidance_scale=None, skip_layer_guidance_stop=None, skip_layer_guidance_start=None, mu=None,
-             **unsupported):
-    """``StableDiffusion3Pipeline.__call__`` through the fused loop of ``acc``."""
+             sigmas=None, **unsupported):
+    """``StableDiffusion3Pipeline.__call__`` through the fused loop of ``acc`` (custom ``sigmas`` give the step
+    count, as the pipeline's ``retrieve_timesteps``)."""
     from diffusers.pipelines.stable_diffusion_3.pipeline_output import StableDiffusion3PipelineOutput
 
     arguments = dict(locals())  # the prompt arguments, passed on by name (sd3_prompts)
@@ -177,7 +178,7 @@ def call_sd3(acc, prompt=None, prompt_2=None, prompt_3=None, height=None, width=
                                    extra["encoder_hidden_states"].dtype, device, generator, latents)
     if pipe.scheduler.config.get("use_dynamic_shifting", None) and mu is None:
         mu = sd3_mu(pipe, latents.shape[2], latents.shape[3])
-    _, spec = acc._schedule(steps, mu=mu)
+    _, spec = acc._schedule(steps, mu=mu, sigmas=sigmas)
     image = flow_images(pipe, acc._run_flow(spec, latents, generator, w if cfg else 1.0, extra), output_type)
     pipe.maybe_free_model_hooks()
     return StableDiffusion3PipelineOutput(images=image) if return_dict else (image,)
