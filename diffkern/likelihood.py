@@ -38,7 +38,10 @@ _LOG_2PI = math.log(2 * math.pi)
 class LogLikelihood(NamedTuple):
     """Result of :func:`log_likelihood`: float64 CPU tensors.
 
-    log_prob: (B,) the estimate of ``ln p(x_b)`` in nats (the mean of the repeats).
+    log_prob: (B,) the estimate of ``ln p(x_b)`` in nats (the mean of the repeats), a density in the units of x:
+        bits per dimension are ``-log_prob/(d*ln 2)``; for points stored as ``x = a*raw + b`` (images mapped to
+        [-1, 1]: a = 2/255) the density of the raw values is ``log_prob + d*ln|a|`` (add a dequantisation term
+        for discrete data, not included).
     stderr: (B,) its standard error (sample standard deviation of the repeats / sqrt(n_samples)).
     repeats: (n_samples, B) the independent estimates.
     """
@@ -282,6 +285,9 @@ def ode_log_likelihood(model: Callable, x: torch.Tensor, *, sigma_min: float = 1
         u_new = ui  # stage 7 is evaluated at the 5th-order solution
         err = h * sum(e * k for e, k in zip(_DP_E, ks) if e != 0.0)
         ratio = float((err.abs() / (atol + rtol * torch.maximum(u.abs(), u_new.abs()))).max())
+        if math.isnan(ratio):  # else every step is rejected and the loop ends in a misleading "no convergence"
+            raise FloatingPointError(f"model: the ODE state turned NaN at sigma = {math.exp(s):.6g} (x finite? "
+                                     f"the denoiser's output finite there?)")
         if ratio <= 1.0:
             s, u, k_first = s + h, u_new, ks[6]
         h = h * min(5.0, max(0.2, 0.9 * ratio ** -0.2)) if ratio > 0 else h * 5.0

@@ -12,6 +12,11 @@ materialises the (B, N) weights, so it is the spec, not the fast path) and trito
 (``kernels/optimal_denoiser.py``: flash-attention-style online softmax over N, float32
 accumulation, float16/bfloat16/float32 inputs, never forms (B, N)). The chunked PyTorch version
 for any device and dtype is :class:`diffkern.analytic.EmpiricalDenoiser`.
+
+Precision: the logits are formed as ``x.y_i - ||y_i||^2/2``, which rounds at the scale of ``|x||y_i|``
+(not of ``||x - y_i||^2``) and the error is multiplied by ``1/sigma^2``: in float32, data with a large
+common offset (e.g. 1000 with unit spread) gets weights off by ~10% at sigma = 1. Pass data centred on
+its mean (and x shifted alike; D is translation-equivariant), as ``EmpiricalDenoiser(backend=...)`` does.
 """
 from __future__ import annotations
 
@@ -105,11 +110,17 @@ def _sigma_vector(sigma, x: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
         if sigma.numel() != 1 and (sigma.dim() != 1 or sigma.shape[0] != batch):
             raise ValueError(f"sigma: expected a float, a 0-d or (1,) tensor, or shape ({batch},) "
                              f"(one per sample of x), got {tuple(sigma.shape)}")
-        return sigma.reshape(-1).to(cdt).expand(batch).contiguous()
+        # A sigma > 0 below cdt's smallest normal would round to 0 (or a subnormal a GPU flushes to 0) and
+        # return x; kept positive, it gives the sigma -> 0 limit (the nearest data point). No host sync.
+        s = sigma.reshape(-1)
+        s = torch.where(s > 0, s.clamp_min(torch.finfo(cdt).tiny), s)
+        return s.to(cdt).expand(batch).contiguous()
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
         raise TypeError(f"sigma: expected a float or a tensor, got {type(sigma).__name__}")
     if not (math.isfinite(sigma) and sigma >= 0):
         raise ValueError(f"sigma: expected a finite value >= 0, got {sigma}")
+    if sigma > 0:
+        sigma = max(float(sigma), torch.finfo(cdt).tiny)
     return torch.full((batch,), float(sigma), dtype=cdt, device=x.device)
 
 
