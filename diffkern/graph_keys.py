@@ -7,10 +7,15 @@ buffers before each replay. :class:`Call` derives both from an entry point's arg
 """
 from __future__ import annotations
 
+import collections
 import copy
 import functools
+import itertools
+import operator
 import os
+import struct
 import types
+import weakref
 
 import torch
 
@@ -26,48 +31,188 @@ def model_key(model) -> tuple:
     first, state = None, getattr(model, "training", None)
     fused = samplers._is_fused(model)
     if isinstance(model, torch.nn.Module):
-        p = next(model.parameters(), None)
-        first = None if p is None else p.data_ptr()
-        state = _module_state(model, fused)
+        state, first = _module_state(model, fused)
     cfg = model.guidance_scale != 1.0 if fused else None
     return id(model), state, first, cfg, _settings(model) if fused else None
 
 
 _SCALARS = (bool, int, float, str)
 _TORCH_LAYER = {}  # class -> whether it is one of torch.nn's own layers
+_PLANS = {}  # id(model) -> its _Plan, dropped when the model is (weakref callback)
+# What every call reads of each submodule's __dict__, in one C call per submodule
+_ROW = operator.itemgetter("training", "_parameters", "_buffers", "_modules", "_forward_pre_hooks", "_forward_hooks")
+_VALUES, _KEYS, _CHAIN = dict.values, dict.keys, itertools.chain.from_iterable
+# torch's own data_ptr (what a capture reads, whatever a tensor subclass says), called at C speed
+_NOT_NONE, _DATA_PTR = functools.partial(operator.is_not, None), torch.Tensor.data_ptr
+_SIMPLE = (bool, int, str, type(None))  # keyed as they are; floats by their bits, the rest by _attr
+
+
+def _is_layer(cls) -> bool:
+    layer = _TORCH_LAYER.get(cls)
+    if layer is None:
+        layer = _TORCH_LAYER[cls] = cls.__module__.startswith("torch.nn.modules.")
+    return layer
+
+
+def _picker(positions):
+    """A C-speed getter of ``positions`` of a sequence or keys of a dict that always returns a tuple."""
+    if not positions:
+        return lambda seq: ()
+    if len(positions) == 1:
+        return lambda seq, p=positions[0]: (seq[p],)
+    return operator.itemgetter(*positions)
+
+
+def _split(dicts):
+    """Pickers of the non-empty and the empty ones of ``dicts`` (by position)."""
+    return (_picker([i for i, d in enumerate(dicts) if d]), _picker([i for i, d in enumerate(dicts) if not d]))
 
 
 def _module_state(model: torch.nn.Module, fused: bool) -> tuple:
-    """Per submodule, its training flag, its hooks and, but for torch.nn's own layers (whose sizes and eps nobody
-    changes after construction) and a fused wrapper itself (:func:`_settings`; its guidance_scale is table data), its
-    public attributes (:func:`_attr`: numbers and strings by value, an attention processor by type): what a forward
+    """(state, address of the first parameter or None). Per submodule, its class, its place in the tree, its
+    training flag, its hooks and, but for torch.nn's own layers (whose sizes and eps nobody changes after
+    construction) and a fused wrapper itself (:func:`_settings`; its guidance_scale is table data), its public
+    attributes (:func:`_attr`: numbers and strings by value, an attention processor by type): what a forward
     reads as constants (a capture replays them as they were); then the address of every parameter and buffer, and
     torch's global module hooks. Not keyed (document, don't rely on): private attributes, values inside other objects
-    than those :func:`_attr` reads, global Python state a forward reads. About 0.9 ms per call for diffusers'
-    36M-parameter CIFAR-10 UNet (288 modules) on this project's 2-core CI machine (0.6 ms without the addresses and
-    the non-scalar attributes, 0.2 ms for the training flags alone)."""
+    than those :func:`_attr` reads, global Python state a forward reads.
+
+    What does not change between calls (the module list, which modules are layers, the attribute names, their
+    types) is a per-model :class:`_Plan`, checked on every call and rebuilt when any of it changed; the values are
+    read on every call. About 0.19 ms per call for diffusers' 36M-parameter CIFAR-10 UNet (288 modules) on this
+    project's 2-core CI machine, 0.55 ms for the walk of every call without the plan (``bench/graph_key_cost.py``,
+    minimum of 2000 calls; a rebuilt plan costs about one walk)."""
+    plan = _PLANS.get(id(model))
+    state = None if plan is None or plan.fused != fused else plan.read(model)
+    if state is None:
+        plan = _Plan.build(model, fused)
+        state = None if plan is None else plan.read(model)
+    # A model the plan cannot describe, or cannot read once built (a non-tensor parameter): the walk, which
+    # raises what a forward would
+    return _walk_state(model, fused) if state is None else state
+
+
+class _Plan:
+    """The static part of a model's key: its modules (weakly: a plan never keeps a model alive), their classes,
+    the tree (each module's children as indices into the module list), which modules' attributes are read, their
+    names and their values' types. :meth:`read` checks all of it against the model at C speed (maps over the
+    submodules' ``__dict__``) and returns the key, or None when any of it changed (the caller builds a new plan)."""
+
+    __slots__ = ("fused", "refs", "classes", "kids", "no_kids", "kid_ids", "params", "buffers", "no_tensors",
+                 "attr_pick", "keysets", "getters", "types", "static", "simple", "floats", "fmt", "others")
+
+    @classmethod
+    def build(cls, model, fused: bool):
+        """The plan of ``model`` as it is now, registered in ``_PLANS``; None for a model whose module
+        bookkeeping is not torch's plain dicts (read by :func:`_walk_state` instead)."""
+        mods = list(model.modules())
+        ds = [vars(m) for m in mods]
+        try:
+            rows = [_ROW(d) for d in ds]
+            ref = weakref.ref(model, functools.partial(_forget, id(model)))
+        except (KeyError, TypeError):
+            return None
+        if not all(type(x) in (dict, collections.OrderedDict) for row in rows for x in row[1:]):
+            return None
+        self = cls()
+        self.fused, self.refs = fused, (ref,) + tuple(weakref.ref(m) for m in mods[1:])
+        self.classes = tuple(map(type, mods))
+        kids = list(_CHAIN(row[3].values() for row in rows))
+        self.kid_ids = tuple(map(id, kids))
+        # Most submodules are leaves and hold no tensors: those dicts are checked to be still empty (one C call),
+        # the others are read (a dict's values: a view and an iterator each)
+        self.kids, self.no_kids = _split([row[3] for row in rows])
+        self.params, no_params = _split([row[1] for row in rows])
+        self.buffers, no_buffers = _split([row[2] for row in rows])
+        self.no_tensors = no_params, no_buffers
+        where = {id(m): i for i, m in enumerate(mods)}
+        tree = tuple(where.get(id(k), -1) for k in kids), tuple(len(row[3]) for row in rows)
+        attr_idx = tuple(i for i, m in enumerate(mods) if not _is_layer(type(m)) and not (fused and m is model))
+        self.attr_pick = _picker(attr_idx)
+        self.keysets = tuple(frozenset(ds[i]) for i in attr_idx)
+        names = tuple(tuple(k for k in ds[i] if k[:1] != "_") for i in attr_idx)
+        self.getters = tuple(map(_picker, names))
+        self.types = tuple(type(v) for g, i in zip(self.getters, attr_idx) for v in g(ds[i]))
+        kinds = [0 if t in _SIMPLE else 1 if t is float else 2 for t in self.types]
+        self.simple, self.floats, self.others = (_picker([i for i, k in enumerate(kinds) if k == kind])
+                                                 for kind in (0, 1, 2))
+        self.fmt = f"<{kinds.count(1)}d"
+        self.static = _Frozen((self.classes, tree, attr_idx, names, self.types))
+        _PLANS[id(model)] = self
+        return self
+
+    def read(self, model):
+        """(state, first parameter's address) of ``model``, or None when the plan no longer describes it."""
+        try:
+            mods = list(map(operator.call, self.refs))  # a collected submodule: None, and vars(None) raises
+            ds = list(map(vars, mods))
+            training, params, buffers, kids, pre, post = zip(*map(_ROW, ds))
+            if (mods[0] is not model or any(self.no_kids(kids)) or tuple(map(type, mods)) != self.classes
+                    or tuple(map(id, _CHAIN(map(_VALUES, self.kids(kids))))) != self.kid_ids):
+                return None
+            attr_ds = self.attr_pick(ds)
+            if not all(map(operator.eq, map(_KEYS, attr_ds), self.keysets)):
+                return None  # an attribute added or removed
+            vals = tuple(_CHAIN(map(operator.call, self.getters, attr_ds)))
+            if tuple(map(type, vals)) != self.types:
+                return None
+            # Its tensors' memory (a parameter or buffer reassigned, not written in place, leaves the capture
+            # reading the old one) and its hooks (handle ids are never reused): what the captured launches read,
+            # and Python a replay would not run.
+            if any(self.no_tensors[0](params)) or any(self.no_tensors[1](buffers)):
+                return None  # a parameter or buffer registered where there was none
+            ptrs = tuple(map(_DATA_PTR, filter(_NOT_NONE, _CHAIN(map(_VALUES, self.params(params))))))
+            bufs = tuple(map(_DATA_PTR, filter(_NOT_NONE, _CHAIN(map(_VALUES, self.buffers(buffers))))))
+        except (TypeError, KeyError):  # a dict replaced by another type, a key gone: not this plan's model
+            return None
+        hooks = ()
+        if any(pre) or any(post):
+            hooks = tuple((i, tuple(a), tuple(b)) for i, (a, b) in enumerate(zip(pre, post)) if a or b)
+        module = torch.nn.modules.module
+        state = (self.static, training, self.simple(vals), struct.pack(self.fmt, *self.floats(vals)),
+                 tuple(map(_attr, self.others(vals))), ptrs, bufs, hooks,
+                 tuple(module._global_forward_pre_hooks), tuple(module._global_forward_hooks))
+        return state, ptrs[0] if ptrs else None
+
+
+class _Frozen:
+    """A plan's static tuple with its hash computed once: graphs.run hashes the whole key a few times a call."""
+
+    __slots__ = ("value", "hash")
+
+    def __init__(self, value: tuple):
+        self.value, self.hash = value, hash(value)
+
+    def __hash__(self):
+        return self.hash
+
+    def __eq__(self, other):
+        return self is other or (type(other) is _Frozen and self.hash == other.hash and self.value == other.value)
+
+
+def _forget(key, ref) -> None:
+    """A model was collected: drop its plan (unless its id already has a newer one)."""
+    plan = _PLANS.get(key)
+    if plan is not None and plan.refs[0] is ref:
+        del _PLANS[key]
+
+
+def _walk_state(model: torch.nn.Module, fused: bool) -> tuple:
+    """:func:`_module_state` by a walk of every submodule, for models a :class:`_Plan` cannot describe."""
     state, memory = [], []
     for m in model.modules():
-        cls = type(m)
-        layer = _TORCH_LAYER.get(cls)
-        if layer is None:
-            layer = _TORCH_LAYER[cls] = cls.__module__.startswith("torch.nn.modules.")
-        # Its tensors' memory (a parameter or buffer reassigned, not written in place, leaves the capture reading the
-        # old one) and its hooks (handle ids are never reused): what the captured launches read, and Python a
-        # replay would not run.
         memory += [t.data_ptr() for t in m._parameters.values() if t is not None]
         memory += [t.data_ptr() for t in m._buffers.values() if t is not None]
         if m._forward_pre_hooks or m._forward_hooks:
             state.append((tuple(m._forward_pre_hooks), tuple(m._forward_hooks)))
-        if layer or (fused and m is model):
-            state.append(m.training)
-        else:
-            state.append((m.training, tuple([(k, v.hex() if type(v) is float else v) if type(v) in _SCALARS
-                                             or v is None else (k, _attr(v)) for k, v in m.__dict__.items()
-                                             if k[:1] != "_"])))
+        state.append((type(m), len(m._modules), m.training))
+        if not _is_layer(type(m)) and not (fused and m is model):
+            state.append(tuple([(k, v.hex() if type(v) is float else v) if type(v) in _SCALARS or v is None
+                                else (k, _attr(v)) for k, v in m.__dict__.items() if k[:1] != "_"]))
     module = torch.nn.modules.module
     hooks = tuple(module._global_forward_pre_hooks), tuple(module._global_forward_hooks)
-    return tuple(state), tuple(memory), hooks
+    first = next(model.parameters(), None)
+    return (tuple(state), tuple(memory), hooks), None if first is None else first.data_ptr()
 
 
 _FUNCTIONS = (types.FunctionType, types.BuiltinFunctionType, types.MethodType, functools.partial)
