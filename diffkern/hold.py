@@ -201,6 +201,8 @@ class HOLD:
 
     def int_beta(self, t):
         """b = int_0^t beta(s) ds for float or tensor t."""
+        if not self.beta1:  # 0 * t * t would be NaN at t = inf (or t * t overflowing) for a constant beta
+            return self.beta0 * t
         return self.beta0 * t + 0.5 * self.beta1 * t * t
 
     def _const(self, name: str, device) -> torch.Tensor:
@@ -226,6 +228,9 @@ class HOLD:
     # ---------------------------------------------------------------- closed forms in integrated time b
     def _poly_exp(self, b: torch.Tensor, npow: str) -> torch.Tensor:
         k = torch.arange(self.order, dtype=_F64, device=b.device)
+        # e^{-r b} is exactly 0 beyond r b = 745: clamping b there changes nothing but keeps b^k finite (it
+        # overflowed to inf * 0 = NaN from b ~ 1e44 at n = 8, and at b = inf)
+        b = b.clamp(max=800.0 / self.r)
         pows = b[..., None] ** k  # (..., n); 0**0 = 1
         return torch.einsum("...k,kij->...ij", pows, self._const(npow, b.device)) * torch.exp(-self.r * b)[..., None, None]
 
