@@ -20,7 +20,8 @@ the mean per-level variance from 2.1 to 0.6 at a mode (3.6 to 2.2 between modes)
 :func:`log_likelihood` estimates it by Monte Carlo in ``log sigma`` with the fused accumulation op
 (:func:`diffkern.ops.likelihood_accum`) and reports a standard error from independent repeats.
 :func:`ode_log_likelihood` is the probability-flow-ODE estimate (exact divergence, low dimension),
-an independent check.
+an independent check. :func:`bits_per_dim` and :func:`dequantize` (from :mod:`diffkern.likelihood_bpd`) turn
+a log-density of scaled 8-bit data into bits per dimension of the discrete data.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from . import ops
+from .likelihood_bpd import bits_per_dim, dequantize  # noqa: F401  (re-exported: the bpd of a log_prob)
 
 GRIDS = ("fixed", "random")
 _LOG_2PI = math.log(2 * math.pi)
@@ -40,8 +42,8 @@ class LogLikelihood(NamedTuple):
 
     log_prob: (B,) the estimate of ``ln p(x_b)`` in nats (the mean of the repeats), a density in the units of x:
         bits per dimension are ``-log_prob/(d*ln 2)``; for points stored as ``x = a*raw + b`` (images mapped to
-        [-1, 1]: a = 2/255) the density of the raw values is ``log_prob + d*ln|a|`` (add a dequantisation term
-        for discrete data, not included).
+        [-1, 1]: a = 2/255) the density of the raw values is ``log_prob + d*ln|a|``: :func:`bits_per_dim`
+        converts, and for discrete data at points from :func:`dequantize` it bounds the discrete bpd.
     stderr: (B,) its standard error (sample standard deviation of the repeats / sqrt(n_samples)).
     repeats: (n_samples, B) the independent estimates.
     """

@@ -3,7 +3,9 @@ standard error (``diffkern.likelihood``), under the built-in 2-D demo mixture.
 
 Points come from ``--points "x,y; x,y"`` or a file (.npy, .csv, .pt) holding an (N, 2) array. The
 mixture's exact log-density is printed beside the estimate, and with ``--ode`` the
-probability-flow-ODE estimate too.
+probability-flow-ODE estimate too. With ``--bpd [WIDTH]`` every column is in bits per dimension
+(``diffkern.likelihood.bits_per_dim``) of points quantised to bins of WIDTH (default 1: the density's own
+``-log2 p / D``).
 """
 from __future__ import annotations
 
@@ -55,13 +57,30 @@ def load_points(path: str):
     return data.to(torch.float64)
 
 
+def parse_width(text: str) -> float:
+    """``--bpd`` WIDTH: a float or a fraction ``a/b`` (``2/255``), > 0 and finite; raises naming --bpd."""
+    import argparse
+
+    try:
+        parts = [float(v) for v in text.split("/")]
+        if len(parts) > 2:
+            raise ValueError
+        value = parts[0] / parts[1] if len(parts) == 2 else parts[0]
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"expected a bin width as a number or a fraction like 2/255, "
+                                         f"got {text!r}") from None
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a bin width > 0, got {text!r}")
+    return value
+
+
 def _run(args) -> int:
     import math
 
     import torch
 
     from .. import analytic
-    from ..likelihood import log_likelihood, ode_log_likelihood
+    from ..likelihood import bits_per_dim, log_likelihood, ode_log_likelihood
     from . import check_common
 
     check_common(args)  # --sigma-min/--sigma-max/--backend, named as flags
@@ -89,13 +108,21 @@ def _run(args) -> int:
     exact = gmm.log_prob(points)
     ode = ode_log_likelihood(gmm, points, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
                              terminal=gmm.log_prob) if args.ode else None
-    print(f"log-likelihood (nats) under the 2-D demo mixture: McAllester's estimator, {args.grid} grid, "
+    log_prob, stderr = res.log_prob, res.stderr
+    unit = "log-likelihood (nats)"
+    if args.bpd is not None:  # every column in bits per dimension of points quantised to bins of width args.bpd
+        dims = points.shape[1]
+        log_prob, stderr = bits_per_dim(log_prob, dims, scale=args.bpd), stderr / (dims * math.log(2))
+        exact = bits_per_dim(exact, dims, scale=args.bpd)
+        ode = bits_per_dim(ode, dims, scale=args.bpd) if ode is not None else None
+        unit = f"bits per dimension (bin width {args.bpd:g}; lower is more likely)"
+    print(f"{unit} under the 2-D demo mixture: McAllester's estimator, {args.grid} grid, "
           f"{args.levels} levels x {args.samples} samples, sigma in [{args.sigma_min:g}, {args.sigma_max:g}]")
     header = f"{'point':>24}  {'estimate':>9}    {'s.e.':<7} {'exact':>9}"
     print(header + (f" {'ode':>9}" if ode is not None else ""))
     for i, p in enumerate(points.tolist()):
         point = "(" + ", ".join(f"{v:.4g}" for v in p) + ")"
-        line = f"{point:>24}  {float(res.log_prob[i]):9.4f} +- {float(res.stderr[i]):<7.4f} {float(exact[i]):9.4f}"
+        line = f"{point:>24}  {float(log_prob[i]):9.4f} +- {float(stderr[i]):<7.4f} {float(exact[i]):9.4f}"
         print(line + (f" {float(ode[i]):9.4f}" if ode is not None else ""))
     return 0
 
@@ -112,6 +139,9 @@ def register(sub) -> None:
     p.add_argument("--sigma-min", type=float, default=1e-3, help="lower end of the sigma integral (default: 1e-3)")
     p.add_argument("--sigma-max", type=float, default=80.0, help="upper end of the sigma integral (default: 80)")
     p.add_argument("--ode", action="store_true", help="also print the probability-flow-ODE estimate")
+    p.add_argument("--bpd", nargs="?", const=1.0, type=parse_width, metavar="WIDTH",
+                   help="print bits per dimension instead of nats, for points quantised to bins of WIDTH "
+                        "(a number or a fraction like 2/255; default 1: -log2 p / D)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default=None, help="reference | cpp | triton | cuda | auto")
     p.set_defaults(func=_run)
