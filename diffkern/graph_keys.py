@@ -261,13 +261,14 @@ def plan_structure(plan) -> tuple:
 
 def flatten(obj, tensors: list, objects: list, device=None):
     """Hashable structure of extra args; tensors (appended to ``tensors``) enter by shape, stride, dtype and
-    device, and by value too when not on ``device`` (x's: a CPU tensor beside a CUDA x is read on the host by
-    the ops that take it, a 0-dim one as a kernel argument, so a capture bakes its values in); numbers and
-    strings by value; other objects by identity (appended to ``objects``)."""
+    device, and by value too when on the CPU but not on ``device`` (x's: a CPU tensor beside a CUDA x is read on
+    the host by the ops that take it, a 0-dim one as a kernel argument, so a capture bakes its values in; a tensor
+    on another device or the meta device has no host values to key); numbers and strings by value; other objects
+    by identity (appended to ``objects``)."""
     if isinstance(obj, torch.Tensor):
         tensors.append(obj)
         key = "tensor", tuple(obj.shape), obj.stride(), obj.dtype, obj.device
-        if device is not None and obj.device != device:
+        if device is not None and obj.device != device and obj.device.type == "cpu":  # others have no host values
             key += (_contents(obj),)
         return key
     if isinstance(obj, dict):

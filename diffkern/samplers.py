@@ -278,9 +278,14 @@ def sample_dpm_fast_sigmas(model, x, sigmas, extra_args=None, callback=None, dis
     ``sigma_hat`` the call's. x: (B, ...) float; returns the final state in x's dtype."""
     loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory)
     plan = _plans._plan_dpm_fast(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise)
-    # the loop reports sigmas[i] to the callback: make that the sigma call i ran at (the schedule's are unused)
-    loop.sigmas = list(plan.row_sigma) + [loop.sigmas[-1] or loop.sigmas[-2]]
+    loop.sigmas = dpm_fast_reported_sigmas(plan, loop.sigmas)
     return _run(loop, plan)
+
+
+def dpm_fast_reported_sigmas(plan, sigmas: list) -> list:
+    """The sigmas a dpm_fast loop reports to its callback (``sigmas[i]`` of call i): the sigma call i ran at, as
+    the schedule's are unused, then the last non-zero one (where it ends). ``plan``: its unwindowed plan."""
+    return list(plan.row_sigma[:plan.steps]) + [sigmas[-1] or sigmas[-2]]
 
 
 @torch.no_grad()

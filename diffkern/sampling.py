@@ -114,6 +114,8 @@ def sample(model, x, sigmas, method, *, backend=None, seed=0, callback=None, pro
     if window is not None and window != (0, steps):  # the sampler's plan, on the rows of the window
         loop = samplers._Loop(model, x, sigmas, extra_args, callback, not progress, seed, backend, trajectory)
         plan = sampler_plans.PLANS[method](loop.sigmas, loop.conv, **{**valid, **knob_values})
+        if method == "dpm_fast":  # as samplers.sample_dpm_fast_sigmas: the callback gets each call's own sigma
+            loop.sigmas = samplers.dpm_fast_reported_sigmas(plan, loop.sigmas)
         with torch.no_grad():  # as the samplers run
             out = sampler_loop._run(loop, sampler_loop.windowed(plan, window))
     else:
