@@ -26,13 +26,20 @@ triton (``kernels/hold.py``), cuda (``csrc/cuda/hold.cu``).
 from __future__ import annotations
 
 import math
+import os
+import warnings
 
 import torch
 
 from . import _checks, _lib, philox
-from .registry import OpSpec, register, resolve
+from .registry import BACKENDS, BackendUnavailable, OpSpec, register, resolve
 
 MAX_ORDER = 8  # kernels unroll over n; n <= 8 covers every published HOLD order (CIFAR-10 up to n = 6)
+# The reference backend runs any n; the cap is the precision of diffkern.hold's float64 maths against 200 digits.
+# E(t), Sigma_t and Q_A stay within 1e-13 (normalized) up to n = 20, but their Cholesky factors (L_t, the SSCS
+# noise factor chol Q_A) fall off a cliff after n = 11: normalized L L^T error 4e-14 at n = 11, 2e-2 at n = 12
+# (the conditional covariances' correlations approach +-1 faster than float64 resolves), L_t[n, n] 2e-9 -> 0.2.
+REF_MAX_ORDER = 11
 
 #----------------------------------------------------------------------------
 # Table layout.
@@ -54,7 +61,7 @@ def transition_table(K: torch.Tensor, k: torch.Tensor, C: torch.Tensor, device=N
 
 
 def validate_table(coef: torch.Tensor, name: str = "coef") -> int:
-    """Raise unless ``coef`` is a finite float64 (N, n, 2n+1) table, 1 <= n <= MAX_ORDER, C lower triangular.
+    """Raise unless ``coef`` is a finite float64 (N, n, 2n+1) table, 1 <= n <= REF_MAX_ORDER, C lower triangular.
 
     Reads values only for CPU tables (device tables are validated when built: no sync). Returns n.
     """
@@ -77,9 +84,42 @@ def table_order(coef, name: str = "coef") -> int:
     if coef.dtype != torch.float64:
         raise TypeError(f"{name}: expected dtype torch.float64, got {coef.dtype}")
     n = coef.shape[1]
-    if not 1 <= n <= MAX_ORDER:
-        raise ValueError(f"{name}: order n = {n} is outside the supported 1 <= n <= {MAX_ORDER}")
+    if n < 1:
+        raise ValueError(f"{name}: order n = {n} is outside the supported 1 <= n <= {REF_MAX_ORDER}")
+    check_order(n, name)
     return n
+
+
+def check_order(n: int, name: str = "order") -> None:
+    """Raise unless n <= REF_MAX_ORDER, the highest order whose float64 laws and factors are accurate (precision)."""
+    if n > REF_MAX_ORDER:
+        raise ValueError(f"{name}: order n = {n} is above REF_MAX_ORDER = {REF_MAX_ORDER}, the highest order whose "
+                         f"float64 HOLD laws and Cholesky factors are accurate (precision; 1 <= n <= "
+                         f"{REF_MAX_ORDER} on the reference backend, n <= MAX_ORDER = {MAX_ORDER} on the fused ones)")
+
+
+_order_warned: set[tuple[str, str]] = set()
+
+
+def _launcher(op: str, device_type: str, backend, n: int):
+    """The launcher of ``op`` for order n. The fused backends unroll over n up to MAX_ORDER, so above it only
+    reference runs: a named fused backend raises, ``auto`` picks reference and warns once per (op, device)."""
+    if n <= MAX_ORDER:
+        return resolve(op, device_type, backend)[1]
+    requested = backend or os.environ.get("DIFFKERN_BACKEND") or "auto"
+    if requested in BACKENDS and requested != "reference":
+        who = "backend" if backend else "DIFFKERN_BACKEND"
+        raise BackendUnavailable(f"{who}: {requested!r} runs op {op!r} only up to order n = MAX_ORDER = {MAX_ORDER} "
+                                 f"(its kernels unroll over n), got order n = {n}; the 'reference' backend supports "
+                                 f"orders up to REF_MAX_ORDER = {REF_MAX_ORDER}")
+    if requested == "auto":
+        if (op, device_type) not in _order_warned:
+            _order_warned.add((op, device_type))
+            warnings.warn(f"diffkern: op {op!r} of order n = {n} on {device_type} falls back to 'reference' (the "
+                          f"fused backends run n <= MAX_ORDER = {MAX_ORDER})", RuntimeWarning, stacklevel=3)
+        requested = "reference"
+    # "reference", or a name the registry does not know (it raises its own error for that)
+    return resolve(op, device_type, "reference" if requested == "reference" else backend)[1]
 
 #----------------------------------------------------------------------------
 # References: pure PyTorch, any device; float64 inputs give the test oracle.
@@ -246,7 +286,8 @@ def hold_transition(z, eps_hat, coef, step, *, noise=None, seed=None, out=None, 
     Args:
         z: state (B, n*C, ...), float16/bfloat16/float32/float64 (dtype S); n = coef.shape[1].
         eps_hat: network output (B, C, ...), any float dtype.
-        coef: float64 (N, n, 2n+1) table on z's device (:func:`transition_table`), 1 <= n <= MAX_ORDER.
+        coef: float64 (N, n, 2n+1) table on z's device (:func:`transition_table`), 1 <= n <= MAX_ORDER on
+            every backend, MAX_ORDER < n <= REF_MAX_ORDER on reference only (``auto`` picks it, warning once).
         step: Python int, the table row; also the Philox step counter.
         noise: explicit standard normals shaped and typed like z instead of the Philox stream.
         seed: int64 tensor (1,) or (B,) on z's device, read inside the kernel; default zeros(1).
@@ -269,7 +310,7 @@ def hold_transition(z, eps_hat, coef, step, *, noise=None, seed=None, out=None, 
         raise ValueError(f"step: expected < 2**32 (the Philox step counter), got {step}")
     seed = _checks.seed_tensor(torch.zeros(1, dtype=torch.int64, device=z.device) if seed is None else seed, z)
     _checks.no_partial_overlap({"out": out}, {"z": z, "eps_hat": eps_hat, "noise": noise}, {"coef": coef, "seed": seed})
-    _, launch = resolve("hold_transition", z.device.type, backend)
+    launch = _launcher("hold_transition", z.device.type, backend, n)
     out = out if out is not None else torch.empty_like(z, memory_format=torch.contiguous_format)
     c = [None if t is None else t.contiguous() for t in (z, eps_hat, noise)]
     _run(launch, (c[0], c[1], c[2], coef.contiguous(), step, seed), {"out": out})
@@ -281,7 +322,8 @@ def hold_perturb(z0, mean_mat, chol, *, noise=None, seed=None, step: int = 0, ou
 
     Args:
         z0: (B, m*C, ...) float tensor (dtype S): x0 (m = 1) or a full initial state (m = n).
-        mean_mat: float64 (B, n, m) on z0's device, e.g. E(t)[:, :, :1] (:meth:`HOLD.perturb_matrices`).
+        mean_mat: float64 (B, n, m) on z0's device, e.g. E(t)[:, :, :1] (:meth:`HOLD.perturb_matrices`); orders
+            as in :func:`hold_transition` (n > MAX_ORDER: reference only).
         chol: float64 (B, n, n) lower-triangular L_t on z0's device (its upper triangle is not read).
         noise: explicit eps (B, n*C, ...) of dtype S instead of the Philox stream.
         seed, step: Philox key (int64 (1,) or (B,)) and counter (Python int).
@@ -299,8 +341,9 @@ def hold_perturb(z0, mean_mat, chol, *, noise=None, seed=None, step: int = 0, ou
     if mean_mat.dim() != 3 or mean_mat.shape[0] != z0.shape[0]:
         raise ValueError(f"mean_mat: expected shape (B={z0.shape[0]}, n, m), got {tuple(mean_mat.shape)}")
     B, n, m = mean_mat.shape
-    if not 1 <= n <= MAX_ORDER or m not in (1, n):
-        raise ValueError(f"mean_mat: expected (B, n, m) with 1 <= n <= {MAX_ORDER} and m in (1, n), got {tuple(mean_mat.shape)}")
+    if n < 1 or m not in (1, n):
+        raise ValueError(f"mean_mat: expected (B, n, m) with 1 <= n <= {REF_MAX_ORDER} and m in (1, n), got {tuple(mean_mat.shape)}")
+    check_order(n, "mean_mat")
     if tuple(chol.shape) != (B, n, n):
         raise ValueError(f"chol: expected shape ({B}, {n}, {n}), got {tuple(chol.shape)}")
     C = _state_channels(z0, "z0", m)
@@ -327,7 +370,7 @@ def hold_perturb(z0, mean_mat, chol, *, noise=None, seed=None, step: int = 0, ou
     seed = _checks.seed_tensor(torch.zeros(1, dtype=torch.int64, device=z0.device) if seed is None else seed, z0)
     _checks.no_partial_overlap({"out": out, "eps_out": eps_out}, {"z0": z0, "noise": noise},
                                {"mean_mat": mean_mat, "chol": chol, "seed": seed})
-    _, launch = resolve("hold_perturb", z0.device.type, backend)
+    launch = _launcher("hold_perturb", z0.device.type, backend, n)
     out = out if out is not None else torch.empty(state_shape, dtype=z0.dtype, device=z0.device)
     c = [None if t is None else t.contiguous() for t in (z0, mean_mat, chol, noise)]
     _run(launch, (*c, step, seed), {"out": out, "eps_out": eps_out})
