@@ -211,7 +211,11 @@ class _Loop:
 
     def begin(self, plan: coef_tables.Plan) -> None:
         self.plan = plan
-        self.table = plan.table.to(self.x.device)
+        # Not an inference tensor, even under torch.inference_mode: the fused op's CPU table check is then cached on
+        # the table's version counter, not re-run every step (200 cpp euler_ancestral steps, 64 2-D points: 70 ms
+        # per call re-checking against 53 ms under no_grad)
+        with torch.inference_mode(False):
+            self.table = plan.table.to(self.x.device, copy=True)
         # A plain model gets sigma in its input's precision (float32 at least) so nets see one dtype; a
         # wrapper gets float64 so its sigma -> timestep lookup is exact at the schedule's table values.
         sig_dtype = torch.float64 if self.fused else torch.promote_types(self.x.dtype, torch.float32)

@@ -97,3 +97,22 @@ def test_heun_churn_window_to_the_end_matches_a_textbook_loop(begin):
     got = diffkern.sample(GMM, x, tail, "heun", seed=seed, window=(begin, total), backend="reference",
                           s_churn=s_churn, s_noise=s_noise)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_inference_mode_loop_checks_its_table_once(monkeypatch):
+    """Under torch.inference_mode the loop's table is still an ordinary tensor: the fused op's CPU table check is
+    cached on its version counter (once per call), not re-run at each of the N steps; the output is no_grad's."""
+    from diffkern.ops import coefs
+
+    gmm = analytic.GaussianMixture.demo_2d()
+    x = torch.randn(5, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 20
+    sig = schedules.karras(12, 0.05, 20.0)
+    with torch.no_grad():
+        want = diffkern.sample(gmm, x, sig, "euler_ancestral", backend="reference", seed=3)
+    calls, real = [], coefs.validate
+    monkeypatch.setattr(coefs, "validate", lambda t, name="coef": (calls.append(name), real(t, name))[1])
+    with torch.inference_mode():
+        got = diffkern.sample(gmm, x, sig, "euler_ancestral", backend="reference", seed=3)
+    assert torch.equal(got, want)
+    # once when the plan's table is built, once at the loop's first step (13 if every step re-checked)
+    assert len(calls) == 2, f"the table was checked {len(calls)} times for 12 steps"
