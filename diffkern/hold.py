@@ -187,10 +187,8 @@ class HOLD:
 
     # ---------------------------------------------------------------- closed forms in integrated time b
     def _poly_exp(self, b: torch.Tensor, npow: str) -> torch.Tensor:
+        """E(b) = sum_k N^k b^k / k! e^{-r b} by its series, for b already clamped and halved by :meth:`_law`."""
         k = torch.arange(self.order, dtype=_F64, device=b.device)
-        # e^{-r b} is exactly 0 beyond r b = 745: clamping b there changes nothing but keeps b^k finite (it
-        # overflowed to inf * 0 = NaN from b ~ 1e44 at n = 8, and at b = inf)
-        b = b.clamp(max=800.0 / self.r)
         pows = b[..., None] ** k  # (..., n); 0**0 = 1
         return torch.einsum("...k,kij->...ij", pows, self._const(npow, b.device)) * torch.exp(-self.r * b)[..., None, None]
 
@@ -217,7 +215,9 @@ class HOLD:
         E(2h) = E(h)^2, Q(2h) = Q(h) + M(h) Q(h) M(h)^T, sums of PSD terms that do not cancel (normalized error
         <= 1e-13 for n <= 20 at every b). k is per element (no host sync); the loop runs _DOUBLINGS times.
         """
-        b = b.clamp(max=800.0 / self.r)  # e^{-r b} is 0 beyond r b = 745: E = 0, Q = Sigma_inf from there on
+        # e^{-r b} is 0 beyond r b = 745: E = 0, Q = Sigma_inf from there on. The clamp also keeps the series'
+        # b^k finite (it overflowed to inf * 0 = NaN from b ~ 1e44 at n = 8, and at b = inf)
+        b = b.clamp(max=800.0 / self.r)
         # b <= 0 (log2 -inf, or NaN for an invalid negative b): no doubling, the series as before
         k = torch.ceil(torch.log2((2 * self.r * b).clamp(min=0) / _BASE_X)).clamp(min=0, max=_DOUBLINGS)
         h = b / torch.exp2(k)
