@@ -13,7 +13,7 @@ import torch
 from diffkern.hold import HOLD, chol_psd
 from diffkern.hold_sampling import GaussianMixture, GaussianMixtureScore, sample, sampler_table, time_grid
 from diffkern.ops import BackendUnavailable
-from diffkern.ops import hold as ops_hold
+from diffkern.ops import registry
 from diffkern.ops.hold import MAX_ORDER, REF_MAX_ORDER, hold_perturb, hold_transition, transition_table
 from test_hold_math_review import ALPHA, L_INV, moment_check, mp_law, normalized, to_np
 
@@ -176,13 +176,15 @@ def test_fused_backends_refuse_orders_above_8(backend, monkeypatch):
 
 def test_auto_picks_reference_and_warns_once(monkeypatch):
     monkeypatch.delenv("DIFFKERN_BACKEND", raising=False)
-    monkeypatch.setattr(ops_hold, "_order_warned", set())
+    monkeypatch.setattr(registry, "_warned", set())
     z, eps, table = _order9()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         outs = [hold_transition(z, eps, table, 0, seed=torch.tensor([4])) for _ in range(3)]
     hits = [w for w in caught if "falls back to 'reference'" in str(w.message)]
-    assert len(hits) == 1 and "'hold_transition' of order n = 9" in str(hits[0].message), [str(w.message) for w in caught]
+    assert len(hits) == 1, [str(w.message) for w in caught]
+    assert "op 'hold_transition' on cpu falls back" in str(hits[0].message) and "got order n = 9" in str(hits[0].message)
+    assert hits[0].filename == __file__  # from the op's caller
     ref = hold_transition(z, eps, table, 0, seed=torch.tensor([4]), backend=REF)
     assert all(torch.equal(o, ref) for o in outs)
 

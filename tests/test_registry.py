@@ -179,3 +179,25 @@ def test_import_is_cheap():
             "print(sorted(m for m in ('triton', 'diffkern._C', 'diffkern.kernels') if m in sys.modules))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.strip() == "[]", res.stdout + res.stderr
+
+
+def test_excluded_backends(clean_env, monkeypatch):
+    """A call may exclude backends (HOLD above the fused order): named, it raises with the reason; auto skips it and
+    warns once per excluded set, apart from the ordinary fallback warning."""
+    why = {"cpp": "cannot run this call (test reason)"}
+    with pytest.raises(BackendUnavailable, match=r"^backend: 'cpp' cannot run this call \(test reason\)$"):
+        dops.resolve("sampler_step", "cpu", "cpp", why)
+    monkeypatch.setenv("DIFFKERN_BACKEND", "cpp")
+    with pytest.raises(BackendUnavailable, match=r"^DIFFKERN_BACKEND: 'cpp' cannot run"):
+        dops.resolve("sampler_step", "cpu", excluded=why)
+    monkeypatch.delenv("DIFFKERN_BACKEND")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert dops.resolve("sampler_step", "cpu")[0] == "cpp"
+        for _ in range(2):
+            assert dops.resolve("sampler_step", "cpu", excluded=why)[0] == "reference"
+        assert dops.resolve("sampler_step", "cpu", excluded={})[0] == "cpp"
+    messages = [str(w.message) for w in caught]
+    assert messages == ["diffkern: op 'sampler_step' on cpu falls back to 'reference' (cpp: cannot run this call "
+                        "(test reason))"], messages
+    assert dops.resolve("sampler_step", "cpu", "reference", why)[0] == "reference"

@@ -26,13 +26,11 @@ triton (``kernels/hold.py``), cuda (``csrc/cuda/hold.cu``).
 from __future__ import annotations
 
 import math
-import os
-import warnings
 
 import torch
 
 from . import _checks, _lib, philox
-from .registry import BACKENDS, BackendUnavailable, OpSpec, register, resolve
+from .registry import BACKENDS, OpSpec, register, resolve
 
 MAX_ORDER = 8  # kernels unroll over n; n <= 8 covers every published HOLD order (CIFAR-10 up to n = 6)
 # The reference backend runs any n; the cap is the precision of diffkern.hold's float64 maths against 200 digits.
@@ -98,28 +96,15 @@ def check_order(n: int, name: str = "order") -> None:
                          f"{REF_MAX_ORDER} on the reference backend, n <= MAX_ORDER = {MAX_ORDER} on the fused ones)")
 
 
-_order_warned: set[tuple[str, str]] = set()
-
-
 def _launcher(op: str, device_type: str, backend, n: int):
     """The launcher of ``op`` for order n. The fused backends unroll over n up to MAX_ORDER, so above it only
-    reference runs: a named fused backend raises, ``auto`` picks reference and warns once per (op, device)."""
-    if n <= MAX_ORDER:
-        return resolve(op, device_type, backend)[1]
-    requested = backend or os.environ.get("DIFFKERN_BACKEND") or "auto"
-    if requested in BACKENDS and requested != "reference":
-        who = "backend" if backend else "DIFFKERN_BACKEND"
-        raise BackendUnavailable(f"{who}: {requested!r} runs op {op!r} only up to order n = MAX_ORDER = {MAX_ORDER} "
-                                 f"(its kernels unroll over n), got order n = {n}; the 'reference' backend supports "
-                                 f"orders up to REF_MAX_ORDER = {REF_MAX_ORDER}")
-    if requested == "auto":
-        if (op, device_type) not in _order_warned:
-            _order_warned.add((op, device_type))
-            warnings.warn(f"diffkern: op {op!r} of order n = {n} on {device_type} falls back to 'reference' (the "
-                          f"fused backends run n <= MAX_ORDER = {MAX_ORDER})", RuntimeWarning, stacklevel=3)
-        requested = "reference"
-    # "reference", or a name the registry does not know (it raises its own error for that)
-    return resolve(op, device_type, "reference" if requested == "reference" else backend)[1]
+    reference runs: a named fused backend raises, ``auto`` picks reference and warns once (the registry's rules)."""
+    excluded = {} if n <= MAX_ORDER else {
+        name: f"runs op {op!r} only up to order n = MAX_ORDER = {MAX_ORDER} (its kernels unroll over n), got order "
+              f"n = {n}; the 'reference' backend supports orders up to REF_MAX_ORDER = {REF_MAX_ORDER}"
+        for name in BACKENDS if name != "reference"}
+    return resolve(op, device_type, backend, excluded, stacklevel=4)[1]  # warns from the op's caller
+
 
 #----------------------------------------------------------------------------
 # References: pure PyTorch, any device; float64 inputs give the test oracle.

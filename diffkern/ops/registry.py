@@ -9,7 +9,7 @@ CUDA; :func:`cuda_loader` says which, ``DIFFKERN_CUDA_LOADER=aot|nvrtc`` forces 
 Resolution order: the ``backend=`` argument, then ``DIFFKERN_BACKEND``, then ``auto``. A named backend
 that is unavailable, or cannot run on the tensors' device, raises :class:`BackendUnavailable`. Only
 ``auto`` falls back along the device's preference list, and it warns once per (op, device) when it
-has to skip a preferred backend.
+has to skip a preferred backend (once more per set of backends a call excludes, see :func:`resolve`).
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ class OpSpec:
 
 
 _OPS: dict[str, OpSpec] = {}
-_warned: set[tuple[str, str]] = set()
+_warned: set[tuple[str, ...]] = set()
 
 
 def register(spec: OpSpec) -> OpSpec:
@@ -187,17 +187,26 @@ def _load(spec: OpSpec, backend: str) -> Callable:
     return spec.loaders[backend]()
 
 
-def resolve(op: str, device_type: str, backend: str | None = None) -> tuple[str, Callable]:
-    """Pick the implementation of ``op`` for tensors on ``device_type``; returns (backend, launcher)."""
+def resolve(op: str, device_type: str, backend: str | None = None,
+            excluded: dict[str, str] | None = None, stacklevel: int = 3) -> tuple[str, Callable]:
+    """Pick the implementation of ``op`` for tensors on ``device_type``; returns (backend, launcher).
+
+    ``excluded`` maps backends that cannot run this particular call (e.g. HOLD above the fused kernels' order)
+    to the reason, worded to follow the backend's name: a named one raises with it, ``auto`` skips it and warns
+    once per (op, device, excluded set). ``stacklevel``: the warning's frame, counted from here (3: the caller of
+    the op front end that calls resolve)."""
     if op not in _OPS:
         raise KeyError(f"op: unknown op family {op!r}; registered: {ops()}")
     spec = _OPS[op]
+    excluded = excluded or {}
     requested = backend or os.environ.get("DIFFKERN_BACKEND") or "auto"
     if requested != "auto":
+        who = "backend" if backend else "DIFFKERN_BACKEND"  # the argument, else the variable it came from
         if requested not in spec.loaders:
-            who = "backend" if backend else "DIFFKERN_BACKEND"  # the argument, else the variable it came from
             raise BackendUnavailable(f"{who}: op {op!r} has no {requested!r} implementation "
                                      f"(it has {sorted(spec.loaders)})")
+        if requested in excluded:
+            raise BackendUnavailable(f"{who}: {requested!r} {excluded[requested]}")
         ok, why = backend_status(requested, device_type)
         if not ok:
             raise BackendUnavailable(f"backend {requested!r} requested for op {op!r} on {device_type} "
@@ -208,12 +217,13 @@ def resolve(op: str, device_type: str, backend: str | None = None) -> tuple[str,
     for name in order:
         if name not in spec.loaders:
             continue
-        ok, why = backend_status(name, device_type)
+        ok, why = (False, excluded[name]) if name in excluded else backend_status(name, device_type)
         if ok:
-            if skipped and (op, device_type) not in _warned:
-                _warned.add((op, device_type))
+            key = (op, device_type, *sorted(excluded))
+            if skipped and key not in _warned:
+                _warned.add(key)
                 warnings.warn(f"diffkern: op {op!r} on {device_type} falls back to {name!r} "
-                              f"({'; '.join(skipped)})", RuntimeWarning, stacklevel=3)
+                              f"({'; '.join(skipped)})", RuntimeWarning, stacklevel=stacklevel)
             return name, _load(spec, name)
         skipped.append(f"{name}: {why}")
     raise BackendUnavailable(f"no backend can run op {op!r} on {device_type}: {'; '.join(skipped)}")
