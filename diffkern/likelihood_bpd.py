@@ -27,6 +27,8 @@ from typing import Optional, Union
 
 import torch
 
+from .likelihood_trace import check_seed
+
 LEVELS = 256  # 8-bit data
 _FLOATS = (torch.float32, torch.float64)  # a 16-bit float near +-1 resolves 1/16 (float16) to 1/2 (bfloat16) of a bin
 
@@ -128,8 +130,7 @@ def dequantize(x: torch.Tensor, *, scale: float = 2 / 255, shift: float = -1.0, 
     if seed is not None and generator is not None:
         raise ValueError("seed: give seed or generator, not both")
     if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
-            raise ValueError(f"seed: expected an int in [0, 2**63), got {seed!r}")
+        check_seed(seed)
         generator = torch.Generator().manual_seed(seed)
     elif generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")

@@ -29,6 +29,11 @@ def check_trace_args(trace, probes, probe, seed) -> None:
         raise ValueError(f"probes: expected an int >= 1 (probe vectors per point), got {probes!r}")
     if probe not in PROBES:
         raise ValueError(f"probe: expected one of {PROBES}, got {probe!r}")
+    check_seed(seed)
+
+
+def check_seed(seed) -> None:
+    """Raise unless ``seed`` is an int in [0, 2**63), the range ``torch.Generator.manual_seed`` keeps exactly."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
         raise ValueError(f"seed: expected an int in [0, 2**63), got {seed!r}")
 
