@@ -190,14 +190,16 @@ def _check_output(t, x: torch.Tensor, what: str) -> None:
 
 
 class _Loop:
-    """State of one sampling call: working copy of x, device tables, seed, histories, outputs."""
+    """State of one sampling call: working copy of x, device tables, seed, histories, outputs; ``window`` (see
+    :func:`check_window`) places its steps in a longer loop, which :func:`_run` applies to the plan it runs."""
 
-    def __init__(self, model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory):
+    def __init__(self, model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, *, window=None):
         check_state(x)
         check_call(model, extra_args)
         self.model, self.extra = model, dict(extra_args or {})
         self.callback, self.disable, self.backend = callback, disable, backend
         self.sigmas = host_sigmas(sigmas)
+        self.window = check_window(window, len(self.sigmas) - 1)
         self.x = x.detach().clone(memory_format=torch.contiguous_format)
         self.seed = make_seed(seed, self.x)
         self.fused = _is_fused(model)
@@ -278,7 +280,10 @@ class _Loop:
 
 
 def _run(loop: _Loop, plan: coef_tables.Plan) -> torch.Tensor:
-    """Every sampler's call: device tables and buffers, then the loop."""
+    """Every sampler's call: ``plan`` on the loop's window (:func:`windowed`), device tables and buffers, then the
+    loop."""
+    if loop.window is not None:  # None: the plan as given (a caller may have laid it out as a window itself)
+        plan = windowed(plan, loop.window)
     loop.begin(plan)
     run_steps(loop, plan)
     return loop.x

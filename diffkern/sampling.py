@@ -16,7 +16,7 @@ from .ops import iadb as iadb_ops
 from .ops import sampler_step
 from .samplers import SAMPLERS, Trajectory, make_seed
 
-_COMMON = ("seed", "backend", "trajectory")
+_COMMON = ("seed", "backend", "trajectory", "window")
 
 
 def knobs(method: str) -> dict:
@@ -111,16 +111,8 @@ def sample(model, x, sigmas, method, *, backend=None, seed=0, callback=None, pro
                 raise
             graphs.fall_back(exc)
     trajectory = Trajectory(x, steps) if record else None
-    if window is not None and window != (0, steps):  # the sampler's plan, on the rows of the window
-        loop = samplers._Loop(model, x, sigmas, extra_args, callback, not progress, seed, backend, trajectory)
-        plan = sampler_plans.PLANS[method](loop.sigmas, loop.conv, **{**valid, **knob_values})
-        if method == "dpm_fast":  # as samplers.sample_dpm_fast_sigmas: the callback gets each call's own sigma
-            loop.sigmas = samplers.dpm_fast_reported_sigmas(plan, loop.sigmas)
-        with torch.no_grad():  # as the samplers run
-            out = sampler_loop._run(loop, sampler_loop.windowed(plan, window))
-    else:
-        out = SAMPLERS[method](model, x, sigmas, extra_args, callback, not progress, seed=seed, backend=backend,
-                               trajectory=trajectory, **knob_values)
+    out = SAMPLERS[method](model, x, sigmas, extra_args, callback, not progress, seed=seed, backend=backend,
+                           trajectory=trajectory, window=window, **knob_values)
     return (out, trajectory.as_dict()) if record else out
 
 
@@ -129,7 +121,9 @@ def _sample_graph(model, x, sigmas, method, knob_values, seed, backend, record, 
     """:func:`sample` as a CUDA graph (:mod:`diffkern.graphs`): the captured body is ``samplers.run_steps``."""
     host = samplers.host_sigmas(sigmas)
     plan = sampler_plans.PLANS[method](host, samplers.conversion_rows(model), **knob_values)
-    plan = sampler_loop.windowed(plan, window)  # its rows' layout (step_row) is part of plan_structure
+    # windowed here, not by the loop's _run as eagerly: the key (step_row is part of plan_structure) and the host
+    # tables fed to a replay are needed before the loop, which only a cache miss builds
+    plan = sampler_loop.windowed(plan, window)
     call = graphs.Call(model, x, seed, backend, extra_args, record)
     hosts = [plan.table, torch.tensor(plan.row_sigma, dtype=torch.float64)]
 

@@ -51,7 +51,7 @@ def test_every_builtin_plan_passes_the_depth_checks():
     for name, build in sampler_plans.PLANS.items():
         params = inspect.signature(samplers.SAMPLERS[name]).parameters
         knobs = {k: p.default for k, p in params.items()
-                 if p.kind == p.KEYWORD_ONLY and k not in ("seed", "backend", "trajectory")}
+                 if p.kind == p.KEYWORD_ONLY and k not in ("seed", "backend", "trajectory", "window")}
         assert build(sig, coef_tables._identity, **knobs).history in (0, 1, 2, 3), name
 
 

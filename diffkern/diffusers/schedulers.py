@@ -268,7 +268,11 @@ class FusedScheduler(SchedulerMixin, ConfigMixin):
     def _device_table(self, key, device) -> torch.Tensor:
         dev = self._device_tables.get((key, device))
         if dev is None:
-            dev = self._device_tables[(key, device)] = self._plan(key)[0].to(device)
+            # A copy that is not an inference tensor, even when built under torch.inference_mode (on the CPU .to would
+            # return the host table itself, an inference tensor if built there): the fused op's CPU table check is
+            # then cached on its version counter, not re-run at every step() (as sampler_loop._Loop.begin)
+            with torch.inference_mode(False):
+                dev = self._device_tables[(key, device)] = self._plan(key)[0].to(device, copy=True)
         return dev
 
     def _seed_for(self, x: torch.Tensor) -> torch.Tensor:
