@@ -206,12 +206,12 @@ class EmpiricalDenoiser:
 
     Logits use the form ``(x.y_i - ||y_i||^2/2)/sigma^2`` (``||x||^2`` cancels in the softmax) and are
     reduced with a streaming logsumexp over chunks of ``chunk_size`` data points, so memory is
-    O(B*chunk_size + B*D): no (B, N, D) tensor is ever formed. The fused path (``backend``) works in
-    coordinates centred on the data mean c (D is translation-equivariant: ``D(x) = c + D_c(x - c)``):
-    the dot-product form rounds at the scale of ``|x||y|``, not of ``|x - y|^2``, so with a data offset
-    its float32 logits would lose ``ulp(|x||y|)/sigma^2`` (data at offset 1000 with unit spread: weights
-    off by ~10% at sigma = 1 without the shift). The float64 path is not shifted, so at tiny sigma it
-    returns a data point bit for bit.
+    O(B*chunk_size + chunk_size*D + B*D): no (B, N, D) tensor is ever formed. Logits are formed in coordinates centred
+    on the data mean c (D is translation-equivariant: ``D(x) = c + D_c(x - c)``): the dot-product form
+    rounds at the scale of ``|x||y|``, not of ``|x - y|^2``, so with a data offset its logits would lose
+    ``ulp(|x||y|)/sigma^2`` (data at offset 1000 with unit spread: float32 weights off by ~10% at sigma = 1,
+    float64 log-densities off by 2e-6 at sigma = 0.01 without the shift). The float64 path averages the
+    uncentred data with those weights, so at tiny sigma it returns a data point bit for bit.
 
     Args:
         data: (N, D) or (N, *shape) finite tensor, N >= 1; stored flattened in float64 on its device.
@@ -232,7 +232,8 @@ class EmpiricalDenoiser:
         y = _as_f64(data.reshape(data.shape[0], -1), "EmpiricalDenoiser: data", (2,))
         self.data = y
         self.chunk_size = chunk_size
-        self._cache = _DeviceCache(y=y, half_sq=0.5 * (y ** 2).sum(1), center=y.mean(0))
+        center = y.mean(0)
+        self._cache = _DeviceCache(y=y, half_sq_c=0.5 * ((y - center) ** 2).sum(1), center=center)
         self.backend = backend
         self._fused_data: dict = {}
 
@@ -250,8 +251,9 @@ class EmpiricalDenoiser:
         """Online softmax over chunks. xf (B, D), sigma (B, 1) -> (logsumexp of the logits (B,),
         softmax-weighted mean of the data (B, D)), float64.
 
-        The running max m is of the unscaled logits ``x.y_i - ||y_i||^2/2``; only differences (<= 0) are
-        scaled by ``1/sigma^2`` (clamped finite), so a tiny sigma cannot overflow them to inf - inf = nan."""
+        The running max m is of the unscaled logits ``x.y_i - ||y_i||^2/2``, in coordinates centred on the
+        data mean (the logsumexp is of those); only differences (<= 0) are scaled by ``1/sigma^2`` (clamped
+        finite), so a tiny sigma cannot overflow them to inf - inf = nan."""
         from .ops.optimal_denoiser import inv_sq
 
         p = self._cache.on(xf.device)
@@ -260,9 +262,10 @@ class EmpiricalDenoiser:
         m = torch.full((batch, 1), -math.inf, dtype=torch.float64, device=xf.device)
         total = torch.zeros(batch, 1, dtype=torch.float64, device=xf.device)
         acc = torch.zeros(batch, self.dim, dtype=torch.float64, device=xf.device)
+        xc = xf - p["center"]
         for start in range(0, self.num_points, self.chunk_size):
             y = p["y"][start:start + self.chunk_size]
-            logits = xf @ y.T - p["half_sq"][start:start + self.chunk_size]   # (B, chunk), unscaled
+            logits = xc @ (y - p["center"]).T - p["half_sq_c"][start:start + self.chunk_size]  # (B, chunk), unscaled
             m_new = torch.maximum(m, logits.amax(dim=1, keepdim=True))
             rescale = torch.exp((m - m_new) * scale)
             w = torch.exp((logits - m_new) * scale)
@@ -327,7 +330,8 @@ class EmpiricalDenoiser:
         s = _sigma_column(sigma, xf.shape[0], xf.device, who, positive=True)
         lse, _ = self._stream(xf, s)
         s = s.squeeze(1)
-        out = (lse - 0.5 * (xf ** 2).sum(1) / s ** 2 - math.log(self.num_points)
+        xc = xf - self._cache.on(xf.device)["center"]  # the logits' centred coordinates
+        out = (lse - 0.5 * (xc ** 2).sum(1) / s ** 2 - math.log(self.num_points)
                - 0.5 * self.dim * (_LOG_2PI + 2 * s.log()))
         return out.to(x.dtype)
 

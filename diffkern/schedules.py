@@ -72,9 +72,17 @@ def karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torc
     _check_int(n, "karras: n", 1)
     lo, hi = _sigma_range(sigma_min, sigma_max, "karras")
     rho = _check_positive(rho, "karras: rho")
+    # sigma^(1/rho) must stay a normal float64: a tiny rho overflows it (OverflowError) or flushes
+    # sigma_min^(1/rho) to 0, which would end the schedule at 0 instead of sigma_min
+    if max(math.log(hi), -math.log(lo)) / rho > 700:
+        raise ValueError(f"karras: rho: {rho!r} is too small for sigma range [{lo}, {hi}]: sigma**(1/rho) leaves "
+                         f"float64's range (need rho >= {max(math.log(hi), -math.log(lo)) / 700:.3g})")
     ramp = torch.linspace(0, 1, n, dtype=F64)
     inv_hi, inv_lo = hi ** (1 / rho), lo ** (1 / rho)
-    return _append_zero((inv_hi + ramp * (inv_lo - inv_hi)) ** rho)
+    # the weighted sum of two positive terms, not k-diffusion's max + ramp*(min - max): that form cancels near
+    # ramp = 1 when min^(1/rho) << max^(1/rho) (small rho), e.g. 5.6e-8 relative at sigma_min for rho = 0.5 on
+    # [0.002, 80], and the cancellation is then raised to the power rho
+    return _append_zero(((1 - ramp) * inv_hi + ramp * inv_lo) ** rho)
 
 
 def edm(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
@@ -122,6 +130,9 @@ def sample_sigmas(train_sigmas, steps: int) -> torch.Tensor:
     table = host_float64(train_sigmas, "train_sigmas")
     if table.dim() != 1 or table.numel() == 0:
         raise ValueError(f"sample_sigmas: train_sigmas must be a non-empty 1-D table, got shape {tuple(table.shape)}")
+    # a decreasing table would come back as an increasing "schedule"
+    if not torch.isfinite(table).all() or (table < 0).any() or (table[1:] < table[:-1]).any():
+        raise ValueError("sample_sigmas: train_sigmas must be finite, >= 0 and increasing (smalldiffusion's order)")
     _check_int(steps, "sample_sigmas: steps", 1)
     n = table.numel()
     if steps > n:
@@ -139,6 +150,15 @@ def betas(num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: f
     Stable Diffusion uses 0.00085..0.012), "squaredcos_cap_v2" (Nichol & Dhariwal cosine, capped at
     ``max_beta``; ignores beta_start/beta_end). Returns (num_train_timesteps,) float64 CPU."""
     T = _check_int(num_train_timesteps, "betas: num_train_timesteps", 1)
+    # betas must lie in [0, 1) (alphas_cumprod's domain); checked here so that a bad endpoint is named,
+    # not reported later as a complex sqrt or a torch.linspace signature error
+    used = {"max_beta": max_beta} if schedule == "squaredcos_cap_v2" else {"beta_start": beta_start,
+                                                                           "beta_end": beta_end}
+    for name, value in used.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1 \
+                or (name == "max_beta" and value == 0):
+            raise ValueError(f"betas: {name}: expected a number in {'(0' if name == 'max_beta' else '[0'}, 1), "
+                             f"got {value!r}")
     if schedule == "linear":
         return torch.linspace(beta_start, beta_end, T, dtype=F64)
     if schedule == "scaled_linear":
@@ -208,7 +228,8 @@ def vp_sigmas(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, final: str 
     ts = torch.as_tensor(timesteps).detach().to("cpu")
     if ab.dim() != 1 or ab.numel() == 0 or not ((ab > 0) & (ab <= 1)).all():
         raise ValueError("vp_sigmas: alphas_cumprod must be a non-empty 1-D tensor with values in (0, 1]")
-    if ts.dim() != 1 or ts.numel() == 0 or ts.is_floating_point():
+    # bool is refused too: a bool tensor would index as a mask, silently selecting entries
+    if ts.dim() != 1 or ts.numel() == 0 or ts.is_floating_point() or ts.is_complex() or ts.dtype == torch.bool:
         raise ValueError(f"vp_sigmas: timesteps must be a non-empty 1-D integer tensor, "
                          f"got {ts.dtype} {tuple(ts.shape)}")
     if (ts < 0).any() or (ts >= ab.numel()).any():
@@ -284,11 +305,14 @@ def iadb_alphas(n: int) -> torch.Tensor:
 # Conversions: a float in gives a float out; a tensor in gives a tensor (same dtype and device) out.
 
 
-def _map(fn, value: Number, name: str) -> Number:
+def _map(fn, value: Number, name: str, hi: float = math.inf) -> Number:
+    # a number is range-checked against the map's domain [0, hi]; a tensor is not (its values may live on a device)
     if isinstance(value, torch.Tensor):
         return fn(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name}: expected a float or a tensor, got {type(value).__name__}")
+    if not 0 <= value <= hi:
+        raise ValueError(f"{name}: expected a number in [0, {hi}], got {value!r}")
     return float(fn(torch.tensor(float(value), dtype=F64)))
 
 
@@ -299,7 +323,7 @@ def sigma_to_alpha_bar(sigma: Number) -> Number:
 
 def alpha_bar_to_sigma(alpha_bar: Number) -> Number:
     """``sigma = sqrt((1 - alpha_bar)/alpha_bar)`` (VP -> VE; inf at alpha_bar = 0)."""
-    return _map(lambda a: ((1 - a) / a).sqrt(), alpha_bar, "alpha_bar_to_sigma")
+    return _map(lambda a: ((1 - a) / a).sqrt(), alpha_bar, "alpha_bar_to_sigma", 1.0)
 
 
 def sigma_to_iadb_alpha(sigma: Number) -> Number:
@@ -309,17 +333,18 @@ def sigma_to_iadb_alpha(sigma: Number) -> Number:
 
 def iadb_alpha_to_sigma(alpha: Number) -> Number:
     """``sigma = (1 - alpha)/alpha`` (inf at alpha = 0, 0 at alpha = 1)."""
-    return _map(lambda a: (1 - a) / a, alpha, "iadb_alpha_to_sigma")
+    return _map(lambda a: (1 - a) / a, alpha, "iadb_alpha_to_sigma", 1.0)
 
 
 def sigma_to_flow_t(sigma: Number) -> Number:
-    """Rectified-flow time ``t = sigma/(1 + sigma)`` (``x_t = (1-t)*data + t*noise = (1-t)*x_VE``)."""
-    return _map(lambda s: s / (1 + s), sigma, "sigma_to_flow_t")
+    """Rectified-flow time ``t = sigma/(1 + sigma)`` (``x_t = (1-t)*data + t*noise = (1-t)*x_VE``; 1 at sigma = inf,
+    the inverse of :func:`flow_t_to_sigma` at t = 1)."""
+    return _map(lambda s: torch.where(torch.isposinf(s), torch.ones_like(s), s / (1 + s)), sigma, "sigma_to_flow_t")
 
 
 def flow_t_to_sigma(t: Number) -> Number:
     """``sigma = t/(1 - t)`` (inf at t = 1)."""
-    return _map(lambda u: u / (1 - u), t, "flow_t_to_sigma")
+    return _map(lambda u: u / (1 - u), t, "flow_t_to_sigma", 1.0)
 
 #----------------------------------------------------------------------------
 # Validation.

@@ -285,9 +285,10 @@ class VPDiscreteDenoiser(ModelWrapper):
         return (low + w).reshape(sigma.shape)
 
     def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`sigma_to_t`: sigma at fractional t in [0, T-1] (log-linear), float64."""
-        t = t.to(torch.float64)
+        """Inverse of :meth:`sigma_to_t`: sigma at fractional t (log-linear), float64. t is clamped to [0, T-1], as
+        :meth:`sigma_to_t` clamps: past the table's ends there is no sigma to interpolate, only a guess."""
         log_sigmas = self.log_sigmas.to(t.device)
+        t = t.to(torch.float64).clamp(0, log_sigmas.numel() - 1)
         low = t.floor().long().clamp(0, log_sigmas.numel() - 2)
         w = t - low
         return ((1 - w) * log_sigmas[low] + w * log_sigmas[low + 1]).exp()

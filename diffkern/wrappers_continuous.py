@@ -18,8 +18,11 @@ from .wrappers import ModelWrapper, _compute_dtype, _scale_input, canonical_pred
 
 
 def _vp_sde_t(sigma: torch.Tensor, beta_d: float = 19.9, beta_min: float = 0.1) -> torch.Tensor:
-    # inverts sigma(t) = sqrt(exp(beta_d*t^2/2 + beta_min*t) - 1) (Song et al. VP-SDE; k-diffusion get_sigmas_vp)
-    return (torch.sqrt(beta_min ** 2 + 2 * beta_d * torch.log1p(sigma * sigma)) - beta_min) / beta_d
+    # inverts sigma(t) = sqrt(exp(beta_d*t^2/2 + beta_min*t) - 1) (Song et al. VP-SDE; k-diffusion get_sigmas_vp):
+    # the root (sqrt(b^2 + 2 d L) - b)/d of d t^2/2 + b t = L, written as 2L/(b + sqrt(b^2 + 2 d L)) so that small
+    # sigma does not cancel (the difference form loses 4e-5 relative at sigma = 1e-8)
+    log_ab = torch.log1p(sigma * sigma)
+    return 2 * log_ab / (beta_min + torch.sqrt(beta_min ** 2 + 2 * beta_d * log_ab))
 
 
 def _cosine_t(sigma: torch.Tensor) -> torch.Tensor:
@@ -28,6 +31,12 @@ def _cosine_t(sigma: torch.Tensor) -> torch.Tensor:
 
 
 _TIME_MAPS = {"vp": _vp_sde_t, "cosine": _cosine_t}
+
+
+def _check_t_scale(value, who: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{who}: t_scale must be a finite float > 0, got {value!r}")
+    return float(value)
 
 
 class VPContinuousDenoiser(ModelWrapper):
@@ -50,7 +59,7 @@ class VPContinuousDenoiser(ModelWrapper):
             raise ValueError(f"VPContinuousDenoiser: time must be 'vp', 'cosine' or a callable, got {time!r}")
         self.prediction_type = kind
         self.time = _TIME_MAPS.get(time, time) if isinstance(time, str) else time
-        self.t_scale = float(t_scale)
+        self.t_scale = _check_t_scale(t_scale, "VPContinuousDenoiser")
 
     def model_input(self, x, sigma):
         t = (self.t_scale * self.time(sigma)).to(_compute_dtype(x))
@@ -87,11 +96,12 @@ class FlowDenoiser(ModelWrapper):
 
     def __init__(self, model: Callable, t_scale: float = 1.0, guidance_scale: float = 1.0):
         super().__init__(model, guidance_scale)
-        self.t_scale = float(t_scale)
+        self.t_scale = _check_t_scale(t_scale, "FlowDenoiser")
 
     def model_input(self, x, sigma):
+        # the input scale 1 - t is computed as 1/(1 + sigma): 1 - t cancels at large sigma (5e-11 at sigma = 1e6)
         t = sigma / (1 + sigma)
-        return _scale_input(x, 1 - t), (self.t_scale * t).to(_compute_dtype(x))
+        return _scale_input(x, 1 / (1 + sigma)), (self.t_scale * t).to(_compute_dtype(x))
 
 #----------------------------------------------------------------------------
 # EDM / Karras preconditioning.
