@@ -178,6 +178,19 @@ def check_state(x, name: str = "x") -> None:
         raise ValueError(f"{name}: expected a tensor with values, got a tensor on the meta device")
 
 
+def input_version(x: torch.Tensor):
+    """x's version counter before a model call (None for an inference tensor, which keeps none)."""
+    return None if x.is_inference() else x._version
+
+
+def check_input_kept(x: torch.Tensor, version) -> None:
+    """Raise unless the model call since :func:`input_version` left x, the sampler's state, as it was (a model that
+    writes into its input would silently corrupt the update that reads it next)."""
+    if version is not None and x._version != version:
+        raise RuntimeError("model: modified its input x in place; x is the sampler's state, which the update after "
+                           "the call reads: clone x inside the model before writing to it")
+
+
 def _check_output(t, x: torch.Tensor, what: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"model: {what} must be a torch.Tensor, got {type(t).__name__}")
@@ -196,6 +209,8 @@ class _Loop:
     def __init__(self, model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, *, window=None):
         check_state(x)
         check_call(model, extra_args)
+        if callback is not None and not callable(callback):  # else it fails only after the first step's work
+            raise TypeError(f"callback: expected a callable or None, got {type(callback).__name__}")
         self.model, self.extra = model, dict(extra_args or {})
         self.callback, self.disable, self.backend = callback, disable, backend
         self.sigmas = host_sigmas(sigmas)
@@ -208,8 +223,6 @@ class _Loop:
         if trajectory is not None and trajectory.denoised.shape[0] != len(self.sigmas) - 1:
             raise ValueError("trajectory: its buffers do not match the number of steps")
         self._checked = False
-        self.spare = torch.empty_like(self.x) if callback is not None else None
-        self.scratch = torch.empty_like(self.x) if callback is not None and trajectory is None else None
 
     def begin(self, plan: coef_tables.Plan) -> None:
         self.plan = plan
@@ -235,11 +248,13 @@ class _Loop:
     def _model(self, row: int):
         """One model call at row's sigma: (model_out, model_out_uncond or None), checked on the first call."""
         sigma = self.sig_dev[row].expand(self.x.shape[0])
+        version = input_version(self.x)
         if self.fused:
             out = self.model.raw(self.x, sigma, **self.extra)
             m, u = out if isinstance(out, tuple) else (out, None)
         else:
             m, u = self.model(self.x, sigma, **self.extra), None
+        check_input_kept(self.x, version)
         if not self._checked:
             _check_output(m, self.x, "output")
             if u is not None:
@@ -262,8 +277,9 @@ class _Loop:
         if first and self.trajectory is not None:
             x0 = self.trajectory.denoised[i]
         elif first and self.callback is not None:
-            x0 = self.scratch
-        out = self.spare if first and self.callback is not None else self.x
+            x0 = torch.empty_like(self.x)
+        # with a callback, a fresh state each step: the tensors it got are the caller's to keep (as k-diffusion's)
+        out = torch.empty_like(self.x) if first and self.callback is not None else self.x
         # a corrector reads the value its step's first call just wrote as H (coef_tables.history_slots)
         h, h2, h3, h_out = coef_tables.history_slots(self.histories, i if first else i + 1)
         h_out = h_out if write_history else None
@@ -272,7 +288,7 @@ class _Loop:
         if out is not self.x:
             self.callback({"x": self.x, "i": i, "sigma": self.sigmas[i], "sigma_hat": self.plan.sigma_hat[i],
                            "denoised": x0})
-            self.x, self.spare = out, self.x
+            self.x = out
 
     def end(self, i: int) -> None:
         if self.trajectory is not None:

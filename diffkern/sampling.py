@@ -67,8 +67,8 @@ def sample(model, x, sigmas, method, *, backend=None, seed=0, callback=None, pro
         seed: int or int64 tensor (1,)/(B,) keying the Philox noise: same seed, same output. The default 0
             makes repeated calls identical; ``seed=None`` draws one from torch's global CPU generator.
         callback: called once per step with a dict ``x`` (state before the update), ``i``, ``sigma``,
-            ``sigma_hat`` (host floats) and ``denoised``; the tensors are working buffers that later steps
-            overwrite (clone what you keep).
+            ``sigma_hat`` (host floats) and ``denoised``; fresh tensors each step, which later steps never
+            overwrite (a callback may keep them, as k-diffusion's).
         progress: show a tqdm bar.
         record: also return ``{"x": (N+1, *x.shape), "denoised": (N, *x.shape)}`` trajectories.
         graph: False (eager), True (capture the whole N-step loop as one CUDA graph on the first call, replay it
@@ -204,7 +204,6 @@ class IadbLoop:
         self.seed = make_seed(seed, self.x)
         self.extra = dict(extra_args or {})
         self.trajectory = Trajectory(self.x, len(host) - 1) if record else None
-        self.x1_bar = None if record or callback is None else torch.empty_like(self.x)
 
     def run(self, progress: bool = False) -> None:
         x, host, trajectory, callback = self.x, self.host, self.trajectory, self.callback
@@ -212,7 +211,9 @@ class IadbLoop:
             trajectory.x[0].copy_(x)
         from tqdm.auto import trange
         for i in trange(len(host) - 1, disable=not progress):
+            version = sampler_loop.input_version(x)
             out = self.model(x, self.alpha_dev[i].expand(x.shape[0]), **self.extra)
+            sampler_loop.check_input_kept(x, version)
             if i == 0:
                 _check_iadb_output(out, x, self.variant)
             if self.variant == "two_head":
@@ -220,13 +221,14 @@ class IadbLoop:
             else:
                 m, h = out, None
             if trajectory is not None or callback is not None:
-                dst = trajectory.denoised[i] if trajectory is not None else self.x1_bar
+                # a fresh x1_bar each step, and a copy of x (updated in place below): the callback may keep both
+                dst = trajectory.denoised[i] if trajectory is not None else torch.empty_like(x)
                 if self.variant == "two_head":
                     dst.copy_(m)
                 else:
                     torch.add(x, m.to(x.dtype), alpha=1.0 - host[i], out=dst)  # x1_bar = x + (1-alpha)*D
                 if callback is not None:
-                    callback({"x": x, "i": i, "alpha": host[i], "alpha_next": host[i + 1], "denoised": dst})
+                    callback({"x": x.clone(), "i": i, "alpha": host[i], "alpha_next": host[i + 1], "denoised": dst})
             sampler_step(x, m, self.table, i, history=h, seed=self.seed, out=x, backend=self.backend)
             if trajectory is not None:
                 trajectory.x[i + 1].copy_(x)

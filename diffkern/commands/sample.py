@@ -71,6 +71,9 @@ def _model(args, device, dtype):
         # Chen et al. 4.4: one fused softmax-weighted mean over the data per model call.
         data = _load_data(args.data).to(device=device, dtype=dtype)
         return EmpiricalDenoiser(data, backend="auto"), tuple(data.shape[1:])
+    if not os.path.isfile(args.model):  # name the flag: a mistyped 'builtin' or path is the usual cause
+        raise FileNotFoundError(f"--model: expected builtin, optimal or a weights file written by `diffkern train`, "
+                                f"got {args.model!r} (no such file)")
     model = builtin.load_denoiser(args.model, device=device, dtype=dtype)
     return model, (model.model.config["channels"],) + builtin.IMAGE_SHAPE[1:]
 
