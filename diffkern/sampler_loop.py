@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -132,6 +133,22 @@ def _is_fused(model) -> bool:
     return all(hasattr(model, k) for k in ("raw", "conversion", "guidance_scale"))
 
 
+_warned_compiled = False
+
+
+def _warn_compiled_wrapper(model) -> None:
+    """Say once that ``torch.compile(wrapper)`` runs uncompiled here: the loop calls the wrapper's ``raw`` (network
+    output before the conversion, which the fused step applies), and a compiled module hands attribute lookups such as
+    ``raw`` to the module it wraps, so only its ``forward`` would run compiled."""
+    global _warned_compiled
+    if _warned_compiled or not (hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule"):
+        return
+    _warned_compiled = True
+    warnings.warn(f"diffkern: model is torch.compile of a diffkern wrapper ({type(model._orig_mod).__name__}); the "
+                  "sampler calls the wrapper's .raw network output, which runs uncompiled. Compile the network "
+                  "inside the wrapper instead, e.g. wrappers.VEDenoiser(torch.compile(net))", UserWarning, stacklevel=4)
+
+
 def _plain(sigma: float) -> dict:
     return {}
 
@@ -218,6 +235,8 @@ class _Loop:
         self.x = x.detach().clone(memory_format=torch.contiguous_format)
         self.seed = make_seed(seed, self.x)
         self.fused = _is_fused(model)
+        if self.fused:
+            _warn_compiled_wrapper(model)
         self.conv = conversion_rows(model)
         self.trajectory = trajectory
         if trajectory is not None and trajectory.denoised.shape[0] != len(self.sigmas) - 1:

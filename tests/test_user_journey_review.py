@@ -20,6 +20,7 @@ import math
 import os
 import sys
 import types
+import warnings
 
 import pytest
 import torch
@@ -367,3 +368,23 @@ def test_smalldiffusion_modifiers_with_the_readme_recipe(sd, modifier):
     den = wrappers.VEDenoiser(lambda x, s: net.predict_eps(x, s[0]))
     ours = diffkern.sample(den, x, sig, "ge", gamma=2.0, seed=SEED, backend=REF)
     assert_matches_reference(ours, ref, ref, f"{modifier} float64")
+
+
+def test_compiled_wrapper_warns_once_and_compiled_network_does_not(monkeypatch):
+    """torch.compile(wrapper) would run uncompiled (the loop calls the wrapper's .raw): say so once, naming the fix;
+    the recommended form, the network compiled inside the wrapper, gives the same samples without a warning."""
+    from diffkern import sampler_loop
+    monkeypatch.setattr(sampler_loop, "_warned_compiled", False)
+    net = torch.nn.Linear(3, 3).double()
+    x = _x((4, 3), scale=10.0, seed=2).double()
+    sig = schedules.karras(4, 0.1, 10.0)
+    eager = diffkern.sample(wrappers.VEDenoiser(lambda x, s: net(x)), x, sig, "euler", backend=REF)
+    compiled = torch.compile(wrappers.VEDenoiser(lambda x, s: net(x)), backend="eager")
+    with pytest.warns(UserWarning, match=r"torch.compile of a diffkern wrapper \(VEDenoiser\).*VEDenoiser\(torch.com"):
+        out = diffkern.sample(compiled, x, sig, "euler", backend=REF)
+    assert torch.equal(out, eager)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        diffkern.sample(compiled, x, sig, "euler", backend=REF)  # once
+        inner = wrappers.VEDenoiser(torch.compile(lambda x, s: net(x), backend="eager"))
+        torch.testing.assert_close(diffkern.sample(inner, x, sig, "euler", backend=REF), eager, rtol=0, atol=1e-12)
