@@ -105,16 +105,16 @@ def run(config: Config, *, warmup: int = 3, repeats: int = 20) -> dict:
         numel *= s
     nbytes = (2 if config.impl == "copy" else 3) * numel * 4
     label = f"{config.impl}:{config.backend}" if config.backend else config.impl
-    return {"op": "ddim_step", "impl": label, "backend": config.backend, "eta": config.eta,
+    return {"op": "ddim_step", "impl": label, "backend": config.backend, "eta": config.eta, "dtype": "float32",
             "shape": "x".join(map(str, config.shape)), "numel": numel, "bytes": nbytes,
             **harness.timing_columns(timing), "gbps": harness.gbps(nbytes, timing.median_s)}
 
 
 def add_ratios(rows: list[dict]) -> None:
     """``x_copy``: time in units of the copy of the same latent; ``speedup_vs_diffusers`` at the same shape, eta."""
-    for r in rows:
-        copy = next(o for o in rows if o["impl"] == "copy" and o["shape"] == r["shape"])
-        r["x_copy"] = r["median_us"] / copy["median_us"]
+    for r in rows:  # a copy row can be missing (its case failed): NaN, never a crash that loses the other rows
+        copy = next((o for o in rows if o["impl"] == "copy" and o["shape"] == r["shape"]), None)
+        r["x_copy"] = r["median_us"] / copy["median_us"] if copy else float("nan")
         ref = next((o for o in rows if o["impl"] == "diffusers" and o["eta"] == r["eta"] and o["shape"] == r["shape"]),
                    None)
         r["speedup_vs_diffusers"] = ref["median_us"] / r["median_us"] if ref and r["impl"] != "copy" else float("nan")

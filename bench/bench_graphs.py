@@ -9,7 +9,8 @@ deterministic DDIM steps (eta = 0, 1000 linear-beta training steps, no clipping)
   pipeline does, ``unet(x, t).sample``, ``scheduler.step``) without its progress bar and final
   ``.cpu().numpy()`` conversion; ``diffkern_sched``: the same loop with ``diffkern.diffusers.DDIMScheduler``;
   ``accelerated``: ``diffkern.diffusers.accelerate(DDIMPipeline)`` called as the pipeline (it includes the
-  pipeline's initial noise from a CPU generator and its ``output_type="np"`` copy to the host);
+  pipeline's initial noise from a CPU generator and the ``(x / 2 + 0.5).clamp(0, 1)`` of its output, with
+  ``output_type="pt"``: like the ``diffusers`` column, no copy to the host, and "np" cannot hold bfloat16);
 * ``eager``: ``diffkern.sample(DiffusersUNetDenoiser(unet, scheduler), x, sigmas, "euler")`` (DDIM(0) in VE
   coordinates, the eps -> D conversion fused into the step);
 * ``graph``: the same call with ``graph=True`` (first call: warm-up run and capture, reported as first_call_ms);
@@ -26,8 +27,11 @@ warm-up calls, or of 5 after 1 when a call takes over 20 ms. Ratios: ``vs_floor`
 dtype, batch and N of the same run.
 ``graph``, ``compile`` and ``floor`` need CUDA; ``--quick`` runs tiny UNets on the CPU for the eager columns.
 
+Rows record the state ``shape`` and the ``backend`` that ran the fused step (``auto`` resolved on the device).
+
     python bench/bench_graphs.py [--quick] [--out DIR] [--no-compile] [--models cifar10,small]
                                  [--batches 1,8,64] [--steps 10,50] [--dtypes float32,bfloat16] [--deadline-s S]
+                                 [--impls graph,compile] [--name graphs]
 """
 from __future__ import annotations
 
@@ -45,8 +49,14 @@ except ImportError:  # run as a script from bench/
 # (issue 7, level 1); accelerated: diffkern.diffusers.accelerate(DDIMPipeline) (level 2, graph on CUDA).
 IMPLS = ("floor", "graph", "eager", "diffusers", "diffkern_sched", "accelerated", "compile")
 CUDA_ONLY = ("floor", "graph", "compile")
-COMPILE_NEED_S = 180.0
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DIFFKERN_IMPLS = ("graph", "eager", "diffkern_sched", "accelerated")  # the columns whose step is diffkern's fused op
+# A compile case that compiles cold starts only with this much time left before the deadline: inductor on the
+# UNet in one (model, dtype, batch), with its CUDA-graph trees. Dynamo and AOT tracing of the CIFAR-10 UNet took
+# 5 s on the 2-core CI CPU; inductor's lowering and the Triton compiles of its ~200 kernels (16 cores) are
+# estimated at 30-60 s more. A case that overruns is stopped by gpu_suite.sh's timeout (SIGTERM: the rows
+# so far are written), so this is the expected cost, not a worst case that would idle the rest of the budget.
+COMPILE_NEED_S = 90.0
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}  # float64: test truth
 # google/ddpm-cifar10-32's config.json beyond the widths: one attention head over all channels
 # (attention_head_dim null; diffusers' default 8 would make 32 heads of 8 dimensions, another attention
 # kernel), its time embedding and padding, GroupNorm eps.
@@ -73,13 +83,17 @@ class Config:
 
 
 def get_configs(*, quick: bool = False, device: str = "cpu", models=None, batches=None, steps=None, dtypes=None,
-                compile: bool = True) -> list[Config]:
-    """The sweep; CUDA-only columns are left out on the CPU, and ``compile`` rows come last (slowest to set up)."""
+                compile: bool = True, impls=None) -> list[Config]:
+    """The sweep; CUDA-only columns are left out on the CPU, and ``compile`` rows come last (slowest to set up).
+    ``impls``: the columns to run (default all of ``IMPLS``); an unknown one raises."""
+    unknown = sorted(set(impls or ()) - set(IMPLS))
+    if unknown:
+        raise ValueError(f"--impls: unknown {unknown}; expected some of {list(IMPLS)}")
     if quick:
         models, batches, steps, dtypes = models or ["tiny"], batches or [1, 2], steps or [2, 3], dtypes or ["float32"]
     models, batches = models or ["cifar10", "small"], batches or [1, 8, 64]
     steps, dtypes = steps or [10, 50], dtypes or ["float32", "bfloat16"]
-    impls = [i for i in IMPLS if device.startswith("cuda") or i not in CUDA_ONLY]
+    impls = [i for i in IMPLS if (device.startswith("cuda") or i not in CUDA_ONLY) and (not impls or i in impls)]
     configs = [Config(i, m, d, b, n, device) for m in models for d in dtypes for b in batches for n in steps
                for i in impls if i != "compile"]
     if compile and "compile" in impls:
@@ -150,7 +164,7 @@ def make_loop(config: Config):
         from diffkern.diffusers import accelerate
         fast = accelerate(DDIMPipeline(unet=unet, scheduler=sched))
         return lambda: fast(batch_size=config.batch, num_inference_steps=config.steps, eta=0.0,
-                            generator=torch.Generator().manual_seed(1), output_type="np")
+                            generator=torch.Generator().manual_seed(1), output_type="pt").images
     if config.impl in ("eager", "graph"):
         sched.set_timesteps(config.steps)
         sigmas = schedules.vp_sigmas(sched.alphas_cumprod, sched.timesteps, final="zero")
@@ -217,8 +231,13 @@ def run(config: Config, *, warmup: int = 3, repeats: int = 20) -> dict:
     """Time one case; returns a result row (ratios are added by :func:`add_ratios`)."""
     with torch.no_grad():  # wall: host clock between synchronisations, no L2 flush (a whole sampling call)
         timing = harness.time_fn(make_loop(config), device=config.device, warmup=warmup, repeats=repeats, wall=True)
+    from diffkern.ops import resolve
+
     unet, _ = unet_and_scheduler(config.model, config.dtype, config.device)
-    return {"op": "sampling", **dataclasses.asdict(config), "params_m": sum(p.numel() for p in unet.parameters()) / 1e6,
+    size = MODELS[config.model]["sample_size"]
+    fused = resolve("sampler_step", config.device.split(":")[0])[0] if config.impl in DIFFKERN_IMPLS else ""
+    return {"op": "sampling", **dataclasses.asdict(config), "shape": f"{config.batch}x3x{size}x{size}",
+            "backend": fused, "params_m": sum(p.numel() for p in unet.parameters()) / 1e6,
             **harness.timing_columns(timing), "per_sample_us": timing.median_s * 1e6 / config.batch}
 
 
@@ -257,25 +276,55 @@ def summary(rows: list[dict]) -> list[dict]:
     return out
 
 
-COLUMNS = ("model", "dtype", "batch", "steps", "impl", "median_us", "p20_us", "p80_us", "per_sample_us",
+COLUMNS = ("model", "dtype", "batch", "steps", "impl", "backend", "median_us", "p20_us", "p80_us", "per_sample_us",
            "first_call_ms", "vs_floor", "speedup_vs_diffusers", "vs_compile")
+
+
+def compiled_groups(path: str) -> set[tuple[str, str, int]]:
+    """(model, dtype, batch) of the compile rows of the CSV at ``path`` (a missing file: none)."""
+    import csv
+    import os
+
+    if not os.path.exists(path):
+        return set()
+    with open(path, newline="") as f:
+        return {(r["model"], r["dtype"], int(r["batch"])) for r in csv.DictReader(f) if r["impl"] == "compile"}
 
 
 def _list(arg, cast=str):
     return [cast(v) for v in arg.split(",")] if arg else None
 
 
-def main(argv: list[str] | None = None) -> int:
+def cli():
+    """The command line: :func:`harness.parser`'s flags and the sweep's own."""
     p = harness.parser(__doc__.splitlines()[0])
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column (minutes of compilation)")
     p.add_argument("--models", default=None, help=f"comma-separated, of {sorted(MODELS)}")
     p.add_argument("--batches", default=None)
     p.add_argument("--steps", default=None)
     p.add_argument("--dtypes", default=None, help="float32,bfloat16")
-    b = harness.start(p, argv, quick_device="cpu")
+    p.add_argument("--impls", default=None, help=f"comma-separated columns, of {list(IMPLS)} (default: all)")
+    p.add_argument("--name", default="graphs", help="results' file stem (default graphs; e.g. graphs_compile for a "
+                                                    "second run of some columns that must not replace the first)")
+    p.add_argument("--skip-compiled", default=None, metavar="CSV",
+                   help="leave out the (model, dtype, batch) groups that CSV (an earlier run's graphs.csv) has compile "
+                        "rows for: the compile column's continuation in a later device call")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    b = harness.start(cli(), argv, quick_device="cpu")
     args = b.args
+    b.name = args.name
     configs = get_configs(quick=args.quick, device=b.device, models=_list(args.models), batches=_list(args.batches, int),
-                          steps=_list(args.steps, int), dtypes=_list(args.dtypes), compile=not args.no_compile)
+                          steps=_list(args.steps, int), dtypes=_list(args.dtypes), compile=not args.no_compile,
+                          impls=_list(args.impls))
+    if args.skip_compiled:
+        done = compiled_groups(args.skip_compiled)
+        configs = [c for c in configs if (c.model, c.dtype, c.batch) not in done]
+        print(f"--skip-compiled: {len(done)} groups already have compile rows; {len(configs)} cases left", flush=True)
+        if not configs:
+            return 0
     compiled = set()  # (model, dtype, batch) of the compile cases run: a new N reuses the compilation
 
     def run_one(c):
@@ -300,8 +349,8 @@ def main(argv: list[str] | None = None) -> int:
                                   ylabel="us per sample",
                                   title=f"sampling loop on {b.prov['device_name']}, torch {b.prov['torch']}, "
                                         f"diffusers {b.prov['diffusers']}, {b.prov['git_sha'][:12]}")
-    return b.finish("graphs", rows, COLUMNS, what="Sampling loop", plot=plot,
-                    tables=[("graphs_summary", summ, list(summ[0]) if summ else [])])
+    return b.finish(args.name, rows, COLUMNS, what="Sampling loop", plot=plot,
+                    tables=[(f"{args.name}_summary", summ, list(summ[0]) if summ else [])])
 
 
 if __name__ == "__main__":

@@ -12,6 +12,10 @@ Two ops (``math-hold.md`` 6.2, 9; ``diffkern.ops.hold``), on states (B, n*C, H, 
   view ``eps[:, n-1]`` (the normals, two kernels and the add). Bytes: read x0 (1), write z_t (n) and
   eps_n (1): n + 2 data tensors.
 
+Not counted: the transition's table row (n(2n+1) float64) and the per-sample float64 matrices of the
+perturbation (B n (n+1) values, under 0.2% of the counted bytes at the smallest CUDA size), each read from
+memory once and then from cache; the seed. Philox normals are computed, not read.
+
 The fused cases are the front-end (``hold_transition`` / ``hold_perturb``, ``fused``) or the raw torch op
 (``op``), writing preallocated outputs with Philox normals drawn in the kernel; ``compile`` is
 ``torch.compile(fullgraph=True)`` of the eager function (``--no-compile`` or ``--quick`` skips it). States
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import sys
 
 import torch
@@ -108,7 +113,8 @@ def get_configs(*, quick: bool = False, backends: list[str] | None = None, devic
     # on the CUDA sweep it runs there alone (390 cases -> 294, inside gpu_suite.sh's time cap).
     return harness.compile_last([Config(op, impl, b, n, shape, dt, device) for n in ORDERS
                                  for k, shape in enumerate(data_shapes(n, device, quick)) for dt in DTYPES
-                                 for op, impl, b in cases if impl != "op" or k == 0])
+                                 for op, impl, b in cases if impl != "op" or k == 0],
+                                numel=lambda c: c.n * math.prod(c.shape))
 
 
 @functools.lru_cache(maxsize=None)  # one table per (n, device), shared by the cases of the sweep

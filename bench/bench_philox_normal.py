@@ -102,7 +102,7 @@ def run(config: Config, *, warmup: int = 3, repeats: int = 20) -> dict:
     nbytes = (2 if config.impl == "copy" else 1) * config.numel * esize
     label = f"{config.impl}:{config.backend}" if config.backend else config.impl
     row = {"op": "philox_normal", "impl": label, "backend": config.backend, "dtype": config.dtype,
-           "numel": config.numel, "bytes": nbytes}
+           "numel": config.numel, "shape": str(config.numel), "bytes": nbytes}
     nan = float("nan")
     failed = {"median_us": nan, "p20_us": nan, "p80_us": nan, "first_call_ms": nan, "repeats": 0, "gbps": nan}
     if config.impl == "compile" and _COMPILE_ERROR:  # dynamo does not cache a failure: it would retry per case

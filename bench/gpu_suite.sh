@@ -1,25 +1,44 @@
 #!/usr/bin/env bash
 # What a GPU session runs, in device calls of under 10 minutes each: build with CUDA, the CUDA tests (through the
-# ahead-of-time build and through NVRTC), the benchmarks, compute-sanitizer memcheck on the CUDA ops.
+# ahead-of-time build and through NVRTC), compute-sanitizer memcheck on the CUDA ops, the benchmarks, and
+# bench/targets.py's verdicts on the issues' targets (targets.md).
 #
 #   bash bench/prepare_wheels.sh                         # HERE, once: wheels the image lacks, into .whl/
-#   device call 1, carry [".whl"]:  bash bench/gpu_suite.sh                          # build pytest_cuda pytest_nvrtc memcheck
+#   device call 1, carry [".whl"]:  bash bench/gpu_suite.sh                          # build pytest_cuda memcheck
+#                                                                                     #   pytest_nvrtc
 #   device call 2, carry [".whl"]:  GPU_SUITE_STAGES=second bash bench/gpu_suite.sh   # build bench_graphs
 #   device call 3, carry [".whl"]:  GPU_SUITE_STAGES=third bash bench/gpu_suite.sh    # build, benches: sampler_step
-#                                                                                     #   iadb_blend hold ddim
-#   device call 4, carry [".whl"]:  GPU_SUITE_STAGES=fourth bash bench/gpu_suite.sh   # build, benches: philox_normal
-#                                                                                     #   optimal_denoiser, pytest_rest
-# Calls 1-3 hold what the open issues need (the CUDA proof, the end-to-end table, the per-op benchmarks of
-# issue 6's ops); with a session's 30 minutes of device time (about 3 x 10 minutes held) call 4 is optional:
-# its benches are not issue targets and pytest_rest repeats CI (the GPU image's versions were checked on a
-# CPU twin: torch 2.11.0+cu130, Triton 3.6.0, CuPy 14.2). A bench cut short writes the cases it finished.
-# Make the calls back to back: a machine idle for 30 s is given back, and a new one builds again (~2-3 min).
-# The device gets the tree without .git: prefix each command with DIFFKERN_GIT_SHA=<the sha, written out here>
-# so the results record the commit they measured.
+#                                                                                     #   iadb_blend hold
+#   device call 4, carry [".whl"]:  GPU_SUITE_STAGES=fourth bash bench/gpu_suite.sh   # build, bench_graphs_compile
+#                                                              # (the compile column the second call had no time for),
+#                                                        # benches ddim philox_normal optimal_denoiser, pytest_rest
+# Prefix each command with DIFFKERN_GIT_SHA=<sha> (the device gets the tree without .git; write the sha out, with
+# -dirty when `git diff-index --quiet HEAD --` fails here: the tree sent is the working tree) and, when the
+# session's device time left (status: budget_left_s) is under ~11 minutes, GPU_SUITE_BUDGET_S=<that - 90> (a
+# machine's start costs a minute or more): the device tool kills a command at its limit, and only what is
+# under $OUT then comes back. Each call's results are re-packed into $OUT after every stage and every 30 s,
+# so a kill loses at most the stage in progress (whose bench also checkpoints <name>.partial.csv per case).
+# Calls 1-3 hold what the open issues need; 30 minutes of device time is about 3 full calls and a start, so
+# call 4 is optional. Make the calls back to back: a machine idle for 30 s is given back, and a new one builds
+# again (estimated 2-3 min, taken from the next stage's time).
 #
-# Results and logs go to /tmp/gpu_suite/<device>/ and, packed, to $OUT/gpu_suite-<stages>.tar.gz with stages.txt
-# beside it (the device tool returns at most 8 files; the archive is made on exit, also after a timeout). Without
-# $OUT they stay in bench/results/<device>/. Unpack the archive into bench/results/ to commit the results.
+# Estimated time on an H100 (16 cores), from the benches' case lists (`python bench/budget.py`; bench/README.md,
+# "GPU time budget"; not yet checked against a GPU run):
+#   first   build ~150 s cold (0 warm) | pytest_cuda cap 240 | memcheck ~60 s, cap 100 | pytest_nvrtc the rest
+#   second  bench_graphs: 144 non-compile cases ~170 s, then cold compiles of the UNet (~50 s per model, dtype and
+#           batch, batch 1 first) until the deadline: ~5 of 12 groups
+#   third   sampler_step ~145 s (cap 150) | iadb_blend ~94 s (cap 100) | hold ~222 s (cap 260), each with its
+#           compile rows from 2**24 elements; those below 2**24 (no target reads them) come last and are cut
+#   fourth  bench_graphs_compile: the ~7 groups left, ~390 s (cap 470) | ddim ~30 s (cap 40); philox_normal
+#           (~80 s), optimal_denoiser (~40 s) and pytest_rest get what is left, likely nothing: a fifth call
+#           GPU_SUITE_STAGES="build benches pytest_rest" GPU_SUITE_BENCHES="philox_normal optimal_denoiser" runs them
+# The GPU image's versions were checked on a CPU twin: torch 2.11.0+cu130, Triton 3.6.0, CuPy 14.2.
+#
+# Results and logs go to /tmp/gpu_suite/<device>/ (GPU_SUITE_DEST_ROOT) and, packed, to
+# $OUT/gpu_suite-<stages>.tar.gz with stages.txt beside it (the device tool returns at most 8 files). Without
+# $OUT they stay in bench/results/<device>/. Unpack
+# the archive into bench/results/ to commit the results (a later call's bench_graphs_compile reads graphs.csv
+# from /tmp/gpu_suite/<device>/ on a warm machine, else from bench/results/<device>/ of the tree sent).
 #
 # Stages run in order of importance, each under a timeout cut from one budget (GPU_SUITE_BUDGET_S, default 560 s,
 # so the device call's 600 s limit is never hit): a late stage that runs out of time is skipped, not the proof.
@@ -28,12 +47,16 @@
 #                since that python3 is itself a venv): the wheels of .whl/, then an editable build for this GPU's
 #                arch only (offline). Skipped when the same sources were built on this machine already -> build.log
 #   pytest_cuda  every CUDA-marked test (over 8 xdist workers)                                  -> pytest_cuda.log
+#   memcheck     compute-sanitizer --tool memcheck on bench/memcheck_ops.py's launches of every CUDA op
+#                                                                                               -> memcheck.log
 #   pytest_nvrtc the CUDA op tests again with DIFFKERN_CUDA_LOADER=nvrtc: the same kernels compiled at run time
 #                by CuPy's NVRTC (diffkern/ops/cuda_rtc.py) instead of the ahead-of-time build  -> pytest_nvrtc.log
 #   bench_graphs bench/bench_graphs.py, the end-to-end table (compile column last, under a deadline) -> graphs.*
-#   benches      the per-op benchmarks named in GPU_SUITE_BENCHES (default: all)                -> <name>.*
-#   memcheck     compute-sanitizer --tool memcheck on small launches of every CUDA op            -> memcheck.log
+#   bench_graphs_compile  its compile column (with the graph column, for same-run ratios) for the groups that
+#                graphs.csv lacks                                                        -> graphs_compile.*
+#   benches      the per-op benchmarks named in GPU_SUITE_BENCHES                                -> <name>.*
 #   pytest_rest  the rest of the test suite (the CPU tests; CI runs them too)                    -> pytest_rest.log
+#   targets      bench/targets.py after any bench: the issues' targets and missing rows  -> targets.md, targets.csv
 # A summary of each stage's exit status goes to stages.txt (appended: a later call adds to it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -42,12 +65,13 @@ BUDGET=${GPU_SUITE_BUDGET_S:-560}
 PY=${GPU_SUITE_PYTHON:-python3}
 WHEELS=${GPU_SUITE_WHEELS:-.whl}
 STAGES=${GPU_SUITE_STAGES:-first}
-BENCHES=${GPU_SUITE_BENCHES:-sampler_step iadb_blend hold philox_normal ddim optimal_denoiser}
+BENCHES=${GPU_SUITE_BENCHES:-sampler_step iadb_blend hold ddim philox_normal optimal_denoiser}
 case "$STAGES" in
-  first) STAGES="build pytest_cuda pytest_nvrtc memcheck" ;;
+  first) STAGES="build pytest_cuda memcheck pytest_nvrtc" ;;
   second) STAGES="build bench_graphs" ;;
-  third) STAGES="build benches"; BENCHES=${GPU_SUITE_BENCHES:-sampler_step iadb_blend hold ddim} ;;
-  fourth) STAGES="build benches pytest_rest"; BENCHES=${GPU_SUITE_BENCHES:-philox_normal optimal_denoiser} ;;
+  third) STAGES="build benches"; BENCHES=${GPU_SUITE_BENCHES:-sampler_step iadb_blend hold} ;;
+  fourth) STAGES="build bench_graphs_compile benches pytest_rest"
+          BENCHES=${GPU_SUITE_BENCHES:-ddim philox_normal optimal_denoiser} ;;
 esac
 TAG=$(echo "$STAGES" | tr ' ' '-')
 STAGES=" $STAGES "
@@ -55,18 +79,28 @@ want() { [[ "$STAGES" == *" $1 "* ]]; }
 
 gpu_name=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 slug=$(echo "cuda-${gpu_name:-unknown}" | tr 'A-Z' 'a-z' | sed -E 's/[^a-z0-9]+/-/g; s/^-|-$//g')
-if [ -n "${OUT:-}" ]; then DEST=/tmp/gpu_suite/$slug; else DEST=bench/results/$slug; fi
+if [ -n "${OUT:-}" ]; then DEST=${GPU_SUITE_DEST_ROOT:-/tmp/gpu_suite}/$slug; else DEST=bench/results/$slug; fi
 mkdir -p "$DEST"
 echo "results: $DEST"
+# pack: the results so far into $OUT, written under a temporary name and renamed (a kill mid-write leaves the
+# previous archive whole). Run after the environment, after every stage, every 30 s in the background, and at exit.
 pack() {
   [ -n "${OUT:-}" ] || return 0
-  cp "$DEST/stages.txt" "$OUT/" 2>/dev/null
-  tar -czf "$OUT/gpu_suite-$TAG.tar.gz" -C "$(dirname "$DEST")" "$slug"
+  cp "$DEST/stages.txt" "$OUT/stages.txt.$BASHPID" 2>/dev/null && mv -f "$OUT/stages.txt.$BASHPID" "$OUT/stages.txt"
+  tar -czf "$OUT/gpu_suite-$TAG.tar.gz.$BASHPID" -C "$(dirname "$DEST")" "$slug" 2>/dev/null \
+    && mv -f "$OUT/gpu_suite-$TAG.tar.gz.$BASHPID" "$OUT/gpu_suite-$TAG.tar.gz"
 }
-trap pack EXIT
+packer=""
+if [ -n "${OUT:-}" ]; then  # its sleep is killed with it: no orphan keeps the command's output open
+  ( trap 'kill "$s" 2>/dev/null; exit 0' TERM; while :; do sleep 30 & s=$!; wait "$s"; pack; done ) >/dev/null 2>&1 &
+  packer=$!
+fi
+trap '[ -n "$packer" ] && kill "$packer" 2>/dev/null; pack' EXIT
 
 left() { echo $(( BUDGET - (SECONDS - START) )); }
 # stage NAME CAP_S LOG CMD...: run CMD under min(CAP_S, time left - 10 s), log to DEST/LOG, record the status.
+# A bench's deadline (DIFFKERN_BENCH_DEADLINE_S) is that timeout less MARGIN (default 25 s; set it for the stage:
+# `MARGIN=40 stage ...`): the last case started and the writing of the results fit in it.
 stage() {
   local name=$1 cap=$2 log=$3; shift 3
   local t; t=$(left); t=$(( t - 10 < cap ? t - 10 : cap ))
@@ -77,17 +111,26 @@ stage() {
   local t0=$SECONDS
   # A bench starts no case after the deadline and, on timeout's SIGTERM, writes the cases it finished
   # (bench/harness.py; exit status 2 = partial results); unbuffered, the log shows each case as it ends.
-  DIFFKERN_BENCH_DEADLINE_S=$(( t - 25 )) PYTHONUNBUFFERED=1 timeout --kill-after=10 "$t" "$@" > "$DEST/$log" 2>&1
+  DIFFKERN_BENCH_DEADLINE_S=$(( t - ${MARGIN:-25} )) PYTHONUNBUFFERED=1 timeout --kill-after=10 "$t" "$@" \
+    > "$DEST/$log" 2>&1
   local rc=$?
   echo "$name: exit $rc after $(( SECONDS - t0 ))s$([ $rc -eq 124 ] && echo ' (timed out)')" | tee -a "$DEST/stages.txt"
   tail -n 5 "$DEST/$log"
+  pack
+}
+# targets: the issues' verdicts and missing rows from whatever CSVs DEST holds (pure CSV reading, a second).
+targets() {
+  "$PY" bench/targets.py "$DEST" > "$DEST/targets.log" 2>&1 \
+    && grep -E '^(graph_|bw_90pct|## Missing)' "$DEST/targets.log" | tee -a "$DEST/stages.txt"
 }
 echo "-- $(date -u +%FT%TZ) stages:$STAGES" >> "$DEST/stages.txt"
 # Provenance: the tree on the device has no .git. Without DIFFKERN_GIT_SHA the results would say "unknown":
-# record a hash of the sources instead (bench/report.py reads the variable), and say so.
+# record a hash of the sources instead (bench/report.py reads the variable), and say so. The hash goes to
+# stages.txt in any case: it tells which tree a given sha with uncommitted changes was.
+tree=$( (find setup.py csrc kernels diffkern bench -type f \( -name '*.py' -o -name '*.cu' -o -name '*.cuh' \
+  -o -name '*.h' -o -name '*.cpp' -o -name '*.sh' \) | sort | xargs cat) | sha256sum | cut -c1-16)
+echo "tree hash $tree, DIFFKERN_GIT_SHA=${DIFFKERN_GIT_SHA:-}" >> "$DEST/stages.txt"
 if [ -z "${DIFFKERN_GIT_SHA:-}" ] && ! git rev-parse HEAD >/dev/null 2>&1; then
-  tree=$( (find setup.py csrc kernels diffkern bench -type f \( -name '*.py' -o -name '*.cu' -o -name '*.cuh' \
-    -o -name '*.h' -o -name '*.cpp' -o -name '*.sh' \) | sort | xargs cat) | sha256sum | cut -c1-16)
   export DIFFKERN_GIT_SHA="unknown-commit-tree-$tree"
   echo "WARNING: DIFFKERN_GIT_SHA not set and no .git: results record $DIFFKERN_GIT_SHA" | tee -a "$DEST/stages.txt"
 fi
@@ -104,6 +147,7 @@ fi
   nproc; free -g | head -2
 } > "$DEST/env.txt" 2>&1
 cat "$DEST/env.txt"
+pack
 
 # 2. Build. sm_XY of this GPU only (halves nvcc time); pip offline so a missing package fails at once.
 arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d '.')
@@ -137,68 +181,43 @@ elif "$PY" -c 'import xdist' 2>/dev/null; then
   XDIST=(-n "${GPU_SUITE_WORKERS:-8}" --dist load)
 fi
 want pytest_cuda && stage pytest_cuda 240 pytest_cuda.log "$PY" -m pytest -q -rs "${XDIST[@]}" -m cuda tests
-want pytest_nvrtc && stage pytest_nvrtc 150 pytest_nvrtc.log env DIFFKERN_CUDA_LOADER=nvrtc \
-  DIFFKERN_CACHE_DIR=/tmp/diffkern-cache "$PY" -m pytest -q -rs "${XDIST[@]}" -m cuda tests/test_cuda_rtc.py tests/test_sampler_step.py \
-  tests/test_iadb.py tests/test_philox.py tests/test_hold_ops.py tests/test_ddim.py
-# 4-5. Benchmarks.
-want bench_graphs && stage bench_graphs 540 bench_graphs.log "$PY" bench/bench_graphs.py --out "$DEST" \
-  --deadline-s $(( $(left) - 70 ))
-# Caps: about 0.2-0.3 s per case (sweeps of 2**20..2**28 elements, two dtypes) plus one static torch.compile
-# per size, dtype and variant (~1-3 s each; harness.compiled): sampler_step 32, iadb_blend 20, hold 60,
-# philox_normal 10 (a bigger graph). The compile cases run last in each sweep, so a cap cuts them first.
-for spec in sampler_step:170 iadb_blend:110 hold:180 ddim:50 philox_normal:150 optimal_denoiser:90; do
-  b=${spec%%:*}
-  [[ " $BENCHES " == *" $b "* ]] || continue
-  want benches && [ -f "bench/bench_$b.py" ] && stage "bench_$b" "${spec##*:}" "bench_$b.log" "$PY" "bench/bench_$b.py" --out "$DEST"
-done
-# 6. memcheck: small launches of every CUDA op, odd sizes, per-sample seeds, every state dtype.
-cat > /tmp/diffkern_memcheck.py <<'EOF'
-import torch
-import diffkern.ops as dops
-from diffkern.ops import coefs
-dev = "cuda"
-for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-    for shape in ((3, 5, 7), (1, 1), (2, 1025)):
-        x = torch.randn(shape, device=dev).to(dtype)
-        table = coefs.table([coefs.row(a=0.9, b=0.1, c=0.2, s=0.3, e=1.0, f=-1.0)] * 2, device=dev)
-        seed = torch.arange(shape[0], dtype=torch.int64, device=dev)
-        h = torch.zeros_like(x)
-        dops.sampler_step(x, x, table, 1, model_out_uncond=x, history=h, history_out=h, seed=seed, out=x,
-                          x0_out=torch.empty_like(x), backend="cuda")
-        dops.iadb_blend(x, x, torch.rand(shape[0], device=dev), out=torch.empty_like(x),
-                        target_out=torch.empty_like(x), backend="cuda")
-        dops.randn(shape, seed, step=3, offset=7, dtype=dtype, backend="cuda")
-    for n, (H, W) in ((1, (5, 7)), (2, (5, 7)), (3, (5, 7)), (6, (5, 7)), (2, (4, 5)), (3, (4, 5)), (4, (4, 5)),
-                      (8, (4, 5))):
-        # HOLD: (B, n*C, H, W) states, per-sample seeds; P = C*H*W = 40 takes the 4-element kernel (of the
-        # order for n = 2, 3, 4), hold_perturb too
-        B, C = 3, 2
-        z = torch.randn(B, n * C, H, W, device=dev).to(dtype)
-        K, k, L = torch.rand(2, n, n), torch.rand(2, n), torch.tril(torch.rand(2, n, n))
-        coef = dops.hold.transition_table(K, k, L, device=dev)
-        seed = torch.arange(B, dtype=torch.int64, device=dev)
-        dops.hold_transition(z, torch.randn(B, C, H, W, device=dev), coef, 1,
-                             seed=seed, out=torch.empty_like(z), backend="cuda")
-        dops.hold_transition(z, torch.randn(B, C, H, W, device=dev), coef, 1, seed=seed[:1], out=z, backend="cuda")
-        mean = torch.rand(B, n, 1, dtype=torch.float64, device=dev)
-        chol = torch.tril(torch.rand(B, n, n, dtype=torch.float64, device=dev))
-        dops.hold_perturb(torch.randn(B, C, H, W, device=dev).to(dtype), mean, chol, seed=seed, step=2,
-                          out=torch.empty(B, n * C, H, W, device=dev, dtype=dtype),
-                          eps_out=torch.empty(B, C, H, W, device=dev, dtype=dtype), backend="cuda")
-        full = torch.rand(B, n, n, dtype=torch.float64, device=dev)  # m = n: a whole initial state
-        dops.hold_perturb(torch.randn(B, n * C, H, W, device=dev).to(dtype), full, chol, seed=seed[:1], step=2,
-                          backend="cuda")
-torch.cuda.synchronize()
-print("memcheck launches done")
-EOF
+# 4. memcheck: small launches of every CUDA op (bench/memcheck_ops.py: odd sizes, misaligned views, per-sample
+# seeds, every optional input and output, every state dtype, HOLD orders 1-8). Before pytest_nvrtc: it is
+# issue 6's proof, the NVRTC run repeats tests that already passed through the other loader.
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
 if ! want memcheck; then
   :
 elif [ -n "$sanitizer" ]; then
-  stage memcheck 120 memcheck.log "$sanitizer" --tool memcheck --error-exitcode 1 "$PY" /tmp/diffkern_memcheck.py
+  stage memcheck 100 memcheck.log "$sanitizer" --tool memcheck --error-exitcode 1 "$PY" bench/memcheck_ops.py
 else
   echo "memcheck: skipped (no compute-sanitizer)" | tee -a "$DEST/stages.txt"
 fi
+# Files in order of importance (a timeout cuts the last): the loader's own tests first.
+want pytest_nvrtc && stage pytest_nvrtc 150 pytest_nvrtc.log env DIFFKERN_CUDA_LOADER=nvrtc \
+  DIFFKERN_CACHE_DIR=/tmp/diffkern-cache "$PY" -m pytest -q -rs "${XDIST[@]}" -m cuda tests/test_cuda_rtc.py \
+  tests/test_sampler_step.py tests/test_hold_ops.py tests/test_iadb.py tests/test_philox.py tests/test_ddim.py
+# 5. Benchmarks.
+# A graphs case takes up to ~10 s (batch 64, N = 50, 8 calls); a compile case starts only with
+# bench_graphs.COMPILE_NEED_S left before the deadline.
+want bench_graphs && MARGIN=40 stage bench_graphs 540 bench_graphs.log "$PY" bench/bench_graphs.py --out "$DEST"
+# The compile column for the (model, dtype, batch) groups that an earlier call's graphs.csv has no compile rows
+# for, with the graph column again (each compile/graph ratio from one run).
+if want bench_graphs_compile; then
+  prev=""
+  for f in "$DEST/graphs.csv" "$DEST/graphs.partial.csv" "bench/results/$slug/graphs.csv"; do
+    [ -f "$f" ] && prev=$f && break
+  done
+  MARGIN=40 stage bench_graphs_compile 470 bench_graphs_compile.log "$PY" bench/bench_graphs.py --out "$DEST" \
+    --impls graph,compile --name graphs_compile ${prev:+--skip-compiled "$prev"}
+fi
+# Caps from the estimates in the header (bench/README.md, "GPU time budget"). The compile cases run last in each
+# sweep, those under 2**24 elements (which no target reads) last of all, so a cap cuts them first.
+for spec in sampler_step:150 iadb_blend:100 hold:260 ddim:40 philox_normal:90 optimal_denoiser:60; do
+  b=${spec%%:*}
+  [[ " $BENCHES " == *" $b "* ]] || continue
+  want benches && [ -f "bench/bench_$b.py" ] && stage "bench_$b" "${spec##*:}" "bench_$b.log" "$PY" "bench/bench_$b.py" --out "$DEST"
+done
+if want bench_graphs || want bench_graphs_compile || want benches; then targets; fi
 # 7. The rest of the suite (the CPU tests; CI runs them too).
 # ~2400 CPU tests: 9 min on CI's two workers, so one worker per core here.
 want pytest_rest && stage pytest_rest 300 pytest_rest.log "$PY" -m pytest -q -rs \

@@ -4,7 +4,10 @@ re-exported here.
 
 A run can stop early and still write what it measured: ``--deadline-s`` (default: the
 ``DIFFKERN_BENCH_DEADLINE_S`` environment variable) starts no case after that many seconds, and SIGTERM
-(what ``timeout`` sends) ends the case in progress and writes the finished ones.
+(what ``timeout`` sends) ends the case in progress and writes the finished ones. A case that raises is
+recorded (``<name>_errors.csv``) and the sweep goes on, unless the error leaves the CUDA context unusable;
+after every case the rows so far are rewritten to ``<name>.partial.csv`` (removed once the final CSV is
+written), so even a SIGKILL leaves what was measured. A GPU run is scarce: one bad case must not cost the rest.
 Importing this module has no side effects (:meth:`Session.run_cases` handles SIGTERM while it runs).
 """
 from __future__ import annotations
@@ -17,6 +20,7 @@ import math
 import os
 import signal
 import time
+import traceback
 from typing import Callable, Sequence
 
 import torch
@@ -29,6 +33,11 @@ except ImportError:  # run as a script from bench/
     from report import (PROVENANCE_COLUMNS, REPO, device_name, device_slug, git_sha, heading,  # noqa: F401
                         plot_bars, plot_lines, provenance, to_markdown, write_csv)
     from timing import LONG_CALL_S, LONG_REPEATS, Timing, cuda_plan, time_fn  # noqa: F401
+
+
+# Messages of CUDA errors after which the context is unusable: every later case would fail the same way.
+STICKY_CUDA_ERRORS = ("illegal memory access", "device-side assert", "unspecified launch failure",
+                      "misaligned address", "illegal instruction", "CUDA error: an illegal", "uncorrectable ECC")
 
 
 class Stopped(BaseException):
@@ -91,10 +100,21 @@ def add_peak(rows: list[dict]) -> None:
         r["frac_peak_bw"] = r["gbps"] / peak if "gbps" in r else math.nan
 
 
-def compile_last(configs: list) -> list:
-    """``configs`` with the ``torch.compile`` cases moved to the end (order kept otherwise): each compiles
-    for seconds, so a deadline that cuts the sweep short drops compile baselines, not the fused and eager rows."""
-    return sorted(configs, key=lambda c: c.impl == "compile")
+# Issue 6's bandwidth, eager and compile targets are read at this many elements and above (bench/targets.py).
+TARGET_MIN_NUMEL = 2**24
+
+
+def compile_last(configs: list, numel: Callable[[object], int | None] = lambda c: getattr(c, "numel", None)) -> list:
+    """``configs`` with the ``torch.compile`` cases moved to the end (order kept otherwise), those at the target
+    sizes (``numel(c) >= TARGET_MIN_NUMEL``, or unknown) before the smaller ones: each compiles for seconds, so a
+    deadline that cuts the sweep short drops the compile baselines that no target reads first, then the other
+    compile baselines, never the fused and eager rows."""
+    def tier(c) -> int:
+        if c.impl != "compile":
+            return 0
+        n = numel(c)
+        return 1 if n is None or n >= TARGET_MIN_NUMEL else 2
+    return sorted(configs, key=tier)
 
 
 def sweep_sizes(device: str, quick: bool, *, bytes_per_element: int = 0) -> list[int]:
@@ -211,7 +231,9 @@ class Session:
     device: str
     prov: dict = dataclasses.field(default_factory=dict)
     t0: float = dataclasses.field(default_factory=time.monotonic)
-    incomplete: bool = False  # the deadline or SIGTERM left cases unrun: finish() returns 2
+    incomplete: bool = False  # the deadline or SIGTERM left cases unrun, or a case failed: finish() returns 2
+    name: str = ""  # the results' file stem (``<name>.csv``); with it, run_cases checkpoints <name>.partial.csv
+    errors: list = dataclasses.field(default_factory=list)  # {"case", "error"} of each case that raised
 
     def past_deadline(self, need_s: float = 0.0) -> bool:
         """Whether ``--deadline-s`` leaves less than ``need_s`` seconds for the next case."""
@@ -221,7 +243,10 @@ class Session:
     def run_cases(self, configs: Sequence, run: Callable[[object], dict], *,
                   need_s: Callable[[object], float] = lambda c: 0.0) -> list[dict]:
         """``[run(c) for c in configs]`` with a progress line per case, skipping a case that ``--deadline-s``
-        leaves less than ``need_s(c)`` seconds for, and stopping at SIGTERM; either sets ``incomplete``."""
+        leaves less than ``need_s(c)`` seconds for, and stopping at SIGTERM; either sets ``incomplete``. A case
+        that raises is recorded in ``errors`` (traceback on stderr) and the sweep goes on, but for an error that
+        leaves the CUDA context unusable (every later case would fail): then it stops. After each case the rows
+        so far go to ``<name>.partial.csv`` (with ``name``)."""
         rows, skipped = [], 0
         with _stop_on_sigterm():
             for k, c in enumerate(configs):
@@ -234,11 +259,38 @@ class Session:
                     skipped += len(configs) - k
                     print(f"stopped by {exc}", flush=True)
                     break
+                except Exception as exc:  # noqa: BLE001 (recorded, printed, and the sweep goes on)
+                    if self._failed(c, exc):
+                        skipped += len(configs) - k - 1
+                        print("stopping: the CUDA context is unusable after this error", flush=True)
+                        break
+                    continue
                 print(f"[{k + 1}/{len(configs)} {time.monotonic() - self.t0:.0f}s] {c}", flush=True)
+                self._checkpoint(rows)
         if skipped:
             self.incomplete = True
-            print(f"{skipped} of {len(configs)} cases not run (deadline or signal)", flush=True)
+            print(f"{skipped} of {len(configs)} cases not run (deadline, signal or a CUDA error)", flush=True)
         return rows
+
+    def _failed(self, case, exc: Exception) -> bool:
+        """Record a case that raised; returns whether the error is sticky (the CUDA context is lost)."""
+        message = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        first = all(e["error"] != message for e in self.errors)
+        self.errors.append({"case": str(case), "error": message})
+        self.incomplete = True
+        print(f"FAILED {case}: {message}", flush=True)
+        if first:  # the whole traceback once per distinct error, one line for its repeats
+            traceback.print_exc()
+        if torch.cuda.is_available() and isinstance(exc, torch.cuda.OutOfMemoryError):
+            torch.cuda.empty_cache()
+            return False
+        return any(s in str(exc) for s in STICKY_CUDA_ERRORS)
+
+    def _checkpoint(self, rows: list[dict]) -> None:
+        """Rewrite ``<name>.partial.csv`` with the rows so far (provenance included); nothing without ``name``."""
+        if self.name:
+            out = out_dir(self.args.out, self.device, getattr(self.args, "quick", False))
+            write_csv([{**r, **self.prov} for r in rows], os.path.join(out, f"{self.name}.partial.csv"))
 
     @property
     def warmup(self) -> int:
@@ -262,36 +314,52 @@ class Session:
 
     def finish(self, name: str, rows: list[dict], columns: Sequence[str], *, what: str,
                plot: Callable[[list[dict], str], str], tables: Sequence[tuple] = (), note: str = "") -> int:
-        """Write ``<name>.csv`` (``rows`` with the provenance columns) and ``<name>.png`` (``plot(rows, path)``)
-        in ``--out``, and ``<stem>.csv`` for each extra ``(stem, rows, columns)`` of ``tables``; print the
-        :func:`heading` of ``what``, the extra tables, the main table, ``note`` and the paths. Returns 0, or
-        2 when the run stopped early (``incomplete``), or 1 when no case finished (nothing is written)."""
+        """Write ``<name>.csv`` (``rows`` with the provenance columns), ``<name>.png`` (``plot(rows, path)``) and
+        ``<name>.md`` (heading, tables, note) in ``--out``, ``<stem>.csv`` for each extra ``(stem, rows, columns)``
+        of ``tables``, and ``<name>_errors.csv`` when cases failed; print the markdown. Returns 0, or 2 when the
+        run stopped early or a case failed (``incomplete``), or 1 when no case finished (only the errors, if
+        any, are written)."""
+        out = out_dir(self.args.out, self.device, getattr(self.args, "quick", False))
+        if self.errors:
+            write_csv([{**e, **self.prov} for e in self.errors], os.path.join(out, f"{name}_errors.csv"))
+            note = "\n".join([note] * bool(note) + [f"FAILED {e['case']}: {e['error']}" for e in self.errors])
         if not rows:
             print(f"{name}: no case finished, nothing written", flush=True)
             return 1
-        out = out_dir(self.args.out, self.device, getattr(self.args, "quick", False))
         rows = [{**r, **self.prov} for r in rows]
         csv_path = write_csv(rows, os.path.join(out, f"{name}.csv"))
+        partial = os.path.join(out, f"{name}.partial.csv")
+        if os.path.exists(partial):  # superseded by the final CSV
+            os.remove(partial)
         try:
             png_path = plot(rows, os.path.join(out, f"{name}.png"))
-        except ImportError as e:  # no matplotlib on a lent GPU image: the CSV and the table are the results
-            png_path = f"no PNG ({e})"
-        print(heading(what, self.prov) + "\n")
+        except Exception as e:  # noqa: BLE001 (no matplotlib on the image, or a plot that fails: the CSV and
+            png_path = f"no PNG ({type(e).__name__}: {e})"  # the tables are the results)
+        parts = [heading(what, self.prov)]
         for stem, extra, extra_columns in tables:
             write_csv([{**r, **self.prov} for r in extra], os.path.join(out, f"{stem}.csv"))
-            print(to_markdown(extra, extra_columns) + "\n")
-        print(to_markdown(rows, columns))
+            parts.append(to_markdown(extra, extra_columns))
+        parts.append(to_markdown(rows, columns))
         if note:
-            print(f"\n{note}")
-        print(f"\nwrote {csv_path} and {png_path}")
+            parts.append(note)
+        text = "\n\n".join(parts) + "\n"
+        with open(os.path.join(out, f"{name}.md"), "w") as f:
+            f.write(text)
+        print(text)
+        print(f"wrote {csv_path}, {name}.md and {png_path}")
         return 2 if self.incomplete else 0
 
 
-def start(p: argparse.ArgumentParser, argv: list[str] | None = None, *, quick_device: str | None = None) -> Session:
+def start(p: argparse.ArgumentParser, argv: list[str] | None = None, *, quick_device: str | None = None,
+          name: str = "") -> Session:
     """Parse ``argv`` with ``p`` (:func:`parser` plus the script's own flags) and pick the device: ``--device``,
-    else ``quick_device`` under ``--quick`` when given, else :func:`default_device`."""
+    else ``quick_device`` under ``--quick`` when given, else :func:`default_device`. ``name``: the results'
+    file stem (``Session.name``: checkpoints)."""
     args = p.parse_args(argv)
-    return Session(args, args.device or (args.quick and quick_device) or default_device())
+    device = args.device or (args.quick and quick_device) or default_device()
+    if device.startswith("cuda") and not torch.cuda.is_available():  # every case would fail the same way
+        raise SystemExit(f"--device: {device!r} asked for, but torch reports no CUDA device")
+    return Session(args, device, name=name)
 
 
 def run_sweep(description: str, argv, module, *, compile_help: str | None = None, packages: tuple = ()):
@@ -301,7 +369,8 @@ def run_sweep(description: str, argv, module, *, compile_help: str | None = None
     p = parser(description)
     if compile_help is not None:
         p.add_argument("--no-compile", action="store_true", help=compile_help)
-    b = start(p, argv)
+    # the file stem (run as a script, the module is __main__): bench_sampler_step.py -> sampler_step
+    b = start(p, argv, name=os.path.splitext(os.path.basename(module.__file__))[0].removeprefix("bench_"))
     kw = {"compile": False if b.args.no_compile else None} if compile_help is not None else {}
     configs = module.get_configs(quick=b.args.quick, backends=b.backends(), device=b.device, **kw)
     with b.measuring(*packages):

@@ -9,6 +9,7 @@ import datetime
 import importlib
 import math
 import os
+import platform
 import re
 import subprocess
 from typing import Iterable, Sequence
@@ -18,8 +19,8 @@ import torch
 from diffkern._host import cpu_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROVENANCE_COLUMNS = ("device_name", "cpu_model", "torch", "triton", "cuda", "git_sha", "timestamp", "threads",
-                      "loadavg_1m")
+PROVENANCE_COLUMNS = ("device_name", "cpu_model", "torch", "triton", "cuda", "cudnn", "python", "cuda_loader",
+                      "git_sha", "timestamp", "threads", "loadavg_1m")
 
 #----------------------------------------------------------------------------
 # Provenance: where and on what the numbers were taken.
@@ -52,11 +53,23 @@ def _version(package: str) -> str:
         return "none"
 
 
+def cuda_loader(device: str) -> str:
+    """Where the ``cuda`` backend's kernels came from on ``device``: ``aot`` (built into ``diffkern._C``),
+    ``nvrtc`` (compiled at run time), else ``none`` (also on CPU, where nothing is probed)."""
+    if not device.startswith("cuda"):
+        return "none"
+    from diffkern.ops import cuda_loader as loader
+
+    return loader()[0] or "none"
+
+
 def provenance(device: str, *packages: str) -> dict:
     """The provenance columns (``PROVENANCE_COLUMNS``) for a run on ``device``, then the version of each of
     ``packages`` (``none`` when it is not installed) under the package's name."""
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     return {"device_name": device_name(device), "cpu_model": cpu_model(), "torch": torch.__version__,
-            "triton": _version("triton"), "cuda": torch.version.cuda or "none", "git_sha": git_sha(),
+            "triton": _version("triton"), "cuda": torch.version.cuda or "none", "cudnn": str(cudnn or "none"),
+            "python": platform.python_version(), "cuda_loader": cuda_loader(device), "git_sha": git_sha(),
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "threads": torch.get_num_threads(), "loadavg_1m": round(os.getloadavg()[0], 2),
             **{p: _version(p) for p in packages}}
@@ -65,8 +78,10 @@ def provenance(device: str, *packages: str) -> dict:
 def heading(what: str, prov: dict) -> str:
     """``# <what> on <device> (versions, threads, load, commit, time)``: the line above a printed table."""
     packages = [k for k in prov if k not in PROVENANCE_COLUMNS]  # the ones provenance() was asked for
-    versions = [f"torch {prov['torch']}"] + [f"{k} {prov[k]}" for k in ("triton", *packages, "cuda")
+    versions = [f"torch {prov['torch']}"] + [f"{k} {prov[k]}" for k in ("triton", *packages, "cuda", "cudnn")
                                              if prov[k] != "none"]
+    if prov.get("cuda_loader", "none") != "none":
+        versions.append(f"diffkern cuda kernels: {prov['cuda_loader']}")
     return (f"# {what} on {prov['device_name']} ({', '.join(versions)}, {prov['threads']} threads, "
             f"load average {prov['loadavg_1m']}, {prov['git_sha'][:12]}, {prov['timestamp']})")
 

@@ -40,6 +40,7 @@ def test_quick_run_writes_csv_png_and_table(bench, name, tmp_path, capsys):
         assert all(r.get(col) not in (None, "") for r in rows), f"column {col} missing or empty"
     for r in rows:
         assert math.isfinite(float(r["median_us"])) and float(r["p20_us"]) <= float(r["p80_us"])
+        assert r.get("dtype") and (r.get("shape") or r.get("state_shape")), "every row says its dtype and shape"
     assert (tmp_path / f"{BENCHES[name]}.png").stat().st_size > 0
     table = capsys.readouterr().out
     assert "| impl |" in table and "copy" in table
