@@ -200,12 +200,17 @@ def input_version(x: torch.Tensor):
     return None if x.is_inference() else x._version
 
 
-def check_input_kept(x: torch.Tensor, version) -> None:
-    """Raise unless the model call since :func:`input_version` left x, the sampler's state, as it was (a model that
-    writes into its input would silently corrupt the update that reads it next)."""
+_KEPT_WHY = {"x": "x is the sampler's state, which the update after the call reads",
+             "sigma": "sigma is a view of the loop's table of noise levels, which later steps (and graph replays) read"}
+
+
+def check_input_kept(x: torch.Tensor, version, name: str = "x") -> None:
+    """Raise unless the model call since :func:`input_version` left its input ``name`` (x, the sampler's state, or
+    sigma, a view of the device table of noise levels) as it was: a model writing into either would silently corrupt
+    the steps that read it next."""
     if version is not None and x._version != version:
-        raise RuntimeError("model: modified its input x in place; x is the sampler's state, which the update after "
-                           "the call reads: clone x inside the model before writing to it")
+        raise RuntimeError(f"model: modified its input {name} in place; {_KEPT_WHY[name]}: clone {name} inside the "
+                           "model before writing to it")
 
 
 def _check_output(t, x: torch.Tensor, what: str) -> None:
@@ -267,13 +272,14 @@ class _Loop:
     def _model(self, row: int):
         """One model call at row's sigma: (model_out, model_out_uncond or None), checked on the first call."""
         sigma = self.sig_dev[row].expand(self.x.shape[0])
-        version = input_version(self.x)
+        version, sigma_version = input_version(self.x), input_version(self.sig_dev)
         if self.fused:
             out = self.model.raw(self.x, sigma, **self.extra)
             m, u = out if isinstance(out, tuple) else (out, None)
         else:
             m, u = self.model(self.x, sigma, **self.extra), None
         check_input_kept(self.x, version)
+        check_input_kept(self.sig_dev, sigma_version, "sigma")
         if not self._checked:
             _check_output(m, self.x, "output")
             if u is not None:

@@ -161,6 +161,16 @@ def test_wrapped_and_iadb_models_writing_into_their_input_are_refused():
         diffkern.sample_iadb(lambda x, a: x.add_(0.0), _x(scale=1.0), steps=2)
 
 
+def test_a_model_writing_into_its_sigma_is_refused():
+    """sigma is a view of the loop's device table: at batch 1 an in-place write would change later steps' levels."""
+    def model(x, sigma):
+        sigma.mul_(1.0)
+        return GMM(x, sigma)
+
+    with pytest.raises(RuntimeError, match="model: modified its input sigma in place; sigma is a view of the loop's"):
+        diffkern.sample(model, _x()[:1], SIGMAS, "euler")
+
+
 def test_a_model_writing_into_its_own_copy_is_fine():
     def model(x, sigma):
         y = x.clone()
