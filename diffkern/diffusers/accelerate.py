@@ -30,6 +30,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .. import graphs
 from ..ops import backend_status
+from .accelerate_args import _keywords, numpy_images, uncompiled
 from .loop_spec import decreasing_prefix, diffkern_scheduler, loop_spec
 from .schedule_denoiser import AlphaUNet, ScheduleDenoiser
 
@@ -74,7 +75,23 @@ class AcceleratedPipeline:
                              knobs=dict(knobs), kind=kind)
 
     def __getattr__(self, name):
+        if "pipe" not in self.__dict__:  # an instance being copied or unpickled: nothing to forward to yet
+            raise AttributeError(name)
         return getattr(self.__dict__["pipe"], name)
+
+    def __setattr__(self, name, value):
+        """Own settings (method, graph, ...) and methods stay here; any other attribute is set on the wrapped
+        pipeline, as its reads forward there: ``fast.scheduler = ...`` must change the scheduler the loop reads."""
+        if name in self.__dict__ or hasattr(type(self), name):
+            self.__dict__[name] = value
+        else:
+            setattr(self.pipe, name, value)
+
+    def __getstate__(self) -> dict:
+        """A copy shares no model wrappers: their cache keys hold the identity of this pipeline's networks."""
+        state = dict(self.__dict__)
+        state.pop("_models", None)
+        return state
 
     def to(self, *args, **kwargs) -> "AcceleratedPipeline":
         """Move the wrapped pipeline (``pipe.to``); returns this accelerated pipeline."""
@@ -185,7 +202,7 @@ class AcceleratedPipeline:
         return out.to(latents.dtype)
 
     @torch.no_grad()
-    def __call__(self, prompt=None, **kwargs):
+    def __call__(self, *args, **kwargs):
         """The wrapped pipeline's call with its usual arguments (``num_inference_steps``, ``generator``,
         ``output_type``, ``return_dict``, ``eta``; text-to-image: ``prompt``, ``negative_prompt``,
         ``guidance_scale``, ``num_images_per_prompt``, ``height``, ``width``, ``latents``, ``prompt_embeds``,
@@ -195,8 +212,9 @@ class AcceleratedPipeline:
         IP-adapters) raise. img2img and inpainting: :mod:`.accelerate_img2img`, :mod:`.accelerate_sdxl_img2img`,
         :mod:`.accelerate_inpaint`, :mod:`.accelerate_sdxl_inpaint`, :mod:`.accelerate_controlnet`,
         :mod:`.accelerate_sdxl_controlnet`."""
+        kwargs = _keywords(self.pipe, args, kwargs)  # positional arguments as the pipeline binds them
         if self.kind == "unconditional":
-            if prompt is not None:
+            if kwargs.get("prompt") is not None:
                 raise TypeError("prompt: this is an unconditional pipeline")
             return self._call_unconditional(**kwargs)
         from . import accelerate_img2img as img2img, accelerate_inpaint as inpaint, accelerate_text2img as text2img
@@ -206,7 +224,7 @@ class AcceleratedPipeline:
         call = {"sdxl": text2img.call_sdxl, "lcm": text2img.call_lcm, **img2img.CALLS, **sdxl_img2img.CALLS,
                 **inpaint.CALLS, **controlnet.CALLS, **sdxl_controlnet.CALLS,
                 **sdxl_inpaint.CALLS}.get(self.kind, text2img.call_sd)
-        return call(self, prompt, **kwargs)
+        return call(self, **kwargs)
 
     def _call_unconditional(self, batch_size=1, generator=None, num_inference_steps=None, eta=None,
                             use_clipped_model_output=None, output_type="pil", return_dict=True, **unsupported):
@@ -225,9 +243,11 @@ class AcceleratedPipeline:
         image = self._run(ours, spec, image * float(ours.init_noise_sigma), generator)
         image = (image / 2 + 0.5).clamp(0, 1)
         if output_type != "pt":
-            image = image.cpu().permute(0, 2, 3, 1).numpy()
+            image = numpy_images(image)
             if output_type == "pil":
                 image = pipe.numpy_to_pil(image)
+        if hasattr(pipe, "maybe_free_model_hooks"):  # as the pipeline: offloaded models go back to the CPU
+            pipe.maybe_free_model_hooks()
         return ImagePipelineOutput(images=image) if return_dict else (image,)
 
     def _warn_unscaled(self, ours) -> None:
@@ -280,7 +300,7 @@ def _pipeline_kind(pipe) -> str:
         from .accelerate_pixart import pixart_kind
         from .accelerate_sd3 import transformer_kind
         return pixart_kind(pipe, who) or transformer_kind(pipe, who)
-    unet = getattr(pipe, "unet", None)
+    unet = uncompiled(getattr(pipe, "unet", None))
     if unet is None or getattr(pipe, "scheduler", None) is None:
         raise TypeError(f"accelerate: unsupported pipeline {who}: expected a pipeline with a `unet` and a `scheduler`")
     if isinstance(unet, UNet2DModel):
@@ -342,6 +362,8 @@ def accelerate(pipe, method=None, backend="auto", graph="auto", progress=False, 
     Returns:
         An :class:`AcceleratedPipeline` callable like the pipeline.
     """
+    if isinstance(pipe, AcceleratedPipeline):  # its forwarded attributes would pass the checks below by halves
+        raise TypeError("pipe: already an AcceleratedPipeline; accelerate its diffusers pipeline (`.pipe`) instead")
     if graph not in (True, False, "auto"):
         raise ValueError(f"graph: expected True, False or 'auto', got {graph!r}")
     if graph is True and not torch.cuda.is_available():

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .accelerate import _default
+from .accelerate_args import _keywords
 from .accelerate_flux import FluxAcceleratedPipeline, flux_loop, flux_mu, flux_prompts
 from .accelerate_sd3 import FlowAcceleratedPipeline, flow_images, reject_flow_call, sd3_mu, sd3_prompts
 from .accelerate_text2img import _prompt_batch
@@ -67,20 +68,20 @@ class FlowImg2ImgAcceleratedPipeline(FlowAcceleratedPipeline):
     """:class:`~.accelerate_sd3.FlowAcceleratedPipeline` of a ``StableDiffusion3Img2ImgPipeline``."""
 
     @torch.no_grad()
-    def __call__(self, prompt=None, **kwargs):
+    def __call__(self, *args, **kwargs):
         """The pipeline's call with its usual arguments (those of SD3's text-to-image call, ``image``,
         ``strength`` and ``sigmas``). Callbacks and IP-adapters raise."""
-        return call_sd3_img2img(self, prompt, **kwargs)
+        return call_sd3_img2img(self, **_keywords(self.pipe, args, kwargs))  # positionals as the pipeline's
 
 
 class FluxImg2ImgAcceleratedPipeline(FluxAcceleratedPipeline):
     """:class:`~.accelerate_flux.FluxAcceleratedPipeline` of a ``FluxImg2ImgPipeline``."""
 
     @torch.no_grad()
-    def __call__(self, prompt=None, **kwargs):
+    def __call__(self, *args, **kwargs):
         """The pipeline's call with its usual arguments (those of Flux's text-to-image call, ``image`` and
         ``strength``). Callbacks and IP-adapters raise."""
-        return call_flux_img2img(self, prompt, **kwargs)
+        return call_flux_img2img(self, **_keywords(self.pipe, args, kwargs))  # positionals as the pipeline's
 
 
 def call_sd3_img2img(acc, prompt=None, prompt_2=None, prompt_3=None, height=None, width=None, image=None,

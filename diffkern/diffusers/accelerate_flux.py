@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .accelerate import _check_call_arguments, _default
+from .accelerate_args import _keywords, uncompiled
 from .accelerate_sd3 import (FlowAcceleratedPipeline, FlowTransformerDenoiser, check_flow_scheduler,
                              check_image_processor, flow_images, reject_flow_call)
 from .accelerate_text2img import _prompt_batch
@@ -106,13 +107,13 @@ class FluxAcceleratedPipeline(FlowAcceleratedPipeline):
                                                                 latents.dtype).to(latents.device))
 
     @torch.no_grad()
-    def __call__(self, prompt=None, **kwargs):
+    def __call__(self, *args, **kwargs):
         """The pipeline's call with its usual arguments (``prompt``, ``prompt_2``, their negatives, pre-computed
         (pooled) embeddings, ``true_cfg_scale``, ``guidance_scale``, ``num_images_per_prompt``, ``height``,
         ``width``, ``num_inference_steps``, ``sigmas``, ``generator``, ``latents``, ``output_type``,
         ``return_dict``, ``max_sequence_length``, ``joint_attention_kwargs`` with a LoRA ``scale`` only).
         Callbacks and IP-adapters raise."""
-        return call_flux(self, prompt, **kwargs)
+        return call_flux(self, **_keywords(self.pipe, args, kwargs))  # positionals as the pipeline's
 
 
 def _negative_like(name: str, negative, positive) -> None:
@@ -211,7 +212,7 @@ def flux_kind(pipe, who: str) -> str:
     ControlNet, Kontext, Fill: their calls take more arguments)."""
     from diffusers import FluxTransformer2DModel
 
-    transformer = pipe.transformer
+    transformer = uncompiled(pipe.transformer)  # (torch.compile's wrapper: its module is checked)
     if not (isinstance(transformer, FluxTransformer2DModel) and hasattr(pipe, "encode_prompt")
             and hasattr(pipe, "prepare_latents") and hasattr(pipe, "_unpack_latents")
             and getattr(pipe, "vae", None) is not None and getattr(pipe, "scheduler", None) is not None):

@@ -24,6 +24,7 @@ import dataclasses
 import torch
 
 from .accelerate import AcceleratedPipeline, _check_call_arguments, _default, _reject
+from .accelerate_args import _keywords, uncompiled
 from .accelerate_text2img import _initial_latents, _prompt_batch, unet_extra
 from .schedule_denoiser import ScheduleDenoiser
 
@@ -48,13 +49,13 @@ class PixArtAcceleratedPipeline(AcceleratedPipeline):
     """:class:`~diffkern.diffusers.accelerate.AcceleratedPipeline` of a PixArt-alpha or PixArt-sigma pipeline."""
 
     @torch.no_grad()
-    def __call__(self, prompt=None, **kwargs):
+    def __call__(self, *args, **kwargs):
         """The pipeline's call with its usual arguments (``prompt``, ``negative_prompt``, ``num_inference_steps``,
         ``guidance_scale``, ``num_images_per_prompt``, ``height``, ``width``, ``eta``, ``generator``, ``latents``,
         the prompt embeddings and attention masks and their negatives, ``output_type``, ``return_dict``,
         ``clean_caption``, ``use_resolution_binning``, ``max_sequence_length``). Callbacks and custom
         timesteps/sigmas raise."""
-        return call_pixart(self, prompt, **kwargs)
+        return call_pixart(self, **_keywords(self.pipe, args, kwargs))  # positionals as the pipeline's
 
 
 def _aspect_ratio_bins(pipe, sigma: bool):
@@ -162,7 +163,7 @@ def pixart_kind(pipe, who: str):
     a ``PixArtTransformer2DModel``; raises TypeError naming what the fused loop cannot run (PAG, ...)."""
     from diffusers import PixArtAlphaPipeline, PixArtSigmaPipeline, PixArtTransformer2DModel
 
-    if not isinstance(pipe.transformer, PixArtTransformer2DModel):
+    if not isinstance(uncompiled(pipe.transformer), PixArtTransformer2DModel):  # (torch.compile's: its module)
         return None
     kind = ("pixart_sigma" if isinstance(pipe, PixArtSigmaPipeline)
             else "pixart_alpha" if isinstance(pipe, PixArtAlphaPipeline) else None)

@@ -19,6 +19,7 @@ import torch
 
 from .. import wrappers
 from .accelerate import AcceleratedPipeline, _check_call_arguments, _default, _reject, _seed, _stochastic
+from .accelerate_args import _keywords, uncompiled
 from .accelerate_text2img import _prompt_batch
 from .loop_spec import FLOW_TOP, diffkern_scheduler, loop_spec
 
@@ -115,13 +116,13 @@ class FlowAcceleratedPipeline(AcceleratedPipeline):
                                                                 T).to(latents.device))
 
     @torch.no_grad()
-    def __call__(self, prompt=None, **kwargs):
+    def __call__(self, *args, **kwargs):
         """The pipeline's call with its usual arguments (``prompt``, ``prompt_2``, ``prompt_3``, their negatives,
         pre-computed (pooled) embeddings, ``guidance_scale``, ``num_images_per_prompt``, ``height``, ``width``,
         ``num_inference_steps``, ``generator``, ``latents``, ``output_type``, ``return_dict``, ``clip_skip``,
         ``max_sequence_length``, ``mu``, ``joint_attention_kwargs`` with a LoRA ``scale`` only). Skip-layer
         guidance, callbacks, custom sigmas and IP-adapters raise."""
-        return call_sd3(self, prompt, **kwargs)
+        return call_sd3(self, **_keywords(self.pipe, args, kwargs))  # positionals as the pipeline's
 
 
 def check_flow_scheduler(pipe, ours) -> None:
@@ -245,7 +246,7 @@ def transformer_kind(pipe, who: str) -> str:
 
     from .accelerate_flow_img2img import img2img_handler
 
-    transformer = pipe.transformer
+    transformer = uncompiled(pipe.transformer)  # (torch.compile's wrapper: its module is checked)
     if type(pipe).__name__.startswith("Flux") or type(transformer).__name__.startswith("Flux"):
         from .accelerate_flux import flux_kind
         return flux_kind(pipe, who)

@@ -1,0 +1,37 @@
+"""Small helpers of :class:`~diffkern.diffusers.accelerate.AcceleratedPipeline` at the pipeline's boundary: a call's
+positional arguments bound as the pipeline binds them, the unconditional pipelines' numpy images, and the module
+under a ``torch.compile`` wrapper (what the pipeline-kind checks look at)."""
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+
+def _keywords(pipe, args: tuple, kwargs: dict) -> dict:
+    """``kwargs`` with the positional ``args`` of a call bound by name as the pipeline's ``__call__`` binds them
+    (``DDPMPipeline``'s first is ``batch_size``, a text pipeline's ``prompt``)."""
+    if not args:
+        return kwargs
+    params = list(inspect.signature(type(pipe).__call__).parameters.values())[1:]  # after self
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(args) > len(names):
+        raise TypeError(f"{type(pipe).__name__}.__call__ takes at most {len(names)} positional argument(s) "
+                        f"({', '.join(names)}), got {len(args)}")
+    both = sorted(set(names[:len(args)]) & set(kwargs))
+    if both:
+        raise TypeError(f"{type(pipe).__name__}.__call__: argument(s) {both} given both by position and by name")
+    return {**dict(zip(names, args)), **kwargs}
+
+
+def numpy_images(image: torch.Tensor):
+    """NCHW image tensor -> NHWC numpy array on the host, in the tensor's dtype (the stock ``DDPMPipeline``'s) but
+    bfloat16, which numpy lacks: float32 (exact), as diffusers' ``VaeImageProcessor.pt_to_numpy`` makes it."""
+    image = image.cpu().permute(0, 2, 3, 1)
+    return (image.float() if image.dtype == torch.bfloat16 else image).numpy()
+
+
+def uncompiled(module):
+    """The module a ``torch.compile`` wrapper (``pipe.unet = torch.compile(pipe.unet)``) compiles, else ``module``:
+    what the pipeline-kind checks look at; the loop calls the compiled module."""
+    return getattr(module, "_orig_mod", module)
