@@ -233,3 +233,13 @@ def test_float64_cast_after_accelerate(tiny_sd):
     ours = _sd(fast.to(torch.float64))
     assert ours.dtype == torch.float64
     assert torch.equal(ours, _sd(dd.accelerate(pipe)))
+
+
+@pytest.mark.parametrize("steps", [0, -2, True, 2.5])
+def test_bad_step_counts_are_refused_by_name(tiny_sd, steps):
+    """0 steps used to read as 'not given' and run the default count (stock raises or returns undenoised latents)."""
+    fast = dd.accelerate(tiny_sd(getattr(diffusers, EULER[0])(**EULER[1])))
+    with pytest.raises(ValueError, match=r"num_inference_steps: expected an int >= 1, got"):
+        _sd(fast, num_inference_steps=steps)
+    with pytest.raises(ValueError, match=r"num_inference_steps: expected an int >= 1, got"):
+        _uncond(dd.accelerate(_ddim_pipe()), num_inference_steps=steps)

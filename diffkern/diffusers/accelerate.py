@@ -30,7 +30,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .. import graphs
 from ..ops import backend_status
-from .accelerate_args import _keywords, numpy_images, uncompiled
+from .accelerate_args import _default, _keywords, _steps, numpy_images, uncompiled  # noqa: F401 (re-exported)
 from .loop_spec import decreasing_prefix, diffkern_scheduler, loop_spec
 from .schedule_denoiser import AlphaUNet, ScheduleDenoiser
 
@@ -60,11 +60,6 @@ def _seed(generator, batch: int):
             raise ValueError(f"generator: a list of {len(generator)} generators for a batch of {batch}")
         return torch.tensor([draw(g) for g in generator], dtype=torch.int64)
     return draw(generator)
-
-
-def _default(pipe, name: str, fallback):
-    param = inspect.signature(type(pipe).__call__).parameters.get(name)
-    return fallback if param is None or param.default is inspect.Parameter.empty else param.default
 
 
 class AcceleratedPipeline:
@@ -232,7 +227,7 @@ class AcceleratedPipeline:
 
         _reject(unsupported)
         pipe = self.pipe
-        steps = num_inference_steps or _default(pipe, "num_inference_steps", 1000)
+        steps = _steps(pipe, num_inference_steps, 1000)
         size = pipe.unet.config.sample_size
         shape = (batch_size, pipe.unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
         if isinstance(generator, list) and len(generator) != batch_size:

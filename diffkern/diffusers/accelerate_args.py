@@ -1,9 +1,10 @@
 """Small helpers of :class:`~diffkern.diffusers.accelerate.AcceleratedPipeline` at the pipeline's boundary: a call's
-positional arguments bound as the pipeline binds them, the unconditional pipelines' numpy images, and the module
+positional arguments bound as the pipeline binds them, its defaults and step count, the unconditional pipelines' numpy images, and the module
 under a ``torch.compile`` wrapper (what the pipeline-kind checks look at)."""
 from __future__ import annotations
 
 import inspect
+import numbers
 
 import torch
 
@@ -35,3 +36,19 @@ def uncompiled(module):
     """The module a ``torch.compile`` wrapper (``pipe.unet = torch.compile(pipe.unet)``) compiles, else ``module``:
     what the pipeline-kind checks look at; the loop calls the compiled module."""
     return getattr(module, "_orig_mod", module)
+
+
+def _default(pipe, name: str, fallback):
+    param = inspect.signature(type(pipe).__call__).parameters.get(name)
+    return fallback if param is None or param.default is inspect.Parameter.empty else param.default
+
+
+def _steps(pipe, num_inference_steps, fallback: int) -> int:
+    """The call's step count: the pipeline's default for None, else an int >= 1 (0 would otherwise read as 'not
+    given' and run the default count; the stock pipelines raise for it or return the undenoised latents)."""
+    if num_inference_steps is None:
+        return _default(pipe, "num_inference_steps", fallback)
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral) \
+            or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps: expected an int >= 1, got {num_inference_steps!r}")
+    return int(num_inference_steps)

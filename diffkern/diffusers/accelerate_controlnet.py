@@ -25,7 +25,7 @@ import dataclasses
 
 import torch
 
-from .accelerate import ScheduleDenoiser, _default, _reject
+from .accelerate import ScheduleDenoiser, _default, _steps, _reject
 from .accelerate_img2img import check_plain_sd
 from .accelerate_text2img import _initial_latents, _prompt_batch, _sd_images, sd_encode, sd_output, unet_extra
 
@@ -224,7 +224,7 @@ def call_sd_controlnet(acc, prompt=None, image=None, height=None, width=None, nu
     unet, controlnet = pipe.unet, pipe.controlnet
     nets = _nets(pipe, who)  # the ControlNet may have been swapped since accelerate()
     multi = isinstance(controlnet, MultiControlNetModel)
-    steps = num_inference_steps or _default(pipe, "num_inference_steps", 50)
+    steps = _steps(pipe, num_inference_steps, 50)
     w = guidance_scale if guidance_scale is not None else _default(pipe, "guidance_scale", 7.5)
     starts, ends = _window(control_guidance_start, control_guidance_end, len(nets))
     pipe.check_inputs(prompt, image, None, negative_prompt, prompt_embeds, negative_prompt_embeds, None, None,

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .accelerate import _default
+from .accelerate import _default, _steps
 from .accelerate_args import _keywords
 from .accelerate_flux import FluxAcceleratedPipeline, flux_loop, flux_mu, flux_prompts
 from .accelerate_sd3 import FlowAcceleratedPipeline, flow_images, reject_flow_call, sd3_mu, sd3_prompts
@@ -58,7 +58,7 @@ def _defaults(pipe, image, steps, strength, guidance_scale, max_len, height, wid
     if image is None:
         raise ValueError("image: expected the image (or image latents) to start from, got None")
     size = pipe.default_sample_size * pipe.vae_scale_factor
-    return (steps or _default(pipe, "num_inference_steps", None),
+    return (_steps(pipe, steps, None),
             strength if strength is not None else _default(pipe, "strength", None),
             guidance_scale if guidance_scale is not None else _default(pipe, "guidance_scale", None),
             max_len or _default(pipe, "max_sequence_length", None), height or size, width or size)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .accelerate import _check_call_arguments, _default
+from .accelerate import _check_call_arguments, _default, _steps
 from .accelerate_args import _keywords, uncompiled
 from .accelerate_sd3 import (FlowAcceleratedPipeline, FlowTransformerDenoiser, check_flow_scheduler,
                              check_image_processor, flow_images, reject_flow_call)
@@ -137,7 +137,7 @@ def call_flux(acc, prompt=None, prompt_2=None, negative_prompt=None, negative_pr
                        negative_ip_adapter_image=negative_ip_adapter_image,
                        negative_ip_adapter_image_embeds=negative_ip_adapter_image_embeds)
     reject_flow_call(unsupported, joint_attention_kwargs)
-    steps = num_inference_steps or _default(pipe, "num_inference_steps", 28)
+    steps = _steps(pipe, num_inference_steps, 28)
     w = guidance_scale if guidance_scale is not None else _default(pipe, "guidance_scale", 3.5)
     max_len = max_sequence_length or _default(pipe, "max_sequence_length", 512)
     num_images_per_prompt = num_images_per_prompt or 1

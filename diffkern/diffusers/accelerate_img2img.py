@@ -13,7 +13,7 @@ the begin index on (:func:`~.loop_spec.tail_spec`).
 """
 from __future__ import annotations
 
-from .accelerate import _check_call_arguments, _default, _reject
+from .accelerate import _check_call_arguments, _default, _steps, _reject
 from .accelerate_text2img import _prompt_batch, _sd_images, sd_encode, sd_output, unet_extra
 from .loop_spec import tail_spec
 
@@ -29,7 +29,7 @@ def call_sd_img2img(acc, prompt=None, image=None, strength=0.8, num_inference_st
     pipe = acc.pipe
     if image is None:
         raise ValueError("image: expected the image (or image latents) to start from, got None")
-    steps = num_inference_steps or _default(pipe, "num_inference_steps", 50)
+    steps = _steps(pipe, num_inference_steps, 50)
     w = guidance_scale if guidance_scale is not None else _default(pipe, "guidance_scale", 7.5)
     pipe.check_inputs(prompt, strength, None, negative_prompt, prompt_embeds, negative_prompt_embeds)
     batch = _prompt_batch(prompt, prompt_embeds)

@@ -23,7 +23,7 @@ import dataclasses
 
 import torch
 
-from .accelerate import AcceleratedPipeline, _check_call_arguments, _default, _reject
+from .accelerate import AcceleratedPipeline, _check_call_arguments, _default, _steps, _reject
 from .accelerate_args import _keywords, uncompiled
 from .accelerate_text2img import _initial_latents, _prompt_batch, unet_extra
 from .schedule_denoiser import ScheduleDenoiser
@@ -111,7 +111,7 @@ def call_pixart(acc, prompt=None, negative_prompt="", num_inference_steps=None, 
     pipe = acc.pipe
     transformer = pipe.transformer
     sigma = isinstance(pipe, PixArtSigmaPipeline)
-    steps = num_inference_steps or _default(pipe, "num_inference_steps", 20)
+    steps = _steps(pipe, num_inference_steps, 20)
     w = guidance_scale if guidance_scale is not None else _default(pipe, "guidance_scale", 4.5)
     max_len = max_sequence_length or _default(pipe, "max_sequence_length", 300 if sigma else 120)
     height = height or transformer.config.sample_size * pipe.vae_scale_factor

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .. import wrappers
-from .accelerate import AcceleratedPipeline, _check_call_arguments, _default, _reject, _seed, _stochastic
+from .accelerate import AcceleratedPipeline, _check_call_arguments, _default, _steps, _reject, _seed, _stochastic
 from .accelerate_args import _keywords, uncompiled
 from .accelerate_text2img import _prompt_batch
 from .loop_spec import FLOW_TOP, diffkern_scheduler, loop_spec
@@ -161,7 +161,7 @@ def call_sd3(acc, prompt=None, prompt_2=None, prompt_3=None, height=None, width=
     # the skip-layer knobs at the pipeline's defaults do nothing without skip_guidance_layers: accepted
     unsupported.update({k: v for k, v in given.items() if v is not None and v != _default(pipe, k, None)})
     reject_flow_call(unsupported, joint_attention_kwargs)
-    steps = num_inference_steps or _default(pipe, "num_inference_steps", 28)
+    steps = _steps(pipe, num_inference_steps, 28)
     w = guidance_scale if guidance_scale is not None else _default(pipe, "guidance_scale", 7.0)
     max_len = max_sequence_length or _default(pipe, "max_sequence_length", 256)
     height = height or pipe.default_sample_size * pipe.vae_scale_factor

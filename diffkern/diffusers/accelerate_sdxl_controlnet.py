@@ -17,7 +17,7 @@ table. The pipeline's UNet has no guidance embedding here (``time_cond_proj_dim`
 """
 from __future__ import annotations
 
-from .accelerate import _check_call_arguments, _default, _reject
+from .accelerate import _check_call_arguments, _default, _steps, _reject
 from .accelerate_controlnet import (_nets, _window, conditioning_scales, control_images, control_run,
                                     control_table)
 from .accelerate_sdxl_img2img import end_steps, head_spec
@@ -44,7 +44,7 @@ def call_sdxl_controlnet(acc, prompt=None, prompt_2=None, image=None, height=Non
     pipe, who = acc.pipe, type(acc.pipe).__name__
     nets = _nets(pipe, who)  # the ControlNet may have been swapped since accelerate()
     multi = isinstance(pipe.controlnet, MultiControlNetModel)
-    steps = num_inference_steps or _default(pipe, "num_inference_steps", 50)
+    steps = _steps(pipe, num_inference_steps, 50)
     w = guidance_scale if guidance_scale is not None else _default(pipe, "guidance_scale", 5.0)
     starts, ends = _window(control_guidance_start, control_guidance_end, len(nets))
     pipe.check_inputs(prompt, prompt_2, image, None, negative_prompt, negative_prompt_2, prompt_embeds,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 
 from .. import coef_tables_3m, coef_tables_deis, coef_tables_sasolver, coef_tables_unipc
-from .accelerate import _check_call_arguments, _default, _reject
+from .accelerate import _check_call_arguments, _default, _steps, _reject
 from .accelerate_text2img import _prompt_batch, _sdxl_decode, sdxl_encode, unet_extra
 from .loop_spec import LoopSpec, tail_spec
 
@@ -198,7 +198,7 @@ def call_sdxl_img2img(acc, prompt=None, prompt_2=None, image=None, strength=None
     pipe = acc.pipe
     if image is None:
         raise ValueError("image: expected the image (or image latents) to start from, got None")
-    steps = num_inference_steps or _default(pipe, "num_inference_steps", 50)
+    steps = _steps(pipe, num_inference_steps, 50)
     strength = strength if strength is not None else _default(pipe, "strength", 0.3)
     w = guidance_scale if guidance_scale is not None else _default(pipe, "guidance_scale", 5.0)
     pipe.check_inputs(prompt, prompt_2, strength, steps, None, negative_prompt, negative_prompt_2, prompt_embeds,

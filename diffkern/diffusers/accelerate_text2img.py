@@ -22,7 +22,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from .. import wrappers
-from .accelerate import ScheduleDenoiser, _check_call_arguments, _default, _reject
+from .accelerate import ScheduleDenoiser, _check_call_arguments, _default, _steps, _reject
 
 
 class RescaledCFGDenoiser(ScheduleDenoiser):
@@ -154,7 +154,7 @@ def call_sd(acc, prompt=None, height=None, width=None, num_inference_steps=None,
     _reject(unsupported)
     pipe = acc.pipe
     unet = pipe.unet
-    steps = num_inference_steps or _default(pipe, "num_inference_steps", 50)
+    steps = _steps(pipe, num_inference_steps, 50)
     w = guidance_scale if guidance_scale is not None else _default(pipe, "guidance_scale", 7.5)
     vae_scale = getattr(pipe, "vae_scale_factor", 2 ** (len(pipe.vae.config.block_out_channels) - 1))
     size = unet.config.sample_size
@@ -215,7 +215,7 @@ def call_lcm(acc, prompt=None, height=None, width=None, num_inference_steps=None
                                           lora_scale=(cross_attention_kwargs or {}).get("scale"), clip_skip=clip_skip)
     ours = diffkern_scheduler(pipe.scheduler)
     if timesteps is None:
-        steps = num_inference_steps or _default(pipe, "num_inference_steps", 4)
+        steps = _steps(pipe, num_inference_steps, 4)
         ours.set_timesteps(steps, original_inference_steps=original_inference_steps)
     else:  # the pipeline's retrieve_timesteps: custom timesteps replace num_inference_steps
         ours.set_timesteps(original_inference_steps=original_inference_steps, timesteps=timesteps)
@@ -315,7 +315,7 @@ def call_sdxl(acc, prompt=None, prompt_2=None, height=None, width=None, num_infe
     _reject(unsupported)
     pipe = acc.pipe
     unet = pipe.unet
-    steps = num_inference_steps or _default(pipe, "num_inference_steps", 50)
+    steps = _steps(pipe, num_inference_steps, 50)
     w = guidance_scale if guidance_scale is not None else _default(pipe, "guidance_scale", 5.0)
     height = height or pipe.default_sample_size * pipe.vae_scale_factor
     width = width or pipe.default_sample_size * pipe.vae_scale_factor
