@@ -160,10 +160,28 @@ def check_call(shape, num_steps, denoise) -> None:
     leaves at least one step before the final denoising call."""
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1 + int(denoise):
         raise ValueError(f"num_steps: expected a Python int >= {1 + int(denoise)}, got {num_steps!r}")
+    if not isinstance(shape, (tuple, list)):  # torch.Size is a tuple; an int or a tensor has no data shape to read
+        raise TypeError(f"shape: expected the data shape (B, C, ...) as a tuple of ints, got {type(shape).__name__}")
     if len(shape) < 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
         raise ValueError(f"shape: expected the data shape (B, C, ...) of >= 2 non-negative ints, got {tuple(shape)}")
 
 
+def _check_output(eps, z: torch.Tensor, channels: int) -> None:
+    # Checked here so that the error names the model: the op would name its own argument (eps_hat) or, for a view of
+    # the state, an ``out`` the caller never passed.
+    if not isinstance(eps, torch.Tensor) or not eps.is_floating_point():
+        got = f"dtype {eps.dtype}" if isinstance(eps, torch.Tensor) else type(eps).__name__
+        raise TypeError(f"model: expected a floating tensor eps_hat (B, C, ...), got {got}")
+    want = (z.shape[0], channels, *z.shape[2:])
+    if tuple(eps.shape) != want:
+        raise ValueError(f"model: expected eps_hat of the data shape {want} (C = state channels / order), got "
+                         f"{tuple(eps.shape)}")
+    if eps.numel() and eps.untyped_storage().data_ptr() == z.untyped_storage().data_ptr():
+        raise ValueError("model: returned a view of its input z (the state, which the step overwrites in place); "
+                         "return a new tensor (e.g. .clone())")
+
+
+@torch.no_grad()  # as graphs.sample_hold: the fused ops have no autograd, the reference op would chain every step
 def sample(model: Callable, proc: HOLD, shape, *, sampler: str = "sscs", num_steps: int = 500,
            spacing: str = "linear", t_min: float = 1e-3, denoise: bool = True, seed=0, device=None,
            dtype=torch.float32, z=None, backend=None, return_state: bool = False) -> torch.Tensor:
@@ -177,9 +195,14 @@ def sample(model: Callable, proc: HOLD, shape, *, sampler: str = "sscs", num_ste
         spacing: "linear" | "quadratic" (time grid).
         seed: int64 tensor (1,) or (B,) (or an int) keying the Philox stream; default 0 (repeated calls are
             identical); None draws one from torch's global CPU generator, as :func:`diffkern.sample` does.
-        z: optional initial state (B, n*C, ...) instead of the prior draw (updated in place).
+        z: optional initial state (B, n*C, ...) instead of the prior draw (updated in place); its device and dtype
+            replace ``device`` and ``dtype``.
         backend: ``hold_transition`` (and prior) backend.
     """
+    if not isinstance(proc, HOLD):
+        raise TypeError(f"proc: expected a diffkern.hold.HOLD process, got {type(proc).__name__}")
+    if not callable(model):
+        raise TypeError(f"model: expected a callable model(z, t) -> eps_hat, got {type(model).__name__}")
     check_call(shape, num_steps, denoise)
     n = proc.order
     steps = num_steps - int(denoise)
@@ -197,7 +220,14 @@ def sample(model: Callable, proc: HOLD, shape, *, sampler: str = "sscs", num_ste
         raise ValueError(f"z: expected shape {state_shape}, got {tuple(z.shape)}")
     ts = grid.tolist()
     for i in range(steps + int(denoise)):
-        hold_transition(z, model(z, ts[min(i, steps)]), table, i, seed=seed, out=z, backend=backend)
+        version = None if z.is_inference() else z._version  # an inference tensor keeps no version counter
+        eps = model(z, ts[min(i, steps)])
+        if version is not None and z._version != version:  # the step below would read the corrupted state
+            raise RuntimeError("model: modified its input z in place; z is the sampler's state, which the step after "
+                               "the call reads: clone z inside the model before writing to it")
+        if i == 0:
+            _check_output(eps, z, shape[1])
+        hold_transition(z, eps, table, i, seed=seed, out=z, backend=backend)
     return z if return_state else z[:, : shape[1]]
 
 #----------------------------------------------------------------------------

@@ -135,6 +135,8 @@ class IADBScheduler(FusedScheduler):
 
     def set_timesteps(self, num_inference_steps: int, device=None):
         """Uniform alphas k/N; ``timesteps`` = alpha*timestep_scale for the N steps (float32)."""
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps: expected an int >= 1, got {num_inference_steps!r}")
         self.alphas_host = schedules.iadb_alphas(num_inference_steps).tolist()
         ts = torch.tensor(self.alphas_host[:-1], dtype=torch.float64) * self.config.timestep_scale
         self._set_schedule(ts.to(torch.float32), device, num_inference_steps)

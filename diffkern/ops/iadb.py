@@ -114,18 +114,42 @@ def two_head_row(alpha_next: float, lam: float = 0.0, alpha: float | None = None
                      p=0.0, q=1.0)
 
 
+def _blend_value(v, name: str) -> float:
+    # named here: a bad value would otherwise surface as a non-finite slot of the one-row coefficient table
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"{name}: expected a finite number (a blending value), got {v!r}")
+    return float(v)
+
+
+def _pair(a, a_name: str, b, b_name: str, *, dtype: bool) -> None:
+    # the fused op would name its own arguments (x, model_out, history), not the caller's
+    _checks.float_tensor(a, a_name)
+    if a.dim() == 0:
+        raise ValueError(f"{a_name}: expected a batched tensor (B, ...), got a 0-d tensor")
+    _checks.like(b, b_name, a, a_name, dtype=dtype)
+
+
 def iadb_deblend(x, d, alpha: float, alpha_next: float, *, out=None, backend=None):
     """Deterministic IADB step ``x + (alpha_next - alpha)*d`` through the fused op; returns ``out``.
 
-    ``x``, ``d``: same shape (B, ...); host floats alpha, alpha_next. For loops, build the table once
-    with :func:`euler_row` and call :func:`sampler_step` per row instead.
+    ``x``, ``d``: same shape (B, ...) (d may have another float dtype); host floats alpha, alpha_next
+    (alpha_next < alpha steps back towards the noise). For loops, build the table once with
+    :func:`euler_row` and call :func:`sampler_step` per row instead.
     """
+    _pair(x, "x", d, "d", dtype=False)
+    alpha, alpha_next = _blend_value(alpha, "alpha"), _blend_value(alpha_next, "alpha_next")
     table = coefs.table([euler_row(alpha, alpha_next)], device=x.device)
     return sampler_step(x, d, table, 0, out=out, backend=backend)
 
 
 def iadb_deblend_two_head(x0_bar, x1_bar, alpha_next: float, *, out=None, backend=None):
-    """Deterministic two-head step ``(1-alpha_next)*x0_bar + alpha_next*x1_bar``; returns ``out``."""
+    """Deterministic two-head step ``(1-alpha_next)*x0_bar + alpha_next*x1_bar``; returns ``out``.
+
+    ``x0_bar``, ``x1_bar``: same shape (B, ...), dtype and device; alpha_next a host float."""
+    _pair(x1_bar, "x1_bar", x0_bar, "x0_bar", dtype=True)
+    alpha_next = _blend_value(alpha_next, "alpha_next")
     table = coefs.table([two_head_row(alpha_next)], device=x1_bar.device)
     return sampler_step(x1_bar, x1_bar, table, 0, history=x0_bar, out=out, backend=backend)
 
