@@ -89,18 +89,19 @@ _counts = collections.Counter()
 # Mode resolution.
 
 
-def wanted(graph, x, callback=None, progress=False) -> bool:
+def wanted(graph, x, callback=None, progress=False, name: str = "x") -> bool:
     """Whether a call runs as a graph: ``graph`` False (never), True (always; raises when it cannot),
-    "auto" (when it can; else eager with one :class:`GraphFallbackWarning`)."""
+    "auto" (when it can; else eager with one :class:`GraphFallbackWarning`). ``name``: the argument x came from,
+    which a wrong device is reported against."""
     if graph is False:
         return False
     if graph is not True and graph != "auto":
         raise ValueError(f"graph: expected False, True or 'auto', got {graph!r}")
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         return False  # the eager path raises its own error about x
-    for name, why in _obstacles(x, callback, progress):
+    for arg, why in _obstacles(x, callback, progress, name):
         if graph is True:
-            raise ValueError(f"{name}: {why} (graph=True); use graph=False or graph='auto'")
+            raise ValueError(f"{arg}: {why} (graph=True); use graph=False or graph='auto'")
         warn_once(f"graph='auto' runs eager: {why}", stacklevel=4)
         return False
     return True
@@ -110,9 +111,9 @@ def _device_ok(x: torch.Tensor) -> bool:
     return x.device.type == "cuda"
 
 
-def _obstacles(x, callback, progress):
+def _obstacles(x, callback, progress, name="x"):
     if not _device_ok(x):
-        yield "x", f"CUDA graphs need x on a CUDA device, got x on {x.device}"
+        yield name, f"CUDA graphs need a CUDA device, got {x.device}"  # one text: 'auto' says it once
     if callback is not None:
         yield "callback", ("a per-step callback cannot run inside a CUDA graph replay; pass record=True to get "
                            "the trajectories (kept on the device)")

@@ -32,9 +32,10 @@ def sample_hold(model, proc, shape, *, sampler="sscs", num_steps=500, spacing="l
                          denoise=denoise, seed=seed, device=device, dtype=dtype, z=z, backend=backend,
                          return_state=state)
 
-    if not wanted(graph, torch.empty(0, dtype=dtype, device=device) if z is None else z):
+    if not wanted(graph, torch.empty(0, dtype=dtype, device=device) if z is None else z, name="device" if z is None
+                  else "z"):
         return eager(return_state)
-    hs.check_call(shape, num_steps, denoise)
+    hs.check_args(model, proc, shape, num_steps, denoise)
     steps = num_steps - int(denoise)
     grid = hs.time_grid(proc, steps, t_min=t_min, spacing=spacing)
     times = [grid.tolist()[min(i, steps)] for i in range(num_steps)]

@@ -32,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from . import samplers
+from . import sampler_loop, samplers
 from .hold import HOLD, chol_psd
 from .hold_flow import flow_rows
 from .ops.hold import hold_transition, transition_table
@@ -155,6 +155,15 @@ def prior(proc: HOLD, state_shape, seed: torch.Tensor, *, dtype=torch.float32, b
     return z.mul_(1.0 / math.sqrt(proc.L))
 
 
+def check_args(model, proc, shape, num_steps, denoise) -> None:
+    """:func:`sample`'s arguments (and :func:`diffkern.graphs.sample_hold`'s), checked before any work."""
+    if not isinstance(proc, HOLD):
+        raise TypeError(f"proc: expected a diffkern.hold.HOLD process, got {type(proc).__name__}")
+    if not callable(model):
+        raise TypeError(f"model: expected a callable model(z, t) -> eps_hat, got {type(model).__name__}")
+    check_call(shape, num_steps, denoise)
+
+
 def check_call(shape, num_steps, denoise) -> None:
     """Raise unless ``shape`` is a data shape (B, C, ...) of >= 2 non-negative ints and ``num_steps`` an int that
     leaves at least one step before the final denoising call."""
@@ -199,11 +208,7 @@ def sample(model: Callable, proc: HOLD, shape, *, sampler: str = "sscs", num_ste
             replace ``device`` and ``dtype``.
         backend: ``hold_transition`` (and prior) backend.
     """
-    if not isinstance(proc, HOLD):
-        raise TypeError(f"proc: expected a diffkern.hold.HOLD process, got {type(proc).__name__}")
-    if not callable(model):
-        raise TypeError(f"model: expected a callable model(z, t) -> eps_hat, got {type(model).__name__}")
-    check_call(shape, num_steps, denoise)
+    check_args(model, proc, shape, num_steps, denoise)
     n = proc.order
     steps = num_steps - int(denoise)
     grid = time_grid(proc, steps, t_min=t_min, spacing=spacing)
@@ -220,11 +225,9 @@ def sample(model: Callable, proc: HOLD, shape, *, sampler: str = "sscs", num_ste
         raise ValueError(f"z: expected shape {state_shape}, got {tuple(z.shape)}")
     ts = grid.tolist()
     for i in range(steps + int(denoise)):
-        version = None if z.is_inference() else z._version  # an inference tensor keeps no version counter
+        version = sampler_loop.input_version(z)
         eps = model(z, ts[min(i, steps)])
-        if version is not None and z._version != version:  # the step below would read the corrupted state
-            raise RuntimeError("model: modified its input z in place; z is the sampler's state, which the step after "
-                               "the call reads: clone z inside the model before writing to it")
+        sampler_loop.check_input_kept(z, version, "z")  # the step below would read the corrupted state
         if i == 0:
             _check_output(eps, z, shape[1])
         hold_transition(z, eps, table, i, seed=seed, out=z, backend=backend)

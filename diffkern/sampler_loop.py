@@ -201,12 +201,13 @@ def input_version(x: torch.Tensor):
 
 
 _KEPT_WHY = {"x": "x is the sampler's state, which the update after the call reads",
+             "z": "z is the sampler's state, which the step after the call reads",
              "sigma": "sigma is a view of the loop's table of noise levels, which later steps (and graph replays) read"}
 
 
 def check_input_kept(x: torch.Tensor, version, name: str = "x") -> None:
-    """Raise unless the model call since :func:`input_version` left its input ``name`` (x, the sampler's state, or
-    sigma, a view of the device table of noise levels) as it was: a model writing into either would silently corrupt
+    """Raise unless the model call since :func:`input_version` left its input ``name`` (x or z, the sampler's state,
+    or sigma, a view of the device table of noise levels) as it was: a model writing into either would silently corrupt
     the steps that read it next."""
     if version is not None and x._version != version:
         raise RuntimeError(f"model: modified its input {name} in place; {_KEPT_WHY[name]}: clone {name} inside the "

@@ -274,7 +274,7 @@ def sample_iadb(model, x0, alphas=None, variant="euler", *, steps=None, lam=None
     samplers.check_call(model, extra_args)
     _check_callback(callback)
     host = iadb_alphas(alphas, steps)
-    if graphs.wanted(graph, x0, callback, progress):
+    if graphs.wanted(graph, x0, callback, progress, name="x0"):
         try:
             return _sample_iadb_graph(model, x0, host, variant, lam, seed, backend, record, extra_args)
         except graphs.GraphCaptureError as exc:

@@ -118,12 +118,12 @@ def counting(model):
 
 def test_graph_true_on_cpu_raises():
     gmm, x, sig = gmm3(), start(3), schedules.karras(4, 0.05, 10.0)
-    with pytest.raises(ValueError, match=r"x: CUDA graphs need x on a CUDA device, got x on cpu \(graph=True\); "
+    with pytest.raises(ValueError, match=r"x: CUDA graphs need a CUDA device, got cpu \(graph=True\); "
                                          r"use graph=False or graph='auto'"):
         sample(gmm, x, sig, "euler", graph=True)
-    with pytest.raises(ValueError, match="x: CUDA graphs need x on a CUDA device"):
+    with pytest.raises(ValueError, match="x0: CUDA graphs need a CUDA device, got cpu"):
         sample_iadb(lambda x, a: x, x, steps=3, graph=True)
-    with pytest.raises(ValueError, match="x: CUDA graphs need x on a CUDA device"):
+    with pytest.raises(ValueError, match="device: CUDA graphs need a CUDA device, got cpu"):
         graphs.sample_hold(lambda z, t: z[:, :1], hold.HOLD(order=2), (2, 1), num_steps=4)
     assert graphs.info()["entries"] == 0
 
@@ -131,7 +131,7 @@ def test_graph_true_on_cpu_raises():
 def test_graph_auto_on_cpu_runs_eager_and_says_so_once():
     gmm, x, sig = gmm3(), start(3), schedules.karras(4, 0.05, 10.0)
     eager = sample(gmm, x, sig, "euler_ancestral", backend=REF, seed=3)
-    with pytest.warns(GraphFallbackWarning, match="graph='auto' runs eager: CUDA graphs need x on a CUDA device"):
+    with pytest.warns(GraphFallbackWarning, match="graph='auto' runs eager: CUDA graphs need a CUDA device, got cpu"):
         y = sample(gmm, x, sig, "euler_ancestral", backend=REF, seed=3, graph="auto")
     assert torch.equal(y, eager)
     with warnings.catch_warnings():

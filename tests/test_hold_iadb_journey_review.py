@@ -248,7 +248,7 @@ def test_seeds():
 def test_graph_mode_on_cpu():
     """graph=True refuses a CPU x0 naming CUDA; "auto" warns once (GraphFallbackWarning) and runs the eager loop."""
     model, x0 = finite_d(), gen_noise((3, 2), 17)
-    with pytest.raises(ValueError, match="CUDA graphs need x on a CUDA device"):
+    with pytest.raises(ValueError, match=r"^x0: CUDA graphs need a CUDA device, got cpu \(graph=True\)"):
         sample_iadb(model, x0, steps=4, graph=True)
     graphs.clear()  # forgets earlier fallback warnings of this process
     with pytest.warns(graphs.GraphFallbackWarning, match="runs eager"):

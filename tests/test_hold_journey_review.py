@@ -206,8 +206,11 @@ def test_no_autograd_through_the_loop():
 def test_graph_mode_on_cpu():
     """graph=True refuses the CPU (naming CUDA); "auto" warns (GraphFallbackWarning) and is the eager sampler."""
     proc, model = gaussian_model(2)
-    with pytest.raises(ValueError, match="CUDA graphs need x on a CUDA device"):
+    with pytest.raises(ValueError, match=r"^device: CUDA graphs need a CUDA device, got cpu"):
         graphs.sample_hold(model, proc, (2, 1, 3), num_steps=4, graph=True)
+    z = torch.zeros(2, 2, 3)
+    with pytest.raises(ValueError, match=r"^z: CUDA graphs need a CUDA device, got cpu"):
+        graphs.sample_hold(model, proc, (2, 1, 3), num_steps=4, graph=True, z=z)
     graphs.clear()  # forgets earlier fallback warnings of this process
     with pytest.warns(graphs.GraphFallbackWarning, match="runs eager"):
         got = graphs.sample_hold(model, proc, (2, 1, 3), sampler="em", num_steps=4, seed=1, graph="auto")
