@@ -12,6 +12,7 @@ Maths: ``math-samplers.md`` section 0 (Tweedie: ``D = x + sigma^2 * score``) and
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Union
 
 import torch
@@ -56,7 +57,7 @@ def _sigma_column(sigma: SigmaLike, batch: int, device, who: str, positive: bool
             raise TypeError(f"{who}: sigma must be real, got dtype {sigma.dtype}")
         s = sigma.detach().to(device=device, dtype=torch.float64).reshape(-1, 1)
         return s.expand(batch, 1)
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
+    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real):  # numpy scalars too
         raise TypeError(f"{who}: sigma must be a float or a tensor, got {type(sigma).__name__}")
     if not math.isfinite(sigma) or sigma < 0 or (positive and sigma == 0):
         raise ValueError(f"{who}: sigma must be finite and {'> 0' if positive else '>= 0'}, got {sigma}")
@@ -185,8 +186,9 @@ class GaussianMixture:
 
     def sample(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """n exact samples of p0: (n, D) float64 on the CPU (``generator`` must be a CPU generator)."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:  # numpy ints too
             raise ValueError(f"GaussianMixture.sample: n must be an int >= 0, got {n!r}")
+        n = int(n)
         if n == 0:
             return torch.empty(0, self.dim, dtype=torch.float64)
         idx = torch.multinomial(self.weights, n, replacement=True, generator=generator)
@@ -227,8 +229,9 @@ class EmpiricalDenoiser:
         if data.dim() < 2 or data.shape[0] == 0 or math.prod(data.shape[1:]) == 0:
             raise ValueError(f"EmpiricalDenoiser: data must have shape (N, D) or (N, *shape) with N, D >= 1, "
                              f"got {tuple(data.shape)}")
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
             raise ValueError(f"EmpiricalDenoiser: chunk_size must be an int >= 1, got {chunk_size!r}")
+        chunk_size = int(chunk_size)
         y = _as_f64(data.reshape(data.shape[0], -1), "EmpiricalDenoiser: data", (2,))
         self.data = y
         self.chunk_size = chunk_size

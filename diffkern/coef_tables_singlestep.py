@@ -42,8 +42,9 @@ def order_list(n: int, order: int, lower_order_final: bool, final_zero: bool) ->
     with, under ``lower_order_final``, a shorter last group; ``final_zero`` (a last step to sigma 0) makes the last
     step first order. Without ``lower_order_final`` n must be a multiple of ``order`` (diffusers' set_timesteps
     forces the flag otherwise)."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:  # numpy ints too
         raise ValueError(f"n: expected an int >= 1, got {n!r}")
+    n = int(n)
     if isinstance(order, bool) or not isinstance(order, numbers.Integral) or order not in (1, 2, 3):
         raise ValueError(f"order: expected 1, 2 or 3, got {order!r}")
     group = list(range(1, order + 1))

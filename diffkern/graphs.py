@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import numbers
 import os
 import threading
 import warnings
@@ -162,10 +163,10 @@ class Entry:
 def set_max_entries(n: int) -> None:
     """Bound the cache to ``n >= 1`` captures, evicting the least recently used ones now if needed."""
     global _max_entries
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:  # numpy ints too
         raise ValueError(f"n: expected an int >= 1, got {n!r}")
     with _lock:
-        _max_entries = n
+        _max_entries = int(n)
         _drain()
         _evict()
 

@@ -25,6 +25,7 @@ last component's noise; the score is s_n = -eps_hat / L_t[n, n].
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -39,7 +40,7 @@ _DOUBLINGS = 13  # 2 r b <= 1600 (b clamped at r b = 800) needs ceil(log2(1600 /
 
 
 def _finite(name: str, v, *, low: float = 0.0, strict: bool = False) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):  # numpy scalars too (returned as a Python float)
         raise TypeError(f"{name}: expected a real number, got {type(v).__name__}")
     v = float(v)
     if not math.isfinite(v) or v < low or (strict and v == low):
@@ -48,12 +49,13 @@ def _finite(name: str, v, *, low: float = 0.0, strict: bool = False) -> float:
 
 
 def _beta_pair(beta) -> tuple:
-    """beta as (beta0, beta1): a number is constant, a pair is beta0 + beta1 t."""
-    if isinstance(beta, (int, float)) and not isinstance(beta, bool):
-        return beta, 0.0
+    """beta as (beta0, beta1): a number is constant, a pair is beta0 + beta1 t. Numbers come back as Python floats
+    (HOLD.from_cld scales them: np.float32 arithmetic would stay float32); anything else is left to the checks."""
+    if isinstance(beta, numbers.Real) and not isinstance(beta, bool):
+        return float(beta), 0.0
     if not isinstance(beta, (tuple, list)) or len(beta) != 2:
         raise ValueError(f"beta: expected a number or a pair (beta0, beta1), got {beta!r}")
-    return tuple(beta)
+    return tuple(float(b) if isinstance(b, numbers.Real) and not isinstance(b, bool) else b for b in beta)
 
 
 def critical_damping(order: int, rate: float | None = None) -> tuple[float, float, list[float]]:
@@ -62,12 +64,12 @@ def critical_damping(order: int, rate: float | None = None) -> tuple[float, floa
     ``rate`` defaults to the authors' normalisation r = sqrt(2n - 3) (gamma_1 = 1), r = 1 for n = 1;
     another r is the same process with time scaled by r / sqrt(2n - 3).
     """
-    if isinstance(order, bool) or not isinstance(order, int):
+    if isinstance(order, bool) or not isinstance(order, numbers.Integral):  # numpy ints too
         raise TypeError(f"order: expected a Python int >= 1, got {type(order).__name__}")
     if order < 1:
         raise ValueError(f"order: expected an int >= 1, got {order}")
     check_order(order)  # above REF_MAX_ORDER the float64 Cholesky factors below lose their digits
-    n = order
+    n = int(order)
     r = _finite("rate", rate, strict=True) if rate is not None else (math.sqrt(2 * n - 3) if n > 1 else 1.0)
     gammas = [r * math.sqrt(j * (2 * n - j) / ((2 * n - 2 * j - 1) * (2 * n - 2 * j + 1))) for j in range(1, n)]
     return r, n * r, gammas
@@ -101,14 +103,14 @@ class HOLD:
     def __init__(self, order: int, *, L: float = 2.0, alpha: float = 0.08, T: float = 5.0, delta: float = 1e-9,
                  beta: float | tuple[float, float] = 1.0, rate: float | None = None, hsm: bool = True):
         self.r, self.xi, self.gammas = critical_damping(order, rate)
-        self.order = n = order
+        self.order = n = int(order)  # critical_damping checked it (numpy ints too)
         self.L = _finite("L", L, strict=True)
         self.alpha = _finite("alpha", alpha)
         self.T = _finite("T", T, strict=True)
         self.delta = _finite("delta", delta)
         b0, b1 = _beta_pair(beta)
         self.beta0 = _finite("beta (beta0)", b0)
-        if isinstance(b1, bool) or not isinstance(b1, (int, float)) or not math.isfinite(b1):
+        if isinstance(b1, bool) or not isinstance(b1, numbers.Real) or not math.isfinite(b1):
             raise ValueError(f"beta (beta1): expected a finite real number, got {b1!r}")
         self.beta1 = float(b1)
         if not self.beta0 + self.beta1 * self.T > 0 or (self.beta0 == 0 and self.beta1 <= 0):
@@ -178,7 +180,9 @@ class HOLD:
             if b.dtype == torch.bool or b.is_complex():
                 raise TypeError(f"{name}: expected a real tensor, got dtype {b.dtype}")
             return b.to(_F64)
-        if isinstance(b, (bool, str)) or not hasattr(b, "__float__"):
+        # numpy scalars read as their value; numpy bools (as bools) and arrays of several values are refused
+        if isinstance(b, (bool, str)) or not hasattr(b, "__float__") or getattr(b, "dtype", None) == bool \
+                or getattr(b, "size", 1) != 1:
             raise TypeError(f"{name}: expected a real number or a tensor, got {type(b).__name__}")
         v = float(b)
         if not math.isfinite(v) or v < 0:

@@ -28,6 +28,7 @@ loop draws at counter i.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable
 
 import torch
@@ -48,10 +49,11 @@ PRIOR_STEP = 2**32 - 1  # Philox counter of the prior draw; table rows use count
 
 def time_grid(proc: HOLD, steps: int, *, t_min: float = 1e-3, spacing: str = "linear") -> torch.Tensor:
     """Forward times s_0 = T > s_1 > ... > s_steps = t_min, float64 (steps + 1,) on the CPU."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:  # numpy ints too
         raise ValueError(f"steps: expected a Python int >= 1, got {steps!r}")
-    if isinstance(t_min, bool) or not (isinstance(t_min, (int, float)) and 0 < t_min < proc.T):
+    if isinstance(t_min, bool) or not (isinstance(t_min, numbers.Real) and 0 < t_min < proc.T):
         raise ValueError(f"t_min: expected 0 < t_min < T = {proc.T}, got {t_min!r}")
+    steps, t_min = int(steps), float(t_min)  # numpy scalars as Python's: np.float32 arithmetic would stay float32
     if spacing not in SPACINGS:
         raise ValueError(f"spacing: expected one of {SPACINGS}, got {spacing!r}")
     u = torch.arange(steps + 1, dtype=torch.float64) / steps
@@ -167,11 +169,12 @@ def check_args(model, proc, shape, num_steps, denoise) -> None:
 def check_call(shape, num_steps, denoise) -> None:
     """Raise unless ``shape`` is a data shape (B, C, ...) of >= 2 non-negative ints and ``num_steps`` an int that
     leaves at least one step before the final denoising call."""
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1 + int(denoise):
+    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 1 + int(denoise):
         raise ValueError(f"num_steps: expected a Python int >= {1 + int(denoise)}, got {num_steps!r}")
     if not isinstance(shape, (tuple, list)):  # torch.Size is a tuple; an int or a tensor has no data shape to read
         raise TypeError(f"shape: expected the data shape (B, C, ...) as a tuple of ints, got {type(shape).__name__}")
-    if len(shape) < 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+    if len(shape) < 2 or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 0
+                                 for s in shape):
         raise ValueError(f"shape: expected the data shape (B, C, ...) of >= 2 non-negative ints, got {tuple(shape)}")
 
 
@@ -209,6 +212,7 @@ def sample(model: Callable, proc: HOLD, shape, *, sampler: str = "sscs", num_ste
         backend: ``hold_transition`` (and prior) backend.
     """
     check_args(model, proc, shape, num_steps, denoise)
+    num_steps, shape = int(num_steps), tuple(int(s) for s in shape)  # numpy ints (checked above) as Python's
     n = proc.order
     steps = num_steps - int(denoise)
     grid = time_grid(proc, steps, t_min=t_min, spacing=spacing)

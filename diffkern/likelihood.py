@@ -26,6 +26,7 @@ a log-density of scaled 8-bit data into bits per dimension of the discrete data.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -54,14 +55,15 @@ class LogLikelihood(NamedTuple):
 
 
 def _check_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    # numbers.Integral admits numpy ints; returned as a Python int for the loops and shapes below
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
-    return value
+    return int(value)
 
 
 def _check_range(sigma_min, sigma_max) -> tuple[float, float]:
     for name, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and v > 0):
             raise ValueError(f"{name}: expected a finite float > 0, got {v!r}")
     if not sigma_max > sigma_min:
         raise ValueError(f"sigma_max: expected > sigma_min = {sigma_min}, got {sigma_max}")
@@ -85,6 +87,9 @@ def gaussian_terminal(x: torch.Tensor, sigma_max: float, data_mean: float = 0.0,
     data_std changes the result by O(d * data_std^2 * |.| / sigma_max^4), a wrong mean by
     O(|y - mean| * |d mean| / sigma_max^2).
     """
+    # numpy scalars as Python floats (np.float32 arithmetic would stay float32); a tensor mean broadcasts as before
+    sigma_max, data_mean, data_std = (float(v) if isinstance(v, numbers.Real) else v
+                                      for v in (sigma_max, data_mean, data_std))
     y = x.detach().reshape(x.shape[0], -1).to(torch.float64)
     d = y.shape[1]
     var = sigma_max ** 2 + data_std ** 2
@@ -149,23 +154,25 @@ def log_likelihood(model: Callable, x: torch.Tensor, *, sigma_min: float = 1e-3,
     """
     _check_points(model, x)
     sigma_min, sigma_max = _check_range(sigma_min, sigma_max)
-    _check_int(n_levels, "n_levels", 1)
-    _check_int(n_samples, "n_samples", 2)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 31:
+    n_levels = _check_int(n_levels, "n_levels", 1)
+    n_samples = _check_int(n_samples, "n_samples", 2)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2 ** 31:
         raise ValueError(f"seed: expected an int in [0, 2**31), got {seed!r}")
+    seed = int(seed)  # a numpy int would key the Philox rows through int64 arithmetic
     if grid not in GRIDS:
         raise ValueError(f"grid: expected one of {GRIDS}, got {grid!r}")
     if terminal is not None and not callable(terminal):
         raise TypeError(f"terminal: expected None or a callable log_p(z, sigma), got {type(terminal).__name__}")
     for name, v in (("data_mean", data_mean), ("data_std", data_std)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
             raise ValueError(f"{name}: expected a finite float, got {v!r}")
+    data_mean, data_std = float(data_mean), float(data_std)  # np.float32 arithmetic would stay float32
     if not data_std >= 0:
         raise ValueError(f"data_std: expected >= 0, got {data_std}")
     batch = x.shape[0]
     rows = batch * n_samples
     if batch_size is not None:
-        _check_int(batch_size, "batch_size", 1)
+        batch_size = _check_int(batch_size, "batch_size", 1)
     chunk = rows if batch_size is None else batch_size
     if rows == 0:
         empty = torch.empty(0, dtype=torch.float64)
@@ -274,9 +281,12 @@ def ode_log_likelihood(model: Callable, x: torch.Tensor, *, sigma_min: float = 1
                            "disables; call it outside inference_mode (torch.no_grad is fine)")
     sigma_min, sigma_max = _check_range(sigma_min, sigma_max)
     for name, v in (("rtol", rtol), ("atol", atol)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not v > 0:
             raise ValueError(f"{name}: expected a float > 0, got {v!r}")
-    _check_int(max_steps, "max_steps", 1)
+    rtol, atol, probes, seed = float(rtol), float(atol), int(probes), int(seed)  # numpy scalars as Python's
+    # data_mean/data_std are not checked here (a tensor mean broadcasts); numpy scalars only are read as floats
+    data_mean, data_std = (float(v) if isinstance(v, numbers.Real) else v for v in (data_mean, data_std))
+    max_steps = _check_int(max_steps, "max_steps", 1)
     dim = math.prod(x.shape[1:])  # not reshape(B, -1): that fails for an empty batch
     if trace == "exact" and dim > max_dim:
         raise ValueError(f"x: the exact-divergence ODE estimate handles at most {max_dim} dimensions, got "

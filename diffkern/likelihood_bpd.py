@@ -23,6 +23,7 @@ not compute: numbers from the two routes are comparable only as bounds of the sa
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Union
 
 import torch
@@ -34,7 +35,7 @@ _FLOATS = (torch.float32, torch.float64)  # a 16-bit float near +-1 resolves 1/1
 
 
 def _check_scale(scale, name: str = "scale") -> float:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"{name}: expected a finite float > 0 (one quantisation step in the model's units, "
                          f"e.g. 2/255), got {scale!r}")
     return float(scale)
@@ -56,16 +57,19 @@ def bits_per_dim(log_prob: Union[float, torch.Tensor], dims: int, *, scale: floa
         ``-(log_prob + D*ln(scale)) / (D*ln 2)``: a float64 tensor of log_prob's shape on its device (a
         float for a float). A standard error converts without the offset: ``stderr / (D*ln 2)``.
     """
-    if isinstance(dims, bool) or not isinstance(dims, int) or dims < 1:
+    if isinstance(dims, bool) or not isinstance(dims, numbers.Integral) or dims < 1:
         raise ValueError(f"dims: expected an int >= 1 (dimensions of one point, e.g. 3*32*32), got {dims!r}")
+    dims = int(dims)
     scale = _check_scale(scale)
     if isinstance(log_prob, torch.Tensor):
         if not (log_prob.is_floating_point() or log_prob.dtype in (torch.int32, torch.int64)):
             raise TypeError(f"log_prob: expected a real tensor of log-densities in nats, got dtype {log_prob.dtype}")
         log_prob = log_prob.to(torch.float64)
-    elif isinstance(log_prob, bool) or not isinstance(log_prob, (int, float)):
+    elif isinstance(log_prob, bool) or not isinstance(log_prob, numbers.Real):
         raise TypeError(f"log_prob: expected a float or a tensor of log-densities in nats, got "
                         f"{type(log_prob).__name__}")
+    else:
+        log_prob = float(log_prob)  # a float for a float, numpy scalars included
     return -(log_prob / dims + math.log(scale)) / math.log(2)
 
 
@@ -118,8 +122,9 @@ def dequantize(x: torch.Tensor, *, scale: float = 2 / 255, shift: float = -1.0, 
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor of 8-bit levels or grid values, got {type(x).__name__}")
     scale = _check_scale(scale)
-    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift):
+    if isinstance(shift, bool) or not isinstance(shift, numbers.Real) or not math.isfinite(shift):
         raise ValueError(f"shift: expected a finite float (the value of level 0), got {shift!r}")
+    shift = float(shift)
     if not isinstance(centred, bool):
         raise TypeError(f"centred: expected a bool, got {type(centred).__name__}")
     k = _grid_index(x, scale, float(shift))
@@ -131,7 +136,7 @@ def dequantize(x: torch.Tensor, *, scale: float = 2 / 255, shift: float = -1.0, 
         raise ValueError("seed: give seed or generator, not both")
     if seed is not None:
         check_seed(seed)
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(int(seed))
     elif generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
     noise_device = generator.device if generator is not None else torch.device("cpu")

@@ -15,6 +15,8 @@ never larger, and zero when M is diagonal.
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 TRACES = ("exact", "hutchinson")
@@ -25,7 +27,7 @@ def check_trace_args(trace, probes, probe, seed) -> None:
     """Validates the trace options of :func:`~diffkern.likelihood.ode_log_likelihood`; raises naming the argument."""
     if trace not in TRACES:
         raise ValueError(f"trace: expected one of {TRACES}, got {trace!r}")
-    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
+    if isinstance(probes, bool) or not isinstance(probes, numbers.Integral) or probes < 1:
         raise ValueError(f"probes: expected an int >= 1 (probe vectors per point), got {probes!r}")
     if probe not in PROBES:
         raise ValueError(f"probe: expected one of {PROBES}, got {probe!r}")
@@ -33,8 +35,9 @@ def check_trace_args(trace, probes, probe, seed) -> None:
 
 
 def check_seed(seed) -> None:
-    """Raise unless ``seed`` is an int in [0, 2**63), the range ``torch.Generator.manual_seed`` keeps exactly."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+    """Raise unless ``seed`` is an int (Python or numpy) in [0, 2**63), the range ``torch.Generator.manual_seed``
+    keeps exactly."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2 ** 63:
         raise ValueError(f"seed: expected an int in [0, 2**63), got {seed!r}")
 
 
@@ -44,7 +47,7 @@ def draw_probes(n: int, batch: int, dim: int, probe: str, seed: int, device) -> 
     Drawn on the CPU from a generator seeded with ``seed`` and then moved, so a seed gives the same probes on
     every device; every point and probe is independent (rows of a batch are independent estimates).
     """
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(int(seed))
     if probe == "rademacher":
         eps = torch.randint(0, 2, (n, batch, dim), generator=gen).to(torch.float64) * 2 - 1
     else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import numbers
 
 import torch
 
@@ -156,15 +157,16 @@ IADB_STEPS = 128  # sample_iadb's default step count (the paper's)
 def iadb_alphas(alphas, steps) -> list[float]:
     """Validated host copy of an IADB schedule: increasing, in [0, 1], N+1 values (default uniform, ``steps``
     of them; None: :data:`IADB_STEPS`). Giving both ``alphas`` and ``steps`` is an error (one would be ignored)."""
-    if isinstance(alphas, int) and not isinstance(alphas, bool):  # sample_iadb(model, x0, 64): meant steps
+    if isinstance(alphas, numbers.Integral) and not isinstance(alphas, bool):  # sample_iadb(m, x0, 64): meant steps
         raise TypeError(f"alphas: expected a schedule of N+1 blending values, got the int {alphas}; "
                         f"for {alphas} uniform steps pass steps={alphas}")
     if alphas is not None and steps is not None:
         raise ValueError(f"steps: give either alphas (a schedule) or steps (uniform), not both (steps={steps!r})")
     if alphas is None:
         steps = IADB_STEPS if steps is None else steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:  # numpy ints too
             raise ValueError(f"steps: expected an int >= 1, got {steps!r}")
+        steps = int(steps)
         return (torch.arange(steps + 1, dtype=torch.float64) / steps).tolist()
     a = schedules.host_float64(alphas, "alphas")
     if a.dim() != 1 or a.numel() < 2:

@@ -23,9 +23,11 @@ F64 = torch.float64
 
 
 def _check_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    # numbers.Integral admits numpy ints (np.arange, sweeps); returned as a Python int, so the callers' arithmetic
+    # is Python's (no int64 wrap-around)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
-    return value
+    return int(value)
 
 
 def _check_positive(value, name: str) -> float:
@@ -69,7 +71,7 @@ def host_float64(value, name: str) -> torch.Tensor:
 def karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
     """Karras et al. (2022) polynomial schedule: ``(max^(1/rho) + i/(n-1)*(min^(1/rho) - max^(1/rho)))^rho``
     for i = 0..n-1, then 0 (as k-diffusion's ``get_sigmas_karras``). Returns (n+1,) float64 CPU."""
-    _check_int(n, "karras: n", 1)
+    n = _check_int(n, "karras: n", 1)
     lo, hi = _sigma_range(sigma_min, sigma_max, "karras")
     rho = _check_positive(rho, "karras: rho")
     # sigma^(1/rho) must stay a normal float64: a tiny rho overflows it (OverflowError) or flushes
@@ -93,7 +95,7 @@ def edm(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 
 def loglinear(n: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
     """Geometric (log-linear) schedule from sigma_max to sigma_min in n values, then 0 (k-diffusion's
     ``get_sigmas_exponential``). Returns (n+1,) float64 CPU."""
-    _check_int(n, "loglinear: n", 1)
+    n = _check_int(n, "loglinear: n", 1)
     lo, hi = _sigma_range(sigma_min, sigma_max, "loglinear")
     return _append_zero(torch.linspace(math.log(hi), math.log(lo), n, dtype=F64).exp())
 
@@ -101,7 +103,7 @@ def loglinear(n: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
 def polyexponential(n: int, sigma_min: float, sigma_max: float, rho: float = 1.0) -> torch.Tensor:
     """Polynomial in log sigma: ``exp(ramp^rho * (ln max - ln min) + ln min)``, ramp from 1 to 0 over n values,
     then 0 (k-diffusion's ``get_sigmas_polyexponential``; rho = 1 is :func:`loglinear`). (n+1,) float64 CPU."""
-    _check_int(n, "polyexponential: n", 1)
+    n = _check_int(n, "polyexponential: n", 1)
     lo, hi = _sigma_range(sigma_min, sigma_max, "polyexponential")
     rho = _check_positive(rho, "polyexponential: rho")
     ramp = torch.linspace(1, 0, n, dtype=F64) ** rho
@@ -111,10 +113,11 @@ def polyexponential(n: int, sigma_min: float, sigma_max: float, rho: float = 1.0
 def vp(n: int, beta_d: float = 19.9, beta_min: float = 0.1, eps_s: float = 1e-3) -> torch.Tensor:
     """The continuous VP SDE's sigmas ``sqrt(exp(beta_d t^2/2 + beta_min t) - 1)`` at t from 1 to eps_s over n
     values, then 0 (k-diffusion's ``get_sigmas_vp``, Song et al.'s defaults). (n+1,) float64 CPU."""
-    _check_int(n, "vp: n", 1)
+    n = _check_int(n, "vp: n", 1)
     beta_d, eps_s = _check_positive(beta_d, "vp: beta_d"), _check_positive(eps_s, "vp: eps_s")
     if isinstance(beta_min, bool) or not isinstance(beta_min, numbers.Real) or not 0 <= beta_min < math.inf:
         raise ValueError(f"vp: beta_min: expected a finite number >= 0, got {beta_min!r}")
+    beta_min = float(beta_min)  # a numpy float32 would otherwise run the arithmetic below in float32
     if not eps_s < 1:
         raise ValueError(f"vp: eps_s: expected 0 < eps_s < 1, got {eps_s!r}")
     t = torch.linspace(1, eps_s, n, dtype=F64)
@@ -133,7 +136,7 @@ def sample_sigmas(train_sigmas, steps: int) -> torch.Tensor:
     # a decreasing table would come back as an increasing "schedule"
     if not torch.isfinite(table).all() or (table < 0).any() or (table[1:] < table[:-1]).any():
         raise ValueError("sample_sigmas: train_sigmas must be finite, >= 0 and increasing (smalldiffusion's order)")
-    _check_int(steps, "sample_sigmas: steps", 1)
+    steps = _check_int(steps, "sample_sigmas: steps", 1)
     n = table.numel()
     if steps > n:
         raise ValueError(f"sample_sigmas: steps ({steps}) must be <= len(train_sigmas) ({n})")
@@ -159,14 +162,15 @@ def betas(num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: f
                 or (name == "max_beta" and value == 0):
             raise ValueError(f"betas: {name}: expected a number in {'(0' if name == 'max_beta' else '[0'}, 1), "
                              f"got {value!r}")
+        used[name] = float(value)  # numpy scalars as Python floats (np.float32 ** 0.5 would stay float32)
     if schedule == "linear":
-        return torch.linspace(beta_start, beta_end, T, dtype=F64)
+        return torch.linspace(used["beta_start"], used["beta_end"], T, dtype=F64)
     if schedule == "scaled_linear":
-        return torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=F64) ** 2
+        return torch.linspace(used["beta_start"] ** 0.5, used["beta_end"] ** 0.5, T, dtype=F64) ** 2
     if schedule == "squaredcos_cap_v2":
         t = torch.arange(T + 1, dtype=F64) / T
         ab = torch.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-        return torch.clamp(1 - ab[1:] / ab[:-1], max=max_beta)
+        return torch.clamp(1 - ab[1:] / ab[:-1], max=used["max_beta"])
     raise ValueError(f"betas: unknown schedule {schedule!r}; expected one of {BETA_SCHEDULES}")
 
 
@@ -189,7 +193,7 @@ def timesteps(num_inference_steps: int, num_train_timesteps: int = 1000, spacing
     ``steps_offset`` applies to "leading" only, as in diffusers. Returns (N,) int64 CPU."""
     N = _check_int(num_inference_steps, "timesteps: num_inference_steps", 1)
     T = _check_int(num_train_timesteps, "timesteps: num_train_timesteps", 1)
-    _check_int(steps_offset, "timesteps: steps_offset", 0)
+    steps_offset = _check_int(steps_offset, "timesteps: steps_offset", 0)
     if N > T:
         raise ValueError(f"timesteps: num_inference_steps ({N}) must be <= num_train_timesteps ({T})")
     k = torch.arange(N, dtype=F64)
@@ -257,10 +261,12 @@ def ge_schedule(n: int, alphas_cumprod: torch.Tensor, start: float = 8.35, end: 
     With large n the snapped timesteps can repeat (zero-length steps), as in the original.
     Returns (n+1,) float64 CPU sigmas, and the (n+1,) int64 timesteps when ``return_timesteps``.
     """
-    _check_int(n, "ge_schedule: n", 1)
+    n = _check_int(n, "ge_schedule: n", 1)
     lo, hi = _sigma_range(end, start, "ge_schedule (end, start)")
     if not 0 <= factor <= 1:
         raise ValueError(f"ge_schedule: factor must lie in [0, 1], got {factor}")
+    if isinstance(factor, numbers.Real):  # a numpy float32 would otherwise round end_sigma's arithmetic to float32
+        factor = float(factor)
     ab = host_float64(alphas_cumprod, "alphas_cumprod")
     if ab.dim() != 1 or ab.numel() < 2 or not ((ab > 0) & (ab <= 1)).all():
         raise ValueError("ge_schedule: alphas_cumprod must be a 1-D tensor of length >= 2 with values in (0, 1]")
@@ -298,7 +304,7 @@ def ge_schedule(n: int, alphas_cumprod: torch.Tensor, start: float = 8.35, end: 
 def iadb_alphas(n: int) -> torch.Tensor:
     """Uniform IADB blending parameters ``alpha_k = k/n``, k = 0..n (alpha = 0 is pure noise, 1 is data).
     Returns (n+1,) float64 CPU, increasing."""
-    _check_int(n, "iadb_alphas: n", 1)
+    n = _check_int(n, "iadb_alphas: n", 1)
     return torch.arange(n + 1, dtype=F64) / n
 
 #----------------------------------------------------------------------------
@@ -309,7 +315,7 @@ def _map(fn, value: Number, name: str, hi: float = math.inf) -> Number:
     # a number is range-checked against the map's domain [0, hi]; a tensor is not (its values may live on a device)
     if isinstance(value, torch.Tensor):
         return fn(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy scalars too
         raise TypeError(f"{name}: expected a float or a tensor, got {type(value).__name__}")
     if not 0 <= value <= hi:
         raise ValueError(f"{name}: expected a number in [0, {hi}], got {value!r}")

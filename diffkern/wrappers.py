@@ -59,6 +59,8 @@ def conversion(prediction_type: str, sigma: SigmaLike, sigma_data: float = 1.0):
         return 1 / (1 + s * s), -s / sqrt(1 + s * s)
     if kind == "flow":
         return 1 / (1 + s), -s / (1 + s)
+    if isinstance(sigma_data, numbers.Real):  # numpy scalars as Python floats (np.float32 arithmetic stays float32)
+        sigma_data = float(sigma_data)
     sd2 = sigma_data * sigma_data
     return sd2 / (s * s + sd2), s * sigma_data / sqrt(s * s + sd2)
 

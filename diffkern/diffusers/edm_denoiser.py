@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 
 import torch
 
@@ -66,7 +67,7 @@ class EDMScheduleDenoiser(wrappers.ModelWrapper):
                  timestep_scaling=None):
         super().__init__(unet, guidance_scale)
         who = type(self).__name__
-        if not (isinstance(sigma_data, (int, float)) and math.isfinite(sigma_data) and sigma_data > 0):
+        if not (isinstance(sigma_data, numbers.Real) and math.isfinite(sigma_data) and sigma_data > 0):  # numpy too
             raise ValueError(f"{who}: sigma_data must be a finite float > 0, got {sigma_data!r}")
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"{who}: prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")

@@ -20,10 +20,9 @@ accurate as diffusers'; tests compare both against diffusers' own algorithm run 
 from __future__ import annotations
 
 import dataclasses
-import math
+import warnings
 from typing import Optional
 
-import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin, SchedulerOutput
@@ -34,6 +33,8 @@ from .. import coef_tables, schedules
 from ..ops import coefs, sampler_step
 from ..samplers import make_seed
 from .config_checks import training_betas
+from .scheduler_utils import (_python_scalar, _python_scalars, _rounded, host_value, match_schedule,  # noqa: F401
+                              sigma_to_t, ve_row_to_vp)
 
 # Any diffusers scheduler config loads silently (keys of these classes that we do not take are dropped).
 COMPATIBLES = [e.name for e in KarrasDiffusionSchedulers]
@@ -45,71 +46,6 @@ class FusedSchedulerOutput(BaseOutput):
 
     prev_sample: torch.Tensor
     pred_original_sample: Optional[torch.Tensor] = None
-
-
-def host_value(timestep) -> Optional[float]:
-    """The timestep as a float when reading it costs no device synchronisation (a number or a CPU
-    scalar tensor), else None."""
-    if isinstance(timestep, torch.Tensor):
-        if timestep.device.type != "cpu" or timestep.numel() != 1:
-            return None
-        return timestep.item()  # a CPU tensor: a host read, no device synchronisation
-    if isinstance(timestep, (int, float, np.integer, np.floating)) and not isinstance(timestep, bool):
-        return float(timestep)
-    return None
-
-
-def _rounded(timestep, want: float, got: float) -> bool:
-    """Whether ``timestep`` is a 16-bit float tensor holding ``want`` rounded to its dtype (DanceDiffusionPipeline
-    casts the scheduler's timesteps to its UNet's dtype before its loop)."""
-    return isinstance(timestep, torch.Tensor) and timestep.dtype in (torch.float16, torch.bfloat16) \
-        and torch.tensor(want, dtype=timestep.dtype).item() == got
-
-
-def sigma_to_t(alphas_cumprod: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Fractional training timestep of each sigma (n,): diffusers' ``_sigma_to_t`` (Karras/exponential schedules) on
-    diffkern's float64 table. Its rule, kept exactly because tables need not be monotonic (zero terminal SNR floors
-    the last alpha-bar at 2**-24, above its neighbour's): the interval starts at the last table entry whose log-sigma
-    is <= log(sigma) (before T-2), and the weight is clipped to [0, 1]."""
-    ab = alphas_cumprod.to(torch.float64)
-    log_table = (((1 - ab) / ab) ** 0.5).log()  # (T,)
-    log_sigma = sigma.to(torch.float64).clamp(min=1e-10).log()  # (n,)
-    at_or_above = (log_sigma[None, :] - log_table[:, None] >= 0).long()  # (T, n)
-    low = at_or_above.cumsum(0).argmax(0).clamp(max=len(log_table) - 2)
-    lo, hi = log_table[low], log_table[low + 1]
-    w = ((lo - log_sigma) / (lo - hi)).clamp(0, 1)
-    return (1 - w) * low + w * (low + 1)
-
-
-def match_schedule(t: torch.Tensor, schedule: list, sigmas: list, fallback: torch.Tensor) -> torch.Tensor:
-    """For float64 timesteps ``t`` (B,): ``sigmas[k]`` where ``t`` is ``schedule[k]`` (the host timesteps; the second
-    of two equal ones, as diffusers' ``index_for_timestep``), else ``fallback`` (B,). On ``t``'s device, no sync."""
-    dev = t.device
-    sched = torch.tensor(schedule, dtype=torch.float64, device=dev)
-    sig = torch.tensor(sigmas[:len(schedule)], dtype=torch.float64, device=dev)
-    hit = sched[None, :] == t[:, None]
-    count = hit.sum(1)
-    pick = hit & (hit.cumsum(1) == count.clamp(max=2)[:, None])
-    return torch.where(count > 0, sig[pick.int().argmax(1)], fallback)
-
-
-def ve_row_to_vp(row, sigma_in: float, sigma_out: float, alphas=None) -> list[float]:
-    """Rewrite a VE-coordinate row (state ``x = z/alpha``) for the VP state z (``alpha = 1/sqrt(sigma^2+1)``), or
-    for another scaled state given its ``alphas = (alpha_in, alpha_out)`` (flow matching: ``1/(1 + sigma)``).
-
-    With ``x = z/alpha_in`` and ``z' = alpha_out*x'``: the x coefficients a, e and the conversion slot p are
-    divided by alpha_in, every output term (a, b, g, c, c2, c3, s) is multiplied by alpha_out; q, w, f and clip act on
-    model outputs and x0 estimates, which are the same in both coordinates.
-    """
-    a_in, a_out = alphas if alphas is not None else (1.0 / math.sqrt(sigma_in * sigma_in + 1.0),
-                                                     1.0 / math.sqrt(sigma_out * sigma_out + 1.0))
-    r = list(row)
-    r[coefs.A] *= a_out / a_in
-    for k in (coefs.B, coefs.G, coefs.C, coefs.C2, coefs.C3, coefs.S):
-        r[k] *= a_out
-    r[coefs.P] /= a_in
-    r[coefs.E] /= a_in
-    return r
 
 
 class FusedScheduler(SchedulerMixin, ConfigMixin):
@@ -128,6 +64,17 @@ class FusedScheduler(SchedulerMixin, ConfigMixin):
     # largest sigma, ~4096); DDIM and DDPM keep 0 (None)
     _zero_snr_floor = 2.0 ** -24
     _locate_start = False  # see _locate
+
+    def __init_subclass__(cls, **kwargs):
+        # NumPy scalars (np.int64 from np.arange or a sweep, np.float32 from a config parsed by numpy) reach every
+        # scheduler's __init__ (hence its config, which stays JSON-serialisable), set_timesteps and set_begin_index
+        # as the equal Python scalars: the checks and the float64 tables see exactly what a Python caller passes (the
+        # same results bit for bit), and np.bool_ is a bool (refused where a bool is). step() is left as it is (its
+        # knobs take numbers.Real and are read with float(); callers introspect its code for a generator argument)
+        super().__init_subclass__(**kwargs)
+        for name in ("__init__", "set_timesteps", "set_begin_index"):
+            if name in cls.__dict__:
+                setattr(cls, name, _python_scalars(cls.__dict__[name]))
 
     def _init_training(self, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                        rescale_betas_zero_snr=False) -> None:
@@ -176,6 +123,7 @@ class FusedScheduler(SchedulerMixin, ConfigMixin):
 
     def set_begin_index(self, begin_index: int = 0) -> None:
         """Start the next loop at ``timesteps[begin_index]`` (image-to-image pipelines call this)."""
+        begin_index = _python_scalar(begin_index)  # numpy ints too (subclasses' overrides convert them already)
         if isinstance(begin_index, bool) or not isinstance(begin_index, int) or begin_index < 0:
             raise ValueError(f"begin_index: expected an int >= 0, got {begin_index!r}")
         self._begin_index = begin_index
@@ -316,9 +264,23 @@ class FusedScheduler(SchedulerMixin, ConfigMixin):
             buffers = list(group)
         return coef_tables.history_slots(buffers, i)
 
+    def _check_grad(self, *tensors: torch.Tensor, stacklevel: int = 4) -> None:
+        """Warn, once per scheduler, where autograd would record through ``step()``: the fused op has no backward, so
+        its output is detached where diffusers' step is differentiable (guidance or fine-tuning through the loop
+        would silently get no gradient from it). Not an error: a loop that only forgot ``torch.no_grad()`` works.
+        ``stacklevel`` names the caller of ``step()`` (4: called from :meth:`_fused`)."""
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors) \
+                and not self.__dict__.get("_warned_grad", False):
+            self._warned_grad = True
+            warnings.warn(f"{type(self).__name__}.step: model_output/sample require grad, but diffkern's fused step "
+                          "is not differentiable: its outputs are detached (no gradient reaches model_output or "
+                          "sample). Run the loop under torch.no_grad(), or use diffusers' own scheduler to "
+                          "backpropagate through step()", UserWarning, stacklevel=stacklevel)
+
     def _fused(self, key, row: int, x, model_output, *, noise=None, history=None, history2=None, history3=None,
                history_out=None, x0=True):
         """One fused step on ``row`` of the table for ``key``; returns (out, x0_out or None)."""
+        self._check_grad(x, model_output)
         table = self._device_table(key, x.device)
         host = self._plan(key)[0]
         noisy = float(host[row, coefs.S]) != 0.0  # host table: no device read

@@ -17,6 +17,7 @@ no ``torchsde``. ``step()`` takes no generator, as diffusers'.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from diffusers.configuration_utils import register_to_config
@@ -30,7 +31,7 @@ _PREDICTIONS = ("epsilon", "v_prediction")  # diffusers' step raises for "sample
 
 
 def _check_s_noise(s_noise) -> float:
-    if isinstance(s_noise, bool) or not isinstance(s_noise, (int, float)) or not math.isfinite(s_noise) \
+    if isinstance(s_noise, bool) or not isinstance(s_noise, numbers.Real) or not math.isfinite(s_noise) \
             or s_noise < 0:
         raise ValueError(f"s_noise: expected a finite number >= 0, got {s_noise!r}")
     return float(s_noise)

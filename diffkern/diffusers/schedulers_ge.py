@@ -57,6 +57,9 @@ class GEScheduler(FusedScheduler):
 
     def set_timesteps(self, num_inference_steps: int, device=None):
         """N timesteps snapped to the training table; the N+1 sigmas end at sigma(0)."""
+        # checked here so that the error names this argument, not ge_schedule's n (numpy ints arrive as Python's)
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"GEScheduler: num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
         cfg = self.config
         sig, ts = schedules.ge_schedule(num_inference_steps, self.alphas_cumprod, cfg.start, cfg.end,
                                         _GE_STYLES[str(cfg.style).lower()], cfg.factor, return_timesteps=True)

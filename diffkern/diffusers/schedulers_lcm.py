@@ -169,16 +169,17 @@ class LCMScheduler(FusedScheduler):
         if values[0] >= T or values[-1] < 0:
             raise ValueError(f"{who}: timesteps must lie in [0, num_train_timesteps={T}), got {values}")
         train = set(origin.tolist())
+        # stacklevel 4 names the caller of set_timesteps (frames: this method, set_timesteps, FusedScheduler's wrapper)
         if strength == 1.0 and values[0] != T - 1:
             warnings.warn(f"{who}: the custom schedule starts at {values[0]}, not num_train_timesteps - 1 = {T - 1}; "
-                          "results may be unexpected", stacklevel=3)
+                          "results may be unexpected", stacklevel=4)
         off = [v for v in values[1:] if v not in train]
         if off:
             warnings.warn(f"{who}: custom timesteps {off} are not on the original (distillation) schedule; results "
-                          "may be unexpected", stacklevel=3)
+                          "may be unexpected", stacklevel=4)
         if len(values) > original:
             warnings.warn(f"{who}: {len(values)} custom timesteps exceed original_inference_steps={original}; "
-                          "results may be unexpected", stacklevel=3)
+                          "results may be unexpected", stacklevel=4)
         n = len(values)
         start = max(n - min(int(n * strength), n), 0)
         if start >= n:
@@ -234,3 +235,4 @@ class LCMScheduler(FusedScheduler):
         return LCMSchedulerOutput(prev_sample=prev, denoised=denoised)
 
     add_noise = _VPScheduler.add_noise
+    get_velocity = _VPScheduler.get_velocity

@@ -194,4 +194,6 @@ class SASolverScheduler(FusedScheduler):
         prev, _ = self._fused(("sasolver", begin), i, x, model_output, noise=noise, history=history,
                               history2=history2, history3=history3, history_out=history_out, x0=False)
         self._advance()
+        # diffusers returns the sample's dtype, computed in the promoted one (as UniPC)
+        prev = prev if prev.dtype == sample.dtype else prev.to(sample.dtype)
         return self._output_prev_only(return_dict, prev)

@@ -214,6 +214,7 @@ class DPMSolverSinglestepScheduler(FusedScheduler):
             slots["history_out"] = m1
         noisy = float(host[i, coefs.S]) != 0.0  # host table: no device read
         seed = self._seed_for(x) if noisy and noise is None else None
+        self._check_grad(x, model_output, stacklevel=3)
         prev = sampler_step(x, model_output, self._device_table(key, x.device), i, noise=noise if noisy else None,
                             seed=seed, backend=self.backend, **slots)
         self._advance()

@@ -173,3 +173,4 @@ class TCDScheduler(FusedScheduler):
         return TCDSchedulerOutput(prev_sample=prev, pred_noised_sample=noised)
 
     add_noise = _VPScheduler.add_noise
+    get_velocity = _VPScheduler.get_velocity

@@ -178,6 +178,9 @@ class UniPCMultistepScheduler(FusedScheduler):
         prev, _ = self._fused(self._key(begin), i, x, model_output, history=history, history2=history2,
                               history3=history3, history_out=history_out, x0=False)
         self._advance()
+        # diffusers computes in the promoted dtype and returns the sample's (a float16 sample with a float32 model
+        # output stays float16); the history above keeps the promoted dtype, as diffusers' model_outputs do
+        prev = prev if prev.dtype == sample.dtype else prev.to(sample.dtype)
         return self._output_prev_only(return_dict, prev)
 
     def loop_knobs(self) -> dict:

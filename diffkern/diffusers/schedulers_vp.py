@@ -87,6 +87,16 @@ class _VPScheduler(FusedScheduler):
         return (ab.sqrt().to(dtype).view(view) * original_samples
                 + (1 - ab).sqrt().to(dtype).view(view) * noise)
 
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """The v-prediction target ``sqrt(ab[t])*noise - sqrt(1 - ab[t])*sample`` (diffusers' ``get_velocity``, what
+        v-prediction training scripts regress on), timesteps as :meth:`add_noise` takes them; the coefficients in
+        ``sample``'s dtype, rounded once from the float64 table (a device gather, no sync)."""
+        t = torch.as_tensor(timesteps).to(sample.device).reshape(-1).long()
+        ab = self.alphas_cumprod.to(sample.device)[t]
+        view = (-1,) + (1,) * (sample.dim() - 1)
+        dtype = sample.dtype
+        return ab.sqrt().to(dtype).view(view) * noise - (1 - ab).sqrt().to(dtype).view(view) * sample
+
 
 class DDIMScheduler(_VPScheduler):
     """Drop-in for ``diffusers.DDIMScheduler`` (same config, timesteps and outputs); one fused op per step.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import numbers
 import os
 
 import torch
@@ -135,10 +136,12 @@ def generate(model, n: int, method: str = "ge", steps: int = 20, *, shape: tuple
     in ``dtype`` on ``device``."""
     from ..sampling import sample
 
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:  # numpy ints too
         raise ValueError(f"n: expected an int >= 1, got {n!r}")
+    n = int(n)
     sigmas = schedule(steps) if sigmas is None else sigmas
-    gen = torch.Generator().manual_seed(seed)
+    # torch.Generator.manual_seed refuses numpy ints; sample() below validates the seed itself
+    gen = torch.Generator().manual_seed(int(seed) if isinstance(seed, numbers.Integral) else seed)
     x = torch.randn((n, *shape), generator=gen, dtype=torch.float64) * float(sigmas[0])
     return sample(model, x.to(device=device, dtype=dtype), sigmas, method, backend=backend, seed=seed,
                   progress=progress, **knobs)

@@ -4,6 +4,8 @@ All checks run before anything is launched, so an op that raises has written not
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -52,11 +54,12 @@ def seed_tensor(seed, x: torch.Tensor, x_name: str = "x") -> torch.Tensor:
 
 
 def step_index(step, table: torch.Tensor, name: str = "step") -> int:
-    if isinstance(step, bool) or not isinstance(step, int):
+    """``step`` as a Python int row of ``table`` (numpy ints too: numbers.Integral; bool and tensors refused)."""
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
         raise TypeError(f"{name}: expected a Python int (a row of the coefficient table), got {type(step).__name__}")
     if not 0 <= step < table.shape[0]:
         raise IndexError(f"{name}: {step} is out of range for a coefficient table of {table.shape[0]} rows")
-    return step
+    return int(step)
 
 
 def _span(t: torch.Tensor) -> tuple[int, int]:

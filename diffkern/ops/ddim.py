@@ -9,6 +9,7 @@ x0 prediction of any prediction type and ``D`` its clipped value. For every pred
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -33,6 +34,8 @@ def ddim_row(alpha_prod_t: float, alpha_prod_t_prev: float, *, eta: float = 0.0,
             raise ValueError(f"{name}: expected a value in [0, 1], got {v}")
     if not (eta >= 0 and math.isfinite(eta)):
         raise ValueError(f"eta: expected a finite value >= 0, got {eta}")
+    if isinstance(eta, numbers.Real):  # numpy scalars as Python floats: np.float32 arithmetic would stay float32
+        eta = float(eta)
     if clip_sample and not clip_sample_range > 0:
         raise ValueError(f"clip_sample_range: expected > 0, got {clip_sample_range}")
     ab, ab_p = float(alpha_prod_t), float(alpha_prod_t_prev)
@@ -67,8 +70,9 @@ def ddim_step(sample, model_output, alpha_prod_t: float, alpha_prod_t_prev: floa
     noise (shape of sample), else Philox noise from ``seed`` at counter ``step``. For a loop, build a
     table of :func:`ddim_row` once and call :func:`sampler_step` with a row index instead.
     """
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:  # numpy ints too
         raise ValueError(f"step: expected a Python int >= 0 (the Philox step counter), got {step!r}")
+    step = int(step)
     if not isinstance(sample, torch.Tensor):
         raise TypeError(f"sample: expected a tensor, got {type(sample).__name__}")
     # checked here too so that the message names this function's arguments (the fused op's are x and model_out)

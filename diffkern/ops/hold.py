@@ -26,6 +26,7 @@ triton (``kernels/hold.py``), cuda (``csrc/cuda/hold.cu``).
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -288,7 +289,7 @@ def hold_transition(z, eps_hat, coef, step, *, noise=None, seed=None, out=None, 
             _checks.like(t, name, z, "z")
     if coef.device != z.device:
         raise ValueError(f"coef: expected device {z.device} (that of z), got {coef.device}")
-    _checks.step_index(step, coef)
+    step = _checks.step_index(step, coef)  # a Python int for the op's schema (numpy ints accepted)
     if coef.device.type == "cpu":
         validate_table(coef[step:step + 1], f"coef[{step}]")
     if step >= 2**32:
@@ -350,8 +351,9 @@ def hold_perturb(z0, mean_mat, chol, *, noise=None, seed=None, step: int = 0, ou
                 raise TypeError(f"{name}: expected dtype {z0.dtype} (that of z0), got {t.dtype}")
     if eps_out is not None:
         _data_like(eps_out, "eps_out", z0, C, dtype=True)
-    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 2**32:
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or not 0 <= step < 2**32:
         raise ValueError(f"step: expected a Python int in [0, 2**32), got {step!r}")
+    step = int(step)  # numpy ints accepted, passed on as Python's
     seed = _checks.seed_tensor(torch.zeros(1, dtype=torch.int64, device=z0.device) if seed is None else seed, z0)
     _checks.no_partial_overlap({"out": out, "eps_out": eps_out}, {"z0": z0, "noise": noise},
                                {"mean_mat": mean_mat, "chol": chol, "seed": seed})

@@ -11,6 +11,7 @@ IADB's x0 is the NOISE and x1 the DATA: ``x_alpha = (1-alpha)*x0 + alpha*x1``.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -118,7 +119,7 @@ def _blend_value(v, name: str) -> float:
     # named here: a bad value would otherwise surface as a non-finite slot of the one-row coefficient table
     if isinstance(v, torch.Tensor) and v.numel() == 1:
         v = v.item()
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):  # numpy scalars too
         raise ValueError(f"{name}: expected a finite number (a blending value), got {v!r}")
     return float(v)
 

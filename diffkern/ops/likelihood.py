@@ -20,6 +20,8 @@ Backends: reference (this file), cpp (``csrc/cpu/likelihood.cpp``), triton (``ke
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from . import _checks, _lib, philox
@@ -135,8 +137,9 @@ def likelihood_accum(y, denoised, sigma, weight, acc, *, cv=None, step: int = 0,
         raise ValueError(f"acc: expected device {y.device} (that of y), got {acc.device}")
     if acc.shape != (y.shape[0],):
         raise ValueError(f"acc: expected shape ({y.shape[0]},) (one per sample of y), got {tuple(acc.shape)}")
-    if isinstance(step, bool) or not isinstance(step, int):
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral):  # numpy ints too
         raise TypeError(f"step: expected a Python int, got {type(step).__name__}")
+    step = int(step)
     if not 0 <= step < 2**32:
         raise ValueError(f"step: expected 0 <= step < 2**32, got {step}")
     seed = _checks.seed_tensor(torch.zeros(1, dtype=torch.int64, device=y.device) if seed is None else seed, y)

@@ -21,6 +21,7 @@ its mean (and x shifted alike; D is translation-equivariant), as ``EmpiricalDeno
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -115,7 +116,7 @@ def _sigma_vector(sigma, x: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
         s = sigma.reshape(-1)
         s = torch.where(s > 0, s.clamp_min(torch.finfo(cdt).tiny), s)
         return s.to(cdt).expand(batch).contiguous()
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
+    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real):  # numpy scalars too
         raise TypeError(f"sigma: expected a float or a tensor, got {type(sigma).__name__}")
     if not (math.isfinite(sigma) and sigma >= 0):
         raise ValueError(f"sigma: expected a finite value >= 0, got {sigma}")

@@ -23,6 +23,7 @@ element's index inside its sample, so a sample's noise does not depend on the re
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -165,8 +166,9 @@ def randn(shape, seed, *, step: int = 0, offset: int = 0, dtype=torch.float32, o
     seed = _checks.seed_tensor(seed, out, batch_name)
     _checks.no_partial_overlap({"out": out}, {}, {"seed": seed})
     for name, v in (("step", step), ("offset", offset)):
-        if isinstance(v, bool) or not isinstance(v, int):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):  # numpy ints too
             raise TypeError(f"{name}: expected a Python int, got {type(v).__name__}")
+    step, offset = int(step), int(offset)
     if not 0 <= offset < 2**63 - max(out.numel(), 1):
         raise ValueError(f"offset: expected 0 <= offset < 2**63 - numel, got {offset}")
     if not 0 <= step < 2**32:

@@ -130,7 +130,7 @@ def sampler_step(x, model_out, coef, step, *, model_out_uncond=None, history=Non
         raise TypeError(f"coef: expected dtype torch.float64, got {coef.dtype}")
     if coef.device != x.device:
         raise ValueError(f"coef: expected device {x.device} (that of x), got {coef.device}")
-    _checks.step_index(step, coef)
+    step = _checks.step_index(step, coef)  # a Python int for the op's schema (numpy ints accepted)
     # Cheap for CPU tables; device tables are validated when built (no sync in loops). Under torch.compile the
     # check would read tensor values on the host, which a trace cannot do: compiled callers validate beforehand.
     if coef.device.type == "cpu" and not torch.compiler.is_compiling():
