@@ -32,6 +32,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from . import ops
+from .schedules import _check_int
 from .likelihood_bpd import bits_per_dim, dequantize  # noqa: F401  (re-exported: the bpd of a log_prob)
 from .likelihood_trace import check_trace_args, draw_probes, hutchinson_trace
 
@@ -52,13 +53,6 @@ class LogLikelihood(NamedTuple):
     log_prob: torch.Tensor
     stderr: torch.Tensor
     repeats: torch.Tensor
-
-
-def _check_int(value, name: str, minimum: int) -> int:
-    # numbers.Integral admits numpy ints; returned as a Python int for the loops and shapes below
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def _check_range(sigma_min, sigma_max) -> tuple[float, float]:

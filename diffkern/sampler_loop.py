@@ -195,6 +195,13 @@ def check_state(x, name: str = "x") -> None:
         raise ValueError(f"{name}: expected a tensor with values, got a tensor on the meta device")
 
 
+def check_callback(callback) -> None:
+    """Raise unless ``callback`` is None or callable (checked up front: it would otherwise fail only after the first
+    step's work)."""
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback: expected a callable or None, got {type(callback).__name__}")
+
+
 def input_version(x: torch.Tensor):
     """x's version counter before a model call (None for an inference tensor, which keeps none)."""
     return None if x.is_inference() else x._version
@@ -232,8 +239,7 @@ class _Loop:
     def __init__(self, model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, *, window=None):
         check_state(x)
         check_call(model, extra_args)
-        if callback is not None and not callable(callback):  # else it fails only after the first step's work
-            raise TypeError(f"callback: expected a callable or None, got {type(callback).__name__}")
+        check_callback(callback)
         self.model, self.extra = model, dict(extra_args or {})
         self.callback, self.disable, self.backend = callback, disable, backend
         self.sigmas = host_sigmas(sigmas)

@@ -100,7 +100,7 @@ def sample(model, x, sigmas, method, *, backend=None, seed=0, callback=None, pro
         raise TypeError(f"{method}: unknown knob(s) {unknown}; valid knobs: {sorted(valid) or 'none'}")
     samplers.check_state(x)  # before record= allocates from it
     samplers.check_call(model, extra_args)
-    _check_callback(callback)
+    sampler_loop.check_callback(callback)
     steps = len(samplers.host_sigmas(sigmas)) - 1
     window = sampler_loop.check_window(window, steps)
     if graphs.wanted(graph, x, callback, progress):
@@ -143,12 +143,6 @@ def _sample_graph(model, x, sigmas, method, knob_values, seed, backend, record, 
 
 #----------------------------------------------------------------------------
 # IADB in its own coordinates (Heitz et al. 2023): x_alpha = (1-alpha)*noise + alpha*data.
-
-
-def _check_callback(callback) -> None:
-    # Checked up front: a bad callback would otherwise fail only after the first step's work.
-    if callback is not None and not callable(callback):
-        raise TypeError(f"callback: expected a callable or None, got {type(callback).__name__}")
 
 
 IADB_STEPS = 128  # sample_iadb's default step count (the paper's)
@@ -274,7 +268,7 @@ def sample_iadb(model, x0, alphas=None, variant="euler", *, steps=None, lam=None
     lam = iadb_lam(variant, lam)
     samplers.check_state(x0, "x0")
     samplers.check_call(model, extra_args)
-    _check_callback(callback)
+    sampler_loop.check_callback(callback)
     host = iadb_alphas(alphas, steps)
     if graphs.wanted(graph, x0, callback, progress, name="x0"):
         try:

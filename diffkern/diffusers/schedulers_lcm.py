@@ -236,3 +236,4 @@ class LCMScheduler(FusedScheduler):
 
     add_noise = _VPScheduler.add_noise
     get_velocity = _VPScheduler.get_velocity
+    _vp_coefficients = _VPScheduler._vp_coefficients

@@ -196,6 +196,7 @@ class PNDMScheduler(FusedScheduler):
         return group
 
     add_noise = _VPScheduler.add_noise
+    _vp_coefficients = _VPScheduler._vp_coefficients
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
         """One PNDM call (Runge-Kutta or PLMS, as diffusers' counter says); returns (prev_sample,).

@@ -178,6 +178,7 @@ class SASolverScheduler(FusedScheduler):
         return self.sigmas_host[i]
 
     add_noise = _VPScheduler.add_noise  # diffusers' SA-Solver adds noise as DDPM does, from alpha-bar at t
+    _vp_coefficients = _VPScheduler._vp_coefficients
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True):

@@ -174,3 +174,4 @@ class TCDScheduler(FusedScheduler):
 
     add_noise = _VPScheduler.add_noise
     get_velocity = _VPScheduler.get_velocity
+    _vp_coefficients = _VPScheduler._vp_coefficients

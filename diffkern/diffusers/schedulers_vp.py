@@ -80,22 +80,23 @@ class _VPScheduler(FusedScheduler):
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """``sqrt(ab[t])*x0 + sqrt(1 - ab[t])*noise`` with per-sample timesteps (B,) or one timestep (a number or a
         (1,) tensor) (a device gather, no sync)."""
-        t = torch.as_tensor(timesteps).to(original_samples.device).reshape(-1).long()
-        ab = self.alphas_cumprod.to(original_samples.device)[t]
-        view = (-1,) + (1,) * (original_samples.dim() - 1)
-        dtype = original_samples.dtype
-        return (ab.sqrt().to(dtype).view(view) * original_samples
-                + (1 - ab).sqrt().to(dtype).view(view) * noise)
+        signal, noise_level = self._vp_coefficients(original_samples, timesteps)
+        return signal * original_samples + noise_level * noise
 
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """The v-prediction target ``sqrt(ab[t])*noise - sqrt(1 - ab[t])*sample`` (diffusers' ``get_velocity``, what
         v-prediction training scripts regress on), timesteps as :meth:`add_noise` takes them; the coefficients in
         ``sample``'s dtype, rounded once from the float64 table (a device gather, no sync)."""
-        t = torch.as_tensor(timesteps).to(sample.device).reshape(-1).long()
-        ab = self.alphas_cumprod.to(sample.device)[t]
-        view = (-1,) + (1,) * (sample.dim() - 1)
-        dtype = sample.dtype
-        return ab.sqrt().to(dtype).view(view) * noise - (1 - ab).sqrt().to(dtype).view(view) * sample
+        signal, noise_level = self._vp_coefficients(sample, timesteps)
+        return signal * noise - noise_level * sample
+
+    def _vp_coefficients(self, like: torch.Tensor, timesteps) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sqrt(ab[t]), sqrt(1 - ab[t])) at per-sample timesteps (B,) or one timestep, shaped to broadcast against
+        ``like`` (B, ...) and rounded once from the float64 table to its dtype (a device gather, no sync)."""
+        t = torch.as_tensor(timesteps).to(like.device).reshape(-1).long()
+        ab = self.alphas_cumprod.to(like.device)[t]
+        view = (-1,) + (1,) * (like.dim() - 1)
+        return ab.sqrt().to(like.dtype).view(view), (1 - ab).sqrt().to(like.dtype).view(view)
 
 
 class DDIMScheduler(_VPScheduler):
