@@ -85,8 +85,9 @@ class _VPScheduler(FusedScheduler):
 
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """The v-prediction target ``sqrt(ab[t])*noise - sqrt(1 - ab[t])*sample`` (diffusers' ``get_velocity``, what
-        v-prediction training scripts regress on), timesteps as :meth:`add_noise` takes them; the coefficients in
-        ``sample``'s dtype, rounded once from the float64 table (a device gather, no sync)."""
+        v-prediction training scripts regress on). sample, noise: (B, ...) float; timesteps as :meth:`add_noise`
+        takes them ((B,) or one timestep); returns (B, ...) in sample's dtype, the coefficients rounded once from
+        the float64 table (a device gather, no sync)."""
         signal, noise_level = self._vp_coefficients(sample, timesteps)
         return signal * noise - noise_level * sample
 
