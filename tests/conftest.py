@@ -8,6 +8,7 @@ TRITON_INTERPRET is read when a kernel is decorated, so it is set here, before a
 import os
 
 import pytest
+import threadpoolctl  # scikit-learn's dependency
 import torch
 
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
@@ -16,6 +17,12 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 import diffkern.ops as dops  # noqa: E402
 
 torch.set_num_threads(1)
+# The same for numpy's and scipy's OpenBLAS, where it matters more: with two BLAS threads in each of two workers on
+# a 2-core machine a 4x4 scipy.linalg.expm took 1-12 ms (the threads wait on each other), with one 10-35 us, and
+# the HOLD oracles call it ~10^5 times. numpy's copy is loaded already (pytest's plugins import numpy), so it is
+# limited in place; scipy's is loaded later and reads the environment (as do subprocesses).
+os.environ["OPENBLAS_NUM_THREADS"] = "1"
+threadpoolctl.threadpool_limits(1, user_api="blas")
 
 
 def usable_backends(device_type: str = "cpu") -> list[str]:
