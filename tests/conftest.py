@@ -5,6 +5,7 @@ here are small, and two OpenMP threads per process on a 2-core machine cost more
 TRITON_INTERPRET is read when a kernel is decorated, so it is set here, before any test imports
 ``diffkern.kernels``.
 """
+import importlib
 import os
 
 import pytest
@@ -33,6 +34,14 @@ def usable_backends(device_type: str = "cpu") -> list[str]:
 @pytest.fixture(params=usable_backends("cpu"))
 def cpu_backend(request):
     return request.param
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    """``bench(name)``: the module ``bench/<name>.py`` (the benchmarks are scripts in the repository, not a package
+    of diffkern)."""
+    monkeypatch.syspath_prepend(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return lambda name: importlib.import_module(f"bench.{name}")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -3,22 +3,13 @@
 compile cases last, the copy-bandwidth peak, and the end-to-end bench's baselines (``bench/``).
 """
 import csv
-import importlib
 import math
-import os
 import types
 
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 1000  # elements of a hand-counted case
-
-
-@pytest.fixture
-def bench(monkeypatch):
-    monkeypatch.syspath_prepend(REPO)
-    return lambda name: importlib.import_module(f"bench.{name}")
 
 
 def _meta(dtype=torch.float32, n=N):

@@ -2,7 +2,6 @@
 with the provenance columns, a PNG and a markdown table. Nothing here asserts on a time.
 """
 import csv
-import importlib
 import math
 import os
 
@@ -13,12 +12,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHES = {"bench_sampler_step": "sampler_step", "bench_ddim": "ddim", "bench_hold": "hold",
            "bench_iadb_blend": "iadb_blend", "bench_philox_normal": "philox_normal"}
 ISSUE_SIZES = [2**20, 2**22, 2**24, 2**26, 2**28]  # issue 6: the CUDA sweep
-
-
-@pytest.fixture
-def bench(monkeypatch):
-    monkeypatch.syspath_prepend(REPO)
-    return lambda name: importlib.import_module(f"bench.{name}")
 
 
 @pytest.mark.parametrize("name", list(BENCHES))
