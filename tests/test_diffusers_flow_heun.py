@@ -195,7 +195,7 @@ def test_scale_noise_matches_diffusers():
     (lambda s, x: s.step(x, s.timesteps[0], x, s_churn="a"), "s_churn must be a number"),
     (lambda s, x: s.scale_noise(x, s.timesteps[0]), "noise: required"),
     (lambda s, x: s.set_begin_index(1), "begin_index: expected an even index"),
-    (lambda s, x: s.set_timesteps(0), "num_inference_steps must be an int >= 1"),
+    (lambda s, x: s.set_timesteps(0), "num_inference_steps: expected an int >= 1"),
 ])
 def test_refused_arguments_name_themselves(call, match):
     sched = OURS()

@@ -262,7 +262,10 @@ def _level1_philox_loop(unet, name, config, seed, generator, dtype):
                                                                                "use_karras_sigmas": True})])
 @pytest.mark.filterwarnings("ignore:accelerate. DDPMPipeline's own loop does not scale:UserWarning")
 def test_stochastic_level2_matches_level1_philox(name, config):
-    pipe = DDPMPipeline(unet=tiny_unet(), scheduler=getattr(dd, name)(**config))
+    # DDIM's eta is a DDIMPipeline argument (DDPMPipeline takes none); both run the same unconditional loop
+    pipe = (DDIMPipeline if name == "DDIMScheduler" else DDPMPipeline)(unet=tiny_unet(),
+                                                                       scheduler=getattr(dd, name)(**config))
+    pipe.scheduler = getattr(dd, name)(**config)  # (DDIMPipeline converts a scheduler given at construction)
     pipe.set_progress_bar_config(disable=True)
     eta = {"eta": 0.8} if name == "DDIMScheduler" else {}
     fast = dd.accelerate(pipe)

@@ -129,7 +129,7 @@ def test_config_save_load_and_from_config(tmp_path):
 def test_refusals_name_the_argument():
     with pytest.raises(ValueError, match="trained_betas"):
         dd.IPNDMScheduler(trained_betas=[0.1] * 11)
-    with pytest.raises(ValueError, match="num_inference_steps must be an int >= 1"):
+    with pytest.raises(ValueError, match="num_inference_steps: expected an int >= 1"):
         dd.IPNDMScheduler().set_timesteps(0)
     sched = dd.IPNDMScheduler()
     sched.set_timesteps(3)

@@ -227,6 +227,10 @@ class AcceleratedPipeline:
 
         _reject(unsupported)
         pipe = self.pipe
+        for name, value in (("eta", eta), ("use_clipped_model_output", use_clipped_model_output)):
+            if value is not None and name not in inspect.signature(type(pipe).__call__).parameters:
+                # (DDPMPipeline takes neither: the stock call raises this TypeError)
+                raise TypeError(f"{type(pipe).__name__}.__call__() got an unexpected keyword argument '{name}'")
         steps = _steps(pipe, num_inference_steps, 1000)
         size = pipe.unet.config.sample_size
         shape = (batch_size, pipe.unet.config.in_channels, *((size, size) if isinstance(size, int) else size))

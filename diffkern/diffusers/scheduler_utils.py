@@ -91,3 +91,15 @@ def _python_scalars(method):
     def wrapper(self, *args, **kwargs):
         return method(self, *map(_python_scalar, args), **{k: _python_scalar(v) for k, v in kwargs.items()})
     return wrapper
+
+
+def check_steps(who: Optional[str], value, hi: Optional[int] = None, name: str = "num_inference_steps") -> int:
+    """``value`` (``num_inference_steps`` by default) as an int >= 1, and <= ``hi`` (num_train_timesteps) when given.
+    NumPy ints are ints, bools are not. The one check of every Level-1 ``set_timesteps``; raises ValueError
+    ``"{who}: num_inference_steps: expected an int >= 1, got 0"`` (``"... an int in [1, num_train_timesteps=1000]
+    ..."`` with ``hi``)."""
+    value = _python_scalar(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (hi is not None and value > hi):
+        want = "an int >= 1" if hi is None else f"an int in [1, num_train_timesteps={hi}]"
+        raise ValueError(f"{who + ': ' if who else ''}{name}: expected {want}, got {value!r}")
+    return value

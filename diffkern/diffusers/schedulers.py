@@ -33,8 +33,11 @@ from .. import coef_tables, schedules
 from ..ops import coefs, sampler_step
 from ..samplers import make_seed
 from .config_checks import training_betas
+from .scheduler_lookup import TimestepLookup, check_step_args, check_timestep
 from .scheduler_utils import (_python_scalar, _python_scalars, _rounded, host_value, match_schedule,  # noqa: F401
                               sigma_to_t, ve_row_to_vp)
+
+_INIT_KEYS: dict = {}  # scheduler class -> the names its __init__ takes (FusedScheduler._option)
 
 # Any diffusers scheduler config loads silently (keys of these classes that we do not take are dropped).
 COMPATIBLES = [e.name for e in KarrasDiffusionSchedulers]
@@ -48,7 +51,7 @@ class FusedSchedulerOutput(BaseOutput):
     pred_original_sample: Optional[torch.Tensor] = None
 
 
-class FusedScheduler(SchedulerMixin, ConfigMixin):
+class FusedScheduler(TimestepLookup, SchedulerMixin, ConfigMixin):
     """Shared machinery: training table, host step index, cached device tables, noise, fused launch.
 
     Attributes:
@@ -162,6 +165,7 @@ class FusedScheduler(SchedulerMixin, ConfigMixin):
     def _index(self, timestep) -> int:
         """The current step index (initialised from ``begin_index``), checked against a host ``timestep``."""
         who = type(self).__name__
+        check_timestep(timestep)
         if self._host_timesteps is None:
             raise ValueError(f"{who}: call set_timesteps(num_inference_steps) before scale_model_input/step")
         if self._step_index is None:
@@ -293,7 +297,8 @@ class FusedScheduler(SchedulerMixin, ConfigMixin):
 
     def _state_in(self, sample: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
         """The sample in the dtype diffusers returns (promotion for VP schedulers, model_output's dtype for the
-        k-diffusion family, which computes in float32 and casts back)."""
+        k-diffusion family, which computes in float32 and casts back), after checking both step() inputs."""
+        check_step_args(model_output, sample)
         dtype = torch.promote_types(sample.dtype, model_output.dtype) if self._vp_state else model_output.dtype
         return sample if sample.dtype == dtype else sample.to(dtype)
 
@@ -313,7 +318,10 @@ class FusedScheduler(SchedulerMixin, ConfigMixin):
         """Config value of ``name`` if this class takes it, else ``default``. ``from_config`` also keeps keys that
         only a compatible class takes (Heun's ``clip_sample`` in an Euler config, Euler's ``use_karras_sigmas`` in
         an Euler-ancestral one); diffusers' class ignores them, and so must we."""
-        return self.config.get(name, default) if name in self._get_init_keys(type(self)) else default
+        keys = _INIT_KEYS.get(type(self))
+        if keys is None:  # diffusers' _get_init_keys runs inspect.signature: ~130 us, once per row built
+            keys = _INIT_KEYS[type(self)] = frozenset(self._get_init_keys(type(self)))
+        return self.config.get(name, default) if name in keys else default
 
     def _sigma_at(self, i: int) -> float:
         """VE sigma of ``timesteps[i]``."""
@@ -331,30 +339,6 @@ class FusedScheduler(SchedulerMixin, ConfigMixin):
             return torch.tensor(host, dtype=torch.float32)
         n = len(self._host_timesteps)
         return torch.tensor([self._sigma_at(k) for k in range(n)] + [host[-1]], dtype=torch.float32)
-
-    def _noise_sigma(self, original_samples: torch.Tensor, timesteps) -> torch.Tensor:
-        """Per-sample VE sigma (float64, shaped to broadcast against ``original_samples``, on its device) for
-        ``add_noise``, chosen as diffusers chooses it: after ``set_begin_index``, the sigma of the current step
-        (``step_index``, else ``begin_index``) for every sample; otherwise the sigma of each timestep's position
-        in ``timesteps`` (the second one where it occurs twice). A timestep that is not in the schedule (or any
-        timestep before ``set_timesteps``) gets the training sigma at t, linearly interpolated (diffusers raises
-        there). The matching runs on the device: no synchronisation."""
-        dev = original_samples.device
-        t = torch.as_tensor(timesteps).to(dev).reshape(-1)
-        view = (-1,) + (1,) * (original_samples.dim() - 1)
-        if self._host_timesteps is not None and self._begin_index is not None:
-            k = self._step_index if self._step_index is not None else self._begin_index
-            return torch.full(t.shape, self._sigma_at(k), dtype=torch.float64, device=dev).view(view)
-        t = t.to(torch.float64)
-        table = self.train_sigmas.to(dev)
-        tc = t.clamp(0, len(table) - 1)
-        lo = tc.floor().long().clamp(max=len(table) - 2)
-        w = tc - lo
-        sigma = table[lo] * (1 - w) + table[lo + 1] * w
-        if self._host_timesteps is not None:
-            n = len(self._host_timesteps)
-            sigma = match_schedule(t, self._host_timesteps, [self._sigma_at(k) for k in range(n)], sigma)
-        return sigma.view(view)
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """``original_samples + sigma*noise`` (VE state; ``sigma`` as :meth:`_noise_sigma` picks it), as

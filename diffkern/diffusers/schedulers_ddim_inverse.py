@@ -28,6 +28,7 @@ from .. import schedules
 from ..ops import coefs
 from .config_checks import check_choice, unsupported
 from .schedulers_vp import _VP_PREDICTIONS, _VPScheduler
+from .scheduler_utils import check_steps
 
 _WHO = "DDIMInverseScheduler"
 _SPACINGS = ("leading", "trailing")  # diffusers' DDIMInverseScheduler.set_timesteps raises for any other
@@ -125,9 +126,7 @@ class DDIMInverseScheduler(_VPScheduler):
         every step, moved to ``device`` once."""
         T = self.config.num_train_timesteps
         n = num_inference_steps
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= T:
-            raise ValueError(f"{_WHO}: num_inference_steps must be an int in [1, num_train_timesteps={T}], got {n!r}")
-        n = int(n)
+        n = check_steps(_WHO, n, T)
         ts = self._inverse_timesteps(n)
         ab, initial = self.alphas_cumprod, float(self.initial_alpha_cumprod)
         # each step starts at s = t - T//n (diffusers also caps s at T - 1, which t <= T - 1 never reaches)

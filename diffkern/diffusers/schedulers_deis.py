@@ -16,6 +16,7 @@ from .config_checks import check_choice, check_common, check_one_conversion, dyn
 from .schedulers import FusedScheduler, sigma_to_t, ve_row_to_vp
 from .schedulers_flow import convert_sigmas
 from .schedulers_unipc import _native, _spaced_timesteps
+from .scheduler_utils import check_steps
 
 _WHO = "DEISMultistepScheduler"
 PREDICTIONS = ("epsilon", "sample", "v_prediction", "flow_prediction")
@@ -52,6 +53,7 @@ class DEISMultistepScheduler(FusedScheduler):
     """
 
     _locate_start = True  # no set_begin_index: the first step's timestep gives its index, as diffusers
+    _missing_is_last = True  # index_for_timestep/add_noise: a timestep not in the schedule is the last one's
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
@@ -90,8 +92,7 @@ class DEISMultistepScheduler(FusedScheduler):
         else truncated), or flow sigmas (``flow_shift``, or e^mu with ``use_dynamic_shifting``)."""
         cfg = self.config
         T, N = cfg.num_train_timesteps, num_inference_steps
-        if isinstance(N, bool) or not isinstance(N, int) or N < 1:
-            raise ValueError(f"{_WHO}: num_inference_steps must be an int >= 1, got {N!r}")
+        check_steps(_WHO, N)
         if mu is not None:
             self._mu_shift = dynamic_shift(_WHO, cfg, mu)
         table = self.train_sigmas

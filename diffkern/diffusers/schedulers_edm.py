@@ -21,6 +21,7 @@ from diffusers.configuration_utils import register_to_config
 from .. import coef_tables, coef_tables_3m, wrappers
 from .config_checks import check_choice, check_common, load_as, unsupported
 from .schedulers import FusedScheduler
+from .scheduler_utils import check_steps
 
 
 class _EDMScheduler(FusedScheduler):
@@ -151,8 +152,7 @@ class EDMEulerScheduler(_EDMScheduler):
         who = "EDMEulerScheduler"
         if sigmas is None:
             N = num_inference_steps
-            if isinstance(N, bool) or not isinstance(N, int) or N < 1:
-                raise ValueError(f"{who}: num_inference_steps must be an int >= 1, got {N!r}")
+            check_steps(who, N)
             ramp = torch.linspace(0, 1, N, dtype=torch.float64)
         else:
             ramp = torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1).cpu()
@@ -228,8 +228,7 @@ class EDMDPMSolverMultistepScheduler(_EDMScheduler):
         who = "EDMDPMSolverMultistepScheduler"
         cfg = self.config
         N = num_inference_steps
-        if isinstance(N, bool) or not isinstance(N, int) or N < 1:
-            raise ValueError(f"{who}: num_inference_steps must be an int >= 1, got {N!r}")
+        check_steps(who, N)
         sig = self._edm_sigmas(torch.linspace(0, 1, N))
         self._install(sig, 0.0 if cfg.final_sigmas_type == "zero" else float(cfg.sigma_min), device, N)
         if self.eta and 3 in self._orders(0):

@@ -28,6 +28,8 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchE
 from ..ops import coefs
 from .config_checks import check_one_conversion, finite_mu
 from .schedulers import FusedScheduler, match_schedule
+from .scheduler_lookup import check_step_args
+from .scheduler_utils import check_steps
 
 _WHO = "FlowMatchEulerDiscreteScheduler"
 
@@ -197,7 +199,7 @@ class FlowMatchEulerDiscreteScheduler(FlowForwardProcess, FusedScheduler):
             if sig is None and ts is None:
                 raise ValueError(f"{_WHO}: num_inference_steps: required when neither sigmas nor timesteps is given")
             num_inference_steps = len(sig) if sig is not None else len(ts)
-        n = _positive_int("num_inference_steps", num_inference_steps)
+        n = check_steps(_WHO, num_inference_steps)
         for name, given in (("sigmas", sig), ("timesteps", ts)):
             if given is not None and len(given) != n:
                 raise ValueError(f"{_WHO}: {name} must have num_inference_steps={n} values, got {len(given)}")
@@ -268,6 +270,7 @@ class FlowMatchEulerDiscreteScheduler(FlowForwardProcess, FusedScheduler):
             raise ValueError(f"{_WHO}: timestep: expected one of scheduler.timesteps (a float), got an integer "
                              f"{timestep!r} (an index from enumerate(timesteps)?)")
         i = self._index(timestep)
+        check_step_args(model_output, sample)
         drawn = self.config.stochastic_sampling and generator is not None
         x = sample
         if sample.dtype != model_output.dtype or drawn:

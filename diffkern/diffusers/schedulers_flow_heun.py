@@ -31,6 +31,8 @@ from diffusers.schedulers.scheduling_flow_match_heun_discrete import FlowMatchHe
 from ..ops import coefs
 from .schedulers import FusedScheduler
 from .schedulers_flow import FlowForwardProcess
+from .scheduler_lookup import check_step_args
+from .scheduler_utils import check_steps
 
 _WHO = "FlowMatchHeunDiscreteScheduler"
 _PLAIN = ("flow_heun", 0.0, 0.0, math.inf, 1.0)  # the knobs pipelines pass (none): no churn
@@ -102,7 +104,7 @@ class FlowMatchHeunDiscreteScheduler(FlowForwardProcess, FusedScheduler):
 
     def set_timesteps(self, num_inference_steps: int = None, device=None) -> None:
         """N = ``num_inference_steps`` shifted sigmas from sigma_max to sigma_min, interleaved: 2N - 1 timesteps."""
-        n = _positive_int("num_inference_steps", num_inference_steps)
+        n = check_steps(_WHO, num_inference_steps)
         T = self.config.num_train_timesteps
         shift = float(self.config.shift)
         sig = np.linspace(self.sigma_max * T, self.sigma_min * T, n) / T
@@ -163,6 +165,7 @@ class FlowMatchHeunDiscreteScheduler(FlowForwardProcess, FusedScheduler):
         key = ("flow_heun", _knob("s_churn", s_churn), _knob("s_tmin", s_tmin), _knob("s_tmax", s_tmax),
                _knob("s_noise", s_noise))
         k = self._index(timestep)
+        check_step_args(model_output, sample)
         n = len(self.sigmas_host) - 1
         i, corrector = divmod(k, 2)
         hats = self._plan(key)[1]

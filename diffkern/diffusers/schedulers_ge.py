@@ -13,6 +13,7 @@ from ..ops import coefs
 from ..ops import iadb as iadb_ops
 from .config_checks import check_choice
 from .schedulers import FusedScheduler
+from .scheduler_utils import check_steps
 
 _GE_STYLES = {"linear": "linear", "ddim": "ddim", "edm": "edm"}
 
@@ -58,8 +59,7 @@ class GEScheduler(FusedScheduler):
     def set_timesteps(self, num_inference_steps: int, device=None):
         """N timesteps snapped to the training table; the N+1 sigmas end at sigma(0)."""
         # checked here so that the error names this argument, not ge_schedule's n (numpy ints arrive as Python's)
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"GEScheduler: num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
+        check_steps("GEScheduler", num_inference_steps)
         cfg = self.config
         sig, ts = schedules.ge_schedule(num_inference_steps, self.alphas_cumprod, cfg.start, cfg.end,
                                         _GE_STYLES[str(cfg.style).lower()], cfg.factor, return_timesteps=True)
@@ -138,8 +138,7 @@ class IADBScheduler(FusedScheduler):
 
     def set_timesteps(self, num_inference_steps: int, device=None):
         """Uniform alphas k/N; ``timesteps`` = alpha*timestep_scale for the N steps (float32)."""
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps: expected an int >= 1, got {num_inference_steps!r}")
+        check_steps("IADBScheduler", num_inference_steps)
         self.alphas_host = schedules.iadb_alphas(num_inference_steps).tolist()
         ts = torch.tensor(self.alphas_host[:-1], dtype=torch.float64) * self.config.timestep_scale
         self._set_schedule(ts.to(torch.float32), device, num_inference_steps)

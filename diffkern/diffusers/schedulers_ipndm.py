@@ -24,6 +24,7 @@ from diffusers.configuration_utils import register_to_config
 from ..ops import coefs
 from .config_checks import unsupported
 from .schedulers import FusedScheduler
+from .scheduler_utils import check_steps
 
 _WHO = "IPNDMScheduler"
 _KEY = ("ipndm",)
@@ -71,8 +72,7 @@ class IPNDMScheduler(FusedScheduler):
         """N steps: timesteps ``atan2(beta_k, alpha_k)*2/pi`` (float32, decreasing from 1), as diffusers makes them;
         ``betas``/``alphas`` (N+1, float32) as its attributes. Tables are float64."""
         n = num_inference_steps
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"{_WHO}: num_inference_steps must be an int >= 1, got {n!r}")
+        check_steps(_WHO, n)
         u = np.append(1.0 - np.arange(n) / n, 0.0)
         beta = np.sin(u * math.pi / 2) ** 2
         alpha = np.sqrt(1.0 - beta ** 2)

@@ -13,8 +13,12 @@ import torch
 from diffusers.configuration_utils import register_to_config
 
 from .. import coef_tables, schedules, wrappers
+from ..ops import coefs
+from . import scheduler_custom
 from .config_checks import check_choice, check_one_conversion, unsupported
 from .schedulers import FusedScheduler, sigma_to_t
+from .scheduler_lookup import check_step_args
+from .scheduler_utils import check_steps
 
 _K_PREDICTIONS = ("epsilon", "v_prediction", "sample", "original_sample")
 
@@ -43,12 +47,13 @@ class _KScheduler(FusedScheduler):
         self.sigmas_host = self.train_sigmas.flip(0).tolist() + [0.0]
 
     @property
-    def init_noise_sigma(self) -> float:
-        """Standard deviation of the initial latents: max sigma ("linspace"/"trailing"), else sqrt(max^2 + 1)."""
-        top = max(self.sigmas_host)
+    def init_noise_sigma(self) -> torch.Tensor:
+        """Standard deviation of the initial latents: max sigma ("linspace"/"trailing"), else sqrt(max^2 + 1); a 0-d
+        float32 CPU tensor computed as diffusers' k-diffusion classes compute it (from their float32 ``sigmas``)."""
+        top = torch.tensor(max(self.sigmas_host), dtype=torch.float32)
         if self.config.timestep_spacing in ("linspace", "trailing"):
             return top
-        return math.sqrt(top * top + 1.0)
+        return (top ** 2 + 1) ** 0.5
 
     def _k_schedule(self, num_inference_steps, sigma_min=None, sigma_max=None, final_zero=True, float64=False):
         """(timesteps float32 (N,), sigmas host list (N+1,)) as diffusers' Euler/Heun ``set_timesteps``; ``float64``:
@@ -57,8 +62,7 @@ class _KScheduler(FusedScheduler):
         cfg = self.config
         T = cfg.num_train_timesteps
         N = num_inference_steps
-        if isinstance(N, bool) or not isinstance(N, int) or N < 1:
-            raise ValueError(f"{who}: num_inference_steps must be an int >= 1, got {N!r}")
+        check_steps(who, N)
         if N > T and cfg.timestep_spacing != "linspace":  # (fractional "linspace" timesteps may outnumber T)
             raise unsupported(who, "timestep_spacing", cfg.timestep_spacing,
                               f"with num_inference_steps={N} > num_train_timesteps={T} it repeats timesteps "
@@ -128,10 +132,19 @@ class EulerDiscreteScheduler(_KScheduler):
         self._init_k("EulerDiscreteScheduler", prediction_type, timestep_spacing, use_karras_sigmas,
                      use_exponential_sigmas, use_beta_sigmas, final_sigmas_type, interpolation_type, timestep_type)
 
-    def set_timesteps(self, num_inference_steps: int = None, device=None):
+    def set_timesteps(self, num_inference_steps: int = None, device=None, timesteps=None, sigmas=None):
+        """diffusers' schedule of ``num_inference_steps``, or a custom one: training ``timesteps`` (N, float; the
+        sigmas interpolated at them, then the final sigma) or ``sigmas`` (N+1 VE sigmas, the final one included; the
+        timesteps from them), as diffusers (the same argument checks)."""
         cfg = self.config
-        ts, self.sigmas_host = self._k_schedule(num_inference_steps, cfg.sigma_min, cfg.sigma_max,
-                                                cfg.final_sigmas_type == "zero")
+        if scheduler_custom.euler_checks(cfg, num_inference_steps, timesteps, sigmas):
+            final = 0.0 if cfg.final_sigmas_type == "zero" else float(self.train_sigmas[0])
+            ts, self.sigmas_host = scheduler_custom.from_sigmas(self, sigmas) if sigmas is not None \
+                else scheduler_custom.from_timesteps(self, timesteps, np.float32, final)
+            ts, num_inference_steps = ts.to(torch.float32), len(self.sigmas_host) - 1
+        else:
+            ts, self.sigmas_host = self._k_schedule(num_inference_steps, cfg.sigma_min, cfg.sigma_max,
+                                                    cfg.final_sigmas_type == "zero")
         if cfg.timestep_type == "continuous" and cfg.prediction_type == "v_prediction":
             # the network takes 0.25*ln(sigma) (EDM's c_noise), from diffusers' float32 sigmas
             ts = 0.25 * torch.tensor(self.sigmas_host[:-1], dtype=torch.float32).log()
@@ -198,6 +211,23 @@ class EulerAncestralDiscreteScheduler(_KScheduler):
         return self._output(return_dict, prev, x0)
 
 
+def stored_sample_rows(plan) -> torch.Tensor:
+    """``plan``'s table with each second-call row rewritten to read the first call's sample x_i from history2, as
+    diffusers' Heun/KDPM2 step does (it keeps ``self.sample`` and ignores the sample passed to the second call but for
+    that call's slope). The plan's rows eliminate x_i through the stored slope d (history), assuming the second call
+    gets the first call's output ``s = x_i + h1*d``; with ``h1 = b/f`` of the first call's row (its output ``a x + b D``
+    and slope ``e x + f D``, f = -1/sigma), ``a s + b D~ + c d`` is ``x_i + (a - 1) s + b D~ + (c + h1) d``, which is
+    diffusers' update for any s. Shapes: (rows, NCOEF) float64, as ``plan.table``."""
+    table = plan.table.clone()
+    for i, second in enumerate(plan.corrector):
+        if second:
+            first, row = table[i], table[plan.corrector_row + i]
+            row[coefs.A] -= 1.0
+            row[coefs.C] += float(first[coefs.B]) / float(first[coefs.F])
+            row[coefs.C2] = 1.0
+    return table
+
+
 class _TwoCallScheduler(_KScheduler):
     """Base of the order-2 schedulers (Heun, KDPM2): ``step()`` alternates a step's first and second call over
     interleaved timesteps ``[t0, t1, t1, t2, t2, ...]`` and sigmas ``[s0, s1, s1, s2, s2, ...]``."""
@@ -230,6 +260,7 @@ class _TwoCallScheduler(_KScheduler):
     def _state_in(self, sample: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
         # diffusers' two-call steps (Heun, KDPM2, DPMSolverSDE) compute in their inputs' promoted dtype and do not
         # cast back (Euler does): a float32 sample with a float16 model output stays float32
+        check_step_args(model_output, sample)
         dtype = torch.promote_types(sample.dtype, model_output.dtype)
         return sample if sample.dtype == dtype else sample.to(dtype)
 
@@ -255,17 +286,27 @@ class HeunDiscreteScheduler(_TwoCallScheduler):
         self._init_k("HeunDiscreteScheduler", prediction_type, timestep_spacing, use_karras_sigmas,
                      use_exponential_sigmas, use_beta_sigmas)
 
-    def set_timesteps(self, num_inference_steps: int = None, device=None):
-        """Timesteps ``[t0, t1, t1, t2, t2, ...]`` (2N - 1 values): predictor at t_i, corrector at t_{i+1}."""
-        # diffusers reads sigma_min/sigma_max whenever the config has them (a config loaded from Euler's)
+    def set_timesteps(self, num_inference_steps: int = None, device=None, num_train_timesteps: int = None,
+                      timesteps=None):
+        """Timesteps ``[t0, t1, t1, t2, t2, ...]`` (2N - 1 values): predictor at t_i, corrector at t_{i+1}; t_i from
+        ``num_inference_steps`` or custom training ``timesteps`` (N, float; the sigmas interpolated at them), as
+        diffusers (the same argument checks). ``num_train_timesteps``: only the config's (None or equal)."""
         cfg = self.config
-        ts, self.sigmas_host = self._k_schedule(num_inference_steps, cfg.get("sigma_min"), cfg.get("sigma_max"))
+        if num_train_timesteps not in (None, cfg.num_train_timesteps):
+            raise unsupported(type(self).__name__, "num_train_timesteps", num_train_timesteps,
+                              f"set_timesteps uses the config's {cfg.num_train_timesteps}")
+        if scheduler_custom.heun_checks(cfg, num_inference_steps, timesteps):
+            ts, self.sigmas_host = scheduler_custom.from_timesteps(self, timesteps, np.float32, 0.0)
+            ts, num_inference_steps = ts.to(torch.float32), len(self.sigmas_host) - 1
+        else:
+            # diffusers reads sigma_min/sigma_max whenever the config has them (a config loaded from Euler's)
+            ts, self.sigmas_host = self._k_schedule(num_inference_steps, cfg.get("sigma_min"), cfg.get("sigma_max"))
         self._set_schedule(torch.cat([ts[:1], ts[1:].repeat_interleave(2)]), device, num_inference_steps)
         self._warm(device, ("heun",))
 
     def _build(self, key):
         plan = coef_tables.heun(self.sigmas_host, conv=self._conv)
-        return plan.table, plan
+        return stored_sample_rows(plan), plan
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
         """Predictor (even calls: Euler, stores D) or corrector (odd calls: trapezoid from the stored D);
@@ -275,9 +316,11 @@ class HeunDiscreteScheduler(_TwoCallScheduler):
         x = self._state_in(sample, model_output)
         i, corrector = k // 2, k % 2 == 1
         history = self._history_for(x, first=k == self._loop_start)
-        if corrector:
-            prev, x0 = self._fused(("heun",), plan.corrector_row + i, x, model_output, history=history)
+        if corrector:  # from the predictor's own sample, whatever sample is passed now (as diffusers)
+            prev, x0 = self._fused(("heun",), plan.corrector_row + i, x, model_output, history=history,
+                                   history2=self._first_sample)
         else:
+            self._first_sample = x
             prev, x0 = self._fused(("heun",), i, x, model_output, history_out=history)
         self._advance()
         return self._output(return_dict, prev, x0)

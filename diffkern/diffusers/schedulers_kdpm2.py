@@ -19,7 +19,7 @@ from diffusers.configuration_utils import register_to_config
 from .. import coef_tables
 from .config_checks import check_choice, unsupported
 from .schedulers import sigma_to_t
-from .schedulers_k import _TwoCallScheduler
+from .schedulers_k import _TwoCallScheduler, stored_sample_rows
 
 _PREDICTIONS = ("epsilon", "v_prediction")  # diffusers' KDPM2 classes raise for the others
 
@@ -48,7 +48,7 @@ class _KDPM2Scheduler(_TwoCallScheduler):
 
     def _build(self, key):
         plan = self._table(self.sigmas_host)
-        return plan.table, plan
+        return stored_sample_rows(plan), plan
 
     def set_timesteps(self, num_inference_steps: int = None, device=None, num_train_timesteps: int = None):
         """Timesteps ``[t_0, tm_0, t_1, tm_1, ..., t_{N-1}]`` (2N - 1 calls): float32, or float64 with Karras or
@@ -108,10 +108,12 @@ class _KDPM2Scheduler(_TwoCallScheduler):
         x = self._state_in(sample, model_output)
         i = k // 2
         history = self._history_for(x, first=k == self._loop_start)
-        if k % 2:
+        if k % 2:  # from the predictor's own sample, whatever sample is passed now (as diffusers)
             noise = self._draw(generator, model_output, x) if self._noisy else None
-            prev, x0 = self._fused(self._key, plan.corrector_row + i, x, model_output, history=history, noise=noise)
+            prev, x0 = self._fused(self._key, plan.corrector_row + i, x, model_output, history=history,
+                                   history2=self._first_sample, noise=noise)
         else:
+            self._first_sample = x
             prev, x0 = self._fused(self._key, i, x, model_output, history_out=history)
         self._advance()
         return self._output(return_dict, prev, x0)

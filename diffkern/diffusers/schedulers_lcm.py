@@ -33,6 +33,8 @@ from ..ops import coefs
 from .config_checks import check_common, unsupported
 from .schedulers import FusedScheduler
 from .schedulers_vp import _VPScheduler
+from .scheduler_utils import check_steps
+from .scheduler_lookup import previous_timestep
 
 SIGMA_DATA = 0.5  # diffusers' (and the LCM checkpoints') sigma_data of the boundary condition
 _PREDICTIONS = ("epsilon", "sample", "v_prediction")
@@ -81,6 +83,7 @@ class LCMScheduler(FusedScheduler):
 
     _zero_snr_floor = None  # zero terminal SNR: alpha-bar(T-1) = 0, as diffusers' LCM
     _locate_start = True  # no set_begin_index: the first step's timestep gives its index, as diffusers
+    previous_timestep = previous_timestep  # diffusers' public helper: the timestep after t in the schedule
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
@@ -141,7 +144,7 @@ class LCMScheduler(FusedScheduler):
     def _standard(self, num_inference_steps, origin, original: int, strength: float) -> np.ndarray:
         """``num_inference_steps`` of the candidate timesteps ``origin``, evenly spaced by index (validated)."""
         T, who = self.config.num_train_timesteps, type(self).__name__  # TCDScheduler reuses it
-        n = _int_at_least("num_inference_steps", num_inference_steps, 1, who)
+        n = check_steps(who, num_inference_steps)
         if n > T:
             raise ValueError(f"{who}: num_inference_steps={n} cannot exceed num_train_timesteps={T}")
         if len(origin) // n < 1:

@@ -23,6 +23,7 @@ from ..ops import coefs
 from .config_checks import check_choice, check_one_conversion, unsupported
 from .schedulers import sigma_to_t
 from .schedulers_k import _KScheduler
+from .scheduler_lookup import check_step_args
 
 _WHO = "LMSDiscreteScheduler"
 PREDICTIONS = ("epsilon", "v_prediction", "sample")  # diffusers' LMS raises for the others
@@ -102,6 +103,7 @@ class LMSDiscreteScheduler(_KScheduler):
 
     def _state_in(self, sample: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
         # diffusers' LMS computes in the promoted dtype of its inputs (no float32 upcast, unlike its Euler)
+        check_step_args(model_output, sample)
         dtype = torch.promote_types(sample.dtype, model_output.dtype)
         return sample if sample.dtype == dtype else sample.to(dtype)
 

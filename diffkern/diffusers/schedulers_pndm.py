@@ -28,6 +28,7 @@ from ..ops import coefs
 from .config_checks import check_choice, unsupported
 from .schedulers import FusedScheduler
 from .schedulers_vp import _VPScheduler
+from .scheduler_utils import check_steps
 
 _WHO = "PNDMScheduler"
 _PREDICTIONS = ("epsilon", "v_prediction")
@@ -152,8 +153,7 @@ class PNDMScheduler(FusedScheduler):
         Runge-Kutta calls over the 4 largest timesteps (half steps at ``(T//N)//2``), then the other N-3."""
         cfg = self.config
         T, N = cfg.num_train_timesteps, num_inference_steps
-        if isinstance(N, bool) or not isinstance(N, int) or not 1 <= N <= T:
-            raise ValueError(f"{_WHO}: num_inference_steps must be an int in [1, num_train_timesteps={T}], got {N!r}")
+        check_steps(_WHO, N, T)
         if not cfg.skip_prk_steps and N < PNDM_ORDER:
             raise unsupported(_WHO, "skip_prk_steps", False, f"the Runge-Kutta steps need num_inference_steps >= "
                               f"{PNDM_ORDER}, got {N} (diffusers fails there); use skip_prk_steps=True")

@@ -18,6 +18,7 @@ from .schedulers import FusedScheduler, sigma_to_t
 from .schedulers_flow import convert_sigmas
 from .schedulers_unipc import _native
 from .schedulers_vp import _VPScheduler
+from .scheduler_utils import check_steps
 
 _WHO = "SASolverScheduler"
 PREDICTIONS = ("epsilon", "sample", "v_prediction", "flow_prediction")
@@ -60,6 +61,7 @@ class SASolverScheduler(FusedScheduler):
     """
 
     _locate_start = True  # no set_begin_index: the first step's timestep gives its index, as diffusers
+    _missing_is_last = True  # index_for_timestep/add_noise: a timestep not in the schedule is the last one's
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
@@ -117,8 +119,7 @@ class SASolverScheduler(FusedScheduler):
         the last step from sigma_min to itself), or flow sigmas (``flow_shift``); then ``tau_func`` at each."""
         cfg = self.config
         T, N = cfg.num_train_timesteps, num_inference_steps
-        if isinstance(N, bool) or not isinstance(N, int) or N < 1:
-            raise ValueError(f"{_WHO}: num_inference_steps must be an int >= 1, got {N!r}")
+        check_steps(_WHO, N)
         table = self.train_sigmas
         conversion_key = next((key for key in _CONVERSIONS if cfg[key]), None)
         if conversion_key:

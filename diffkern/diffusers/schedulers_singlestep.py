@@ -17,6 +17,7 @@ from .config_checks import check_choice, check_common, check_one_conversion, dyn
 from .schedulers import FusedScheduler, sigma_to_t
 from .schedulers_deis import DEISMultistepScheduler
 from .schedulers_flow import convert_sigmas
+from .scheduler_utils import check_steps
 
 _WHO = "DPMSolverSinglestepScheduler"
 PREDICTIONS = ("epsilon", "sample", "v_prediction", "flow_prediction")
@@ -50,6 +51,7 @@ class DPMSolverSinglestepScheduler(FusedScheduler):
     """
 
     _locate_start = True  # no set_begin_index: the first step's timestep gives its index, as diffusers
+    _missing_is_last = True  # index_for_timestep/add_noise: a timestep not in the schedule is the last one's
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
@@ -109,8 +111,7 @@ class DPMSolverSinglestepScheduler(FusedScheduler):
             N = len(ts)
         else:
             N = num_inference_steps
-            if isinstance(N, bool) or not isinstance(N, int) or N < 1:
-                raise ValueError(f"{_WHO}: num_inference_steps must be an int >= 1, got {N!r}")
+            check_steps(_WHO, N)
         if conversion:
             ends = np.array([float(table[-1])] + [float(table[0])] * (N - 1))
             sig = convert_sigmas(cfg, ends)

@@ -40,6 +40,7 @@ from .config_checks import check_choice
 from .schedulers import FusedScheduler
 from .schedulers_lcm import LCMScheduler, _int_at_least, _strength, x0_conversion
 from .schedulers_vp import _VPScheduler
+from .scheduler_lookup import previous_timestep
 
 _PREDICTIONS = ("epsilon", "sample", "v_prediction")
 _WHO = "TCDScheduler"
@@ -81,6 +82,7 @@ class TCDScheduler(FusedScheduler):
 
     _zero_snr_floor = None  # zero terminal SNR: alpha-bar(T-1) = 0, as diffusers' TCD
     _locate_start = True  # no set_begin_index: the first step's timestep gives its index, as diffusers
+    previous_timestep = previous_timestep  # diffusers' public helper: the timestep after t in the schedule
     _custom = LCMScheduler._custom  # same custom-timestep rules (validation, warnings, strength cut)
     _standard = LCMScheduler._standard  # same evenly-spaced pick among the candidates
     _check_zero_snr = LCMScheduler._check_zero_snr

@@ -13,6 +13,7 @@ from ..ops import coefs
 from .config_checks import check_choice, check_one_conversion, load_as, unsupported
 from .schedulers import FusedScheduler, sigma_to_t, ve_row_to_vp
 from .schedulers_vp import DPMSolverMultistepScheduler, _check_common
+from .scheduler_utils import check_steps
 
 _WHO = "UniPCMultistepScheduler"
 
@@ -61,6 +62,7 @@ class UniPCMultistepScheduler(FusedScheduler):
     """
 
     _locate_start = True  # no set_begin_index: the first step's timestep gives its index, as diffusers
+    _missing_is_last = True  # index_for_timestep/add_noise: a timestep not in the schedule is the last one's
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
@@ -112,8 +114,7 @@ class UniPCMultistepScheduler(FusedScheduler):
         T, N = cfg.num_train_timesteps, num_inference_steps
         if sigmas is not None:
             raise unsupported(_WHO, "sigmas", "custom", "custom sigmas need use_flow_sigmas, which is not implemented")
-        if isinstance(N, bool) or not isinstance(N, int) or N < 1:
-            raise ValueError(f"{_WHO}: num_inference_steps must be an int >= 1, got {N!r}")
+        check_steps(_WHO, N)
         table = self.train_sigmas
         if cfg.use_karras_sigmas or cfg.use_exponential_sigmas:
             lo = float(table[0]) if cfg.sigma_min is None else cfg.sigma_min

@@ -14,8 +14,11 @@ from diffusers.configuration_utils import register_to_config
 
 from .. import coef_tables, coef_tables_3m, schedules, wrappers
 from ..ops import coefs, ddim_row
-from .config_checks import check_choice, check_common, check_one_conversion, load_as, unsupported
+from . import scheduler_custom
+from .config_checks import check_choice, check_common, check_one_conversion, dynamic_shift, load_as, unsupported
 from .schedulers import FusedScheduler, sigma_to_t, ve_row_to_vp
+from .scheduler_lookup import previous_timestep
+from .scheduler_utils import check_steps
 
 _VP_PREDICTIONS = ("epsilon", "v_prediction", "sample")
 
@@ -60,10 +63,7 @@ class _VPScheduler(FusedScheduler):
             self._set_schedule(ts, device, None)
             self._prev = ts.tolist()[1:] + [-1]
             return
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) \
-                or not 1 <= num_inference_steps <= T:
-            raise ValueError(f"{who}: num_inference_steps must be an int in [1, num_train_timesteps={T}], "
-                             f"got {num_inference_steps!r}")
+        check_steps(who, num_inference_steps, T)
         cfg = self.config
         if cfg.timestep_spacing == "leading" and (num_inference_steps - 1) * (T // num_inference_steps) \
                 + cfg.steps_offset >= T:
@@ -167,6 +167,7 @@ class DDPMScheduler(_VPScheduler):
     """
 
     _next_is_prev = True
+    previous_timestep = previous_timestep  # diffusers' public helper: the timestep the step at t targets
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
@@ -236,7 +237,7 @@ class DPMSolverMultistepScheduler(FusedScheduler):
     lambdas, beta/flow sigmas, ``lambda_min_clipped`` with "trailing" spacing, dynamic shifting.
     """
     _locate_start = True  # no set_begin_index: the first step's timestep gives its index, as diffusers
-
+    _missing_is_last = True  # index_for_timestep/add_noise: a timestep not in the schedule is the last one's
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
@@ -273,17 +274,25 @@ class DPMSolverMultistepScheduler(FusedScheduler):
                             rescale_betas_zero_snr)
         self.init_noise_sigma = 1.0
 
-    def set_timesteps(self, num_inference_steps: int = None, device=None):
-        """diffusers' DPM-Solver timesteps (N+1 point spacings, Karras sigmas snapped to rounded timesteps)."""
+    def set_timesteps(self, num_inference_steps: int = None, device=None, mu: float = None, timesteps=None):
+        """diffusers' DPM-Solver timesteps (N+1 point spacings, Karras sigmas snapped to rounded timesteps), or custom
+        integer training ``timesteps`` (N; the sigmas interpolated at them), as diffusers (the same argument checks).
+        ``mu`` needs ``use_dynamic_shifting``, which is not implemented: passing it raises, naming it."""
         cfg = self.config
         T = cfg.num_train_timesteps
         N = num_inference_steps
         who = "DPMSolverMultistepScheduler"
-        if isinstance(N, bool) or not isinstance(N, int) or N < 1:
-            raise ValueError(f"{who}: num_inference_steps must be an int >= 1, got {N!r}")
+        if mu is not None:
+            dynamic_shift(who, cfg, mu)
+        custom = scheduler_custom.dpm_checks(cfg, N, timesteps)
         table = self.train_sigmas
         karras, exponential = cfg.use_karras_sigmas, cfg.use_exponential_sigmas
-        if karras or exponential:  # the spacing plays no part: timesteps come from the sigmas
+        if custom:
+            final = 0.0 if cfg.final_sigmas_type == "zero" else float(table[0])  # (checked: sigmas must decrease)
+            ts, sig = scheduler_custom.from_timesteps(self, timesteps, np.int64, final)
+            ts, sig, N = ts.long(), torch.tensor(sig[:-1], dtype=torch.float64), len(sig) - 1
+        elif check_steps(who, N) and (karras or exponential):
+            # the spacing plays no part: timesteps come from the sigmas
             # diffusers reads sigma_min/sigma_max whenever the config has them (one loaded from an Euler config)
             lo, hi = cfg.get("sigma_min"), cfg.get("sigma_max")
             lo, hi = float(table[0]) if lo is None else lo, float(table[-1]) if hi is None else hi
