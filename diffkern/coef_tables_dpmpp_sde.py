@@ -32,8 +32,10 @@ from . import coef_tables as ct
 from .ops import coefs
 
 
-def _dpmpp_sde_rows(conv: ct.Conv, sigma: float, sigma_next: float, eta: float, s_noise: float, r: float):
-    """(first-call row, second-call row, sigma_s or nan) of one step."""
+def _dpmpp_sde_rows(conv: ct.Conv, sigma: float, sigma_next: float, eta: float, s_noise: float, r: float,
+                    explicit: bool = False):
+    """(first-call row, second-call row, sigma_s or nan) of one step; ``explicit``: the second row's noise is xi2
+    itself (a noise_sampler's draw at (sigma, sigma_next)), so x2 carries none of it (k = 0)."""
     if sigma_next == 0:
         return ct._slope_row(conv, sigma, 0.0), coefs.row(**ct._NO_MODEL), math.nan
     h = math.log(sigma / sigma_next)
@@ -50,16 +52,19 @@ def _dpmpp_sde_rows(conv: ct.Conv, sigma: float, sigma_next: float, eta: float, 
     span = -math.expm1(-h)
     rho = math.sqrt(-math.expm1(-r * h) / span) if span > 0 else 0.0
     rest = math.sqrt(sigma_next / sigma * math.expm1((1.0 - r) * h) / span) if span > 0 else 0.0
-    k = noise2 * rho / noise1 if noise1 > 0 else 0.0
+    k = noise2 * rho / noise1 if noise1 > 0 and not explicit else 0.0
+    rest = 1.0 if explicit else rest
     first = ct._conv_row(conv, sigma, a=a1, b=b1, s=noise1, e=a2 - k * a1, f=b2 * (1.0 - fac) - k * b1)
     second = ct._conv_row(conv, sigma_s, a=k, b=fac * b2, c=1.0, s=noise2 * rest)
     return first, second, sigma_s
 
 
-def dpmpp_sde(sigmas, *, eta=1.0, s_noise=1.0, r=0.5, conv: ct.Conv = ct._identity) -> ct.Plan:
+def dpmpp_sde(sigmas, *, eta=1.0, s_noise=1.0, r=0.5, conv: ct.Conv = ct._identity, explicit_noise=False) -> ct.Plan:
     """k-diffusion's ``sample_dpmpp_sde`` (DPM-Solver++ stochastic, intermediate call at t + r h) with its
-    Brownian-tree noise law. Rows: first calls 0..N-1 (noise xi1), second calls N..2N-1 (noise xi')."""
+    Brownian-tree noise law. Rows: first calls 0..N-1 (noise xi1), second calls N..2N-1 (noise xi'; with
+    ``explicit_noise``, xi2 = the noise at (sigma, sigma_next) itself, as a noise_sampler gives it)."""
     n = len(sigmas) - 1
-    first, second, mids = map(list, zip(*(_dpmpp_sde_rows(conv, sigmas[i], sigmas[i + 1], eta, s_noise, r)
+    first, second, mids = map(list, zip(*(_dpmpp_sde_rows(conv, sigmas[i], sigmas[i + 1], eta, s_noise, r,
+                                                          explicit_noise)
                                           for i in range(n))))
     return ct._two_eval_plan(first, second, mids, sigmas[:-1])

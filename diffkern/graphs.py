@@ -90,7 +90,7 @@ _counts = collections.Counter()
 # Mode resolution.
 
 
-def wanted(graph, x, callback=None, progress=False, name: str = "x") -> bool:
+def wanted(graph, x, callback=None, progress=False, name: str = "x", noise_sampler=None) -> bool:
     """Whether a call runs as a graph: ``graph`` False (never), True (always; raises when it cannot),
     "auto" (when it can; else eager with one :class:`GraphFallbackWarning`). ``name``: the argument x came from,
     which a wrong device is reported against."""
@@ -100,7 +100,7 @@ def wanted(graph, x, callback=None, progress=False, name: str = "x") -> bool:
         raise ValueError(f"graph: expected False, True or 'auto', got {graph!r}")
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         return False  # the eager path raises its own error about x
-    for arg, why in _obstacles(x, callback, progress, name):
+    for arg, why in _obstacles(x, callback, progress, name, noise_sampler):
         if graph is True:
             raise ValueError(f"{arg}: {why} (graph=True); use graph=False or graph='auto'")
         warn_once(f"graph='auto' runs eager: {why}", stacklevel=4)
@@ -112,12 +112,14 @@ def _device_ok(x: torch.Tensor) -> bool:
     return x.device.type == "cuda"
 
 
-def _obstacles(x, callback, progress, name="x"):
+def _obstacles(x, callback, progress, name="x", noise_sampler=None):
     if not _device_ok(x):
         yield name, f"CUDA graphs need a CUDA device, got {x.device}"  # one text: 'auto' says it once
     if callback is not None:
         yield "callback", ("a per-step callback cannot run inside a CUDA graph replay; pass record=True to get "
                            "the trajectories (kept on the device)")
+    if noise_sampler is not None:
+        yield "noise_sampler", "a Python noise_sampler cannot run inside a CUDA graph replay; use seed= (Philox noise)"
     if progress:
         yield "progress", "a progress bar cannot advance inside a CUDA graph replay"
     if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():

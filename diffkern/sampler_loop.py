@@ -10,8 +10,9 @@ from collections.abc import Mapping
 
 import torch
 
-from . import coef_tables, schedules
-from .ops import coefs, sampler_step
+from . import coef_tables, sampler_compat, schedules
+from .ops import coefs
+from .ops.sampler_step_fast import LoopStep
 
 #----------------------------------------------------------------------------
 # Seeds and trajectories: the only places a call creates device state besides the state itself.
@@ -166,9 +167,16 @@ def conversion_rows(model):
     return conv
 
 
-def host_sigmas(sigmas) -> list[float]:
-    """Validated host float64 copy of a schedule (read once, before any loop)."""
-    return schedules.check_sigmas(sigmas, "sigmas").tolist()
+def host_sigmas(sigmas, method: str | None = None) -> list[float]:
+    """Validated host float64 copy of a schedule (read once, before any loop): decreasing, with repeated values
+    (zero-length steps) only where ``method`` can take them (:func:`diffkern.sampler_compat.check_repeats`)."""
+    try:
+        host = schedules.check_sigmas(sigmas, "sigmas", strict=False).tolist()
+    except ValueError:  # raised again worded for the method: "strictly decreasing" unless it takes repeats
+        schedules.check_sigmas(sigmas, "sigmas", strict=method not in sampler_compat.REPEATS_OK)
+        raise
+    sampler_compat.check_repeats(host, method)
+    return host
 
 
 def check_call(model, extra_args) -> None:
@@ -236,16 +244,19 @@ class _Loop:
     """State of one sampling call: working copy of x, device tables, seed, histories, outputs; ``window`` (see
     :func:`check_window`) places its steps in a longer loop, which :func:`_run` applies to the plan it runs."""
 
-    def __init__(self, model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, *, window=None):
+    def __init__(self, model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, *, window=None,
+                 method=None, noise_sampler=None):
         check_state(x)
         check_call(model, extra_args)
         check_callback(callback)
         self.model, self.extra = model, dict(extra_args or {})
         self.callback, self.disable, self.backend = callback, disable, backend
-        self.sigmas = host_sigmas(sigmas)
+        self.method, self.sigmas = method, host_sigmas(sigmas, method)
         self.window = check_window(window, len(self.sigmas) - 1)
         self.x = x.detach().clone(memory_format=torch.contiguous_format)
         self.seed = make_seed(seed, self.x)
+        # noise_calls: {(step, first): (sigma, sigma_next)}, set by the sampler (sampler_compat.noise_calls)
+        self.noise_sampler, self.noise_calls = sampler_compat.check_noise_sampler(noise_sampler, self.x), {}
         self.fused = _is_fused(model)
         if self.fused:
             _warn_compiled_wrapper(model)
@@ -255,11 +266,16 @@ class _Loop:
             raise ValueError("trajectory: its buffers do not match the number of steps")
         self._checked = False
 
-    def begin(self, plan: coef_tables.Plan) -> None:
+    def begin(self, plan: coef_tables.Plan, *, rewritten: bool = False) -> None:
+        """Device tables, histories and the bound fused op for ``plan``. ``rewritten``: the tables will be rewritten
+        in place between runs of :func:`run_steps` that replay its launches (a CUDA graph's), so no launch may
+        depend on this plan's values (the reference backend then draws noise on every row)."""
         self.plan = plan
-        # Not an inference tensor, even under torch.inference_mode: the fused op's CPU table check is then cached on
-        # the table's version counter, not re-run every step (200 cpp euler_ancestral steps, 64 2-D points: 70 ms
-        # per call re-checking against 53 ms under no_grad)
+        if self.noise_sampler is not None:
+            sampler_compat.check_covered(plan, self.noise_calls)
+        # Not an inference tensor, even under torch.inference_mode: the bound op (LoopStep) reads its version counter
+        # to notice an in-place rewrite (the front-end caches its CPU table check on it: 200 cpp euler_ancestral
+        # steps, 64 2-D points: 70 ms per call re-checking against 53 ms under no_grad)
         with torch.inference_mode(False):
             self.table = plan.table.to(self.x.device, copy=True)
         # A plain model gets sigma in its input's precision (float32 at least) so nets see one dtype; a
@@ -267,6 +283,10 @@ class _Loop:
         sig_dtype = torch.float64 if self.fused else torch.promote_types(self.x.dtype, torch.float32)
         self.sig_dev = torch.tensor(plan.row_sigma, dtype=torch.float64).to(self.x.device, sig_dtype)
         self.histories = [torch.zeros_like(self.x) for _ in range(plan.history)]
+        # the fused op bound to these buffers: validated (and its backend resolved) once, not at every step
+        x0_buffer = None if self.trajectory is None else self.trajectory.denoised
+        self.op = LoopStep(self.x, self.table, None if rewritten else plan.table, self.seed, histories=self.histories,
+                           x0_buffer=x0_buffer, backend=self.backend)
 
     def start(self) -> None:
         if self.trajectory is not None:
@@ -300,7 +320,7 @@ class _Loop:
         """x += s_noise*sqrt(sigma_hat^2 - sigma^2)*xi (a noise-only row; the model output is not read)."""
         if self.plan.churn[i]:
             row = self.plan.churn_row + i
-            sampler_step(self.x, self.x, self.table, row, seed=self.seed, out=self.x, backend=self.backend)
+            self.op.launch(self.x, self.x, row, out=self.x)
 
     def step(self, i: int, row: int, *, first: bool = True, write_history: bool = False) -> None:
         """One model call and one fused update of x (in place; ping-pong when a callback wants the old x)."""
@@ -315,11 +335,14 @@ class _Loop:
         # a corrector reads the value its step's first call just wrote as H (coef_tables.history_slots)
         h, h2, h3, h_out = coef_tables.history_slots(self.histories, i if first else i + 1)
         h_out = h_out if write_history else None
-        sampler_step(self.x, m, self.table, row, model_out_uncond=u, history=h, history2=h2, history3=h3,
-                     history_out=h_out, seed=self.seed, out=out, x0_out=x0, backend=self.backend)
+        pair = self.noise_calls.get((i, first)) if self.noise_sampler is not None else None
+        noise = None if pair is None else sampler_compat.draw(self.noise_sampler, pair, self.x)
+        self.op.step(self.x, m, row, model_out_uncond=u, history=h, history2=h2, history3=h3, history_out=h_out,
+                     noise=noise, out=out, x0_out=x0)
         if out is not self.x:
-            self.callback({"x": self.x, "i": i, "sigma": self.sigmas[i], "sigma_hat": self.plan.sigma_hat[i],
-                           "denoised": x0})
+            # sigma, sigma_hat: 0-d float64 CPU tensors, as k-diffusion's sigmas[i] (no device sync to make them)
+            self.callback({"x": self.x, "i": i, "sigma": torch.tensor(self.sigmas[i], dtype=torch.float64),
+                           "sigma_hat": torch.tensor(self.plan.sigma_hat[i], dtype=torch.float64), "denoised": x0})
             self.x = out
 
     def end(self, i: int) -> None:

@@ -103,11 +103,12 @@ def _plan_dpmsolver_3m(sigmas, conv, *, eta, solver_order, solver_type, lower_or
                                               conv=conv)
 
 
-def _plan_dpmpp_sde(sigmas, conv, *, eta, s_noise, r):
+def _plan_dpmpp_sde(sigmas, conv, *, eta, s_noise, r, explicit_noise=False):
     r = _knob(r, "r", hi=1.0)
     if r == 0:  # r = 0 puts the second call at sigma itself: fac = 1/(2r) is infinite
         raise ValueError("r: expected a value in (0, 1], got 0.0")
     return coef_tables.fold_second_calls(coef_tables_dpmpp_sde.dpmpp_sde(sigmas, conv=conv, r=r,
+                                                                        explicit_noise=explicit_noise,
                                                                         **_ancestral_knobs(eta, s_noise)))
 
 

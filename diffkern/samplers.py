@@ -25,6 +25,7 @@ import math
 import torch
 
 from . import coef_tables_dpm_fast as _dpm_fast
+from . import sampler_compat as _compat
 from . import sampler_plans as _plans
 from .sampler_loop import (Trajectory, _check_output, _is_fused, _Loop, _run, check_call, check_state,  # noqa: F401
                            conversion_rows, host_sigmas, make_seed, run_steps, seed_value)
@@ -34,29 +35,34 @@ from .sampler_loop import (Trajectory, _check_output, _is_fused, _Loop, _run, ch
 
 
 @torch.no_grad()
-def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, *, s_churn=0.0, s_tmin=0.0,
-                 s_tmax=math.inf, s_noise=1.0, seed=None, backend=None, trajectory=None, window=None):
+def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0, s_tmin=0.0,
+                 s_tmax=math.inf, s_noise=1.0, *, seed=None, backend=None, trajectory=None, window=None):
     """Euler on the PF-ODE ``dx/dsigma = (x - D)/sigma`` (= deterministic DDIM), with Karras et al.
     (2022) Algorithm 2 churn. x: (B, ...) float; returns the final state in x's dtype."""
-    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window)
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
+                 method="euler")
     plan = _plans._plan_euler(loop.sigmas, loop.conv, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax,
                               s_noise=s_noise)
     return _run(loop, plan)
 
 
 @torch.no_grad()
-def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, *, eta=1.0,
-                           s_noise=1.0, seed=None, backend=None, trajectory=None, window=None):
-    """Euler-ancestral (= DDIM(eta) in VE coordinates; eta = 1 is the DDPM posterior step)."""
-    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window)
-    return _run(loop, _plans._plan_euler_ancestral(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise))
+def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
+                           s_noise=1.0, noise_sampler=None, *, seed=None, backend=None, trajectory=None, window=None):
+    """Euler-ancestral (= DDIM(eta) in VE coordinates; eta = 1 is the DDPM posterior step). ``noise_sampler``: None
+    (Philox noise keyed by ``seed``) or k-diffusion's ``noise_sampler(sigma, sigma_next)``
+    (:mod:`diffkern.sampler_compat`), as in every sampler that takes one."""
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
+                 method="euler_ancestral", noise_sampler=noise_sampler)
+    return _noisy(loop, _plans._plan_euler_ancestral(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise))
 
 
 @torch.no_grad()
-def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, *, s_churn=0.0, s_tmin=0.0,
-                s_tmax=math.inf, s_noise=1.0, seed=None, backend=None, trajectory=None, window=None):
+def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0, s_tmin=0.0,
+                s_tmax=math.inf, s_noise=1.0, *, seed=None, backend=None, trajectory=None, window=None):
     """Heun's second-order method, Karras et al. (2022) Algorithm 2 (2 model calls per step but the last)."""
-    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window)
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
+                 method="heun")
     plan = _plans._plan_heun(loop.sigmas, loop.conv, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax,
                              s_noise=s_noise)
     return _run(loop, plan)
@@ -70,65 +76,73 @@ def sample_heun_flow(model, x, sigmas, extra_args=None, callback=None, disable=N
     ``v = (x/(1 + sigma) - D)/t`` at both ends (2 model calls per step but the last, which is Euler to 0). Unlike
     ``heun`` (EDM, the average of VE slopes) it is the flow-matching integrator. x: (B, ...) float, the VE state;
     sigmas: (N+1,) decreasing; returns the final state in x's dtype."""
-    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window)
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
+                 method="heun_flow")
     return _run(loop, _plans._plan_heun_flow(loop.sigmas, loop.conv))
 
 
 @torch.no_grad()
-def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None, *, s_churn=0.0, s_tmin=0.0,
-                 s_tmax=math.inf, s_noise=1.0, seed=None, backend=None, trajectory=None, window=None):
+def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0, s_tmin=0.0,
+                 s_tmax=math.inf, s_noise=1.0, *, seed=None, backend=None, trajectory=None, window=None):
     """k-diffusion's DPM-Solver-2 (KDPM2): Euler to the log-midpoint sigma, then the full step with the
     midpoint's slope, with EDM churn (2 model calls per step but the last, which is Euler to 0)."""
-    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window)
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
+                 method="dpm_2")
     plan = _plans._plan_dpm_2(loop.sigmas, loop.conv, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax,
                               s_noise=s_noise)
     return _run(loop, plan)
 
 
 @torch.no_grad()
-def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, *, eta=1.0,
-                           s_noise=1.0, seed=None, backend=None, trajectory=None, window=None):
+def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
+                           s_noise=1.0, noise_sampler=None, *, seed=None, backend=None, trajectory=None, window=None):
     """k-diffusion's DPM-Solver-2 ancestral: the DPM-Solver-2 step to sigma_down, then s_noise*sigma_up noise."""
-    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window)
-    return _run(loop, _plans._plan_dpm_2_ancestral(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise))
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
+                 method="dpm_2_ancestral", noise_sampler=noise_sampler)
+    return _noisy(loop, _plans._plan_dpm_2_ancestral(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise))
 
 
 @torch.no_grad()
-def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, *, eta=1.0,
-                              s_noise=1.0, seed=None, backend=None, trajectory=None, window=None):
+def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
+                              s_noise=1.0, noise_sampler=None, *, seed=None, backend=None, trajectory=None, window=None):
     """DPM-Solver++(2S) ancestral (k-diffusion's ``sample_dpmpp_2s_ancestral``): the single-step second-order
     DPM-Solver++ to sigma_down (intermediate call at its log-midpoint), then s_noise*sigma_up noise."""
-    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window)
-    return _run(loop, _plans._plan_dpmpp_2s_ancestral(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise))
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
+                 method="dpmpp_2s_ancestral", noise_sampler=noise_sampler)
+    return _noisy(loop, _plans._plan_dpmpp_2s_ancestral(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise))
 
 
 @torch.no_grad()
 def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None, *, seed=None, backend=None,
                     trajectory=None, window=None):
     """DPM-Solver++(2M), Lu et al. (2022), multistep on the previous denoised estimate."""
-    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window)
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
+                 method="dpmpp_2m")
     return _run(loop, _plans._plan_dpmpp_2m(loop.sigmas, loop.conv))
 
 
 @torch.no_grad()
-def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, *, eta=1.0, s_noise=1.0,
-                        solver_type="midpoint", seed=None, backend=None, trajectory=None, window=None):
+def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
+                        noise_sampler=None, solver_type="midpoint", *, seed=None, backend=None, trajectory=None,
+                        window=None):
     """DPM-Solver++(2M) SDE (k-diffusion's ``sample_dpmpp_2m_sde``), noise from the Philox stream (k-diffusion
     draws it from a Brownian tree): eta scales the injected noise (eta = 0: DPM-Solver++(2M)), ``solver_type``
     "midpoint" or "heun" the second-order correction."""
-    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window)
-    return _run(loop, _plans._plan_dpmpp_2m_sde(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise,
-                                                solver_type=solver_type))
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
+                 method="dpmpp_2m_sde", noise_sampler=noise_sampler)
+    return _noisy(loop, _plans._plan_dpmpp_2m_sde(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise,
+                                                  solver_type=solver_type), eta)
 
 
 @torch.no_grad()
-def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, *, eta=1.0, s_noise=1.0,
-                        seed=None, backend=None, trajectory=None, window=None):
+def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
+                        noise_sampler=None, *, seed=None, backend=None, trajectory=None, window=None):
     """DPM-Solver++(3M) SDE (k-diffusion's ``sample_dpmpp_3m_sde``), noise from the Philox stream (k-diffusion draws
     it from a Brownian tree): third-order multistep on the two previous denoised estimates (two history buffers
     that swap roles, no copies); eta = 0 is the deterministic DPM-Solver++(3M)."""
-    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window)
-    return _run(loop, _plans._plan_dpmpp_3m_sde(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise))
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
+                 method="dpmpp_3m_sde", noise_sampler=noise_sampler)
+    return _noisy(loop, _plans._plan_dpmpp_3m_sde(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise), eta)
 
 
 @torch.no_grad()
@@ -138,20 +152,24 @@ def sample_dpmsolver_3m(model, x, sigmas, extra_args=None, callback=None, disabl
     """diffusers' ``DPMSolverMultistepScheduler`` (:func:`~diffkern.coef_tables_3m.dpmsolver_multistep`, its
     lower-order rules included; ``solver_order`` 1-3, default 3): eta = 0 "dpmsolver++", 1 "sde-dpmsolver++"
     (Philox noise)."""
-    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window)
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
+                 method="dpmsolver_3m")
     return _run(loop, _plans._plan_dpmsolver_3m(loop.sigmas, loop.conv, eta=eta, solver_order=solver_order,
                                                 solver_type=solver_type, lower_order_final=lower_order_final,
                                                 euler_at_final=euler_at_final))
 
 
 @torch.no_grad()
-def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, *, eta=1.0, s_noise=1.0, r=0.5,
-                     seed=None, backend=None, trajectory=None, window=None):
+def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
+                     noise_sampler=None, r=0.5, *, seed=None, backend=None, trajectory=None, window=None):
     """DPM-Solver++ stochastic (k-diffusion's ``sample_dpmpp_sde``): two calls per step, the second at
     sigma*(sigma_next/sigma)^r, ancestral noise on both; its two noises per step have the joint law of
-    k-diffusion's Brownian-tree draws (built from two Philox draws, :mod:`diffkern.coef_tables_dpmpp_sde`)."""
-    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window)
-    return _run(loop, _plans._plan_dpmpp_sde(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise, r=r))
+    k-diffusion's Brownian-tree draws (built from two Philox draws, :mod:`diffkern.coef_tables_dpmpp_sde`). A
+    ``noise_sampler`` is called twice per step, at (sigma, sigma_s) and (sigma, sigma_next), as k-diffusion's."""
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
+                 method="dpmpp_sde", noise_sampler=noise_sampler)
+    return _noisy(loop, _plans._plan_dpmpp_sde(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise, r=r,
+                                               explicit_noise=noise_sampler is not None))
 
 
 @torch.no_grad()
@@ -159,7 +177,8 @@ def sample_ge(model, x, sigmas, extra_args=None, callback=None, disable=None, *,
               backend=None, trajectory=None, window=None):
     """Permenter & Yuan (2024) gradient-estimation family: gamma=2, mu=0 their sampler; gamma=1, mu=0 DDIM;
     gamma=1, mu=0.5 DDPM (smalldiffusion's ``samples(gam, mu)``)."""
-    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window)
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
+                 method="ge")
     return _run(loop, _plans._plan_ge(loop.sigmas, loop.conv, gamma=gamma, mu=mu))
 
 
@@ -168,18 +187,20 @@ def sample_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, *
                seed=None, backend=None, trajectory=None, window=None):
     """McAllester's reverse-SDE family at noise level lam (lam = 0: the PF-ODE, lam = 1: Anderson's
     reverse SDE); integrator "exponential" (exact linear part) or "euler_maruyama"."""
-    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window)
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
+                 method="sde")
     return _run(loop, _plans._plan_sde(loop.sigmas, loop.conv, lam=lam, integrator=integrator))
 
 
 @torch.no_grad()
-def sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None, *, s_noise=1.0, seed=None,
-               backend=None, trajectory=None, window=None):
+def sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None, *, s_noise=1.0,
+               seed=None, backend=None, trajectory=None, window=None):
     """Latent consistency multistep sampling (Luo et al. 2023; k-diffusion's ``sample_lcm``): each step jumps to
     the model's denoised estimate and re-noises it to the next sigma, ``x' = D + s_noise*sigma_next*xi`` (the step
     to sigma = 0 returns D). For a consistency model D is its consistency function (boundary condition included)."""
-    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window)
-    return _run(loop, _plans._plan_lcm(loop.sigmas, loop.conv, s_noise=s_noise))
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
+                 method="lcm", noise_sampler=noise_sampler)
+    return _noisy(loop, _plans._plan_lcm(loop.sigmas, loop.conv, s_noise=s_noise))
 
 
 @torch.no_grad()
@@ -190,7 +211,8 @@ def sample_unipc(model, x, sigmas, extra_args=None, callback=None, disable=None,
     UniP-``order`` (1 to 3) predictor, UniC corrector folded into the next step's row (none after the last call, nor
     on steps i with i - 1 in ``disable_corrector``); ``solver_type`` "bh1"/"bh2"; ``predict_x0`` False: noise form.
     A final step to 0 is the jump to the denoised estimate (its noise-form limit with ``predict_x0=False``)."""
-    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window)
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
+                 method="unipc")
     return _run(loop, _plans._plan_unipc(loop.sigmas, loop.conv, order=order, solver_type=solver_type,
                                          lower_order_final=lower_order_final, disable_corrector=disable_corrector,
                                          predict_x0=predict_x0))
@@ -205,7 +227,8 @@ def sample_deis(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     diffusers' lowering: first order on the first step, at most second on the second, and with
     ``lower_order_final`` below 15 steps first and second order on the last two. x: (B, ...) float; returns the
     final state in x's dtype. A final step to 0 is the jump to the denoised estimate."""
-    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window)
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
+                 method="deis")
     return _run(loop, _plans._plan_deis(loop.sigmas, loop.conv, order=order, lower_order_final=lower_order_final))
 
 
@@ -217,7 +240,8 @@ def sample_plms(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     extrapolated by Adams-Bashforth (equal-step weights, order up to 4) over the three previous steps' eps (three
     history buffers); the first step is Heun's (2 model calls). x: (B, ...) float; returns the final state in x's
     dtype."""
-    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window)
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
+                 method="plms")
     return _run(loop, _plans._plan_plms(loop.sigmas, loop.conv))
 
 
@@ -228,19 +252,21 @@ def sample_ipndm(model, x, sigmas, extra_args=None, callback=None, disable=None,
     Adams-Bashforth of equal-step weights, of order min(i + 1, ``max_order``) at step i (1 to 4): PLMS without its
     Heun start, one model call per step, up to three history buffers. x: (B, ...) float; returns the final state in
     x's dtype. A final step to 0 is the jump to the denoised estimate, as ComfyUI."""
-    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window)
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
+                 method="ipndm")
     return _run(loop, _plans._plan_ipndm(loop.sigmas, loop.conv, max_order=max_order))
 
 
 @torch.no_grad()
-def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, *, order=4, seed=None, backend=None,
+def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, order=4, *, seed=None, backend=None,
                trajectory=None, window=None):
     """Linear multistep, k-diffusion's ``sample_lms`` and diffusers' ``LMSDiscreteScheduler``
     (:mod:`diffkern.coef_tables_lms`): each step integrates dx/dsigma = (x - D)/sigma exactly over the polynomial in
     sigma through this and the ``order - 1`` previous slopes (``order`` 1 to 4; the first steps have fewer; up to three
     history buffers). x: (B, ...) float; returns the final state in x's dtype. A final step to 0 is the same formula
     (no jump)."""
-    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window)
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
+                 method="lms")
     return _run(loop, _plans._plan_lms(loop.sigmas, loop.conv, order=order))
 
 
@@ -253,7 +279,8 @@ def sample_dpmsolver_single(model, x, sigmas, extra_args=None, callback=None, di
     the group's first state ("midpoint"/"heun" at orders 2-3), one fused op per call (two history buffers at order 3).
     Groups as diffusers' ``get_order_list`` (``lower_order_final``: a shorter last group; a step to 0 first order), or
     the explicit per-step ``orders``. x: (B, ...) float; returns the final state in x's dtype."""
-    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window)
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
+                 method="dpmsolver_single")
     return _run(loop, _plans._plan_dpmsolver_single(loop.sigmas, loop.conv, order=order, solver_type=solver_type,
                                                     lower_order_final=lower_order_final, predict_x0=predict_x0,
                                                     orders=orders))
@@ -266,21 +293,32 @@ def sample_ipndm_v(model, x, sigmas, extra_args=None, callback=None, disable=Non
     weights recomputed from the schedule's own steps (:func:`~diffkern.coef_tables_plms.ipndm_v_weights`: exact
     variable-step AB2; at orders 3 and 4 ComfyUI's formula, exact on equal steps only). A final step to 0 is the jump
     to the denoised estimate, as ComfyUI. x: (B, ...) float; returns the final state in x's dtype."""
-    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window)
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
+                 method="ipndm_v")
     return _run(loop, _plans._plan_ipndm_v(loop.sigmas, loop.conv, max_order=max_order))
 
 
 @torch.no_grad()
 def sample_dpm_fast_sigmas(model, x, sigmas, extra_args=None, callback=None, disable=None, *, eta=0.0, s_noise=1.0,
-                           seed=None, backend=None, trajectory=None, window=None):
+                           noise_sampler=None, seed=None, backend=None, trajectory=None, window=None):
     """DPM-Solver-fast on a schedule, as ComfyUI's ``dpm_fast`` calls k-diffusion's (``diffkern.sample``'s
     "dpm_fast"): N = len(sigmas) - 1 model calls from sigmas[0] to the last non-zero sigma, on k-diffusion's own grid
     (:mod:`diffkern.coef_tables_dpm_fast`; the other sigmas are not used). It ends at that sigma, with no jump to 0.
     ``eta`` > 0: k-diffusion's ancestral variant (Philox noise). The callback runs once per model call, ``sigma`` and
     ``sigma_hat`` the call's. x: (B, ...) float; returns the final state in x's dtype."""
-    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window)
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
+                 method="dpm_fast", noise_sampler=noise_sampler)
     plan = _plans._plan_dpm_fast(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise)
+    if noise_sampler is not None:  # from the schedule, before the reported sigmas replace it
+        loop.noise_calls = _compat.noise_calls("dpm_fast", loop.sigmas, plan)
     loop.sigmas = dpm_fast_reported_sigmas(plan, loop.sigmas)
+    return _run(loop, plan)
+
+
+def _noisy(loop: _Loop, plan, eta: float = 1.0) -> torch.Tensor:
+    """:func:`_run`, the noise_sampler called where k-diffusion calls it (:func:`sampler_compat.noise_calls`)."""
+    if loop.noise_sampler is not None:
+        loop.noise_calls = _compat.noise_calls(loop.method, loop.sigmas, plan, eta)
     return _run(loop, plan)
 
 
@@ -292,15 +330,15 @@ def dpm_fast_reported_sigmas(plan, sigmas: list) -> list:
 
 @torch.no_grad()
 def sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback=None, disable=None, eta=0.0,
-                    s_noise=1.0, *, seed=None, backend=None, trajectory=None, window=None):
-    """k-diffusion's ``sample_dpm_fast`` signature (no ``noise_sampler``: Philox noise): ``n`` model calls (an int
+                    s_noise=1.0, noise_sampler=None, *, seed=None, backend=None, trajectory=None, window=None):
+    """k-diffusion's ``sample_dpm_fast`` signature (``noise_sampler`` None: Philox noise): ``n`` model calls (an int
     >= 1) from sigma_max down to sigma_min (numbers or one-element tensors, 0 < sigma_min < sigma_max), as
     :func:`sample_dpm_fast_sigmas` on the log-linear schedule of n + 1 sigmas between them. ``trajectory``: n steps;
     ``window``: of the n calls."""
     _dpm_fast.orders(n)  # checks n
     sigmas = _dpm_fast.grid(*_dpm_fast.check_range(sigma_min, sigma_max), int(n))
     return sample_dpm_fast_sigmas(model, x, sigmas, extra_args, callback, disable, eta=eta, s_noise=s_noise,
-                                  seed=seed, backend=backend, trajectory=trajectory, window=window)
+                                  noise_sampler=noise_sampler, seed=seed, backend=backend, trajectory=trajectory, window=window)
 
 
 @torch.no_grad()
@@ -309,7 +347,8 @@ def sample_res_multistep(model, x, sigmas, extra_args=None, callback=None, disab
     """RES multistep (ComfyUI's ``res_multistep``; :mod:`diffkern.coef_tables_res`): the second-order multistep
     exponential integrator in D, one model call per step, history = the previous D; ``eta`` > 0 takes k-diffusion's
     ancestral split (Philox noise). x: (B, ...) float; returns the final state in x's dtype."""
-    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window)
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
+                 method="res_multistep")
     return _run(loop, _plans._plan_res_multistep(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise))
 
 
@@ -328,7 +367,8 @@ def sample_er_sde(model, x, sigmas, extra_args=None, callback=None, disable=None
     """ER-SDE-Solver-3 (Cui et al. 2023; ComfyUI's ``er_sde``, its default noise scaler;
     :mod:`diffkern.coef_tables_er_sde`): one model call per step, stages (orders) up to ``max_stage`` (1-3) from the previous two D, Philox noise scaled
     by ``s_noise``. x: (B, ...) float; returns the final state in x's dtype."""
-    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window)
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
+                 method="er_sde")
     return _run(loop, _plans._plan_er_sde(loop.sigmas, loop.conv, s_noise=s_noise, max_stage=max_stage))
 
 
@@ -341,7 +381,8 @@ def sample_sa_solver(model, x, sigmas, extra_args=None, callback=None, disable=N
     ``lower_order_final``, the corrector folded into the next step's row (one model call per step); ``tau`` the
     stochasticity, a number or one per step (0: the ODE); data (``predict_x0``) or noise prediction; Philox noise.
     x: (B, ...) float; returns the final state in x's dtype."""
-    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window)
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
+                 method="sa_solver")
     return _run(loop, _plans._plan_sa_solver(loop.sigmas, loop.conv, predictor_order=predictor_order,
                                              corrector_order=corrector_order, tau=tau, predict_x0=predict_x0,
                                              lower_order_final=lower_order_final))

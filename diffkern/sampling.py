@@ -12,20 +12,22 @@ import numbers
 
 import torch
 
-from . import coef_tables, graphs, sampler_loop, sampler_plans, samplers, schedules
+from . import coef_tables, graphs, sampler_compat, sampler_loop, sampler_plans, samplers, schedules
 from .ops import iadb as iadb_ops
 from .ops import sampler_step
 from .samplers import SAMPLERS, Trajectory, make_seed
 
-_COMMON = ("seed", "backend", "trajectory", "window")
+_COMMON = ("seed", "backend", "trajectory", "window", "noise_sampler")
 
 
 def knobs(method: str) -> dict:
     """The knobs of ``method`` with their defaults, e.g. ``knobs("heun")["s_churn"] == 0.0``."""
     if method not in SAMPLERS:
         raise ValueError(f"method: unknown sampler {method!r}; expected one of {sorted(SAMPLERS)}")
-    params = inspect.signature(SAMPLERS[method]).parameters.values()
-    return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY and p.name not in _COMMON}
+    # after k-diffusion's six (model, x, sigmas, extra_args, callback, disable): its knobs are positional there too
+    params = list(inspect.signature(SAMPLERS[method]).parameters.values())[6:]
+    return {p.name: p.default for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            and p.name not in _COMMON}
 
 
 @functools.lru_cache(maxsize=32)
@@ -49,7 +51,7 @@ def host_plan(method: str, knobs_: dict, sigmas) -> coef_tables.Plan:
 
 
 def sample(model, x, sigmas, method, *, backend=None, seed=0, callback=None, progress=False, record=False,
-           extra_args=None, graph=False, window=None, **knob_values):
+           extra_args=None, graph=False, window=None, noise_sampler=None, **knob_values):
     """Sample with ``method`` from ``x`` (already scaled by ``sigmas[0]``) along ``sigmas``.
 
     Args:
@@ -68,7 +70,7 @@ def sample(model, x, sigmas, method, *, backend=None, seed=0, callback=None, pro
         seed: int or int64 tensor (1,)/(B,) keying the Philox noise: same seed, same output. The default 0
             makes repeated calls identical; ``seed=None`` draws one from torch's global CPU generator.
         callback: called once per step with a dict ``x`` (state before the update), ``i``, ``sigma``,
-            ``sigma_hat`` (host floats) and ``denoised``; fresh tensors each step, which later steps never
+            ``sigma_hat`` (0-d float64 CPU tensors, as k-diffusion's ``sigmas[i]``) and ``denoised``; fresh tensors each step, which later steps never
             overwrite (a callback may keep them, as k-diffusion's).
         progress: show a tqdm bar.
         record: also return ``{"x": (N+1, *x.shape), "denoised": (N, *x.shape)}`` trajectories.
@@ -81,6 +83,9 @@ def sample(model, x, sigmas, method, *, backend=None, seed=0, callback=None, pro
             each step draws the Philox noise it draws in the whole loop (as diffkern's Level-1 schedulers do): the
             counters move, not the coefficients (:func:`diffkern.sampler_loop.windowed`). No effect on a method
             that draws no noise; None and ``(0, N)`` are the loop on its own.
+        noise_sampler: None (Philox noise), or k-diffusion's ``noise_sampler(sigma, sigma_next) -> tensor like x``
+            for the methods whose k-diffusion sampler takes one (:data:`diffkern.sampler_compat.NOISE_SAMPLERS`);
+            eager only (refused by ``graph=True``).
         **knob_values: the method's knobs; :func:`knobs` lists each method's with its defaults, and an unknown one
             raises TypeError. Churn: s_churn, s_tmin, s_tmax (euler, heun, dpm_2). Noise: s_noise (those and the
             stochastic methods), eta (the ancestral, SDE and res_multistep methods, dpm_fast, dpmsolver_3m), r
@@ -101,9 +106,14 @@ def sample(model, x, sigmas, method, *, backend=None, seed=0, callback=None, pro
     samplers.check_state(x)  # before record= allocates from it
     samplers.check_call(model, extra_args)
     sampler_loop.check_callback(callback)
-    steps = len(samplers.host_sigmas(sigmas)) - 1
+    steps = len(samplers.host_sigmas(sigmas, method)) - 1
     window = sampler_loop.check_window(window, steps)
-    if graphs.wanted(graph, x, callback, progress):
+    if noise_sampler is not None:
+        if method not in sampler_compat.NOISE_SAMPLERS:
+            raise ValueError(f"noise_sampler: {method!r} takes none; the methods that do: "
+                             f"{sampler_compat.NOISE_SAMPLERS}")
+        knob_values["noise_sampler"] = noise_sampler
+    if graphs.wanted(graph, x, callback, progress, noise_sampler=noise_sampler):
         try:
             return _sample_graph(model, x, sigmas, method, {**valid, **knob_values}, seed, backend, record,
                                  extra_args, window)
@@ -120,7 +130,7 @@ def sample(model, x, sigmas, method, *, backend=None, seed=0, callback=None, pro
 @torch.no_grad()
 def _sample_graph(model, x, sigmas, method, knob_values, seed, backend, record, extra_args, window=None):
     """:func:`sample` as a CUDA graph (:mod:`diffkern.graphs`): the captured body is ``samplers.run_steps``."""
-    host = samplers.host_sigmas(sigmas)
+    host = samplers.host_sigmas(sigmas, method)
     plan = sampler_plans.PLANS[method](host, samplers.conversion_rows(model), **knob_values)
     # windowed here, not by the loop's _run as eagerly: the key (step_row is part of plan_structure) and the host
     # tables fed to a replay are needed before the loop, which only a cache miss builds
@@ -131,8 +141,9 @@ def _sample_graph(model, x, sigmas, method, knob_values, seed, backend, record, 
     def build() -> graphs.Entry:
         statics, extra = call.static_extra()
         trajectory = Trajectory(x, plan.steps) if record else None
-        loop = samplers._Loop(model, x, host, extra, None, True, call.static_seed(x.device), backend, trajectory)
-        loop.begin(plan)
+        loop = samplers._Loop(model, x, host, extra, None, True, call.static_seed(x.device), backend, trajectory,
+                              method=method)
+        loop.begin(plan, rewritten=True)  # replays feed other tables: no launch may bake this one's values
         outputs = (lambda: (loop.x, trajectory.as_dict())) if record else (lambda: loop.x)
         return graphs.Entry(loop, loop.x, loop.seed, statics, [[loop.table, hosts[0]], [loop.sig_dev, hosts[1]]],
                             outputs, call.keep(model))

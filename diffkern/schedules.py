@@ -16,6 +16,8 @@ from typing import Union
 
 import torch
 
+from .sigma_checks import check_sigmas, distinct  # noqa: F401 (check_sigmas: public here)
+
 Number = Union[float, torch.Tensor]
 SPACINGS = ("leading", "trailing", "linspace")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -47,6 +49,13 @@ def _sigma_range(sigma_min, sigma_max, who: str) -> tuple[float, float]:
     if lo > hi:
         raise ValueError(f"{who}: sigma_min ({lo}) must be <= sigma_max ({hi})")
     return lo, hi
+
+
+def _too_close(lo: float, hi: float, n: int) -> str:
+    """Why n values on [lo, hi] repeat in float64: the hint of a builder's :func:`distinct` error."""
+    if lo == hi:
+        return "sigma_min == sigma_max: n >= 2 values cannot decrease"
+    return f"n = {n} is too large for the range"
 
 
 def _append_zero(s: torch.Tensor) -> torch.Tensor:
@@ -84,7 +93,7 @@ def karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torc
     # the weighted sum of two positive terms, not k-diffusion's max + ramp*(min - max): that form cancels near
     # ramp = 1 when min^(1/rho) << max^(1/rho) (small rho), e.g. 5.6e-8 relative at sigma_min for rho = 0.5 on
     # [0.002, 80], and the cancellation is then raised to the power rho
-    return _append_zero(((1 - ramp) * inv_hi + ramp * inv_lo) ** rho)
+    return _append_zero(distinct(((1 - ramp) * inv_hi + ramp * inv_lo) ** rho, "karras", _too_close(lo, hi, n)))
 
 
 def edm(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
@@ -97,7 +106,8 @@ def loglinear(n: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
     ``get_sigmas_exponential``). Returns (n+1,) float64 CPU."""
     n = _check_int(n, "loglinear: n", 1)
     lo, hi = _sigma_range(sigma_min, sigma_max, "loglinear")
-    return _append_zero(torch.linspace(math.log(hi), math.log(lo), n, dtype=F64).exp())
+    return _append_zero(distinct(torch.linspace(math.log(hi), math.log(lo), n, dtype=F64).exp(), "loglinear",
+                                 _too_close(lo, hi, n)))
 
 
 def polyexponential(n: int, sigma_min: float, sigma_max: float, rho: float = 1.0) -> torch.Tensor:
@@ -107,7 +117,11 @@ def polyexponential(n: int, sigma_min: float, sigma_max: float, rho: float = 1.0
     lo, hi = _sigma_range(sigma_min, sigma_max, "polyexponential")
     rho = _check_positive(rho, "polyexponential: rho")
     ramp = torch.linspace(1, 0, n, dtype=F64) ** rho
-    return _append_zero(torch.exp(ramp * (math.log(hi) - math.log(lo)) + math.log(lo)))
+    # k-diffusion's exp(ramp*(ln max - ln min) + ln min) as min*exp(ramp*(ln max - ln min)): the same to 2 ulp, it
+    # ends at sigma_min exactly and resolves steps of 1e-16 relative near it (the sum rounds ln min to 4e-16 at
+    # sigma_min = 0.002). Steps below that (a large rho flattens ramp**rho near 0) are refused, not rounded apart.
+    hint = _too_close(lo, hi, n) if lo == hi else f"rho = {rho:g} is too large for n = {n}: use a smaller rho"
+    return _append_zero(distinct(lo * torch.exp(ramp * (math.log(hi) - math.log(lo))), "polyexponential", hint))
 
 
 def vp(n: int, beta_d: float = 19.9, beta_min: float = 0.1, eps_s: float = 1e-3) -> torch.Tensor:
@@ -121,7 +135,8 @@ def vp(n: int, beta_d: float = 19.9, beta_min: float = 0.1, eps_s: float = 1e-3)
     if not eps_s < 1:
         raise ValueError(f"vp: eps_s: expected 0 < eps_s < 1, got {eps_s!r}")
     t = torch.linspace(1, eps_s, n, dtype=F64)
-    return _append_zero(torch.expm1(beta_d * t ** 2 / 2 + beta_min * t).sqrt())
+    return _append_zero(distinct(torch.expm1(beta_d * t ** 2 / 2 + beta_min * t).sqrt(), "vp",
+                                 f"n = {n} is too large for t in [{eps_s:g}, 1]"))
 
 
 def sample_sigmas(train_sigmas, steps: int) -> torch.Tensor:
@@ -129,7 +144,8 @@ def sample_sigmas(train_sigmas, steps: int) -> torch.Tensor:
     sigmas, ``idx_k = round(N*(1 - k/steps)) - 1`` for k < steps, then index 0. The schedule ends at
     ``train_sigmas[0]``, not 0. train_sigmas: (N,) increasing; returns (steps+1,) float64 CPU.
     For steps above about 2N/3 the last index is already 0, so the last two values repeat (as smalldiffusion's,
-    whose loop then takes a zero-length step); :func:`diffkern.sample` refuses a repeated sigma."""
+    whose loop then takes a zero-length step); :func:`diffkern.sample` runs it with the one-step
+    samplers (``ge`` among them) and refuses it for the multistep ones (:data:`diffkern.sampler_compat.REPEATS_OK`)."""
     table = host_float64(train_sigmas, "train_sigmas")
     if table.dim() != 1 or table.numel() == 0:
         raise ValueError(f"sample_sigmas: train_sigmas must be a non-empty 1-D table, got shape {tuple(table.shape)}")
@@ -351,51 +367,3 @@ def sigma_to_flow_t(sigma: Number) -> Number:
 def flow_t_to_sigma(t: Number) -> Number:
     """``sigma = t/(1 - t)`` (inf at t = 1)."""
     return _map(lambda u: u / (1 - u), t, "flow_t_to_sigma", 1.0)
-
-#----------------------------------------------------------------------------
-# Validation.
-
-
-def check_sigmas(sigmas, name: str = "sigmas", steps: int | None = None, strict: bool = True) -> torch.Tensor:
-    """Validate a sampling schedule and return it as a float64 CPU tensor (a copy).
-
-    Requires a 1-D tensor/sequence of length >= 2 (== steps+1 when ``steps`` is given) of finite values
-    >= 0 that decrease strictly (``strict=False`` allows repeated values, i.e. zero-length steps).
-    Reads the values: call it on the host schedule before a sampling loop, never inside one.
-    """
-    if isinstance(sigmas, torch.Tensor):
-        if sigmas.is_complex() or sigmas.dtype == torch.bool:
-            raise TypeError(f"{name}: expected a real tensor, got dtype {sigmas.dtype}")
-        if sigmas.is_meta:  # a meta tensor has a shape but no values to read
-            raise ValueError(f"{name}: expected a schedule with values, got a tensor on the meta device")
-        s = sigmas.detach().to("cpu", F64)
-    else:
-        try:
-            s = torch.as_tensor(sigmas, dtype=F64)
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise TypeError(f"{name}: expected a 1-D tensor or sequence of floats, "
-                            f"got {type(sigmas).__name__}") from exc
-    if s.dim() == 0:  # a step count or a single sigma, where the N+1 values of a schedule belong
-        raise ValueError(f"{name}: expected a 1-D schedule of N+1 values, got a scalar ({s.item():g}); build one "
-                         f"with diffkern.schedules.karras(n, sigma_min, sigma_max) (or edm, loglinear, "
-                         f"polyexponential, vp)")
-    if s.dim() != 1:
-        raise ValueError(f"{name}: expected a 1-D schedule, got shape {tuple(s.shape)}")
-    if steps is not None and s.numel() != steps + 1:
-        raise ValueError(f"{name}: expected length steps+1 = {steps + 1}, got {s.numel()}")
-    if s.numel() < 2:
-        raise ValueError(f"{name}: expected length >= 2 (N+1 values for N steps), got {s.numel()}")
-    if torch.isnan(s).any():
-        raise ValueError(f"{name}: contains NaN at index {int(torch.isnan(s).nonzero()[0])}")
-    if not torch.isfinite(s).all():
-        raise ValueError(f"{name}: contains inf at index {int((~torch.isfinite(s)).nonzero()[0])}")
-    if (s < 0).any():
-        raise ValueError(f"{name}: negative value at index {int((s < 0).nonzero()[0])}")
-    step = s[1:] - s[:-1]
-    bad = (step >= 0) if strict else (step > 0)
-    if bad.any():
-        i = int(bad.nonzero()[0])
-        kind = "strictly decreasing" if strict else "non-increasing"
-        raise ValueError(f"{name}: must be {kind}, but {name}[{i + 1}] = {s[i + 1].item():g} "
-                         f">{'=' if strict else ''} {name}[{i}] = {s[i].item():g}")
-    return s.clone()

@@ -63,7 +63,8 @@ def test_karras_and_loglinear_edge_values():
     assert S.karras(1, 0.1, 10.0).tolist() == pytest.approx([10.0, 0.0], rel=8 * EPS)  # n = 1: sigma_max, 0
     assert S.loglinear(1, 0.1, 10.0).tolist() == pytest.approx([10.0, 0.0], rel=4 * EPS)  # exp(log 10)
     assert S.polyexponential(1, 0.1, 10.0, 2.0).tolist() == pytest.approx([10.0, 0.0], rel=1e-15)
-    torch.testing.assert_close(S.karras(3, 2.0, 2.0), torch.tensor([2.0, 2.0, 2.0, 0.0], dtype=F64))
+    with pytest.raises(ValueError, match="sigma_min == sigma_max"):  # repeated sigmas: test_kdiffusion_repeats
+        S.karras(3, 2.0, 2.0)
     assert S.karras(4, torch.tensor(0.1), torch.tensor(10.0, dtype=F64)).dtype == F64  # 0-d tensors accepted
     sch = EulerDiscreteScheduler(sigma_min=0.03, sigma_max=14.0)
     want = torch.from_numpy(sch._convert_to_exponential(torch.tensor([14.0, 0.03]), 11))

@@ -23,11 +23,13 @@ from .registry import OpSpec, register, resolve
 
 
 def sampler_step_reference(x, model_out, coef, step, *, model_out_uncond=None, history=None, history2=None,
-                           history3=None, noise=None, seed=None):
+                           history3=None, noise=None, seed=None, skip_noise=False):
     """Float64-capable reference. Returns ``(out, x0, history_new)`` in x's dtype.
 
     Math runs in float64 for float64 ``x``, otherwise in float32. Reads the table row as device
     tensors (no host sync). ``seed``: int64 tensor (1,) or (B,); required when ``noise`` is None.
+    ``skip_noise``: True when the caller knows on the host that ``coef[step]``'s s slot is 0 (a loop deciding from
+    its float64 host table): the noise is then neither drawn nor read, with a bitwise identical result.
     """
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     r = coef[step].to(cdt)
@@ -46,16 +48,20 @@ def sampler_step_reference(x, model_out, coef, step, *, model_out_uncond=None, h
         acc = acc + torch.where(r[coefs.C2] != 0, r[coefs.C2] * history2.to(cdt), 0.0)
     if history3 is not None:
         acc = acc + torch.where(r[coefs.C3] != 0, r[coefs.C3] * history3.to(cdt), 0.0)
-    xi = noise.to(cdt) if noise is not None else philox.noise_like(x, seed, step, cdt)
-    acc = acc + torch.where(r[coefs.S] != 0, r[coefs.S] * xi, 0.0)
+    if skip_noise:  # the masked term below is then +0.0 everywhere; adding it keeps -0.0 + 0.0 = +0.0 as it was
+        acc = acc + 0.0
+    else:  # the Philox draw is most of this function's cost, hence the host hint above
+        xi = noise.to(cdt) if noise is not None else philox.noise_like(x, seed, step, cdt)
+        acc = acc + torch.where(r[coefs.S] != 0, r[coefs.S] * xi, 0.0)
     h_new = r[coefs.E] * xv + r[coefs.F] * d
     return acc.to(x.dtype), d.to(x.dtype), h_new.to(x.dtype)
 
 
 def _launch_reference(x, model_out, model_out_uncond, history, noise, coef, step, seed, out, x0_out, history_out,
-                      history2=None, history3=None):
+                      history2=None, history3=None, skip_noise=False):
     res, d, h = sampler_step_reference(x, model_out, coef, step, model_out_uncond=model_out_uncond,
-                                       history=history, history2=history2, history3=history3, noise=noise, seed=seed)
+                                       history=history, history2=history2, history3=history3, noise=noise, seed=seed,
+                                       skip_noise=skip_noise)
     if x0_out is not None:
         x0_out.copy_(d)
     if history_out is not None:
@@ -94,6 +100,29 @@ SPEC = register(OpSpec("sampler_step", {"reference": lambda: _launch_reference, 
 # Public front-end.
 
 
+def check_coef(coef, x: torch.Tensor) -> None:
+    """Raise naming ``coef`` unless it is a float64 ``(N, NCOEF)`` tensor on x's device (its values are checked by
+    :func:`coefs.validate_once` where they can be read on the host)."""
+    _checks.tensor(coef, "coef")
+    if coef.dim() != 2 or coef.shape[1] != coefs.NCOEF:
+        raise ValueError(f"coef: expected shape (N, {coefs.NCOEF}), got {tuple(coef.shape)}")
+    if coef.dtype != torch.float64:
+        raise TypeError(f"coef: expected dtype torch.float64, got {coef.dtype}")
+    if coef.device != x.device:
+        raise ValueError(f"coef: expected device {x.device} (that of x), got {coef.device}")
+
+
+def check_histories(uses: tuple, step: int, history, history2, history3) -> None:
+    """Raise naming the missing history unless every history ``coef[step]`` reads is given (``uses``: whether the
+    row's c, c2, c3 are non-zero, from :func:`coefs.validate_once`)."""
+    if history is None and uses[0]:
+        raise ValueError(f"history: required, since coef[{step}] has a non-zero history coefficient c")
+    if history2 is None and uses[1]:
+        raise ValueError(f"history2: required, since coef[{step}] has a non-zero c2")
+    if history3 is None and uses[2]:
+        raise ValueError(f"history3: required, since coef[{step}] has a non-zero c3")
+
+
 def sampler_step(x, model_out, coef, step, *, model_out_uncond=None, history=None, history2=None, history3=None,
                  noise=None, seed=None, out=None, x0_out=None, history_out=None, backend=None):
     """One fused sampler update; returns ``out`` (a new tensor unless given).
@@ -123,24 +152,12 @@ def sampler_step(x, model_out, coef, step, *, model_out_uncond=None, history=Non
                     ("out", out), ("x0_out", x0_out), ("history_out", history_out)):
         if t is not None:
             _checks.like(t, name, x, "x")
-    _checks.tensor(coef, "coef")
-    if coef.dim() != 2 or coef.shape[1] != coefs.NCOEF:
-        raise ValueError(f"coef: expected shape (N, {coefs.NCOEF}), got {tuple(coef.shape)}")
-    if coef.dtype != torch.float64:
-        raise TypeError(f"coef: expected dtype torch.float64, got {coef.dtype}")
-    if coef.device != x.device:
-        raise ValueError(f"coef: expected device {x.device} (that of x), got {coef.device}")
+    check_coef(coef, x)
     step = _checks.step_index(step, coef)  # a Python int for the op's schema (numpy ints accepted)
     # Cheap for CPU tables; device tables are validated when built (no sync in loops). Under torch.compile the
     # check would read tensor values on the host, which a trace cannot do: compiled callers validate beforehand.
     if coef.device.type == "cpu" and not torch.compiler.is_compiling():
-        uses_history = coefs.validate_once(coef)
-        if history is None and uses_history[step][0]:
-            raise ValueError(f"history: required, since coef[{step}] has a non-zero history coefficient c")
-        if history2 is None and uses_history[step][1]:
-            raise ValueError(f"history2: required, since coef[{step}] has a non-zero c2")
-        if history3 is None and uses_history[step][2]:
-            raise ValueError(f"history3: required, since coef[{step}] has a non-zero c3")
+        check_histories(coefs.validate_once(coef)[step], step, history, history2, history3)
     seed = _checks.seed_tensor(torch.zeros(1, dtype=torch.int64, device=x.device) if seed is None else seed, x)
     _checks.no_partial_overlap({"out": out, "x0_out": x0_out, "history_out": history_out},
                                {"x": x, "model_out": model_out, "model_out_uncond": model_out_uncond,

@@ -1,0 +1,135 @@
+"""k-diffusion parity of the sampler loop (:mod:`diffkern.sampler_loop`): which samplers take a zero-length step (a
+repeated sigma), and the ``noise_sampler`` argument of k-diffusion's ancestral and SDE samplers: where each sampler
+calls it, at which pair of sigmas, and the checks on what it returns.
+
+A ``noise_sampler(sigma, sigma_next) -> tensor like x`` replaces the Philox stream: the loop calls it on the host
+between the model call and the fused update, exactly where k-diffusion's ``sample_<method>`` calls it (same steps,
+same order, same pair of sigmas, given as 0-d float64 CPU tensors), and passes what it returns to the fused op as its
+``noise``. It cannot run inside a CUDA graph replay (a Python call): graph paths refuse it; use ``seed=`` there.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import coef_tables_dpm_fast
+from .ops import coefs
+
+#----------------------------------------------------------------------------
+# Zero-length steps.
+
+REPEATS_OK = frozenset({"euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral",
+                        "dpmpp_sde", "lcm", "ge", "sde"})
+"""Samplers whose step from sigma to sigma_next = sigma is defined (k-diffusion runs such schedules): one-step
+methods whose update at h = 0 is finite (the identity for the ODE ones; lcm re-noises its D, ge and sde keep their
+history of eps at that sigma). The others divide by the step (log-sigma multistep ratios h_last/h, Lagrange or
+Adams weights over repeated nodes, dpm_fast's grid) and refuse a repeated sigma."""
+
+
+def check_repeats(sigmas: list, method: str | None) -> None:
+    """Raise ValueError naming ``method`` and the value unless every repeated value of the non-increasing host
+    schedule ``sigmas`` is a zero-length step ``method`` can take (:data:`REPEATS_OK`). A repeated 0 is refused for
+    every method: a step from sigma = 0, where the model and the conversions are not defined."""
+    for i in range(len(sigmas) - 1):
+        if sigmas[i + 1] != sigmas[i]:
+            continue
+        if sigmas[i] == 0:
+            raise ValueError(f"sigmas: sigmas[{i}] = sigmas[{i + 1}] = 0 is a step from sigma = 0, where the model is "
+                             "not defined; end the schedule at its first 0")
+        if method not in REPEATS_OK:
+            who = f" for sampler {method!r}" if method else ""
+            raise ValueError(f"sigmas: must be strictly decreasing{who}, which cannot take a zero-length step (its "
+                             f"coefficients divide by the step length), but sigmas[{i}] = sigmas[{i + 1}] = "
+                             f"{sigmas[i]!r} is repeated; the samplers that take one: {sorted(REPEATS_OK)}")
+
+#----------------------------------------------------------------------------
+# noise_sampler: where each sampler calls it.
+
+NOISE_SAMPLERS = ("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m_sde",
+                  "dpmpp_3m_sde", "lcm", "dpm_fast")
+"""The samplers taking ``noise_sampler`` (those whose k-diffusion counterpart has it; lcm: ComfyUI's, dpm_fast:
+k-diffusion's ``sample_dpm_fast``)."""
+
+
+def noise_calls(method: str, sigmas: list, plan, eta: float = 1.0) -> dict:
+    """``{(i, first): (sigma, sigma_next)}``: where k-diffusion's ``sample_<method>`` calls its noise_sampler, keyed
+    by loop step i and whether the draw goes into that step's first fused update (True) or its second-call update
+    (False), with the pair of sigmas it passes. ``sigmas``: the host schedule (N+1 floats); ``plan``: the method's
+    unwindowed plan (its branches and second-call sigmas); ``eta``: dpmpp_2m_sde and dpmpp_3m_sde call it only where
+    eta != 0. Every method calls it on steps to sigma_next > 0 only (dpm_fast: once per step of its own grid)."""
+    if method == "dpm_fast":
+        return _dpm_fast_calls(sigmas)
+    if method not in NOISE_SAMPLERS:
+        raise ValueError(f"noise_sampler: {method!r} takes none (it is not one of {NOISE_SAMPLERS})")
+    calls = {}
+    for i, (s, sn) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        if sn == 0 or (method in ("dpmpp_2m_sde", "dpmpp_3m_sde") and not eta):
+            continue
+        if method == "dpm_2_ancestral":  # only after a second call: sigma_down = 0 is Euler without noise
+            if plan.corrector[i]:
+                calls[(i, False)] = (s, sn)
+        elif method == "dpmpp_2s_ancestral":  # after the second call, or after Euler when sigma_down = 0
+            calls[(i, not plan.corrector[i])] = (s, sn)
+        elif method == "dpmpp_sde":  # the tree's two increments from sigma: to the second call's sigma, then on
+            calls[(i, True)] = (s, plan.row_sigma[plan.corrector_row + i])
+            calls[(i, False)] = (s, sn)
+        else:
+            calls[(i, True)] = (s, sn)
+    return calls
+
+
+def _dpm_fast_calls(sigmas: list) -> dict:
+    """dpm_fast's calls: one per step of its grid (eta = 0 too, times 0 there), after the step's last model call,
+    at the step's grid sigmas."""
+    lo, hi, n = coef_tables_dpm_fast.from_sigmas(sigmas)
+    orders = coef_tables_dpm_fast.orders(n)
+    grid = coef_tables_dpm_fast.grid(lo, hi, len(orders))
+    calls, last = {}, -1
+    for k, p in enumerate(orders):
+        last += p
+        calls[(last, True)] = (grid[k], grid[k + 1])
+    return calls
+
+
+def check_covered(plan, calls: dict) -> None:
+    """Raise unless every row of ``plan`` that draws noise has its noise_sampler call in ``calls`` (an internal
+    invariant: such a row would otherwise draw Philox noise silently)."""
+    s = (plan.table[:, coefs.S] != 0).tolist()
+    for i in range(plan.steps):
+        if plan.churn[i] and s[plan.churn_row + i]:
+            raise RuntimeError(f"noise_sampler: step {i} adds churn noise, which k-diffusion draws with randn_like")
+        for row, first in ((plan.step_row + i, True), (plan.corrector_row + i, False)):
+            if (first or plan.corrector[i]) and s[row] and (i, first) not in calls:
+                raise RuntimeError(f"noise_sampler: row {row} (step {i}) draws noise but has no noise_sampler call")
+
+#----------------------------------------------------------------------------
+# noise_sampler: the argument and what it returns.
+
+
+def check_noise_sampler(noise_sampler, x: torch.Tensor):
+    """``noise_sampler`` validated for a loop over ``x``: None or a callable, refused while a CUDA graph is being
+    captured (a Python call runs once at capture, not in each replay). Returns it."""
+    if noise_sampler is None:
+        return None
+    if not callable(noise_sampler):
+        raise TypeError(f"noise_sampler: expected None or a callable noise_sampler(sigma, sigma_next) -> tensor like "
+                        f"x, got {type(noise_sampler).__name__}")
+    if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise ValueError("noise_sampler: a Python noise_sampler cannot run inside a CUDA graph replay (it would run "
+                         "once, at capture); use seed= (the Philox stream, keyed in device memory) instead")
+    return noise_sampler
+
+
+def draw(noise_sampler, pair: tuple, x: torch.Tensor) -> torch.Tensor:
+    """``noise_sampler(sigma, sigma_next)`` (0-d float64 CPU tensors, as k-diffusion's ``sigmas[i]``), checked to be a
+    floating tensor of x's shape on x's device, in x's dtype (cast when another floating dtype)."""
+    sigma, sigma_next = (torch.tensor(v, dtype=torch.float64) for v in pair)
+    noise = noise_sampler(sigma, sigma_next)
+    if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
+        what = f"a tensor of dtype {noise.dtype}" if isinstance(noise, torch.Tensor) else type(noise).__name__
+        raise TypeError(f"noise_sampler: expected it to return a floating tensor like x, got {what}")
+    if noise.shape != x.shape:
+        raise ValueError(f"noise_sampler: expected it to return a tensor of x's shape {tuple(x.shape)}, got "
+                         f"{tuple(noise.shape)}")
+    if noise.device != x.device:
+        raise ValueError(f"noise_sampler: expected it to return a tensor on x's device {x.device}, got {noise.device}")
+    return noise.to(x.dtype)
