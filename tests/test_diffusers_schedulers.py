@@ -190,10 +190,18 @@ def check_parity(name, config, kw, backend=None, steps=7, begin=0, device="cpu")
     assert_matches_reference(ours.timesteps.cpu().double(), truth.timesteps.cpu().double(),
                              eager.timesteps.cpu().double(), f"{name} {config} timesteps")
     assert math.isclose(float(ours.init_noise_sigma), float(eager.init_noise_sigma), rel_tol=1e-5)
+    check_calls(name, truth, eager, ours, kw, f"{name} {config} {kw} [{backend}]", begin=begin, device=device)
+    assert ours.step_index == len(ours.timesteps)
+
+
+def check_calls(name, truth, eager, ours, kw, what, begin=0, device="cpu"):
+    """Every call from ``begin`` on the same per-step inputs (the truth's state, fresh random model outputs):
+    ``scale_model_input``, ``prev_sample`` and ``pred_original_sample`` of ``ours`` under the rule against diffusers
+    in float64 (``truth``) and float32 (``eager``), each scheduler with its own timestep values."""
     gens = [torch.Generator().manual_seed(7) for _ in range(3)]
     x = make_tensor(SHAPE, torch.float64, seed=11, device=device) * float(truth.init_noise_sigma)
     for k in range(begin, len(eager.timesteps)):
-        t64, t32, t = truth.timesteps[k], eager.timesteps[k], ours.timesteps[k]  # each its own timestep
+        t64, t32, t = truth.timesteps[k], eager.timesteps[k], ours.timesteps[k]
         m = make_tensor(SHAPE, torch.float64, seed=100 + k, device=device)
         x32, m32 = x.float(), m.float()
         with diffusers_float64(scheduler_module(name)):
@@ -202,13 +210,12 @@ def check_parity(name, config, kw, backend=None, steps=7, begin=0, device="cpu")
             ref = _call(truth, m, t64, x, kw, gens[0])
         out = _call(eager, m32, t32, x32, kw, gens[1])
         got = _call(ours, m32, t, x32, kw, gens[2])
-        what = f"{name} {config} {kw} [{backend}] call {k} (t={float(t):g})"
-        assert_matches_reference(got.prev_sample, ref.prev_sample, out.prev_sample, what + " prev_sample")
-        if hasattr(out, "pred_original_sample"):
+        at = f"{what} call {k} (t={float(t):g})"
+        assert_matches_reference(got.prev_sample, ref.prev_sample, out.prev_sample, at + " prev_sample")
+        if getattr(out, "pred_original_sample", None) is not None:
             assert_matches_reference(got.pred_original_sample, ref.pred_original_sample, out.pred_original_sample,
-                                     what + " pred_original_sample")
+                                     at + " pred_original_sample")
         x = ref.prev_sample
-    assert ours.step_index == len(ours.timesteps)
 
 
 @pytest.mark.parametrize("name, config, kw", CASES, ids=IDS)

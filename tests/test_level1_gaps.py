@@ -6,7 +6,6 @@ Numerical parity uses the project rule of tests/test_diffusers_schedulers.py: di
 and ours must be within ``2*max|diffusers32 - truth| + 2e-6*max(1, max|truth|)`` of it at every call
 (:func:`diffkern.testing.assert_matches_reference`).
 """
-import math
 
 import numpy as np
 import pytest
@@ -15,10 +14,9 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 import diffkern.diffusers as dd  # noqa: E402
-from diffkern.testing import assert_matches_reference, make_tensor  # noqa: E402
-from test_diffusers_schedulers import _call, diffusers_class, diffusers_float64, scheduler_module  # noqa: E402
+from diffkern.testing import assert_matches_reference  # noqa: E402
+from test_diffusers_schedulers import check_calls, diffusers_class, diffusers_float64, scheduler_module  # noqa: E402
 
-SHAPE = (2, 3, 5, 7)
 
 
 def check_custom_parity(name, config, set_kw, kw=None):
@@ -38,24 +36,7 @@ def check_custom_parity(name, config, set_kw, kw=None):
                              f"{name} {set_kw} timesteps")
     assert_matches_reference(ours.sigmas.double(), truth.sigmas.double(), eager.sigmas.double(),
                              f"{name} {set_kw} sigmas")
-    gens = [torch.Generator().manual_seed(7) for _ in range(3)]
-    x = make_tensor(SHAPE, torch.float64, seed=11) * float(truth.init_noise_sigma)
-    for k in range(len(eager.timesteps)):
-        t64, t32, t = truth.timesteps[k], eager.timesteps[k], ours.timesteps[k]
-        m = make_tensor(SHAPE, torch.float64, seed=100 + k)
-        x32, m32 = x.float(), m.float()
-        with diffusers_float64(scheduler_module(name)):
-            assert_matches_reference(ours.scale_model_input(x32, t), truth.scale_model_input(x, t64),
-                                     eager.scale_model_input(x32, t32), f"{name} scale_model_input {k}")
-            ref = _call(truth, m, t64, x, kw, gens[0])
-        out = _call(eager, m32, t32, x32, kw, gens[1])
-        got = _call(ours, m32, t, x32, kw, gens[2])
-        what = f"{name} {config} {set_kw} call {k}"
-        assert_matches_reference(got.prev_sample, ref.prev_sample, out.prev_sample, what + " prev_sample")
-        if getattr(out, "pred_original_sample", None) is not None:
-            assert_matches_reference(got.pred_original_sample, ref.pred_original_sample, out.pred_original_sample,
-                                     what + " pred_original_sample")
-        x = ref.prev_sample
+    check_calls(name, truth, eager, ours, kw, f"{name} {config} {set_kw}")
 
 
 #----------------------------------------------------------------------------
