@@ -18,7 +18,6 @@ from diffkern.testing import assert_matches_reference  # noqa: E402
 from test_diffusers_schedulers import check_calls, diffusers_class, diffusers_float64, scheduler_module  # noqa: E402
 
 
-
 def check_custom_parity(name, config, set_kw, kw=None):
     """check_parity of test_diffusers_schedulers with ``set_timesteps(**set_kw)`` (a custom schedule) on all three
     schedulers: timesteps, sigmas and every call's outputs against the float64 truth."""
