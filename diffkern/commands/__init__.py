@@ -37,3 +37,10 @@ def check_backend(backend) -> None:
 
     if backend is not None and backend not in ops.BACKENDS + ("auto",):
         raise ValueError(f"--backend: expected one of {', '.join(ops.BACKENDS + ('auto',))}, got {backend!r}")
+
+
+def check_seed(seed: int) -> None:
+    """--seed: an int in [-2**63, 2**64) (the range of torch's generators and of the Philox key, 64 bits);
+    raises ValueError naming the flag (torch would fail later with 'Overflow when unpacking long long')."""
+    if not -2 ** 63 <= seed < 2 ** 64:
+        raise ValueError(f"--seed: expected an int in [-2**63, 2**64), got {seed}")

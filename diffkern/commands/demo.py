@@ -4,7 +4,7 @@ from __future__ import annotations
 
 def _run(args) -> int:
     from ..demo import run
-    from . import check_backend, check_method
+    from . import check_backend, check_method, check_seed
     from .sample import _check_out
 
     for flag in ("steps", "n"):
@@ -12,6 +12,7 @@ def _run(args) -> int:
             raise ValueError(f"--{flag}: expected an integer >= 1, got {getattr(args, flag)}")
     check_backend(args.backend)
     check_method(args.method)
+    check_seed(args.seed)
     _check_out(args.out)
     summary = run(args.out, method=args.method, steps=args.steps, n=args.n, seed=args.seed, backend=args.backend)
     print(f"sampled {summary['n']} points of a 2-D Gaussian mixture with {summary['method']} "

@@ -33,6 +33,8 @@ def parse_points(text: str):
 
 def load_points(path: str):
     """An (N, D) float64 tensor from a .npy, .csv or .pt file; raises naming --file."""
+    import pickle
+
     import numpy as np
     import torch
 
@@ -41,14 +43,18 @@ def load_points(path: str):
         raise ValueError(f"--file: expected a {', '.join(FILE_TYPES)} file, got {path!r}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--file: no such file {path!r}")
-    if suffix == ".npy":
-        data = torch.from_numpy(np.load(path, allow_pickle=False))
-    elif suffix == ".csv":
-        data = torch.from_numpy(np.loadtxt(path, delimiter=",", ndmin=2))
-    else:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(data, torch.Tensor):
-            raise ValueError(f"--file: expected a saved tensor in {path!r}, got {type(data).__name__}")
+    try:
+        if suffix == ".npy":
+            data = torch.from_numpy(np.load(path, allow_pickle=False))
+        elif suffix == ".csv":
+            data = torch.from_numpy(np.loadtxt(path, delimiter=",", ndmin=2))
+        else:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except (ValueError, TypeError, pickle.UnpicklingError) as exc:  # not numbers, or not the format its suffix says
+        raise ValueError(f"--file: cannot read {path!r} as an (N, D) array of numbers "
+                         f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    if not isinstance(data, torch.Tensor):  # a .pt holding a dict, a list, ...
+        raise ValueError(f"--file: expected a saved tensor in {path!r}, got {type(data).__name__}")
     if data.dim() == 1:
         data = data[None]
     if data.dim() != 2 or not (data.is_floating_point() or data.dtype in (torch.int32, torch.int64)):
@@ -99,8 +105,8 @@ def _run(args) -> int:
     source = "--points" if args.points is not None else "--file"
     if points.shape[1] != gmm.dim:
         raise ValueError(f"{source}: the demo mixture is {gmm.dim}-D, got points with {points.shape[1]} coordinates")
-    if not torch.isfinite(points).all():
-        raise ValueError(f"{source}: the points must be finite")
+    if not torch.isfinite(points.float()).all():  # the estimator runs in float32: 1e39 would become inf there
+        raise ValueError(f"{source}: the points must be finite and within float32 range (|x| < 3.4e38)")
     data_std = math.sqrt(float(gmm.covariance.trace()) / gmm.dim)
     res = log_likelihood(gmm, points.float(), sigma_min=args.sigma_min, sigma_max=args.sigma_max,
                          n_levels=args.levels, grid=args.grid, n_samples=args.samples, seed=args.seed,

@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import os
 
-from . import check_common, check_method
+from . import check_common, check_method, check_seed, knob_flags
 
-# CLI knob flag -> sampler keyword. A flag a method does not take is an error, not silently ignored.
-KNOB_FLAGS = {"gamma": "gamma", "mu": "mu", "lam": "lam", "eta": "eta", "s_churn": "s_churn"}
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 
 
@@ -48,11 +46,20 @@ def _load_data(spec: str):
         raise FileNotFoundError(f"--data: no such file {spec!r} (or use 'digits')")
     if spec.endswith(".npy"):
         import numpy as np
-        data = torch.from_numpy(np.load(spec))
+        try:
+            data = torch.from_numpy(np.load(spec))
+        except (ValueError, TypeError) as exc:  # not an array of numbers (strings, objects, not a .npy at all)
+            raise ValueError(f"--data: cannot read {spec!r} as an array of numbers ({exc})") from None
     elif spec.endswith(".pt"):
-        data = torch.load(spec, map_location="cpu", weights_only=True)
+        import pickle
+        try:
+            data = torch.load(spec, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:  # not a torch.save file, or one holding more than tensors
+            raise ValueError(f"--data: cannot load {spec!r} as a saved tensor ({str(exc).splitlines()[0]})") from None
     else:
         raise ValueError(f"--data: expected 'digits', a .pt or a .npy file, got {spec!r}")
+    if isinstance(data, torch.Tensor) and (data.is_complex() or data.dtype == torch.bool):
+        raise ValueError(f"--data: expected real-valued images, got dtype {data.dtype}")
     if not isinstance(data, torch.Tensor) or data.dim() != 4 or data.shape[1] not in (1, 3) or data.shape[0] < 1:
         raise ValueError(f"--data: expected an (N, 1 or 3, H, W) array, got "
                          f"{tuple(data.shape) if isinstance(data, torch.Tensor) else type(data).__name__}")
@@ -92,13 +99,13 @@ def _run(args) -> int:
         raise ValueError(f"--batch: expected an integer >= 1, got {args.batch}")
     if args.nrow is not None and args.nrow < 1:
         raise ValueError(f"--nrow: expected an integer >= 1, got {args.nrow}")
+    if args.score and args.batch < 2:  # checked now: the metric would fail after the grid is written
+        raise ValueError(f"--score: the unbiased MMD needs --batch >= 2, got {args.batch}")
     check_common(args)
-    valid = check_method(args.method)
-    chosen = {kw: getattr(args, flag) for flag, kw in KNOB_FLAGS.items() if getattr(args, flag) is not None}
-    for kw in chosen:
-        if kw not in valid:
-            raise ValueError(f"--{kw.replace('_', '-')}: method {args.method!r} has no knob {kw!r} "
-                             f"(its knobs: {', '.join(sorted(valid)) or 'none'})")
+    check_seed(args.seed)
+    chosen, labels = knob_flags.collect(args, args.method, check_method(args.method))
+    sigmas = builtin.schedule(args.steps, args.schedule, args.sigma_min, args.sigma_max, args.rho)
+    knob_flags.check(args.method, chosen, labels, sigmas)
     _check_out(args.out)
     device = _device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -106,7 +113,6 @@ def _run(args) -> int:
     model, shape = _model(args, device, dtype)
     if args.score and tuple(shape) != builtin.IMAGE_SHAPE:
         raise ValueError(f"--score: the digits metric needs images of shape {builtin.IMAGE_SHAPE}, not {shape}")
-    sigmas = builtin.schedule(args.steps, args.schedule, args.sigma_min, args.sigma_max, args.rho)
     t0 = time.perf_counter()
     images = builtin.generate(model, args.batch, args.method, args.steps, shape=shape, seed=args.seed,
                               backend=args.backend, device=device, dtype=dtype, sigmas=sigmas,
@@ -117,7 +123,7 @@ def _run(args) -> int:
     if not torch.isfinite(images).all():
         raise RuntimeError("sampling produced non-finite values; nothing written (try more --steps)")
     builtin.save_grid(images, args.out, nrow=args.nrow)
-    knob_text = "".join(f", {k}={v:g}" for k, v in chosen.items())
+    knob_text = "".join(f", {k}={v:g}" if isinstance(v, float) else f", {k}={v}" for k, v in chosen.items())
     print(f"sampled {args.batch} images of shape {tuple(shape)} from the {args.model} model with "
           f"{args.method}{knob_text}, {args.steps} {args.schedule} steps, on {device.type} with backend {used}")
     print(f"time: {seconds:.3f} s in all (wall, first call included), {1e3 * seconds / args.batch:.2f} ms per image")
@@ -152,8 +158,10 @@ def register(sub) -> None:
     p.add_argument("--gamma", type=float, help="ge: gradient-estimation weight (default 2)")
     p.add_argument("--mu", type=float, help="ge: stochasticity in [0, 1) (default 0)")
     p.add_argument("--lam", type=float, help="sde: McAllester noise level (default 1)")
-    p.add_argument("--eta", type=float, help="the ancestral and dpmpp_*sde samplers: noise scale (default 1)")
+    p.add_argument("--eta", type=float, help="the ancestral and SDE samplers, dpm_fast, res_multistep, dpmsolver_3m: "
+                   "noise scale (default: the method's, 1 for the ancestral and SDE samplers, else 0)")
     p.add_argument("--s-churn", dest="s_churn", type=float, help="euler / heun / dpm_2: EDM churn (default 0)")
+    knob_flags.add_knob_argument(p)
     p.add_argument("--backend", default=None,
                    help="reference | cpp | triton | cuda | auto (default: $DIFFKERN_BACKEND, else auto)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if present")

@@ -1,6 +1,7 @@
 """``diffkern train``: retrain the built-in digits denoiser (or the quality metric's classifier)."""
 from __future__ import annotations
 
+from . import check_seed
 from .sample import _check_out
 
 
@@ -19,6 +20,7 @@ def _run(args) -> int:
         if args.threads < 1:
             raise ValueError(f"--threads: expected an integer >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    check_seed(args.seed)
     _check_out(args.out, ".safetensors")
     settings = {k: getattr(args, k) for k in ("steps", "batch") if getattr(args, k) is not None}
     if args.target == "classifier":

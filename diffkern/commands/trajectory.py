@@ -9,11 +9,8 @@ so the pictures show the sampler alone.
 from __future__ import annotations
 
 from .._files import atomic_write
-from . import check_common, check_method
+from . import check_common, check_method, check_seed, knob_flags
 from .sample import _check_out
-
-# CLI knob flag -> sampler keyword. A flag the method does not take is an error, not silently ignored.
-KNOB_FLAGS = {"gamma": "gamma", "mu": "mu", "lam": "lam", "eta": "eta", "s_churn": "s_churn"}
 
 
 def trajectories(method: str = "euler", steps: int = 20, n: int = 16, *, seed: int = 0, jump=None,
@@ -98,19 +95,18 @@ def plot(res: dict, out: str) -> None:
 
 
 def _check_args(args) -> dict:
+    from .. import schedules
+
     for flag in ("steps", "n"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag}: expected an integer >= 1, got {getattr(args, flag)}")
     if args.jump is not None and not 0 <= args.jump < args.steps:
         raise ValueError(f"--jump: expected a step in [0, {args.steps - 1}] (--steps {args.steps}), got {args.jump}")
     check_common(args)
+    check_seed(args.seed)
     _check_out(args.out)
-    valid = check_method(args.method)
-    chosen = {kw: getattr(args, flag) for flag, kw in KNOB_FLAGS.items() if getattr(args, flag) is not None}
-    for kw in chosen:
-        if kw not in valid:
-            raise ValueError(f"--{kw.replace('_', '-')}: method {args.method!r} has no knob {kw!r} "
-                             f"(its knobs: {', '.join(sorted(valid)) or 'none'})")
+    chosen, labels = knob_flags.collect(args, args.method, check_method(args.method))
+    knob_flags.check(args.method, chosen, labels, schedules.karras(args.steps, args.sigma_min, args.sigma_max))
     return chosen
 
 
@@ -146,6 +142,7 @@ def register(sub) -> None:
     p.add_argument("--lam", type=float, help="sde: McAllester noise level")
     p.add_argument("--eta", type=float, help="the ancestral and SDE samplers: noise scale")
     p.add_argument("--s-churn", dest="s_churn", type=float, help="euler / heun / dpm_2: EDM churn")
+    knob_flags.add_knob_argument(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default=None, help="reference | cpp | triton | cuda | auto")
     p.add_argument("--out", default="out/trajectory.png", help="PNG to write (default out/trajectory.png)")

@@ -86,14 +86,17 @@ def load_denoiser(path: str | None = None, *, device="cpu", dtype: torch.dtype =
     with x of shape (B, 1, 16, 16) in ``dtype`` (the network's) and sigma a float or (B,) tensor.
     Its ``info`` dict holds the training record stored in the weights file.
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = WEIGHTS if path is None else path
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights: no such file {path!r}")
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as exc:  # not an Exception the CLI reports: name the file instead of a traceback
+        raise ValueError(f"weights: {path!r} is not a safetensors file ({exc})") from None
     if "config" not in meta or "sigma_data" not in meta:
         raise ValueError(f"weights: {path!r} has no diffkern model config in its metadata")
     net = TinyUNet(**json.loads(meta["config"]))
@@ -140,6 +143,10 @@ def generate(model, n: int, method: str = "ge", steps: int = 20, *, shape: tuple
         raise ValueError(f"n: expected an int >= 1, got {n!r}")
     n = int(n)
     sigmas = schedule(steps) if sigmas is None else sigmas
+    if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
+        from ..sampler_loop import seed_value
+
+        seed_value(seed, n)  # out of range: name it here, not torch's 'Overflow when unpacking long long'
     # torch.Generator.manual_seed refuses numpy ints; sample() below validates the seed itself
     gen = torch.Generator().manual_seed(int(seed) if isinstance(seed, numbers.Integral) else seed)
     x = torch.randn((n, *shape), generator=gen, dtype=torch.float64) * float(sigmas[0])
