@@ -7,6 +7,7 @@ import numbers
 
 import torch
 
+from ..ops._checks import FLOAT_DTYPES
 from .scheduler_utils import match_schedule
 
 
@@ -16,11 +17,13 @@ def check_step_args(model_output, sample) -> None:
     for name, value in (("model_output", model_output), ("sample", sample)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name}: expected a tensor, got {type(value).__name__}")
-    if not model_output.is_floating_point():
+    if model_output.dtype not in FLOAT_DTYPES:  # (float8 is floating point too, but no kernel takes it)
         raise TypeError(f"model_output: expected a floating-point tensor (float16, bfloat16, float32 or float64), "
                         f"got {model_output.dtype}")
-    if sample.is_complex() or sample.dtype == torch.bool:
-        raise TypeError(f"sample: expected a real tensor, got {sample.dtype}")
+    if sample.is_complex() or sample.dtype == torch.bool or (sample.is_floating_point()
+                                                             and sample.dtype not in FLOAT_DTYPES):
+        raise TypeError(f"sample: expected a real tensor (an integer one, float16, bfloat16, float32 or float64), "
+                        f"got {sample.dtype}")
     if model_output.shape != sample.shape:
         raise ValueError(f"model_output: expected the shape of sample {tuple(sample.shape)}, "
                          f"got {tuple(model_output.shape)}")
