@@ -169,8 +169,9 @@ def test_ddim_step_is_sampler_step_with_the_row(cpu_backend, noise):
     ({"alpha_prod_t": 1.5}, r"^alpha_prod_t: expected a value in \[0, 1\]"),
     ({"alpha_prod_t_prev": -0.1}, r"^alpha_prod_t_prev: expected a value in \[0, 1\]"),
     ({"alpha_prod_t": float("nan")}, r"^alpha_prod_t: expected a value in \[0, 1\]"),
-    ({"eta": -1.0}, r"^eta: expected a finite value >= 0"),
-    ({"eta": float("inf")}, r"^eta: expected a finite value >= 0"),
+    ({"eta": -3.0}, r"^eta: -3\.0 makes 1 - alpha_prod_t_prev - \(eta\*sigma_t\)\^2 = .* < 0"),
+    ({"eta": 3.0}, r"^eta: 3\.0 makes 1 - alpha_prod_t_prev"),
+    ({"eta": float("inf")}, r"^eta: expected a finite value"),
     ({"alpha_prod_t": 0.0}, r"^alpha_prod_t: 0 \(zero terminal SNR\)"),
     ({"clip_sample": True, "clip_sample_range": 0.0}, r"^clip_sample_range: expected > 0"),
 ], ids=str)
@@ -189,8 +190,8 @@ def test_ddim_step_bad_input_writes_nothing(cpu_backend):
         dops.ddim_step(z, m, 0.5, 0.6, eta=1.0, noise=m[:1], out=out, x0_out=x0_out, backend=cpu_backend)
     with pytest.raises(TypeError, match=r"^sample: expected a tensor"):
         dops.ddim_step(z.tolist(), m, 0.5, 0.6, out=out, x0_out=x0_out, backend=cpu_backend)
-    with pytest.raises(ValueError, match=r"^eta: expected a finite value"):
-        dops.ddim_step(z, m, 0.5, 0.6, eta=-1.0, out=out, x0_out=x0_out, backend=cpu_backend)
+    with pytest.raises(ValueError, match=r"^eta: -3\.0 makes"):
+        dops.ddim_step(z, m, 0.5, 0.6, eta=-3.0, out=out, x0_out=x0_out, backend=cpu_backend)
     for step in (-1, 2.0, True):
         with pytest.raises(ValueError, match=r"^step: expected a Python int >= 0"):
             dops.ddim_step(z, m, 0.5, 0.6, step=step, out=out, x0_out=x0_out, backend=cpu_backend)

@@ -254,6 +254,10 @@ def loop_spec(ours: FusedScheduler, eta: float = 0.0) -> LoopSpec:
             eta = 1.0
         if eta == 0:
             return LoopSpec("euler", sigmas, ts, {}, vp=True)
+        if name == "DDIMScheduler" and eta * eta > 1:  # Level 1's ValueError where diffusers' step gives NaN
+            ours._build(("ddim", float(eta), False))
+        if eta < 0:  # diffusers' DDIM adds noise only for eta > 0: the direction term of |eta|, no noise
+            return LoopSpec("euler_ancestral", sigmas, ts, {"eta": -float(eta), "s_noise": 0.0}, vp=True)
         return LoopSpec("euler_ancestral", sigmas, ts, {"eta": float(eta)}, vp=True)
     if name == "DPMSolverMultistepScheduler":
         if cfg.variance_type in ("learned", "learned_range"):

@@ -12,8 +12,9 @@ from diffusers.configuration_utils import register_to_config
 
 from .. import coef_tables_deis
 from ..ops import coefs
+from . import timestep_labels
 from .config_checks import check_choice, check_common, check_one_conversion, dynamic_shift, load_as, unsupported
-from .schedulers import FusedScheduler, sigma_to_t, ve_row_to_vp
+from .schedulers import FusedScheduler, ve_row_to_vp
 from .schedulers_flow import convert_sigmas
 from .schedulers_unipc import _native, _spaced_timesteps
 from .scheduler_utils import check_steps
@@ -101,7 +102,7 @@ class DEISMultistepScheduler(FusedScheduler):
             # convert_sigmas reads the ends of its input (or the config's sigma_min/sigma_max) and its length
             ends = np.array([float(table[-1])] + [float(table[0])] * (N - 1))
             sig = convert_sigmas(cfg, ends)
-            t_frac = sigma_to_t(self.alphas_cumprod, torch.from_numpy(sig))
+            t_frac = timestep_labels.dpm_fractional(self, N, torch.from_numpy(sig))  # diffusers' own values
             ts = (t_frac.round() if cfg.use_karras_sigmas else t_frac).long()  # else truncated, as diffusers
             sig, final = sig.tolist(), float(sig[-1])  # the last step: sigma_min to itself
         elif cfg.use_flow_sigmas:

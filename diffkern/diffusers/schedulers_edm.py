@@ -66,8 +66,9 @@ class _EDMScheduler(FusedScheduler):
 
     @staticmethod
     def _c_noise(sigmas: torch.Tensor) -> torch.Tensor:
-        """The network timesteps ``log(sigma)/4`` (float32, as diffusers' ``precondition_noise``)."""
-        return (0.25 * sigmas.log()).to(torch.float32)
+        """The network timesteps ``log(sigma)/4`` of the float32-rounded sigmas, in float32 throughout: diffusers'
+        ``precondition_noise`` bit for bit (a user may pass its timesteps to ours)."""
+        return 0.25 * sigmas.to(torch.float32).log()
 
     def _install(self, sig: torch.Tensor, final: float, device, num_inference_steps) -> None:
         who = type(self).__name__

@@ -26,6 +26,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
 
 from ..ops import coefs
+from . import timestep_labels
 from .config_checks import check_one_conversion, finite_mu
 from .schedulers import FusedScheduler, match_schedule
 from .scheduler_lookup import check_step_args
@@ -55,6 +56,14 @@ def time_shift(kind: str, mu: float, t: np.ndarray) -> np.ndarray:
     ``mu/(mu + 1/t - 1)`` ("linear"), written ``k*t/(k*t + 1 - t)`` so that t = 0 maps to 0 without dividing by 0."""
     k = math.exp(mu) if kind == "exponential" else mu
     return k * t / (k * t + (1.0 - t))
+
+
+def stock_time_shift(kind: str, mu: float, t: np.ndarray) -> np.ndarray:
+    """:func:`time_shift` in diffusers' form ``k/(k + (1/t - 1))``, for its timesteps bit for bit (t = 0 gives 0
+    through 1/0 = inf, as there)."""
+    k = math.exp(mu) if kind == "exponential" else mu
+    with np.errstate(divide="ignore"):
+        return k / (k + (1 / t - 1))
 
 
 def _bounds(config, sig: np.ndarray, name: str, positive: bool = False) -> tuple[float, float]:
@@ -203,16 +212,40 @@ class FlowMatchEulerDiscreteScheduler(FlowForwardProcess, FusedScheduler):
         for name, given in (("sigmas", sig), ("timesteps", ts)):
             if given is not None and len(given) != n:
                 raise ValueError(f"{_WHO}: {name} must have num_inference_steps={n} values, got {len(given)}")
+        # diffusers' timesteps, bit for bit: its pipeline again from its float32-rounded inputs (its own sigma bounds,
+        # or the user's sigmas or timesteps cast to float32), in its order of operations (timestep_labels). Given
+        # timesteps are kept, but for invert_sigmas, where the network takes the inverted schedule's.
+        if ts is None or cfg.invert_sigmas:
+            lo, hi = timestep_labels.flow_bounds(T, None if cfg.use_dynamic_shifting else float(cfg.shift))
+            label = sig.astype(np.float32) if sig is not None else ts / T if ts is not None else \
+                np.linspace(hi * T, lo * T, n) / T
+            label = self._shape(label, mu, stock=True)
+            out_ts = torch.from_numpy(label).float()
+            out_ts = (1.0 - out_ts if cfg.invert_sigmas else out_ts) * T
+        else:
+            out_ts = torch.from_numpy(ts.copy())
         if sig is None:
             base = ts.astype(np.float64) if ts is not None else np.linspace(self.sigma_max * T, self.sigma_min * T, n)
             sig = base / T
+        sig = self._shape(sig, mu)
+        if cfg.invert_sigmas:  # Mochi: the network takes the inverted schedule's timesteps too
+            sig = 1.0 - sig
+        return sig.tolist() + [1.0 if cfg.invert_sigmas else 0.0], out_ts
+
+    def _shape(self, sig: np.ndarray, mu, stock: bool = False) -> np.ndarray:
+        """The static or dynamic shift, the terminal stretch and the Karras/exponential/beta conversion of ``sig``,
+        in its dtype (diffusers' custom sigmas are float32). ``stock``: the dynamic shift in diffusers' form
+        ``k/(k + 1/t - 1)`` (diffkern's own, ``k*t/(k*t + 1 - t)``, has no division by t = 0)."""
+        cfg = self.config
         if cfg.use_dynamic_shifting:
-            sig = time_shift(cfg.time_shift_type, finite_mu(_WHO, mu), sig)
+            sig = (stock_time_shift if stock else time_shift)(cfg.time_shift_type, finite_mu(_WHO, mu), sig)
         else:
             sig = self._shift * sig / (1.0 + (self._shift - 1.0) * sig)
         if cfg.shift_terminal:  # stretch 1 - sigma so that the last sigma becomes shift_terminal
             one_minus, last = 1.0 - sig, 1.0 - sig[-1]
-            if last != 0:
+            if last != 0 and stock:  # diffusers' order of operations
+                sig = 1.0 - one_minus / (last / (1.0 - cfg.shift_terminal))
+            elif last != 0:
                 sig = 1.0 - one_minus * ((1.0 - cfg.shift_terminal) / last)
             elif (one_minus == 0).all():  # every sigma is the last one (1): the stretch's limit, shift_terminal
                 sig = np.full_like(sig, float(cfg.shift_terminal))
@@ -223,12 +256,7 @@ class FlowMatchEulerDiscreteScheduler(FlowForwardProcess, FusedScheduler):
         if not np.isfinite(sig).all():
             raise ValueError(f"{_WHO}: the configuration gives non-finite sigmas {sig.tolist()} (shift={self._shift}, "
                              f"mu={mu!r}, shift_terminal={cfg.shift_terminal!r})")
-        if cfg.invert_sigmas:  # Mochi: the network takes the inverted schedule's timesteps too
-            sig = 1.0 - sig
-            ts = None
-        # timesteps from the float32 sigmas times T in float32, as diffusers: the network's input is bitwise its
-        out_ts = torch.from_numpy(ts.copy()) if ts is not None else torch.from_numpy(sig).float() * T
-        return sig.tolist() + [1.0 if cfg.invert_sigmas else 0.0], out_ts
+        return sig
 
     def set_timesteps(self, num_inference_steps: int = None, device=None, sigmas=None, mu: float = None,
                       timesteps=None) -> None:

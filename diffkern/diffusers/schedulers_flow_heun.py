@@ -29,6 +29,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_flow_match_heun_discrete import FlowMatchHeunDiscreteSchedulerOutput
 
 from ..ops import coefs
+from . import timestep_labels
 from .schedulers import FusedScheduler
 from .schedulers_flow import FlowForwardProcess
 from .scheduler_lookup import check_step_args
@@ -110,7 +111,10 @@ class FlowMatchHeunDiscreteScheduler(FlowForwardProcess, FusedScheduler):
         sig = np.linspace(self.sigma_max * T, self.sigma_min * T, n) / T
         sig = shift * sig / (1.0 + (shift - 1.0) * sig)
         self.sigmas_host = sig.tolist() + [0.0]
-        ts = torch.from_numpy(sig).float() * T  # diffusers' float32 timesteps: the network's input bitwise
+        # diffusers' float32 timesteps, bit for bit: from its own float32-rounded sigma bounds (timestep_labels)
+        lo, hi = timestep_labels.flow_bounds(T, shift)
+        label = np.linspace(hi * T, lo * T, n) / T
+        ts = torch.from_numpy(shift * label / (1.0 + (shift - 1.0) * label)).float() * T
         self._set_schedule(torch.cat([ts[:1], ts[1:].repeat_interleave(2)]), device, n)
         s = self.sigmas_host
         self._call_sigmas = s[:1] + [v for v in s[1:-1] for _ in range(2)] + [0.0]

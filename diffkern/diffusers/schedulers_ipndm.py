@@ -77,9 +77,12 @@ class IPNDMScheduler(FusedScheduler):
         beta = np.sin(u * math.pi / 2) ** 2
         alpha = np.sqrt(1.0 - beta ** 2)
         self._betas, self._alphas = beta.tolist(), alpha.tolist()
-        self.betas = torch.from_numpy(beta).float()
-        self.alphas = torch.from_numpy(alpha).float()
-        timesteps = torch.from_numpy(np.arctan2(beta, alpha) / math.pi * 2)[:-1].float()
+        # the attributes and timesteps as diffusers makes them, in float32 throughout (bit for bit: a user may pass
+        # its timesteps to ours); the tables above come from the float64 values
+        u32 = torch.cat([torch.linspace(1, 0, n + 1)[:-1], torch.zeros(1)])
+        self.betas = torch.sin(u32 * math.pi / 2) ** 2
+        self.alphas = (1.0 - self.betas ** 2) ** 0.5
+        timesteps = (torch.atan2(self.betas, self.alphas) / math.pi * 2)[:-1]
         self._set_schedule(timesteps, device, n)
         self._warm(device, _KEY)
 

@@ -17,6 +17,7 @@ import torch
 from diffusers.configuration_utils import register_to_config
 
 from .. import coef_tables
+from . import timestep_labels
 from .config_checks import check_choice, unsupported
 from .schedulers import sigma_to_t
 from .schedulers_k import _TwoCallScheduler, stored_sample_rows
@@ -63,7 +64,11 @@ class _KDPM2Scheduler(_TwoCallScheduler):
         karras = self._option("use_karras_sigmas", False)
         wide = karras or self._option("use_exponential_sigmas", False)
         if wide:  # diffusers keeps these float64; Karras ones rounded
-            ts = sigma_to_t(self.alphas_cumprod, torch.tensor(self.sigmas_host[:-1], dtype=torch.float64))
+            kind = "karras" if karras else "exponential"
+            labels = timestep_labels.k_timesteps(self, num_inference_steps, kind, cfg.get("sigma_min"),
+                                                 cfg.get("sigma_max"))
+            ts = sigma_to_t(self.alphas_cumprod, torch.tensor(self.sigmas_host[:-1], dtype=torch.float64)) \
+                if labels is None else torch.from_numpy(labels)
             ts = ts.round() if karras else ts
         built = self._build(self._key)
         plan = built[1]
@@ -71,7 +76,12 @@ class _KDPM2Scheduler(_TwoCallScheduler):
         if plan.corrector != [True] * (n - 1) + [False]:  # every step but the one to 0 has a midpoint call
             raise RuntimeError(f"{who}: steps with a midpoint call {plan.corrector}, expected all but the last")
         mids = plan.row_sigma[plan.corrector_row:plan.corrector_row + n - 1]
-        mid_t = sigma_to_t(self.alphas_cumprod, torch.tensor(mids, dtype=torch.float64))
+        kind = "karras" if karras else "exponential" if wide else None
+        # diffusers' own values where they can be repeated, bit for bit (timestep_labels)
+        mid_t = timestep_labels.kdpm2_midpoint_timesteps(self, n, kind, cfg.get("sigma_min"), cfg.get("sigma_max"),
+                                                          ancestral=self._noisy)
+        if mid_t is None or len(mid_t) != n - 1:
+            mid_t = sigma_to_t(self.alphas_cumprod, torch.tensor(mids, dtype=torch.float64))
         dtype = torch.float64 if wide else torch.float32
         calls = torch.cat([torch.stack([ts[:-1].to(dtype), mid_t.to(dtype)], 1).flatten(), ts[-1:].to(dtype)])
         self._set_schedule(calls, device, n)

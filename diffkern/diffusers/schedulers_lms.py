@@ -20,6 +20,7 @@ from diffusers.configuration_utils import register_to_config
 
 from .. import coef_tables_lms
 from ..ops import coefs
+from . import timestep_labels
 from .config_checks import check_choice, check_one_conversion, unsupported
 from .schedulers import sigma_to_t
 from .schedulers_k import _KScheduler
@@ -72,7 +73,10 @@ class LMSDiscreteScheduler(_KScheduler):
             hi = sig[0] if hi is None else float(hi)
             ramp = 1.0 - np.linspace(0.0, 1.0, num_inference_steps)
             beta = lo + scipy.stats.beta.ppf(ramp, 0.6, 0.6) * (hi - lo)
-            ts = sigma_to_t(self.alphas_cumprod, torch.from_numpy(beta)).to(torch.float32)
+            labels = timestep_labels.k_timesteps(self, num_inference_steps, "beta", cfg.get("sigma_min"),
+                                                 cfg.get("sigma_max"))  # diffusers' own values (bit for bit)
+            ts = sigma_to_t(self.alphas_cumprod, torch.from_numpy(beta)) if labels is None else torch.from_numpy(labels)
+            ts = ts.to(torch.float32)
             sig = beta.tolist() + [0.0]
         self._set_schedule(ts, device, num_inference_steps)
         self.sigmas_host = sig

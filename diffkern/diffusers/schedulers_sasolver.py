@@ -13,8 +13,9 @@ from diffusers.configuration_utils import register_to_config
 
 from .. import coef_tables_sasolver
 from ..ops import coefs
+from . import timestep_labels
 from .config_checks import check_choice, check_common, check_one_conversion, unsupported
-from .schedulers import FusedScheduler, sigma_to_t
+from .schedulers import FusedScheduler
 from .schedulers_flow import convert_sigmas
 from .schedulers_unipc import _native
 from .schedulers_vp import _VPScheduler
@@ -125,7 +126,7 @@ class SASolverScheduler(FusedScheduler):
         if conversion_key:
             ends = np.array([float(table[-1])] + [float(table[0])] * (N - 1))
             raw = convert_sigmas(cfg, ends)
-            t_frac = sigma_to_t(self.alphas_cumprod, torch.from_numpy(raw))
+            t_frac = timestep_labels.dpm_fractional(self, N, torch.from_numpy(raw))  # diffusers' own values
             ts = (t_frac.round() if cfg.use_karras_sigmas else t_frac).long()
             raw = raw.tolist() + [float(raw[-1])]
         elif cfg.use_flow_sigmas:

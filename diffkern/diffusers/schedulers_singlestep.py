@@ -13,8 +13,9 @@ from diffusers.configuration_utils import register_to_config
 
 from .. import coef_tables_singlestep as css
 from ..ops import coefs, sampler_step
+from . import timestep_labels
 from .config_checks import check_choice, check_common, check_one_conversion, dynamic_shift, load_as, unsupported
-from .schedulers import FusedScheduler, sigma_to_t
+from .schedulers import FusedScheduler
 from .schedulers_deis import DEISMultistepScheduler
 from .schedulers_flow import convert_sigmas
 from .scheduler_utils import check_steps
@@ -115,7 +116,7 @@ class DPMSolverSinglestepScheduler(FusedScheduler):
         if conversion:
             ends = np.array([float(table[-1])] + [float(table[0])] * (N - 1))
             sig = convert_sigmas(cfg, ends)
-            t_frac = sigma_to_t(self.alphas_cumprod, torch.from_numpy(sig))
+            t_frac = timestep_labels.dpm_fractional(self, N, torch.from_numpy(sig))  # diffusers' own values
             ts = (t_frac.round() if cfg.use_karras_sigmas else t_frac).long()  # else truncated, as diffusers
             sig = sig.tolist()
         elif cfg.use_flow_sigmas:

@@ -10,8 +10,9 @@ from diffusers.configuration_utils import register_to_config
 
 from .. import coef_tables_unipc, schedules, wrappers
 from ..ops import coefs
+from . import timestep_labels
 from .config_checks import check_choice, check_one_conversion, load_as, unsupported
-from .schedulers import FusedScheduler, sigma_to_t, ve_row_to_vp
+from .schedulers import FusedScheduler, ve_row_to_vp
 from .schedulers_vp import DPMSolverMultistepScheduler, _check_common
 from .scheduler_utils import check_steps
 
@@ -120,7 +121,7 @@ class UniPCMultistepScheduler(FusedScheduler):
             lo = float(table[0]) if cfg.sigma_min is None else cfg.sigma_min
             hi = float(table[-1]) if cfg.sigma_max is None else cfg.sigma_max
             sig = (schedules.karras if cfg.use_karras_sigmas else schedules.loglinear)(N, lo, hi)[:-1]
-            t_frac = sigma_to_t(self.alphas_cumprod, sig)
+            t_frac = timestep_labels.dpm_fractional(self, N, sig)  # diffusers' own values
             ts = (t_frac.round() if cfg.use_karras_sigmas else t_frac).long()  # exponential: truncated, as diffusers
             final = float(sig[-1])  # "sigma_min": the schedule's own last sigma (a last step of length 0)
         else:

@@ -14,9 +14,9 @@ from diffusers.configuration_utils import register_to_config
 
 from .. import coef_tables, coef_tables_3m, schedules, wrappers
 from ..ops import coefs, ddim_row
-from . import scheduler_custom
+from . import scheduler_custom, timestep_labels
 from .config_checks import check_choice, check_common, check_one_conversion, dynamic_shift, load_as, unsupported
-from .schedulers import FusedScheduler, sigma_to_t, ve_row_to_vp
+from .schedulers import FusedScheduler, ve_row_to_vp
 from .scheduler_lookup import previous_timestep
 from .scheduler_utils import check_steps
 
@@ -297,7 +297,7 @@ class DPMSolverMultistepScheduler(FusedScheduler):
             lo, hi = cfg.get("sigma_min"), cfg.get("sigma_max")
             lo, hi = float(table[0]) if lo is None else lo, float(table[-1]) if hi is None else hi
             sig = (schedules.karras if karras else schedules.loglinear)(N, lo, hi)[:-1]
-            t_frac = sigma_to_t(self.alphas_cumprod, sig)
+            t_frac = timestep_labels.dpm_fractional(self, N, sig)  # diffusers' own values
             # Karras timesteps rounded (but for the cosine schedule), then truncated to int64 as diffusers casts
             ts = t_frac.round() if karras and cfg.beta_schedule != "squaredcos_cap_v2" else t_frac
             ts = ts.long()

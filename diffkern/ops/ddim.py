@@ -25,15 +25,17 @@ def ddim_row(alpha_prod_t: float, alpha_prod_t_prev: float, *, eta: float = 0.0,
     """Coefficient row reproducing ``DDIMScheduler.step`` from alpha-bar ``alpha_prod_t`` to ``alpha_prod_t_prev``.
 
     All arithmetic in float64 on the host. ``x0_out`` of the fused step is diffusers'
-    ``pred_original_sample``.
+    ``pred_original_sample``. ``eta < 0`` is diffusers' too: the direction term of ``|eta|`` and no noise (its
+    noise is added only for eta > 0); an ``|eta| > 1`` that makes the direction's square root imaginary (diffusers'
+    NaN) raises ValueError naming eta.
     """
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type: expected one of {PREDICTION_TYPES}, got {prediction_type!r}")
     for name, v in (("alpha_prod_t", alpha_prod_t), ("alpha_prod_t_prev", alpha_prod_t_prev)):
         if not (0.0 <= v <= 1.0):
             raise ValueError(f"{name}: expected a value in [0, 1], got {v}")
-    if not (eta >= 0 and math.isfinite(eta)):
-        raise ValueError(f"eta: expected a finite value >= 0, got {eta}")
+    if not math.isfinite(eta):
+        raise ValueError(f"eta: expected a finite value, got {eta}")
     if isinstance(eta, numbers.Real):  # numpy scalars as Python floats: np.float32 arithmetic would stay float32
         eta = float(eta)
     if clip_sample and not clip_sample_range > 0:
@@ -51,8 +53,13 @@ def ddim_row(alpha_prod_t: float, alpha_prod_t_prev: float, *, eta: float = 0.0,
     else:
         p, q = sa, -sb
     var = (1 - ab_p) / (1 - ab) * (1 - ab / ab_p) if ab_p > 0 else 0.0
-    std = eta * math.sqrt(max(var, 0.0))
-    k = math.sqrt(max(1.0 - ab_p - std * std, 0.0))  # the "direction pointing to x_t" coefficient
+    std = eta * math.sqrt(max(var, 0.0))  # negative for eta < 0, as diffusers' std_dev_t; squared below
+    direction = 1.0 - ab_p - std * std
+    if direction < 0 and eta * eta > 1:  # (|eta| <= 1 keeps it >= 0 but for rounding, which the clamp absorbs)
+        raise ValueError(f"eta: {eta} makes 1 - alpha_prod_t_prev - (eta*sigma_t)^2 = {direction:.3g} < 0 on the "
+                         f"step from alpha-bar {ab} to {ab_p} (diffusers takes its square root: NaN); expected "
+                         f"|eta| <= {math.sqrt((1.0 - ab_p) / var):.6g} there")
+    k = math.sqrt(max(direction, 0.0))  # the "direction pointing to x_t" coefficient
     eps_on_x0 = -k * sa / sb  # coefficient of x0 inside k*eps_hat
     clipped = clip_sample and use_clipped_model_output
     return coefs.row(a=k / sb, b=math.sqrt(ab_p) + (eps_on_x0 if clipped or not clip_sample else 0.0),
