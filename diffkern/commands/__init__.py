@@ -1,8 +1,15 @@
 """Sub-commands of ``python -m diffkern``: one module per command, each with ``register(subparsers)``.
 
-Every command keeps its heavy imports inside its handler, so ``diffkern --help`` stays fast.
+Every command keeps its heavy imports (the samplers, the models, matplotlib) inside its handler, so building
+the parser adds little; ``diffkern --help`` still imports torch, because ``diffkern/__init__`` imports
+``diffkern.ops`` (which registers ``torch.ops.diffkern``) before any command module can load.
 """
 COMMANDS = ("demo", "sample", "trajectory", "likelihood", "bench", "train")
+
+# Upper bound of --steps. The host builds every per-step float64 table in Python before sampling (O(steps):
+# ~1 s at 10000 steps for the slowest plan, sa_solver), so 10**8 steps would hang there. 10000 is 500 times the
+# default (20): far past the step counts of convergence studies (hundreds), so no real use is refused.
+MAX_STEPS = 10000
 
 
 def check_common(args) -> None:
@@ -44,3 +51,9 @@ def check_seed(seed: int) -> None:
     raises ValueError naming the flag (torch would fail later with 'Overflow when unpacking long long')."""
     if not -2 ** 63 <= seed < 2 ** 64:
         raise ValueError(f"--seed: expected an int in [-2**63, 2**64), got {seed}")
+
+
+def check_steps(steps: int, flag: str = "--steps") -> None:
+    """--steps: an int in [1, MAX_STEPS]; raises ValueError naming ``flag`` before any schedule is built."""
+    if not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"{flag}: expected an integer in [1, {MAX_STEPS}], got {steps}")

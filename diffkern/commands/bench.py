@@ -81,6 +81,10 @@ def register(sub) -> None:
                        description="Run bench/bench_<name>.py (all of them without a name).")
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     p.add_argument("--list", action="store_true", help="list the parts and exit")
-    p.add_argument("name", nargs="?", help="part to run, e.g. sampler_step or quality (default: all)")
+    try:  # listed in the help too, not only by --list; without a checkout, the error comes when the command runs
+        parts = ", ".join(available())
+    except FileNotFoundError:
+        parts = "none found (no bench/ folder)"
+    p.add_argument("name", nargs="?", help=f"part to run (default: all); the parts: {parts}")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for that part's main(argv)")
     p.set_defaults(func=_run)

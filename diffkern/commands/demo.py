@@ -4,12 +4,13 @@ from __future__ import annotations
 
 def _run(args) -> int:
     from ..demo import run
-    from . import check_backend, check_method, check_seed
+    from . import check_backend, check_method, check_seed, check_steps
     from .sample import _check_out
 
     for flag in ("steps", "n"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag}: expected an integer >= 1, got {getattr(args, flag)}")
+    check_steps(args.steps)
     check_backend(args.backend)
     check_method(args.method)
     check_seed(args.seed)

@@ -13,6 +13,11 @@ import os
 
 FILE_TYPES = (".npy", ".csv", ".pt")
 GRIDS = ("random", "fixed")
+# Largest |ln p(x)| accepted. The estimator accumulates per point a sum of the size of |ln p| (the integral of
+# ||eps - eps_hat||^2) in float32 (max 3.4e38), and with few levels one term can exceed it several-fold (--levels 1
+# --grid fixed: 5.5x measured), so 1e36 keeps a margin of ~60; the demo mixture reaches it at |x| ~ 3.5e17
+# (ln p ~ -8 |x|^2 far out). Before this bound, 1e19 printed -inf +- nan with exit code 0.
+MAX_ABS_LOG_P = 1e36
 
 
 def parse_points(text: str):
@@ -90,8 +95,9 @@ def _run(args) -> int:
     from . import check_common
 
     check_common(args)  # --sigma-min/--sigma-max/--backend, named as flags
-    if not 0 <= args.seed < 2 ** 31:
-        raise ValueError(f"--seed: expected an int in [0, 2**31), got {args.seed}")
+    if not 0 <= args.seed < 2 ** 31:  # unlike the sampling commands' 64-bit seeds: see the message
+        raise ValueError(f"--seed: expected an int in [0, 2**31) (the estimator keys each row's noise by "
+                         f"seed * 2**32 + row in 64 bits), got {args.seed}")
     if args.samples < 2:
         raise ValueError(f"--samples: expected an int >= 2 (the standard error needs two repeats), got {args.samples}")
     if args.levels < 1:
@@ -107,11 +113,20 @@ def _run(args) -> int:
         raise ValueError(f"{source}: the demo mixture is {gmm.dim}-D, got points with {points.shape[1]} coordinates")
     if not torch.isfinite(points.float()).all():  # the estimator runs in float32: 1e39 would become inf there
         raise ValueError(f"{source}: the points must be finite and within float32 range (|x| < 3.4e38)")
+    exact = gmm.log_prob(points)  # float64: tells how large the float32 accumulator's sums will be
+    far = (exact.abs() > MAX_ABS_LOG_P).nonzero().flatten().tolist()
+    if far:
+        i = far[0]
+        raise ValueError(f"{source}: point {i} ({', '.join(f'{v:.4g}' for v in points[i].tolist())}) is too far out "
+                         f"for the float32 estimator: exact log-density {float(exact[i]):.3g}, beyond "
+                         f"-{MAX_ABS_LOG_P:g} (|x| up to ~3e17 for this mixture)")
     data_std = math.sqrt(float(gmm.covariance.trace()) / gmm.dim)
     res = log_likelihood(gmm, points.float(), sigma_min=args.sigma_min, sigma_max=args.sigma_max,
                          n_levels=args.levels, grid=args.grid, n_samples=args.samples, seed=args.seed,
                          data_std=data_std, backend=args.backend)
-    exact = gmm.log_prob(points)
+    if not (torch.isfinite(res.log_prob).all() and torch.isfinite(res.stderr).all()):  # never print nan, exit 0
+        raise RuntimeError(f"the estimate is not finite (float32 overflow); try a smaller --sigma-max "
+                           f"or points nearer the mixture in {source}")
     ode = ode_log_likelihood(gmm, points, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
                              terminal=gmm.log_prob) if args.ode else None
     log_prob, stderr = res.log_prob, res.stderr

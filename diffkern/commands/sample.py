@@ -1,9 +1,10 @@
 """``diffkern sample``: sample a grid of images with any sampler, by default from the built-in digits model."""
 from __future__ import annotations
 
+import contextlib
 import os
 
-from . import check_common, check_method, check_seed, knob_flags
+from . import check_common, check_method, check_seed, check_steps, knob_flags
 
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 
@@ -22,6 +23,25 @@ def _check_out(path: str, suffix: str = ".png") -> None:
         probe = os.path.dirname(probe)
     if not os.access(probe, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
         raise ValueError(f"--out: cannot write {path!r} (permission denied)")
+    # os.access says yes to root everywhere, and /proc or a read-only mount refuse files anyway: create and remove
+    # the temporary file the atomic write will need, where it will need it (the nearest existing folder).
+    import tempfile
+
+    try:
+        fd, tmp = tempfile.mkstemp(suffix=".tmp", prefix=".diffkern-", dir=probe)
+    except OSError as exc:
+        raise ValueError(f"--out: cannot create files in {probe!r} ({exc.strerror or exc})") from None
+    os.close(fd)
+    os.remove(tmp)
+
+
+@contextlib.contextmanager
+def _writing_out(path: str):
+    """Name --out when the final write fails anyway (a disk filling up while sampling)."""
+    try:
+        yield
+    except OSError as exc:
+        raise OSError(f"--out: cannot write {path!r} ({exc.strerror or exc})") from None
 
 
 def _device(name: str):
@@ -79,8 +99,9 @@ def _model(args, device, dtype):
         data = _load_data(args.data).to(device=device, dtype=dtype)
         return EmpiricalDenoiser(data, backend="auto"), tuple(data.shape[1:])
     if not os.path.isfile(args.model):  # name the flag: a mistyped 'builtin' or path is the usual cause
+        why = "a directory" if os.path.isdir(args.model) else "no such file"
         raise FileNotFoundError(f"--model: expected builtin, optimal or a weights file written by `diffkern train`, "
-                                f"got {args.model!r} (no such file)")
+                                f"got {args.model!r} ({why})")
     model = builtin.load_denoiser(args.model, device=device, dtype=dtype)
     return model, (model.model.config["channels"],) + builtin.IMAGE_SHAPE[1:]
 
@@ -93,8 +114,7 @@ def _run(args) -> int:
     from .. import ops
     from ..models import builtin
 
-    if args.steps < 1:
-        raise ValueError(f"--steps: expected an integer >= 1, got {args.steps}")
+    check_steps(args.steps)
     if args.batch < 1:
         raise ValueError(f"--batch: expected an integer >= 1, got {args.batch}")
     if args.nrow is not None and args.nrow < 1:
@@ -122,7 +142,8 @@ def _run(args) -> int:
     seconds = time.perf_counter() - t0
     if not torch.isfinite(images).all():
         raise RuntimeError("sampling produced non-finite values; nothing written (try more --steps)")
-    builtin.save_grid(images, args.out, nrow=args.nrow)
+    with _writing_out(args.out):
+        builtin.save_grid(images, args.out, nrow=args.nrow)
     knob_text = "".join(f", {k}={v:g}" if isinstance(v, float) else f", {k}={v}" for k, v in chosen.items())
     print(f"sampled {args.batch} images of shape {tuple(shape)} from the {args.model} model with "
           f"{args.method}{knob_text}, {args.steps} {args.schedule} steps, on {device.type} with backend {used}")

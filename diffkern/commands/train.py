@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from . import check_seed
-from .sample import _check_out
+from .sample import _check_out, _writing_out
 
 
 def _run(args) -> int:
@@ -25,11 +25,13 @@ def _run(args) -> int:
     settings = {k: getattr(args, k) for k in ("steps", "batch") if getattr(args, k) is not None}
     if args.target == "classifier":
         clf, accuracy = train.train_classifier(**settings, lr=args.lr, seed=args.seed, progress=not args.no_progress)
-        train.save_classifier(clf, args.out)
+        with _writing_out(args.out):
+            train.save_classifier(clf, args.out)
         print(f"classifier held-out accuracy {accuracy:.4f}; wrote {args.out}")
         return 0
     model = train.train_denoiser(**settings, lr=args.lr, seed=args.seed, progress=not args.no_progress)
-    builtin.save_denoiser(model, args.out, model.info)
+    with _writing_out(args.out):
+        builtin.save_denoiser(model, args.out, model.info)
     info = model.info
     print(f"trained {info['params']:,} parameters for {info['steps']} steps of {info['batch']} images in "
           f"{info['seconds']:.1f} s ({info['cpu_seconds']:.1f} s of CPU time, {info['threads']} "

@@ -9,8 +9,8 @@ so the pictures show the sampler alone.
 from __future__ import annotations
 
 from .._files import atomic_write
-from . import check_common, check_method, check_seed, knob_flags
-from .sample import _check_out
+from . import check_common, check_method, check_seed, check_steps, knob_flags
+from .sample import _check_out, _writing_out
 
 
 def trajectories(method: str = "euler", steps: int = 20, n: int = 16, *, seed: int = 0, jump=None,
@@ -100,6 +100,7 @@ def _check_args(args) -> dict:
     for flag in ("steps", "n"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag}: expected an integer >= 1, got {getattr(args, flag)}")
+    check_steps(args.steps)
     if args.jump is not None and not 0 <= args.jump < args.steps:
         raise ValueError(f"--jump: expected a step in [0, {args.steps - 1}] (--steps {args.steps}), got {args.jump}")
     check_common(args)
@@ -114,7 +115,8 @@ def _run(args) -> int:
     chosen = _check_args(args)
     res = trajectories(args.method, args.steps, args.n, seed=args.seed, jump=args.jump, sigma_min=args.sigma_min,
                        sigma_max=args.sigma_max, backend=args.backend, **chosen)
-    plot(res, args.out)
+    with _writing_out(args.out):
+        plot(res, args.out)
     bend = float(res["deviation"].max() / res["chord_length"])
     print(f"{args.method}, {args.steps} Karras steps, {args.n} trajectories on the 2-D demo mixture")
     print(f"mean log-density: final samples {res['log_p_final']:.3f}, ODE-jump at step {res['jump']} "

@@ -90,7 +90,8 @@ def load_denoiser(path: str | None = None, *, device="cpu", dtype: torch.dtype =
 
     path = WEIGHTS if path is None else path
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights: no such file {path!r}")
+        raise FileNotFoundError(f"weights: {path!r} is a directory, not a weights file" if os.path.isdir(path)
+                                else f"weights: no such file {path!r}")
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
