@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from . import timestep_labels
 from .scheduler_utils import sigma_to_t
 
 
@@ -51,8 +52,13 @@ def from_sigmas(sched, sigmas) -> tuple[torch.Tensor, list]:
     who = type(sched).__name__
     sig = _values(who, "sigmas", sigmas, np.float32, 2).astype(np.float64)
     _check_decreasing(who, "sigmas", sig.tolist(), sig.tolist())
-    ts = sigma_to_t(sched.alphas_cumprod, torch.from_numpy(sig[:-1]))
-    return ts, sig.tolist()
+    # the labels are diffusers' own bit for bit where its float32 table can be repeated (timestep_labels), so its
+    # timesteps index ours; the steps keep the float64 sigmas
+    ab32 = timestep_labels.alphas_cumprod32(sched)
+    if ab32 is None:
+        return sigma_to_t(sched.alphas_cumprod, torch.from_numpy(sig[:-1])), sig.tolist()
+    ts = timestep_labels.sigma_to_t(sig[:-1].astype(np.float32), np.log(timestep_labels.train_sigmas32(ab32)))
+    return torch.from_numpy(ts), sig.tolist()
 
 
 def _refuse_with(cfg, name: str, options: tuple, wording: str = "set") -> None:

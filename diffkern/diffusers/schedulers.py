@@ -115,6 +115,13 @@ class FusedScheduler(TimestepLookup, SchedulerMixin, ConfigMixin):
         self._steps = {}  # (key, x's device, dtype and shape, seeded, backend) -> LoopStep (see _fused)
         self._history = None
 
+    def __getstate__(self) -> dict:
+        """Pickle and deepcopy leave out the bound steps (a LoopStep holds its launch, a compiled op that does not
+        pickle); the copy binds its own at its next step(), on the same tables and seed."""
+        state = dict(self.__dict__)
+        state["_steps"] = {}
+        return state
+
     # -- step index -------------------------------------------------------------------------------
 
     @property
