@@ -66,3 +66,22 @@ def test_euler_custom_sigmas_timesteps_are_diffusers(config, as_):
     x = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
     t = stock.timesteps[[1, 4]]
     torch.testing.assert_close(ours.add_noise(x, x, t), stock.add_noise(x, x, t), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("values", [np.array([900.7, 500.0, 100.0]), torch.tensor([900.7, 500.0, 100.0]),
+                                    [900.7, 500, 100.2], torch.tensor([900, 500, 100]), (900, 500, 100)],
+                         ids=["np_float", "tensor_float", "list_mixed", "tensor_int", "tuple"])
+def test_ddpm_custom_timesteps_any_sequence(values):
+    """DDPM's custom timesteps as float arrays or tensors raised a bare TypeError (a float tensor's elements cannot
+    index); diffusers truncates them to int64, and so does ours."""
+    stock = diffusers.DDPMScheduler()
+    stock.set_timesteps(timesteps=copy.copy(values))
+    ours = dd.DDPMScheduler()
+    ours.set_timesteps(timesteps=values)
+    assert torch.equal(ours.timesteps, stock.timesteps)
+
+
+@pytest.mark.parametrize("bad", [[["a"]], ["a"], [[900, 500]], []])
+def test_ddpm_bad_custom_timesteps_named(bad):
+    with pytest.raises(ValueError, match="DDPMScheduler: timesteps must be a non-empty strictly decreasing"):
+        dd.DDPMScheduler().set_timesteps(timesteps=bad)
