@@ -13,21 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from diffkern.__main__ import build_parser, main
+from diffkern.__main__ import build_parser
 from diffkern.commands import MAX_STEPS, bench, check_steps
 from diffkern.commands import likelihood as likelihood_cmd
 from diffkern.models import builtin
-
-
-def _run(argv, capsys):
-    rc = main(argv)
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def _one_error_line(err, command, message):
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith(f"diffkern {command}: error:") and message in lines[0], err
+from test_cli_review import _one_error_line, _run
 
 
 def _boom(*args, **kwargs):
