@@ -84,10 +84,11 @@ def training_betas(who: str, num_train_timesteps, beta_start, beta_end, beta_sch
 
 
 def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
-    """Lin et al. (2023), Algorithm 1, in float64: shift and scale sqrt(alpha_bar) so that it ends at 0 and keeps its
-    first value, then convert back to betas."""
+    """Lin et al. (2023), Algorithm 1, in betas' dtype (float64 here; float32 repeats diffusers' rounding, its ends
+    kept as 0-d tensors as there): shift and scale sqrt(alpha_bar) so that it ends at 0 and keeps its first value,
+    then convert back to betas."""
     root = torch.cumprod(1.0 - betas, 0).sqrt()
-    first, last = float(root[0]), float(root[-1])
+    first, last = root[0].clone(), root[-1].clone()
     root = (root - last) * (first / (first - last))
     ab = root * root
     return 1.0 - torch.cat([ab[:1], ab[1:] / ab[:-1]])

@@ -39,11 +39,17 @@ def sigma_to_t(alphas_cumprod: torch.Tensor, sigma: torch.Tensor) -> torch.Tenso
     is <= log(sigma) (before T-2), and the weight is clipped to [0, 1]."""
     ab = alphas_cumprod.to(torch.float64)
     log_table = (((1 - ab) / ab) ** 0.5).log()  # (T,)
-    log_sigma = sigma.to(torch.float64).clamp(min=1e-10).log()  # (n,)
-    at_or_above = (log_sigma[None, :] - log_table[:, None] >= 0).long()  # (T, n)
-    low = at_or_above.cumsum(0).argmax(0).clamp(max=len(log_table) - 2)
+    return interpolate_t(sigma.to(torch.float64).clamp(min=1e-10).log(), log_table)
+
+
+def interpolate_t(log_sigma, log_table):
+    """The fractional timestep of each log-sigma (n,) in ``log_table`` (T,), both torch tensors or both numpy arrays
+    (the arithmetic in their dtype): :func:`sigma_to_t`'s interval and clipped weight."""
+    at_or_above = log_sigma[None, :] - log_table[:, None] >= 0  # (T, n)
+    at_or_above = at_or_above.long() if isinstance(at_or_above, torch.Tensor) else at_or_above.astype(np.int64)
+    low = at_or_above.cumsum(0).argmax(0).clip(max=len(log_table) - 2)
     lo, hi = log_table[low], log_table[low + 1]
-    w = ((lo - log_sigma) / (lo - hi)).clamp(0, 1)
+    w = ((lo - log_sigma) / (lo - hi)).clip(0, 1)
     return (1 - w) * low + w * (low + 1)
 
 

@@ -21,6 +21,7 @@ import torch
 
 from .. import schedules
 from . import scheduler_utils
+from .config_checks import rescale_zero_terminal_snr
 
 
 def alphas_cumprod32(sched) -> torch.Tensor | None:
@@ -40,7 +41,7 @@ def alphas_cumprod32(sched) -> torch.Tensor | None:
         return None
     zero_snr = cfg.get("rescale_betas_zero_snr", False)
     if zero_snr:
-        betas = _rescale_zero_snr32(betas)
+        betas = rescale_zero_terminal_snr(betas)
     ab = torch.cumprod(1.0 - betas, dim=0)
     if zero_snr:
         floor = getattr(sched, "_zero_snr_floor", None)
@@ -48,15 +49,6 @@ def alphas_cumprod32(sched) -> torch.Tensor | None:
             return None
         ab[-1] = floor
     return ab
-
-
-def _rescale_zero_snr32(betas: torch.Tensor) -> torch.Tensor:
-    """Lin et al. (2023), Algorithm 1, in float32 with diffusers' order of operations."""
-    root = torch.cumprod(1.0 - betas, dim=0).sqrt()
-    first, last = root[0].clone(), root[-1].clone()
-    root = (root - last) * (first / (first - last))
-    ab = root ** 2
-    return 1 - torch.cat([ab[0:1], ab[1:] / ab[:-1]])
 
 
 def train_sigmas32(ab32: torch.Tensor) -> np.ndarray:
@@ -99,15 +91,7 @@ def sigma_to_t(sigmas, log_table):
     as_torch = isinstance(sigmas, torch.Tensor)
     s = sigmas.numpy() if as_torch else np.asarray(sigmas)
     log_s = np.concatenate([np.log(np.maximum(s[i:i + 1], 1e-10)) for i in range(len(s))]) if len(s) else s
-    if as_torch:
-        log_s = torch.from_numpy(log_s)
-        below = (log_s[None, :] - log_table[:, None] >= 0).long()
-    else:
-        below = (log_s[None, :] - log_table[:, None] >= 0).astype(np.int64)
-    low = below.cumsum(0).argmax(0).clip(max=len(log_table) - 2)
-    lo, hi = log_table[low], log_table[low + 1]
-    w = ((lo - log_s) / (lo - hi)).clip(0, 1)
-    return (1 - w) * low + w * (low + 1)
+    return scheduler_utils.interpolate_t(torch.from_numpy(log_s) if as_torch else log_s, log_table)
 
 
 def k_timesteps(sched, n: int, kind: str, lo_cfg=None, hi_cfg=None) -> np.ndarray | None:
