@@ -12,7 +12,9 @@ gamma_j^2 = r^2 j (2n - j) / ((2n - 2j - 1)(2n - 2j + 1)), so that det(lambda I 
 transition depends only on the integrated time b = int_0^t beta; beta(t) = beta0 + beta1 t here.
 
 All host maths is float64. Methods take t as a Python float or a float64 tensor of any shape
-(...) and return (..., n, n) tensors on t's device, so per-sample t for training needs no host sync:
+(...) and return (..., n, n) tensors on t's device, so per-sample t for training needs no host sync
+(orders n <= F64_MAX_ORDER = 11; above it the same closed forms and the factors are computed in extended
+precision by :mod:`diffkern.hold_mp`, which reads the times on the host, and rounded to float64):
 
     transition(t)  E(t) = exp(F b) = e^{-r b} sum_k b^k N^k / k!         (N = F + r I, nilpotent)
     gramian(t)     Q(t) = sum_m C_m m!/(2r)^{m+1} P(m+1, 2 r b)           (cancellation-free, 3.2)
@@ -32,7 +34,7 @@ import torch
 from .hold_linalg import _mm, chol_psd, chol_rows
 # the state maps live beside the factors; importable from here as before
 from .hold_linalg import cld_to_hold_state, hold_to_cld_state, split_components  # noqa: F401
-from .ops.hold import check_order
+from .ops.hold import F64_MAX_ORDER
 
 _F64 = torch.float64
 _BASE_X = 0.25  # the closed-form series run at 2 r b <= _BASE_X, then double (HOLD._law)
@@ -68,7 +70,6 @@ def critical_damping(order: int, rate: float | None = None) -> tuple[float, floa
         raise TypeError(f"order: expected a Python int >= 1, got {type(order).__name__}")
     if order < 1:
         raise ValueError(f"order: expected an int >= 1, got {order}")
-    check_order(order)  # above REF_MAX_ORDER the float64 Cholesky factors below lose their digits
     n = int(order)
     r = _finite("rate", rate, strict=True) if rate is not None else (math.sqrt(2 * n - 3) if n > 1 else 1.0)
     gammas = [r * math.sqrt(j * (2 * n - j) / ((2 * n - 2 * j - 1) * (2 * n - 2 * j + 1))) for j in range(1, n)]
@@ -121,11 +122,16 @@ class HOLD:
         self.G[n - 1, n - 1] = math.sqrt(2 * self.xi / self.L)
         N = self.F + self.r * torch.eye(n, dtype=_F64)
         self.N = N
-        self._npow = torch.stack([torch.linalg.matrix_power(N, k) / math.factorial(k) for k in range(n)])
+        self._npow = torch.stack([torch.linalg.matrix_power(N, k) / float(math.factorial(k)) for k in range(n)])
         g = self.G[:, n - 1]
         self._cm = self._gram_coefs(self._npow, g)
         self._cm_a = self._gram_coefs(self._npow.transpose(-1, -2), g)
         self._cache: dict = {}
+        self._xp = None  # above F64_MAX_ORDER the laws and factors come from diffkern.hold_mp (extended precision)
+        if n > F64_MAX_ORDER:
+            from .hold_mp import Law  # lazily: decimal maths only for orders float64 cannot carry
+
+            self._xp = Law(n, rate, self.L, self.alpha, self.delta, self.hsm)
 
     @staticmethod
     def _gram_coefs(npow: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -240,10 +246,14 @@ class HOLD:
 
     def transition_b(self, b) -> torch.Tensor:
         """E = exp(F b) at integrated time b; (..., n, n) float64."""
+        if self._xp is not None:
+            return self._xp.batch(self._as_b(b, "b"), "E")
         return self._law(self._as_b(b, "b"), None)[0]
 
     def gramian_b(self, b) -> torch.Tensor:
         """Q = int_0^b E(s) G G^T E(s)^T ds at integrated time b; (..., n, n) float64."""
+        if self._xp is not None:
+            return self._xp.batch(self._as_b(b, "b"), "Q")
         return self._law(self._as_b(b, "b"), "_cm")[1]
 
     def a_transition(self, b) -> torch.Tensor:
@@ -252,7 +262,15 @@ class HOLD:
 
     def a_cov(self, b) -> torch.Tensor:
         """SSCS A-part covariance Q_A(b) = Sigma_inf - A Sigma_inf A^T, by the series with N^T; (..., n, n)."""
+        if self._xp is not None:
+            return self._xp.batch(self._as_b(b, "b"), "QA")
         return self._law(self._as_b(b, "b"), "_cm_a", transpose=True)[1]
+
+    def a_chol(self, b) -> torch.Tensor:
+        """chol Q_A(b), the SSCS noise factor (lower, zero columns where Q_A is singular); (..., n, n) float64."""
+        if self._xp is not None:
+            return self._xp.batch(self._as_b(b, "b"), "LA")
+        return chol_psd(self.a_cov(b))
 
     # ---------------------------------------------------------------- closed forms in forward time t
     def cov0(self, device=None) -> torch.Tensor:
@@ -289,6 +307,8 @@ class HOLD:
         from Sigma_t itself, which is too ill-conditioned at small t under HSM (``delta = 0`` stays exact).
         """
         b = self.int_beta(self._as_b(t))
+        if self._xp is not None:
+            return self._xp.batch(b, "L")
         E, Lq = self.transition_b(b), chol_psd(self.gramian_b(b))
         jit = math.sqrt(self.delta) * torch.eye(self.order, dtype=_F64, device=b.device)
         return chol_rows(torch.cat([E @ self.cov0(b.device).sqrt(), Lq, jit.expand_as(Lq)], dim=-1))
@@ -317,6 +337,9 @@ class HOLD:
         b = self._as_b(t)
         if self.order > 1 and not isinstance(t, torch.Tensor) and float(t) == 0:
             raise ValueError("t: x0 prediction from eps_hat needs t > 0 for order >= 2 (z_n is independent of x0 at t = 0)")
+        if self._xp is not None:  # the triangular solve below would lose the small pivots' digits
+            bb = self.int_beta(b)
+            return self._xp.batch(bb, "w_z"), self._xp.batch(bb, "w_eps")
         c = self.transition(b)[..., :, 0]  # (..., n)
         Lt = self.chol(b)
         n = self.order
@@ -342,7 +365,13 @@ class HOLD:
 
     # ---------------------------------------------------------------- forward perturbation (training)
     def perturb_matrices(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample (mean_mat (B, n, 1), chol (B, n, n)) float64 for :meth:`perturb`; t (B,) on any device."""
+        """Per-sample (mean_mat (B, n, 1), chol (B, n, n)) float64 for :meth:`perturb`; t (B,) on any device.
+
+        Orders n <= F64_MAX_ORDER compute on t's device without a host sync. Above it the matrices come from
+        :mod:`diffkern.hold_mp` on the host: t is copied to the CPU (one sync per call) and each new time costs
+        O(n^3) extended-precision operations (~ms; times seen before are cached), so per-sample training times
+        at such orders are host-bound.
+        """
         b = self._as_b(t)
         return self.transition(b)[..., :, :1].contiguous(), self.chol(b).contiguous()
 

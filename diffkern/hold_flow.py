@@ -33,6 +33,7 @@ import math
 import torch
 
 from .hold import HOLD, chol_psd, chol_rows
+from .ops.hold import F64_MAX_ORDER
 
 _F64 = torch.float64
 _GL = (0.5 - math.sqrt(15) / 10, 0.5, 0.5 + math.sqrt(15) / 10)  # Gauss-Legendre nodes on [0, 1]
@@ -40,7 +41,15 @@ MAX_SUBSTEPS = 1 << 12
 
 
 def chol_b(proc: HOLD, b: torch.Tensor) -> torch.Tensor:
-    """L = chol(Sigma + delta I) at integrated time b (...) float64 -> (..., n, n); equals ``proc.chol(t)`` at b(t)."""
+    """L = chol(Sigma + delta I) at integrated time b (...) float64 -> (..., n, n); equals ``proc.chol(t)`` at b(t).
+
+    Refused above F64_MAX_ORDER: the flow needs W(b) at thousands of times (every Magnus node), the float64 factor
+    loses its digits there and the extended-precision one (:mod:`diffkern.hold_mp`) costs milliseconds per time.
+    """
+    if proc.order > F64_MAX_ORDER:
+        raise ValueError(f"proc: the 'ode_flow' flow map supports orders n <= F64_MAX_ORDER = {F64_MAX_ORDER}, got "
+                         f"order n = {proc.order} (its float64 Cholesky factors lose their digits above; use 'sscs', "
+                         f"'em', 'ode' or 'ode_exp')")
     E, Lq = proc.transition_b(b), chol_psd(proc.gramian_b(b))
     jit = math.sqrt(proc.delta) * torch.eye(proc.order, dtype=_F64, device=b.device)
     return chol_rows(torch.cat([E @ proc.cov0(b.device).sqrt(), Lq, jit.expand_as(Lq)], dim=-1))

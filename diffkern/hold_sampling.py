@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 
 from . import sampler_loop, samplers
-from .hold import HOLD, chol_psd
+from .hold import HOLD
 from .hold_flow import flow_rows
 from .ops.hold import hold_transition, transition_table
 from .ops.philox import randn
@@ -141,7 +141,7 @@ def sampler_table(proc: HOLD, grid: torch.Tensor, sampler: str = "sscs", *, deno
         D[:, n - 1, n - 1] += 2 * proc.xi * b
         K = A @ D
         k = A[:, :, n - 1] * (-2 * proc.xi * b / proc.L / lnn)[:, None]
-        C = chol_psd(proc.a_cov(post))
+        C = proc.a_chol(post)  # chol_psd(a_cov) up to F64_MAX_ORDER, extended precision above
     if denoise:
         Kd, kd, Cd = denoise_row(proc, float(grid[-1]))
         K, k, C = torch.cat([K, Kd]), torch.cat([k, kd]), torch.cat([C, Cd])

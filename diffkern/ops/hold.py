@@ -34,11 +34,13 @@ from . import _checks, _lib, philox
 from .registry import BACKENDS, OpSpec, register, resolve
 
 MAX_ORDER = 8  # kernels unroll over n; n <= 8 covers every published HOLD order (CIFAR-10 up to n = 6)
-# The reference backend runs any n; the cap is the precision of diffkern.hold's float64 maths against 200 digits.
-# E(t), Sigma_t and Q_A stay within 1e-13 (normalized) up to n = 20, but their Cholesky factors (L_t, the SSCS
-# noise factor chol Q_A) fall off a cliff after n = 11: normalized L L^T error 4e-14 at n = 11, 2e-2 at n = 12
-# (the conditional covariances' correlations approach +-1 faster than float64 resolves), L_t[n, n] 2e-9 -> 0.2.
-REF_MAX_ORDER = 11
+# The reference backend runs any order n >= 1 (the ops are affine maps; nothing in them loses precision with n).
+# F64_MAX_ORDER is where diffkern.hold's float64 host maths stops: E(t), Sigma_t and Q_A stay within 1e-13
+# (normalized, vs 200 digits) up to n = 20, but their Cholesky factors (L_t, the SSCS noise factor chol Q_A) fall
+# off a cliff after n = 11: normalized L L^T error 4e-14 at n = 11, 2e-2 at n = 12 (the conditional covariances'
+# correlations approach +-1 faster than float64 resolves), L_t[n, n] 2e-9 -> 0.2. Above it diffkern.hold_mp
+# computes the same closed forms and factors in extended precision and rounds them to float64.
+F64_MAX_ORDER = 11
 
 #----------------------------------------------------------------------------
 # Table layout.
@@ -60,7 +62,7 @@ def transition_table(K: torch.Tensor, k: torch.Tensor, C: torch.Tensor, device=N
 
 
 def validate_table(coef: torch.Tensor, name: str = "coef") -> int:
-    """Raise unless ``coef`` is a finite float64 (N, n, 2n+1) table, 1 <= n <= REF_MAX_ORDER, C lower triangular.
+    """Raise unless ``coef`` is a finite float64 (N, n, 2n+1) table, n >= 1, C lower triangular.
 
     Reads values only for CPU tables (device tables are validated when built: no sync). Returns n.
     """
@@ -84,17 +86,8 @@ def table_order(coef, name: str = "coef") -> int:
         raise TypeError(f"{name}: expected dtype torch.float64, got {coef.dtype}")
     n = coef.shape[1]
     if n < 1:
-        raise ValueError(f"{name}: order n = {n} is outside the supported 1 <= n <= {REF_MAX_ORDER}")
-    check_order(n, name)
+        raise ValueError(f"{name}: order n = {n} is outside the supported n >= 1")
     return n
-
-
-def check_order(n: int, name: str = "order") -> None:
-    """Raise unless n <= REF_MAX_ORDER, the highest order whose float64 laws and factors are accurate (precision)."""
-    if n > REF_MAX_ORDER:
-        raise ValueError(f"{name}: order n = {n} is above REF_MAX_ORDER = {REF_MAX_ORDER}, the highest order whose "
-                         f"float64 HOLD laws and Cholesky factors are accurate (precision; 1 <= n <= "
-                         f"{REF_MAX_ORDER} on the reference backend, n <= MAX_ORDER = {MAX_ORDER} on the fused ones)")
 
 
 def _launcher(op: str, device_type: str, backend, n: int):
@@ -102,7 +95,7 @@ def _launcher(op: str, device_type: str, backend, n: int):
     reference runs: a named fused backend raises, ``auto`` picks reference and warns once (the registry's rules)."""
     excluded = {} if n <= MAX_ORDER else {
         name: f"runs op {op!r} only up to order n = MAX_ORDER = {MAX_ORDER} (its kernels unroll over n), got order "
-              f"n = {n}; the 'reference' backend supports orders up to REF_MAX_ORDER = {REF_MAX_ORDER}"
+              f"n = {n}; the 'reference' backend runs every order"
         for name in BACKENDS if name != "reference"}
     return resolve(op, device_type, backend, excluded, stacklevel=4)[1]  # warns from the op's caller
 
@@ -273,7 +266,7 @@ def hold_transition(z, eps_hat, coef, step, *, noise=None, seed=None, out=None, 
         z: state (B, n*C, ...), float16/bfloat16/float32/float64 (dtype S); n = coef.shape[1].
         eps_hat: network output (B, C, ...), any float dtype.
         coef: float64 (N, n, 2n+1) table on z's device (:func:`transition_table`), 1 <= n <= MAX_ORDER on
-            every backend, MAX_ORDER < n <= REF_MAX_ORDER on reference only (``auto`` picks it, warning once).
+            every backend, n > MAX_ORDER on reference only (``auto`` picks it, warning once).
         step: Python int, the table row; also the Philox step counter.
         noise: explicit standard normals shaped and typed like z instead of the Philox stream.
         seed: int64 tensor (1,) or (B,) on z's device, read inside the kernel; default zeros(1).
@@ -328,8 +321,7 @@ def hold_perturb(z0, mean_mat, chol, *, noise=None, seed=None, step: int = 0, ou
         raise ValueError(f"mean_mat: expected shape (B={z0.shape[0]}, n, m), got {tuple(mean_mat.shape)}")
     B, n, m = mean_mat.shape
     if n < 1 or m not in (1, n):
-        raise ValueError(f"mean_mat: expected (B, n, m) with 1 <= n <= {REF_MAX_ORDER} and m in (1, n), got {tuple(mean_mat.shape)}")
-    check_order(n, "mean_mat")
+        raise ValueError(f"mean_mat: expected (B, n, m) with n >= 1 and m in (1, n), got {tuple(mean_mat.shape)}")
     if tuple(chol.shape) != (B, n, n):
         raise ValueError(f"chol: expected shape ({B}, {n}, {n}), got {tuple(chol.shape)}")
     C = _state_channels(z0, "z0", m)

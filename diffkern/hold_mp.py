@@ -1,0 +1,215 @@
+"""Extended-precision host maths of :class:`diffkern.hold.HOLD` for orders above F64_MAX_ORDER.
+
+Above n = 11 float64 cannot carry HOLD's Cholesky factors: at small times the correlation matrices of Sigma_t and Q_A
+are Hilbert-like (condition number ~ 34^n), so every float64 route to L_t = chol(Sigma_t + delta I) or chol Q_A loses
+all digits of the small pivots, and the series of E and Q cancel among terms that grow like |N|^k / k!. Here the same
+closed forms (``math-hold.md`` 3.2: E = e^{-r b} sum_k b^k N^k / k!, Q = sum_m C_m m!/(2r)^{m+1} P(m+1, 2 r b)) and
+the Cholesky factors are evaluated in decimal floating point at ``digits(n)`` significant digits (the standard library's
+C ``decimal``: floating exponents, so b^(2n-1) never underflows) and rounded to float64 once, at the end.
+
+Times are read on the host (a device tensor is copied to the CPU: one sync) and each distinct integrated time b is
+computed once per process and kept in a bounded cache (a sampler's table and its exact-score model share their times).
+Cost: O(n^3) decimal operations per distinct b (measured on one core, per b: Sigma_t's factor ~5 / 15 / 40 / 100 ms and
+the A-part's ~2 / 5 / 15 / 40 ms at n = 12 / 16 / 24 / 32; more digits, so longer, at small b without jitter).
+"""
+from __future__ import annotations
+
+import decimal
+import math
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+_CACHE_SIZE = 1 << 14  # distinct b kept per process (a 1000-step table needs ~2000)
+
+
+def digits(n: int) -> int:
+    """Base working precision (significant decimal digits) for order n. Measured need (float64 results exact to
+    rounding, against 8n + 20 digits): ~1.4 n + 18 (the series cancel among |N^k| / k! terms and the factors of Q, Q_A
+    are Hilbert-like); this leaves ~n / 2 + 12 digits of margin."""
+    return 2 * n + 30
+
+
+def extra_digits(n: int, b: float, delta: float, hsm: bool) -> int:
+    """Digits added for L_t = chol(Sigma_t + delta I) at integrated time b: under HSM without jitter Sigma_t's smallest
+    eigenvalue falls like b^(2n-1) (``math-hold.md`` 3.3), so its factor needs (2n - 1) log10(1/b) more digits, at most
+    log10(1/delta) with a jitter delta > 0 (which bounds the conditioning). Rounded up to tens (constants per level)."""
+    if not hsm or b >= 1:
+        return 0
+    need = (2 * n - 1) * (-math.log10(b)) if b > 0 else math.inf
+    if delta > 0:
+        need = min(need, -math.log10(delta) if delta < 1 else 0.0)
+    return 0 if need == math.inf and delta > 0 else (10 * math.ceil(need / 10) if math.isfinite(need) else 0)
+
+
+class _Consts:
+    """The process constants at one precision: N^k / k! (flattened rows), C_m of Q and of Q_A, m!/(2r)^{m+1}."""
+
+    def __init__(self, n: int, rate, L: float, alpha: float, delta: float, hsm: bool, prec: int):
+        self.ctx = decimal.Context(prec=prec, Emin=-(10**8), Emax=10**8)
+        with decimal.localcontext(self.ctx):
+            D = decimal.Decimal
+            r = (D(2 * n - 3).sqrt() if n > 1 else D(1)) if rate is None else D(float(rate))
+            self.r, self.L, self.delta = r, D(float(L)), D(float(delta))
+            self.s0 = D(float(alpha)) / self.L if hsm else D(0)  # Sigma_0 = diag(0, s0, ..., s0)
+            xi = n * r
+            N = np.full((n, n), D(0), dtype=object)
+            for j in range(1, n):  # gamma_j^2 = r^2 j (2n - j) / ((2n - 2j - 1)(2n - 2j + 1))
+                g = r * (D(j * (2 * n - j)) / D((2 * n - 2 * j - 1) * (2 * n - 2 * j + 1))).sqrt()
+                N[j - 1, j], N[j, j - 1] = g, -g
+            for i in range(n):
+                N[i, i] = r
+            N[n - 1, n - 1] = r - xi  # N = F + r I, F[n, n] = -xi
+            pw, P = np.eye(n, dtype=int).astype(object) * D(1), []
+            for k in range(n):
+                P.append(pw)
+                pw = (pw @ N) / (k + 1)  # N^{k+1} / (k+1)!
+            P = np.stack(P)
+            self.P = P.reshape(n, n * n)  # row k: N^k / k!, flattened
+            g = (2 * xi / self.L).sqrt()
+            self.cm = _gram_coefs(P, g)
+            self.cm_a = _gram_coefs(P.transpose(0, 2, 1), g)
+            self.scale = [D(math.factorial(m)) / (2 * r) ** (m + 1) for m in range(2 * n - 1)]  # m! / (2r)^{m+1}
+
+
+def _gram_coefs(P: np.ndarray, g) -> np.ndarray:
+    """C_m = sum_{j+k=m} (P_j g e_n)(P_k g e_n)^T flattened: (2n-1, n*n) object array."""
+    n = P.shape[0]
+    vecs = P[:, :, n - 1] * g  # (n, n): row j is N^j g / j!
+    cm = np.full((2 * n - 1, n * n), decimal.Decimal(0), dtype=object)
+    for j in range(n):
+        for k in range(n):
+            cm[j + k] += np.outer(vecs[j], vecs[k]).reshape(-1)
+    return cm
+
+
+class Law:
+    """E, Q, Q_A, Sigma_t and their Cholesky factors of one HOLD process in extended precision, rounded to float64.
+
+    Args: order n, ``rate`` (None: r = sqrt(2n - 3) exactly, r = 1 at n = 1; else the float r), L, alpha, delta, hsm as
+    in :class:`diffkern.hold.HOLD`; floats enter exactly (Decimal(float) is exact).
+    """
+
+    def __init__(self, order: int, rate, L: float, alpha: float, delta: float, hsm: bool):
+        self.n = int(order)
+        self._args = (self.n, rate, float(L), float(alpha), float(delta), bool(hsm))
+        self._consts: dict = {}
+        self._cache: OrderedDict = OrderedDict()
+
+    def consts(self, prec: int) -> _Consts:
+        if prec not in self._consts:
+            self._consts[prec] = _Consts(*self._args, prec)
+        return self._consts[prec]
+
+    # ------------------------------------------------------------------ one b, in the working precision
+    def _one(self, b: float, part: str) -> dict:
+        """Float64 results at integrated time b (exact Decimal(b)). part "t": E, Q, S = Sigma_t + delta I, L = chol S
+        and the x0 weights (w_z, w_eps); part "a": the SSCS A-part's QA = Q_A and LA = chol Q_A."""
+        n, D = self.n, decimal.Decimal
+        extra = extra_digits(n, b, self._args[4], self._args[5]) if part == "t" else 0
+        c = self.consts(digits(n) + extra)
+        with decimal.localcontext(c.ctx):
+            bd = D(float(b))
+            I = np.array([s * p for s, p in zip(c.scale, _lower_gamma(2 * c.r * bd, 2 * n - 1, c.ctx.prec))],
+                         dtype=object)
+            if part == "a":
+                QA = (I @ c.cm_a).reshape(n, n)
+                return {"QA": _f64(QA), "LA": _f64(_chol(QA))}
+            pows = np.array([bd**k for k in range(n)], dtype=object)
+            E = (pows @ c.P).reshape(n, n) * (-c.r * bd).exp()
+            Q = (I @ c.cm).reshape(n, n)
+            S = Q + (E[:, 1:] @ E[:, 1:].T) * c.s0  # E Sigma_0 E^T without the x column (Sigma_0[0, 0] = 0)
+            for i in range(n):
+                S[i, i] += c.delta
+            Lt = _chol(S)
+            w_z, w_eps = _x0_weights(E[:, 0], Lt)
+            return {"E": _f64(E), "Q": _f64(Q), "S": _f64(S), "L": _f64(Lt), "w_z": _f64(w_z), "w_eps": float(w_eps)}
+
+    def get(self, b: float, part: str) -> dict:
+        key = (float(b), part)
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = self._cache[key] = self._one(key[0], part)
+            if len(self._cache) > _CACHE_SIZE:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(key)
+        return hit
+
+    def batch(self, b: torch.Tensor, name: str) -> torch.Tensor:
+        """Result ``name`` (E, Q, S, L, w_z, w_eps; QA, LA) stacked over the float64 integrated times b (...), read on
+        the host (a sync for a device tensor); float64 (..., [n, [n]]) on b's device."""
+        flat = b.detach().to("cpu", torch.float64).reshape(-1).tolist()
+        for v in flat:
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"t: expected finite times >= 0, got {v} (order n = {self.n} > F64_MAX_ORDER reads "
+                                 f"its times on the host)")
+        part = "a" if name in ("QA", "LA") else "t"
+        rows = [self.get(v, part)[name] for v in flat]
+        shape = () if name == "w_eps" else (self.n,) if name == "w_z" else (self.n, self.n)
+        out = torch.tensor(np.array(rows, dtype=np.float64).reshape(tuple(b.shape) + shape), dtype=torch.float64)
+        return out.to(b.device)
+
+
+def _lower_gamma(x, M: int, prec: int) -> list:
+    """[P(m+1, x) for m = 0..M-1], the regularized lower incomplete gamma at integer order, without cancellation:
+    e^{-x} sum_{i > m} x^i / i! (positive terms) where x < m + 1, else 1 - e^{-x} sum_{i <= m} x^i / i!."""
+    D = decimal.Decimal
+    terms, t, i = [], D(1), 0
+    while i <= M:
+        terms.append(t)
+        i += 1
+        t = t * x / i
+    small = terms[M] / D(10) ** (prec + 2)  # past i = M > x the terms fall geometrically
+    while x < M and t > small:
+        terms.append(t)
+        i += 1
+        t = t * x / i
+    head, acc = [], D(0)
+    for m in range(M):
+        acc += terms[m]
+        head.append(acc)  # sum_{i <= m}
+    tail = sum(terms[M:][::-1], D(0))
+    ex, out = (-x).exp(), [D(0)] * M
+    for m in range(M - 1, -1, -1):  # tail = sum_{i > m}
+        out[m] = ex * tail if x < m + 1 else 1 - ex * head[m]
+        tail += terms[m]
+    return out
+
+
+def _f64(A) -> np.ndarray:
+    return np.array([float(v) for v in np.asarray(A).reshape(-1)], dtype=np.float64).reshape(np.shape(A))
+
+
+def _chol(S: np.ndarray) -> np.ndarray:
+    """Lower Cholesky factor of symmetric PSD S (object array of Decimal); a non-positive pivot gives a zero column."""
+    n = S.shape[0]
+    Lc = np.full((n, n), decimal.Decimal(0), dtype=object)
+    for j in range(n):
+        piv = S[j, j] - (Lc[j, :j] @ Lc[j, :j] if j else 0)
+        if piv <= 0:
+            continue
+        d = piv.sqrt()
+        Lc[j, j] = d
+        if j + 1 < n:
+            Lc[j + 1:, j] = (S[j + 1:, j] - (Lc[j + 1:, :j] @ Lc[j, :j] if j else 0)) / d
+    return Lc
+
+
+def _x0_weights(c: np.ndarray, Lt: np.ndarray):
+    """(w_z (n,), w_eps) with x0_hat = w_z . z + w_eps eps_hat (``math-hold.md`` 4.4): u = L_<^{-T} l,
+    den = c_n - u . c_<n; w_z = (-u, 1) / den, w_eps = -L_nn / den. Infinite weights where den = 0 (b = 0)."""
+    n = c.shape[0]
+    D = decimal.Decimal
+    u = np.full(n - 1, D(0), dtype=object)
+    if any(Lt[i, i] == 0 for i in range(n - 1)):  # a singular L_< (b = 0 without jitter): no x0 prediction
+        return np.full(n, D("NaN"), dtype=object), D("NaN")
+    for i in range(n - 2, -1, -1):  # back substitution with L_<^T (upper)
+        acc = Lt[n - 1, i] - (Lt[i + 1:n - 1, i] @ u[i + 1:] if i + 1 < n - 1 else 0)
+        u[i] = acc / Lt[i, i]
+    den = c[n - 1] - (u @ c[:n - 1] if n > 1 else 0)
+    if den == 0:  # b = 0: z_n does not depend on x0 yet
+        return np.full(n, D("Infinity"), dtype=object), D("-Infinity")
+    w_z = np.concatenate([-u, np.array([D(1)], dtype=object)]) / den
+    return w_z, -Lt[n - 1, n - 1] / den
