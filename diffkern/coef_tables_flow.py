@@ -28,14 +28,15 @@ def _check_sigmas(sigmas) -> list[float]:
     sig = [float(s) for s in sigmas]
     if len(sig) < 2 or any(not math.isfinite(s) or s < 0 for s in sig) or sig[0] <= 0:
         raise ValueError(f"sigmas: expected N+1 >= 2 finite values >= 0 with sigmas[0] > 0, got {sig}")
-    if any(b >= a for a, b in zip(sig[:-1], sig[1:])):
-        raise ValueError(f"sigmas: expected strictly decreasing values, got {sig}")
+    # a repeated sigma > 0 is a zero-length step (rows of the identity: r = 1, K = 0); a repeated 0 is no step
+    if any(b > a or b == a == 0 for a, b in zip(sig[:-1], sig[1:])):
+        raise ValueError(f"sigmas: expected non-increasing values (repeats only above 0), got {sig}")
     return sig
 
 
 def heun_flow(sigmas, *, conv: Conv = _identity) -> Plan:
-    """Heun in flow time t = sigma/(1 + sigma) on VE ``sigmas`` (host list of N+1 floats, strictly decreasing,
-    possibly ending in 0): rows 0..N-1 predictors (Euler, storing the flow velocity v1 in history), rows N..2N-1
+    """Heun in flow time t = sigma/(1 + sigma) on VE ``sigmas`` (host list of N+1 floats, decreasing, possibly
+    ending in 0; a repeated value is a zero-length step, x unchanged): rows 0..N-1 predictors (Euler, storing the flow velocity v1 in history), rows N..2N-1
     correctors at sigma_next (none where sigma_next = 0). ``conv(sigma)``: the model-output conversion of a row."""
     sig = _check_sigmas(sigmas)
     pred, corr, seconds = [], [], []

@@ -18,11 +18,13 @@ from .ops import coefs
 # Zero-length steps.
 
 REPEATS_OK = frozenset({"euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral",
-                        "dpmpp_sde", "lcm", "ge", "sde"})
+                        "dpmpp_sde", "lcm", "ge", "sde", "heun_flow", "ipndm", "plms"})
 """Samplers whose step from sigma to sigma_next = sigma is defined (k-diffusion runs such schedules): one-step
-methods whose update at h = 0 is finite (the identity for the ODE ones; lcm re-noises its D, ge and sde keep their
-history of eps at that sigma). The others divide by the step (log-sigma multistep ratios h_last/h, Lagrange or
-Adams weights over repeated nodes, dpm_fast's grid) and refuse a repeated sigma."""
+methods whose update at h = 0 is finite (the identity for the ODE ones, heun_flow's too; lcm re-noises its D, ge and
+sde keep their history of eps at that sigma), and ipndm and plms, whose Adams-Bashforth weights are the constant
+equal-step ones: x' = x + (sigma' - sigma)*(weighted eps) is the identity, and the step's eps joins the history
+(ComfyUI's ipndm pushes it so). The others divide by the step (log-sigma multistep ratios h_last/h, Lagrange or
+Adams weights over repeated nodes, ipndm_v's step ratios, dpm_fast's grid) and refuse a repeated sigma."""
 
 
 def check_repeats(sigmas: list, method: str | None) -> None:
@@ -45,9 +47,11 @@ def check_repeats(sigmas: list, method: str | None) -> None:
 # noise_sampler: where each sampler calls it.
 
 NOISE_SAMPLERS = ("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m_sde",
-                  "dpmpp_3m_sde", "lcm", "dpm_fast")
-"""The samplers taking ``noise_sampler`` (those whose k-diffusion counterpart has it; lcm: ComfyUI's, dpm_fast:
-k-diffusion's ``sample_dpm_fast``)."""
+                  "dpmpp_3m_sde", "lcm", "dpm_fast", "res_multistep", "res_multistep_ancestral", "er_sde",
+                  "dpm_adaptive")
+"""The samplers taking ``noise_sampler`` (those whose k-diffusion counterpart has it; lcm, res_multistep(_ancestral)
+and er_sde: ComfyUI's, dpm_fast and dpm_adaptive: k-diffusion's ``sample_dpm_fast``/``sample_dpm_adaptive``;
+dpm_adaptive calls it on its accepted steps, :mod:`diffkern.samplers_adaptive`, not from a plan)."""
 
 
 def noise_calls(method: str, sigmas: list, plan, eta: float = 1.0) -> dict:
@@ -55,14 +59,17 @@ def noise_calls(method: str, sigmas: list, plan, eta: float = 1.0) -> dict:
     by loop step i and whether the draw goes into that step's first fused update (True) or its second-call update
     (False), with the pair of sigmas it passes. ``sigmas``: the host schedule (N+1 floats); ``plan``: the method's
     unwindowed plan (its branches and second-call sigmas); ``eta``: dpmpp_2m_sde and dpmpp_3m_sde call it only where
-    eta != 0. Every method calls it on steps to sigma_next > 0 only (dpm_fast: once per step of its own grid)."""
+    eta != 0, er_sde where its s_noise (passed as ``eta``) is. Every method calls it on steps to sigma_next > 0 only
+    (dpm_fast: once per step of its own grid; res_multistep at eta = 0 too, its draw multiplied by 0, as ComfyUI).
+    ``method``: one of :data:`NOISE_SAMPLERS`, the samplers whose signature takes a noise_sampler
+    (:func:`diffkern.sample` refuses the others by name, before any work)."""
     if method == "dpm_fast":
         return _dpm_fast_calls(sigmas)
-    if method not in NOISE_SAMPLERS:
-        raise ValueError(f"noise_sampler: {method!r} takes none (it is not one of {NOISE_SAMPLERS})")
+    if method == "dpm_adaptive":
+        raise ValueError("noise_sampler: dpm_adaptive draws on the steps it accepts as it runs, not from a plan")
     calls = {}
     for i, (s, sn) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        if sn == 0 or (method in ("dpmpp_2m_sde", "dpmpp_3m_sde") and not eta):
+        if sn == 0 or (method in ("dpmpp_2m_sde", "dpmpp_3m_sde", "er_sde") and not eta):
             continue
         if method == "dpm_2_ancestral":  # only after a second call: sigma_down = 0 is Euler without noise
             if plan.corrector[i]:

@@ -163,8 +163,9 @@ def _plan_res_multistep(sigmas, conv, *, eta, s_noise):
     return coef_tables_res.res_multistep(sigmas, conv=conv, **_ancestral_knobs(eta, s_noise))
 
 
-def _plan_er_sde(sigmas, conv, *, s_noise, max_stage):
-    return coef_tables_er_sde.er_sde(sigmas, s_noise=_knob(s_noise, "s_noise"), max_stage=max_stage, conv=conv)
+def _plan_er_sde(sigmas, conv, *, s_noise, noise_scaler, max_stage):
+    return coef_tables_er_sde.er_sde(sigmas, s_noise=_knob(s_noise, "s_noise"), max_stage=max_stage, conv=conv,
+                                     noise_scaler=noise_scaler)
 
 
 def _plan_sa_solver(sigmas, conv, *, predictor_order, corrector_order, tau, predict_x0, lower_order_final):

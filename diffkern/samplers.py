@@ -27,6 +27,7 @@ import torch
 from . import coef_tables_dpm_fast as _dpm_fast
 from . import sampler_compat as _compat
 from . import sampler_plans as _plans
+from . import samplers_adaptive as _adaptive
 from .sampler_loop import (Trajectory, _check_output, _is_fused, _Loop, _run, check_call, check_state,  # noqa: F401
                            conversion_rows, host_sigmas, make_seed, run_steps, seed_value)
 
@@ -219,14 +220,16 @@ def sample_unipc(model, x, sigmas, extra_args=None, callback=None, disable=None,
 
 
 @torch.no_grad()
-def sample_deis(model, x, sigmas, extra_args=None, callback=None, disable=None, *, order=3, lower_order_final=True,
+def sample_deis(model, x, sigmas, extra_args=None, callback=None, disable=None, order=3, *, lower_order_final=True,
                 seed=None, backend=None, trajectory=None, window=None):
     """DEIS (Zhang & Chen 2023, "logrho" multistep) as diffusers' ``DEISMultistepScheduler`` runs it
     (:mod:`diffkern.coef_tables_deis`): each step integrates the PF-ODE exactly over the polynomial in log sigma
     through this and the ``order - 1`` previous noise estimates (two history buffers at order 3). ``order`` 1, 2 or 3;
     diffusers' lowering: first order on the first step, at most second on the second, and with
     ``lower_order_final`` below 15 steps first and second order on the last two. x: (B, ...) float; returns the
-    final state in x's dtype. A final step to 0 is the jump to the denoised estimate."""
+    final state in x's dtype. A final step to 0 is the jump to the denoised estimate. Not ComfyUI's ``deis``
+    (``max_order``, ``deis_mode``): that is zju-pi's tAB-DEIS, a polynomial in the time of a VP schedule fitted to
+    EDM's sigma range, another method; hence no ``max_order`` alias, and ``deis_mode`` is refused."""
     loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
                  method="deis")
     return _run(loop, _plans._plan_deis(loop.sigmas, loop.conv, order=order, lower_order_final=lower_order_final))
@@ -246,7 +249,7 @@ def sample_plms(model, x, sigmas, extra_args=None, callback=None, disable=None, 
 
 
 @torch.no_grad()
-def sample_ipndm(model, x, sigmas, extra_args=None, callback=None, disable=None, *, max_order=4, seed=None,
+def sample_ipndm(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=4, *, seed=None,
                  backend=None, trajectory=None, window=None):
     """iPNDM (Zhang & Chen 2023; ComfyUI's ``ipndm``): Euler in eps = (x - D)/sigma with eps extrapolated by
     Adams-Bashforth of equal-step weights, of order min(i + 1, ``max_order``) at step i (1 to 4): PLMS without its
@@ -287,7 +290,7 @@ def sample_dpmsolver_single(model, x, sigmas, extra_args=None, callback=None, di
 
 
 @torch.no_grad()
-def sample_ipndm_v(model, x, sigmas, extra_args=None, callback=None, disable=None, *, max_order=4, seed=None,
+def sample_ipndm_v(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=4, *, seed=None,
                    backend=None, trajectory=None, window=None):
     """iPNDM-v (ComfyUI's ``ipndm_v``, from zju-pi's diff-sampler): :func:`sample_ipndm` with its Adams-Bashforth
     weights recomputed from the schedule's own steps (:func:`~diffkern.coef_tables_plms.ipndm_v_weights`: exact
@@ -342,34 +345,40 @@ def sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback
 
 
 @torch.no_grad()
-def sample_res_multistep(model, x, sigmas, extra_args=None, callback=None, disable=None, *, eta=0.0, s_noise=1.0,
-                         seed=None, backend=None, trajectory=None, window=None):
+def sample_res_multistep(model, x, sigmas, extra_args=None, callback=None, disable=None, s_noise=1.0,
+                         noise_sampler=None, *, eta=0.0, seed=None, backend=None, trajectory=None, window=None):
     """RES multistep (ComfyUI's ``res_multistep``; :mod:`diffkern.coef_tables_res`): the second-order multistep
     exponential integrator in D, one model call per step, history = the previous D; ``eta`` > 0 takes k-diffusion's
-    ancestral split (Philox noise). x: (B, ...) float; returns the final state in x's dtype."""
+    ancestral split (Philox noise, or ``noise_sampler`` called on every step to sigma_next > 0 as ComfyUI's, eta = 0
+    too). Positional settings in ComfyUI's order. x: (B, ...) float; returns the final state in x's dtype."""
     loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
-                 method="res_multistep")
-    return _run(loop, _plans._plan_res_multistep(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise))
+                 method="res_multistep", noise_sampler=noise_sampler)
+    return _noisy(loop, _plans._plan_res_multistep(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise))
 
 
 @torch.no_grad()
-def sample_res_multistep_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, *, eta=1.0,
-                                   s_noise=1.0, seed=None, backend=None, trajectory=None, window=None):
+def sample_res_multistep_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
+                                   s_noise=1.0, noise_sampler=None, *, seed=None, backend=None, trajectory=None,
+                                   window=None):
     """ComfyUI's ``res_multistep_ancestral``: :func:`sample_res_multistep` with ``eta=1`` by default. x: (B, ...)
     float; returns the final state in x's dtype."""
-    return sample_res_multistep(model, x, sigmas, extra_args, callback, disable, eta=eta, s_noise=s_noise, seed=seed,
-                                backend=backend, trajectory=trajectory, window=window)
+    return sample_res_multistep(model, x, sigmas, extra_args, callback, disable, s_noise, noise_sampler, eta=eta,
+                                seed=seed, backend=backend, trajectory=trajectory, window=window)
 
 
 @torch.no_grad()
-def sample_er_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, *, s_noise=1.0, max_stage=3,
-                  seed=None, backend=None, trajectory=None, window=None):
+def sample_er_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, s_noise=1.0, noise_sampler=None,
+                  noise_scaler=None, max_stage=3, *, seed=None, backend=None, trajectory=None, window=None):
     """ER-SDE-Solver-3 (Cui et al. 2023; ComfyUI's ``er_sde``, its default noise scaler;
     :mod:`diffkern.coef_tables_er_sde`): one model call per step, stages (orders) up to ``max_stage`` (1-3) from the previous two D, Philox noise scaled
-    by ``s_noise``. x: (B, ...) float; returns the final state in x's dtype."""
+    by ``s_noise`` (or ``noise_sampler``, called where ComfyUI's is: steps to sigma_next > 0 when s_noise > 0);
+    ``noise_scaler`` None (ComfyUI's default) or ComfyUI's ``noise_scaler(lambda_tensor) -> tensor``, evaluated on
+    float64 CPU tensors. Positional settings in ComfyUI's order. x: (B, ...) float; returns the final state in x's
+    dtype."""
     loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
-                 method="er_sde")
-    return _run(loop, _plans._plan_er_sde(loop.sigmas, loop.conv, s_noise=s_noise, max_stage=max_stage))
+                 method="er_sde", noise_sampler=noise_sampler)
+    return _noisy(loop, _plans._plan_er_sde(loop.sigmas, loop.conv, s_noise=s_noise, noise_scaler=noise_scaler,
+                                            max_stage=max_stage), s_noise)
 
 
 @torch.no_grad()
@@ -397,4 +406,5 @@ SAMPLERS = {"euler": sample_euler, "euler_ancestral": sample_euler_ancestral, "h
             "deis": sample_deis, "plms": sample_plms, "ipndm": sample_ipndm, "lms": sample_lms,
             "dpmsolver_single": sample_dpmsolver_single, "ipndm_v": sample_ipndm_v, "dpm_fast": sample_dpm_fast_sigmas,
             "res_multistep": sample_res_multistep, "res_multistep_ancestral": sample_res_multistep_ancestral,
-            "er_sde": sample_er_sde, "sa_solver": sample_sa_solver, "heun_flow": sample_heun_flow}
+            "er_sde": sample_er_sde, "sa_solver": sample_sa_solver, "heun_flow": sample_heun_flow,
+            "dpm_adaptive": _adaptive.sample_dpm_adaptive_sigmas}

@@ -12,7 +12,7 @@ import numbers
 
 import torch
 
-from . import coef_tables, graphs, sampler_compat, sampler_loop, sampler_plans, samplers, schedules
+from . import coef_tables, graphs, sampler_compat, sampler_loop, sampler_plans, samplers, samplers_adaptive, schedules
 from .ops import iadb as iadb_ops
 from .ops import sampler_step
 from .samplers import SAMPLERS, Trajectory, make_seed
@@ -64,7 +64,8 @@ def sample(model, x, sigmas, method, *, backend=None, seed=0, callback=None, pro
         method: "euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_2m",
             "dpmpp_2m_sde", "dpmpp_3m_sde", "dpmsolver_3m", "dpmpp_sde", "lcm", "ge", "sde", "unipc", "deis", "plms",
             "ipndm", "lms", "dpmsolver_single", "ipndm_v", "dpm_fast", "res_multistep", "res_multistep_ancestral",
-            "er_sde", "sa_solver" or "heun_flow" (see :func:`knobs`).
+            "er_sde", "sa_solver", "heun_flow" or "dpm_adaptive" (see :func:`knobs`; dpm_adaptive is eager only, with
+            no record).
         backend: fused-op backend ("auto", "reference", "cpp", "triton", "cuda"); None (default):
             ``DIFFKERN_BACKEND``, else "auto".
         seed: int or int64 tensor (1,)/(B,) keying the Philox noise: same seed, same output. The default 0
@@ -94,7 +95,8 @@ def sample(model, x, sigmas, method, *, backend=None, seed=0, callback=None, pro
             ipndm_v), predictor_order and corrector_order (sa_solver), max_stage (er_sde). Variants: solver_type
             (dpmpp_2m_sde, dpmsolver_3m, dpmsolver_single, unipc), predict_x0 (dpmsolver_single, sa_solver, unipc),
             lower_order_final (deis, dpmsolver_3m, dpmsolver_single, sa_solver, unipc), euler_at_final
-            (dpmsolver_3m), disable_corrector (unipc).
+            (dpmsolver_3m), disable_corrector (unipc), noise_scaler (er_sde). Adaptive steps (dpm_adaptive): order,
+            rtol, atol, h_init, pcoeff, icoeff, dcoeff, accept_safety.
 
     Returns:
         The final state (x's shape and dtype), or ``(x, trajectories)`` when ``record``.
@@ -113,6 +115,7 @@ def sample(model, x, sigmas, method, *, backend=None, seed=0, callback=None, pro
             raise ValueError(f"noise_sampler: {method!r} takes none; the methods that do: "
                              f"{sampler_compat.NOISE_SAMPLERS}")
         knob_values["noise_sampler"] = noise_sampler
+    graph = samplers_adaptive.check_graph(graph, method)
     if graphs.wanted(graph, x, callback, progress, noise_sampler=noise_sampler):
         try:
             return _sample_graph(model, x, sigmas, method, {**valid, **knob_values}, seed, backend, record,

@@ -78,7 +78,7 @@ def test_is_comfyui_loop_in_float64(steps, kw):
 def test_knobs_and_history_depth():
     from diffkern import coef_tables_er_sde as ce
 
-    assert knobs("er_sde") == {"s_noise": 1.0, "max_stage": 3}
+    assert knobs("er_sde") == {"s_noise": 1.0, "noise_scaler": None, "max_stage": 3}
     sig = schedules.karras(6, 0.05, 10.0).tolist()
     assert [ce.er_sde(sig, max_stage=k).history for k in (1, 2, 3)] == [0, 1, 2]
     assert ce.er_sde(sig[:2] + [0.0]).history == 1  # two steps read at most one earlier D

@@ -11,6 +11,7 @@ import torch
 import diffkern
 from diffkern import sampler_compat, samplers, schedules
 from diffkern.testing import assert_matches_reference
+from test_kdiff_comfy_parity import ZERO_STEP_TEXTBOOK
 from test_kdiffusion_parity import GMM, ORACLES, Draws, model, start
 
 F64 = torch.float64
@@ -62,7 +63,7 @@ def ge(x, sig, ns=None, gamma=2.0):
     return x
 
 
-TEXTBOOK = {"euler": kd_euler, "sde": kd_euler, "heun": kd_heun, "dpm_2": kd_dpm_2, "ge": ge,
+TEXTBOOK = {"euler": kd_euler, "sde": kd_euler, "heun": kd_heun, "dpm_2": kd_dpm_2, "ge": ge, **ZERO_STEP_TEXTBOOK,
             **{m: ORACLES[m] for m in ("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "lcm")}}
 KNOBS = {"sde": {"lam": 0.0}}  # lam = 0: the exponential integrator of the PF-ODE, which is Euler in VE coordinates
 

@@ -149,7 +149,7 @@ def test_knobs_lists_defaults():
                                       "dpmpp_2s_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpmpp_sde",
                                       "dpmsolver_3m", "ge", "lcm", "sde", "unipc", "deis", "plms", "ipndm", "lms",
                                       "dpmsolver_single", "ipndm_v", "dpm_fast", "res_multistep",
-                                      "res_multistep_ancestral", "er_sde", "sa_solver", "heun_flow"}
+                                      "res_multistep_ancestral", "er_sde", "sa_solver", "heun_flow", "dpm_adaptive"}
 
 #----------------------------------------------------------------------------
 # The host plan cache.

@@ -76,10 +76,14 @@ def collect(args, method: str, valid: dict) -> tuple[dict, dict]:
 def check(method: str, chosen: dict, labels: dict, sigmas) -> None:
     """Build ``method``'s host plan on ``sigmas`` with ``chosen`` so that a bad value fails now, before any model
     is loaded, with the flag that set it named (the samplers name the keyword: ``eta: expected ...``)."""
+    from ..samplers_adaptive import EAGER_ONLY, check_sample_knobs
     from ..sampling import host_plan
 
     try:
-        host_plan(method, chosen, sigmas)
+        if method in EAGER_ONLY:  # no plan: its steps are decided as it runs
+            check_sample_knobs(chosen)
+        else:
+            host_plan(method, chosen, sigmas)
     except (ValueError, TypeError) as exc:
         name, sep, rest = str(exc).partition(":")
         if sep and name in labels:

@@ -170,7 +170,7 @@ def register(sub) -> None:
     p.add_argument("--method", default="ge", help="euler | euler_ancestral | heun | dpm_2 | dpm_2_ancestral | "
                    "dpmpp_2s_ancestral | dpmpp_2m | dpmpp_2m_sde | dpmpp_3m_sde | dpmpp_sde | dpmsolver_3m | lcm | ge | "
                    "sde | unipc | deis | plms | ipndm | lms | dpmsolver_single | ipndm_v | dpm_fast | res_multistep | "
-                   "res_multistep_ancestral | er_sde | sa_solver | heun_flow (default ge)")
+                   "res_multistep_ancestral | er_sde | sa_solver | heun_flow | dpm_adaptive (default ge)")
     p.add_argument("--steps", type=int, default=20, help="number of sampler steps (default 20)")
     p.add_argument("--schedule", default="karras", choices=("karras", "loglinear"), help="sigma schedule")
     p.add_argument("--sigma-min", type=float, default=0.002, help="smallest nonzero sigma (default 0.002)")

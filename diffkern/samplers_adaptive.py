@@ -1,0 +1,205 @@
+"""k-diffusion's adaptive DPM-Solver (``sample_dpm_adaptive``: DPM-Solver-12 and DPM-Solver-23 with a PID step-size
+controller) on the fused step.
+
+Each attempted step is an embedded pair of solutions from shared model calls (:mod:`diffkern.coef_tables_dpm_adaptive`):
+its rows are built on the host in float64 from the attempt's sigmas and run as fused launches, then the scaled error
+``||(x_low - x_high)/max(atol, rtol*max(|x_low|, |x_low_prev|))||_2/sqrt(numel)`` (over the whole batch, as
+k-diffusion's) is read on the host, and the controller accepts or rejects the attempt and proposes the next step.
+That read is a host synchronisation per attempt, inherent in the method: it runs eagerly only (``graph=True``
+refuses it) and keeps no trajectory (its number of steps is decided as it runs).
+
+Noise (eta > 0): accepted step k adds ``s_noise*su*xi`` with xi the Philox stream of ``seed`` at step counter k
+(:func:`diffkern.ops.randn`), or k-diffusion's ``noise_sampler(sigma(s), sigma(t))``, which, as k-diffusion's, is
+called on every accepted step (eta = 0 too, where its draw is multiplied by 0).
+"""
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+
+from . import coef_tables_dpm_adaptive as cda
+from . import graphs, sampler_compat, schedules
+from .ops import coefs, randn, sampler_step
+from .sampler_loop import _check_output, _Loop, check_input_kept, host_sigmas, input_version
+from .sampler_plans import _knob
+
+EAGER_ONLY = frozenset({"dpm_adaptive"})
+"""Methods of :func:`diffkern.sample` whose steps are decided on the host as they run: no CUDA graph."""
+
+
+def check_graph(graph, method: str):
+    """``graph`` for ``method``: as given unless the method is in :data:`EAGER_ONLY`, where True raises (naming
+    graph) and "auto" says once that it runs eagerly and returns False."""
+    if method not in EAGER_ONLY or graph is False:
+        return graph
+    why = (f"{method} accepts or rejects each step from an error norm read on the host, so its loop cannot be "
+           "captured as a CUDA graph")
+    if graph is True:
+        raise ValueError(f"graph: {why} (graph=True); use graph=False")
+    if graph != "auto":
+        raise ValueError(f"graph: expected False, True or 'auto', got {graph!r}")
+    graphs.warn_once(f"graph='auto' runs eager: {why}", stacklevel=4)
+    return False
+
+
+def _call(loop: _Loop, state: torch.Tensor, sigma_dev: torch.Tensor):
+    """One model call on ``state`` at the device scalar ``sigma_dev``: (model_out, model_out_uncond or None)."""
+    sigma = sigma_dev.expand(state.shape[0])
+    version, sigma_version = input_version(state), input_version(sigma_dev)
+    if loop.fused:
+        out = loop.model.raw(state, sigma, **loop.extra)
+        m, u = out if isinstance(out, tuple) else (out, None)
+    else:
+        m, u = loop.model(state, sigma, **loop.extra), None
+    check_input_kept(state, version)
+    check_input_kept(sigma_dev, sigma_version, "sigma")
+    _check_output(m, state, "output")
+    if u is not None:
+        _check_output(u, state, "unconditional output")
+        if u.dtype != m.dtype:
+            raise TypeError(f"model: unconditional output dtype {u.dtype} != conditional {m.dtype}")
+    return m, u
+
+
+def scaled_error(low: torch.Tensor, high: torch.Tensor, prev: torch.Tensor, atol: float, rtol: float) -> float:
+    """k-diffusion's error of an attempt, ``||(low - high)/max(atol, rtol*max(|low|, |prev|))||_2/sqrt(numel)``,
+    computed in x's dtype promoted to float32 at least (a float16 norm overflows); 0 for an empty batch."""
+    if low.numel() == 0:
+        return 0.0
+    dtype = torch.promote_types(low.dtype, torch.float32)
+    lo, hi, pv = low.to(dtype), high.to(dtype), prev.to(dtype)
+    delta = torch.clamp_min(rtol * torch.maximum(lo.abs(), pv.abs()), atol)
+    return float(torch.linalg.vector_norm((lo - hi) / delta)) / math.sqrt(low.numel())
+
+
+def run(loop: _Loop, sigma_min: float, sigma_max: float, knobs: dict, eta: float, s_noise: float):
+    """k-diffusion's ``DPMSolver.dpm_solver_adaptive`` from sigma_max to sigma_min (t = -ln sigma, forward when
+    sigma_min < sigma_max) on the loop's state; ``knobs`` from :func:`cda.check_knobs`. Returns (x, info) with
+    info = {"steps", "nfe", "n_accept", "n_reject"}."""
+    x, order = loop.x, knobs["order"]
+    t_start, t_end = -math.log(sigma_max), -math.log(sigma_min)
+    forward = t_end > t_start
+    if not forward and eta:
+        raise ValueError(f"eta: must be 0 for reverse sampling (sigma_min {sigma_min} >= sigma_max {sigma_max}), "
+                         f"got {eta}")
+    pid = cda.PID(knobs["h_init"] if forward else -knobs["h_init"], knobs["pcoeff"], knobs["icoeff"],
+                  knobs["dcoeff"], 1.5 if eta else order, knobs["accept_safety"])
+    names = ("u1", "low", "high", "e0") + (("u2", "e1") if order == 3 else ())
+    bufs = {name: torch.empty_like(x) for name in names}
+    prev = x.clone()  # k-diffusion's x_prev: the last accepted x_low, at first the start
+    sig_dtype = torch.float64 if loop.fused else torch.promote_types(x.dtype, torch.float32)
+    info = {"steps": 0, "nfe": 0, "n_accept": 0, "n_reject": 0}
+    s = t_start
+    from tqdm.auto import tqdm
+    with tqdm(disable=loop.disable) as pbar:
+        while (s < t_end - 1e-5) if forward else (s > t_end + 1e-5):
+            t = min(t_end, s + pid.h) if forward else max(t_end, s + pid.h)
+            t_, su = cda.target(s, t, t_end, eta)
+            rows, calls, launches = cda.attempt(loop.conv, math.exp(-s), math.exp(-t_), order)
+            std = s_noise * su
+            table = coefs.table(rows + [cda.noise_row(std)]).to(x.device)
+            sig_dev = torch.tensor(calls, dtype=torch.float64).to(x.device, sig_dtype)
+            denoised = torch.empty_like(x) if loop.callback is not None else None
+            bufs["x"] = x
+            for k, group in enumerate(launches):
+                m, u = _call(loop, bufs[group[0][1]], sig_dev[k])
+                pbar.update(1)
+                for row, state, out, h1, h2, h_out in group:
+                    sampler_step(bufs[state], m, table, row, model_out_uncond=u, history=bufs.get(h1),
+                                 history2=bufs.get(h2), history_out=bufs.get(h_out), out=bufs[out],
+                                 x0_out=denoised if row == 0 else None, seed=loop.seed, backend=loop.backend)
+            error = scaled_error(bufs["low"], bufs["high"], prev, knobs["atol"], knobs["rtol"])
+            if not math.isfinite(error):
+                raise RuntimeError(f"dpm_adaptive: the error estimate of attempt {info['steps']} (sigma "
+                                   f"{math.exp(-s)!r} -> {math.exp(-t_)!r}) is {error}: a non-finite state or model "
+                                   "output, or atol = 0 where the state is 0")
+            accept = pid.propose(error)
+            if accept:
+                prev, bufs["low"] = bufs["low"], prev
+                high = bufs["high"]
+                noise = None
+                if loop.noise_sampler is not None:  # called on every accepted step, as k-diffusion's
+                    noise = sampler_compat.draw(loop.noise_sampler, (math.exp(-s), math.exp(-t)), x)
+                if std != 0:
+                    if noise is None:
+                        noise = randn(x.shape, loop.seed, step=info["n_accept"], dtype=x.dtype, backend=loop.backend)
+                    sampler_step(high, high, table, len(rows), noise=noise, out=high, seed=loop.seed,
+                                 backend=loop.backend)
+                x, bufs["high"] = high, x
+                s = t
+                info["n_accept"] += 1
+            else:
+                info["n_reject"] += 1
+            info["nfe"] += order
+            info["steps"] += 1
+            if loop.callback is not None:
+                sig = torch.tensor(math.exp(-s), dtype=torch.float64)
+                loop.callback({"sigma": sig, "sigma_hat": sig, "x": x.clone(), "i": info["steps"] - 1,
+                               "t": torch.tensor(s, dtype=torch.float64), "t_up": torch.tensor(s, dtype=torch.float64),
+                               "denoised": denoised, "error": torch.tensor(error, dtype=torch.float64), "h": pid.h,
+                               **info})
+    return x, info
+
+
+def check_sample_knobs(values: dict) -> None:
+    """Raise as a call would on dpm_adaptive's knobs ``values`` (by name; the others at their defaults), without
+    sampling (the CLI checks its flags so before loading a model)."""
+    params = inspect.signature(sample_dpm_adaptive_sigmas).parameters
+    get = {name: values.get(name, p.default) for name, p in params.items() if p.kind == p.KEYWORD_ONLY}
+    cda.check_knobs(*(get[k] for k in ("order", "rtol", "atol", "h_init", "pcoeff", "icoeff", "dcoeff",
+                                       "accept_safety")))
+    _knob(get["eta"], "eta")
+    _knob(get["s_noise"], "s_noise")
+
+
+def _refuse_window(trajectory, window) -> None:
+    if trajectory is not None:
+        raise ValueError("trajectory: dpm_adaptive decides its number of steps as it runs, so there is no trajectory "
+                         "of fixed size to record (record=True); use a callback")
+    if window is not None:
+        raise ValueError(f"window: dpm_adaptive runs no fixed schedule to take a window of; expected None, got "
+                         f"{window!r}")
+
+
+@torch.no_grad()
+def sample_dpm_adaptive(model, x, sigma_min, sigma_max, extra_args=None, callback=None, disable=None, order=3,
+                        rtol=0.05, atol=0.0078, h_init=0.05, pcoeff=0.0, icoeff=1.0, dcoeff=0.0, accept_safety=0.81,
+                        eta=0.0, s_noise=1.0, noise_sampler=None, return_info=False, *, seed=None, backend=None):
+    """k-diffusion's ``sample_dpm_adaptive`` (its signature; ``noise_sampler`` None: Philox noise keyed by ``seed``):
+    DPM-Solver-12 (``order=2``) or DPM-Solver-23 (``order=3``) from sigma_max to sigma_min (numbers or one-element
+    tensors > 0; sigma_min > sigma_max runs the ODE backwards, eta = 0 only) with steps chosen by a PID controller on
+    the scaled error (``rtol``, ``atol``; first step ``h_init`` in t = -ln sigma; ``pcoeff``, ``icoeff``,
+    ``dcoeff``; a step is accepted when its factor is at least ``accept_safety``). ``eta`` > 0: k-diffusion's
+    ancestral variant. x: (B, ...) float; returns the final state in x's dtype, and with ``return_info`` also
+    ``{"steps", "nfe", "n_accept", "n_reject"}``. The callback gets k-diffusion's dict after every attempt (sigma,
+    sigma_hat, x, i, t, t_up, denoised, error, h and the counts)."""
+    lo = schedules._check_positive(sigma_min, "sigma_min")
+    hi = schedules._check_positive(sigma_max, "sigma_max")
+    knobs = cda.check_knobs(order, rtol, atol, h_init, pcoeff, icoeff, dcoeff, accept_safety)
+    eta, s_noise = _knob(eta, "eta"), _knob(s_noise, "s_noise")
+    if not isinstance(return_info, bool):
+        raise TypeError(f"return_info: expected a bool, got {return_info!r}")
+    # the loop for its checks and state (x, seed, model, noise_sampler); its schedule is a stand-in, never run
+    loop = _Loop(model, x, [1.0, 0.0], extra_args, callback, disable, seed, backend, None, method="dpm_adaptive",
+                 noise_sampler=noise_sampler)
+    out, info = run(loop, lo, hi, knobs, eta, s_noise)
+    return (out, info) if return_info else out
+
+
+@torch.no_grad()
+def sample_dpm_adaptive_sigmas(model, x, sigmas, extra_args=None, callback=None, disable=None, *, order=3, rtol=0.05,
+                               atol=0.0078, h_init=0.05, pcoeff=0.0, icoeff=1.0, dcoeff=0.0, accept_safety=0.81,
+                               eta=0.0, s_noise=1.0, noise_sampler=None, seed=None, backend=None, trajectory=None,
+                               window=None):
+    """dpm_adaptive on a schedule, as ComfyUI's ``dpm_adaptive`` calls k-diffusion's (``diffkern.sample``'s
+    "dpm_adaptive"): from sigmas[0] to the last non-zero sigma (the other sigmas are not used; no jump to 0; a
+    schedule [sigma, 0] runs no step), the knobs as :func:`sample_dpm_adaptive`'s. Eager only: no ``trajectory``
+    (record=True), no ``window``. x: (B, ...) float; returns the final state in x's dtype."""
+    _refuse_window(trajectory, window)
+    host = host_sigmas(sigmas, "dpm_adaptive")
+    lo = host[-1] if host[-1] > 0 else host[-2]
+    return sample_dpm_adaptive(model, x, lo, host[0], extra_args, callback, disable, order, rtol, atol, h_init,
+                               pcoeff, icoeff, dcoeff, accept_safety, eta, s_noise, noise_sampler, seed=seed,
+                               backend=backend)
