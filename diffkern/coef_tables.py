@@ -122,13 +122,12 @@ def churn_sigmas(sigmas, s_churn: float, s_tmin: float, s_tmax: float) -> list[f
 
 
 def _churn_rows(sigmas, sigma_hat, s_noise: float) -> tuple[list, list[bool]]:
-    """Noise rows ``x += s_noise*sqrt(sigma_hat^2 - sigma^2)*xi`` (a=1, b=q=p=0) and where they apply."""
-    rows, on = [], []
-    for s, sh in zip(sigmas[:-1], sigma_hat):
-        std = s_noise * math.sqrt(max(sh * sh - s * s, 0.0))
-        rows.append(coefs.row(a=1.0, s=std, **_NO_MODEL))
-        on.append(sh > s and std > 0)
-    return rows, on
+    """Noise rows ``x += s_noise*sqrt(sigma_hat^2 - sigma^2)*xi`` (a=1, b=q=p=0) and where they apply; no rows
+    where none applies: rows that would never run (a third of Heun's table, which a diffusers scheduler builds at its
+    first step) are not built; the rows before them, hence their Philox counters, stay the same."""
+    stds = [s_noise * math.sqrt(max(sh * sh - s * s, 0.0)) for s, sh in zip(sigmas[:-1], sigma_hat)]
+    on = [sh > s and std > 0 for s, sh, std in zip(sigmas[:-1], sigma_hat, stds)]
+    return ([coefs.row(a=1.0, s=std, **_NO_MODEL) for std in stds] if any(on) else []), on
 
 #----------------------------------------------------------------------------
 # Samplers. Rows: step i at row i; extra rows (churn, corrector) in blocks after the N step rows.
@@ -136,7 +135,7 @@ def _churn_rows(sigmas, sigma_hat, s_noise: float) -> tuple[list, list[bool]]:
 
 def euler(sigmas, *, s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0, conv: Conv = _identity) -> Plan:
     """Euler (= deterministic DDIM in VE coordinates) with optional churn: ``x' = r*x + (1-r)*D``,
-    ``r = sigma_next/sigma_hat``; rows 0..N-1 steps, N..2N-1 churn noise."""
+    ``r = sigma_next/sigma_hat``; rows 0..N-1 steps, N..2N-1 churn noise (none when no step churns)."""
     n = len(sigmas) - 1
     sigma_hat = churn_sigmas(sigmas, s_churn, s_tmin, s_tmax)
     steps = []
@@ -144,7 +143,7 @@ def euler(sigmas, *, s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0, conv
         r, one_minus_r = _ratio(sigma_hat[i], sigmas[i + 1])
         steps.append(_conv_row(conv, sigma_hat[i], a=r, b=one_minus_r))
     churn_rows, churn = _churn_rows(sigmas, sigma_hat, s_noise)
-    return _plan(steps + churn_rows, sigma_hat + [math.nan] * n, sigma_hat, churn=churn, churn_row=n)
+    return _plan(steps + churn_rows, sigma_hat + [math.nan] * len(churn_rows), sigma_hat, churn=churn, churn_row=n)
 
 
 def ancestral_step(sigma: float, sigma_next: float, eta: float) -> tuple[float, float]:
@@ -172,7 +171,7 @@ def heun(sigmas, *, s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0, conv:
     average of slopes ``x_hat + (d + d~)/2 * dt`` exactly (x_hat is eliminated through the predictor). The
     stored slope, not the predictor's D: its rounding in a 16-bit history enters times dt/2 (as in diffusers'
     stored derivative), where D's would enter times dt/(2 sigma_next), large when sigma_next << sigma_hat.
-    No corrector on a step to sigma_next = 0. Churn rows 2N..3N-1."""
+    No corrector on a step to sigma_next = 0. Churn rows 2N..3N-1 (none when no step churns)."""
     n = len(sigmas) - 1
     sigma_hat = churn_sigmas(sigmas, s_churn, s_tmin, s_tmax)
     pred, corr, seconds = [], [], []
@@ -337,7 +336,7 @@ def dpm_2(sigmas, *, s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0, conv
     """k-diffusion's ``sample_dpm_2`` (DPM-Solver-2 in sigma, midpoint in log sigma) with EDM churn: from sigma_hat,
     Euler to sigma_mid = sqrt(sigma_hat*sigma_next), then ``x' = x_hat + d(x2, sigma_mid)*(sigma_next - sigma_hat)``.
     The step to sigma_next = 0 is Euler (one model call). Rows: predictors 0..N-1, correctors N..2N-1, churn
-    noise 2N..3N-1."""
+    noise 2N..3N-1 (none when no step churns)."""
     n = len(sigmas) - 1
     sigma_hat = churn_sigmas(sigmas, s_churn, s_tmin, s_tmax)
     pred, corr, mids = map(list, zip(*(_dpm_2_rows(conv, sigma_hat[i], sigmas[i + 1], 0.0) for i in range(n))))

@@ -19,6 +19,14 @@ def run(out: str = "out/demo.png", *, method: str = "ge", steps: int = 20, n: in
 
     Returns a summary dict (backend, seconds, sample mean log-density vs that of exact samples).
     """
+    gmm, samples, exact, summary = sample_demo(method=method, steps=steps, n=n, seed=seed, backend=backend)
+    plot(gmm, samples, exact, out, summary)
+    return summary
+
+
+def sample_demo(*, method: str = "ge", steps: int = 20, n: int = 4000, seed: int = 0, backend: str = "auto"):
+    """The sampling half of :func:`run`: ``(gmm, samples (n, 2) float32, exact (n, 2) float64, summary)``, so that
+    a caller can tell a failing write (:func:`plot`) from a failing sampler."""
     from . import analytic, ops, schedules
     from .sampling import sample
 
@@ -34,11 +42,11 @@ def run(out: str = "out/demo.png", *, method: str = "ge", steps: int = 20, n: in
     summary = {"method": method, "steps": steps, "n": n, "backend": used, "seconds": seconds,
                "mean_log_density_samples": float(gmm.log_prob(samples.double()).mean()),
                "mean_log_density_exact": float(gmm.log_prob(exact).mean())}
-    _plot(gmm, samples, exact, out, summary)
-    return summary
+    return gmm, samples, exact, summary
 
 
-def _plot(gmm, samples, exact, out, summary):
+def plot(gmm, samples, exact, out: str, summary: dict) -> None:
+    """Write the PNG of :func:`run` to ``out``: the mixture's density beside ``samples`` (atomically)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -41,9 +41,15 @@ def seed_value(seed, batch: int):
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):  # Integral: numpy ints too
         raise TypeError(f"seed: expected an int or an int64 tensor, got {type(seed).__name__}")
     seed = int(seed)
-    if not -2 ** 63 <= seed < _U64:
-        raise ValueError(f"seed: expected an int in [-2**63, 2**64), got {seed}")
+    check_seed_range(seed)
     return seed - _U64 if seed >= 2 ** 63 else seed
+
+
+def check_seed_range(seed: int, name: str = "seed") -> None:
+    """Raise ValueError naming ``name`` unless the int ``seed`` is in [-2**63, 2**64): the int64 values and their
+    unsigned reading, the range of torch's generators and of the 64-bit Philox key."""
+    if not -2 ** 63 <= seed < _U64:
+        raise ValueError(f"{name}: expected an int in [-2**63, 2**64), got {seed}")
 
 
 def make_seed(seed, x: torch.Tensor) -> torch.Tensor:

@@ -70,6 +70,7 @@ def test_out_where_no_file_can_be_created_is_named_up_front(capsys, monkeypatch,
     monkeypatch.setattr(builtin, "generate", _boom)
     monkeypatch.setattr(builtin, "load_builtin", _boom)
     monkeypatch.setattr(demo, "run", _boom)
+    monkeypatch.setattr(demo, "sample_demo", _boom)  # (the command samples through it, then writes)
     monkeypatch.setattr(train, "train_denoiser", _boom)
     rc, _, err = _run([command, "--out", out, "--steps", "1"], capsys)
     assert rc == 2

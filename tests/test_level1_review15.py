@@ -81,7 +81,11 @@ def test_ddpm_custom_timesteps_any_sequence(values):
     assert torch.equal(ours.timesteps, stock.timesteps)
 
 
-@pytest.mark.parametrize("bad", [[["a"]], ["a"], [[900, 500]], []])
-def test_ddpm_bad_custom_timesteps_named(bad):
-    with pytest.raises(ValueError, match="DDPMScheduler: timesteps must be a non-empty strictly decreasing"):
+@pytest.mark.parametrize("bad,error,message", [
+    ([["a"]], TypeError, "timesteps: expected a 1-D sequence of numbers"),  # non-numbers: TypeError, as diffusers
+    (["a"], TypeError, "timesteps: expected a 1-D sequence of numbers"),
+    ([[900, 500]], ValueError, "timesteps: expected a 1-D sequence"), ([], ValueError, "timesteps: expected a 1-D"),
+    ([500, 900], ValueError, "timesteps must be a non-empty strictly decreasing")])
+def test_ddpm_bad_custom_timesteps_named(bad, error, message):
+    with pytest.raises(error, match=f"DDPMScheduler: {message}"):
         dd.DDPMScheduler().set_timesteps(timesteps=bad)

@@ -157,7 +157,8 @@ def test_plans_call_the_model_at_the_midpoint():
     assert plan.row_sigma[:4] == sig[:4]
     for i in range(3):
         assert plan.row_sigma[4 + i] == pytest.approx(math.sqrt(sig[i] * sig[i + 1]), rel=1e-15)
-    assert math.isnan(plan.row_sigma[7]) and plan.history and tuple(plan.table.shape) == (12, coefs.NCOEF)
+    # no churn: no churn rows (they would never run)
+    assert math.isnan(plan.row_sigma[7]) and plan.history and tuple(plan.table.shape) == (8, coefs.NCOEF)
     anc = coef_tables.dpmpp_2s_ancestral(sig, eta=1.0)
     for i in range(3):  # eta = 1: sigma_down = sigma_next^2/sigma, so the midpoint is sigma_next
         assert anc.row_sigma[4 + i] == pytest.approx(sig[i + 1], rel=1e-14)

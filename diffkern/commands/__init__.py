@@ -11,6 +11,20 @@ COMMANDS = ("demo", "sample", "trajectory", "likelihood", "bench", "train")
 # default (20): far past the step counts of convergence studies (hundreds), so no real use is refused.
 MAX_STEPS = 10000
 
+# Upper bound of train --steps. The default (3000) takes a few minutes on a CPU (~0.05 s a step), where the loss has
+# long flattened; 100000 steps (33 times that) are hours already, so only a typo (10**9: years) is refused.
+MAX_TRAIN_STEPS = 100000
+
+# Upper bounds of likelihood --levels and --samples. Each level is one model call over every row (point x sample) in
+# a Python loop, and the estimator builds its float64 grid of sigmas and control-variate weights, (levels, rows) each,
+# before the first call. --levels: 10000 is 156 times the default (64) and far past where the stratified grid's
+# standard error stops shrinking with levels. --samples: 100000 is 390 times the default (256), a standard error 20
+# times smaller. Their product with the number of points is bounded too (MAX_NOISED_POINTS): 2**27 level-rows are
+# a 2 GiB grid and ~6 minutes (~2.7 us each on the 2-core CI CPU); 10**6 levels x 10**6 samples would never start.
+MAX_LEVELS = 10000
+MAX_SAMPLES = 100000
+MAX_NOISED_POINTS = 2 ** 27
+
 
 def check_common(args) -> None:
     """Checks shared by the sampling commands: --sigma-min/--sigma-max (and --rho if present), --backend.
@@ -49,11 +63,18 @@ def check_backend(backend) -> None:
 def check_seed(seed: int) -> None:
     """--seed: an int in [-2**63, 2**64) (the range of torch's generators and of the Philox key, 64 bits);
     raises ValueError naming the flag (torch would fail later with 'Overflow when unpacking long long')."""
-    if not -2 ** 63 <= seed < 2 ** 64:
-        raise ValueError(f"--seed: expected an int in [-2**63, 2**64), got {seed}")
+    from ..sampler_loop import check_seed_range
+
+    check_seed_range(seed, "--seed")
 
 
 def check_steps(steps: int, flag: str = "--steps") -> None:
     """--steps: an int in [1, MAX_STEPS]; raises ValueError naming ``flag`` before any schedule is built."""
-    if not 1 <= steps <= MAX_STEPS:
-        raise ValueError(f"{flag}: expected an integer in [1, {MAX_STEPS}], got {steps}")
+    check_count(steps, flag, MAX_STEPS)
+
+
+def check_count(value: int, flag: str, most: int, least: int = 1) -> None:
+    """An int flag in [least, most] (a count bounded so that a typo cannot hang the command); raises ValueError
+    naming ``flag``. Call it before any work."""
+    if not least <= value <= most:
+        raise ValueError(f"{flag}: expected an integer in [{least}, {most}], got {value}")

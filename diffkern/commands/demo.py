@@ -3,9 +3,9 @@ from __future__ import annotations
 
 
 def _run(args) -> int:
-    from ..demo import run
+    from ..demo import plot, sample_demo
     from . import check_backend, check_method, check_seed, check_steps
-    from .sample import _check_out
+    from .sample import _check_out, _writing_out
 
     for flag in ("steps", "n"):
         if getattr(args, flag) < 1:
@@ -15,7 +15,10 @@ def _run(args) -> int:
     check_method(args.method)
     check_seed(args.seed)
     _check_out(args.out)
-    summary = run(args.out, method=args.method, steps=args.steps, n=args.n, seed=args.seed, backend=args.backend)
+    gmm, samples, exact, summary = sample_demo(method=args.method, steps=args.steps, n=args.n, seed=args.seed,
+                                               backend=args.backend)
+    with _writing_out(args.out):  # only the write: a failing sampler is not an --out error
+        plot(gmm, samples, exact, args.out, summary)
     print(f"sampled {summary['n']} points of a 2-D Gaussian mixture with {summary['method']} "
           f"({summary['steps']} steps) on backend {summary['backend']} in {summary['seconds']:.3f} s")
     print(f"mean log-density: samples {summary['mean_log_density_samples']:.3f}, "

@@ -92,7 +92,7 @@ def _run(args) -> int:
 
     from .. import analytic
     from ..likelihood import bits_per_dim, log_likelihood, ode_log_likelihood
-    from . import check_common
+    from . import MAX_LEVELS, MAX_NOISED_POINTS, MAX_SAMPLES, check_common, check_count
 
     check_common(args)  # --sigma-min/--sigma-max/--backend, named as flags
     if not 0 <= args.seed < 2 ** 31:  # unlike the sampling commands' 64-bit seeds: see the message
@@ -100,8 +100,8 @@ def _run(args) -> int:
                          f"seed * 2**32 + row in 64 bits), got {args.seed}")
     if args.samples < 2:
         raise ValueError(f"--samples: expected an int >= 2 (the standard error needs two repeats), got {args.samples}")
-    if args.levels < 1:
-        raise ValueError(f"--levels: expected an int >= 1, got {args.levels}")
+    check_count(args.samples, "--samples", MAX_SAMPLES, least=2)
+    check_count(args.levels, "--levels", MAX_LEVELS)
     if args.grid not in GRIDS:
         raise ValueError(f"--grid: expected one of {', '.join(GRIDS)}, got {args.grid!r}")
     if (args.points is None) == (args.file is None):
@@ -113,6 +113,11 @@ def _run(args) -> int:
         raise ValueError(f"{source}: the demo mixture is {gmm.dim}-D, got points with {points.shape[1]} coordinates")
     if not torch.isfinite(points.float()).all():  # the estimator runs in float32: 1e39 would become inf there
         raise ValueError(f"{source}: the points must be finite and within float32 range (|x| < 3.4e38)")
+    noised = args.levels * args.samples * points.shape[0]  # the estimator's grid holds them all: see MAX_NOISED_POINTS
+    if noised > MAX_NOISED_POINTS:
+        raise ValueError(f"--levels x --samples x points: {args.levels} x {args.samples} x {points.shape[0]} = "
+                         f"{noised} noised points, over the {MAX_NOISED_POINTS} whose grid is built before the first "
+                         f"model call (2 GiB); use fewer --levels or --samples")
     exact = gmm.log_prob(points)  # float64: tells how large the float32 accumulator's sums will be
     far = (exact.abs() > MAX_ABS_LOG_P).nonzero().flatten().tolist()
     if far:

@@ -15,8 +15,9 @@ def _values(who: str, name: str, values, dtype, at_least: int) -> np.ndarray:
     """A user's ``timesteps``/``sigmas`` (list, array or tensor) as a 1-D array cast to ``dtype`` as diffusers casts
     it (``np.array(values).astype(dtype)``: float timesteps truncate to int64), of at least ``at_least`` finite
     values."""
-    if isinstance(values, torch.Tensor):
-        values = values.detach().cpu().numpy()
+    if isinstance(values, torch.Tensor):  # (float64 first: numpy has no bfloat16; the upcast is exact)
+        values = values.detach().cpu()
+        values = (values.double() if values.is_floating_point() else values).numpy()
     try:
         raw = np.asarray(values, dtype=np.float64)
     except (TypeError, ValueError):
@@ -44,6 +45,24 @@ def from_timesteps(sched, timesteps, dtype, final: float) -> tuple[torch.Tensor,
     sig = np.interp(ts.astype(np.float64), np.arange(T), sched.train_sigmas.numpy()).tolist() + [final]
     _check_decreasing(who, "timesteps", sig, ts.tolist())
     return torch.from_numpy(ts.astype(np.float64)), sig
+
+
+def int_timesteps(who: str, timesteps, num_train_timesteps: int) -> torch.Tensor:
+    """DDPM's custom ``timesteps`` (list, array or tensor) as an int64 tensor (N,), floats truncated as diffusers
+    casts them; non-numbers raise TypeError (as diffusers' comparisons of them do), a schedule that is not strictly
+    decreasing in [0, num_train_timesteps) ValueError."""
+    if not isinstance(timesteps, torch.Tensor):
+        try:
+            numeric = np.asarray(timesteps).dtype.kind in "biuf"
+        except ValueError:  # ragged nesting
+            numeric = False
+        if not numeric:  # (numpy would read None as nan and "900" as 900; diffusers' comparisons refuse them)
+            raise TypeError(f"{who}: timesteps: expected a 1-D sequence of numbers, got {timesteps!r}")
+    ts = torch.from_numpy(_values(who, "timesteps", timesteps, np.int64, 1))
+    if (ts[1:] >= ts[:-1]).any() or ts[0] >= num_train_timesteps or ts[-1] < 0:
+        raise ValueError(f"{who}: timesteps must be a non-empty strictly decreasing list of ints in "
+                         f"[0, {num_train_timesteps})")
+    return ts
 
 
 def from_sigmas(sched, sigmas) -> tuple[torch.Tensor, list]:

@@ -57,13 +57,7 @@ class _VPScheduler(FusedScheduler):
         who = type(self).__name__
         T = self.config.num_train_timesteps
         if custom is not None:
-            custom = custom.detach().cpu() if isinstance(custom, torch.Tensor) else custom
-            try:  # as diffusers: floats truncated
-                ts = torch.from_numpy(np.array(custom, dtype=np.int64))
-            except (TypeError, ValueError):
-                ts = torch.empty(0)
-            if ts.dim() != 1 or ts.numel() == 0 or (ts[1:] >= ts[:-1]).any() or ts[0] >= T or ts[-1] < 0:
-                raise ValueError(f"{who}: timesteps must be a non-empty strictly decreasing list of ints in [0, {T})")
+            ts = scheduler_custom.int_timesteps(who, custom, T)
             self._set_schedule(ts, device, None)
             self._prev = ts.tolist()[1:] + [-1]
             return
