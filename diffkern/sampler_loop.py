@@ -366,6 +366,14 @@ def _run(loop: _Loop, plan: coef_tables.Plan) -> torch.Tensor:
     return loop.x
 
 
+def run_noisy(loop: _Loop, plan: coef_tables.Plan, eta: float = 1.0) -> torch.Tensor:
+    """:func:`_run`, with the loop's ``noise_sampler`` (if any) called where k-diffusion calls it
+    (:func:`sampler_compat.noise_calls`; ``eta`` the method's, which decides where it draws)."""
+    if loop.noise_sampler is not None:
+        loop.noise_calls = sampler_compat.noise_calls(loop.method, loop.sigmas, plan, eta)
+    return _run(loop, plan)
+
+
 def run_steps(loop: _Loop, plan: coef_tables.Plan) -> None:
     """Every sampler's loop: churn, first call and update, optional Heun corrector. It only launches work
     on buffers :meth:`_Loop.begin` allocated, so :mod:`diffkern.graphs` captures exactly this function."""

@@ -29,7 +29,9 @@ from . import sampler_compat as _compat
 from . import sampler_plans as _plans
 from . import samplers_adaptive as _adaptive
 from .sampler_loop import (Trajectory, _check_output, _is_fused, _Loop, _run, check_call, check_state,  # noqa: F401
-                           conversion_rows, host_sigmas, make_seed, run_steps, seed_value)
+                           conversion_rows, host_sigmas, make_seed, run_noisy, run_steps, seed_value)
+from .samplers_comfy import (sample_er_sde, sample_res_multistep, sample_res_multistep_ancestral,  # noqa: F401
+                             sample_sa_solver)
 
 #----------------------------------------------------------------------------
 # Public samplers.
@@ -55,7 +57,7 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
     (:mod:`diffkern.sampler_compat`), as in every sampler that takes one."""
     loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
                  method="euler_ancestral", noise_sampler=noise_sampler)
-    return _noisy(loop, _plans._plan_euler_ancestral(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise))
+    return run_noisy(loop, _plans._plan_euler_ancestral(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise))
 
 
 @torch.no_grad()
@@ -100,7 +102,7 @@ def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
     """k-diffusion's DPM-Solver-2 ancestral: the DPM-Solver-2 step to sigma_down, then s_noise*sigma_up noise."""
     loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
                  method="dpm_2_ancestral", noise_sampler=noise_sampler)
-    return _noisy(loop, _plans._plan_dpm_2_ancestral(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise))
+    return run_noisy(loop, _plans._plan_dpm_2_ancestral(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise))
 
 
 @torch.no_grad()
@@ -110,7 +112,7 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, 
     DPM-Solver++ to sigma_down (intermediate call at its log-midpoint), then s_noise*sigma_up noise."""
     loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
                  method="dpmpp_2s_ancestral", noise_sampler=noise_sampler)
-    return _noisy(loop, _plans._plan_dpmpp_2s_ancestral(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise))
+    return run_noisy(loop, _plans._plan_dpmpp_2s_ancestral(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise))
 
 
 @torch.no_grad()
@@ -131,7 +133,7 @@ def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
     "midpoint" or "heun" the second-order correction."""
     loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
                  method="dpmpp_2m_sde", noise_sampler=noise_sampler)
-    return _noisy(loop, _plans._plan_dpmpp_2m_sde(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise,
+    return run_noisy(loop, _plans._plan_dpmpp_2m_sde(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise,
                                                   solver_type=solver_type), eta)
 
 
@@ -143,7 +145,7 @@ def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
     that swap roles, no copies); eta = 0 is the deterministic DPM-Solver++(3M)."""
     loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
                  method="dpmpp_3m_sde", noise_sampler=noise_sampler)
-    return _noisy(loop, _plans._plan_dpmpp_3m_sde(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise), eta)
+    return run_noisy(loop, _plans._plan_dpmpp_3m_sde(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise), eta)
 
 
 @torch.no_grad()
@@ -169,7 +171,7 @@ def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=N
     ``noise_sampler`` is called twice per step, at (sigma, sigma_s) and (sigma, sigma_next), as k-diffusion's."""
     loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
                  method="dpmpp_sde", noise_sampler=noise_sampler)
-    return _noisy(loop, _plans._plan_dpmpp_sde(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise, r=r,
+    return run_noisy(loop, _plans._plan_dpmpp_sde(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise, r=r,
                                                explicit_noise=noise_sampler is not None))
 
 
@@ -201,7 +203,7 @@ def sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None, n
     to sigma = 0 returns D). For a consistency model D is its consistency function (boundary condition included)."""
     loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
                  method="lcm", noise_sampler=noise_sampler)
-    return _noisy(loop, _plans._plan_lcm(loop.sigmas, loop.conv, s_noise=s_noise))
+    return run_noisy(loop, _plans._plan_lcm(loop.sigmas, loop.conv, s_noise=s_noise))
 
 
 @torch.no_grad()
@@ -318,13 +320,6 @@ def sample_dpm_fast_sigmas(model, x, sigmas, extra_args=None, callback=None, dis
     return _run(loop, plan)
 
 
-def _noisy(loop: _Loop, plan, eta: float = 1.0) -> torch.Tensor:
-    """:func:`_run`, the noise_sampler called where k-diffusion calls it (:func:`sampler_compat.noise_calls`)."""
-    if loop.noise_sampler is not None:
-        loop.noise_calls = _compat.noise_calls(loop.method, loop.sigmas, plan, eta)
-    return _run(loop, plan)
-
-
 def dpm_fast_reported_sigmas(plan, sigmas: list) -> list:
     """The sigmas a dpm_fast loop reports to its callback (``sigmas[i]`` of call i): the sigma call i ran at, as
     the schedule's are unused, then the last non-zero one (where it ends). ``plan``: its unwindowed plan."""
@@ -342,59 +337,6 @@ def sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback
     sigmas = _dpm_fast.grid(*_dpm_fast.check_range(sigma_min, sigma_max), int(n))
     return sample_dpm_fast_sigmas(model, x, sigmas, extra_args, callback, disable, eta=eta, s_noise=s_noise,
                                   noise_sampler=noise_sampler, seed=seed, backend=backend, trajectory=trajectory, window=window)
-
-
-@torch.no_grad()
-def sample_res_multistep(model, x, sigmas, extra_args=None, callback=None, disable=None, s_noise=1.0,
-                         noise_sampler=None, *, eta=0.0, seed=None, backend=None, trajectory=None, window=None):
-    """RES multistep (ComfyUI's ``res_multistep``; :mod:`diffkern.coef_tables_res`): the second-order multistep
-    exponential integrator in D, one model call per step, history = the previous D; ``eta`` > 0 takes k-diffusion's
-    ancestral split (Philox noise, or ``noise_sampler`` called on every step to sigma_next > 0 as ComfyUI's, eta = 0
-    too). Positional settings in ComfyUI's order. x: (B, ...) float; returns the final state in x's dtype."""
-    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
-                 method="res_multistep", noise_sampler=noise_sampler)
-    return _noisy(loop, _plans._plan_res_multistep(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise))
-
-
-@torch.no_grad()
-def sample_res_multistep_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
-                                   s_noise=1.0, noise_sampler=None, *, seed=None, backend=None, trajectory=None,
-                                   window=None):
-    """ComfyUI's ``res_multistep_ancestral``: :func:`sample_res_multistep` with ``eta=1`` by default. x: (B, ...)
-    float; returns the final state in x's dtype."""
-    return sample_res_multistep(model, x, sigmas, extra_args, callback, disable, s_noise, noise_sampler, eta=eta,
-                                seed=seed, backend=backend, trajectory=trajectory, window=window)
-
-
-@torch.no_grad()
-def sample_er_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, s_noise=1.0, noise_sampler=None,
-                  noise_scaler=None, max_stage=3, *, seed=None, backend=None, trajectory=None, window=None):
-    """ER-SDE-Solver-3 (Cui et al. 2023; ComfyUI's ``er_sde``, its default noise scaler;
-    :mod:`diffkern.coef_tables_er_sde`): one model call per step, stages (orders) up to ``max_stage`` (1-3) from the previous two D, Philox noise scaled
-    by ``s_noise`` (or ``noise_sampler``, called where ComfyUI's is: steps to sigma_next > 0 when s_noise > 0);
-    ``noise_scaler`` None (ComfyUI's default) or ComfyUI's ``noise_scaler(lambda_tensor) -> tensor``, evaluated on
-    float64 CPU tensors. Positional settings in ComfyUI's order. x: (B, ...) float; returns the final state in x's
-    dtype."""
-    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
-                 method="er_sde", noise_sampler=noise_sampler)
-    return _noisy(loop, _plans._plan_er_sde(loop.sigmas, loop.conv, s_noise=s_noise, noise_scaler=noise_scaler,
-                                            max_stage=max_stage), s_noise)
-
-
-@torch.no_grad()
-def sample_sa_solver(model, x, sigmas, extra_args=None, callback=None, disable=None, *, predictor_order=2,
-                     corrector_order=2, tau=1.0, predict_x0=True, lower_order_final=True, seed=None, backend=None,
-                     trajectory=None, window=None):
-    """SA-Solver (Xue et al. 2023) as diffusers' ``SASolverScheduler`` runs it (:mod:`diffkern.coef_tables_sasolver`):
-    stochastic Adams predictor (orders 1-3) and corrector (orders 1-4) with diffusers' warm-up and
-    ``lower_order_final``, the corrector folded into the next step's row (one model call per step); ``tau`` the
-    stochasticity, a number or one per step (0: the ODE); data (``predict_x0``) or noise prediction; Philox noise.
-    x: (B, ...) float; returns the final state in x's dtype."""
-    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
-                 method="sa_solver")
-    return _run(loop, _plans._plan_sa_solver(loop.sigmas, loop.conv, predictor_order=predictor_order,
-                                             corrector_order=corrector_order, tau=tau, predict_x0=predict_x0,
-                                             lower_order_final=lower_order_final))
 
 
 SAMPLERS = {"euler": sample_euler, "euler_ancestral": sample_euler_ancestral, "heun": sample_heun,
