@@ -109,6 +109,36 @@ def check_covered(plan, calls: dict) -> None:
                 raise RuntimeError(f"noise_sampler: row {row} (step {i}) draws noise but has no noise_sampler call")
 
 #----------------------------------------------------------------------------
+# The callback's sigma and sigma_hat.
+
+
+def callback_sigmas(given, schedule: list, reported: list, sigma_hat: list):
+    """``pair(i) -> (sigma, sigma_hat)``, the 0-d tensors step i's callback reports, as k-diffusion's ``sigmas[i]``
+    and ``sigma_hat``. Built once per call, before the loop; ``pair`` makes no host synchronisation.
+
+    ``given``: the schedule as the caller passed it; ``schedule``: its host float64 copy (N+1 values);
+    ``reported``: the host sigma of each step (``schedule``, or dpm_fast's calls, :func:`~diffkern.samplers.
+    dpm_fast_reported_sigmas`); ``sigma_hat``: the plan's (after churn), N values. A floating tensor ``given`` gets
+    tensors on its device in its dtype: ``given[i]`` itself (a view) wherever the value is the schedule's own, else
+    an element of one table of the other values moved there here (a tensor made from a float at each step would be a
+    synchronising host-to-device copy). Any other ``given`` (a list, numpy array, integer tensor): float64 CPU
+    tensors, fresh at each step.
+    """
+    f64 = torch.float64
+    if not (isinstance(given, torch.Tensor) and given.is_floating_point()):
+        return lambda i: (torch.tensor(reported[i], dtype=f64), torch.tensor(sigma_hat[i], dtype=f64))
+    given, n = given.detach(), len(sigma_hat)
+    own = [r == s for r, s in zip(reported, schedule)]
+    own_hat = [h == s for h, s in zip(sigma_hat, schedule)]
+    table = None
+    if not all(own[:n]) or not all(own_hat):  # churn or dpm_fast's calls: values the schedule does not hold
+        table = torch.tensor(list(reported[:n]) + list(sigma_hat), dtype=f64).to(given.device, given.dtype)
+
+    def pair(i: int):
+        return (given[i] if own[i] else table[i]), (given[i] if own_hat[i] else table[n + i])
+    return pair
+
+#----------------------------------------------------------------------------
 # noise_sampler: the argument and what it returns.
 
 

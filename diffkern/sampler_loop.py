@@ -258,6 +258,7 @@ class _Loop:
         self.model, self.extra = model, dict(extra_args or {})
         self.callback, self.disable, self.backend = callback, disable, backend
         self.method, self.sigmas = method, host_sigmas(sigmas, method)
+        self.given = (sigmas, self.sigmas)  # the callback reports the schedule's own elements (k-diffusion's sigmas[i])
         self.window = check_window(window, len(self.sigmas) - 1)
         self.x = x.detach().clone(memory_format=torch.contiguous_format)
         self.seed = make_seed(seed, self.x)
@@ -293,6 +294,8 @@ class _Loop:
         x0_buffer = None if self.trajectory is None else self.trajectory.denoised
         self.op = LoopStep(self.x, self.table, None if rewritten else plan.table, self.seed, histories=self.histories,
                            x0_buffer=x0_buffer, backend=self.backend)
+        if self.callback is not None:
+            self.callback_sigmas = sampler_compat.callback_sigmas(*self.given, self.sigmas, plan.sigma_hat)
 
     def start(self) -> None:
         if self.trajectory is not None:
@@ -346,9 +349,9 @@ class _Loop:
         self.op.step(self.x, m, row, model_out_uncond=u, history=h, history2=h2, history3=h3, history_out=h_out,
                      noise=noise, out=out, x0_out=x0)
         if out is not self.x:
-            # sigma, sigma_hat: 0-d float64 CPU tensors, as k-diffusion's sigmas[i] (no device sync to make them)
-            self.callback({"x": self.x, "i": i, "sigma": torch.tensor(self.sigmas[i], dtype=torch.float64),
-                           "sigma_hat": torch.tensor(self.plan.sigma_hat[i], dtype=torch.float64), "denoised": x0})
+            # sigma, sigma_hat: 0-d tensors, as k-diffusion's sigmas[i] (sampler_compat.callback_sigmas; no sync)
+            sigma, sigma_hat = self.callback_sigmas(i)
+            self.callback({"x": self.x, "i": i, "sigma": sigma, "sigma_hat": sigma_hat, "denoised": x0})
             self.x = out
 
     def end(self, i: int) -> None:

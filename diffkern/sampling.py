@@ -42,6 +42,9 @@ def host_plan(method: str, knobs_: dict, sigmas) -> coef_tables.Plan:
     call (a 50-step plan costs 0.4 ms for euler_ancestral to 4.5 ms for er_sde to build on a CI core); a list-valued
     knob is not hashable and builds it afresh. Bad knobs raise as :func:`sample` does."""
     items = tuple(sorted(dict(knobs(method), **knobs_).items()))
+    if method not in sampler_plans.PLANS:  # dpm_adaptive: its steps are decided as it runs
+        raise ValueError(f"method: {method!r} has no plan to build before sampling (it decides its steps as it runs); "
+                         f"expected one of {sorted(sampler_plans.PLANS)}")
     sig = tuple(float(s) for s in sigmas)
     try:
         hash(items)
@@ -71,8 +74,10 @@ def sample(model, x, sigmas, method, *, backend=None, seed=0, callback=None, pro
         seed: int or int64 tensor (1,)/(B,) keying the Philox noise: same seed, same output. The default 0
             makes repeated calls identical; ``seed=None`` draws one from torch's global CPU generator.
         callback: called once per step with a dict ``x`` (state before the update), ``i``, ``sigma``,
-            ``sigma_hat`` (0-d float64 CPU tensors, as k-diffusion's ``sigmas[i]``) and ``denoised``; fresh tensors each step, which later steps never
-            overwrite (a callback may keep them, as k-diffusion's).
+            ``sigma_hat`` and ``denoised``. ``sigma``/``sigma_hat``: 0-d tensors as k-diffusion's ``sigmas[i]``, on
+            a floating tensor ``sigmas``' device in its dtype (no host sync), else float64 CPU
+            (:func:`diffkern.sampler_compat.callback_sigmas`); ``x`` and ``denoised`` fresh each step, which later
+            steps never overwrite (a callback may keep them, as k-diffusion's).
         progress: show a tqdm bar.
         record: also return ``{"x": (N+1, *x.shape), "denoised": (N, *x.shape)}`` trajectories.
         graph: False (eager), True (capture the whole N-step loop as one CUDA graph on the first call, replay it

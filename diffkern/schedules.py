@@ -144,8 +144,9 @@ def sample_sigmas(train_sigmas, steps: int) -> torch.Tensor:
     sigmas, ``idx_k = round(N*(1 - k/steps)) - 1`` for k < steps, then index 0. The schedule ends at
     ``train_sigmas[0]``, not 0. train_sigmas: (N,) increasing; returns (steps+1,) float64 CPU.
     For steps above about 2N/3 the last index is already 0, so the last two values repeat (as smalldiffusion's,
-    whose loop then takes a zero-length step); :func:`diffkern.sample` runs it with the one-step
-    samplers (``ge`` among them) and refuses it for the multistep ones (:data:`diffkern.sampler_compat.REPEATS_OK`)."""
+    whose loop then takes a zero-length step); :func:`diffkern.sample` runs it with the samplers of
+    :data:`diffkern.sampler_compat.REPEATS_OK` (the one-step ones, ``ge`` among them, and the multistep ``ipndm`` and
+    ``plms``) and refuses it for the others."""
     table = host_float64(train_sigmas, "train_sigmas")
     if table.dim() != 1 or table.numel() == 0:
         raise ValueError(f"sample_sigmas: train_sigmas must be a non-empty 1-D table, got shape {tuple(table.shape)}")

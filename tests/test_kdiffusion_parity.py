@@ -1,5 +1,6 @@
-"""k-diffusion parity of the sampler loop: the callback's ``sigma``/``sigma_hat`` are 0-d float64 CPU tensors (as
-k-diffusion's ``sigmas[i]``), and ``noise_sampler(sigma, sigma_next)`` is called where k-diffusion's samplers call it.
+"""k-diffusion parity of the sampler loop: the callback's ``sigma``/``sigma_hat`` are 0-d tensors as k-diffusion's
+``sigmas[i]`` (float64 CPU for the float64 CPU schedule here; other dtypes in test_leftovers16), and
+``noise_sampler(sigma, sigma_next)`` is called where k-diffusion's samplers call it.
 
 The oracles are k-diffusion's loops written out here as published (``sample_euler_ancestral``, ``_dpm_2_ancestral``,
 ``_dpmpp_2s_ancestral``, ``_dpmpp_sde``, ``_dpmpp_2m_sde``, ``_dpmpp_3m_sde``; ComfyUI's ``sample_lcm``), run in

@@ -53,7 +53,7 @@ def test_callback_and_record():
     y, traj = sample(gmm, x, sig, "heun", backend=REF, callback=callback, record=True, s_churn=1.0)
     assert [d["i"] for d in seen] == list(range(5))
     assert set(seen[0]) == {"x", "i", "sigma", "sigma_hat", "denoised"}
-    # 0-d float64 CPU tensors, as k-diffusion's sigmas[i] (test_kdiffusion_parity)
+    # 0-d tensors, as k-diffusion's sigmas[i] (test_kdiffusion_parity, test_leftovers16)
     assert all(isinstance(d["sigma"], torch.Tensor) and d["sigma"].dim() == 0 and d["sigma_hat"] >= d["sigma"]
                for d in seen)
     assert [d["sigma"].item() for d in seen] == sig[:-1].tolist()

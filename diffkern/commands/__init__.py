@@ -25,6 +25,15 @@ MAX_LEVELS = 10000
 MAX_SAMPLES = 100000
 MAX_NOISED_POINTS = 2 ** 27
 
+# Upper bound of train --batch. One denoiser step holds ~0.9 MB of activations per image (4096 images: 3.6 GB peak and
+# ~30 s a step on one CPU thread), and batches are drawn with replacement from the 1497 training images, so a batch
+# past them only repeats images; 2048 (32 times the default, 64) covers them all in ~1.8 GB.
+MAX_TRAIN_BATCH = 2048
+
+# Upper bound of demo --n. The exact denoiser, the exact samples and the scatter plot are all O(n) in memory: 10**6
+# points (250 times the default, 4000) already take ~1 GB and ~1 minute for 20 steps on the 2-core CI CPU.
+MAX_DEMO_POINTS = 10 ** 6
+
 
 def check_common(args) -> None:
     """Checks shared by the sampling commands: --sigma-min/--sigma-max (and --rho if present), --backend.

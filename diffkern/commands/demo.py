@@ -4,13 +4,14 @@ from __future__ import annotations
 
 def _run(args) -> int:
     from ..demo import plot, sample_demo
-    from . import check_backend, check_method, check_seed, check_steps
+    from . import MAX_DEMO_POINTS, check_backend, check_count, check_method, check_seed, check_steps
     from .sample import _check_out, _writing_out
 
     for flag in ("steps", "n"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag}: expected an integer >= 1, got {getattr(args, flag)}")
     check_steps(args.steps)
+    check_count(args.n, "--n", MAX_DEMO_POINTS)
     check_backend(args.backend)
     check_method(args.method)
     check_seed(args.seed)

@@ -1,7 +1,7 @@
 """``diffkern train``: retrain the built-in digits denoiser (or the quality metric's classifier)."""
 from __future__ import annotations
 
-from . import MAX_TRAIN_STEPS, check_count, check_seed
+from . import MAX_TRAIN_BATCH, MAX_TRAIN_STEPS, check_count, check_seed
 from .sample import _check_out, _writing_out
 
 
@@ -16,6 +16,8 @@ def _run(args) -> int:
             raise ValueError(f"--{flag}: expected an integer >= 1, got {getattr(args, flag)}")
     if args.steps is not None:
         check_count(args.steps, "--steps", MAX_TRAIN_STEPS)
+    if args.batch is not None:
+        check_count(args.batch, "--batch", MAX_TRAIN_BATCH)
     if not args.lr > 0:
         raise ValueError(f"--lr: expected a number > 0, got {args.lr}")
     if args.threads is not None:

@@ -107,6 +107,10 @@ def _check_args(args) -> dict:
     check_seed(args.seed)
     _check_out(args.out)
     chosen, labels = knob_flags.collect(args, args.method, check_method(args.method))
+    from ..samplers_adaptive import EAGER_ONLY  # after check_method, which imports the samplers first
+    if args.method in EAGER_ONLY:  # record=True would refuse it: a trajectory needs a fixed number of steps
+        raise ValueError(f"--method: {args.method} decides its number of steps as it runs, so it has no trajectory "
+                         f"of --steps steps to record and plot; choose a method with a fixed schedule (e.g. euler)")
     knob_flags.check(args.method, chosen, labels, schedules.karras(args.steps, args.sigma_min, args.sigma_max))
     return chosen
 
