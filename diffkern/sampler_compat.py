@@ -4,7 +4,8 @@ calls it, at which pair of sigmas, and the checks on what it returns.
 
 A ``noise_sampler(sigma, sigma_next) -> tensor like x`` replaces the Philox stream: the loop calls it on the host
 between the model call and the fused update, exactly where k-diffusion's ``sample_<method>`` calls it (same steps,
-same order, same pair of sigmas, given as 0-d float64 CPU tensors), and passes what it returns to the fused op as its
+same order, same pair of sigmas: 0-d tensors on a floating tensor schedule's device in its dtype, else float64 CPU,
+:func:`noise_sigmas`), and passes what it returns to the fused op as its
 ``noise``. It cannot run inside a CUDA graph replay (a Python call): graph paths refuse it; use ``seed=`` there.
 """
 from __future__ import annotations
@@ -109,7 +110,27 @@ def check_covered(plan, calls: dict) -> None:
                 raise RuntimeError(f"noise_sampler: row {row} (step {i}) draws noise but has no noise_sampler call")
 
 #----------------------------------------------------------------------------
-# The callback's sigma and sigma_hat.
+# The sigmas reported to the callback and the noise_sampler (k-diffusion's tensors).
+
+
+def on_device(given, schedule: list, wanted: list):
+    """``get(k) -> 0-d tensor`` of ``wanted[k] = (value, j)``, as k-diffusion's ``sigmas[j]`` or a sigma it computes,
+    on a floating tensor ``given``'s device in its dtype, with no host synchronisation in ``get``: ``given[j]`` itself
+    (a view) where ``j`` is not None and ``schedule[j] == value`` (the schedule's own element), else an element of
+    one table of the other values, moved there here, once, before the loop (a tensor made from a float at each step
+    would be a synchronising host-to-device copy). No table at all when every value is the schedule's own.
+    ``given``: the schedule as the caller passed it (a floating tensor); ``schedule``: its host float64 copy."""
+    given = given.detach()
+    own = [j is not None and 0 <= j < len(schedule) and schedule[j] == v for v, j in wanted]
+    table = None
+    if not all(own):  # churn, dpm_fast's grid, dpmpp_sde's midpoints: values the schedule does not hold
+        table = torch.tensor([v for v, _ in wanted], dtype=torch.float64).to(given.device, given.dtype)
+    return lambda k: given[wanted[k][1]] if own[k] else table[k]
+
+
+def floating_tensor(given) -> bool:
+    """Whether the reported sigmas follow ``given`` (a floating tensor: its device and dtype) or are float64 CPU."""
+    return isinstance(given, torch.Tensor) and given.is_floating_point()
 
 
 def callback_sigmas(given, schedule: list, reported: list, sigma_hat: list):
@@ -119,24 +140,32 @@ def callback_sigmas(given, schedule: list, reported: list, sigma_hat: list):
     ``given``: the schedule as the caller passed it; ``schedule``: its host float64 copy (N+1 values);
     ``reported``: the host sigma of each step (``schedule``, or dpm_fast's calls, :func:`~diffkern.samplers.
     dpm_fast_reported_sigmas`); ``sigma_hat``: the plan's (after churn), N values. A floating tensor ``given`` gets
-    tensors on its device in its dtype: ``given[i]`` itself (a view) wherever the value is the schedule's own, else
-    an element of one table of the other values moved there here (a tensor made from a float at each step would be a
-    synchronising host-to-device copy). Any other ``given`` (a list, numpy array, integer tensor): float64 CPU
-    tensors, fresh at each step.
+    tensors on its device in its dtype (:func:`on_device`: ``given[i]`` itself wherever the value is the schedule's
+    own). Any other ``given`` (a list, numpy array, integer tensor): float64 CPU tensors, fresh at each step.
     """
     f64 = torch.float64
-    if not (isinstance(given, torch.Tensor) and given.is_floating_point()):
+    if not floating_tensor(given):
         return lambda i: (torch.tensor(reported[i], dtype=f64), torch.tensor(sigma_hat[i], dtype=f64))
-    given, n = given.detach(), len(sigma_hat)
-    own = [r == s for r, s in zip(reported, schedule)]
-    own_hat = [h == s for h, s in zip(sigma_hat, schedule)]
-    table = None
-    if not all(own[:n]) or not all(own_hat):  # churn or dpm_fast's calls: values the schedule does not hold
-        table = torch.tensor(list(reported[:n]) + list(sigma_hat), dtype=f64).to(given.device, given.dtype)
+    n = len(sigma_hat)
+    get = on_device(given, schedule, [(r, i) for i, r in enumerate(reported[:n])] +
+                    [(h, i) for i, h in enumerate(sigma_hat)])
+    return lambda i: (get(i), get(n + i))
 
-    def pair(i: int):
-        return (given[i] if own[i] else table[i]), (given[i] if own_hat[i] else table[n + i])
-    return pair
+
+def noise_sigmas(given, schedule: list, calls: dict) -> dict:
+    """``calls`` (:func:`noise_calls`: ``{(i, first): (sigma, sigma_next)}`` of host floats) with each pair as
+    k-diffusion passes it to its noise_sampler: for a floating tensor ``given``, 0-d tensors on its device in its
+    dtype, made before the loop (:func:`on_device`; ``sigmas[i]``, ``sigmas[i + 1]`` themselves where the pair is
+    the step's, else the float64 value rounded once: dpmpp_sde's midpoint, dpm_fast's grid). Any other ``given``:
+    ``calls`` itself (:func:`draw` makes float64 CPU tensors of the floats at each call)."""
+    if not floating_tensor(given) or not calls:
+        return calls
+    keys, wanted = list(calls), []
+    for i, first in keys:  # step i's pair is k-diffusion's sigmas[i], sigmas[i + 1] where the values match
+        sigma, sigma_next = calls[(i, first)]
+        wanted += [(sigma, i), (sigma_next, i + 1)]
+    get = on_device(given, schedule, wanted)
+    return {key: (get(2 * k), get(2 * k + 1)) for k, key in enumerate(keys)}
 
 #----------------------------------------------------------------------------
 # noise_sampler: the argument and what it returns.
@@ -157,9 +186,10 @@ def check_noise_sampler(noise_sampler, x: torch.Tensor):
 
 
 def draw(noise_sampler, pair: tuple, x: torch.Tensor) -> torch.Tensor:
-    """``noise_sampler(sigma, sigma_next)`` (0-d float64 CPU tensors, as k-diffusion's ``sigmas[i]``), checked to be a
-    floating tensor of x's shape on x's device, in x's dtype (cast when another floating dtype)."""
-    sigma, sigma_next = (torch.tensor(v, dtype=torch.float64) for v in pair)
+    """``noise_sampler(sigma, sigma_next)``, checked to be a floating tensor of x's shape on x's device, in x's dtype
+    (cast when another floating dtype). ``pair``: two 0-d tensors (:func:`noise_sigmas`), passed as they are, or two
+    floats, passed as fresh 0-d float64 CPU tensors."""
+    sigma, sigma_next = (v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=torch.float64) for v in pair)
     noise = noise_sampler(sigma, sigma_next)
     if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
         what = f"a tensor of dtype {noise.dtype}" if isinstance(noise, torch.Tensor) else type(noise).__name__

@@ -280,6 +280,7 @@ class _Loop:
         self.plan = plan
         if self.noise_sampler is not None:
             sampler_compat.check_covered(plan, self.noise_calls)
+            self.noise_pairs = sampler_compat.noise_sigmas(*self.given, self.noise_calls)  # as k-diffusion's; no sync
         # Not an inference tensor, even under torch.inference_mode: the bound op (LoopStep) reads its version counter
         # to notice an in-place rewrite (the front-end caches its CPU table check on it: 200 cpp euler_ancestral
         # steps, 64 2-D points: 70 ms per call re-checking against 53 ms under no_grad)
@@ -344,7 +345,7 @@ class _Loop:
         # a corrector reads the value its step's first call just wrote as H (coef_tables.history_slots)
         h, h2, h3, h_out = coef_tables.history_slots(self.histories, i if first else i + 1)
         h_out = h_out if write_history else None
-        pair = self.noise_calls.get((i, first)) if self.noise_sampler is not None else None
+        pair = self.noise_pairs.get((i, first)) if self.noise_sampler is not None else None
         noise = None if pair is None else sampler_compat.draw(self.noise_sampler, pair, self.x)
         self.op.step(self.x, m, row, model_out_uncond=u, history=h, history2=h2, history3=h3, history_out=h_out,
                      noise=noise, out=out, x0_out=x0)

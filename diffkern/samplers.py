@@ -313,8 +313,14 @@ def sample_dpm_fast_sigmas(model, x, sigmas, extra_args=None, callback=None, dis
     ``sigma_hat`` the call's. x: (B, ...) float; returns the final state in x's dtype."""
     loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
                  method="dpm_fast", noise_sampler=noise_sampler)
+    return _run_dpm_fast(loop, eta, s_noise)
+
+
+def _run_dpm_fast(loop, eta: float, s_noise: float) -> torch.Tensor:
+    """:func:`sample_dpm_fast_sigmas`' loop on ``loop.sigmas``: its plan, its noise_sampler's calls, then the
+    reported sigmas (the calls')."""
     plan = _plans._plan_dpm_fast(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise)
-    if noise_sampler is not None:  # from the schedule, before the reported sigmas replace it
+    if loop.noise_sampler is not None:  # from the schedule, before the reported sigmas replace it
         loop.noise_calls = _compat.noise_calls("dpm_fast", loop.sigmas, plan)
     loop.sigmas = dpm_fast_reported_sigmas(plan, loop.sigmas)
     return _run(loop, plan)
@@ -332,11 +338,16 @@ def sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback
     """k-diffusion's ``sample_dpm_fast`` signature (``noise_sampler`` None: Philox noise): ``n`` model calls (an int
     >= 1) from sigma_max down to sigma_min (numbers or one-element tensors, 0 < sigma_min < sigma_max), as
     :func:`sample_dpm_fast_sigmas` on the log-linear schedule of n + 1 sigmas between them. ``trajectory``: n steps;
-    ``window``: of the n calls."""
+    ``window``: of the n calls. The callback's and noise_sampler's sigmas are 0-d tensors on a floating tensor
+    sigma_max's (else sigma_min's) device in its dtype, as k-diffusion's, else float64 CPU."""
     _dpm_fast.orders(n)  # checks n
     sigmas = _dpm_fast.grid(*_dpm_fast.check_range(sigma_min, sigma_max), int(n))
-    return sample_dpm_fast_sigmas(model, x, sigmas, extra_args, callback, disable, eta=eta, s_noise=s_noise,
-                                  noise_sampler=noise_sampler, seed=seed, backend=backend, trajectory=trajectory, window=window)
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
+                 method="dpm_fast", noise_sampler=noise_sampler)
+    like = next((s for s in (sigma_max, sigma_min) if _compat.floating_tensor(s)), None)
+    if like is not None:  # the grid there (one copy, before the loop): the reported sigmas are its elements
+        loop.given = (torch.tensor(loop.sigmas, dtype=torch.float64).to(like.device, like.dtype), loop.sigmas)
+    return _run_dpm_fast(loop, eta, s_noise)
 
 
 SAMPLERS = {"euler": sample_euler, "euler_ancestral": sample_euler_ancestral, "heun": sample_heun,

@@ -91,7 +91,8 @@ def sample(model, x, sigmas, method, *, backend=None, seed=0, callback=None, pro
             that draws no noise; None and ``(0, N)`` are the loop on its own.
         noise_sampler: None (Philox noise), or k-diffusion's ``noise_sampler(sigma, sigma_next) -> tensor like x``
             for the methods whose k-diffusion sampler takes one (:data:`diffkern.sampler_compat.NOISE_SAMPLERS`);
-            eager only (refused by ``graph=True``).
+            eager only (refused by ``graph=True``). Its sigmas: 0-d tensors as the callback's (dpm_adaptive's: float64
+            CPU; :func:`diffkern.sampler_compat.noise_sigmas`).
         **knob_values: the method's knobs; :func:`knobs` lists each method's with its defaults, and an unknown one
             raises TypeError. Churn: s_churn, s_tmin, s_tmax (euler, heun, dpm_2). Noise: s_noise (those and the
             stochastic methods), eta (the ancestral, SDE and res_multistep methods, dpm_fast, dpmsolver_3m), r

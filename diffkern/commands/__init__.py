@@ -34,6 +34,25 @@ MAX_TRAIN_BATCH = 2048
 # points (250 times the default, 4000) already take ~1 GB and ~1 minute for 20 steps on the 2-core CI CPU.
 MAX_DEMO_POINTS = 10 ** 6
 
+# Upper bound of demo --n x --steps: the loop's work is one model call per point and step (~1.2 us each, measured with
+# ge on the cpp backend on one CI CPU thread: 10**5 points x 200 steps in 24 s), so 10**8 point-steps is ~2 minutes.
+# It admits the default 4000 points at the most --steps (MAX_STEPS: 4 x 10**7) and the most points at 100 steps;
+# 10**6 points x 10**4 steps (~3 hours) is refused.
+MAX_DEMO_POINT_STEPS = 10 ** 8
+
+# Upper bounds of sample --batch and of --batch x --steps. The built-in denoiser holds ~0.25 MB per image while
+# sampling (measured: 1024 images peak at 0.5 GB RSS) and the grid PNG grows with the batch (4096 images: 7200 pixels
+# square at the default scale); 4096 is 64 times the default (64). Each image-step is one network call, ~1 ms on one
+# CI CPU thread (1024 images x 2 steps: 2.8 s), so 10**6 image-steps is ~15 minutes there (seconds on a GPU): it admits
+# the default batch at the most --steps (6.4 x 10**5) and the most images at 244 steps.
+MAX_SAMPLE_BATCH = 4096
+MAX_IMAGE_STEPS = 10 ** 6
+
+# Upper bound of trajectory --n. Both trajectories of every point are recorded, (steps+1, n, 2) float64 each, and each
+# point is one line on two panels (matplotlib draws them one by one): 1024 trajectories of the most --steps (10000)
+# take ~26 s and 1.3 GB (measured: 18 s sampling, 8 s plotting), 64 times the default (16) and far past a readable plot.
+MAX_TRAJECTORIES = 1024
+
 
 def check_common(args) -> None:
     """Checks shared by the sampling commands: --sigma-min/--sigma-max (and --rho if present), --backend.
@@ -80,6 +99,17 @@ def check_seed(seed: int) -> None:
 def check_steps(steps: int, flag: str = "--steps") -> None:
     """--steps: an int in [1, MAX_STEPS]; raises ValueError naming ``flag`` before any schedule is built."""
     check_count(steps, flag, MAX_STEPS)
+
+
+def check_product(counts: dict, most: int, what: str) -> None:
+    """The product of int flags ``counts`` ({flag: value}, each already checked) at most ``most`` (work that grows with
+    all of them); raises ValueError naming the flags, their product and ``what`` it counts. Call it before any work."""
+    import math
+
+    total = math.prod(counts.values())
+    if total > most:
+        raise ValueError(f"{' x '.join(counts)}: {' x '.join(str(v) for v in counts.values())} = {total} {what}, over "
+                         f"the {most} allowed; use fewer {' or '.join(counts)}")
 
 
 def check_count(value: int, flag: str, most: int, least: int = 1) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 def _run(args) -> int:
     from ..demo import plot, sample_demo
-    from . import MAX_DEMO_POINTS, check_backend, check_count, check_method, check_seed, check_steps
+    from . import (MAX_DEMO_POINT_STEPS, MAX_DEMO_POINTS, check_backend, check_count, check_method, check_product,
+                   check_seed, check_steps)
     from .sample import _check_out, _writing_out
 
     for flag in ("steps", "n"):
@@ -12,6 +13,7 @@ def _run(args) -> int:
             raise ValueError(f"--{flag}: expected an integer >= 1, got {getattr(args, flag)}")
     check_steps(args.steps)
     check_count(args.n, "--n", MAX_DEMO_POINTS)
+    check_product({"--n": args.n, "--steps": args.steps}, MAX_DEMO_POINT_STEPS, "point-steps")
     check_backend(args.backend)
     check_method(args.method)
     check_seed(args.seed)

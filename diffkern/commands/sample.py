@@ -4,7 +4,8 @@ from __future__ import annotations
 import contextlib
 import os
 
-from . import check_common, check_method, check_seed, check_steps, knob_flags
+from . import (MAX_IMAGE_STEPS, MAX_SAMPLE_BATCH, check_common, check_count, check_method, check_product, check_seed,
+               check_steps, knob_flags)
 
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 
@@ -115,8 +116,8 @@ def _run(args) -> int:
     from ..models import builtin
 
     check_steps(args.steps)
-    if args.batch < 1:
-        raise ValueError(f"--batch: expected an integer >= 1, got {args.batch}")
+    check_count(args.batch, "--batch", MAX_SAMPLE_BATCH)
+    check_product({"--batch": args.batch, "--steps": args.steps}, MAX_IMAGE_STEPS, "image-steps")
     if args.nrow is not None and args.nrow < 1:
         raise ValueError(f"--nrow: expected an integer >= 1, got {args.nrow}")
     if args.score and args.batch < 2:  # checked now: the metric would fail after the grid is written

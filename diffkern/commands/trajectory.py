@@ -9,7 +9,7 @@ so the pictures show the sampler alone.
 from __future__ import annotations
 
 from .._files import atomic_write
-from . import check_common, check_method, check_seed, check_steps, knob_flags
+from . import MAX_TRAJECTORIES, check_common, check_count, check_method, check_seed, check_steps, knob_flags
 from .sample import _check_out, _writing_out
 
 
@@ -101,6 +101,7 @@ def _check_args(args) -> dict:
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag}: expected an integer >= 1, got {getattr(args, flag)}")
     check_steps(args.steps)
+    check_count(args.n, "--n", MAX_TRAJECTORIES)
     if args.jump is not None and not 0 <= args.jump < args.steps:
         raise ValueError(f"--jump: expected a step in [0, {args.steps - 1}] (--steps {args.steps}), got {args.jump}")
     check_common(args)
