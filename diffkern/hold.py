@@ -169,6 +169,8 @@ class HOLD:
 
     def int_beta(self, t):
         """b = int_0^t beta(s) ds for float or tensor t."""
+        if self._xp is not None and isinstance(t, torch.Tensor):
+            self._xp.check_times(t)  # b(t) > 0 for some t < 0 with beta1 > 0: checked before it hides them
         if not self.beta1:  # 0 * t * t would be NaN at t = inf (or t * t overflowing) for a constant beta
             return self.beta0 * t
         return self.beta0 * t + 0.5 * self.beta1 * t * t

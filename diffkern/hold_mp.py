@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 _CACHE_SIZE = 1 << 14  # distinct b kept per process (a 1000-step table needs ~2000)
+_B_INF = 1e300  # b = inf is computed here: e^{-r b} underflows to 0, P(m+1, 2 r b) = 1 (exact to rounding)
 
 
 def digits(n: int) -> int:
@@ -116,7 +117,7 @@ class Law:
             if part == "a":
                 QA = (I @ c.cm_a).reshape(n, n)
                 return {"QA": _f64(QA), "LA": _f64(_chol(QA))}
-            pows = np.array([bd**k for k in range(n)], dtype=object)
+            pows = np.array([D(1)] + [bd**k for k in range(1, n)], dtype=object)  # decimal's 0**0 is an error
             E = (pows @ c.P).reshape(n, n) * (-c.r * bd).exp()
             Q = (I @ c.cm).reshape(n, n)
             S = Q + (E[:, 1:] @ E[:, 1:].T) * c.s0  # E Sigma_0 E^T without the x column (Sigma_0[0, 0] = 0)
@@ -137,14 +138,26 @@ class Law:
             self._cache.move_to_end(key)
         return hit
 
+    def check_times(self, t: torch.Tensor) -> None:
+        """Raise unless the forward times t (any shape) are >= 0 and not NaN (read on the host: one sync)."""
+        bad = t.detach()[(t.detach() < 0) | t.detach().isnan()]
+        if bad.numel():
+            raise ValueError(f"t: expected finite times >= 0, got {bad.reshape(-1)[0].item()} (order n = {self.n} > "
+                             f"F64_MAX_ORDER reads its times on the host)")
+
     def batch(self, b: torch.Tensor, name: str) -> torch.Tensor:
         """Result ``name`` (E, Q, S, L, w_z, w_eps; QA, LA) stacked over the float64 integrated times b (...), read on
         the host (a sync for a device tensor); float64 (..., [n, [n]]) on b's device."""
+        if b.requires_grad:  # the values are host constants: a silent detach would drop the gradient
+            raise ValueError(f"t: expected times without autograd history (order n = {self.n} > F64_MAX_ORDER computes "
+                             f"its laws on the host, not differentiably in t); pass t.detach()")
         flat = b.detach().to("cpu", torch.float64).reshape(-1).tolist()
-        for v in flat:
-            if not math.isfinite(v) or v < 0:
+        for i, v in enumerate(flat):
+            if math.isnan(v) or v < 0:
                 raise ValueError(f"t: expected finite times >= 0, got {v} (order n = {self.n} > F64_MAX_ORDER reads "
                                  f"its times on the host)")
+            if v == math.inf:  # a huge t's integrated time overflowed (or t = inf): the stationary law, as in float64
+                flat[i] = _B_INF
         part = "a" if name in ("QA", "LA") else "t"
         rows = [self.get(v, part)[name] for v in flat]
         shape = () if name == "w_eps" else (self.n,) if name == "w_z" else (self.n, self.n)
