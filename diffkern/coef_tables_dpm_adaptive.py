@@ -22,6 +22,9 @@ from .coef_tables_dpm_fast import _ddim_row, _eps_row, step_rows
 from .ops import coefs
 
 ORDERS = (2, 3)
+ACCEPT_MAX = 1.0 + math.pi / 2.0
+"""The limited step factor ``1 + atan(f - 1)`` stays below this, so an ``accept_safety`` at or above it accepts no
+attempt."""
 
 
 def attempt(conv: ct.Conv, sigma: float, target: float, order: int) -> tuple[list, list, list]:
@@ -109,7 +112,7 @@ def _number(value, name: str, *, nonnegative: bool = False) -> float:
 def check_knobs(order, rtol, atol, h_init, pcoeff, icoeff, dcoeff, accept_safety) -> dict:
     """The controller's knobs validated (errors name the knob): ``order`` 2 or 3; rtol, atol >= 0, not both 0 (the
     error divides by max(atol, rtol*|x|)); h_init finite and non-zero (k-diffusion takes its absolute value); the PID
-    coefficients and accept_safety finite."""
+    coefficients finite; accept_safety finite and below :data:`ACCEPT_MAX`."""
     if isinstance(order, bool) or not isinstance(order, numbers.Integral) or order not in ORDERS:
         raise ValueError(f"order: expected 2 or 3, got {order!r}")
     out = {"order": int(order), "rtol": _number(rtol, "rtol", nonnegative=True),
@@ -122,4 +125,8 @@ def check_knobs(order, rtol, atol, h_init, pcoeff, icoeff, dcoeff, accept_safety
     for name, value in (("pcoeff", pcoeff), ("icoeff", icoeff), ("dcoeff", dcoeff),
                         ("accept_safety", accept_safety)):
         out[name] = _number(value, name)
+    if out["accept_safety"] >= ACCEPT_MAX:
+        raise ValueError(f"accept_safety: expected a value below {ACCEPT_MAX} (1 + pi/2, the supremum of the limited "
+                         f"step factor 1 + atan(f - 1): no attempt could be accepted and the loop would never end), "
+                         f"got {out['accept_safety']!r}")
     return out

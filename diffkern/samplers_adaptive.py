@@ -20,7 +20,7 @@ import math
 import torch
 
 from . import coef_tables_dpm_adaptive as cda
-from . import graphs, sampler_compat, schedules
+from . import sampler_compat, schedules
 from .ops import coefs, randn, sampler_step
 from .sampler_loop import _check_output, _Loop, check_input_kept, host_sigmas, input_version
 from .sampler_plans import _knob
@@ -40,6 +40,8 @@ def check_graph(graph, method: str):
         raise ValueError(f"graph: {why} (graph=True); use graph=False")
     if graph != "auto":
         raise ValueError(f"graph: expected False, True or 'auto', got {graph!r}")
+    from . import graphs  # here: graphs imports samplers, which imports this module
+
     graphs.warn_once(f"graph='auto' runs eager: {why}", stacklevel=4)
     return False
 
@@ -91,11 +93,18 @@ def run(loop: _Loop, sigma_min: float, sigma_max: float, knobs: dict, eta: float
     prev = x.clone()  # k-diffusion's x_prev: the last accepted x_low, at first the start
     sig_dtype = torch.float64 if loop.fused else torch.promote_types(x.dtype, torch.float32)
     info = {"steps": 0, "nfe": 0, "n_accept": 0, "n_reject": 0}
-    s = t_start
+    s, resolution = t_start, torch.finfo(x.dtype).eps
     from tqdm.auto import tqdm
     with tqdm(disable=loop.disable) as pbar:
         while (s < t_end - 1e-5) if forward else (s > t_end + 1e-5):
             t = min(t_end, s + pid.h) if forward else max(t_end, s + pid.h)
+            # A step below the state's resolution (or lost to rounding in t) moves x by at most rounding, so x_low and
+            # x_high agree only by luck: k-diffusion's loop then runs forever (t == s) or all but (~1/h attempts)
+            if t == s or abs(pid.h) < resolution:
+                raise RuntimeError(f"dpm_adaptive: the step length h = {pid.h!r} in t = -ln(sigma) fell below what "
+                                   f"x's dtype {x.dtype} resolves ({resolution:.3g}) at sigma {math.exp(-s)!r} after "
+                                   f"{info['steps']} attempts: the error cannot meet rtol {knobs['rtol']} / atol "
+                                   f"{knobs['atol']} in this precision; raise rtol or atol")
             t_, su = cda.target(s, t, t_end, eta)
             rows, calls, launches = cda.attempt(loop.conv, math.exp(-s), math.exp(-t_), order)
             std = s_noise * su
@@ -174,7 +183,8 @@ def sample_dpm_adaptive(model, x, sigma_min, sigma_max, extra_args=None, callbac
     ``dcoeff``; a step is accepted when its factor is at least ``accept_safety``). ``eta`` > 0: k-diffusion's
     ancestral variant. x: (B, ...) float; returns the final state in x's dtype, and with ``return_info`` also
     ``{"steps", "nfe", "n_accept", "n_reject"}``. The callback gets k-diffusion's dict after every attempt (sigma,
-    sigma_hat, x, i, t, t_up, denoised, error, h and the counts)."""
+    sigma_hat, x, i, t, t_up, denoised, error, h and the counts). Raises RuntimeError where k-diffusion's loop would
+    not end: the controller's step h below x's dtype's resolution (rtol/atol beyond its precision)."""
     lo = schedules._check_positive(sigma_min, "sigma_min")
     hi = schedules._check_positive(sigma_max, "sigma_max")
     knobs = cda.check_knobs(order, rtol, atol, h_init, pcoeff, icoeff, dcoeff, accept_safety)
