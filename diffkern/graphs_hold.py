@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from .graphs import Call, Entry, GraphCaptureError, _index, fall_back, feed, run, wanted
-
 
 @torch.no_grad()
 def sample_hold(model, proc, shape, *, sampler="sscs", num_steps=500, spacing="linear", t_min=1e-3, denoise=True,
@@ -73,3 +71,7 @@ def sample_hold(model, proc, shape, *, sampler="sscs", num_steps=500, spacing="l
     if z is not None:
         out = z.copy_(out)  # the eager sampler updates a given z in place and returns it
     return out if return_state else out[:, : shape[1]]
+
+
+# Imported last: diffkern.graphs imports this module at its end, so either one can be imported first.
+from .graphs import Call, Entry, GraphCaptureError, _index, fall_back, feed, run, wanted  # noqa: E402

@@ -328,5 +328,18 @@ class DiffusersUNetDenoiser(VPDiscreteDenoiser):
         return out
 
 
-# The continuous-time wrappers (their networks take a float time or sigma, not a training-table timestep).
-from .wrappers_continuous import FlowDenoiser, KarrasDenoiser, VEDenoiser, VPContinuousDenoiser  # noqa: E402,F401
+# The continuous-time wrappers (their networks take a float time or sigma, not a training-table timestep), served
+# from their module on first access (PEP 562): an import at the end of this file made importing
+# diffkern.wrappers_continuous first a circular import.
+_CONTINUOUS = ("FlowDenoiser", "KarrasDenoiser", "VEDenoiser", "VPContinuousDenoiser")
+
+
+def __getattr__(name):
+    if name in _CONTINUOUS:
+        from . import wrappers_continuous
+        return getattr(wrappers_continuous, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_CONTINUOUS))
