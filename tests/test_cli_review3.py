@@ -125,3 +125,13 @@ def test_seed_range_refused_by_both_with_their_names(seed):
         check_seed(seed)
     with pytest.raises(ValueError, match=rf"^seed: {text}"):
         sampler_loop.seed_value(seed, 1)
+
+
+def test_sample_dpm_adaptive_reports_its_range_not_a_step_count(tmp_path, capsys):
+    """dpm_adaptive reads only the schedule's range and picks its own steps: the summary says so."""
+    out_png = tmp_path / "a.png"
+    rc, out, err = _run(["sample", "--method", "dpm_adaptive", "--batch", "2", "--out", str(out_png), "--no-progress"],
+                        capsys)
+    assert rc == 0, err
+    assert "with dpm_adaptive, adaptive steps from sigma 80 to 0.002, on cpu" in out and "karras steps" not in out
+    assert out_png.exists()

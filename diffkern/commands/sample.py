@@ -114,6 +114,7 @@ def _run(args) -> int:
 
     from .. import ops
     from ..models import builtin
+    from ..samplers_adaptive import EAGER_ONLY
 
     check_steps(args.steps)
     check_count(args.batch, "--batch", MAX_SAMPLE_BATCH)
@@ -146,8 +147,11 @@ def _run(args) -> int:
     with _writing_out(args.out):
         builtin.save_grid(images, args.out, nrow=args.nrow)
     knob_text = "".join(f", {k}={v:g}" if isinstance(v, float) else f", {k}={v}" for k, v in chosen.items())
+    steps_text = f"{args.steps} {args.schedule} steps"
+    if args.method in EAGER_ONLY:  # it reads only the schedule's range and picks its own steps
+        steps_text = f"adaptive steps from sigma {float(sigmas[0]):g} to {float(sigmas[sigmas > 0][-1]):g}"
     print(f"sampled {args.batch} images of shape {tuple(shape)} from the {args.model} model with "
-          f"{args.method}{knob_text}, {args.steps} {args.schedule} steps, on {device.type} with backend {used}")
+          f"{args.method}{knob_text}, {steps_text}, on {device.type} with backend {used}")
     print(f"time: {seconds:.3f} s in all (wall, first call included), {1e3 * seconds / args.batch:.2f} ms per image")
     if args.score:
         from ..quality import Scorer, nearest_train_distance
