@@ -13,8 +13,9 @@ transition depends only on the integrated time b = int_0^t beta; beta(t) = beta0
 
 All host maths is float64. Methods take t as a Python float or a float64 tensor of any shape
 (...) and return (..., n, n) tensors on t's device, so per-sample t for training needs no host sync
-(orders n <= F64_MAX_ORDER = 11; above it the same closed forms and the factors are computed in extended
-precision by :mod:`diffkern.hold_mp`, which reads the times on the host, and rounded to float64):
+(orders n <= F64_MAX_ORDER = 11, but for the factors ``ops.hold.f64_factor_orders`` routes; above it the same
+closed forms and the factors are computed in extended precision by :mod:`diffkern.hold_mp`, which reads the times
+on the host, and rounded to float64):
 
     transition(t)  E(t) = exp(F b) = e^{-r b} sum_k b^k N^k / k!         (N = F + r I, nilpotent)
     gramian(t)     Q(t) = sum_m C_m m!/(2r)^{m+1} P(m+1, 2 r b)           (cancellation-free, 3.2)
@@ -34,7 +35,7 @@ import torch
 from .hold_linalg import _mm, chol_psd, chol_rows
 # the state maps live beside the factors; importable from here as before
 from .hold_linalg import cld_to_hold_state, hold_to_cld_state, split_components  # noqa: F401
-from .ops.hold import F64_MAX_ORDER
+from .ops.hold import F64_MAX_ORDER, f64_factor_orders
 
 _F64 = torch.float64
 _BASE_X = 0.25  # the closed-form series run at 2 r b <= _BASE_X, then double (HOLD._law)
@@ -128,10 +129,14 @@ class HOLD:
         self._cm_a = self._gram_coefs(self._npow.transpose(-1, -2), g)
         self._cache: dict = {}
         self._xp = None  # above F64_MAX_ORDER the laws and factors come from diffkern.hold_mp (extended precision)
-        if n > F64_MAX_ORDER:
+        self._xpf = None  # below it, the factors float64 cannot carry for this (hsm, delta): parts "L" and/or "LA"
+        lim_t, lim_a = f64_factor_orders(self.hsm, self.delta)
+        self._xparts = frozenset(p for p, lim in (("L", lim_t), ("LA", lim_a)) if n > lim)
+        if self._xparts:
             from .hold_mp import Law  # lazily: decimal maths only for orders float64 cannot carry
 
-            self._xp = Law(n, rate, self.L, self.alpha, self.delta, self.hsm)
+            law = Law(n, rate, self.L, self.alpha, self.delta, self.hsm)
+            self._xp, self._xpf = (law, None) if n > F64_MAX_ORDER else (None, law)
 
     @staticmethod
     def _gram_coefs(npow: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -174,6 +179,15 @@ class HOLD:
         if not self.beta1:  # 0 * t * t would be NaN at t = inf (or t * t overflowing) for a constant beta
             return self.beta0 * t
         return self.beta0 * t + 0.5 * self.beta1 * t * t
+
+    def _ext(self, part: str, t=None):
+        """The extended-precision law serving ``part`` ("L": L_t and the x0 weights; "LA": chol Q_A), or None (float64).
+        With forward times ``t`` for a factor routed below F64_MAX_ORDER, checks them first (int_beta did not)."""
+        if self._xp is not None or part not in self._xparts:
+            return self._xp
+        if isinstance(t, torch.Tensor):
+            self._xpf.check_times(t)
+        return self._xpf
 
     def _const(self, name: str, device) -> torch.Tensor:
         key = (name, str(device))
@@ -269,9 +283,10 @@ class HOLD:
         return self._law(self._as_b(b, "b"), "_cm_a", transpose=True)[1]
 
     def a_chol(self, b) -> torch.Tensor:
-        """chol Q_A(b), the SSCS noise factor (lower, zero columns where Q_A is singular); (..., n, n) float64."""
-        if self._xp is not None:
-            return self._xp.batch(self._as_b(b, "b"), "LA")
+        """chol Q_A(b), the SSCS noise factor (lower, zero columns where Q_A is singular); (..., n, n) float64.
+        Extended precision from n = 6 (float64 loses its digits: ``ops.hold.f64_factor_orders``)."""
+        if self._ext("LA") is not None:
+            return self._ext("LA").batch(self._as_b(b, "b"), "LA")
         return chol_psd(self.a_cov(b))
 
     # ---------------------------------------------------------------- closed forms in forward time t
@@ -306,11 +321,15 @@ class HOLD:
         """L_t = chol(Sigma_t + delta I), lower-triangular; (..., n, n) float64.
 
         Computed from the square root [E Sigma_0^{1/2}, chol(Q), sqrt(delta) I] by :func:`chol_rows`, never
-        from Sigma_t itself, which is too ill-conditioned at small t under HSM (``delta = 0`` stays exact).
+        from Sigma_t itself, which is too ill-conditioned at small t under HSM (``delta = 0`` stays exact). Orders
+        above ``f64_factor_orders(hsm, delta)[0]`` (without jitter DSM n >= 5, HSM n >= 9) take L_t from the extended
+        path instead (``ops.hold.f64_factor_orders``; the times are read on the host: one sync for a device tensor).
         """
-        b = self.int_beta(self._as_b(t))
-        if self._xp is not None:
-            return self._xp.batch(b, "L")
+        t = self._as_b(t)
+        xp = self._ext("L", t)
+        b = self.int_beta(t)
+        if xp is not None:
+            return xp.batch(b, "L")
         E, Lq = self.transition_b(b), chol_psd(self.gramian_b(b))
         jit = math.sqrt(self.delta) * torch.eye(self.order, dtype=_F64, device=b.device)
         return chol_rows(torch.cat([E @ self.cov0(b.device).sqrt(), Lq, jit.expand_as(Lq)], dim=-1))
@@ -339,9 +358,10 @@ class HOLD:
         b = self._as_b(t)
         if self.order > 1 and not isinstance(t, torch.Tensor) and float(t) == 0:
             raise ValueError("t: x0 prediction from eps_hat needs t > 0 for order >= 2 (z_n is independent of x0 at t = 0)")
-        if self._xp is not None:  # the triangular solve below would lose the small pivots' digits
+        xp = self._ext("L", b)
+        if xp is not None:  # the triangular solve below would lose the small pivots' digits
             bb = self.int_beta(b)
-            return self._xp.batch(bb, "w_z"), self._xp.batch(bb, "w_eps")
+            return xp.batch(bb, "w_z"), xp.batch(bb, "w_eps")
         c = self.transition(b)[..., :, 0]  # (..., n)
         Lt = self.chol(b)
         n = self.order
@@ -369,10 +389,11 @@ class HOLD:
     def perturb_matrices(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample (mean_mat (B, n, 1), chol (B, n, n)) float64 for :meth:`perturb`; t (B,) on any device.
 
-        Orders n <= F64_MAX_ORDER compute on t's device without a host sync. Above it the matrices come from
-        :mod:`diffkern.hold_mp` on the host: t is copied to the CPU (one sync per call) and each new time costs
-        O(n^3) extended-precision operations (~ms; times seen before are cached), so per-sample training times
-        at such orders are host-bound.
+        Orders n <= F64_MAX_ORDER compute on t's device without a host sync, unless L_t is routed to the extended
+        path (``ops.hold.f64_factor_orders``: without jitter DSM n >= 5, HSM n >= 9; with it DSM n >= 8), which syncs
+        as above F64_MAX_ORDER. Above it the matrices come from :mod:`diffkern.hold_mp` on the host: t is copied to
+        the CPU (one sync per call) and each new time costs O(n^3) extended-precision operations (~ms; times seen
+        before are cached), so per-sample training times at such orders are host-bound.
         """
         b = self._as_b(t)
         return self.transition(b)[..., :, :1].contiguous(), self.chol(b).contiguous()

@@ -33,7 +33,7 @@ import math
 import torch
 
 from .hold import HOLD, chol_psd, chol_rows
-from .ops.hold import F64_MAX_ORDER
+from .ops.hold import F64_MAX_ORDER, f64_factor_orders
 
 _F64 = torch.float64
 _GL = (0.5 - math.sqrt(15) / 10, 0.5, 0.5 + math.sqrt(15) / 10)  # Gauss-Legendre nodes on [0, 1]
@@ -43,11 +43,15 @@ MAX_SUBSTEPS = 1 << 12
 def chol_b(proc: HOLD, b: torch.Tensor) -> torch.Tensor:
     """L = chol(Sigma + delta I) at integrated time b (...) float64 -> (..., n, n); equals ``proc.chol(t)`` at b(t).
 
-    Refused above F64_MAX_ORDER: the flow needs W(b) at thousands of times (every Magnus node), the float64 factor
-    loses its digits there and the extended-precision one (:mod:`diffkern.hold_mp`) costs milliseconds per time.
+    Refused above the order whose float64 L_t diffkern trusts (``ops.hold.f64_factor_orders``: F64_MAX_ORDER = 11
+    for HSM with the default jitter, less for DSM or delta < 1e-9): the flow needs W(b) at thousands of times (every
+    Magnus node), the float64 factor loses its digits there and the extended-precision one (:mod:`diffkern.hold_mp`)
+    costs milliseconds per time.
     """
-    if proc.order > F64_MAX_ORDER:
-        raise ValueError(f"proc: the 'ode_flow' flow map supports orders n <= F64_MAX_ORDER = {F64_MAX_ORDER}, got "
+    limit = f64_factor_orders(proc.hsm, proc.delta)[0]
+    if proc.order > limit:
+        raise ValueError(f"proc: the 'ode_flow' flow map supports orders n <= {limit} for hsm={proc.hsm}, "
+                         f"delta={proc.delta:g} (F64_MAX_ORDER = {F64_MAX_ORDER} for HSM with delta >= 1e-9), got "
                          f"order n = {proc.order} (its float64 Cholesky factors lose their digits above; use 'sscs', "
                          f"'em', 'ode' or 'ode_exp')")
     E, Lq = proc.transition_b(b), chol_psd(proc.gramian_b(b))

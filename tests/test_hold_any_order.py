@@ -15,7 +15,7 @@ from diffkern import hold_mp
 from diffkern.hold import HOLD, chol_psd
 from diffkern.hold_sampling import GaussianMixture, GaussianMixtureScore, exp_ode_rows, sample, sampler_table, time_grid
 from diffkern.ops import BackendUnavailable
-from diffkern.ops.hold import F64_MAX_ORDER, hold_transition, transition_table
+from diffkern.ops.hold import F64_MAX_ORDER, f64_factor_orders, hold_transition, transition_table
 from test_hold_math_review import ALPHA, L_INV, mp_drift, mp_law, moment_check, normalized, to_np
 
 F64 = torch.float64
@@ -116,7 +116,8 @@ def test_float64_path_unchanged_up_to_f64_max_order():
     proc = HOLD(F64_MAX_ORDER)
     assert proc._xp is None and HOLD(F64_MAX_ORDER + 1)._xp is not None
     b = torch.tensor([1e-3, 0.2, 3.0], dtype=F64)
-    assert torch.equal(proc.a_chol(b), chol_psd(proc.a_cov(b)))
+    low = HOLD(f64_factor_orders(True, 1e-9)[1])  # chol Q_A is float64 up to there (tests/test_hold_f64_accuracy.py)
+    assert torch.equal(low.a_chol(b), chol_psd(low.a_cov(b)))
 
 
 @pytest.mark.parametrize("n", (12, 16))
@@ -158,9 +159,15 @@ def test_other_samplers_run_and_ode_flow_is_refused():
     for sampler in ("em", "ode", "ode_exp"):
         table = sampler_table(proc, grid, sampler)
         assert table.shape == (7, n, 2 * n + 1) and torch.isfinite(table).all()
-    with pytest.raises(ValueError, match="proc: the 'ode_flow' flow map supports orders n <= F64_MAX_ORDER = 11, "
-                                         "got order n = 12"):
+    with pytest.raises(ValueError, match=r"proc: the 'ode_flow' flow map supports orders n <= 11 for hsm=True, "
+                                         r"delta=1e-09 \(F64_MAX_ORDER = 11 .*got order n = 12"):
         sampler_table(proc, grid, "ode_flow")
+    # below F64_MAX_ORDER too where float64's L_t is not trusted (DSM without jitter: n <= 4)
+    dsm = HOLD(5, hsm=False, delta=0.0)
+    with pytest.raises(ValueError, match="supports orders n <= 4 for hsm=False, delta=0 .*got order n = 5"):
+        sampler_table(dsm, time_grid(dsm, 4), "ode_flow")
+    ok = HOLD(4, hsm=False, delta=0.0)
+    assert torch.isfinite(sampler_table(ok, time_grid(ok, 4), "ode_flow", denoise=False)).all()
     # ode_exp's rotation at a high order: a float64 matrix exponential of a skew matrix, checked against mpmath
     b = torch.tensor([0.3], dtype=F64)
     K, _ = exp_ode_rows(HOLD(16), b, torch.ones(1, dtype=F64))

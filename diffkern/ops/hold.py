@@ -37,10 +37,28 @@ MAX_ORDER = 8  # kernels unroll over n; n <= 8 covers every published HOLD order
 # The reference backend runs any order n >= 1 (the ops are affine maps; nothing in them loses precision with n).
 # F64_MAX_ORDER is where diffkern.hold's float64 host maths stops: E(t), Sigma_t and Q_A stay within 1e-13
 # (normalized, vs 200 digits) up to n = 20, but their Cholesky factors (L_t, the SSCS noise factor chol Q_A) fall
-# off a cliff after n = 11: normalized L L^T error 4e-14 at n = 11, 2e-2 at n = 12 (the conditional covariances'
-# correlations approach +-1 faster than float64 resolves), L_t[n, n] 2e-9 -> 0.2. Above it diffkern.hold_mp
-# computes the same closed forms and factors in extended precision and rounds them to float64.
+# off a cliff after n = 11 (HSM, delta = 1e-9; earlier without jitter, under DSM and for Q_A): normalized L L^T
+# error 4e-14 at n = 11, 2e-2 at n = 12 (the conditional covariances' correlations approach +-1 faster than float64
+# resolves), L_t[n, n] 2e-9 -> 0.2. Above it diffkern.hold_mp computes the same closed forms and factors in extended
+# precision and rounds them to float64. Up to it, the factors float64 cannot carry for a given (hsm, delta) come from
+# there too: see f64_factor_orders.
 F64_MAX_ORDER = 11
+
+
+def f64_factor_orders(hsm: bool, delta: float) -> tuple[int, int]:
+    """(highest order whose float64 L_t and x0 weights, highest order whose float64 chol Q_A) diffkern.hold trusts.
+
+    Measured against the extended path on b in [1e-6, 10] (relative error of L_t[n, n]; L_t per row scale and the x0
+    weight w_eps, b <= 4, are alike): without a jitter the small-b correlation matrix of Q is Hilbert-like (condition
+    ~34^n), so DSM's L_t[n, n] is off by 4e-12 at n = 4, 1.3e-10 at n = 5, 4e-2 at n = 11, and HSM's by 4e-11 at n = 8,
+    3e-10 at n = 9; a jitter 0 < delta < 1e-9 does no worse. delta >= 1e-9 bounds the conditioning: L_t to 2e-11 at
+    n = 11, w_eps 6e-12 (HSM) but 2e-10 from n = 8 (DSM). chol Q_A does not depend on Sigma_0 or delta: 1e-11 at n = 5,
+    6e-10 at n = 6, 1e-2 at n = 11. Above these orders HOLD computes those factors in extended precision (host sync).
+    """
+    if delta >= 1e-9:
+        return (F64_MAX_ORDER if hsm else 7), 5
+    return (8 if hsm else 4), 5
+
 
 #----------------------------------------------------------------------------
 # Table layout.
