@@ -30,27 +30,32 @@ def oracle_dps(n: int, b: float) -> int:
     return 40 + 3 * n + int((2 * n - 1) * max(0.0, -math.log10(b)))
 
 
+def mp_factor_and_weights(n: int, t: float, hsm: bool = True, delta: float = 0.0):
+    """(E, L = chol(Sigma_t + delta I), Sigma_t + delta I, w_z, w_eps) rounded to float64 from mpmath (beta = 1:
+    b = t); w_z, w_eps are the x0 weights through L's last row (the x0 of z and the network's eps_hat)."""
+    dps = oracle_dps(n, t)
+    E, S = mp_law(n, t, hsm=hsm, delta=delta, dps=dps)
+    with mpmath.workdps(dps):
+        Lm = mpmath.cholesky(S)
+        c = E[:, 0]
+        u = mpmath.lu_solve(Lm[: n - 1, : n - 1].T, Lm[n - 1, : n - 1].T)
+        den = c[n - 1] - sum(u[i] * c[i] for i in range(n - 1))
+        w_z = to_np(mpmath.matrix([-u[i] for i in range(n - 1)] + [1]) / den)[:, 0]
+        return to_np(E), to_np(Lm), to_np(S), w_z, float(-Lm[n - 1, n - 1] / den)
+
+
 @pytest.mark.parametrize("n,t,delta", [(12, 1e-3, 0.0), (12, 0.7, 1e-9), (16, 0.05, 1e-9), (24, 0.3, 0.0)])
 def test_factors_are_the_rounded_exact_ones(n, t, delta):
     """chol(Sigma_t + delta I), E, Sigma and the x0 weights against mpmath at n = 12..24 (float64 lost every digit of
     L_t[n, n] here: 0.2 relative at n = 12)."""
     proc = HOLD(n, L=1 / L_INV, alpha=ALPHA, delta=delta)
-    dps = oracle_dps(n, t)
-    E, S = mp_law(n, t, delta=delta, dps=dps)
-    with mpmath.workdps(dps):
-        Lref = mpmath.cholesky(S)
-        c = E[:, 0]
-        u = mpmath.lu_solve(Lref[: n - 1, : n - 1].T, Lref[n - 1, : n - 1].T)
-        den = c[n - 1] - sum(u[i] * c[i] for i in range(n - 1))
-        w_ref = to_np(mpmath.matrix([-u[i] for i in range(n - 1)] + [1]) / den)[:, 0]
-        we_ref = float(-Lref[n - 1, n - 1] / den)
-    Lr, Sr = to_np(Lref), to_np(S)
+    E, Lr, Sr, w_ref, we_ref = mp_factor_and_weights(n, t, delta=delta)
     got = proc.chol(torch.tensor([t], dtype=F64))[0].numpy()
     scale = np.sqrt(np.diag(Sr))[:, None]
     assert (np.abs(got - Lr) <= ROUND_TOL * scale).all(), np.abs(got - Lr).max()
     assert abs(got[-1, -1] - Lr[-1, -1]) <= 2 * EPS * Lr[-1, -1]  # the score scale, relative
     assert normalized(proc.cov(t, jitter=True).numpy(), Sr) <= ROUND_TOL
-    np.testing.assert_allclose(proc.transition(t).numpy(), to_np(E), rtol=0, atol=ROUND_TOL)
+    np.testing.assert_allclose(proc.transition(t).numpy(), E, rtol=0, atol=ROUND_TOL)
     w_z, w_e = proc.x0_coefficients(t)
     np.testing.assert_allclose(w_z.numpy(), w_ref, rtol=ROUND_TOL, atol=ROUND_TOL * np.abs(w_ref).max())
     assert abs(float(w_e) - we_ref) <= ROUND_TOL * abs(we_ref)

@@ -16,6 +16,7 @@ import torch
 from diffkern.hold import HOLD
 from diffkern.hold_linalg import chol_psd, chol_rows
 from diffkern.ops.hold import F64_MAX_ORDER, f64_factor_orders
+import test_hold_any_order as any_order
 from test_hold_any_order import EPS, ROUND_TOL, oracle_dps
 from test_hold_math_review import ALPHA, L_INV, mp_law, to_np
 
@@ -24,15 +25,7 @@ F64 = torch.float64
 
 def mp_factor_and_weights(n: int, t: float, hsm: bool, delta: float):
     """(L = chol(Sigma_t + delta I), Sigma_t + delta I, w_z, w_eps) rounded to float64 from mpmath (beta = 1: b = t)."""
-    dps = oracle_dps(n, t)
-    E, S = mp_law(n, t, hsm=hsm, delta=delta, dps=dps)
-    with mpmath.workdps(dps):
-        Lm = mpmath.cholesky(S)
-        c = E[:, 0]
-        u = mpmath.lu_solve(Lm[: n - 1, : n - 1].T, Lm[n - 1, : n - 1].T)
-        den = c[n - 1] - sum(u[i] * c[i] for i in range(n - 1))
-        w_z = to_np(mpmath.matrix([-u[i] for i in range(n - 1)] + [1]) / den)[:, 0]
-        return to_np(Lm), to_np(S), w_z, float(-Lm[n - 1, n - 1] / den)
+    return any_order.mp_factor_and_weights(n, t, hsm, delta)[1:]
 
 
 # the worst (n, mode, delta, t) of a sweep over t in [1e-6, 10] per order; t = 1e-3 is the samplers' default t_min
