@@ -44,6 +44,15 @@ def mp_factor_and_weights(n: int, t: float, hsm: bool = True, delta: float = 0.0
         return to_np(E), to_np(Lm), to_np(S), w_z, float(-Lm[n - 1, n - 1] / den)
 
 
+def mp_a_chol(n: int, b: float):
+    """(chol Q_A(b), Q_A(b)) rounded to float64 from mpmath, Q_A = (I - E^T E) / L (L = 1 / L_INV)."""
+    dps = oracle_dps(n, b)
+    E, _ = mp_law(n, b, dps=dps)
+    with mpmath.workdps(dps):
+        QA = (mpmath.eye(n) - E.T * E) * mpmath.mpf(L_INV)
+        return to_np(mpmath.cholesky(QA)), to_np(QA)
+
+
 @pytest.mark.parametrize("n,t,delta", [(12, 1e-3, 0.0), (12, 0.7, 1e-9), (16, 0.05, 1e-9), (24, 0.3, 0.0)])
 def test_factors_are_the_rounded_exact_ones(n, t, delta):
     """chol(Sigma_t + delta I), E, Sigma and the x0 weights against mpmath at n = 12..24 (float64 lost every digit of
@@ -66,11 +75,7 @@ def test_a_part_factor_against_mpmath(n):
     """The SSCS noise factor chol Q_A(b), Q_A = (I - E^T E) / L, at a small and a moderate half-step."""
     proc = HOLD(n, L=1 / L_INV, alpha=ALPHA)
     for b in (2e-3, 0.4):
-        dps = oracle_dps(n, b)
-        E, _ = mp_law(n, b, dps=dps)
-        with mpmath.workdps(dps):
-            QA = (mpmath.eye(n) - E.T * E) * mpmath.mpf(L_INV)
-            ref, QAr = to_np(mpmath.cholesky(QA)), to_np(QA)
+        ref, QAr = mp_a_chol(n, b)
         got = proc.a_chol(torch.tensor(b, dtype=F64)).numpy()
         assert (np.abs(got - ref) <= ROUND_TOL * np.sqrt(np.diag(QAr))[:, None]).all(), b
         assert normalized(proc.a_cov(b).numpy(), QAr) <= ROUND_TOL

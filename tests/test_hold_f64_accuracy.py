@@ -8,7 +8,6 @@ tests/test_hold_any_order.py).
 """
 from __future__ import annotations
 
-import mpmath
 import numpy as np
 import pytest
 import torch
@@ -17,8 +16,8 @@ from diffkern.hold import HOLD
 from diffkern.hold_linalg import chol_psd, chol_rows
 from diffkern.ops.hold import F64_MAX_ORDER, f64_factor_orders
 import test_hold_any_order as any_order
-from test_hold_any_order import EPS, ROUND_TOL, oracle_dps
-from test_hold_math_review import ALPHA, L_INV, mp_law, to_np
+from test_hold_any_order import EPS, ROUND_TOL
+from test_hold_math_review import ALPHA, L_INV
 
 F64 = torch.float64
 
@@ -74,11 +73,7 @@ def test_a_part_factor_routed_above_order_5(n, b):
     """chol Q_A, Q_A = (I - E^T E) / L: float64 lost 6e-10 (n = 6) to 1e-2 (n = 11) of it; now correctly rounded."""
     proc = HOLD(n, L=1 / L_INV, alpha=ALPHA)
     assert n > f64_factor_orders(True, proc.delta)[1] and "LA" in proc._xparts
-    dps = oracle_dps(n, b)
-    E, _ = mp_law(n, b, dps=dps)
-    with mpmath.workdps(dps):
-        QA = (mpmath.eye(n) - E.T * E) * mpmath.mpf(L_INV)
-        ref, QAr = to_np(mpmath.cholesky(QA)), to_np(QA)
+    ref, QAr = any_order.mp_a_chol(n, b)
     got = proc.a_chol(torch.tensor(b, dtype=F64)).numpy()
     assert (np.abs(got - ref) <= ROUND_TOL * np.sqrt(np.diag(QAr))[:, None]).all()
 
