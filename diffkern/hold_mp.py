@@ -8,7 +8,8 @@ the Cholesky factors are evaluated in decimal floating point at ``digits(n)`` si
 C ``decimal``: floating exponents, so b^(2n-1) never underflows) and rounded to float64 once, at the end.
 
 Times are read on the host (a device tensor is copied to the CPU: one sync) and each distinct integrated time b is
-computed once per process and kept in a bounded cache (a sampler's table and its exact-score model share their times).
+computed once per HOLD object (its Law) and kept in a bounded cache (a sampler's table and its exact-score model share
+their times when they share the HOLD).
 Cost: O(n^3) decimal operations per distinct b (measured on one core, per b: Sigma_t's factor ~5 / 15 / 40 / 100 ms and
 the A-part's ~2 / 5 / 15 / 40 ms at n = 12 / 16 / 24 / 32; more digits, so longer, at small b without jitter).
 """

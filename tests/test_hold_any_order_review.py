@@ -167,3 +167,12 @@ def test_copies_and_threads():
     for th in threads:
         th.join()
     assert not bad
+
+
+@pytest.mark.parametrize("n", (3, 6, 12))  # float64, chol Q_A routed to the extended path, every law extended
+def test_a_chol_bad_input_names_b(n):
+    proc = HOLD(n)
+    with pytest.raises(ValueError, match="b: expected a finite time >= 0, got -1.0"):
+        proc.a_chol(-1.0)
+    with pytest.raises(TypeError, match="b: expected a real number or a tensor, got str"):
+        proc.a_chol("x")
