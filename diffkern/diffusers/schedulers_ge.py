@@ -26,9 +26,10 @@ class GEScheduler(FusedScheduler):
     clipped x0 when ``clip_sample``::
 
         eps_bar = gamma*eps + (1 - gamma)*eps_prev    (eps on the first step)
-        x'      = x + (sigma' - sigma)*eps_bar  [+ sqrt(sigma'^2 - sigma_p^2)*xi when mu > 0]
+        x'      = x + (sigma_p - sigma)*eps_bar + sqrt(sigma'^2 - sigma_p^2)*xi
         pred_original_sample = x - sigma*eps_bar
 
+    with ``sigma_p = (sigma'/sigma^mu)^(1/(1-mu))`` (sigma' itself, and no noise, at mu = 0).
     ``mu`` (default 0, the paper's sampler) is smalldiffusion's stochasticity knob (0.5: DDPM). The schedule
     (``style`` "Linear"/"DDIM"/"EDM", ``start``, ``end``, ``factor``) is :func:`diffkern.schedules.ge_schedule`;
     its last step goes to sigma(t=0), not 0.
