@@ -33,58 +33,14 @@ import numbers
 import torch
 
 from .hold_linalg import _mm, chol_psd, chol_rows
-# the state maps live beside the factors; importable from here as before
+# the state maps live beside the factors, the coefficients beside the argument checks; importable from here as before
 from .hold_linalg import cld_to_hold_state, hold_to_cld_state, split_components  # noqa: F401
+from .hold_params import as_time, beta_pair, check_host_times, critical_damping, drift_matrix, finite
 from .ops.hold import F64_MAX_ORDER, f64_factor_orders
 
 _F64 = torch.float64
 _BASE_X = 0.25  # the closed-form series run at 2 r b <= _BASE_X, then double (HOLD._law)
 _DOUBLINGS = 13  # 2 r b <= 1600 (b clamped at r b = 800) needs ceil(log2(1600 / 0.25)) = 13
-
-
-def _finite(name: str, v, *, low: float = 0.0, strict: bool = False) -> float:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):  # numpy scalars too (returned as a Python float)
-        raise TypeError(f"{name}: expected a real number, got {type(v).__name__}")
-    v = float(v)
-    if not math.isfinite(v) or v < low or (strict and v == low):
-        raise ValueError(f"{name}: expected a finite value {'>' if strict else '>='} {low}, got {v}")
-    return v
-
-
-def _beta_pair(beta) -> tuple:
-    """beta as (beta0, beta1): a number is constant, a pair is beta0 + beta1 t. Numbers come back as Python floats
-    (HOLD.from_cld scales them: np.float32 arithmetic would stay float32); anything else is left to the checks."""
-    if isinstance(beta, numbers.Real) and not isinstance(beta, bool):
-        return float(beta), 0.0
-    if not isinstance(beta, (tuple, list)) or len(beta) != 2:
-        raise ValueError(f"beta: expected a number or a pair (beta0, beta1), got {beta!r}")
-    return tuple(float(b) if isinstance(b, numbers.Real) and not isinstance(b, bool) else b for b in beta)
-
-
-def critical_damping(order: int, rate: float | None = None) -> tuple[float, float, list[float]]:
-    """(r, xi, [gamma_1, ..., gamma_{n-1}]) of the critically-damped order-n process.
-
-    ``rate`` defaults to the authors' normalisation r = sqrt(2n - 3) (gamma_1 = 1), r = 1 for n = 1;
-    another r is the same process with time scaled by r / sqrt(2n - 3).
-    """
-    if isinstance(order, bool) or not isinstance(order, numbers.Integral):  # numpy ints too
-        raise TypeError(f"order: expected a Python int >= 1, got {type(order).__name__}")
-    if order < 1:
-        raise ValueError(f"order: expected an int >= 1, got {order}")
-    n = int(order)
-    r = _finite("rate", rate, strict=True) if rate is not None else (math.sqrt(2 * n - 3) if n > 1 else 1.0)
-    gammas = [r * math.sqrt(j * (2 * n - j) / ((2 * n - 2 * j - 1) * (2 * n - 2 * j + 1))) for j in range(1, n)]
-    return r, n * r, gammas
-
-
-def drift_matrix(gammas: list[float], xi: float) -> torch.Tensor:
-    """F (n x n float64): skew-symmetric tridiagonal couplings plus friction -xi on the last component."""
-    n = len(gammas) + 1
-    F = torch.zeros(n, n, dtype=_F64)
-    for i, g in enumerate(gammas):
-        F[i, i + 1], F[i + 1, i] = g, -g
-    F[n - 1, n - 1] = -xi
-    return F
 
 
 class HOLD:
@@ -106,12 +62,12 @@ class HOLD:
                  beta: float | tuple[float, float] = 1.0, rate: float | None = None, hsm: bool = True):
         self.r, self.xi, self.gammas = critical_damping(order, rate)
         self.order = n = int(order)  # critical_damping checked it (numpy ints too)
-        self.L = _finite("L", L, strict=True)
-        self.alpha = _finite("alpha", alpha)
-        self.T = _finite("T", T, strict=True)
-        self.delta = _finite("delta", delta)
-        b0, b1 = _beta_pair(beta)
-        self.beta0 = _finite("beta (beta0)", b0)
+        self.L = finite("L", L, strict=True)
+        self.alpha = finite("alpha", alpha)
+        self.T = finite("T", T, strict=True)
+        self.delta = finite("delta", delta)
+        b0, b1 = beta_pair(beta)
+        self.beta0 = finite("beta (beta0)", b0)
         if isinstance(b1, bool) or not isinstance(b1, numbers.Real) or not math.isfinite(b1):
             raise ValueError(f"beta (beta1): expected a finite real number, got {b1!r}")
         self.beta1 = float(b1)
@@ -128,15 +84,17 @@ class HOLD:
         self._cm = self._gram_coefs(self._npow, g)
         self._cm_a = self._gram_coefs(self._npow.transpose(-1, -2), g)
         self._cache: dict = {}
-        self._xp = None  # above F64_MAX_ORDER the laws and factors come from diffkern.hold_mp (extended precision)
-        self._xpf = None  # below it, the factors float64 cannot carry for this (hsm, delta): parts "L" and/or "LA"
+        # The parts float64 cannot carry come from diffkern.hold_mp's extended precision (one Law, reading its times
+        # on the host): above F64_MAX_ORDER every law ("E", "Q", "QA") and factor, below it only the factors that
+        # f64_factor_orders routes for this (hsm, delta): "L" (L_t and the x0 weights) and/or "LA" (chol Q_A)
         lim_t, lim_a = f64_factor_orders(self.hsm, self.delta)
-        self._xparts = frozenset(p for p, lim in (("L", lim_t), ("LA", lim_a)) if n > lim)
+        laws = ("E", "Q", "QA") if n > F64_MAX_ORDER else ()
+        self._xparts = frozenset(laws + tuple(p for p, lim in (("L", lim_t), ("LA", lim_a)) if n > lim))
+        self._xp = None
         if self._xparts:
             from .hold_mp import Law  # lazily: decimal maths only for orders float64 cannot carry
 
-            law = Law(n, rate, self.L, self.alpha, self.delta, self.hsm)
-            self._xp, self._xpf = (law, None) if n > F64_MAX_ORDER else (None, law)
+            self._xp = Law(n, rate, self.L, self.alpha, self.delta, self.hsm)
 
     @staticmethod
     def _gram_coefs(npow: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -163,8 +121,8 @@ class HOLD:
         sqrt(m_inv) (CIFAR-10 config: m_inv = 4, beta = 4 -> beta 8). Convert states with
         :func:`cld_to_hold_state` / :func:`hold_to_cld_state`; eps_hat means the same in both.
         """
-        s = math.sqrt(_finite("m_inv", m_inv, strict=True))
-        b = _beta_pair(beta)
+        s = math.sqrt(finite("m_inv", m_inv, strict=True))
+        b = beta_pair(beta)
         return cls(2, L=1.0, alpha=gamma, T=T, delta=delta, beta=(b[0] * s, b[1] * s), hsm=hsm)
 
     # ---------------------------------------------------------------- time
@@ -173,43 +131,29 @@ class HOLD:
         return self.beta0 + self.beta1 * t
 
     def int_beta(self, t):
-        """b = int_0^t beta(s) ds for float or tensor t."""
-        if self._xp is not None and isinstance(t, torch.Tensor):
-            self._xp.check_times(t)  # b(t) > 0 for some t < 0 with beta1 > 0: checked before it hides them
+        """b = int_0^t beta(s) ds for float or tensor t (a tensor checked on the host above F64_MAX_ORDER, see _b)."""
+        return self._b(t, "E")
+
+    def _b(self, t, part: str):
+        """b(t) for forward times t that feed ``part``. Where the extended path computes that part it reads the times
+        on the host, and checks them there first: b(t) > 0 for some t < 0 with beta1 > 0 would hide them from it."""
+        if part in self._xparts and isinstance(t, torch.Tensor):
+            check_host_times(t, "t", self.order)
         if not self.beta1:  # 0 * t * t would be NaN at t = inf (or t * t overflowing) for a constant beta
             return self.beta0 * t
         return self.beta0 * t + 0.5 * self.beta1 * t * t
 
-    def _ext(self, part: str, t=None):
-        """The extended-precision law serving ``part`` ("L": L_t and the x0 weights; "LA": chol Q_A), or None (float64).
-        With forward times ``t`` for a factor routed below F64_MAX_ORDER, checks them first (int_beta did not)."""
-        if self._xp is not None or part not in self._xparts:
-            return self._xp
-        if isinstance(t, torch.Tensor):
-            self._xpf.check_times(t)
-        return self._xpf
+    def _ext(self, part: str, b: torch.Tensor) -> torch.Tensor:
+        """Result ``part`` ("E", "Q", "QA", "LA") of the extended path at the integrated times ``b`` (float64, ...) the
+        caller passed, on b's device; checked by their name first, on the host (where the path reads them anyway)."""
+        check_host_times(b, "b", self.order)
+        return self._xp.batch(b.detach(), part)  # history under no_grad only: nothing to keep
 
     def _const(self, name: str, device) -> torch.Tensor:
         key = (name, str(device))
         if key not in self._cache:
             self._cache[key] = getattr(self, name).to(device)
         return self._cache[key]
-
-    @staticmethod
-    def _as_b(b, name: str = "t") -> torch.Tensor:
-        """A time as float64; a number must be finite and >= 0 (tensors are not read: no host sync)."""
-        if isinstance(b, torch.Tensor):
-            if b.dtype == torch.bool or b.is_complex():
-                raise TypeError(f"{name}: expected a real tensor, got dtype {b.dtype}")
-            return b.to(_F64)
-        # numpy scalars read as their value; numpy bools (as bools) and arrays of several values are refused
-        if isinstance(b, (bool, str)) or not hasattr(b, "__float__") or getattr(b, "dtype", None) == bool \
-                or getattr(b, "size", 1) != 1:
-            raise TypeError(f"{name}: expected a real number or a tensor, got {type(b).__name__}")
-        v = float(b)
-        if not math.isfinite(v) or v < 0:
-            raise ValueError(f"{name}: expected a finite time >= 0, got {v}")
-        return torch.tensor(v, dtype=_F64)
 
     # ---------------------------------------------------------------- closed forms in integrated time b
     def _poly_exp(self, b: torch.Tensor, npow: str) -> torch.Tensor:
@@ -262,15 +206,13 @@ class HOLD:
 
     def transition_b(self, b) -> torch.Tensor:
         """E = exp(F b) at integrated time b; (..., n, n) float64."""
-        if self._xp is not None:
-            return self._xp.batch(self._as_b(b, "b"), "E")
-        return self._law(self._as_b(b, "b"), None)[0]
+        b = as_time(b, "b")
+        return self._ext("E", b) if "E" in self._xparts else self._law(b, None)[0]
 
     def gramian_b(self, b) -> torch.Tensor:
         """Q = int_0^b E(s) G G^T E(s)^T ds at integrated time b; (..., n, n) float64."""
-        if self._xp is not None:
-            return self._xp.batch(self._as_b(b, "b"), "Q")
-        return self._law(self._as_b(b, "b"), "_cm")[1]
+        b = as_time(b, "b")
+        return self._ext("Q", b) if "Q" in self._xparts else self._law(b, "_cm")[1]
 
     def a_transition(self, b) -> torch.Tensor:
         """SSCS A-part transition A(b) = exp(F^T b) = E(b)^T (``math-hold.md`` 6.2); (..., n, n)."""
@@ -278,16 +220,14 @@ class HOLD:
 
     def a_cov(self, b) -> torch.Tensor:
         """SSCS A-part covariance Q_A(b) = Sigma_inf - A Sigma_inf A^T, by the series with N^T; (..., n, n)."""
-        if self._xp is not None:
-            return self._xp.batch(self._as_b(b, "b"), "QA")
-        return self._law(self._as_b(b, "b"), "_cm_a", transpose=True)[1]
+        b = as_time(b, "b")
+        return self._ext("QA", b) if "QA" in self._xparts else self._law(b, "_cm_a", transpose=True)[1]
 
     def a_chol(self, b) -> torch.Tensor:
         """chol Q_A(b), the SSCS noise factor (lower, zero columns where Q_A is singular); (..., n, n) float64.
         Extended precision from n = 6 (float64 loses its digits: ``ops.hold.f64_factor_orders``)."""
-        if self._ext("LA") is not None:
-            return self._ext("LA").batch(self._as_b(b, "b"), "LA")
-        return chol_psd(self.a_cov(b))
+        b = as_time(b, "b")
+        return self._ext("LA", b) if "LA" in self._xparts else chol_psd(self.a_cov(b))
 
     # ---------------------------------------------------------------- closed forms in forward time t
     def cov0(self, device=None) -> torch.Tensor:
@@ -302,15 +242,15 @@ class HOLD:
 
     def transition(self, t) -> torch.Tensor:
         """E(t) = exp(F int_0^t beta); (..., n, n) float64 on t's device."""
-        return self.transition_b(self.int_beta(self._as_b(t)))
+        return self.transition_b(self._b(as_time(t, "t"), "E"))
 
     def gramian(self, t) -> torch.Tensor:
         """Q(t), the covariance of z_t given z_0 = 0; (..., n, n) float64."""
-        return self.gramian_b(self.int_beta(self._as_b(t)))
+        return self.gramian_b(self._b(as_time(t, "t"), "Q"))
 
     def cov(self, t, *, jitter: bool = False) -> torch.Tensor:
         """Sigma_t = E Sigma_0 E^T + Q(t) (+ delta I if ``jitter``), cancellation-free; (..., n, n) float64."""
-        b = self.int_beta(self._as_b(t))
+        b = self._b(as_time(t, "t"), "E")
         E = self.transition_b(b)
         S = E @ self.cov0(b.device) @ E.transpose(-1, -2) + self.gramian_b(b)
         if jitter:
@@ -325,11 +265,9 @@ class HOLD:
         above ``f64_factor_orders(hsm, delta)[0]`` (without jitter DSM n >= 5, HSM n >= 9) take L_t from the extended
         path instead (``ops.hold.f64_factor_orders``; the times are read on the host: one sync for a device tensor).
         """
-        t = self._as_b(t)
-        xp = self._ext("L", t)
-        b = self.int_beta(t)
-        if xp is not None:
-            return xp.batch(b, "L")
+        b = self._b(as_time(t, "t"), "L")
+        if "L" in self._xparts:  # t checked by _b
+            return self._xp.batch(b, "L")
         E, Lq = self.transition_b(b), chol_psd(self.gramian_b(b))
         jit = math.sqrt(self.delta) * torch.eye(self.order, dtype=_F64, device=b.device)
         return chol_rows(torch.cat([E @ self.cov0(b.device).sqrt(), Lq, jit.expand_as(Lq)], dim=-1))
@@ -355,15 +293,14 @@ class HOLD:
         For n >= 2 the denominator vanishes at t = 0 (z_n does not depend on x0 yet): a number t must be > 0
         (a tensor t = 0 gives non-finite weights).
         """
-        b = self._as_b(t)
+        tt = as_time(t, "t")
         if self.order > 1 and not isinstance(t, torch.Tensor) and float(t) == 0:
             raise ValueError("t: x0 prediction from eps_hat needs t > 0 for order >= 2 (z_n is independent of x0 at t = 0)")
-        xp = self._ext("L", b)
-        if xp is not None:  # the triangular solve below would lose the small pivots' digits
-            bb = self.int_beta(b)
-            return xp.batch(bb, "w_z"), xp.batch(bb, "w_eps")
-        c = self.transition(b)[..., :, 0]  # (..., n)
-        Lt = self.chol(b)
+        if "L" in self._xparts:  # the triangular solve below would lose the small pivots' digits
+            b = self._b(tt, "L")
+            return self._xp.batch(b, "w_z"), self._xp.batch(b, "w_eps")
+        c = self.transition(tt)[..., :, 0]  # (..., n)
+        Lt = self.chol(tt)
         n = self.order
         if n > 1:
             l_row = Lt[..., n - 1, : n - 1]
@@ -395,8 +332,8 @@ class HOLD:
         the CPU (one sync per call) and each new time costs O(n^3) extended-precision operations (~ms; times seen
         before are cached), so per-sample training times at such orders are host-bound.
         """
-        b = self._as_b(t)
-        return self.transition(b)[..., :, :1].contiguous(), self.chol(b).contiguous()
+        t = as_time(t, "t")
+        return self.transition(t)[..., :, :1].contiguous(), self.chol(t).contiguous()
 
     def perturb(self, x0: torch.Tensor, t: torch.Tensor, *, seed=None, step: int = 0, noise=None, backend=None):
         """Training perturbation z_t = E(t)(x0, 0, ..., 0) + L_t eps with per-sample t, through ``hold_perturb``.

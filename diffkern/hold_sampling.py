@@ -36,6 +36,7 @@ import torch
 from . import sampler_loop, samplers
 from .hold import HOLD
 from .hold_flow import flow_rows
+from .hold_stability import check_euler_ode
 from .ops.hold import hold_transition, transition_table
 from .ops.philox import randn
 
@@ -132,6 +133,8 @@ def sampler_table(proc: HOLD, grid: torch.Tensor, sampler: str = "sscs", *, deno
         C = torch.zeros(N, n, n, dtype=torch.float64)
         C[:, n - 1, n - 1] = torch.sqrt(2 * proc.xi * b / proc.L)
     elif sampler in ("ode", "ode_exp"):
+        if sampler == "ode":  # warns where Euler's step inflates the drift's fastest rotation (host data only)
+            check_euler_ode(proc.F, proc.xi, b)
         K, k = euler_rows(proc, b, lnn, 1.0) if sampler == "ode" else exp_ode_rows(proc, b, lnn)
         C = torch.zeros(N, n, n, dtype=torch.float64)
     else:
