@@ -8,21 +8,36 @@ the Cholesky factors are evaluated in decimal floating point at ``digits(n)`` si
 C ``decimal``: floating exponents, so b^(2n-1) never underflows) and rounded to float64 once, at the end.
 
 Times are read on the host (a device tensor is copied to the CPU: one sync) and each distinct integrated time b is
-computed once per HOLD object (its Law) and kept in a bounded cache (a sampler's table and its exact-score model share
-their times when they share the HOLD).
-Cost: O(n^3) decimal operations per distinct b (measured on one core, per b: Sigma_t's factor ~5 / 15 / 40 / 100 ms and
-the A-part's ~2 / 5 / 15 / 40 ms at n = 12 / 16 / 24 / 32; more digits, so longer, at small b without jitter).
+computed once per HOLD object (its Law) and kept in a bounded, thread-safe cache (a sampler's table and its exact-score
+model share their times when they share the HOLD).
+Cost: O(n^3) decimal operations per distinct b, O(n^4) per working precision for the constants (CPU time on one core,
+with the default jitter: part "t" ~1.8 / 3.7 / 14 / 38 ms per b, the A-part ~0.8 / 1.8 / 7 / 18 ms, the constants
+5 / 13 / 57 / 170 ms at n = 12 / 16 / 24 / 32). The products skip the exact zeros of their banded and triangular
+factors and keep the dense products' order, so every Decimal value is the dense evaluation's. Without a jitter under
+HSM small b need (2n - 1) log10(1/b) more digits (each new precision rebuilds the constants): b below
+``Law.min_time()`` (MAX_DIGITS working digits) is refused.
 """
 from __future__ import annotations
 
 import decimal
 import math
+import threading
 from collections import OrderedDict
 
 import numpy as np
 import torch
 
-_CACHE_SIZE = 1 << 14  # distinct b kept per process (a 1000-step table needs ~2000)
+_CACHE_SIZE = 1 << 14  # distinct b kept per Law (a 1000-step table needs ~2000)
+# ... and at most this many bytes of them: an entry holds about six n x n float64 matrices (49 KB at n = 32, where
+# 16384 entries were ~800 MB); 256 MB keeps 5461 entries at n = 32, every one (16384) up to n = 18
+_CACHE_BYTES = 1 << 28
+_CONSTS_KEPT = 32  # precisions whose constants a Law keeps (16-50 MB each at n = 32): a 100-step table without
+# a jitter at n = 32 visits 20, twice over (4 kept rebuilt 11 of them, +20% time); was unbounded (up to 91 levels)
+# Working digits at most: without a jitter under HSM the digits grow like (2n - 1) log10(1/b), and the cost of a new
+# precision like n^4 digits^1.6 (measured, one core, constants and one b: 1.8 s at n = 24 and 5 s at n = 32 with 800
+# extra digits, 17 s at n = 32 with 1600; at this bound 0.2 / 0.55 / 2.4 / 6.5 s at n = 12 / 16 / 24 / 32, reached
+# at b = 1.4e-41 / 1e-30 / 2.7e-20 / 5.2e-15; n = 32 at b = 1e-300 needs 19000 digits, ~20 min extrapolated).
+MAX_DIGITS = 1000
 _B_INF = 1e300  # b = inf is computed here: e^{-r b} underflows to 0, P(m+1, 2 r b) = 1 (exact to rounding)
 
 
@@ -63,27 +78,69 @@ class _Consts:
             for i in range(n):
                 N[i, i] = r
             N[n - 1, n - 1] = r - xi  # N = F + r I, F[n, n] = -xi
-            pw, P = np.eye(n, dtype=int).astype(object) * D(1), []
-            for k in range(n):
-                P.append(pw)
-                pw = (pw @ N) / (k + 1)  # N^{k+1} / (k+1)!
-            P = np.stack(P)
+            P = _powers(N)
             self.P = P.reshape(n, n * n)  # row k: N^k / k!, flattened
             g = (2 * xi / self.L).sqrt()
-            self.cm = _gram_coefs(P, g)
-            self.cm_a = _gram_coefs(P.transpose(0, 2, 1), g)
+            self.cm = _gram_coefs(P, g).reshape(2 * n - 1, n * n)
+            self.cm_a = _gram_coefs(P.transpose(0, 2, 1), g).reshape(2 * n - 1, n * n)
+            # the supports, as index lists per term (see _banded_sum): N^k has bandwidth k, and N^j e_n / j! is zero
+            # above entry n-1-j, so C_m[p, q] vanishes unless p + q >= 2n - 2 - m
+            p, q = np.divmod(np.arange(n * n), n)
+            self.e_idx = [np.flatnonzero(np.abs(p - q) <= k) for k in range(n)]
+            self.q_idx = [np.flatnonzero(p + q >= 2 * n - 2 - m) for m in range(2 * n - 1)]
+            self.P_sub = [self.P[k, i] for k, i in enumerate(self.e_idx)]
+            self.cm_sub = [self.cm[m, i] for m, i in enumerate(self.q_idx)]
+            self.cm_a_sub = [self.cm_a[m, i] for m, i in enumerate(self.q_idx)]
             self.scale = [D(math.factorial(m)) / (2 * r) ** (m + 1) for m in range(2 * n - 1)]  # m! / (2r)^{m+1}
 
 
+def _powers(N: np.ndarray) -> np.ndarray:
+    """N^k / k! for k = 0..n-1 of the tridiagonal N (object (n, n) of Decimal): (n, n, n). Each entry of N^k N is the
+    sum of its three terms next to the diagonal, added in the order of the dense product, so the values are those of
+    ``(N^k @ N) / (k + 1)`` (the dense product only adds exact zeros) in O(n^2) per power instead of O(n^3)."""
+    n = N.shape[0]
+    sup = np.array([N[q - 1, q] for q in range(1, n)], dtype=object)  # N[q-1, q], multiplies column q-1 into q
+    dia = np.array([N[q, q] for q in range(n)], dtype=object)
+    sub = np.array([N[q + 1, q] for q in range(n - 1)], dtype=object)  # N[q+1, q]
+    pw, out = np.eye(n, dtype=int).astype(object) * decimal.Decimal(1), []
+    for k in range(n):
+        out.append(pw)
+        acc = pw * dia
+        acc[:, 1:] = pw[:, :-1] * sup + acc[:, 1:]  # Decimal addition is commutative: the dense order's values
+        acc[:, :-1] = acc[:, :-1] + pw[:, 1:] * sub
+        pw = acc / (k + 1)  # N^{k+1} / (k+1)!
+    return np.stack(out)
+
+
 def _gram_coefs(P: np.ndarray, g) -> np.ndarray:
-    """C_m = sum_{j+k=m} (P_j g e_n)(P_k g e_n)^T flattened: (2n-1, n*n) object array."""
+    """C_m = sum_{j+k=m} (P_j g e_n)(P_k g e_n)^T: (2n-1, n, n) object array. P_j e_n (bandwidth j) is zero above entry
+    n-1-j, so each outer product only touches its (j+1, k+1) corner; added in the same (j, k) order as the dense sum.
+    The (k, j) product is the transpose of the (j, k) one (a rounded product does not depend on the factors' order), so
+    each is multiplied once: n^4 / 8 products instead of n^4."""
     n = P.shape[0]
     vecs = P[:, :, n - 1] * g  # (n, n): row j is N^j g / j!
-    cm = np.full((2 * n - 1, n * n), decimal.Decimal(0), dtype=object)
+    cm = np.full((2 * n - 1, n, n), decimal.Decimal(0), dtype=object)
+    later = {}  # (j, k) -> product block, j < k, kept until (k, j) uses its transpose
     for j in range(n):
         for k in range(n):
-            cm[j + k] += np.outer(vecs[j], vecs[k]).reshape(-1)
+            if j <= k:
+                blk = np.outer(vecs[j, n - 1 - j:], vecs[k, n - 1 - k:])
+                if j < k:
+                    later[j, k] = blk
+            else:
+                blk = later.pop((k, j)).T
+            cm[j + k, n - 1 - j:, n - 1 - k:] += blk
     return cm
+
+
+def _banded_sum(w, rows: list, idx: list, size: int) -> np.ndarray:
+    """sum_k w[k] rows[k] over each row's support idx[k] (flat indices, growing with k), as the dense product w @ R
+    adds them (k ascending; the terms skipped are exact zeros, which change no nonzero sum; a zero result may differ
+    in sign only): object (size,)."""
+    acc = np.full(size, decimal.Decimal(0), dtype=object)
+    for wk, r, i in zip(w, rows, idx):
+        acc[i] = acc[i] + wk * r
+    return acc
 
 
 class Law:
@@ -96,13 +153,42 @@ class Law:
     def __init__(self, order: int, rate, L: float, alpha: float, delta: float, hsm: bool):
         self.n = int(order)
         self._args = (self.n, rate, float(L), float(alpha), float(delta), bool(hsm))
-        self._consts: dict = {}
+        self._consts: OrderedDict = OrderedDict()
         self._cache: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()  # guards the two caches' bookkeeping (not the computations)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        del state["_lock"]  # a lock cannot be pickled; the copy gets its own
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._consts = OrderedDict(self._consts)  # a plain dict in pickles of earlier versions
+        self._lock = threading.Lock()
 
     def consts(self, prec: int) -> _Consts:
-        if prec not in self._consts:
-            self._consts[prec] = _Consts(*self._args, prec)
-        return self._consts[prec]
+        """The constants at ``prec`` digits, built on first use (two threads may both build them: same values)."""
+        with self._lock:
+            c = self._consts.get(prec)
+            if c is not None:
+                self._consts.move_to_end(prec)
+                return c
+        c = _Consts(*self._args, prec)
+        with self._lock:
+            c = self._consts.setdefault(prec, c)
+            while len(self._consts) > _CONSTS_KEPT:
+                self._consts.popitem(last=False)
+        return c
+
+    def min_time(self) -> float:
+        """Smallest integrated time b > 0 that part "t" computes: 0.0 with a jitter or under DSM (the extra digits are
+        bounded), else the b whose extra digits (2n - 1) log10(1/b) reach MAX_DIGITS (b = 0 itself is exact)."""
+        n, delta, hsm = self._args[0], self._args[4], self._args[5]
+        if not hsm or delta > 0:
+            return 0.0
+        room = max(MAX_DIGITS - digits(n), 0) // 10 * 10  # extra_digits are whole tens
+        return 10.0 ** (-room / (2 * n - 1)) * (1 + 1e-12)  # just inside: extra_digits rounds up
 
     # ------------------------------------------------------------------ one b, in the working precision
     def _one(self, b: float, part: str) -> dict:
@@ -110,18 +196,24 @@ class Law:
         and the x0 weights (w_z, w_eps); part "a": the SSCS A-part's QA = Q_A and LA = chol Q_A."""
         n, D = self.n, decimal.Decimal
         extra = extra_digits(n, b, self._args[4], self._args[5]) if part == "t" else 0
+        if extra and self._args[4] == 0 and digits(n) + extra > MAX_DIGITS:
+            raise ValueError(
+                f"t: expected an integrated time b >= {self.min_time():.3g} for order n = {n} with hsm=True and "
+                f"delta=0, got b = {b!r}: without a jitter Sigma_t's smallest eigenvalue falls like b^(2n-1), so its "
+                f"factor needs {digits(n) + extra} digits there (MAX_DIGITS = {MAX_DIGITS}); pass a jitter delta > 0 "
+                f"(the default 1e-9 needs 10 extra digits at most) or larger times")
         c = self.consts(digits(n) + extra)
         with decimal.localcontext(c.ctx):
             bd = D(float(b))
             I = np.array([s * p for s, p in zip(c.scale, _lower_gamma(2 * c.r * bd, 2 * n - 1, c.ctx.prec))],
                          dtype=object)
             if part == "a":
-                QA = (I @ c.cm_a).reshape(n, n)
+                QA = _banded_sum(I, c.cm_a_sub, c.q_idx, n * n).reshape(n, n)
                 return {"QA": _f64(QA), "LA": _f64(_chol(QA))}
             pows = np.array([D(1)] + [bd**k for k in range(1, n)], dtype=object)  # decimal's 0**0 is an error
-            E = (pows @ c.P).reshape(n, n) * (-c.r * bd).exp()
-            Q = (I @ c.cm).reshape(n, n)
-            S = Q + (E[:, 1:] @ E[:, 1:].T) * c.s0  # E Sigma_0 E^T without the x column (Sigma_0[0, 0] = 0)
+            E = _banded_sum(pows, c.P_sub, c.e_idx, n * n).reshape(n, n) * (-c.r * bd).exp()
+            Q = _banded_sum(I, c.cm_sub, c.q_idx, n * n).reshape(n, n)
+            S = Q + _sym_gram(E[:, 1:]) * c.s0 if c.s0 else Q.copy()  # E Sigma_0 E^T without the x column
             for i in range(n):
                 S[i, i] += c.delta
             Lt = _chol(S)
@@ -129,34 +221,32 @@ class Law:
             return {"E": _f64(E), "Q": _f64(Q), "S": _f64(S), "L": _f64(Lt), "w_z": _f64(w_z), "w_eps": float(w_eps)}
 
     def get(self, b: float, part: str) -> dict:
+        """Float64 results of ``_one`` at b, cached (thread-safe; a miss computes outside the lock, so two threads
+        missing one b both compute it, to the same values)."""
         key = (float(b), part)
-        hit = self._cache.get(key)
-        if hit is None:
-            hit = self._cache[key] = self._one(key[0], part)
-            if len(self._cache) > _CACHE_SIZE:
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+        hit = self._one(key[0], part)
+        with self._lock:
+            hit = self._cache.setdefault(key, hit)
+            while len(self._cache) > min(_CACHE_SIZE, _CACHE_BYTES // (48 * self.n * self.n)):
                 self._cache.popitem(last=False)
-        else:
-            self._cache.move_to_end(key)
         return hit
-
-    def check_times(self, t: torch.Tensor) -> None:
-        """Raise unless the forward times t (any shape) are >= 0 and not NaN (read on the host: one sync)."""
-        bad = t.detach()[(t.detach() < 0) | t.detach().isnan()]
-        if bad.numel():
-            raise ValueError(f"t: expected finite times >= 0, got {bad.reshape(-1)[0].item()} (order n = {self.n} > "
-                             f"F64_MAX_ORDER reads its times on the host)")
 
     def batch(self, b: torch.Tensor, name: str) -> torch.Tensor:
         """Result ``name`` (E, Q, S, L, w_z, w_eps; QA, LA) stacked over the float64 integrated times b (...), read on
         the host (a sync for a device tensor); float64 (..., [n, [n]]) on b's device."""
         if b.requires_grad:  # the values are host constants: a silent detach would drop the gradient
-            raise ValueError(f"t: expected times without autograd history (order n = {self.n} > F64_MAX_ORDER computes "
-                             f"its laws on the host, not differentiably in t); pass t.detach()")
+            raise ValueError(f"b: expected times without autograd history (the extended path computes order n = "
+                             f"{self.n}'s laws on the host, not differentiably); pass b.detach()")
         flat = b.detach().to("cpu", torch.float64).reshape(-1).tolist()
         for i, v in enumerate(flat):
             if math.isnan(v) or v < 0:
-                raise ValueError(f"t: expected finite times >= 0, got {v} (order n = {self.n} > F64_MAX_ORDER reads "
-                                 f"its times on the host)")
+                raise ValueError(f"b: expected finite integrated times >= 0, got {v} (the extended path reads them "
+                                 f"on the host)")
             if v == math.inf:  # a huge t's integrated time overflowed (or t = inf): the stationary law, as in float64
                 flat[i] = _B_INF
         part = "a" if name in ("QA", "LA") else "t"
@@ -190,6 +280,17 @@ def _lower_gamma(x, M: int, prec: int) -> list:
         out[m] = ex * tail if x < m + 1 else 1 - ex * head[m]
         tail += terms[m]
     return out
+
+
+def _sym_gram(A: np.ndarray) -> np.ndarray:
+    """A @ A.T (object (n, m) of Decimal) from its lower triangle: entry (q, p) adds the same products in the same
+    order as (p, q), so the mirror is the dense product's value."""
+    n = A.shape[0]
+    G = np.empty((n, n), dtype=object)
+    for p in range(n):
+        G[p, :p + 1] = A[:p + 1] @ A[p]
+        G[:p, p] = G[p, :p]
+    return G
 
 
 def _f64(A) -> np.ndarray:
