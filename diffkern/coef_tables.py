@@ -18,6 +18,7 @@ from typing import Callable, Mapping
 
 import torch
 
+from . import coef_columns
 from .ops import coefs
 
 Conv = Callable[[float], Mapping[str, float]]
@@ -171,18 +172,31 @@ def heun(sigmas, *, s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0, conv:
     average of slopes ``x_hat + (d + d~)/2 * dt`` exactly (x_hat is eliminated through the predictor). The
     stored slope, not the predictor's D: its rounding in a 16-bit history enters times dt/2 (as in diffusers'
     stored derivative), where D's would enter times dt/(2 sigma_next), large when sigma_next << sigma_hat.
-    No corrector on a step to sigma_next = 0. Churn rows 2N..3N-1 (none when no step churns)."""
+    No corrector on a step to sigma_next = 0. Churn rows 2N..3N-1 (none when no step churns).
+    Built column by column (:mod:`diffkern.coef_columns`: the rows of :func:`_slope_row` and ``_conv_row(conv, sn,
+    a=1 + k, b=-k, c=-dt/2)``, bitwise): a diffusers Heun builds this at the first step() of every loop."""
     n = len(sigmas) - 1
     sigma_hat = churn_sigmas(sigmas, s_churn, s_tmin, s_tmax)
-    pred, corr, seconds = [], [], []
-    for i in range(n):
-        sh, sn = sigma_hat[i], sigmas[i + 1]
-        pred.append(_slope_row(conv, sh, sn))
-        dt = sn - sh
-        k = dt / (2.0 * sn) if sn > 0 else 0.0
-        corr.append(_conv_row(conv, sn, a=1.0 + k, b=-k, c=-dt / 2.0) if sn > 0 else coefs.row(**_NO_MODEL))
-        seconds.append(sn if sn > 0 else math.nan)
-    return _two_eval_plan(pred, corr, seconds, sigma_hat, *_churn_rows(sigmas, sigma_hat, s_noise))
+    nexts = sigmas[1:]
+    ratios = [_ratio(sh, sn) for sh, sn in zip(sigma_hat, nexts)]
+    dts = [sn - sh for sh, sn in zip(sigma_hat, nexts)]
+    ks = [dt / (2.0 * sn) if sn > 0 else 0.0 for dt, sn in zip(dts, nexts)]
+    has = [sn > 0 for sn in nexts]  # a corrector; else its row reads no model and does nothing
+    zeros = [0.0] * n
+    conv_at = {}  # conv once per sigma: sigma_next is the next predictor's sigma too (without churn)
+    for v in sigma_hat + nexts:
+        if v > 0 and v not in conv_at:
+            conv_at[v] = conv(v)
+    convs = [conv_at[sh] for sh in sigma_hat] + [conv_at[sn] if h else _NO_MODEL for sn, h in zip(nexts, has)]
+    columns = {"a": [r for r, _ in ratios] + [1.0 + k if h else 0.0 for k, h in zip(ks, has)],
+               "b": [m for _, m in ratios] + [-k if h else 0.0 for k, h in zip(ks, has)],
+               "c": zeros + [-dt / 2.0 if h else 0.0 for dt, h in zip(dts, has)],
+               "e": [1.0 / sh for sh in sigma_hat] + zeros, "f": [-1.0 / sh for sh in sigma_hat] + zeros}
+    churn_rows, churn = _churn_rows(sigmas, sigma_hat, s_noise)
+    seconds = [sn if h else math.nan for sn, h in zip(nexts, has)]
+    return Plan(coef_columns.table(2 * n, columns, convs, churn_rows), sigma_hat + seconds + [math.nan] *
+                len(churn_rows), list(sigma_hat), churn=churn, churn_row=2 * n, corrector=has, corrector_row=n,
+                history=1)
 
 
 def _slope_row(conv: Conv, sigma: float, target: float, noise: float = 0.0) -> list:

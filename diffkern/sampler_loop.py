@@ -370,11 +370,15 @@ def _run(loop: _Loop, plan: coef_tables.Plan) -> torch.Tensor:
     return loop.x
 
 
-def run_noisy(loop: _Loop, plan: coef_tables.Plan, eta: float = 1.0) -> torch.Tensor:
+def run_noisy(loop: _Loop, plan: coef_tables.Plan, eta: float = 1.0, reported: list | None = None) -> torch.Tensor:
     """:func:`_run`, with the loop's ``noise_sampler`` (if any) called where k-diffusion calls it
-    (:func:`sampler_compat.noise_calls`; ``eta`` the method's, which decides where it draws)."""
+    (:func:`sampler_compat.noise_calls`; ``eta`` the method's, which decides where it draws). ``reported``: host
+    sigmas the callback reports in place of the schedule's (dpm_fast's: the sigma of each call); the noise_sampler's
+    calls are placed on the schedule first."""
     if loop.noise_sampler is not None:
         loop.noise_calls = sampler_compat.noise_calls(loop.method, loop.sigmas, plan, eta)
+    if reported is not None:
+        loop.sigmas = reported
     return _run(loop, plan)
 
 

@@ -25,7 +25,6 @@ import math
 import torch
 
 from . import coef_tables_dpm_fast as _dpm_fast
-from . import sampler_compat as _compat
 from . import sampler_plans as _plans
 from . import samplers_adaptive as _adaptive
 from .sampler_loop import (Trajectory, _check_output, _is_fused, _Loop, _run, check_call, check_state,  # noqa: F401
@@ -317,13 +316,10 @@ def sample_dpm_fast_sigmas(model, x, sigmas, extra_args=None, callback=None, dis
 
 
 def _run_dpm_fast(loop, eta: float, s_noise: float) -> torch.Tensor:
-    """:func:`sample_dpm_fast_sigmas`' loop on ``loop.sigmas``: its plan, its noise_sampler's calls, then the
-    reported sigmas (the calls')."""
+    """:func:`sample_dpm_fast_sigmas`' loop on ``loop.sigmas``: its plan, its noise_sampler's calls (on the
+    schedule), then the reported sigmas (the calls')."""
     plan = _plans._plan_dpm_fast(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise)
-    if loop.noise_sampler is not None:  # from the schedule, before the reported sigmas replace it
-        loop.noise_calls = _compat.noise_calls("dpm_fast", loop.sigmas, plan)
-    loop.sigmas = dpm_fast_reported_sigmas(plan, loop.sigmas)
-    return _run(loop, plan)
+    return run_noisy(loop, plan, reported=dpm_fast_reported_sigmas(plan, loop.sigmas))
 
 
 def dpm_fast_reported_sigmas(plan, sigmas: list) -> list:
@@ -338,15 +334,16 @@ def sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback
     """k-diffusion's ``sample_dpm_fast`` signature (``noise_sampler`` None: Philox noise): ``n`` model calls (an int
     >= 1) from sigma_max down to sigma_min (numbers or one-element tensors, 0 < sigma_min < sigma_max), as
     :func:`sample_dpm_fast_sigmas` on the log-linear schedule of n + 1 sigmas between them. ``trajectory``: n steps;
-    ``window``: of the n calls. The callback's and noise_sampler's sigmas are 0-d tensors on a floating tensor
-    sigma_max's (else sigma_min's) device in its dtype, as k-diffusion's, else float64 CPU."""
+    ``window``: of the n calls. The callback's and noise_sampler's sigmas are 0-d tensors on x's device in the
+    default dtype, as k-diffusion's (its grid is ``torch.linspace(t_start, t_end, m + 1, device=x.device)``, whatever
+    the limits' dtype or device): diffkern's float64 values rounded once (k-diffusion's own are computed in that
+    dtype, so they may differ from these in the last place; the steps themselves use the float64 values)."""
     _dpm_fast.orders(n)  # checks n
     sigmas = _dpm_fast.grid(*_dpm_fast.check_range(sigma_min, sigma_max), int(n))
     loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
                  method="dpm_fast", noise_sampler=noise_sampler)
-    like = next((s for s in (sigma_max, sigma_min) if _compat.floating_tensor(s)), None)
-    if like is not None:  # the grid there (one copy, before the loop): the reported sigmas are its elements
-        loop.given = (torch.tensor(loop.sigmas, dtype=torch.float64).to(like.device, like.dtype), loop.sigmas)
+    # the grid there (one copy, before the loop): the reported sigmas are its elements
+    loop.given = (torch.tensor(loop.sigmas, dtype=torch.float64).to(x.device, torch.get_default_dtype()), loop.sigmas)
     return _run_dpm_fast(loop, eta, s_noise)
 
 

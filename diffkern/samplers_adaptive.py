@@ -11,6 +11,13 @@ refuses it) and keeps no trajectory (its number of steps is decided as it runs).
 Noise (eta > 0): accepted step k adds ``s_noise*su*xi`` with xi the Philox stream of ``seed`` at step counter k
 (:func:`diffkern.ops.randn`), or k-diffusion's ``noise_sampler(sigma(s), sigma(t))``, which, as k-diffusion's, is
 called on every accepted step (eta = 0 too, where its draw is multiplied by 0).
+
+The sigmas handed to the callback (``sigma``, ``sigma_hat``, ``t``, ``t_up``) and to the noise_sampler are 0-d tensors
+as k-diffusion's: its s and t are tensors made by ``torch.tensor(sigma_max)`` (a number: the default dtype on the CPU;
+a tensor: its dtype, or the default dtype for an integer one, on its device), then ``torch.minimum(t_end, s + h)``
+from the first accepted step on (both limits' dtypes promoted, on a non-CPU device where either is)
+(:func:`report_specs`). Their values are diffkern's float64 ones rounded once to that dtype; they travel to the device
+with the attempt's model-call sigmas, in the one host-to-device copy an attempt makes anyway.
 """
 from __future__ import annotations
 
@@ -65,21 +72,57 @@ def _call(loop: _Loop, state: torch.Tensor, sigma_dev: torch.Tensor):
     return m, u
 
 
-def scaled_error(low: torch.Tensor, high: torch.Tensor, prev: torch.Tensor, atol: float, rtol: float) -> float:
-    """k-diffusion's error of an attempt, ``||(low - high)/max(atol, rtol*max(|low|, |prev|))||_2/sqrt(numel)``,
-    computed in x's dtype promoted to float32 at least (a float16 norm overflows); 0 for an empty batch."""
-    if low.numel() == 0:
-        return 0.0
+def error_tensor(low: torch.Tensor, high: torch.Tensor, prev: torch.Tensor, atol: float,
+                 rtol: float) -> torch.Tensor:
+    """k-diffusion's error of an attempt, ``||(low - high)/max(atol, rtol*max(|low|, |prev|))||_2/sqrt(numel)``: a 0-d
+    tensor on x's device in x's dtype promoted to float32 at least (a float16 norm overflows); 0 for an empty batch."""
     dtype = torch.promote_types(low.dtype, torch.float32)
+    if low.numel() == 0:
+        return torch.zeros((), dtype=dtype, device=low.device)
     lo, hi, pv = low.to(dtype), high.to(dtype), prev.to(dtype)
     delta = torch.clamp_min(rtol * torch.maximum(lo.abs(), pv.abs()), atol)
-    return float(torch.linalg.vector_norm((lo - hi) / delta)) / math.sqrt(low.numel())
+    return torch.linalg.vector_norm((lo - hi) / delta) / math.sqrt(low.numel())
 
 
-def run(loop: _Loop, sigma_min: float, sigma_max: float, knobs: dict, eta: float, s_noise: float):
+def scaled_error(low: torch.Tensor, high: torch.Tensor, prev: torch.Tensor, atol: float, rtol: float) -> float:
+    """:func:`error_tensor` read on the host (a synchronisation)."""
+    return float(error_tensor(low, high, prev, atol, rtol))
+
+
+def _spec(value) -> tuple[torch.dtype, torch.device]:
+    """(dtype, device) of k-diffusion's ``t(torch.tensor(value))`` = ``-torch.tensor(value).log()``."""
+    if isinstance(value, torch.Tensor):
+        return (value.dtype if value.is_floating_point() else torch.get_default_dtype()), value.device
+    return torch.get_default_dtype(), torch.device("cpu")
+
+
+def report_specs(sigma_min, sigma_max) -> tuple:
+    """((dtype, device) of the sigmas k-diffusion's dpm_adaptive reports before its first accepted step, those from
+    it on), from the limits as the caller passed them (numbers or one-element tensors): s = t_start =
+    ``t(torch.tensor(sigma_max))``, then s = t = ``torch.minimum(t_end, s + h)`` (0-d tensors: the two limits'
+    dtypes promoted; a CPU 0-d tensor joins a CUDA one on the CUDA device)."""
+    lo, hi = _spec(sigma_min), _spec(sigma_max)
+    device = hi[1] if hi[1].type != "cpu" else lo[1]
+    return hi, (torch.promote_types(lo[0], hi[0]), device)
+
+
+def _reporter(host: torch.Tensor, dev: torch.Tensor, first: int):
+    """``get(k, spec) -> 0-d tensor``: the attempt's value ``host[first + k]`` (float64) in ``spec``'s dtype on its
+    device, taken from ``dev`` (host's copy on x's device) where spec is on that device: no copy of its own."""
+    def get(k: int, spec) -> torch.Tensor:
+        dtype, device = spec
+        src = dev if device == dev.device else host
+        return src[first + k].to(device, dtype)
+    return get
+
+
+def run(loop: _Loop, sigma_min: float, sigma_max: float, knobs: dict, eta: float, s_noise: float, specs=None):
     """k-diffusion's ``DPMSolver.dpm_solver_adaptive`` from sigma_max to sigma_min (t = -ln sigma, forward when
-    sigma_min < sigma_max) on the loop's state; ``knobs`` from :func:`cda.check_knobs`. Returns (x, info) with
-    info = {"steps", "nfe", "n_accept", "n_reject"}."""
+    sigma_min < sigma_max) on the loop's state; ``knobs`` from :func:`cda.check_knobs`; ``specs``: the reported
+    sigmas' (dtype, device) before and from the first accepted step (:func:`report_specs`; None: those of two
+    numbers). Returns (x, info) with info = {"steps", "nfe", "n_accept", "n_reject"}."""
+    start_spec, stepped_spec = report_specs(sigma_min, sigma_max) if specs is None else specs
+    spec = start_spec
     x, order = loop.x, knobs["order"]
     t_start, t_end = -math.log(sigma_max), -math.log(sigma_min)
     forward = t_end > t_start
@@ -109,7 +152,12 @@ def run(loop: _Loop, sigma_min: float, sigma_max: float, knobs: dict, eta: float
             rows, calls, launches = cda.attempt(loop.conv, math.exp(-s), math.exp(-t_), order)
             std = s_noise * su
             table = coefs.table(rows + [cda.noise_row(std)]).to(x.device)
-            sig_dev = torch.tensor(calls, dtype=torch.float64).to(x.device, sig_dtype)
+            # the values reported to the callback and the noise_sampler (sigma(s), sigma(t), s, t) join the model
+            # calls' sigmas in one host-to-device copy
+            host = torch.tensor(calls + [math.exp(-s), math.exp(-t), s, t], dtype=torch.float64)
+            dev = host.to(x.device)
+            sig_dev = dev[:len(calls)].to(sig_dtype)
+            reported = _reporter(host, dev, len(calls))
             denoised = torch.empty_like(x) if loop.callback is not None else None
             bufs["x"] = x
             for k, group in enumerate(launches):
@@ -119,7 +167,8 @@ def run(loop: _Loop, sigma_min: float, sigma_max: float, knobs: dict, eta: float
                     sampler_step(bufs[state], m, table, row, model_out_uncond=u, history=bufs.get(h1),
                                  history2=bufs.get(h2), history_out=bufs.get(h_out), out=bufs[out],
                                  x0_out=denoised if row == 0 else None, seed=loop.seed, backend=loop.backend)
-            error = scaled_error(bufs["low"], bufs["high"], prev, knobs["atol"], knobs["rtol"])
+            error_dev = error_tensor(bufs["low"], bufs["high"], prev, knobs["atol"], knobs["rtol"])
+            error = float(error_dev)
             if not math.isfinite(error):
                 raise RuntimeError(f"dpm_adaptive: the error estimate of attempt {info['steps']} (sigma "
                                    f"{math.exp(-s)!r} -> {math.exp(-t_)!r}) is {error}: a non-finite state or model "
@@ -130,25 +179,26 @@ def run(loop: _Loop, sigma_min: float, sigma_max: float, knobs: dict, eta: float
                 high = bufs["high"]
                 noise = None
                 if loop.noise_sampler is not None:  # called on every accepted step, as k-diffusion's
-                    noise = sampler_compat.draw(loop.noise_sampler, (math.exp(-s), math.exp(-t)), x)
+                    noise = sampler_compat.draw(loop.noise_sampler, (reported(0, spec), reported(1, stepped_spec)),
+                                                x)
                 if std != 0:
                     if noise is None:
                         noise = randn(x.shape, loop.seed, step=info["n_accept"], dtype=x.dtype, backend=loop.backend)
                     sampler_step(high, high, table, len(rows), noise=noise, out=high, seed=loop.seed,
                                  backend=loop.backend)
                 x, bufs["high"] = high, x
-                s = t
+                s, spec, now = t, stepped_spec, 1
                 info["n_accept"] += 1
             else:
+                now = 0
                 info["n_reject"] += 1
             info["nfe"] += order
             info["steps"] += 1
-            if loop.callback is not None:
-                sig = torch.tensor(math.exp(-s), dtype=torch.float64)
-                loop.callback({"sigma": sig, "sigma_hat": sig, "x": x.clone(), "i": info["steps"] - 1,
-                               "t": torch.tensor(s, dtype=torch.float64), "t_up": torch.tensor(s, dtype=torch.float64),
-                               "denoised": denoised, "error": torch.tensor(error, dtype=torch.float64), "h": pid.h,
-                               **info})
+            if loop.callback is not None:  # sigma(s) and s after the attempt: index 0, 2 (rejected) or 1, 3
+                sig, t_now = reported(now, spec), reported(2 + now, spec)
+                loop.callback({"sigma": sig, "sigma_hat": sig.clone(), "x": x.clone(), "i": info["steps"] - 1,
+                               "t": t_now, "t_up": t_now.clone(), "denoised": denoised, "error": error_dev,
+                               "h": pid.h, **info})
     return x, info
 
 
@@ -183,8 +233,10 @@ def sample_dpm_adaptive(model, x, sigma_min, sigma_max, extra_args=None, callbac
     ``dcoeff``; a step is accepted when its factor is at least ``accept_safety``). ``eta`` > 0: k-diffusion's
     ancestral variant. x: (B, ...) float; returns the final state in x's dtype, and with ``return_info`` also
     ``{"steps", "nfe", "n_accept", "n_reject"}``. The callback gets k-diffusion's dict after every attempt (sigma,
-    sigma_hat, x, i, t, t_up, denoised, error, h and the counts). Raises RuntimeError where k-diffusion's loop would
-    not end: the controller's step h below x's dtype's resolution (rtol/atol beyond its precision)."""
+    sigma_hat, x, i, t, t_up, denoised, error, h and the counts; sigma, sigma_hat, t, t_up and the noise_sampler's
+    two sigmas are 0-d tensors in k-diffusion's dtype and device, :func:`report_specs`; error on x's device).
+    Raises RuntimeError where k-diffusion's loop would not end: the controller's step h below x's dtype's resolution
+    (rtol/atol beyond its precision)."""
     lo = schedules._check_positive(sigma_min, "sigma_min")
     hi = schedules._check_positive(sigma_max, "sigma_max")
     knobs = cda.check_knobs(order, rtol, atol, h_init, pcoeff, icoeff, dcoeff, accept_safety)
@@ -194,7 +246,7 @@ def sample_dpm_adaptive(model, x, sigma_min, sigma_max, extra_args=None, callbac
     # the loop for its checks and state (x, seed, model, noise_sampler); its schedule is a stand-in, never run
     loop = _Loop(model, x, [1.0, 0.0], extra_args, callback, disable, seed, backend, None, method="dpm_adaptive",
                  noise_sampler=noise_sampler)
-    out, info = run(loop, lo, hi, knobs, eta, s_noise)
+    out, info = run(loop, lo, hi, knobs, eta, s_noise, report_specs(sigma_min, sigma_max))
     return (out, info) if return_info else out
 
 
@@ -209,7 +261,11 @@ def sample_dpm_adaptive_sigmas(model, x, sigmas, extra_args=None, callback=None,
     (record=True), no ``window``. x: (B, ...) float; returns the final state in x's dtype."""
     _refuse_window(trajectory, window)
     host = host_sigmas(sigmas, "dpm_adaptive")
-    lo = host[-1] if host[-1] > 0 else host[-2]
-    return sample_dpm_adaptive(model, x, lo, host[0], extra_args, callback, disable, order, rtol, atol, h_init,
+    j = len(host) - 1 if host[-1] > 0 else len(host) - 2
+    if sampler_compat.floating_tensor(sigmas):  # ComfyUI passes sigmas[j], sigmas[0]: reported in their dtype
+        lo, hi = sigmas.detach()[j], sigmas.detach()[0]
+    else:  # any other schedule reports float64 CPU tensors, as every other sampler's
+        lo, hi = (torch.tensor(host[k], dtype=torch.float64) for k in (j, 0))
+    return sample_dpm_adaptive(model, x, lo, hi, extra_args, callback, disable, order, rtol, atol, h_init,
                                pcoeff, icoeff, dcoeff, accept_safety, eta, s_noise, noise_sampler, seed=seed,
                                backend=backend)

@@ -151,7 +151,9 @@ def _run(dtype, kw, noise=True, backend=REF, x=None, model=None):
     x = start(dtype=dtype) if x is None else x
     seen = []
     ns = Draws(x) if noise else None
-    out, info = sample_dpm_adaptive(model or gmm(), x, 0.02, 12.0, None, seen.append, True, noise_sampler=ns,
+    # float64 0-d limits: the callback's and noise_sampler's sigmas are then float64 too, as k-diffusion's
+    lo, hi = torch.tensor(0.02, dtype=F64), torch.tensor(12.0, dtype=F64)
+    out, info = sample_dpm_adaptive(model or gmm(), x, lo, hi, None, seen.append, True, noise_sampler=ns,
                                     return_info=True, seed=SEED, backend=backend, **kw)
     return out, info, seen, ns
 

@@ -10,6 +10,8 @@ import diffkern
 from diffkern import analytic, demo, sampler_compat, sampler_plans, samplers, schedules, train
 from diffkern.commands import MAX_DEMO_POINTS, MAX_TRAIN_BATCH
 from diffkern.sampling import host_plan
+
+import _cuda_nosync
 from test_cli_review import _one_error_line, _run
 
 F64, F32 = torch.float64, torch.float32
@@ -138,21 +140,14 @@ def test_callback_sigmas_helper_makes_one_table_only_when_needed():
 def test_callback_sigmas_on_cuda_make_no_host_sync(method, kw):
     """sigmas on the GPU: the callback's tensors are on it, in its dtype, and no step syncs with the host (the
     mode is switched to "error" from the first callback on: the host read of the schedule comes before the loop)."""
-    dev = torch.device("cuda")
-    sig = SIG32.to(dev)
-    x = start().to(dev)
+    sig, x = _cuda_nosync.on_cuda(SIG32, start())
     seen = []
 
-    def model(x, sigma):  # a denoiser with no host read of its own
-        return x / (1 + sigma[:, None] ** 2)
-
     def callback(d):
-        torch.cuda.set_sync_debug_mode("error")
+        _cuda_nosync.forbid_syncs()
         seen.append((d["i"], d["sigma"], d["sigma_hat"]))
-    try:
-        diffkern.sample(model, x, sig, method, callback=callback, **kw)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    with _cuda_nosync.syncs_restored():
+        diffkern.sample(_cuda_nosync.model, x, sig, method, callback=callback, **kw)
     assert len(seen) == len(sig) - 1
     for i, s, h in seen:
         assert s.device == h.device == sig.device and s.dtype == h.dtype == F32

@@ -1,7 +1,7 @@
 """Leftovers 16b: the ``noise_sampler(sigma, sigma_next)`` arguments on a tensor schedule's device and dtype
-(k-diffusion's ``sigmas[i]``, ``sigmas[i + 1]``: views, with no host sync; a computed sigma rounded once), the same for
-``sample_dpm_fast``'s tensor sigma_min/sigma_max (callback too), and the CLI bounds of ``sample --batch`` (and
---batch x --steps), ``trajectory --n`` and ``demo --n x --steps``, refused before any work."""
+(k-diffusion's ``sigmas[i]``, ``sigmas[i + 1]``: views, with no host sync; a computed sigma rounded once),
+``sample_dpm_fast``'s (callback too: x's device, the default dtype, whatever its limits), and the CLI bounds of
+``sample --batch`` (and --batch x --steps), ``trajectory --n`` and ``demo --n x --steps``, refused before any work."""
 import math
 
 import numpy as np
@@ -12,6 +12,7 @@ import diffkern
 from diffkern import analytic, demo, sampler_compat, samplers, schedules
 from diffkern.commands import (MAX_DEMO_POINT_STEPS, MAX_DEMO_POINTS, MAX_IMAGE_STEPS, MAX_SAMPLE_BATCH, MAX_STEPS,
                                MAX_TRAJECTORIES, check_product)
+import _cuda_nosync
 from test_cli_review import _one_error_line, _run
 
 F64, F32 = torch.float64, torch.float32
@@ -180,34 +181,31 @@ def dpm_fast(sigma_min, sigma_max, n=7, eta=1.0):
 
 
 @pytest.mark.parametrize("shape", [(), (1,)])
-def test_dpm_fast_tensor_range_reports_in_its_dtype(shape):
-    """float32 tensors (0-d or one element): the callback's and noise_sampler's sigmas are 0-d float32 CPU tensors,
-    the float32 rounding of the float path's float64 values; those against the textbook grid; the samples bitwise
-    those of the float path (the same two values)."""
+def test_dpm_fast_tensor_range_reports_in_the_default_dtype(shape):
+    """float32 tensors (0-d or one element) and the same two numbers: the callback's and noise_sampler's sigmas are
+    0-d tensors on x's device in the default dtype (k-diffusion's linspace grid), bitwise the same both ways, within
+    one float32 rounding of the textbook grid; the samples bitwise the same (the same two values)."""
     lo, hi = torch.tensor(0.05, dtype=F32).reshape(shape), torch.tensor(10.0, dtype=F32).reshape(shape)
     out32, seen, calls = dpm_fast(lo, hi)
     out64, seen64, calls64 = dpm_fast(float(lo), float(hi))
     assert torch.equal(out32, out64)
     assert len(seen) == len(seen64) == 7 and len(calls) == len(calls64) == 3
     for got, got64 in zip([t for p in seen + calls for t in p], [t for p in seen64 + calls64 for t in p]):
-        assert got.dim() == 0 and got.dtype == F32 and got.device.type == "cpu"
-        assert got64.dim() == 0 and got64.dtype == F64
-        assert torch.equal(got, got64.to(F32))
+        assert got.dim() == got64.dim() == 0 and got.dtype == got64.dtype == F32 and got.device.type == "cpu"
+        assert torch.equal(got, got64)
     truth = kd_calls("dpm_fast", [float(hi)] + [0.0] * 6 + [float(lo)])
-    for (s, sn), (s64, sn64), ((v, _), (vn, _)) in zip(calls, calls64, truth):
+    for (s, sn), ((v, _), (vn, _)) in zip(calls, truth):
         assert close(s, v) and close(sn, vn)
-        assert abs(float(s64) - v) <= F64_SLACK * v and abs(float(sn64) - vn) <= F64_SLACK * vn
     assert float(seen[0][0]) == float(hi), "the first call runs at sigma_max itself"
 
 
-def test_dpm_fast_mixed_range_follows_the_tensor():
-    """One tensor among the two: its dtype (sigma_max's first); numbers alone: float64 CPU as before."""
-    _, seen, calls = dpm_fast(0.05, torch.tensor(10.0, dtype=torch.float16))
-    assert all(t.dtype == torch.float16 for p in seen + calls for t in p)
-    _, seen, calls = dpm_fast(torch.tensor(0.05, dtype=torch.bfloat16), 10.0)
-    assert all(t.dtype == torch.bfloat16 for p in seen + calls for t in p)
-    _, seen, calls = dpm_fast(0.05, torch.tensor(10))  # an integer tensor: a number, as before
-    assert all(t.dtype == F64 and t.device.type == "cpu" for p in seen + calls for t in p)
+def test_dpm_fast_mixed_range_reports_in_the_default_dtype():
+    """float16, bfloat16, float64 and integer tensors among the limits: still the default dtype (k-diffusion's
+    linspace takes no dtype from its limits)."""
+    for lo, hi in ((0.05, torch.tensor(10.0, dtype=torch.float16)), (torch.tensor(0.05, dtype=torch.bfloat16), 10.0),
+                   (torch.tensor(0.05, dtype=F64), torch.tensor(10.0, dtype=F64)), (0.05, torch.tensor(10))):
+        _, seen, calls = dpm_fast(lo, hi)
+        assert all(t.dtype == F32 and t.device.type == "cpu" and t.dim() == 0 for p in seen + calls for t in p)
 
 #----------------------------------------------------------------------------
 # 3. On the GPU: no host sync from the first noise_sampler call on.
@@ -216,24 +214,20 @@ def test_dpm_fast_mixed_range_follows_the_tensor():
 @pytest.mark.cuda
 @pytest.mark.parametrize("method", ["euler_ancestral", "dpmpp_sde", "dpmpp_2m_sde", "dpm_fast", "er_sde"])
 def test_noise_sampler_sigmas_on_cuda_make_no_host_sync(method):
-    dev = torch.device("cuda")
-    sig = SIG32.to(dev)
-    x = start().to(dev)
+    sig, x = _cuda_nosync.on_cuda(SIG32, start())
     seen = []
 
-    def model(x, sigma):  # a denoiser with no host read of its own
-        return x / (1 + sigma[:, None] ** 2)
-
     def noise_sampler(sigma, sigma_next):
-        torch.cuda.set_sync_debug_mode("error")
+        _cuda_nosync.forbid_syncs()
         seen.append((sigma, sigma_next))
         return torch.randn_like(x)
-    try:
-        diffkern.sample(model, x, sig, method, noise_sampler=noise_sampler)
-        samplers.sample_dpm_fast(model, x, sig[-2], sig[0], 6, disable=True, eta=1.0, noise_sampler=noise_sampler,
-                                 callback=lambda d: seen.append((d["sigma"], d["sigma_hat"])))
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    with _cuda_nosync.syncs_restored():
+        diffkern.sample(_cuda_nosync.model, x, sig, method, noise_sampler=noise_sampler)
+    # restored between the calls: sample_dpm_fast reads its tensor limits on the host before its loop
+    with _cuda_nosync.syncs_restored():
+        samplers.sample_dpm_fast(_cuda_nosync.model, x, sig[-2], sig[0], 6, disable=True, eta=1.0,
+                                 noise_sampler=noise_sampler, callback=lambda d: seen.append((d["sigma"],
+                                                                                              d["sigma_hat"])))
     assert seen and all(t.device == sig.device and t.dtype == F32 for p in seen for t in p)
 
 #----------------------------------------------------------------------------

@@ -69,6 +69,11 @@ class FusedScheduler(TimestepLookup, SchedulerMixin, ConfigMixin):
     # largest sigma, ~4096); DDIM and DDPM keep 0 (None)
     _zero_snr_floor = 2.0 ** -24
     _locate_start = False  # see _locate
+    # Before set_timesteps, as the diffusers class of the same name: the dtype of the training timesteps T-1, ..., 0
+    # (None: no timesteps, PNDM), and whether ``sigmas`` is the training table's VE sigmas, increasing (the
+    # DPM-Solver family)
+    _train_timesteps_dtype = torch.int64
+    _train_sigmas_before = False
 
     def __init_subclass__(cls, **kwargs):
         # NumPy scalars (np.int64 from np.arange or a sweep, np.float32 from a config parsed by numpy) reach every
@@ -96,7 +101,8 @@ class FusedScheduler(TimestepLookup, SchedulerMixin, ConfigMixin):
         else:
             self.alphas_cumprod = schedules.alphas_cumprod(self.betas)  # float64 CPU, (T,)
         self.train_sigmas = schedules.alpha_bar_to_sigma(self.alphas_cumprod)  # VE sigma(t), increasing
-        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.int64)
+        dtype = self._train_timesteps_dtype
+        self.timesteps = None if dtype is None else torch.arange(num_train_timesteps - 1, -1, -1, dtype=dtype)
         self._init_state()
 
     def _init_state(self) -> None:
@@ -369,6 +375,8 @@ class FusedScheduler(TimestepLookup, SchedulerMixin, ConfigMixin):
         ``sigmas`` (Heun: interleaved like its timesteps). Schedulers without VE sigmas (DDIM, DDPM, IADB) have
         none, like diffusers' classes."""
         host = self.__dict__.get("sigmas_host")
+        if host is None and self._train_sigmas_before:
+            return self.train_sigmas.float()
         if host is None:  # (GE before set_timesteps) AttributeError: ConfigMixin.__getattr__ words the message
             raise AttributeError("sigmas")
         if self._host_timesteps is None:

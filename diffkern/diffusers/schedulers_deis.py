@@ -55,6 +55,7 @@ class DEISMultistepScheduler(FusedScheduler):
 
     _locate_start = True  # no set_begin_index: the first step's timestep gives its index, as diffusers
     _missing_is_last = True  # index_for_timestep/add_noise: a timestep not in the schedule is the last one's
+    _train_timesteps_dtype, _train_sigmas_before = torch.float32, True  # before set_timesteps, as diffusers
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
@@ -130,8 +131,8 @@ class DEISMultistepScheduler(FusedScheduler):
     def sigmas(self) -> torch.Tensor:
         """diffusers' ``sigmas`` (float32, CPU): the VE sigmas of ``timesteps`` and the final one, or with
         ``use_flow_sigmas`` the flow times t = sigma/(1 + sigma)."""
-        sig = FusedScheduler.sigmas.fget(self)
-        return sig / (1.0 + sig) if self.config.use_flow_sigmas else sig
+        sig = FusedScheduler.sigmas.fget(self)  # before set_timesteps the training VE sigmas, as diffusers' ones
+        return sig / (1.0 + sig) if self.config.use_flow_sigmas and self._host_timesteps is not None else sig
 
     def _alpha(self, sigma):
         """The state's scale at VE sigma (a float or a float64 tensor): 1/(1 + sigma) (flow), else

@@ -24,6 +24,7 @@ from diffusers.configuration_utils import register_to_config
 
 from .. import coef_tables_dpmpp_sde
 from .config_checks import check_choice, unsupported
+from .scheduler_default import DeferredSchedule
 from .schedulers import sigma_to_t
 from .schedulers_k import _TwoCallScheduler
 
@@ -37,7 +38,7 @@ def _check_s_noise(s_noise) -> float:
     return float(s_noise)
 
 
-class DPMSolverSDEScheduler(_TwoCallScheduler):
+class DPMSolverSDEScheduler(DeferredSchedule, _TwoCallScheduler):
     """Drop-in for ``diffusers.DPMSolverSDEScheduler`` (``order = 2``: ``step()`` is called at t_i, then at the
     midpoint timestep of each step but the last); one fused op per call, Philox noise (module docstring).
 
@@ -60,6 +61,7 @@ class DPMSolverSDEScheduler(_TwoCallScheduler):
         self._mids = []
         self._s_noise = 1.0
         self.set_seed(noise_sampler_seed)
+        self._defer_default_schedule()  # diffusers' __init__ runs set_timesteps(T)
 
     @property
     def noise_sampler_seed(self):

@@ -166,7 +166,9 @@ class FlowMatchEulerDiscreteScheduler(FlowForwardProcess, FusedScheduler):
         if not use_dynamic_shifting:
             train = self._shift * train / (1.0 + (self._shift - 1.0) * train)
         self.sigmas_host = train.tolist()
-        self.sigma_min, self.sigma_max = float(train[-1]), float(train[0])
+        self._sigma_lo, self._sigma_hi = float(train[-1]), float(train[0])  # float64 ends: the schedule's maths
+        # the attributes as diffusers' (its float32 ends as Python floats)
+        self.sigma_min, self.sigma_max = timestep_labels.flow_bounds(T, None if use_dynamic_shifting else self._shift)
         self._sigmas_tensor = torch.from_numpy(train).float()
         self.timesteps = self._sigmas_tensor * T
 
@@ -225,7 +227,7 @@ class FlowMatchEulerDiscreteScheduler(FlowForwardProcess, FusedScheduler):
         else:
             out_ts = torch.from_numpy(ts.copy())
         if sig is None:
-            base = ts.astype(np.float64) if ts is not None else np.linspace(self.sigma_max * T, self.sigma_min * T, n)
+            base = ts.astype(np.float64) if ts is not None else np.linspace(self._sigma_hi * T, self._sigma_lo * T, n)
             sig = base / T
         sig = self._shape(sig, mu)
         if cfg.invert_sigmas:  # Mochi: the network takes the inverted schedule's timesteps too

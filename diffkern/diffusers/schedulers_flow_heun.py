@@ -72,7 +72,8 @@ class FlowMatchHeunDiscreteScheduler(FlowForwardProcess, FusedScheduler):
         train = shift * train / (1.0 + (shift - 1.0) * train)
         self.sigmas_host = train.tolist()
         self._call_sigmas = self.sigmas_host
-        self.sigma_min, self.sigma_max = float(train[-1]), float(train[0])
+        self._sigma_lo, self._sigma_hi = float(train[-1]), float(train[0])  # float64 ends: the schedule's maths
+        self.sigma_min, self.sigma_max = timestep_labels.flow_bounds(T, shift)  # diffusers' float32 ends (floats)
         self._sigmas_tensor = torch.from_numpy(train).float()
         self.timesteps = self._sigmas_tensor * T
 
@@ -108,7 +109,7 @@ class FlowMatchHeunDiscreteScheduler(FlowForwardProcess, FusedScheduler):
         n = check_steps(_WHO, num_inference_steps)
         T = self.config.num_train_timesteps
         shift = float(self.config.shift)
-        sig = np.linspace(self.sigma_max * T, self.sigma_min * T, n) / T
+        sig = np.linspace(self._sigma_hi * T, self._sigma_lo * T, n) / T
         sig = shift * sig / (1.0 + (shift - 1.0) * sig)
         self.sigmas_host = sig.tolist() + [0.0]
         # diffusers' float32 timesteps, bit for bit: from its own float32-rounded sigma bounds (timestep_labels)

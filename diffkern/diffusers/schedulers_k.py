@@ -6,6 +6,7 @@ Rows come from :mod:`diffkern.coef_tables` with the prediction type's conversion
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -16,6 +17,7 @@ from .. import coef_tables, schedules, wrappers
 from ..ops import coefs
 from . import scheduler_custom, timestep_labels
 from .config_checks import check_choice, check_one_conversion, unsupported
+from .scheduler_default import DeferredSchedule
 from .schedulers import FusedScheduler, sigma_to_t
 from .scheduler_lookup import check_step_args
 from .scheduler_utils import check_steps
@@ -32,6 +34,7 @@ class _KScheduler(FusedScheduler):
     """Shared set-up: VE sigmas at diffusers' timesteps, Karras/exponential options, input scaling."""
 
     _vp_state = False
+    _train_timesteps_dtype = torch.float32  # before set_timesteps, as diffusers (Euler-ancestral: float64)
     _locate_start = True  # no set_begin_index: the first step's timestep gives its index, as diffusers
 
     def _init_k(self, who, prediction_type, timestep_spacing, use_karras_sigmas, use_exponential_sigmas,
@@ -105,9 +108,15 @@ class _KScheduler(FusedScheduler):
         return last
 
     def _conv(self, sigma: float) -> dict:
+        return _conversion(self.config.prediction_type, sigma, self._clip())
+
+    def _clip(self) -> float:
         cfg = self.config
-        clip = cfg.clip_sample_range if self._option("clip_sample", False) else math.inf
-        return _conversion(cfg.prediction_type, sigma, clip)
+        return cfg.clip_sample_range if self._option("clip_sample", False) else math.inf
+
+    def _conv_fixed(self):
+        """:meth:`_conv` with the config read once: for a table build, which calls it once per sigma."""
+        return functools.partial(_conversion, self.config.prediction_type, clip=self._clip())
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         """``sample / sqrt(sigma^2 + 1)`` at the current step (sigma from the host schedule)."""
@@ -133,6 +142,8 @@ class EulerDiscreteScheduler(_KScheduler):
                             rescale_betas_zero_snr)
         self._init_k("EulerDiscreteScheduler", prediction_type, timestep_spacing, use_karras_sigmas,
                      use_exponential_sigmas, use_beta_sigmas, final_sigmas_type, interpolation_type, timestep_type)
+        if timestep_type == "continuous" and prediction_type == "v_prediction":  # diffusers' training labels then
+            self.timesteps = (0.25 * self.train_sigmas.flip(0).log()).float()
 
     def set_timesteps(self, num_inference_steps: int = None, device=None, timesteps=None, sigmas=None):
         """diffusers' schedule of ``num_inference_steps``, or a custom one: training ``timesteps`` (N, float; the
@@ -185,6 +196,8 @@ class EulerAncestralDiscreteScheduler(_KScheduler):
     """Drop-in for ``diffusers.EulerAncestralDiscreteScheduler`` (eta = 1); one fused op per step. Unlike diffusers
     it also takes ``prediction_type="sample"`` (x0 prediction), where diffusers raises NotImplementedError."""
 
+    _train_timesteps_dtype = torch.float64  # before set_timesteps, as diffusers
+
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
                  beta_schedule: str = "linear", trained_betas=None, prediction_type: str = "epsilon",
@@ -221,13 +234,15 @@ def stored_sample_rows(plan) -> torch.Tensor:
     and slope ``e x + f D``, f = -1/sigma), ``a s + b D~ + c d`` is ``x_i + (a - 1) s + b D~ + (c + h1) d``, which is
     diffusers' update for any s. Shapes: (rows, NCOEF) float64, as ``plan.table``."""
     table = plan.table.clone()
-    # whole columns at once (a Python loop over 0-d tensor reads and writes took ~0.7 ms for 50 steps, at the first
-    # step() of each loop); the same float64 operations, so the same bits
-    first = torch.tensor([i for i, second in enumerate(plan.corrector) if second], dtype=torch.int64)
+    # whole columns at once, in numpy on the clone's memory (a Python loop over 0-d tensor reads and writes took
+    # ~0.7 ms for 50 steps at the first step() of each loop, torch's indexing ~40 us, numpy's ~10 us): the same
+    # float64 operations, so the same bits
+    t = table.numpy()
+    first = np.flatnonzero(plan.corrector)
     rows = first + plan.corrector_row
-    table[rows, coefs.A] -= 1.0
-    table[rows, coefs.C] += table[first, coefs.B] / table[first, coefs.F]
-    table[rows, coefs.C2] = 1.0
+    t[rows, coefs.A] -= 1.0
+    t[rows, coefs.C] += t[first, coefs.B] / t[first, coefs.F]
+    t[rows, coefs.C2] = 1.0
     return table
 
 
@@ -272,7 +287,7 @@ class _TwoCallScheduler(_KScheduler):
         return self.sigmas_host[(k + 1) // 2]
 
 
-class HeunDiscreteScheduler(_TwoCallScheduler):
+class HeunDiscreteScheduler(DeferredSchedule, _TwoCallScheduler):
     """Drop-in for ``diffusers.HeunDiscreteScheduler`` (``order = 2``: timesteps interleaved, ``step()`` called
     for the predictor and then the corrector of each step but the last); one fused op per call.
 
@@ -288,6 +303,7 @@ class HeunDiscreteScheduler(_TwoCallScheduler):
         self._init_training(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
         self._init_k("HeunDiscreteScheduler", prediction_type, timestep_spacing, use_karras_sigmas,
                      use_exponential_sigmas, use_beta_sigmas)
+        self._defer_default_schedule()  # diffusers' __init__ runs set_timesteps(T)
 
     def set_timesteps(self, num_inference_steps: int = None, device=None, num_train_timesteps: int = None,
                       timesteps=None):
@@ -308,8 +324,18 @@ class HeunDiscreteScheduler(_TwoCallScheduler):
         self._warm(device, ("heun",))
 
     def _build(self, key):
-        plan = coef_tables.heun(self.sigmas_host, conv=self._conv)
-        return stored_sample_rows(plan), plan
+        # a loop on the last one's schedule and conversion reuses its tables (a pipeline calls set_timesteps(N) for
+        # every image; the build was ~5 us of each of 2N - 1 steps at N = 50): host tables are never written in
+        # place once built (steps copy them to the device), so two loops can share them
+        conv = self._conv_fixed()
+        memo = (tuple(self.sigmas_host), conv.args, tuple(conv.keywords.items()))
+        last = getattr(self, "_last_build", None)
+        if last is not None and last[0] == memo:
+            return last[1]
+        plan = coef_tables.heun(self.sigmas_host, conv=conv)
+        built = stored_sample_rows(plan), plan
+        self._last_build = (memo, built)
+        return built
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
         """Predictor (even calls: Euler, stores D) or corrector (odd calls: trapezoid from the stored D);

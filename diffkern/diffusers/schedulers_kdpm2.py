@@ -19,13 +19,14 @@ from diffusers.configuration_utils import register_to_config
 from .. import coef_tables
 from . import timestep_labels
 from .config_checks import check_choice, unsupported
+from .scheduler_default import DeferredSchedule
 from .schedulers import sigma_to_t
 from .schedulers_k import _TwoCallScheduler, stored_sample_rows
 
 _PREDICTIONS = ("epsilon", "v_prediction")  # diffusers' KDPM2 classes raise for the others
 
 
-class _KDPM2Scheduler(_TwoCallScheduler):
+class _KDPM2Scheduler(DeferredSchedule, _TwoCallScheduler):
     """Shared loop of the two classes: interleaved schedule, predictor/corrector calls, input scaling."""
 
     _key = ("dpm_2",)
@@ -42,6 +43,7 @@ class _KDPM2Scheduler(_TwoCallScheduler):
         self._init_k(who, prediction_type, timestep_spacing, use_karras_sigmas, use_exponential_sigmas,
                      use_beta_sigmas)
         self._mids = []
+        self._defer_default_schedule()  # diffusers' __init__ runs set_timesteps(T)
 
     def _table(self, sigmas):
         """The coefficient plan of ``sigmas`` (defined by each class)."""

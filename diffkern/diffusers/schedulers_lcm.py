@@ -164,13 +164,18 @@ class LCMScheduler(FusedScheduler):
         """Validated custom timesteps (cut by ``strength``) and diffusers' ``num_inference_steps`` for them."""
         T, who = self.config.num_train_timesteps, type(self).__name__  # TCDScheduler reuses it
         values = timesteps.tolist() if isinstance(timesteps, (torch.Tensor, np.ndarray)) else list(timesteps)
-        if not values or any(isinstance(v, bool) or not isinstance(v, numbers.Real) or v != int(v) for v in values):
-            raise ValueError(f"{who}: timesteps must be a non-empty sequence of integers, got {timesteps!r}")
-        values = [int(v) for v in values]
+        if not values or any(isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v)
+                             for v in values):
+            raise ValueError(f"{who}: timesteps must be a non-empty sequence of finite numbers, got {timesteps!r}")
         if any(b >= a for a, b in zip(values, values[1:])):
             raise ValueError(f"{who}: timesteps must be in descending order, got {values}")
-        if values[0] >= T or values[-1] < 0:
-            raise ValueError(f"{who}: timesteps must lie in [0, num_train_timesteps={T}), got {values}")
+        if values[0] >= T or values[-1] <= -1:
+            raise ValueError(f"{who}: timesteps must lie in (-1, num_train_timesteps={T}), got {values}")
+        # diffusers truncates them to integers (np.int64) after its checks and warnings, which see the given values
+        ints = [int(v) for v in values]
+        if any(b >= a for a, b in zip(ints, ints[1:])):
+            raise ValueError(f"{who}: timesteps {values} truncate to the integers {ints}, which repeat (a step of "
+                             "length 0, where diffusers would start its loop at the second); pass distinct integers")
         train = set(origin.tolist())
         # stacklevel 4 names the caller of set_timesteps (frames: this method, set_timesteps, FusedScheduler's wrapper)
         if strength == 1.0 and values[0] != T - 1:
@@ -188,7 +193,7 @@ class LCMScheduler(FusedScheduler):
         if start >= n:
             raise ValueError(f"{who}: strength={strength} leaves none of the {n} custom timesteps")
         self.custom_timesteps = True
-        return np.asarray(values[start:], dtype=np.int64), n
+        return np.asarray(ints[start:], dtype=np.int64), n
 
     def _check_zero_snr(self) -> None:
         """Epsilon prediction cannot give x0 where alpha-bar is 0 (zero terminal SNR at t = T-1): diffusers divides

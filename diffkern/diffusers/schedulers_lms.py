@@ -22,6 +22,7 @@ from .. import coef_tables_lms
 from ..ops import coefs
 from . import timestep_labels
 from .config_checks import check_choice, check_one_conversion, unsupported
+from .scheduler_default import DeferredSchedule
 from .schedulers import sigma_to_t
 from .schedulers_k import _KScheduler
 from .scheduler_lookup import check_step_args
@@ -33,7 +34,7 @@ COMBOS = tuple((q, k) for q in coef_tables_lms.ORDERS for k in range(1, q + 1))
 _KEY = ("lms",)
 
 
-class LMSDiscreteScheduler(_KScheduler):
+class LMSDiscreteScheduler(DeferredSchedule, _KScheduler):
     """Drop-in for ``diffusers.LMSDiscreteScheduler`` (every config key: beta schedules and trained betas,
     Karras/exponential/beta sigmas, epsilon/v/sample prediction, the three spacings and ``steps_offset``);
     ``step(model_output, timestep, sample, order=4)`` is one fused op, no host sync, with diffusers' per-call order.
@@ -57,6 +58,7 @@ class LMSDiscreteScheduler(_KScheduler):
         self._init_k(_WHO, prediction_type, timestep_spacing, use_karras_sigmas, use_exponential_sigmas, False)
         self.use_karras_sigmas = use_karras_sigmas  # as diffusers' attribute
         self._held = 0
+        self._defer_default_schedule()  # diffusers' __init__ runs set_timesteps(T)
 
     def set_timesteps(self, num_inference_steps: int, device=None):
         """diffusers' LMS schedule: the spacing's timesteps and their interpolated sigmas, or Karras sigmas between

@@ -129,6 +129,7 @@ class PNDMScheduler(FusedScheduler):
     """
 
     _locate_start = True  # no set_begin_index in diffusers: a loop starts where its first timestep is
+    _train_timesteps_dtype = None  # no timesteps before set_timesteps, as diffusers
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,

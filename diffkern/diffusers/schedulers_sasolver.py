@@ -63,6 +63,7 @@ class SASolverScheduler(FusedScheduler):
 
     _locate_start = True  # no set_begin_index: the first step's timestep gives its index, as diffusers
     _missing_is_last = True  # index_for_timestep/add_noise: a timestep not in the schedule is the last one's
+    _train_timesteps_dtype, _train_sigmas_before = torch.float32, True  # before set_timesteps, as diffusers
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
@@ -173,7 +174,9 @@ class SASolverScheduler(FusedScheduler):
     @property
     def sigmas(self) -> torch.Tensor:
         """diffusers' ``sigmas`` (float32, CPU): the VE sigmas of ``timesteps`` and the final one, or with
-        ``use_flow_sigmas`` the flow times."""
+        ``use_flow_sigmas`` the flow times; before set_timesteps the training VE sigmas, increasing, as diffusers."""
+        if self.__dict__.get("sigmas_host") is None:
+            return self.train_sigmas.float()
         return torch.tensor(self.sigmas_host, dtype=torch.float32)
 
     def _sigma_at(self, i: int) -> float:

@@ -236,6 +236,7 @@ class DPMSolverMultistepScheduler(FusedScheduler):
     """
     _locate_start = True  # no set_begin_index: the first step's timestep gives its index, as diffusers
     _missing_is_last = True  # index_for_timestep/add_noise: a timestep not in the schedule is the last one's
+    _train_timesteps_dtype, _train_sigmas_before = torch.float32, True  # before set_timesteps, as diffusers
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
