@@ -143,11 +143,18 @@ class HOLD:
             return self.beta0 * t
         return self.beta0 * t + 0.5 * self.beta1 * t * t
 
-    def _ext(self, part: str, b: torch.Tensor) -> torch.Tensor:
+    def _ext(self, part: str, b: torch.Tensor, arg: str = "b") -> torch.Tensor:
         """Result ``part`` ("E", "Q", "QA", "LA") of the extended path at the integrated times ``b`` (float64, ...) the
-        caller passed, on b's device; checked by their name first, on the host (where the path reads them anyway)."""
-        check_host_times(b, "b", self.order)
-        return self._xp.batch(b.detach(), part)  # history under no_grad only: nothing to keep
+        caller passed, on b's device; checked by their name first, on the host (where the path reads them anyway).
+        ``arg``: the caller's argument that errors name (b, or t where b comes from forward times)."""
+        check_host_times(b, arg, self.order)
+        return self._xp.batch(b.detach(), part, arg)  # history under no_grad only: nothing to keep
+
+    def _at(self, part: str, b: torch.Tensor) -> torch.Tensor:
+        """:meth:`transition_b` ("E") or :meth:`gramian_b` ("Q") at b = b(t), its errors naming t."""
+        if part in self._xparts:
+            return self._ext(part, b, "t")
+        return self.transition_b(b) if part == "E" else self.gramian_b(b)
 
     def _const(self, name: str, device) -> torch.Tensor:
         key = (name, str(device))
@@ -242,17 +249,17 @@ class HOLD:
 
     def transition(self, t) -> torch.Tensor:
         """E(t) = exp(F int_0^t beta); (..., n, n) float64 on t's device."""
-        return self.transition_b(self._b(as_time(t, "t"), "E"))
+        return self._at("E", self._b(as_time(t, "t"), "E"))
 
     def gramian(self, t) -> torch.Tensor:
         """Q(t), the covariance of z_t given z_0 = 0; (..., n, n) float64."""
-        return self.gramian_b(self._b(as_time(t, "t"), "Q"))
+        return self._at("Q", self._b(as_time(t, "t"), "Q"))
 
     def cov(self, t, *, jitter: bool = False) -> torch.Tensor:
         """Sigma_t = E Sigma_0 E^T + Q(t) (+ delta I if ``jitter``), cancellation-free; (..., n, n) float64."""
         b = self._b(as_time(t, "t"), "E")
-        E = self.transition_b(b)
-        S = E @ self.cov0(b.device) @ E.transpose(-1, -2) + self.gramian_b(b)
+        E = self._at("E", b)
+        S = E @ self.cov0(b.device) @ E.transpose(-1, -2) + self._at("Q", b)
         if jitter:
             S = S + self.delta * torch.eye(self.order, dtype=_F64, device=b.device)
         return S

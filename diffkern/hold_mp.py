@@ -236,9 +236,10 @@ class Law:
                 self._cache.popitem(last=False)
         return hit
 
-    def batch(self, b: torch.Tensor, name: str) -> torch.Tensor:
+    def batch(self, b: torch.Tensor, name: str, arg: str = "t") -> torch.Tensor:
         """Result ``name`` (E, Q, S, L, w_z, w_eps; QA, LA) stacked over the float64 integrated times b (...), read on
-        the host (a sync for a device tensor); float64 (..., [n, [n]]) on b's device."""
+        the host (a sync for a device tensor); float64 (..., [n, [n]]) on b's device. ``arg``: the caller's argument
+        that a small-time refusal names (t, or b for HOLD's b-taking methods)."""
         if b.requires_grad:  # the values are host constants: a silent detach would drop the gradient
             raise ValueError(f"b: expected times without autograd history (the extended path computes order n = "
                              f"{self.n}'s laws on the host, not differentiably); pass b.detach()")
@@ -250,7 +251,12 @@ class Law:
             if v == math.inf:  # a huge t's integrated time overflowed (or t = inf): the stationary law, as in float64
                 flat[i] = _B_INF
         part = "a" if name in ("QA", "LA") else "t"
-        rows = [self.get(v, part)[name] for v in flat]
+        try:
+            rows = [self.get(v, part)[name] for v in flat]
+        except ValueError as e:  # _one's refusal names t: a b-taking caller passed b
+            if arg == "t" or not str(e).startswith("t: "):
+                raise
+            raise ValueError(f"{arg}: {str(e)[3:]}") from None
         shape = () if name == "w_eps" else (self.n,) if name == "w_z" else (self.n, self.n)
         out = torch.tensor(np.array(rows, dtype=np.float64).reshape(tuple(b.shape) + shape), dtype=torch.float64)
         return out.to(b.device)

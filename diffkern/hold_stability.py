@@ -13,6 +13,7 @@ exactly and has no such limit.
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 
 import torch
@@ -50,9 +51,21 @@ def stable_steps(omega: float, b: torch.Tensor, limit: float = GROWTH_LIMIT) -> 
     return math.ceil(hi * N)
 
 
-def check_euler_ode(F: torch.Tensor, xi: float, b: torch.Tensor, *, stacklevel: int = 3) -> None:
+def _caller_stacklevel() -> int:
+    """``warnings.warn``'s stacklevel, for a warn in the function that calls this, of the first frame outside
+    diffkern and torch's decorator wrappers (``torch.no_grad`` on :func:`diffkern.hold_sampling.sample`): the user's
+    line through any entry point (``hold_sampling.sample``, ``graphs.sample_hold``, ``sampler_table``)."""
+    frame, level = sys._getframe(1), 1  # the warning function's frame: stacklevel 1
+    while frame is not None and (frame.f_globals.get("__name__", "").partition(".")[0] == "diffkern"
+                                 or frame.f_globals.get("__name__") == "torch.utils._contextlib"):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def check_euler_ode(F: torch.Tensor, xi: float, b: torch.Tensor, *, stacklevel: int | None = None) -> None:
     """Warn (:class:`EulerODEStabilityWarning`, once per call) if the Euler ODE steps b (N,) float64 (CPU) of a drift
-    F (n, n) with friction xi inflate its fastest rotation more than GROWTH_LIMIT-fold. Host data only: no sync."""
+    F (n, n) with friction xi inflate its fastest rotation more than GROWTH_LIMIT-fold. Host data only: no sync.
+    ``stacklevel`` None: the first caller outside diffkern (:func:`_caller_stacklevel`)."""
     omega = fastest_rotation(F, xi)
     lg = log_growth(omega, b)
     if lg <= math.log(GROWTH_LIMIT):
@@ -65,4 +78,4 @@ def check_euler_ode(F: torch.Tensor, xi: float, b: torch.Tensor, *, stacklevel: 
         f"where the exact flow keeps its size, so the samples are inflated (diverging as this grows). About "
         f"{stable_steps(omega, b)} steps keep the growth below "
         f"{GROWTH_LIMIT:g}x; or use sampler='ode_exp' (the rotation integrated exactly: no step limit) or 'sscs'.",
-        EulerODEStabilityWarning, stacklevel=stacklevel)
+        EulerODEStabilityWarning, stacklevel=_caller_stacklevel() if stacklevel is None else stacklevel)

@@ -93,7 +93,11 @@ def _spec(value) -> tuple[torch.dtype, torch.device]:
     """(dtype, device) of k-diffusion's ``t(torch.tensor(value))`` = ``-torch.tensor(value).log()``."""
     if isinstance(value, torch.Tensor):
         return (value.dtype if value.is_floating_point() else torch.get_default_dtype()), value.device
-    return torch.get_default_dtype(), torch.device("cpu")
+    try:  # k-diffusion's torch.tensor(value): a numpy floating scalar keeps its dtype there (np.float64: float64)
+        dtype = torch.tensor(value).dtype
+    except (TypeError, RuntimeError):  # a real torch cannot hold (fractions.Fraction): the default dtype
+        dtype = torch.get_default_dtype()
+    return (dtype if dtype.is_floating_point else torch.get_default_dtype()), torch.device("cpu")
 
 
 def report_specs(sigma_min, sigma_max) -> tuple:

@@ -34,7 +34,10 @@ class _ScheduleAttr:
             raise AttributeError(self.name) from None
 
     def __set__(self, obj, value) -> None:
-        obj.__dict__[self.name] = value
+        d = obj.__dict__
+        if d.get("_default_pending", False):  # diffusers' default ran before this assignment: it must not undo it
+            obj._run_default_schedule()
+        d[self.name] = value
 
 
 def _cancelling(set_timesteps):
