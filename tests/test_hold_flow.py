@@ -14,6 +14,7 @@ from scipy.integrate import solve_ivp
 
 from diffkern.hold import HOLD
 from diffkern.hold_flow import chol_b, flow_map, flow_rows
+from diffkern.hold_mp import Law
 from diffkern.hold_sampling import sampler_table, time_grid
 from test_hold_review import ALPHA, L_INV, continuous_law, discrete_law
 
@@ -66,14 +67,18 @@ def flow_maps_ode(proc: HOLD, t0: np.ndarray, t1: np.ndarray) -> np.ndarray:
 
 def point_law(proc: HOLD, table: torch.Tensor, grid: torch.Tensor, x0: float, mu, P):
     """Exact output law of the table for data = the point x0, whose exact denoiser is eps_hat = e_n^T L_t^{-1}(z - m_t)
-    (the network convention: z_t = m_t + L_t eps); propagated from N(mu, P) without Monte Carlo."""
+    (the network convention: z_t = m_t + L_t eps); propagated from N(mu, P) without Monte Carlo. m_t and L_t are the
+    correctly rounded ones of diffkern.hold_mp, as the table's x0 weights are at r b > 8: float64 E(t)'s first column
+    is off by ~1e-11 relatively at r b ~ 30, an error the float64 weights used to share (test_hold_x0_far.py)."""
     n = proc.order
+    law = Law(n, None, proc.L, proc.alpha, proc.delta, proc.hsm)
     ts = grid.tolist() + [grid[-1].item()]
     for i in range(table.shape[0]):
         K, k = table[i, :, :n], table[i, :, n]
-        ell = torch.linalg.inv(proc.chol(ts[i]))[n - 1]
+        b = proc.int_beta(torch.tensor(ts[i], dtype=F64))
+        ell = torch.linalg.inv(law.batch(b, "L"))[n - 1]
         M = K + torch.outer(k, ell)
-        mu, P = M @ mu - k * float(ell @ proc.transition(ts[i])[:, 0]) * x0, M @ P @ M.T
+        mu, P = M @ mu - k * float(ell @ law.batch(b, "E")[:, 0]) * x0, M @ P @ M.T
     return mu, P
 
 
