@@ -20,16 +20,16 @@ def chol_psd(S: torch.Tensor) -> torch.Tensor:
     instead of NaN; otherwise this is the textbook Cholesky-Banachiewicz recursion.
     """
     n = S.shape[-1]
-    Lc = torch.zeros_like(S)
+    cols = []  # column j of L, (..., n): built out of place, so autograd can differentiate through S
     for j in range(n):
-        piv = S[..., j, j] - (Lc[..., j, :j] ** 2).sum(-1)
+        prev = torch.stack(cols, -1) if cols else S[..., :, :0]  # L[..., :, :j]
+        piv = S[..., j, j] - (prev[..., j, :] ** 2).sum(-1)
         d = torch.sqrt(piv.clamp(min=0.0))
-        Lc[..., j, j] = d
-        if j + 1 < n:
-            num = S[..., j + 1:, j] - (Lc[..., j + 1:, :j] * Lc[..., j:j + 1, :j]).sum(-1)
-            safe = torch.where(d > 0, d, torch.ones_like(d))
-            Lc[..., j + 1:, j] = torch.where(d[..., None] > 0, num / safe[..., None], 0.0)
-    return Lc
+        num = S[..., j + 1:, j] - (prev[..., j + 1:, :] * prev[..., j:j + 1, :]).sum(-1)
+        safe = torch.where(d > 0, d, torch.ones_like(d))
+        below = torch.where(d[..., None] > 0, num / safe[..., None], 0.0)
+        cols.append(torch.cat([torch.zeros_like(S[..., :j, j]), d[..., None], below], -1))
+    return torch.stack(cols, -1) if cols else torch.zeros_like(S)
 
 
 def chol_rows(M: torch.Tensor) -> torch.Tensor:

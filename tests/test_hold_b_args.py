@@ -116,3 +116,13 @@ def test_routing_is_one_law_and_one_set_of_parts():
     for (n, hsm, delta), parts in table.items():
         proc = HOLD(n, hsm=hsm, delta=delta)
         assert proc._xparts == parts and (proc._xp is None) == (not parts), (n, hsm, delta)
+
+
+@pytest.mark.parametrize("n", (2, 3, 6))
+def test_factors_and_x0_weights_differentiate_in_t(n):
+    """chol (L_t, through chol_psd of Q) and the x0 weights take gradients in t where float64 computes them (chol_psd
+    used to write its factor in place after reading it: backward raised an in-place-modification error)."""
+    proc = HOLD(n)
+    t = torch.tensor([0.3, 1.0], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(proc.chol, (t,))
+    assert torch.autograd.gradcheck(lambda s: proc.x0_coefficients(s)[1], (t,))
