@@ -135,6 +135,7 @@ def run(loop: _Loop, sigma_min: float, sigma_max: float, knobs: dict, eta: float
                          f"got {eta}")
     pid = cda.PID(knobs["h_init"] if forward else -knobs["h_init"], knobs["pcoeff"], knobs["icoeff"],
                   knobs["dcoeff"], 1.5 if eta else order, knobs["accept_safety"])
+    stall = cda.StallWatch(knobs["accept_safety"])
     names = ("u1", "low", "high", "e0") + (("u2", "e1") if order == 3 else ())
     bufs = {name: torch.empty_like(x) for name in names}
     prev = x.clone()  # k-diffusion's x_prev: the last accepted x_low, at first the start
@@ -177,8 +178,11 @@ def run(loop: _Loop, sigma_min: float, sigma_max: float, knobs: dict, eta: float
                 raise RuntimeError(f"dpm_adaptive: the error estimate of attempt {info['steps']} (sigma "
                                    f"{math.exp(-s)!r} -> {math.exp(-t_)!r}) is {error}: a non-finite state or model "
                                    "output, or atol = 0 where the state is 0")
+            h_tried = pid.h
             accept = pid.propose(error)
+            stalled = not accept and stall.rejected(h_tried, pid.h, pid.factor)
             if accept:
+                stall.accepted()
                 prev, bufs["low"] = bufs["low"], prev
                 high = bufs["high"]
                 noise = None
@@ -203,6 +207,13 @@ def run(loop: _Loop, sigma_min: float, sigma_max: float, knobs: dict, eta: float
                 loop.callback({"sigma": sig, "sigma_hat": sig.clone(), "x": x.clone(), "i": info["steps"] - 1,
                                "t": t_now, "t_up": t_now.clone(), "denoised": denoised, "error": error_dev,
                                "h": pid.h, **info})
+            if stalled:
+                raise RuntimeError(f"dpm_adaptive: accept_safety {knobs['accept_safety']!r} > 1 stalled the step-size "
+                                   f"controller at sigma {math.exp(-s)!r}: {stall.limit} attempts in a row were "
+                                   f"rejected without their factor nearing accept_safety or h shrinking (last factor "
+                                   f"{pid.factor:.6g}, h = {pid.h!r}). The controller steers the error towards 1, "
+                                   "where its factor is about 1 < accept_safety, so no attempt would be accepted and "
+                                   "k-diffusion's loop would never end; use accept_safety <= 1 (default 0.81)")
     return x, info
 
 
@@ -240,7 +251,8 @@ def sample_dpm_adaptive(model, x, sigma_min, sigma_max, extra_args=None, callbac
     sigma_hat, x, i, t, t_up, denoised, error, h and the counts; sigma, sigma_hat, t, t_up and the noise_sampler's
     two sigmas are 0-d tensors in k-diffusion's dtype and device, :func:`report_specs`; error on x's device).
     Raises RuntimeError where k-diffusion's loop would not end: the controller's step h below x's dtype's resolution
-    (rtol/atol beyond its precision)."""
+    (rtol/atol beyond its precision), or accept_safety > 1 stalling the controller
+    (:class:`~diffkern.coef_tables_dpm_adaptive.StallWatch`)."""
     lo = schedules._check_positive(sigma_min, "sigma_min")
     hi = schedules._check_positive(sigma_max, "sigma_max")
     knobs = cda.check_knobs(order, rtol, atol, h_init, pcoeff, icoeff, dcoeff, accept_safety)

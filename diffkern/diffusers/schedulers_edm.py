@@ -146,6 +146,7 @@ class EDMEulerScheduler(_EDMScheduler):
                  rho: float = 7.0, final_sigmas_type: str = "zero"):
         T = num_train_timesteps
         self._init_edm(torch.arange(T + 1, dtype=torch.float64) / T, final_sigmas_type == "zero")
+        self._host_timesteps = self._init_t  # diffusers' step() runs on it before set_timesteps too
 
     def set_timesteps(self, num_inference_steps: int = None, device=None, sigmas=None):
         """``timesteps`` (c_noise, float32) and ``sigmas`` of ``num_inference_steps`` steps, or of ``sigmas``: as in

@@ -144,6 +144,7 @@ class EulerDiscreteScheduler(_KScheduler):
                      use_exponential_sigmas, use_beta_sigmas, final_sigmas_type, interpolation_type, timestep_type)
         if timestep_type == "continuous" and prediction_type == "v_prediction":  # diffusers' training labels then
             self.timesteps = (0.25 * self.train_sigmas.flip(0).log()).float()
+        self._host_timesteps = self.timesteps.tolist()  # diffusers' step() runs on it before set_timesteps too
 
     def set_timesteps(self, num_inference_steps: int = None, device=None, timesteps=None, sigmas=None):
         """diffusers' schedule of ``num_inference_steps``, or a custom one: training ``timesteps`` (N, float; the
@@ -205,6 +206,7 @@ class EulerAncestralDiscreteScheduler(_KScheduler):
         self._init_training(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                             rescale_betas_zero_snr)
         self._init_k("EulerAncestralDiscreteScheduler", prediction_type, timestep_spacing, False, False, False)
+        self._host_timesteps = self.timesteps.tolist()  # diffusers' step() runs on it before set_timesteps too
 
     def set_timesteps(self, num_inference_steps: int, device=None):
         ts, self.sigmas_host = self._k_schedule(num_inference_steps)
