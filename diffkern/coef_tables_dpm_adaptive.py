@@ -107,8 +107,7 @@ a float64 sweep (3 analytic denoisers, 4 tolerances, orders 2 and 3, eta 0.7, PI
 to 2.0; 336 runs): the runs that end had at most 19 rejections in a row, save one with 94 (eta > 0: an oscillation of
 h about the fixed point that grows until its low point is accepted). Counted by this rule, on the same sweep with
 8 noise seeds for eta > 0 (its last rows cut by a time limit): no rejection without progress in any run that
-ended; a stall reaches the limit ~50
-attempts after it sets in (tests/test_parity17c.py)."""
+ended; a stall reaches the limit ~50 attempts after it sets in (tests/test_parity17c.py)."""
 
 
 class StallWatch:
