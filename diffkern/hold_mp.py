@@ -169,17 +169,22 @@ class Law:
 
     def consts(self, prec: int) -> _Consts:
         """The constants at ``prec`` digits, built on first use (two threads may both build them: same values)."""
+        return self._cached(self._consts, prec, lambda: _Consts(*self._args, prec), _CONSTS_KEPT)
+
+    def _cached(self, cache: OrderedDict, key, make, limit: int):
+        """``cache[key]``, made by ``make()`` on a miss, keeping the ``limit`` most recently used entries. Thread-safe:
+        the lock guards the bookkeeping only, so two threads missing one key both make it (to the same value)."""
         with self._lock:
-            c = self._consts.get(prec)
-            if c is not None:
-                self._consts.move_to_end(prec)
-                return c
-        c = _Consts(*self._args, prec)
+            hit = cache.get(key)
+            if hit is not None:
+                cache.move_to_end(key)
+                return hit
+        made = make()
         with self._lock:
-            c = self._consts.setdefault(prec, c)
-            while len(self._consts) > _CONSTS_KEPT:
-                self._consts.popitem(last=False)
-        return c
+            hit = cache.setdefault(key, made)
+            while len(cache) > limit:
+                cache.popitem(last=False)
+        return hit
 
     def min_time(self) -> float:
         """Smallest integrated time b > 0 that part "t" computes: 0.0 with a jitter or under DSM (the extra digits are
@@ -223,18 +228,9 @@ class Law:
     def get(self, b: float, part: str) -> dict:
         """Float64 results of ``_one`` at b, cached (thread-safe; a miss computes outside the lock, so two threads
         missing one b both compute it, to the same values)."""
-        key = (float(b), part)
-        with self._lock:
-            hit = self._cache.get(key)
-            if hit is not None:
-                self._cache.move_to_end(key)
-                return hit
-        hit = self._one(key[0], part)
-        with self._lock:
-            hit = self._cache.setdefault(key, hit)
-            while len(self._cache) > min(_CACHE_SIZE, _CACHE_BYTES // (48 * self.n * self.n)):
-                self._cache.popitem(last=False)
-        return hit
+        b = float(b)
+        limit = min(_CACHE_SIZE, _CACHE_BYTES // (48 * self.n * self.n))
+        return self._cached(self._cache, (b, part), lambda: self._one(b, part), limit)
 
     def batch(self, b: torch.Tensor, name: str, arg: str = "t") -> torch.Tensor:
         """Result ``name`` (E, Q, S, L, w_z, w_eps; QA, LA) stacked over the float64 integrated times b (...), read on
