@@ -84,11 +84,6 @@ def error_tensor(low: torch.Tensor, high: torch.Tensor, prev: torch.Tensor, atol
     return torch.linalg.vector_norm((lo - hi) / delta) / math.sqrt(low.numel())
 
 
-def scaled_error(low: torch.Tensor, high: torch.Tensor, prev: torch.Tensor, atol: float, rtol: float) -> float:
-    """:func:`error_tensor` read on the host (a synchronisation)."""
-    return float(error_tensor(low, high, prev, atol, rtol))
-
-
 def _spec(value) -> tuple[torch.dtype, torch.device]:
     """(dtype, device) of k-diffusion's ``t(torch.tensor(value))`` = ``-torch.tensor(value).log()``."""
     if isinstance(value, torch.Tensor):
