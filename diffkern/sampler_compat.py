@@ -6,9 +6,13 @@ A ``noise_sampler(sigma, sigma_next) -> tensor like x`` replaces the Philox stre
 between the model call and the fused update, exactly where k-diffusion's ``sample_<method>`` calls it (same steps,
 same order, same pair of sigmas: 0-d tensors on a floating tensor schedule's device in its dtype, else float64 CPU,
 :func:`noise_sigmas`), and passes what it returns to the fused op as its
-``noise``. It cannot run inside a CUDA graph replay (a Python call): graph paths refuse it; use ``seed=`` there.
+``noise``. So where a step also reports, the draw precedes the callback (k-diffusion calls the callback first): the
+callback's ``denoised`` comes out of that same fused launch, and a split noise pass would cost a second pass over x
+and make the result depend on whether a callback is given. It cannot run inside a CUDA graph replay (a Python call): graph paths refuse it; use ``seed=`` there.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -138,8 +142,8 @@ def callback_sigmas(given, schedule: list, reported: list, sigma_hat: list):
     and ``sigma_hat``. Built once per call, before the loop; ``pair`` makes no host synchronisation.
 
     ``given``: the schedule as the caller passed it; ``schedule``: its host float64 copy (N+1 values);
-    ``reported``: the host sigma of each step (``schedule``, or dpm_fast's calls, :func:`~diffkern.samplers.
-    dpm_fast_reported_sigmas`); ``sigma_hat``: the plan's (after churn), N values. A floating tensor ``given`` gets
+    ``reported``: the host sigma of each step (``schedule``; dpm_fast reports its own grid, :class:`DpmFastReport`);
+    ``sigma_hat``: the plan's (after churn), N values. A floating tensor ``given`` gets
     tensors on its device in its dtype (:func:`on_device`: ``given[i]`` itself wherever the value is the schedule's
     own). Any other ``given`` (a list, numpy array, integer tensor): float64 CPU tensors, fresh at each step.
     """
@@ -166,6 +170,45 @@ def noise_sigmas(given, schedule: list, calls: dict) -> dict:
         wanted += [(sigma, i), (sigma_next, i + 1)]
     get = on_device(given, schedule, wanted)
     return {key: (get(2 * k), get(2 * k + 1)) for k, key in enumerate(keys)}
+
+
+class DpmFastReport:
+    """What dpm_fast reports, as k-diffusion's ``sample_dpm_fast``: its ``DPMSolver.dpm_solver_fast`` calls
+    ``info_callback`` once per step of its own grid, after the step's first model call, with
+    ``{'x': x at the step's start, 'i': grid step, 't': ts[i], 't_up': ts[i], 'denoised'}``, which
+    ``sample_dpm_fast`` hands on as ``{'sigma': sigma(t), 'sigma_hat': sigma(t_up), **info}``; its noise_sampler gets
+    ``(sigma(ts[i]), sigma(ts[i + 1]))``. Its grid is ``ts = torch.linspace(t_start, t_end, m + 1,
+    device=x.device)``: the default dtype on x's device whatever the limits' (or the schedule's) dtype and device.
+    Here the float64 grid (``sigmas``: ComfyUI's schedule, N + 1 host floats) rounded once to that dtype, moved to x's
+    device in one copy before the loop (k-diffusion computes t in that dtype, so its values may differ in the last
+    place)."""
+
+    def __init__(self, sigmas: list, x: torch.Tensor):
+        lo, hi, n = coef_tables_dpm_fast.from_sigmas(sigmas)
+        orders = coef_tables_dpm_fast.orders(n)
+        grid = coef_tables_dpm_fast.grid(lo, hi, len(orders))
+        self.m = len(grid)
+        self.first, call = {}, 0  # loop step (model call) -> grid step it opens
+        for k, p in enumerate(orders):
+            self.first[call] = k
+            call += p
+        self.table = torch.tensor(grid + [-math.log(s) for s in grid],
+                                  dtype=torch.float64).to(x.device, torch.get_default_dtype())
+
+    def wants(self, i: int) -> bool:
+        """Whether loop step (model call) i opens a grid step: the callback runs there only."""
+        return i in self.first
+
+    def info(self, i: int, x: torch.Tensor, denoised: torch.Tensor) -> dict:
+        """The callback's dict at loop step i (one of :meth:`wants`'), k-diffusion's keys in its order."""
+        k, tab = self.first[i], self.table
+        return {"sigma": tab[k], "sigma_hat": tab[k], "x": x, "i": k, "t": tab[self.m + k], "t_up": tab[self.m + k],
+                "denoised": denoised}
+
+    def noise_pairs(self, calls: dict) -> dict:
+        """``calls`` (:func:`noise_calls`' for dpm_fast: one per grid step, at its last model call) with each pair the
+        grid's two 0-d tensors, in the order of the grid steps."""
+        return {key: (self.table[k], self.table[k + 1]) for k, key in enumerate(sorted(calls))}
 
 #----------------------------------------------------------------------------
 # noise_sampler: the argument and what it returns.

@@ -269,6 +269,9 @@ class _Loop:
             _warn_compiled_wrapper(model)
         self.conv = conversion_rows(model)
         self.trajectory = trajectory
+        # None: the callback runs at every step's first call with k-diffusion's sample_<method> dict; else the
+        # sampler's own (dpm_fast: once per step of its grid, sampler_compat.DpmFastReport), its noise pairs too
+        self.report = None
         if trajectory is not None and trajectory.denoised.shape[0] != len(self.sigmas) - 1:
             raise ValueError("trajectory: its buffers do not match the number of steps")
         self._checked = False
@@ -280,7 +283,8 @@ class _Loop:
         self.plan = plan
         if self.noise_sampler is not None:
             sampler_compat.check_covered(plan, self.noise_calls)
-            self.noise_pairs = sampler_compat.noise_sigmas(*self.given, self.noise_calls)  # as k-diffusion's; no sync
+            self.noise_pairs = (self.report.noise_pairs(self.noise_calls) if self.report is not None else
+                                sampler_compat.noise_sigmas(*self.given, self.noise_calls))  # as k-diffusion's; no sync
         # Not an inference tensor, even under torch.inference_mode: the bound op (LoopStep) reads its version counter
         # to notice an in-place rewrite (the front-end caches its CPU table check on it: 200 cpp euler_ancestral
         # steps, 64 2-D points: 70 ms per call re-checking against 53 ms under no_grad)
@@ -295,7 +299,7 @@ class _Loop:
         x0_buffer = None if self.trajectory is None else self.trajectory.denoised
         self.op = LoopStep(self.x, self.table, None if rewritten else plan.table, self.seed, histories=self.histories,
                            x0_buffer=x0_buffer, backend=self.backend)
-        if self.callback is not None:
+        if self.callback is not None and self.report is None:
             self.callback_sigmas = sampler_compat.callback_sigmas(*self.given, self.sigmas, plan.sigma_hat)
 
     def start(self) -> None:
@@ -335,13 +339,14 @@ class _Loop:
     def step(self, i: int, row: int, *, first: bool = True, write_history: bool = False) -> None:
         """One model call and one fused update of x (in place; ping-pong when a callback wants the old x)."""
         m, u = self._model(row)
+        report = first and self.callback is not None and (self.report is None or self.report.wants(i))
         x0 = None
         if first and self.trajectory is not None:
             x0 = self.trajectory.denoised[i]
-        elif first and self.callback is not None:
+        elif report:
             x0 = torch.empty_like(self.x)
         # with a callback, a fresh state each step: the tensors it got are the caller's to keep (as k-diffusion's)
-        out = torch.empty_like(self.x) if first and self.callback is not None else self.x
+        out = torch.empty_like(self.x) if report else self.x
         # a corrector reads the value its step's first call just wrote as H (coef_tables.history_slots)
         h, h2, h3, h_out = coef_tables.history_slots(self.histories, i if first else i + 1)
         h_out = h_out if write_history else None
@@ -349,10 +354,12 @@ class _Loop:
         noise = None if pair is None else sampler_compat.draw(self.noise_sampler, pair, self.x)
         self.op.step(self.x, m, row, model_out_uncond=u, history=h, history2=h2, history3=h3, history_out=h_out,
                      noise=noise, out=out, x0_out=x0)
-        if out is not self.x:
-            # sigma, sigma_hat: 0-d tensors, as k-diffusion's sigmas[i] (sampler_compat.callback_sigmas; no sync)
-            sigma, sigma_hat = self.callback_sigmas(i)
-            self.callback({"x": self.x, "i": i, "sigma": sigma, "sigma_hat": sigma_hat, "denoised": x0})
+        if report:
+            if self.report is not None:
+                self.callback(self.report.info(i, self.x, x0))
+            else:  # sigma, sigma_hat: 0-d tensors, as k-diffusion's sigmas[i] (sampler_compat.callback_sigmas; no sync)
+                sigma, sigma_hat = self.callback_sigmas(i)
+                self.callback({"x": self.x, "i": i, "sigma": sigma, "sigma_hat": sigma_hat, "denoised": x0})
             self.x = out
 
     def end(self, i: int) -> None:
@@ -370,15 +377,11 @@ def _run(loop: _Loop, plan: coef_tables.Plan) -> torch.Tensor:
     return loop.x
 
 
-def run_noisy(loop: _Loop, plan: coef_tables.Plan, eta: float = 1.0, reported: list | None = None) -> torch.Tensor:
+def run_noisy(loop: _Loop, plan: coef_tables.Plan, eta: float = 1.0) -> torch.Tensor:
     """:func:`_run`, with the loop's ``noise_sampler`` (if any) called where k-diffusion calls it
-    (:func:`sampler_compat.noise_calls`; ``eta`` the method's, which decides where it draws). ``reported``: host
-    sigmas the callback reports in place of the schedule's (dpm_fast's: the sigma of each call); the noise_sampler's
-    calls are placed on the schedule first."""
+    (:func:`sampler_compat.noise_calls`; ``eta`` the method's, which decides where it draws)."""
     if loop.noise_sampler is not None:
         loop.noise_calls = sampler_compat.noise_calls(loop.method, loop.sigmas, plan, eta)
-    if reported is not None:
-        loop.sigmas = reported
     return _run(loop, plan)
 
 

@@ -27,8 +27,10 @@ import torch
 from . import coef_tables_dpm_fast as _dpm_fast
 from . import sampler_plans as _plans
 from . import samplers_adaptive as _adaptive
+from .sampler_compat import DpmFastReport
 from .sampler_loop import (Trajectory, _check_output, _is_fused, _Loop, _run, check_call, check_state,  # noqa: F401
                            conversion_rows, host_sigmas, make_seed, run_noisy, run_steps, seed_value)
+from .samplers_adaptive import sample_dpm_adaptive  # noqa: F401  (k-diffusion's signature, beside sample_dpm_fast)
 from .samplers_comfy import (sample_er_sde, sample_res_multistep, sample_res_multistep_ancestral,  # noqa: F401
                              sample_sa_solver)
 
@@ -308,24 +310,22 @@ def sample_dpm_fast_sigmas(model, x, sigmas, extra_args=None, callback=None, dis
     """DPM-Solver-fast on a schedule, as ComfyUI's ``dpm_fast`` calls k-diffusion's (``diffkern.sample``'s
     "dpm_fast"): N = len(sigmas) - 1 model calls from sigmas[0] to the last non-zero sigma, on k-diffusion's own grid
     (:mod:`diffkern.coef_tables_dpm_fast`; the other sigmas are not used). It ends at that sigma, with no jump to 0.
-    ``eta`` > 0: k-diffusion's ancestral variant (Philox noise). The callback runs once per model call, ``sigma`` and
-    ``sigma_hat`` the call's. x: (B, ...) float; returns the final state in x's dtype."""
+    ``eta`` > 0: k-diffusion's ancestral variant (Philox noise, or ``noise_sampler`` once per grid step). The callback
+    and the noise_sampler get what k-diffusion's ``sample_dpm_fast`` hands them (:class:`~diffkern.sampler_compat.
+    DpmFastReport`): the callback once per step of the grid, after its first model call (``x`` the step's start,
+    ``i`` the grid step, ``sigma``, ``sigma_hat``, ``t``, ``t_up``, ``denoised``), the sigmas 0-d tensors on x's
+    device in the default dtype whatever the schedule's. x: (B, ...) float; returns the final state in x's dtype."""
     loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
                  method="dpm_fast", noise_sampler=noise_sampler)
     return _run_dpm_fast(loop, eta, s_noise)
 
 
 def _run_dpm_fast(loop, eta: float, s_noise: float) -> torch.Tensor:
-    """:func:`sample_dpm_fast_sigmas`' loop on ``loop.sigmas``: its plan, its noise_sampler's calls (on the
-    schedule), then the reported sigmas (the calls')."""
+    """:func:`sample_dpm_fast_sigmas`' loop on ``loop.sigmas``: its plan, its noise_sampler's calls and what it
+    reports (k-diffusion's grid)."""
     plan = _plans._plan_dpm_fast(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise)
-    return run_noisy(loop, plan, reported=dpm_fast_reported_sigmas(plan, loop.sigmas))
-
-
-def dpm_fast_reported_sigmas(plan, sigmas: list) -> list:
-    """The sigmas a dpm_fast loop reports to its callback (``sigmas[i]`` of call i): the sigma call i ran at, as
-    the schedule's are unused, then the last non-zero one (where it ends). ``plan``: its unwindowed plan."""
-    return list(plan.row_sigma[:plan.steps]) + [sigmas[-1] or sigmas[-2]]
+    loop.report = DpmFastReport(loop.sigmas, loop.x)
+    return run_noisy(loop, plan)
 
 
 @torch.no_grad()
@@ -334,16 +334,15 @@ def sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback
     """k-diffusion's ``sample_dpm_fast`` signature (``noise_sampler`` None: Philox noise): ``n`` model calls (an int
     >= 1) from sigma_max down to sigma_min (numbers or one-element tensors, 0 < sigma_min < sigma_max), as
     :func:`sample_dpm_fast_sigmas` on the log-linear schedule of n + 1 sigmas between them. ``trajectory``: n steps;
-    ``window``: of the n calls. The callback's and noise_sampler's sigmas are 0-d tensors on x's device in the
-    default dtype, as k-diffusion's (its grid is ``torch.linspace(t_start, t_end, m + 1, device=x.device)``, whatever
-    the limits' dtype or device): diffkern's float64 values rounded once (k-diffusion's own are computed in that
-    dtype, so they may differ from these in the last place; the steps themselves use the float64 values)."""
+    ``window``: of the n calls. The callback (once per step of k-diffusion's grid) and the noise_sampler get
+    k-diffusion's values: 0-d tensors on x's device in the default dtype (its grid is ``torch.linspace(t_start, t_end,
+    m + 1, device=x.device)``, whatever the limits' dtype or device), diffkern's float64 values rounded once
+    (k-diffusion's own are computed in that dtype, so they may differ from these in the last place; the steps
+    themselves use the float64 values; :class:`~diffkern.sampler_compat.DpmFastReport`)."""
     _dpm_fast.orders(n)  # checks n
     sigmas = _dpm_fast.grid(*_dpm_fast.check_range(sigma_min, sigma_max), int(n))
     loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
                  method="dpm_fast", noise_sampler=noise_sampler)
-    # the grid there (one copy, before the loop): the reported sigmas are its elements
-    loop.given = (torch.tensor(loop.sigmas, dtype=torch.float64).to(x.device, torch.get_default_dtype()), loop.sigmas)
     return _run_dpm_fast(loop, eta, s_noise)
 
 

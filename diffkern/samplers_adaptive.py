@@ -75,7 +75,11 @@ def _call(loop: _Loop, state: torch.Tensor, sigma_dev: torch.Tensor):
 def error_tensor(low: torch.Tensor, high: torch.Tensor, prev: torch.Tensor, atol: float,
                  rtol: float) -> torch.Tensor:
     """k-diffusion's error of an attempt, ``||(low - high)/max(atol, rtol*max(|low|, |prev|))||_2/sqrt(numel)``: a 0-d
-    tensor on x's device in x's dtype promoted to float32 at least (a float16 norm overflows); 0 for an empty batch."""
+    tensor on x's device in x's dtype promoted to float32 at least; 0 for an empty batch. k-diffusion computes it in
+    x's dtype, where for a 16-bit x the quotient (atol 0.0078: a difference above ~511 overflows float16) or the norm
+    before the division by sqrt(numel) (above 65504: an error of 256 on a 4x128x128 latent) overflows to inf; the
+    controller here reads this finite float32 value instead (and refuses a non-finite one as a broken model), and
+    the callback gets it rounded once to x's dtype, k-diffusion's dtype."""
     dtype = torch.promote_types(low.dtype, torch.float32)
     if low.numel() == 0:
         return torch.zeros((), dtype=dtype, device=low.device)
@@ -200,7 +204,7 @@ def run(loop: _Loop, sigma_min: float, sigma_max: float, knobs: dict, eta: float
             if loop.callback is not None:  # sigma(s) and s after the attempt: index 0, 2 (rejected) or 1, 3
                 sig, t_now = reported(now, spec), reported(2 + now, spec)
                 loop.callback({"sigma": sig, "sigma_hat": sig.clone(), "x": x.clone(), "i": info["steps"] - 1,
-                               "t": t_now, "t_up": t_now.clone(), "denoised": denoised, "error": error_dev,
+                               "t": t_now, "t_up": t_now.clone(), "denoised": denoised, "error": error_dev.to(x.dtype),
                                "h": pid.h, **info})
             if stalled:
                 raise RuntimeError(f"dpm_adaptive: accept_safety {knobs['accept_safety']!r} > 1 stalled the step-size "
@@ -244,7 +248,8 @@ def sample_dpm_adaptive(model, x, sigma_min, sigma_max, extra_args=None, callbac
     ancestral variant. x: (B, ...) float; returns the final state in x's dtype, and with ``return_info`` also
     ``{"steps", "nfe", "n_accept", "n_reject"}``. The callback gets k-diffusion's dict after every attempt (sigma,
     sigma_hat, x, i, t, t_up, denoised, error, h and the counts; sigma, sigma_hat, t, t_up and the noise_sampler's
-    two sigmas are 0-d tensors in k-diffusion's dtype and device, :func:`report_specs`; error on x's device).
+    two sigmas are 0-d tensors in k-diffusion's dtype and device, :func:`report_specs`; error a 0-d tensor on x's
+    device in x's dtype, computed in float32 at least, :func:`error_tensor`).
     Raises RuntimeError where k-diffusion's loop would not end: the controller's step h below x's dtype's resolution
     (rtol/atol beyond its precision), or accept_safety > 1 stalling the controller
     (:class:`~diffkern.coef_tables_dpm_adaptive.StallWatch`)."""

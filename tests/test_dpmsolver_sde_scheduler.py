@@ -1,9 +1,9 @@
 """diffkern.diffusers.DPMSolverSDEScheduler ("DPM++ SDE") against diffusers' class and against diffkern's own
 ``dpmpp_sde`` sampler.
 
-diffusers draws this scheduler's noise from a torchsde Brownian tree (torchsde is not installed here, and diffkern
-draws the same law from Philox instead), so the comparison with diffusers runs at ``s_noise=0`` with the tree replaced
-by a stub: that pins the timesteps, sigmas, midpoints, input scaling, predictions and every deterministic
+diffusers draws this scheduler's noise from a torchsde Brownian tree (diffkern does not depend on torchsde: it
+draws the same law from Philox instead), so the comparison with diffusers runs at ``s_noise=0`` with the tree
+replaced by a stub: that pins the timesteps, sigmas, midpoints, input scaling, predictions and every deterministic
 coefficient. The noise is then pinned against diffkern's ``dpmpp_sde`` sampler on the same sigmas and seed, whose
 Brownian-tree law is tested in ``tests/test_dpmpp_sde.py``.
 """

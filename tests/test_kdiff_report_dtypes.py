@@ -190,7 +190,7 @@ def test_dpm_fast_reports_in_kdiffusions_dtype(limits):
     t0, t1 = -math.log(hi), -math.log(lo)
     grid64 = [math.exp(-(t0 + (t1 - t0) * k / m)) for k in range(m + 1)]
     kd_grid = torch.linspace(-kd_tensor(limits[1]).log(), -kd_tensor(limits[0]).log(), m + 1).neg().exp()
-    assert len(ns.calls) == 3 and len(seen) == n
+    assert len(ns.calls) == 3 and len(seen) == m  # once per step of k-diffusion's grid
     for k, (s, sn) in enumerate(ns.calls):
         for got, truth, kd in ((s, grid64[k], kd_grid[k]), (sn, grid64[k + 1], kd_grid[k + 1])):
             assert got.dtype == dtype and got.device == device and got.dim() == 0
@@ -199,7 +199,8 @@ def test_dpm_fast_reports_in_kdiffusions_dtype(limits):
             if limits[1] is not FAST_LIMITS[2][1]:
                 assert abs(float(got) - float(kd)) <= 4 * torch.finfo(F32).eps * (1 + abs(math.log(truth))) * truth
     for d in seen:
-        assert d["sigma"].dtype == d["sigma_hat"].dtype == dtype and d["sigma"].device == device
+        for key in ("sigma", "sigma_hat", "t", "t_up"):
+            assert d[key].dtype == dtype and d[key].device == device and d[key].dim() == 0
     assert float(seen[0]["sigma"]) == float(torch.tensor(hi, dtype=F64).to(dtype))
 
 

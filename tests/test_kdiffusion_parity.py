@@ -307,9 +307,8 @@ def test_noise_sampler_refused_where_kdiffusion_has_none_and_by_graphs():
 # The callback's sigma and sigma_hat.
 
 
-@pytest.mark.parametrize("method,kw", [("euler", {"s_churn": 2.0}), ("heun", {}), ("dpmpp_sde", {}),
-                                       ("dpm_fast", {"eta": 0.5})])
-def test_callback_sigmas_are_0d_float64_tensors(method, kw):
+@pytest.mark.parametrize("method,kw", [("euler", {"s_churn": 2.0}), ("heun", {}), ("dpmpp_sde", {})])
+def test_callback_sigmas_are_0d_float64_tensors(method, kw):  # dpm_fast: k-diffusion's grid, test_kdiff_callbacks18
     seen = []
 
     def callback(d):
@@ -321,7 +320,7 @@ def test_callback_sigmas_are_0d_float64_tensors(method, kw):
     diffkern.sample(GMM, x, SIGMAS, method, backend=REF, callback=callback, **kw)
     assert [s[0] for s in seen] == list(range(len(seen)))
     plan = diffkern.sampling.host_plan(method, kw, SIGMAS.tolist())
-    host = (samplers.dpm_fast_reported_sigmas(plan, SIGMAS.tolist()) if method == "dpm_fast" else SIGMAS.tolist())
+    host = SIGMAS.tolist()
     for i, item, item_hat, product, sigma, sigma_hat in seen:
         assert torch.equal(sigma, torch.tensor(host[i], dtype=F64)) and item == host[i]  # bitwise the schedule's
         assert torch.equal(sigma_hat, torch.tensor(plan.sigma_hat[i], dtype=F64))

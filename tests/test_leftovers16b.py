@@ -77,7 +77,7 @@ def close(got: torch.Tensor, truth: float, dtype=F32) -> bool:
 # 1. The noise_sampler's sigma and sigma_next.
 
 
-@pytest.mark.parametrize("method", NOISY)
+@pytest.mark.parametrize("method", [m for m in NOISY if m != "dpm_fast"])  # dpm_fast: test_kdiff_callbacks18.py
 def test_noise_sampler_sigmas_follow_a_float32_schedule(method):
     """Every sampler taking a noise_sampler: 0-d float32 CPU tensors; sigmas[i] / sigmas[i + 1] themselves (views)
     where k-diffusion passes them, else the float32 rounding of the float64 sigma it computes; the list path keeps
@@ -189,7 +189,7 @@ def test_dpm_fast_tensor_range_reports_in_the_default_dtype(shape):
     out32, seen, calls = dpm_fast(lo, hi)
     out64, seen64, calls64 = dpm_fast(float(lo), float(hi))
     assert torch.equal(out32, out64)
-    assert len(seen) == len(seen64) == 7 and len(calls) == len(calls64) == 3
+    assert len(seen) == len(seen64) == 3 and len(calls) == len(calls64) == 3  # once per grid step
     for got, got64 in zip([t for p in seen + calls for t in p], [t for p in seen64 + calls64 for t in p]):
         assert got.dim() == got64.dim() == 0 and got.dtype == got64.dtype == F32 and got.device.type == "cpu"
         assert torch.equal(got, got64)

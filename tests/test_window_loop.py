@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import diffkern
-from diffkern import analytic, coef_tables, sampler_loop, sampler_plans, samplers, samplers_adaptive, schedules
+from diffkern import (analytic, coef_tables, coef_tables_dpm_fast, sampler_compat, sampler_loop, sampler_plans,
+                      samplers, samplers_adaptive, schedules)
 from diffkern.ops import coefs, philox
 from diffkern.sampling import knobs
 
@@ -36,7 +37,7 @@ def _old_path(method, x, sig, window, seed, backend, knob_values, callback=None)
     loop = samplers._Loop(GMM, x, sig, None, callback, True, seed, backend, None)
     plan = sampler_plans.PLANS[method](loop.sigmas, loop.conv, **{**knobs(method), **knob_values})
     if method == "dpm_fast":
-        loop.sigmas = samplers.dpm_fast_reported_sigmas(plan, loop.sigmas)
+        loop.report = sampler_compat.DpmFastReport(loop.sigmas, loop.x)
     with torch.no_grad():
         return sampler_loop._run(loop, sampler_loop.windowed(plan, window)), plan
 
@@ -111,7 +112,6 @@ def test_public_sampler_window_with_trajectory_and_callback():
 
 
 def test_kdiffusion_dpm_fast_signature_takes_the_window():
-    from diffkern import coef_tables_dpm_fast
     x = _start(8, 14.6)
     got = samplers.sample_dpm_fast(GMM, x, 0.03, 14.6, 5, eta=1.0, seed=2, backend=REF, window=(1, 8))
     grid = coef_tables_dpm_fast.grid(0.03, 14.6, 5)
@@ -119,7 +119,7 @@ def test_kdiffusion_dpm_fast_signature_takes_the_window():
     assert not torch.equal(got, samplers.sample_dpm_fast(GMM, x, 0.03, 14.6, 5, eta=1.0, seed=2, backend=REF))
 
 #----------------------------------------------------------------------------
-# dpm_fast in a window: the callback gets each call's own sigma, as without one.
+# dpm_fast in a window: the callback reports k-diffusion's grid steps, as without one.
 
 
 def test_dpm_fast_callback_sigmas_under_a_window():
@@ -131,10 +131,11 @@ def test_dpm_fast_callback_sigmas_under_a_window():
         samplers.sample_dpm_fast_sigmas(GMM, x, sig, None, lambda d, got=got: got.append((d["i"], d["sigma"],
                                                                                           d["sigma_hat"])),
                                         eta=1.0, seed=2, backend=REF, window=window)
-    _, plan = _old_path("dpm_fast", x, sig, None, 2, REF, {"eta": 1.0})
     assert seen[(1, 6)] == seen[(2, 6)] == seen[None]
-    assert [s for _, s, _ in seen[None]] == list(plan.row_sigma[:plan.steps])  # each call's own sigma
-    assert [s for _, s, _ in seen[None]] != sig[:4]  # not the schedule's (unused) sigmas
+    grid = coef_tables_dpm_fast.grid(sig[-2], sig[0], 2)  # 4 calls: orders [3, 1]
+    assert [i for i, _, _ in seen[None]] == [0, 1]
+    assert [float(s) for _, s, _ in seen[None]] == [float(torch.tensor(v, dtype=torch.float64).float())
+                                                     for v in grid[:2]]
     hand = []
     _old_path("dpm_fast", x, sig, (1, 6), 2, REF, {"eta": 1.0}, lambda d: hand.append((d["i"], d["sigma"],
                                                                                        d["sigma_hat"])))
