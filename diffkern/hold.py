@@ -155,6 +155,15 @@ class HOLD:
             self._xp = Law(self.order, self._rate_arg, self.L, self.alpha, self.delta, self.hsm)
         return self._xp
 
+    def __setstate__(self, state: dict) -> None:
+        """Pickles from before the lazily built Law (cda18e0) lack ``_rate_arg``: their Law's, if they built one, else
+        None (r = sqrt(2n - 3) exactly) where r is the default's float, else r itself (as ``rate=r`` would give)."""
+        self.__dict__.update(state)
+        if "_rate_arg" not in state:
+            xp = state.get("_xp")
+            self._rate_arg = xp._args[1] if xp is not None else (
+                None if self.r == critical_damping(self.order)[0] else self.r)
+
     def _ext(self, part: str, b: torch.Tensor, arg: str = "b") -> torch.Tensor:
         """Result ``part`` ("E", "Q", "QA", "LA") of the extended path at the integrated times ``b`` (float64, ...) the
         caller passed, on b's device; checked by their name first, on the host (where the path reads them anyway).
@@ -162,11 +171,15 @@ class HOLD:
         check_host_times(b, arg, self.order)
         return self._xp.batch(b.detach(), part, arg)  # history under no_grad only: nothing to keep
 
-    def _at(self, part: str, b: torch.Tensor) -> torch.Tensor:
-        """:meth:`transition_b` ("E") or :meth:`gramian_b` ("Q") at b = b(t), its errors naming t."""
+    def _at(self, part: str, b: torch.Tensor, arg: str = "b") -> torch.Tensor:
+        """Law ``part`` ("E", "Q", "QA", "LA": E, Q, Q_A, chol Q_A) at the integrated times b (float64, ...), from the
+        extended path where it computes that part, errors naming ``arg`` (b, or t where b = b(t)); (..., n, n)."""
         if part in self._xparts:
-            return self._ext(part, b, "t")
-        return self.transition_b(b) if part == "E" else self.gramian_b(b)
+            return self._ext(part, b, arg)
+        if part == "LA":
+            return chol_psd(self._at("QA", b, arg))
+        M, Q = self._law(b, {"E": None, "Q": "_cm", "QA": "_cm_a"}[part], transpose=part == "QA")
+        return M if part == "E" else Q
 
     def _const(self, name: str, device) -> torch.Tensor:
         key = (name, str(device))
@@ -225,13 +238,11 @@ class HOLD:
 
     def transition_b(self, b) -> torch.Tensor:
         """E = exp(F b) at integrated time b; (..., n, n) float64."""
-        b = as_time(b, "b")
-        return self._ext("E", b) if "E" in self._xparts else self._law(b, None)[0]
+        return self._at("E", as_time(b, "b"))
 
     def gramian_b(self, b) -> torch.Tensor:
         """Q = int_0^b E(s) G G^T E(s)^T ds at integrated time b; (..., n, n) float64."""
-        b = as_time(b, "b")
-        return self._ext("Q", b) if "Q" in self._xparts else self._law(b, "_cm")[1]
+        return self._at("Q", as_time(b, "b"))
 
     def a_transition(self, b) -> torch.Tensor:
         """SSCS A-part transition A(b) = exp(F^T b) = E(b)^T (``math-hold.md`` 6.2); (..., n, n)."""
@@ -239,14 +250,12 @@ class HOLD:
 
     def a_cov(self, b) -> torch.Tensor:
         """SSCS A-part covariance Q_A(b) = Sigma_inf - A Sigma_inf A^T, by the series with N^T; (..., n, n)."""
-        b = as_time(b, "b")
-        return self._ext("QA", b) if "QA" in self._xparts else self._law(b, "_cm_a", transpose=True)[1]
+        return self._at("QA", as_time(b, "b"))
 
     def a_chol(self, b) -> torch.Tensor:
         """chol Q_A(b), the SSCS noise factor (lower, zero columns where Q_A is singular); (..., n, n) float64.
         Extended precision from n = 6 (float64 loses its digits: ``ops.hold.f64_factor_orders``)."""
-        b = as_time(b, "b")
-        return self._ext("LA", b) if "LA" in self._xparts else chol_psd(self.a_cov(b))
+        return self._at("LA", as_time(b, "b"))
 
     # ---------------------------------------------------------------- closed forms in forward time t
     def cov0(self, device=None) -> torch.Tensor:
@@ -261,17 +270,17 @@ class HOLD:
 
     def transition(self, t) -> torch.Tensor:
         """E(t) = exp(F int_0^t beta); (..., n, n) float64 on t's device."""
-        return self._at("E", self._b(as_time(t, "t"), "E"))
+        return self._at("E", self._b(as_time(t, "t"), "E"), "t")
 
     def gramian(self, t) -> torch.Tensor:
         """Q(t), the covariance of z_t given z_0 = 0; (..., n, n) float64."""
-        return self._at("Q", self._b(as_time(t, "t"), "Q"))
+        return self._at("Q", self._b(as_time(t, "t"), "Q"), "t")
 
     def cov(self, t, *, jitter: bool = False) -> torch.Tensor:
         """Sigma_t = E Sigma_0 E^T + Q(t) (+ delta I if ``jitter``), cancellation-free; (..., n, n) float64."""
         b = self._b(as_time(t, "t"), "E")
-        E = self._at("E", b)
-        S = E @ self.cov0(b.device) @ E.transpose(-1, -2) + self._at("Q", b)
+        E = self._at("E", b, "t")
+        S = E @ self.cov0(b.device) @ E.transpose(-1, -2) + self._at("Q", b, "t")
         if jitter:
             S = S + self.delta * torch.eye(self.order, dtype=_F64, device=b.device)
         return S
@@ -287,7 +296,7 @@ class HOLD:
         b = self._b(as_time(t, "t"), "L")
         if "L" in self._xparts:  # t checked by _b
             return self._xp.batch(b, "L")
-        E, Lq = self.transition_b(b), chol_psd(self.gramian_b(b))
+        E, Lq = self._at("E", b, "t"), chol_psd(self._at("Q", b, "t"))
         jit = math.sqrt(self.delta) * torch.eye(self.order, dtype=_F64, device=b.device)
         return chol_rows(torch.cat([E @ self.cov0(b.device).sqrt(), Lq, jit.expand_as(Lq)], dim=-1))
 

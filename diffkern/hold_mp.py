@@ -14,8 +14,8 @@ Cost: O(n^3) decimal operations per distinct b, O(n^4) per working precision for
 with the default jitter: part "t" ~1.8 / 3.7 / 14 / 38 ms per b, the A-part ~0.8 / 1.8 / 7 / 18 ms, the constants
 5 / 13 / 57 / 170 ms at n = 12 / 16 / 24 / 32). The products skip the exact zeros of their banded and triangular
 factors and keep the dense products' order, so every Decimal value is the dense evaluation's. Without a jitter under
-HSM small b need (2n - 1) log10(1/b) more digits (each new precision rebuilds the constants): b below
-``Law.min_time()`` (MAX_DIGITS working digits) is refused.
+HSM small b need (2n - 1) log10(1/b) more digits for the factors (each new precision rebuilds the constants): b below
+``Law.min_time()`` (MAX_DIGITS working digits) is refused for them; E and Q alone take the base digits at every b.
 """
 from __future__ import annotations
 
@@ -196,18 +196,28 @@ class Law:
         return 10.0 ** (-room / (2 * n - 1)) * (1 + 1e-12)  # just inside: extra_digits rounds up
 
     # ------------------------------------------------------------------ one b, in the working precision
-    def _one(self, b: float, part: str) -> dict:
-        """Float64 results at integrated time b (exact Decimal(b)). part "t": E, Q, S = Sigma_t + delta I, L = chol S
-        and the x0 weights (w_z, w_eps); part "a": the SSCS A-part's QA = Q_A and LA = chol Q_A."""
-        n, D = self.n, decimal.Decimal
-        extra = extra_digits(n, b, self._args[4], self._args[5]) if part == "t" else 0
+    def _extra(self, b: float, part: str) -> int:
+        """Digits part ``part`` adds to ``digits(n)`` at b: only part "t" holds a factor of Sigma_t
+        (:func:`extra_digits`); E and Q alone ("e") and the A-part ("a") have no Hilbert-like factor: base digits."""
+        return extra_digits(self.n, b, self._args[4], self._args[5]) if part == "t" else 0
+
+    def _check(self, b: float, part: str, arg: str) -> None:
+        """Refuse (ValueError naming ``arg``, the caller's time argument) a b whose part needs more than MAX_DIGITS."""
+        n, extra = self.n, self._extra(b, part)
         if extra and self._args[4] == 0 and digits(n) + extra > MAX_DIGITS:
             raise ValueError(
-                f"t: expected an integrated time b >= {self.min_time():.3g} for order n = {n} with hsm=True and "
+                f"{arg}: expected an integrated time b >= {self.min_time():.3g} for order n = {n} with hsm=True and "
                 f"delta=0, got b = {b!r}: without a jitter Sigma_t's smallest eigenvalue falls like b^(2n-1), so its "
                 f"factor needs {digits(n) + extra} digits there (MAX_DIGITS = {MAX_DIGITS}); pass a jitter delta > 0 "
                 f"(the default 1e-9 needs 10 extra digits at most) or larger times")
-        c = self.consts(digits(n) + extra)
+
+    def _one(self, b: float, part: str) -> dict:
+        """Float64 results at integrated time b (exact Decimal(b)), checked by :meth:`get`. part "t": E, Q,
+        S = Sigma_t + delta I, L = chol S and the x0 weights (w_z, w_eps); part "e": E and Q only, in the base digits
+        (:meth:`batch` serves E and Q from it where "t" would add unbounded digits for the factor); part "a": the SSCS
+        A-part's QA = Q_A and LA = chol Q_A."""
+        n, D = self.n, decimal.Decimal
+        c = self.consts(digits(n) + self._extra(b, part))
         with decimal.localcontext(c.ctx):
             bd = D(float(b))
             I = np.array([s * p for s, p in zip(c.scale, _lower_gamma(2 * c.r * bd, 2 * n - 1, c.ctx.prec))],
@@ -218,6 +228,8 @@ class Law:
             pows = np.array([D(1)] + [bd**k for k in range(1, n)], dtype=object)  # decimal's 0**0 is an error
             E = _banded_sum(pows, c.P_sub, c.e_idx, n * n).reshape(n, n) * (-c.r * bd).exp()
             Q = _banded_sum(I, c.cm_sub, c.q_idx, n * n).reshape(n, n)
+            if part == "e":
+                return {"E": _f64(E), "Q": _f64(Q)}
             S = Q + _sym_gram(E[:, 1:]) * c.s0 if c.s0 else Q.copy()  # E Sigma_0 E^T without the x column
             for i in range(n):
                 S[i, i] += c.delta
@@ -225,17 +237,21 @@ class Law:
             w_z, w_eps = _x0_weights(E[:, 0], Lt)
             return {"E": _f64(E), "Q": _f64(Q), "S": _f64(S), "L": _f64(Lt), "w_z": _f64(w_z), "w_eps": float(w_eps)}
 
-    def get(self, b: float, part: str) -> dict:
+    def get(self, b: float, part: str, arg: str = "t") -> dict:
         """Float64 results of ``_one`` at b, cached (thread-safe; a miss computes outside the lock, so two threads
-        missing one b both compute it, to the same values)."""
+        missing one b both compute it, to the same values). A b the part cannot compute is refused naming ``arg``."""
         b = float(b)
+        self._check(b, part, arg)
         limit = min(_CACHE_SIZE, _CACHE_BYTES // (48 * self.n * self.n))
         return self._cached(self._cache, (b, part), lambda: self._one(b, part), limit)
 
     def batch(self, b: torch.Tensor, name: str, arg: str = "t") -> torch.Tensor:
         """Result ``name`` (E, Q, S, L, w_z, w_eps; QA, LA) stacked over the float64 integrated times b (...), read on
         the host (a sync for a device tensor); float64 (..., [n, [n]]) on b's device. ``arg``: the caller's argument
-        that a small-time refusal names (t, or b for HOLD's b-taking methods)."""
+        that a small-time refusal names (t, or b for HOLD's b-taking methods). E and Q come with the factor's results
+        (part "t": one cache entry for a table's E, Q and L) but without a jitter, where the factor's extra digits are
+        unbounded (b < 1 under HSM), alone in the base digits (part "e"): E and Q do not need them, and have no
+        :meth:`min_time` (correctly rounded either way: ``tests/test_hold_mp_small_b.py``)."""
         if b.requires_grad:  # the values are host constants: a silent detach would drop the gradient
             raise ValueError(f"b: expected times without autograd history (the extended path computes order n = "
                              f"{self.n}'s laws on the host, not differentiably); pass b.detach()")
@@ -247,12 +263,8 @@ class Law:
             if v == math.inf:  # a huge t's integrated time overflowed (or t = inf): the stationary law, as in float64
                 flat[i] = _B_INF
         part = "a" if name in ("QA", "LA") else "t"
-        try:
-            rows = [self.get(v, part)[name] for v in flat]
-        except ValueError as e:  # _one's refusal names t: a b-taking caller passed b
-            if arg == "t" or not str(e).startswith("t: "):
-                raise
-            raise ValueError(f"{arg}: {str(e)[3:]}") from None
+        parts = [("e" if name in ("E", "Q") and not self._args[4] and self._extra(v, part) else part) for v in flat]
+        rows = [self.get(v, p, arg)[name] for v, p in zip(flat, parts)]
         shape = () if name == "w_eps" else (self.n,) if name == "w_z" else (self.n, self.n)
         out = torch.tensor(np.array(rows, dtype=np.float64).reshape(tuple(b.shape) + shape), dtype=torch.float64)
         return out.to(b.device)

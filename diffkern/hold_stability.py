@@ -18,6 +18,8 @@ import warnings
 
 import torch
 
+from .hold_params import finite
+
 GROWTH_LIMIT = 10.0  # spurious growth of the fastest mode over the schedule beyond which "ode" warns
 
 
@@ -25,29 +27,56 @@ class EulerODEStabilityWarning(RuntimeWarning):
     """The ``"ode"`` (explicit Euler) HOLD sampler inflates the drift's fastest rotation beyond GROWTH_LIMIT."""
 
 
+def _steps(b, name: str = "b") -> torch.Tensor:
+    """The schedule ``b`` checked: a real 1-D tensor of finite steps >= 0 (read on the host), as float64."""
+    if not isinstance(b, torch.Tensor) or b.dtype == torch.bool or b.is_complex() or b.dim() != 1:
+        got = f"shape {tuple(b.shape)}, dtype {b.dtype}" if isinstance(b, torch.Tensor) else type(b).__name__
+        raise ValueError(f"{name}: expected a real 1-D tensor of integrated-time steps, got {got}")
+    b = b.detach().to("cpu", torch.float64)
+    if not bool((torch.isfinite(b) & (b >= 0)).all()):
+        raise ValueError(f"{name}: expected finite steps >= 0, got {b.tolist()}")
+    return b
+
+
 def fastest_rotation(F: torch.Tensor, xi: float) -> float:
-    """omega_max: the largest |eigenvalue| of the skew part S_k = F + xi E_nn of the drift F (n, n) float64."""
+    """omega_max: the largest |eigenvalue| of the skew part S_k = F + xi E_nn of the drift F (n, n) float64 (a HOLD's
+    ``F`` and ``xi``). Raises ValueError unless F is a finite real square matrix (n >= 1) and xi finite."""
+    xi = finite("xi", xi, low=-math.inf)
+    if not isinstance(F, torch.Tensor) or F.dtype == torch.bool or F.is_complex() or F.dim() != 2 \
+            or F.shape[0] != F.shape[1] or not F.numel():
+        got = f"shape {tuple(F.shape)}, dtype {F.dtype}" if isinstance(F, torch.Tensor) else type(F).__name__
+        raise ValueError(f"F: expected a real square (n, n) tensor, n >= 1, got {got}")
     S = F.detach().to("cpu", torch.float64).clone()
+    if not bool(torch.isfinite(S).all()):
+        raise ValueError("F: expected finite entries")
     S[-1, -1] += xi
     return float(torch.linalg.eigvals(S).abs().max())
 
 
-def log_growth(omega: float, b: torch.Tensor, refine: float = 1.0) -> float:
-    """log prod_i sqrt(1 + (b_i omega)^2) over the steps b (N,) float64 (CPU), each cut into ``refine`` equal ones."""
+def _log_growth(omega: float, b: torch.Tensor, refine: float = 1.0) -> float:
     return 0.5 * refine * float(torch.log1p((b.double() * (omega / refine)) ** 2).sum())
 
 
+def log_growth(omega: float, b: torch.Tensor, refine: float = 1.0) -> float:
+    """log prod_i sqrt(1 + (b_i omega)^2) over the steps b (N,) float64 (CPU), each cut into ``refine`` equal ones.
+    Raises ValueError unless omega is finite >= 0, b a real 1-D tensor of finite steps >= 0 and refine finite > 0."""
+    return _log_growth(finite("omega", omega), _steps(b), finite("refine", refine, strict=True))
+
+
 def stable_steps(omega: float, b: torch.Tensor, limit: float = GROWTH_LIMIT) -> int:
-    """The fewest steps, refining the schedule b (N,) evenly, whose growth (:func:`log_growth`) is <= ``limit``."""
+    """The fewest steps, refining the schedule b (N,) evenly, whose growth (:func:`log_growth`) is <= ``limit``.
+    Raises ValueError unless omega is finite >= 0, b as in :func:`log_growth` and limit finite > 1 (growth 1 is
+    reached only in the limit of infinitely many steps)."""
+    omega, b, limit = finite("omega", omega), _steps(b), finite("limit", limit, low=1.0, strict=True)
     target, N = math.log(limit), b.numel()
-    if log_growth(omega, b) <= target:
+    if _log_growth(omega, b) <= target:
         return N
     lo, hi = 1.0, 2.0
-    while log_growth(omega, b, hi) > target:  # decreasing in the refinement, to 0
+    while _log_growth(omega, b, hi) > target:  # decreasing in the refinement, to 0
         lo, hi = hi, 2 * hi
     for _ in range(60):
         mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if log_growth(omega, b, mid) > target else (lo, mid)
+        lo, hi = (mid, hi) if _log_growth(omega, b, mid) > target else (lo, mid)
     return math.ceil(hi * N)
 
 

@@ -108,3 +108,36 @@ def test_suggested_steps_for_other_schedules(beta, spacing):
     assert f"About {n_ok} steps" in str(got[0].message)
     assert log_growth(omega, steps_b(proc, n_ok, spacing)) <= math.log(1.05 * GROWTH_LIMIT)
     assert log_growth(omega, steps_b(proc, math.ceil(0.9 * n_ok), spacing)) > math.log(GROWTH_LIMIT)
+
+
+def test_helpers_refuse_bad_arguments_by_name():
+    """The public helpers check their arguments (a user sizing a schedule calls them directly); valid ones give the
+    values as before (float64 growth of a float32 schedule, an empty schedule: no growth, 0 steps)."""
+    proc = HOLD(4)
+    omega, b = fastest_rotation(proc.F, proc.xi), steps_b(proc, 60)
+    bad_calls = [
+        (lambda: fastest_rotation(proc.F[:3], proc.xi), r"^F: expected a real square \(n, n\) tensor"),
+        (lambda: fastest_rotation(proc.F.numpy(), proc.xi), r"^F: expected a real square"),
+        (lambda: fastest_rotation(proc.F.to(torch.complex128), proc.xi), r"^F: expected a real square"),
+        (lambda: fastest_rotation(torch.full((3, 3), math.nan, dtype=F64), 1.0), r"^F: expected finite entries"),
+        (lambda: fastest_rotation(proc.F, math.inf), r"^xi: expected a finite value"),
+        (lambda: log_growth(-1.0, b), r"^omega: expected a finite value >= 0"),
+        (lambda: log_growth(math.nan, b), r"^omega: expected a finite value"),
+        (lambda: log_growth(omega, b[None]), r"^b: expected a real 1-D tensor"),
+        (lambda: log_growth(omega, b.tolist()), r"^b: expected a real 1-D tensor of integrated-time steps, got list"),
+        (lambda: log_growth(omega, torch.tensor([0.1, -0.2], dtype=F64)), r"^b: expected finite steps >= 0"),
+        (lambda: log_growth(omega, torch.tensor([0.1, math.inf], dtype=F64)), r"^b: expected finite steps >= 0"),
+        (lambda: log_growth(omega, b, 0.0), r"^refine: expected a finite value > 0"),
+        (lambda: stable_steps(omega, b, 1.0), r"^limit: expected a finite value > 1"),
+        (lambda: stable_steps(omega, b, math.inf), r"^limit: expected a finite value > 1"),
+        (lambda: stable_steps(omega, torch.tensor([[0.1]], dtype=F64)), r"^b: expected a real 1-D tensor"),
+    ]
+    for call, msg in bad_calls:
+        with pytest.raises(ValueError, match=msg):
+            call()
+    with pytest.raises(TypeError, match=r"^omega: expected a real number"):
+        log_growth("3", b)
+    want = 0.5 * float(torch.log1p((b * omega) ** 2).sum())
+    assert log_growth(omega, b) == want and log_growth(omega, b.float()) == log_growth(omega, b.float().double())
+    assert log_growth(omega, b[:0]) == 0.0 and stable_steps(omega, b[:0]) == 0
+    assert stable_steps(omega, b) == 156  # the README's n = 4 at 60 steps

@@ -16,8 +16,9 @@ import torch
 
 import diffkern.hold as hold_module
 from diffkern.hold import HOLD
-from diffkern.hold_flow import flow_map, flow_rows
+from diffkern.hold_flow import first_column, flow_map, flow_rows
 import test_hold_any_order as any_order
+from test_hold_math_review import mp_drift
 from test_hold_any_order import EPS, ROUND_TOL
 from test_hold_math_review import ALPHA, L_INV
 
@@ -124,7 +125,7 @@ def test_callers_on_the_host_get_the_routed_weights():
     K, k = flow_rows(proc, grid, denoise=False)
     # g = c_next - A c_cur as flow_rows forms it (the same float64 operations), so that k = fl(g w_eps) exposes w_eps
     A = flow_map(proc, b[:-1], b[1:])
-    g = proc.transition_b(b[1:])[:, :, 0] - (A @ proc.transition_b(b[:-1])[:, :, :1])[:, :, 0]
+    g = first_column(proc, b[1:]) - (A @ first_column(proc, b[:-1])[:, :, None])[:, :, 0]
     for i in (0, 1):  # b = 10.1, 8.19
         w_ref, we_ref = mp_weights(n, float(b[i]), True, 1e-9)
         j = int(g[i].abs().argmax())
@@ -149,3 +150,52 @@ def test_device_times_are_not_read():
     assert proc._xp is None and w_z.device == t.device
     w_ref, we_ref = mp_weights(5, 10.0, True, 1e-9)
     assert abs(float(w_e[1]) - we_ref) <= 1e-10 * abs(we_ref)  # the documented float64 bound up to r b = 30
+
+
+def mp_first_column(n: int, b: float) -> np.ndarray:
+    """E(b) e_1 from mpmath's expm of its own drift at 60 digits (the column is O(e^{-r b} b^(n-1)) with O(1) entries
+    of N^k: expm's scaling and squaring loses no more than ~15 of them), rounded to float64."""
+    with mpmath.workdps(60):
+        F, _ = mp_drift(n)
+        E = mpmath.expm(F * mpmath.mpf(b))
+        return np.array([float(E[i, 0]) for i in range(n)])
+
+
+@pytest.mark.parametrize("n", (3, 6, 8, 11))
+def test_flow_first_column_is_correctly_rounded_far(n):
+    """``"ode_flow"``'s c(b) = E(b) e_1 at r b > 8 is the extended path's, correctly rounded (float64's was off by
+    1e-12 relative at n = 11, b = 5; 1.5e-9 of max |g| at b = 10.1); at r b <= 8 it is float64's, bitwise; and g is
+    within a few roundings of the exact-c g for the same A (float64's c: up to 1.5e-9 of max |g|)."""
+    proc = HOLD(n, beta=(0.1, 20.0), T=1.0)
+    grid = torch.tensor([1.0, 0.95, 0.9, 0.5, 0.1], dtype=F64)
+    b = proc.int_beta(grid)  # 10.1, 9.12, 8.19, 2.55, 0.11
+    c = first_column(proc, b)
+    far = proc.r * b > 8.0
+    assert far[:3].all() and not far[-1]
+    f64 = proc.transition_b(b)[:, :, 0]
+    assert torch.equal(c[~far], f64[~far])
+    for i in far.nonzero()[:, 0].tolist():
+        ref = mp_first_column(n, float(b[i]))
+        assert (np.abs(c[i].numpy() - ref) <= ROUND_TOL * np.abs(ref).max()).all(), i
+    A = flow_map(proc, b[:2], b[1:3])
+    g = c[1:3] - (A @ c[:2, :, None])[:, :, 0]
+    with mpmath.workdps(60):
+        for i in range(2):
+            mc, mn = mp_first_column(n, float(b[i])), mp_first_column(n, float(b[i + 1]))
+            g_ref = mn - A[i].numpy() @ mc  # float64 products: ~n roundings of the terms
+            scale = np.abs(mn).max() + np.abs(A[i].numpy()).max(1) @ np.abs(mc)
+            assert (np.abs(g[i].numpy() - g_ref) <= (n + 4) * EPS * scale).all()
+
+
+def test_flow_rows_unchanged_below_the_threshold():
+    """A grid with every r b <= 8 (n = 3, T = 1, beta = 1: r b <= 1.7) takes float64's E e_1, as before: K and k
+    bitwise those of the former g = E(b_next) e_1 - A E(b_cur) e_1."""
+    proc = HOLD(3, T=1.0)
+    grid = torch.linspace(1.0, 1e-3, 9, dtype=F64)
+    K, k = flow_rows(proc, grid)
+    t_cur, t_next = torch.cat([grid[:-1], grid[-1:]]), torch.cat([grid[1:], grid.new_zeros(1)])
+    b_cur, b_next = proc.int_beta(t_cur), proc.int_beta(t_next)
+    A = flow_map(proc, b_cur, b_next)
+    w_z, w_e = proc.x0_coefficients(t_cur)
+    g = proc.transition_b(b_next)[:, :, 0] - (A @ proc.transition_b(b_cur)[:, :, :1])[:, :, 0]
+    assert torch.equal(K, A + g[:, :, None] * w_z[:, None, :]) and torch.equal(k, g * w_e[:, None])

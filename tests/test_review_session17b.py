@@ -217,13 +217,13 @@ def test_euler_warning_points_at_the_callers_line():
 def test_small_time_refusal_names_b_or_t():
     proc = HOLD(12, delta=0.0)  # HSM without jitter: integrated times below Law.min_time() (1.4e-41) refused
     tiny = 1e-80
-    for method in (proc.transition_b, proc.gramian_b):
-        with pytest.raises(ValueError, match=r"^b: expected an integrated time b >= "):
-            method(tiny)
-    for method in (proc.transition, proc.gramian, proc.cov, proc.chol):
+    for method in (proc.chol, proc.score_scale, proc.x0_coefficients):  # only the factor needs the extra digits
         with pytest.raises(ValueError, match=r"^t: expected an integrated time b >= "):
             method(tiny)
-    assert torch.isfinite(proc.a_chol(tiny)).all()  # the A-part needs no extra digits
+    with pytest.raises(ValueError, match=r"^b: expected an integrated time b >= "):
+        proc._ext_law().batch(torch.tensor([tiny], dtype=torch.float64), "L", "b")
+    for method in (proc.transition_b, proc.gramian_b, proc.transition, proc.gramian, proc.cov, proc.a_chol):
+        assert torch.isfinite(method(tiny)).all()  # E, Q and the A-part need no extra digits
 
 
 def test_float64_orders_do_not_read_device_times():
