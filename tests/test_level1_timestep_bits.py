@@ -22,7 +22,7 @@ CONVERSIONS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
 # (class, option): refused by our drop-in, by name, where diffusers' class takes it
 REFUSED = {(name, "use_beta_sigmas") for name in (
     "EulerDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
-    "DPMSolverMultistepScheduler", "UniPCMultistepScheduler")}
+    "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DPMSolverSDEScheduler")}
 
 
 def _configs(name):

@@ -91,15 +91,17 @@ class FusedScheduler(TimestepLookup, SchedulerMixin, ConfigMixin):
         who = type(self).__name__
         if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
             raise ValueError(f"{who}: num_train_timesteps must be an int >= 2, got {num_train_timesteps!r}")
-        self.betas = training_betas(who, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
-                                    rescale_betas_zero_snr)
-        self.alphas = 1.0 - self.betas
+        betas = training_betas(who, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                               rescale_betas_zero_snr)
         if rescale_betas_zero_snr:  # the last beta is 1: alpha-bar ends at 0
-            self.alphas_cumprod = torch.cumprod(self.alphas, 0)
+            self.alphas_cumprod = torch.cumprod(1.0 - betas, 0)
             if self._zero_snr_floor is not None:
                 self.alphas_cumprod[-1] = self._zero_snr_floor
         else:
-            self.alphas_cumprod = schedules.alphas_cumprod(self.betas)  # float64 CPU, (T,)
+            self.alphas_cumprod = schedules.alphas_cumprod(betas)  # float64 CPU, (T,)
+        # float32 as diffusers' (pipelines read them); every coefficient comes from the float64 alphas_cumprod
+        self.betas = betas.float()
+        self.alphas = (1.0 - betas).float()
         self.train_sigmas = schedules.alpha_bar_to_sigma(self.alphas_cumprod)  # VE sigma(t), increasing
         dtype = self._train_timesteps_dtype
         self.timesteps = None if dtype is None else torch.arange(num_train_timesteps - 1, -1, -1, dtype=dtype)
@@ -273,8 +275,9 @@ class FusedScheduler(TimestepLookup, SchedulerMixin, ConfigMixin):
 
     def _history_slots(self, x: torch.Tensor, i: int, first: bool, depth: int):
         """(history, history2, history3, history_out) of step ``i`` for a multistep scheduler of history ``depth``
-        (1 to 3): the buffers rotate with i (:func:`~diffkern.coef_tables.history_slots`, as the sampling loop
-        does), all starting at zero (0 * garbage may be NaN)."""
+        (1 to 4: rows read at most three; a fourth keeps D_{i-3} alive): the buffers rotate with i
+        (:func:`~diffkern.coef_tables.history_slots`, as the sampling loop does), all starting at zero (0 * garbage
+        may be NaN)."""
         buffers = [self._history_for(x, first=first)]
         if depth > 1:
             group = self.__dict__.get("_history_group")

@@ -23,6 +23,7 @@ import torch
 from diffusers.configuration_utils import register_to_config
 
 from .. import coef_tables_dpmpp_sde
+from . import timestep_labels
 from .config_checks import check_choice, unsupported
 from .scheduler_default import DeferredSchedule
 from .schedulers import sigma_to_t
@@ -83,8 +84,12 @@ class DPMSolverSDEScheduler(DeferredSchedule, _TwoCallScheduler):
         n = num_inference_steps
         plan = self._build(("dpmpp_sde", 1.0))[1]
         mids = plan.row_sigma[plan.corrector_row:plan.corrector_row + n - 1]
-        mid_t = sigma_to_t(self.alphas_cumprod, torch.tensor(mids, dtype=torch.float64))
-        calls = torch.cat([torch.stack([ts[:-1], mid_t], 1).flatten(), ts[-1:]])
+        kind = "karras" if cfg.use_karras_sigmas else "exponential" if exponential else None
+        # diffusers' own values where they can be repeated, bit for bit (timestep_labels)
+        calls = timestep_labels.dpmsolver_sde_timesteps(self, n, kind, cfg.get("sigma_min"), cfg.get("sigma_max"))
+        if calls is None:
+            mid_t = sigma_to_t(self.alphas_cumprod, torch.tensor(mids, dtype=torch.float64))
+            calls = torch.cat([torch.stack([ts[:-1], mid_t], 1).flatten(), ts[-1:]])
         self._set_schedule(calls, device, n)
         self._mids = list(mids)
         self._warm(device, ("dpmpp_sde", 1.0))
@@ -118,6 +123,7 @@ class DPMSolverSDEScheduler(DeferredSchedule, _TwoCallScheduler):
         if k % 2:
             prev, x0 = self._fused(key, plan.corrector_row + i, x, model_output, history=history)
         else:
+            self._first_sample = x  # diffusers' `sample` between the two calls (a reference, no copy)
             prev, x0 = self._fused(key, i, x, model_output, history_out=history)
         self._advance()
         return self._output(return_dict, prev, x0)

@@ -101,9 +101,12 @@ class _EDMScheduler(FusedScheduler):
         c_out = -c_out if self.config.prediction_type == "v_prediction" else c_out
         return sd ** 2 / (sigma ** 2 + sd ** 2) * sample + c_out * model_output
 
+    is_scale_input_called = False  # diffusers' flag; set by scale_model_input
+
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         """``c_in * sample`` at the current step's sigma (from the host schedule)."""
         sigma = self.sigmas_host[self._index(timestep)]
+        self.is_scale_input_called = True
         return sample * (1.0 / math.sqrt(sigma * sigma + self.config.sigma_data ** 2))
 
     # -- add_noise -------------------------------------------------------------------------------------------

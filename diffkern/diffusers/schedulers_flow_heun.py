@@ -96,6 +96,28 @@ class FlowMatchHeunDiscreteScheduler(FlowForwardProcess, FusedScheduler):
         k = self._step_index if self._step_index is not None else (self._begin_index or 0)
         return k % 2 == 0
 
+    @property
+    def sample(self):
+        """diffusers' ``sample``: the predictor's (churned) sample between a step's two calls, else None."""
+        return self._x_hat
+
+    @property
+    def prev_derivative(self):
+        """diffusers' ``prev_derivative``: the predictor's slope (B, ...) between a step's two calls, else None; the
+        scheduler's own buffer (written by the next predictor), not a copy per step as diffusers'."""
+        return None if self._x_hat is None else self._history
+
+    @property
+    def dt(self):
+        """diffusers' ``dt``: ``sigma_next - sigma_hat`` of the predictor between a step's two calls (0-d float32,
+        on :attr:`sigmas`' device), else None."""
+        if self._x_hat is None:
+            return None
+        i = (self._step_index - 1) // 2
+        ends = torch.tensor([self.sigmas_host[i + 1], self._plan(self._pred_key)[1][i]], dtype=torch.float32,
+                            device=self.sigmas.device)
+        return ends[0] - ends[1]
+
     def set_begin_index(self, begin_index: int = 0) -> None:
         """Start the next loop at ``timesteps[begin_index]``, the first call of a step: an even index (pipelines pass
         ``t_start * order``; from an odd one diffusers runs a predictor with the previous step's timestep)."""

@@ -118,9 +118,12 @@ class _KScheduler(FusedScheduler):
         """:meth:`_conv` with the config read once: for a table build, which calls it once per sigma."""
         return functools.partial(_conversion, self.config.prediction_type, clip=self._clip())
 
+    is_scale_input_called = False  # diffusers' flag (its step warns when False); set by scale_model_input
+
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         """``sample / sqrt(sigma^2 + 1)`` at the current step (sigma from the host schedule)."""
         sigma = self._sigma_at(self._index(timestep))
+        self.is_scale_input_called = True
         return sample / math.sqrt(sigma * sigma + 1.0)
 
 
@@ -259,6 +262,15 @@ class _TwoCallScheduler(_KScheduler):
         """True when the next ``step()`` is a predictor (the first call of a step)."""
         return (self._step_index or self._begin_index or 0) % 2 == 0
 
+    def _predictor_call(self):
+        """Index of the predictor call whose corrector comes next (None when the next call is a predictor)."""
+        return None if self.state_in_first_order or self._step_index is None else self._step_index - 1
+
+    @property
+    def sample(self):
+        """diffusers' ``sample``: the predictor's sample (B, ...) between a step's two calls, else None."""
+        return None if self._predictor_call() is None else self._first_sample
+
     def set_begin_index(self, begin_index: int = 0) -> None:
         """Start the next loop at ``timesteps[begin_index]``, the first call of a step: an even index.
 
@@ -338,6 +350,23 @@ class HeunDiscreteScheduler(DeferredSchedule, _TwoCallScheduler):
         built = stored_sample_rows(plan), plan
         self._last_build = (memo, built)
         return built
+
+    @property
+    def prev_derivative(self):
+        """diffusers' ``prev_derivative``: the predictor's slope ``(x - D)/sigma`` (B, ...), in the sample's dtype,
+        between a step's two calls, else None. The scheduler's own buffer (written by the next predictor), not a copy:
+        diffusers' is a new tensor per step, and keeping one here would cost a copy at every predictor."""
+        return None if self._predictor_call() is None else self._history
+
+    @property
+    def dt(self):
+        """diffusers' ``dt``: ``sigmas[k + 1] - sigmas[k]`` of the predictor call k (0-d float32 CPU tensor, from
+        :attr:`sigmas` as diffusers computes it) between a step's two calls, else None."""
+        k = self._predictor_call()
+        if k is None:
+            return None
+        sigmas = self.sigmas
+        return sigmas[k + 1] - sigmas[k]
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
         """Predictor (even calls: Euler, stores D) or corrector (odd calls: trapezoid from the stored D);

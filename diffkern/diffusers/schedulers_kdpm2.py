@@ -202,6 +202,16 @@ class KDPM2AncestralDiscreteScheduler(_KDPM2Scheduler):
         """diffusers' ``sigmas_down`` (each step's deterministic target), laid out like :attr:`sigmas`."""
         return _interleave(self._up_down(torch.tensor(self.sigmas_host, dtype=torch.float64))[1])
 
+    @property
+    def dt(self):
+        """diffusers' ``dt``: ``sigmas_interpol[k] - sigmas[k]`` of this loop's last predictor call k (0-d float32
+        CPU tensor), kept after its corrector as diffusers keeps it; None before the loop's first step."""
+        k, start = self._step_index, getattr(self, "_loop_start", None)
+        if k is None or start is None or k <= start:
+            return None
+        k = k - 1 if k % 2 else k - 2
+        return self.sigmas_interpol[k] - self.sigmas[k]
+
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True):
         """Predictor (even calls) or corrector plus noise (odd calls; from ``generator`` as diffusers draws it,

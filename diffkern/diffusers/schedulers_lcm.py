@@ -84,6 +84,7 @@ class LCMScheduler(FusedScheduler):
     _zero_snr_floor = None  # zero terminal SNR: alpha-bar(T-1) = 0, as diffusers' LCM
     _locate_start = True  # no set_begin_index: the first step's timestep gives its index, as diffusers
     previous_timestep = previous_timestep  # diffusers' public helper: the timestep after t in the schedule
+    sigma_data = SIGMA_DATA  # diffusers' attribute (its step sets it)
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,

@@ -107,6 +107,17 @@ class LMSDiscreteScheduler(DeferredSchedule, _KScheduler):
         method; here in closed form on the float64 sigmas)."""
         return coef_tables_lms.weights(self.sigmas_host, t, order)[current_order]
 
+    @property
+    def derivatives(self) -> list:
+        """diffusers' ``derivatives``: the slopes ``(x - D)/sigma`` (B, ...) of this loop's last steps, oldest first,
+        as many as diffusers keeps (at most ``order``). The scheduler's rotating buffers (a later step writes over
+        them), not copies: diffusers' list holds a new tensor per step."""
+        i, start = self._step_index, getattr(self, "_loop_start", None)
+        if i is None or start is None or i <= start:
+            return []
+        group, last = self._history_group, i - 1
+        return [group[(last - self._held + 1 + r) % len(group)] for r in range(self._held)]
+
     def _state_in(self, sample: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
         # diffusers' LMS computes in the promoted dtype of its inputs (no float32 upcast, unlike its Euler)
         check_step_args(model_output, sample)
@@ -132,7 +143,9 @@ class LMSDiscreteScheduler(DeferredSchedule, _KScheduler):
             raise unsupported(_WHO, key, cfg[key], f"with {self.num_inference_steps} steps a sigma repeats and the "
                               f"order-{q} step {i} over it divides by 0 in diffusers; use order=1 or another spacing")
         x = self._state_in(sample, model_output)
-        h, h2, h3, h_out = self._history_slots(x, i, first, 3)
+        # four rotating slope buffers where the rows read three: the one written over is D_{i-4}, so D_{i-3}..D_i
+        # outlive the step for `derivatives` (one more buffer, no copy)
+        h, h2, h3, h_out = self._history_slots(x, i, first, 4)
         row = i * len(COMBOS) + COMBOS.index((q, min(q, held)))
         prev, x0 = self._fused(_KEY, row, x, model_output, history=h, history2=h2, history3=h3, history_out=h_out)
         self._held = held

@@ -181,6 +181,7 @@ class DDPMScheduler(_VPScheduler):
         self.init_noise_sigma = 1.0
         self.custom_timesteps = False
         self.variance_type = variance_type
+        self.one = torch.tensor(1.0)  # diffusers' attribute: the alpha-bar before t = 0 (ours: a host float)
 
     def set_timesteps(self, num_inference_steps: int = None, device=None, timesteps=None):
         """diffusers' DDPM timesteps, or custom decreasing ``timesteps`` (each step then targets the next one)."""

@@ -141,6 +141,39 @@ def kdpm2_midpoint_timesteps(sched, n: int, kind: str | None, lo_cfg=None, hi_cf
     return sigma_to_t(mids, log_table)
 
 
+def dpmsolver_sde_timesteps(sched, n: int, kind: str | None, lo_cfg=None, hi_cfg=None) -> torch.Tensor | None:
+    """DPMSolverSDE's 2n - 1 timesteps ``[t_0, tm_0, t_1, ..., tm_{n-2}, t_{n-1}]`` (float64) as diffusers computes
+    them: its spacing in float64 (the other K-schedulers' is float32), sigmas interpolated in the float32 table,
+    converted for ``kind`` ("karras" between the schedule's own ends, "exponential" between the config's bounds where
+    set), the midpoints ``exp(-(t + diff(t)/2))`` of ``t = -log(sigma)`` in float64 numpy, each mapped through the
+    float32 log table. None as :func:`k_timesteps`, or where the spacing does not give n values."""
+    ab32 = alphas_cumprod32(sched)
+    if ab32 is None:
+        return None
+    cfg, T = sched.config, sched.config.num_train_timesteps
+    if cfg.timestep_spacing == "linspace":
+        ts = np.linspace(0, T - 1, n, dtype=float)[::-1].copy()
+    elif cfg.timestep_spacing == "leading":
+        ts = (np.arange(0, n) * (T // n)).round()[::-1].copy().astype(float) + cfg.steps_offset
+    else:
+        ts = np.arange(T, 0, -T / n).round().copy().astype(float) - 1
+    if len(ts) != n:
+        return None
+    table = train_sigmas32(ab32)
+    log_table = np.log(table)
+    sig = np.interp(ts, np.arange(len(table)), table)
+    if kind is not None:
+        lo = lo_cfg if lo_cfg is not None and kind == "exponential" else sig[-1].item()
+        hi = hi_cfg if hi_cfg is not None and kind == "exponential" else sig[0].item()
+        sig = convert(kind, n, lo, hi)
+        ts = sigma_to_t(sig, log_table)
+    t = -np.log(sig)
+    mid_t = sigma_to_t(np.exp(-(t[:-1] + np.diff(t) * 0.5)), log_table)
+    calls = np.empty(2 * n - 1)
+    calls[0::2], calls[1::2] = ts, mid_t
+    return torch.from_numpy(calls)
+
+
 def dpm_fractional(sched, n: int, sig) -> torch.Tensor:
     """The fractional timesteps (n,) float64 of a DPM-family drop-in's (DPM-Solver multistep and singlestep, DEIS,
     UniPC, SA-Solver) Karras/exponential/beta sigmas as diffusers computes them, before its rounding or truncation:
