@@ -122,7 +122,12 @@ def _initial_latents(ours, shape, generator, device, dtype, latents):
         raise ValueError(f"generator: a list of {len(generator)} generators for a batch of {shape[0]}")
     if latents is None:
         latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-    else:
+    else:  # the stock pipelines fail deep in the UNet or VAE for these: name the argument instead
+        if latents.dim() != 4 or tuple(latents.shape[:2]) != tuple(shape[:2]):
+            raise ValueError(f"latents: expected shape ({shape[0]}, {shape[1]}, H, W) (batch = prompts x "
+                             f"num_images_per_prompt, the UNet's input channels), got {tuple(latents.shape)}")
+        if latents.dtype != dtype and not torch.is_autocast_enabled(torch.device(device).type):
+            raise ValueError(f"latents: expected dtype {dtype} (the pipeline's), got {latents.dtype}")
         latents = latents.to(device)
     return latents * float(ours.init_noise_sigma)
 
