@@ -1,10 +1,11 @@
-"""k-diffusion's own sampling module as a test oracle (the released k-diffusion 0.1.1.post1, installed with
-``pip --no-deps`` from requirements-nodeps.txt, with torchsde and torchdiffeq, which its sampling module imports).
+"""k-diffusion's own sampling module and model wrappers as test oracles (the released k-diffusion 0.1.1.post1,
+installed with ``pip --no-deps`` from requirements-nodeps.txt, with torchsde and torchdiffeq, which its sampling
+module imports).
 
 The package's ``__init__`` imports its training stack (kornia, clean-fid, wandb, torchvision), which would replace
-the CPU torch; only ``sampling.py`` and the ``utils.py`` it reads (``append_dims``) are loaded, from their files, as
-the modules of a package named ``_kdiffusion_oracle``. ``utils.py`` imports torchvision's transforms at the top for
-its image helpers only: an empty placeholder stands in while it loads and is removed again."""
+the CPU torch; only ``sampling.py``, ``external.py`` and the ``utils.py`` they read (``append_dims``) are loaded,
+from their files, as the modules of a package named ``_kdiffusion_oracle``. ``utils.py`` imports torchvision's
+transforms at the top for its image helpers only: an empty placeholder stands in while it loads and is removed again."""
 import functools
 import importlib.util
 import os
@@ -45,3 +46,14 @@ def sampling() -> types.ModuleType:
             del sys.modules[n]
     package.sampling = _exec(f"{PACKAGE}.sampling", os.path.join(root, "sampling.py"))
     return package.sampling
+
+
+@functools.lru_cache(maxsize=None)
+def external() -> types.ModuleType:
+    """k-diffusion's ``k_diffusion.external`` module (its model wrappers: VDenoiser, DiscreteEpsDDPMDenoiser,
+    DiscreteVDDPMDenoiser), loaded once per process after :func:`sampling`, which it imports."""
+    sampling()
+    spec = importlib.util.find_spec("k_diffusion")
+    module = _exec(f"{PACKAGE}.external", os.path.join(os.path.dirname(spec.origin), "external.py"))
+    sys.modules[PACKAGE].external = module
+    return module
