@@ -184,8 +184,8 @@ def register(sub) -> None:
     p.add_argument("--gamma", type=float, help="ge: gradient-estimation weight (default 2)")
     p.add_argument("--mu", type=float, help="ge: stochasticity in [0, 1) (default 0)")
     p.add_argument("--lam", type=float, help="sde: McAllester noise level (default 1)")
-    p.add_argument("--eta", type=float, help="the ancestral and SDE samplers, dpm_fast, res_multistep, dpmsolver_3m: "
-                   "noise scale (default: the method's, 1 for the ancestral and SDE samplers, else 0)")
+    p.add_argument("--eta", type=float, help="the ancestral and SDE samplers, dpm_fast, dpm_adaptive, res_multistep, "
+                   "dpmsolver_3m: noise scale (default: the method's, 1 for the ancestral and SDE samplers, else 0)")
     p.add_argument("--s-churn", dest="s_churn", type=float, help="euler / heun / dpm_2: EDM churn (default 0)")
     knob_flags.add_knob_argument(p)
     p.add_argument("--backend", default=None,

@@ -147,7 +147,8 @@ def register(sub) -> None:
     p.add_argument("--gamma", type=float, help="ge: gradient-estimation weight")
     p.add_argument("--mu", type=float, help="ge: stochasticity in [0, 1)")
     p.add_argument("--lam", type=float, help="sde: McAllester noise level")
-    p.add_argument("--eta", type=float, help="the ancestral and SDE samplers: noise scale")
+    p.add_argument("--eta", type=float,
+                   help="the ancestral and SDE samplers, dpm_fast, res_multistep, dpmsolver_3m: noise scale")
     p.add_argument("--s-churn", dest="s_churn", type=float, help="euler / heun / dpm_2: EDM churn")
     knob_flags.add_knob_argument(p)
     p.add_argument("--seed", type=int, default=0)
