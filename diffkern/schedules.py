@@ -36,7 +36,7 @@ def _check_positive(value, name: str) -> float:
     # A one-element real tensor is read as its value: k-diffusion-style wrappers keep sigma_min/sigma_max as
     # 0-d tensors (``karras(n, model.sigma_min, model.sigma_max)``); numbers.Real admits numpy scalars.
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex() \
-            and value.dtype != torch.bool:
+            and value.dtype != torch.bool and not value.is_meta:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
@@ -67,6 +67,10 @@ def host_float64(value, name: str) -> torch.Tensor:
     sequence of Python floats is read as float64 (``torch.as_tensor`` alone would round it through the float32
     default dtype). ``name``: the argument, for the TypeError raised on anything else."""
     if isinstance(value, torch.Tensor):
+        if value.is_complex() or value.dtype == torch.bool:  # a cast would drop the imaginary part or read 0/1
+            raise TypeError(f"{name}: expected a real tensor, got dtype {value.dtype}")
+        if value.is_meta:  # a meta tensor has a shape but no values to read
+            raise ValueError(f"{name}: expected a tensor with values, got a tensor on the meta device")
         return value.detach().to("cpu", F64)
     try:
         return torch.as_tensor(value, dtype=F64)
