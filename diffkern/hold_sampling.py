@@ -227,7 +227,7 @@ def sample(model: Callable, proc: HOLD, shape, *, sampler: str = "sscs", num_ste
     table = sampler_table(proc, grid, sampler, denoise=denoise).to(device)
     state_shape = (shape[0], n * shape[1], *shape[2:])
     if z is None:
-        z = prior(proc, state_shape, seed, dtype=dtype, backend=backend)
+        z = sampler_loop.tracked(prior, proc, state_shape, seed, dtype=dtype, backend=backend)
     elif tuple(z.shape) != state_shape:
         raise ValueError(f"z: expected shape {state_shape}, got {tuple(z.shape)}")
     ts = grid.tolist()

@@ -221,6 +221,14 @@ def input_version(x: torch.Tensor):
     return None if x.is_inference() else x._version
 
 
+def tracked(make, *args, **kwargs) -> torch.Tensor:
+    """``make(*args, **kwargs)`` (a state buffer: a clone, an ``empty_like``) made outside inference mode: a normal
+    tensor keeps its version counter under ``torch.inference_mode`` too (ComfyUI samples in it), so
+    :func:`check_input_kept` sees a model writing into the state; in-place updates of it stay allowed there."""
+    with torch.inference_mode(False):
+        return make(*args, **kwargs)
+
+
 _KEPT_WHY = {"x": "x is the sampler's state, which the update after the call reads",
              "z": "z is the sampler's state, which the step after the call reads",
              "sigma": "sigma is a view of the loop's table of noise levels, which later steps (and graph replays) read"}
@@ -260,7 +268,7 @@ class _Loop:
         self.method, self.sigmas = method, host_sigmas(sigmas, method)
         self.given = (sigmas, self.sigmas)  # the callback reports the schedule's own elements (k-diffusion's sigmas[i])
         self.window = check_window(window, len(self.sigmas) - 1)
-        self.x = x.detach().clone(memory_format=torch.contiguous_format)
+        self.x = tracked(x.detach().clone, memory_format=torch.contiguous_format)
         self.seed = make_seed(seed, self.x)
         # noise_calls: {(step, first): (sigma, sigma_next)}, set by the sampler (sampler_compat.noise_calls)
         self.noise_sampler, self.noise_calls = sampler_compat.check_noise_sampler(noise_sampler, self.x), {}
@@ -346,7 +354,7 @@ class _Loop:
         elif report:
             x0 = torch.empty_like(self.x)
         # with a callback, a fresh state each step: the tensors it got are the caller's to keep (as k-diffusion's)
-        out = torch.empty_like(self.x) if report else self.x
+        out = tracked(torch.empty_like, self.x) if report else self.x
         # a corrector reads the value its step's first call just wrote as H (coef_tables.history_slots)
         h, h2, h3, h_out = coef_tables.history_slots(self.histories, i if first else i + 1)
         h_out = h_out if write_history else None

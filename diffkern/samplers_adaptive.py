@@ -29,7 +29,7 @@ import torch
 from . import coef_tables_dpm_adaptive as cda
 from . import sampler_compat, schedules
 from .ops import coefs, randn, sampler_step
-from .sampler_loop import _check_output, _Loop, check_input_kept, host_sigmas, input_version
+from .sampler_loop import _check_output, _Loop, check_input_kept, host_sigmas, input_version, tracked
 from .sampler_plans import _knob
 
 EAGER_ONLY = frozenset({"dpm_adaptive"})
@@ -136,7 +136,7 @@ def run(loop: _Loop, sigma_min: float, sigma_max: float, knobs: dict, eta: float
                   knobs["dcoeff"], 1.5 if eta else order, knobs["accept_safety"])
     stall = cda.StallWatch(knobs["accept_safety"])
     names = ("u1", "low", "high", "e0") + (("u2", "e1") if order == 3 else ())
-    bufs = {name: torch.empty_like(x) for name in names}
+    bufs = {name: tracked(torch.empty_like, x) for name in names}  # the model reads u1, u2 and the state
     prev = x.clone()  # k-diffusion's x_prev: the last accepted x_low, at first the start
     sig_dtype = torch.float64 if loop.fused else torch.promote_types(x.dtype, torch.float32)
     info = {"steps": 0, "nfe": 0, "n_accept": 0, "n_reject": 0}

@@ -214,7 +214,7 @@ class IadbLoop:
 
     def __init__(self, model, x0, host, variant, lam, seed, backend, extra_args, record, callback):
         self.model, self.host, self.variant, self.backend, self.callback = model, host, variant, backend, callback
-        self.x = x0.detach().clone(memory_format=torch.contiguous_format)
+        self.x = sampler_loop.tracked(x0.detach().clone, memory_format=torch.contiguous_format)
         self.table = iadb_ops.sampler_table(host, variant=variant, lam=lam).to(self.x.device)
         self.alpha_dev = torch.tensor(host, dtype=torch.float64).to(self.x.device, alpha_dtype(self.x))
         self.seed = make_seed(seed, self.x)

@@ -243,11 +243,32 @@ def test_a_model_writing_into_x_is_refused(method):
     assert torch.equal(x, keep)
 
 
-@pytest.mark.xfail(strict=True, reason="open bug: under torch.inference_mode the loop's working copy of x is an "
-                   "inference tensor, which keeps no version counter, so check_input_kept cannot see the write")
-def test_a_model_writing_into_x_is_refused_under_inference_mode():
+@pytest.mark.parametrize("method", ["euler", "dpmpp_2m", "heun"])
+def test_a_model_writing_into_x_is_refused_under_inference_mode(method):
+    """ComfyUI samples under torch.inference_mode, where a tensor made inside keeps no version counter: the loop
+    makes its state outside it (sampler_loop.tracked), so the write is still seen."""
     with torch.inference_mode(), pytest.raises(RuntimeError, match="modified its input x in place"):
-        diffkern.sample(_writes, start(), SIGMAS, "euler")
+        diffkern.sample(_writes, start(), SIGMAS, method, callback=lambda d: None)
+
+
+def test_writes_refused_under_inference_mode_in_iadb_adaptive_and_hold():
+    from diffkern import hold, hold_sampling
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match="modified its input x in place"):
+            samplers.sample_dpm_adaptive(_writes, start(), 0.05, 10.0)
+        with pytest.raises(RuntimeError, match="modified its input x in place"):
+            diffkern.sample_iadb(lambda x, a: x.add_(1.0), start(), torch.linspace(0, 1, 5, dtype=torch.float64))
+        proc = hold.HOLD(2)
+        with pytest.raises(RuntimeError, match="modified its input z in place"):
+            hold_sampling.sample(lambda z, t: z.mul_(1.0)[:, :2], proc, (3, 2), num_steps=3)
+
+
+def test_under_inference_mode_the_result_is_the_plain_one():
+    plain = diffkern.sample(GMM, start(), SIGMAS, "dpmpp_2m", seed=1)
+    with torch.inference_mode():
+        got = diffkern.sample(GMM, start(), SIGMAS, "dpmpp_2m", seed=1, callback=lambda d: None)
+    assert torch.equal(got, plain)
+
 
 #----------------------------------------------------------------------------
 # extra_args, seeds, backends, callbacks.
