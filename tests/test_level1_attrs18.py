@@ -32,15 +32,11 @@ PROPERTIES = ("init_noise_sigma", "step_index", "begin_index", "timesteps", "sig
 # (combinations the rows read, not stock's list), and mirroring the lists would cost a copy per step. Pipelines that
 # rewrite them (LEDITS++ and ChronoEdit edit DPM-Solver's model_outputs) need diffusers' own class.
 _HISTORY = "fused history lives in device buffers; stock's lists would cost a copy per step"
-# diffusers' float32 per-timestep tables that only its own step() reads (no diffusers pipeline does); ours are
-# float64 coefficient rows built by set_timesteps
-_TABLES = "stock's float32 per-timestep tables read only by its own step(); ours are float64 coefficient rows"
 ALLOWED = {
     **{("*", a): _HISTORY for a in ("model_outputs", "lower_order_nums", "timestep_list", "last_sample", "this_order",
                                     "ets", "cur_sample", "cur_model_output", "last_noise", "this_predictor_order",
                                     "this_corrector_order")},
     ("DPMSolverSinglestepScheduler", "sample"): _HISTORY + " (the sample of the step's first stage)",
-    **{("*", a): _TABLES for a in ("alpha_t", "sigma_t", "lambda_t", "log_sigmas")},
     ("DPMSolverSDEScheduler", "noise_sampler"): "stock's BrownianTree sampler object (torchsde); ours draws the "
                                                 "Brownian increments inside the fused step (generator or Philox)",
     ("DPMSolverSDEScheduler", "mid_point_sigma"): "a per-call value of stock's step(); ours is in its coefficient rows",
@@ -50,9 +46,6 @@ ALLOWED = {
 # Same value, another dtype or type, on purpose (compared as float64 values)
 VALUE_ONLY = {
     "alphas_cumprod": "float64 training table, where diffusers keeps float32 (README, 'Outputs match diffusers')",
-    "initial_alpha_cumprod": "a 0-d float64 tensor of the float64 training table (DDIMInverse)",
-    "final_alpha_cumprod": "a Python float of the float64 training table (a 0-d float32 tensor in diffusers); "
-                           "float() and arithmetic with it give the same value",
 }
 
 

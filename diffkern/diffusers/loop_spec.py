@@ -236,7 +236,7 @@ def loop_spec(ours: FusedScheduler, eta: float = 0.0) -> LoopSpec:
                                    f"with {len(ts)} steps, step {i} goes from t={ts[i]} to t={ours._prev[i]}, which is "
                                    f"not the next timestep {ts[i + 1]}: the schedule is not continuous")
         last = ours._prev[-1]
-        final = ours.final_alpha_cumprod if name == "DDIMScheduler" else 1.0
+        final = ours._final_alpha_cumprod if name == "DDIMScheduler" else 1.0
         ab_final = float(ours.alphas_cumprod[last]) if last >= 0 else final
         sigmas = ours.train_sigmas[ts].tolist() + [schedules.alpha_bar_to_sigma(ab_final)]
         if math.isinf(sigmas[0]):

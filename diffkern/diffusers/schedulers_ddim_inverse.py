@@ -26,6 +26,7 @@ from diffusers.configuration_utils import register_to_config
 
 from .. import schedules
 from ..ops import coefs
+from . import scheduler_tables
 from .config_checks import check_choice, unsupported
 from .schedulers_vp import _VP_PREDICTIONS, _VPScheduler
 from .scheduler_utils import check_steps
@@ -93,9 +94,10 @@ class DDIMInverseScheduler(_VPScheduler):
         self._init_training(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                             rescale_betas_zero_snr)
         self.timesteps = torch.arange(num_train_timesteps, dtype=torch.int64)  # increasing, as diffusers'
-        self.initial_alpha_cumprod = torch.tensor(1.0 if set_alpha_to_one else float(self.alphas_cumprod[0]),
-                                                  dtype=torch.float64)
+        self._initial_alpha_cumprod = 1.0 if set_alpha_to_one else float(self.alphas_cumprod[0])
         self.init_noise_sigma = 1.0
+
+    initial_alpha_cumprod = scheduler_tables.initial_alpha_cumprod
 
     def _inverse_timesteps(self, n: int) -> torch.Tensor:
         """diffusers' increasing timesteps (n,) int64 for this config, or ValueError naming the key it refuses."""
@@ -128,7 +130,7 @@ class DDIMInverseScheduler(_VPScheduler):
         n = num_inference_steps
         n = check_steps(_WHO, n, T)
         ts = self._inverse_timesteps(n)
-        ab, initial = self.alphas_cumprod, float(self.initial_alpha_cumprod)
+        ab, initial = self.alphas_cumprod, self._initial_alpha_cumprod
         # each step starts at s = t - T//n (diffusers also caps s at T - 1, which t <= T - 1 never reaches)
         pairs = [(float(ab[s]) if s >= 0 else initial, float(ab[t]))
                  for t, s in ((t, t - T // n) for t in ts.tolist())]

@@ -12,7 +12,7 @@ from diffusers.configuration_utils import register_to_config
 
 from .. import coef_tables_deis
 from ..ops import coefs
-from . import timestep_labels
+from . import scheduler_tables, timestep_labels
 from .config_checks import check_choice, check_common, check_one_conversion, dynamic_shift, load_as, unsupported
 from .schedulers import FusedScheduler, ve_row_to_vp
 from .schedulers_flow import convert_sigmas
@@ -39,7 +39,7 @@ def x0_conversion(prediction_type: str, sigma: float, flow: bool) -> tuple[float
     return alpha, -alpha * sigma
 
 
-class DEISMultistepScheduler(FusedScheduler):
+class DEISMultistepScheduler(scheduler_tables.LogSNRTables, FusedScheduler):
     """Drop-in for ``diffusers.DEISMultistepScheduler`` (every config key; ``solver_order`` 1-3, every
     ``prediction_type``, ``lower_order_final``, Karras/exponential/beta sigmas, flow sigmas with ``flow_shift`` or
     the dynamic ``mu``, ``set_begin_index``); ``step()`` is one fused op, no host sync. DPM-Solver algorithm and solver

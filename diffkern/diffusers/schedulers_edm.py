@@ -227,6 +227,8 @@ class EDMDPMSolverMultistepScheduler(_EDMScheduler):
         check_choice(who, "solver_order", solver_order, (1, 2, 3))
         check_common(who, cfg.prediction_type, self._predictions, thresholding)
         self._init_edm(torch.linspace(0, 1, num_train_timesteps), True)
+        # diffusers' scale_model_input (and index_for_timestep) run on it before set_timesteps; its step() raises
+        self._host_timesteps = self._init_t
 
     def set_timesteps(self, num_inference_steps: int = None, device=None):
         """``timesteps`` (c_noise, float32) and ``sigmas`` of ``num_inference_steps`` steps, as diffusers."""
@@ -269,6 +271,8 @@ class EDMDPMSolverMultistepScheduler(_EDMScheduler):
         """One DPM-Solver++ step (first order on the loop's first step and as configured at the end); returns
         (prev_sample,). The SDE's noise is drawn from ``generator`` as diffusers draws it (every step, in the model
         output's dtype), else Philox."""
+        if self.num_inference_steps is None:  # as diffusers' (its training schedule is for scale_model_input only)
+            raise ValueError("EDMDPMSolverMultistepScheduler: call set_timesteps(num_inference_steps) before step")
         i = self._index(timestep)
         x = self._state_in(sample, model_output)
         begin = self._loop_start  # set_begin_index's, or where a loop without it started

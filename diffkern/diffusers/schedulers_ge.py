@@ -53,8 +53,15 @@ class GEScheduler(FusedScheduler):
 
     @property
     def init_noise_sigma(self) -> float:
-        """``1/sqrt(ab(t_0))``: the initial VE latents have standard deviation sqrt(sigma_0^2 + 1)."""
-        top = self.sigmas_host[0] if self.sigmas_host else float(self.train_sigmas[-1])
+        """``1/sqrt(ab(t_0))``: the initial VE latents have standard deviation sqrt(sigma_0^2 + 1). sigma_0 is the
+        config's ``start`` snapped to the training table whatever the number of steps, so before ``set_timesteps``
+        it is the value every schedule will start from (the official class gives sigma(T - 1) there instead)."""
+        if self.sigmas_host:
+            top = self.sigmas_host[0]
+        else:
+            cfg = self.config
+            top = float(schedules.ge_schedule(1, self.alphas_cumprod, cfg.start, cfg.end,
+                                              _GE_STYLES[str(cfg.style).lower()], cfg.factor)[0])
         return math.sqrt(top * top + 1.0)
 
     def set_timesteps(self, num_inference_steps: int, device=None):

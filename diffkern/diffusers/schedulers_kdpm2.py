@@ -19,6 +19,7 @@ from diffusers.configuration_utils import register_to_config
 from .. import coef_tables
 from . import timestep_labels
 from .config_checks import check_choice, unsupported
+from .scheduler_tables import LogSigmaTable
 from .scheduler_default import DeferredSchedule
 from .schedulers import sigma_to_t
 from .schedulers_k import _TwoCallScheduler, stored_sample_rows
@@ -26,7 +27,7 @@ from .schedulers_k import _TwoCallScheduler, stored_sample_rows
 _PREDICTIONS = ("epsilon", "v_prediction")  # diffusers' KDPM2 classes raise for the others
 
 
-class _KDPM2Scheduler(DeferredSchedule, _TwoCallScheduler):
+class _KDPM2Scheduler(LogSigmaTable, DeferredSchedule, _TwoCallScheduler):
     """Shared loop of the two classes: interleaved schedule, predictor/corrector calls, input scaling."""
 
     _key = ("dpm_2",)

@@ -30,6 +30,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_lcm import LCMSchedulerOutput
 
 from ..ops import coefs
+from . import scheduler_tables
 from .config_checks import check_common, unsupported
 from .schedulers import FusedScheduler
 from .schedulers_vp import _VPScheduler
@@ -106,13 +107,15 @@ class LCMScheduler(FusedScheduler):
         self._init_consistency(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                                rescale_betas_zero_snr, set_alpha_to_one)
 
+    final_alpha_cumprod = scheduler_tables.final_alpha_cumprod
+
     def _init_consistency(self, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                           rescale_betas_zero_snr, set_alpha_to_one) -> None:
         """Training table and the attributes diffusers' consistency schedulers (LCM, TCD) expose."""
         self._init_training(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                             rescale_betas_zero_snr)
         # diffusers keeps it, but a step never targets a negative timestep (LCM's last one targets itself, TCD's t = 0)
-        self.final_alpha_cumprod = 1.0 if set_alpha_to_one else float(self.alphas_cumprod[0])
+        self._final_alpha_cumprod = 1.0 if set_alpha_to_one else float(self.alphas_cumprod[0])
         self.init_noise_sigma = 1.0
         self.custom_timesteps = False
 

@@ -25,6 +25,7 @@ from diffusers.configuration_utils import register_to_config
 from .. import schedules
 from ..coef_tables_plms import AB_WEIGHTS
 from ..ops import coefs
+from . import scheduler_tables
 from .config_checks import check_choice, unsupported
 from .schedulers import FusedScheduler
 from .schedulers_vp import _VPScheduler
@@ -139,10 +140,12 @@ class PNDMScheduler(FusedScheduler):
         check_choice(_WHO, "prediction_type", prediction_type, _PREDICTIONS)
         check_choice(_WHO, "timestep_spacing", timestep_spacing, schedules.SPACINGS)
         self._init_training(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
-        self.final_alpha_cumprod = 1.0 if set_alpha_to_one else float(self.alphas_cumprod[0])
+        self._final_alpha_cumprod = 1.0 if set_alpha_to_one else float(self.alphas_cumprod[0])
         self.init_noise_sigma = 1.0
         self.pndm_order = PNDM_ORDER
         self.prk_timesteps = self.plms_timesteps = None
+
+    final_alpha_cumprod = scheduler_tables.final_alpha_cumprod
 
     @property
     def counter(self) -> int:
@@ -180,7 +183,7 @@ class PNDMScheduler(FusedScheduler):
         if t >= self.config.num_train_timesteps:
             raise unsupported(_WHO, "timestep_spacing", self.config.timestep_spacing,
                               f"a step starts at t={t}, past num_train_timesteps - 1 (diffusers fails there)")
-        return float(self.alphas_cumprod[t]) if t >= 0 else self.final_alpha_cumprod
+        return float(self.alphas_cumprod[t]) if t >= 0 else self._final_alpha_cumprod
 
     def _build(self, key):
         begin = key[1]

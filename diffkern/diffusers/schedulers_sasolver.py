@@ -13,7 +13,7 @@ from diffusers.configuration_utils import register_to_config
 
 from .. import coef_tables_sasolver
 from ..ops import coefs
-from . import timestep_labels
+from . import scheduler_tables, timestep_labels
 from .config_checks import check_choice, check_common, check_one_conversion, unsupported
 from .schedulers import FusedScheduler
 from .schedulers_flow import convert_sigmas
@@ -42,7 +42,7 @@ def conversion(prediction_type: str, predict_x0: bool, alpha: float, sigma: floa
             "v_prediction": (sigma, alpha)}[prediction_type]
 
 
-class SASolverScheduler(FusedScheduler):
+class SASolverScheduler(scheduler_tables.LogSNRTables, FusedScheduler):
     """Drop-in for ``diffusers.SASolverScheduler`` (every config key; ``predictor_order`` 1-3, ``corrector_order``
     1-4, both ``algorithm_type`` values, any ``tau_func`` (evaluated on the host at each timestep, as a CPU int64
     scalar tensor, in ``set_timesteps``: set it through the config, not on a scheduler mid-loop), every

@@ -13,7 +13,7 @@ from diffusers.configuration_utils import register_to_config
 
 from .. import coef_tables_singlestep as css
 from ..ops import coefs, sampler_step
-from . import timestep_labels
+from . import scheduler_tables, timestep_labels
 from .config_checks import check_choice, check_common, check_one_conversion, dynamic_shift, load_as, unsupported
 from .schedulers import FusedScheduler
 from .schedulers_deis import DEISMultistepScheduler
@@ -36,7 +36,7 @@ def model_conversion(algorithm: str, prediction_type: str, alpha: float, sigma_t
             "flow_prediction": (1.0, -raw_sigma)}[prediction_type]
 
 
-class DPMSolverSinglestepScheduler(FusedScheduler):
+class DPMSolverSinglestepScheduler(scheduler_tables.LogSNRTables, FusedScheduler):
     """Drop-in for ``diffusers.DPMSolverSinglestepScheduler`` (every config key; ``solver_order`` 1-3,
     ``algorithm_type`` "dpmsolver++", "dpmsolver" and "sde-dpmsolver++", ``solver_type`` "midpoint"/"heun", every
     ``prediction_type``, ``lower_order_final``, ``final_sigmas_type``, ``lambda_min_clipped``, Karras/exponential/beta
@@ -152,11 +152,6 @@ class DPMSolverSinglestepScheduler(FusedScheduler):
     sigmas = DEISMultistepScheduler.sigmas
     _alpha = DEISMultistepScheduler._alpha
     add_noise = DEISMultistepScheduler.add_noise
-
-    def _log_snr(self) -> torch.Tensor:
-        """diffusers' ``lambda_t = ln(alpha_t) - ln(sigma_t)`` (T,), in float64."""
-        ab = self.alphas_cumprod
-        return 0.5 * (ab.log() - (1.0 - ab).log())
 
     def _build(self, key):
         cfg = self.config

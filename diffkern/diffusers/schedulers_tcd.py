@@ -87,6 +87,7 @@ class TCDScheduler(FusedScheduler):
     _standard = LCMScheduler._standard  # same evenly-spaced pick among the candidates
     _check_zero_snr = LCMScheduler._check_zero_snr
     _init_consistency = LCMScheduler._init_consistency
+    final_alpha_cumprod = LCMScheduler.final_alpha_cumprod
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,

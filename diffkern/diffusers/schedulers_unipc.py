@@ -10,7 +10,7 @@ from diffusers.configuration_utils import register_to_config
 
 from .. import coef_tables_unipc, schedules, wrappers
 from ..ops import coefs
-from . import timestep_labels
+from . import scheduler_tables, timestep_labels
 from .config_checks import check_choice, check_one_conversion, load_as, unsupported
 from .schedulers import FusedScheduler, ve_row_to_vp
 from .schedulers_vp import DPMSolverMultistepScheduler, _check_common
@@ -48,7 +48,7 @@ def _native(row: list) -> list:
     return r
 
 
-class UniPCMultistepScheduler(FusedScheduler):
+class UniPCMultistepScheduler(scheduler_tables.LogSNRTables, FusedScheduler):
     """Drop-in for ``diffusers.UniPCMultistepScheduler`` (every config key; ``solver_order`` 1 to 3, ``solver_type``
     "bh1"/"bh2", ``predict_x0``, ``lower_order_final``, ``disable_corrector``, Karras/exponential sigmas,
     ``final_sigmas_type``, zero-terminal-SNR betas, ``set_begin_index``); ``step()`` is one fused op.

@@ -14,7 +14,7 @@ from diffusers.configuration_utils import register_to_config
 
 from .. import coef_tables, coef_tables_3m, schedules, wrappers
 from ..ops import coefs, ddim_row
-from . import scheduler_custom, timestep_labels
+from . import scheduler_custom, scheduler_tables, timestep_labels
 from .config_checks import check_choice, check_common, check_one_conversion, dynamic_shift, load_as, unsupported
 from .schedulers import FusedScheduler, ve_row_to_vp
 from .scheduler_lookup import previous_timestep
@@ -115,8 +115,10 @@ class DDIMScheduler(_VPScheduler):
         _check_common("DDIMScheduler", prediction_type, thresholding, timestep_spacing)
         self._init_training(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                             rescale_betas_zero_snr)
-        self.final_alpha_cumprod = 1.0 if set_alpha_to_one else float(self.alphas_cumprod[0])
+        self._final_alpha_cumprod = 1.0 if set_alpha_to_one else float(self.alphas_cumprod[0])
         self.init_noise_sigma = 1.0
+
+    final_alpha_cumprod = scheduler_tables.final_alpha_cumprod
 
     def set_timesteps(self, num_inference_steps: int, device=None):
         """``timesteps`` as diffusers' DDIM makes them ("leading", "trailing", "linspace", ``steps_offset``)."""
@@ -129,7 +131,7 @@ class DDIMScheduler(_VPScheduler):
         cfg = self.config
         rows = [ddim_row(ab, ab_prev, eta=eta, prediction_type=cfg.prediction_type, clip_sample=cfg.clip_sample,
                          clip_sample_range=cfg.clip_sample_range, use_clipped_model_output=clipped)
-                for ab, ab_prev in self._alpha_pairs(self.final_alpha_cumprod)]
+                for ab, ab_prev in self._alpha_pairs(self._final_alpha_cumprod)]
         return coefs.table(rows), None
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float = 0.0,
@@ -224,7 +226,7 @@ class DDPMScheduler(_VPScheduler):
         return self._output(return_dict, prev, x0)
 
 
-class DPMSolverMultistepScheduler(FusedScheduler):
+class DPMSolverMultistepScheduler(scheduler_tables.LogSNRTables, FusedScheduler):
     """Drop-in for ``diffusers.DPMSolverMultistepScheduler`` with ``algorithm_type="dpmsolver++"`` or
     ``"sde-dpmsolver++"`` (orders 1, 2 and 3, ``solver_type`` "midpoint" or "heun"): the rows of
     :func:`~diffkern.coef_tables.dpmpp_2m_sde` at eta = 0 or 1 (order 3:
@@ -327,11 +329,6 @@ class DPMSolverMultistepScheduler(FusedScheduler):
         self._set_schedule(ts.to(torch.int64), device, N)
         self.sigmas_host = sig.tolist() + [final]
         self._warm(device, ("dpm", 0))
-
-    def _log_snr(self) -> torch.Tensor:
-        """diffusers' ``lambda_t = ln(alpha_t) - ln(sigma_t)`` (T,), in float64."""
-        ab = self.alphas_cumprod
-        return 0.5 * (ab.log() - (1.0 - ab).log())
 
     def _build(self, key):
         cfg = self.config
