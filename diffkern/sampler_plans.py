@@ -19,10 +19,10 @@ def _knob(value, name: str, lo: float = 0.0, hi: float = math.inf, hi_open: bool
     """``value`` as a float in [lo, hi] (or [lo, hi)); infinite only where ``finite`` is False (the churn
     window and strength, whose k-diffusion defaults and limits are infinite)."""
     # numbers.Real: Python and numpy scalars (np.float32(0.5) is no float subclass); tensors are refused
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         hint = " (a tensor: pass .item())" if isinstance(value, torch.Tensor) else ""
         raise TypeError(f"{name}: expected a number{hint}, got {value!r}")
-    if value < lo or value > hi or (hi_open and value == hi) or (finite and math.isinf(value)):
+    if math.isnan(value) or value < lo or value > hi or (hi_open and value == hi) or (finite and math.isinf(value)):
         raise ValueError(f"{name}: expected a {'finite ' if finite else ''}value in [{lo}, {hi}"
                          f"{')' if hi_open else ']'}, got {value}")
     return float(value)

@@ -77,7 +77,9 @@ def sample(model, x, sigmas, method, *, backend=None, seed=0, callback=None, pro
             ``sigma_hat`` and ``denoised``. ``sigma``/``sigma_hat``: 0-d tensors as k-diffusion's ``sigmas[i]``, on
             a floating tensor ``sigmas``' device in its dtype (no host sync), else float64 CPU
             (:func:`diffkern.sampler_compat.callback_sigmas`); ``x`` and ``denoised`` fresh each step, which later
-            steps never overwrite (a callback may keep them, as k-diffusion's).
+            steps never overwrite (a callback may keep them, as k-diffusion's). dpm_fast and dpm_adaptive report as
+            k-diffusion's: once per step of dpm_fast's own grid (with ``t`` and ``t_up``, in the default dtype on
+            x's device; :class:`diffkern.sampler_compat.DpmFastReport`), after every dpm_adaptive attempt.
         progress: show a tqdm bar.
         record: also return ``{"x": (N+1, *x.shape), "denoised": (N, *x.shape)}`` trajectories.
         graph: False (eager), True (capture the whole N-step loop as one CUDA graph on the first call, replay it
@@ -112,6 +114,7 @@ def sample(model, x, sigmas, method, *, backend=None, seed=0, callback=None, pro
     if unknown:
         raise TypeError(f"{method}: unknown knob(s) {unknown}; valid knobs: {sorted(valid) or 'none'}")
     samplers.check_state(x)  # before record= allocates from it
+    _check_record(record)
     samplers.check_call(model, extra_args)
     sampler_loop.check_callback(callback)
     steps = len(samplers.host_sigmas(sigmas, method)) - 1
@@ -137,6 +140,11 @@ def sample(model, x, sigmas, method, *, backend=None, seed=0, callback=None, pro
 
 
 @torch.no_grad()
+def _check_record(record) -> None:
+    if not isinstance(record, bool):  # "no" or a tensor would be truthy (or ambiguous) and record
+        raise TypeError(f"record: expected a bool, got {record!r}")
+
+
 def _sample_graph(model, x, sigmas, method, knob_values, seed, backend, record, extra_args, window=None):
     """:func:`sample` as a CUDA graph (:mod:`diffkern.graphs`): the captured body is ``samplers.run_steps``."""
     host = samplers.host_sigmas(sigmas, method)
@@ -287,6 +295,7 @@ def sample_iadb(model, x0, alphas=None, variant="euler", *, steps=None, lam=None
     """
     lam = iadb_lam(variant, lam)
     samplers.check_state(x0, "x0")
+    _check_record(record)
     samplers.check_call(model, extra_args)
     sampler_loop.check_callback(callback)
     host = iadb_alphas(alphas, steps)

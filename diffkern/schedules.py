@@ -16,7 +16,7 @@ from typing import Union
 
 import torch
 
-from .sigma_checks import check_sigmas, distinct  # noqa: F401 (check_sigmas: public here)
+from .sigma_checks import check_real, check_sigmas, distinct  # noqa: F401 (check_sigmas: public here)
 
 Number = Union[float, torch.Tensor]
 SPACINGS = ("leading", "trailing", "linspace")
@@ -66,9 +66,8 @@ def host_float64(value, name: str) -> torch.Tensor:
     """float64 CPU copy of a tensor (any device, shape and dtype), array or (nested) sequence of numbers; a
     sequence of Python floats is read as float64 (``torch.as_tensor`` alone would round it through the float32
     default dtype). ``name``: the argument, for the TypeError raised on anything else."""
+    check_real(value, name)
     if isinstance(value, torch.Tensor):
-        if value.is_complex() or value.dtype == torch.bool:  # a cast would drop the imaginary part or read 0/1
-            raise TypeError(f"{name}: expected a real tensor, got dtype {value.dtype}")
         if value.is_meta:  # a meta tensor has a shape but no values to read
             raise ValueError(f"{name}: expected a tensor with values, got a tensor on the meta device")
         return value.detach().to("cpu", F64)

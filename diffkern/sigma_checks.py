@@ -7,6 +7,17 @@ import torch
 F64 = torch.float64
 
 
+def check_real(value, name: str) -> None:
+    """Raise TypeError, naming ``name``, for a complex or bool tensor or numpy array: a float64 cast would drop the
+    imaginary part or read True/False as 1/0, silently."""
+    dtype = getattr(value, "dtype", None)
+    if isinstance(value, torch.Tensor):
+        if value.is_complex() or dtype == torch.bool:
+            raise TypeError(f"{name}: expected a real tensor, got dtype {dtype}")
+    elif getattr(dtype, "kind", None) in ("c", "b"):  # numpy's complex and bool kinds
+        raise TypeError(f"{name}: expected a real array, got dtype {dtype}")
+
+
 def distinct(s: torch.Tensor, who: str, hint: str) -> torch.Tensor:
     """``s`` (a schedule builder's n decreasing float64 values, before its final 0) unless two neighbours round to
     the same float64 value: then ValueError naming ``who``, the index and the value, with ``hint`` (the builder's
@@ -26,9 +37,8 @@ def check_sigmas(sigmas, name: str = "sigmas", steps: int | None = None, strict:
     >= 0 that decrease strictly (``strict=False`` allows repeated values, i.e. zero-length steps).
     Reads the values: call it on the host schedule before a sampling loop, never inside one.
     """
+    check_real(sigmas, name)
     if isinstance(sigmas, torch.Tensor):
-        if sigmas.is_complex() or sigmas.dtype == torch.bool:
-            raise TypeError(f"{name}: expected a real tensor, got dtype {sigmas.dtype}")
         if sigmas.is_meta:  # a meta tensor has a shape but no values to read
             raise ValueError(f"{name}: expected a schedule with values, got a tensor on the meta device")
         s = sigmas.detach().to("cpu", F64)

@@ -199,6 +199,9 @@ def resolve(op: str, device_type: str, backend: str | None = None,
         raise KeyError(f"op: unknown op family {op!r}; registered: {ops()}")
     spec = _OPS[op]
     excluded = excluded or {}
+    if backend is not None and not isinstance(backend, str):  # 0 or False would read as "not given" below
+        raise TypeError(f"backend: expected None or a backend name ({', '.join(sorted(spec.loaders))} or 'auto'; "
+                        f"'' as None), got {backend!r}")
     requested = backend or os.environ.get("DIFFKERN_BACKEND") or "auto"
     if requested != "auto":
         who = "backend" if backend else "DIFFKERN_BACKEND"  # the argument, else the variable it came from
