@@ -5,10 +5,11 @@ calls it, at which pair of sigmas, and the checks on what it returns.
 A ``noise_sampler(sigma, sigma_next) -> tensor like x`` replaces the Philox stream: the loop calls it on the host
 between the model call and the fused update, exactly where k-diffusion's ``sample_<method>`` calls it (same steps,
 same order, same pair of sigmas: 0-d tensors on a floating tensor schedule's device in its dtype, else float64 CPU,
-:func:`noise_sigmas`), and passes what it returns to the fused op as its
-``noise``. So where a step also reports, the draw precedes the callback (k-diffusion calls the callback first): the
-callback's ``denoised`` comes out of that same fused launch, and a split noise pass would cost a second pass over x
-and make the result depend on whether a callback is given. It cannot run inside a CUDA graph replay (a Python call): graph paths refuse it; use ``seed=`` there.
+:func:`noise_sigmas`), and passes what it returns to the fused op as its ``noise``. So where a step also reports,
+the draw precedes the callback (k-diffusion calls the callback first): the callback's ``denoised`` comes out of that
+same fused launch, and a split noise pass would cost a second pass over x and make the result depend on whether a
+callback is given. It cannot run inside a CUDA graph replay (a Python call): graph paths refuse it; use ``seed=``
+there.
 """
 from __future__ import annotations
 

@@ -139,12 +139,12 @@ def sample(model, x, sigmas, method, *, backend=None, seed=0, callback=None, pro
     return (out, trajectory.as_dict()) if record else out
 
 
-@torch.no_grad()
 def _check_record(record) -> None:
     if not isinstance(record, bool):  # "no" or a tensor would be truthy (or ambiguous) and record
         raise TypeError(f"record: expected a bool, got {record!r}")
 
 
+@torch.no_grad()
 def _sample_graph(model, x, sigmas, method, knob_values, seed, backend, record, extra_args, window=None):
     """:func:`sample` as a CUDA graph (:mod:`diffkern.graphs`): the captured body is ``samplers.run_steps``."""
     host = samplers.host_sigmas(sigmas, method)

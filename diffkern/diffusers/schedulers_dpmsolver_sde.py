@@ -123,7 +123,9 @@ class DPMSolverSDEScheduler(DeferredSchedule, _TwoCallScheduler):
         if k % 2:
             prev, x0 = self._fused(key, plan.corrector_row + i, x, model_output, history=history)
         else:
-            self._first_sample = x  # diffusers' `sample` between the two calls (a reference, no copy)
+            # diffusers' `sample` between the two calls (a reference, no copy); none where no second call follows
+            # (the last step, an Euler step to sigma = 0: diffusers stores nothing there)
+            self._first_sample = x if plan.corrector[i] else None
             prev, x0 = self._fused(key, i, x, model_output, history_out=history)
         self._advance()
         return self._output(return_dict, prev, x0)

@@ -1,0 +1,33 @@
+"""Review of session 18's committed changes (git diff cfde892 HEAD): regressions found, one test each."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+import diffkern.diffusers as dd  # noqa: E402
+from test_diffusers_schedulers import diffusers_class  # noqa: E402
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_dpmsolver_sde_sample_after_last_call(n):
+    """DPMSolverSDE's ``sample`` as stock's through a whole loop: the predictor's sample between a step's two calls,
+    None after its last call (an Euler step to sigma = 0 with no second call, where stock stores nothing)."""
+    cls = diffusers_class("DPMSolverSDEScheduler")
+    if cls is None:
+        pytest.skip("diffusers' DPMSolverSDEScheduler needs torchsde")
+    stock, ours = cls(), dd.DPMSolverSDEScheduler()
+    stock.set_timesteps(n)
+    ours.set_timesteps(n)
+    x = torch.randn(1, 2, 3, 3, generator=torch.Generator().manual_seed(0))
+    xs = xo = x
+    for k in range(len(stock.timesteps)):
+        m = torch.randn(1, 2, 3, 3, generator=torch.Generator().manual_seed(k + 1))
+        xs_in, xo_in = xs, xo
+        xs = stock.step(m, stock.timesteps[k], xs).prev_sample
+        xo = ours.step(m, ours.timesteps[k], xo).prev_sample
+        assert (stock.sample is None) == (ours.sample is None), (k, stock.sample is None)
+        if stock.sample is not None:
+            assert stock.sample is xs_in and ours.sample is xo_in, k  # a reference to the call's sample, as stock
+    assert ours.sample is None
