@@ -31,3 +31,12 @@ def test_dpmsolver_sde_sample_after_last_call(n):
         if stock.sample is not None:
             assert stock.sample is xs_in and ours.sample is xo_in, k  # a reference to the call's sample, as stock
     assert ours.sample is None
+
+
+def test_graph_paths_run_under_no_grad():
+    """The CUDA-graph paths are decorated with torch.no_grad (5bd5abf once moved the decorator onto a check that
+    was inserted above _sample_graph): a captured step must record no autograd graph."""
+    from diffkern import sampling
+    for fn in (sampling._sample_graph, sampling._sample_iadb_graph):
+        assert getattr(fn, "__wrapped__", None) is not None, fn.__name__
+    assert getattr(sampling._check_record, "__wrapped__", None) is None
