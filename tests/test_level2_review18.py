@@ -99,6 +99,9 @@ def test_ddim_pipeline_eta_with_a_scheduler_without_eta_is_refused():
     for eta in (0.5, 0.0):
         with pytest.raises(TypeError, match=r"eta: DPMSolverMultistepScheduler.step\(\) takes no eta"):
             _uncond(fast, torch.Generator().manual_seed(1), eta=eta)
+    # (the stock loop raises for any call here: it always hands step() its default eta = 0.0)
+    with pytest.raises(TypeError, match=r"^use_clipped_model_output: DPMSolverMultistepScheduler.step\(\) takes no"):
+        _uncond(fast, torch.Generator().manual_seed(1), use_clipped_model_output=True)
     ours = _uncond(fast, torch.Generator().manual_seed(5))
     _, truth, eager = three_runs(lambda s: _uncond_pipe(diffusers.DDPMPipeline, s), "DPMSolverMultistepScheduler",
                                  {}, _uncond, 2)

@@ -40,3 +40,23 @@ def test_graph_paths_run_under_no_grad():
     for fn in (sampling._sample_graph, sampling._sample_iadb_graph):
         assert getattr(fn, "__wrapped__", None) is not None, fn.__name__
     assert getattr(sampling._check_record, "__wrapped__", None) is None
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_dpmsolver_sde_state_in_first_order_after_last_call(n):
+    """diffusers' DPMSolverSDE reads state_in_first_order as ``sample is None``: True again after the loop's last
+    call (an Euler step to 0); ours counted calls and said False there."""
+    import warnings
+    import diffusers
+    seen = []
+    for sched in (diffusers.DPMSolverSDEScheduler(), dd.DPMSolverSDEScheduler()):
+        sched.set_timesteps(n)
+        x = torch.randn(1, 2, 2, 2, generator=torch.Generator().manual_seed(0))
+        states = []
+        with warnings.catch_warnings():  # torchsde's end-point rounding warnings in the stock class
+            warnings.simplefilter("ignore", UserWarning)
+            for t in sched.timesteps:
+                x = sched.step(x * 0.5, t, x).prev_sample
+                states.append(sched.state_in_first_order)
+        seen.append(states)
+    assert seen[0] == seen[1]

@@ -231,9 +231,11 @@ class AcceleratedPipeline:
             if value is not None and name not in inspect.signature(type(pipe).__call__).parameters:
                 # (DDPMPipeline takes neither: the stock call raises this TypeError)
                 raise TypeError(f"{type(pipe).__name__}.__call__() got an unexpected keyword argument '{name}'")
-        if eta is not None and "eta" not in inspect.signature(type(pipe.scheduler).step).parameters:
-            # DDIMPipeline hands eta to step(), which raises in the stock loop: the fused loop would drop it silently
-            raise TypeError(f"eta: {type(pipe.scheduler).__name__}.step() takes no eta (DDIMScheduler's does)")
+        for name, value in (("eta", eta), ("use_clipped_model_output", use_clipped_model_output)):
+            # DDIMPipeline hands both to step(), which raises in the stock loop: the fused loop would drop them
+            if value is not None and name not in inspect.signature(type(pipe.scheduler).step).parameters:
+                raise TypeError(f"{name}: {type(pipe.scheduler).__name__}.step() takes no {name} (DDIMScheduler's "
+                                "does)")
         steps = _steps(pipe, num_inference_steps, 1000)
         size = pipe.unet.config.sample_size
         shape = (batch_size, pipe.unet.config.in_channels, *((size, size) if isinstance(size, int) else size))

@@ -69,6 +69,13 @@ class DPMSolverSDEScheduler(DeferredSchedule, _TwoCallScheduler):
         """The config's ``noise_sampler_seed`` (diffusers keeps it as an attribute too)."""
         return self.config.noise_sampler_seed
 
+    @property
+    def state_in_first_order(self) -> bool:
+        """True when the next ``step()`` is a step's first call, and after the loop's last call (an Euler step to 0
+        with no second call), as diffusers' (its ``sample`` is None there)."""
+        done = self._host_timesteps is not None and (self._step_index or 0) >= len(self._host_timesteps)
+        return done or super().state_in_first_order
+
     def set_timesteps(self, num_inference_steps: int = None, device=None, num_train_timesteps: int = None):
         """Timesteps ``[t_0, tm_0, t_1, tm_1, ..., t_{N-1}]`` (2N - 1 calls, float64) as diffusers makes them."""
         who = type(self).__name__
