@@ -81,7 +81,7 @@ class Plan:
 
 def history_slots(buffers, i: int) -> tuple:
     """``(history, history2, history3, history_out)`` of step i's first call over a plan's ``history`` buffers
-    (0 to 3 of them; absent ones are None).
+    (0 to 4 of them; absent ones are None; the op reads at most three: a fourth, LMS's, keeps one more D alive).
 
     With depth n, step i reads H_j = D_{i-j} from buffer (i - j) % n (j = 1..n) and writes D_i over the oldest,
     buffer i % n (read as H_n in the same pass: the op allows exact in-place use). The buffers rotate without a

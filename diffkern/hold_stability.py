@@ -40,7 +40,8 @@ def _steps(b, name: str = "b") -> torch.Tensor:
 
 def fastest_rotation(F: torch.Tensor, xi: float) -> float:
     """omega_max: the largest |eigenvalue| of the skew part S_k = F + xi E_nn of the drift F (n, n) float64 (a HOLD's
-    ``F`` and ``xi``). Raises ValueError unless F is a finite real square matrix (n >= 1) and xi finite."""
+    ``F`` and ``xi``). Raises ValueError (TypeError where one is not a number or tensor) unless F is a finite real
+    square matrix (n >= 1) and xi finite."""
     xi = finite("xi", xi, low=-math.inf)
     if not isinstance(F, torch.Tensor) or F.dtype == torch.bool or F.is_complex() or F.dim() != 2 \
             or F.shape[0] != F.shape[1] or not F.numel():
@@ -59,14 +60,15 @@ def _log_growth(omega: float, b: torch.Tensor, refine: float = 1.0) -> float:
 
 def log_growth(omega: float, b: torch.Tensor, refine: float = 1.0) -> float:
     """log prod_i sqrt(1 + (b_i omega)^2) over the steps b (N,) float64 (CPU), each cut into ``refine`` equal ones.
-    Raises ValueError unless omega is finite >= 0, b a real 1-D tensor of finite steps >= 0 and refine finite > 0."""
+    Raises ValueError (TypeError where one is not a number or tensor) unless omega is finite >= 0, b a real 1-D
+    tensor of finite steps >= 0 and refine finite > 0."""
     return _log_growth(finite("omega", omega), _steps(b), finite("refine", refine, strict=True))
 
 
 def stable_steps(omega: float, b: torch.Tensor, limit: float = GROWTH_LIMIT) -> int:
     """The fewest steps, refining the schedule b (N,) evenly, whose growth (:func:`log_growth`) is <= ``limit``.
-    Raises ValueError unless omega is finite >= 0, b as in :func:`log_growth` and limit finite > 1 (growth 1 is
-    reached only in the limit of infinitely many steps)."""
+    Raises ValueError (TypeError where one is not a number or tensor) unless omega is finite >= 0, b as in
+    :func:`log_growth` and limit finite > 1 (growth 1 is reached only in the limit of infinitely many steps)."""
     omega, b, limit = finite("omega", omega), _steps(b), finite("limit", limit, low=1.0, strict=True)
     target, N = math.log(limit), b.numel()
     if _log_growth(omega, b) <= target:

@@ -90,12 +90,17 @@ def noise_calls(method: str, sigmas: list, plan, eta: float = 1.0) -> dict:
     return calls
 
 
+def _dpm_fast_steps(sigmas: list) -> tuple[list, list]:
+    """(orders, grid): the model calls of each step of dpm_fast's own grid on ``sigmas``, and its sigmas."""
+    lo, hi, n = coef_tables_dpm_fast.from_sigmas(sigmas)
+    orders = coef_tables_dpm_fast.orders(n)
+    return orders, coef_tables_dpm_fast.grid(lo, hi, len(orders))
+
+
 def _dpm_fast_calls(sigmas: list) -> dict:
     """dpm_fast's calls: one per step of its grid (eta = 0 too, times 0 there), after the step's last model call,
     at the step's grid sigmas."""
-    lo, hi, n = coef_tables_dpm_fast.from_sigmas(sigmas)
-    orders = coef_tables_dpm_fast.orders(n)
-    grid = coef_tables_dpm_fast.grid(lo, hi, len(orders))
+    orders, grid = _dpm_fast_steps(sigmas)
     calls, last = {}, -1
     for k, p in enumerate(orders):
         last += p
@@ -138,21 +143,21 @@ def floating_tensor(given) -> bool:
     return isinstance(given, torch.Tensor) and given.is_floating_point()
 
 
-def callback_sigmas(given, schedule: list, reported: list, sigma_hat: list):
+def callback_sigmas(given, schedule: list, sigma_hat: list):
     """``pair(i) -> (sigma, sigma_hat)``, the 0-d tensors step i's callback reports, as k-diffusion's ``sigmas[i]``
     and ``sigma_hat``. Built once per call, before the loop; ``pair`` makes no host synchronisation.
 
-    ``given``: the schedule as the caller passed it; ``schedule``: its host float64 copy (N+1 values);
-    ``reported``: the host sigma of each step (``schedule``; dpm_fast reports its own grid, :class:`DpmFastReport`);
-    ``sigma_hat``: the plan's (after churn), N values. A floating tensor ``given`` gets
+    ``given``: the schedule as the caller passed it; ``schedule``: its host float64 copy (N+1 values), step i
+    reporting ``schedule[i]`` (dpm_fast reports its own grid: :class:`DpmFastReport`); ``sigma_hat``: the plan's
+    (after churn), N values. A floating tensor ``given`` gets
     tensors on its device in its dtype (:func:`on_device`: ``given[i]`` itself wherever the value is the schedule's
     own). Any other ``given`` (a list, numpy array, integer tensor): float64 CPU tensors, fresh at each step.
     """
     f64 = torch.float64
     if not floating_tensor(given):
-        return lambda i: (torch.tensor(reported[i], dtype=f64), torch.tensor(sigma_hat[i], dtype=f64))
+        return lambda i: (torch.tensor(schedule[i], dtype=f64), torch.tensor(sigma_hat[i], dtype=f64))
     n = len(sigma_hat)
-    get = on_device(given, schedule, [(r, i) for i, r in enumerate(reported[:n])] +
+    get = on_device(given, schedule, [(r, i) for i, r in enumerate(schedule[:n])] +
                     [(h, i) for i, h in enumerate(sigma_hat)])
     return lambda i: (get(i), get(n + i))
 
@@ -185,9 +190,7 @@ class DpmFastReport:
     place)."""
 
     def __init__(self, sigmas: list, x: torch.Tensor):
-        lo, hi, n = coef_tables_dpm_fast.from_sigmas(sigmas)
-        orders = coef_tables_dpm_fast.orders(n)
-        grid = coef_tables_dpm_fast.grid(lo, hi, len(orders))
+        orders, grid = _dpm_fast_steps(sigmas)
         self.m = len(grid)
         self.first, call = {}, 0  # loop step (model call) -> grid step it opens
         for k, p in enumerate(orders):

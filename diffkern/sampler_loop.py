@@ -308,7 +308,7 @@ class _Loop:
         self.op = LoopStep(self.x, self.table, None if rewritten else plan.table, self.seed, histories=self.histories,
                            x0_buffer=x0_buffer, backend=self.backend)
         if self.callback is not None and self.report is None:
-            self.callback_sigmas = sampler_compat.callback_sigmas(*self.given, self.sigmas, plan.sigma_hat)
+            self.callback_sigmas = sampler_compat.callback_sigmas(*self.given, plan.sigma_hat)
 
     def start(self) -> None:
         if self.trajectory is not None:
