@@ -123,11 +123,14 @@ def _plan_sde(sigmas, conv, *, lam, integrator):
     return coef_tables.sde(sigmas, lam=_knob(lam, "lam"), integrator=integrator, conv=conv)
 
 
-def _plan_lcm(sigmas, conv, *, s_noise):
-    """Latent consistency sampling (k-diffusion's ``sample_lcm``): ``x' = D + s_noise*sigma_next*xi``, no noise on
-    a step to 0."""
+def _plan_lcm(sigmas, conv, *, s_noise, s_noise_end=None):
+    """Latent consistency sampling (k-diffusion's and ComfyUI's ``sample_lcm``): ``x' = D + s_i*sigma_next*xi``,
+    no noise on a step to 0; ``s_i = s_noise + (s_noise_end - s_noise)*i/(N - 1)`` (ComfyUI's ramp; 0 for N = 1)."""
     s_noise = _knob(s_noise, "s_noise")
-    rows = [coef_tables._conv_row(conv, s, b=1.0, s=s_noise * sn) for s, sn in zip(sigmas[:-1], sigmas[1:])]
+    end = s_noise if s_noise_end is None else _knob(s_noise_end, "s_noise_end")
+    n = len(sigmas) - 1
+    ramp = [s_noise + (end - s_noise) * (i / (n - 1) if n > 1 else 0.0) for i in range(n)]
+    rows = [coef_tables._conv_row(conv, s, b=1.0, s=si * sn) for s, sn, si in zip(sigmas[:-1], sigmas[1:], ramp)]
     return coef_tables._plan(rows, sigmas[:-1], sigmas[:-1])
 
 

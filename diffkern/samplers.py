@@ -197,14 +197,17 @@ def sample_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, *
 
 
 @torch.no_grad()
-def sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None, *, s_noise=1.0,
-               seed=None, backend=None, trajectory=None, window=None):
-    """Latent consistency multistep sampling (Luo et al. 2023; k-diffusion's ``sample_lcm``): each step jumps to
-    the model's denoised estimate and re-noises it to the next sigma, ``x' = D + s_noise*sigma_next*xi`` (the step
-    to sigma = 0 returns D). For a consistency model D is its consistency function (boundary condition included)."""
+def sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None, s_noise=1.0,
+               s_noise_end=None, *, seed=None, backend=None, trajectory=None, window=None):
+    """Latent consistency multistep sampling (Luo et al. 2023; k-diffusion's and ComfyUI's ``sample_lcm``): each
+    step jumps to the model's denoised estimate and re-noises it to the next sigma, ``x' = D + s_i*sigma_next*xi``
+    (the step to sigma = 0 returns D), ``s_i`` going linearly from ``s_noise`` at step 0 to ``s_noise_end`` (None:
+    ``s_noise``) at step N - 1, as ComfyUI's; its settings positional in ComfyUI's order (no ``noise_clip_std``).
+    For a consistency model D is its consistency function (boundary condition included). x: (B, ...) float;
+    returns the final state in x's dtype."""
     loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
                  method="lcm", noise_sampler=noise_sampler)
-    return run_noisy(loop, _plans._plan_lcm(loop.sigmas, loop.conv, s_noise=s_noise))
+    return run_noisy(loop, _plans._plan_lcm(loop.sigmas, loop.conv, s_noise=s_noise, s_noise_end=s_noise_end))
 
 
 @torch.no_grad()

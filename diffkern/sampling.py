@@ -97,8 +97,9 @@ def sample(model, x, sigmas, method, *, backend=None, seed=0, callback=None, pro
             CPU; :func:`diffkern.sampler_compat.noise_sigmas`).
         **knob_values: the method's knobs; :func:`knobs` lists each method's with its defaults, and an unknown one
             raises TypeError. Churn: s_churn, s_tmin, s_tmax (euler, heun, dpm_2). Noise: s_noise (those and the
-            stochastic methods), eta (the ancestral, SDE and res_multistep methods, dpm_fast, dpmsolver_3m), r
-            (dpmpp_sde), tau (sa_solver), lam and integrator (sde), gamma and mu (ge). Order: order (deis, lms,
+            stochastic methods), s_noise_end (lcm: the last step's s_noise), eta (the ancestral, SDE and
+            res_multistep methods, dpm_fast, dpmsolver_3m), r (dpmpp_sde), tau (sa_solver), lam and integrator
+            (sde), gamma and mu (ge). Order: order (deis, lms,
             unipc, dpmsolver_single), orders (dpmsolver_single), solver_order (dpmsolver_3m), max_order (ipndm,
             ipndm_v), predictor_order and corrector_order (sa_solver), max_stage (er_sde). Variants: solver_type
             (dpmpp_2m_sde, dpmsolver_3m, dpmsolver_single, unipc), predict_x0 (dpmsolver_single, sa_solver, unipc),

@@ -175,7 +175,7 @@ def test_sample_lcm_matches_k_diffusion_loop(sigmas, s_noise):
                              "lcm float64")
     got = samplers.sample_lcm(gmm, x.float(), sigmas, disable=True, seed=seed, backend=REF, s_noise=s_noise)
     assert_matches_reference(got, ref64, eager, "lcm float32")
-    assert knobs("lcm") == {"s_noise": 1.0}
+    assert knobs("lcm") == {"s_noise": 1.0, "s_noise_end": None}
 
 
 def test_sample_lcm_every_backend(cpu_backend):

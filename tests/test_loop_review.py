@@ -82,7 +82,7 @@ def _checked(run):
 
 
 HEAD = ["model", "x", "sigmas", "extra_args", "callback", "disable"]
-KDIFFUSION = {  # k-diffusion's k_diffusion/sampling.py (lcm: ComfyUI's, which has noise_sampler only)
+KDIFFUSION = {  # k-diffusion's k_diffusion/sampling.py (lcm: ComfyUI's, test_comfy_parity18)
     "euler": ["s_churn", "s_tmin", "s_tmax", "s_noise"],
     "heun": ["s_churn", "s_tmin", "s_tmax", "s_noise"],
     "dpm_2": ["s_churn", "s_tmin", "s_tmax", "s_noise"],
@@ -93,11 +93,11 @@ KDIFFUSION = {  # k-diffusion's k_diffusion/sampling.py (lcm: ComfyUI's, which h
     "dpmpp_2m_sde": ["eta", "s_noise", "noise_sampler", "solver_type"],
     "dpmpp_3m_sde": ["eta", "s_noise", "noise_sampler"],
     "lms": ["order"],
-    "lcm": ["noise_sampler"],
+    "lcm": ["noise_sampler", "s_noise", "s_noise_end"],
     "dpmpp_2m": [],
 }
 VALUES = {"s_churn": 1.5, "s_tmin": 0.1, "s_tmax": 20.0, "s_noise": 0.9, "eta": 0.7, "r": 0.4,
-          "solver_type": "heun", "order": 3}
+          "solver_type": "heun", "order": 3, "s_noise_end": 0.4}
 
 
 @pytest.mark.parametrize("method", sorted(KDIFFUSION))
@@ -124,7 +124,7 @@ def test_knobs_unchanged_by_positional_parameters():
     assert diffkern.knobs("dpmpp_sde") == {"eta": 1.0, "s_noise": 1.0, "r": 0.5}
     assert diffkern.knobs("dpmpp_2m_sde") == {"eta": 1.0, "s_noise": 1.0, "solver_type": "midpoint"}
     assert diffkern.knobs("euler") == {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0}
-    assert diffkern.knobs("lcm") == {"s_noise": 1.0} and diffkern.knobs("lms") == {"order": 4}
+    assert diffkern.knobs("lcm") == {"s_noise": 1.0, "s_noise_end": None} and diffkern.knobs("lms") == {"order": 4}
     with pytest.raises(TypeError, match=r"unknown knob\(s\) \['noise_sampler_x'\]"):
         diffkern.sample(denoiser, parity.start(), parity.SIGMAS, "euler", noise_sampler_x=1)
 
