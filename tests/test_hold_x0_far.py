@@ -140,7 +140,7 @@ def test_callers_on_the_host_get_the_routed_weights():
     assert ((proc.predict_x0(z, eps_hat, 1.0) - want).abs() <= (ROUND_TOL + (n + 2) * EPS) * scale).all()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda  # gpu_suite.sh's pytest_cuda selects by this mark (conftest skips it without a GPU)
 def test_device_times_are_not_read():
     """A CUDA t keeps the float64 path: no Law is built (nothing read on the host), values as the CPU float64 path's
     to float64 rounding of the same operations on the device."""

@@ -49,14 +49,15 @@ def kd_fast_spec(sigma_min, sigma_max, x):
 
 
 class Recorder:
-    """A noise_sampler recording its arguments, returning float64 normals in call order cast to x's dtype."""
+    """A noise_sampler recording its arguments, returning float64 normals in call order cast to x's dtype, on x's
+    device (drawn on the CPU, so a CUDA x gets the same numbers)."""
 
     def __init__(self, like):
         self.gen, self.like, self.calls = torch.Generator().manual_seed(11), like, []
 
     def __call__(self, sigma, sigma_next):
         self.calls.append((sigma, sigma_next))
-        return torch.randn(self.like.shape, generator=self.gen, dtype=F64).to(self.like.dtype)
+        return torch.randn(self.like.shape, generator=self.gen, dtype=F64).to(self.like.device, self.like.dtype)
 
 
 def adaptive(sigma_min, sigma_max, **kw):
