@@ -31,8 +31,8 @@ from .sampler_compat import DpmFastReport
 from .sampler_loop import (Trajectory, _check_output, _is_fused, _Loop, _run, check_call, check_state,  # noqa: F401
                            conversion_rows, host_sigmas, make_seed, run_noisy, run_steps, seed_value)
 from .samplers_adaptive import sample_dpm_adaptive  # noqa: F401  (k-diffusion's signature, beside sample_dpm_fast)
-from .samplers_comfy import (sample_er_sde, sample_res_multistep, sample_res_multistep_ancestral,  # noqa: F401
-                             sample_sa_solver)
+from .samplers_comfy import (sample_er_sde, sample_gradient_estimation, sample_res_multistep,  # noqa: F401
+                             sample_res_multistep_ancestral, sample_sa_solver)
 
 #----------------------------------------------------------------------------
 # Public samplers.

@@ -1,7 +1,10 @@
-"""ComfyUI's and diffusers' further samplers on the fused step: RES multistep (and its ancestral form), ER-SDE and
-SA-Solver, with :mod:`diffkern.samplers`' signature and common knobs (``seed``, ``backend``, ``trajectory``,
-``window``); the settings ComfyUI passes positionally come in its order. Re-exported by :mod:`diffkern.samplers`."""
+"""ComfyUI's and diffusers' further samplers on the fused step: RES multistep (and its ancestral form), ER-SDE,
+SA-Solver and ComfyUI's gradient estimation, with :mod:`diffkern.samplers`' signature and common knobs (``seed``,
+``backend``, ``trajectory``, ``window``); the settings ComfyUI passes positionally come in its order. Re-exported by
+:mod:`diffkern.samplers`."""
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -60,3 +63,22 @@ def sample_sa_solver(model, x, sigmas, extra_args=None, callback=None, disable=N
     return _run(loop, _plans._plan_sa_solver(loop.sigmas, loop.conv, predictor_order=predictor_order,
                                              corrector_order=corrector_order, tau=tau, predict_x0=predict_x0,
                                              lower_order_final=lower_order_final))
+
+
+@torch.no_grad()
+def sample_gradient_estimation(model, x, sigmas, extra_args=None, callback=None, disable=None, ge_gamma=2.0,
+                               cfg_pp=False, *, seed=None, backend=None, trajectory=None, window=None):
+    """ComfyUI's ``gradient_estimation`` (Permenter & Yuan 2024): ``x' = x + dt*(ge_gamma*d + (1 - ge_gamma)*d_prev)``
+    with d = (x - D)/sigma, dt = sigma_next - sigma, Euler on the first step, the jump x' = D on a step to 0; the same
+    method as ``ge(gamma=ge_gamma, mu=0)``, whose fused plan it runs (one model call per step, history = previous d).
+    ``cfg_pp=True`` (CFG++) raises: it steps with the unconditional prediction, which a plain model does not expose.
+    x: (B, ...) float; returns the final state in x's dtype."""
+    if not isinstance(cfg_pp, bool):
+        raise TypeError(f"cfg_pp: expected a bool, got {cfg_pp!r}")
+    if cfg_pp:
+        raise ValueError("cfg_pp: expected False; CFG++ steps with the unconditional denoised prediction, which a "
+                         "model(x, sigma) -> denoised does not expose")
+    gamma = _plans._knob(ge_gamma, "ge_gamma", -math.inf)
+    loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
+                 method="gradient_estimation")
+    return _run(loop, _plans._plan_ge(loop.sigmas, loop.conv, gamma=gamma, mu=0.0))
