@@ -79,6 +79,7 @@ def sample_gradient_estimation(model, x, sigmas, extra_args=None, callback=None,
         raise ValueError("cfg_pp: expected False; CFG++ steps with the unconditional denoised prediction, which a "
                          "model(x, sigma) -> denoised does not expose")
     gamma = _plans._knob(ge_gamma, "ge_gamma", -math.inf)
+    # method "ge": its checks (a repeated sigma is a step it takes, as ComfyUI's loop) and its name in errors
     loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
-                 method="gradient_estimation")
+                 method="ge")
     return _run(loop, _plans._plan_ge(loop.sigmas, loop.conv, gamma=gamma, mu=0.0))

@@ -21,7 +21,8 @@ F64 = torch.float64
 REF = "reference"
 SCHEDULES = {"to-zero": [12.0, 6.0, 3.0, 1.5, 0.7, 0.3, 0.0], "karras": schedules.karras(7, 0.03, 12.0).tolist(),
              "loglinear-no-zero": schedules.loglinear(6, 0.05, 10.0).tolist()[:-1], "one-step": [5.0, 0.0],
-             "two-steps": [5.0, 1.0, 0.2]}
+             "two-steps": [5.0, 1.0, 0.2], "repeated": [5.0, 2.0, 2.0, 0.5, 0.0], "repeated-first": [5.0, 5.0, 2.0, 0.3]}
+# (a repeated sigma is a zero-length step ComfyUI's loop takes: x unchanged, the previous slope that of the repeat)
 
 
 def comfy_gradient_estimation(x, sig, ge_gamma=2.0, calls=None):

@@ -124,10 +124,10 @@ def test_callback_sigmas_helper_makes_one_table_only_when_needed():
     """No table at all when every value is the schedule's own (the usual case); otherwise one, in its dtype."""
     given = SIG32
     host = given.tolist()
-    pair = sampler_compat.callback_sigmas(given, host, host, host[:-1])
+    pair = sampler_compat.callback_sigmas(given, host, host[:-1])
     assert all(pair(i)[0].data_ptr() == pair(i)[1].data_ptr() == given[i].data_ptr() for i in range(len(host) - 1))
     hat = [v * 1.25 for v in host[:-1]]
-    pair = sampler_compat.callback_sigmas(given, host, host, hat)
+    pair = sampler_compat.callback_sigmas(given, host, hat)
     for i in range(len(host) - 1):
         s, h = pair(i)
         assert s.data_ptr() == given[i].data_ptr() and h.dtype == F32 and h.data_ptr() != given[i].data_ptr()
