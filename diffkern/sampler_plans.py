@@ -4,6 +4,7 @@
 live in the samplers' signatures, listed by :func:`diffkern.sampling.knobs`)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 
@@ -12,6 +13,7 @@ import torch
 from . import (coef_tables, coef_tables_3m, coef_tables_deis, coef_tables_dpm_fast, coef_tables_dpmpp_sde,
                coef_tables_er_sde, coef_tables_flow, coef_tables_lms, coef_tables_plms, coef_tables_res, coef_tables_sasolver,
                coef_tables_singlestep, coef_tables_unipc)
+from .ops import coefs
 
 
 def _knob(value, name: str, lo: float = 0.0, hi: float = math.inf, hi_open: bool = False,
@@ -47,8 +49,29 @@ def _plan_euler(sigmas, conv, *, s_churn, s_tmin, s_tmax, s_noise):
     return coef_tables.euler(sigmas, conv=conv, **_churn_knobs(s_churn, s_tmin, s_tmax, s_noise))
 
 
-def _plan_euler_ancestral(sigmas, conv, *, eta, s_noise):
-    return coef_tables.euler_ancestral(sigmas, conv=conv, **_ancestral_knobs(eta, s_noise))
+def _clip_denoised(plan, clip_denoised, clipped_eps: bool = True):
+    """``plan`` with D clamped to [-clip_denoised, clip_denoised] (diffusers' clipped x0, ``math-samplers.md`` 5)
+    on every row. ``clipped_eps`` False (euler_ancestral only): the direction ``eps = (x - D)/sigma`` keeps the
+    model's own D, as diffusers' DDIM without use_clipped_model_output: the row ``x' = a*x + b*D`` (a + b = 1)
+    becomes ``x' = D_clip + a*(x - D_raw)``, i.e. b = 1 on the clipped D and g = -a on the raw one."""
+    r = _knob(clip_denoised, "clip_denoised", finite=False)
+    if r == 0:  # the op's CLIP slot must be > 0
+        raise ValueError("clip_denoised: expected a value in (0, inf] (inf: no clipping), got 0.0")
+    if not isinstance(clipped_eps, bool):
+        raise TypeError(f"clipped_eps: expected a bool, got {clipped_eps!r}")
+    if math.isinf(r):
+        return plan
+    table = plan.table.clone()
+    table[:, coefs.CLIP] = r
+    if not clipped_eps:
+        table[:, coefs.G] = -table[:, coefs.A]
+        table[:, coefs.B] = 1.0
+    return dataclasses.replace(plan, table=table)
+
+
+def _plan_euler_ancestral(sigmas, conv, *, eta, s_noise, clip_denoised=math.inf, clipped_eps=True):
+    plan = coef_tables.euler_ancestral(sigmas, conv=conv, **_ancestral_knobs(eta, s_noise))
+    return _clip_denoised(plan, clip_denoised, clipped_eps)
 
 
 def _plan_heun(sigmas, conv, *, s_churn, s_tmin, s_tmax, s_noise):
@@ -112,9 +135,10 @@ def _plan_dpmpp_sde(sigmas, conv, *, eta, s_noise, r, explicit_noise=False):
                                                                         **_ancestral_knobs(eta, s_noise)))
 
 
-def _plan_ge(sigmas, conv, *, gamma, mu):
-    return coef_tables.ge(sigmas, gamma=_knob(gamma, "gamma", -math.inf), mu=_knob(mu, "mu", 0.0, 1.0, True),
+def _plan_ge(sigmas, conv, *, gamma, mu, clip_denoised=math.inf):
+    plan = coef_tables.ge(sigmas, gamma=_knob(gamma, "gamma", -math.inf), mu=_knob(mu, "mu", 0.0, 1.0, True),
                           conv=conv)
+    return _clip_denoised(plan, clip_denoised)  # eps = (x - D)/sigma of the clipped D, as GEScheduler's
 
 
 def _plan_sde(sigmas, conv, *, lam, integrator):

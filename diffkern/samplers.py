@@ -52,13 +52,17 @@ def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None,
 
 @torch.no_grad()
 def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
-                           s_noise=1.0, noise_sampler=None, *, seed=None, backend=None, trajectory=None, window=None):
+                           s_noise=1.0, noise_sampler=None, *, clip_denoised=math.inf, clipped_eps=True, seed=None,
+                           backend=None, trajectory=None, window=None):
     """Euler-ancestral (= DDIM(eta) in VE coordinates; eta = 1 is the DDPM posterior step). ``noise_sampler``: None
     (Philox noise keyed by ``seed``) or k-diffusion's ``noise_sampler(sigma, sigma_next)``
-    (:mod:`diffkern.sampler_compat`), as in every sampler that takes one."""
+    (:mod:`diffkern.sampler_compat`), as in every sampler that takes one. ``clip_denoised``: D clamped to
+    [-clip_denoised, clip_denoised] (inf: none), diffusers' clipped x0 of DDPM and DDIM; ``clipped_eps`` False:
+    the step's direction ``(x - D)/sigma`` keeps the unclipped D (DDIM without use_clipped_model_output)."""
     loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
                  method="euler_ancestral", noise_sampler=noise_sampler)
-    return run_noisy(loop, _plans._plan_euler_ancestral(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise))
+    return run_noisy(loop, _plans._plan_euler_ancestral(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise,
+                                                        clip_denoised=clip_denoised, clipped_eps=clipped_eps))
 
 
 @torch.no_grad()
@@ -177,13 +181,14 @@ def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=N
 
 
 @torch.no_grad()
-def sample_ge(model, x, sigmas, extra_args=None, callback=None, disable=None, *, gamma=2.0, mu=0.0, seed=None,
-              backend=None, trajectory=None, window=None):
+def sample_ge(model, x, sigmas, extra_args=None, callback=None, disable=None, *, gamma=2.0, mu=0.0,
+              clip_denoised=math.inf, seed=None, backend=None, trajectory=None, window=None):
     """Permenter & Yuan (2024) gradient-estimation family: gamma=2, mu=0 their sampler; gamma=1, mu=0 DDIM;
-    gamma=1, mu=0.5 DDPM (smalldiffusion's ``samples(gam, mu)``)."""
+    gamma=1, mu=0.5 DDPM (smalldiffusion's ``samples(gam, mu)``). ``clip_denoised``: D (and so the eps it
+    gives) clamped to [-clip_denoised, clip_denoised] (inf: none), as GEScheduler's clip_sample."""
     loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
                  method="ge")
-    return _run(loop, _plans._plan_ge(loop.sigmas, loop.conv, gamma=gamma, mu=mu))
+    return _run(loop, _plans._plan_ge(loop.sigmas, loop.conv, gamma=gamma, mu=mu, clip_denoised=clip_denoised))
 
 
 @torch.no_grad()

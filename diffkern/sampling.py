@@ -99,7 +99,9 @@ def sample(model, x, sigmas, method, *, backend=None, seed=0, callback=None, pro
             raises TypeError. Churn: s_churn, s_tmin, s_tmax (euler, heun, dpm_2). Noise: s_noise (those and the
             stochastic methods), s_noise_end (lcm: the last step's s_noise), eta (the ancestral, SDE and
             res_multistep methods, dpm_fast, dpmsolver_3m), r (dpmpp_sde), tau (sa_solver), lam and integrator
-            (sde), gamma and mu (ge). Order: order (deis, lms,
+            (sde), gamma and mu (ge). Clipping:
+            clip_denoised (euler_ancestral, ge: D clamped to [-r, r], diffusers' clipped x0), clipped_eps
+            (euler_ancestral: False keeps the unclipped D in the direction, as DDIM). Order: order (deis, lms,
             unipc, dpmsolver_single), orders (dpmsolver_single), solver_order (dpmsolver_3m), max_order (ipndm,
             ipndm_v), predictor_order and corrector_order (sa_solver), max_stage (er_sde). Variants: solver_type
             (dpmpp_2m_sde, dpmsolver_3m, dpmsolver_single, unipc), predict_x0 (dpmsolver_single, sa_solver, unipc),

@@ -61,10 +61,9 @@ def _handlers():
             ("PixArtSigmaPipeline", px.call_pixart)]
 
 
-# Handler parameters that are read by no code, each for a reason: DDIM's use_clipped_model_output re-derives the
-# noise from the clipped x0, which equals the model's own without clip_sample or thresholding (both refused by
-# accelerate), tested below; PixArt-alpha's mask_feature is a deprecated no-op in the pipeline too.
-_NO_OPS = {"use_clipped_model_output", "mask_feature"}
+# Handler parameters that are read by no code, each for a reason: PixArt-alpha's mask_feature is a deprecated no-op
+# in the pipeline too.
+_NO_OPS = {"mask_feature"}
 
 
 def _reads(handler) -> set:
@@ -241,7 +240,7 @@ def _ddim(scheduler):
 
 
 def test_ddim_use_clipped_model_output_matches_the_stock_pipeline():
-    """Without clip_sample (with it accelerate refuses the scheduler) the re-derived noise is the model's own."""
+    """Without clip_sample the re-derived noise is the model's own (with it: tests/test_level2_clip18.py)."""
     ours, truth, eager = three_runs(_ddim, "DDIMScheduler", {"clip_sample": False}, unconditional, 2, eta=0.0,
                                     use_clipped_model_output=True)
     assert_matches_reference(ours, truth, eager, "DDIMPipeline use_clipped_model_output=True")

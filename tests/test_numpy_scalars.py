@@ -51,7 +51,7 @@ def check(fn, *args, **kwargs):
 GMM = analytic.GaussianMixture.demo_2d()
 SIGMAS = schedules.karras(4, 0.1, 10.0)
 X = torch.randn(3, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 10.0
-FLOAT_KNOBS = {"s_churn": 0.5, "s_tmin": 0.2, "s_tmax": 5.0, "s_noise": 0.9, "eta": 0.3, "r": 0.3, "gamma": 1.5,
+FLOAT_KNOBS = {"clip_denoised": 1.5, "s_churn": 0.5, "s_tmin": 0.2, "s_tmax": 5.0, "s_noise": 0.9, "eta": 0.3, "r": 0.3, "gamma": 1.5,
                "mu": 0.3, "lam": 0.7, "tau": 0.6, "rtol": 0.08, "atol": 0.01, "h_init": 0.1, "pcoeff": 0.1,
                "icoeff": 0.9, "dcoeff": 0.05, "accept_safety": 0.8}  # the last seven: dpm_adaptive
 

@@ -253,7 +253,9 @@ def test_level2_table_names_loop_specs_method(start, name, config, eta, method):
 
 # (README phrase, scheduler, config, the option or class named in the error)
 LEVEL2_REFUSED = [
-    ("`clip_sample=True`", "DDIMScheduler", {"clip_sample": True}, "clip_sample"),
+    ("`clip_sample=True` but in DDIM, DDPM and GE", "LCMScheduler", {"clip_sample": True}, "clip_sample"),
+    ("with `set_alpha_to_one=False` ending at t = 0", "DDIMScheduler",
+     {"clip_sample": True, "set_alpha_to_one": False}, "set_alpha_to_one"),
     ("a DDIM spacing whose steps skip timesteps", "DDIMScheduler",
      {"clip_sample": False, "timestep_spacing": "linspace"}, "timestep_spacing"),
     ("UniPC with Karras/exponential sigmas and `final_sigmas_type=\"sigma_min\"`", "UniPCMultistepScheduler",

@@ -105,7 +105,7 @@ def test_errors():
     gmm, x, sig = gmm3(), start(3, 10.0), schedules.karras(4, 0.05, 10.0)
     with pytest.raises(ValueError, match="method: unknown sampler 'nope'"):
         sample(gmm, x, sig, "nope")
-    with pytest.raises(TypeError, match=r"unknown knob\(s\) \['etaa'\]; valid knobs: \['eta', 's_noise'\]"):
+    with pytest.raises(TypeError, match=r"unknown knob\(s\) \['etaa'\]; valid knobs: \['clip_denoised', 'clipped_eps', 'eta', 's_noise'\]"):
         sample(gmm, x, sig, "euler_ancestral", etaa=1.0)
     with pytest.raises(ValueError, match="sigmas: must be non-increasing"):  # euler takes repeated sigmas
         sample(gmm, x, sig.flip(0), "euler", backend=REF)
@@ -142,7 +142,7 @@ def test_errors():
 
 def test_knobs_lists_defaults():
     assert knobs("heun") == {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0}
-    assert knobs("ge") == {"gamma": 2.0, "mu": 0.0}
+    assert knobs("ge") == {"gamma": 2.0, "mu": 0.0, "clip_denoised": math.inf}
     assert knobs("sde") == {"lam": 1.0, "integrator": "exponential"}
     assert knobs("dpmpp_2m_sde") == {"eta": 1.0, "s_noise": 1.0, "solver_type": "midpoint"}
     assert set(samplers.SAMPLERS) == {"euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral",

@@ -97,12 +97,13 @@ class AcceleratedPipeline:
         return (f"AcceleratedPipeline({type(self.pipe).__name__}, kind={self.kind!r}, method={self.method!r}, "
                 f"backend={self.backend!r}, graph={self.graph!r})")
 
-    def _schedule(self, num_inference_steps, eta=None):
+    def _schedule(self, num_inference_steps, eta=None, clipped=False):
         """(diffkern scheduler after set_timesteps, its LoopSpec) for the pipeline's current scheduler; ``eta``
-        None: the pipeline's default (0 where its ``__call__`` takes none)."""
+        None: the pipeline's default (0 where its ``__call__`` takes none); ``clipped``: DDIM's
+        use_clipped_model_output."""
         ours = diffkern_scheduler(self.pipe.scheduler)
         ours.set_timesteps(num_inference_steps)
-        spec = loop_spec(ours, eta if eta is not None else _default(self.pipe, "eta", 0.0))
+        spec = loop_spec(ours, eta if eta is not None else _default(self.pipe, "eta", 0.0), bool(clipped))
         if spec.flow:  # a velocity network and no init_noise_sigma: the UNet pipelines cannot run it either
             raise ValueError(f"accelerate: {type(ours).__name__} runs in flow-matching transformer pipelines only")
         return ours, spec
@@ -138,6 +139,9 @@ class AcceleratedPipeline:
                              "use accelerate(pipe) without method=")
         method = self.method or spec.method
         knobs = dict(spec.knobs if self.method is None else {}, **self.knobs)
+        if "clip_denoised" in spec.knobs and "clip_denoised" not in knobs:  # another method would drop the clip
+            raise ValueError(f"method: {method!r} does not clip x0 as {type(ours).__name__}'s clip_sample=True does; "
+                             "pass clip_denoised= (euler_ancestral, ge) or use clip_sample=False")
         # deterministic loops touch neither the generator nor torch's global generator; DPMSolverSDE's noise is
         # keyed by its noise_sampler_seed when set (diffusers' Brownian tree is), else by the generator
         fixed = ours._option("noise_sampler_seed", None) if method == spec.method else None  # its own key only
@@ -241,7 +245,7 @@ class AcceleratedPipeline:
         shape = (batch_size, pipe.unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"generator: a list of {len(generator)} generators for batch_size={batch_size}")
-        ours, spec = self._schedule(steps, eta)
+        ours, spec = self._schedule(steps, eta, use_clipped_model_output)
         self._warn_unscaled(ours)
         image = randn_tensor(shape, generator=generator, device=pipe._execution_device, dtype=pipe.unet.dtype)
         image = self._run(ours, spec, image * float(ours.init_noise_sigma), generator)

@@ -206,8 +206,23 @@ def diffkern_scheduler(scheduler) -> FusedScheduler:
     return cls.from_config(config)
 
 
-def loop_spec(ours: FusedScheduler, eta: float = 0.0) -> LoopSpec:
-    """Translate a diffkern scheduler after ``set_timesteps`` into a :class:`LoopSpec`."""
+def _clip_knobs(ours, name: str, clipped: bool) -> dict:
+    """The ``clip_denoised`` (and for DDIM ``clipped_eps``) knobs of a DDIM, DDPM or GE ``clip_sample`` config: in
+    VE coordinates diffusers' clipped x0 is the clamped D; DDPM's posterior mean and GE's eps use the clipped D,
+    DDIM's direction the model's own unless ``use_clipped_model_output`` (``clipped``). {}: no clipping."""
+    if not ours._option("clip_sample", False):
+        return {}
+    if name not in ("DDIMScheduler", "DDPMScheduler", "GEScheduler"):
+        raise _unsupported(name, "clip_sample", True, "the fused loop clips x0 for DDIM, DDPM and GE only")
+    r = float(ours.config.clip_sample_range)
+    if not r > 0:
+        raise _unsupported(name, "clip_sample_range", r, "expected > 0")
+    return {"clip_denoised": r, **({"clipped_eps": bool(clipped)} if name == "DDIMScheduler" else {})}
+
+
+def loop_spec(ours: FusedScheduler, eta: float = 0.0, use_clipped_model_output: bool = False) -> LoopSpec:
+    """Translate a diffkern scheduler after ``set_timesteps`` into a :class:`LoopSpec`; ``eta`` and
+    ``use_clipped_model_output``: DDIMPipeline's arguments to DDIM's step."""
     name, cfg = type(ours).__name__, ours.config
     ts = list(ours._host_timesteps)
     if isinstance(ours, IADBScheduler):
@@ -227,8 +242,7 @@ def loop_spec(ours: FusedScheduler, eta: float = 0.0) -> LoopSpec:
     if name.startswith("EDM"):
         from .edm_denoiser import edm_spec
         return edm_spec(ours)
-    if ours._option("clip_sample", False):
-        raise _unsupported(name, "clip_sample", True, "diffkern.sampling.sample does not clip x0")
+    clip = _clip_knobs(ours, name, use_clipped_model_output)
     if name in ("DDIMScheduler", "DDPMScheduler"):
         for i in range(len(ts) - 1):
             if ours._prev[i] != ts[i + 1]:
@@ -245,20 +259,21 @@ def loop_spec(ours: FusedScheduler, eta: float = 0.0) -> LoopSpec:
         if ab_final == float(ours.alphas_cumprod[ts[-1]]):
             # set_alpha_to_one=False ending at t=0: the last step, alpha_bar[0] to itself, is the identity in
             # diffusers (zero variance); dropped, as the sampler's sigmas must strictly decrease
-            if len(ts) == 1:
-                raise _unsupported(name, "set_alpha_to_one", False, "its single step goes from t=0 to itself")
+            if len(ts) == 1 or clip.get("clipped_eps") is False:  # (clipped: x' = D_clip + x - D, no identity)
+                raise _unsupported(name, "set_alpha_to_one", False, "its last step goes from t=0 to itself" + (
+                    ", which with clip_sample moves x by clip(x0) - x0" if len(ts) > 1 else ""))
             sigmas, ts = sigmas[:-1], ts[:-1]
         if name == "DDPMScheduler":
             if cfg.variance_type == "fixed_large":
                 raise _unsupported(name, "variance_type", "fixed_large", "only the posterior variance = DDIM(eta=1)")
             eta = 1.0
-        if eta == 0:
+        if eta == 0 and not clip:
             return LoopSpec("euler", sigmas, ts, {}, vp=True)
         if name == "DDIMScheduler" and eta * eta > 1:  # Level 1's ValueError where diffusers' step gives NaN
             ours._build(("ddim", float(eta), False))
         if eta < 0:  # diffusers' DDIM adds noise only for eta > 0: the direction term of |eta|, no noise
-            return LoopSpec("euler_ancestral", sigmas, ts, {"eta": -float(eta), "s_noise": 0.0}, vp=True)
-        return LoopSpec("euler_ancestral", sigmas, ts, {"eta": float(eta)}, vp=True)
+            return LoopSpec("euler_ancestral", sigmas, ts, {"eta": -float(eta), "s_noise": 0.0, **clip}, vp=True)
+        return LoopSpec("euler_ancestral", sigmas, ts, {"eta": float(eta), **clip}, vp=True)
     if name == "DPMSolverMultistepScheduler":
         if cfg.variance_type in ("learned", "learned_range"):
             raise _unsupported(name, "variance_type", cfg.variance_type, "the fused loop takes the model output as "
@@ -311,7 +326,7 @@ def loop_spec(ours: FusedScheduler, eta: float = 0.0) -> LoopSpec:
         return LoopSpec("dpmpp_sde", sig, ts, {"eta": 1.0, "s_noise": 1.0, "r": 0.5}, vp=False,
                         call_timesteps=list(ours._host_timesteps))
     if name == "GEScheduler":
-        return LoopSpec("ge", sig, ts, {"gamma": float(cfg.gamma), "mu": float(cfg.mu)}, vp=False)
+        return LoopSpec("ge", sig, ts, {"gamma": float(cfg.gamma), "mu": float(cfg.mu), **clip}, vp=False)
     if name == "LMSDiscreteScheduler":  # pipelines call its step() with the default order=4
         _check_unipc_decreasing(name, cfg, sig, len(ts))
         return LoopSpec("lms", sig, ts, {"order": 4}, vp=False)
