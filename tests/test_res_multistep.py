@@ -121,7 +121,7 @@ def test_convergence_order():
 @pytest.mark.parametrize("kw, err, match", [
     ({"eta": -0.1}, ValueError, "eta: expected"), ({"s_noise": -1.0}, ValueError, "s_noise: expected"),
     ({"eta": torch.tensor(0.5)}, TypeError, "eta: expected a number"), ({"eta": True}, TypeError, "eta: expected"),
-    ({"s_noise": math.nan}, TypeError, "s_noise: expected a number"),
+    ({"s_noise": math.nan}, ValueError, "s_noise: expected a finite value"),
 ])
 def test_bad_knobs_name_the_argument(kw, err, match):
     with pytest.raises(err, match=match):
