@@ -57,7 +57,7 @@ def test_accelerate_bad_input():
     fast = dd.accelerate(pipe)
     with pytest.raises(TypeError, match="callback_on_step_end"):
         fast(callback_on_step_end=lambda *a: {})
-    pipe.scheduler = diffusers.DDIMScheduler(clip_sample=True)
+    pipe.scheduler = diffusers.LCMScheduler(clip_sample=True)  # (DDIM's and DDPM's: tests/test_level2_clip18.py)
     with pytest.raises(ValueError, match="clip_sample=True"):
         dd.accelerate(pipe)
     pipe.scheduler = diffusers.DDIMScheduler(clip_sample=False, timestep_spacing="trailing")

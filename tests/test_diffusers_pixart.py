@@ -212,7 +212,9 @@ def test_binning_without_bins_is_refused():
 
 
 def test_refused_schedulers_and_pipelines():
-    pipe = tiny_pixart("alpha", diffusers.DDIMScheduler())  # clip_sample=True by default
+    pipe = tiny_pixart("alpha", diffusers.DDIMScheduler())  # clip_sample=True by default: clipped as stock's
+    assert dd.accelerate(pipe) is not None
+    pipe.scheduler = diffusers.LCMScheduler(clip_sample=True)
     with pytest.raises(ValueError, match="clip_sample"):
         dd.accelerate(pipe)
     pipe.scheduler = diffusers.EDMEulerScheduler()
