@@ -351,13 +351,17 @@ class HOLD:
         if t.device.type != "cpu" or (t.requires_grad and torch.is_grad_enabled()):
             return w_z, w_eps
         b = self._b(t, "E").detach()
+        return self._far(b, "w_z", w_z), self._far(b, "w_eps", w_eps)
+
+    def _far(self, b: torch.Tensor, name: str, value: torch.Tensor) -> torch.Tensor:
+        """``value`` (b's shape, then result ``name``'s) with its entries at r b > _X0_FAR_RB (host float64 b) the
+        extended path's ``name``; the others bitwise, and ``value`` itself where none is that far."""
         far = self.r * b > _X0_FAR_RB  # NaN compares False; b = inf is the extended path's stationary limit
         if not bool(far.any()):
-            return w_z, w_eps
-        law, bf = self._ext_law(), b[far]
-        w_z, w_eps = w_z.detach().clone(), w_eps.detach().clone()
-        w_z[far], w_eps[far] = law.batch(bf, "w_z"), law.batch(bf, "w_eps")
-        return w_z, w_eps
+            return value
+        value = value.detach().clone()
+        value[far] = self._ext_law().batch(b[far], name)
+        return value
 
     def predict_x0(self, z: torch.Tensor, eps_hat: torch.Tensor, t: float) -> torch.Tensor:
         """x0_hat = E[x_0 | z_t] when eps_hat = E[eps_n | z_t]; z (B, n*C, ...), eps_hat (B, C, ...) -> (B, C, ...)."""

@@ -32,7 +32,7 @@ import math
 
 import torch
 
-from .hold import _X0_FAR_RB, HOLD, chol_psd, chol_rows
+from .hold import HOLD, chol_psd, chol_rows
 from .ops.hold import F64_MAX_ORDER, f64_factor_orders
 
 _F64 = torch.float64
@@ -162,15 +162,11 @@ def flow_map(proc: HOLD, b_cur: torch.Tensor, b_next: torch.Tensor, *, tol: floa
 
 def first_column(proc: HOLD, b: torch.Tensor) -> torch.Tensor:
     """c(b) = E(b) e_1 (N, n) float64 at host times b (N,): where r b > 8 the extended path's correctly rounded column,
-    as for the x0 weights it meets in K and k (``HOLD._x0_far``; one cache entry serves both at b_cur). Float64's falls
+    as for the x0 weights it meets in K and k (``HOLD._far``; one cache entry serves both at b_cur). Float64's falls
     like e^{-r b} b^(n-1) and keeps less of it: g = c_next - A c_cur was off by 1.2e-12 of max |g| at n = 11 on the
     default first step (b = 5), 1.5e-9 at b = 10.1 (beta = (0.1, 20), T = 1), 3.9e-12 at n = 6; 2e-16 now (vs mpmath,
     same A)."""
-    c = proc.transition_b(b)[:, :, 0]
-    far = proc.r * b > _X0_FAR_RB
-    if bool(far.any()):
-        c[far] = proc._ext_law().batch(b[far], "E")[:, :, 0]
-    return c
+    return proc._far(b, "E", proc.transition_b(b))[:, :, 0]
 
 
 def flow_rows(proc: HOLD, grid: torch.Tensor, *, denoise: bool = True, tol: float = 1e-12):
