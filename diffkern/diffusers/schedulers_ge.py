@@ -56,21 +56,20 @@ class GEScheduler(FusedScheduler):
         """``1/sqrt(ab(t_0))``: the initial VE latents have standard deviation sqrt(sigma_0^2 + 1). sigma_0 is the
         config's ``start`` snapped to the training table whatever the number of steps, so before ``set_timesteps``
         it is the value every schedule will start from (the official class gives sigma(T - 1) there instead)."""
-        if self.sigmas_host:
-            top = self.sigmas_host[0]
-        else:
-            cfg = self.config
-            top = float(schedules.ge_schedule(1, self.alphas_cumprod, cfg.start, cfg.end,
-                                              _GE_STYLES[str(cfg.style).lower()], cfg.factor)[0])
+        top = self.sigmas_host[0] if self.sigmas_host else float(self._schedule(1)[0])
         return math.sqrt(top * top + 1.0)
+
+    def _schedule(self, n: int, **kw):
+        """:func:`diffkern.schedules.ge_schedule` of ``n`` steps for this config."""
+        cfg = self.config
+        return schedules.ge_schedule(n, self.alphas_cumprod, cfg.start, cfg.end, _GE_STYLES[str(cfg.style).lower()],
+                                     cfg.factor, **kw)
 
     def set_timesteps(self, num_inference_steps: int, device=None):
         """N timesteps snapped to the training table; the N+1 sigmas end at sigma(0)."""
         # checked here so that the error names this argument, not ge_schedule's n (numpy ints arrive as Python's)
         check_steps("GEScheduler", num_inference_steps)
-        cfg = self.config
-        sig, ts = schedules.ge_schedule(num_inference_steps, self.alphas_cumprod, cfg.start, cfg.end,
-                                        _GE_STYLES[str(cfg.style).lower()], cfg.factor, return_timesteps=True)
+        sig, ts = self._schedule(num_inference_steps, return_timesteps=True)
         self.sigmas_host = sig.tolist()
         self._set_schedule(ts[:-1].to(torch.int64), device, num_inference_steps)
         self._warm(device, ("ge", 0), ("ge_pred", 0))
