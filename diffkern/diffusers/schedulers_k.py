@@ -120,6 +120,11 @@ class _KScheduler(FusedScheduler):
 
     is_scale_input_called = False  # diffusers' flag (its step warns when False); set by scale_model_input
 
+    def _last_call(self):
+        """Index of this loop's last ``step()`` call, None before its first (for attributes diffusers' step sets)."""
+        k, start = self._step_index, getattr(self, "_loop_start", None)
+        return None if k is None or start is None or k <= start else k - 1
+
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         """``sample / sqrt(sigma^2 + 1)`` at the current step (sigma from the host schedule)."""
         sigma = self._sigma_at(self._index(timestep))

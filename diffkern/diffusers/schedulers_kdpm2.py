@@ -207,10 +207,10 @@ class KDPM2AncestralDiscreteScheduler(_KDPM2Scheduler):
     def dt(self):
         """diffusers' ``dt``: ``sigmas_interpol[k] - sigmas[k]`` of this loop's last predictor call k (0-d float32
         CPU tensor), kept after its corrector as diffusers keeps it; None before the loop's first step."""
-        k, start = self._step_index, getattr(self, "_loop_start", None)
-        if k is None or start is None or k <= start:
+        last = self._last_call()
+        if last is None:
             return None
-        k = k - 1 if k % 2 else k - 2
+        k = last - last % 2  # the predictor: the last call, or the one before its corrector
         return self.sigmas_interpol[k] - self.sigmas[k]
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,

@@ -112,10 +112,10 @@ class LMSDiscreteScheduler(DeferredSchedule, _KScheduler):
         """diffusers' ``derivatives``: the slopes ``(x - D)/sigma`` (B, ...) of this loop's last steps, oldest first,
         as many as diffusers keeps (at most ``order``). The scheduler's rotating buffers (a later step writes over
         them), not copies: diffusers' list holds a new tensor per step."""
-        i, start = self._step_index, getattr(self, "_loop_start", None)
-        if i is None or start is None or i <= start:
+        last = self._last_call()
+        if last is None:
             return []
-        group, last = self._history_group, i - 1
+        group = self._history_group
         return [group[(last - self._held + 1 + r) % len(group)] for r in range(self._held)]
 
     def _state_in(self, sample: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
