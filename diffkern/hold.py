@@ -35,7 +35,7 @@ import torch
 from .hold_linalg import _mm, chol_psd, chol_rows
 # the state maps live beside the factors, the coefficients beside the argument checks; importable from here as before
 from .hold_linalg import cld_to_hold_state, hold_to_cld_state, split_components  # noqa: F401
-from .hold_params import as_time, beta_pair, check_host_times, critical_damping, drift_matrix, finite
+from .hold_params import as_time, beta_pair, check_host_times, critical_damping, finite, process_matrices
 from .ops.hold import F64_MAX_ORDER, f64_factor_orders
 
 _F64 = torch.float64
@@ -79,15 +79,9 @@ class HOLD:
         if not self.beta0 + self.beta1 * self.T > 0 or (self.beta0 == 0 and self.beta1 <= 0):
             raise ValueError(f"beta: beta(t) = {self.beta0} + {self.beta1} t must be > 0 on (0, T={self.T}]")
         self.hsm = bool(hsm)
-        self.F = drift_matrix(self.gammas, self.xi)  # (n, n)
-        self.G = torch.zeros(n, n, dtype=_F64)
-        self.G[n - 1, n - 1] = math.sqrt(2 * self.xi / self.L)
-        N = self.F + self.r * torch.eye(n, dtype=_F64)
-        self.N = N
-        self._npow = torch.stack([torch.linalg.matrix_power(N, k) / float(math.factorial(k)) for k in range(n)])
-        g = self.G[:, n - 1]
-        self._cm = self._gram_coefs(self._npow, g)
-        self._cm_a = self._gram_coefs(self._npow.transpose(-1, -2), g)
+        # F, G and N = F + r I (n, n); N^k / k! (n, n, n); the Gramian coefficients C_m of E and of E^T (2n-1, n, n)
+        self.F, self.G, self.N, self._npow, self._cm, self._cm_a = process_matrices(
+            self.gammas, self.xi, self.r, self.L)
         self._cache: dict = {}
         # The parts float64 cannot carry come from diffkern.hold_mp's extended precision (one Law, reading its times
         # on the host): above F64_MAX_ORDER every law ("E", "Q", "QA") and factor, below it only the factors that
@@ -98,17 +92,6 @@ class HOLD:
         self._rate_arg, self._xp = rate, None  # the Law's r: sqrt(2n - 3) exactly when rate is None
         if self._xparts:
             self._ext_law()
-
-    @staticmethod
-    def _gram_coefs(npow: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """C_m = sum_{j+k=m} (N^j g / j!)(N^k g / k!)^T, m = 0..2n-2; shape (2n-1, n, n)."""
-        n = npow.shape[0]
-        vecs = npow @ g  # (n, n): row j is N^j g / j!
-        cm = torch.zeros(2 * n - 1, n, n, dtype=_F64)
-        for j in range(n):
-            for k in range(n):
-                cm[j + k] += torch.outer(vecs[j], vecs[k])
-        return cm
 
     def __repr__(self) -> str:
         return (f"HOLD(order={self.order}, L={self.L}, alpha={self.alpha}, T={self.T}, delta={self.delta}, "

@@ -1,5 +1,6 @@
-"""Parameters and time arguments of :class:`diffkern.hold.HOLD`: the critically-damped coefficients, the drift matrix,
-and the checks of its numbers and times (host side; a time tensor is read only where the extended path reads it)."""
+"""Parameters and time arguments of :class:`diffkern.hold.HOLD`: the critically-damped coefficients, the drift matrix
+and the process's other constant matrices (:func:`process_matrices`), and the checks of its numbers and times (host
+side; a time tensor is read only where the extended path reads it)."""
 from __future__ import annotations
 
 import math
@@ -55,6 +56,30 @@ def drift_matrix(gammas: list[float], xi: float) -> torch.Tensor:
     F[n - 1, n - 1] = -xi
     return F
 
+
+
+def _gram_coefs(npow: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """C_m = sum_{j+k=m} (N^j g / j!)(N^k g / k!)^T, m = 0..2n-2; shape (2n-1, n, n)."""
+    n = npow.shape[0]
+    vecs = npow @ g  # (n, n): row j is N^j g / j!
+    cm = torch.zeros(2 * n - 1, n, n, dtype=_F64)
+    for j in range(n):
+        for k in range(n):
+            cm[j + k] += torch.outer(vecs[j], vecs[k])
+    return cm
+
+
+def process_matrices(gammas: list[float], xi: float, r: float, L: float) -> tuple[torch.Tensor, ...]:
+    """The constant float64 matrices of the process: (F, G, N = F + r I) (n, n), the series terms N^k / k! (n, n, n)
+    and the Gramian coefficients :func:`_gram_coefs` of E and of E^T (2n-1, n, n)."""
+    n = len(gammas) + 1
+    F = drift_matrix(gammas, xi)  # (n, n)
+    G = torch.zeros(n, n, dtype=_F64)
+    G[n - 1, n - 1] = math.sqrt(2 * xi / L)
+    N = F + r * torch.eye(n, dtype=_F64)
+    npow = torch.stack([torch.linalg.matrix_power(N, k) / float(math.factorial(k)) for k in range(n)])
+    g = G[:, n - 1]
+    return F, G, N, npow, _gram_coefs(npow, g), _gram_coefs(npow.transpose(-1, -2), g)
 
 def as_time(v, name: str) -> torch.Tensor:
     """The time argument ``name`` (a forward time t or an integrated time b) as float64: a number must be finite and

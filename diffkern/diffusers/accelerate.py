@@ -31,6 +31,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from .. import graphs
 from ..ops import backend_status
 from .accelerate_args import _default, _keywords, _steps, numpy_images, uncompiled  # noqa: F401 (re-exported)
+from .accelerate_args import _REFUSED_IF_GIVEN, _check_call_arguments, _reject  # noqa: F401 (re-exported)
 from .loop_spec import decreasing_prefix, diffkern_scheduler, loop_spec
 from .schedule_denoiser import AlphaUNet, ScheduleDenoiser
 
@@ -271,33 +272,6 @@ class AcceleratedPipeline:
                           f"init_noise_sigma nor its UNet input by scale_model_input, which {name} needs; the "
                           "fused loop does both, so its images differ from the pipeline's own (which are not "
                           "samples of the model)", stacklevel=3)
-
-
-def _reject(unsupported: dict) -> None:
-    given = {k: v for k, v in unsupported.items() if v is not None}
-    if given.get("callback_on_step_end") is None:  # the tensors a callback would get: harmless without one
-        given.pop("callback_on_step_end_tensor_inputs", None)
-    if given:
-        raise TypeError(f"accelerate: argument(s) {sorted(given)} not supported by the fused loop (per-step hooks, "
-                        "schedule overrides and guidance variants need the pipeline's own loop)")
-
-
-# Pipeline arguments the fused loop refuses when given (AcceleratedPipeline._call_* take the others).
-_REFUSED_IF_GIVEN = {"timesteps", "sigmas", "ip_adapter_image", "ip_adapter_image_embeds", "callback_on_step_end",
-                     "callback_on_step_end_tensor_inputs", "callback", "callback_steps"}
-
-
-def _check_call_arguments(pipe, who: str, handler) -> None:
-    """Raise unless every argument of the pipeline's ``__call__`` is one ``handler`` implements (or refuses when
-    given). A pipeline with more (inpainting's ``mask_image``, PAG's ``pag_scale``, ControlNet's ...) runs a
-    different loop, which the fused one would silently replace by plain text-to-image sampling."""
-    known = (set(inspect.signature(handler).parameters) | _REFUSED_IF_GIVEN | {"self"}) - {"unsupported"}
-    params = inspect.signature(type(pipe).__call__).parameters.values()
-    extra = sorted(p.name for p in params
-                   if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in known)
-    if extra:
-        raise TypeError(f"accelerate: unsupported pipeline {who}: its __call__ takes {extra}, which the fused loop "
-                        "does not implement (it runs plain unconditional or text-to-image sampling)")
 
 
 def _pipeline_kind(pipe) -> str:

@@ -1,6 +1,7 @@
 """Small helpers of :class:`~diffkern.diffusers.accelerate.AcceleratedPipeline` at the pipeline's boundary: a call's
 positional arguments bound as the pipeline binds them, its defaults and step count, the unconditional pipelines' numpy images, and the module
-under a ``torch.compile`` wrapper (what the pipeline-kind checks look at)."""
+under a ``torch.compile`` wrapper (what the pipeline-kind checks look at); the refusal of arguments the fused loop does
+not implement (:func:`_reject`, :func:`_check_call_arguments`: moved from :mod:`.accelerate`, which re-exports them)."""
 from __future__ import annotations
 
 import inspect
@@ -52,3 +53,30 @@ def _steps(pipe, num_inference_steps, fallback: int) -> int:
             or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps: expected an int >= 1, got {num_inference_steps!r}")
     return int(num_inference_steps)
+
+
+def _reject(unsupported: dict) -> None:
+    given = {k: v for k, v in unsupported.items() if v is not None}
+    if given.get("callback_on_step_end") is None:  # the tensors a callback would get: harmless without one
+        given.pop("callback_on_step_end_tensor_inputs", None)
+    if given:
+        raise TypeError(f"accelerate: argument(s) {sorted(given)} not supported by the fused loop (per-step hooks, "
+                        "schedule overrides and guidance variants need the pipeline's own loop)")
+
+
+# Pipeline arguments the fused loop refuses when given (AcceleratedPipeline._call_* take the others).
+_REFUSED_IF_GIVEN = {"timesteps", "sigmas", "ip_adapter_image", "ip_adapter_image_embeds", "callback_on_step_end",
+                     "callback_on_step_end_tensor_inputs", "callback", "callback_steps"}
+
+
+def _check_call_arguments(pipe, who: str, handler) -> None:
+    """Raise unless every argument of the pipeline's ``__call__`` is one ``handler`` implements (or refuses when
+    given). A pipeline with more (inpainting's ``mask_image``, PAG's ``pag_scale``, ControlNet's ...) runs a
+    different loop, which the fused one would silently replace by plain text-to-image sampling."""
+    known = (set(inspect.signature(handler).parameters) | _REFUSED_IF_GIVEN | {"self"}) - {"unsupported"}
+    params = inspect.signature(type(pipe).__call__).parameters.values()
+    extra = sorted(p.name for p in params
+                   if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in known)
+    if extra:
+        raise TypeError(f"accelerate: unsupported pipeline {who}: its __call__ takes {extra}, which the fused loop "
+                        "does not implement (it runs plain unconditional or text-to-image sampling)")

@@ -46,6 +46,16 @@ def _channels_refusal(who: str, channels: int) -> TypeError:
                      "(latents, mask, masked-image latents)")
 
 
+def _check_vae(pipe, who: str) -> None:
+    """Raise for an ``AsymmetricAutoencoderKL``, at accelerate() and at each call (``pipe.vae = ...`` swaps one in
+    afterwards, as diffusers loads it): its decode takes the image and mask as conditions, which ours does not pass."""
+    from diffusers import AsymmetricAutoencoderKL
+
+    if isinstance(pipe.vae, AsymmetricAutoencoderKL):
+        raise TypeError(f"accelerate: unsupported pipeline {who} with an AsymmetricAutoencoderKL: its decode takes "
+                        "the image and mask as conditions, which the fused loop's decode does not pass")
+
+
 def inpaint_settings(pipe, steps, strength, guidance_scale, height, width):
     """(steps, strength, guidance scale, height, width) of an inpainting call (SD and SDXL alike), the pipeline's
     defaults where None; raises unless the UNet, which may have been swapped since accelerate(), has 9 channels."""
@@ -99,6 +109,7 @@ def call_sd_inpaint(acc, prompt=None, image=None, mask_image=None, masked_image_
     last ``strength`` fraction of the timesteps."""
     _reject(unsupported)
     pipe = acc.pipe
+    _check_vae(pipe, type(pipe).__name__)
     steps, strength, w, height, width = inpaint_settings(pipe, num_inference_steps, strength, guidance_scale, height,
                                                          width)
     pipe.check_inputs(prompt, image, mask_image, height, width, strength, None, output_type, negative_prompt,
@@ -137,15 +148,13 @@ def inpaint_kind(pipe, who: str, unet):
     """"inpaint" for a ``StableDiffusionInpaintPipeline`` with a 9-channel UNet, None for other pipelines; raises
     TypeError naming what the fused loop cannot run (a 4-channel UNet or another non-9-channel one, added
     conditioning, guidance-embedding UNets, an asymmetric VAE, other ``__call__`` arguments or image processors)."""
-    from diffusers import AsymmetricAutoencoderKL, StableDiffusionInpaintPipeline
+    from diffusers import StableDiffusionInpaintPipeline
 
     if not isinstance(pipe, StableDiffusionInpaintPipeline):
         return None
     if unet.config.in_channels != 9:
         raise _channels_refusal(who, unet.config.in_channels)
-    if isinstance(pipe.vae, AsymmetricAutoencoderKL):
-        raise TypeError(f"accelerate: unsupported pipeline {who} with an AsymmetricAutoencoderKL: its decode takes "
-                        "the image and mask as conditions, which the fused loop's decode does not pass")
+    _check_vae(pipe, who)
     check_plain_sd(pipe, who, unet, "inpainting loop runs a plain text-conditioned 9-channel UNet", call_sd_inpaint,
                    ("image_processor", "mask_processor"))
     return "inpaint"

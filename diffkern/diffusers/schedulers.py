@@ -30,11 +30,12 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .. import coef_tables, schedules
+from .. import schedules
 from ..ops import coefs, sampler_step
 from ..ops.sampler_step_fast import LoopStep
 from ..samplers import make_seed
 from .config_checks import training_betas
+from .scheduler_history import HistoryBuffers
 from .scheduler_lookup import TimestepLookup, check_step_args, check_timestep
 from .scheduler_utils import (_python_scalar, _python_scalars, _rounded, host_value, match_schedule,  # noqa: F401
                               sigma_to_t, ve_row_to_vp)
@@ -53,7 +54,7 @@ class FusedSchedulerOutput(BaseOutput):
     pred_original_sample: Optional[torch.Tensor] = None
 
 
-class FusedScheduler(TimestepLookup, SchedulerMixin, ConfigMixin):
+class FusedScheduler(TimestepLookup, HistoryBuffers, SchedulerMixin, ConfigMixin):
     """Shared machinery: training table, host step index, cached device tables, noise, fused launch.
 
     Attributes:
@@ -262,31 +263,6 @@ class FusedScheduler(TimestepLookup, SchedulerMixin, ConfigMixin):
         noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
                              dtype=dtype or model_output.dtype)
         return noise if noise.dtype == x.dtype else noise.to(x.dtype)
-
-    def _history_for(self, x: torch.Tensor, first: bool) -> torch.Tensor:
-        """The history buffer of a multistep scheduler (zeros at the first step; same shape all loop)."""
-        h = self._history
-        if first or h is None:
-            self._history = torch.zeros_like(x, memory_format=torch.contiguous_format)
-        elif h.shape != x.shape or h.dtype != x.dtype or h.device != x.device:
-            raise ValueError(f"sample: shape/dtype/device changed during the loop (now {tuple(x.shape)} {x.dtype} "
-                             f"{x.device}, was {tuple(h.shape)} {h.dtype} {h.device}); call set_timesteps again")
-        return self._history
-
-    def _history_slots(self, x: torch.Tensor, i: int, first: bool, depth: int):
-        """(history, history2, history3, history_out) of step ``i`` for a multistep scheduler of history ``depth``
-        (1 to 4: rows read at most three; a fourth keeps D_{i-3} alive): the buffers rotate with i
-        (:func:`~diffkern.coef_tables.history_slots`, as the sampling loop does), all starting at zero (0 * garbage
-        may be NaN)."""
-        buffers = [self._history_for(x, first=first)]
-        if depth > 1:
-            group = self.__dict__.get("_history_group")
-            # a new loop's buffers (set_timesteps drops H), or another depth
-            if first or group is None or group[0] is not buffers[0] or len(group) != depth:
-                group = self._history_group = (buffers[0],) + tuple(torch.zeros_like(buffers[0])
-                                                                    for _ in range(depth - 1))
-            buffers = list(group)
-        return coef_tables.history_slots(buffers, i)
 
     def _check_grad(self, *tensors: torch.Tensor, stacklevel: int = 4) -> None:
         """Warn, once per scheduler, where autograd would record through ``step()``: the fused op has no backward, so
