@@ -13,6 +13,9 @@ import numbers
 # dedicated flag (argparse dest) -> sampler keyword
 KNOB_FLAGS = {"gamma": "gamma", "mu": "mu", "lam": "lam", "eta": "eta", "s_churn": "s_churn"}
 _BOOLS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+# Knobs whose default None types nothing: a value of the kind given here (lcm's s_noise_end is a number, not a
+# sequence). A None-default knob not listed (er_sde's noise_scaler, a callable) takes only "none" here.
+_NONE_KINDS = {"s_noise_end": 0.0, "orders": ()}
 
 
 def add_knob_argument(parser) -> None:
@@ -25,6 +28,8 @@ def add_knob_argument(parser) -> None:
 def _parse(name: str, text: str, default):
     """``text`` as a value of the knob ``name`` whose default is ``default``; raises ValueError naming --knob."""
     label = f"--knob {name}"
+    if default is None and name in _NONE_KINDS and text.strip().lower() != "none":
+        return _parse(name, text, _NONE_KINDS[name])
     try:
         if isinstance(default, bool):
             if text.strip().lower() not in _BOOLS:
@@ -36,15 +41,16 @@ def _parse(name: str, text: str, default):
             return float(text)
         if isinstance(default, str):
             return text
-        if default is None or isinstance(default, (tuple, list)):
-            if default is None and text.strip().lower() == "none":
-                return None
+        if default is None and text.strip().lower() == "none":
+            return None
+        if isinstance(default, (tuple, list)):
             return tuple(int(v) for v in text.split(",")) if text.strip() else ()
     except ValueError:
         kind = ("true or false" if isinstance(default, bool) else "an integer" if isinstance(default, numbers.Integral)
                 else "a number" if isinstance(default, numbers.Real) else "comma-separated integers")
         raise ValueError(f"{label}: expected {kind}, got {text!r}") from None
-    raise ValueError(f"{label}: this knob (default {default!r}) cannot be set from the command line")
+    only = " except to none" if default is None else ""
+    raise ValueError(f"{label}: this knob (default {default!r}) cannot be set from the command line{only}")
 
 
 def collect(args, method: str, valid: dict) -> tuple[dict, dict]:
