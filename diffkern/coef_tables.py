@@ -155,11 +155,12 @@ def ancestral_step(sigma: float, sigma_next: float, eta: float) -> tuple[float, 
     return math.sqrt(sigma_next ** 2 - up ** 2), up
 
 
-def euler_ancestral(sigmas, *, eta=1.0, s_noise=1.0, conv: Conv = _identity) -> Plan:
-    """Euler-ancestral (= DDIM(eta)): ``x' = (sd/sigma)*x + (1 - sd/sigma)*D + s_noise*su*xi``."""
+def euler_ancestral(sigmas, *, eta=1.0, s_noise=1.0, conv: Conv = _identity, down_up=ancestral_step) -> Plan:
+    """Euler-ancestral (= DDIM(eta)): ``x' = (sd/sigma)*x + (1 - sd/sigma)*D + s_noise*su*xi``; ``down_up(sigma,
+    sigma_next, eta) -> (sd, su)`` the split (:func:`ancestral_step`, or :mod:`diffkern.coef_tables_flow`'s)."""
     rows = []
     for s, sn in zip(sigmas[:-1], sigmas[1:]):
-        down, up = ancestral_step(s, sn, eta)
+        down, up = down_up(s, sn, eta)
         r, one_minus_r = _ratio(s, down)
         rows.append(_conv_row(conv, s, a=r, b=one_minus_r, s=s_noise * up))
     return _plan(rows, sigmas[:-1], sigmas[:-1])
@@ -358,11 +359,11 @@ def dpm_2(sigmas, *, s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0, conv
     return _two_eval_plan(pred, corr, mids, sigma_hat, churn_rows, churn)
 
 
-def _ancestral_rows(step_rows, sigmas, eta: float, s_noise: float, conv: Conv):
+def _ancestral_rows(step_rows, sigmas, eta: float, s_noise: float, conv: Conv, down_up=ancestral_step):
     """(predictor rows, corrector rows, sigma_mids) of ``step_rows(conv, sigma, sigma_down, s_noise*sigma_up)``."""
     rows = []
     for s, sn in zip(sigmas[:-1], sigmas[1:]):
-        down, up = ancestral_step(s, sn, eta)
+        down, up = down_up(s, sn, eta)
         rows.append(step_rows(conv, s, down, s_noise * up))
     return tuple(map(list, zip(*rows)))
 

@@ -45,6 +45,18 @@ def _ancestral_knobs(eta, s_noise) -> dict:
     return {"eta": _knob(eta, "eta"), "s_noise": _knob(s_noise, "s_noise")}
 
 
+SPLITS = ("ve", "rf")
+"""The ancestral splits: "ve" k-diffusion's in sigma, "rf" ComfyUI's ``_RF`` one in flow time t = sigma/(1 + sigma)."""
+
+
+def _ancestral_builder(split, ve, rf):
+    """``ve`` or ``rf`` (a plan builder) by ``split``, which must be one of :data:`SPLITS`."""
+    if not isinstance(split, str) or split not in SPLITS:
+        raise ValueError(f"split: expected 've' (k-diffusion's ancestral split in sigma) or 'rf' (ComfyUI's _RF split "
+                         f"in flow time t = sigma/(1 + sigma)), got {split!r}")
+    return rf if split == "rf" else ve
+
+
 def _plan_euler(sigmas, conv, *, s_churn, s_tmin, s_tmax, s_noise):
     return coef_tables.euler(sigmas, conv=conv, **_churn_knobs(s_churn, s_tmin, s_tmax, s_noise))
 
@@ -69,8 +81,9 @@ def _clip_denoised(plan, clip_denoised, clipped_eps: bool = True):
     return dataclasses.replace(plan, table=table)
 
 
-def _plan_euler_ancestral(sigmas, conv, *, eta, s_noise, clip_denoised=math.inf, clipped_eps=True):
-    plan = coef_tables.euler_ancestral(sigmas, conv=conv, **_ancestral_knobs(eta, s_noise))
+def _plan_euler_ancestral(sigmas, conv, *, eta, s_noise, clip_denoised=math.inf, clipped_eps=True, split="ve"):
+    build = _ancestral_builder(split, coef_tables.euler_ancestral, coef_tables_flow.euler_ancestral_rf)
+    plan = build(sigmas, conv=conv, **_ancestral_knobs(eta, s_noise))
     return _clip_denoised(plan, clip_denoised, clipped_eps)
 
 
@@ -88,13 +101,15 @@ def _plan_dpm_2(sigmas, conv, *, s_churn, s_tmin, s_tmax, s_noise):
                                                             **_churn_knobs(s_churn, s_tmin, s_tmax, s_noise)))
 
 
-def _plan_dpm_2_ancestral(sigmas, conv, *, eta, s_noise):
-    plan = coef_tables.dpm_2_ancestral(sigmas, conv=conv, **_ancestral_knobs(eta, s_noise))
+def _plan_dpm_2_ancestral(sigmas, conv, *, eta, s_noise, split="ve"):
+    build = _ancestral_builder(split, coef_tables.dpm_2_ancestral, coef_tables_flow.dpm_2_ancestral_rf)
+    plan = build(sigmas, conv=conv, **_ancestral_knobs(eta, s_noise))
     return coef_tables.fold_second_calls(plan)
 
 
-def _plan_dpmpp_2s_ancestral(sigmas, conv, *, eta, s_noise):
-    plan = coef_tables.dpmpp_2s_ancestral(sigmas, conv=conv, **_ancestral_knobs(eta, s_noise))
+def _plan_dpmpp_2s_ancestral(sigmas, conv, *, eta, s_noise, split="ve"):
+    build = _ancestral_builder(split, coef_tables.dpmpp_2s_ancestral, coef_tables_flow.dpmpp_2s_ancestral_rf)
+    plan = build(sigmas, conv=conv, **_ancestral_knobs(eta, s_noise))
     return coef_tables.fold_second_calls(plan)
 
 

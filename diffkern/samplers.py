@@ -33,6 +33,7 @@ from .sampler_loop import (Trajectory, _check_output, _is_fused, _Loop, _run, ch
 from .samplers_adaptive import sample_dpm_adaptive  # noqa: F401  (k-diffusion's signature, beside sample_dpm_fast)
 from .samplers_comfy import (sample_er_sde, sample_gradient_estimation, sample_res_multistep,  # noqa: F401
                              sample_res_multistep_ancestral, sample_sa_solver)
+from .samplers_cfgpp import sample_euler_ancestral_cfg_pp, sample_euler_cfg_pp  # noqa: F401  (not diffkern.sample names)
 
 #----------------------------------------------------------------------------
 # Public samplers.
@@ -52,17 +53,24 @@ def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None,
 
 @torch.no_grad()
 def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
-                           s_noise=1.0, noise_sampler=None, *, clip_denoised=math.inf, clipped_eps=True, seed=None,
-                           backend=None, trajectory=None, window=None):
+                           s_noise=1.0, noise_sampler=None, *, clip_denoised=math.inf, clipped_eps=True, split="ve",
+                           seed=None, backend=None, trajectory=None, window=None):
     """Euler-ancestral (= DDIM(eta) in VE coordinates; eta = 1 is the DDPM posterior step). ``noise_sampler``: None
     (Philox noise keyed by ``seed``) or k-diffusion's ``noise_sampler(sigma, sigma_next)``
     (:mod:`diffkern.sampler_compat`), as in every sampler that takes one. ``clip_denoised``: D clamped to
     [-clip_denoised, clip_denoised] (inf: none), diffusers' clipped x0 of DDPM and DDIM; ``clipped_eps`` False:
-    the step's direction ``(x - D)/sigma`` keeps the unclipped D (DDIM without use_clipped_model_output)."""
+    the step's direction ``(x - D)/sigma`` keeps the unclipped D (DDIM without use_clipped_model_output).
+    ``split``: the ancestral split, "ve" (k-diffusion's, in sigma) or "rf" (ComfyUI's ``_RF`` variant, which
+    ComfyUI runs for a flow (CONST) model; :mod:`diffkern.coef_tables_flow`). sigma is always diffkern's VE sigma and x
+    the VE state: for a flow model ``x = z/(1 - t)`` at ``sigma = t/(1 - t)``, where ComfyUI's flow sigma is t and its
+    state ``z = (1 - t) x0 + t eps`` (:class:`~diffkern.wrappers.FlowDenoiser`); "rf" splits in t = sigma/(1 + sigma),
+    and on a schedule ending at 0 returns ComfyUI's z. At eta = 0 both are the deterministic step. "rf" refuses an eta
+    > 1 that puts t_down <= 0. x: (B, ...) float; returns the final state in x's dtype."""
     loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
                  method="euler_ancestral", noise_sampler=noise_sampler)
-    return run_noisy(loop, _plans._plan_euler_ancestral(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise,
-                                                        clip_denoised=clip_denoised, clipped_eps=clipped_eps))
+    plan = _plans._plan_euler_ancestral(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise, clip_denoised=clip_denoised,
+                                        clipped_eps=clipped_eps, split=split)
+    return _run(loop, plan) if split == "rf" and eta == 0 else run_noisy(loop, plan)  # ComfyUI's _RF: no draw at 0
 
 
 @torch.no_grad()
@@ -103,21 +111,32 @@ def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None,
 
 @torch.no_grad()
 def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
-                           s_noise=1.0, noise_sampler=None, *, seed=None, backend=None, trajectory=None, window=None):
-    """k-diffusion's DPM-Solver-2 ancestral: the DPM-Solver-2 step to sigma_down, then s_noise*sigma_up noise."""
+                           s_noise=1.0, noise_sampler=None, *, split="ve", seed=None, backend=None, trajectory=None,
+                           window=None):
+    """k-diffusion's DPM-Solver-2 ancestral: the DPM-Solver-2 step to sigma_down, then s_noise*sigma_up noise.
+    ``split``: "ve" (k-diffusion's) or "rf" (ComfyUI's ``sample_dpm_2_ancestral_RF``: its split, and the DPM-Solver-2
+    step in flow time t = sigma/(1 + sigma), midpoint geometric in t, slope the flow velocity), sigma and x in VE
+    coordinates as :func:`sample_euler_ancestral`'s.
+    x: (B, ...) float; returns the final state in x's dtype."""
     loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
                  method="dpm_2_ancestral", noise_sampler=noise_sampler)
-    return run_noisy(loop, _plans._plan_dpm_2_ancestral(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise))
+    return run_noisy(loop, _plans._plan_dpm_2_ancestral(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise, split=split))
 
 
 @torch.no_grad()
 def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
-                              s_noise=1.0, noise_sampler=None, *, seed=None, backend=None, trajectory=None, window=None):
+                              s_noise=1.0, noise_sampler=None, *, split="ve", seed=None, backend=None, trajectory=None,
+                              window=None):
     """DPM-Solver++(2S) ancestral (k-diffusion's ``sample_dpmpp_2s_ancestral``): the single-step second-order
-    DPM-Solver++ to sigma_down (intermediate call at its log-midpoint), then s_noise*sigma_up noise."""
+    DPM-Solver++ to sigma_down (intermediate call at its log-midpoint), then s_noise*sigma_up noise.
+    ``split``: "ve" (k-diffusion's) or "rf" (ComfyUI's ``sample_dpmpp_2s_ancestral_RF``: its split, the second call
+    at t = 0.9999 on a step from t = sigma/(1 + sigma) = 1), sigma and x in VE coordinates as
+    :func:`sample_euler_ancestral`'s.
+    x: (B, ...) float; returns the final state in x's dtype."""
     loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
                  method="dpmpp_2s_ancestral", noise_sampler=noise_sampler)
-    return run_noisy(loop, _plans._plan_dpmpp_2s_ancestral(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise))
+    plan = _plans._plan_dpmpp_2s_ancestral(loop.sigmas, loop.conv, eta=eta, s_noise=s_noise, split=split)
+    return _run(loop, plan) if split == "rf" and eta == 0 else run_noisy(loop, plan)  # ComfyUI's _RF: no draw at 0
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ import math
 import torch
 
 from . import sampler_plans as _plans
+from . import samplers_cfgpp as _cfgpp
 from .sampler_loop import _Loop, _run, run_noisy
 
 
@@ -71,14 +72,22 @@ def sample_gradient_estimation(model, x, sigmas, extra_args=None, callback=None,
     """ComfyUI's ``gradient_estimation`` (Permenter & Yuan 2024): ``x' = x + dt*(ge_gamma*d + (1 - ge_gamma)*d_prev)``
     with d = (x - D)/sigma, dt = sigma_next - sigma, Euler on the first step, the jump x' = D on a step to 0; the same
     method as ``ge(gamma=ge_gamma, mu=0)``, whose fused plan it runs (one model call per step, history = previous d).
-    ``cfg_pp=True`` (CFG++) raises: it steps with the unconditional prediction, which a plain model does not expose.
+    ``cfg_pp=True`` (CFG++, a guided :mod:`diffkern.wrappers` wrapper only) runs at ``ge_gamma=1`` only, where it is
+    :func:`diffkern.samplers_cfgpp.sample_euler_cfg_pp`; other values raise (the previous unconditional slope it
+    extrapolates is a history the fused step cannot write beside the guided update).
     x: (B, ...) float; returns the final state in x's dtype."""
     if not isinstance(cfg_pp, bool):
         raise TypeError(f"cfg_pp: expected a bool, got {cfg_pp!r}")
-    if cfg_pp:
-        raise ValueError("cfg_pp: expected False; CFG++ steps with the unconditional denoised prediction, which a "
-                         "model(x, sigma) -> denoised does not expose")
     gamma = _plans._knob(ge_gamma, "ge_gamma", -math.inf)
+    if cfg_pp:
+        if gamma != 1.0:
+            raise ValueError(f"cfg_pp: expected False; CFG++ runs at ge_gamma=1 only (Euler CFG++), got ge_gamma="
+                             f"{gamma}: its gradient estimation extrapolates the previous step's unconditional slope, "
+                             "which the fused step cannot keep beside its guided update (it writes one combination of "
+                             "the conditional and unconditional outputs per call)")
+        loop = _cfgpp.CfgPPLoop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory,
+                                window=window, method="gradient_estimation")
+        return _cfgpp.run_cfg_pp(loop, 0.0, 0.0, False)
     # method "ge": its checks (a repeated sigma is a step it takes, as ComfyUI's loop) and its name in errors
     loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
                  method="ge")

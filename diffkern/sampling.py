@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import numbers
 
 import torch
@@ -18,6 +19,25 @@ from .ops import sampler_step
 from .samplers import SAMPLERS, Trajectory, make_seed
 
 _COMMON = ("seed", "backend", "trajectory", "window", "noise_sampler")
+ALIASES = {"gradient_estimation": "ge"}
+"""Other projects' names of :func:`sample` methods: ComfyUI's ``gradient_estimation`` is ``ge`` at ``mu=0``, its
+``ge_gamma`` (or ``gamma``) the gamma (:func:`diffkern.samplers.sample_gradient_estimation`). Not in
+:data:`~diffkern.samplers.SAMPLERS` nor :func:`knobs`: a name :func:`sample` resolves before anything else."""
+
+
+def _resolve_alias(method, knob_values: dict) -> tuple:
+    """``(method, knob_values)`` of the :data:`ALIASES` target; other methods unchanged."""
+    if not isinstance(method, str) or method not in ALIASES:
+        return method, knob_values
+    unknown = sorted(set(knob_values) - {"ge_gamma", "gamma"})
+    if unknown:
+        raise TypeError(f"{method}: unknown knob(s) {unknown}; valid knobs: ['ge_gamma'] (or its ge name 'gamma'); "
+                        "for mu or clip_denoised use method 'ge'")
+    if "ge_gamma" in knob_values and "gamma" in knob_values:
+        raise TypeError(f"{method}: give ge_gamma or gamma, not both")
+    name = "gamma" if "gamma" in knob_values else "ge_gamma"
+    gamma = sampler_plans._knob(knob_values.get(name, knobs("ge")["gamma"]), name, -math.inf)
+    return ALIASES[method], {"gamma": gamma, "mu": 0.0}
 
 
 def knobs(method: str) -> dict:
@@ -68,7 +88,8 @@ def sample(model, x, sigmas, method, *, backend=None, seed=0, callback=None, pro
             "dpmpp_2m_sde", "dpmpp_3m_sde", "dpmsolver_3m", "dpmpp_sde", "lcm", "ge", "sde", "unipc", "deis", "plms",
             "ipndm", "lms", "dpmsolver_single", "ipndm_v", "dpm_fast", "res_multistep", "res_multistep_ancestral",
             "er_sde", "sa_solver", "heun_flow" or "dpm_adaptive" (see :func:`knobs`; dpm_adaptive is eager only, with
-            no record).
+            no record); or an alias (:data:`ALIASES`): "gradient_estimation", ComfyUI's name of "ge" at mu=0, its
+            gamma given as ``ge_gamma`` or ``gamma``.
         backend: fused-op backend ("auto", "reference", "cpp", "triton", "cuda"); None (default):
             ``DIFFKERN_BACKEND``, else "auto".
         seed: int or int64 tensor (1,)/(B,) keying the Philox noise: same seed, same output. The default 0
@@ -104,14 +125,16 @@ def sample(model, x, sigmas, method, *, backend=None, seed=0, callback=None, pro
             (euler_ancestral: False keeps the unclipped D in the direction, as DDIM). Order: order (deis, lms,
             unipc, dpmsolver_single), orders (dpmsolver_single), solver_order (dpmsolver_3m), max_order (ipndm,
             ipndm_v), predictor_order and corrector_order (sa_solver), max_stage (er_sde). Variants: solver_type
-            (dpmpp_2m_sde, dpmsolver_3m, dpmsolver_single, unipc), predict_x0 (dpmsolver_single, sa_solver, unipc),
-            lower_order_final (deis, dpmsolver_3m, dpmsolver_single, sa_solver, unipc), euler_at_final
-            (dpmsolver_3m), disable_corrector (unipc), noise_scaler (er_sde). Adaptive steps (dpm_adaptive): order,
-            rtol, atol, h_init, pcoeff, icoeff, dcoeff, accept_safety.
+            (dpmpp_2m_sde, dpmsolver_3m, dpmsolver_single, unipc), split (euler_ancestral, dpm_2_ancestral,
+            dpmpp_2s_ancestral: "ve" k-diffusion's ancestral split, "rf" ComfyUI's for flow models), predict_x0
+            (dpmsolver_single, sa_solver, unipc), lower_order_final (deis, dpmsolver_3m, dpmsolver_single, sa_solver,
+            unipc), euler_at_final (dpmsolver_3m), disable_corrector (unipc), noise_scaler (er_sde). Adaptive steps
+            (dpm_adaptive): order, rtol, atol, h_init, pcoeff, icoeff, dcoeff, accept_safety.
 
     Returns:
         The final state (x's shape and dtype), or ``(x, trajectories)`` when ``record``.
     """
+    method, knob_values = _resolve_alias(method, knob_values)
     valid = knobs(method)
     unknown = sorted(set(knob_values) - set(valid))
     if unknown:

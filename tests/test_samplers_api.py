@@ -105,7 +105,7 @@ def test_errors():
     gmm, x, sig = gmm3(), start(3, 10.0), schedules.karras(4, 0.05, 10.0)
     with pytest.raises(ValueError, match="method: unknown sampler 'nope'"):
         sample(gmm, x, sig, "nope")
-    with pytest.raises(TypeError, match=r"unknown knob\(s\) \['etaa'\]; valid knobs: \['clip_denoised', 'clipped_eps', 'eta', 's_noise'\]"):
+    with pytest.raises(TypeError, match=r"unknown knob\(s\) \['etaa'\]; valid knobs: \['clip_denoised', 'clipped_eps', 'eta', 's_noise', 'split'\]"):
         sample(gmm, x, sig, "euler_ancestral", etaa=1.0)
     with pytest.raises(ValueError, match="sigmas: must be non-increasing"):  # euler takes repeated sigmas
         sample(gmm, x, sig.flip(0), "euler", backend=REF)

@@ -179,7 +179,7 @@ def test_callback_sees_the_first_call_and_trajectory():
 
 def test_knobs_and_errors():
     assert knobs("dpm_2") == {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0}
-    assert knobs("dpm_2_ancestral") == knobs("dpmpp_2s_ancestral") == {"eta": 1.0, "s_noise": 1.0}
+    assert knobs("dpm_2_ancestral") == knobs("dpmpp_2s_ancestral") == {"eta": 1.0, "s_noise": 1.0, "split": "ve"}
     gmm, x, sig = gmm2(), start(), schedules.karras(3, 0.1, 10.0)
     with pytest.raises(ValueError, match="eta"):
         sample(gmm.denoise, x, sig, "dpm_2_ancestral", eta=-1.0)
