@@ -9,6 +9,7 @@ from collections.abc import Mapping
 import torch
 
 from . import coef_tables, sampler_compat, schedules
+from .ops._checks import _overlap, same_view
 from .ops.sampler_step_fast import LoopStep
 from .sampler_window import check_window, windowed  # (moved there; importable from here as before)
 
@@ -271,6 +272,9 @@ class _Loop:
             m, u = self.model(self.x, sigma, **self.extra), None
         check_input_kept(self.x, version)
         check_input_kept(self.sig_dev, sigma_version, "sigma")
+        # an output that is a view of x other than x itself (x.T, a broadcast slice) would be overwritten while the
+        # in-place update reads it; its own copy is what k-diffusion's out-of-place update reads
+        m, u = (t.clone() if t is not None and _overlap(t, self.x) and not same_view(t, self.x) else t for t in (m, u))
         if not self._checked:
             _check_output(m, self.x, "output")
             if u is not None:

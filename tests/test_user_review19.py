@@ -1,8 +1,8 @@
 """A fresh user's review of the public API and README (session 19): what a k-diffusion / diffusers user tried and
 what broke, each pinned here. Fixed: ``--knob`` values of knobs whose default is None (lcm's ``s_noise_end`` is a
-number, not a list of orders). Open, marked xfail(strict): a model returning a view of its input other than the
-input itself (``x.T``, a broadcast slice), which k-diffusion runs, fails inside the fused op with an error about
-``out``, an argument the user never passed.
+number, not a list of orders). Also fixed: a model returning a view of its input other than the input
+itself (``x.T``, a broadcast slice), which k-diffusion runs, failed inside the fused op with an error about ``out``,
+an argument the user never passed (the loop now copies such an output before the in-place update).
 """
 import argparse
 
@@ -68,9 +68,6 @@ def _denoised_by_k_diffusion_rules(view, x, sigmas):
     return x
 
 
-@pytest.mark.xfail(strict=True, reason="sampler_loop.py:263 passes a model output that is a view of the state (but "
-                                       "not the state itself) to the in-place fused op, which refuses it with "
-                                       "'out: overlaps model_out'; clone such an output (or name the model)")
 @pytest.mark.parametrize("view", [lambda x: x.T, lambda x: x[:, :1].expand_as(x)], ids=["transpose", "broadcast"])
 def test_model_returning_a_view_of_its_input(view):
     x = _x(3, 3).double()
@@ -79,7 +76,7 @@ def test_model_returning_a_view_of_its_input(view):
 
 
 def test_model_returning_its_input_itself_runs():
-    # the exact same view is the in-place case the op allows: the control of the xfail above
+    # the exact same view is the in-place case the op allows: the control of the test above
     x = _x(3, 3).double()
     out = diffkern.sample(lambda x, sigma: x.view_as(x), x, SIGMAS.tolist()[:-1], "euler")
     torch.testing.assert_close(out, x)
