@@ -87,3 +87,11 @@ def test_wrapper_network_returning_its_input_runs():
     out = diffkern.sample(wrappers.VEDenoiser(lambda x, sigma: x, prediction_type="x0"), x, SIGMAS.tolist()[:-1],
                           "euler")
     torch.testing.assert_close(out, x)
+
+
+def test_knob_tau_takes_one_value_per_step():
+    # sa_solver's tau is a number or one per step (diffkern.sample); the CLI read only a number
+    assert knob_flags._parse("tau", "0.5,0.25,0", 1.0) == (0.5, 0.25, 0.0)
+    assert knob_flags._parse("tau", "0.5", 1.0) == 0.5
+    with pytest.raises(ValueError, match="--knob tau: expected a number, got 'x'"):
+        knob_flags._parse("tau", "0.5,x", 1.0)

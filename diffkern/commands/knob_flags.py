@@ -4,7 +4,7 @@ The common knobs have their own flags (``--gamma --mu --lam --eta --s-churn``); 
 :func:`diffkern.knobs` is set with ``--knob NAME=VALUE`` (repeatable), parsed by the type of the knob's default:
 a number, a word (``solver_type=heun``), ``true``/``false``, or comma-separated step indices or orders for the
 sequence-valued ones (``disable_corrector=0,1``, ``orders=1,2,2,1``; an empty value is the empty sequence, ``none``
-is None). Knob values are checked on the host schedule before any model is loaded, and errors name the flag.
+is None), comma-separated numbers for a per-step number (sa_solver's ``tau=0.5,0.3,0``). Knob values are checked on the host schedule before any model is loaded, and errors name the flag.
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ _BOOLS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0":
 # Knobs whose default None types nothing: a value of the kind given here (lcm's s_noise_end is a number, not a
 # sequence). A None-default knob not listed (er_sde's noise_scaler, a callable) takes only "none" here.
 _NONE_KINDS = {"s_noise_end": 0.0, "orders": ()}
+# Number knobs that also take one value per step (sa_solver's tau): comma-separated numbers.
+_PER_STEP = {"tau"}
 
 
 def add_knob_argument(parser) -> None:
@@ -30,6 +32,8 @@ def _parse(name: str, text: str, default):
     label = f"--knob {name}"
     if default is None and name in _NONE_KINDS and text.strip().lower() != "none":
         return _parse(name, text, _NONE_KINDS[name])
+    if name in _PER_STEP and "," in text:
+        return tuple(_parse(name, v, default) for v in text.split(","))
     try:
         if isinstance(default, bool):
             if text.strip().lower() not in _BOOLS:
