@@ -95,3 +95,17 @@ def test_knob_tau_takes_one_value_per_step():
     assert knob_flags._parse("tau", "0.5", 1.0) == 0.5
     with pytest.raises(ValueError, match="--knob tau: expected a number, got 'x'"):
         knob_flags._parse("tau", "0.5,x", 1.0)
+
+
+@pytest.mark.parametrize("method", ["euler_ancestral", "dpmpp_2m_sde", "heun"])
+def test_channels_last_input_is_sampled_contiguous(method):
+    # README ("Sampling"): the state is contiguous whatever x's layout, and a layout never changes the samples
+    x, seen = _x(2, 3, 5, 4).double(), []
+
+    def model(x, sigma):
+        seen.append(x.is_contiguous())
+        return x * 0.3
+    a = diffkern.sample(model, x, SIGMAS, method, seed=3)
+    b = diffkern.sample(model, x.to(memory_format=torch.channels_last), SIGMAS, method, seed=3)
+    assert all(seen) and b.is_contiguous()
+    torch.testing.assert_close(b, a, rtol=0, atol=0)
