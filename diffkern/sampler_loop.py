@@ -274,7 +274,8 @@ class _Loop:
         check_input_kept(self.sig_dev, sigma_version, "sigma")
         # an output that is a view of x other than x itself (x.T, a broadcast slice) would be overwritten while the
         # in-place update reads it; its own copy is what k-diffusion's out-of-place update reads
-        m, u = (t.clone() if t is not None and _overlap(t, self.x) and not same_view(t, self.x) else t for t in (m, u))
+        m, u = (t.clone() if isinstance(t, torch.Tensor) and _overlap(t, self.x) and not same_view(t, self.x) else t
+                for t in (m, u))
         if not self._checked:
             _check_output(m, self.x, "output")
             if u is not None:
