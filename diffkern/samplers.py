@@ -33,7 +33,8 @@ from .sampler_loop import (Trajectory, _check_output, _is_fused, _Loop, _run, ch
 from .samplers_adaptive import sample_dpm_adaptive  # noqa: F401  (k-diffusion's signature, beside sample_dpm_fast)
 from .samplers_comfy import (sample_er_sde, sample_gradient_estimation, sample_res_multistep,  # noqa: F401
                              sample_res_multistep_ancestral, sample_sa_solver)
-from .samplers_cfgpp import sample_euler_ancestral_cfg_pp, sample_euler_cfg_pp  # noqa: F401  (not diffkern.sample names)
+from .samplers_cfgpp import (sample_dpmpp_2m_cfg_pp, sample_dpmpp_2s_ancestral_cfg_pp,  # noqa: F401  (CFG++: not
+                              sample_euler_ancestral_cfg_pp, sample_euler_cfg_pp)  # noqa: F401  diffkern.sample names)
 
 #----------------------------------------------------------------------------
 # Public samplers.

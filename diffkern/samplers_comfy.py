@@ -72,22 +72,19 @@ def sample_gradient_estimation(model, x, sigmas, extra_args=None, callback=None,
     """ComfyUI's ``gradient_estimation`` (Permenter & Yuan 2024): ``x' = x + dt*(ge_gamma*d + (1 - ge_gamma)*d_prev)``
     with d = (x - D)/sigma, dt = sigma_next - sigma, Euler on the first step, the jump x' = D on a step to 0; the same
     method as ``ge(gamma=ge_gamma, mu=0)``, whose fused plan it runs (one model call per step, history = previous d).
-    ``cfg_pp=True`` (CFG++, a guided :mod:`diffkern.wrappers` wrapper only) runs at ``ge_gamma=1`` only, where it is
-    :func:`diffkern.samplers_cfgpp.sample_euler_cfg_pp`; other values raise (the previous unconditional slope it
-    extrapolates is a history the fused step cannot write beside the guided update).
+    ``cfg_pp=True`` (CFG++, a guided :mod:`diffkern.wrappers` wrapper only): d = (x - D_u)/sigma along the
+    unconditional prediction, ``x' = D + sigma_next d + (ge_gamma - 1)(d - d_prev) dt``, as ComfyUI's
+    (:func:`diffkern.samplers_cfgpp.ge_cfg_pp_plan`; history = previous unconditional d).
     x: (B, ...) float; returns the final state in x's dtype."""
     if not isinstance(cfg_pp, bool):
         raise TypeError(f"cfg_pp: expected a bool, got {cfg_pp!r}")
     gamma = _plans._knob(ge_gamma, "ge_gamma", -math.inf)
     if cfg_pp:
-        if gamma != 1.0:
-            raise ValueError(f"cfg_pp: expected False; CFG++ runs at ge_gamma=1 only (Euler CFG++), got ge_gamma="
-                             f"{gamma}: its gradient estimation extrapolates the previous step's unconditional slope, "
-                             "which the fused step cannot keep beside its guided update (it writes one combination of "
-                             "the conditional and unconditional outputs per call)")
-        loop = _cfgpp.CfgPPLoop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory,
-                                window=window, method="gradient_estimation")
-        return _cfgpp.run_cfg_pp(loop, 0.0, 0.0, False)
+        loop = _cfgpp.cfg_pp_loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory,
+                                  window=window, method="ge")
+        if gamma == 1.0:  # Euler CFG++ (at guidance 1 without an unconditional batch, bitwise the plain Euler)
+            return _cfgpp.run_cfg_pp(loop, 0.0, 0.0, False)
+        return _run(loop, _cfgpp.ge_cfg_pp_plan(loop.sigmas, loop.conv, gamma=gamma))
     # method "ge": its checks (a repeated sigma is a step it takes, as ComfyUI's loop) and its name in errors
     loop = _Loop(model, x, sigmas, extra_args, callback, disable, seed, backend, trajectory, window=window,
                  method="ge")

@@ -2,12 +2,14 @@
 
 Per element, in the order fixed by :mod:`diffkern.ops.coefs` (math in float32, float64 for float64 state):
 
-    m = u + W*(model_out - u) | model_out;   Draw = P*x + Q*m;   D = clamp(Draw, -CLIP, CLIP)
-    out = ((A*x + B*D) + G*Draw) [+ C*H] [+ C2*H2] [+ C3*H3] [+ S*xi];   x0_out = D;   history_out = E*x + F*D
+    m = u + W*(model_out - u) | model_out;   Draw = P*x + Q*m;   D = clamp(Draw, -CLIP, CLIP);   Du = P*x + Q*u
+    out = ((A*x + B*D) + G*Draw) [+ C*H] [+ C2*H2] [+ C3*H3] [+ S*xi] [+ BU*Du];   x0_out = D
+    history_out = E*x + F*D [+ FU*Du]                (u = model_out where there is no unconditional output)
 
 Which optional tensors exist is a compile-time flag (``HAS_*``), so absent terms compile away; the
-``C*H``, ``C2*H2``, ``C3*H3`` and ``S*xi`` terms are skipped at run time when their coefficient is exactly 0 (the
-history is then not read, so an uninitialised buffer cannot inject NaN). The coefficient row ``step`` is
+``C*H``, ``C2*H2``, ``C3*H3``, ``S*xi``, ``BU*Du`` and ``FU*Du`` terms are skipped at run time when their
+coefficient is exactly 0 (the history is then not read, so an uninitialised buffer cannot inject NaN; a table without
+bu and fu gives the bits it gave before they existed). The coefficient row ``step`` is
 read from the float64 table inside the kernel, and the seed from device memory, so a captured launch
 stays valid when either is rewritten in place. Every load precedes every store of a block, which
 makes exact in-place use (``out`` is ``x``, ``history_out`` is any history input) safe.
@@ -20,8 +22,8 @@ import triton.language as tl
 from .philox import compute_dtype, launch_config, load_as, philox_normal_block
 
 NCOEF = tl.constexpr(16)  # diffkern.ops.coefs.NCOEF
-SLOT_A, SLOT_B, SLOT_G, SLOT_C, SLOT_S, SLOT_P, SLOT_Q, SLOT_W, SLOT_E, SLOT_F, SLOT_CLIP, SLOT_C2, SLOT_C3 = (
-    tl.constexpr(i) for i in range(13))  # diffkern.ops.coefs slot order
+(SLOT_A, SLOT_B, SLOT_G, SLOT_C, SLOT_S, SLOT_P, SLOT_Q, SLOT_W, SLOT_E, SLOT_F, SLOT_CLIP, SLOT_C2, SLOT_C3, SLOT_BU,
+ SLOT_FU) = (tl.constexpr(i) for i in range(15))  # diffkern.ops.coefs slot order
 
 
 @triton.jit
@@ -59,6 +61,7 @@ def _sampler_step_kernel(
 
     x = load_as(x_ptr + offs, mask, CDT)
     m = load_as(model_out_ptr + offs, mask, CDT)
+    u = m  # the CFG++ terms' u without an unconditional output
     if HAS_UNCOND:
         u = load_as(uncond_ptr + offs, mask, CDT)
         m = u + _coef(row, SLOT_W, CDT) * (m - u)
@@ -85,11 +88,17 @@ def _sampler_step_kernel(
             # The block starts at a multiple of BLOCK (>= 16) inside the sample: whole groups of four.
             xi = philox_normal_block(tl.load(seed_ptr + sample), step, block.to(tl.int64) * BLOCK, BLOCK, CDT)
         acc = acc + s * xi
+    bu = _coef(row, SLOT_BU, CDT)
+    if bu != 0:
+        acc = acc + bu * (p * x + q * u)
 
     if HAS_X0_OUT:
         tl.store(x0_out_ptr + offs, d.to(x0_out_ptr.dtype.element_ty), mask=mask)
     if HAS_HISTORY_OUT:
         h_new = _coef(row, SLOT_E, CDT) * x + _coef(row, SLOT_F, CDT) * d
+        fu = _coef(row, SLOT_FU, CDT)
+        if fu != 0:
+            h_new = h_new + fu * (p * x + q * u)
         tl.store(history_out_ptr + offs, h_new.to(history_out_ptr.dtype.element_ty), mask=mask)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 

@@ -1,10 +1,11 @@
 """CFG++ (Chung et al. 2024) as ComfyUI runs it (comfyanonymous/ComfyUI at 02159d814dee609acc27994c1bf25fc5b40e2aaa,
 ``comfy/k_diffusion/sampling.py``): ``sample_euler_ancestral_cfg_pp``, ``sample_euler_cfg_pp`` (the former at eta = 0,
-s_noise = 0) and ``sample_gradient_estimation(cfg_pp=True)``. Their loops are restated below in the run's dtype with
-sigmas as Python floats (ComfyUI is GPL and not installed: the maths, written here), on a model whose conditional
-and unconditional predictions are the exact denoisers of two Gaussians. diffkern runs them through a
-:mod:`diffkern.wrappers` wrapper whose guidance batch gives both, as the fused rows of
-:mod:`diffkern.samplers_cfgpp` (the Euler-ancestral row at guidance scale w/(1 - sigma_down/sigma)).
+s_noise = 0) and ``sample_gradient_estimation(cfg_pp=True)`` (at any ge_gamma, with ``sample_dpmpp_2m_cfg_pp`` and
+``sample_dpmpp_2s_ancestral_cfg_pp``, in ``tests/test_cfg_pp_history.py``). Their loops are restated below in the
+run's dtype with sigmas as Python floats (ComfyUI is GPL and not installed: the maths, written here), on a model
+whose conditional and unconditional predictions are the exact denoisers of two Gaussians. diffkern runs them
+through a :mod:`diffkern.wrappers` wrapper whose guidance batch gives both, as the fused rows of
+:mod:`diffkern.samplers_cfgpp` (the op's bu and fu slots).
 """
 import inspect
 import math
@@ -74,12 +75,14 @@ def comfy_euler_cfg_pp(x, sig, w=W, calls=None):
     return comfy_euler_ancestral_cfg_pp(x, sig, w, None, 0.0, 0.0, calls)
 
 
-def comfy_gradient_estimation_cfg_pp(x, sig, ge_gamma, w=W):
+def comfy_gradient_estimation_cfg_pp(x, sig, ge_gamma, w=W, calls=None):
     """ComfyUI's ``sample_gradient_estimation`` with ``cfg_pp=True``."""
     old_d = None
     for i in range(len(sig) - 1):
         d_c, d_u = both(x, sig[i])
         den = d_u + w * (d_c - d_u)
+        if calls is not None:
+            calls.append({"x": x, "i": i, "sigma": sig[i], "sigma_hat": sig[i], "denoised": den})
         d = (x - d_u) / sig[i]
         dt = sig[i + 1] - sig[i]
         if sig[i + 1] == 0:
@@ -282,7 +285,7 @@ def test_settings_positional_in_comfyuis_order():
 
 
 @pytest.mark.parametrize("name", ["to-zero", "karras", "two-steps"])
-def test_gradient_estimation_cfg_pp_at_gamma_one(name, cpu_backend):
+def test_gradient_estimation_cfg_pp_at_gamma_one_is_euler_cfg_pp(name, cpu_backend):
     sig, x = SCHEDULES[name], start()
     want = comfy_gradient_estimation_cfg_pp(x, sig, 1.0)
     got = samplers.sample_gradient_estimation(WRAPPERS["eps"](W), x, sig, labels(x), None, True, 1.0, True,
@@ -290,11 +293,6 @@ def test_gradient_estimation_cfg_pp_at_gamma_one(name, cpu_backend):
     assert_matches_reference(got, want, want, f"gradient_estimation cfg_pp {name}")
     assert torch.equal(got, ours("euler", x, sig, backend=cpu_backend))
 
-
-def test_gradient_estimation_cfg_pp_other_gamma_raises_with_the_reason():
-    x = start()
-    with pytest.raises(ValueError, match=r"^cfg_pp: expected False; CFG\+\+ .*ge_gamma=1.*unconditional slope"):
-        samplers.sample_gradient_estimation(WRAPPERS["eps"](W), x, SCHEDULES["to-zero"], labels(x), cfg_pp=True)
 
 #----------------------------------------------------------------------------
 # Bad input.
@@ -304,7 +302,8 @@ def _plain(x, sigma):
     return gauss(x, sigma[:, None], COND)
 
 
-@pytest.mark.parametrize("fn", [samplers.sample_euler_cfg_pp, samplers.sample_euler_ancestral_cfg_pp])
+@pytest.mark.parametrize("fn", [samplers.sample_euler_cfg_pp, samplers.sample_euler_ancestral_cfg_pp,
+                                samplers.sample_dpmpp_2m_cfg_pp, samplers.sample_dpmpp_2s_ancestral_cfg_pp])
 def test_plain_model_raises_naming_model(fn):
     with pytest.raises(TypeError, match="^model: expected a diffkern.wrappers wrapper.*unconditional"):
         fn(_plain, start(), SCHEDULES["to-zero"])
@@ -321,7 +320,7 @@ def test_uncond_args_at_guidance_one_raise():
 
 @pytest.mark.parametrize("method", ["euler", "ancestral"])
 def test_repeated_sigma_raises(method):
-    """A zero-length step (r = 1) has no row: its guidance scale w/(1 - r) is infinite."""
+    """The samplers outside sampler_compat.REPEATS_OK (diffkern.sample names only) refuse a zero-length step."""
     with pytest.raises(ValueError, match="^sigmas: must be strictly decreasing for sampler 'euler_"):
         ours(method, start(), [5.0, 2.0, 2.0, 0.0])
 

@@ -158,7 +158,8 @@ def test_spec_stream_is_the_reference_stream(emu, cdt):
 # sampler_step
 
 
-ROW = coefs.row(a=0.7, b=0.2, g=0.05, c=0.3, c2=-0.1, c3=0.02, s=0.4, p=0.5, q=0.8, w=3.0, e=1.0, f=-0.25, clip=1.5)
+ROW = coefs.row(a=0.7, b=0.2, g=0.05, c=0.3, c2=-0.1, c3=0.02, s=0.4, p=0.5, q=0.8, w=3.0, e=1.0, f=-0.25, clip=1.5,
+                bu=-0.35, fu=0.6)
 DET_ROW = coefs.row(a=0.9, b=0.1, c=0.3, p=1.3, q=-0.4, e=0.5, f=0.5)
 COMBOS = [(F32, F32), (F64, F64), (F16, F16), (BF16, BF16), (F16, F32), (BF16, F32), (F32, BF16), (F64, F16)]
 
@@ -208,6 +209,8 @@ def test_sampler_step_with_explicit_noise_is_the_cpu_kernel(emu, S, M, shape):
     seed = torch.tensor([5], dtype=torch.int64)
     for shift, inplace, cap in ((0, False, None), (1, False, 1), (0, True, 2), (3, True, None)):
         t = _sampler_inputs(shape, S, M, gen, shift)
+        if shift == 3:  # no unconditional output: the bu, fu terms read model_out
+            del t["model_out_uncond"]
         step = 1
         want = _cpu_step(t, coef, step, seed)
         t = _with_outputs(t, shift, inplace)

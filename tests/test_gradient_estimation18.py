@@ -92,7 +92,8 @@ def test_settings_positional_in_comfyuis_order():
 
 
 def test_cfg_pp_refused_with_the_reason():
-    with pytest.raises(ValueError, match="^cfg_pp: expected False; CFG\\+\\+ .*unconditional"):
+    """CFG++ (any ge_gamma: tests/test_cfg_pp.py) needs a guided wrapper's unconditional output."""
+    with pytest.raises(TypeError, match="^model: expected a diffkern.wrappers wrapper.*unconditional"):
         samplers.sample_gradient_estimation(GMM, start(), SCHEDULES["to-zero"], cfg_pp=True)
     with pytest.raises(TypeError, match="^cfg_pp: expected a bool"):
         samplers.sample_gradient_estimation(GMM, start(), SCHEDULES["to-zero"], cfg_pp="no")

@@ -3,7 +3,7 @@
 Op level, on every backend available here against the float64 reference (the tolerance rule of
 ``diffkern.testing``): the terms ``c2*H2`` and ``c3*H3`` after ``c*H``, awkward shapes and every dtype; each history
 not read when its coefficient is 0; exact in-place use ``history_out is history2`` (``history3``); the argument checks of the Python front-end and of the
-C++ bindings; the C++ kernels bitwise the eager float32 reference; the reserved slots 13-15; the run-time CUDA
+C++ bindings; the C++ kernels bitwise the eager float32 reference; the reserved slot 15; the run-time CUDA
 loader passes history3 and includes it in the 16-byte alignment test (device-free: its launch is intercepted).
 
 Loop level: the rotation of three buffers (:func:`coef_tables.history_slots`), the plan checks (no row reads a
@@ -60,8 +60,8 @@ def test_table_layout_and_reserved_slots():
     assert coefs.SLOT_NAMES[coefs.C2] == "c2" and coefs.SLOT_NAMES[coefs.C3] == "c3"
     assert coefs.row(a=0.5, c=0.25)[11:] == [0.0] * 5 and coefs.row(c2=-0.75, c3=0.5)[11:13] == [-0.75, 0.5]
     bad = coefs.table([coefs.row(a=1.0)] * 2)
-    bad[1, 14] = 0.5
-    with pytest.raises(ValueError, match=r"^coef\[1\]: reserved slot 14 must be 0"):
+    bad[1, 15] = 0.5  # bu and fu took slots 13 and 14 since
+    with pytest.raises(ValueError, match=r"^coef\[1\]: reserved slot 15 must be 0"):
         coefs.validate(bad)
 
 

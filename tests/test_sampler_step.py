@@ -52,13 +52,41 @@ def test_feature_combinations(cpu_backend, cfg, history, noise, dtype):
 
 def test_guidance_scale_is_applied(cpu_backend):
     """w = 1 equals no guidance; w != 1 moves the result (so the uncond tensor is really read)."""
-    kw = sampler_step_inputs((2, 33), torch.float32, w=1.0, history=False, c=0.0, noise="explicit", clip=math.inf)
+    kw = sampler_step_inputs((2, 33), torch.float32, w=1.0, history=False, c=0.0, noise="explicit", clip=math.inf,
+                             bu=0.0)  # bu*D_u reads u itself (test_cfg_pp_slots_add_the_unconditional_denoised)
     with_uncond = dops.sampler_step(**kw, backend=cpu_backend)
     kw_plain = dict(kw)
     del kw_plain["model_out_uncond"]
     torch.testing.assert_close(with_uncond, dops.sampler_step(**kw_plain, backend=cpu_backend))
     kw["coef"][:, coefs.W] = 7.5
     assert not torch.allclose(dops.sampler_step(**kw, backend=cpu_backend), with_uncond)
+
+
+@pytest.mark.parametrize("cfg", [False, True], ids=["cond", "cfg"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=_id)
+def test_cfg_pp_slots_add_the_unconditional_denoised(cpu_backend, cfg, dtype):
+    """bu adds bu*D_u to out and fu adds fu*D_u to history_out, D_u = p*x + q*u unclipped (u = model_out without an
+    unconditional output); with both 0 the outputs are bitwise those of the row without them (the terms skipped)."""
+    kw = sampler_step_inputs((3, 1, 7, 5), dtype, cfg=cfg, noise="explicit", clip=0.5, bu=-0.75, fu=1.25)
+    x, m, coef, step = kw.pop("x"), kw.pop("model_out"), kw.pop("coef"), kw.pop("step")
+    u = kw.get("model_out_uncond", m)
+    plain = coef.clone()
+    plain[:, coefs.BU] = plain[:, coefs.FU] = 0.0
+    p, q, bu, fu = (float(coef[step, k]) for k in (coefs.P, coefs.Q, coefs.BU, coefs.FU))
+    d_u = p * x.double() + q * u.double()
+    out64, x064, h64 = dops.sampler_step_reference(x.double(), m.double(), plain, step,
+                                                   **{k: v.double() for k, v in kw.items()})
+    eager = dops.sampler_step_reference(x, m, coef, step, **kw)
+    got = [torch.empty_like(x) for _ in range(3)]
+    dops.sampler_step(x, m, coef, step, **kw, out=got[0], x0_out=got[1], history_out=got[2], backend=cpu_backend)
+    for name, g, want, e in zip(("out", "x0_out", "history_out"), got, (out64 + bu * d_u, x064, h64 + fu * d_u),
+                                eager):
+        assert_matches_reference(g, want, want if dtype == torch.float64 else e, f"{name} [{cpu_backend}]")
+    got = [torch.empty_like(x) for _ in range(3)]
+    dops.sampler_step(x, m, plain, step, **kw, out=got[0], x0_out=got[1], history_out=got[2], backend=cpu_backend)
+    if cpu_backend != "triton":  # zero slots: bitwise the reference without them (Triton may contract to FMA)
+        for g, want in zip(got, dops.sampler_step_reference(x, m, plain, step, **kw)):
+            assert torch.equal(g, want)
 
 
 def test_clip_bounds_x0(cpu_backend):
@@ -161,7 +189,7 @@ def test_table_is_read_at_launch(cpu_backend):
 def _noise_only(shape, rows=1, **kw):
     """Inputs whose result is exactly s*xi (a = b = g = c = 0), s = 1."""
     return sampler_step_inputs(shape, torch.float32, cfg=False, history=False, rows=rows, a=0.0, b=0.0, g=0.0,
-                               c=0.0, s=1.0, **kw)
+                               c=0.0, s=1.0, bu=0.0, **kw)
 
 
 @pytest.mark.parametrize("per_sample_seed", [False, True], ids=["seed1", "seedB"])

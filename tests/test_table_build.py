@@ -63,8 +63,9 @@ def test_table_is_writable_and_follows_the_device_argument():
     ([coefs.row(s=math.inf)], ValueError, r"^coef\[0\]: non-finite coefficient in slot s"),
     ([coefs.row(clip=-1.0)], ValueError, r"^coef\[0\]: clip slot must be > 0"),
     ([coefs.row(clip=math.nan)], ValueError, r"^coef\[0\]: clip slot must be > 0"),
-    ([coefs.row()[:13] + [0.0, 1.0, 0.0]], ValueError, r"^coef\[0\]: reserved slot 14 must be 0"),
-    ([coefs.row()[:13] + [math.nan, 0.0, 0.0]], ValueError, r"^coef\[0\]: non-finite coefficient in slot 13"),
+    ([coefs.row()[:15] + [1.0]], ValueError, r"^coef\[0\]: reserved slot 15 must be 0"),
+    ([coefs.row()[:13] + [math.nan, 0.0, 0.0]], ValueError, r"^coef\[0\]: non-finite coefficient in slot bu"),
+    ([coefs.row()[:15] + [math.nan]], ValueError, r"^coef\[0\]: non-finite coefficient in slot 15"),
 ])
 def test_bad_rows_are_named(rows, error, match):
     with pytest.raises(error, match=match):

@@ -6,8 +6,9 @@
 //   m     = u + w*(m - u)                   only with an unconditional output (guidance)
 //   d_raw = p*x + q*m                       denoised estimate of any prediction type
 //   d     = clamp(d_raw, -clip, clip)       NaN stays NaN, as torch.maximum/minimum
-//   out   = ((a*x + b*d) + g*d_raw) [+ c*h] [+ c2*h2] [+ c3*h3] [+ s*xi]
-//   x0    = d,   h_new = e*x + f*d
+//   d_u   = p*x + q*u                       u = m (before guidance) without an unconditional output; unclipped
+//   out   = ((a*x + b*d) + g*d_raw) [+ c*h] [+ c2*h2] [+ c3*h3] [+ s*xi] [+ bu*d_u]
+//   x0    = d,   h_new = e*x + f*d [+ fu*d_u]
 //
 // Every product and sum is rounded separately (common/hd.h), so the CPU kernels, the CUDA kernels
 // and torch's eager float32 reference round identically, on every ISA clone and thread count. h, h2 and h3
@@ -20,16 +21,17 @@
 namespace dk {
 
 // Slots of a coefficient-table row (diffkern/ops/coefs.py); a row is kNumCoef float64 values (128 bytes;
-// slots 13-15 are reserved and must be 0).
+// slot 15 is reserved and must be 0).
 enum CoefSlot {
-  kSlotA = 0, kSlotB, kSlotG, kSlotC, kSlotS, kSlotP, kSlotQ, kSlotW, kSlotE, kSlotF, kSlotClip, kSlotC2, kSlotC3
+  kSlotA = 0, kSlotB, kSlotG, kSlotC, kSlotS, kSlotP, kSlotQ, kSlotW, kSlotE, kSlotF, kSlotClip, kSlotC2, kSlotC3,
+  kSlotBu, kSlotFu
 };
 constexpr int kNumCoef = 16;
 
 // One table row rounded to the compute type (the reference's coef[step].to(cdt)).
 template <class C>
 struct StepRow {
-  C a, b, g, c, s, p, q, w, e, f, clip, c2, c3;
+  C a, b, g, c, s, p, q, w, e, f, clip, c2, c3, bu, fu;
 };
 
 template <class C>
@@ -48,6 +50,8 @@ DK_HOST_DEVICE StepRow<C> load_step_row(const double* row) {
   r.clip = static_cast<C>(row[kSlotClip]);
   r.c2 = static_cast<C>(row[kSlotC2]);
   r.c3 = static_cast<C>(row[kSlotC3]);
+  r.bu = static_cast<C>(row[kSlotBu]);
+  r.fu = static_cast<C>(row[kSlotFu]);
   return r;
 }
 
@@ -83,6 +87,17 @@ DK_HOST_DEVICE void sampler_step_element(const StepRow<C>& r, bool has_uncond, b
 template <class C>
 DK_HOST_DEVICE C history_element(const StepRow<C>& r, C x, C d) {
   return add_rn(mul_rn(r.e, x), mul_rn(r.f, d));
+}
+
+// The CFG++ terms of one element, added last: out += bu*d_u where use_bu, h_new += fu*d_u where use_fu, with
+// d_u = p*x + q*u (u: the unconditional output, or the model output before guidance without one). The flags are
+// uniform over a launch and false when bu (fu) is exactly 0, so a table without them gives the same bits as before.
+template <class C>
+DK_HOST_DEVICE void uncond_terms(const StepRow<C>& r, bool use_bu, bool use_fu, C x, C u, C& out, C& h_new) {
+  if (!use_bu && !use_fu) return;
+  const C d_u = add_rn(mul_rn(r.p, x), mul_rn(r.q, u));
+  if (use_bu) out = add_rn(out, mul_rn(r.bu, d_u));
+  if (use_fu) h_new = add_rn(h_new, mul_rn(r.fu, d_u));
 }
 
 }  // namespace dk

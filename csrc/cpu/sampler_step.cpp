@@ -37,6 +37,8 @@ struct StepArgs {
   int64_t per_sample;  // numel / num_seeds
   u32 step;
   bool use_noise;      // s != 0
+  bool use_bu;         // bu != 0 (CFG++: out += bu*d_u)
+  bool use_fu;         // fu != 0 and history_out given (h_new += fu*d_u)
 };
 
 // The inputs of one block, converted to the compute type (u, h, h2, h3, xi: read only when their flag is set).
@@ -117,8 +119,16 @@ DK_CPU_CLONES void step_range(const StepArgs& a, const StepRow<compute_t<S>>& r,
                           BlockIn<C>{xv, mv, uv, hv, h2v, h3v, xi}, ob, db);
     if (h_out != nullptr) {  // h_new into hb: the block's histories were read above
       for (int64_t j = 0; j < n; ++j) hb[j] = history_element(r, xv[j], db[j]);
-      store_block(hb, h_out + i0, n);
     }
+    if (a.use_bu || a.use_fu) {  // CFG++ terms, last (mv is the model output before guidance)
+      const C* uu = u != nullptr ? uv : mv;
+      for (int64_t j = 0; j < n; ++j) {
+        C h_new = a.use_fu ? hb[j] : C(0);
+        uncond_terms(r, a.use_bu, a.use_fu, xv[j], uu[j], ob[j], h_new);
+        if (a.use_fu) hb[j] = h_new;
+      }
+    }
+    if (h_out != nullptr) store_block(hb, h_out + i0, n);
     if (x0 != nullptr) store_block(db, x0 + i0, n);
     store_block(ob, out + i0, n);
   }
@@ -132,6 +142,8 @@ void launch(const StepArgs& a, const double* row, int64_t numel) {
   if (r.c2 == 0) args.history2 = nullptr;
   if (r.c3 == 0) args.history3 = nullptr;
   args.use_noise = r.s != 0;
+  args.use_bu = r.bu != 0;
+  args.use_fu = r.fu != 0 && a.history_out != nullptr;
   at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) { step_range<S, M>(args, r, begin, end); });
 }
 

@@ -14,7 +14,8 @@ namespace gpu {
 // any history input, out may be x, and every load of the pack precedes its first store).
 template <class S, class M, int V, class C>
 __device__ __forceinline__ void step_pack(const SamplerStepParams& p, const StepRow<C>& r, bool use_hist,
-                                          bool use_hist2, bool use_hist3, bool use_noise, long long i) {
+                                          bool use_hist2, bool use_hist3, bool use_noise, bool use_bu, bool use_fu,
+                                          long long i) {
   const bool has_uncond = p.model_out_uncond != nullptr;
   C x[V], m[V], u[V] = {}, h[V] = {}, h2[V] = {}, h3[V] = {}, xi[V] = {}, out[V], x0[V];
   load_pack<C, S, V>(p.x, i, x);
@@ -35,12 +36,14 @@ __device__ __forceinline__ void step_pack(const SamplerStepParams& p, const Step
     sampler_step_element<C>(r, has_uncond, use_hist, use_hist2, use_hist3, use_noise, x[k], m[k], u[k], h[k],
                             h2[k], h3[k], xi[k], out[k], x0[k]);
   }
+  C h_new[V] = {};
   if (p.history_out != nullptr) {
-    C h_new[V];
 #pragma unroll
     for (int k = 0; k < V; ++k) h_new[k] = history_element(r, x[k], x0[k]);
-    store_pack<C, S, V>(p.history_out, i, h_new);
   }
+#pragma unroll
+  for (int k = 0; k < V; ++k) uncond_terms(r, use_bu, use_fu, x[k], has_uncond ? u[k] : m[k], out[k], h_new[k]);
+  if (p.history_out != nullptr) store_pack<C, S, V>(p.history_out, i, h_new);
   if (p.x0_out != nullptr) store_pack<C, S, V>(p.x0_out, i, x0);
   store_pack<C, S, V>(p.out, i, out);
 }
@@ -54,14 +57,16 @@ __global__ void __launch_bounds__(kThreads) sampler_step_kernel(const SamplerSte
   const bool use_hist2 = p.history2 != nullptr && r.c2 != C(0);
   const bool use_hist3 = p.history3 != nullptr && r.c3 != C(0);
   const bool use_noise = r.s != C(0);
+  const bool use_bu = r.bu != C(0);  // CFG++ terms (csrc/common/sampler_step.h)
+  const bool use_fu = p.history_out != nullptr && r.fu != C(0);
   const long long tid = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
   const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
   const long long packed = p.numel / V * V;
   for (long long i = tid * V; i < packed; i += stride * V) {
-    step_pack<S, M, V>(p, r, use_hist, use_hist2, use_hist3, use_noise, i);
+    step_pack<S, M, V>(p, r, use_hist, use_hist2, use_hist3, use_noise, use_bu, use_fu, i);
   }
   if (V > 1 && tid < p.numel - packed) {
-    step_pack<S, M, 1>(p, r, use_hist, use_hist2, use_hist3, use_noise, packed + tid);
+    step_pack<S, M, 1>(p, r, use_hist, use_hist2, use_hist3, use_noise, use_bu, use_fu, packed + tid);
   }
 }
 

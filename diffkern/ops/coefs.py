@@ -7,13 +7,16 @@ Every backend of ``diffkern::sampler_step`` computes, per element and in this or
          = u + W*(model_out - u)              classifier-free guidance, diffusers convention
     Draw = P*x + Q*m                          denoised estimate from any prediction type (affine)
     D    = clamp(Draw, -CLIP, CLIP)           CLIP = +inf: no clipping
-    out  = ((A*x + B*D) + G*Draw) [+ C*H] [+ C2*H2] [+ C3*H3] [+ S*xi]
+    Du   = P*x + Q*u                          the unconditional denoised (u = model_out without one), unclipped
+    out  = ((A*x + B*D) + G*Draw) [+ C*H] [+ C2*H2] [+ C3*H3] [+ S*xi] [+ BU*Du]
     x0_out      = D
-    history_out = E*x + F*D                   (D itself, or eps = (x - D)/sigma)
+    history_out = E*x + F*D [+ FU*Du]         (D itself, or eps = (x - D)/sigma)
 
 H, H2 and H3 are the previous one, two and three values of a multistep sampler's history (third-order samplers
 need H2, fourth-order ones such as LMS and PLMS H3). A bracketed term whose coefficient is exactly 0 is skipped: its tensor is not read, so an
-uninitialised history buffer on the first steps cannot inject NaN. xi is the counter-based normal of
+uninitialised history buffer on the first steps cannot inject NaN. BU and FU are CFG++'s (Chung et al. 2024): a step
+(and a history) along the unconditional prediction while x0_out is the guided one; with both 0 (every table written
+before they existed) the result is bitwise that without them. xi is the counter-based normal of
 ``diffkern.ops.philox`` keyed by (seed, step, element), or an explicit noise tensor.
 
 The table is float64, shape (N, NCOEF), on the device of the state; row ``step`` is read inside the
@@ -32,14 +35,14 @@ from typing import Iterable
 import numpy as np
 import torch
 
-# Slot indices (one row per step). A row is 16 float64 (128 bytes, a multiple of the 32-byte sector); slots 13-15
-# are reserved and must be 0, so a later slot reads 0 from every table written before it.
-A, B, G, C, S, P, Q, W, E, F, CLIP, C2, C3 = range(13)
+# Slot indices (one row per step). A row is 16 float64 (128 bytes, a multiple of the 32-byte sector); slot 15 is
+# reserved and must be 0, so a later slot reads 0 from every table written before it (as bu and fu did).
+A, B, G, C, S, P, Q, W, E, F, CLIP, C2, C3, BU, FU = range(15)
 NCOEF = 16
 
-SLOT_NAMES = ("a", "b", "g", "c", "s", "p", "q", "w", "e", "f", "clip", "c2", "c3")
+SLOT_NAMES = ("a", "b", "g", "c", "s", "p", "q", "w", "e", "f", "clip", "c2", "c3", "bu", "fu")
 _DEFAULTS = {"a": 0.0, "b": 0.0, "g": 0.0, "c": 0.0, "s": 0.0, "p": 0.0, "q": 1.0, "w": 1.0,
-             "e": 0.0, "f": 0.0, "clip": math.inf, "c2": 0.0, "c3": 0.0}
+             "e": 0.0, "f": 0.0, "clip": math.inf, "c2": 0.0, "c3": 0.0, "bu": 0.0, "fu": 0.0}
 _SLOT_SET = frozenset(SLOT_NAMES)
 _DEFAULT_ITEMS = tuple((n, _DEFAULTS[n]) for n in SLOT_NAMES)
 _RESERVED = [0.0] * (NCOEF - len(SLOT_NAMES))

@@ -1,7 +1,8 @@
-"""Generic fused sampler step: ``x_next = a*x + b*D + g*D_raw + c*H + c2*H2 + c3*H3 + s*xi`` in one pass.
+"""Generic fused sampler step: ``x_next = a*x + b*D + g*D_raw + c*H + c2*H2 + c3*H3 + s*xi + bu*D_u`` in one pass.
 
 D is the denoised estimate converted inside the kernel from the raw model output of any prediction
-type (an affine map with per-step scalars, optionally after classifier-free guidance and clipping);
+type (an affine map with per-step scalars, optionally after classifier-free guidance and clipping), D_u the same
+map of the unconditional output (CFG++);
 H, H2 and H3 are history tensors (the previous one, two and three D, eps or slopes; H2 for third-order multistep
 samplers, H3 for fourth-order ones) and
 xi counter-based normal noise. The exact per-element
@@ -35,10 +36,12 @@ def sampler_step_reference(x, model_out, coef, step, *, model_out_uncond=None, h
     r = coef[step].to(cdt)
     xv = x.to(cdt)
     m = model_out.to(cdt)
+    u = m  # without an unconditional output D_u is the unclipped D
     if model_out_uncond is not None:
         u = model_out_uncond.to(cdt)
         m = u + r[coefs.W] * (m - u)
     d_raw = r[coefs.P] * xv + r[coefs.Q] * m
+    d_u = r[coefs.P] * xv + r[coefs.Q] * u
     d = torch.minimum(torch.maximum(d_raw, -r[coefs.CLIP]), r[coefs.CLIP])
     acc = r[coefs.A] * xv + r[coefs.B] * d
     acc = acc + r[coefs.G] * d_raw
@@ -53,7 +56,10 @@ def sampler_step_reference(x, model_out, coef, step, *, model_out_uncond=None, h
     else:  # the Philox draw is most of this function's cost, hence the host hint above
         xi = noise.to(cdt) if noise is not None else philox.noise_like(x, seed, step, cdt)
         acc = acc + torch.where(r[coefs.S] != 0, r[coefs.S] * xi, 0.0)
+    # CFG++ terms: a zero slot leaves the result bitwise as it was (as the kernels skip the term)
+    acc = torch.where(r[coefs.BU] != 0, acc + r[coefs.BU] * d_u, acc)
     h_new = r[coefs.E] * xv + r[coefs.F] * d
+    h_new = torch.where(r[coefs.FU] != 0, h_new + r[coefs.FU] * d_u, h_new)
     return acc.to(x.dtype), d.to(x.dtype), h_new.to(x.dtype)
 
 
@@ -133,7 +139,8 @@ def sampler_step(x, model_out, coef, step, *, model_out_uncond=None, history=Non
             in the table's p, q slots).
         coef: float64 ``(N, coefs.NCOEF)`` table on x's device (see :func:`coefs.table`).
         step: Python int, the row to read; also the Philox step counter.
-        model_out_uncond: unconditional output for guidance ``u + w*(c - u)`` (dtype M), or None.
+        model_out_uncond: unconditional output for guidance ``u + w*(c - u)`` (dtype M), or None (then the bu and
+            fu terms read model_out as u).
         history: H, shape and dtype of x, or None (then c must be 0; checked for CPU tables).
         history2: H2, the history before H (shape and dtype of x), or None (then c2 must be 0).
         history3: H3, the history before H2 (shape and dtype of x), or None (then c3 must be 0).
