@@ -33,7 +33,7 @@ def sample_hold(model, proc, shape, *, sampler="sscs", num_steps=500, spacing="l
     if not wanted(graph, torch.empty(0, dtype=dtype, device=device) if z is None else z, name="device" if z is None
                   else "z"):
         return eager(return_state)
-    hs.check_args(model, proc, shape, num_steps, denoise)
+    hs.check_args(model, proc, shape, num_steps, denoise, return_state)
     num_steps, shape = int(num_steps), tuple(int(s) for s in shape)  # numpy ints (checked above) as Python's
     steps = num_steps - int(denoise)
     grid = hs.time_grid(proc, steps, t_min=t_min, spacing=spacing)

@@ -78,6 +78,8 @@ class HOLD:
         self.beta1 = float(b1)
         if not self.beta0 + self.beta1 * self.T > 0 or (self.beta0 == 0 and self.beta1 <= 0):
             raise ValueError(f"beta: beta(t) = {self.beta0} + {self.beta1} t must be > 0 on (0, T={self.T}]")
+        if hsm not in (True, False):  # bool("False") is True: a config string would silently pick HSM
+            raise TypeError(f"hsm: expected a bool (True: hybrid score matching, False: DSM), got {hsm!r}")
         self.hsm = bool(hsm)
         # F, G and N = F + r I (n, n); N^k / k! (n, n, n); the Gramian coefficients C_m of E and of E^T (2n-1, n, n)
         self.F, self.G, self.N, self._npow, self._cm, self._cm_a = process_matrices(
@@ -372,14 +374,22 @@ class HOLD:
         """Training perturbation z_t = E(t)(x0, 0, ..., 0) + L_t eps with per-sample t, through ``hold_perturb``.
 
         x0: (B, C, ...) data; t: (B,) forward times on x0's device. Returns (z_t (B, n*C, ...), eps_n (B, C, ...)),
-        eps_n being the regression target of the network output eps_hat.
+        eps_n being the regression target of the network output eps_hat. eps is Philox noise keyed by ``seed`` (an
+        int, or an int64 tensor (1,) or (B,)) at counter ``step``; seed None draws one from torch's global CPU
+        generator, so each call of a training loop gets fresh noise (a fixed default would repeat the same eps every
+        batch); ``noise``: explicit eps (B, n*C, ...) instead.
         """
         from diffkern.ops.hold import hold_perturb
+        from diffkern.sampler_loop import seed_value
 
         if isinstance(x0, torch.Tensor) and (not isinstance(t, torch.Tensor) or t.shape != (x0.shape[0],)
                                               or t.device != x0.device):
             got = f"shape {tuple(t.shape)} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"t: expected a tensor of shape ({x0.shape[0]},) (one time per sample) on {x0.device}, got {got}")
+        if noise is None and isinstance(x0, torch.Tensor):
+            seed = seed_value(seed, x0.shape[0])  # validated; None: drawn on the host
+            if not isinstance(seed, torch.Tensor):
+                seed = torch.tensor([seed], dtype=torch.int64, device=x0.device)
         mean_mat, lt = self.perturb_matrices(t)
         eps_n = torch.empty_like(x0)
         z = hold_perturb(x0, mean_mat, lt, seed=seed, step=step, noise=noise, eps_out=eps_n, backend=backend)

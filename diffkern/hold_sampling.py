@@ -37,6 +37,7 @@ from . import sampler_loop, samplers
 from .hold import HOLD
 from .hold_flow import flow_rows
 from .hold_stability import check_euler_ode
+from .ops import _checks
 from .ops.hold import hold_transition, transition_table
 from .ops.philox import randn
 
@@ -160,8 +161,10 @@ def prior(proc: HOLD, state_shape, seed: torch.Tensor, *, dtype=torch.float32, b
     return z.mul_(1.0 / math.sqrt(proc.L))
 
 
-def check_args(model, proc, shape, num_steps, denoise) -> None:
+def check_args(model, proc, shape, num_steps, denoise, return_state=False) -> None:
     """:func:`sample`'s arguments (and :func:`diffkern.graphs.sample_hold`'s), checked before any work."""
+    if return_state not in (True, False):  # a truthy string would silently return the whole state
+        raise TypeError(f"return_state: expected a bool, got {return_state!r}")
     if not isinstance(proc, HOLD):
         raise TypeError(f"proc: expected a diffkern.hold.HOLD process, got {type(proc).__name__}")
     if not callable(model):
@@ -172,6 +175,8 @@ def check_args(model, proc, shape, num_steps, denoise) -> None:
 def check_call(shape, num_steps, denoise) -> None:
     """Raise unless ``shape`` is a data shape (B, C, ...) of >= 2 non-negative ints and ``num_steps`` an int that
     leaves at least one step before the final denoising call."""
+    if denoise not in (True, False):  # int(denoise) below: "False" raised about int(), 2 ran off the table
+        raise TypeError(f"denoise: expected a bool, got {denoise!r}")
     if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 1 + int(denoise):
         raise ValueError(f"num_steps: expected a Python int >= {1 + int(denoise)}, got {num_steps!r}")
     if not isinstance(shape, (tuple, list)):  # torch.Size is a tuple; an int or a tensor has no data shape to read
@@ -214,13 +219,17 @@ def sample(model: Callable, proc: HOLD, shape, *, sampler: str = "sscs", num_ste
             replace ``device`` and ``dtype``.
         backend: ``hold_transition`` (and prior) backend.
     """
-    check_args(model, proc, shape, num_steps, denoise)
+    check_args(model, proc, shape, num_steps, denoise, return_state)
     num_steps, shape = int(num_steps), tuple(int(s) for s in shape)  # numpy ints (checked above) as Python's
     n = proc.order
     steps = num_steps - int(denoise)
     grid = time_grid(proc, steps, t_min=t_min, spacing=spacing)
+    # named here: a bad z failed on a missing attribute, a bad dtype in the op naming its ``out``
     if z is not None:
+        _checks.float_tensor(z, "z")
         device, dtype = z.device, z.dtype
+    elif dtype not in _checks.FLOAT_DTYPES:
+        raise TypeError(f"dtype: expected one of {[str(d) for d in _checks.FLOAT_DTYPES]}, got {dtype!r}")
     device = torch.device(device) if device is not None else torch.device("cpu")
     seed = samplers.seed_value(seed, shape[0])  # validated; None: drawn on the host
     seed = seed.to(device) if isinstance(seed, torch.Tensor) else torch.tensor([seed], dtype=torch.int64, device=device)

@@ -8,6 +8,8 @@ so the pictures show the sampler alone.
 """
 from __future__ import annotations
 
+import numbers
+
 from .._files import atomic_write
 from . import MAX_TRAJECTORIES, check_common, check_count, check_method, check_seed, check_steps, knob_flags
 from .sample import _check_out, _writing_out
@@ -27,14 +29,16 @@ def trajectories(method: str = "euler", steps: int = 20, n: int = 16, *, seed: i
     from .. import analytic, schedules
     from ..sampling import sample
 
-    if jump is None:
-        jump = max(0, steps - max(1, steps // 4))  # three quarters in: sigma ~ 0.1 for 20 Karras steps
     gmm = analytic.GaussianMixture.demo_2d()
-    sigmas = schedules.karras(steps, sigma_min, sigma_max)
+    sigmas = schedules.karras(steps, sigma_min, sigma_max)  # validates steps (numpy ints too)
+    if jump is None:
+        jump = max(0, int(steps) - max(1, int(steps) // 4))  # three quarters in: sigma ~ 0.1 for 20 Karras steps
     # A negative index would pick a denoised estimate but label it with the wrong sigma (sigmas[-1] = 0).
-    if isinstance(jump, bool) or not isinstance(jump, int) or not 0 <= jump < steps:
+    if isinstance(jump, bool) or not isinstance(jump, numbers.Integral) or not 0 <= jump < steps:  # numpy ints too
         raise ValueError(f"jump: expected an int step in [0, {steps - 1}] (steps = {steps}), got {jump!r}")
-    gen = torch.Generator().manual_seed(seed)
+    jump = int(jump)
+    # manual_seed refuses a numpy int; other values reach it (and sample's seed check) as given
+    gen = torch.Generator().manual_seed(int(seed) if isinstance(seed, numbers.Integral) else seed)
     x0 = (torch.randn(n, 2, generator=gen, dtype=torch.float64) * sigma_max).float()
     _, rec = sample(gmm, x0, sigmas, method, backend=backend, seed=seed, record=True, **knobs)
     xs, ds = rec["x"].double().cpu(), rec["denoised"].double().cpu()
