@@ -162,12 +162,11 @@ def run_both(method, kw, sig, dtype=F64, pred="eps", backend=REF):
     return got, want, cb_ours, cb_theirs, ns_ours.calls, ns_theirs.calls
 
 
-@pytest.mark.parametrize("pred", sorted(WRAPPERS))
-@pytest.mark.parametrize("name", sorted(SCHEDULES))
-@pytest.mark.parametrize("method,kw", CASES, ids=IDS)
-def test_float64_is_comfyuis_loop(method, kw, name, pred, cpu_backend):
+def check_float64_run(run, method, kw, name, pred, backend):
+    """``run`` (:func:`run_both` or a twin) in float64 on schedule ``name``: the result, the noise_sampler calls and
+    every callback (x and the guided D_cfg, as ComfyUI's) equal ComfyUI's loop to the float64 floor."""
     sig = SCHEDULES[name]
-    got, want, cb_ours, cb_theirs, ns_ours, ns_theirs = run_both(method, kw, sig, pred=pred, backend=cpu_backend)
+    got, want, cb_ours, cb_theirs, ns_ours, ns_theirs = run(method, kw, sig, pred=pred, backend=backend)
     assert got.dtype == F64
     assert_matches_reference(got, want, want, f"{method} {kw} {name} {pred} float64")
     assert ns_ours == ns_theirs  # same calls, same (sigma, sigma_next), as floats of the schedule's values
@@ -175,19 +174,32 @@ def test_float64_is_comfyuis_loop(method, kw, name, pred, cpu_backend):
     for a, b in zip(cb_ours, cb_theirs):
         assert set(a) == set(b) and a["i"] == b["i"]
         assert float(a["sigma"]) == b["sigma"] and float(a["sigma_hat"]) == b["sigma_hat"]
-        for key in ("x", "denoised"):  # denoised: the guided D_cfg, as ComfyUI's callback
+        for key in ("x", "denoised"):
             assert_matches_reference(a[key], b[key], b[key], f"callback {key} at step {a['i']}")
+
+
+def check_low_precision_run(run, method, kw, dtype, backend):
+    """ComfyUI's loop runs in x's dtype throughout; ours keeps the state (and history) in it and computes in float32:
+    within the tolerance rule of ComfyUI's own error against float64."""
+    sig = SCHEDULES["karras"]
+    got, want_lowp, *_ = run(method, kw, sig, dtype, backend=backend)
+    want64 = run(method, kw, sig, F64)[1]
+    assert got.dtype == dtype
+    assert_matches_reference(got, want64, want_lowp, f"{method} {kw} {dtype} [{backend}]")
+
+
+@pytest.mark.parametrize("pred", sorted(WRAPPERS))
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+@pytest.mark.parametrize("method,kw", CASES, ids=IDS)
+def test_float64_is_comfyuis_loop(method, kw, name, pred, cpu_backend):
+    check_float64_run(run_both, method, kw, name, pred, cpu_backend)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("method,kw", CASES[:3], ids=IDS[:3])
 def test_low_precision_within_comfyuis_own_error(method, kw, dtype, cpu_backend):
     """ComfyUI's loop runs in x's dtype throughout; ours keeps the state in it and computes in float32."""
-    sig = SCHEDULES["karras"]
-    got, want_lowp, *_ = run_both(method, kw, sig, dtype, backend=cpu_backend)
-    want64 = run_both(method, kw, sig, F64)[1]
-    assert got.dtype == dtype
-    assert_matches_reference(got, want64, want_lowp, f"{method} {kw} {dtype} [{cpu_backend}]")
+    check_low_precision_run(run_both, method, kw, dtype, cpu_backend)
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0, 0.6])

@@ -14,8 +14,8 @@ from diffkern import samplers, wrappers
 from diffkern.ops import philox
 from diffkern.sampler_loop import Trajectory
 from diffkern.testing import assert_matches_reference
-from test_cfg_pp import (F64, REF, SCHEDULES, W, WRAPPERS, ancestral_step, both, comfy_gradient_estimation_cfg_pp,
-                         eps_net, labels, start)
+from test_cfg_pp import (F64, REF, SCHEDULES, W, WRAPPERS, ancestral_step, both, check_float64_run,
+                         check_low_precision_run, comfy_gradient_estimation_cfg_pp, eps_net, labels, start)
 from test_kdiffusion_parity import Draws
 
 def comfy_dpmpp_2m_cfg_pp(x, sig, w=W, calls=None):
@@ -104,27 +104,14 @@ def run_hist(method, kw, sig, dtype=F64, pred="eps", backend=REF):
 @pytest.mark.parametrize("name", sorted(SCHEDULES))
 @pytest.mark.parametrize("method,kw", HIST_CASES, ids=HIST_IDS)
 def test_history_samplers_float64_are_comfyuis_loops(method, kw, name, pred, cpu_backend):
-    sig = SCHEDULES[name]
-    got, want, cb_ours, cb_theirs, ns_ours, ns_theirs = run_hist(method, kw, sig, pred=pred, backend=cpu_backend)
-    assert got.dtype == F64
-    assert_matches_reference(got, want, want, f"{method} {kw} {name} {pred} float64")
-    assert ns_ours == ns_theirs
-    assert len(cb_ours) == len(cb_theirs) == len(sig) - 1
-    for a, b in zip(cb_ours, cb_theirs):
-        assert a["i"] == b["i"] and float(a["sigma"]) == b["sigma"]
-        for key in ("x", "denoised"):  # denoised: the guided D_cfg, as ComfyUI's callback
-            assert_matches_reference(a[key], b[key], b[key], f"callback {key} at step {a['i']}")
+    check_float64_run(run_hist, method, kw, name, pred, cpu_backend)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("method,kw", HIST_CASES[:5], ids=HIST_IDS[:5])
 def test_history_samplers_low_precision_within_comfyuis_own_error(method, kw, dtype, cpu_backend):
     """ComfyUI's loop runs in x's dtype throughout; ours keeps the state and history in it, computes in float32."""
-    sig = SCHEDULES["karras"]
-    got, want_lowp, *_ = run_hist(method, kw, sig, dtype, backend=cpu_backend)
-    want64 = run_hist(method, kw, sig, F64)[1]
-    assert got.dtype == dtype
-    assert_matches_reference(got, want64, want_lowp, f"{method} {kw} {dtype} [{cpu_backend}]")
+    check_low_precision_run(run_hist, method, kw, dtype, cpu_backend)
 
 
 @pytest.mark.parametrize("method,kw", HIST_CASES, ids=HIST_IDS)
