@@ -263,6 +263,8 @@ class HOLD:
 
     def cov(self, t, *, jitter: bool = False) -> torch.Tensor:
         """Sigma_t = E Sigma_0 E^T + Q(t) (+ delta I if ``jitter``), cancellation-free; (..., n, n) float64."""
+        if jitter not in (True, False):
+            raise TypeError(f"jitter: expected a bool, got {jitter!r}")
         b = self._b(as_time(t, "t"), "E")
         E = self._at("E", b, "t")
         S = E @ self.cov0(b.device) @ E.transpose(-1, -2) + self._at("Q", b, "t")

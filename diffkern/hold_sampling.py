@@ -117,6 +117,8 @@ def sampler_table(proc: HOLD, grid: torch.Tensor, sampler: str = "sscs", *, deno
     """The float64 (N [+1], n, 2n+1) ``hold_transition`` table of ``sampler`` on ``grid`` (CPU)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler: expected one of {SAMPLERS}, got {sampler!r}")
+    if denoise not in (True, False):  # a truthy string would silently add the denoising row
+        raise TypeError(f"denoise: expected a bool, got {denoise!r}")
     if not isinstance(grid, torch.Tensor) or grid.dim() != 1 or grid.numel() < 2 or not grid.is_floating_point():
         got = f"{grid.dtype} of shape {tuple(grid.shape)}" if isinstance(grid, torch.Tensor) else type(grid).__name__
         raise ValueError(f"grid: expected a 1-D float tensor of >= 2 forward times, got {got}")
@@ -292,6 +294,8 @@ class GaussianMixtureScore:
     """
 
     def __init__(self, proc: HOLD, mixture: GaussianMixture, *, elementwise: bool = False):
+        if elementwise not in (True, False):
+            raise TypeError(f"elementwise: expected a bool, got {elementwise!r}")
         if elementwise and mixture.means.shape[1] != 1:
             raise ValueError("elementwise: needs a 1-D mixture (means of shape (K, 1))")
         self.proc, self.mix, self.elementwise = proc, mixture, elementwise

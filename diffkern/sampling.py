@@ -22,7 +22,8 @@ _COMMON = ("seed", "backend", "trajectory", "window", "noise_sampler")
 ALIASES = {"gradient_estimation": "ge"}
 """Other projects' names of :func:`sample` methods: ComfyUI's ``gradient_estimation`` is ``ge`` at ``mu=0``, its
 ``ge_gamma`` (or ``gamma``) the gamma (:func:`diffkern.samplers.sample_gradient_estimation`). Not in
-:data:`~diffkern.samplers.SAMPLERS` nor :func:`knobs`: a name :func:`sample` resolves before anything else."""
+:data:`~diffkern.samplers.SAMPLERS`: a name :func:`sample` resolves before anything else (:func:`knobs` lists its
+``ge_gamma``)."""
 
 
 def _resolve_alias(method, knob_values: dict) -> tuple:
@@ -41,7 +42,10 @@ def _resolve_alias(method, knob_values: dict) -> tuple:
 
 
 def knobs(method: str) -> dict:
-    """The knobs of ``method`` with their defaults, e.g. ``knobs("heun")["s_churn"] == 0.0``."""
+    """The knobs of ``method`` with their defaults, e.g. ``knobs("heun")["s_churn"] == 0.0``; an alias
+    (:data:`ALIASES`) lists its own, e.g. ``knobs("gradient_estimation") == {"ge_gamma": 2.0}``."""
+    if method == "gradient_estimation":
+        return {"ge_gamma": knobs("ge")["gamma"]}
     if method not in SAMPLERS:
         raise ValueError(f"method: unknown sampler {method!r}; expected one of {sorted(SAMPLERS)}")
     # after k-diffusion's six (model, x, sigmas, extra_args, callback, disable): its knobs are positional there too

@@ -143,3 +143,20 @@ def test_hold_perturb_draws_fresh_noise_per_call():
     assert torch.equal(proc.perturb(x0, t, seed=3)[0], proc.perturb(x0, t, seed=torch.tensor([3]))[0])
     with pytest.raises(TypeError, match="^seed: expected an int or an int64 tensor"):
         proc.perturb(x0, t, seed=1.5)
+
+
+def test_more_flags_must_be_bools():
+    # the same class as hsm: a truthy string ran the True branch silently
+    proc = HOLD(2)
+    with pytest.raises(TypeError, match="jitter: expected a bool, got 'no'"):
+        proc.cov(torch.tensor([0.5], dtype=F64), jitter="no")
+    with pytest.raises(TypeError, match="denoise: expected a bool, got 'False'"):
+        HS.sampler_table(proc, torch.tensor([1.0, 0.5], dtype=F64), "em", denoise="False")
+    with pytest.raises(TypeError, match="elementwise: expected a bool, got 'yes'"):
+        HS.GaussianMixtureScore(proc, _point(), elementwise="yes")
+    assert HS.GaussianMixtureScore(proc, _point(), elementwise=True).elementwise is True
+
+
+def test_the_gradient_estimation_alias_lists_its_knob():
+    import diffkern
+    assert diffkern.knobs("gradient_estimation") == {"ge_gamma": 2.0}
