@@ -40,6 +40,16 @@ def both(x, sigma):
     return gauss(x, sigma, COND), gauss(x, sigma, UNCOND)
 
 
+def guided(x, sigma, w, i=None, calls=None):
+    """(D_cfg, D_u) at sigma, as a restated ComfyUI step reads them; with ``calls``, ComfyUI's callback of step i
+    (its guided denoised) appended first."""
+    d_c, d_u = both(x, sigma)
+    den = d_u + w * (d_c - d_u)
+    if calls is not None:
+        calls.append({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": den})
+    return den, d_u
+
+
 def start(dtype=F64, batch=5):
     return (torch.randn(batch, 2, dtype=F64, generator=torch.Generator().manual_seed(3)) * 12.0).to(dtype)
 
@@ -56,10 +66,7 @@ def comfy_euler_ancestral_cfg_pp(x, sig, w=W, ns=None, eta=1.0, s_noise=1.0, cal
     """ComfyUI's ``sample_euler_ancestral_cfg_pp`` on a VE model (half-logSNR -log sigma, so alpha = 1)."""
     for i in range(len(sig) - 1):
         s, sn = sig[i], sig[i + 1]
-        d_c, d_u = both(x, s)
-        den = d_u + w * (d_c - d_u)
-        if calls is not None:
-            calls.append({"x": x, "i": i, "sigma": s, "sigma_hat": s, "denoised": den})
+        den, d_u = guided(x, s, w, i, calls)
         if sn == 0:
             x = den
         else:
@@ -79,10 +86,7 @@ def comfy_gradient_estimation_cfg_pp(x, sig, ge_gamma, w=W, calls=None):
     """ComfyUI's ``sample_gradient_estimation`` with ``cfg_pp=True``."""
     old_d = None
     for i in range(len(sig) - 1):
-        d_c, d_u = both(x, sig[i])
-        den = d_u + w * (d_c - d_u)
-        if calls is not None:
-            calls.append({"x": x, "i": i, "sigma": sig[i], "sigma_hat": sig[i], "denoised": den})
+        den, d_u = guided(x, sig[i], w, i, calls)
         d = (x - d_u) / sig[i]
         dt = sig[i + 1] - sig[i]
         if sig[i + 1] == 0:
@@ -150,16 +154,22 @@ CASES = [("euler", {}), ("ancestral", {}), ("ancestral", {"eta": 0.5, "s_noise":
 IDS = ["euler", "ancestral", "eta0.5-s0.8", "eta3-down0", "s_noise0"]
 
 
-def run_both(method, kw, sig, dtype=F64, pred="eps", backend=REF):
-    """(ours, ComfyUI's, our callbacks, theirs, our noise_sampler calls, theirs) in ``dtype``."""
+def run_pair(ours_fn, theirs_fn, noisy: bool, method, kw, sig, dtype=F64, pred="eps", backend=REF):
+    """(ours, ComfyUI's, our callbacks, theirs, our noise_sampler calls, theirs) in ``dtype``: ``ours_fn`` and
+    ``theirs_fn`` run ``method``, each with a noise_sampler of the same draws where ``noisy``."""
     x = start(dtype)
     cb_ours, cb_theirs = [], []
     ns_ours, ns_theirs = Draws(x), Draws(x)
-    extra = {} if method == "euler" else {"noise_sampler": ns_ours}
-    got = ours(method, x, sig, pred=pred, callback=cb_ours.append, backend=backend, **extra, **kw)
-    extra = {} if method == "euler" else {"ns": ns_theirs}
-    want = theirs(method, x, sig, calls=cb_theirs, **extra, **kw)
+    extra = {"noise_sampler": ns_ours} if noisy else {}
+    got = ours_fn(method, x, sig, pred=pred, callback=cb_ours.append, backend=backend, **extra, **kw)
+    extra = {"ns": ns_theirs} if noisy else {}
+    want = theirs_fn(method, x, sig, calls=cb_theirs, **extra, **kw)
     return got, want, cb_ours, cb_theirs, ns_ours.calls, ns_theirs.calls
+
+
+def run_both(method, kw, sig, dtype=F64, pred="eps", backend=REF):
+    """:func:`run_pair` of the Euler CFG++ samplers (the ancestral one noisy)."""
+    return run_pair(ours, theirs, method != "euler", method, kw, sig, dtype, pred, backend)
 
 
 def check_float64_run(run, method, kw, name, pred, backend):
@@ -212,8 +222,7 @@ def test_flow_model_is_comfyuis_const_loop(eta):
     x = xf
     for i in range(len(ts) - 1):
         t, tn = ts[i], ts[i + 1]
-        d_c, d_u = both(x / (1 - t), t / (1 - t))
-        den = d_u + W * (d_c - d_u)
+        den, d_u = guided(x / (1 - t), t / (1 - t), W)
         if tn == 0:
             x = den
             continue

@@ -15,7 +15,8 @@ from diffkern.ops import philox
 from diffkern.sampler_loop import Trajectory
 from diffkern.testing import assert_matches_reference
 from test_cfg_pp import (F64, REF, SCHEDULES, W, WRAPPERS, ancestral_step, both, check_float64_run,
-                         check_low_precision_run, comfy_gradient_estimation_cfg_pp, eps_net, labels, start)
+                         check_low_precision_run, comfy_gradient_estimation_cfg_pp, eps_net, guided, labels,
+                         run_pair, start)
 from test_kdiffusion_parity import Draws
 
 def comfy_dpmpp_2m_cfg_pp(x, sig, w=W, calls=None):
@@ -23,10 +24,7 @@ def comfy_dpmpp_2m_cfg_pp(x, sig, w=W, calls=None):
     old_du = None
     for i in range(len(sig) - 1):
         s, sn = sig[i], sig[i + 1]
-        d_c, d_u = both(x, s)
-        den = d_u + w * (d_c - d_u)
-        if calls is not None:
-            calls.append({"x": x, "i": i, "sigma": s, "sigma_hat": s, "denoised": den})
+        den, d_u = guided(x, s, w, i, calls)
         h = math.log(s / sn) if sn > 0 else math.inf
         if old_du is None or sn == 0:
             mix = -math.exp(-h) * d_u
@@ -42,10 +40,7 @@ def comfy_dpmpp_2s_ancestral_cfg_pp(x, sig, w=W, ns=None, eta=1.0, s_noise=1.0, 
     """ComfyUI's ``sample_dpmpp_2s_ancestral_cfg_pp`` (r = 1/2; sigma_fn(t) = exp(-t), t_fn(sigma) = -log sigma)."""
     for i in range(len(sig) - 1):
         s, sn = sig[i], sig[i + 1]
-        d_c, d_u = both(x, s)
-        den = d_u + w * (d_c - d_u)
-        if calls is not None:
-            calls.append({"x": x, "i": i, "sigma": s, "sigma_hat": s, "denoised": den})
+        den, d_u = guided(x, s, w, i, calls)
         down, up = ancestral_step(s, sn, eta)
         if down == 0:
             x = den + (x - d_u) / s * down
@@ -90,14 +85,8 @@ HIST_IDS = ["dpmpp_2m", "ge2", "ge0.3", "2s", "2s-eta0.5-s0.8", "2s-eta3-down0"]
 
 
 def run_hist(method, kw, sig, dtype=F64, pred="eps", backend=REF):
-    """(ours, ComfyUI's, our callbacks, theirs, our noise_sampler calls, theirs) in ``dtype``."""
-    x = start(dtype)
-    cb_ours, cb_theirs = [], []
-    ns_ours, ns_theirs = Draws(x), Draws(x)
-    extra = {"noise_sampler": ns_ours} if method == "2s" else {}
-    got = ours_hist(method, x, sig, pred=pred, callback=cb_ours.append, backend=backend, **extra, **kw)
-    want = theirs_hist(method, x, sig, calls=cb_theirs, ns=ns_theirs, **kw)
-    return got, want, cb_ours, cb_theirs, ns_ours.calls, ns_theirs.calls
+    """:func:`test_cfg_pp.run_pair` of the history samplers (2S noisy)."""
+    return run_pair(ours_hist, theirs_hist, method == "2s", method, kw, sig, dtype, pred, backend)
 
 
 @pytest.mark.parametrize("pred", sorted(WRAPPERS))
