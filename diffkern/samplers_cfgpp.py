@@ -32,7 +32,7 @@ from . import coef_tables
 from . import sampler_compat
 from . import sampler_plans as _plans
 from .ops import coefs
-from .sampler_loop import _Loop, _run
+from .sampler_loop import _is_fused, _Loop, _run
 
 _UNCOND_WHY = ("CFG++ steps along the unconditional denoised prediction, which a model(x, sigma) -> denoised does not "
                "expose; pass a diffkern.wrappers wrapper with guidance_scale and uncond_<name> extra args")
@@ -43,7 +43,7 @@ def check_guided(model, extra: dict) -> float:
     ValueError naming ``extra_args`` when w = 1 comes with ``uncond_<name>`` args (the wrapper then runs no
     unconditional batch, while ComfyUI's CFG++ at cfg 1 still steps along the unconditional prediction). At w = 1
     without them there is one prediction, D_u = D_c, and CFG++ is the plain sampler."""
-    if not all(hasattr(model, k) for k in ("raw", "conversion", "guidance_scale")):
+    if not _is_fused(model):
         raise TypeError(f"model: expected a diffkern.wrappers wrapper, got {type(model).__name__}; {_UNCOND_WHY}")
     w = 1.0 if model.guidance_scale is None else float(model.guidance_scale)
     uncond = sorted(k for k in extra if k.startswith("uncond_"))
